@@ -1,0 +1,78 @@
+"""The `edgewise` command: one program, subcommands by area.
+
+Each area lives in its own private module that exposes a Typer `app` (or a single
+command function). Modules import heavy dependencies (onnxruntime, FastAPI, SQLAlchemy)
+inside their commands so that `edgewise --help` stays fast.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import typer
+
+from edgewise.cli import (
+    _agent,
+    _audit,
+    _demo,
+    _deploy,
+    _device,
+    _examples,
+    _keys,
+    _model,
+    _rollout,
+    _server,
+    _sim,
+    _token,
+)
+from edgewise.cli._common import CliError
+
+__all__ = ["app", "main"]
+
+app = typer.Typer(
+    name="edgewise",
+    help="edgewise: signed model bundles, device agents and staged model rollouts for edge fleets.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+app.add_typer(_server.app, name="server")
+app.command("agent")(_agent.agent)
+app.command("demo")(_demo.demo)
+app.add_typer(_keys.app, name="keys")
+app.add_typer(_model.app, name="model")
+app.add_typer(_examples.app, name="examples")
+app.add_typer(_token.app, name="token")
+app.add_typer(_device.app, name="device")
+app.add_typer(_deploy.app, name="deploy")
+app.add_typer(_rollout.app, name="rollout")
+app.add_typer(_audit.app, name="audit")
+app.command("sim")(_sim.sim)
+
+
+def main() -> None:
+    """Run the CLI; turn any error into a one-line message and a non-zero exit.
+
+    Set EDGEWISE_DEBUG=1 to see the full traceback of an unexpected error.
+    """
+    try:
+        app(standalone_mode=False)
+    except CliError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        sys.exit(exc.exit_code)
+    except typer.Exit as exc:
+        sys.exit(exc.exit_code)
+    except typer.Abort:
+        typer.echo("aborted", err=True)
+        sys.exit(130)
+    except Exception as exc:  # the last line of defence: never show a traceback
+        import click
+
+        if isinstance(exc, click.exceptions.ClickException):
+            exc.show()
+            sys.exit(exc.exit_code)
+        if os.environ.get("EDGEWISE_DEBUG"):
+            raise
+        typer.echo(f"error: {type(exc).__name__}: {exc}", err=True)
+        sys.exit(1)

@@ -1,0 +1,63 @@
+"""Shared fixtures: real services (PostgreSQL, Mosquitto) and scratch directories.
+
+Under CI=true a test that needs a service fails when the service is unreachable;
+locally it is skipped with the reason.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import uuid
+from collections.abc import Iterator
+
+import pytest
+
+PG_HOST, PG_PORT = "127.0.0.1", 5432
+MQTT_HOST, MQTT_PORT = "127.0.0.1", 1883
+IN_CI = os.environ.get("CI", "").lower() in {"1", "true", "yes"}
+
+
+def _reachable(host: str, port: int) -> bool:
+    try:
+        with socket.create_connection((host, port), timeout=1.0):
+            return True
+    except OSError:
+        return False
+
+
+def require_service(name: str, host: str, port: int) -> None:
+    """Fail under CI, skip locally, when a service is down."""
+    if _reachable(host, port):
+        return
+    message = f"{name} is not reachable on {host}:{port}"
+    if IN_CI:
+        pytest.fail(f"{message} (CI=true: services are required)")
+    pytest.skip(message)
+
+
+@pytest.fixture
+def pg_url() -> Iterator[str]:
+    """A fresh, empty PostgreSQL database for one test, dropped afterwards.
+
+    Yields a SQLAlchemy URL (`postgresql+psycopg://...`).
+    """
+    require_service("PostgreSQL", PG_HOST, PG_PORT)
+    import psycopg
+
+    name = f"ew_{uuid.uuid4().hex[:12]}"
+    admin = f"host={PG_HOST} port={PG_PORT} user=postgres dbname=test"
+    with psycopg.connect(admin, autocommit=True) as conn:
+        conn.execute(f'CREATE DATABASE "{name}"')
+    try:
+        yield f"postgresql+psycopg://postgres@{PG_HOST}:{PG_PORT}/{name}"
+    finally:
+        with psycopg.connect(admin, autocommit=True) as conn:
+            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+@pytest.fixture
+def mqtt_broker() -> tuple[str, int]:
+    """The real Mosquitto broker's address."""
+    require_service("Mosquitto", MQTT_HOST, MQTT_PORT)
+    return MQTT_HOST, MQTT_PORT
