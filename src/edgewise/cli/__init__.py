@@ -21,12 +21,15 @@ from edgewise.cli import (
     _examples,
     _keys,
     _model,
+    _registry,
     _rollout,
     _server,
     _sim,
     _token,
 )
 from edgewise.cli._common import CliError
+
+_ = _registry  # registers push/list/show/yank onto the model app
 
 __all__ = ["app", "main"]
 

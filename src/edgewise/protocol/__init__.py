@@ -1,0 +1,19 @@
+"""The wire contract between the control plane and the agents.
+
+`control/` and `agent/` are separate programs that may not import each other, yet they
+must agree byte for byte on how a device signs a request, how a desired-state document is
+signed, what a report and a telemetry batch hold, and what a pipeline spec means. That
+contract lives here, in one leaf package that both import (it imports only `bundle`).
+
+Modules: `_pipeline` (pipeline spec, owned with the runtime), `_auth` (device request
+signatures), `_desired` (desired-state documents and reports), `_telemetry` (telemetry
+batches).
+"""
+
+from edgewise.protocol import _auth, _desired, _pipeline, _telemetry
+from edgewise.protocol._auth import *  # noqa: F403
+from edgewise.protocol._desired import *  # noqa: F403
+from edgewise.protocol._pipeline import *  # noqa: F403
+from edgewise.protocol._telemetry import *  # noqa: F403
+
+__all__ = sorted([*_auth.__all__, *_desired.__all__, *_pipeline.__all__, *_telemetry.__all__])

@@ -1,0 +1,3 @@
+"""Drift statistics (to be written)."""
+
+__all__: list[str] = []
