@@ -2,9 +2,122 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
 from edgewise.cli._common import CliError
 
 
-def agent() -> None:
-    """Run the device agent."""
-    raise CliError("the agent is not built yet")
+def _labels(text: str | None) -> dict[str, str]:
+    out: dict[str, str] = {}
+    for part in (text or "").split(","):
+        part = part.strip()
+        if not part:
+            continue
+        key, sep, value = part.partition("=")
+        if not sep or not key.strip():
+            raise CliError(f"bad label {part!r}: use k=v,k2=v2")
+        out[key.strip()] = value.strip()
+    return out
+
+
+def _mqtt(text: str | None) -> tuple[str, int] | None:
+    if not text:
+        return None
+    host, _, port = text.rpartition(":")
+    try:
+        return (host or "127.0.0.1", int(port))
+    except ValueError:
+        raise CliError(f"bad --mqtt {text!r}: use HOST:PORT") from None
+
+
+def agent(
+    server: Annotated[
+        str | None, typer.Option("--server", help="Control-plane URL (first start).")
+    ] = None,
+    enroll_token: Annotated[
+        str | None, typer.Option("--enroll-token", help="Enrollment token (first start only).")
+    ] = None,
+    data: Annotated[
+        Path, typer.Option("--data", help="Agent data directory (identity, models, telemetry).")
+    ] = Path("edgewise-agent"),
+    labels: Annotated[
+        str | None, typer.Option("--labels", help="Device labels: k=v,k2=v2.")
+    ] = None,
+    local_port: Annotated[
+        int | None,
+        typer.Option(
+            "--local-port", help="Serve /healthz, /status and inference on 127.0.0.1:P (0: any)."
+        ),
+    ] = None,
+    poll_wait: Annotated[
+        float | None,
+        typer.Option("--poll-wait", help="Long-poll wait in seconds (default: server setting)."),
+    ] = None,
+    mqtt: Annotated[
+        str | None, typer.Option("--mqtt", help="MQTT broker HOST:PORT for wake-ups.")
+    ] = None,
+    telemetry_budget_mb: Annotated[
+        float, typer.Option("--telemetry-budget-mb", help="Byte budget of the telemetry buffer.")
+    ] = 32.0,
+    telemetry_rate: Annotated[
+        float, typer.Option("--telemetry-rate", help="Backlog drain rate, records per second.")
+    ] = 1000.0,
+    disk_reserve_mb: Annotated[
+        float, typer.Option("--disk-reserve-mb", help="Free disk an install must leave untouched.")
+    ] = 0.0,
+    metrics_interval: Annotated[
+        float | None,
+        typer.Option("--metrics-interval", help="Seconds between metric records."),
+    ] = None,
+) -> None:
+    """Run the device agent: enroll, reconcile, serve models, buffer telemetry."""
+    import signal
+    import threading
+
+    from edgewise.agent import Agent, AgentConfig
+    from edgewise.agent._identity import IdentityError
+
+    config = AgentConfig(
+        data_dir=data,
+        server=server.rstrip("/") if server else None,
+        enroll_token=enroll_token,
+        labels=_labels(labels),
+        local_port=local_port,
+        poll_wait_s=poll_wait,
+        metrics_interval_s=metrics_interval,
+        telemetry_budget_bytes=int(telemetry_budget_mb * 1024 * 1024),
+        telemetry_rate=telemetry_rate,
+        disk_reserve_mb=disk_reserve_mb,
+        mqtt=_mqtt(mqtt),
+    )
+    stop = threading.Event()
+
+    def on_signal(signum: int, frame: object) -> None:
+        stop.set()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    try:
+        runner = Agent(config)
+    except IdentityError as exc:
+        raise CliError(str(exc)) from exc
+
+    def ready(a: Agent) -> None:
+        assert a.identity is not None
+        where = f", local API http://127.0.0.1:{a.local_port}" if a.local_port else ""
+        typer.echo(f"agent: device {a.identity.device_id} running{where}", err=True)
+
+    try:
+        runner.run(stop, ready)
+    except IdentityError as exc:
+        raise CliError(str(exc)) from exc
+    except Exception as exc:
+        code = getattr(exc, "code", None)
+        if code is not None:
+            raise CliError(f"control plane refused enrollment: {exc}") from exc
+        raise
+    finally:
+        runner.close()

@@ -1,7 +1,194 @@
-"""`edgewise deploy ...`."""
+"""`edgewise deploy create|list|show|diff|delete|dry-run`."""
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+from typing import Annotated, Any
+
 import typer
 
-app = typer.Typer(help="deploy commands.", no_args_is_help=True)
+from edgewise.cli._common import CliError, emit_json
+from edgewise.cli._server import ServerOpt, TokenOpt, call_api
+
+__all__ = ["app"]
+
+app = typer.Typer(
+    help="Deployments: create, list, show, diff, delete, dry-run.", no_args_is_help=True
+)
+JsonOpt = Annotated[bool, typer.Option("--json", help="Machine-readable output.")]
+NameOpt = Annotated[str | None, typer.Option("--name", help="Deployment name.")]
+SelectorOpt = Annotated[str | None, typer.Option("--selector", "-l", help="Target label selector.")]
+PriorityOpt = Annotated[int | None, typer.Option("--priority", help="Higher wins per pipeline.")]
+PipelineOpt = Annotated[
+    list[str] | None,
+    typer.Option("--pipeline", "-p", help="NAME=MODEL@VERSION (repeatable)."),
+]
+FileOpt = Annotated[
+    Path | None, typer.Option("--file", "-f", help="JSON (or YAML) spec: name, selector, ...")
+]
+
+
+def _load(path: Path) -> dict[str, Any]:
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise CliError(f"cannot read {path}: {exc.strerror or exc}") from None
+    try:
+        data = json.loads(text)
+    except ValueError:
+        try:
+            import yaml  # type: ignore[import-untyped,unused-ignore]
+        except ImportError:
+            raise CliError(f"{path} is not JSON (install PyYAML for YAML)") from None
+        try:
+            data = yaml.safe_load(text)
+        except Exception as exc:
+            raise CliError(f"{path} is neither JSON nor YAML: {exc}") from None
+    if not isinstance(data, dict):
+        raise CliError(f"{path} must hold an object")
+    return data
+
+
+def _spec(
+    name: str | None,
+    selector: str | None,
+    priority: int | None,
+    pipelines: list[str] | None,
+    file: Path | None,
+) -> dict[str, Any]:
+    spec: dict[str, Any] = _load(file) if file else {}
+    if name is not None:
+        spec["name"] = name
+    if selector is not None:
+        spec["selector"] = selector
+    if priority is not None:
+        spec["priority"] = priority
+    for item in pipelines or []:
+        pname, sep, ref = item.partition("=")
+        if not sep or "@" not in ref:
+            raise CliError(f"--pipeline {item!r} is not NAME=MODEL@VERSION")
+        if isinstance(spec.get("pipelines"), list):
+            spec["pipelines"] = {p.get("name", ""): p for p in spec["pipelines"]}
+        spec.setdefault("pipelines", {})[pname] = {"model": ref}
+    if "name" not in spec:
+        raise CliError("a deployment needs --name (or a name in --file)")
+    if not spec.get("pipelines"):
+        raise CliError("a deployment needs at least one --pipeline (or pipelines in --file)")
+    return spec
+
+
+def _print(d: dict[str, Any]) -> None:
+    typer.echo(f"{d['id']}  {d['name']}  priority={d['priority']}  selector={d['selector']!r}")
+    for pname, p in d["pipelines"].items():
+        m = p["model"]
+        typer.echo(f"  {pname}: {m['name']}@{m['version']} sha256={m['sha256'][:16]}")
+
+
+@app.command("create")
+def create(
+    name: NameOpt = None,
+    selector: SelectorOpt = None,
+    priority: PriorityOpt = None,
+    pipeline: PipelineOpt = None,
+    file: FileOpt = None,
+    server: ServerOpt = None,
+    token: TokenOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Create a deployment (pre-flight runs first; conflicts refuse it)."""
+    body = _spec(name, selector, priority, pipeline, file)
+    d = call_api("POST", "/api/v1/deployments", server, token, json_body=body)
+    if as_json:
+        emit_json(d)
+        return
+    _print(d)
+
+
+@app.command("dry-run")
+def dry_run(
+    name: NameOpt = None,
+    selector: SelectorOpt = None,
+    priority: PriorityOpt = None,
+    pipeline: PipelineOpt = None,
+    file: FileOpt = None,
+    server: ServerOpt = None,
+    token: TokenOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Pre-flight only: matching devices, incompatible ones, conflicts."""
+    body = _spec(name, selector, priority, pipeline, file)
+    r = call_api("POST", "/api/v1/deployments/dry-run", server, token, json_body=body)
+    if as_json:
+        emit_json(r)
+    else:
+        typer.echo(f"matching devices: {len(r['matching'])}")
+        for dev, reasons in r["incompatible"].items():
+            typer.echo(f"incompatible {dev}: {'; '.join(reasons)}")
+        for c in r["conflicts"]:
+            typer.echo(f"conflict: {c}")
+    if r["conflicts"]:
+        raise typer.Exit(1)
+
+
+@app.command("diff")
+def diff(
+    name: NameOpt = None,
+    selector: SelectorOpt = None,
+    priority: PriorityOpt = None,
+    pipeline: PipelineOpt = None,
+    file: FileOpt = None,
+    server: ServerOpt = None,
+    token: TokenOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Show how each device's pipelines would change."""
+    body = _spec(name, selector, priority, pipeline, file)
+    r = call_api("POST", "/api/v1/deployments/diff", server, token, json_body=body)
+    if as_json:
+        emit_json(r)
+        return
+    typer.echo(f"{r['devices_changed']} device(s) would change")
+    for dev, changes in r["changes"].items():
+        for pname, ch in changes.items():
+            typer.echo(f"  {dev} {pname}: {ch['from'] or '-'} -> {ch['to'] or '-'}")
+
+
+@app.command("list")
+def list_(server: ServerOpt = None, token: TokenOpt = None, as_json: JsonOpt = False) -> None:
+    """List deployments."""
+    rows = call_api("GET", "/api/v1/deployments", server, token)
+    if as_json:
+        emit_json(rows)
+        return
+    for d in rows:
+        typer.echo(
+            f"{d['id']}  {d['name']:<20} prio={d['priority']:<5} {d['selector']!r}  "
+            f"{','.join(d['pipelines'])}"
+        )
+
+
+@app.command("show")
+def show(
+    ref: Annotated[str, typer.Argument(help="Deployment id or name.")],
+    server: ServerOpt = None,
+    token: TokenOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Show a deployment."""
+    d = call_api("GET", f"/api/v1/deployments/{ref}", server, token)
+    if as_json:
+        emit_json(d)
+        return
+    _print(d)
+
+
+@app.command("delete")
+def delete(
+    ref: Annotated[str, typer.Argument(help="Deployment id or name.")],
+    server: ServerOpt = None,
+    token: TokenOpt = None,
+) -> None:
+    """Delete a deployment; devices fall back to the next layer."""
+    call_api("DELETE", f"/api/v1/deployments/{ref}", server, token)
+    typer.echo(f"deleted {ref}")

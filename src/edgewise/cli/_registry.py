@@ -5,6 +5,89 @@ Registered onto the `model` Typer app defined in `_model` (pack/sign/verify/insp
 
 from __future__ import annotations
 
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from edgewise.cli._common import CliError, emit_json
 from edgewise.cli._model import app
+from edgewise.cli._server import ServerOpt, TokenOpt, call_api
 
 __all__ = ["app"]
+
+JsonOpt = Annotated[bool, typer.Option("--json", help="Machine-readable output.")]
+
+
+def _ref(ref: str) -> tuple[str, str]:
+    name, sep, version = ref.partition("@")
+    if not sep or not name or not version:
+        raise CliError(f"{ref!r} is not name@version")
+    return name, version
+
+
+@app.command("push")
+def push(
+    bundle: Annotated[Path, typer.Argument(help="The .ewb file.")],
+    server: ServerOpt = None,
+    token: TokenOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Upload a signed bundle to the registry."""
+    try:
+        content = bundle.read_bytes()
+    except OSError as exc:
+        raise CliError(f"cannot read {bundle}: {exc.strerror or exc}") from None
+    result = call_api("POST", "/api/v1/models", server, token, content=content, timeout=600)
+    if as_json:
+        emit_json(result)
+        return
+    what = "pushed" if result["created"] else "already registered"
+    typer.echo(f"{what} {result['ref']} sha256={result['sha256']}")
+
+
+@app.command("list")
+def list_(
+    name: Annotated[str | None, typer.Option("--name", help="Only this model.")] = None,
+    server: ServerOpt = None,
+    token: TokenOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """List registered model versions."""
+    rows = call_api("GET", "/api/v1/models", server, token, params={"name": name})
+    if as_json:
+        emit_json(rows)
+        return
+    for r in rows:
+        flag = "  (yanked)" if r["yanked"] else ""
+        typer.echo(f"{r['ref']:<28} {r['sha256'][:16]}  {r['size']:>9} B{flag}")
+
+
+@app.command("show")
+def show(
+    ref: Annotated[str, typer.Argument(help="name@version")],
+    server: ServerOpt = None,
+    token: TokenOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Show a registered version with its manifest."""
+    name, version = _ref(ref)
+    r = call_api("GET", f"/api/v1/models/{name}/{version}", server, token)
+    if as_json:
+        emit_json(r)
+        return
+    typer.echo(f"{r['ref']}  sha256={r['sha256']}  size={r['size']}  yanked={r['yanked']}")
+    typer.echo(f"signers: {', '.join(r['signers']) or '(none)'}")
+    typer.echo(f"pushed by {r['pushed_by']}")
+
+
+@app.command("yank")
+def yank(
+    ref: Annotated[str, typer.Argument(help="name@version")],
+    server: ServerOpt = None,
+    token: TokenOpt = None,
+) -> None:
+    """Yank a version: no new deployment may pin it."""
+    name, version = _ref(ref)
+    call_api("POST", f"/api/v1/models/{name}/{version}/yank", server, token)
+    typer.echo(f"yanked {ref}")

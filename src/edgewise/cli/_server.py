@@ -1,7 +1,216 @@
-"""`edgewise server`: the control plane."""
+"""`edgewise server`: run and administer the control plane.
+
+`edgewise server [--db URL] [--data DIR] [--host H] [--port P]` serves; `server init`
+prepares a data directory and prints the one-time admin token on its last line;
+`server migrate` brings the schema to head; `server trust-key PUB` trusts a publisher key.
+
+`call_api` is the small HTTP helper the operator commands (token, device, deploy, audit,
+model push/list/show/yank) share: it turns error envelopes into one-line `CliError`s.
+"""
 
 from __future__ import annotations
 
+import json
+import os
+from pathlib import Path
+from typing import Annotated, Any
+
 import typer
 
-app = typer.Typer(help="Run and administer the control plane.")
+from edgewise.cli._common import CliError, emit_json, resolve_server, resolve_token
+
+__all__ = ["app", "call_api"]
+
+app = typer.Typer(
+    help="Run and administer the control plane (serves when no subcommand is given).",
+    invoke_without_command=True,
+)
+
+DataOpt = Annotated[
+    Path,
+    typer.Option("--data", envvar="EDGEWISE_DATA", help="Data directory (key, artifacts, SQLite)."),
+]
+DbOpt = Annotated[
+    str,
+    typer.Option(
+        "--db", envvar="EDGEWISE_DB", help="SQLAlchemy URL; SQLite under --data if empty."
+    ),
+]
+ServerOpt = Annotated[str | None, typer.Option("--server", help="Control-plane URL.")]
+TokenOpt = Annotated[str | None, typer.Option("--token", help="Operator token.")]
+
+
+def call_api(
+    method: str,
+    path: str,
+    server: str | None,
+    token: str | None,
+    *,
+    json_body: Any = None,
+    content: bytes | None = None,
+    params: dict[str, Any] | None = None,
+    timeout: float = 60.0,
+) -> Any:
+    """Call the operator API; returns the decoded JSON body.
+
+    Raises:
+        CliError: connection failures and error envelopes, as one line.
+    """
+    import httpx
+
+    base = resolve_server(server)
+    headers = {"authorization": f"Bearer {resolve_token(token)}"}
+    if content is not None:
+        headers["content-type"] = "application/octet-stream"
+    try:
+        r = httpx.request(
+            method,
+            base + path,
+            headers=headers,
+            json=json_body,
+            content=content,
+            params={k: v for k, v in (params or {}).items() if v is not None},
+            timeout=timeout,
+        )
+    except httpx.HTTPError as exc:
+        raise CliError(f"cannot reach {base}: {exc}") from None
+    try:
+        data = r.json()
+    except ValueError:
+        data = None
+    if r.status_code >= 400:
+        err = data.get("error", {}) if isinstance(data, dict) else {}
+        message = err.get("message") or r.text[:200] or r.reason_phrase
+        raise CliError(f"{r.status_code} {err.get('code', 'error')}: {message}")
+    return data
+
+
+def _settings(data: Path, db: str) -> Any:
+    from edgewise.control import Settings
+
+    data = data.resolve()
+    try:
+        data.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise CliError(f"cannot create data directory {data}: {exc.strerror or exc}") from None
+    return Settings(data_dir=data, db_url=db)
+
+
+@app.callback()
+def serve(
+    ctx: typer.Context,
+    data: DataOpt = Path("edgewise-data"),
+    db: DbOpt = "",
+    host: Annotated[str, typer.Option("--host", help="Bind address.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option("--port", help="Bind port.")] = 8080,
+    log_level: Annotated[str, typer.Option("--log-level")] = "warning",
+) -> None:
+    """Serve the control plane (migrates the database first)."""
+    if ctx.invoked_subcommand is not None:
+        return
+    import uvicorn
+
+    from edgewise.control import create_app, open_store
+
+    settings = _settings(data, db)
+    try:
+        store = open_store(settings.database_url)
+    except Exception as exc:
+        raise CliError(f"cannot open database: {type(exc).__name__}: {exc}") from None
+    app_ = create_app(settings, store)
+    token = app_.state.plane.bootstrap_admin()
+    if token:
+        typer.echo("first start: admin token (shown once, store it now):")
+        typer.echo(token)
+    typer.echo(f"edgewise control plane on http://{host}:{port} (pid {os.getpid()})")
+    uvicorn.run(
+        app_,
+        host=host,
+        port=port,
+        log_level=log_level,
+        access_log=False,
+        timeout_keep_alive=75,
+        backlog=4096,
+    )
+
+
+@app.command("init")
+def init(data: DataOpt = Path("edgewise-data"), db: DbOpt = "") -> None:
+    """Create the database, signing key and admin token without serving.
+
+    The admin token is printed alone on the last line.
+    """
+    from edgewise.control import ControlPlane, open_store
+
+    settings = _settings(data, db)
+    store = open_store(settings.database_url)
+    try:
+        token = ControlPlane(settings, store).bootstrap_admin()
+    finally:
+        store.close()
+    if token is None:
+        raise CliError("already initialised: the admin token was shown when it was created")
+    typer.echo(f"initialised {settings.data_dir}; admin token:")
+    typer.echo(token)
+
+
+@app.command("migrate")
+def migrate_cmd(data: DataOpt = Path("edgewise-data"), db: DbOpt = "") -> None:
+    """Bring the database schema up to date."""
+    from edgewise.control import open_store
+
+    settings = _settings(data, db)
+    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    open_store(settings.database_url).close()
+    typer.echo("schema is at head")
+
+
+@app.command("trust-key")
+def trust_key(
+    public_key: Annotated[str, typer.Argument(help="Public key file (PEM) or base64 raw key.")],
+    name: Annotated[str, typer.Option("--name", help="A label for the key.")] = "",
+    server: ServerOpt = None,
+    token: TokenOpt = None,
+    as_json: Annotated[bool, typer.Option("--json")] = False,
+) -> None:
+    """Trust a publisher key for model pushes (admin)."""
+    b64 = public_key
+    path = Path(public_key)
+    if path.exists():
+        from edgewise.bundle import BundleError, load_public_key, public_key_to_b64
+
+        try:
+            b64 = public_key_to_b64(load_public_key(path))
+        except (BundleError, ValueError, OSError) as exc:
+            raise CliError(f"cannot read public key {path}: {exc}") from None
+    result = call_api(
+        "POST",
+        "/api/v1/publisher-keys",
+        server,
+        token,
+        json_body={"public_key": b64, "name": name or path.stem},
+    )
+    if as_json:
+        emit_json(result)
+    else:
+        typer.echo(f"trusted publisher key {result['key_id']}")
+
+
+@app.command("keys")
+def list_keys(
+    server: ServerOpt = None,
+    token: TokenOpt = None,
+    as_json: Annotated[bool, typer.Option("--json")] = False,
+) -> None:
+    """List trusted publisher keys."""
+    rows = call_api("GET", "/api/v1/publisher-keys", server, token)
+    if as_json:
+        emit_json(rows)
+        return
+    for r in rows:
+        typer.echo(f"{r['key_id']}  {r['name']}")
+
+
+def dumps(data: Any) -> str:
+    """Compact JSON for table cells."""
+    return json.dumps(data, sort_keys=True, separators=(",", ":"))

@@ -1,0 +1,86 @@
+"""The inference runtime: pipelines over onnxruntime (and TFLite), scheduled and batched.
+
+The device agent hosts a `Runtime`; everything else here is its vocabulary.
+
+Example:
+    >>> from edgewise.protocol import PipelineSpec
+    >>> from edgewise.runtime import Runtime, make_inference_app
+    >>> rt = Runtime(cores=2)                                  # doctest: +SKIP
+    >>> mlp = rt.load_model(bundle_dir, manifest)              # or ONNX bytes / a path
+    >>> ok = rt.health_check(mlp, manifest)                    # HealthResult(ok, reason, ...)
+    >>> spec = PipelineSpec.model_validate({
+    ...     "name": "digits", "model": {"name": "digits-mlp", "version": "1.0.0"},
+    ...     "priority": "critical", "slo": {"p95_ms": 20},
+    ...     "fallback": {"name": "digits-logreg", "version": "1.0.0"},
+    ...     "postprocess": [{"type": "argmax"}],
+    ... })
+    >>> rt.start_pipeline(spec, mlp, fallback=rt.load_model(logreg_bytes))
+    >>> rt.infer("digits", x_row).label                        # '7'
+    >>> rt.swap_model("digits", rt.load_model(new_dir, new_manifest))   # hot swap
+    >>> rt.stats("digits")["nv_inference_request_success"]
+    >>> app = make_inference_app(rt)        # ASGI: POST /v1/pipelines/{name}/infer
+    >>> rt.close()
+
+Degradation runs on a monitor thread every `monitor_interval_s` (pass None and call
+`rt.tick()` yourself in tests); switches are reported through `on_event` and `events()`.
+"""
+
+from edgewise.runtime._backend import DEFAULT_PROVIDERS, ModelSession, TensorInfo, choose_providers
+from edgewise.runtime._degrade import (
+    DegradeState,
+    Mode,
+    Observation,
+    read_cpu_percent,
+    read_thermal_c,
+)
+from edgewise.runtime._errors import (
+    AcceleratorUnavailable,
+    BadInput,
+    InferenceFailed,
+    ModelLoadError,
+    PayloadTooLarge,
+    PipelineStopped,
+    Rejected,
+    RuntimeFailure,
+    Shed,
+    UnknownPipeline,
+)
+from edgewise.runtime._http import make_inference_app
+from edgewise.runtime._model import HealthResult, HealthSample, LoadedModel, ModelInfo
+from edgewise.runtime._pipeline import InferenceResult
+from edgewise.runtime._runtime import Runtime, RuntimeEvent
+from edgewise.runtime._stages import POSTPROCESS, PREPROCESS, SINKS, SOURCES
+
+__all__ = [
+    "DEFAULT_PROVIDERS",
+    "POSTPROCESS",
+    "PREPROCESS",
+    "SINKS",
+    "SOURCES",
+    "AcceleratorUnavailable",
+    "BadInput",
+    "DegradeState",
+    "HealthResult",
+    "HealthSample",
+    "InferenceFailed",
+    "InferenceResult",
+    "LoadedModel",
+    "Mode",
+    "ModelInfo",
+    "ModelLoadError",
+    "ModelSession",
+    "Observation",
+    "PayloadTooLarge",
+    "PipelineStopped",
+    "Rejected",
+    "Runtime",
+    "RuntimeEvent",
+    "RuntimeFailure",
+    "Shed",
+    "TensorInfo",
+    "UnknownPipeline",
+    "choose_providers",
+    "make_inference_app",
+    "read_cpu_percent",
+    "read_thermal_c",
+]

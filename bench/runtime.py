@@ -1,0 +1,531 @@
+"""Runtime benchmark: the pipeline runtime against hand-written onnxruntime, side by side.
+
+Run from the repo root: `.venv/bin/python bench/runtime.py [--seconds S]`. Prints a table;
+the last line is one JSON object with the keys issue 5 names (plus a few context keys).
+
+Every comparison runs both sides in this one process run, interleaved (A B A B ...),
+and takes the best round of each side, so background load on a shared machine hurts both
+sides alike. HTTP comparisons run each server in its own subprocess and drive it with
+`wrk` when installed, else with the asyncio load generator below.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnxruntime as ort
+
+from edgewise.examples import load_split, ppocr_model_path, train_logreg, train_mlp
+from edgewise.protocol import PipelineSpec
+from edgewise.runtime import Runtime, RuntimeFailure, make_inference_app
+
+ROUNDS = 3
+
+
+def raw_session(model: bytes | str, threads: int) -> ort.InferenceSession:
+    """A hand-written session with the same thread settings the runtime uses."""
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = threads
+    opts.inter_op_num_threads = 1
+    opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    return ort.InferenceSession(model, opts, providers=["CPUExecutionProvider"])
+
+
+def rate(fn: Callable[[], None], seconds: float) -> float:
+    """Calls per second of `fn` in a tight loop."""
+    n, start = 0, time.perf_counter()
+    end = start + seconds
+    while True:
+        for _ in range(50):
+            fn()
+        n += 50
+        now = time.perf_counter()
+        if now >= end:
+            return n / (now - start)
+
+
+def best_of(sides: dict[str, Callable[[], float]]) -> dict[str, float]:
+    """Interleave the sides for ROUNDS rounds; best result of each."""
+    results: dict[str, list[float]] = {k: [] for k in sides}
+    for _ in range(ROUNDS):
+        for k, fn in sides.items():
+            results[k].append(fn())
+    return {k: max(v) for k, v in results.items()}
+
+
+def spec(name: str, **extra: Any) -> PipelineSpec:
+    return PipelineSpec.model_validate({"name": name, "model": {"name": name}, **extra})
+
+
+def pct(values: list[float], q: float) -> float:
+    s = sorted(values)
+    return s[min(len(s) - 1, int(q * len(s)))] if s else float("nan")
+
+
+# -- in-process comparisons --------------------------------------------------------------
+
+
+def bench_ppocr(seconds: float, cores: int) -> dict[str, float]:
+    path = str(ppocr_model_path())
+    raw = raw_session(path, cores)
+    name = raw.get_inputs()[0].name
+    x = np.random.default_rng(0).random((1, 3, 48, 192), dtype=np.float32)
+    with Runtime(cores=cores, monitor_interval_s=None) as rt:
+        rt.start_pipeline(spec("ppocr", batching={"max_batch": 8}), rt.load_model(path))
+        best = best_of(
+            {
+                "raw": lambda: rate(lambda: raw.run(None, {name: x}), seconds),
+                "pipeline": lambda: rate(lambda: rt.infer("ppocr", x), seconds),
+            }
+        )
+    return {
+        "ppocr_raw_per_s": best["raw"],
+        "ppocr_pipeline_per_s": best["pipeline"],
+        "ppocr_pipeline_vs_raw": best["pipeline"] / best["raw"],
+    }
+
+
+def clients(fn: Callable[[int], None], n: int, seconds: float) -> tuple[float, list[float]]:
+    """`n` threads calling fn(i) for `seconds`; returns (requests/s, latencies ms)."""
+    stop = threading.Event()
+    lat: list[list[float]] = [[] for _ in range(n)]
+    failures = [0]
+
+    def loop(k: int) -> None:
+        out, i = lat[k], k * 37
+        pc = time.perf_counter
+        while not stop.is_set():
+            t0 = pc()
+            try:
+                fn(i)
+            except RuntimeFailure:
+                failures[0] += 1
+            out.append((pc() - t0) * 1000.0)
+            i += 1
+
+    threads = [threading.Thread(target=loop, args=(k,)) for k in range(n)]
+    t0 = time.perf_counter()
+    for t in threads:
+        t.start()
+    time.sleep(seconds)
+    stop.set()
+    for t in threads:
+        t.join()
+    took = time.perf_counter() - t0
+    flat = [v for part in lat for v in part]
+    return len(flat) / took, flat
+
+
+def bench_digits(seconds: float, mlp: bytes, x: np.ndarray) -> dict[str, float]:
+    raw = raw_session(mlp, 1)
+    one = x[:1]
+    p99: list[float] = []
+    with Runtime(cores=1, monitor_interval_s=None) as rt:
+        model = rt.load_model(mlp)
+        rt.start_pipeline(spec("batched", batching={"max_batch": 32}), model)
+        rt.start_pipeline(spec("direct", batching={"max_batch": 1}), model)
+        rows = [x[i : i + 1] for i in range(len(x))]
+
+        def c32() -> float:
+            per_s, lat = clients(lambda i: rt.infer("batched", rows[i % len(rows)]), 32, seconds)
+            p99.append(pct(lat, 0.99))
+            return per_s
+
+        best = best_of(
+            {
+                "raw_b1": lambda: rate(lambda: raw.run(None, {"input": one}), seconds),
+                "batched_c32": c32,
+                "single_batching": lambda: rate(lambda: rt.infer("batched", one), seconds),
+                "single_direct": lambda: rate(lambda: rt.infer("direct", one), seconds),
+            }
+        )
+        sizes = rt.stats("batched")["batch_size"]
+    mean_batch = sizes["sum"] / max(1, sizes["count"])
+    return {
+        "digits_raw_b1_per_s": best["raw_b1"],
+        "digits_batched_c32_per_s": best["batched_c32"],
+        "digits_batched_c32_vs_raw_b1": best["batched_c32"] / best["raw_b1"],
+        "digits_batched_c32_p99_ms": min(p99),
+        "digits_mean_batch_rows": mean_batch,
+        "single_client_batching_per_s": best["single_batching"],
+        "single_client_direct_per_s": best["single_direct"],
+        "single_client_batching_vs_direct": best["single_batching"] / best["single_direct"],
+        "single_client_pipeline_vs_raw_session": best["single_batching"] / best["raw_b1"],
+    }
+
+
+def bench_priority(seconds: float, mlp: bytes, x: np.ndarray) -> dict[str, float]:
+    rows = [x[i : i + 1] for i in range(len(x))]
+    with Runtime(cores=1, monitor_interval_s=None) as rt:
+        model = rt.load_model(mlp)
+        rt.start_pipeline(spec("crit", priority="critical", slo={"p95_ms": 5}), model)
+        rt.start_pipeline(
+            spec("bulk", priority="best_effort", batching={"max_batch": 32, "queue_capacity": 64}),
+            model,
+        )
+
+        def critical_p99() -> float:
+            lat = []
+            end = time.perf_counter() + seconds
+            i = 0
+            while time.perf_counter() < end:
+                t0 = time.perf_counter()
+                rt.infer("crit", rows[i % len(rows)])
+                lat.append((time.perf_counter() - t0) * 1000.0)
+                i += 1
+                time.sleep(0.0005)  # a paced critical client, not a saturating one
+            return pct(lat, 0.99)
+
+        idle = [critical_p99() for _ in range(ROUNDS)]
+        stop = threading.Event()
+
+        def bulk(k: int) -> None:
+            i = k
+            while not stop.is_set():
+                try:
+                    rt.infer("bulk", rows[i % len(rows)])
+                except RuntimeFailure:
+                    pass
+                i += 1
+
+        loaders = [threading.Thread(target=bulk, args=(k,)) for k in range(16)]
+        for t in loaders:
+            t.start()
+        try:
+            loaded = [critical_p99() for _ in range(ROUNDS)]
+        finally:
+            stop.set()
+            for t in loaders:
+                t.join()
+        bulk_stats = rt.stats("bulk")
+        batch_ms = bulk_stats["nv_inference_compute_infer_duration_ms"]
+    batch_time = batch_ms["sum"] / max(1, batch_ms["count"])
+    p_idle, p_loaded = min(idle), min(loaded)
+    return {
+        "critical_p99_idle_ms": p_idle,
+        "critical_p99_loaded_ms": p_loaded,
+        "critical_p99_loaded_vs_idle": p_loaded / p_idle,
+        "best_effort_batch_ms": batch_time,
+        "critical_goal_ratio": 1.2 + batch_time / p_idle,
+        "best_effort_served": bulk_stats["nv_inference_request_success"],
+        "best_effort_shed": bulk_stats["nv_inference_request_shed"],
+        "best_effort_rejected": bulk_stats["nv_inference_request_rejected"],
+    }
+
+
+def bench_cascade(
+    seconds: float, mlp: bytes, logreg: bytes, x: np.ndarray, y: np.ndarray
+) -> dict[str, float]:
+    rows = [x[i : i + 1] for i in range(len(x))]
+    with Runtime(cores=1, monitor_interval_s=None) as rt:
+        heavy, light = rt.load_model(mlp), rt.load_model(logreg)
+        rt.start_pipeline(spec("mlp"), heavy)
+        rt.start_pipeline(
+            spec("cascade", cascade={"threshold": 0.5, "model": {"name": "mlp"}}),
+            light,
+            cascade_model=heavy,
+        )
+        acc = {}
+        for name in ("mlp", "cascade"):
+            pred = [int(rt.infer(name, r).labels[0] or -1) for r in rows]
+            acc[name] = float(np.mean(np.array(pred) == y))
+        it = [0]
+
+        def loop(name: str) -> Callable[[], None]:
+            def once() -> None:
+                it[0] += 1
+                rt.infer(name, rows[it[0] % len(rows)])
+
+            return once
+
+        best = best_of({n: (lambda n=n: rate(loop(n), seconds)) for n in ("mlp", "cascade")})
+        stats = rt.stats("cascade")
+    tiers = stats["tier_duration_ms"]
+    return {
+        "cascade_throughput_vs_mlp": best["cascade"] / best["mlp"],
+        "cascade_accuracy_delta_pp": (acc["cascade"] - acc["mlp"]) * 100.0,
+        "cascade_accuracy": acc["cascade"],
+        "mlp_accuracy": acc["mlp"],
+        "cascade_escalation_rate": stats["escalation_rate"],
+        "cascade_tier1_mean_ms": tiers["primary"]["sum"] / max(1, tiers["primary"]["count"]),
+        "cascade_tier2_mean_ms": tiers.get("cascade", {"sum": 0.0})["sum"]
+        / max(1, tiers.get("cascade", {"count": 0})["count"]),
+    }
+
+
+def bench_hot_swap(seconds: float, mlp: bytes, mlp2: bytes, x: np.ndarray) -> dict[str, float]:
+    rows = [x[i : i + 1] for i in range(len(x))]
+    with Runtime(cores=1, monitor_interval_s=None) as rt:
+        rt.start_pipeline(spec("swap"), rt.load_model(mlp))
+        failed = [0]
+
+        def call(i: int) -> None:
+            try:
+                rt.infer("swap", rows[i % len(rows)], timeout=10)
+            except RuntimeFailure:
+                failed[0] += 1
+
+        swaps = [0]
+        stop = threading.Event()
+
+        def swapper() -> None:
+            models = [mlp2, mlp]
+            while not stop.wait(0.05):
+                rt.swap_model("swap", rt.load_model(models[swaps[0] % 2]))
+                swaps[0] += 1
+
+        t = threading.Thread(target=swapper)
+        t.start()
+        per_s, lat = clients(call, 8, seconds)
+        stop.set()
+        t.join()
+        ok = rt.stats("swap")["nv_inference_request_success"]
+    return {
+        "hot_swap_failed_requests": failed[0] + (len(lat) - ok),
+        "hot_swap_swaps": swaps[0],
+        "hot_swap_requests": len(lat),
+    }
+
+
+# -- HTTP ------------------------------------------------------------------------------
+
+
+def bare_asgi_app(model_path: str) -> Any:
+    """The baseline: same JSON body, session.run called directly on the event loop."""
+    sess = raw_session(model_path, 1)
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            return
+        body = b""
+        more = True
+        while more:
+            msg = await receive()
+            body += msg.get("body", b"")
+            more = msg.get("more_body", False)
+        x = np.asarray(json.loads(body)["inputs"], dtype=np.float32)
+        label, probs = sess.run(["label", "probabilities"], {"input": x})
+        out = json.dumps(
+            {
+                "labels": [str(v) for v in label.tolist()],
+                "outputs": {"probabilities": probs.tolist()},
+            }
+        ).encode()
+        await send(
+            {
+                "type": "http.response.start",
+                "status": 200,
+                "headers": [(b"content-type", b"application/json")],
+            }
+        )
+        await send({"type": "http.response.body", "body": out})
+
+    return app
+
+
+def serve(kind: str, model_path: str, port: int) -> None:
+    import uvicorn
+
+    if kind == "bare":
+        app = bare_asgi_app(model_path)
+    else:
+        rt = Runtime(cores=1, monitor_interval_s=None)
+        rt.start_pipeline(spec("digits", batching={"max_batch": 32}), rt.load_model(model_path))
+        app = make_inference_app(rt)
+    uvicorn.run(app, host="127.0.0.1", port=port, log_level="error", access_log=False)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wait_port(port: int, timeout: float = 20.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.2):
+                return
+        except OSError:
+            time.sleep(0.05)
+    raise RuntimeError(f"server on {port} did not start")
+
+
+def run_wrk(url: str, body: str, conns: int, seconds: float) -> tuple[float, float]:
+    with tempfile.NamedTemporaryFile("w", suffix=".lua", delete=False) as f:
+        f.write('wrk.method = "POST"\nwrk.headers["Content-Type"] = "application/json"\n')
+        f.write(f"wrk.body = {json.dumps(body)}\n")
+        script = f.name
+    try:
+        out = subprocess.run(
+            [
+                "wrk",
+                "-t1",
+                f"-c{conns}",
+                f"-d{max(1, int(seconds))}s",
+                "--latency",
+                "-s",
+                script,
+                url,
+            ],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout
+    finally:
+        os.unlink(script)
+    per_s = float(out.split("Requests/sec:")[1].split()[0])
+    p99 = _wrk_ms(out.split(" 99%")[1].split()[0])
+    if "Non-2xx" in out:
+        raise RuntimeError(f"wrk saw errors:\n{out}")
+    return per_s, p99
+
+
+def _wrk_ms(text: str) -> float:
+    for unit, k in (("us", 1e-3), ("ms", 1.0), ("s", 1e3)):
+        if text.endswith(unit):
+            return float(text[: -len(unit)]) * k
+    return float(text)
+
+
+async def _py_load(
+    host: str, port: int, path: str, body: bytes, conns: int, seconds: float
+) -> tuple[float, float]:
+    """Keep-alive HTTP/1.1 POSTs on `conns` connections (used when wrk is absent)."""
+    req = (
+        f"POST {path} HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\n"
+        f"Content-Length: {len(body)}\r\n\r\n"
+    ).encode() + body
+    lat: list[float] = []
+    end = time.perf_counter() + seconds
+
+    async def conn() -> None:
+        reader, writer = await asyncio.open_connection(host, port)
+        while time.perf_counter() < end:
+            t0 = time.perf_counter()
+            writer.write(req)
+            head = await reader.readuntil(b"\r\n\r\n")
+            if not head.startswith(b"HTTP/1.1 200"):
+                raise RuntimeError(head.decode(errors="replace"))
+            length = int(head.lower().split(b"content-length:")[1].split(b"\r\n")[0])
+            await reader.readexactly(length)
+            lat.append((time.perf_counter() - t0) * 1000.0)
+        writer.close()
+
+    t0 = time.perf_counter()
+    await asyncio.gather(*(conn() for _ in range(conns)))
+    return len(lat) / (time.perf_counter() - t0), pct(lat, 0.99)
+
+
+def bench_http(seconds: float, model_path: str, x: np.ndarray) -> dict[str, Any]:
+    body = json.dumps({"inputs": x[:1].tolist()})
+    use_wrk = shutil.which("wrk") is not None
+    results: dict[tuple[str, int], list[tuple[float, float]]] = {}
+    for kind in ("edgewise", "bare"):
+        port = free_port()
+        proc = subprocess.Popen(
+            [sys.executable, __file__, "--serve", kind, "--model", model_path, "--port", str(port)]
+        )
+        try:
+            wait_port(port)
+            path = "/v1/pipelines/digits/infer"
+            for conns in (32, 1):
+                for _ in range(ROUNDS):
+                    if use_wrk:
+                        r = run_wrk(f"http://127.0.0.1:{port}{path}", body, conns, seconds)
+                    else:
+                        r = asyncio.run(
+                            _py_load("127.0.0.1", port, path, body.encode(), conns, seconds)
+                        )
+                    results.setdefault((kind, conns), []).append(r)
+        finally:
+            proc.kill()
+            proc.wait()
+    best = {k: max(v) for k, v in results.items()}
+    return {
+        "http_load_generator": "wrk" if use_wrk else "python-asyncio",
+        "http_c32_per_s": best[("edgewise", 32)][0],
+        "http_bare_c32_per_s": best[("bare", 32)][0],
+        "http_c32_vs_bare_asgi": best[("edgewise", 32)][0] / best[("bare", 32)][0],
+        "http_c1_vs_bare_asgi": best[("edgewise", 1)][0] / best[("bare", 1)][0],
+        "http_c32_p99_ms": min(p for _, p in results[("edgewise", 32)]),
+        "http_bare_c32_p99_ms": min(p for _, p in results[("bare", 32)]),
+    }
+
+
+# -- main ------------------------------------------------------------------------------
+
+GOALS = {
+    "ppocr_pipeline_vs_raw": (">=", 0.97),
+    "digits_batched_c32_vs_raw_b1": (">=", 4.0),
+    "digits_batched_c32_p99_ms": ("<=", 5.0),
+    "single_client_batching_vs_direct": (">=", 0.9),
+    "hot_swap_failed_requests": ("<=", 0),
+    "http_c32_vs_bare_asgi": (">=", 0.9),
+    "http_c1_vs_bare_asgi": (">=", 0.9),
+    "http_c32_p99_ms": ("<=", 10.0),
+}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--seconds", type=float, default=1.5, help="per measurement round")
+    ap.add_argument("--serve", choices=["edgewise", "bare"])
+    ap.add_argument("--model")
+    ap.add_argument("--port", type=int)
+    args = ap.parse_args()
+    if args.serve:
+        serve(args.serve, args.model, args.port)
+        return
+    cores = os.cpu_count() or 1
+    split = load_split()
+    mlp, _ = train_mlp(split)
+    mlp2, _ = train_mlp(split, seed=1)
+    logreg, _ = train_logreg(split)
+    s = args.seconds
+    results: dict[str, Any] = {}
+    results.update(bench_ppocr(s, cores))
+    results.update(bench_digits(s, mlp, split.x_test))
+    results.update(bench_priority(s, mlp, split.x_test))
+    results["critical_p99_within_goal"] = (
+        results["critical_p99_loaded_vs_idle"] <= results["critical_goal_ratio"]
+    )
+    results.update(bench_cascade(s, mlp, logreg, split.x_test, split.y_test))
+    results.update(bench_hot_swap(s, mlp, mlp2, split.x_test))
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "mlp.onnx"
+        path.write_bytes(mlp)
+        results.update(bench_http(s, str(path), split.x_test))
+    print(f"{'metric':42} {'value':>14}  goal")
+    for key, value in results.items():
+        goal = GOALS.get(key)
+        if key == "critical_p99_loaded_vs_idle":
+            goal = ("<=", round(results["critical_goal_ratio"], 3))
+        shown = f"{value:14.3f}" if isinstance(value, float) else f"{value!s:>14}"
+        mark = ""
+        if goal is not None:
+            op, target = goal
+            ok = value >= target if op == ">=" else value <= target
+            mark = f"{op} {target}  {'ok' if ok else 'MISSED'}"
+        print(f"{key:42} {shown}  {mark}")
+    print(json.dumps({k: (round(v, 4) if isinstance(v, float) else v) for k, v in results.items()}))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,561 @@
+"""The device agent: enrollment, the reconcile loop, offline autonomy, reports.
+
+Usage::
+
+    agent = Agent(AgentConfig(data_dir=Path("/var/lib/edgewise"),
+                              server="https://cp.example", enroll_token="..."))
+    agent.run(stop_event)          # blocks; SIGTERM sets stop_event in the CLI
+
+Boot serves what was last committed before talking to anyone, so a device with no
+network, or one that restarts while offline, keeps serving. The loop then long-polls the
+desired state, verifies it (signer, signature, expiry, revision), plans, executes and
+reports; every failure of the uplink goes through one backoff policy and the loop
+reconnects by itself.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from edgewise.agent._backoff import Backoff, GiveUp, RetryableError
+from edgewise.agent._buffer import TelemetryBuffer
+from edgewise.agent._client import DeviceAuthError, DeviceClient, DeviceKey, UplinkError
+from edgewise.agent._drain import TelemetryDrain
+from edgewise.agent._fetch import ArtifactCache
+from edgewise.agent._host import Host, RuntimeHost
+from edgewise.agent._identity import (
+    Identity,
+    IdentityError,
+    ensure_private_dir,
+    load_identity,
+    load_or_create_key,
+    public_key_b64,
+    save_identity,
+)
+from edgewise.agent._install import InstallState
+from edgewise.agent._installer import Installer, InstallFailed
+from edgewise.agent._plan import Action, ObservedPipeline, plan
+from edgewise.agent._ratelimit import TokenBucket
+from edgewise.agent._state import AgentState, PipelineRecord, StateFile
+from edgewise.agent._store import ModelStore
+from edgewise.protocol import (
+    AgentInfo,
+    DesiredPipeline,
+    DesiredState,
+    DesiredStateError,
+    PipelineReport,
+    Report,
+    SignedDesiredState,
+    TimelineEntry,
+    verify_desired,
+)
+
+__all__ = ["AGENT_VERSION", "Agent", "AgentConfig"]
+
+AGENT_VERSION = "0.1.0"
+
+
+@dataclass
+class AgentConfig:
+    """How an agent runs. Settings from the control plane fill what is left None."""
+
+    data_dir: Path
+    server: str | None = None
+    enroll_token: str | None = None
+    labels: dict[str, str] = field(default_factory=dict)
+    local_port: int | None = None  # None: no local API; 0: any free port
+    poll_wait_s: float | None = None
+    report_interval_s: float = 60.0
+    metrics_interval_s: float | None = None
+    telemetry_budget_bytes: int = 32 * 1024 * 1024
+    telemetry_rate: float = 1000.0  # records per second once reconnected
+    telemetry_burst: float = 2000.0
+    disk_reserve_mb: float = 0.0
+    mqtt: tuple[str, int] | None = None
+    capabilities: dict[str, Any] | None = None  # None: collect from this machine
+
+
+class Agent:
+    """One device agent. All I/O parts are passed in or built from the config."""
+
+    def __init__(
+        self,
+        config: AgentConfig,
+        http: httpx.Client | None = None,
+        host: Host | None = None,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.config = config
+        self.dir = config.data_dir
+        ensure_private_dir(self.dir)
+        self.clock = clock
+        self.started_at = time.monotonic()
+        self.key = load_or_create_key(self.dir)
+        self.identity: Identity | None = load_identity(self.dir)
+        server = config.server or (self.identity.server if self.identity else None)
+        if not server:
+            raise IdentityError("no control-plane URL: pass --server")
+        self.http = http or httpx.Client(base_url=server, timeout=httpx.Timeout(30.0))
+        self.client = DeviceClient(self.http, clock=clock)
+        self.host: Host = host or RuntimeHost()
+        self.store = ModelStore(self.dir / "models")
+        self.cache = ArtifactCache(
+            self.dir / "cache", reserve_bytes=int(config.disk_reserve_mb * 1024 * 1024)
+        )
+        self.buffer = TelemetryBuffer(self.dir / "telemetry.db", config.telemetry_budget_bytes)
+        self.state_file = StateFile(self.dir / "state.json")
+        self.state = AgentState()
+        self.lock = threading.RLock()  # state is read by the local API thread
+        self.wake = threading.Event()
+        self.poll_backoff = Backoff(base_s=0.5, max_delay_s=30.0)
+        self.online = False
+        self.report_dirty = True
+        self._next_report = 0.0
+        self._next_metrics = 0.0
+        self._capabilities: dict[str, Any] | None = config.capabilities
+        self.drain = TelemetryDrain(
+            self.buffer,
+            self.client.telemetry,
+            TokenBucket(config.telemetry_rate, config.telemetry_burst),
+            Backoff(base_s=0.5, max_delay_s=30.0),
+        )
+        self.installer = Installer(
+            self.store,
+            self.cache,
+            self.client,
+            self.host,
+            self._publishers,
+            {},
+            Backoff(base_s=0.5, max_delay_s=5.0, max_tries=4, max_time_s=20.0),
+            self._persist,
+            self.emit,
+            clock,
+        )
+        self.local_port: int | None = None
+        self._threads: list[threading.Thread] = []
+        self._closers: list[Callable[[], None]] = []
+
+    # -- small helpers ----------------------------------------------------------------
+
+    def _publishers(self) -> dict[str, Any]:
+        return self.identity.publisher_keys() if self.identity else {}
+
+    def _persist(self) -> None:
+        with self.lock:
+            self.state_file.save(self.state)
+        self.report_dirty = True
+
+    def emit(self, cls: str, kind: str, data: dict[str, Any]) -> None:
+        """Add one record to the durable telemetry buffer."""
+        self.buffer.append([(cls, kind, data, self.clock())])
+        self.drain.wake.set()
+
+    def add_telemetry(self, records: list[tuple[str, str, dict[str, Any], float]]) -> int:
+        """Store records from local apps; returns how many."""
+        self.buffer.append(records)
+        self.drain.wake.set()
+        return len(records)
+
+    def capabilities(self) -> dict[str, Any]:
+        """This device's capabilities (collected once)."""
+        if self._capabilities is None:
+            from edgewise.agent._capabilities import collect_capabilities
+
+            self._capabilities = collect_capabilities(self.dir)
+        return self._capabilities
+
+    @property
+    def poll_wait_s(self) -> float:
+        """The long-poll wait: config, else the control plane's setting, else 30 s."""
+        if self.config.poll_wait_s is not None:
+            return self.config.poll_wait_s
+        settings = self.identity.settings if self.identity else {}
+        return float(settings.get("poll_wait_s", 30))
+
+    # -- enrollment -------------------------------------------------------------------
+
+    def enroll(self, stop: threading.Event) -> None:
+        """Enroll once (retrying while the control plane is unreachable).
+
+        Raises:
+            IdentityError: no identity and no enrollment token.
+            UplinkError: the control plane refused the token.
+        """
+        if self.identity is not None:
+            return
+        if not self.config.enroll_token:
+            raise IdentityError(f"{self.dir} holds no identity: pass --enroll-token")
+        attempt = 0
+        while not stop.is_set():
+            try:
+                answer = self.client.enroll(
+                    self.config.enroll_token,
+                    public_key_b64(self.key),
+                    self.config.labels,
+                    self.capabilities(),
+                )
+                break
+            except RetryableError as exc:
+                stop.wait(self.poll_backoff.delay(attempt, exc.retry_after))
+                attempt += 1
+        else:
+            return
+        server = str(self.http.base_url).rstrip("/")
+        self.identity = Identity.from_enrollment(answer, server, self.config.labels)
+        save_identity(self.dir, self.identity)
+        self.emit("event", "agent.enrolled", {"device_id": self.identity.device_id})
+
+    # -- boot: serve what was committed, with no network --------------------------------
+
+    def boot(self) -> None:
+        """Recover the store and the state, and serve every committed pipeline."""
+        for discarded in self.store.recover():
+            self.emit("event", "slot.discarded", {"slot": discarded, "reason": "torn install"})
+        self.state = self.state_file.load()
+        if self.state_file.recovered_from_prev:
+            self.emit("event", "state.recovered", {"reason": "torn state file, used previous"})
+        desired = self._accepted()
+        for name, rec in list(self.state.pipelines.items()):
+            if rec.committed is None or (desired is not None and name not in desired.pipelines):
+                continue
+            self._align_pointers(rec)
+            try:
+                self.installer.start_committed(name, rec, rec.committed["spec"])
+            except Exception as exc:  # an unusable slot: the loop reinstalls it
+                rec.committed = None
+                rec.tracker.restart(f"committed model unusable: {exc}", self.clock())
+                self._persist()
+        self.emit("event", "agent.started", {"version": AGENT_VERSION})
+
+    def _align_pointers(self, rec: PipelineRecord) -> None:
+        # state.json is the commit point; the store's pointer follows it (a crash may
+        # fall between the two writes).
+        assert rec.committed is not None
+        refs = [rec.committed["model"], *(rec.committed.get("companions") or {}).values()]
+        for ref in refs:
+            if self.store.active_slot(ref["name"]) != ref["slot"]:
+                with contextlib.suppress(Exception):
+                    self.store.commit(ref["name"], ref["slot"])
+
+    def _accepted(self) -> DesiredState | None:
+        if not self.state.desired:
+            return None
+        return SignedDesiredState.model_validate(self.state.desired).document
+
+    # -- desired state ----------------------------------------------------------------
+
+    def accept(self, signed: SignedDesiredState, etag: str | None) -> bool:
+        """Verify a received document; on success it becomes the accepted state."""
+        assert self.identity is not None
+        self.state.etag = etag
+        try:
+            doc = verify_desired(
+                signed,
+                self.identity.control_plane_keys(),
+                now=self.clock(),
+                last_revision=self.state.revision,
+                last_document=self._accepted(),
+            )
+            if doc.device_id != self.identity.device_id:
+                raise DesiredStateError("wrong device")
+        except DesiredStateError as exc:
+            message = f"desired state refused: {exc.reason}"
+            self.state.add_error(message)
+            self._persist()
+            self.emit("event", "desired.refused", {"reason": exc.reason})
+            return False
+        if doc.revision != self.state.revision:
+            self.emit("event", "desired.accepted", {"revision": doc.revision})
+        self.state.revision = doc.revision
+        self.state.desired = signed.model_dump(mode="json")
+        self._persist()
+        return True
+
+    # -- reconcile --------------------------------------------------------------------
+
+    def observed(self) -> dict[str, ObservedPipeline]:
+        """What this device has, per pipeline, for `plan`."""
+        running = self.host.running()
+        out: dict[str, ObservedPipeline] = {}
+        for name, rec in self.state.pipelines.items():
+            c = rec.committed or {}
+            out[name] = ObservedPipeline(
+                fingerprint=str(c.get("fingerprint", "")),
+                spec=self._desired_spec(name, c) if c else {},
+                running=name in running,
+                refused=rec.refused,
+                retry_at=rec.retry_at,
+            )
+        return out
+
+    @staticmethod
+    def _desired_spec(name: str, committed: dict[str, Any]) -> dict[str, Any]:
+        return dict(committed.get("desired_spec", committed.get("spec", {})))
+
+    def reconcile(self) -> None:
+        """Plan against the accepted desired state and execute (installs need the uplink).
+
+        Raises:
+            RetryableError, GiveUp: an install's download lost the control plane.
+        """
+        desired = self._accepted()
+        if desired is None:
+            return
+        actions = plan(desired.pipelines, self.observed(), self.clock())
+        # Serving what is committed never waits on a download.
+        actions.sort(key=lambda a: a.kind == "install")
+        for action in actions:
+            self._execute(action, desired.pipelines.get(action.pipeline))
+
+    def _execute(self, action: Action, want: DesiredPipeline | None) -> None:
+        name = action.pipeline
+        rec = self.state.pipelines.setdefault(name, PipelineRecord())
+        if action.kind == "stop":
+            self.installer.stop(name, rec)
+            del self.state.pipelines[name]
+            self._persist()
+            return
+        if action.kind in ("start", "reconfigure"):
+            assert rec.committed is not None
+            try:
+                self.installer.start_committed(name, rec, self._runtime_spec(name, action))
+                rec.committed["desired_spec"] = action.spec
+                self._persist()
+            except Exception as exc:  # recorded and reported; the loop goes on
+                rec.refused, rec.retry_at = action.fingerprint, self.clock() + 60.0
+                self.state.add_error(f"pipeline {name}: {exc}")
+                self._persist()
+            return
+        self.installer.install(name, rec, action, action.fingerprint)
+        if rec.tracker.state is InstallState.ACTIVE:
+            self._prune_cache()
+
+    def _runtime_spec(self, name: str, action: Action) -> dict[str, Any]:
+        assert action.model is not None
+        return {
+            **action.spec,
+            "name": name,
+            "model": {
+                "name": action.model.name,
+                "version": action.model.version,
+                "sha256": action.model.sha256,
+            },
+        }
+
+    def _prune_cache(self) -> None:
+        keep: set[str] = set()
+        for name in self.store.names():
+            keep.update(i.sha256 for i in self.store.slots(name).values() if i.sha256)
+        self.cache.prune(keep)
+
+    # -- reports ----------------------------------------------------------------------
+
+    def build_report(self) -> Report:
+        """The reported state, from the durable state."""
+        pipelines: dict[str, PipelineReport] = {}
+        for name, rec in self.state.pipelines.items():
+            c = rec.committed or {}
+            ref = rec.target or c.get("model") or {}
+            slot = None
+            if c and ref.get("sha256") == c["model"]["sha256"]:
+                slot = c["model"]["slot"]
+            pipelines[name] = PipelineReport(
+                model=str(ref.get("name", "")),
+                version=str(ref.get("version", "")),
+                slot=slot,
+                status=str(rec.tracker.state),
+                reason=rec.tracker.reason,
+                timeline=[
+                    TimelineEntry(state=str(e.state), reason=e.reason, at=e.at, progress=e.progress)
+                    for e in rec.tracker.timeline
+                ],
+            )
+        return Report(
+            revision=self.state.revision or 0,
+            pipelines=pipelines,
+            errors=list(self.state.errors),
+            agent=AgentInfo(
+                version=AGENT_VERSION,
+                uptime_s=round(time.monotonic() - self.started_at, 1),
+                buffer_depth=self.buffer.depth(),
+                dropped=self.buffer.dropped(),
+            ),
+        )
+
+    def send_report(self) -> bool:
+        """Report if something changed or the interval passed; False when offline."""
+        now = time.monotonic()
+        if not self.report_dirty and now < self._next_report:
+            return True
+        try:
+            self.client.report(self.build_report())
+        except (RetryableError, UplinkError):
+            return False
+        self.report_dirty = False
+        self._next_report = now + self.config.report_interval_s
+        return True
+
+    def _metrics(self) -> None:
+        now = time.monotonic()
+        if now < self._next_metrics:
+            return
+        settings = self.identity.settings if self.identity else {}
+        window = self.config.metrics_interval_s or float(settings.get("telemetry_window_s", 60))
+        self._next_metrics = now + window
+        records: list[tuple[str, str, dict[str, Any], float]] = []
+        ts = self.clock()
+        for name, stats in self.host.stats().items():
+            plain = {k: v for k, v in stats.items() if isinstance(v, int | float | str)}
+            records.append(("metric", "pipeline.stats", {"pipeline": name, **plain}, ts))
+        records.append(("metric", "agent.resources", _resources(), ts))
+        self.buffer.append(records)
+        self.drain.wake.set()
+
+    # -- status -----------------------------------------------------------------------
+
+    def status(self) -> dict[str, Any]:
+        """The local `/status` document."""
+        with self.lock:
+            running = self.host.running()
+            pipelines = {}
+            for name, rec in list(self.state.pipelines.items()):
+                c = rec.committed or {}
+                m = c.get("model") or {}
+                pipelines[name] = {
+                    "model": m.get("name"),
+                    "version": m.get("version"),
+                    "slot": m.get("slot"),
+                    "serving": running.get(name),
+                    "status": str(rec.tracker.state),
+                    "reason": rec.tracker.reason,
+                    "target": rec.target,
+                }
+            return {
+                "device_id": self.identity.device_id if self.identity else None,
+                "online": self.online,
+                "revision": self.state.revision,
+                "last_sync": self.state.last_sync,
+                "pipelines": pipelines,
+                "errors": list(self.state.errors),
+                "buffer_depth": self.buffer.depth(),
+                "dropped": self.buffer.dropped(),
+                "telemetry_uploaded": self.drain.uploaded,
+                "last_seq": self.buffer.last_seq(),
+            }
+
+    # -- the loop ---------------------------------------------------------------------
+
+    def _start_background(self, stop: threading.Event) -> None:
+        assert self.identity is not None
+        self.client.key = DeviceKey(self.identity.device_id, self.key)
+        self.installer.capabilities = self.capabilities()
+        t = threading.Thread(target=self.drain.run, args=(stop,), name="telemetry", daemon=True)
+        t.start()
+        self._threads.append(t)
+        if self.config.local_port is not None:
+            from edgewise.agent._local import LocalServer, make_local_app
+
+            app = make_local_app(self.status, self.add_telemetry, self._inference_app)
+            server = LocalServer(app, self.config.local_port)
+            self.local_port = server.start()
+            self._closers.append(server.stop)
+            (self.dir / "local.json").write_text(f'{{"port": {self.local_port}}}\n')
+        if self.config.mqtt is not None:
+            from edgewise.agent._wake import MqttWake
+
+            wake = MqttWake(*self.config.mqtt, self.identity.device_id, self.wake)
+            wake.start()
+            self._closers.append(wake.stop)
+
+    _inference: Any = None
+
+    def _inference_app(self) -> Any:
+        if not isinstance(self.host, RuntimeHost) or not self.host.started:
+            return None
+        if self._inference is None:
+            from edgewise.runtime import make_inference_app
+
+            self._inference = make_inference_app(self.host.runtime)
+        return self._inference
+
+    def run(self, stop: threading.Event, ready: Callable[[Agent], None] | None = None) -> None:
+        """Run until `stop` is set."""
+        self.boot()  # serve first; enrollment may need a network that is not there
+        self.enroll(stop)
+        if stop.is_set():
+            return
+        self._start_background(stop)
+        if ready is not None:
+            ready(self)
+        attempt = 0
+        while not stop.is_set():
+            self.send_report()
+            self._metrics()
+            try:
+                woke = self.wake.is_set()
+                self.wake.clear()
+                wait = 0.0 if woke or self.state.etag is None else self.poll_wait_s
+                poll = self.client.desired(self.state.etag, wait)
+                self.online = True
+                attempt = 0
+                self.state.last_sync = self.clock()
+                if poll.signed is not None:
+                    self.accept(poll.signed, poll.etag)
+                self.reconcile()
+                self.send_report()
+            except (RetryableError, GiveUp) as exc:
+                self.online = False
+                self.report_dirty = True  # the first successful contact reports at once
+                delay = self.poll_backoff.delay(attempt, getattr(exc, "retry_after", None))
+                attempt += 1
+                self._reconcile_offline()
+                self.wake.wait(min(delay, self.poll_wait_s))
+            except DeviceAuthError as exc:
+                self.online = False
+                self.state.add_error(f"control plane refused this device: {exc.code}")
+                stop.wait(self.poll_backoff.delay(attempt + 5))
+                attempt += 1
+            except InstallFailed as exc:  # pragma: no cover - installer records these
+                self.state.add_error(exc.reason)
+            except UplinkError as exc:
+                self.state.add_error(f"control plane error: {exc}")
+                stop.wait(self.poll_backoff.delay(attempt))
+                attempt += 1
+
+    def _reconcile_offline(self) -> None:
+        # With no control plane, installs whose bundles are cached still proceed; the
+        # rest wait. Nothing here may raise out of the loop.
+        with contextlib.suppress(RetryableError, GiveUp):
+            self.reconcile()
+
+    def close(self) -> None:
+        """Stop the local API, MQTT, and the runtime."""
+        for closer in reversed(self._closers):
+            with contextlib.suppress(Exception):
+                closer()
+        self.host.close()
+        self.buffer.close()
+        self.http.close()
+
+
+def _resources() -> dict[str, Any]:
+    try:
+        import psutil
+
+        proc = psutil.Process(os.getpid())
+        return {
+            "rss_mb": round(proc.memory_info().rss / 1e6, 1),
+            "cpu_s": round(sum(proc.cpu_times()[:2]), 2),
+            "threads": proc.num_threads(),
+        }
+    except Exception:  # resource readings are best effort
+        return {}

@@ -1,0 +1,336 @@
+"""The device side of `/device/v1`: enroll, desired-state long-poll, report, telemetry, artifacts.
+
+Two variants share one core: `DeviceClient` (blocking, what the agent uses) and
+`AsyncDeviceClient` (asyncio, what the fleet simulator uses to run thousands of devices in
+one process). Both take an httpx client, so callers choose the transport (a real socket,
+an ASGI app in process, a fault-injecting transport). Per-device state is just the id,
+the key and a clock.
+
+Every request after enrollment is signed (`edgewise.protocol.sign_request`) over the
+path and query exactly as httpx will send them.
+
+Errors:
+    RetryableError   transport failures, 408/429/5xx (with the server's Retry-After)
+    DeviceAuthError  401: the control plane does not accept this device's signature
+    UplinkError      any other refusal (4xx), with the server's error code
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator, Callable, Iterator
+from contextlib import asynccontextmanager, contextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import httpx
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+from edgewise.agent._backoff import RetryableError
+from edgewise.protocol import (
+    Report,
+    SignedDesiredState,
+    TelemetryAck,
+    TelemetryBatch,
+    encode_batch,
+    sign_request,
+)
+
+__all__ = [
+    "AsyncDeviceClient",
+    "DesiredPoll",
+    "DeviceAuthError",
+    "DeviceClient",
+    "DeviceKey",
+    "UplinkError",
+]
+
+_RETRYABLE_STATUS = frozenset({408, 425, 429, 500, 502, 503, 504})
+
+
+class UplinkError(Exception):
+    """The control plane refused a request; `code` is its error code."""
+
+    def __init__(self, status: int, code: str, message: str) -> None:
+        super().__init__(f"{status} {code}: {message}")
+        self.status = status
+        self.code = code
+
+
+class DeviceAuthError(UplinkError):
+    """401: unsigned, bad signature, stale timestamp, unknown or decommissioned device."""
+
+
+@dataclass(frozen=True)
+class DeviceKey:
+    """Who signs: the device id assigned at enrollment and the device's private key."""
+
+    device_id: str
+    private_key: Ed25519PrivateKey
+
+
+@dataclass(frozen=True)
+class DesiredPoll:
+    """One long-poll answer: a new document, or `None` when unchanged (304)."""
+
+    signed: SignedDesiredState | None
+    etag: str | None
+
+
+def _retry_after(resp: httpx.Response) -> float | None:
+    value = resp.headers.get("retry-after")
+    try:
+        return float(value) if value else None
+    except ValueError:
+        return None
+
+
+def _error_of(resp: httpx.Response) -> tuple[str, str]:
+    try:
+        err = resp.json().get("error", {})
+        return str(err.get("code", "error")), str(err.get("message", ""))
+    except (ValueError, AttributeError):
+        return "error", resp.text[:200]
+
+
+def check(resp: httpx.Response) -> httpx.Response:
+    """Raise the right error for a non-success response; return it otherwise."""
+    if resp.status_code < 400:
+        return resp
+    if resp.status_code in _RETRYABLE_STATUS:
+        raise RetryableError(f"control plane busy: HTTP {resp.status_code}", _retry_after(resp))
+    code, message = _error_of(resp)
+    if resp.status_code == 401:
+        raise DeviceAuthError(resp.status_code, code, message)
+    raise UplinkError(resp.status_code, code, message)
+
+
+class _Core:
+    """Request building shared by both variants (no I/O)."""
+
+    def __init__(self, key: DeviceKey | None, clock: Callable[[], float]) -> None:
+        self.key = key
+        self.clock = clock
+
+    def sign(self, request: httpx.Request) -> httpx.Request:
+        if self.key is None:
+            raise UplinkError(0, "not_enrolled", "this device has no identity yet")
+        path_qs = request.url.raw_path.decode("ascii")
+        request.headers.update(
+            sign_request(
+                self.key.private_key,
+                self.key.device_id,
+                request.method,
+                path_qs,
+                request.content,
+                self.clock(),
+            )
+        )
+        return request
+
+    def sign_headers(self, method: str, path_qs: str) -> dict[str, str]:
+        if self.key is None:
+            raise UplinkError(0, "not_enrolled", "this device has no identity yet")
+        return sign_request(
+            self.key.private_key, self.key.device_id, method, path_qs, b"", self.clock()
+        )
+
+    @staticmethod
+    def desired_params(etag: str | None, wait_s: float) -> tuple[dict[str, str], dict[str, str]]:
+        params = {"wait": str(int(wait_s))} if wait_s > 0 else {}
+        headers = {"If-None-Match": etag} if etag else {}
+        return params, headers
+
+    @staticmethod
+    def parse_desired(resp: httpx.Response, etag: str | None) -> DesiredPoll:
+        if resp.status_code == 304:
+            return DesiredPoll(None, etag)
+        check(resp)
+        return DesiredPoll(SignedDesiredState.model_validate(resp.json()), resp.headers.get("etag"))
+
+
+def _transport_errors(exc: Exception) -> RetryableError:
+    return RetryableError(f"control plane unreachable: {type(exc).__name__}: {exc}")
+
+
+class DeviceClient:
+    """Blocking device client over an `httpx.Client` (base URL = the control plane)."""
+
+    def __init__(
+        self,
+        http: httpx.Client,
+        key: DeviceKey | None = None,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.http = http
+        self._core = _Core(key, clock)
+
+    @property
+    def key(self) -> DeviceKey | None:
+        """The signing identity (None before enrollment)."""
+        return self._core.key
+
+    @key.setter
+    def key(self, key: DeviceKey | None) -> None:
+        self._core.key = key
+
+    def _send(
+        self, request: httpx.Request, signed: bool = True, timeout: float | None = None
+    ) -> httpx.Response:
+        if signed:
+            self._core.sign(request)
+        if timeout is not None:
+            request.extensions["timeout"] = httpx.Timeout(timeout).as_dict()
+        try:
+            return self.http.send(request)
+        except httpx.HTTPError as exc:
+            raise _transport_errors(exc) from exc
+
+    def enroll(
+        self, token: str, public_key_b64: str, labels: dict[str, str], capabilities: dict[str, Any]
+    ) -> dict[str, Any]:
+        """`POST /device/v1/enroll` (unsigned); returns the enrollment answer."""
+        body = {
+            "token": token,
+            "public_key": public_key_b64,
+            "labels": labels,
+            "capabilities": capabilities,
+        }
+        req = self.http.build_request("POST", "/device/v1/enroll", json=body)
+        result: dict[str, Any] = check(self._send(req, signed=False)).json()
+        return result
+
+    def desired(self, etag: str | None = None, wait_s: float = 0.0) -> DesiredPoll:
+        """`GET /device/v1/desired`, long-polling up to `wait_s` when `etag` is current."""
+        params, headers = _Core.desired_params(etag, wait_s)
+        req = self.http.build_request("GET", "/device/v1/desired", params=params, headers=headers)
+        return _Core.parse_desired(self._send(req, timeout=wait_s + 15.0), etag)
+
+    def report(self, report: Report) -> None:
+        """`POST /device/v1/report`."""
+        req = self.http.build_request(
+            "POST",
+            "/device/v1/report",
+            content=report.model_dump_json().encode(),
+            headers={"Content-Type": "application/json"},
+        )
+        check(self._send(req))
+
+    def telemetry(self, batch: TelemetryBatch) -> TelemetryAck:
+        """`POST /device/v1/telemetry` with a gzip body."""
+        req = self.http.build_request(
+            "POST",
+            "/device/v1/telemetry",
+            content=encode_batch(batch),
+            headers={"Content-Type": "application/json", "Content-Encoding": "gzip"},
+        )
+        return TelemetryAck.model_validate(check(self._send(req)).json())
+
+    @contextmanager
+    def open(self, url: str, start: int) -> Iterator[httpx.Response]:
+        """An `ArtifactSource`: a signed, streamed (ranged) GET of an artifact URL."""
+        headers = {"Range": f"bytes={start}-"} if start > 0 else {}
+        req = self.http.build_request("GET", url, headers=headers)
+        self._core.sign(req)
+        try:
+            resp = self.http.send(req, stream=True)
+        except httpx.HTTPError as exc:
+            raise _transport_errors(exc) from exc
+        try:
+            if resp.status_code in (401, 403):
+                resp.read()
+                check(resp)
+            yield resp
+        except (httpx.TransportError, httpx.StreamError) as exc:
+            raise _transport_errors(exc) from exc
+        finally:
+            resp.close()
+
+
+class AsyncDeviceClient:
+    """The asyncio twin of `DeviceClient` over an `httpx.AsyncClient`."""
+
+    def __init__(
+        self,
+        http: httpx.AsyncClient,
+        key: DeviceKey | None = None,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.http = http
+        self._core = _Core(key, clock)
+
+    @property
+    def key(self) -> DeviceKey | None:
+        """The signing identity (None before enrollment)."""
+        return self._core.key
+
+    @key.setter
+    def key(self, key: DeviceKey | None) -> None:
+        self._core.key = key
+
+    async def _send(
+        self, request: httpx.Request, signed: bool = True, timeout: float | None = None
+    ) -> httpx.Response:
+        if signed:
+            self._core.sign(request)
+        if timeout is not None:
+            request.extensions["timeout"] = httpx.Timeout(timeout).as_dict()
+        try:
+            return await self.http.send(request)
+        except httpx.HTTPError as exc:
+            raise _transport_errors(exc) from exc
+
+    async def enroll(
+        self, token: str, public_key_b64: str, labels: dict[str, str], capabilities: dict[str, Any]
+    ) -> dict[str, Any]:
+        """`POST /device/v1/enroll` (unsigned); returns the enrollment answer."""
+        body = {
+            "token": token,
+            "public_key": public_key_b64,
+            "labels": labels,
+            "capabilities": capabilities,
+        }
+        req = self.http.build_request("POST", "/device/v1/enroll", json=body)
+        result: dict[str, Any] = check(await self._send(req, signed=False)).json()
+        return result
+
+    async def desired(self, etag: str | None = None, wait_s: float = 0.0) -> DesiredPoll:
+        """`GET /device/v1/desired`, long-polling up to `wait_s` when `etag` is current."""
+        params, headers = _Core.desired_params(etag, wait_s)
+        req = self.http.build_request("GET", "/device/v1/desired", params=params, headers=headers)
+        return _Core.parse_desired(await self._send(req, timeout=wait_s + 15.0), etag)
+
+    async def report(self, report: Report) -> None:
+        """`POST /device/v1/report`."""
+        req = self.http.build_request(
+            "POST",
+            "/device/v1/report",
+            content=report.model_dump_json().encode(),
+            headers={"Content-Type": "application/json"},
+        )
+        check(await self._send(req))
+
+    async def telemetry(self, batch: TelemetryBatch) -> TelemetryAck:
+        """`POST /device/v1/telemetry` with a gzip body."""
+        req = self.http.build_request(
+            "POST",
+            "/device/v1/telemetry",
+            content=encode_batch(batch),
+            headers={"Content-Type": "application/json", "Content-Encoding": "gzip"},
+        )
+        return TelemetryAck.model_validate(check(await self._send(req)).json())
+
+    @asynccontextmanager
+    async def open(self, url: str, start: int) -> AsyncIterator[httpx.Response]:
+        """A signed, streamed (ranged) GET of an artifact URL."""
+        headers = {"Range": f"bytes={start}-"} if start > 0 else {}
+        req = self.http.build_request("GET", url, headers=headers)
+        self._core.sign(req)
+        try:
+            resp = await self.http.send(req, stream=True)
+        except httpx.HTTPError as exc:
+            raise _transport_errors(exc) from exc
+        try:
+            yield resp
+        finally:
+            await resp.aclose()

@@ -1,0 +1,285 @@
+"""The artifact fetcher: a content-addressed cache that resumes cut downloads.
+
+Bundles are cached under their sha256. A download writes `<sha256>.part`; after a cut
+(connection reset, agent killed, machine off) the next attempt asks for
+`Range: bytes=<part size>-` and appends, so a device on a bad link never starts over.
+The fetcher never reads more than the declared size, checks the sha256 before the file
+takes its final name, and refuses an install that would not fit on disk before the first
+byte is fetched.
+
+Example:
+    >>> import tempfile, pathlib
+    >>> cache = ArtifactCache(pathlib.Path(tempfile.mkdtemp()))
+    >>> cache.has("0" * 64)
+    False
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import shutil
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+import httpx
+
+from edgewise.agent._backoff import RetryableError
+from edgewise.agent._crash import crashpoint
+from edgewise.agent._durable import fsync_dir
+
+__all__ = [
+    "ArtifactCache",
+    "ArtifactSource",
+    "FetchError",
+    "FetchResult",
+    "HttpArtifactSource",
+    "InsufficientDisk",
+]
+
+_SHA256 = re.compile(r"^[0-9a-f]{64}$")
+_SYNC_EVERY = 4 * 1024 * 1024
+_PIECE = 4096  # write granularity: a crash test can stop mid-file even on small bundles
+# Room an install needs beyond the download: the bundle is extracted into a slot.
+INSTALL_FACTOR = 2.0
+
+
+class FetchError(Exception):
+    """A download that cannot succeed by retrying the same request; `reason` is for humans."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+class InsufficientDisk(FetchError):
+    """The bundle and its extracted copy would not fit in the free space."""
+
+
+@dataclass(frozen=True)
+class FetchResult:
+    """Where the verified bundle is, and what this call transferred."""
+
+    path: Path
+    bytes_fetched: int
+    resumed_from: int
+
+
+class ArtifactSource(Protocol):
+    """Opens a (ranged) GET on an artifact URL; the response body is streamed."""
+
+    def open(self, url: str, start: int) -> AbstractContextManager[httpx.Response]:
+        """Open `url` from byte `start` (`Range: bytes=start-` when start > 0)."""
+        ...
+
+
+class HttpArtifactSource:
+    """An `ArtifactSource` over an httpx client; `sign(method, path_qs)` adds headers."""
+
+    def __init__(
+        self,
+        client: httpx.Client,
+        sign: Callable[[str, str], dict[str, str]] | None = None,
+    ) -> None:
+        self._client = client
+        self._sign = sign
+
+    @contextmanager
+    def open(self, url: str, start: int) -> Iterator[httpx.Response]:
+        """Stream a GET of `url` from `start`."""
+        headers = dict(self._sign("GET", url) if self._sign else {})
+        if start > 0:
+            headers["Range"] = f"bytes={start}-"
+        try:
+            with self._client.stream("GET", url, headers=headers) as response:
+                yield response
+        except (httpx.TransportError, httpx.StreamError) as exc:
+            raise RetryableError(f"artifact download interrupted: {exc}") from exc
+
+
+def _disk_free(path: Path) -> int:
+    return shutil.disk_usage(path).free
+
+
+def sha256_of(path: Path) -> str:
+    """The sha256 hex digest of a file."""
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+class ArtifactCache:
+    """Verified bundles by sha256 under `root`, plus resumable partial downloads."""
+
+    def __init__(
+        self,
+        root: Path,
+        free_bytes: Callable[[Path], int] = _disk_free,
+        reserve_bytes: int = 0,
+    ) -> None:
+        self.root = root
+        self.free_bytes = free_bytes
+        self.reserve_bytes = reserve_bytes
+        root.mkdir(parents=True, exist_ok=True)
+
+    def path(self, sha256: str) -> Path:
+        """Where a verified bundle lives."""
+        if not _SHA256.match(sha256):
+            raise FetchError(f"bad artifact digest {sha256!r}")
+        return self.root / f"{sha256}.ewb"
+
+    def _part(self, sha256: str) -> Path:
+        return self.root / f"{sha256}.part"
+
+    def has(self, sha256: str) -> bool:
+        """Whether a verified copy is cached (its digest is re-checked)."""
+        path = self.path(sha256)
+        if not path.exists():
+            return False
+        if sha256_of(path) != sha256:
+            path.unlink(missing_ok=True)
+            return False
+        return True
+
+    def partial_size(self, sha256: str) -> int:
+        """Bytes already downloaded of an unfinished artifact."""
+        try:
+            return self._part(sha256).stat().st_size
+        except FileNotFoundError:
+            return 0
+
+    def preflight(self, size: int, already: int = 0) -> None:
+        """Refuse a download that, with its extraction, would not fit.
+
+        Raises:
+            InsufficientDisk: with the numbers in the reason.
+        """
+        need = (size - already) + int(size * INSTALL_FACTOR) + self.reserve_bytes
+        free = self.free_bytes(self.root)
+        if free < need:
+            raise InsufficientDisk(
+                f"insufficient disk: need {need / 1e6:.1f} MB, {free / 1e6:.1f} MB free"
+            )
+
+    def prune_one(self, sha256: str) -> None:
+        """Forget one cached bundle (it was refused: fetch it afresh next time)."""
+        self.path(sha256).unlink(missing_ok=True)
+
+    def prune(self, keep: set[str]) -> None:
+        """Delete cached bundles (not partial downloads) whose digest is not in `keep`."""
+        for path in self.root.glob("*.ewb"):
+            if path.stem not in keep:
+                path.unlink(missing_ok=True)
+
+    def fetch(
+        self,
+        source: ArtifactSource,
+        url: str,
+        sha256: str,
+        size: int,
+        progress: Callable[[int, int], None] | None = None,
+    ) -> FetchResult:
+        """Fetch one artifact into the cache (or find it there).
+
+        Raises:
+            InsufficientDisk: before any byte is fetched.
+            FetchError: the server refuses it or the bytes do not match the digest.
+            RetryableError: the transfer was cut; call again to resume.
+        """
+        final = self.path(sha256)
+        if self.has(sha256):
+            return FetchResult(final, 0, size)
+        part = self._part(sha256)
+        offset = self.partial_size(sha256)
+        if offset > size:
+            part.unlink()
+            offset = 0
+        self.preflight(size, offset)
+        start = offset
+        fetched = 0
+        if offset < size:
+            fetched, start = self._transfer(source, url, part, offset, size, progress)
+        crashpoint("after_download")
+        if sha256_of(part) != sha256:
+            part.unlink(missing_ok=True)
+            raise FetchError("digest mismatch: downloaded bytes do not match the sha256")
+        os.replace(part, final)
+        fsync_dir(self.root)
+        return FetchResult(final, fetched, start)
+
+    def _transfer(
+        self,
+        source: ArtifactSource,
+        url: str,
+        part: Path,
+        offset: int,
+        size: int,
+        progress: Callable[[int, int], None] | None,
+    ) -> tuple[int, int]:
+        fetched = 0
+        with source.open(url, offset) as resp:
+            if resp.status_code == 416 or (resp.status_code == 200 and offset > 0):
+                # The server cannot resume from here: start over from zero.
+                part.unlink(missing_ok=True)
+                if resp.status_code == 416:
+                    raise RetryableError("range not satisfiable; restarting from zero")
+                offset = 0
+            elif resp.status_code == 206:
+                match = re.match(r"bytes (\d+)-", resp.headers.get("content-range", ""))
+                if not match or int(match.group(1)) != offset:
+                    raise RetryableError("server answered a different range")
+            elif resp.status_code in (429, 502, 503, 504):
+                raise RetryableError(
+                    f"artifact server busy ({resp.status_code})",
+                    _retry_after(resp.headers.get("retry-after")),
+                )
+            elif resp.status_code != 200:
+                raise FetchError(f"artifact download refused: HTTP {resp.status_code}")
+            start = offset
+            remaining = size - offset
+            fd = os.open(part, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+            unsynced = 0
+            try:
+                for chunk in resp.iter_raw():
+                    # Never read more than declared: stop at the declared size.
+                    chunk = chunk[:remaining]
+                    for i in range(0, len(chunk), _PIECE):
+                        view = memoryview(chunk)[i : i + _PIECE]
+                        n = len(view)
+                        while view:
+                            view = view[os.write(fd, view) :]
+                        fetched += n
+                        remaining -= n
+                        unsynced += n
+                        if remaining > 0:
+                            crashpoint("during_download")
+                    if unsynced >= _SYNC_EVERY:
+                        os.fsync(fd)
+                        unsynced = 0
+                    if progress:
+                        progress(size - remaining, size)
+                    if remaining <= 0:
+                        break
+                os.fsync(fd)
+            except (httpx.TransportError, httpx.StreamError) as exc:
+                raise RetryableError(
+                    f"artifact download cut at {size - remaining}/{size} bytes: {exc}"
+                ) from exc
+            finally:
+                os.close(fd)
+            if remaining > 0:
+                raise RetryableError(f"artifact download cut at {size - remaining}/{size} bytes")
+        return fetched, start
+
+
+def _retry_after(value: str | None) -> float | None:
+    try:
+        return float(value) if value else None
+    except ValueError:
+        return None

@@ -1,0 +1,345 @@
+"""Executing install actions: fetch, verify, write the inactive slot, health-gate, switch, commit.
+
+Order of an install, with its crash points::
+
+    pending -> downloading  (during_download, after_download)
+            -> verifying    digest + bundle signatures against the trust root + requires
+            -> installing   inactive slot marked `writing`, extracted (mid_write),
+                            marked `ready` (after_write)
+            -> health_checking  load, warm up, health samples (during_health_check)
+            -> switch       hot swap in the runtime (after_switch)
+            -> commit       state.json names the new slot (the commit point), then the
+                            store's active pointer flips (after_commit)
+            -> active
+
+Until the state commit, a restart serves the old committed model; after it, the new
+one. A failure before the switch leaves the old model serving and records `failed`
+with the reason; a switch that breaks the pipeline is undone (`rolled_back`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+
+from edgewise.agent._backoff import Backoff, GiveUp, RetryableError
+from edgewise.agent._crash import crashpoint
+from edgewise.agent._fetch import ArtifactCache, ArtifactSource, FetchError, InsufficientDisk
+from edgewise.agent._host import Host
+from edgewise.agent._install import InstallState
+from edgewise.agent._plan import Action
+from edgewise.agent._state import PipelineRecord
+from edgewise.agent._store import ModelStore, Slot
+from edgewise.bundle import BundleError, SignatureError, extract, verify
+from edgewise.protocol import DesiredModelRef
+
+__all__ = ["InstallFailed", "Installer"]
+
+# How long a transient refusal waits before the plan may try the same install again.
+RETRY_DISK_S = 300.0
+RETRY_FETCH_S = 30.0
+_ROLES = ("model", "fallback", "cascade")
+
+
+class InstallFailed(Exception):
+    """An install refused with a reason; `retry_after_s` None means permanent."""
+
+    def __init__(self, reason: str, retry_after_s: float | None = None) -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.retry_after_s = retry_after_s
+
+
+@dataclass
+class _Prepared:
+    role: str
+    ref: DesiredModelRef
+    path: Path | None = None  # the verified .ewb
+    slot: Slot | None = None
+    model: Any = None
+
+
+def _ref_json(ref: DesiredModelRef, slot: Slot | None = None) -> dict[str, Any]:
+    out: dict[str, Any] = {"name": ref.name, "version": ref.version, "sha256": ref.sha256}
+    if slot is not None:
+        out["slot"] = slot
+    return out
+
+
+def check_requires(manifest: Any, capabilities: dict[str, Any]) -> str | None:
+    """Why this device cannot run the bundle, or None (pure)."""
+    req = manifest.requires
+    runtimes = capabilities.get("runtimes") or {}
+    if req.runtime not in runtimes:
+        return f"incompatible: needs runtime {req.runtime}, device has {sorted(runtimes) or 'none'}"
+    mem = capabilities.get("memory_mb")
+    if req.memory_mb is not None and isinstance(mem, int) and req.memory_mb > mem:
+        return f"incompatible: needs {req.memory_mb} MB memory, device has {mem} MB"
+    have = set(capabilities.get("accelerators") or [])
+    missing = sorted(set(req.accelerators) - have)
+    if missing:
+        return f"incompatible: needs accelerator {', '.join(missing)}"
+    return None
+
+
+class Installer:
+    """Runs install / start / reconfigure / stop actions against the store and the host."""
+
+    def __init__(
+        self,
+        store: ModelStore,
+        cache: ArtifactCache,
+        source: ArtifactSource,
+        host: Host,
+        publishers: Callable[[], dict[str, Ed25519PublicKey]],
+        capabilities: dict[str, Any],
+        backoff: Backoff,
+        persist: Callable[[], None],
+        emit: Callable[[str, str, dict[str, Any]], None],
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.store = store
+        self.cache = cache
+        self.source = source
+        self.host = host
+        self.publishers = publishers
+        self.capabilities = capabilities
+        self.backoff = backoff
+        self.persist = persist
+        self.emit = emit
+        self.clock = clock
+
+    # -- the state machine with persistence -----------------------------------------
+
+    def _move(
+        self, rec: PipelineRecord, to: InstallState, reason: str, progress: float | None = None
+    ) -> None:
+        rec.tracker.move(to, reason, self.clock(), progress)
+        self.persist()
+
+    # -- actions --------------------------------------------------------------------
+
+    def stop(self, name: str, rec: PipelineRecord) -> None:
+        """Stop serving a pipeline the desired state no longer names."""
+        self.host.stop(name)
+        self.emit("event", "pipeline.stopped", {"pipeline": name})
+
+    def start_committed(self, name: str, rec: PipelineRecord, spec: dict[str, Any]) -> None:
+        """Serve the committed models (at boot, or after a spec change).
+
+        Raises:
+            InstallFailed: a committed slot fails its digest check (never served).
+        """
+        c = rec.committed
+        if c is None:
+            raise InstallFailed("nothing committed")
+        models: dict[str, Any] = {}
+        for role in _ROLES:
+            ref = c["model"] if role == "model" else (c.get("companions") or {}).get(role)
+            if ref is None:
+                continue
+            slot = ref["slot"]
+            if not self.store.verify_slot(ref["name"], slot):
+                raise InstallFailed(f"committed slot {ref['name']}/{slot} failed verification")
+            models[role] = self.host.load(self.store.slot_dir(ref["name"], slot))
+        model = models.pop("model")
+        self.host.serve(spec, model, models)
+        c["spec"] = spec
+        self.persist()
+
+    def install(self, name: str, rec: PipelineRecord, action: Action, fingerprint: str) -> None:
+        """Install the action's models for pipeline `name`; records the outcome in `rec`."""
+        assert action.model is not None
+        target = {**_ref_json(action.model), "fingerprint": fingerprint}
+        resuming = rec.target == target and rec.tracker.state is InstallState.DOWNLOADING
+        if not resuming:
+            rec.target = target
+            rec.tracker.restart(f"install {action.model.name}@{action.model.version}", self.clock())
+            self.persist()
+            self.emit("event", "install.started", {"pipeline": name, **target})
+        try:
+            self._install(name, rec, action, fingerprint)
+        except InstallFailed as exc:
+            self._fail(name, rec, fingerprint, exc)
+        except (RetryableError, GiveUp):
+            # The uplink is down mid-download: keep `downloading`; the next round resumes.
+            raise
+
+    def _fail(self, name: str, rec: PipelineRecord, fingerprint: str, exc: InstallFailed) -> None:
+        rolled = exc.reason.startswith("rolled back")
+        to = InstallState.ROLLED_BACK if rolled else InstallState.FAILED
+        self._move_safe(rec, to, exc.reason)
+        rec.refused = fingerprint
+        rec.retry_at = None if exc.retry_after_s is None else self.clock() + exc.retry_after_s
+        self.persist()
+        self.emit("event", "install.failed", {"pipeline": name, "reason": exc.reason})
+
+    def _move_safe(self, rec: PipelineRecord, to: InstallState, reason: str) -> None:
+        try:
+            self._move(rec, to, reason)
+        except ValueError:
+            self._move(rec, InstallState.FAILED, reason)
+
+    def _install(self, name: str, rec: PipelineRecord, action: Action, fingerprint: str) -> None:
+        assert action.model is not None
+        parts = [_Prepared("model", action.model)]
+        for role, ref in (("fallback", action.fallback), ("cascade", action.cascade)):
+            if ref is not None:
+                parts.append(_Prepared(role, ref))
+        self._download(rec, parts)
+        self._verify(rec, parts)
+        self._write(rec, parts)
+        self._health(rec, parts)
+        spec = self._spec(name, action)
+        old_models = rec.committed
+        companions = {p.role: p.model for p in parts if p.role != "model"}
+        try:
+            self.host.serve(spec, parts[0].model, companions)
+        except Exception as exc:  # the runtime refused the spec: undo
+            if old_models is not None:
+                # If the old pipeline cannot come back either, the report says why.
+                with contextlib.suppress(Exception):
+                    self.start_committed(name, rec, old_models["spec"])
+                raise InstallFailed(f"rolled back: pipeline refused the new model: {exc}") from exc
+            raise InstallFailed(f"incompatible: pipeline refused the model: {exc}") from exc
+        crashpoint("after_switch")
+        main = parts[0]
+        assert main.slot is not None
+        rec.committed = {
+            "model": _ref_json(main.ref, main.slot),
+            "deployment": action.deployment,
+            "spec": spec,
+            "desired_spec": action.spec,
+            "fingerprint": fingerprint,
+            "companions": {p.role: _ref_json(p.ref, p.slot) for p in parts[1:]},
+        }
+        rec.refused, rec.retry_at = "", None
+        rec.tracker.move(
+            InstallState.ACTIVE, f"serving {main.ref.name}@{main.ref.version}", self.clock()
+        )
+        self.persist()  # the commit point
+        for p in parts:
+            assert p.slot is not None
+            self.store.commit(p.ref.name, p.slot)
+        crashpoint("after_commit")
+        self.emit(
+            "event",
+            "install.succeeded",
+            {"pipeline": name, "model": main.ref.name, "version": main.ref.version},
+        )
+
+    def _spec(self, name: str, action: Action) -> dict[str, Any]:
+        assert action.model is not None
+        spec = dict(action.spec or {})
+        spec["name"] = name
+        spec["model"] = {
+            "name": action.model.name,
+            "version": action.model.version,
+            "sha256": action.model.sha256,
+        }
+        return spec
+
+    def _download(self, rec: PipelineRecord, parts: list[_Prepared]) -> None:
+        missing = [p for p in parts if not self.cache.has(p.ref.sha256)]
+        if not missing:
+            for p in parts:
+                p.path = self.cache.path(p.ref.sha256)
+            return
+        total = sum(p.ref.size for p in missing) or 1
+        try:
+            for p in missing:
+                self.cache.preflight(p.ref.size, self.cache.partial_size(p.ref.sha256))
+        except InsufficientDisk as exc:
+            raise InstallFailed(exc.reason, RETRY_DISK_S) from exc
+        done_before = 0
+        last = [-1.0]
+
+        def progress(done: int, size: int) -> None:
+            frac = (done_before + done) / total
+            if frac - last[0] >= 0.1 or done == size:
+                last[0] = frac
+                self._move(rec, InstallState.DOWNLOADING, f"{frac:.0%}", round(frac, 3))
+
+        if rec.tracker.state is not InstallState.DOWNLOADING:
+            self._move(rec, InstallState.DOWNLOADING, "0%", 0.0)
+        for p in missing:
+            ref = p.ref
+            try:
+                result = self.backoff.call(
+                    lambda ref=ref: self.cache.fetch(  # type: ignore[misc]
+                        self.source, ref.url, ref.sha256, ref.size, progress
+                    )
+                )
+            except InsufficientDisk as exc:
+                raise InstallFailed(exc.reason, RETRY_DISK_S) from exc
+            except FetchError as exc:
+                raise InstallFailed(f"download failed: {exc.reason}", RETRY_FETCH_S) from exc
+            done_before += ref.size
+            p.path = result.path
+        for p in parts:
+            p.path = p.path or self.cache.path(p.ref.sha256)
+
+    def _verify(self, rec: PipelineRecord, parts: list[_Prepared]) -> None:
+        self._move(rec, InstallState.VERIFYING, "checking digest and signatures")
+        for p in parts:
+            assert p.path is not None
+            try:
+                checked = verify(p.path, self.publishers())
+            except SignatureError as exc:
+                self.cache.prune_one(p.ref.sha256)
+                raise InstallFailed(f"signature invalid: {exc.message}") from exc
+            except BundleError as exc:
+                self.cache.prune_one(p.ref.sha256)
+                raise InstallFailed(f"bundle invalid: {exc.message}") from exc
+            m = checked.manifest
+            if m.name != p.ref.name or m.version != p.ref.version:
+                raise InstallFailed(
+                    f"bundle invalid: holds {m.name}@{m.version}, "
+                    f"expected {p.ref.name}@{p.ref.version}"
+                )
+            why = check_requires(m, self.capabilities)
+            if why:
+                raise InstallFailed(why)
+
+    def _write(self, rec: PipelineRecord, parts: list[_Prepared]) -> None:
+        for p in parts:
+            assert p.path is not None
+            found = self.store.find_ready(p.ref.name, p.ref.sha256)
+            if found is not None and self.store.verify_slot(p.ref.name, found):
+                p.slot = found
+                continue
+            if rec.tracker.state is not InstallState.INSTALLING:
+                self._move(rec, InstallState.INSTALLING, f"writing {p.ref.name} into inactive slot")
+            slot = self.store.begin_write(p.ref.name, p.ref.version, p.ref.sha256)
+            slot_dir = self.store.slot_dir(p.ref.name, slot)
+            slot_dir.rmdir()  # extract wants to create it: it renames a verified temp dir
+            try:
+                extract(p.path, slot_dir, self.publishers())
+            except BundleError as exc:
+                self.store.discard(p.ref.name, slot)
+                raise InstallFailed(f"bundle invalid: {exc.message}") from exc
+            crashpoint("mid_write")
+            self.store.finish_write(p.ref.name, slot)
+            p.slot = slot
+        if rec.tracker.state is not InstallState.INSTALLING:
+            self._move(rec, InstallState.INSTALLING, "slot already holds this bundle")
+        crashpoint("after_write")
+
+    def _health(self, rec: PipelineRecord, parts: list[_Prepared]) -> None:
+        self._move(rec, InstallState.HEALTH_CHECKING, "loading, warming up, running samples")
+        for p in parts:
+            assert p.slot is not None
+            try:
+                p.model = self.host.load(self.store.slot_dir(p.ref.name, p.slot))
+            except Exception as exc:  # the runtime cannot load it on this device
+                raise InstallFailed(f"incompatible: model does not load: {exc}") from exc
+            crashpoint("during_health_check")
+            health = self.host.health(p.model)
+            if not health.ok:
+                raise InstallFailed(health.reason)

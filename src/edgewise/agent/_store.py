@@ -1,0 +1,229 @@
+"""The A/B model store: two slots per model, an install writes only the inactive one.
+
+Layout under the store root::
+
+    <name>/slots.json      the durable pointer file (DurableJson)
+    <name>/a/  <name>/b/   slot directories (the extracted bundle)
+
+`slots.json` says which slot is active and what each slot holds, with its state:
+`empty`, `writing` (an install is filling it: never loadable) or `ready` (fully
+written; the sha256 of every file recorded). The pointer flips with one atomic rename,
+so a power cut at any instant leaves either the old or the new slot active, never a
+half-written one. `recover()` at start discards any slot still marked `writing`.
+
+Example:
+    >>> import tempfile, pathlib
+    >>> store = ModelStore(pathlib.Path(tempfile.mkdtemp()))
+    >>> slot = store.begin_write("m", "1.0.0", "ab" * 32)
+    >>> _ = (store.slot_dir("m", slot) / "model.onnx").write_bytes(b"x")
+    >>> store.finish_write("m", slot)
+    >>> store.commit("m", slot)
+    >>> store.active("m").version
+    '1.0.0'
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from edgewise.agent._durable import DurableJson, fsync_dir, remove_tree
+
+__all__ = ["ModelStore", "Slot", "SlotInfo", "StoreError"]
+
+Slot = Literal["a", "b"]
+_SLOTS: tuple[Slot, Slot] = ("a", "b")
+
+
+class StoreError(Exception):
+    """A store operation that would break the A/B invariants."""
+
+
+@dataclass
+class SlotInfo:
+    """What one slot holds."""
+
+    slot: Slot
+    state: Literal["empty", "writing", "ready"] = "empty"
+    version: str = ""
+    sha256: str = ""  # of the .ewb the slot was extracted from
+    files: dict[str, str] = field(default_factory=dict)  # relative path -> sha256
+
+
+def _other(slot: Slot) -> Slot:
+    return "b" if slot == "a" else "a"
+
+
+def _hash_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _fsync_tree(root: Path) -> dict[str, str]:
+    """Sync every file and directory under root; return relative path -> sha256."""
+    files: dict[str, str] = {}
+    for dirpath, _dirs, names in os.walk(root):
+        for name in names:
+            path = Path(dirpath) / name
+            fd = os.open(path, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            files[path.relative_to(root).as_posix()] = _hash_file(path)
+        fsync_dir(Path(dirpath))
+    return files
+
+
+class ModelStore:
+    """Two slots per model name, with an atomically flipped active pointer."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        root.mkdir(parents=True, exist_ok=True)
+
+    def _pointer(self, name: str) -> DurableJson:
+        if not name or "/" in name or name.startswith("."):
+            raise StoreError(f"bad model name {name!r}")
+        return DurableJson(self.root / name / "slots.json")
+
+    def _load(self, name: str) -> dict[str, Any]:
+        doc = self._pointer(name).load(default=None)
+        if not isinstance(doc, dict):
+            doc = {"active": None, "slots": {}}
+        return doc
+
+    def _info(self, doc: dict[str, Any], slot: Slot) -> SlotInfo:
+        raw = doc.get("slots", {}).get(slot)
+        return SlotInfo(**raw) if isinstance(raw, dict) else SlotInfo(slot)
+
+    def _save(self, name: str, doc: dict[str, Any]) -> None:
+        self._pointer(name).commit(doc)
+
+    def names(self) -> list[str]:
+        """Model names that have a pointer file."""
+        return sorted(p.parent.name for p in self.root.glob("*/slots.json"))
+
+    def slot_dir(self, name: str, slot: Slot) -> Path:
+        """Where a slot's files live."""
+        return self.root / name / slot
+
+    def slots(self, name: str) -> dict[Slot, SlotInfo]:
+        """Both slots of a model."""
+        doc = self._load(name)
+        return {s: self._info(doc, s) for s in _SLOTS}
+
+    def active_slot(self, name: str) -> Slot | None:
+        """The committed active slot of a model, if any."""
+        active = self._load(name).get("active")
+        return active if active in _SLOTS else None
+
+    def active(self, name: str) -> SlotInfo | None:
+        """The committed active slot's info, if any."""
+        doc = self._load(name)
+        active = doc.get("active")
+        return self._info(doc, active) if active in _SLOTS else None
+
+    def find_ready(self, name: str, sha256: str) -> Slot | None:
+        """A ready slot already holding this bundle (e.g. the previous version)."""
+        for slot, info in self.slots(name).items():
+            if info.state == "ready" and info.sha256 == sha256:
+                return slot
+        return None
+
+    def recover(self) -> list[str]:
+        """Discard every slot left `writing` by a crash; returns what was discarded."""
+        discarded: list[str] = []
+        for name in self.names():
+            # Temp directories of an extraction cut short (bundle.extract renames at end).
+            for tmp in (self.root / name).glob(".*"):
+                if tmp.is_dir():
+                    remove_tree(tmp)
+                    discarded.append(f"{name}/{tmp.name}")
+            doc = self._load(name)
+            changed = False
+            for slot in _SLOTS:
+                info = self._info(doc, slot)
+                if info.state == "writing" or (
+                    info.state == "empty" and self.slot_dir(name, slot).exists()
+                ):
+                    remove_tree(self.slot_dir(name, slot))
+                    doc.setdefault("slots", {})[slot] = asdict(SlotInfo(slot))
+                    changed = True
+                    discarded.append(f"{name}/{slot}")
+            if doc.get("active") in _SLOTS and self._info(doc, doc["active"]).state != "ready":
+                doc["active"] = None
+                changed = True
+            if changed:
+                self._save(name, doc)
+        return discarded
+
+    def verify_slot(self, name: str, slot: Slot) -> bool:
+        """Whether a ready slot's files still match the digests recorded when written."""
+        info = self.slots(name)[slot]
+        if info.state != "ready" or not info.files:
+            return False
+        root = self.slot_dir(name, slot)
+        try:
+            actual = {
+                p.relative_to(root).as_posix(): _hash_file(p)
+                for p in root.rglob("*")
+                if p.is_file()
+            }
+        except OSError:
+            return False
+        return actual == info.files
+
+    def begin_write(self, name: str, version: str, sha256: str) -> Slot:
+        """Claim the inactive slot for an install: mark it `writing`, then empty it.
+
+        The mark is durable before the first byte is written, so a crash mid-write is
+        always recognised at the next start.
+        """
+        doc = self._load(name)
+        active = doc.get("active")
+        slot: Slot = _other(active) if active in _SLOTS else "a"
+        doc.setdefault("slots", {})[slot] = asdict(
+            SlotInfo(slot, "writing", version=version, sha256=sha256)
+        )
+        self._save(name, doc)
+        remove_tree(self.slot_dir(name, slot))
+        self.slot_dir(name, slot).mkdir(parents=True)
+        fsync_dir(self.root / name)
+        return slot
+
+    def finish_write(self, name: str, slot: Slot) -> None:
+        """Make the slot's files durable, record their digests and mark it `ready`."""
+        doc = self._load(name)
+        info = self._info(doc, slot)
+        if info.state != "writing":
+            raise StoreError(f"{name}/{slot} is not being written")
+        if doc.get("active") == slot:
+            raise StoreError(f"{name}/{slot} is the active slot")
+        info.files = _fsync_tree(self.slot_dir(name, slot))
+        info.state = "ready"
+        doc["slots"][slot] = asdict(info)
+        self._save(name, doc)
+
+    def commit(self, name: str, slot: Slot) -> None:
+        """Flip the active pointer to a ready slot (one atomic rename)."""
+        doc = self._load(name)
+        if self._info(doc, slot).state != "ready":
+            raise StoreError(f"{name}/{slot} is not ready")
+        doc["active"] = slot
+        self._save(name, doc)
+
+    def discard(self, name: str, slot: Slot) -> None:
+        """Empty an inactive slot (a failed install)."""
+        doc = self._load(name)
+        if doc.get("active") == slot:
+            raise StoreError(f"{name}/{slot} is the active slot")
+        doc.setdefault("slots", {})[slot] = asdict(SlotInfo(slot))
+        self._save(name, doc)
+        remove_tree(self.slot_dir(name, slot))

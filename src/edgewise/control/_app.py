@@ -1,0 +1,261 @@
+"""The FastAPI application: routes, error envelopes, body limits, metrics, background loops.
+
+Usage::
+
+    store = open_store(settings.database_url)
+    app = create_app(settings, store)            # clock=... for virtual time in tests
+    uvicorn.run(app, host="127.0.0.1", port=8080)
+
+Every error, including validation errors, unknown routes and anything unexpected, leaves
+as `{"error": {"code", "message"}}`. Two loops run while the app is up: the replica
+watcher (re-reads devices changed by other replicas, drops their cache entries and wakes
+their long-polls) and the last-seen flusher.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+from anyio import to_thread
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    generate_latest,
+)
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from edgewise.control._api_admin import router as admin_router
+from edgewise.control._api_device import router as device_router
+from edgewise.control._plane import ApiError, ControlPlane
+from edgewise.control._settings import Settings
+from edgewise.control._store import SqlStore
+
+__all__ = ["create_app"]
+
+log = logging.getLogger("edgewise.control")
+
+
+def _envelope(
+    status: int, code: str, message: str, headers: dict[str, str] | None = None
+) -> JSONResponse:
+    return JSONResponse(
+        {"error": {"code": code, "message": message}}, status_code=status, headers=headers
+    )
+
+
+class _Guard:
+    """Body-size limit and request metrics, as plain ASGI (cheap on the poll path)."""
+
+    def __init__(self, app: ASGIApp, settings: Settings, registry: CollectorRegistry) -> None:
+        self.app = app
+        self.settings = settings
+        self.requests = Counter(
+            "edgewise_http_requests",
+            "HTTP requests",
+            ["method", "route", "status"],
+            registry=registry,
+        )
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        upload = scope["method"] == "POST" and scope["path"] == "/api/v1/models"
+        limit = self.settings.max_upload_bytes if upload else self.settings.max_body_bytes
+        length = None
+        for name, value in scope["headers"]:
+            if name == b"content-length":
+                length = int(value) if value.isdigit() else -1
+        if length is not None and (length < 0 or length > limit):
+            code = "too_large" if length > limit else "bad_request"
+            status = 413 if length > limit else 400
+            await _envelope(
+                status,
+                code,
+                f"body larger than {limit} bytes" if status == 413 else "bad content-length",
+            )(scope, receive, send)
+            self._count(scope, status)
+            return
+        if length is None and not upload and scope["method"] in {"POST", "PUT", "PATCH"}:
+            receive, too_big = await self._buffer(receive, limit)
+            if too_big:
+                await _envelope(413, "too_large", f"body larger than {limit} bytes")(
+                    scope, receive, send
+                )
+                self._count(scope, 413)
+                return
+        status_box = [500]
+
+        async def send_wrapper(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                status_box[0] = message["status"]
+            await send(message)
+
+        await self.app(scope, receive, send_wrapper)
+        self._count(scope, status_box[0])
+
+    def _count(self, scope: Scope, status: int) -> None:
+        route = scope.get("route")
+        path = getattr(route, "path", None) or "unmatched"
+        self.requests.labels(scope["method"], path, str(status)).inc()
+
+    @staticmethod
+    async def _buffer(receive: Receive, limit: int) -> tuple[Receive, bool]:
+        # A chunked body has no Content-Length: read it (up to the limit) before routing.
+        chunks: list[bytes] = []
+        size = 0
+        while True:
+            message = await receive()
+            if message["type"] != "http.request":
+                break
+            body = message.get("body", b"")
+            size += len(body)
+            if size > limit:
+                return receive, True
+            chunks.append(body)
+            if not message.get("more_body", False):
+                break
+        data = b"".join(chunks)
+        sent = False
+
+        async def replay() -> Message:
+            nonlocal sent
+            if not sent:
+                sent = True
+                return {"type": "http.request", "body": data, "more_body": False}
+            return await receive()
+
+        return replay, False
+
+
+async def _watch(plane: ControlPlane) -> None:
+    """Notice changes other replicas made to devices; flush last-seen times."""
+    interval = plane.settings.watch_interval_s
+    seen: dict[str, float] = {}
+    since = plane.clock()
+    last_flush = time.monotonic()
+    while True:
+        await asyncio.sleep(interval)
+        try:
+            now = plane.clock()
+            # Look back a little: commits land after their changed_at stamp.
+            changed = await to_thread.run_sync(plane.store.changed_since, since - 5.0)
+            for device_id, changed_at in changed:
+                if seen.get(device_id) != changed_at:
+                    seen[device_id] = changed_at
+                    plane.device_changed(device_id)
+            seen = {k: v for k, v in seen.items() if v >= since - 10.0}
+            since = now
+            if time.monotonic() - last_flush >= 2.0:
+                last_flush = time.monotonic()
+                await to_thread.run_sync(plane.store.touch_last_seen, plane.seen.take())
+        except asyncio.CancelledError:
+            raise
+        except Exception:  # a database hiccup must not kill the loop
+            log.exception("replica watcher iteration failed")
+
+
+def create_app(
+    settings: Settings,
+    store: SqlStore,
+    clock: Callable[[], float] = time.time,
+    *,
+    background: bool = True,
+) -> FastAPI:
+    """Build the control-plane application.
+
+    Args:
+        settings: service settings.
+        store: an opened (migrated) store.
+        clock: unix-time source (virtual in tests).
+        background: run the replica watcher and last-seen flusher.
+    """
+    plane = ControlPlane(settings, store, clock)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        plane.notifier.bind(asyncio.get_running_loop())
+        task = asyncio.create_task(_watch(plane)) if background else None
+        try:
+            yield
+        finally:
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+            with contextlib.suppress(Exception):
+                plane.store.touch_last_seen(plane.seen.take())
+
+    app = FastAPI(
+        title="edgewise control plane",
+        version="1",
+        lifespan=lifespan,
+        description="Operator API (/api/v1, bearer tokens) and device API (/device/v1, "
+        "requests signed with the device key).",
+    )
+    app.state.plane = plane
+    registry = CollectorRegistry()
+    Gauge(
+        "edgewise_longpoll_waiting", "Long-poll requests waiting", registry=registry
+    ).set_function(lambda: plane.notifier.waiting)
+    Gauge(
+        "edgewise_nonces_remembered", "Nonces in the replay window", registry=registry
+    ).set_function(lambda: len(plane.nonces))
+
+    @app.exception_handler(ApiError)
+    async def _api_error(_: Request, exc: ApiError) -> JSONResponse:
+        return _envelope(exc.status, exc.code, exc.message)
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(_: Request, exc: RequestValidationError) -> JSONResponse:
+        errors = exc.errors()
+        first = errors[0] if errors else {"loc": (), "msg": "invalid request"}
+        where = ".".join(str(p) for p in first.get("loc", ()))
+        return _envelope(422, "invalid_request", f"{where}: {first.get('msg', 'invalid')}")
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+        codes = {404: "not_found", 405: "method_not_allowed"}
+        return _envelope(
+            exc.status_code,
+            codes.get(exc.status_code, "http_error"),
+            str(exc.detail),
+            headers=dict(exc.headers) if exc.headers else None,
+        )
+
+    @app.exception_handler(Exception)
+    async def _unexpected(_: Request, exc: Exception) -> JSONResponse:
+        log.exception("unexpected error", exc_info=exc)
+        return _envelope(500, "internal", "internal error")
+
+    @app.get("/healthz", tags=["service"])
+    def healthz() -> dict[str, Any]:
+        """Liveness and database reachability."""
+        try:
+            plane.store.get_meta("bootstrap")
+        except Exception as exc:
+            raise ApiError(
+                503, "unavailable", f"database unreachable: {type(exc).__name__}"
+            ) from None
+        return {"ok": True}
+
+    @app.get("/metrics", tags=["service"], response_class=Response)
+    def metrics() -> Response:
+        """Prometheus text format."""
+        return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
+
+    app.include_router(admin_router)
+    app.include_router(device_router)
+    app.add_middleware(_Guard, settings=settings, registry=registry)
+    return app

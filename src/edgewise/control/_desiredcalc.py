@@ -1,0 +1,60 @@
+"""What a device should run: the pure step from deployments and labels to document content.
+
+The content (pipelines, egress, settings) is what the revision tracks: its hash decides
+whether a recompute bumps the revision. Timestamps and the signature live outside it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from edgewise.control._merge import DeploymentView, merge_desired
+
+__all__ = ["content_hash", "deployment_views", "desired_content"]
+
+
+def deployment_views(deployments: Sequence[Mapping[str, Any]]) -> list[DeploymentView]:
+    """Store rows as the merge's input."""
+    return [
+        DeploymentView(
+            id=d["id"],
+            name=d["name"],
+            selector=d["selector"],
+            priority=int(d["priority"]),
+            created_seq=int(d["seq"]),
+            pipelines=d["pipelines"],
+        )
+        for d in deployments
+    ]
+
+
+def desired_content(
+    deployments: Sequence[Mapping[str, Any]],
+    labels: Mapping[str, str],
+    egress: Mapping[str, Any],
+    settings: Mapping[str, Any] | None = None,
+) -> dict[str, Any]:
+    """The content of a device's desired document.
+
+    Args:
+        deployments: deployment rows (id, name, selector, priority, seq, pipelines, where
+            each pipeline is {"model", "fallback", "cascade", "spec"} already pinned).
+        labels: the device's labels.
+        egress: the egress policy to apply.
+        settings: extra agent settings.
+    """
+    merged = merge_desired(deployment_views(deployments), labels)
+    pipelines = {
+        name: {"deployment": dep_id, **dict(pipeline)}
+        for name, (dep_id, pipeline) in merged.items()
+    }
+    return {"pipelines": pipelines, "egress": dict(egress), "settings": dict(settings or {})}
+
+
+def content_hash(content: Mapping[str, Any]) -> str:
+    """The sha256 of a document's content in canonical JSON."""
+    from edgewise.protocol._desired import _canonical
+
+    return hashlib.sha256(_canonical(dict(content))).hexdigest()

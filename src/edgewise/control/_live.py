@@ -1,0 +1,201 @@
+"""Per-process hot state that keeps the device poll path free of database work.
+
+- `Notifier`: long-poll waiters per device, woken from any thread when the device's
+  desired state (or status) changes.
+- `NonceCache`: nonces seen within the skew window. It is per process: a nonce replayed
+  to a *different* replica inside the window is not caught. That is the documented
+  trade-off for a poll path without a database write; the timestamp bound still limits a
+  replay to the window, and every request a replay could repeat is idempotent
+  (desired fetch, report, telemetry by seq, artifact fetch).
+- `DeviceCache`: what verifying and answering a poll needs (public key, status, current
+  signed document), loaded on a miss, dropped when this replica changes the device or the
+  replica watcher sees another replica change it.
+- `SeenTracker`: last-seen times collected in memory and written in batches.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections import OrderedDict
+from dataclasses import dataclass
+
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+
+__all__ = ["CachedDevice", "DeviceCache", "NonceCache", "Notifier", "SeenTracker"]
+
+
+class _Slot:
+    __slots__ = ("count", "event")
+
+    def __init__(self) -> None:
+        self.event = asyncio.Event()
+        self.count = 0
+
+
+class Notifier:
+    """Wakes long-poll requests waiting on a device."""
+
+    def __init__(self) -> None:
+        self._slots: dict[str, _Slot] = {}
+        # Bumped on every wake: a request reads it before looking at the device and waits
+        # only if it is unchanged, so a change between the look and the wait is not lost.
+        self._versions: dict[str, int] = {}
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    def bind(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Attach to the server's event loop (waiters live there)."""
+        self._loop = loop
+
+    @property
+    def waiting(self) -> int:
+        """Requests currently waiting."""
+        return sum(slot.count for slot in self._slots.values())
+
+    def version(self, device_id: str) -> int:
+        """The device's change counter (read on the event loop thread)."""
+        return self._versions.get(device_id, 0)
+
+    async def wait(self, device_id: str, timeout: float, since: int | None = None) -> bool:
+        """Wait for a change of this device; True if woken, False on timeout.
+
+        Args:
+            device_id: the device.
+            timeout: seconds.
+            since: a `version()` read earlier; returns at once if it moved on.
+        """
+        if self._loop is None:
+            self._loop = asyncio.get_running_loop()
+        if since is not None and self._versions.get(device_id, 0) != since:
+            return True
+        slot = self._slots.get(device_id)
+        if slot is None:
+            slot = self._slots[device_id] = _Slot()
+        slot.count += 1
+        try:
+            await asyncio.wait_for(slot.event.wait(), timeout)
+            return True
+        except TimeoutError:
+            return False
+        finally:
+            slot.count -= 1
+            if slot.count == 0 and self._slots.get(device_id) is slot:
+                del self._slots[device_id]
+
+    def notify(self, device_id: str) -> None:
+        """Wake the device's waiters; safe to call from any thread."""
+        loop = self._loop
+        if loop is None or loop.is_closed():
+            return
+        try:
+            running = asyncio.get_running_loop()
+        except RuntimeError:
+            running = None
+        if running is loop:
+            self._wake(device_id)
+        else:
+            loop.call_soon_threadsafe(self._wake, device_id)
+
+    def _wake(self, device_id: str) -> None:
+        self._versions[device_id] = self._versions.get(device_id, 0) + 1
+        slot = self._slots.pop(device_id, None)
+        if slot is not None:
+            slot.event.set()
+
+
+class NonceCache:
+    """Nonces seen recently; `seen_before` both checks and remembers."""
+
+    def __init__(self, ttl_s: float, max_entries: int = 2_000_000) -> None:
+        self._ttl = ttl_s
+        self._max = max_entries
+        self._entries: OrderedDict[str, float] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def seen_before(self, key: str, now: float) -> bool:
+        """True when `key` was already used inside the window; records it otherwise."""
+        with self._lock:
+            self._expire(now)
+            if key in self._entries:
+                return True
+            self._entries[key] = now + self._ttl
+            return False
+
+    def _expire(self, now: float) -> None:
+        entries = self._entries
+        # Insertion order is expiry order (constant TTL), so expired ones sit in front.
+        while entries:
+            _key, expiry = next(iter(entries.items()))
+            if expiry > now and len(entries) < self._max:
+                break
+            entries.popitem(last=False)
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+
+@dataclass
+class CachedDevice:
+    """What the poll path needs about one device."""
+
+    public_key: Ed25519PublicKey
+    status: str
+    labels: dict[str, str]
+    revision: int
+    signed_json: bytes | None
+    expires_at: float
+    issued_at: float
+
+
+class DeviceCache:
+    """A bounded LRU of `CachedDevice`, thread-safe."""
+
+    def __init__(self, max_entries: int = 200_000) -> None:
+        self._max = max_entries
+        self._items: OrderedDict[str, CachedDevice] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def get(self, device_id: str) -> CachedDevice | None:
+        """The cached entry, if any."""
+        with self._lock:
+            item = self._items.get(device_id)
+            if item is not None:
+                self._items.move_to_end(device_id)
+            return item
+
+    def put(self, device_id: str, item: CachedDevice) -> None:
+        """Cache an entry."""
+        with self._lock:
+            self._items[device_id] = item
+            self._items.move_to_end(device_id)
+            while len(self._items) > self._max:
+                self._items.popitem(last=False)
+
+    def drop(self, device_id: str) -> None:
+        """Forget an entry (it changed)."""
+        with self._lock:
+            self._items.pop(device_id, None)
+
+    def clear(self) -> None:
+        """Forget everything."""
+        with self._lock:
+            self._items.clear()
+
+
+class SeenTracker:
+    """Last-seen times, flushed to the store in batches."""
+
+    def __init__(self) -> None:
+        self._pending: dict[str, float] = {}
+        self._lock = threading.Lock()
+
+    def saw(self, device_id: str, at: float) -> None:
+        """Note a request from a device."""
+        with self._lock:
+            self._pending[device_id] = at
+
+    def take(self) -> dict[str, float]:
+        """The batch to write, emptied."""
+        with self._lock:
+            batch, self._pending = self._pending, {}
+            return batch

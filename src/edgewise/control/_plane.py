@@ -1,0 +1,402 @@
+"""The control plane's operations: the imperative shell around store and pure decisions.
+
+HTTP routes (`_api_admin`, `_api_device`) parse and authorise, then call one method here;
+each method reads the store, asks a pure function (merge, preflight, selector, audit
+chain, RBAC) for the decision, writes the result and wakes whoever waits on it. Methods
+are synchronous (they run in the server's thread pool) except for nothing: the async
+device routes call them through `anyio.to_thread` on cache misses only.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import threading
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from edgewise.control import _auditchain
+from edgewise.control._desiredcalc import content_hash, desired_content
+from edgewise.control._identity import (
+    hash_token,
+    load_or_create_signing_key,
+    new_secret_token,
+    public_key_b64,
+    public_key_from_b64,
+)
+from edgewise.control._live import CachedDevice, DeviceCache, NonceCache, Notifier, SeenTracker
+from edgewise.control._rbac import Permission, Role, allowed
+from edgewise.control._selector import Selector, SelectorError, parse_selector
+from edgewise.control._settings import Settings
+from edgewise.control._store import SqlStore
+from edgewise.protocol import (
+    DesiredState,
+    RequestAuthError,
+    parse_signed_headers,
+    sign_desired,
+    signer_key_id,
+    verify_request,
+)
+
+__all__ = ["ApiError", "ControlPlane", "Principal"]
+
+
+class ApiError(Exception):
+    """An error answered as `{"error": {"code", "message"}}` with an HTTP status."""
+
+    def __init__(self, status: int, code: str, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.code = code
+        self.message = message
+
+
+@dataclass(frozen=True)
+class Principal:
+    """An authenticated operator token."""
+
+    token_id: str
+    name: str
+    role: str
+    scope: Selector | None
+
+    @property
+    def actor(self) -> str:
+        """How the audit log names this caller."""
+        return f"token:{self.name}({self.token_id})"
+
+
+def digest(data: Any) -> str:
+    """A stable sha256 of a request payload (for the audit log)."""
+    if isinstance(data, bytes):
+        return hashlib.sha256(data).hexdigest()
+    raw = json.dumps(data, sort_keys=True, separators=(",", ":"), default=str).encode()
+    return hashlib.sha256(raw).hexdigest()
+
+
+class ControlPlane:
+    """Service operations shared by every route."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        store: SqlStore,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.settings = settings
+        self.store = store
+        self.clock = clock
+        self.key = load_or_create_signing_key(settings.data_dir)
+        self.public_key = self.key.public_key()
+        self.key_id = signer_key_id(self.public_key)
+        self.notifier = Notifier()
+        self.nonces = NonceCache(ttl_s=2 * settings.max_skew_s)
+        self.cache = DeviceCache()
+        self.seen = SeenTracker()
+        self._recompute_lock = threading.Lock()
+
+    # ---------------------------------------------------------------- tokens
+    def bootstrap_admin(self) -> str | None:
+        """Mint the first admin token, once per database; None if already done."""
+        if not self.store.put_meta_if_absent("bootstrap", str(self.clock())):
+            return None
+        _, secret = self.create_token("admin", Role.ADMIN, None, actor="bootstrap")
+        return secret
+
+    def create_token(
+        self, name: str, role: str, scope: str | None, actor: str
+    ) -> tuple[dict[str, Any], str]:
+        """Create an operator token; returns (row without hash, secret text)."""
+        if role not in {r.value for r in Role}:
+            raise ApiError(400, "bad_role", f"role must be one of {', '.join(Role)}")
+        scope_text = self._parse_selector(scope, "scope") if scope else None
+        token_id, secret = new_secret_token("ewo")
+        row = {
+            "id": token_id,
+            "name": name,
+            "role": role,
+            "scope": scope_text,
+            "token_hash": hash_token(secret),
+            "created_at": self.clock(),
+            "created_by": actor,
+            "revoked_at": None,
+        }
+        self.store.insert_token(row)
+        self.audit(actor, "token.create", f"token:{token_id}", digest([name, role, scope]), "ok")
+        return _public_token(row), secret
+
+    def authenticate(self, authorization: str | None) -> Principal:
+        """Resolve a bearer header to a principal.
+
+        Raises:
+            ApiError: 401 when missing, malformed, unknown or revoked.
+        """
+        if not authorization:
+            raise ApiError(401, "unauthenticated", "missing bearer token")
+        scheme, _, token = authorization.partition(" ")
+        token = token.strip()
+        if scheme.lower() != "bearer" or not token or len(token) > 200:
+            raise ApiError(401, "bad_token", "authorization must be 'Bearer <token>'")
+        row = self.store.token_by_hash(hash_token(token))
+        if row is None:
+            raise ApiError(401, "bad_token", "unknown token")
+        if row["revoked_at"] is not None:
+            raise ApiError(401, "revoked_token", "token has been revoked")
+        scope = parse_selector(row["scope"]) if row["scope"] else None
+        return Principal(row["id"], row["name"], row["role"], scope)
+
+    @staticmethod
+    def authorize(principal: Principal, permission: Permission) -> None:
+        """Raise 403 unless the principal's role holds the permission."""
+        if not allowed(principal.role, permission):
+            raise ApiError(
+                403, "forbidden", f"role {principal.role!r} may not do {permission.value!r}"
+            )
+
+    def list_tokens(self) -> list[dict[str, Any]]:
+        """Operator tokens without their hashes."""
+        return [_public_token(r) for r in self.store.list_tokens()]
+
+    def revoke_token(self, token_id: str, actor: str) -> None:
+        """Revoke an operator token."""
+        if not self.store.revoke_token(token_id, self.clock()):
+            raise ApiError(404, "not_found", f"no token {token_id}")
+        self.audit(actor, "token.revoke", f"token:{token_id}", digest(token_id), "ok")
+
+    # ----------------------------------------------------------------- audit
+    def audit(self, actor: str, action: str, obj: str, request_digest: str, result: str) -> None:
+        """Append a record to the audit chain."""
+        at = round(self.clock(), 6)
+
+        def build(seq: int, prev_hash: str) -> dict[str, Any]:
+            record = {
+                "id": seq,
+                "at": at,
+                "actor": actor[:200],
+                "action": action[:100],
+                "object": obj[:500],
+                "request_digest": request_digest,
+                "result": result[:200],
+            }
+            h = _auditchain.record_hash(prev_hash, record)
+            del record["id"]
+            return {"seq": seq, **record, "prev_hash": prev_hash, "hash": h}
+
+        self.store.append_audit(build, _auditchain.GENESIS)
+
+    def audit_records(self, after: int = 0, limit: int | None = None) -> list[dict[str, Any]]:
+        """Audit records as the chain module reads them (`id` = chain position)."""
+        out = []
+        for row in self.store.list_audit(after, limit):
+            rec = dict(row)
+            rec["id"] = rec.pop("seq")
+            out.append(rec)
+        return out
+
+    def verify_audit(self) -> dict[str, Any]:
+        """Check the whole chain; names the first broken record."""
+        # The head row catches records deleted from the end, which leave a valid prefix.
+        head = self.store.audit_head()
+        records = self.audit_records()
+        broken = _auditchain.verify_chain(records, head=head)
+        result: dict[str, Any] = {"records": len(records), "ok": broken is None}
+        if broken is not None:
+            result["first_broken_index"] = broken
+            if broken < len(records):
+                result["first_broken_id"] = records[broken]["id"]
+            result["message"] = (
+                f"chain broken at record {records[broken]['id']} (position {broken})"
+                if broken < len(records)
+                else "records missing at the end of the chain"
+            )
+        return result
+
+    # -------------------------------------------------------- publisher keys
+    def trust_publisher_key(self, public_key: str, name: str, actor: str) -> dict[str, Any]:
+        """Trust a publisher key for registry pushes and device trust roots."""
+        from edgewise.protocol import signer_key_id as kid_of
+
+        try:
+            key = public_key_from_b64(public_key)
+        except ValueError as exc:
+            raise ApiError(400, "bad_key", str(exc)) from None
+        kid = kid_of(key)
+        from edgewise.control._store import ConflictError
+
+        try:
+            created = self.store.add_publisher_key(kid, public_key_b64(key), name, self.clock())
+        except ConflictError as exc:
+            raise ApiError(409, "conflict", str(exc)) from None
+        self.audit(actor, "publisher_key.trust", f"key:{kid}", digest(public_key), "ok")
+        return {"key_id": kid, "public_key": public_key_b64(key), "name": name, "created": created}
+
+    def trust_root(self) -> dict[str, Any]:
+        """What an enrolling device should trust."""
+        return {
+            "publishers": self.store.publisher_keys(),
+            "control_plane": {self.key_id: public_key_b64(self.public_key)},
+        }
+
+    def agent_settings(self) -> dict[str, Any]:
+        """Settings handed to agents at enrollment."""
+        s = self.settings
+        return {
+            "poll_wait_s": s.poll_wait_s,
+            "telemetry_window_s": s.telemetry_window_s,
+            "max_skew_s": int(s.max_skew_s),
+            "desired_ttl_s": int(s.desired_ttl_s),
+        }
+
+    # ----------------------------------------------------------- helpers
+    @staticmethod
+    def _parse_selector(text: str, what: str) -> str:
+        try:
+            return str(parse_selector(text))
+        except SelectorError as exc:
+            raise ApiError(400, "bad_selector", f"{what}: {exc}") from None
+
+    # ------------------------------------------------------ device identity
+    def load_device(self, device_id: str) -> CachedDevice | None:
+        """The poll-path view of a device, from cache or store."""
+        cached = self.cache.get(device_id)
+        if cached is not None:
+            return cached
+        row = self.store.get_device(device_id)
+        if row is None:
+            return None
+        signed = row["desired_signed"]
+        doc = signed["document"] if signed else {}
+        item = CachedDevice(
+            public_key=public_key_from_b64(row["public_key"]),
+            status=row["status"],
+            labels=dict(row["labels"]),
+            revision=int(row["desired_revision"]),
+            signed_json=json.dumps(signed, separators=(",", ":")).encode() if signed else None,
+            expires_at=float(doc.get("expires_at", 0.0)),
+            issued_at=float(doc.get("issued_at", 0.0)),
+        )
+        self.cache.put(device_id, item)
+        return item
+
+    def device_id_of(self, headers: Mapping[str, str]) -> str:
+        """The claimed device id of a signed request (401 when unsigned/malformed)."""
+        try:
+            return parse_signed_headers(headers)[0]
+        except RequestAuthError as exc:
+            raise ApiError(401, exc.reason, str(exc)) from None
+
+    def check_device_request(
+        self,
+        device: CachedDevice | None,
+        headers: Mapping[str, str],
+        method: str,
+        path_qs: str,
+        body: bytes,
+    ) -> str:
+        """Verify a signed device request against a loaded device; returns the device id.
+
+        Raises:
+            ApiError: 401 with code unsigned/malformed/unknown_device/decommissioned/
+                stale_timestamp/bad_signature/replayed_nonce.
+        """
+        now = self.clock()
+        if device is None:
+            raise ApiError(401, "unknown_device", "device is not enrolled")
+        if device.status != "active":
+            raise ApiError(401, "decommissioned", "device has been decommissioned")
+        try:
+            signed = verify_request(
+                headers,
+                method,
+                path_qs,
+                body,
+                device.public_key,
+                now,
+                self.settings.max_skew_s,
+            )
+        except RequestAuthError as exc:
+            raise ApiError(401, exc.reason, str(exc)) from None
+        if self.nonces.seen_before(f"{signed.device_id}:{signed.nonce}", now):
+            raise ApiError(401, "replayed_nonce", "nonce already used")
+        self.seen.saw(signed.device_id, now)
+        return signed.device_id
+
+    def device_changed(self, device_id: str) -> None:
+        """Drop cached state and wake waiters after a change to a device."""
+        self.cache.drop(device_id)
+        self.notifier.notify(device_id)
+
+    # ------------------------------------------------------------ desired
+    def recompute(self, device_id: str, deployments: list[dict[str, Any]] | None = None) -> int:
+        """Bring a device's desired document up to date; returns its revision.
+
+        The revision advances only when the content changes, by compare-and-set, so
+        replicas recomputing the same device at once agree on one revision.
+        """
+        for _ in range(20):
+            row = self.store.get_device(device_id)
+            if row is None:
+                return 0
+            deps = deployments if deployments is not None else self.store.list_deployments()
+            content = desired_content(deps, row["labels"], self.settings.egress)
+            new_hash = content_hash(content)
+            if new_hash == row["desired_hash"]:
+                return int(row["desired_revision"])
+            revision = int(row["desired_revision"]) + 1
+            now = self.clock()
+            doc = DesiredState(
+                device_id=device_id,
+                revision=revision,
+                issued_at=now,
+                expires_at=now + self.settings.desired_ttl_s,
+                **content,
+            )
+            signed = sign_desired(doc, self.key, self.key_id).model_dump(mode="json")
+            if self.store.cas_desired(
+                device_id, row["desired_hash"], revision, new_hash, signed, now
+            ):
+                self.device_changed(device_id)
+                return revision
+            deployments = None  # lost a race: re-read everything
+        raise ApiError(503, "busy", "desired state keeps changing; retry")
+
+    def recompute_all(self) -> None:
+        """Recompute every active device (after a deployment change)."""
+        with self._recompute_lock:
+            deps = self.store.list_deployments()
+            for device_id in self.store.device_ids():
+                self.recompute(device_id, deps)
+
+    def current_desired(self, device_id: str) -> tuple[CachedDevice, bool]:
+        """The device's current signed document, re-signed when past half its lifetime.
+
+        Returns:
+            (device, resigned): resigned means the caller must send the document even
+            to a matching If-None-Match, so the agent gets the fresh expiry.
+        """
+        device = self.load_device(device_id)
+        if device is None or device.signed_json is None:
+            self.recompute(device_id)
+            self.cache.drop(device_id)
+            device = self.load_device(device_id)
+            if device is None or device.signed_json is None:
+                raise ApiError(404, "not_found", "no desired state")
+        now = self.clock()
+        half_life = (device.expires_at - device.issued_at) / 2
+        if now >= device.issued_at + half_life:
+            signed = json.loads(device.signed_json)
+            doc = DesiredState.model_validate(signed["document"])
+            doc = doc.model_copy(
+                update={"issued_at": now, "expires_at": now + self.settings.desired_ttl_s}
+            )
+            fresh = sign_desired(doc, self.key, self.key_id).model_dump(mode="json")
+            self.store.resign_desired(device_id, doc.revision, fresh)
+            self.cache.drop(device_id)
+            return self.load_device(device_id) or device, True
+        return device, False
+
+
+def _public_token(row: Mapping[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in row.items() if k != "token_hash"}

@@ -1,0 +1,151 @@
+"""The model registry: verified pushes, immutable versions, content-addressed artifacts.
+
+A push streams the upload to a temporary file under the data directory while hashing it,
+verifies it completely against the trusted publisher keys (`edgewise.bundle.verify`), then
+links it into `artifacts/<sha256>`. A version is immutable: the same bytes pushed again
+are a no-op, other bytes under a registered version are a 409.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import secrets
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+from edgewise.control._plane import ApiError, ControlPlane, Principal
+from edgewise.control._store import ConflictError
+
+__all__ = [
+    "artifact_path",
+    "model_view",
+    "receive_upload",
+    "register_bundle",
+    "set_yanked",
+]
+
+
+def artifact_path(plane: ControlPlane, sha256: str) -> Path:
+    """Where the artifact with this digest lives (it may not exist)."""
+    return plane.settings.artifacts_dir / sha256[:2] / sha256
+
+
+async def receive_upload(
+    plane: ControlPlane, chunks: AsyncIterator[bytes]
+) -> tuple[Path, str, int]:
+    """Write an upload to a temporary file; returns (path, sha256, size).
+
+    Raises:
+        ApiError: 413 when larger than the upload limit, 400 when empty.
+    """
+    tmp_dir = plane.settings.data_dir / "tmp"
+    tmp_dir.mkdir(parents=True, exist_ok=True)
+    path = tmp_dir / f"upload-{secrets.token_hex(8)}.ewb"
+    h = hashlib.sha256()
+    size = 0
+    limit = plane.settings.max_upload_bytes
+    try:
+        with open(path, "wb") as fh:
+            async for chunk in chunks:
+                size += len(chunk)
+                if size > limit:
+                    raise ApiError(413, "too_large", f"bundle larger than {limit} bytes")
+                h.update(chunk)
+                fh.write(chunk)
+    except BaseException:
+        path.unlink(missing_ok=True)
+        raise
+    if size == 0:
+        path.unlink(missing_ok=True)
+        raise ApiError(400, "empty", "empty upload")
+    return path, h.hexdigest(), size
+
+
+def register_bundle(
+    plane: ControlPlane, path: Path, sha256: str, size: int, who: Principal
+) -> tuple[dict[str, Any], bool]:
+    """Verify an uploaded bundle and register it; returns (model view, created).
+
+    Raises:
+        ApiError: 400 for a bundle that fails verification (reason in the message),
+            409 for a version that exists with other content.
+    """
+    from edgewise import bundle as ewb
+
+    try:
+        trust = {
+            kid: ewb.public_key_from_b64(b64) for kid, b64 in plane.store.publisher_keys().items()
+        }
+        threshold = 0 if plane.settings.allow_unsigned_models else 1
+        try:
+            checked = ewb.verify(path, trust, threshold=threshold)
+        except ewb.BundleError as exc:
+            plane.audit(
+                who.actor, "model.push", f"artifact:{sha256}", sha256, f"refused: {exc.reason}"
+            )
+            raise ApiError(400, f"bundle_{exc.reason}", f"bundle refused: {exc}") from None
+        manifest = checked.manifest.model_dump(mode="json")
+        name, version = str(manifest["name"]), str(manifest["version"])
+        target = artifact_path(plane, sha256)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        if not target.exists():
+            os.replace(path, target)
+        row = {
+            "name": name,
+            "version": version,
+            "sha256": sha256,
+            "size": size,
+            "manifest": manifest,
+            "signers": list(checked.signers),
+            "yanked": False,
+            "pushed_at": plane.clock(),
+            "pushed_by": who.actor,
+        }
+        try:
+            outcome = plane.store.insert_model(row)
+        except ConflictError as exc:
+            plane.audit(
+                who.actor, "model.push", f"model:{name}@{version}", sha256, "refused: conflict"
+            )
+            raise ApiError(409, "conflict", str(exc)) from None
+    finally:
+        path.unlink(missing_ok=True)
+    created = outcome == "created"
+    plane.audit(who.actor, "model.push", f"model:{name}@{version}", sha256, outcome)
+    stored = plane.store.get_model(name, version)
+    assert stored is not None
+    return model_view(stored), created
+
+
+def model_view(row: dict[str, Any], detail: bool = False) -> dict[str, Any]:
+    """The operator-facing shape of a model version."""
+    view = {
+        "name": row["name"],
+        "version": row["version"],
+        "ref": f"{row['name']}@{row['version']}",
+        "sha256": row["sha256"],
+        "size": row["size"],
+        "signers": row["signers"],
+        "yanked": row["yanked"],
+        "pushed_at": row["pushed_at"],
+        "pushed_by": row["pushed_by"],
+        "url": f"/device/v1/artifacts/{row['sha256']}",
+    }
+    if detail:
+        view["manifest"] = row["manifest"]
+    return view
+
+
+def set_yanked(
+    plane: ControlPlane, name: str, version: str, yanked: bool, who: Principal
+) -> dict[str, Any]:
+    """Yank a version: new deployments may not pin it; running ones keep working."""
+    if not plane.store.set_yanked(name, version, yanked):
+        raise ApiError(404, "not_found", f"no model {name}@{version}")
+    action = "model.yank" if yanked else "model.unyank"
+    plane.audit(who.actor, action, f"model:{name}@{version}", "", "ok")
+    row = plane.store.get_model(name, version)
+    assert row is not None
+    return model_view(row)

@@ -1,0 +1,185 @@
+"""The control plane's SQL tables (SQLAlchemy Core), the current shape of the schema.
+
+Migrations under `migrations/versions/` are the history that builds this shape; a test
+checks that a migrated database matches these tables. JSON columns hold plain dicts.
+"""
+
+from __future__ import annotations
+
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    Boolean,
+    Column,
+    Float,
+    Index,
+    Integer,
+    MetaData,
+    String,
+    Table,
+    Text,
+)
+
+__all__ = [
+    "audit",
+    "audit_head",
+    "deployments",
+    "device_pipelines",
+    "devices",
+    "enroll_tokens",
+    "meta",
+    "metadata",
+    "models",
+    "publisher_keys",
+    "telemetry",
+    "tokens",
+]
+
+metadata = MetaData()
+
+meta = Table(
+    "meta",
+    metadata,
+    Column("key", String(64), primary_key=True),
+    Column("value", Text, nullable=False),
+)
+
+tokens = Table(
+    "tokens",
+    metadata,
+    Column("id", String(32), primary_key=True),
+    Column("name", String(200), nullable=False),
+    Column("role", String(16), nullable=False),
+    Column("scope", String(1000), nullable=True),
+    Column("token_hash", String(64), nullable=False, unique=True),
+    Column("created_at", Float, nullable=False),
+    Column("created_by", String(200), nullable=False),
+    Column("revoked_at", Float, nullable=True),
+)
+
+publisher_keys = Table(
+    "publisher_keys",
+    metadata,
+    Column("key_id", String(64), primary_key=True),
+    Column("public_key", String(100), nullable=False),
+    Column("name", String(200), nullable=False),
+    Column("created_at", Float, nullable=False),
+)
+
+enroll_tokens = Table(
+    "enroll_tokens",
+    metadata,
+    Column("id", String(32), primary_key=True),
+    Column("token_hash", String(64), nullable=False, unique=True),
+    Column("labels", JSON, nullable=False),
+    Column("expires_at", Float, nullable=False),
+    Column("max_uses", Integer, nullable=False),
+    Column("uses", Integer, nullable=False),
+    Column("created_at", Float, nullable=False),
+    Column("created_by", String(200), nullable=False),
+    Column("revoked", Boolean, nullable=False),
+)
+
+devices = Table(
+    "devices",
+    metadata,
+    Column("id", String(64), primary_key=True),
+    Column("public_key", String(100), nullable=False, unique=True),
+    Column("labels", JSON, nullable=False),
+    Column("capabilities", JSON, nullable=False),
+    Column("status", String(16), nullable=False),
+    Column("enrolled_at", Float, nullable=False),
+    Column("last_seen", Float, nullable=True),
+    # Every change another replica must notice (labels, status, desired) bumps changed_at.
+    Column("changed_at", Float, nullable=False),
+    Column("desired_revision", Integer, nullable=False),
+    Column("desired_hash", String(64), nullable=False),
+    Column("desired_signed", JSON, nullable=True),
+    Column("report_revision", Integer, nullable=True),
+    Column("report_errors", JSON, nullable=True),
+    Column("report_agent", JSON, nullable=True),
+    Column("reported_at", Float, nullable=True),
+    Column("telemetry_acked", BigInteger, nullable=False),
+    Index("ix_devices_changed_at", "changed_at"),
+)
+
+device_pipelines = Table(
+    "device_pipelines",
+    metadata,
+    Column("device_id", String(64), primary_key=True),
+    Column("pipeline", String(200), primary_key=True),
+    Column("model", String(200), nullable=False),
+    Column("version", String(64), nullable=False),
+    Column("slot", String(1), nullable=True),
+    Column("status", String(32), nullable=False),
+    Column("reason", Text, nullable=False),
+    Column("timeline", JSON, nullable=False),
+    Column("updated_at", Float, nullable=False),
+)
+
+models = Table(
+    "models",
+    metadata,
+    Column("name", String(200), primary_key=True),
+    Column("version", String(64), primary_key=True),
+    Column("sha256", String(64), nullable=False),
+    Column("size", BigInteger, nullable=False),
+    Column("manifest", JSON, nullable=False),
+    Column("signers", JSON, nullable=False),
+    Column("yanked", Boolean, nullable=False),
+    Column("pushed_at", Float, nullable=False),
+    Column("pushed_by", String(200), nullable=False),
+    Index("ix_models_sha256", "sha256"),
+)
+
+deployments = Table(
+    "deployments",
+    metadata,
+    # seq orders deployments by creation: newer wins ties in the layered merge.
+    Column("seq", Integer, primary_key=True, autoincrement=True),
+    Column("id", String(32), nullable=False, unique=True),
+    Column("name", String(200), nullable=False, unique=True),
+    Column("selector", String(2000), nullable=False),
+    Column("priority", Integer, nullable=False),
+    Column("pipelines", JSON, nullable=False),
+    Column("content_hash", String(64), nullable=False),
+    Column("created_at", Float, nullable=False),
+    Column("created_by", String(200), nullable=False),
+)
+
+audit = Table(
+    "audit",
+    metadata,
+    # seq is the record's chain id: consecutive from 1.
+    Column("seq", Integer, primary_key=True, autoincrement=False),
+    Column("at", Float, nullable=False),
+    Column("actor", String(200), nullable=False),
+    Column("action", String(100), nullable=False),
+    Column("object", String(500), nullable=False),
+    Column("request_digest", String(64), nullable=False),
+    Column("result", String(200), nullable=False),
+    Column("prev_hash", String(64), nullable=False),
+    Column("hash", String(64), nullable=False),
+)
+
+# One row (id=1): the chain head, locked while appending so replicas append in turn.
+audit_head = Table(
+    "audit_head",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=False),
+    Column("seq", Integer, nullable=False),
+    Column("hash", String(64), nullable=False),
+)
+
+telemetry = Table(
+    "telemetry",
+    metadata,
+    Column("device_id", String(64), primary_key=True),
+    Column("seq", BigInteger, primary_key=True, autoincrement=False),
+    Column("cls", String(8), nullable=False),
+    Column("ts", Float, nullable=False),
+    Column("kind", String(200), nullable=False),
+    Column("data", JSON, nullable=False),
+    Column("received_at", Float, nullable=False),
+    Index("ix_telemetry_device_ts", "device_id", "ts"),
+)

@@ -1,0 +1,605 @@
+"""The control plane's storage: one SQL implementation over SQLite (default) and PostgreSQL.
+
+The store knows rows, not policy: it answers and records, and every decision (who may do
+what, what a device should run, whether a bundle is trusted) is made outside it. Operations
+that several replicas may race on are single statements or compare-and-set updates, so a
+PostgreSQL database shared by N replicas never double-acts:
+
+- identical concurrent creates collide on a unique key; the loser reads the winner's row;
+- enrollment-token uses are a conditional `UPDATE ... WHERE uses < max_uses`;
+- desired-state revisions advance with `UPDATE ... WHERE desired_hash = <what I read>`;
+- audit records append under a lock on the chain-head row (`SELECT ... FOR UPDATE`).
+
+Usage::
+
+    store = open_store("sqlite:///edgewise-data/edgewise.db")   # migrates to head
+    store.insert_device({...})
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+from sqlalchemy import (
+    Connection,
+    Engine,
+    create_engine,
+    delete,
+    event,
+    func,
+    insert,
+    select,
+    update,
+)
+from sqlalchemy.dialects.postgresql import insert as pg_insert
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.pool import StaticPool
+
+from edgewise.control import _schema as t
+from edgewise.control._migrate import migrate
+
+__all__ = ["ConflictError", "SqlStore", "open_store"]
+
+Row = dict[str, Any]
+
+
+class ConflictError(Exception):
+    """A create that collides with an existing object holding other content."""
+
+
+def _engine(url: str) -> Engine:
+    if url.startswith("sqlite"):
+        memory = url in {"sqlite://", "sqlite:///:memory:"}
+        engine = create_engine(
+            url,
+            connect_args={"check_same_thread": False, "timeout": 30},
+            poolclass=StaticPool if memory else None,
+        )
+
+        @event.listens_for(engine, "connect")
+        def _pragmas(dbapi_conn: Any, _record: Any) -> None:
+            cur = dbapi_conn.cursor()
+            cur.execute("PRAGMA journal_mode=WAL")
+            cur.execute("PRAGMA synchronous=NORMAL")
+            cur.execute("PRAGMA busy_timeout=30000")
+            cur.close()
+
+        return engine
+    return create_engine(url, pool_size=10, max_overflow=20, pool_pre_ping=True)
+
+
+def open_store(url: str, *, run_migrations: bool = True) -> SqlStore:
+    """Open (and by default migrate) the store at a SQLAlchemy URL."""
+    engine = _engine(url)
+    if run_migrations:
+        migrate(engine)
+    return SqlStore(engine)
+
+
+def _row(mapping: Any) -> Row:
+    return dict(mapping._mapping) if hasattr(mapping, "_mapping") else dict(mapping)
+
+
+class SqlStore:
+    """All persistent state of the control plane."""
+
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+        self.dialect = engine.dialect.name
+        # SQLite has one writer; serialising this process's audit appends avoids
+        # busy retries. PostgreSQL replicas serialise on the chain-head row instead.
+        self._audit_lock = threading.Lock()
+
+    def close(self) -> None:
+        """Release connections."""
+        self.engine.dispose()
+
+    # ------------------------------------------------------------------ meta
+    def get_meta(self, key: str) -> str | None:
+        """A value from the key/value meta table."""
+        with self.engine.connect() as c:
+            return c.execute(select(t.meta.c.value).where(t.meta.c.key == key)).scalar()
+
+    def put_meta_if_absent(self, key: str, value: str) -> bool:
+        """Set a meta key only if unset; True when this call set it (race-safe)."""
+        try:
+            with self.engine.begin() as c:
+                c.execute(insert(t.meta).values(key=key, value=value))
+            return True
+        except IntegrityError:
+            return False
+
+    # ---------------------------------------------------------------- tokens
+    def insert_token(self, row: Row) -> None:
+        """Store an operator token (hash only)."""
+        with self.engine.begin() as c:
+            c.execute(insert(t.tokens).values(**row))
+
+    def token_by_hash(self, token_hash: str) -> Row | None:
+        """The token row with this hash, revoked or not."""
+        with self.engine.connect() as c:
+            r = c.execute(select(t.tokens).where(t.tokens.c.token_hash == token_hash)).first()
+        return _row(r) if r else None
+
+    def list_tokens(self) -> list[Row]:
+        """All operator tokens, oldest first."""
+        with self.engine.connect() as c:
+            rows = c.execute(select(t.tokens).order_by(t.tokens.c.created_at, t.tokens.c.id))
+            return [_row(r) for r in rows]
+
+    def revoke_token(self, token_id: str, now: float) -> bool:
+        """Revoke a token; False when unknown."""
+        with self.engine.begin() as c:
+            res = c.execute(
+                update(t.tokens)
+                .where(t.tokens.c.id == token_id, t.tokens.c.revoked_at.is_(None))
+                .values(revoked_at=now)
+            )
+            if res.rowcount:
+                return True
+            return (
+                c.execute(select(t.tokens.c.id).where(t.tokens.c.id == token_id)).first()
+                is not None
+            )
+
+    # -------------------------------------------------------- publisher keys
+    def add_publisher_key(self, key_id: str, public_key: str, name: str, now: float) -> bool:
+        """Trust a publisher key; True if new, False if already trusted.
+
+        Raises:
+            ConflictError: the key id is taken by a different key.
+        """
+        try:
+            with self.engine.begin() as c:
+                c.execute(
+                    insert(t.publisher_keys).values(
+                        key_id=key_id, public_key=public_key, name=name, created_at=now
+                    )
+                )
+            return True
+        except IntegrityError:
+            existing = self.publisher_keys().get(key_id)
+            if existing != public_key:
+                raise ConflictError(f"key id {key_id} is bound to another key") from None
+            return False
+
+    def publisher_keys(self) -> dict[str, str]:
+        """Trusted publisher keys: key id -> base64 raw public key."""
+        with self.engine.connect() as c:
+            rows = c.execute(select(t.publisher_keys.c.key_id, t.publisher_keys.c.public_key))
+            return {r.key_id: r.public_key for r in rows}
+
+    def list_publisher_keys(self) -> list[Row]:
+        """Trusted publisher keys with names."""
+        with self.engine.connect() as c:
+            rows = c.execute(select(t.publisher_keys).order_by(t.publisher_keys.c.key_id))
+            return [_row(r) for r in rows]
+
+    def remove_publisher_key(self, key_id: str) -> bool:
+        """Stop trusting a key; False when unknown."""
+        with self.engine.begin() as c:
+            res = c.execute(delete(t.publisher_keys).where(t.publisher_keys.c.key_id == key_id))
+            return bool(res.rowcount)
+
+    # ------------------------------------------------------- enroll tokens
+    def insert_enroll_token(self, row: Row) -> None:
+        """Store an enrollment token (hash only)."""
+        with self.engine.begin() as c:
+            c.execute(insert(t.enroll_tokens).values(**row))
+
+    def list_enroll_tokens(self) -> list[Row]:
+        """All enrollment tokens."""
+        with self.engine.connect() as c:
+            rows = c.execute(select(t.enroll_tokens).order_by(t.enroll_tokens.c.created_at))
+            return [_row(r) for r in rows]
+
+    def use_enroll_token(self, token_hash: str, now: float) -> tuple[Row | None, str]:
+        """Consume one use of an enrollment token.
+
+        Returns:
+            (row, "") on success, else (None, reason) with reason "unknown", "expired",
+            "revoked" or "used up".
+        """
+        with self.engine.begin() as c:
+            tok = t.enroll_tokens
+            res = c.execute(
+                update(tok)
+                .where(
+                    tok.c.token_hash == token_hash,
+                    tok.c.uses < tok.c.max_uses,
+                    tok.c.expires_at > now,
+                    tok.c.revoked.is_(False),
+                )
+                .values(uses=tok.c.uses + 1)
+            )
+            r = c.execute(select(tok).where(tok.c.token_hash == token_hash)).first()
+        if r is None:
+            return None, "unknown"
+        row = _row(r)
+        if res.rowcount:
+            return row, ""
+        if row["revoked"]:
+            return None, "revoked"
+        if row["expires_at"] <= now:
+            return None, "expired"
+        return None, "used up"
+
+    # --------------------------------------------------------------- devices
+    def insert_device(self, row: Row) -> None:
+        """Store a newly enrolled device.
+
+        Raises:
+            ConflictError: the id or public key is already enrolled.
+        """
+        defaults: Row = {
+            "last_seen": None,
+            "desired_revision": 0,
+            "desired_hash": "",
+            "desired_signed": None,
+            "telemetry_acked": 0,
+            "changed_at": row.get("enrolled_at", time.time()),
+        }
+        try:
+            with self.engine.begin() as c:
+                c.execute(insert(t.devices).values(**{**defaults, **row}))
+        except IntegrityError:
+            raise ConflictError("device or public key already enrolled") from None
+
+    def get_device(self, device_id: str) -> Row | None:
+        """One device row."""
+        with self.engine.connect() as c:
+            r = c.execute(select(t.devices).where(t.devices.c.id == device_id)).first()
+        return _row(r) if r else None
+
+    def list_devices(self) -> list[Row]:
+        """All devices, by id."""
+        with self.engine.connect() as c:
+            return [_row(r) for r in c.execute(select(t.devices).order_by(t.devices.c.id))]
+
+    def device_ids(self, status: str | None = "active") -> list[str]:
+        """Ids of devices (by default only active ones)."""
+        q = select(t.devices.c.id).order_by(t.devices.c.id)
+        if status is not None:
+            q = q.where(t.devices.c.status == status)
+        with self.engine.connect() as c:
+            return list(c.execute(q).scalars())
+
+    def set_labels(self, device_id: str, labels: Mapping[str, str], now: float) -> bool:
+        """Replace a device's labels; False when unknown."""
+        with self.engine.begin() as c:
+            res = c.execute(
+                update(t.devices)
+                .where(t.devices.c.id == device_id)
+                .values(labels=dict(labels), changed_at=now)
+            )
+            return bool(res.rowcount)
+
+    def set_status(self, device_id: str, status: str, now: float) -> bool:
+        """Change a device's status (e.g. "decommissioned"); False when unknown."""
+        with self.engine.begin() as c:
+            res = c.execute(
+                update(t.devices)
+                .where(t.devices.c.id == device_id)
+                .values(status=status, changed_at=now)
+            )
+            return bool(res.rowcount)
+
+    def cas_desired(
+        self,
+        device_id: str,
+        expect_hash: str,
+        revision: int,
+        new_hash: str,
+        signed: Row,
+        now: float,
+    ) -> bool:
+        """Store a new desired document if nobody changed it since it was read."""
+        with self.engine.begin() as c:
+            res = c.execute(
+                update(t.devices)
+                .where(t.devices.c.id == device_id, t.devices.c.desired_hash == expect_hash)
+                .values(
+                    desired_revision=revision,
+                    desired_hash=new_hash,
+                    desired_signed=signed,
+                    changed_at=now,
+                )
+            )
+            return bool(res.rowcount)
+
+    def resign_desired(self, device_id: str, revision: int, signed: Row) -> None:
+        """Replace the stored signature of an unchanged revision (expiry refresh)."""
+        with self.engine.begin() as c:
+            c.execute(
+                update(t.devices)
+                .where(t.devices.c.id == device_id, t.devices.c.desired_revision == revision)
+                .values(desired_signed=signed)
+            )
+
+    def changed_since(self, since: float) -> list[tuple[str, float]]:
+        """(id, changed_at) of devices changed at or after `since` (the replica watcher)."""
+        d = t.devices
+        with self.engine.connect() as c:
+            rows = c.execute(select(d.c.id, d.c.changed_at).where(d.c.changed_at >= since))
+            return [(r.id, float(r.changed_at)) for r in rows]
+
+    def touch_last_seen(self, seen: Mapping[str, float]) -> None:
+        """Record last-seen times in one batch (called periodically, not per request)."""
+        if not seen:
+            return
+        with self.engine.begin() as c:
+            for device_id, at in seen.items():
+                c.execute(
+                    update(t.devices)
+                    .where(
+                        t.devices.c.id == device_id,
+                        (t.devices.c.last_seen.is_(None)) | (t.devices.c.last_seen < at),
+                    )
+                    .values(last_seen=at)
+                )
+
+    # --------------------------------------------------------------- reports
+    def save_report(self, device_id: str, report: Row, now: float) -> None:
+        """Store a device report: the latest per pipeline wins, so resending is harmless."""
+        rows = [
+            {
+                "device_id": device_id,
+                "pipeline": name,
+                "model": p["model"],
+                "version": p["version"],
+                "slot": p.get("slot"),
+                "status": p["status"],
+                "reason": p.get("reason", ""),
+                "timeline": p.get("timeline", []),
+                "updated_at": now,
+            }
+            for name, p in report.get("pipelines", {}).items()
+        ]
+        with self.engine.begin() as c:
+            c.execute(
+                update(t.devices)
+                .where(t.devices.c.id == device_id)
+                .values(
+                    report_revision=report.get("revision"),
+                    report_errors=report.get("errors", []),
+                    report_agent=report.get("agent", {}),
+                    reported_at=now,
+                    last_seen=now,
+                )
+            )
+            c.execute(delete(t.device_pipelines).where(t.device_pipelines.c.device_id == device_id))
+            if rows:
+                c.execute(insert(t.device_pipelines), rows)
+
+    def device_pipelines(self, device_id: str) -> list[Row]:
+        """Reported per-pipeline state of a device."""
+        dp = t.device_pipelines
+        with self.engine.connect() as c:
+            rows = c.execute(select(dp).where(dp.c.device_id == device_id).order_by(dp.c.pipeline))
+            return [_row(r) for r in rows]
+
+    # ---------------------------------------------------------------- models
+    def insert_model(self, row: Row) -> str:
+        """Register a model version.
+
+        Returns:
+            "created", or "same" when this exact content is already registered.
+
+        Raises:
+            ConflictError: the version exists with other content.
+        """
+        try:
+            with self.engine.begin() as c:
+                c.execute(insert(t.models).values(**row))
+            return "created"
+        except IntegrityError:
+            existing = self.get_model(row["name"], row["version"])
+            if existing is not None and existing["sha256"] == row["sha256"]:
+                return "same"
+            raise ConflictError(
+                f"{row['name']}@{row['version']} already exists with other content"
+            ) from None
+
+    def get_model(self, name: str, version: str) -> Row | None:
+        """One model version."""
+        m = t.models
+        with self.engine.connect() as c:
+            r = c.execute(select(m).where(m.c.name == name, m.c.version == version)).first()
+        return _row(r) if r else None
+
+    def model_by_sha(self, sha256: str) -> Row | None:
+        """A model version whose `.ewb` has this digest."""
+        with self.engine.connect() as c:
+            r = c.execute(select(t.models).where(t.models.c.sha256 == sha256)).first()
+        return _row(r) if r else None
+
+    def list_models(self, name: str | None = None) -> list[Row]:
+        """Model versions, by name then push time."""
+        q = select(t.models).order_by(t.models.c.name, t.models.c.pushed_at)
+        if name is not None:
+            q = q.where(t.models.c.name == name)
+        with self.engine.connect() as c:
+            return [_row(r) for r in c.execute(q)]
+
+    def set_yanked(self, name: str, version: str, yanked: bool) -> bool:
+        """Yank (or restore) a model version; False when unknown."""
+        m = t.models
+        with self.engine.begin() as c:
+            res = c.execute(
+                update(m).where(m.c.name == name, m.c.version == version).values(yanked=yanked)
+            )
+            return bool(res.rowcount)
+
+    # ----------------------------------------------------------- deployments
+    def create_deployment(self, row: Row) -> tuple[Row, bool]:
+        """Create a deployment, idempotently by name.
+
+        Returns:
+            (row, created): created is False when an identical one already existed.
+
+        Raises:
+            ConflictError: the name is taken by a deployment with other content.
+        """
+        try:
+            with self.engine.begin() as c:
+                c.execute(insert(t.deployments).values(**row))
+            created = True
+        except IntegrityError:
+            created = False
+        existing = self.get_deployment(row["name"])
+        if existing is None:  # pragma: no cover - deleted between insert and read
+            raise ConflictError(f"deployment {row['name']} changed concurrently")
+        if not created and existing["content_hash"] != row["content_hash"]:
+            raise ConflictError(f"deployment {row['name']} exists with other content")
+        return existing, created
+
+    def get_deployment(self, ref: str) -> Row | None:
+        """A deployment by id or name."""
+        d = t.deployments
+        with self.engine.connect() as c:
+            r = c.execute(select(d).where((d.c.id == ref) | (d.c.name == ref))).first()
+        return _row(r) if r else None
+
+    def list_deployments(self) -> list[Row]:
+        """All deployments, oldest first."""
+        with self.engine.connect() as c:
+            rows = c.execute(select(t.deployments).order_by(t.deployments.c.seq))
+            return [_row(r) for r in rows]
+
+    def delete_deployment(self, deployment_id: str) -> bool:
+        """Delete a deployment; False when unknown."""
+        with self.engine.begin() as c:
+            res = c.execute(delete(t.deployments).where(t.deployments.c.id == deployment_id))
+            return bool(res.rowcount)
+
+    # ----------------------------------------------------------------- audit
+    def append_audit(self, build: Callable[[int, str], Row], genesis: str) -> Row:
+        """Append one audit record at the chain head.
+
+        Args:
+            build: (seq, prev_hash) -> the complete record including its `hash`.
+            genesis: the prev_hash of the first record.
+        """
+        with self._audit_lock, self.engine.begin() as c:
+            head = self._lock_head(c, genesis)
+            record = build(head["seq"] + 1, head["hash"])
+            c.execute(insert(t.audit).values(**record))
+            c.execute(
+                update(t.audit_head)
+                .where(t.audit_head.c.id == 1)
+                .values(seq=record["seq"], hash=record["hash"])
+            )
+        return record
+
+    def _lock_head(self, c: Connection, genesis: str) -> Row:
+        q = select(t.audit_head).where(t.audit_head.c.id == 1)
+        if self.dialect == "postgresql":
+            q = q.with_for_update()
+        r = c.execute(q).first()
+        if r is not None:
+            return _row(r)
+        ins = pg_insert if self.dialect == "postgresql" else sqlite_insert
+        # Another replica may create the head at the same moment; keep theirs.
+        c.execute(ins(t.audit_head).values(id=1, seq=0, hash=genesis).on_conflict_do_nothing())
+        return _row(c.execute(q).one())
+
+    def audit_head(self) -> str | None:
+        """The hash of the newest record as the head row remembers it."""
+        with self.engine.connect() as c:
+            q = select(t.audit_head.c.hash).where(t.audit_head.c.id == 1)
+            return c.execute(q).scalar()
+
+    def list_audit(self, after: int = 0, limit: int | None = None) -> list[Row]:
+        """Audit records in chain order."""
+        q = select(t.audit).where(t.audit.c.seq > after).order_by(t.audit.c.seq)
+        if limit is not None:
+            q = q.limit(limit)
+        with self.engine.connect() as c:
+            return [_row(r) for r in c.execute(q)]
+
+    # ------------------------------------------------------------- telemetry
+    def insert_telemetry(
+        self, device_id: str, records: Sequence[Row], now: float
+    ) -> tuple[int, int, int]:
+        """Store telemetry records exactly once per (device, seq).
+
+        Returns:
+            (accepted, duplicates, acked_seq): acked_seq is the highest seq stored
+            contiguously from 1.
+        """
+        tel = t.telemetry
+        unique: dict[int, Row] = {}
+        for rec in records:
+            unique.setdefault(int(rec["seq"]), rec)
+        with self.engine.begin() as c:
+            seqs = sorted(unique)
+            present: set[int] = set()
+            if seqs:
+                present = set(
+                    c.execute(
+                        select(tel.c.seq).where(tel.c.device_id == device_id, tel.c.seq.in_(seqs))
+                    ).scalars()
+                )
+            new = [
+                {
+                    "device_id": device_id,
+                    "seq": s,
+                    "cls": unique[s]["cls"],
+                    "ts": unique[s]["ts"],
+                    "kind": unique[s]["kind"],
+                    "data": unique[s]["data"],
+                    "received_at": now,
+                }
+                for s in seqs
+                if s not in present
+            ]
+            if new:
+                c.execute(insert(tel), new)
+            acked = self._advance_ack(c, device_id)
+        return len(new), len(records) - len(new), acked
+
+    def _advance_ack(self, c: Connection, device_id: str) -> int:
+        dev = t.devices
+        acked = c.execute(select(dev.c.telemetry_acked).where(dev.c.id == device_id)).scalar() or 0
+        tel = t.telemetry
+        while True:
+            seqs: list[int] = list(
+                c.execute(
+                    select(tel.c.seq)
+                    .where(tel.c.device_id == device_id, tel.c.seq > acked)
+                    .order_by(tel.c.seq)
+                    .limit(1000)
+                ).scalars()
+            )
+            step = acked
+            for s in seqs:
+                if s != step + 1:
+                    break
+                step = s
+            advanced = step != acked
+            acked = step
+            if not advanced or len(seqs) < 1000:
+                break
+        c.execute(
+            update(dev)
+            .where(dev.c.id == device_id, dev.c.telemetry_acked < acked)
+            .values(telemetry_acked=acked)
+        )
+        return int(acked)
+
+    def telemetry(self, device_id: str, limit: int = 1000) -> list[Row]:
+        """Stored telemetry of a device, by seq."""
+        tel = t.telemetry
+        q = select(tel).where(tel.c.device_id == device_id).order_by(tel.c.seq).limit(limit)
+        with self.engine.connect() as c:
+            return [_row(r) for r in c.execute(q)]
+
+    def count(self, table: str) -> int:
+        """Row count of a table (diagnostics, /metrics)."""
+        tab = t.metadata.tables[table]
+        with self.engine.connect() as c:
+            return int(c.execute(select(func.count()).select_from(tab)).scalar() or 0)

@@ -1,0 +1,161 @@
+"""Inference backends behind one interface, and the onnxruntime one.
+
+A backend turns model bytes into a `ModelSession`: one input tensor in, named output
+tensors out. Execution providers are chosen from those the device has, in a preference
+order; after the session exists we read back which provider it actually got, because
+onnxruntime silently falls back to CPU when an accelerator provider fails to initialise.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+import numpy as np
+import numpy.typing as npt
+
+from edgewise.runtime._errors import AcceleratorUnavailable, ModelLoadError
+
+__all__ = [
+    "DEFAULT_PROVIDERS",
+    "ModelSession",
+    "OnnxSession",
+    "TensorInfo",
+    "choose_providers",
+    "open_onnx",
+]
+
+CPU = "CPUExecutionProvider"
+DEFAULT_PROVIDERS: tuple[str, ...] = (
+    "TensorrtExecutionProvider",
+    "CUDAExecutionProvider",
+    "OpenVINOExecutionProvider",
+    CPU,
+)
+
+_ORT_DTYPES: dict[str, np.dtype[np.generic]] = {
+    "tensor(float)": np.dtype(np.float32),
+    "tensor(double)": np.dtype(np.float64),
+    "tensor(float16)": np.dtype(np.float16),
+    "tensor(int64)": np.dtype(np.int64),
+    "tensor(int32)": np.dtype(np.int32),
+    "tensor(int8)": np.dtype(np.int8),
+    "tensor(uint8)": np.dtype(np.uint8),
+    "tensor(bool)": np.dtype(np.bool_),
+}
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    """Name, dtype and shape of a model input or output; None marks a free dimension."""
+
+    name: str
+    dtype: np.dtype[np.generic]
+    shape: tuple[int | None, ...]
+
+
+class ModelSession(Protocol):
+    """What the scheduler needs from a backend session."""
+
+    backend: str
+    provider: str
+    input: TensorInfo
+    outputs: tuple[TensorInfo, ...]
+
+    def run(self, x: npt.NDArray[np.generic]) -> dict[str, npt.NDArray[np.generic]]:
+        """Run one batch (first axis is the batch) and return every output by name."""
+        ...
+
+
+def choose_providers(preference: Sequence[str], available: Sequence[str]) -> list[str]:
+    """Providers to request, in preference order, restricted to those present.
+
+    CPU is always appended last so that a session can exist at all; whether falling back
+    to it is acceptable is decided after creation (see `open_onnx`).
+    """
+    chosen = [p for p in preference if p in available and p != CPU]
+    return [*chosen, CPU]
+
+
+def _dim(d: object) -> int | None:
+    return d if isinstance(d, int) and d > 0 else None
+
+
+class OnnxSession:
+    """An onnxruntime session with its input/output metadata resolved once."""
+
+    backend = "onnxruntime"
+
+    def __init__(self, session: object, provider: str) -> None:
+        import onnxruntime as ort
+
+        assert isinstance(session, ort.InferenceSession)
+        self._session = session
+        self.provider = provider
+        inp = session.get_inputs()[0]
+        self.input = TensorInfo(
+            inp.name, _ORT_DTYPES.get(inp.type, np.dtype(np.float32)), tuple(map(_dim, inp.shape))
+        )
+        self.outputs = tuple(
+            TensorInfo(
+                o.name, _ORT_DTYPES.get(o.type, np.dtype(np.float32)), tuple(map(_dim, o.shape))
+            )
+            for o in session.get_outputs()
+        )
+        self._names = [o.name for o in self.outputs]
+        self._input_name = inp.name
+        # The pybind session's run skips the Python wrapper's per-call input checks
+        # (we validate once per request before queueing); fall back to the public one.
+        inner = getattr(session, "_sess", None)
+        self._run = inner.run if inner is not None and hasattr(inner, "run") else session.run
+        self._opts = None if inner is None else ort.RunOptions()
+
+    def run(self, x: npt.NDArray[np.generic]) -> dict[str, npt.NDArray[np.generic]]:
+        """Run one batch."""
+        if self._opts is not None:
+            values = self._run(self._names, {self._input_name: x}, self._opts)
+        else:
+            values = self._run(self._names, {self._input_name: x})
+        return dict(zip(self._names, values, strict=True))
+
+
+def open_onnx(
+    model: bytes | str | os.PathLike[str],
+    *,
+    cores: int,
+    preference: Sequence[str] = DEFAULT_PROVIDERS,
+    require_accelerator: bool = False,
+    allow_spinning: bool = True,
+) -> OnnxSession:
+    """Create an onnxruntime session with threads set from `cores`.
+
+    Raises:
+        ModelLoadError: the bytes are not a model onnxruntime can load.
+        AcceleratorUnavailable: `require_accelerator` and the session ended up on CPU.
+    """
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = max(1, cores)
+    # One model per session, executed sequentially: inter-op parallelism only adds
+    # thread wake-ups for the small graphs edge pipelines run.
+    opts.inter_op_num_threads = 1
+    opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    opts.log_severity_level = 3
+    if not allow_spinning:
+        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    providers = choose_providers(preference, ort.get_available_providers())
+    source = model if isinstance(model, bytes) else os.fspath(model)
+    try:
+        session = ort.InferenceSession(source, opts, providers=providers)
+    except Exception as exc:  # onnxruntime raises several unrelated types here
+        raise ModelLoadError(f"onnxruntime cannot load the model: {exc}") from exc
+    actual = session.get_providers()[0]
+    if require_accelerator and actual == CPU:
+        raise AcceleratorUnavailable(
+            f"an accelerator is required but the session runs on {actual} "
+            f"(requested {', '.join(providers)})"
+        )
+    return OnnxSession(session, actual)

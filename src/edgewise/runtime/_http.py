@@ -1,0 +1,175 @@
+"""The local inference API for apps on the device, as a bare ASGI app.
+
+Routes:
+    POST /v1/pipelines/{name}/infer   JSON (`{"inputs": [...]}` or a bare array) or raw
+                                      tensor bytes (`Content-Type: application/octet-stream`
+                                      with `X-Tensor-Dtype` and `X-Tensor-Shape: 1,64`)
+    GET  /v1/pipelines                the running pipelines
+    GET  /v1/pipelines/{name}/stats   one pipeline's metrics
+
+It is a plain ASGI callable rather than a framework app because it sits on every
+request's path and the runtime's budget is a few percent over `session.run`; the agent
+mounts it next to its own `/healthz` and `/status`. Errors are JSON
+`{"error": {"code", "message"}}` with a 4xx for anything the client sent.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import threading
+from collections.abc import Awaitable, Callable, MutableMapping
+from typing import Any
+
+import numpy as np
+
+from edgewise.runtime._errors import BadInput, PayloadTooLarge, RuntimeFailure
+from edgewise.runtime._runtime import Runtime
+from edgewise.runtime._scheduler import Request
+
+__all__ = ["make_inference_app"]
+
+Scope = MutableMapping[str, Any]
+Message = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[Message]]
+Send = Callable[[Message], Awaitable[None]]
+ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
+
+_PREFIX = "/v1/pipelines"
+_JSON_HEADERS = [(b"content-type", b"application/json")]
+_DTYPES = {"float32", "float64", "float16", "int64", "int32", "int8", "uint8"}
+
+
+def _error(status: int, code: str, message: str) -> tuple[int, bytes]:
+    return status, json.dumps({"error": {"code": code, "message": message}}).encode()
+
+
+async def _respond(send: Send, status: int, body: bytes, extra: list[Any] | None = None) -> None:
+    headers = _JSON_HEADERS + (extra or [])
+    await send({"type": "http.response.start", "status": status, "headers": headers})
+    await send({"type": "http.response.body", "body": body})
+
+
+async def _read_body(scope: Scope, receive: Receive, limit: int) -> bytes:
+    for k, v in scope.get("headers", ()):
+        if k == b"content-length" and v.isdigit() and int(v) > limit:
+            raise PayloadTooLarge(f"body of {int(v)} bytes is over the {limit} byte limit")
+    chunks, size = [], 0
+    while True:
+        msg = await receive()
+        if msg["type"] == "http.disconnect":
+            raise BadInput("client disconnected")
+        chunk = msg.get("body", b"")
+        size += len(chunk)
+        if size > limit:
+            raise PayloadTooLarge(f"body over the {limit} byte limit")
+        chunks.append(chunk)
+        if not msg.get("more_body", False):
+            return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+
+
+def decode_json(body: bytes) -> np.ndarray[Any, Any]:
+    """Decode `{"inputs": [...]}` or a bare array into a numeric array."""
+    try:
+        data = json.loads(body)
+    except (ValueError, UnicodeDecodeError):
+        raise BadInput("body is not valid JSON") from None
+    if isinstance(data, dict):
+        if "inputs" not in data:
+            raise BadInput("JSON body needs an 'inputs' array")
+        data = data["inputs"]
+    if not isinstance(data, list):
+        raise BadInput("'inputs' must be an array of numbers")
+    try:
+        arr = np.asarray(data)
+    except ValueError:
+        raise BadInput("'inputs' is not a rectangular array") from None
+    if arr.dtype.kind not in "iuf":
+        raise BadInput("'inputs' must hold only numbers")
+    return arr
+
+
+def decode_raw(headers: dict[bytes, bytes], body: bytes) -> np.ndarray[Any, Any]:
+    """Decode raw tensor bytes described by X-Tensor-Dtype and X-Tensor-Shape."""
+    dtype = headers.get(b"x-tensor-dtype", b"").decode("latin-1").strip()
+    shape_s = headers.get(b"x-tensor-shape", b"").decode("latin-1").strip()
+    if dtype not in _DTYPES:
+        raise BadInput(f"X-Tensor-Dtype must be one of {', '.join(sorted(_DTYPES))}")
+    try:
+        shape = tuple(int(d) for d in shape_s.split(","))
+    except ValueError:
+        raise BadInput("X-Tensor-Shape must be comma-separated integers, e.g. 1,64") from None
+    if any(d <= 0 for d in shape):
+        raise BadInput("X-Tensor-Shape dimensions must be positive")
+    dt = np.dtype(dtype)
+    expected = int(np.prod(shape)) * dt.itemsize
+    if expected != len(body):
+        raise BadInput(f"body has {len(body)} bytes, dtype and shape need {expected}")
+    return np.frombuffer(body, dtype=dt).reshape(shape)
+
+
+def make_inference_app(runtime: Runtime, max_body_bytes: int = 8 * 1024 * 1024) -> ASGIApp:
+    """The local inference API over `runtime`, as an ASGI application."""
+
+    async def infer(name: str, scope: Scope, receive: Receive) -> tuple[int, bytes]:
+        body = await _read_body(scope, receive, max_body_bytes)
+        headers = dict(scope.get("headers", ()))
+        ctype = headers.get(b"content-type", b"application/json")
+        raw = ctype.startswith(b"application/octet-stream")
+        x = decode_raw(headers, body) if raw else decode_json(body)
+        loop = asyncio.get_running_loop()
+        fut: asyncio.Future[Request] = loop.create_future()
+        loop_thread = threading.get_ident()
+
+        def done(req: Request) -> None:
+            if threading.get_ident() == loop_thread:
+                fut.set_result(req)
+            else:
+                loop.call_soon_threadsafe(fut.set_result, req)
+
+        runtime.submit(name, x, done, exact_dtype=raw, inline=True)
+        req = await fut
+        if req.error is not None:
+            raise req.error
+        return 200, json.dumps(req.result.to_json()).encode()
+
+    async def route(scope: Scope, receive: Receive) -> tuple[int, bytes]:
+        path: str = scope["path"]
+        method: str = scope["method"]
+        if path == _PREFIX or path == _PREFIX + "/":
+            if method != "GET":
+                return _error(405, "method_not_allowed", "use GET")
+            return 200, json.dumps({"pipelines": runtime.pipelines()}).encode()
+        if path.startswith(_PREFIX + "/"):
+            parts = path[len(_PREFIX) + 1 :].split("/")
+            if len(parts) == 2 and parts[1] == "infer":
+                if method != "POST":
+                    return _error(405, "method_not_allowed", "use POST")
+                return await infer(parts[0], scope, receive)
+            if len(parts) == 2 and parts[1] == "stats":
+                return 200, json.dumps(runtime.stats(parts[0]), default=str).encode()
+        return _error(404, "not_found", f"no route {method} {path}")
+
+    async def app(scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "lifespan":
+            while True:
+                msg = await receive()
+                if msg["type"] == "lifespan.startup":
+                    await send({"type": "lifespan.startup.complete"})
+                elif msg["type"] == "lifespan.shutdown":
+                    await send({"type": "lifespan.shutdown.complete"})
+                    return
+        if scope["type"] != "http":
+            return
+        extra: list[Any] = []
+        try:
+            status, body = await route(scope, receive)
+        except RuntimeFailure as exc:
+            status, body = _error(exc.status, exc.code, str(exc))
+            if exc.status == 429:
+                extra = [(b"retry-after", b"1")]
+        except Exception as exc:  # never a traceback to the client
+            status, body = _error(500, "internal", f"{type(exc).__name__}: {exc}")
+        await _respond(send, status, body, extra)
+
+    return app

@@ -1,0 +1,242 @@
+"""Per-pipeline metrics, named after Triton's (`nv_inference_request_success`, ...).
+
+Recording sits on the hot path, so it is plain Python arithmetic on lists under the
+GIL: one bisect and one increment per observation. Snapshots copy the numbers out; the
+agent turns them into telemetry windows and Prometheus exposition.
+"""
+
+from __future__ import annotations
+
+import bisect
+import threading
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+__all__ = ["LATENCY_BOUNDS_MS", "Histogram", "PipelineMetrics", "RollingLatency"]
+
+LATENCY_BOUNDS_MS: tuple[float, ...] = (
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1,
+    2,
+    5,
+    10,
+    20,
+    50,
+    100,
+    200,
+    500,
+    1000,
+    2000,
+    5000,
+)
+CONFIDENCE_BOUNDS: tuple[float, ...] = tuple(i / 10 for i in range(1, 10))
+BATCH_BOUNDS: tuple[float, ...] = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
+
+
+class Histogram:
+    """Cumulative-style histogram: counts per upper bound plus an overflow bucket."""
+
+    __slots__ = ("bounds", "count", "counts", "sum")
+
+    def __init__(self, bounds: tuple[float, ...]) -> None:
+        self.bounds = bounds
+        self.counts = [0] * (len(bounds) + 1)
+        self.count = 0
+        self.sum = 0.0
+
+    def observe(self, value: float, n: int = 1) -> None:
+        """Add `n` observations of `value`."""
+        self.counts[bisect.bisect_left(self.bounds, value)] += n
+        self.count += n
+        self.sum += value * n
+
+    def observe_many(self, values: Any) -> None:
+        """Add many observations at once (vectorised)."""
+        arr = np.asarray(values, dtype=np.float64)
+        if not arr.size:
+            return
+        idx = np.searchsorted(self.bounds, arr, side="left")
+        for i, c in enumerate(np.bincount(idx, minlength=len(self.counts)).tolist()):
+            self.counts[i] += c
+        self.count += int(arr.size)
+        self.sum += float(arr.sum())
+
+    def snapshot(self) -> dict[str, Any]:
+        """Bounds, per-bucket counts (last is overflow), count and sum."""
+        return {
+            "bounds": list(self.bounds),
+            "counts": list(self.counts),
+            "count": self.count,
+            "sum": round(self.sum, 6),
+        }
+
+
+class RollingLatency:
+    """Latencies of the last `window_s` seconds, for the SLO's rolling p95."""
+
+    def __init__(self, window_s: float, max_batches: int = 4096) -> None:
+        self.window_s = window_s
+        self._batches: deque[tuple[float, list[float]]] = deque(maxlen=max_batches)
+
+    def add(self, now: float, latency_ms: float) -> None:
+        """Record one request's end-to-end latency."""
+        self._batches.append((now, [latency_ms]))
+
+    def add_batch(self, now: float, latencies_ms: list[float]) -> None:
+        """Record the requests of one batch, all finished at `now`."""
+        self._batches.append((now, latencies_ms))
+
+    def p95(self, now: float) -> float | None:
+        """p95 over the window, or None when the window is empty."""
+        cutoff = now - self.window_s
+        values = sorted(v for t, vs in list(self._batches) if t >= cutoff for v in vs)
+        if not values:
+            return None
+        return values[min(len(values) - 1, int(0.95 * len(values)))]
+
+
+@dataclass
+class PipelineMetrics:
+    """Counters and histograms of one pipeline."""
+
+    window_s: float = 10.0
+    success: int = 0
+    rows: int = 0
+    failure: int = 0
+    rejected: int = 0
+    shed: int = 0
+    escalated: int = 0
+    fallback: int = 0
+    bad_input: int = 0
+    queue_ms: Histogram = field(default_factory=lambda: Histogram(LATENCY_BOUNDS_MS))
+    compute_ms: Histogram = field(default_factory=lambda: Histogram(LATENCY_BOUNDS_MS))
+    total_ms: Histogram = field(default_factory=lambda: Histogram(LATENCY_BOUNDS_MS))
+    stage_ms: dict[str, Histogram] = field(default_factory=dict)
+    confidence: Histogram = field(default_factory=lambda: Histogram(CONFIDENCE_BOUNDS))
+    batch_size: Histogram = field(default_factory=lambda: Histogram(BATCH_BOUNDS))
+    tier_ms: dict[str, Histogram] = field(default_factory=dict)
+    tier_count: dict[str, int] = field(default_factory=dict)
+    lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+    rolling: RollingLatency = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.rolling = RollingLatency(self.window_s)
+        self._pending: deque[tuple[Any, ...]] = deque()
+
+    def record(
+        self,
+        t_end: float,
+        tier: str,
+        rows: int,
+        n_esc: int,
+        stage_ms: tuple[float, float, float],
+        queue_ms: list[float],
+        total_ms: list[float],
+        confidences: list[float | None],
+    ) -> None:
+        """Record one served batch; aggregation is deferred off the hot path.
+
+        Only the executor calls this (one batch at a time), so counters need no lock;
+        the pending deque is safe to append to while a reader flushes it.
+        """
+        self.success += len(queue_ms)
+        self.rows += rows
+        self.escalated += n_esc
+        if tier == "fallback":
+            self.fallback += len(queue_ms)
+        self._pending.append((t_end, tier, rows, n_esc, stage_ms, queue_ms, total_ms, confidences))
+        if len(self._pending) >= 512:
+            self.flush()
+
+    def flush(self) -> None:
+        """Fold pending batch records into the histograms (vectorised)."""
+        with self.lock:
+            pending = self._pending
+            items = [pending.popleft() for _ in range(len(pending))]
+            if not items:
+                return
+            rows, model, post, queue, total, conf = [], [], [], [], [], []
+            tiers: dict[str, list[float]] = {}
+            casc: list[float] = []
+            for t_end, tier, n, n_esc, (model_ms, post_ms, casc_ms), q, tot, c in items:
+                rows.append(n)
+                model.append(model_ms)
+                post.append(post_ms)
+                tiers.setdefault(tier, []).append(model_ms)
+                self.tier_count[tier] = self.tier_count.get(tier, 0) + n - n_esc
+                if n_esc:
+                    casc.append(casc_ms)
+                    self.tier_count["cascade"] = self.tier_count.get("cascade", 0) + n_esc
+                queue += q
+                total += tot
+                conf += c
+                self.rolling.add_batch(t_end, tot)
+            self.batch_size.observe_many(rows)
+            self.compute_ms.observe_many(model)
+            self._hist(self.stage_ms, "model").observe_many(model)
+            self._hist(self.stage_ms, "postprocess").observe_many(post)
+            for tier, values in tiers.items():
+                self._hist(self.tier_ms, tier).observe_many(values)
+            if casc:
+                self._hist(self.tier_ms, "cascade").observe_many(casc)
+            self.queue_ms.observe_many(queue)
+            self.total_ms.observe_many(total)
+            self.confidence.observe_many([v for v in conf if v is not None])
+
+    @staticmethod
+    def _hist(table: dict[str, Histogram], name: str) -> Histogram:
+        h = table.get(name)
+        if h is None:
+            h = table[name] = Histogram(LATENCY_BOUNDS_MS)
+        return h
+
+    def stage(self, name: str, ms: float, n: int = 1) -> None:
+        """Record time spent in a named stage."""
+        h = self.stage_ms.get(name)
+        if h is None:
+            h = self.stage_ms[name] = Histogram(LATENCY_BOUNDS_MS)
+        h.observe(ms, n)
+
+    def tier(self, name: str, ms: float, n: int = 1) -> None:
+        """Record a cascade tier's batch latency and how many rows it served."""
+        h = self.tier_ms.get(name)
+        if h is None:
+            h = self.tier_ms[name] = Histogram(LATENCY_BOUNDS_MS)
+        h.observe(ms)
+        self.tier_count[name] = self.tier_count.get(name, 0) + n
+
+    def p95(self, now: float) -> float | None:
+        """Rolling p95 end-to-end latency over the SLO window."""
+        self.flush()
+        return self.rolling.p95(now)
+
+    def snapshot(self) -> dict[str, Any]:
+        """Everything as plain data, with Triton-style names."""
+        self.flush()
+        with self.lock:
+            served = self.rows or 1
+            return {
+                "nv_inference_request_success": self.success,
+                "nv_inference_exec_rows": self.rows,
+                "nv_inference_request_failure": self.failure,
+                "nv_inference_request_rejected": self.rejected,
+                "nv_inference_request_shed": self.shed,
+                "nv_inference_request_bad_input": self.bad_input,
+                "nv_inference_escalated": self.escalated,
+                "nv_inference_fallback": self.fallback,
+                "escalation_rate": self.escalated / served,
+                "nv_inference_queue_duration_ms": self.queue_ms.snapshot(),
+                "nv_inference_compute_infer_duration_ms": self.compute_ms.snapshot(),
+                "nv_inference_request_duration_ms": self.total_ms.snapshot(),
+                "stage_duration_ms": {k: v.snapshot() for k, v in self.stage_ms.items()},
+                "tier_duration_ms": {k: v.snapshot() for k, v in self.tier_ms.items()},
+                "tier_count": dict(self.tier_count),
+                "confidence": self.confidence.snapshot(),
+                "batch_size": self.batch_size.snapshot(),
+            }

@@ -1,0 +1,248 @@
+"""Loaded models: what a pipeline runs, whatever the backend and wherever it came from.
+
+A model comes either as raw ONNX bytes / a file path (early tests, tools), or as an
+unpacked bundle directory plus its manifest. The manifest is read through
+`ModelInfo.from_manifest`, which accepts the bundle's pydantic `Manifest` or its plain
+JSON dict, so the runtime does not depend on the manifest's Python class.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+from edgewise.runtime._backend import ModelSession
+from edgewise.runtime._errors import ModelLoadError
+
+__all__ = ["HealthResult", "HealthSample", "LoadedModel", "ModelInfo", "health_check"]
+
+_CONFIDENCE_NAMES = ("probabilities", "probs", "scores", "softmax", "output_probability")
+
+
+def _get(obj: Any, name: str, default: Any = None) -> Any:
+    if isinstance(obj, Mapping):
+        return obj.get(name, default)
+    return getattr(obj, name, default)
+
+
+def _plain(obj: Any) -> Any:
+    dump = getattr(obj, "model_dump", None)
+    return dump(mode="json") if callable(dump) else obj
+
+
+@dataclass(frozen=True)
+class HealthSample:
+    """One install-gate sample: an input and the outputs it must produce."""
+
+    input: npt.NDArray[np.generic]
+    expected: dict[str, npt.NDArray[np.generic]]
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """What the runtime needs to know about a model, backend-neutral."""
+
+    name: str
+    version: str = "0"
+    format: str = "onnx"
+    labels: tuple[str, ...] = ()
+    preprocess: dict[str, Any] = field(default_factory=dict)
+    health_samples: tuple[HealthSample, ...] = ()
+    health_atol: float = 1e-4
+    health_max_latency_ms: float = 1000.0
+    model_file: str | None = None
+
+    @property
+    def key(self) -> str:
+        """`name@version`."""
+        return f"{self.name}@{self.version}"
+
+    @classmethod
+    def from_manifest(cls, manifest: Any) -> ModelInfo:
+        """Read a bundle manifest (pydantic model or dict)."""
+        m = _plain(manifest)
+        labels = tuple(str(x) for x in (_get(m, "labels") or ()))
+        model_file = _get(m, "model") if isinstance(_get(m, "model"), str) else None
+        files = _get(m, "files") or []
+        for f in [] if model_file else (files if isinstance(files, list) else list(files)):
+            path = f if isinstance(f, str) else (_get(f, "path") or _get(f, "name"))
+            if path and str(path).endswith((".onnx", ".tflite")):
+                model_file = str(path)
+                break
+        health = _get(m, "health") or {}
+        samples = []
+        for s in _get(health, "samples") or []:
+            raw_in = _get(s, "input")
+            if raw_in is None:
+                raw_in = _get(s, "inputs")
+            if isinstance(raw_in, Mapping):
+                raw_in = next(iter(raw_in.values()))
+            if isinstance(raw_in, list) and raw_in and not isinstance(raw_in[0], list):
+                raw_in = [raw_in]  # one unbatched row
+            expected = _get(s, "expected") or _get(s, "outputs") or {}
+            if not isinstance(expected, Mapping):
+                expected = {"probabilities": expected}
+            samples.append(
+                HealthSample(
+                    np.asarray(raw_in, dtype=np.float32),
+                    {str(k): np.asarray(v) for k, v in expected.items()},
+                )
+            )
+        return cls(
+            name=str(_get(m, "name") or "model"),
+            version=str(_get(m, "version") or "0"),
+            format=str(_get(m, "format") or "onnx"),
+            labels=labels,
+            preprocess=dict(_get(m, "preprocess") or {}),
+            health_samples=tuple(samples),
+            health_atol=float(_get(health, "tolerance") or _get(health, "atol") or 1e-4),
+            health_max_latency_ms=float(_get(health, "max_latency_ms") or 1000.0),
+            model_file=model_file,
+        )
+
+    def model_path(self, directory: Path) -> Path:
+        """The model file inside an unpacked bundle directory."""
+        if self.model_file is not None:
+            return directory / self.model_file
+        found = sorted(directory.glob("*.onnx")) + sorted(directory.glob("*.tflite"))
+        if not found:
+            raise ModelLoadError(f"no model file in {directory}")
+        return found[0]
+
+
+@dataclass(frozen=True)
+class LoadedModel:
+    """A ready (created and warmed) session plus what the runtime knows about it."""
+
+    info: ModelInfo
+    session: ModelSession
+    confidence_output: str | None
+    _fixed: tuple[int, ...] = field(init=False, repr=False, compare=False, default=())
+
+    def __post_init__(self) -> None:
+        # A shape with free inner dimensions never takes the fast path in validate().
+        fixed = self.session.input.shape[1:]
+        marker = (-1,) if None in fixed else tuple(d for d in fixed if d is not None)
+        object.__setattr__(self, "_fixed", marker)
+
+    @property
+    def key(self) -> str:
+        """`name@version`."""
+        return self.info.key
+
+    @property
+    def provider(self) -> str:
+        """The execution provider the session actually runs on."""
+        return self.session.provider
+
+    @staticmethod
+    def confidence_output_of(session: ModelSession, labels: Sequence[str]) -> str | None:
+        """Pick the float output holding per-class scores, if any."""
+        floats = [o for o in session.outputs if o.dtype.kind == "f"]
+        for o in floats:
+            if o.name in _CONFIDENCE_NAMES:
+                return o.name
+        for o in floats:
+            if labels and o.shape and o.shape[-1] == len(labels):
+                return o.name
+        return floats[0].name if floats else None
+
+    def validate(
+        self, x: npt.NDArray[np.generic], exact_dtype: bool = False
+    ) -> npt.NDArray[np.generic]:
+        """Check one request (with or without its batch axis) and return it batched.
+
+        Args:
+            x: the request tensor.
+            exact_dtype: raw tensors must carry the model's dtype; decoded JSON numbers
+                (int64/float64) are cast when the kinds are compatible.
+
+        Raises:
+            BadInput: wrong dtype or shape.
+        """
+        spec = self.session.input
+        if (
+            x.dtype == spec.dtype
+            and x.shape[1:] == self._fixed
+            and x.ndim == len(spec.shape)
+            and len(x)
+        ):
+            return x  # the common case: already batched and typed
+        from edgewise.runtime._errors import BadInput
+
+        if x.dtype != spec.dtype:
+            castable = x.dtype.kind in "iuf" and np.can_cast(x.dtype, spec.dtype, "same_kind")
+            if exact_dtype or not castable:
+                raise BadInput(f"dtype {x.dtype} does not match the model input {spec.dtype}")
+            x = x.astype(spec.dtype)
+        fixed = spec.shape[1:]
+        if x.ndim == len(fixed):
+            x = x[np.newaxis]
+        if x.ndim != len(spec.shape) or any(
+            want is not None and got != want for got, want in zip(x.shape[1:], fixed, strict=True)
+        ):
+            want_s = "x".join("N" if d is None else str(d) for d in spec.shape)
+            raise BadInput(f"shape {list(x.shape)} does not match the model input {want_s}")
+        if x.shape[0] == 0:
+            raise BadInput("empty batch")
+        return x
+
+
+@dataclass(frozen=True)
+class HealthResult:
+    """Outcome of running a model's health samples (the install gate)."""
+
+    ok: bool
+    reason: str
+    passed: int
+    total: int
+    max_latency_ms: float
+
+
+def health_check(
+    model: LoadedModel,
+    info: ModelInfo | None = None,
+    clock: Callable[[], float] = time.perf_counter,
+) -> HealthResult:
+    """Run each health sample alone; outputs within tolerance, latency within bound."""
+    info = info or model.info
+    samples = info.health_samples
+    if not samples:
+        return HealthResult(True, "no health samples", 0, 0, 0.0)
+    passed, worst = 0, 0.0
+    for sample in samples:
+        x = model.validate(sample.input)
+        t0 = clock()
+        out = model.session.run(x)
+        worst = max(worst, (clock() - t0) * 1000.0)
+        good = True
+        for name, want in sample.expected.items():
+            got = out.get(name)
+            if got is None or np.asarray(got).reshape(-1).size != want.reshape(-1).size:
+                good = False
+            elif want.dtype.kind in "iub":
+                good = good and bool(np.array_equal(np.asarray(got).reshape(-1), want.reshape(-1)))
+            else:
+                good = good and bool(
+                    np.allclose(
+                        np.asarray(got).reshape(-1), want.reshape(-1), atol=info.health_atol
+                    )
+                )
+        passed += good
+    total = len(samples)
+    if passed < total:
+        reason = f"health check failed: {total - passed}/{total} outputs out of tolerance"
+        return HealthResult(False, reason, passed, total, worst)
+    if worst > info.health_max_latency_ms:
+        reason = (
+            f"health check failed: latency {worst:.1f} ms over the "
+            f"{info.health_max_latency_ms:g} ms bound"
+        )
+        return HealthResult(False, reason, passed, total, worst)
+    return HealthResult(True, f"{passed}/{total} samples within tolerance", passed, total, worst)

@@ -1,0 +1,419 @@
+"""The `Runtime`: loads models, runs pipelines, degrades gracefully, swaps models hot.
+
+The clock, the thermal and CPU readers and the provider preference are passed in, so
+tests drive degradation with injected pressure and no sleeping.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+from edgewise.protocol._pipeline import PipelineSpec
+from edgewise.runtime import _sinks, _sources  # noqa: F401  (registers the built-ins)
+from edgewise.runtime._backend import CPU, DEFAULT_PROVIDERS, ModelSession, open_onnx
+from edgewise.runtime._degrade import Mode, Observation, read_cpu_percent, read_thermal_c, step
+from edgewise.runtime._errors import ModelLoadError, UnknownPipeline
+from edgewise.runtime._model import HealthResult, LoadedModel, ModelInfo, health_check
+from edgewise.runtime._pipeline import InferenceResult, ModelLane, RunningPipeline
+from edgewise.runtime._scheduler import Executor, Request
+from edgewise.runtime._stages import POSTPROCESS, PREPROCESS, SINKS, SOURCES
+
+# Importing the built-in sources and sinks registers them.
+
+__all__ = ["Runtime", "RuntimeEvent"]
+
+Array = npt.NDArray[Any]
+ModelSource = bytes | str | os.PathLike[str]
+
+
+@dataclass(frozen=True)
+class RuntimeEvent:
+    """A discrete runtime event (degradation switch, hot swap, start, stop)."""
+
+    time: float
+    pipeline: str
+    kind: str
+    reason: str
+    detail: dict[str, Any]
+
+
+class Runtime:
+    """Hosts pipelines on this device's executors. Thread-safe; close() when done."""
+
+    def __init__(
+        self,
+        cores: int | None = None,
+        clock: Callable[[], float] = time.monotonic,
+        thermal_reader: Callable[[], float | None] = read_thermal_c,
+        cpu_reader: Callable[[], float | None] = read_cpu_percent,
+        providers_preference: Sequence[str] = DEFAULT_PROVIDERS,
+        on_event: Callable[[RuntimeEvent], None] | None = None,
+        monitor_interval_s: float | None = 1.0,
+        shed_fraction: float = 0.5,
+        inline_async_max_ms: float = 2.0,
+        allow_spinning: bool = True,
+    ) -> None:
+        self.cores = cores or os.cpu_count() or 1
+        self.clock = clock
+        self._thermal = thermal_reader
+        self._cpu = cpu_reader
+        self._preference = tuple(providers_preference)
+        self._on_event = on_event
+        self._shed_fraction = shed_fraction
+        self._inline_max_s = inline_async_max_ms / 1000.0
+        self._spinning = allow_spinning
+        self._executors: dict[str, Executor] = {}
+        self._pipelines: dict[str, RunningPipeline] = {}
+        self._events: list[RuntimeEvent] = []
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._monitor: threading.Thread | None = None
+        if monitor_interval_s:
+            self._monitor = threading.Thread(
+                target=self._monitor_loop, args=(monitor_interval_s,), daemon=True
+            )
+            self._monitor.start()
+
+    # -- models -----------------------------------------------------------------------
+
+    def load_model(
+        self,
+        source: ModelSource,
+        manifest: Any = None,
+        *,
+        require_accelerator: bool = False,
+        warmup: int = 3,
+    ) -> LoadedModel:
+        """Create a session from ONNX/TFLite bytes, a model file, or a bundle directory.
+
+        A bundle directory is read with its `manifest` (or its `manifest.json`). The
+        session is warmed up with `warmup` zero batches before it is returned.
+
+        Raises:
+            ModelLoadError: unreadable model, or AcceleratorUnavailable.
+        """
+        info = ModelInfo.from_manifest(manifest) if manifest is not None else None
+        path: Path | None = None
+        if not isinstance(source, bytes):
+            path = Path(source)
+            if path.is_dir():
+                if info is None:
+                    mf = path / "manifest.json"
+                    if not mf.is_file():
+                        raise ModelLoadError(f"{path} has no manifest.json")
+                    import json
+
+                    info = ModelInfo.from_manifest(json.loads(mf.read_text()))
+                path = info.model_path(path)
+            if not path.is_file():
+                raise ModelLoadError(f"no model file at {path}")
+        if info is None:
+            stem = path.stem if path is not None else "model"
+            info = ModelInfo(
+                name=stem, format="tflite" if path and path.suffix == ".tflite" else "onnx"
+            )
+        target: bytes | Path = path if path is not None else bytes(source)  # type: ignore[arg-type]
+        session = self._open(target, info, require_accelerator)
+        model = LoadedModel(info, session, LoadedModel.confidence_output_of(session, info.labels))
+        shape = tuple(d if d is not None else 1 for d in session.input.shape)
+        zeros = np.zeros(shape, dtype=session.input.dtype)
+        for _ in range(warmup):
+            session.run(zeros)
+        return model
+
+    def _open(self, source: bytes | Path, info: ModelInfo, require: bool) -> ModelSession:
+        fmt = info.format if not isinstance(source, Path) else source.suffix.lstrip(".")
+        if fmt == "tflite":
+            from edgewise.runtime._tflite import open_tflite
+
+            if require:
+                from edgewise.runtime._errors import AcceleratorUnavailable
+
+                raise AcceleratorUnavailable("the TFLite backend here runs on CPU only")
+            return open_tflite(source, cores=self.cores)
+        return open_onnx(
+            source,
+            cores=self.cores,
+            preference=self._preference,
+            require_accelerator=require,
+            allow_spinning=self._spinning,
+        )
+
+    def health_check(self, model: LoadedModel, manifest: Any = None) -> HealthResult:
+        """Run the manifest's health samples on `model` (the install gate)."""
+        info = ModelInfo.from_manifest(manifest) if manifest is not None else model.info
+        return health_check(model, info)
+
+    # -- pipelines --------------------------------------------------------------------
+
+    def _executor(self, provider: str) -> Executor:
+        name = "cpu" if provider == CPU else provider.removesuffix("ExecutionProvider").lower()
+        ex = self._executors.get(name)
+        if ex is None:
+            ex = self._executors[name] = Executor(name, self.clock, self._shed_fraction)
+        return ex
+
+    def start_pipeline(
+        self,
+        spec: PipelineSpec,
+        model: LoadedModel,
+        fallback: LoadedModel | None = None,
+        cascade_model: LoadedModel | None = None,
+    ) -> None:
+        """Start serving `spec` with `model` (and its optional fallback and cascade tier).
+
+        Raises:
+            ValueError: an unknown stage name or bad stage parameters, or a name in use.
+        """
+        if spec.requires_accelerator and model.provider == CPU:
+            from edgewise.runtime._errors import AcceleratorUnavailable
+
+            raise AcceleratorUnavailable(f"pipeline {spec.name!r} requires an accelerator")
+        pre = [PREPROCESS.get(s.type)(s.params) for s in spec.preprocess]
+        post = [POSTPROCESS.get(s.type)(s.params) for s in spec.postprocess]
+        with self._lock:
+            if spec.name in self._pipelines:
+                raise ValueError(f"pipeline {spec.name!r} is already running")
+            p = RunningPipeline(spec, self._executor(model.provider), self.clock, pre, post)
+            p.primary = ModelLane(p, model, "primary")
+            if fallback is not None:
+                p.fallback = ModelLane(p, fallback, "fallback")
+            if spec.cascade is not None:
+                p.cascade_threshold = spec.cascade.threshold
+                p.escalate = _escalator(spec, cascade_model)
+            p.sinks = [SINKS.get(s.type)(s.params, spec.name) for s in spec.sinks]
+            self._pipelines[spec.name] = p
+        try:
+            p.source = SOURCES.get(spec.source.type)(spec.source.params, self, spec.name)
+            p.source.start()
+        except Exception:
+            with self._lock:
+                self._pipelines.pop(spec.name, None)
+            for sink in p.sinks:
+                if hasattr(sink, "close"):
+                    sink.close()
+            raise
+        self._event(spec.name, "pipeline_started", f"serving {model.key}", {"model": model.key})
+
+    def _get(self, name: str) -> RunningPipeline:
+        p = self._pipelines.get(name)
+        if p is None:
+            raise UnknownPipeline(f"no pipeline named {name!r}")
+        return p
+
+    def swap_model(self, name: str, new_model: LoadedModel, tier: str = "primary") -> str:
+        """Replace a tier's model while requests flow; returns the old model's key.
+
+        The new model must already be loaded and warmed (load_model does both). Queued
+        requests finish on the lane they were admitted to, so none fails or is lost.
+        """
+        p = self._get(name)
+        with p._swap_lock:
+            if tier == "fallback":
+                old = p.fallback.model.key if p.fallback else "none"
+                p.fallback = ModelLane(p, new_model, "fallback")
+            else:
+                old = p.primary.model.key
+                p.primary = ModelLane(p, new_model, "primary")
+        self._event(name, "model_swapped", f"{old} -> {new_model.key}", {"tier": tier})
+        return old
+
+    def stop_pipeline(self, name: str, drain_timeout: float = 10.0) -> None:
+        """Stop accepting work, finish what is queued, stop the source, close sinks."""
+        p = self._get(name)
+        p.accepting = False
+        if p.source is not None:
+            p.source.stop()
+        p.executor.drain(p, drain_timeout)
+        with self._lock:
+            self._pipelines.pop(name, None)
+        for sink in p.sinks:
+            close = getattr(sink, "close", None)
+            if close is not None:
+                close()
+        self._event(name, "pipeline_stopped", "stopped", {})
+
+    def pipelines(self) -> list[dict[str, Any]]:
+        """A summary row per running pipeline."""
+        return [
+            {
+                "name": p.name,
+                "priority": str(p.spec.priority),
+                "model": p.active.model.key,
+                "tier": p.active.tier,
+                "mode": str(p.degrade.mode),
+                "provider": p.active.model.provider,
+                "input": {
+                    "dtype": str(p.active.model.session.input.dtype),
+                    "shape": list(p.active.model.session.input.shape),
+                },
+            }
+            for p in list(self._pipelines.values())
+        ]
+
+    # -- inference --------------------------------------------------------------------
+
+    def infer(
+        self, name: str, x: Array, *, exact_dtype: bool = False, timeout: float | None = None
+    ) -> InferenceResult:
+        """Run one request (one row or a batch of rows) through pipeline `name`.
+
+        Raises:
+            UnknownPipeline, BadInput, Rejected, Shed, PipelineStopped, InferenceFailed.
+        """
+        p = self._pipelines.get(name)
+        if p is None:
+            raise UnknownPipeline(f"no pipeline named {name!r}")
+        x, lane = self._prepare(p, x, exact_dtype)
+        req = Request(x, lane, p, self.clock())
+        result: InferenceResult = p.executor.run_sync(req, timeout)
+        return result
+
+    def _prepare(self, p: RunningPipeline, x: Array, exact_dtype: bool) -> tuple[Array, ModelLane]:
+        from edgewise.runtime._errors import BadInput
+
+        try:
+            return p.prepare(x, exact_dtype)
+        except BadInput:
+            with p.metrics.lock:
+                p.metrics.bad_input += 1
+            raise
+
+    def submit(
+        self,
+        name: str,
+        x: Array,
+        callback: Callable[[Request], None],
+        *,
+        exact_dtype: bool = False,
+        inline: bool = False,
+    ) -> Request:
+        """Queue a request and return at once; `callback(request)` runs on completion.
+
+        With `inline`, an idle executor runs a fast model's request in the calling thread
+        (the HTTP API does this from its event loop for sub-`inline_async_max_ms` models).
+        """
+        p = self._pipelines.get(name)
+        if p is None:
+            raise UnknownPipeline(f"no pipeline named {name!r}")
+        x, lane = self._prepare(p, x, exact_dtype)
+        req = Request(x, lane, p, self.clock(), callback)
+        p.executor.submit(req, inline and p.executor.est_batch_s < self._inline_max_s)
+        return req
+
+    def stats(self, name: str) -> dict[str, Any]:
+        """Counters and histograms of one pipeline, plus its current mode."""
+        p = self._get(name)
+        snap = p.metrics.snapshot()
+        snap.update(
+            pipeline=name,
+            mode=str(p.degrade.mode),
+            model=p.active.model.key,
+            queued=p.queued,
+            p95_ms=p.metrics.p95(self.clock()),
+        )
+        return snap
+
+    def summaries(self, name: str, reset: bool = True) -> list[dict[str, Any]]:
+        """Windowed counts of the pipeline's `summary` sinks (for telemetry)."""
+        return [s.snapshot(reset) for s in self._get(name).sinks if hasattr(s, "snapshot")]
+
+    def source(self, name: str) -> Any:
+        """The pipeline's running source object (for its counters)."""
+        return self._get(name).source
+
+    def sampled_inputs(self, name: str) -> list[tuple[Array, str | None]]:
+        """Inputs kept at the spec's sample rate, with their labels (for telemetry)."""
+        return list(self._get(name).samples)
+
+    # -- degradation and events -------------------------------------------------------
+
+    def events(self) -> list[RuntimeEvent]:
+        """Every event so far, oldest first."""
+        with self._lock:
+            return list(self._events)
+
+    def _event(self, pipeline: str, kind: str, reason: str, detail: dict[str, Any]) -> None:
+        ev = RuntimeEvent(self.clock(), pipeline, kind, reason, detail)
+        with self._lock:
+            self._events.append(ev)
+            del self._events[:-1000]
+        if self._on_event is not None:
+            self._on_event(ev)
+
+    def tick(self) -> list[RuntimeEvent]:
+        """Evaluate one monitor window for every pipeline; returns the switch events."""
+        thermal, cpu = self._thermal(), self._cpu()
+        now = self.clock()
+        out = []
+        for p in list(self._pipelines.values()):
+            if p.fallback is None:
+                continue
+            obs = Observation(p.metrics.p95(now), cpu, thermal)
+            state, reason = step(p.degrade, obs, p.spec.degradation, p.spec.slo.p95_ms)
+            before = p.degrade.mode
+            p.degrade = state
+            if reason is not None:
+                kind = "degraded" if state.mode is Mode.FALLBACK else "recovered"
+                to = p.active.model.key
+                self._event(
+                    p.name, kind, reason, {"from": str(before), "to": str(state.mode), "model": to}
+                )
+                out.append(self._events[-1])
+        return out
+
+    def _monitor_loop(self, interval: float) -> None:
+        while not self._stop.wait(interval):
+            try:
+                self.tick()
+            except Exception:  # a broken reader must not kill the monitor
+                continue
+
+    # -- executor control, shutdown ---------------------------------------------------
+
+    def pause(self) -> None:
+        """Hold every executor after its current batch (requests queue up)."""
+        for ex in self._executors.values():
+            ex.pause()
+
+    def resume(self) -> None:
+        """Let executors serve their queues again."""
+        for ex in self._executors.values():
+            ex.resume()
+
+    def close(self) -> None:
+        """Stop every pipeline and executor."""
+        self._stop.set()
+        for name in list(self._pipelines):
+            self.stop_pipeline(name, drain_timeout=2.0)
+        for ex in self._executors.values():
+            ex.close()
+        if self._monitor is not None:
+            self._monitor.join(timeout=5)
+
+    def __enter__(self) -> Runtime:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _escalator(spec: PipelineSpec, cascade_model: LoadedModel | None) -> Any:
+    from edgewise.runtime._cascade import local_escalator, upstream_escalator
+
+    assert spec.cascade is not None
+    if spec.cascade.model is not None:
+        if cascade_model is None:
+            raise ValueError(f"pipeline {spec.name!r} has a local cascade but no cascade_model")
+        return local_escalator(cascade_model)
+    assert spec.cascade.endpoint is not None
+    return upstream_escalator(spec.cascade.endpoint, spec.name, spec.cascade.timeout_s)

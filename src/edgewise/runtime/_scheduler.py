@@ -1,0 +1,319 @@
+"""The scheduler: one executor per accelerator, strict priority queues, dynamic batching.
+
+Invariants:
+- Requests are served strictly by class (critical, then normal, then best_effort), FIFO
+  within a class; a batch is the head request plus every queued request for the same
+  lane (pipeline + model), in that order, up to the lane's `max_batch` rows.
+- A lone request never waits for company: when the executor is idle and nothing is
+  queued, the submitting thread runs the request itself (no thread hand-off at all).
+- Admission is immediate: a full per-pipeline queue raises `Rejected`; nothing blocks.
+- When a queued critical request has waited long enough that one more batch would take
+  it past `shed_fraction` of its SLO, every queued best_effort request is shed, and new
+  best_effort requests are shed on arrival for `shed_hold_s`.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from typing import Any, Protocol
+
+import numpy as np
+import numpy.typing as npt
+
+from edgewise.runtime._errors import PipelineStopped, Rejected, RuntimeFailure, Shed
+
+__all__ = ["Executor", "Lane", "Owner", "Request", "should_shed"]
+
+CRITICAL, NORMAL, BEST_EFFORT = 0, 1, 2
+
+
+class Owner(Protocol):
+    """The pipeline a request belongs to, as the executor sees it."""
+
+    name: str
+    rank: int
+    slo_s: float
+    capacity: int
+    queued: int
+    accepting: bool
+
+    def on_shed(self, n: int) -> None:
+        """Count requests shed."""
+
+    def on_rejected(self) -> None:
+        """Count one request rejected at admission."""
+
+
+class Lane(Protocol):
+    """A pipeline bound to one model: the unit of batching."""
+
+    max_batch: int
+    max_queue_delay_s: float
+
+    def execute(self, batch: list[Request]) -> None:
+        """Run a batch and complete every request in it (result or error)."""
+
+
+class Request:
+    """One inference request travelling through the executor."""
+
+    __slots__ = ("_waiter", "callback", "enqueued", "error", "lane", "owner", "result", "rows", "x")
+
+    def __init__(
+        self,
+        x: npt.NDArray[np.generic],
+        lane: Lane,
+        owner: Owner,
+        enqueued: float,
+        callback: Callable[[Request], None] | None = None,
+    ) -> None:
+        self.x = x
+        self.rows = int(x.shape[0])
+        self.lane = lane
+        self.owner = owner
+        self.enqueued = enqueued
+        self.callback = callback
+        self.result: Any = None
+        self.error: BaseException | None = None
+        self._waiter: threading.Lock | None = None
+
+    def _finish(self) -> None:
+        if self._waiter is not None:
+            self._waiter.release()
+        if self.callback is not None:
+            self.callback(self)
+
+    def complete(self, result: Any) -> None:
+        """Deliver the result to whoever waits."""
+        self.result = result
+        self._finish()
+
+    def fail(self, error: BaseException) -> None:
+        """Deliver an error to whoever waits."""
+        self.error = error
+        self._finish()
+
+
+def should_shed(waited_s: float, est_batch_s: float, slo_s: float, fraction: float) -> bool:
+    """Whether a critical request that has waited `waited_s` is at risk of its SLO."""
+    return waited_s + est_batch_s >= slo_s * fraction
+
+
+class Executor:
+    """Serves requests for one accelerator (or the CPU) with one worker thread."""
+
+    def __init__(
+        self,
+        name: str = "cpu",
+        clock: Callable[[], float] = time.monotonic,
+        shed_fraction: float = 0.5,
+        shed_hold_s: float = 0.5,
+    ) -> None:
+        self.name = name
+        self._clock = clock
+        self.shed_fraction = shed_fraction
+        self.shed_hold_s = shed_hold_s
+        self._cond = threading.Condition(threading.Lock())
+        self._queues: tuple[deque[Request], ...] = (deque(), deque(), deque())
+        self._depth = 0
+        self._busy = False
+        self._paused = False
+        self._closed = False
+        self._shed_until = float("-inf")
+        self.est_batch_s = 0.0
+        self._thread = threading.Thread(target=self._loop, name=f"edgewise-{name}", daemon=True)
+        self._thread.start()
+
+    # -- submission -------------------------------------------------------------------
+
+    def _admit(self, req: Request) -> None:
+        owner = req.owner
+        if not owner.accepting:
+            raise PipelineStopped(f"pipeline {owner.name!r} is stopping")
+        if owner.rank == BEST_EFFORT and self._clock() < self._shed_until:
+            owner.on_shed(1)
+            raise Shed("best-effort request shed: critical work is at risk of its SLO")
+        if owner.queued >= owner.capacity:
+            owner.on_rejected()
+            raise Rejected(f"queue of pipeline {owner.name!r} is full ({owner.capacity})")
+
+    def submit(self, req: Request, inline: bool = True, wait: bool = False) -> bool:
+        """Admit `req`; run it in this thread when allowed and the executor is idle.
+
+        Returns True when the request already ran (inline), False when it was queued and
+        will be completed by the worker thread.
+
+        Raises:
+            Rejected: the pipeline's queue is full.
+            Shed: best-effort work is being shed.
+            PipelineStopped: the pipeline no longer accepts work.
+        """
+        cond = self._cond
+        with cond:
+            self._admit(req)
+            if inline and not self._busy and not self._depth and not self._paused:
+                self._busy = True
+            else:
+                if wait:
+                    req._waiter = waiter = threading.Lock()
+                    waiter.acquire()
+                self._queues[req.owner.rank].append(req)
+                req.owner.queued += 1
+                self._depth += 1
+                cond.notify()
+                return False
+        try:
+            self._run([req])
+        finally:
+            with cond:
+                self._busy = False
+                if self._depth:
+                    cond.notify()
+        return True
+
+    def run_sync(self, req: Request, timeout: float | None = None) -> Any:
+        """Submit and wait for the result (raises the request's error)."""
+        if not self.submit(req, wait=True):
+            waiter = req._waiter
+            assert waiter is not None
+            if not waiter.acquire(timeout=-1 if timeout is None else timeout):
+                raise RuntimeFailure("timed out waiting for the result")
+        if req.error is not None:
+            raise req.error
+        return req.result
+
+    # -- control ----------------------------------------------------------------------
+
+    def pause(self) -> None:
+        """Hold the worker after its current batch (tests, maintenance); requests queue."""
+        with self._cond:
+            self._paused = True
+
+    def resume(self) -> None:
+        """Let the worker serve the queue again."""
+        with self._cond:
+            self._paused = False
+            self._cond.notify_all()
+
+    def drain(self, owner: Owner, timeout: float = 10.0) -> None:
+        """Wait until `owner` has nothing queued or running."""
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            while (owner.queued or self._busy) and time.monotonic() < deadline:
+                self._cond.wait(0.01)
+
+    def close(self) -> None:
+        """Fail whatever is queued and stop the worker."""
+        with self._cond:
+            self._closed = True
+            leftovers = [r for q in self._queues for r in q]
+            for q in self._queues:
+                q.clear()
+            for r in leftovers:
+                r.owner.queued -= 1
+            self._depth = 0
+            self._cond.notify_all()
+        for r in leftovers:
+            r.fail(PipelineStopped("runtime closed"))
+        self._thread.join(timeout=5)
+
+    # -- the worker -------------------------------------------------------------------
+
+    def _run(self, batch: list[Request]) -> None:
+        t0 = time.perf_counter()
+        try:
+            batch[0].lane.execute(batch)
+        except BaseException as exc:  # a lane must complete its requests; make sure
+            for r in batch:
+                if r.result is None and r.error is None:
+                    r.fail(exc if isinstance(exc, RuntimeFailure) else RuntimeFailure(str(exc)))
+        took = time.perf_counter() - t0
+        self.est_batch_s = took if not self.est_batch_s else 0.8 * self.est_batch_s + 0.2 * took
+
+    def _shed_best_effort(self, now: float) -> list[Request]:
+        crit = self._queues[CRITICAL]
+        if not crit:
+            return []
+        head = crit[0]
+        if not should_shed(
+            now - head.enqueued, self.est_batch_s, head.owner.slo_s, self.shed_fraction
+        ):
+            return []
+        self._shed_until = now + self.shed_hold_s
+        dropped = list(self._queues[BEST_EFFORT])
+        self._queues[BEST_EFFORT].clear()
+        self._depth -= len(dropped)
+        for r in dropped:
+            r.owner.queued -= 1
+        return dropped
+
+    def _take(self) -> list[Request]:
+        head: Request | None = None
+        for q in self._queues:
+            if q:
+                head = q.popleft()
+                break
+        assert head is not None
+        lane, limit = head.lane, head.lane.max_batch
+        batch, rows = [head], head.rows
+        for q in self._queues:
+            if rows >= limit or not q:
+                continue
+            keep: deque[Request] = deque()
+            while q:
+                r = q.popleft()
+                if r.lane is lane and rows + r.rows <= limit:
+                    batch.append(r)
+                    rows += r.rows
+                else:
+                    keep.append(r)
+            q.extend(keep)
+        self._depth -= len(batch)
+        for r in batch:
+            r.owner.queued -= 1
+        return batch
+
+    def _wait_for_company(self, now: float) -> float:
+        """Seconds to wait for more requests to join the head's batch (0: go now)."""
+        head = next(q[0] for q in self._queues if q)
+        delay = head.lane.max_queue_delay_s
+        if delay <= 0 or self._depth < 2:
+            return 0.0
+        same = sum(r.rows for q in self._queues for r in q if r.lane is head.lane)
+        if same >= head.lane.max_batch:
+            return 0.0
+        return max(0.0, head.enqueued + delay - now)
+
+    def _loop(self) -> None:
+        cond = self._cond
+        while True:
+            with cond:
+                while not self._closed and (self._busy or self._paused or not self._depth):
+                    cond.wait()
+                if self._closed:
+                    return
+                now = self._clock()
+                shed = self._shed_best_effort(now)
+                batch: list[Request] = []
+                if self._depth:
+                    pause = 0.0 if shed else self._wait_for_company(now)
+                    if pause > 0:
+                        cond.wait(pause)
+                        if self._busy or self._paused or not self._depth:
+                            continue
+                    batch = self._take()
+                    self._busy = True
+            if batch:
+                try:
+                    self._run(batch)
+                finally:
+                    with cond:
+                        self._busy = False
+                        cond.notify_all()
+            # Critical work first; telling shed requests they were shed can wait a batch.
+            for r in shed:
+                r.owner.on_shed(1)
+                r.fail(Shed("best-effort request shed: critical work is at risk of its SLO"))

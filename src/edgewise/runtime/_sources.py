@@ -1,0 +1,232 @@
+"""Built-in sources: where a pipeline's inputs come from when no app calls the API.
+
+A source factory takes `(params, runtime, pipeline_name)` and returns an object with
+`start()` and `stop()`. Sources submit without waiting for results (results go to the
+sinks) and never block on a full queue: admission control rejects at once, the runtime
+counts it, and the source moves on.
+
+- `synthetic`: replays a data set (`npy` file, the scikit-learn `digits` set, or random
+  `shape`) at `rate_hz`, `count` items (0 = until stopped).
+- `directory`: every new `*.npy` / `*.png` / `*.jpg` file under `path`, polled.
+- `mqtt`: messages on `topic` at Mosquitto `host:port`; JSON arrays or raw tensors.
+- `http`: the local inference API itself (nothing to start).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import time
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+from edgewise.runtime._errors import RuntimeFailure
+from edgewise.runtime._stages import SOURCES
+
+__all__ = ["DirectorySource", "MqttSource", "SyntheticSource", "decode_message"]
+
+log = logging.getLogger(__name__)
+Array = npt.NDArray[Any]
+
+
+def _noop(_req: object) -> None:
+    return None
+
+
+class _Thread:
+    """A source that runs one loop in a daemon thread until stopped."""
+
+    def __init__(self, runtime: Any, pipeline: str) -> None:
+        self.runtime = runtime
+        self.pipeline = pipeline
+        self.submitted = 0
+        self.refused = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, daemon=True)
+
+    def start(self) -> None:
+        """Start the loop."""
+        self._thread.start()
+
+    def stop(self) -> None:
+        """Stop the loop and wait for it."""
+        self._stop.set()
+        if self._thread.is_alive() and self._thread is not threading.current_thread():
+            self._thread.join(timeout=5)
+
+    def offer(self, x: Array) -> None:
+        """Submit one input; refusals are counted by the runtime and here."""
+        try:
+            self.runtime.submit(self.pipeline, x, _noop)
+            self.submitted += 1
+        except RuntimeFailure:
+            self.refused += 1
+
+    def _loop(self) -> None:  # pragma: no cover - overridden
+        raise NotImplementedError
+
+
+@SOURCES.register("synthetic")
+class SyntheticSource(_Thread):
+    """Replays a data set at a fixed rate."""
+
+    def __init__(self, params: Mapping[str, Any], runtime: Any, pipeline: str) -> None:
+        super().__init__(runtime, pipeline)
+        self.rate_hz = float(params.get("rate_hz", 100.0))
+        self.count = int(params.get("count", 0))
+        if self.rate_hz <= 0 or self.count < 0:
+            raise ValueError("synthetic source needs rate_hz > 0 and count >= 0")
+        self.data = self._data(params)
+
+    @staticmethod
+    def _data(params: Mapping[str, Any]) -> Array:
+        if "npy" in params:
+            data: Array = np.load(Path(params["npy"]), allow_pickle=False)
+            return data
+        if params.get("dataset") == "digits":
+            from sklearn.datasets import load_digits
+
+            digits: Array = (load_digits().data / 16.0).astype(np.float32)
+            return digits
+        shape = tuple(int(d) for d in params.get("shape", (64,)))
+        rng = np.random.default_rng(int(params.get("seed", 0)))
+        return rng.random((int(params.get("size", 256)), *shape), dtype=np.float32)
+
+    def _loop(self) -> None:
+        period = 1.0 / self.rate_hz
+        next_at = time.monotonic()
+        i = 0
+        while not self._stop.is_set() and (not self.count or i < self.count):
+            self.offer(self.data[i % len(self.data)])
+            i += 1
+            next_at += period
+            delay = next_at - time.monotonic()
+            if delay > 0 and self._stop.wait(delay):
+                break
+
+
+def _read_image(path: Path) -> Array:
+    try:
+        from PIL import Image
+    except ImportError:
+        import cv2
+
+        img = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
+        if img is None:
+            raise ValueError(f"cannot read {path}") from None
+        return np.asarray(img, dtype=np.float32)
+    with Image.open(path) as im:
+        return np.asarray(im, dtype=np.float32)
+
+
+@SOURCES.register("directory")
+class DirectorySource(_Thread):
+    """Feeds every new file of a directory, oldest name first, polling for more."""
+
+    SUFFIXES = (".npy", ".png", ".jpg", ".jpeg")
+
+    def __init__(self, params: Mapping[str, Any], runtime: Any, pipeline: str) -> None:
+        super().__init__(runtime, pipeline)
+        self.path = Path(str(params.get("path", "")))
+        self.poll_s = float(params.get("poll_s", 0.5))
+        if not str(params.get("path", "")):
+            raise ValueError("directory source needs a 'path'")
+        self.seen: set[str] = set()
+        self.unreadable = 0
+
+    def scan(self) -> int:
+        """Feed files not seen yet; returns how many were offered."""
+        fed = 0
+        try:
+            names = sorted(p for p in self.path.iterdir() if p.suffix.lower() in self.SUFFIXES)
+        except OSError:
+            return 0
+        for p in names:
+            if p.name in self.seen:
+                continue
+            self.seen.add(p.name)
+            try:
+                x = np.load(p, allow_pickle=False) if p.suffix == ".npy" else _read_image(p)
+            except (OSError, ValueError) as exc:
+                log.warning("directory source: skipping %s: %s", p, exc)
+                self.unreadable += 1
+                continue
+            self.offer(np.asarray(x))
+            fed += 1
+        return fed
+
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            self.scan()
+            self._stop.wait(self.poll_s)
+
+
+def decode_message(payload: bytes, dtype: str | None = None, shape: str | None = None) -> Array:
+    """An MQTT payload: a JSON array / `{"inputs": [...]}`, or raw bytes of dtype+shape."""
+    if dtype:
+        arr: Array = np.frombuffer(payload, dtype=np.dtype(dtype))
+        return arr.reshape(tuple(int(d) for d in shape.split(","))) if shape else arr
+    data = json.loads(payload)
+    if isinstance(data, dict):
+        data = data["inputs"]
+    out = np.asarray(data)
+    if out.dtype.kind not in "iuf":
+        raise ValueError("payload holds non-numeric values")
+    return out
+
+
+@SOURCES.register("mqtt")
+class MqttSource:
+    """Subscribes to a topic; each message is one request."""
+
+    def __init__(self, params: Mapping[str, Any], runtime: Any, pipeline: str) -> None:
+        import paho.mqtt.client as mqtt
+        from paho.mqtt.enums import CallbackAPIVersion
+
+        self.runtime, self.pipeline = runtime, pipeline
+        self.topic = str(params.get("topic", ""))
+        if not self.topic:
+            raise ValueError("mqtt source needs a 'topic'")
+        self.host = str(params.get("host", "127.0.0.1"))
+        self.port = int(params.get("port", 1883))
+        self.qos = int(params.get("qos", 0))
+        self.dtype = params.get("dtype")
+        self.shape = params.get("shape")
+        self.received = 0
+        self.undecodable = 0
+        self.refused = 0
+        self.subscribed = threading.Event()
+        self.client = mqtt.Client(CallbackAPIVersion.VERSION2)
+        self.client.on_connect = self._on_connect
+        self.client.on_subscribe = lambda *a: self.subscribed.set()
+        self.client.on_message = self._on_message
+
+    def _on_connect(self, client: Any, userdata: Any, flags: Any, rc: Any, props: Any) -> None:
+        client.subscribe(self.topic, qos=self.qos)
+
+    def _on_message(self, client: Any, userdata: Any, msg: Any) -> None:
+        self.received += 1
+        try:
+            x = decode_message(msg.payload, self.dtype, self.shape)
+        except (ValueError, KeyError, TypeError):
+            self.undecodable += 1
+            return
+        try:
+            self.runtime.submit(self.pipeline, x, _noop)
+        except RuntimeFailure:
+            self.refused += 1
+
+    def start(self) -> None:
+        """Connect and subscribe (the network loop runs in paho's thread)."""
+        self.client.connect(self.host, self.port)
+        self.client.loop_start()
+
+    def stop(self) -> None:
+        """Disconnect."""
+        self.client.disconnect()
+        self.client.loop_stop()

@@ -1,0 +1,232 @@
+"""Stages by name: the registries and the built-in preprocess and postprocess steps.
+
+A stage in a `PipelineSpec` is `{"type": NAME, "params": {...}}`. Each registry maps
+NAME to a factory that validates the params once, when the pipeline starts, and returns
+the callable that runs per request (preprocess) or per batch (postprocess), so that no
+parameter parsing happens on the hot path.
+
+Preprocess runs in the caller's thread on one request; postprocess runs vectorised over a
+whole batch on the scheduler's thread.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any, Generic, TypeVar
+
+import numpy as np
+import numpy.typing as npt
+
+__all__ = [
+    "POSTPROCESS",
+    "PREPROCESS",
+    "SINKS",
+    "SOURCES",
+    "Post",
+    "Registry",
+]
+
+Array = npt.NDArray[Any]
+F = TypeVar("F")
+
+
+class Registry(Generic[F]):
+    """Factories by stage name."""
+
+    def __init__(self, kind: str) -> None:
+        self.kind = kind
+        self._factories: dict[str, F] = {}
+
+    def register(self, name: str) -> Callable[[F], F]:
+        """Decorator: register `factory` under `name` (a later one replaces it)."""
+
+        def deco(factory: F) -> F:
+            self._factories[name] = factory
+            return factory
+
+        return deco
+
+    def get(self, name: str) -> F:
+        """The factory for `name`; ValueError names the known ones."""
+        try:
+            return self._factories[name]
+        except KeyError:
+            known = ", ".join(sorted(self._factories)) or "none"
+            raise ValueError(f"unknown {self.kind} stage {name!r} (known: {known})") from None
+
+    def names(self) -> list[str]:
+        """Registered names, sorted."""
+        return sorted(self._factories)
+
+
+@dataclass
+class Post:
+    """A batch on its way through postprocess."""
+
+    outputs: dict[str, Array]
+    scores: Array | None
+    labels: tuple[str, ...]
+    top: Array | None = None
+    confidence: Array | None = None
+    topk: list[list[tuple[str, float]]] | None = None
+    rejected_label: str | None = None
+    accepted: Array | None = None
+
+    def finish(self) -> None:
+        """Fill top-1 and confidence when no stage did."""
+        if self.top is None and self.scores is not None and self.scores.ndim == 2:
+            self.top = self.scores.argmax(axis=1)
+            self.confidence = self.scores.max(axis=1)
+
+
+PreFn = Callable[[Array], Array]
+PostFn = Callable[[Post], None]
+PREPROCESS: Registry[Callable[[Mapping[str, Any]], PreFn]] = Registry("preprocess")
+POSTPROCESS: Registry[Callable[[Mapping[str, Any]], PostFn]] = Registry("postprocess")
+SOURCES: Registry[Callable[..., Any]] = Registry("source")
+SINKS: Registry[Callable[..., Any]] = Registry("sink")
+
+
+def _floats(value: Any, name: str) -> Array:
+    try:
+        arr = np.asarray(value, dtype=np.float32)
+    except (TypeError, ValueError):
+        raise ValueError(f"{name} must be a number or a list of numbers") from None
+    return arr
+
+
+@PREPROCESS.register("scale")
+def _scale(params: Mapping[str, Any]) -> PreFn:
+    factor = _floats(params.get("factor", 1.0), "factor")
+    offset = _floats(params.get("offset", 0.0), "offset")
+
+    def run(x: Array) -> Array:
+        return (x.astype(np.float32, copy=False) * factor + offset).astype(np.float32, copy=False)
+
+    return run
+
+
+@PREPROCESS.register("normalize")
+def _normalize(params: Mapping[str, Any]) -> PreFn:
+    mean = _floats(params.get("mean", 0.0), "mean")
+    std = _floats(params.get("std", 1.0), "std")
+    if np.any(std == 0):
+        raise ValueError("std must not be zero")
+
+    def run(x: Array) -> Array:
+        return ((x.astype(np.float32, copy=False) - mean) / std).astype(np.float32, copy=False)
+
+    return run
+
+
+@PREPROCESS.register("reshape")
+def _reshape(params: Mapping[str, Any]) -> PreFn:
+    shape = tuple(int(d) for d in params.get("shape", ()))
+    if not shape:
+        raise ValueError("reshape needs a non-empty 'shape'")
+
+    def run(x: Array) -> Array:
+        from edgewise.runtime._errors import BadInput
+
+        try:
+            out: Array = x.reshape(shape)
+            return out
+        except ValueError:
+            raise BadInput(f"cannot reshape {list(x.shape)} to {list(shape)}") from None
+
+    return run
+
+
+def resize_bilinear(img: Array, height: int, width: int) -> Array:
+    """Bilinear resize of an HxW or HxWxC image (align-corners off, like OpenCV)."""
+    h, w = img.shape[:2]
+    ys = np.clip((np.arange(height) + 0.5) * (h / height) - 0.5, 0, h - 1)
+    xs = np.clip((np.arange(width) + 0.5) * (w / width) - 0.5, 0, w - 1)
+    y0, x0 = ys.astype(np.int64), xs.astype(np.int64)
+    y1, x1 = np.minimum(y0 + 1, h - 1), np.minimum(x0 + 1, w - 1)
+    wy, wx = (ys - y0).astype(np.float32), (xs - x0).astype(np.float32)
+    if img.ndim == 3:
+        wy, wx = wy[:, None, None], wx[None, :, None]
+    else:
+        wy, wx = wy[:, None], wx[None, :]
+    f = img.astype(np.float32, copy=False)
+    top = f[y0][:, x0] * (1 - wx) + f[y0][:, x1] * wx
+    bottom = f[y1][:, x0] * (1 - wx) + f[y1][:, x1] * wx
+    out: Array = (top * (1 - wy) + bottom * wy).astype(np.float32)
+    return out
+
+
+@PREPROCESS.register("resize")
+def _resize(params: Mapping[str, Any]) -> PreFn:
+    height, width = int(params.get("height", 0)), int(params.get("width", 0))
+    layout = str(params.get("layout", "hwc"))
+    if height <= 0 or width <= 0 or layout not in ("hwc", "chw"):
+        raise ValueError("resize needs positive 'height' and 'width' and layout hwc|chw")
+
+    def run(x: Array) -> Array:
+        from edgewise.runtime._errors import BadInput
+
+        if x.ndim not in (2, 3):
+            raise BadInput(f"resize expects an image, got shape {list(x.shape)}")
+        img = x.transpose(1, 2, 0) if layout == "chw" and x.ndim == 3 else x
+        out = resize_bilinear(img, height, width)
+        return out.transpose(2, 0, 1) if layout == "chw" and out.ndim == 3 else out
+
+    return run
+
+
+@POSTPROCESS.register("softmax")
+def _softmax(params: Mapping[str, Any]) -> PostFn:
+    def run(post: Post) -> None:
+        if post.scores is None:
+            return
+        z = post.scores - post.scores.max(axis=-1, keepdims=True)
+        e = np.exp(z)
+        post.scores = e / e.sum(axis=-1, keepdims=True)
+
+    return run
+
+
+@POSTPROCESS.register("argmax")
+def _argmax(params: Mapping[str, Any]) -> PostFn:
+    def run(post: Post) -> None:
+        post.top = None
+        post.finish()
+
+    return run
+
+
+@POSTPROCESS.register("topk")
+def _topk(params: Mapping[str, Any]) -> PostFn:
+    k = int(params.get("k", 3))
+    if k < 1:
+        raise ValueError("topk needs k >= 1")
+
+    def run(post: Post) -> None:
+        if post.scores is None:
+            return
+        idx = np.argsort(-post.scores, axis=1)[:, :k]
+        names = post.labels
+        post.topk = [
+            [(names[i] if i < len(names) else str(i), float(row[i])) for i in ids]
+            for ids, row in zip(idx, post.scores, strict=True)
+        ]
+
+    return run
+
+
+@POSTPROCESS.register("threshold")
+def _threshold(params: Mapping[str, Any]) -> PostFn:
+    minimum = float(params.get("min_confidence", 0.5))
+    label = str(params.get("label", "unknown"))
+    if not 0 <= minimum <= 1:
+        raise ValueError("min_confidence must be within [0, 1]")
+
+    def run(post: Post) -> None:
+        post.finish()
+        if post.confidence is not None:
+            post.accepted = post.confidence >= minimum
+            post.rejected_label = label
+
+    return run

@@ -1,0 +1,52 @@
+"""SIGKILL at each install step: after a restart the agent serves a verified model and converges."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import pytest
+
+from edgewise.agent import CRASH_POINTS
+
+from ._harness import AgentProc, ControlPlaneProc, wait_for
+
+pytestmark = pytest.mark.slow
+
+
+def _reported(cp: ControlPlaneProc, dev: str, version: str) -> bool:
+    p = cp.device(dev).get("pipelines", {}).get("digits")
+    return bool(p and p["status"] == "active" and p["version"] == version)
+
+
+def _serving(agent: AgentProc) -> str:
+    model = str(agent.infer()["model"])
+    return model
+
+
+@pytest.mark.parametrize("point", CRASH_POINTS)
+def test_sigkill_at_install_step_recovers_to_a_verified_model(
+    point: str, control_plane: ControlPlaneProc, agent_factory: Callable[..., AgentProc]
+) -> None:
+    cp = control_plane
+    agent = agent_factory(cp)
+    agent.start()
+    agent.wait_up()
+    dev = agent.device_id()
+    cp.deploy("digits", "digits-mlp@1.0.0")
+    wait_for(lambda: _reported(cp, dev, "1.0.0"), 90, "1.0.0 active")
+    agent.kill()
+
+    agent.start(env={"EDGEWISE_CRASH_AT": point})
+    agent.wait_up()
+    cp.deploy("digits-int8", "digits-mlp@1.1.0", priority=10)
+    assert agent.wait_exit(120) == -9  # it killed itself at the crash point
+
+    agent.start()
+    agent.wait_up()
+    # At once: a whole, verified model serves, old or new.
+    first = wait_for(lambda: _serving(agent), 60, "serving after restart")
+    assert first.split("@")[1] in ("1.0.0", "1.1.0")
+    wait_for(lambda: _reported(cp, dev, "1.1.0"), 90, "converged to 1.1.0")
+    assert _serving(agent).startswith("digits-mlp@1.1.0")
+    models = agent.data / "models" / "digits-mlp"
+    assert not [p for p in models.iterdir() if p.name.startswith(".") and p.is_dir()]

@@ -1,0 +1,43 @@
+"""Acceptance against a real control plane: enroll, deploy, serve, swap, report."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import pytest
+
+from ._harness import AgentProc, ControlPlaneProc, wait_for
+
+pytestmark = pytest.mark.slow
+
+
+def _active(cp: ControlPlaneProc, dev: str, version: str) -> bool:
+    p = cp.device(dev).get("pipelines", {}).get("digits")
+    return bool(p and p["status"] == "active" and p["version"] == version)
+
+
+def test_enroll_deploy_serve_and_swap_to_int8(
+    control_plane: ControlPlaneProc, agent_factory: Callable[..., AgentProc]
+) -> None:
+    cp = control_plane
+    agent = agent_factory(cp)
+    agent.start()
+    agent.wait_up()
+    dev = agent.device_id()
+    assert (agent.data / "device.key").stat().st_mode & 0o777 == 0o600
+    cp.deploy("digits", "digits-mlp@1.0.0")
+    wait_for(lambda: _active(cp, dev, "1.0.0"), 90, "1.0.0 active")
+    assert agent.infer()["model"].startswith("digits-mlp@1.0.0")
+    cp.deploy("digits-int8", "digits-mlp@1.1.0", priority=10)
+    wait_for(lambda: _active(cp, dev, "1.1.0"), 90, "1.1.0 active")
+    assert agent.infer()["model"].startswith("digits-mlp@1.1.0")
+    timeline = [e["state"] for e in cp.device(dev)["pipelines"]["digits"]["timeline"]]
+    assert timeline[-1] == "active" and "health_checking" in timeline
+    status = agent.status()
+    assert status["pipelines"]["digits"]["version"] == "1.1.0"
+    # A later start needs no token.
+    agent.kill()
+    agent.token = None
+    agent.start()
+    agent.wait_up()
+    wait_for(lambda: agent.infer()["model"].startswith("digits-mlp@1.1.0"), 60, "serving")

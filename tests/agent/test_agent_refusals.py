@@ -1,0 +1,131 @@
+"""Refusals against real processes: bad desired states, failed health checks, no disk."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+from edgewise.protocol import SignedDesiredState, sign_desired
+
+from ._harness import AgentProc, ControlPlaneProc, TamperProxy, wait_for
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture
+def proxy(control_plane: ControlPlaneProc) -> Iterator[TamperProxy]:
+    p = TamperProxy(control_plane.url)
+    try:
+        yield p
+    finally:
+        p.close()
+
+
+def _pipeline(cp: ControlPlaneProc, dev: str) -> dict:  # type: ignore[type-arg]
+    return cp.device(dev).get("pipelines", {}).get("digits") or {}
+
+
+def _active(cp: ControlPlaneProc, dev: str, version: str) -> bool:
+    p = _pipeline(cp, dev)
+    return p.get("status") == "active" and p.get("version") == version
+
+
+def test_replayed_expired_and_foreign_desired_states_are_refused_and_reported(
+    control_plane: ControlPlaneProc, proxy: TamperProxy, tmp_path: Path
+) -> None:
+    cp = control_plane
+    agent = AgentProc(tmp_path / "dev", proxy.url, cp.enroll_token())
+    try:
+        agent.start()
+        agent.wait_up()
+        dev = agent.device_id()
+        cp.deploy("digits", "digits-mlp@1.0.0")
+        wait_for(lambda: _active(cp, dev, "1.0.0"), 90, "1.0.0 active")
+        old = SignedDesiredState.model_validate_json(proxy.last_desired or b"")
+        cp.deploy("digits-int8", "digits-mlp@1.1.0", priority=10)
+        wait_for(lambda: _active(cp, dev, "1.1.0"), 90, "1.1.0 active")
+        current = SignedDesiredState.model_validate_json(proxy.last_desired or b"")
+        assert current.document.revision > old.document.revision
+
+        from edgewise.control._identity import load_or_create_signing_key
+
+        cp_key = load_or_create_signing_key(cp.data)
+        newer = current.document.model_copy(update={"revision": current.document.revision + 5})
+        expired = newer.model_copy(update={"expires_at": time.time() - 10})
+        cases = {
+            "stale revision": old,
+            "unknown signer": sign_desired(newer, Ed25519PrivateKey.generate()),
+            "bad signature": sign_desired(newer, Ed25519PrivateKey.generate(), current.key_id),
+            "expired": sign_desired(expired, cp_key),
+        }
+        for reason, signed in cases.items():
+            proxy.replace = (signed.model_dump_json().encode(), f'"{signed.document.revision}"')
+            wanted = f"desired state refused: {reason}"
+            wait_for(lambda w=wanted: w in cp.device(dev)["errors"], 60, wanted)
+            assert agent.infer()["model"].startswith("digits-mlp@1.1.0")
+        proxy.replace = None
+        assert json.loads(json.dumps(agent.status()))["revision"] == current.document.revision
+    finally:
+        agent.kill()
+
+
+def test_bundle_failing_its_health_check_is_never_switched_to(
+    control_plane: ControlPlaneProc,
+    agent_factory: Callable[..., AgentProc],
+    example_bundles: dict[str, Path],
+    tmp_path: Path,
+) -> None:
+    from edgewise.bundle import load_private_key, pack, read_manifest, sign
+
+    cp = control_plane
+    # A correctly signed bundle whose health samples expect the wrong outputs.
+    src = tmp_path / "bad"
+    from edgewise.bundle import extract, load_public_key
+
+    extract(example_bundles["digits-mlp@1.1.0"], src, [load_public_key(example_bundles["_pub"])])
+    manifest = json.loads((src / "manifest.json").read_text())
+    manifest["version"] = "1.2.0"
+    for sample in manifest["health"]["samples"]:
+        for name, value in sample["expected"].items():
+            if name == "label":
+                sample["expected"][name] = [(int(v) + 1) % 10 for v in value]
+    (src / "manifest.json").write_text(json.dumps(manifest))
+    out = tmp_path / "digits-mlp-1.2.0.ewb"
+    pack(src, out)
+    sign(out, example_bundles["_pub"].with_suffix(".key"))
+    assert read_manifest(out).version == "1.2.0"
+    cp.push(out)
+
+    agent = agent_factory(cp)
+    agent.start()
+    agent.wait_up()
+    dev = agent.device_id()
+    cp.deploy("digits", "digits-mlp@1.0.0")
+    wait_for(lambda: _active(cp, dev, "1.0.0"), 90, "1.0.0 active")
+    cp.deploy("digits-bad", "digits-mlp@1.2.0", priority=10)
+    wait_for(lambda: _pipeline(cp, dev).get("status") == "failed", 90, "failed reported")
+    p = _pipeline(cp, dev)
+    assert p["reason"].startswith("health check failed"), p["reason"]
+    assert p["version"] == "1.2.0"
+    assert agent.infer()["model"].startswith("digits-mlp@1.0.0")
+    assert agent.status()["pipelines"]["digits"]["version"] == "1.0.0"
+
+
+def test_install_that_would_not_fit_is_refused_before_download(
+    control_plane: ControlPlaneProc, agent_factory: Callable[..., AgentProc]
+) -> None:
+    cp = control_plane
+    agent = agent_factory(cp, "dev", "--disk-reserve-mb", str(10**9))
+    agent.start()
+    agent.wait_up()
+    dev = agent.device_id()
+    cp.deploy("digits", "digits-mlp@1.0.0")
+    wait_for(lambda: _pipeline(cp, dev).get("status") == "failed", 90, "failed reported")
+    assert _pipeline(cp, dev)["reason"].startswith("insufficient disk")
+    cache = agent.data / "cache"
+    assert not list(cache.glob("*.part")) and not list(cache.glob("*.ewb"))

@@ -1,0 +1,191 @@
+"""Pure and local parts of the agent: backoff, durable files, install state machine, plan."""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+import pytest
+
+from edgewise.agent._backoff import Backoff, GiveUp, RetryableError
+from edgewise.agent._durable import DurableJson
+from edgewise.agent._install import IllegalTransition, InstallState, InstallTracker
+from edgewise.agent._plan import ObservedPipeline, plan
+from edgewise.agent._ratelimit import TokenBucket
+from edgewise.protocol import DesiredModelRef, DesiredPipeline
+
+
+class VirtualClock:
+    def __init__(self) -> None:
+        self.t = 0.0
+        self.sleeps: list[float] = []
+
+    def __call__(self) -> float:
+        return self.t
+
+    def sleep(self, s: float) -> None:
+        self.sleeps.append(s)
+        self.t += s
+
+
+def test_backoff_full_jitter_stays_under_an_exponential_cap() -> None:
+    policy = Backoff(base_s=1.0, factor=2.0, max_delay_s=10.0, rng=random.Random(1))
+    for attempt in range(8):
+        cap = min(10.0, 2.0**attempt)
+        delays = [policy.delay(attempt) for _ in range(200)]
+        assert all(0.0 <= d <= cap for d in delays)
+        assert max(delays) > cap * 0.8  # jitter spans the range, not a fixed value
+
+
+def test_backoff_honours_retry_after_as_a_floor() -> None:
+    policy = Backoff(base_s=0.1, max_delay_s=1.0, rng=random.Random(0))
+    assert all(policy.delay(0, retry_after=5.0) >= 5.0 for _ in range(50))
+
+
+def test_backoff_retries_recoverable_errors_until_success() -> None:
+    clock = VirtualClock()
+    calls = []
+
+    def flaky() -> str:
+        calls.append(1)
+        if len(calls) < 4:
+            raise RetryableError("busy", retry_after=2.0)
+        return "ok"
+
+    policy = Backoff(base_s=0.01, clock=clock, sleep=clock.sleep, rng=random.Random(0))
+    assert policy.call(flaky) == "ok"
+    assert len(calls) == 4
+    assert all(s >= 2.0 for s in clock.sleeps)
+
+
+def test_backoff_gives_up_after_max_tries_and_max_time() -> None:
+    clock = VirtualClock()
+
+    def down() -> None:
+        raise OSError("refused")
+
+    with pytest.raises(GiveUp):
+        Backoff(max_tries=3, clock=clock, sleep=clock.sleep).call(down)
+    with pytest.raises(GiveUp):
+        Backoff(base_s=10, max_time_s=60, clock=clock, sleep=clock.sleep).call(down)
+    assert clock.t <= 60 + 1e-9
+
+
+def test_backoff_does_not_retry_other_exceptions() -> None:
+    calls = []
+
+    def broken() -> None:
+        calls.append(1)
+        raise KeyError("bug")
+
+    with pytest.raises(KeyError):
+        Backoff(sleep=lambda s: None).call(broken)
+    assert len(calls) == 1
+
+
+def test_durable_json_commits_and_keeps_previous(tmp_path: Path) -> None:
+    state = DurableJson(tmp_path / "s.json")
+    assert state.load(default={"none": True}) == {"none": True}
+    state.commit({"rev": 1})
+    state.commit({"rev": 2})
+    assert state.load() == {"rev": 2}
+    assert DurableJson(tmp_path / "s.json").prev.exists()
+
+
+@pytest.mark.parametrize("garbage", [b"", b'{"magic": "edgewise-st', b"\x00" * 40, b'{"doc": 1}'])
+def test_torn_state_file_falls_back_to_last_committed(tmp_path: Path, garbage: bytes) -> None:
+    state = DurableJson(tmp_path / "s.json")
+    state.commit({"rev": 1})
+    state.commit({"rev": 2})
+    (tmp_path / "s.json").write_bytes(garbage)
+    assert state.load() == {"rev": 1}
+    assert state.recovered_from_prev
+    # A commit after recovery must not make the torn file the fallback.
+    state.commit({"rev": 3})
+    (tmp_path / "s.json").write_bytes(garbage)
+    assert state.load() == {"rev": 1}
+
+
+def test_install_tracker_follows_the_table_and_records_reasons() -> None:
+    t = InstallTracker()
+    t.restart("new model", 0.0)
+    t.move(InstallState.DOWNLOADING, "0%", 1.0, 0.0)
+    t.move(InstallState.DOWNLOADING, "50%", 2.0, 0.5)
+    t.move(InstallState.VERIFYING, "", 3.0)
+    t.move(InstallState.INSTALLING, "", 4.0)
+    t.move(InstallState.HEALTH_CHECKING, "", 5.0)
+    t.move(InstallState.FAILED, "health check failed: 3/10 outputs out of tolerance", 6.0)
+    states = [e.state for e in t.timeline]
+    assert states == [
+        "pending", "downloading", "verifying", "installing", "health_checking", "failed"
+    ]
+    assert t.timeline[1].progress == 0.5
+    assert InstallTracker.from_json(t.to_json()) == t
+
+
+def test_install_tracker_refuses_illegal_transitions() -> None:
+    t = InstallTracker()
+    t.restart("new", 0.0)
+    with pytest.raises(IllegalTransition):
+        t.move(InstallState.ACTIVE, "skipping the health gate", 1.0)
+
+
+def test_restart_closes_an_interrupted_install_as_failed() -> None:
+    t = InstallTracker()
+    t.restart("new", 0.0)
+    t.move(InstallState.VERIFYING, "", 1.0)
+    t.restart("retry", 2.0)
+    assert [e.state for e in t.timeline][-2:] == ["failed", "pending"]
+    assert "interrupted" in t.timeline[-2].reason
+
+
+FA = "a" * 64 + "+-+-"
+FB = "b" * 64 + "+-+-"
+
+
+def _ref(sha: str = "a" * 64) -> DesiredModelRef:
+    return DesiredModelRef(name="m", version="1", sha256=sha, size=1, url="/u")
+
+
+def _want(sha: str = "a" * 64, **spec: object) -> DesiredPipeline:
+    return DesiredPipeline(deployment="d", model=_ref(sha), spec=dict(spec))
+
+
+def test_plan_installs_a_new_pipeline_and_stops_a_removed_one() -> None:
+    actions = plan({"p": _want()}, {"old": ObservedPipeline(fingerprint=FB, running=True)}, 0.0)
+    assert [(a.kind, a.pipeline) for a in actions] == [("stop", "old"), ("install", "p")]
+
+
+def test_plan_is_empty_when_converged() -> None:
+    assert plan({"p": _want()}, {"p": ObservedPipeline(fingerprint=FA, running=True)}, 0.0) == []
+
+
+def test_plan_starts_committed_but_not_running_and_reconfigures_spec_changes() -> None:
+    obs = {"p": ObservedPipeline(fingerprint=FA, running=False)}
+    assert plan({"p": _want()}, obs, 0.0)[0].kind == "start"
+    obs = {"p": ObservedPipeline(fingerprint=FA, running=True, spec={"priority": "normal"})}
+    assert plan({"p": _want(priority="critical")}, obs, 0.0)[0].kind == "reconfigure"
+
+
+def test_plan_does_not_retry_a_refused_bundle_until_its_retry_time() -> None:
+    never = {"p": ObservedPipeline(fingerprint=FB, running=True, refused=FA)}
+    assert plan({"p": _want()}, never, 1e9) == []
+    later = {"p": ObservedPipeline(refused=FA, retry_at=100.0)}
+    assert plan({"p": _want()}, later, 50.0) == []
+    assert plan({"p": _want()}, later, 150.0)[0].kind == "install"
+
+
+def test_plan_orders_critical_installs_first() -> None:
+    desired = {"b": _want(priority="best_effort"), "c": _want(priority="critical"), "n": _want()}
+    assert [a.pipeline for a in plan(desired, {}, 0.0)] == ["c", "n", "b"]
+
+
+def test_token_bucket_shapes_a_backlog_in_virtual_time() -> None:
+    clock = VirtualClock()
+    bucket = TokenBucket(rate=100.0, burst=50.0, clock=clock)
+    waited = 0.0
+    for _ in range(10):
+        wait = bucket.take(50)
+        clock.sleep(wait)
+        waited += wait
+    assert waited == pytest.approx(4.5)  # 500 records, 50 free, 450 at 100/s

@@ -1,0 +1,122 @@
+"""Signed device requests: what is refused and with which code."""
+
+from __future__ import annotations
+
+import gzip
+import json
+
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+from edgewise.protocol import sign_request
+
+from .conftest import Device, Plane, pubkey_b64
+
+
+def _code(r: object) -> str:
+    return str(r.json()["error"]["code"])  # type: ignore[attr-defined]
+
+
+def test_unsigned_request_is_refused(sqlite_plane: Plane) -> None:
+    r = sqlite_plane.client.get("/device/v1/desired")
+    assert r.status_code == 401 and _code(r) == "unsigned"
+
+
+def test_request_signed_with_another_key_is_refused(sqlite_plane: Plane) -> None:
+    dev = sqlite_plane.enroll()
+    impostor = Device(dev.client, dev.clock, dev.id, Ed25519PrivateKey.generate())
+    r = impostor.get("/device/v1/desired")
+    assert r.status_code == 401 and _code(r) == "bad_signature"
+
+
+def test_unknown_device_is_refused(sqlite_plane: Plane) -> None:
+    ghost = Device(sqlite_plane.client, sqlite_plane.clock, "dev-ghost", Ed25519PrivateKey.generate())
+    r = ghost.get("/device/v1/desired")
+    assert r.status_code == 401 and _code(r) == "unknown_device"
+
+
+def test_decommissioned_device_is_refused(sqlite_plane: Plane) -> None:
+    dev = sqlite_plane.enroll()
+    assert dev.get("/device/v1/desired").status_code == 200
+    r = sqlite_plane.api("POST", f"/api/v1/devices/{dev.id}/decommission")
+    assert r.status_code == 200
+    r = dev.get("/device/v1/desired")
+    assert r.status_code == 401 and _code(r) == "decommissioned"
+
+
+def test_replayed_nonce_is_refused(sqlite_plane: Plane) -> None:
+    dev = sqlite_plane.enroll()
+    headers = dev.headers("GET", "/device/v1/desired")
+    assert sqlite_plane.client.get("/device/v1/desired", headers=headers).status_code == 200
+    r = sqlite_plane.client.get("/device/v1/desired", headers=headers)
+    assert r.status_code == 401 and _code(r) == "replayed_nonce"
+
+
+def test_stale_timestamp_is_refused(sqlite_plane: Plane) -> None:
+    dev = sqlite_plane.enroll()
+    headers = sign_request(dev.key, dev.id, "GET", "/device/v1/desired", b"",
+                           sqlite_plane.clock() - 3600)
+    r = sqlite_plane.client.get("/device/v1/desired", headers=headers)
+    assert r.status_code == 401 and _code(r) == "stale_timestamp"
+
+
+def test_signature_covers_the_query_string(sqlite_plane: Plane) -> None:
+    dev = sqlite_plane.enroll()
+    headers = dev.headers("GET", "/device/v1/desired?wait=0")
+    r = sqlite_plane.client.get("/device/v1/desired?wait=1", headers=headers)
+    assert r.status_code == 401 and _code(r) == "bad_signature"
+
+
+def test_enrollment_refuses_bad_used_up_tokens_and_reused_keys(sqlite_plane: Plane) -> None:
+    p = sqlite_plane
+    key = Ed25519PrivateKey.generate()
+    r = p.client.post("/device/v1/enroll", json={"token": "nope", "public_key": pubkey_b64(key)})
+    assert r.status_code == 401 and _code(r) == "bad_enroll_token"
+    tok = p.api("POST", "/api/v1/enroll-tokens", json={"max_uses": 1}).json()["token"]
+    body = {"token": tok, "public_key": pubkey_b64(key)}
+    assert p.client.post("/device/v1/enroll", json=body).status_code == 201
+    r = p.client.post("/device/v1/enroll", json=body)
+    assert r.status_code == 401 and "used up" in r.json()["error"]["message"]
+    tok2 = p.api("POST", "/api/v1/enroll-tokens", json={}).json()["token"]
+    r = p.client.post("/device/v1/enroll", json={**body, "token": tok2})
+    assert r.status_code == 409
+    r = p.client.post("/device/v1/enroll", json={"token": tok2, "public_key": "short"})
+    assert r.status_code == 400
+
+
+def test_enrollment_returns_trust_root_and_token_labels_win(sqlite_plane: Plane) -> None:
+    p = sqlite_plane
+    tok = p.api("POST", "/api/v1/enroll-tokens", json={"labels": {"site": "s1"}}).json()["token"]
+    key = Ed25519PrivateKey.generate()
+    r = p.client.post("/device/v1/enroll", json={
+        "token": tok, "public_key": pubkey_b64(key), "labels": {"site": "evil", "hw": "x"},
+        "capabilities": {"arch": "x86_64"}})
+    assert r.status_code == 201
+    body = r.json()
+    assert set(body["trust_root"]) == {"publishers", "control_plane"}
+    assert body["settings"]["poll_wait_s"] > 0
+    dev = p.api("GET", f"/api/v1/devices/{body['device_id']}").json()
+    assert dev["labels"] == {"site": "s1", "hw": "x"}
+
+
+def test_report_and_telemetry_are_idempotent(sqlite_plane: Plane) -> None:
+    p = sqlite_plane
+    dev = p.enroll()
+    report = {"revision": 1, "pipelines": {"digits": {
+        "model": "digits-mlp", "version": "1.0.0", "slot": "a", "status": "active",
+        "reason": "", "timeline": [{"state": "downloading", "reason": "", "at": 1.0,
+                                    "progress": 0.5}]}}, "errors": [], "agent": {}}
+    for _ in range(2):
+        r = dev.post("/device/v1/report", report)
+        assert r.status_code == 200 and r.json() == {"ok": True}
+    shown = p.api("GET", f"/api/v1/devices/{dev.id}").json()
+    assert shown["pipelines"]["digits"]["timeline"][0]["progress"] == 0.5
+    assert shown["online"] is True
+    batch = {"records": [{"seq": i, "cls": "event", "ts": 1.0, "kind": "k", "data": {}}
+                         for i in (1, 2, 3)], "dropped": {"event": 0, "metric": 0, "sample": 0}}
+    body = gzip.compress(json.dumps(batch).encode())
+    r = dev.post("/device/v1/telemetry", body, **{"content-encoding": "gzip"})
+    assert r.json() == {"accepted": 3, "duplicates": 0, "acked_seq": 3}
+    r = dev.post("/device/v1/telemetry", body, **{"content-encoding": "gzip"})
+    assert r.json() == {"accepted": 0, "duplicates": 3, "acked_seq": 3}
+    r = dev.post("/device/v1/report", {"revision": "x"})
+    assert r.status_code == 422 and "error" in r.json()

@@ -1,0 +1,128 @@
+"""Registry pushes: verified, immutable, content-addressed and served with Range."""
+
+from __future__ import annotations
+
+import zipfile
+from pathlib import Path
+from typing import Any
+
+import pytest
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+from edgewise import bundle
+from edgewise.examples import example_manifests
+
+from .conftest import Plane
+
+
+def _fields() -> tuple[dict[str, Any], bytes]:
+    for fields, model_bytes in example_manifests():
+        if fields["name"] == "digits-logreg":
+            return dict(fields), model_bytes
+    raise AssertionError("no digits-logreg example")
+
+
+@pytest.fixture(scope="module")
+def logreg() -> tuple[dict[str, Any], bytes]:
+    return _fields()
+
+
+def _unsigned(tmp: Path, logreg: tuple[dict[str, Any], bytes], version: str = "9.0.0") -> Path:
+    fields, model_bytes = logreg
+    path = tmp / f"unsigned-{version}.ewb"
+    bundle.pack_files({**fields, "version": version}, {fields["model"]: model_bytes}, path)
+    return path
+
+
+def _push_code(p: Plane, path: Path) -> tuple[int, str]:
+    r = p.push(path)
+    return r.status_code, r.json().get("error", {}).get("code", "")
+
+
+def test_unsigned_bundle_is_refused(sqlite_plane: Plane, examples: dict[str, Any],
+                                    tmp_path: Path, logreg: Any) -> None:
+    sqlite_plane.trust(examples["pub"])
+    status, _ = _push_code(sqlite_plane, _unsigned(tmp_path, logreg))
+    assert status == 400
+
+
+def test_bundle_signed_by_unknown_key_is_refused(sqlite_plane: Plane, examples: dict[str, Any],
+                                                  tmp_path: Path, logreg: Any) -> None:
+    sqlite_plane.trust(examples["pub"])
+    path = _unsigned(tmp_path, logreg)
+    bundle.sign(path, Ed25519PrivateKey.generate())
+    status, _ = _push_code(sqlite_plane, path)
+    assert status == 400
+
+
+def test_tampered_bundle_is_refused(sqlite_plane: Plane, examples: dict[str, Any],
+                                    tmp_path: Path) -> None:
+    sqlite_plane.trust(examples["pub"])
+    src = examples["bundles"]["digits-logreg@1.0.0"]
+    out = tmp_path / "tampered.ewb"
+    with zipfile.ZipFile(src) as zin, zipfile.ZipFile(out, "w") as zout:
+        for info in zin.infolist():
+            data = zin.read(info.filename)
+            if info.filename.endswith(".onnx"):
+                data = data[:-1] + bytes([data[-1] ^ 1])
+            zout.writestr(info, data)
+    status, _ = _push_code(sqlite_plane, out)
+    assert status == 400
+
+
+def test_not_a_bundle_and_empty_uploads_are_refused(sqlite_plane: Plane, tmp_path: Path) -> None:
+    junk = tmp_path / "junk.ewb"
+    junk.write_bytes(b"not a zip at all")
+    assert _push_code(sqlite_plane, junk)[0] == 400
+    empty = tmp_path / "empty.ewb"
+    empty.write_bytes(b"")
+    assert _push_code(sqlite_plane, empty)[0] == 400
+
+
+def test_same_version_with_other_content_conflicts_and_same_content_is_a_no_op(
+    sqlite_plane: Plane, examples: dict[str, Any], tmp_path: Path, logreg: Any
+) -> None:
+    p = sqlite_plane
+    p.trust(examples["pub"])
+    first = examples["bundles"]["digits-logreg@1.0.0"]
+    assert p.push(first).status_code == 201
+    again = p.push(first)
+    assert again.status_code == 200 and again.json()["created"] is False
+    other = _unsigned(tmp_path, logreg, version="1.0.0")
+    bundle.sign(other, bundle.load_private_key(examples["key"]))
+    extra = Ed25519PrivateKey.generate()  # a second signature makes other bytes
+    bundle.sign(other, extra)
+    r = p.push(other)
+    assert r.status_code == 409, r.text
+    assert len(p.api("GET", "/api/v1/models").json()) == 1
+
+
+def test_artifact_is_served_with_etag_and_ranges(sqlite_plane: Plane,
+                                                 examples: dict[str, Any]) -> None:
+    p = sqlite_plane
+    p.trust(examples["pub"])
+    path = examples["bundles"]["digits-logreg@1.0.0"]
+    sha = p.push(path).json()["sha256"]
+    raw = path.read_bytes()
+    dev = p.enroll()
+    url = f"/device/v1/artifacts/{sha}"
+    r = dev.get(url)
+    assert r.status_code == 200 and r.content == raw and r.headers["etag"] == f'"{sha}"'
+    r = dev.get(url, range="bytes=10-")
+    assert r.status_code == 206 and r.content == raw[10:]
+    assert r.headers["content-range"] == f"bytes 10-{len(raw) - 1}/{len(raw)}"
+    r = dev.get(url, range="bytes=5-9")
+    assert r.status_code == 206 and r.content == raw[5:10]
+    assert dev.get(url, range=f"bytes={len(raw)}-").status_code == 416
+    assert dev.get(f"/device/v1/artifacts/{'0' * 64}").status_code == 404
+    assert p.client.get(url).status_code == 401
+
+
+def test_yanked_model_cannot_be_deployed(sqlite_plane: Plane, examples: dict[str, Any]) -> None:
+    p = sqlite_plane
+    p.trust(examples["pub"])
+    p.push(examples["bundles"]["digits-logreg@1.0.0"])
+    assert p.api("POST", "/api/v1/models/digits-logreg/1.0.0/yank").status_code == 200
+    r = p.api("POST", "/api/v1/deployments", json={
+        "name": "d", "pipelines": {"digits": {"model": "digits-logreg@1.0.0"}}})
+    assert r.status_code == 409 and r.json()["error"]["code"] == "yanked"

@@ -1,0 +1,145 @@
+"""One contract suite for the store, run against SQLite and PostgreSQL."""
+
+from __future__ import annotations
+
+import pytest
+from sqlalchemy import inspect
+
+from edgewise.control import ConflictError, SqlStore
+from edgewise.control._auditchain import GENESIS
+from edgewise.control._schema import metadata
+
+
+def _device(store: SqlStore, device_id: str = "dev-1", key: str = "k1") -> None:
+    store.insert_device({"id": device_id, "public_key": key, "labels": {"site": "a"},
+                         "capabilities": {}, "status": "active", "enrolled_at": 1.0})
+
+
+def test_migrated_schema_has_every_table(store: SqlStore) -> None:
+    tables = set(inspect(store.engine).get_table_names())
+    assert set(metadata.tables) <= tables
+    assert "alembic_version" in tables
+
+
+def test_meta_is_set_once(store: SqlStore) -> None:
+    assert store.put_meta_if_absent("bootstrap", "1")
+    assert not store.put_meta_if_absent("bootstrap", "2")
+    assert store.get_meta("bootstrap") == "1"
+
+
+def test_tokens_are_found_by_hash_and_revoked(store: SqlStore) -> None:
+    store.insert_token({"id": "t1", "name": "n", "role": "viewer", "scope": None,
+                        "token_hash": "h1", "created_at": 1.0, "created_by": "x",
+                        "revoked_at": None})
+    assert store.token_by_hash("h1")["id"] == "t1"  # type: ignore[index]
+    assert store.token_by_hash("nope") is None
+    assert store.revoke_token("t1", 2.0)
+    assert store.token_by_hash("h1")["revoked_at"] == 2.0  # type: ignore[index]
+    assert not store.revoke_token("missing", 2.0)
+
+
+def test_publisher_key_is_idempotent_and_conflicts_on_rebinding(store: SqlStore) -> None:
+    assert store.add_publisher_key("kid", "AAA", "n", 1.0)
+    assert not store.add_publisher_key("kid", "AAA", "n", 1.0)
+    with pytest.raises(ConflictError):
+        store.add_publisher_key("kid", "BBB", "n", 1.0)
+    assert store.publisher_keys() == {"kid": "AAA"}
+
+
+def test_enroll_token_uses_are_bounded_and_expire(store: SqlStore) -> None:
+    store.insert_enroll_token({"id": "e1", "token_hash": "eh", "labels": {"a": "b"},
+                               "expires_at": 100.0, "max_uses": 2, "uses": 0,
+                               "created_at": 1.0, "created_by": "x", "revoked": False})
+    assert store.use_enroll_token("eh", 10.0)[0] is not None
+    assert store.use_enroll_token("eh", 10.0)[0] is not None
+    assert store.use_enroll_token("eh", 10.0) == (None, "used up")
+    assert store.use_enroll_token("zz", 10.0) == (None, "unknown")
+    store.insert_enroll_token({"id": "e2", "token_hash": "eh2", "labels": {},
+                               "expires_at": 5.0, "max_uses": 2, "uses": 0,
+                               "created_at": 1.0, "created_by": "x", "revoked": False})
+    assert store.use_enroll_token("eh2", 10.0) == (None, "expired")
+
+
+def test_device_key_is_unique(store: SqlStore) -> None:
+    _device(store)
+    with pytest.raises(ConflictError):
+        _device(store, "dev-2", "k1")
+    assert store.device_ids() == ["dev-1"]
+
+
+def test_desired_compare_and_set_refuses_a_stale_writer(store: SqlStore) -> None:
+    _device(store)
+    assert store.cas_desired("dev-1", "", 1, "h1", {"document": {}}, 2.0)
+    assert not store.cas_desired("dev-1", "", 1, "h-other", {"document": {}}, 2.0)
+    row = store.get_device("dev-1")
+    assert row is not None
+    assert (row["desired_revision"], row["desired_hash"]) == (1, "h1")
+    assert ("dev-1", 2.0) in store.changed_since(1.5)
+
+
+def test_labels_status_and_last_seen(store: SqlStore) -> None:
+    _device(store)
+    assert store.set_labels("dev-1", {"site": "b"}, 3.0)
+    assert store.set_status("dev-1", "decommissioned", 4.0)
+    store.touch_last_seen({"dev-1": 5.0})
+    store.touch_last_seen({"dev-1": 4.0})  # older times never move last_seen back
+    row = store.get_device("dev-1")
+    assert row is not None
+    assert (row["labels"], row["status"], row["last_seen"]) == ({"site": "b"}, "decommissioned", 5.0)
+    assert store.device_ids() == []
+
+
+def test_report_replaces_pipelines_idempotently(store: SqlStore) -> None:
+    _device(store)
+    report = {"revision": 2, "pipelines": {"p": {"model": "m", "version": "1", "slot": "a",
+              "status": "active", "reason": "", "timeline": [{"state": "active", "at": 1.0}]}},
+              "errors": [], "agent": {}}
+    store.save_report("dev-1", report, 9.0)
+    store.save_report("dev-1", report, 9.0)
+    rows = store.device_pipelines("dev-1")
+    assert [(r["pipeline"], r["status"]) for r in rows] == [("p", "active")]
+
+
+def test_model_versions_are_immutable(store: SqlStore) -> None:
+    row = {"name": "m", "version": "1.0.0", "sha256": "a" * 64, "size": 1, "manifest": {},
+           "signers": [], "yanked": False, "pushed_at": 1.0, "pushed_by": "x"}
+    assert store.insert_model(row) == "created"
+    assert store.insert_model(row) == "same"
+    with pytest.raises(ConflictError):
+        store.insert_model({**row, "sha256": "b" * 64})
+    assert store.set_yanked("m", "1.0.0", True)
+    assert store.get_model("m", "1.0.0")["yanked"] is True  # type: ignore[index]
+    assert store.model_by_sha("a" * 64) is not None
+
+
+def test_deployment_create_is_idempotent_by_name_and_content(store: SqlStore) -> None:
+    row = {"id": "d1", "name": "base", "selector": "", "priority": 0, "pipelines": {},
+           "content_hash": "c1", "created_at": 1.0, "created_by": "x"}
+    first, created = store.create_deployment(row)
+    again, created_again = store.create_deployment({**row, "id": "d2"})
+    assert created and not created_again and again["id"] == first["id"] == "d1"
+    with pytest.raises(ConflictError):
+        store.create_deployment({**row, "id": "d3", "content_hash": "c2"})
+    second, _ = store.create_deployment({**row, "id": "d4", "name": "next"})
+    assert second["seq"] > first["seq"]
+    assert store.delete_deployment("d1")
+    assert [d["id"] for d in store.list_deployments()] == ["d4"]
+
+
+def test_audit_appends_chain_from_the_head(store: SqlStore) -> None:
+    def build(seq: int, prev: str) -> dict[str, object]:
+        return {"seq": seq, "at": 1.0, "actor": "a", "action": "x", "object": "o",
+                "request_digest": "", "result": "ok", "prev_hash": prev, "hash": f"h{seq}"}
+
+    store.append_audit(build, GENESIS)
+    store.append_audit(build, GENESIS)
+    rows = store.list_audit()
+    assert [(r["seq"], r["prev_hash"]) for r in rows] == [(1, GENESIS), (2, "h1")]
+
+
+def test_telemetry_is_stored_once_and_acks_contiguously(store: SqlStore) -> None:
+    _device(store)
+    rec = {"cls": "event", "ts": 1.0, "kind": "k", "data": {}}
+    assert store.insert_telemetry("dev-1", [{**rec, "seq": 1}, {**rec, "seq": 3}], 1.0) == (2, 0, 1)
+    assert store.insert_telemetry("dev-1", [{**rec, "seq": 3}, {**rec, "seq": 2}], 1.0) == (1, 1, 3)
+    assert [r["seq"] for r in store.telemetry("dev-1")] == [1, 2, 3]

@@ -1,0 +1,162 @@
+from __future__ import annotations
+
+import socket
+import threading
+import time
+from collections.abc import Iterator
+
+import httpx
+import numpy as np
+import pytest
+import uvicorn
+
+from edgewise.examples import DigitsSplit
+from edgewise.runtime import Runtime, make_inference_app
+
+from .conftest import SpecFactory
+
+
+class Server:
+    """uvicorn on a free loopback port, in a thread."""
+
+    def __init__(self, app: object) -> None:
+        sock = socket.socket()
+        sock.bind(("127.0.0.1", 0))
+        self.port = sock.getsockname()[1]
+        self.sock = sock
+        config = uvicorn.Config(app, log_level="error", lifespan="on")  # type: ignore[arg-type]
+        self.server = uvicorn.Server(config)
+        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [sock]})
+
+    def __enter__(self) -> str:
+        self.thread.start()
+        deadline = time.monotonic() + 10
+        while not self.server.started:
+            assert time.monotonic() < deadline, "server did not start"
+            time.sleep(0.01)
+        return f"http://127.0.0.1:{self.port}"
+
+    def __exit__(self, *exc: object) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout=10)
+        self.sock.close()
+
+
+@pytest.fixture
+def served(runtime: Runtime, mlp_bytes: bytes, make_spec: SpecFactory) -> Iterator[httpx.Client]:
+    runtime.start_pipeline(make_spec(), runtime.load_model(mlp_bytes))
+    server = Server(make_inference_app(runtime, max_body_bytes=64 * 1024))
+    with server as url, httpx.Client(base_url=url, timeout=10) as client:
+        yield client
+
+
+def _raw(x: np.ndarray, dtype: str | None = None, shape: str | None = None) -> dict[str, object]:
+    return {
+        "content": x.tobytes(),
+        "headers": {
+            "content-type": "application/octet-stream",
+            "x-tensor-dtype": dtype or str(x.dtype),
+            "x-tensor-shape": shape or ",".join(map(str, x.shape)),
+        },
+    }
+
+
+def test_json_inference_matches_the_runtime(
+    served: httpx.Client, runtime: Runtime, split: DigitsSplit
+) -> None:
+    resp = served.post("/v1/pipelines/digits/infer", json={"inputs": split.x_test[:3].tolist()})
+    assert resp.status_code == 200
+    body = resp.json()
+    assert body["labels"] == runtime.infer("digits", split.x_test[:3]).labels
+    assert len(body["outputs"]["probabilities"]) == 3
+    bare = served.post("/v1/pipelines/digits/infer", json=split.x_test[0].tolist())
+    assert bare.status_code == 200 and len(bare.json()["labels"]) == 1
+
+
+def test_raw_tensor_inference(served: httpx.Client, split: DigitsSplit) -> None:
+    resp = served.post("/v1/pipelines/digits/infer", **_raw(split.x_test[:2]))  # type: ignore[arg-type]
+    assert resp.status_code == 200
+    assert len(resp.json()["labels"]) == 2
+
+
+def test_listing_and_stats(served: httpx.Client, split: DigitsSplit) -> None:
+    served.post("/v1/pipelines/digits/infer", json=split.x_test[0].tolist())
+    listing = served.get("/v1/pipelines").json()["pipelines"]
+    assert [p["name"] for p in listing] == ["digits"]
+    assert listing[0]["input"] == {"dtype": "float32", "shape": [None, 64]}
+    stats = served.get("/v1/pipelines/digits/stats").json()
+    assert stats["nv_inference_request_success"] == 1
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "status", "code"),
+    [
+        ({"json": {"inputs": [[0.0] * 63]}}, 400, "bad_input"),
+        ({"json": {"inputs": [["a"] * 64]}}, 400, "bad_input"),
+        ({"json": {"inputs": [[0.0] * 64, [0.0] * 3]}}, 400, "bad_input"),
+        ({"json": {"wrong": 1}}, 400, "bad_input"),
+        ({"json": "text"}, 400, "bad_input"),
+        ({"json": {"inputs": [[True] * 64]}}, 400, "bad_input"),
+        (
+            {"content": b"{not json", "headers": {"content-type": "application/json"}},
+            400,
+            "bad_input",
+        ),
+        ({"json": {"inputs": [[0.0] * 64] * 2000}}, 413, "payload_too_large"),
+    ],
+    ids=["size", "non-numeric", "ragged", "no-inputs", "not-array", "bool", "syntax", "oversized"],
+)
+def test_bad_json_gets_a_4xx_and_the_pipeline_keeps_serving(
+    served: httpx.Client, split: DigitsSplit, kwargs: dict[str, object], status: int, code: str
+) -> None:
+    resp = served.post("/v1/pipelines/digits/infer", **kwargs)  # type: ignore[arg-type]
+    assert resp.status_code == status
+    assert resp.json()["error"]["code"] == code
+    assert resp.json()["error"]["message"]
+    ok = served.post("/v1/pipelines/digits/infer", json=split.x_test[0].tolist())
+    assert ok.status_code == 200
+
+
+def test_bad_raw_tensors_get_a_4xx(served: httpx.Client, split: DigitsSplit) -> None:
+    x = split.x_test[:1]
+    cases = [
+        _raw(x.astype(np.float64)),  # wrong dtype
+        _raw(x, shape="1,32"),  # shape and size disagree
+        _raw(x[:, :32], shape="1,32"),  # wrong shape for the model
+        _raw(x, dtype="complex64"),  # unsupported dtype
+        _raw(x, shape="1,x"),  # unreadable shape
+    ]
+    for case in cases:
+        resp = served.post("/v1/pipelines/digits/infer", **case)  # type: ignore[arg-type]
+        assert resp.status_code == 400, resp.text
+        assert resp.json()["error"]["code"] == "bad_input"
+    assert served.post("/v1/pipelines/digits/infer", **_raw(x)).status_code == 200  # type: ignore[arg-type]
+
+
+def test_unknown_pipeline_route_and_method(served: httpx.Client) -> None:
+    resp = served.post("/v1/pipelines/nope/infer", json=[[0.0] * 64])
+    assert resp.status_code == 404 and resp.json()["error"]["code"] == "unknown_pipeline"
+    assert served.get("/v1/elsewhere").status_code == 404
+    assert served.get("/v1/pipelines/digits/infer").status_code == 405
+    assert served.get("/v1/pipelines/nope/stats").status_code == 404
+
+
+def test_concurrent_http_clients_are_batched_and_all_served(
+    served: httpx.Client, runtime: Runtime, split: DigitsSplit
+) -> None:
+    errors: list[int] = []
+
+    def client(k: int) -> None:
+        with httpx.Client(base_url=str(served.base_url), timeout=10) as c:
+            for i in range(20):
+                r = c.post("/v1/pipelines/digits/infer", json=split.x_test[(k + i) % 50].tolist())
+                if r.status_code != 200:
+                    errors.append(r.status_code)
+
+    threads = [threading.Thread(target=client, args=(k,)) for k in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []
+    assert runtime.stats("digits")["nv_inference_request_success"] == 160

@@ -1,0 +1,127 @@
+from __future__ import annotations
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+
+from edgewise.examples import DigitsSplit
+from edgewise.runtime import BadInput, Runtime, UnknownPipeline
+
+from .conftest import SpecFactory
+
+
+def test_digits_pipeline_accuracy_equals_raw_onnxruntime(
+    runtime: Runtime, mlp_bytes: bytes, split: DigitsSplit, make_spec: SpecFactory
+) -> None:
+    runtime.start_pipeline(make_spec(), runtime.load_model(mlp_bytes))
+    raw = ort.InferenceSession(mlp_bytes, providers=["CPUExecutionProvider"])
+    raw_pred = np.asarray(raw.run(["probabilities"], {"input": split.x_test})[0]).argmax(axis=1)
+
+    pipe_pred = np.array([int(runtime.infer("digits", row).labels[0]) for row in split.x_test])
+
+    assert np.array_equal(pipe_pred, raw_pred)
+    assert float((pipe_pred == split.y_test).mean()) == float((raw_pred == split.y_test).mean())
+    assert runtime.stats("digits")["nv_inference_request_success"] == len(split.x_test)
+
+
+def test_preprocess_scale_takes_raw_pixel_values(
+    runtime: Runtime, mlp_bytes: bytes, split: DigitsSplit, make_spec: SpecFactory
+) -> None:
+    spec = make_spec(preprocess=[{"type": "scale", "params": {"factor": 1 / 16}}])
+    runtime.start_pipeline(spec, runtime.load_model(mlp_bytes))
+    raw_pixels = split.x_test[:50] * 16.0
+    scaled = runtime.infer("digits", raw_pixels)
+    direct = runtime.load_model(mlp_bytes).session.run(split.x_test[:50])
+    assert scaled.labels == [str(i) for i in np.asarray(direct["probabilities"]).argmax(1)]
+
+
+def test_postprocess_topk_and_threshold(
+    runtime: Runtime, mlp_bytes: bytes, split: DigitsSplit, make_spec: SpecFactory
+) -> None:
+    spec = make_spec(
+        postprocess=[
+            {"type": "topk", "params": {"k": 3}},
+            {"type": "threshold", "params": {"min_confidence": 0.999999, "label": "unsure"}},
+        ]
+    )
+    runtime.start_pipeline(spec, runtime.load_model(mlp_bytes))
+    result = runtime.infer("digits", split.x_test[:20])
+    assert result.topk is not None and all(len(t) == 3 for t in result.topk)
+    assert all(t[0][1] >= t[1][1] >= t[2][1] for t in result.topk)
+    confident = [c is not None and c >= 0.999999 for c in result.confidences]
+    assert [lab == "unsure" for lab in result.labels] == [not c for c in confident]
+
+
+def test_softmax_turns_scores_into_probabilities(
+    runtime: Runtime, mlp_bytes: bytes, split: DigitsSplit, make_spec: SpecFactory
+) -> None:
+    runtime.start_pipeline(
+        make_spec(postprocess=[{"type": "softmax"}]), runtime.load_model(mlp_bytes)
+    )
+    conf = runtime.infer("digits", split.x_test[:5]).confidences
+    assert all(c is not None and 0.1 <= c <= 1.0 for c in conf)
+
+
+def test_unknown_stage_name_is_refused_at_start(
+    runtime: Runtime, mlp_bytes: bytes, make_spec: SpecFactory
+) -> None:
+    with pytest.raises(ValueError, match="unknown postprocess stage 'nope'"):
+        runtime.start_pipeline(
+            make_spec(postprocess=[{"type": "nope"}]), runtime.load_model(mlp_bytes)
+        )
+
+
+def test_bad_input_is_counted_and_the_pipeline_keeps_serving(
+    runtime: Runtime, mlp_bytes: bytes, split: DigitsSplit, make_spec: SpecFactory
+) -> None:
+    runtime.start_pipeline(make_spec(), runtime.load_model(mlp_bytes))
+    with pytest.raises(BadInput):
+        runtime.infer("digits", np.zeros((1, 10), np.float32))
+    with pytest.raises(BadInput):
+        runtime.infer("digits", np.zeros((0, 64), np.float32))
+    with pytest.raises(UnknownPipeline):
+        runtime.infer("nope", split.x_test[0])
+    assert runtime.infer("digits", split.x_test[0]).label is not None
+    stats = runtime.stats("digits")
+    assert stats["nv_inference_request_bad_input"] == 2
+    assert stats["nv_inference_request_success"] == 1
+
+
+def test_stats_hold_latency_confidence_and_batch_histograms(
+    runtime: Runtime, mlp_bytes: bytes, split: DigitsSplit, make_spec: SpecFactory
+) -> None:
+    runtime.start_pipeline(make_spec(), runtime.load_model(mlp_bytes))
+    for row in split.x_test[:30]:
+        runtime.infer("digits", row)
+    stats = runtime.stats("digits")
+    assert stats["nv_inference_request_duration_ms"]["count"] == 30
+    assert stats["nv_inference_compute_infer_duration_ms"]["count"] == 30
+    assert stats["confidence"]["count"] == 30
+    assert stats["batch_size"]["count"] == 30
+    assert set(stats["stage_duration_ms"]) >= {"model", "postprocess"}
+    assert stats["p95_ms"] is not None
+
+
+def test_sample_rate_keeps_every_nth_input(
+    runtime: Runtime, mlp_bytes: bytes, split: DigitsSplit, make_spec: SpecFactory
+) -> None:
+    runtime.start_pipeline(make_spec(sample_rate=0.25), runtime.load_model(mlp_bytes))
+    for row in split.x_test[:40]:
+        runtime.infer("digits", row)
+    assert len(runtime.sampled_inputs("digits")) == 10
+
+
+def test_stopped_pipeline_is_unknown_and_can_start_again(
+    runtime: Runtime, mlp_bytes: bytes, split: DigitsSplit, make_spec: SpecFactory
+) -> None:
+    model = runtime.load_model(mlp_bytes)
+    runtime.start_pipeline(make_spec(), model)
+    with pytest.raises(ValueError, match="already running"):
+        runtime.start_pipeline(make_spec(), model)
+    runtime.stop_pipeline("digits")
+    with pytest.raises(UnknownPipeline):
+        runtime.infer("digits", split.x_test[0])
+    runtime.start_pipeline(make_spec(), model)
+    assert [p["name"] for p in runtime.pipelines()] == ["digits"]
+    kinds = [e.kind for e in runtime.events()]
+    assert kinds == ["pipeline_started", "pipeline_stopped", "pipeline_started"]

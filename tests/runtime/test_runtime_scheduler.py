@@ -1,0 +1,157 @@
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+
+import numpy as np
+import pytest
+
+from edgewise.examples import DigitsSplit
+from edgewise.runtime import Rejected, Runtime, Shed
+from edgewise.runtime._scheduler import Request, should_shed
+
+from .conftest import SpecFactory
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+class Recorder:
+    """Collects completions in order, from whichever thread completes them."""
+
+    def __init__(self) -> None:
+        self.order: list[tuple[str, str]] = []
+        self.lock = threading.Lock()
+        self.done = threading.Semaphore(0)
+
+    def __call__(self, req: Request) -> None:
+        with self.lock:
+            outcome = "ok" if req.error is None else type(req.error).__name__
+            self.order.append((req.owner.name, outcome))
+        self.done.release()
+
+    def wait(self, n: int) -> None:
+        for _ in range(n):
+            assert self.done.acquire(timeout=10)
+
+
+@pytest.fixture
+def clock() -> FakeClock:
+    return FakeClock()
+
+
+@pytest.fixture
+def rt(clock: FakeClock) -> Iterator[Runtime]:
+    runtime = Runtime(cores=1, clock=clock, monitor_interval_s=None)
+    yield runtime
+    runtime.close()
+
+
+def _start_pair(rt: Runtime, mlp: bytes, make_spec: SpecFactory, be_capacity: int) -> None:
+    model = rt.load_model(mlp)
+    rt.start_pipeline(make_spec("crit", priority="critical", slo={"p95_ms": 10}), model)
+    rt.start_pipeline(
+        make_spec("bulk", priority="best_effort", batching={"queue_capacity": be_capacity}), model
+    )
+
+
+def test_shedding_rule_compares_wait_plus_one_batch_with_the_slo_budget() -> None:
+    assert not should_shed(waited_s=0.001, est_batch_s=0.001, slo_s=0.010, fraction=0.5)
+    assert should_shed(waited_s=0.004, est_batch_s=0.001, slo_s=0.010, fraction=0.5)
+
+
+def test_critical_requests_are_served_before_queued_best_effort(
+    rt: Runtime, mlp_bytes: bytes, split: DigitsSplit, make_spec: SpecFactory
+) -> None:
+    _start_pair(rt, mlp_bytes, make_spec, be_capacity=100)
+    rec = Recorder()
+    rt.pause()
+    for i in range(20):
+        rt.submit("bulk", split.x_test[i], rec)
+    for i in range(5):
+        rt.submit("crit", split.x_test[i], rec)
+    rt.resume()
+    rec.wait(25)
+    assert rec.order[:5] == [("crit", "ok")] * 5
+    assert rec.order[5:] == [("bulk", "ok")] * 20
+
+
+def test_saturating_best_effort_is_rejected_when_full_and_shed_for_critical(
+    rt: Runtime, clock: FakeClock, mlp_bytes: bytes, split: DigitsSplit, make_spec: SpecFactory
+) -> None:
+    _start_pair(rt, mlp_bytes, make_spec, be_capacity=16)
+    rec = Recorder()
+    rt.pause()
+    rejected = 0
+    for i in range(40):
+        try:
+            rt.submit("bulk", split.x_test[i], rec)
+        except Rejected:
+            rejected += 1
+    for i in range(3):
+        rt.submit("crit", split.x_test[i], rec)
+    clock.now += 0.008  # critical work has waited most of its 10 ms budget
+    rt.resume()
+    rec.wait(16 + 3)
+
+    assert rejected == 24
+    assert rec.order[:3] == [("crit", "ok")] * 3
+    assert rec.order[3:] == [("bulk", "Shed")] * 16
+    # While shedding holds, new best-effort work is shed on arrival, critical still runs.
+    with pytest.raises(Shed):
+        rt.submit("bulk", split.x_test[0], rec)
+    assert rt.infer("crit", split.x_test[0]).label is not None
+    bulk = rt.stats("bulk")
+    assert bulk["nv_inference_request_rejected"] == 24
+    assert bulk["nv_inference_request_shed"] == 17
+    assert bulk["nv_inference_request_success"] == 0
+    # After the hold, best-effort is admitted again.
+    clock.now += 1.0
+    assert rt.infer("bulk", split.x_test[0]).label is not None
+
+
+def test_queued_requests_of_one_model_form_one_batch_up_to_max_batch(
+    rt: Runtime, mlp_bytes: bytes, split: DigitsSplit, make_spec: SpecFactory
+) -> None:
+    rt.start_pipeline(make_spec(batching={"max_batch": 4}), rt.load_model(mlp_bytes))
+    rec = Recorder()
+    rt.pause()
+    for i in range(10):
+        rt.submit("digits", split.x_test[i], rec)
+    rt.resume()
+    rec.wait(10)
+    sizes = rt.stats("digits")["batch_size"]
+    by_bound = dict(zip(sizes["bounds"], sizes["counts"], strict=False))
+    assert sizes["count"] == 3  # 4 + 4 + 2
+    assert by_bound[2] == 1 and by_bound[4] == 2
+    assert rec.order == [("digits", "ok")] * 10
+
+
+def test_batched_results_go_back_to_the_right_request(
+    rt: Runtime, mlp_bytes: bytes, split: DigitsSplit, make_spec: SpecFactory
+) -> None:
+    model = rt.load_model(mlp_bytes)
+    rt.start_pipeline(make_spec(), model)
+    reqs = []
+    rt.pause()
+    for i in range(12):
+        reqs.append(rt.submit("digits", split.x_test[i : i + 1 + (i % 3)], lambda r: None))
+    rt.resume()
+    rt.stop_pipeline("digits")  # drains the queue
+    for i, req in enumerate(reqs):
+        want = np.asarray(model.session.run(split.x_test[i : i + 1 + (i % 3)])["probabilities"])
+        assert req.result.labels == [str(k) for k in want.argmax(axis=1)]
+
+
+def test_a_lone_request_runs_at_once_in_the_callers_thread(
+    rt: Runtime, mlp_bytes: bytes, split: DigitsSplit, make_spec: SpecFactory
+) -> None:
+    rt.start_pipeline(make_spec(batching={"max_queue_delay_ms": 50}), rt.load_model(mlp_bytes))
+    req = rt.submit("digits", split.x_test[0], lambda r: None, inline=True)
+    assert req.result is not None  # completed before submit returned: no wait for company
+    assert req.result.queue_ms == 0.0

@@ -1,0 +1,59 @@
+from __future__ import annotations
+
+import pytest
+from pydantic import ValidationError
+
+from edgewise.protocol import PipelineSpec, Priority
+
+
+def _spec(**extra: object) -> PipelineSpec:
+    return PipelineSpec.model_validate({"name": "p", "model": {"name": "m"}, **extra})
+
+
+def test_defaults_are_an_http_source_normal_priority_and_no_delay_batching() -> None:
+    spec = _spec()
+    assert spec.source.type == "http"
+    assert spec.priority is Priority.NORMAL
+    assert spec.batching.max_queue_delay_ms == 0
+
+
+def test_priority_ranks_are_strict() -> None:
+    assert [p.rank for p in (Priority.CRITICAL, Priority.NORMAL, Priority.BEST_EFFORT)] == [0, 1, 2]
+
+
+def test_cascade_needs_exactly_one_target() -> None:
+    with pytest.raises(ValidationError, match="exactly one"):
+        _spec(cascade={"threshold": 0.5})
+    with pytest.raises(ValidationError, match="exactly one"):
+        _spec(cascade={"threshold": 0.5, "model": {"name": "big"}, "endpoint": "http://x"})
+    assert _spec(cascade={"threshold": 0.5, "endpoint": "http://up:8080"}).cascade is not None
+
+
+def test_fallback_must_differ_from_primary() -> None:
+    with pytest.raises(ValidationError, match="differ"):
+        _spec(fallback={"name": "m"})
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        {"priority": "urgent"},
+        {"slo": {"p95_ms": 0}},
+        {"sample_rate": 1.5},
+        {"batching": {"max_batch": 0}},
+        {"unknown_field": 1},
+        {"name": "Bad Name"},
+    ],
+)
+def test_invalid_specs_are_refused(bad: dict[str, object]) -> None:
+    with pytest.raises(ValidationError):
+        _spec(**bad)
+
+
+def test_spec_round_trips_through_json() -> None:
+    spec = _spec(
+        priority="critical",
+        preprocess=[{"type": "scale", "params": {"factor": 0.0625}}],
+        cascade={"threshold": 0.6, "model": {"name": "big", "version": "1.0.0"}},
+    )
+    assert PipelineSpec.model_validate_json(spec.model_dump_json()) == spec
