@@ -205,16 +205,16 @@ class TamperProxy:
                     return
                 length = int(self.headers.get("Content-Length") or 0)
                 body = self.rfile.read(length) if length else b""
-                if self.command == "GET" and self.path.startswith("/device/v1/desired"):
-                    if proxy.replace is not None:
-                        doc, etag = proxy.replace
-                        self.send_response(200)
-                        self.send_header("ETag", etag)
-                        self.send_header("Content-Type", "application/json")
-                        self.send_header("Content-Length", str(len(doc)))
-                        self.end_headers()
-                        self.wfile.write(doc)
-                        return
+                replace = proxy.replace
+                if self.path.startswith("/device/v1/desired") and replace is not None:
+                    doc, etag = replace
+                    self.send_response(200)
+                    self.send_header("ETag", etag)
+                    self.send_header("Content-Type", "application/json")
+                    self.send_header("Content-Length", str(len(doc)))
+                    self.end_headers()
+                    self.wfile.write(doc)
+                    return
                 headers = {k: v for k, v in self.headers.items() if k.lower() != "host"}
                 r = httpx.request(
                     self.command, proxy.upstream + self.path, headers=headers, content=body,

@@ -50,20 +50,17 @@ def test_offline_restart_serves_last_model_and_reports_when_back(
     dev = agent.device_id()
     cp.deploy("digits", "digits-mlp@1.0.0")
     wait_for(lambda: _active(cp, dev, "1.0.0"), 90, "1.0.0 active")
+    before = cp.device(dev)["reported_at"]
     cp.stop()
     agent.kill()
-    agent.start()
+    agent.start()  # restarts while the control plane is down
     agent.wait_up()
     assert agent.infer()["model"].startswith("digits-mlp@1.0.0")
     assert agent.status()["online"] is False
-    before = cp_reported_at = None
     cp.start()
-    wait_for(lambda: agent.status()["online"], 60, "agent back online")
-    wait_for(
-        lambda: (cp.device(dev).get("reported_at") or 0) > (before or 0), 30, "report after return"
-    )
-    del cp_reported_at
-    assert cp.device(dev)["agent"]["uptime_s"] >= 0
+    wait_for(lambda: cp.device(dev)["reported_at"] > before, 60, "report after return")
+    assert agent.status()["online"] is True
+    assert _active(cp, dev, "1.0.0")
 
 
 @pytest.fixture

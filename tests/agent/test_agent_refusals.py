@@ -80,12 +80,11 @@ def test_bundle_failing_its_health_check_is_never_switched_to(
     example_bundles: dict[str, Path],
     tmp_path: Path,
 ) -> None:
-    from edgewise.bundle import load_private_key, pack, read_manifest, sign
+    from edgewise.bundle import extract, load_public_key, pack, read_manifest, sign
 
     cp = control_plane
     # A correctly signed bundle whose health samples expect the wrong outputs.
     src = tmp_path / "bad"
-    from edgewise.bundle import extract, load_public_key
 
     extract(example_bundles["digits-mlp@1.1.0"], src, [load_public_key(example_bundles["_pub"])])
     manifest = json.loads((src / "manifest.json").read_text())

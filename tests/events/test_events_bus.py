@@ -108,7 +108,9 @@ def test_malformed_patterns_are_refused(bus: EventBus, pattern: str) -> None:
         bus.subscribe(pattern, Inbox())
 
 
-def test_mqtt_bus_drops_and_counts_non_json_messages(mqtt_broker: tuple[str, int], root: str) -> None:
+def test_mqtt_bus_drops_and_counts_non_json_messages(
+    mqtt_broker: tuple[str, int], root: str
+) -> None:
     import paho.mqtt.publish as publish
 
     bus = MqttBus(*mqtt_broker)

@@ -118,3 +118,14 @@ def test_non_integer_or_missing_id_is_broken() -> None:
     chain = build_chain(2)
     del chain[1]["id"]
     assert verify_chain(chain) == 1
+
+
+def test_hash_is_sha256_of_canonical_json_with_prev_hash() -> None:
+    import hashlib
+
+    from edgewise.bundle import canonical_json
+
+    rec = build_chain(1)[0]
+    body = {k: rec[k] for k in ("id", "at", "actor", "action", "object", "request_digest")}
+    body |= {"result": rec["result"], "prev_hash": GENESIS}
+    assert record_hash(GENESIS, rec) == hashlib.sha256(canonical_json(body)).hexdigest()

@@ -73,7 +73,8 @@ class AgentConfig:
     enroll_token: str | None = None
     labels: dict[str, str] = field(default_factory=dict)
     local_port: int | None = None  # None: no local API; 0: any free port
-    poll_wait_s: float | None = None
+    poll_wait_s: float | None = None  # 0 turns long-polling off: poll every poll_interval_s
+    poll_interval_s: float = 60.0
     report_interval_s: float = 60.0
     metrics_interval_s: float | None = None
     telemetry_budget_bytes: int = 32 * 1024 * 1024
@@ -94,6 +95,7 @@ class Agent:
         host: Host | None = None,
         clock: Callable[[], float] = time.time,
     ) -> None:
+        tune_malloc()
         self.config = config
         self.dir = config.data_dir
         ensure_private_dir(self.dir)
@@ -104,7 +106,10 @@ class Agent:
         server = config.server or (self.identity.server if self.identity else None)
         if not server:
             raise IdentityError("no control-plane URL: pass --server")
-        self.http = http or httpx.Client(base_url=server, timeout=httpx.Timeout(30.0))
+        # A plain-HTTP control plane needs no TLS context (loading the CA store costs RSS).
+        self.http = http or httpx.Client(
+            base_url=server, timeout=httpx.Timeout(30.0), verify=server.startswith("https:")
+        )
         self.client = DeviceClient(self.http, clock=clock)
         self.host: Host = host or RuntimeHost()
         self.store = ModelStore(self.dir / "models")
@@ -141,6 +146,7 @@ class Agent:
             clock,
         )
         self.local_port: int | None = None
+        self.mqtt: Any = None
         self._threads: list[threading.Thread] = []
         self._closers: list[Callable[[], None]] = []
 
@@ -235,6 +241,7 @@ class Agent:
                 rec.tracker.restart(f"committed model unusable: {exc}", self.clock())
                 self._persist()
         self.emit("event", "agent.started", {"version": AGENT_VERSION})
+        trim_malloc()
 
     def _align_pointers(self, rec: PipelineRecord) -> None:
         # state.json is the commit point; the store's pointer follows it (a crash may
@@ -338,6 +345,7 @@ class Agent:
         self.installer.install(name, rec, action, action.fingerprint)
         if rec.tracker.state is InstallState.ACTIVE:
             self._prune_cache()
+        trim_malloc()
 
     def _runtime_spec(self, name: str, action: Action) -> dict[str, Any]:
         assert action.model is not None
@@ -401,6 +409,7 @@ class Agent:
         except (RetryableError, UplinkError):
             return False
         self.report_dirty = False
+        self.online = True
         self._next_report = now + self.config.report_interval_s
         return True
 
@@ -450,6 +459,7 @@ class Agent:
                 "dropped": self.buffer.dropped(),
                 "telemetry_uploaded": self.drain.uploaded,
                 "last_seq": self.buffer.last_seq(),
+                "mqtt_connected": bool(self.mqtt and self.mqtt.connected.is_set()),
             }
 
     # -- the loop ---------------------------------------------------------------------
@@ -474,6 +484,7 @@ class Agent:
 
             wake = MqttWake(*self.config.mqtt, self.identity.device_id, self.wake)
             wake.start()
+            self.mqtt = wake
             self._closers.append(wake.stop)
 
     _inference: Any = None
@@ -506,12 +517,15 @@ class Agent:
                 wait = 0.0 if woke or self.state.etag is None else self.poll_wait_s
                 poll = self.client.desired(self.state.etag, wait)
                 self.online = True
+                idle = poll.signed is None and wait == 0 and self.poll_wait_s == 0
                 attempt = 0
                 self.state.last_sync = self.clock()
                 if poll.signed is not None:
                     self.accept(poll.signed, poll.etag)
                 self.reconcile()
                 self.send_report()
+                if idle:  # no long-poll: sleep until the interval or an MQTT wake-up
+                    self.wake.wait(self.config.poll_interval_s)
             except (RetryableError, GiveUp) as exc:
                 self.online = False
                 self.report_dirty = True  # the first successful contact reports at once
@@ -545,6 +559,31 @@ class Agent:
         self.host.close()
         self.buffer.close()
         self.http.close()
+
+
+def tune_malloc() -> None:
+    """Cap glibc malloc arenas: each thread otherwise gets its own, and RSS grows with them.
+
+    A device agent runs a handful of threads that allocate little; two arenas serve them
+    without contention that matters, and keep the idle footprint inside its budget.
+    """
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallopt(-8, 2)  # M_ARENA_MAX
+    except (OSError, AttributeError):  # not glibc: nothing to tune
+        pass
+
+
+def trim_malloc() -> None:
+    """Give freed heap pages back to the OS (after a model load or swap)."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
 
 
 def _resources() -> dict[str, Any]:

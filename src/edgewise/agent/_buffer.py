@@ -63,6 +63,7 @@ class TelemetryBuffer:
         self._db.execute("PRAGMA journal_mode=WAL")
         # FULL: a committed append survives a power cut, not only a process crash.
         self._db.execute("PRAGMA synchronous=FULL")
+        self._db.execute("PRAGMA cache_size=-512")  # KiB: appends and peeks touch few pages
         self._db.executescript(_SCHEMA)
 
     def close(self) -> None:

@@ -6,9 +6,13 @@ its source reports nothing rather than stopping the agent.
 
 from __future__ import annotations
 
+import importlib.metadata
+import json
 import os
 import platform
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -26,12 +30,27 @@ _ACCELERATOR_PROVIDERS = {
 }
 
 
+_PROBE = (
+    "import json, onnxruntime as o; "
+    "print(json.dumps([o.__version__, o.get_available_providers()]))"
+)
+
+
 def _onnxruntime() -> tuple[dict[str, str], list[str]]:
+    # Probed in a child process: importing onnxruntime (and numpy) costs ~30 MB of RSS,
+    # which an agent with no pipeline should not carry.
     try:
-        import onnxruntime as ort
-    except ImportError:
+        out = subprocess.run(
+            [sys.executable, "-c", _PROBE], capture_output=True, text=True, timeout=120
+        )
+        version, providers = json.loads(out.stdout)
+        return {"onnxruntime": str(version)}, [str(p) for p in providers]
+    except (OSError, ValueError, TypeError, subprocess.SubprocessError):
+        pass
+    try:
+        return {"onnxruntime": importlib.metadata.version("onnxruntime")}, []
+    except importlib.metadata.PackageNotFoundError:
         return {}, []
-    return {"onnxruntime": str(ort.__version__)}, list(ort.get_available_providers())
 
 
 def _accelerators(providers: list[str], sys_root: Path) -> list[str]:

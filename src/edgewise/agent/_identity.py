@@ -7,6 +7,8 @@ root holds two key sets: publishers (who may sign model bundles) and the control
 
 from __future__ import annotations
 
+import base64
+import binascii
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,7 +18,6 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
 from edgewise.agent._durable import DurableJson, atomic_write_bytes
-from edgewise.bundle import public_key_from_b64, public_key_to_b64
 
 __all__ = [
     "Identity",
@@ -30,6 +31,24 @@ __all__ = [
 
 KEY_FILE = "device.key"
 IDENTITY_FILE = "identity.json"
+
+
+def public_key_to_b64(key: Ed25519PublicKey) -> str:
+    """Base64 of the raw 32-byte public key (the wire form of every key)."""
+    raw = key.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+    return base64.b64encode(raw).decode()
+
+
+def public_key_from_b64(text: str) -> Ed25519PublicKey:
+    """Parse a base64 raw public key.
+
+    Raises:
+        IdentityError: not base64 of 32 bytes.
+    """
+    try:
+        return Ed25519PublicKey.from_public_bytes(base64.b64decode(text, validate=True))
+    except (ValueError, binascii.Error) as exc:
+        raise IdentityError(f"bad public key in the trust root: {exc}") from exc
 
 
 class IdentityError(Exception):

@@ -36,7 +36,6 @@ from edgewise.agent._install import InstallState
 from edgewise.agent._plan import Action
 from edgewise.agent._state import PipelineRecord
 from edgewise.agent._store import ModelStore, Slot
-from edgewise.bundle import BundleError, SignatureError, extract, verify
 from edgewise.protocol import DesiredModelRef
 
 __all__ = ["InstallFailed", "Installer"]
@@ -286,6 +285,9 @@ class Installer:
             p.path = p.path or self.cache.path(p.ref.sha256)
 
     def _verify(self, rec: PipelineRecord, parts: list[_Prepared]) -> None:
+        # Imported here: an agent that installs nothing keeps the bundle code unloaded.
+        from edgewise.bundle import BundleError, SignatureError, verify
+
         self._move(rec, InstallState.VERIFYING, "checking digest and signatures")
         for p in parts:
             assert p.path is not None
@@ -308,6 +310,8 @@ class Installer:
                 raise InstallFailed(why)
 
     def _write(self, rec: PipelineRecord, parts: list[_Prepared]) -> None:
+        from edgewise.bundle import BundleError, extract
+
         for p in parts:
             assert p.path is not None
             found = self.store.find_ready(p.ref.name, p.ref.sha256)

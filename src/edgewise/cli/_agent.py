@@ -56,6 +56,10 @@ def agent(
         float | None,
         typer.Option("--poll-wait", help="Long-poll wait in seconds (default: server setting)."),
     ] = None,
+    poll_interval: Annotated[
+        float,
+        typer.Option("--poll-interval", help="Poll period when --poll-wait is 0 (no long-poll)."),
+    ] = 60.0,
     mqtt: Annotated[
         str | None, typer.Option("--mqtt", help="MQTT broker HOST:PORT for wake-ups.")
     ] = None,
@@ -87,6 +91,7 @@ def agent(
         labels=_labels(labels),
         local_port=local_port,
         poll_wait_s=poll_wait,
+        poll_interval_s=poll_interval,
         metrics_interval_s=metrics_interval,
         telemetry_budget_bytes=int(telemetry_budget_mb * 1024 * 1024),
         telemetry_rate=telemetry_rate,

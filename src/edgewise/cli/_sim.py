@@ -1,10 +1,165 @@
-"""`edgewise sim`: a simulated fleet."""
+r"""`edgewise sim`: run a simulated fleet against a control plane.
+
+Example::
+
+    edgewise sim --server http://127.0.0.1:8080 --token $ADMIN --devices 1000 --seed 7 \\
+        --labels "hw=cpu-small:0.5,cpu-large:0.5;site=lab,store-1,store-2" \\
+        --flaky 0.02 --crash-during-install 0.01 --duration 300
+"""
 
 from __future__ import annotations
 
-from edgewise.cli._common import CliError
+from typing import Annotated, Any
+
+import typer
+
+from edgewise.cli._common import CliError, emit_json, resolve_server, resolve_token
+
+__all__ = ["sim"]
 
 
-def sim() -> None:
-    """Run a simulated fleet against a control plane."""
-    raise CliError("the fleet simulator is not built yet")
+def sim(
+    server: Annotated[str | None, typer.Option("--server", help="Control-plane URL.")] = None,
+    devices: Annotated[int, typer.Option("--devices", "-n", min=1, help="Devices.")] = 100,
+    seed: Annotated[int, typer.Option("--seed", help="Seed: same seed, same fleet.")] = 0,
+    enroll_token: Annotated[
+        str | None, typer.Option("--enroll-token", help="Enrollment token (>= N uses).")
+    ] = None,
+    token: Annotated[
+        str | None,
+        typer.Option("--token", help="Operator token used to mint an enrollment token."),
+    ] = None,
+    labels: Annotated[
+        str, typer.Option("--labels", help='e.g. "hw=cpu-small:0.5,cpu-large:0.5;site=lab,s1"')
+    ] = "",
+    offline_fraction: Annotated[
+        float, typer.Option("--offline-fraction", min=0.0, max=1.0, help="Devices that go dark.")
+    ] = 0.0,
+    flaky: Annotated[
+        float, typer.Option("--flaky", min=0.0, max=0.99, help="P(request fails).")
+    ] = 0.0,
+    slow_download: Annotated[
+        float, typer.Option("--slow-download", min=0.0, max=1.0, help="P(download is slow).")
+    ] = 0.0,
+    cut_download: Annotated[
+        float, typer.Option("--cut-download", min=0.0, max=1.0, help="P(download is cut).")
+    ] = 0.0,
+    crash_during_install: Annotated[
+        float,
+        typer.Option("--crash-during-install", min=0.0, max=1.0, help="P(install crashes)."),
+    ] = 0.0,
+    clock_skew_s: Annotated[
+        float, typer.Option("--clock-skew-s", min=0.0, help="Device clocks off by up to S.")
+    ] = 0.0,
+    duration: Annotated[
+        float, typer.Option("--duration", min=0.0, help="Seconds to run (0: until Ctrl-C).")
+    ] = 0.0,
+    time_scale: Annotated[
+        float,
+        typer.Option("--time-scale", min=0.0001, help="Real seconds per simulated second."),
+    ] = 1.0,
+    window_s: Annotated[
+        float | None, typer.Option("--window-s", help="Telemetry window (simulated s).")
+    ] = None,
+    poll_wait_s: Annotated[
+        float | None, typer.Option("--poll-wait-s", help="Long-poll wait (s).")
+    ] = None,
+    regressed: Annotated[
+        list[str] | None,
+        typer.Option("--regressed", help="A regressed NAME@VERSION (repeatable)."),
+    ] = None,
+    accuracy_floor: Annotated[
+        float,
+        typer.Option("--accuracy-floor", help="Provenance accuracy below this is regressed."),
+    ] = 0.8,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the summary as JSON.")] = False,
+) -> None:
+    """Run N simulated devices (one process) that speak the real device protocol."""
+    import asyncio
+
+    from edgewise.sim import BehaviourBook, Faults, Fleet
+
+    admin = None if enroll_token else resolve_token(token)
+    try:
+        faults = Faults(
+            offline_fraction=offline_fraction,
+            flaky=flaky,
+            slow_download=slow_download,
+            cut_download=cut_download,
+            crash_during_install=crash_during_install,
+            clock_skew_s=clock_skew_s,
+        )
+        book = BehaviourBook(accuracy_floor=accuracy_floor)
+        if regressed:
+            book = book.with_regressed(*regressed)
+        fleet = Fleet(
+            resolve_server(server),
+            devices,
+            seed,
+            labels=labels,
+            enroll_token=enroll_token,
+            admin_token=admin,
+            faults=faults,
+            behaviours=book,
+            time_scale=time_scale,
+            window_s=window_s,
+            poll_wait_s=poll_wait_s,
+        )
+    except ValueError as exc:
+        raise CliError(str(exc)) from None
+    try:
+        summary = asyncio.run(_run(fleet, duration, quiet=as_json))
+    except KeyboardInterrupt:
+        summary = fleet.summary()
+    if as_json:
+        emit_json(summary)
+    else:
+        _print_summary(summary)
+
+
+async def _run(fleet: Any, duration: float, quiet: bool) -> dict[str, Any]:
+    import asyncio
+    import time
+
+    import httpx
+
+    from edgewise.agent import GiveUp, UplinkError
+
+    try:
+        await fleet.start()
+    except (httpx.HTTPError, UplinkError, GiveUp, RuntimeError) as exc:
+        await fleet.stop()
+        raise CliError(f"cannot start the fleet: {exc}") from None
+    if not quiet:
+        typer.echo(f"{len(fleet.devices)} devices enrolled", err=True)
+    deadline = time.monotonic() + duration if duration > 0 else None
+    try:
+        while deadline is None or time.monotonic() < deadline:
+            step = 5.0 if deadline is None else min(5.0, max(0.0, deadline - time.monotonic()))
+            await fleet.run_for(step)
+            if not quiet:
+                s = fleet.summary()
+                running = ", ".join(f"{k}={v}" for k, v in s["running"].items()) or "nothing"
+                typer.echo(f"[{s['elapsed_s']:.0f}s] running: {running}", err=True)
+    except asyncio.CancelledError:
+        pass
+    finally:
+        summary: dict[str, Any] = fleet.summary()
+        await fleet.stop()
+    return summary
+
+
+def _print_summary(summary: dict[str, Any]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title="simulated fleet", show_header=True)
+    table.add_column("what")
+    table.add_column("value", justify="right")
+    for key, value in summary.items():
+        if isinstance(value, dict):
+            text = ", ".join(f"{k}={v}" for k, v in value.items()) or "-"
+        else:
+            text = str(value)
+        table.add_row(key, text)
+    Console().print(table)

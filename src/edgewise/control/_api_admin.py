@@ -17,6 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from edgewise.control import _deployments as deps
 from edgewise.control import _fleet as fleet
 from edgewise.control import _registry as registry
+from edgewise.control._errors import OPERATOR_ERRORS
 from edgewise.control._plane import ApiError, ControlPlane, Principal
 from edgewise.control._rbac import Permission
 
@@ -24,7 +25,7 @@ __all__ = ["ROUTE_PERMISSIONS", "router"]
 
 _F = TypeVar("_F", bound=Callable[..., Any])
 
-router = APIRouter(prefix="/api/v1", tags=["operator"])
+router = APIRouter(prefix="/api/v1", tags=["operator"], responses=OPERATOR_ERRORS)
 ROUTE_PERMISSIONS: dict[tuple[str, str], Permission] = {}
 
 
@@ -183,6 +184,7 @@ def decommission_device(request: Request, device_id: str, who: Who) -> dict[str,
     "/models",
     Permission.MODELS_WRITE,
     status_code=201,
+    responses={200: {"description": "already registered (same content)"}},
     openapi_extra={
         "requestBody": {
             "required": True,
@@ -224,7 +226,13 @@ def yank_model(request: Request, name: str, version: str, who: Who) -> dict[str,
 
 
 # -------------------------------------------------------------- deployments
-@_route("POST", "/deployments", Permission.DEPLOY_WRITE, status_code=201)
+@_route(
+    "POST",
+    "/deployments",
+    Permission.DEPLOY_WRITE,
+    status_code=201,
+    responses={200: {"description": "identical deployment already exists"}},
+)
 def create_deployment(request: Request, body: deps.DeploymentRequest, who: Who) -> JSONResponse:
     """Create a deployment (pre-flight first; identical re-create is a no-op)."""
     view, created = deps.create_deployment(_plane(request), body, who)

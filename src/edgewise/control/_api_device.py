@@ -18,6 +18,7 @@ from fastapi import APIRouter, Request, Response
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import ValidationError
 
+from edgewise.control._errors import DEVICE_ERRORS
 from edgewise.control._fleet import EnrollRequest, enroll, ingest_report, ingest_telemetry
 from edgewise.control._live import CachedDevice
 from edgewise.control._plane import ApiError, ControlPlane
@@ -26,7 +27,7 @@ from edgewise.protocol import Report, TelemetryBatch, decode_batch
 
 __all__ = ["router"]
 
-router = APIRouter(prefix="/device/v1", tags=["device"])
+router = APIRouter(prefix="/device/v1", tags=["device"], responses=DEVICE_ERRORS)
 
 _SHA_RE = re.compile(r"^[0-9a-f]{64}$")
 _RANGE_RE = re.compile(r"^bytes=(\d*)-(\d*)$")
@@ -88,7 +89,10 @@ async def _current(plane: ControlPlane, device_id: str) -> tuple[CachedDevice, b
     return await to_thread.run_sync(plane.current_desired, device_id)
 
 
-@router.get("/desired")
+@router.get(
+    "/desired",
+    responses={304: {"description": "unchanged (ETag matches) or long-poll timeout"}},
+)
 async def get_desired(request: Request, wait: float = 0.0) -> Response:
     """The signed desired state; ETag = revision; `?wait=` long-polls for a change."""
     plane, device_id = await _authenticate(request, b"")
@@ -170,7 +174,10 @@ async def _file_chunks(path: str, first: int, length: int) -> AsyncIterator[byte
             yield chunk
 
 
-@router.get("/artifacts/{sha256}")
+@router.get(
+    "/artifacts/{sha256}",
+    responses={206: {"description": "partial content (Range)"}},
+)
 async def get_artifact(request: Request, sha256: str) -> Response:
     """A bundle by digest, resumable with `Range: bytes=N-` / `bytes=N-M`."""
     plane, _ = await _authenticate(request, b"")

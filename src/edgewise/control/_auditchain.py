@@ -19,9 +19,10 @@ elsewhere (e.g. in the latest signed state) as `head` to catch that too.
 from __future__ import annotations
 
 import hashlib
-import json
 from collections.abc import Mapping, Sequence
 from typing import Any
+
+from edgewise.bundle import canonical_json
 
 __all__ = ["GENESIS", "HASHED_FIELDS", "record_hash", "verify_chain"]
 
@@ -30,15 +31,12 @@ HASHED_FIELDS = ("id", "at", "actor", "action", "object", "request_digest", "res
 
 
 def _canonical(obj: Any) -> bytes:
-    # TODO: switch to edgewise.bundle.canonical_json once the bundle package exports it;
-    # this is the same form (sorted keys, no whitespace, UTF-8), so hashes stay equal.
+    # The same canonical form as bundle manifests (RFC 8785 style), so the chain can be
+    # re-verified by any JCS implementation, not only this one.
     try:
-        text = json.dumps(
-            obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False
-        )
+        return canonical_json(obj)
     except (TypeError, ValueError) as exc:
         raise TypeError(f"audit record fields must be plain JSON values: {exc}") from None
-    return text.encode("utf-8")
 
 
 def record_hash(prev_hash: str, record: Mapping[str, Any]) -> str:

@@ -25,7 +25,8 @@ from edgewise.control._selector import SelectorError, parse_selector
 __all__ = ["DeviceView", "PreflightResult", "preflight"]
 
 # Highest ai.onnx opset each onnxruntime release implements (onnxruntime's compatibility
-# table). Newer releases than the last row are assumed to implement at least that much.
+# table). Releases newer than the last row are not held to any limit: a device that
+# reports `max_opset` is checked against that instead.
 _ORT_MAX_OPSET: dict[tuple[int, int], int] = {
     (1, 10): 15,
     (1, 11): 16,
@@ -37,7 +38,6 @@ _ORT_MAX_OPSET: dict[tuple[int, int], int] = {
     (1, 17): 20,
     (1, 18): 21,
     (1, 19): 21,
-    (1, 20): 21,
 }
 _VERSION_RE = re.compile(r"^\s*([A-Za-z0-9_.\-]+?)\s*(>=|==|>)?\s*v?(\d+(?:\.\d+)*)?\s*$")
 

@@ -7,13 +7,22 @@ contract lives here, in one leaf package that both import (it imports only `bund
 
 Modules: `_pipeline` (pipeline spec, owned with the runtime), `_auth` (device request
 signatures), `_desired` (desired-state documents and reports), `_telemetry` (telemetry
-batches).
+batches), `_egress` (what telemetry may leave a device).
 """
 
-from edgewise.protocol import _auth, _desired, _pipeline, _telemetry
+from edgewise.protocol import _auth, _desired, _egress, _pipeline, _telemetry
 from edgewise.protocol._auth import *  # noqa: F403
 from edgewise.protocol._desired import *  # noqa: F403
+from edgewise.protocol._egress import *  # noqa: F403
 from edgewise.protocol._pipeline import *  # noqa: F403
 from edgewise.protocol._telemetry import *  # noqa: F403
 
-__all__ = sorted([*_auth.__all__, *_desired.__all__, *_pipeline.__all__, *_telemetry.__all__])
+__all__ = sorted(
+    [
+        *_auth.__all__,
+        *_desired.__all__,
+        *_egress.__all__,
+        *_pipeline.__all__,
+        *_telemetry.__all__,
+    ]
+)

@@ -8,6 +8,7 @@ JSON dict, so the runtime does not depend on the manifest's Python class.
 
 from __future__ import annotations
 
+import functools
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -116,6 +117,12 @@ class ModelInfo:
         return found[0]
 
 
+@functools.cache
+def _castable(got: np.dtype[Any], want: np.dtype[Any]) -> bool:
+    """JSON numbers decode as int64/float64; cast them when the kinds are compatible."""
+    return got.kind in "iuf" and bool(np.can_cast(got, want, "same_kind"))
+
+
 @dataclass(frozen=True)
 class LoadedModel:
     """A ready (created and warmed) session plus what the runtime knows about it."""
@@ -167,20 +174,16 @@ class LoadedModel:
             BadInput: wrong dtype or shape.
         """
         spec = self.session.input
-        if (
-            x.dtype == spec.dtype
-            and x.shape[1:] == self._fixed
-            and x.ndim == len(spec.shape)
-            and len(x)
-        ):
-            return x  # the common case: already batched and typed
-        from edgewise.runtime._errors import BadInput
-
         if x.dtype != spec.dtype:
-            castable = x.dtype.kind in "iuf" and np.can_cast(x.dtype, spec.dtype, "same_kind")
-            if exact_dtype or not castable:
+            if exact_dtype or not _castable(x.dtype, spec.dtype):
+                from edgewise.runtime._errors import BadInput
+
                 raise BadInput(f"dtype {x.dtype} does not match the model input {spec.dtype}")
             x = x.astype(spec.dtype)
+        if x.shape[1:] == self._fixed and x.ndim == len(spec.shape) and len(x):
+            return x  # the common case: already batched
+        from edgewise.runtime._errors import BadInput
+
         fixed = spec.shape[1:]
         if x.ndim == len(fixed):
             x = x[np.newaxis]

@@ -131,7 +131,10 @@ class Runtime:
         return model
 
     def _open(self, source: bytes | Path, info: ModelInfo, require: bool) -> ModelSession:
-        fmt = info.format if not isinstance(source, Path) else source.suffix.lstrip(".")
+        if isinstance(source, Path):
+            fmt = source.suffix.lstrip(".")
+        else:  # a TFLite flatbuffer carries its file identifier at bytes 4..8
+            fmt = "tflite" if source[4:8] == b"TFL3" else info.format
         if fmt == "tflite":
             from edgewise.runtime._tflite import open_tflite
 
@@ -309,6 +312,67 @@ class Runtime:
         req = Request(x, lane, p, self.clock(), callback)
         p.executor.submit(req, inline and p.executor.est_batch_s < self._inline_max_s)
         return req
+
+    def prepare_many(
+        self,
+        name: str,
+        xs: Sequence[tuple[Array, bool]],
+        callback: Callable[[Request], None],
+    ) -> list[Request]:
+        """Preprocess and validate several requests (each `(array, exact_dtype)`).
+
+        Returns one Request per input, in order; a bad input's Request already carries
+        its `BadInput` error and is failed (callback called) by `dispatch_many`.
+
+        Raises:
+            UnknownPipeline: no pipeline by that name.
+        """
+        from edgewise.runtime._errors import BadInput
+
+        p = self._pipelines.get(name)
+        if p is None:
+            raise UnknownPipeline(f"no pipeline named {name!r}")
+        now = self.clock()
+        out: list[Request] = []
+        for x, exact in xs:
+            try:
+                xb, lane = self._prepare(p, x, exact)
+            except BadInput as exc:
+                req = Request(x, p.active, p, now, callback)
+                req.error = exc
+            else:
+                req = Request(xb, lane, p, now, callback)
+            out.append(req)
+        return out
+
+    def dispatch_many(self, name: str, reqs: list[Request], *, inline: bool = True) -> None:
+        """Submit prepared requests as one group; each completes through its callback.
+
+        An idle executor runs a fast model's group in the calling thread, in batches of
+        up to `max_batch` rows (the HTTP API calls this from its event loop).
+        """
+        good = []
+        for req in reqs:
+            if req.error is not None:
+                req.fail(req.error)
+            else:
+                good.append(req)
+        if good:
+            ex = good[0].owner.executor  # type: ignore[attr-defined]
+            ex.submit_many(good, inline and ex.est_batch_s < self._inline_max_s)
+
+    def submit_many(
+        self,
+        name: str,
+        xs: Sequence[tuple[Array, bool]],
+        callback: Callable[[Request], None],
+        *,
+        inline: bool = True,
+    ) -> list[Request]:
+        """`prepare_many` then `dispatch_many`."""
+        reqs = self.prepare_many(name, xs, callback)
+        self.dispatch_many(name, reqs, inline=inline)
+        return reqs
 
     def stats(self, name: str) -> dict[str, Any]:
         """Counters and histograms of one pipeline, plus its current mode."""

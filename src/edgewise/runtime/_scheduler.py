@@ -71,7 +71,7 @@ class Request:
         callback: Callable[[Request], None] | None = None,
     ) -> None:
         self.x = x
-        self.rows = int(x.shape[0])
+        self.rows = int(x.shape[0]) if x.ndim else 1
         self.lane = lane
         self.owner = owner
         self.enqueued = enqueued
@@ -173,6 +173,57 @@ class Executor:
                 if self._depth:
                     cond.notify()
         return True
+
+    def submit_many(self, reqs: list[Request], inline: bool = True) -> None:
+        """Admit a group at once; an idle executor runs it in this thread as batches.
+
+        Requests refused at admission are failed (their callbacks run) right away. This is
+        how an event loop batches the requests that arrived in one loop iteration without
+        handing them to another thread.
+        """
+        cond = self._cond
+        refused: list[tuple[Request, RuntimeFailure]] = []
+        admitted: list[Request] = []
+        run_here = False
+        with cond:
+            for r in reqs:
+                try:
+                    self._admit(r)
+                    admitted.append(r)
+                except RuntimeFailure as exc:
+                    refused.append((r, exc))
+            if admitted and inline and not self._busy and not self._depth and not self._paused:
+                self._busy = run_here = True
+            else:
+                for r in admitted:
+                    self._queues[r.owner.rank].append(r)
+                    r.owner.queued += 1
+                self._depth += len(admitted)
+                if admitted:
+                    cond.notify()
+        for r, why in refused:
+            r.fail(why)
+        if not run_here:
+            return
+        try:
+            while admitted:
+                lane = admitted[0].lane
+                batch: list[Request] = []
+                rows = 0
+                while (
+                    admitted
+                    and admitted[0].lane is lane
+                    and (not batch or rows + admitted[0].rows <= lane.max_batch)
+                ):
+                    r = admitted.pop(0)
+                    batch.append(r)
+                    rows += r.rows
+                self._run(batch)
+        finally:
+            with cond:
+                self._busy = False
+                if self._depth:
+                    cond.notify()
 
     def run_sync(self, req: Request, timeout: float | None = None) -> Any:
         """Submit and wait for the result (raises the request's error)."""

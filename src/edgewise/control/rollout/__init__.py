@@ -5,19 +5,11 @@ calls `step(rollout, observations, now)` and carries out the returned actions in
 same transaction that stores the new rollout. Modules: `_model` (states and transition
 tables), `_phases` (canary and waves), `_gates` (gate arithmetic), `_spec` (what an
 operator asks), `_state` (the rollout record), `_messages` (observations and actions),
-`_engine` (`step` and the operator commands).
+`_engine` (`step`), `_commands` (pause, resume, approve, abort, rollback, fail).
 """
 
-from edgewise.control.rollout._engine import (
-    abort,
-    approve,
-    create_rollout,
-    fail,
-    pause,
-    resume,
-    rollback,
-    step,
-)
+from edgewise.control.rollout._commands import abort, approve, fail, pause, resume, rollback
+from edgewise.control.rollout._engine import create_rollout, step
 from edgewise.control.rollout._gates import (
     CohortTelemetry,
     GateEvaluation,

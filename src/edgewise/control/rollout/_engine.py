@@ -3,8 +3,8 @@
 A driver loads the rollout, gathers observations, calls `step`, and in one transaction
 stores the returned rollout and carries out the actions (`NotifyDevices` moves desired
 state, `RevertDevices` moves it back, `RecordEvent` goes to the audit chain, `WakeAt`
-says when to step again). Operator commands (`pause`, `resume`, `approve`, `abort`,
-`rollback`, `fail`) are pure too and return the same pair.
+says when to step again). Operator commands live in `_commands` and return the same
+pair.
 
 One step, in order: apply device reports; time out devices past `device_timeout_s`;
 start the rollout if pending; then, while running: notify the current phase's pending
@@ -52,16 +52,7 @@ from edgewise.control.rollout._phases import plan_phases
 from edgewise.control.rollout._spec import RolloutSpec
 from edgewise.control.rollout._state import DeviceStatus, HistoryEntry, Revision, Rollout
 
-__all__ = [
-    "abort",
-    "approve",
-    "create_rollout",
-    "fail",
-    "pause",
-    "resume",
-    "rollback",
-    "step",
-]
+__all__ = ["create_rollout", "step"]
 
 _D, _P, _R = DeviceRolloutState, PhaseState, RolloutState
 _IN_FLIGHT = frozenset({_D.NOTIFIED, _D.INSTALLING})
@@ -376,83 +367,4 @@ def step(rollout: Rollout, observations: Observations, now: float) -> tuple[Roll
     elif work.phase_states[work.phase_index] not in (_P.PENDING, _P.CANCELLED):
         work.evaluate(observations)  # for `rollout status` only
     work.wake_at()
-    return work.done()
-
-
-# ------------------------------------------------------------------ operator commands
-
-
-def pause(rollout: Rollout, now: float, actor: str) -> tuple[Rollout, list[Action]]:
-    """Stop notifying and advancing until `resume`.
-
-    Raises:
-        IllegalTransition: unless the rollout is running.
-    """
-    work = _Work(rollout, now)
-    work.set_state(_R.PAUSED)
-    work.reason = f"paused by {actor}"
-    work.event("rollout.paused", actor, reason=work.reason)
-    return work.done()
-
-
-def resume(rollout: Rollout, now: float, actor: str) -> tuple[Rollout, list[Action]]:
-    """Carry on after a pause; a breached phase counts as passed (operator override).
-
-    Raises:
-        IllegalTransition: unless the rollout is paused.
-    """
-    work = _Work(rollout, now)
-    work.set_state(_R.RUNNING)
-    work.reason = ""
-    if work.phase_states[work.phase_index] is _P.BREACHED:
-        work.set_phase(work.phase_index, _P.OVERRIDDEN)
-        work.event("phase.overridden", actor, phase=work.phase_index)
-    work.event("rollout.resumed", actor)
-    return work.done()
-
-
-def approve(rollout: Rollout, now: float, actor: str) -> tuple[Rollout, list[Action]]:
-    """Let the next phase start (the next `step` starts it).
-
-    Raises:
-        IllegalTransition: unless the rollout awaits an approval.
-    """
-    work = _Work(rollout, now)
-    work.set_state(_R.RUNNING)
-    work.reason = ""
-    work.phase_index += 1
-    work.event("rollout.approved", actor, phase=work.phase_index)
-    return work.done()
-
-
-def abort(rollout: Rollout, now: float, actor: str) -> tuple[Rollout, list[Action]]:
-    """Stop for good and send every moved device back to the old revision.
-
-    Raises:
-        IllegalTransition: if the rollout already ended.
-    """
-    work = _Work(rollout, now)
-    work.end(_R.ABORTED, f"aborted by {actor}", actor)
-    return work.done()
-
-
-def rollback(rollout: Rollout, now: float, actor: str) -> tuple[Rollout, list[Action]]:
-    """Roll back by hand: like a breach with on_breach=rollback.
-
-    Raises:
-        IllegalTransition: if the rollout already ended.
-    """
-    work = _Work(rollout, now)
-    work.end(_R.ROLLED_BACK, f"rolled back by {actor}", actor)
-    return work.done()
-
-
-def fail(rollout: Rollout, now: float, reason: str) -> tuple[Rollout, list[Action]]:
-    """The driver cannot carry the rollout on (e.g. the revision is gone).
-
-    Raises:
-        IllegalTransition: if the rollout already ended.
-    """
-    work = _Work(rollout, now)
-    work.end(_R.FAILED, reason, "engine")
     return work.done()

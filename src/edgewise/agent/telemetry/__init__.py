@@ -1,0 +1,38 @@
+"""On-device telemetry: windows of counts, latency, confidence, drift and resources.
+
+The agent keeps one `WindowAggregator` per pipeline, feeds it served batches
+(`observe`) and the runtime's cumulative stats (`observe_stats`), and buffers what
+`close()` returns each window: records that already passed the egress policy.
+`ResourceReaders` reads CPU, memory, temperature and throttling (injectable);
+`reference_from_manifest` turns a bundle's `reference` into the drift baseline.
+"""
+
+from edgewise.agent.telemetry._capture import SampleCapture
+from edgewise.agent.telemetry._drift import (
+    DriftTracker,
+    DriftWindow,
+    KsTracker,
+    reference_from_manifest,
+)
+from edgewise.agent.telemetry._resources import ResourceReaders, read_memory, read_throttled
+from edgewise.agent.telemetry._window import (
+    COUNT_KEYS,
+    FLEET_CONFIDENCE_EDGES,
+    WindowAggregator,
+    stats_delta,
+)
+
+__all__ = [
+    "COUNT_KEYS",
+    "FLEET_CONFIDENCE_EDGES",
+    "DriftTracker",
+    "DriftWindow",
+    "KsTracker",
+    "ResourceReaders",
+    "SampleCapture",
+    "WindowAggregator",
+    "read_memory",
+    "read_throttled",
+    "reference_from_manifest",
+    "stats_delta",
+]

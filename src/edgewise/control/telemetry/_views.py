@@ -1,0 +1,213 @@
+"""Fleet views and rollout cohort figures from window figures (pure).
+
+`fleet_view` groups windows by model version, deployment or a device label and gives
+each group its success rate, p50/p95/p99 latency (from merged histograms, never an
+average of percentiles), confidence shift and drift score, telemetry freshness and the
+devices reporting. `cohort_figures` gives the rollout gates exactly what they consume,
+`edgewise.control.rollout.CohortTelemetry`.
+
+With a `DriftReference` for a model, drift and confidence shift are recomputed on the
+merged counts of all windows (more samples, less noise than any one device); without
+one, the devices' own scores are averaged, weighted by their samples.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import numpy as np
+
+from edgewise.control.rollout import CohortTelemetry
+from edgewise.control.telemetry._figures import (
+    WindowFigures,
+    histogram_quantile,
+    merge_counts,
+    merge_latency,
+)
+from edgewise.drift import DriftReference, WindowCounts, drift_report
+
+__all__ = ["FleetRow", "cohort_figures", "fleet_view", "group_key", "merged_drift"]
+
+
+def group_key(window: WindowFigures, by: str) -> str:
+    """The group a window falls in: `model`, `deployment`, `pipeline` or `label:<key>`.
+
+    Raises:
+        ValueError: an unknown grouping.
+    """
+    if by == "model":
+        return window.model_key
+    if by == "deployment":
+        return window.deployment or "-"
+    if by == "pipeline":
+        return window.pipeline
+    if by.startswith("label:") and len(by) > 6:
+        return f"{by[6:]}={window.labels.get(by[6:], '-')}"
+    raise ValueError(f"cannot group by {by!r}: use model, deployment, pipeline or label:<key>")
+
+
+def _window_counts(features: Mapping[str, Any], ref: DriftReference) -> WindowCounts | None:
+    try:
+        feats = tuple(np.asarray(f, dtype=np.int64) for f in features["features"])
+        counts = WindowCounts(
+            feats,
+            np.asarray(features["confidence"], dtype=np.int64),
+            np.asarray(features["classes"], dtype=np.int64),
+        )
+    except (KeyError, TypeError, ValueError):
+        return None
+    ok = (
+        len(feats) == ref.n_features
+        and all(f.size == e.size - 1 for f, e in zip(feats, ref.feature_edges, strict=True))
+        and counts.confidence.size == ref.confidence_freqs.size
+        and counts.classes.size == ref.n_classes
+    )
+    return counts if ok else None
+
+
+def merged_drift(
+    windows: Iterable[WindowFigures], references: Mapping[str, DriftReference] | None = None
+) -> tuple[float | None, float | None]:
+    """(drift score, confidence JS shift) over windows.
+
+    Per model with a reference: `drift_report` on the merged counts; otherwise the
+    sample-weighted mean of the devices' scores (no confidence shift then). Across
+    models, the worst model's figures.
+    """
+    by_model: dict[str, list[WindowFigures]] = {}
+    for w in windows:
+        by_model.setdefault(w.model_key, []).append(w)
+    score: float | None = None
+    shift: float | None = None
+    for key, ws in by_model.items():
+        ref = (references or {}).get(key)
+        s: float | None = None
+        c: float | None = None
+        if ref is not None:
+            merged: WindowCounts | None = None
+            for w in ws:
+                wc = _window_counts(w.features, ref) if w.features else None
+                if wc is not None:
+                    merged = wc if merged is None else merged.merge(wc)
+            if merged is not None and merged.samples:
+                rep = drift_report(ref, merged)
+                if rep.sufficient:
+                    s, c = rep.score, rep.confidence_js
+        if s is None:
+            scored = [(w.drift_score, w.drift_samples) for w in ws if w.drift_score is not None]
+            weight = sum(n for _, n in scored)
+            if weight:
+                s = sum(v * n for v, n in scored if v is not None) / weight
+        if s is not None:
+            score = s if score is None else max(score, s)
+        if c is not None:
+            shift = c if shift is None else max(shift, c)
+    return score, shift
+
+
+@dataclass(frozen=True)
+class FleetRow:
+    """One group's health figures."""
+
+    group: str
+    devices_reporting: int
+    windows: int
+    requests: int
+    errors: int
+    success_rate: float | None
+    p50_ms: float | None
+    p95_ms: float | None
+    p99_ms: float | None
+    confidence_shift: float | None
+    drift_score: float | None
+    freshness_s: float | None  # age of the newest window
+    stalest_s: float | None  # age of the least recent device's newest window
+    models: tuple[str, ...]
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready form (figures rounded for reading)."""
+        out = asdict(self)
+        out["models"] = list(self.models)
+        for k, v in out.items():
+            if isinstance(v, float):
+                out[k] = round(v, 6)
+        return out
+
+
+def fleet_view(
+    windows: Sequence[WindowFigures],
+    now: float,
+    by: str = "model",
+    references: Mapping[str, DriftReference] | None = None,
+) -> list[FleetRow]:
+    """Health per group over the given windows, sorted by group.
+
+    Raises:
+        ValueError: an unknown grouping.
+    """
+    groups: dict[str, list[WindowFigures]] = {}
+    for w in windows:
+        groups.setdefault(group_key(w, by), []).append(w)
+    rows = []
+    for key in sorted(groups):
+        ws = groups[key]
+        counts = merge_counts(ws)
+        errors = sum(counts.get(k, 0) for k in ("failed", "shed", "rejected"))
+        requests = counts.get("ok", 0) + errors
+        bounds, lat = merge_latency(ws)
+        last: dict[str, float] = {}
+        for w in ws:
+            last[w.device_id] = max(last.get(w.device_id, w.end), w.end)
+        score, shift = merged_drift(ws, references)
+        rows.append(
+            FleetRow(
+                group=key,
+                devices_reporting=len(last),
+                windows=len(ws),
+                requests=requests,
+                errors=errors,
+                success_rate=(requests - errors) / requests if requests else None,
+                p50_ms=histogram_quantile(bounds, lat, 0.50),
+                p95_ms=histogram_quantile(bounds, lat, 0.95),
+                p99_ms=histogram_quantile(bounds, lat, 0.99),
+                confidence_shift=shift,
+                drift_score=score,
+                freshness_s=max(0.0, now - max(last.values())) if last else None,
+                stalest_s=max(0.0, now - min(last.values())) if last else None,
+                models=tuple(sorted({w.model_key for w in ws})),
+            )
+        )
+    return rows
+
+
+def cohort_figures(
+    windows: Sequence[WindowFigures], references: Mapping[str, DriftReference] | None = None
+) -> CohortTelemetry:
+    """The figures one rollout cohort's gates read (`CohortTelemetry`).
+
+    Confidence histograms are merged only across windows on the same edges as the
+    first one (agents bin on one fleet-wide set), so phase and control cohorts compare.
+    """
+    counts = merge_counts(windows)
+    errors = sum(counts.get(k, 0) for k in ("failed", "shed", "rejected"))
+    bounds, lat = merge_latency(windows)
+    edges: tuple[float, ...] = ()
+    conf: list[int] = []
+    for w in windows:
+        if not w.confidence:
+            continue
+        if not edges:
+            edges, conf = w.confidence_edges, [0] * len(w.confidence)
+        if w.confidence_edges == edges:
+            conf = [a + b for a, b in zip(conf, w.confidence, strict=True)]
+    score, _ = merged_drift(windows, references)
+    return CohortTelemetry(
+        devices=len({w.device_id for w in windows}),
+        inferences=counts.get("ok", 0) + errors,
+        errors=errors,
+        p95_latency_ms=histogram_quantile(bounds, lat, 0.95),
+        confidence_counts=tuple(conf) if conf else None,
+        input_drift=score,
+    )

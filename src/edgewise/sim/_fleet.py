@@ -1,0 +1,286 @@
+"""`Fleet`: N simulated devices in one asyncio process against a real control plane.
+
+Usage::
+
+    async with Fleet("http://127.0.0.1:8080", 1000, seed=7, admin_token=token,
+                     labels="hw=cpu-small:0.5,cpu-large:0.5;site=lab,store-1",
+                     faults=Faults(flaky=0.02), time_scale=0.05) as fleet:
+        ok = await fleet.run_until(lambda f: f.count_running("digits-mlp@1.1.0") == 1000,
+                                   timeout=120)
+        print(fleet.summary())
+
+Every device shares one `httpx.AsyncClient` (one connection pool; each request is still
+signed by its own device) whose transport injects the network faults. Enrollment runs
+with bounded concurrency; then each device runs as its own task.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import platform
+import time
+from collections import Counter
+from collections.abc import Callable, Mapping
+from importlib import metadata
+from types import TracebackType
+from typing import Any
+
+import httpx
+
+from edgewise.sim._artifacts import ArtifactBook
+from edgewise.sim._behaviour import BehaviourBook
+from edgewise.sim._device import SimDevice, SimEnv
+from edgewise.sim._faults import Faults, FaultyTransport
+from edgewise.sim._profile import LabelSpec, parse_labels, plan_fleet
+
+__all__ = ["Fleet", "default_capabilities"]
+
+
+def default_capabilities() -> dict[str, Any]:
+    """What a simulated device says it has (a small CPU box on mains power)."""
+    try:
+        ort = metadata.version("onnxruntime")
+    except metadata.PackageNotFoundError:
+        ort = "1.0.0"
+    return {
+        "arch": platform.machine() or "x86_64",
+        "cores": 4,
+        "memory_mb": 4096,
+        "disk_free_mb": 32768,
+        "runtimes": {"onnxruntime": ort},
+        "execution_providers": ["CPUExecutionProvider"],
+        "accelerators": [],
+        "thermal_zones": [],
+        "power": "mains",
+    }
+
+
+class Fleet:
+    """A simulated fleet.
+
+    Args:
+        server_url: the control plane.
+        n: devices.
+        seed: decides labels, offline devices, skews, behaviour draws and faults.
+        labels: label spec text (see `parse_labels`) or a parsed spec.
+        enroll_token: enrollment token with at least `n` uses; or
+        admin_token: an operator token to mint one (devices-write permission).
+        faults: what goes wrong.
+        behaviours: how model versions behave.
+        time_scale: real seconds per simulated second (0.01: 100x faster).
+        window_s: telemetry window in simulated seconds (default: the control plane's).
+        inference_rate: inferences per simulated second per pipeline.
+        poll_wait_s: long-poll wait (default: the control plane's).
+        report_progress: report every install step, not only the outcome.
+        enroll_concurrency: enrollments in flight at once.
+        capabilities: what devices report (default `default_capabilities()`).
+    """
+
+    def __init__(
+        self,
+        server_url: str,
+        n: int,
+        seed: int = 0,
+        *,
+        labels: str | LabelSpec = "",
+        enroll_token: str | None = None,
+        admin_token: str | None = None,
+        faults: Faults | None = None,
+        behaviours: BehaviourBook | None = None,
+        time_scale: float = 1.0,
+        window_s: float | None = None,
+        inference_rate: float = 2.0,
+        poll_wait_s: float | None = None,
+        report_progress: bool = True,
+        enroll_concurrency: int = 32,
+        capabilities: Mapping[str, Any] | None = None,
+    ) -> None:
+        if n < 0:
+            raise ValueError("n must be >= 0")
+        if enroll_token is None and admin_token is None:
+            raise ValueError("give an enroll_token or an admin_token")
+        if time_scale <= 0:
+            raise ValueError("time_scale must be > 0")
+        self.server_url = server_url.rstrip("/")
+        self.n = n
+        self.seed = seed
+        self.label_spec: LabelSpec = parse_labels(labels) if isinstance(labels, str) else labels
+        self.enroll_token = enroll_token
+        self.admin_token = admin_token
+        self.faults = faults or Faults()
+        self.enroll_concurrency = enroll_concurrency
+        self.devices: list[SimDevice] = []
+        self._by_id: dict[str, SimDevice] = {}
+        self._tasks: list[asyncio.Task[None]] = []
+        self._started_at: float | None = None
+        transport = FaultyTransport(
+            httpx.AsyncHTTPTransport(
+                limits=httpx.Limits(max_connections=None, max_keepalive_connections=n + 64)
+            ),
+            self.faults.flaky,
+            self._net_rng,
+        )
+        self.transport = transport
+        http = httpx.AsyncClient(
+            base_url=self.server_url,
+            transport=transport,
+            timeout=httpx.Timeout(30.0, pool=None),
+        )
+        self.env = SimEnv(
+            http=http,
+            seed=seed,
+            book=behaviours or BehaviourBook(),
+            faults=self.faults,
+            artifacts=ArtifactBook(),
+            time_scale=time_scale,
+            window_s=window_s,
+            inference_rate=inference_rate,
+            poll_wait_s=poll_wait_s,
+            report_progress=report_progress,
+            capabilities=dict(capabilities or default_capabilities()),
+        )
+
+    def _net_rng(self, request: httpx.Request) -> Any:
+        device = self._by_id.get(request.headers.get("x-edgewise-device", ""))
+        return device.net_rng if device is not None else None
+
+    # -- lifecycle ----------------------------------------------------------------------
+
+    async def __aenter__(self) -> Fleet:
+        await self.start()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.stop()
+
+    async def _mint_token(self, uses: int) -> str:
+        r = await self.env.http.post(
+            "/api/v1/enroll-tokens",
+            json={"labels": {}, "max_uses": max(1, uses), "ttl_s": 86400.0},
+            headers={"authorization": f"Bearer {self.admin_token}"},
+        )
+        if r.status_code != 201:
+            raise RuntimeError(f"cannot mint an enrollment token: HTTP {r.status_code} {r.text}")
+        return str(r.json()["token"])
+
+    async def start(self) -> None:
+        """Enroll every device and start them (idempotent)."""
+        if self._started_at is not None:
+            return
+        self._started_at = time.monotonic()
+        await self.add(self.n, _initial=True)
+
+    async def add(self, n: int, *, _initial: bool = False) -> list[SimDevice]:
+        """Enroll `n` more devices (the next indexes of the seed) and start them."""
+        if n <= 0:
+            return []
+        if self._started_at is None:
+            self._started_at = time.monotonic()
+        token = self.enroll_token if self.admin_token is None else await self._mint_token(n)
+        assert token is not None
+        profiles = plan_fleet(n, self.seed, self.label_spec, self.faults, len(self.devices))
+        new = [SimDevice(p, self.env) for p in profiles]
+        gate = asyncio.Semaphore(self.enroll_concurrency)
+
+        async def enroll(device: SimDevice) -> None:
+            async with gate:
+                await device.enroll(token)
+            assert device.device_id is not None
+            self._by_id[device.device_id] = device
+            self._tasks.append(asyncio.create_task(device.run()))
+
+        await asyncio.gather(*(enroll(d) for d in new))
+        self.devices.extend(new)
+        if not _initial:
+            self.n += n
+        return new
+
+    async def run_until(
+        self, predicate: Callable[[Fleet], bool], timeout: float, interval: float = 0.05
+    ) -> bool:
+        """Run (starting if needed) until `predicate(self)` holds; False at the timeout."""
+        await self.start()
+        deadline = time.monotonic() + timeout
+        while True:
+            self._raise_crashed()
+            if predicate(self):
+                return True
+            if time.monotonic() >= deadline:
+                return False
+            await asyncio.sleep(interval)
+
+    async def run_for(self, seconds: float) -> None:
+        """Run (starting if needed) for `seconds` of real time."""
+        await self.run_until(lambda _: False, seconds)
+
+    def _raise_crashed(self) -> None:
+        # A bug in a device task must fail the run, not leave a silent device.
+        for task in self._tasks:
+            if task.done() and not task.cancelled() and task.exception() is not None:
+                raise RuntimeError("a simulated device died") from task.exception()
+
+    async def stop(self) -> None:
+        """Stop every device and close the connections."""
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        self._tasks.clear()
+        await self.env.http.aclose()
+
+    # -- views --------------------------------------------------------------------------
+
+    def device(self, device_id: str) -> SimDevice | None:
+        """A device by its control-plane id."""
+        return self._by_id.get(device_id)
+
+    def count_running(self, ref: str, pipeline: str | None = None) -> int:
+        """Devices running `ref` (in `pipeline`, or in any pipeline)."""
+        return sum(
+            1
+            for d in self.devices
+            if any(r == ref and (pipeline is None or p == pipeline) for p, r in d.running().items())
+        )
+
+    def count_ever_ran(self, ref: str) -> int:
+        """Devices on which `ref` was ever active."""
+        return sum(1 for d in self.devices if ref in d.ever_ran)
+
+    def summary(self) -> dict[str, Any]:
+        """Counts of the fleet now: versions running, statuses, faults, requests."""
+        stats = self.env.stats
+        running: Counter[str] = Counter()
+        ever: Counter[str] = Counter()
+        statuses: Counter[str] = Counter()
+        for d in self.devices:
+            running.update(d.running().values())
+            ever.update(d.ever_ran)
+            statuses.update(d.statuses().values())
+        elapsed = time.monotonic() - self._started_at if self._started_at is not None else 0.0
+        return {
+            "devices": len(self.devices),
+            "enrolled": sum(1 for d in self.devices if d.device_id is not None),
+            "offline": sum(1 for d in self.devices if d.profile.offline),
+            "up": sum(1 for d in self.devices if d.up),
+            "running": dict(sorted(running.items())),
+            "ever_ran": dict(sorted(ever.items())),
+            "statuses": dict(sorted(statuses.items())),
+            "installs": stats.installs,
+            "install_failures": stats.install_failures,
+            "crashes": stats.crashes,
+            "downloads": stats.downloads,
+            "cut_downloads": stats.cut_downloads,
+            "slow_downloads": stats.slow_downloads,
+            "bytes_downloaded": stats.bytes_downloaded,
+            "telemetry_records": stats.telemetry_records,
+            "telemetry_dropped": stats.telemetry_dropped,
+            "faults_injected": self.transport.injected,
+            "requests": dict(sorted(stats.requests.items())),
+            "errors": dict(sorted(stats.errors.items())),
+            "refusals": dict(sorted(stats.refusals.items())),
+            "elapsed_s": round(elapsed, 3),
+        }

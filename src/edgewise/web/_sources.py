@@ -1,0 +1,173 @@
+"""Where the console's data comes from: control-plane reads and in-process API calls.
+
+Two kinds of read. Parts of the control plane that the console renders in bulk (devices,
+reported pipelines, telemetry, models, deployments) are read through the store and the
+control modules' view functions, with the caller's scope applied. Parts that other
+parts own and may not exist yet in a given build (rollouts, alerts) are read through the
+operator API in process (`httpx.ASGITransport` on the running app) with the signed-in
+token: the API's RBAC answers for the console, and a missing route is an empty state,
+not an error.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import httpx
+from fastapi import FastAPI
+from sqlalchemy import select
+
+from edgewise.control import ControlPlane, Principal
+from edgewise.control import _schema as t
+from edgewise.control._rbac import in_scope
+
+__all__ = [
+    "ApiAnswer",
+    "api_call",
+    "model_telemetry",
+    "pipelines_by_device",
+    "recent_telemetry",
+]
+
+_INTERNAL_BASE = "http://console.internal"
+
+
+@dataclass(frozen=True)
+class ApiAnswer:
+    """The status and JSON body of an in-process API call.
+
+    `missing` is true when the route itself does not exist in this build (an empty
+    state), as opposed to a 404 for an unknown object.
+    """
+
+    status: int
+    body: Any
+
+    @property
+    def ok(self) -> bool:
+        """A 2xx answer."""
+        return 200 <= self.status < 300
+
+    @property
+    def missing(self) -> bool:
+        """The route is not part of this control plane."""
+        if self.status == 405:
+            return True
+        if self.status != 404:
+            return False
+        message = ""
+        if isinstance(self.body, Mapping):
+            message = str(self.body.get("error", {}).get("message", ""))
+        return message == "Not Found"
+
+    @property
+    def message(self) -> str:
+        """The error message of a non-2xx answer."""
+        if isinstance(self.body, Mapping) and isinstance(self.body.get("error"), Mapping):
+            return str(self.body["error"].get("message", ""))
+        return f"HTTP {self.status}"
+
+
+async def api_call(app: FastAPI, token: str, method: str, path: str, body: Any = None) -> ApiAnswer:
+    """Call the operator API in process as the signed-in operator."""
+    transport = httpx.ASGITransport(app=app)
+    async with httpx.AsyncClient(transport=transport, base_url=_INTERNAL_BASE) as client:
+        resp = await client.request(
+            method,
+            path,
+            json=body,
+            headers={"authorization": f"Bearer {token}"},
+        )
+    try:
+        data = resp.json()
+    except ValueError:
+        data = None
+    return ApiAnswer(resp.status_code, data)
+
+
+def pipelines_by_device(plane: ControlPlane) -> dict[str, list[dict[str, Any]]]:
+    """Reported pipelines of every device in one query (timelines left out)."""
+    dp = t.device_pipelines
+    cols = [dp.c.device_id, dp.c.pipeline, dp.c.model, dp.c.version, dp.c.slot, dp.c.status]
+    out: dict[str, list[dict[str, Any]]] = {}
+    with plane.store.engine.connect() as c:
+        for row in c.execute(select(*cols)):
+            out.setdefault(row.device_id, []).append(dict(row._mapping))
+    return out
+
+
+def recent_telemetry(plane: ControlPlane, device_id: str, limit: int = 500) -> list[dict[str, Any]]:
+    """The device's latest telemetry records, oldest first."""
+    tel = t.telemetry
+    q = (
+        select(tel.c.seq, tel.c.cls, tel.c.ts, tel.c.kind, tel.c.data)
+        .where(tel.c.device_id == device_id)
+        .order_by(tel.c.seq.desc())
+        .limit(limit)
+    )
+    with plane.store.engine.connect() as c:
+        rows = [dict(r._mapping) for r in c.execute(q)]
+    rows.reverse()
+    return rows
+
+
+def _mentions(data: Mapping[str, Any], name: str, version: str) -> bool | None:
+    """Whether a record names this model version (None: it names no model at all)."""
+    model = data.get("model")
+    if isinstance(model, Mapping):
+        return model.get("name") == name and str(model.get("version")) == version
+    if isinstance(model, str):
+        if "@" in model:
+            return model == f"{name}@{version}"
+        return model == name and str(data.get("version", version)) == version
+    return None
+
+
+def model_telemetry(
+    plane: ControlPlane,
+    who: Principal,
+    name: str,
+    version: str,
+    device_labels: Mapping[str, Mapping[str, str]],
+    limit: int = 2000,
+) -> tuple[list[str], list[dict[str, Any]]]:
+    """Metric records of the devices that run a model version, newest `limit`.
+
+    Records that name a model are kept only when they name this one; records that name
+    none are attributed to the version the device reports running.
+
+    Returns:
+        (device ids running it within the caller's scope, records oldest first)
+    """
+    dp = t.device_pipelines
+    with plane.store.engine.connect() as c:
+        ids: list[str] = sorted(
+            set(
+                c.execute(
+                    select(dp.c.device_id).where(dp.c.model == name, dp.c.version == version)
+                ).scalars()
+            )
+        )
+    ids = [d for d in ids if in_scope(who.scope, dict(device_labels.get(d, {})))]
+    if not ids:
+        return ids, []
+    tel = t.telemetry
+    rows: list[dict[str, Any]] = []
+    with plane.store.engine.connect() as c:
+        for chunk in _chunks(ids, 500):
+            q = (
+                select(tel.c.device_id, tel.c.ts, tel.c.cls, tel.c.kind, tel.c.data)
+                .where(tel.c.device_id.in_(chunk), tel.c.cls == "metric")
+                .order_by(tel.c.ts.desc())
+                .limit(limit)
+            )
+            rows.extend(dict(r._mapping) for r in c.execute(q))
+    rows = [r for r in rows if _mentions(r["data"] or {}, name, version) is not False]
+    rows.sort(key=lambda r: float(r["ts"]))
+    return ids, rows[-limit:]
+
+
+def _chunks(items: Sequence[str], size: int) -> list[Sequence[str]]:
+    return [items[i : i + size] for i in range(0, len(items), size)]

@@ -1,0 +1,164 @@
+"""Deployments: layered merge through the API, pre-flight, revisions, diff."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from .conftest import Device, Plane
+
+KEYS = ["site", "hw"]
+VALUES = ["a", "b", "c"]
+PIPES = ["p1", "p2", "p3"]
+
+
+def _setup(p: Plane, examples: dict[str, Any]) -> None:
+    p.trust(examples["pub"])
+    for ref in ("digits-mlp@1.0.0", "digits-mlp@1.1.0", "digits-logreg@1.0.0"):
+        assert p.push(examples["bundles"][ref]).status_code == 201
+
+
+def _desired(dev: Device, etag: str | None = None) -> Any:
+    extra = {"if-none-match": etag} if etag else {}
+    return dev.get("/device/v1/desired", **extra)
+
+
+requirement = st.one_of(
+    st.builds(lambda k, v: (f"{k}={v}", lambda l, k=k, v=v: l.get(k) == v),
+              st.sampled_from(KEYS), st.sampled_from(VALUES)),
+    st.builds(lambda k, v: (f"{k}!={v}", lambda l, k=k, v=v: l.get(k) != v),
+              st.sampled_from(KEYS), st.sampled_from(VALUES)),
+    st.builds(lambda k, vs: (f"{k} in ({','.join(vs)})", lambda l, k=k, vs=vs: l.get(k) in vs),
+              st.sampled_from(KEYS), st.lists(st.sampled_from(VALUES), min_size=1, max_size=2)),
+    st.builds(lambda k: (f"!{k}", lambda l, k=k: k not in l), st.sampled_from(KEYS)),
+    st.builds(lambda k: (k, lambda l, k=k: k in l), st.sampled_from(KEYS)),
+)
+deployment = st.tuples(
+    st.lists(requirement, max_size=2),
+    st.integers(min_value=0, max_value=3),
+    st.lists(st.sampled_from(PIPES), min_size=1, max_size=3, unique=True),
+)
+labels = st.dictionaries(st.sampled_from(KEYS), st.sampled_from(VALUES), max_size=2)
+
+
+@settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture,
+                                                               HealthCheck.too_slow])
+@given(deps=st.lists(deployment, min_size=1, max_size=4), device_labels=labels)
+def test_layered_merge_picks_highest_priority_then_newest(
+    sqlite_plane: Plane, examples: dict[str, Any], deps: list[Any], device_labels: dict[str, str]
+) -> None:
+    p = sqlite_plane
+    if not p.api("GET", "/api/v1/models").json():
+        _setup(p, examples)
+    for d in p.api("GET", "/api/v1/deployments").json():
+        p.api("DELETE", f"/api/v1/deployments/{d['id']}")
+    dev = p.enroll(labels=device_labels)
+    created = []
+    for i, (reqs, prio, pipes) in enumerate(deps):
+        selector = ",".join(text for text, _ in reqs)
+        r = p.api("POST", "/api/v1/deployments", json={
+            "name": f"d{i}", "selector": selector, "priority": prio,
+            "pipelines": {name: {"model": "digits-mlp@1.0.0"} for name in pipes}})
+        assert r.status_code == 201, r.text
+        created.append((r.json()["id"], [m for _, m in reqs], prio, pipes))
+    expected: dict[str, str] = {}
+    for seq, (dep_id, matchers, prio, pipes) in enumerate(created):
+        if all(m(device_labels) for m in matchers):
+            for name in pipes:
+                best = expected.get(name)
+                if best is None or (prio, seq) >= best[1]:
+                    expected[name] = (dep_id, (prio, seq))  # type: ignore[assignment]
+    doc = _desired(dev).json()["document"]
+    got = {name: pl["deployment"] for name, pl in doc["pipelines"].items()}
+    assert got == {name: v[0] for name, v in expected.items()}  # type: ignore[index]
+    p.api("POST", f"/api/v1/devices/{dev.id}/decommission")
+
+
+def test_deleting_a_deployment_falls_back_to_the_next_layer(sqlite_plane: Plane,
+                                                             examples: dict[str, Any]) -> None:
+    p = sqlite_plane
+    _setup(p, examples)
+    dev = p.enroll(labels={"site": "a"})
+    base = p.api("POST", "/api/v1/deployments", json={
+        "name": "base", "pipelines": {"digits": {"model": "digits-mlp@1.0.0"}}}).json()
+    pilot = p.api("POST", "/api/v1/deployments", json={
+        "name": "pilot", "selector": "site=a", "priority": 10,
+        "pipelines": {"digits": {"model": "digits-mlp@1.1.0"}}}).json()
+    doc = _desired(dev).json()["document"]
+    assert doc["pipelines"]["digits"]["deployment"] == pilot["id"]
+    assert doc["pipelines"]["digits"]["model"]["version"] == "1.1.0"
+    assert p.api("DELETE", "/api/v1/deployments/pilot").status_code == 200
+    doc2 = _desired(dev).json()["document"]
+    assert doc2["pipelines"]["digits"]["deployment"] == base["id"]
+    assert doc2["revision"] == doc["revision"] + 1
+
+
+def test_revision_moves_only_when_content_changes(sqlite_plane: Plane,
+                                                  examples: dict[str, Any]) -> None:
+    p = sqlite_plane
+    _setup(p, examples)
+    dev = p.enroll(labels={"site": "a"})
+    body = {"name": "base", "pipelines": {"digits": {"model": "digits-mlp@1.0.0"}}}
+    assert p.api("POST", "/api/v1/deployments", json=body).status_code == 201
+    rev = _desired(dev).json()["document"]["revision"]
+    assert p.api("POST", "/api/v1/deployments", json=body).status_code == 200  # identical
+    p.api("POST", "/api/v1/deployments", json={**body, "name": "elsewhere", "selector": "site=z"})
+    p.api("POST", f"/api/v1/devices/{dev.id}/labels", json={"set": {"unrelated": "x"}})
+    assert _desired(dev, f'"{rev}"').status_code == 304
+    p.api("POST", f"/api/v1/devices/{dev.id}/labels", json={"set": {"site": "z"}})
+    doc = _desired(dev, f'"{rev}"').json()["document"]
+    assert doc["revision"] == rev + 1
+
+
+def test_preflight_reports_matching_incompatible_and_conflicts(sqlite_plane: Plane,
+                                                               examples: dict[str, Any]) -> None:
+    p = sqlite_plane
+    _setup(p, examples)
+    ok = p.enroll(labels={"site": "a"}, caps={"memory_mb": 4096,
+                                              "runtimes": {"onnxruntime": "1.20.0"}})
+    tiny = p.enroll(labels={"site": "a"}, caps={"memory_mb": 1,
+                                                "runtimes": {"onnxruntime": "1.20.0"}})
+    p.enroll(labels={"site": "b"})
+    body = {"name": "x", "selector": "site=a", "pipelines": {"digits": {"model": "digits-mlp@1.0.0"}}}
+    r = p.api("POST", "/api/v1/deployments/dry-run", json=body).json()
+    assert sorted(r["matching"]) == sorted([ok.id, tiny.id]) and r["ok"] is True
+    missing = {**body, "pipelines": {"digits": {"model": "nope@1.0.0"}}}
+    r = p.api("POST", "/api/v1/deployments/dry-run", json=missing).json()
+    assert r["ok"] is False and "nope@1.0.0" in r["conflicts"][0]
+    r = p.api("POST", "/api/v1/deployments", json=missing)
+    assert r.status_code == 409 and "not in the registry" in r.json()["error"]["message"]
+    assert p.api("GET", "/api/v1/deployments").json() == []
+
+
+def test_bad_deployments_are_refused_with_4xx(sqlite_plane: Plane, examples: dict[str, Any]) -> None:
+    p = sqlite_plane
+    _setup(p, examples)
+    cases = [
+        {"name": "x", "selector": "site in (", "pipelines": {"d": {"model": "digits-mlp@1.0.0"}}},
+        {"name": "x", "pipelines": {"d": {"model": "digits-mlp"}}},
+        {"name": "x", "pipelines": {}},
+        {"name": "Bad Name", "pipelines": {"d": {"model": "digits-mlp@1.0.0"}}},
+        {"name": "x", "pipelines": {"d": {"model": "digits-mlp@1.0.0", "priority": "urgent"}}},
+        {"name": "x", "pipelines": {"d": {"model": "digits-mlp@1.0.0",
+                                          "fallback": "digits-mlp@1.0.0"}}},
+    ]
+    for body in cases:
+        r = p.api("POST", "/api/v1/deployments", json=body)
+        assert 400 <= r.status_code < 500 and "error" in r.json(), (body, r.text)
+
+
+def test_diff_shows_per_device_changes(sqlite_plane: Plane, examples: dict[str, Any]) -> None:
+    p = sqlite_plane
+    _setup(p, examples)
+    a = p.enroll(labels={"site": "a"})
+    p.enroll(labels={"site": "b"})
+    p.api("POST", "/api/v1/deployments", json={
+        "name": "base", "pipelines": {"digits": {"model": "digits-mlp@1.0.0"}}})
+    r = p.api("POST", "/api/v1/deployments/diff", json={
+        "name": "pilot", "selector": "site=a", "priority": 5,
+        "pipelines": {"digits": {"model": "digits-mlp@1.1.0"}}}).json()
+    assert r["devices_changed"] == 1
+    change = r["changes"][a.id]["digits"]
+    assert change["from"].startswith("digits-mlp@1.0.0") and change["to"].startswith("digits-mlp@1.1.0")

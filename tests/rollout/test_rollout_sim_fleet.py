@@ -1,0 +1,179 @@
+"""The fleet simulator against a real control plane (a subprocess on a free port)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import sqlite3
+import subprocess
+from collections.abc import Callable
+from typing import Any
+
+from edgewise.sim import Faults, Fleet, parse_labels, plan_fleet
+
+from .conftest import EDGEWISE, ControlPlaneProcess
+
+FAST = {"time_scale": 0.02, "window_s": 10.0, "poll_wait_s": 10.0}
+
+
+def _fleet(plane: ControlPlaneProcess, n: int, group: str, **kw: Any) -> Fleet:
+    labels = kw.pop("labels", "")
+    spec = f"group={group}" + (f";{labels}" if labels else "")
+    return Fleet(plane.url, n, kw.pop("seed", 1), admin_token=plane.admin, labels=spec,
+                 **{**FAST, **kw})  # fmt: skip
+
+
+def _run(fleet: Fleet, until: Callable[[Fleet], bool], timeout: float = 60.0) -> bool:
+    async def go() -> bool:
+        async with fleet:
+            ok = await fleet.run_until(until, timeout)
+            await fleet.run_for(0.3)  # let the last reports land
+            return ok
+
+    return asyncio.run(go())
+
+
+def _telemetry_windows(plane: ControlPlaneProcess, device_ids: list[str]) -> int:
+    marks = ",".join("?" for _ in device_ids)
+    with sqlite3.connect(plane.data / "edgewise.db") as db:
+        row = db.execute(
+            f"SELECT count(*) FROM telemetry WHERE kind = 'window' AND device_id IN ({marks})",
+            device_ids,
+        ).fetchone()
+    return int(row[0])
+
+
+def test_fleet_converges_on_the_deployed_model_through_the_real_protocol(
+    shared_plane: ControlPlaneProcess,
+) -> None:
+    plane = shared_plane
+    plane.deploy("sim-basic", "group=basic", "digits-mlp@1.0.0")
+    fleet = _fleet(plane, 12, "basic", labels="hw=small:0.5,large:0.5")
+
+    assert _run(fleet, lambda f: f.count_running("digits-mlp@1.0.0") == 12
+                and f.env.stats.telemetry_records >= 12)  # fmt: skip
+
+    ids = [d.device_id for d in fleet.devices if d.device_id]
+    devices = plane.api("GET", "/api/v1/devices", params={"selector": "group=basic"})
+    assert sorted(d["id"] for d in devices) == sorted(ids)
+    assert sorted(d["labels"]["hw"] for d in devices) == ["large"] * 6 + ["small"] * 6
+    shown = plane.api("GET", f"/api/v1/devices/{ids[0]}")
+    assert shown["reported_revision"] == shown["desired_revision"]
+    pipeline = shown["pipelines"]["digits"]
+    assert (pipeline["version"], pipeline["status"]) == ("1.0.0", "active")
+    states = [e["state"] for e in pipeline["timeline"]]
+    assert states[:2] == ["pending", "downloading"] and states[-1] == "active"
+    assert "health_checking" in states
+    assert _telemetry_windows(plane, ids) >= 12
+    assert fleet.summary()["refusals"] == {}
+
+
+def test_fleet_follows_a_new_model_and_remembers_what_ran(
+    shared_plane: ControlPlaneProcess,
+) -> None:
+    plane = shared_plane
+    plane.deploy("sim-move", "group=move", "digits-mlp@1.0.0")
+
+    async def go() -> Fleet:
+        fleet = _fleet(plane, 6, "move")
+        async with fleet:
+            assert await fleet.run_until(lambda f: f.count_running("digits-mlp@1.0.0") == 6, 60)
+            plane.deploy("sim-move-up", "group=move", "digits-mlp@2.0.0", priority=10)
+            assert await fleet.run_until(lambda f: f.count_running("digits-mlp@2.0.0") == 6, 60)
+        return fleet
+
+    fleet = asyncio.run(go())
+    assert fleet.count_ever_ran("digits-mlp@1.0.0") == 6
+    assert fleet.count_ever_ran("digits-mlp@2.0.0") == 6
+    assert fleet.summary()["installs"] == 12
+
+
+def test_fleet_converges_through_network_faults_crashes_and_cut_downloads(
+    shared_plane: ControlPlaneProcess,
+) -> None:
+    plane = shared_plane
+    plane.deploy("sim-faulty", "group=faulty", "digits-mlp@1.1.0")
+    faults = Faults(flaky=0.2, cut_download=0.5, slow_download=0.3, slow_download_s=5.0,
+                    crash_during_install=0.3, restart_s=5.0, offline_fraction=0.25)  # fmt: skip
+    fleet = _fleet(plane, 16, "faulty", faults=faults, seed=4)
+
+    assert _run(fleet, lambda f: f.count_running("digits-mlp@1.1.0") == 12, timeout=90)
+
+    summary = fleet.summary()
+    assert summary["offline"] == 4
+    assert all(not d.ever_ran for d in fleet.devices if d.profile.offline)
+    assert summary["faults_injected"] > 0 and summary["cut_downloads"] > 0
+    assert summary["crashes"] > 0
+    crashed = [d for d in fleet.devices
+               if any("crashed" in e.reason for p in d.pipes.values() for e in p.timeline)]
+    assert crashed, "a crash shows in the device's reported timeline"
+    online = plane.api("GET", "/api/v1/devices", params={"selector": "group=faulty"})
+    reported = {d["id"] for d in online if d["reported_revision"] is not None}
+    assert reported == {d.device_id for d in fleet.devices if not d.profile.offline}
+
+
+def test_devices_with_clocks_off_beyond_the_window_are_refused(
+    shared_plane: ControlPlaneProcess,
+) -> None:
+    plane = shared_plane
+    plane.deploy("sim-skew", "group=skew", "digits-mlp@1.0.0")
+    faults = Faults(clock_skew_s=900.0)
+    profiles = plan_fleet(10, 2, parse_labels("group=skew"), faults)
+    in_window = sum(1 for p in profiles if abs(p.clock_skew_s) < 295)
+    assert 0 < in_window < 10
+    fleet = _fleet(plane, 10, "skew", faults=faults, seed=2)
+
+    assert _run(fleet, lambda f: f.count_running("digits-mlp@1.0.0") == in_window
+                and sum(f.env.stats.refusals.values()) > 0, timeout=30)  # fmt: skip
+
+    assert set(fleet.summary()["refusals"]) == {"stale_timestamp"}
+    for device in fleet.devices:
+        assert bool(device.ever_ran) == (abs(device.profile.clock_skew_s) < 295)
+
+
+def test_devices_added_later_enroll_with_the_next_indexes(
+    shared_plane: ControlPlaneProcess,
+) -> None:
+    plane = shared_plane
+
+    async def go() -> Fleet:
+        fleet = _fleet(plane, 3, "later")
+        async with fleet:
+            new = await fleet.add(2)
+            assert [d.profile.index for d in new] == [3, 4]
+            assert all(d.device_id for d in new)
+        return fleet
+
+    fleet = asyncio.run(go())
+    assert fleet.n == 5 and len({d.device_id for d in fleet.devices}) == 5
+
+
+def test_sim_command_prints_a_json_summary(shared_plane: ControlPlaneProcess) -> None:
+    plane = shared_plane
+    plane.deploy("sim-cli", "group=cli", "digits-mlp@1.0.0")
+    out = subprocess.run(
+        [*EDGEWISE, "sim", "--server", plane.url, "--token", plane.admin, "--devices", "4",
+         "--seed", "3", "--labels", "group=cli", "--duration", "4", "--time-scale", "0.02",
+         "--json"],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    summary = json.loads(out.stdout)
+    assert summary["devices"] == 4
+    assert summary["running"] == {"digits-mlp@1.0.0": 4}
+
+
+def test_sim_command_refuses_bad_input_in_one_line(shared_plane: ControlPlaneProcess) -> None:
+    for args, message in [
+        (["--labels", "nope"], "label spec"),
+        (["--flaky", "1.5"], "--flaky"),
+        (["--server", "http://127.0.0.1:1"], "cannot start the fleet"),
+    ]:
+        out = subprocess.run(
+            [*EDGEWISE, "sim", "--server", shared_plane.url, "--token", shared_plane.admin,
+             "--devices", "2", "--duration", "1", *args],
+            capture_output=True, text=True, timeout=60,
+        )  # fmt: skip
+        assert out.returncode != 0
+        assert message in out.stderr
+        assert "Traceback" not in out.stderr

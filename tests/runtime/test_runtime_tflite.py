@@ -1,0 +1,86 @@
+"""The TFLite backend runs the same pipeline spec as onnxruntime, with the same answers.
+
+The TFLite digits models are converted from the same fitted estimators by the built-in
+converter (`edgewise.runtime._tflite_build`); skipped when the `tflite` extra is absent.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from edgewise.examples import DigitsSplit, train_logreg, train_mlp
+from edgewise.runtime import ModelLoadError, Runtime
+from edgewise.runtime._tflite import tflite_available
+
+from .conftest import SpecFactory
+
+pytestmark = pytest.mark.skipif(not tflite_available(), reason="tflite extra not installed")
+
+
+@pytest.fixture(scope="module")
+def models(split: DigitsSplit, tmp_path_factory: pytest.TempPathFactory) -> dict[str, object]:
+    from edgewise.runtime._tflite_build import sklearn_to_tflite
+
+    onnx_bytes, estimator = train_mlp(split)
+    tfl = sklearn_to_tflite(estimator)
+    path = tmp_path_factory.mktemp("tflite") / "digits-mlp.tflite"
+    path.write_bytes(tfl)
+    return {"onnx": onnx_bytes, "tflite": tfl, "path": path}
+
+
+def test_same_spec_same_answers_on_both_backends(
+    runtime: Runtime, models: dict[str, object], split: DigitsSplit, make_spec: SpecFactory
+) -> None:
+    onnx_model = runtime.load_model(models["onnx"])  # type: ignore[arg-type]
+    tfl_model = runtime.load_model(models["path"])  # type: ignore[arg-type]
+    assert tfl_model.session.backend == "tflite"
+    assert tfl_model.session.input.shape == (None, 64)
+    runtime.start_pipeline(make_spec("onnx"), onnx_model)
+    runtime.start_pipeline(make_spec("tflite"), tfl_model)
+
+    a = runtime.infer("onnx", split.x_test)
+    b = runtime.infer("tflite", split.x_test)
+
+    assert a.labels == b.labels
+    assert np.allclose(a.outputs["probabilities"], b.outputs["probabilities"], atol=1e-5)
+    single = [runtime.infer("tflite", row).labels[0] for row in split.x_test[:20]]
+    assert single == a.labels[:20]
+
+
+def test_tflite_bytes_are_recognised_and_batched(
+    runtime: Runtime, models: dict[str, object], split: DigitsSplit, make_spec: SpecFactory
+) -> None:
+    model = runtime.load_model(models["tflite"])  # type: ignore[arg-type]
+    assert model.session.backend == "tflite"
+    runtime.start_pipeline(make_spec(batching={"max_batch": 8}), model)
+    rt_reqs = []
+    runtime.pause()
+    for i in range(20):
+        rt_reqs.append(runtime.submit("digits", split.x_test[i], lambda r: None))
+    runtime.resume()
+    runtime.stop_pipeline("digits")
+    assert all(r.error is None and r.result is not None for r in rt_reqs)
+
+
+def test_logistic_regression_converts_too(split: DigitsSplit, runtime: Runtime) -> None:
+    from edgewise.runtime._tflite_build import sklearn_to_tflite
+
+    _, estimator = train_logreg(split)
+    model = runtime.load_model(sklearn_to_tflite(estimator))
+    probs = np.asarray(model.session.run(split.x_test)["probabilities"])
+    assert np.allclose(probs, estimator.predict_proba(split.x_test), atol=1e-5)  # type: ignore[attr-defined]
+
+
+def test_tflite_cannot_promise_an_accelerator(runtime: Runtime, models: dict[str, object]) -> None:
+    with pytest.raises(ModelLoadError, match="CPU only"):
+        runtime.load_model(models["path"], require_accelerator=True)  # type: ignore[arg-type]
+
+
+def test_corrupt_tflite_file_is_a_model_load_error(runtime: Runtime, tmp_path: Path) -> None:
+    bad = tmp_path / "bad.tflite"
+    bad.write_bytes(b"\x00\x00\x00\x00TFL3 not really")
+    with pytest.raises(ModelLoadError):
+        runtime.load_model(bad)

@@ -1,0 +1,217 @@
+"""A real control plane on loopback with a small fleet, and a real headless Chromium.
+
+The fleet is enrolled through the real device protocol (`edgewise.agent.DeviceClient`:
+Ed25519 keys, signed requests), reports pipeline timelines and uploads telemetry
+windows, so every console page has something to draw.
+"""
+
+from __future__ import annotations
+
+import base64
+import random
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import uvicorn
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+from edgewise.agent import DeviceClient, DeviceKey
+from edgewise.control import Settings, create_app, open_store
+from edgewise.protocol import PipelineReport, Report, TelemetryBatch, TelemetryRecord
+from edgewise.web import mount_console
+
+CHROMIUM = Path("/usr/bin/chromium")
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking"]
+ARTIFACTS = Path(__file__).resolve().parents[2] / "test-artifacts" / "web"
+SITES = ("lab", "store-1", "store-2")
+CONF_EDGES = [i / 10 for i in range(11)]
+
+
+@dataclass
+class Console:
+    """The running control plane and what the tests need to drive it."""
+
+    url: str
+    app: Any
+    admin: str
+    operator: str = ""
+    viewer: str = ""
+    devices: list[str] = field(default_factory=list)
+    deployment: str = "digits"
+    standin_rollouts: bool = False
+
+    def api(self, method: str, path: str, token: str | None = None, **kw: Any) -> httpx.Response:
+        headers = {"authorization": f"Bearer {token or self.admin}", **kw.pop("headers", {})}
+        return httpx.request(method, self.url + path, headers=headers, timeout=30, **kw)
+
+
+def _free_socket() -> socket.socket:
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind(("127.0.0.1", 0))
+    return sock
+
+
+def _has_route(app: Any, path: str) -> bool:
+    return any(getattr(r, "path", None) == path for r in app.routes)
+
+
+def _window(model: str, version: str, ts: float, rng: random.Random) -> dict[str, Any]:
+    ok = rng.randint(80, 120)
+    conf = [0, 0, 0, 0, 0, 1, 1, 2, rng.randint(3, 8), rng.randint(60, 100)]
+    return {
+        "pipeline": "digits",
+        "model": model,
+        "version": version,
+        "window_s": 60,
+        "counts": {"ok": ok, "failed": rng.randint(0, 3)},
+        "latency_ms": {"p50": rng.uniform(1, 2), "p95": rng.uniform(2, 5)},
+        "confidence": {"edges": CONF_EDGES, "counts": conf},
+        "drift": {"score": rng.uniform(0.0, 0.2)},
+        "ts": ts,
+    }
+
+
+def _enroll(con: Console, index: int, rng: random.Random) -> str:
+    r = con.api("POST", "/api/v1/enroll-tokens", json={"labels": {"site": SITES[index % 3]}})
+    assert r.status_code == 201, r.text
+    key = Ed25519PrivateKey.generate()
+    pub = key.public_key().public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+    hw = "cpu-large" if index % 2 else "cpu-small"
+    caps = {
+        "arch": "x86_64",
+        "cores": 4,
+        "memory_mb": 4096,
+        "runtimes": {"onnxruntime": "1.20.0"},
+        "execution_providers": ["CPUExecutionProvider"],
+        "accelerators": [],
+        "power": "mains",
+    }
+    with httpx.Client(base_url=con.url, timeout=30) as http:
+        client = DeviceClient(http)
+        answer = client.enroll(r.json()["token"], base64.b64encode(pub).decode(), {"hw": hw}, caps)
+        device_id = str(answer["device_id"])
+        client.key = DeviceKey(device_id, key)
+        poll = client.desired()
+        revision = poll.signed.document.revision if poll.signed else 1
+        now = time.time()
+        steps = ["downloading", "verifying", "installing", "health_checking", "active"]
+        timeline = [
+            {"state": s, "reason": f"{s} digits-mlp@1.0.0", "at": now - 50 + 10 * i}
+            for i, s in enumerate(steps)
+        ]
+        status = "failed" if index == 5 else "active"
+        if status == "failed":
+            timeline[-1] = {"state": "failed", "reason": "health check: output mismatch", "at": now}
+        pipe = PipelineReport.model_validate(
+            {
+                "model": "digits-mlp",
+                "version": "1.0.0",
+                "slot": "a",
+                "status": status,
+                "reason": timeline[-1]["reason"],
+                "timeline": timeline,
+            }
+        )
+        client.report(Report(revision=revision, pipelines={"digits": pipe}))
+        records = [
+            TelemetryRecord(
+                seq=i + 1,
+                cls="metric",
+                ts=now - 600 + 60 * i,
+                kind="window",
+                data=_window("digits-mlp", "1.0.0", now - 600 + 60 * i, rng),
+            )
+            for i in range(10)
+        ]
+        records.append(
+            TelemetryRecord(seq=11, cls="event", ts=now, kind="install.succeeded", data={})
+        )
+        client.telemetry(TelemetryBatch(records=records))
+    return device_id
+
+
+@pytest.fixture(scope="session")
+def console(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Console]:
+    """A control plane (uvicorn, loopback) with models, a deployment and 12 devices."""
+    from edgewise.bundle import load_public_key, public_key_to_b64
+    from edgewise.examples import build_examples
+
+    root = tmp_path_factory.mktemp("console")
+    bundles = build_examples(root / "examples")
+    pub = public_key_to_b64(load_public_key(root / "examples" / "examples.pub"))
+    settings = Settings(data_dir=root / "data", watch_interval_s=0.2)
+    store = open_store(settings.database_url)
+    app = create_app(settings, store)
+    if not _has_route(app, "/login"):
+        mount_console(app)
+    standin = not _has_route(app, "/api/v1/rollouts")
+    if standin:
+        from ._rollout_standin import router as standin_router
+
+        app.include_router(standin_router)
+    admin = app.state.plane.bootstrap_admin()
+    sock = _free_socket()
+    port = sock.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="on"))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    deadline = time.time() + 20
+    while not server.started and time.time() < deadline:
+        time.sleep(0.05)
+    assert server.started, "control plane did not start"
+    con = Console(f"http://127.0.0.1:{port}", app, admin, standin_rollouts=standin)
+    try:
+        assert con.api("POST", "/api/v1/publisher-keys", json={"public_key": pub}).status_code == 201
+        for ref in ("digits-mlp@1.0.0", "digits-mlp@1.1.0"):
+            r = con.api(
+                "POST",
+                "/api/v1/models",
+                content=bundles[ref].read_bytes(),
+                headers={"content-type": "application/octet-stream"},
+            )
+            assert r.status_code in (200, 201), r.text
+        r = con.api(
+            "POST",
+            "/api/v1/deployments",
+            json={"name": "digits", "selector": "", "pipelines": {"digits": {"model": "digits-mlp@1.0.0"}}},
+        )
+        assert r.status_code in (200, 201), r.text
+        for role in ("operator", "viewer"):
+            r = con.api("POST", "/api/v1/tokens", json={"name": role, "role": role})
+            assert r.status_code == 201, r.text
+            setattr(con, role, r.json()["token"])
+        rng = random.Random(7)
+        con.devices = [_enroll(con, i, rng) for i in range(12)]
+        yield con
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)
+        store.close()
+
+
+@pytest.fixture(scope="session")
+def browser() -> Iterator[Any]:
+    """Debian's Chromium driven by Playwright (no browser download)."""
+    if not CHROMIUM.exists():
+        pytest.skip("needs Debian's chromium package (/usr/bin/chromium)")
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as pw:
+        b = pw.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
+        yield b
+        b.close()
+
+
+@pytest.fixture
+def artifacts() -> Path:
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    return ARTIFACTS
