@@ -59,9 +59,7 @@ def _pub_b64(key: Ed25519PrivateKey) -> str:
     return base64.b64encode(raw).decode()
 
 
-async def _one(
-    reader: asyncio.StreamReader, writer: asyncio.StreamWriter, request: bytes
-) -> int:
+async def _one(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, request: bytes) -> int:
     writer.write(request)
     status_line = await reader.readline()
     status = int(status_line.split()[1])
@@ -79,8 +77,12 @@ async def _one(
 
 
 async def _drive(
-    port: int, devices: list[tuple[str, bytes, int]], kind: str, start_at: float,
-    stop_at: float, conns: int,
+    port: int,
+    devices: list[tuple[str, bytes, int]],
+    kind: str,
+    start_at: float,
+    stop_at: float,
+    conns: int,
 ) -> dict[int, int]:
     keys = [(d, Ed25519PrivateKey.from_private_bytes(k), rev) for d, k, rev in devices]
     counts: dict[int, int] = {}
@@ -96,18 +98,34 @@ async def _drive(
                 if kind == "poll":
                     path = "/device/v1/desired"
                     h = sign_request(key, dev, "GET", path, b"", time.time())
-                    head = f"GET {path} HTTP/1.1\r\nHost: bench\r\nIf-None-Match: \"{rev}\"\r\n"
+                    head = f'GET {path} HTTP/1.1\r\nHost: bench\r\nIf-None-Match: "{rev}"\r\n'
                     body = b""
                 else:
                     path = "/device/v1/report"
-                    body = json.dumps({"revision": rev, "pipelines": {"digits": {
-                        "model": "digits-mlp", "version": "1.0.0", "slot": "a",
-                        "status": "active", "reason": "",
-                        "timeline": [{"state": "active", "reason": "", "at": time.time()}]}},
-                        "errors": [], "agent": {"version": "bench", "uptime_s": 1.0}}).encode()
+                    body = json.dumps(
+                        {
+                            "revision": rev,
+                            "pipelines": {
+                                "digits": {
+                                    "model": "digits-mlp",
+                                    "version": "1.0.0",
+                                    "slot": "a",
+                                    "status": "active",
+                                    "reason": "",
+                                    "timeline": [
+                                        {"state": "active", "reason": "", "at": time.time()}
+                                    ],
+                                }
+                            },
+                            "errors": [],
+                            "agent": {"version": "bench", "uptime_s": 1.0},
+                        }
+                    ).encode()
                     h = sign_request(key, dev, "POST", path, body, time.time())
-                    head = (f"POST {path} HTTP/1.1\r\nHost: bench\r\nContent-Type: "
-                            f"application/json\r\nContent-Length: {len(body)}\r\n")
+                    head = (
+                        f"POST {path} HTTP/1.1\r\nHost: bench\r\nContent-Type: "
+                        f"application/json\r\nContent-Length: {len(body)}\r\n"
+                    )
                 head += "".join(f"{k}: {v}\r\n" for k, v in h.items()) + "\r\n"
                 status = await _one(reader, writer, head.encode() + body)
                 if time.time() <= stop_at:
@@ -126,13 +144,18 @@ def _client(
 
 
 def _start_server(db: str, data: Path) -> tuple[subprocess.Popen[bytes], str, str]:
-    init = subprocess.run([EDGEWISE, "server", "init", "--data", str(data), "--db", db],
-                          capture_output=True, text=True, check=True)
+    init = subprocess.run(
+        [EDGEWISE, "server", "init", "--data", str(data), "--db", db],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     admin = init.stdout.strip().splitlines()[-1]
     port = _free_port()
     proc = subprocess.Popen(
         [EDGEWISE, "server", "--data", str(data), "--db", db, "--port", str(port)],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
     )
     base = f"http://127.0.0.1:{port}"
     for _ in range(300):
@@ -159,8 +182,13 @@ def _enroll(base: str, admin: str, n: int) -> list[tuple[str, bytes, int]]:
 
 
 def _phase(
-    proc: psutil.Process, port: int, devices: list[tuple[str, bytes, int]], kind: str,
-    seconds: float, conns: int, clients: int,
+    proc: psutil.Process,
+    port: int,
+    devices: list[tuple[str, bytes, int]],
+    kind: str,
+    seconds: float,
+    conns: int,
+    clients: int,
 ) -> dict[str, float]:
     # Warm the server's device cache so the measured polls are the steady state.
     _client((port, devices, kind, 0.0, time.time() + 1.0, min(conns, len(devices))))
@@ -184,12 +212,76 @@ def _phase(
         for k, v in r.items():
             counts[k] = counts.get(k, 0) + v
     ok = counts.get(304 if kind == "poll" else 200, 0)
-    return {"ok": ok, "errors": sum(v for k, v in counts.items() if k >= 400),
-            "per_s": ok / wall, "per_core": ok / cpu if cpu > 0 else 0.0, "cores": cpu / wall,
-            "statuses": counts}  # type: ignore[dict-item]
+    return {
+        "ok": ok,
+        "errors": sum(v for k, v in counts.items() if k >= 400),
+        "per_s": ok / wall,
+        "per_core": ok / cpu if cpu > 0 else 0.0,
+        "cores": cpu / wall,
+        "statuses": counts,
+    }  # type: ignore[dict-item]
 
 
-def _run_backend(name: str, db: str, args: argparse.Namespace) -> dict[str, Any]:
+def _wake_latency(
+    base: str, admin: str, devices: list[tuple[str, bytes, int]], bundle: dict[str, Any]
+) -> list[float]:
+    """Milliseconds from sending a label change to the long-poll answer it causes."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    auth = {"authorization": f"Bearer {admin}"}
+    with httpx.Client(base_url=base, headers=auth, timeout=60) as c:
+        c.post("/api/v1/publisher-keys", json={"public_key": bundle["pub"], "name": "bench"})
+        c.post("/api/v1/models", content=bundle["raw"])
+        c.post(
+            "/api/v1/deployments",
+            json={
+                "name": "wake",
+                "selector": "wake=yes",
+                "pipelines": {"digits": {"model": bundle["ref"]}},
+            },
+        ).raise_for_status()
+    latencies = []
+    with ThreadPoolExecutor(1) as pool, httpx.Client(base_url=base, timeout=60) as dc:
+        for dev, raw, rev in devices[:20]:
+            key = Ed25519PrivateKey.from_private_bytes(raw)
+            path = "/device/v1/desired?wait=30"
+
+            def wait(key: Ed25519PrivateKey = key, dev: str = dev, rev: int = rev) -> float:
+                h = sign_request(key, dev, "GET", path, b"", time.time())
+                r = dc.get(path, headers={**h, "if-none-match": f'"{rev}"'})
+                assert r.status_code == 200, r.text
+                return time.perf_counter()
+
+            waiting = pool.submit(wait)
+            time.sleep(0.2)
+            sent = time.perf_counter()
+            httpx.post(
+                f"{base}/api/v1/devices/{dev}/labels",
+                headers=auth,
+                json={"set": {"wake": "yes"}},
+                timeout=60,
+            ).raise_for_status()
+            latencies.append((waiting.result() - sent) * 1000)
+    return latencies
+
+
+def _example_bundle() -> dict[str, Any]:
+    from edgewise.bundle import load_public_key, public_key_to_b64
+    from edgewise.examples import build_examples
+
+    out = Path(tempfile.mkdtemp(prefix="ew-bench-examples-"))
+    bundles = build_examples(out)
+    ref = "digits-mlp@1.0.0"
+    return {
+        "ref": ref,
+        "raw": bundles[ref].read_bytes(),
+        "pub": public_key_to_b64(load_public_key(out / "examples.pub")),
+    }
+
+
+def _run_backend(
+    name: str, db: str, args: argparse.Namespace, bundle: dict[str, Any]
+) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix=f"ew-bench-{name}-") as tmp:
         proc, base, admin = _start_server(db, Path(tmp) / "data")
         try:
@@ -198,10 +290,11 @@ def _run_backend(name: str, db: str, args: argparse.Namespace) -> dict[str, Any]
             ps = psutil.Process(proc.pid)
             polls = _phase(ps, port, devices, "poll", args.seconds, args.conns, args.clients)
             reports = _phase(ps, port, devices, "report", args.seconds, args.conns, args.clients)
+            wake = sorted(_wake_latency(base, admin, devices, bundle))
         finally:
             os.kill(proc.pid, signal.SIGKILL)
             proc.wait()
-    return {"polls": polls, "reports": reports}
+    return {"polls": polls, "reports": reports, "wake_ms": wake}
 
 
 def main() -> None:
@@ -214,8 +307,9 @@ def main() -> None:
     args = ap.parse_args()
 
     results: dict[str, dict[str, Any]] = {}
+    bundle = _example_bundle()
     with tempfile.TemporaryDirectory() as tmp:
-        results["sqlite"] = _run_backend("sqlite", f"sqlite:///{tmp}/bench.db", args)
+        results["sqlite"] = _run_backend("sqlite", f"sqlite:///{tmp}/bench.db", args, bundle)
     if not args.skip_postgres:
         import psycopg
 
@@ -224,7 +318,7 @@ def main() -> None:
             conn.execute(f'CREATE DATABASE "{dbname}"')
         try:
             url = f"postgresql+psycopg://postgres@127.0.0.1:5432/{dbname}"
-            results["postgres"] = _run_backend("postgres", url, args)
+            results["postgres"] = _run_backend("postgres", url, args, bundle)
         finally:
             with psycopg.connect(PG_ADMIN, autocommit=True) as conn:
                 conn.execute(f'DROP DATABASE IF EXISTS "{dbname}" WITH (FORCE)')
@@ -233,8 +327,10 @@ def main() -> None:
     for store, r in results.items():
         for phase in ("polls", "reports"):
             x = r[phase]
-            print(f"{store:<10} {phase:<8} {x['per_s']:>9.0f} {x['per_core']:>9.0f} "
-                  f"{x['cores']:>9.2f} {x['errors']:>7}")
+            print(
+                f"{store:<10} {phase:<8} {x['per_s']:>9.0f} {x['per_core']:>9.0f} "
+                f"{x['cores']:>9.2f} {x['errors']:>7}"
+            )
     pg = results.get("postgres", {})
     summary = {
         "polls_per_s_sqlite": round(results["sqlite"]["polls"]["per_s"], 1),
@@ -245,6 +341,7 @@ def main() -> None:
         "polls_per_core_s_postgres": round(pg["polls"]["per_core"], 1) if pg else None,
         "server_cores": round(max(r["polls"]["cores"] for r in results.values()), 2),
         "machine_cores": os.cpu_count(),
+        "longpoll_wake_ms_max": round(max(max(r["wake_ms"]) for r in results.values()), 1),
     }
     print(json.dumps(summary))
 

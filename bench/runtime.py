@@ -17,6 +17,7 @@ import json
 import os
 import shutil
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -58,13 +59,22 @@ def rate(fn: Callable[[], None], seconds: float) -> float:
             return n / (now - start)
 
 
-def best_of(sides: dict[str, Callable[[], float]]) -> dict[str, float]:
-    """Interleave the sides for ROUNDS rounds; best result of each."""
-    results: dict[str, list[float]] = {k: [] for k in sides}
-    for _ in range(ROUNDS):
-        for k, fn in sides.items():
-            results[k].append(fn())
-    return {k: max(v) for k, v in results.items()}
+def interleaved(
+    sides: dict[str, Callable[[], float]], rounds: int | None = None
+) -> dict[str, list[float]]:
+    """Each side's result per round; the order rotates so no side always goes first."""
+    names = list(sides)
+    results: dict[str, list[float]] = {k: [] for k in names}
+    for r in range(rounds or ROUNDS):
+        order = names[r % len(names) :] + names[: r % len(names)]
+        for k in order:
+            results[k].append(sides[k]())
+    return results
+
+
+def paired_ratio(results: dict[str, list[float]], a: str, b: str) -> float:
+    """Median over rounds of a/b: robust to load that drifts between rounds."""
+    return statistics.median(x / y for x, y in zip(results[a], results[b], strict=True))
 
 
 def spec(name: str, **extra: Any) -> PipelineSpec:
@@ -86,16 +96,17 @@ def bench_ppocr(seconds: float, cores: int) -> dict[str, float]:
     x = np.random.default_rng(0).random((1, 3, 48, 192), dtype=np.float32)
     with Runtime(cores=cores, monitor_interval_s=None) as rt:
         rt.start_pipeline(spec("ppocr", batching={"max_batch": 8}), rt.load_model(path))
-        best = best_of(
+        res = interleaved(
             {
-                "raw": lambda: rate(lambda: raw.run(None, {name: x}), seconds),
-                "pipeline": lambda: rate(lambda: rt.infer("ppocr", x), seconds),
-            }
+                "raw": lambda: rate(lambda: raw.run(None, {name: x}), seconds / 4),
+                "pipeline": lambda: rate(lambda: rt.infer("ppocr", x), seconds / 4),
+            },
+            rounds=ROUNDS * 4,
         )
     return {
-        "ppocr_raw_per_s": best["raw"],
-        "ppocr_pipeline_per_s": best["pipeline"],
-        "ppocr_pipeline_vs_raw": best["pipeline"] / best["raw"],
+        "ppocr_raw_per_s": statistics.median(res["raw"]),
+        "ppocr_pipeline_per_s": statistics.median(res["pipeline"]),
+        "ppocr_pipeline_vs_raw": paired_ratio(res, "pipeline", "raw"),
     }
 
 
@@ -130,6 +141,27 @@ def clients(fn: Callable[[int], None], n: int, seconds: float) -> tuple[float, l
     return len(flat) / took, flat
 
 
+async def async_clients(
+    rt: Runtime, name: str, rows: list[np.ndarray], n: int, seconds: float
+) -> tuple[float, list[float]]:
+    """`n` coroutine clients, each awaiting one request at a time, for `seconds`."""
+    lat: list[float] = []
+    end = time.perf_counter() + seconds
+
+    async def client(k: int) -> None:
+        i = k * 37
+        pc = time.perf_counter
+        while pc() < end:
+            t0 = pc()
+            await rt.infer_async(name, rows[i % len(rows)])
+            lat.append((pc() - t0) * 1000.0)
+            i += 1
+
+    t0 = time.perf_counter()
+    await asyncio.gather(*(client(k) for k in range(n)))
+    return len(lat) / (time.perf_counter() - t0), lat
+
+
 def bench_digits(seconds: float, mlp: bytes, x: np.ndarray) -> dict[str, float]:
     raw = raw_session(mlp, 1)
     one = x[:1]
@@ -141,30 +173,44 @@ def bench_digits(seconds: float, mlp: bytes, x: np.ndarray) -> dict[str, float]:
         rows = [x[i : i + 1] for i in range(len(x))]
 
         def c32() -> float:
-            per_s, lat = clients(lambda i: rt.infer("batched", rows[i % len(rows)]), 32, seconds)
+            per_s, lat = clients(
+                lambda i: rt.infer("batched", rows[i % len(rows)]), 32, seconds / 2
+            )
             p99.append(pct(lat, 0.99))
             return per_s
 
-        best = best_of(
+        p99_async: list[float] = []
+
+        def c32_async() -> float:
+            per_s, lat = asyncio.run(async_clients(rt, "batched", rows, 32, seconds / 2))
+            p99_async.append(pct(lat, 0.99))
+            return per_s
+
+        res = interleaved(
             {
-                "raw_b1": lambda: rate(lambda: raw.run(None, {"input": one}), seconds),
+                "raw_b1": lambda: rate(lambda: raw.run(None, {"input": one}), seconds / 2),
                 "batched_c32": c32,
-                "single_batching": lambda: rate(lambda: rt.infer("batched", one), seconds),
-                "single_direct": lambda: rate(lambda: rt.infer("direct", one), seconds),
-            }
+                "batched_c32_async": c32_async,
+                "single_batching": lambda: rate(lambda: rt.infer("batched", one), seconds / 2),
+                "single_direct": lambda: rate(lambda: rt.infer("direct", one), seconds / 2),
+            },
+            rounds=ROUNDS * 2,
         )
         sizes = rt.stats("batched")["batch_size"]
-    mean_batch = sizes["sum"] / max(1, sizes["count"])
+    med = {k: statistics.median(v) for k, v in res.items()}
     return {
-        "digits_raw_b1_per_s": best["raw_b1"],
-        "digits_batched_c32_per_s": best["batched_c32"],
-        "digits_batched_c32_vs_raw_b1": best["batched_c32"] / best["raw_b1"],
-        "digits_batched_c32_p99_ms": min(p99),
-        "digits_mean_batch_rows": mean_batch,
-        "single_client_batching_per_s": best["single_batching"],
-        "single_client_direct_per_s": best["single_direct"],
-        "single_client_batching_vs_direct": best["single_batching"] / best["single_direct"],
-        "single_client_pipeline_vs_raw_session": best["single_batching"] / best["raw_b1"],
+        "digits_raw_b1_per_s": med["raw_b1"],
+        "digits_batched_c32_per_s": med["batched_c32_async"],
+        "digits_batched_c32_vs_raw_b1": paired_ratio(res, "batched_c32_async", "raw_b1"),
+        "digits_batched_c32_p99_ms": statistics.median(p99_async),
+        "digits_threads_c32_per_s": med["batched_c32"],
+        "digits_threads_c32_vs_raw_b1": paired_ratio(res, "batched_c32", "raw_b1"),
+        "digits_threads_c32_p99_ms": statistics.median(p99),
+        "digits_mean_batch_rows": sizes["sum"] / max(1, sizes["count"]),
+        "single_client_batching_per_s": med["single_batching"],
+        "single_client_direct_per_s": med["single_direct"],
+        "single_client_batching_vs_direct": paired_ratio(res, "single_batching", "single_direct"),
+        "single_client_pipeline_vs_raw_session": paired_ratio(res, "single_batching", "raw_b1"),
     }
 
 
@@ -259,11 +305,14 @@ def bench_cascade(
 
             return once
 
-        best = best_of({n: (lambda n=n: rate(loop(n), seconds)) for n in ("mlp", "cascade")})
+        res = interleaved(
+            {n: (lambda n=n: rate(loop(n), seconds / 2)) for n in ("mlp", "cascade")},
+            rounds=ROUNDS * 2,
+        )
         stats = rt.stats("cascade")
     tiers = stats["tier_duration_ms"]
     return {
-        "cascade_throughput_vs_mlp": best["cascade"] / best["mlp"],
+        "cascade_throughput_vs_mlp": paired_ratio(res, "cascade", "mlp"),
         "cascade_accuracy_delta_pp": (acc["cascade"] - acc["mlp"]) * 100.0,
         "cascade_accuracy": acc["cascade"],
         "mlp_accuracy": acc["mlp"],
@@ -463,9 +512,10 @@ def bench_http(seconds: float, model_path: str, x: np.ndarray) -> dict[str, Any]
             wait_port(port)
         # Both servers stay up; measurements alternate between them so that background
         # load on the machine falls on both sides alike.
-        for _ in range(ROUNDS):
+        for rnd in range(ROUNDS):
             for conns in (32, 1):
-                for kind, port in ports.items():
+                kinds = list(ports.items())
+                for kind, port in kinds if rnd % 2 == 0 else kinds[::-1]:
                     if use_wrk:
                         r = run_wrk(f"http://127.0.0.1:{port}{path}", body, conns, seconds)
                     else:
@@ -477,17 +527,24 @@ def bench_http(seconds: float, model_path: str, x: np.ndarray) -> dict[str, Any]
         for proc in procs:
             proc.kill()
             proc.wait()
-    best = {k: max(v) for k, v in results.items()}
+
+    def med(kind: str, conns: int, i: int) -> float:
+        return statistics.median(r[i] for r in results[(kind, conns)])
+
+    def ratio(conns: int) -> float:
+        pairs = zip(results[("edgewise", conns)], results[("bare", conns)], strict=True)
+        return statistics.median(a[0] / b[0] for a, b in pairs)
+
     return {
         "http_load_generator": "wrk" if use_wrk else "python-asyncio",
-        "http_c32_per_s": best[("edgewise", 32)][0],
-        "http_bare_c32_per_s": best[("bare", 32)][0],
-        "http_c32_vs_bare_asgi": best[("edgewise", 32)][0] / best[("bare", 32)][0],
-        "http_c1_per_s": best[("edgewise", 1)][0],
-        "http_bare_c1_per_s": best[("bare", 1)][0],
-        "http_c1_vs_bare_asgi": best[("edgewise", 1)][0] / best[("bare", 1)][0],
-        "http_c32_p99_ms": min(p for _, p in results[("edgewise", 32)]),
-        "http_bare_c32_p99_ms": min(p for _, p in results[("bare", 32)]),
+        "http_c32_per_s": med("edgewise", 32, 0),
+        "http_bare_c32_per_s": med("bare", 32, 0),
+        "http_c32_vs_bare_asgi": ratio(32),
+        "http_c1_per_s": med("edgewise", 1, 0),
+        "http_bare_c1_per_s": med("bare", 1, 0),
+        "http_c1_vs_bare_asgi": ratio(1),
+        "http_c32_p99_ms": med("edgewise", 32, 1),
+        "http_bare_c32_p99_ms": med("bare", 32, 1),
     }
 
 

@@ -92,13 +92,19 @@ class ControlPlaneProc:
             headers={"content-type": "application/octet-stream"},
         )
 
-    def enroll_token(self, max_uses: int = 1) -> str:
-        return str(self.api("POST", "/enroll-tokens", json={"max_uses": max_uses})["token"])
+    def enroll_token(self, max_uses: int = 1, tag: str = "") -> str:
+        body: dict[str, Any] = {"max_uses": max_uses}
+        if tag:
+            body["labels"] = {"t": tag}
+        return str(self.api("POST", "/enroll-tokens", json=body)["token"])
 
-    def deploy(self, name: str, model: str, priority: int = 0, **spec: Any) -> dict[str, Any]:
+    def deploy(
+        self, name: str, model: str, priority: int = 0, tag: str = "", **spec: Any
+    ) -> dict[str, Any]:
+        """Deploy pipeline `digits`; with a tag, only to the agent enrolled with that tag."""
         body = {
-            "name": name,
-            "selector": "",
+            "name": f"{tag}-{name}" if tag else name,
+            "selector": f"t={tag}" if tag else "",
             "priority": priority,
             "pipelines": {"digits": {"model": model, **spec}},
         }
@@ -111,7 +117,10 @@ class ControlPlaneProc:
 class AgentProc:
     """`edgewise agent` in a subprocess."""
 
-    def __init__(self, data: Path, server: str, token: str | None = None, *extra: str) -> None:
+    def __init__(
+        self, data: Path, server: str, token: str | None = None, *extra: str, tag: str = ""
+    ) -> None:
+        self.tag = tag
         self.data = data
         self.server = server
         self.token = token
@@ -162,7 +171,8 @@ class AgentProc:
 
     def infer(self, pipeline: str = "digits") -> dict[str, Any]:
         r = self.local("POST", f"/v1/pipelines/{pipeline}/infer", json={"inputs": [[0.0] * 64]})
-        assert r.status_code == 200, r.text
+        if r.status_code != 200:
+            raise ValueError(r.text)  # wait_for retries on ValueError
         return r.json()  # type: ignore[no-any-return]
 
 

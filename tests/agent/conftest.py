@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 import threading
+import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -109,14 +110,36 @@ def example_bundles(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]
     return {**bundles, "_pub": out / "examples.pub"}
 
 
-@pytest.fixture
-def control_plane(tmp_path: Path, example_bundles: dict[str, Path]) -> Iterator[ControlPlaneProc]:
-    cp = ControlPlaneProc(tmp_path / "cp")
+def _start_cp(data: Path, example_bundles: dict[str, Path]) -> ControlPlaneProc:
+    cp = ControlPlaneProc(data)
     try:
         cp.start()
         cp.trust(example_bundles["_pub"])
         for key in ("digits-mlp@1.0.0", "digits-mlp@1.1.0"):
             cp.push(example_bundles[key])
+    except BaseException:
+        cp.stop()
+        raise
+    return cp
+
+
+@pytest.fixture
+def control_plane(tmp_path: Path, example_bundles: dict[str, Path]) -> Iterator[ControlPlaneProc]:
+    """A control plane of this test's own (for tests that stop and restart it)."""
+    cp = _start_cp(tmp_path / "cp", example_bundles)
+    try:
+        yield cp
+    finally:
+        cp.stop()
+
+
+@pytest.fixture(scope="session")
+def shared_cp(
+    tmp_path_factory: pytest.TempPathFactory, example_bundles: dict[str, Path]
+) -> Iterator[ControlPlaneProc]:
+    """One control plane for the session; tests isolate their devices by a label tag."""
+    cp = _start_cp(tmp_path_factory.mktemp("shared") / "cp", example_bundles)
+    try:
         yield cp
     finally:
         cp.stop()
@@ -126,8 +149,10 @@ def control_plane(tmp_path: Path, example_bundles: dict[str, Path]) -> Iterator[
 def agent_factory(tmp_path: Path) -> Iterator[Callable[..., AgentProc]]:
     made: list[AgentProc] = []
 
-    def make(cp: ControlPlaneProc, name: str = "dev", *extra: str) -> AgentProc:
-        a = AgentProc(tmp_path / name, cp.url, cp.enroll_token(), *extra)
+    def make(cp: ControlPlaneProc, name: str = "dev", *extra: str, server: str = "") -> AgentProc:
+        tag = uuid.uuid4().hex[:10]
+        token = cp.enroll_token(tag=tag)
+        a = AgentProc(tmp_path / name, server or cp.url, token, *extra, tag=tag)
         made.append(a)
         return a
 

@@ -25,20 +25,20 @@ def _serving(agent: AgentProc) -> str:
 
 @pytest.mark.parametrize("point", CRASH_POINTS)
 def test_sigkill_at_install_step_recovers_to_a_verified_model(
-    point: str, control_plane: ControlPlaneProc, agent_factory: Callable[..., AgentProc]
+    point: str, shared_cp: ControlPlaneProc, agent_factory: Callable[..., AgentProc]
 ) -> None:
-    cp = control_plane
+    cp = shared_cp
     agent = agent_factory(cp)
     agent.start()
     agent.wait_up()
     dev = agent.device_id()
-    cp.deploy("digits", "digits-mlp@1.0.0")
+    cp.deploy("digits", "digits-mlp@1.0.0", tag=agent.tag)
     wait_for(lambda: _reported(cp, dev, "1.0.0"), 90, "1.0.0 active")
     agent.kill()
 
     agent.start(env={"EDGEWISE_CRASH_AT": point})
     agent.wait_up()
-    cp.deploy("digits-int8", "digits-mlp@1.1.0", priority=10)
+    cp.deploy("digits-int8", "digits-mlp@1.1.0", priority=10, tag=agent.tag)
     assert agent.wait_exit(120) == -9  # it killed itself at the crash point
 
     agent.start()

@@ -17,18 +17,18 @@ def _active(cp: ControlPlaneProc, dev: str, version: str) -> bool:
 
 
 def test_enroll_deploy_serve_and_swap_to_int8(
-    control_plane: ControlPlaneProc, agent_factory: Callable[..., AgentProc]
+    shared_cp: ControlPlaneProc, agent_factory: Callable[..., AgentProc]
 ) -> None:
-    cp = control_plane
+    cp = shared_cp
     agent = agent_factory(cp)
     agent.start()
     agent.wait_up()
     dev = agent.device_id()
     assert (agent.data / "device.key").stat().st_mode & 0o777 == 0o600
-    cp.deploy("digits", "digits-mlp@1.0.0")
+    cp.deploy("digits", "digits-mlp@1.0.0", tag=agent.tag)
     wait_for(lambda: _active(cp, dev, "1.0.0"), 90, "1.0.0 active")
     assert agent.infer()["model"].startswith("digits-mlp@1.0.0")
-    cp.deploy("digits-int8", "digits-mlp@1.1.0", priority=10)
+    cp.deploy("digits-int8", "digits-mlp@1.1.0", priority=10, tag=agent.tag)
     wait_for(lambda: _active(cp, dev, "1.1.0"), 90, "1.1.0 active")
     assert agent.infer()["model"].startswith("digits-mlp@1.1.0")
     timeline = [e["state"] for e in cp.device(dev)["pipelines"]["digits"]["timeline"]]

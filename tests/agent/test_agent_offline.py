@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import sqlite3
 from collections.abc import Callable, Iterator
-from pathlib import Path
 
 import pytest
 
@@ -48,7 +47,7 @@ def test_offline_restart_serves_last_model_and_reports_when_back(
     agent.start()
     agent.wait_up()
     dev = agent.device_id()
-    cp.deploy("digits", "digits-mlp@1.0.0")
+    cp.deploy("digits", "digits-mlp@1.0.0", tag=agent.tag)
     wait_for(lambda: _active(cp, dev, "1.0.0"), 90, "1.0.0 active")
     before = cp.device(dev)["reported_at"]
     cp.stop()
@@ -64,8 +63,8 @@ def test_offline_restart_serves_last_model_and_reports_when_back(
 
 
 @pytest.fixture
-def proxy(control_plane: ControlPlaneProc) -> Iterator[TamperProxy]:
-    p = TamperProxy(control_plane.url)
+def proxy(shared_cp: ControlPlaneProc) -> Iterator[TamperProxy]:
+    p = TamperProxy(shared_cp.url)
     try:
         yield p
     finally:
@@ -73,16 +72,16 @@ def proxy(control_plane: ControlPlaneProc) -> Iterator[TamperProxy]:
 
 
 def test_cut_download_resumes_from_its_offset(
-    control_plane: ControlPlaneProc, proxy: TamperProxy, tmp_path: Path
+    shared_cp: ControlPlaneProc, proxy: TamperProxy, agent_factory: Callable[..., AgentProc]
 ) -> None:
-    cp = control_plane
-    agent = AgentProc(tmp_path / "dev", proxy.url, cp.enroll_token())
+    cp = shared_cp
+    agent = agent_factory(cp, "dev", server=proxy.url)
     try:
         agent.start()
         agent.wait_up()
         dev = agent.device_id()
         proxy.cut_artifact_after = 5000
-        cp.deploy("digits", "digits-mlp@1.0.0")
+        cp.deploy("digits", "digits-mlp@1.0.0", tag=agent.tag)
         wait_for(lambda: _active(cp, dev, "1.0.0"), 90, "1.0.0 active")
         size = cp.api("GET", "/models/digits-mlp/1.0.0")["size"]
         assert proxy.artifact_ranges == [None, "bytes=5000-"]

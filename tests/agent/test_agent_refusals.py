@@ -18,8 +18,8 @@ pytestmark = pytest.mark.slow
 
 
 @pytest.fixture
-def proxy(control_plane: ControlPlaneProc) -> Iterator[TamperProxy]:
-    p = TamperProxy(control_plane.url)
+def proxy(shared_cp: ControlPlaneProc) -> Iterator[TamperProxy]:
+    p = TamperProxy(shared_cp.url)
     try:
         yield p
     finally:
@@ -36,18 +36,20 @@ def _active(cp: ControlPlaneProc, dev: str, version: str) -> bool:
 
 
 def test_replayed_expired_and_foreign_desired_states_are_refused_and_reported(
-    control_plane: ControlPlaneProc, proxy: TamperProxy, tmp_path: Path
+    shared_cp: ControlPlaneProc,
+    proxy: TamperProxy,
+    agent_factory: Callable[..., AgentProc],
 ) -> None:
-    cp = control_plane
-    agent = AgentProc(tmp_path / "dev", proxy.url, cp.enroll_token())
+    cp = shared_cp
+    agent = agent_factory(cp, "dev", server=proxy.url)
     try:
         agent.start()
         agent.wait_up()
         dev = agent.device_id()
-        cp.deploy("digits", "digits-mlp@1.0.0")
+        cp.deploy("digits", "digits-mlp@1.0.0", tag=agent.tag)
         wait_for(lambda: _active(cp, dev, "1.0.0"), 90, "1.0.0 active")
         old = SignedDesiredState.model_validate_json(proxy.last_desired or b"")
-        cp.deploy("digits-int8", "digits-mlp@1.1.0", priority=10)
+        cp.deploy("digits-int8", "digits-mlp@1.1.0", priority=10, tag=agent.tag)
         wait_for(lambda: _active(cp, dev, "1.1.0"), 90, "1.1.0 active")
         current = SignedDesiredState.model_validate_json(proxy.last_desired or b"")
         assert current.document.revision > old.document.revision
@@ -75,14 +77,14 @@ def test_replayed_expired_and_foreign_desired_states_are_refused_and_reported(
 
 
 def test_bundle_failing_its_health_check_is_never_switched_to(
-    control_plane: ControlPlaneProc,
+    shared_cp: ControlPlaneProc,
     agent_factory: Callable[..., AgentProc],
     example_bundles: dict[str, Path],
     tmp_path: Path,
 ) -> None:
     from edgewise.bundle import extract, load_public_key, pack, read_manifest, sign
 
-    cp = control_plane
+    cp = shared_cp
     # A correctly signed bundle whose health samples expect the wrong outputs.
     src = tmp_path / "bad"
 
@@ -104,9 +106,9 @@ def test_bundle_failing_its_health_check_is_never_switched_to(
     agent.start()
     agent.wait_up()
     dev = agent.device_id()
-    cp.deploy("digits", "digits-mlp@1.0.0")
+    cp.deploy("digits", "digits-mlp@1.0.0", tag=agent.tag)
     wait_for(lambda: _active(cp, dev, "1.0.0"), 90, "1.0.0 active")
-    cp.deploy("digits-bad", "digits-mlp@1.2.0", priority=10)
+    cp.deploy("digits-bad", "digits-mlp@1.2.0", priority=10, tag=agent.tag)
     wait_for(lambda: _pipeline(cp, dev).get("status") == "failed", 90, "failed reported")
     p = _pipeline(cp, dev)
     assert p["reason"].startswith("health check failed"), p["reason"]
@@ -116,14 +118,14 @@ def test_bundle_failing_its_health_check_is_never_switched_to(
 
 
 def test_install_that_would_not_fit_is_refused_before_download(
-    control_plane: ControlPlaneProc, agent_factory: Callable[..., AgentProc]
+    shared_cp: ControlPlaneProc, agent_factory: Callable[..., AgentProc]
 ) -> None:
-    cp = control_plane
+    cp = shared_cp
     agent = agent_factory(cp, "dev", "--disk-reserve-mb", str(10**9))
     agent.start()
     agent.wait_up()
     dev = agent.device_id()
-    cp.deploy("digits", "digits-mlp@1.0.0")
+    cp.deploy("digits", "digits-mlp@1.0.0", tag=agent.tag)
     wait_for(lambda: _pipeline(cp, dev).get("status") == "failed", 90, "failed reported")
     assert _pipeline(cp, dev)["reason"].startswith("insufficient disk")
     cache = agent.data / "cache"

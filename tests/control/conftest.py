@@ -109,14 +109,24 @@ class Plane:
         assert r.status_code == 201, r.text
         return str(r.json()["token"])
 
-    def enroll(self, labels: dict[str, str] | None = None, caps: dict[str, Any] | None = None,
-               token_labels: dict[str, str] | None = None) -> Device:
+    def enroll(
+        self,
+        labels: dict[str, str] | None = None,
+        caps: dict[str, Any] | None = None,
+        token_labels: dict[str, str] | None = None,
+    ) -> Device:
         r = self.api("POST", "/api/v1/enroll-tokens", json={"labels": token_labels or {}})
         assert r.status_code == 201, r.text
         key = Ed25519PrivateKey.generate()
-        r = self.client.post("/device/v1/enroll", json={
-            "token": r.json()["token"], "public_key": pubkey_b64(key),
-            "labels": labels or {}, "capabilities": caps or {}})
+        r = self.client.post(
+            "/device/v1/enroll",
+            json={
+                "token": r.json()["token"],
+                "public_key": pubkey_b64(key),
+                "labels": labels or {},
+                "capabilities": caps or {},
+            },
+        )
         assert r.status_code == 201, r.text
         return Device(self.client, self.clock, r.json()["device_id"], key)
 
@@ -125,8 +135,13 @@ class Plane:
         assert r.status_code == 201, r.text
 
     def push(self, path: Path, token: str | None = None) -> Any:
-        return self.api("POST", "/api/v1/models", token=token, content=path.read_bytes(),
-                        headers={"content-type": "application/octet-stream"})
+        return self.api(
+            "POST",
+            "/api/v1/models",
+            token=token,
+            content=path.read_bytes(),
+            headers={"content-type": "application/octet-stream"},
+        )
 
 
 def make_plane(store: SqlStore, data_dir: Path, **settings: Any) -> tuple[Any, Clock, Settings]:
@@ -152,3 +167,35 @@ def sqlite_plane(tmp_path: Path) -> Iterator[Plane]:
     with TestClient(app, raise_server_exceptions=False) as client:
         yield Plane(client, admin, clock, settings)
     store.close()
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.fixture
+def live_server(tmp_path: Path) -> Iterator[dict[str, Any]]:
+    """A real uvicorn server on loopback (in a thread) over SQLite."""
+    import threading
+
+    import uvicorn
+
+    store = open_store(f"sqlite:///{tmp_path / 'live.db'}")
+    app = create_app(Settings(data_dir=tmp_path / "live-data"), store)
+    admin = app.state.plane.bootstrap_admin()
+    port = free_port()
+    srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="error"))
+    thread = threading.Thread(target=srv.run, daemon=True)
+    thread.start()
+    while not srv.started:
+        time.sleep(0.02)
+    try:
+        yield {"base": f"http://127.0.0.1:{port}", "admin": admin, "app": app}
+    finally:
+        srv.should_exit = True
+        thread.join(timeout=10)
+        store.close()

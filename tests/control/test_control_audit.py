@@ -49,8 +49,9 @@ def test_mutations_are_recorded_and_the_chain_verifies(plane: Plane) -> None:
     assert plane.api("GET", "/api/v1/audit/verify").json()["ok"] is True
 
 
-@pytest.mark.parametrize(("tamper", "first_broken"),
-                         [(_edit, 3), (_delete, 4), (_reorder, 2), (_edit_result, 4)])
+@pytest.mark.parametrize(
+    ("tamper", "first_broken"), [(_edit, 3), (_delete, 4), (_reorder, 2), (_edit_result, 4)]
+)
 def test_tampering_is_detected_and_names_the_first_broken_record(
     plane: Plane, tamper: Callable[[Any], None], first_broken: int
 ) -> None:

@@ -26,14 +26,23 @@ def _desired(dev: Device, etag: str | None = None) -> Any:
 
 
 requirement = st.one_of(
-    st.builds(lambda k, v: (f"{k}={v}", lambda l, k=k, v=v: l.get(k) == v),
-              st.sampled_from(KEYS), st.sampled_from(VALUES)),
-    st.builds(lambda k, v: (f"{k}!={v}", lambda l, k=k, v=v: l.get(k) != v),
-              st.sampled_from(KEYS), st.sampled_from(VALUES)),
-    st.builds(lambda k, vs: (f"{k} in ({','.join(vs)})", lambda l, k=k, vs=vs: l.get(k) in vs),
-              st.sampled_from(KEYS), st.lists(st.sampled_from(VALUES), min_size=1, max_size=2)),
-    st.builds(lambda k: (f"!{k}", lambda l, k=k: k not in l), st.sampled_from(KEYS)),
-    st.builds(lambda k: (k, lambda l, k=k: k in l), st.sampled_from(KEYS)),
+    st.builds(
+        lambda k, v: (f"{k}={v}", lambda lab, k=k, v=v: lab.get(k) == v),
+        st.sampled_from(KEYS),
+        st.sampled_from(VALUES),
+    ),
+    st.builds(
+        lambda k, v: (f"{k}!={v}", lambda lab, k=k, v=v: lab.get(k) != v),
+        st.sampled_from(KEYS),
+        st.sampled_from(VALUES),
+    ),
+    st.builds(
+        lambda k, vs: (f"{k} in ({','.join(vs)})", lambda lab, k=k, vs=vs: lab.get(k) in vs),
+        st.sampled_from(KEYS),
+        st.lists(st.sampled_from(VALUES), min_size=1, max_size=2),
+    ),
+    st.builds(lambda k: (f"!{k}", lambda lab, k=k: k not in lab), st.sampled_from(KEYS)),
+    st.builds(lambda k: (k, lambda lab, k=k: k in lab), st.sampled_from(KEYS)),
 )
 deployment = st.tuples(
     st.lists(requirement, max_size=2),
@@ -43,8 +52,11 @@ deployment = st.tuples(
 labels = st.dictionaries(st.sampled_from(KEYS), st.sampled_from(VALUES), max_size=2)
 
 
-@settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture,
-                                                               HealthCheck.too_slow])
+@settings(
+    max_examples=15,
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
 @given(deps=st.lists(deployment, min_size=1, max_size=4), device_labels=labels)
 def test_layered_merge_picks_highest_priority_then_newest(
     sqlite_plane: Plane, examples: dict[str, Any], deps: list[Any], device_labels: dict[str, str]
@@ -58,9 +70,16 @@ def test_layered_merge_picks_highest_priority_then_newest(
     created = []
     for i, (reqs, prio, pipes) in enumerate(deps):
         selector = ",".join(text for text, _ in reqs)
-        r = p.api("POST", "/api/v1/deployments", json={
-            "name": f"d{i}", "selector": selector, "priority": prio,
-            "pipelines": {name: {"model": "digits-mlp@1.0.0"} for name in pipes}})
+        r = p.api(
+            "POST",
+            "/api/v1/deployments",
+            json={
+                "name": f"d{i}",
+                "selector": selector,
+                "priority": prio,
+                "pipelines": {name: {"model": "digits-mlp@1.0.0"} for name in pipes},
+            },
+        )
         assert r.status_code == 201, r.text
         created.append((r.json()["id"], [m for _, m in reqs], prio, pipes))
     expected: dict[str, str] = {}
@@ -76,16 +95,27 @@ def test_layered_merge_picks_highest_priority_then_newest(
     p.api("POST", f"/api/v1/devices/{dev.id}/decommission")
 
 
-def test_deleting_a_deployment_falls_back_to_the_next_layer(sqlite_plane: Plane,
-                                                             examples: dict[str, Any]) -> None:
+def test_deleting_a_deployment_falls_back_to_the_next_layer(
+    sqlite_plane: Plane, examples: dict[str, Any]
+) -> None:
     p = sqlite_plane
     _setup(p, examples)
     dev = p.enroll(labels={"site": "a"})
-    base = p.api("POST", "/api/v1/deployments", json={
-        "name": "base", "pipelines": {"digits": {"model": "digits-mlp@1.0.0"}}}).json()
-    pilot = p.api("POST", "/api/v1/deployments", json={
-        "name": "pilot", "selector": "site=a", "priority": 10,
-        "pipelines": {"digits": {"model": "digits-mlp@1.1.0"}}}).json()
+    base = p.api(
+        "POST",
+        "/api/v1/deployments",
+        json={"name": "base", "pipelines": {"digits": {"model": "digits-mlp@1.0.0"}}},
+    ).json()
+    pilot = p.api(
+        "POST",
+        "/api/v1/deployments",
+        json={
+            "name": "pilot",
+            "selector": "site=a",
+            "priority": 10,
+            "pipelines": {"digits": {"model": "digits-mlp@1.1.0"}},
+        },
+    ).json()
     doc = _desired(dev).json()["document"]
     assert doc["pipelines"]["digits"]["deployment"] == pilot["id"]
     assert doc["pipelines"]["digits"]["model"]["version"] == "1.1.0"
@@ -95,8 +125,9 @@ def test_deleting_a_deployment_falls_back_to_the_next_layer(sqlite_plane: Plane,
     assert doc2["revision"] == doc["revision"] + 1
 
 
-def test_revision_moves_only_when_content_changes(sqlite_plane: Plane,
-                                                  examples: dict[str, Any]) -> None:
+def test_revision_moves_only_when_content_changes(
+    sqlite_plane: Plane, examples: dict[str, Any]
+) -> None:
     p = sqlite_plane
     _setup(p, examples)
     dev = p.enroll(labels={"site": "a"})
@@ -112,16 +143,23 @@ def test_revision_moves_only_when_content_changes(sqlite_plane: Plane,
     assert doc["revision"] == rev + 1
 
 
-def test_preflight_reports_matching_incompatible_and_conflicts(sqlite_plane: Plane,
-                                                               examples: dict[str, Any]) -> None:
+def test_preflight_reports_matching_incompatible_and_conflicts(
+    sqlite_plane: Plane, examples: dict[str, Any]
+) -> None:
     p = sqlite_plane
     _setup(p, examples)
-    ok = p.enroll(labels={"site": "a"}, caps={"memory_mb": 4096,
-                                              "runtimes": {"onnxruntime": "1.20.0"}})
-    tiny = p.enroll(labels={"site": "a"}, caps={"memory_mb": 1,
-                                                "runtimes": {"onnxruntime": "1.20.0"}})
+    ok = p.enroll(
+        labels={"site": "a"}, caps={"memory_mb": 4096, "runtimes": {"onnxruntime": "1.20.0"}}
+    )
+    tiny = p.enroll(
+        labels={"site": "a"}, caps={"memory_mb": 1, "runtimes": {"onnxruntime": "1.20.0"}}
+    )
     p.enroll(labels={"site": "b"})
-    body = {"name": "x", "selector": "site=a", "pipelines": {"digits": {"model": "digits-mlp@1.0.0"}}}
+    body = {
+        "name": "x",
+        "selector": "site=a",
+        "pipelines": {"digits": {"model": "digits-mlp@1.0.0"}},
+    }
     r = p.api("POST", "/api/v1/deployments/dry-run", json=body).json()
     assert sorted(r["matching"]) == sorted([ok.id, tiny.id]) and r["ok"] is True
     missing = {**body, "pipelines": {"digits": {"model": "nope@1.0.0"}}}
@@ -132,7 +170,9 @@ def test_preflight_reports_matching_incompatible_and_conflicts(sqlite_plane: Pla
     assert p.api("GET", "/api/v1/deployments").json() == []
 
 
-def test_bad_deployments_are_refused_with_4xx(sqlite_plane: Plane, examples: dict[str, Any]) -> None:
+def test_bad_deployments_are_refused_with_4xx(
+    sqlite_plane: Plane, examples: dict[str, Any]
+) -> None:
     p = sqlite_plane
     _setup(p, examples)
     cases = [
@@ -141,8 +181,10 @@ def test_bad_deployments_are_refused_with_4xx(sqlite_plane: Plane, examples: dic
         {"name": "x", "pipelines": {}},
         {"name": "Bad Name", "pipelines": {"d": {"model": "digits-mlp@1.0.0"}}},
         {"name": "x", "pipelines": {"d": {"model": "digits-mlp@1.0.0", "priority": "urgent"}}},
-        {"name": "x", "pipelines": {"d": {"model": "digits-mlp@1.0.0",
-                                          "fallback": "digits-mlp@1.0.0"}}},
+        {
+            "name": "x",
+            "pipelines": {"d": {"model": "digits-mlp@1.0.0", "fallback": "digits-mlp@1.0.0"}},
+        },
     ]
     for body in cases:
         r = p.api("POST", "/api/v1/deployments", json=body)
@@ -154,11 +196,23 @@ def test_diff_shows_per_device_changes(sqlite_plane: Plane, examples: dict[str, 
     _setup(p, examples)
     a = p.enroll(labels={"site": "a"})
     p.enroll(labels={"site": "b"})
-    p.api("POST", "/api/v1/deployments", json={
-        "name": "base", "pipelines": {"digits": {"model": "digits-mlp@1.0.0"}}})
-    r = p.api("POST", "/api/v1/deployments/diff", json={
-        "name": "pilot", "selector": "site=a", "priority": 5,
-        "pipelines": {"digits": {"model": "digits-mlp@1.1.0"}}}).json()
+    p.api(
+        "POST",
+        "/api/v1/deployments",
+        json={"name": "base", "pipelines": {"digits": {"model": "digits-mlp@1.0.0"}}},
+    )
+    r = p.api(
+        "POST",
+        "/api/v1/deployments/diff",
+        json={
+            "name": "pilot",
+            "selector": "site=a",
+            "priority": 5,
+            "pipelines": {"digits": {"model": "digits-mlp@1.1.0"}},
+        },
+    ).json()
     assert r["devices_changed"] == 1
     change = r["changes"][a.id]["digits"]
-    assert change["from"].startswith("digits-mlp@1.0.0") and change["to"].startswith("digits-mlp@1.1.0")
+    assert change["from"].startswith("digits-mlp@1.0.0") and change["to"].startswith(
+        "digits-mlp@1.1.0"
+    )

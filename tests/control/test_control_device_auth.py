@@ -29,7 +29,9 @@ def test_request_signed_with_another_key_is_refused(sqlite_plane: Plane) -> None
 
 
 def test_unknown_device_is_refused(sqlite_plane: Plane) -> None:
-    ghost = Device(sqlite_plane.client, sqlite_plane.clock, "dev-ghost", Ed25519PrivateKey.generate())
+    ghost = Device(
+        sqlite_plane.client, sqlite_plane.clock, "dev-ghost", Ed25519PrivateKey.generate()
+    )
     r = ghost.get("/device/v1/desired")
     assert r.status_code == 401 and _code(r) == "unknown_device"
 
@@ -53,8 +55,9 @@ def test_replayed_nonce_is_refused(sqlite_plane: Plane) -> None:
 
 def test_stale_timestamp_is_refused(sqlite_plane: Plane) -> None:
     dev = sqlite_plane.enroll()
-    headers = sign_request(dev.key, dev.id, "GET", "/device/v1/desired", b"",
-                           sqlite_plane.clock() - 3600)
+    headers = sign_request(
+        dev.key, dev.id, "GET", "/device/v1/desired", b"", sqlite_plane.clock() - 3600
+    )
     r = sqlite_plane.client.get("/device/v1/desired", headers=headers)
     assert r.status_code == 401 and _code(r) == "stale_timestamp"
 
@@ -87,9 +90,15 @@ def test_enrollment_returns_trust_root_and_token_labels_win(sqlite_plane: Plane)
     p = sqlite_plane
     tok = p.api("POST", "/api/v1/enroll-tokens", json={"labels": {"site": "s1"}}).json()["token"]
     key = Ed25519PrivateKey.generate()
-    r = p.client.post("/device/v1/enroll", json={
-        "token": tok, "public_key": pubkey_b64(key), "labels": {"site": "evil", "hw": "x"},
-        "capabilities": {"arch": "x86_64"}})
+    r = p.client.post(
+        "/device/v1/enroll",
+        json={
+            "token": tok,
+            "public_key": pubkey_b64(key),
+            "labels": {"site": "evil", "hw": "x"},
+            "capabilities": {"arch": "x86_64"},
+        },
+    )
     assert r.status_code == 201
     body = r.json()
     assert set(body["trust_root"]) == {"publishers", "control_plane"}
@@ -101,18 +110,33 @@ def test_enrollment_returns_trust_root_and_token_labels_win(sqlite_plane: Plane)
 def test_report_and_telemetry_are_idempotent(sqlite_plane: Plane) -> None:
     p = sqlite_plane
     dev = p.enroll()
-    report = {"revision": 1, "pipelines": {"digits": {
-        "model": "digits-mlp", "version": "1.0.0", "slot": "a", "status": "active",
-        "reason": "", "timeline": [{"state": "downloading", "reason": "", "at": 1.0,
-                                    "progress": 0.5}]}}, "errors": [], "agent": {}}
+    report = {
+        "revision": 1,
+        "pipelines": {
+            "digits": {
+                "model": "digits-mlp",
+                "version": "1.0.0",
+                "slot": "a",
+                "status": "active",
+                "reason": "",
+                "timeline": [{"state": "downloading", "reason": "", "at": 1.0, "progress": 0.5}],
+            }
+        },
+        "errors": [],
+        "agent": {},
+    }
     for _ in range(2):
         r = dev.post("/device/v1/report", report)
         assert r.status_code == 200 and r.json() == {"ok": True}
     shown = p.api("GET", f"/api/v1/devices/{dev.id}").json()
     assert shown["pipelines"]["digits"]["timeline"][0]["progress"] == 0.5
     assert shown["online"] is True
-    batch = {"records": [{"seq": i, "cls": "event", "ts": 1.0, "kind": "k", "data": {}}
-                         for i in (1, 2, 3)], "dropped": {"event": 0, "metric": 0, "sample": 0}}
+    batch = {
+        "records": [
+            {"seq": i, "cls": "event", "ts": 1.0, "kind": "k", "data": {}} for i in (1, 2, 3)
+        ],
+        "dropped": {"event": 0, "metric": 0, "sample": 0},
+    }
     body = gzip.compress(json.dumps(batch).encode())
     r = dev.post("/device/v1/telemetry", body, **{"content-encoding": "gzip"})
     assert r.json() == {"accepted": 3, "duplicates": 0, "acked_seq": 3}
@@ -120,3 +144,20 @@ def test_report_and_telemetry_are_idempotent(sqlite_plane: Plane) -> None:
     assert r.json() == {"accepted": 0, "duplicates": 3, "acked_seq": 3}
     r = dev.post("/device/v1/report", {"revision": "x"})
     assert r.status_code == 422 and "error" in r.json()
+
+
+def test_device_list_filters_by_selector_and_online_state(sqlite_plane: Plane) -> None:
+    p = sqlite_plane
+    seen = p.enroll(labels={"site": "a"})
+    p.enroll(labels={"site": "b"})
+    assert seen.get("/device/v1/desired").status_code == 200
+
+    def ids(query: str) -> set[str]:
+        return {d["id"] for d in p.api("GET", f"/api/v1/devices?{query}").json()}
+
+    assert len(ids("")) == 2
+    assert ids("selector=site%3Da") == {seen.id}
+    assert ids("online=true") == {seen.id}
+    assert seen.id not in ids("online=false")
+    p.clock.now += 3600
+    assert ids("online=true") == set()

@@ -34,8 +34,9 @@ def server(tmp_path: Path, examples: dict[str, Any]) -> Iterator[dict[str, Any]]
     app = create_app(Settings(data_dir=tmp_path / "data"), store)
     admin = app.state.plane.bootstrap_admin()
     port = _free_port()
-    config = uvicorn.Config(app, host="127.0.0.1", port=port, log_level="error",
-                            backlog=2048, timeout_keep_alive=30)
+    config = uvicorn.Config(
+        app, host="127.0.0.1", port=port, log_level="error", backlog=2048, timeout_keep_alive=30
+    )
     srv = uvicorn.Server(config)
     thread = threading.Thread(target=srv.run, daemon=True)
     thread.start()
@@ -66,8 +67,9 @@ def _enroll(base: str, admin: dict[str, str], n: int) -> list[tuple[str, Ed25519
     return out
 
 
-async def _poll(client: httpx.AsyncClient, dev: str, key: Ed25519PrivateKey, etag: str,
-                wait: float) -> httpx.Response:
+async def _poll(
+    client: httpx.AsyncClient, dev: str, key: Ed25519PrivateKey, etag: str, wait: float
+) -> httpx.Response:
     path = f"/device/v1/desired?wait={wait:g}"
     headers = sign_request(key, dev, "GET", path, b"", time.time())
     headers["if-none-match"] = etag
@@ -76,20 +78,24 @@ async def _poll(client: httpx.AsyncClient, dev: str, key: Ed25519PrivateKey, eta
 
 def _deploy(base: str, admin: dict[str, str], name: str, ref: str) -> None:
     with httpx.Client(base_url=base, headers=admin) as c:
-        r = c.post("/api/v1/deployments", json={"name": name, "priority": int(ref[-3]),
-                                                "pipelines": {"digits": {"model": ref}}})
+        r = c.post(
+            "/api/v1/deployments",
+            json={"name": name, "priority": int(ref[-3]), "pipelines": {"digits": {"model": ref}}},
+        )
         assert r.status_code == 201, r.text
 
 
 def test_a_change_wakes_a_waiting_request(server: dict[str, Any]) -> None:
-    (dev, key), = _enroll(server["base"], server["admin"], 1)
+    ((dev, key),) = _enroll(server["base"], server["admin"], 1)
 
     async def scenario() -> httpx.Response:
         async with httpx.AsyncClient(base_url=server["base"]) as client:
             waiting = asyncio.create_task(_poll(client, dev, key, '"1"', 120))
             await asyncio.sleep(0.5)
             assert not waiting.done()
-            await asyncio.to_thread(_deploy, server["base"], server["admin"], "d", "digits-mlp@1.0.0")
+            await asyncio.to_thread(
+                _deploy, server["base"], server["admin"], "d", "digits-mlp@1.0.0"
+            )
             return await waiting
 
     r = asyncio.run(scenario())
@@ -99,7 +105,7 @@ def test_a_change_wakes_a_waiting_request(server: dict[str, Any]) -> None:
 
 
 def test_unchanged_poll_times_out_with_304(server: dict[str, Any]) -> None:
-    (dev, key), = _enroll(server["base"], server["admin"], 1)
+    ((dev, key),) = _enroll(server["base"], server["admin"], 1)
 
     async def scenario() -> httpx.Response:
         async with httpx.AsyncClient(base_url=server["base"]) as client:
@@ -109,6 +115,7 @@ def test_unchanged_poll_times_out_with_304(server: dict[str, Any]) -> None:
     assert r.status_code == 304 and r.headers["etag"] == '"1"'
 
 
+@pytest.mark.slow
 def test_a_thousand_waiting_requests_are_held_and_all_woken(server: dict[str, Any]) -> None:
     devices = _enroll(server["base"], server["admin"], 50)
     n = 1000
@@ -134,7 +141,9 @@ def test_a_thousand_waiting_requests_are_held_and_all_woken(server: dict[str, An
                     break
             assert waiting == n
             assert not any(t.done() for t in tasks)
-            await asyncio.to_thread(_deploy, server["base"], server["admin"], "d", "digits-mlp@1.0.0")
+            await asyncio.to_thread(
+                _deploy, server["base"], server["admin"], "d", "digits-mlp@1.0.0"
+            )
             return await asyncio.gather(*tasks)
         finally:
             for c in clients:

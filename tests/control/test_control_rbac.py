@@ -18,7 +18,9 @@ ROLES = [r.value for r in Role]
 
 
 @pytest.fixture(scope="module")
-def world(tmp_path_factory: pytest.TempPathFactory, examples: dict[str, Any]) -> Iterator[dict[str, Any]]:
+def world(
+    tmp_path_factory: pytest.TempPathFactory, examples: dict[str, Any]
+) -> Iterator[dict[str, Any]]:
     tmp = tmp_path_factory.mktemp("rbac")
     store = open_store(f"sqlite:///{tmp / 'cp.db'}")
     app, clock, settings = make_plane(store, tmp / "data")
@@ -37,28 +39,49 @@ def world(tmp_path_factory: pytest.TempPathFactory, examples: dict[str, Any]) ->
         dev = p.enroll(labels={"site": "store-12"})
         other = p.enroll(labels={"site": "store-99"})
         tokens["scoped"] = p.token("operator", scope="site=store-12", name="scoped")
-        r = p.api("POST", "/api/v1/deployments", json={
-            "name": "base", "pipelines": {"digits": {"model": "digits-mlp@1.0.0"}}})
+        r = p.api(
+            "POST",
+            "/api/v1/deployments",
+            json={"name": "base", "pipelines": {"digits": {"model": "digits-mlp@1.0.0"}}},
+        )
         assert r.status_code == 201, r.text
-        yield {"p": p, "tokens": tokens, "device": dev.id, "other": other.id,
-               "bundle": examples["bundles"]["digits-mlp@1.0.0"], "app": app}
+        yield {
+            "p": p,
+            "tokens": tokens,
+            "device": dev.id,
+            "other": other.id,
+            "bundle": examples["bundles"]["digits-mlp@1.0.0"],
+            "app": app,
+        }
     store.close()
 
 
 def _request(world: dict[str, Any], method: str, path: str) -> tuple[str, dict[str, Any]]:
-    values = {"device_id": world["device"], "token_id": "nonexistent", "name": "digits-mlp",
-              "version": "1.0.0", "ref": "no-such-deployment"}
+    values = {
+        "device_id": world["device"],
+        "token_id": "nonexistent",
+        "name": "digits-mlp",
+        "version": "1.0.0",
+        "ref": "no-such-deployment",
+    }
     url = re.sub(r"\{(\w+)\}", lambda m: values[m.group(1)], path)
     bodies: dict[str, Any] = {
         "/api/v1/tokens": {"json": {"name": "x", "role": "viewer"}},
         "/api/v1/publisher-keys": {"json": {"public_key": "A" * 43 + "=", "name": "k"}},
         "/api/v1/enroll-tokens": {"json": {"labels": {"site": "store-12"}}},
         "/api/v1/devices/{device_id}/labels": {"json": {"set": {"x": "y"}}},
-        "/api/v1/models": {"content": Path(world["bundle"]).read_bytes(),
-                           "headers": {"content-type": "application/octet-stream"}},
+        "/api/v1/models": {
+            "content": Path(world["bundle"]).read_bytes(),
+            "headers": {"content-type": "application/octet-stream"},
+        },
     }
-    deployment = {"json": {"name": "rbac", "selector": "site=store-12",
-                           "pipelines": {"digits": {"model": "digits-mlp@1.0.0"}}}}
+    deployment = {
+        "json": {
+            "name": "rbac",
+            "selector": "site=store-12",
+            "pipelines": {"digits": {"model": "digits-mlp@1.0.0"}},
+        }
+    }
     for p in ("/api/v1/deployments", "/api/v1/deployments/dry-run", "/api/v1/deployments/diff"):
         bodies[p] = deployment
     return url, (bodies.get(path, {}) if method in {"POST", "PUT", "PATCH"} else {})
@@ -89,8 +112,10 @@ def test_route_allows_exactly_the_roles_that_hold_its_permission(
 def test_every_route_is_in_the_matrix(world: dict[str, Any]) -> None:
     app = world["app"]
     api_routes = {
-        (m.upper(), path) for path, ops in app.openapi()["paths"].items()
-        if path.startswith("/api/v1") for m in ops
+        (m.upper(), path)
+        for path, ops in app.openapi()["paths"].items()
+        if path.startswith("/api/v1")
+        for m in ops
     }
     assert api_routes == set(ROUTE_PERMISSIONS)
     assert set(ROUTE_PERMISSIONS.values()) <= set(Permission)
@@ -99,15 +124,26 @@ def test_every_route_is_in_the_matrix(world: dict[str, Any]) -> None:
 def test_scoped_operator_cannot_deploy_beyond_its_scope(world: dict[str, Any]) -> None:
     p: Plane = world["p"]
     tok = world["tokens"]["scoped"]
-    body = {"name": "wide", "selector": "site in (store-12,store-99)",
-            "pipelines": {"digits": {"model": "digits-logreg@1.0.0"}}}
+    body = {
+        "name": "wide",
+        "selector": "site in (store-12,store-99)",
+        "pipelines": {"digits": {"model": "digits-logreg@1.0.0"}},
+    }
     r = p.api("POST", "/api/v1/deployments", token=tok, json=body)
     assert r.status_code == 403 and r.json()["error"]["code"] == "out_of_scope"
-    r = p.api("POST", "/api/v1/deployments", token=tok, json={**body, "name": "everything",
-                                                             "selector": ""})
+    r = p.api(
+        "POST",
+        "/api/v1/deployments",
+        token=tok,
+        json={**body, "name": "everything", "selector": ""},
+    )
     assert r.status_code == 403
-    r = p.api("POST", "/api/v1/deployments", token=tok,
-              json={**body, "name": "narrow", "selector": "site=store-12,hw=x"})
+    r = p.api(
+        "POST",
+        "/api/v1/deployments",
+        token=tok,
+        json={**body, "name": "narrow", "selector": "site=store-12,hw=x"},
+    )
     assert r.status_code == 201, r.text
 
 
@@ -119,8 +155,12 @@ def test_scoped_operator_sees_and_touches_only_its_devices(world: dict[str, Any]
     assert p.api("GET", f"/api/v1/devices/{world['other']}", token=tok).status_code == 404
     r = p.api("POST", f"/api/v1/devices/{world['other']}/decommission", token=tok)
     assert r.status_code == 404
-    r = p.api("POST", f"/api/v1/devices/{world['device']}/labels", token=tok,
-              json={"set": {"site": "store-99"}})
+    r = p.api(
+        "POST",
+        f"/api/v1/devices/{world['device']}/labels",
+        token=tok,
+        json={"set": {"site": "store-99"}},
+    )
     assert r.status_code == 403
     r = p.api("POST", "/api/v1/enroll-tokens", token=tok, json={"labels": {"site": "store-99"}})
     assert r.status_code == 403

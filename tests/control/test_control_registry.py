@@ -39,15 +39,17 @@ def _push_code(p: Plane, path: Path) -> tuple[int, str]:
     return r.status_code, r.json().get("error", {}).get("code", "")
 
 
-def test_unsigned_bundle_is_refused(sqlite_plane: Plane, examples: dict[str, Any],
-                                    tmp_path: Path, logreg: Any) -> None:
+def test_unsigned_bundle_is_refused(
+    sqlite_plane: Plane, examples: dict[str, Any], tmp_path: Path, logreg: Any
+) -> None:
     sqlite_plane.trust(examples["pub"])
     status, _ = _push_code(sqlite_plane, _unsigned(tmp_path, logreg))
     assert status == 400
 
 
-def test_bundle_signed_by_unknown_key_is_refused(sqlite_plane: Plane, examples: dict[str, Any],
-                                                  tmp_path: Path, logreg: Any) -> None:
+def test_bundle_signed_by_unknown_key_is_refused(
+    sqlite_plane: Plane, examples: dict[str, Any], tmp_path: Path, logreg: Any
+) -> None:
     sqlite_plane.trust(examples["pub"])
     path = _unsigned(tmp_path, logreg)
     bundle.sign(path, Ed25519PrivateKey.generate())
@@ -55,8 +57,9 @@ def test_bundle_signed_by_unknown_key_is_refused(sqlite_plane: Plane, examples: 
     assert status == 400
 
 
-def test_tampered_bundle_is_refused(sqlite_plane: Plane, examples: dict[str, Any],
-                                    tmp_path: Path) -> None:
+def test_tampered_bundle_is_refused(
+    sqlite_plane: Plane, examples: dict[str, Any], tmp_path: Path
+) -> None:
     sqlite_plane.trust(examples["pub"])
     src = examples["bundles"]["digits-logreg@1.0.0"]
     out = tmp_path / "tampered.ewb"
@@ -97,8 +100,9 @@ def test_same_version_with_other_content_conflicts_and_same_content_is_a_no_op(
     assert len(p.api("GET", "/api/v1/models").json()) == 1
 
 
-def test_artifact_is_served_with_etag_and_ranges(sqlite_plane: Plane,
-                                                 examples: dict[str, Any]) -> None:
+def test_artifact_is_served_with_etag_and_ranges(
+    sqlite_plane: Plane, examples: dict[str, Any]
+) -> None:
     p = sqlite_plane
     p.trust(examples["pub"])
     path = examples["bundles"]["digits-logreg@1.0.0"]
@@ -123,6 +127,9 @@ def test_yanked_model_cannot_be_deployed(sqlite_plane: Plane, examples: dict[str
     p.trust(examples["pub"])
     p.push(examples["bundles"]["digits-logreg@1.0.0"])
     assert p.api("POST", "/api/v1/models/digits-logreg/1.0.0/yank").status_code == 200
-    r = p.api("POST", "/api/v1/deployments", json={
-        "name": "d", "pipelines": {"digits": {"model": "digits-logreg@1.0.0"}}})
+    r = p.api(
+        "POST",
+        "/api/v1/deployments",
+        json={"name": "d", "pipelines": {"digits": {"model": "digits-logreg@1.0.0"}}},
+    )
     assert r.status_code == 409 and r.json()["error"]["code"] == "yanked"

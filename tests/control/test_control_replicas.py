@@ -21,7 +21,7 @@ from edgewise.protocol import sign_request
 
 from .conftest import pubkey_b64
 
-pytestmark = pytest.mark.postgres
+pytestmark = [pytest.mark.postgres, pytest.mark.slow]
 
 EDGEWISE = [str(Path(sys.executable).parent / "edgewise")]
 
@@ -48,8 +48,12 @@ def _wait_healthy(base: str, proc: subprocess.Popen[bytes]) -> None:
 @pytest.fixture
 def replicas(pg_url: str, tmp_path: Path) -> Iterator[dict[str, Any]]:
     data = tmp_path / "data"
-    out = subprocess.run([*EDGEWISE, "server", "init", "--data", str(data), "--db", pg_url],
-                         capture_output=True, text=True, check=True)
+    out = subprocess.run(
+        [*EDGEWISE, "server", "init", "--data", str(data), "--db", pg_url],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     admin = out.stdout.strip().splitlines()[-1]
     procs, bases = [], []
     try:
@@ -57,7 +61,8 @@ def replicas(pg_url: str, tmp_path: Path) -> Iterator[dict[str, Any]]:
             port = _free_port()
             proc = subprocess.Popen(
                 [*EDGEWISE, "server", "--data", str(data), "--db", pg_url, "--port", str(port)],
-                stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
             )
             procs.append(proc)
             bases.append(f"http://127.0.0.1:{port}")
@@ -78,12 +83,17 @@ def test_replicas_agree_on_one_object_and_one_desired_state(
 ) -> None:
     a, b = replicas["bases"]
     admin = replicas["admin"]
-    httpx.post(f"{a}/api/v1/publisher-keys", headers=admin,
-               json={"public_key": examples["pub"], "name": "ex"}).raise_for_status()
+    httpx.post(
+        f"{a}/api/v1/publisher-keys",
+        headers=admin,
+        json={"public_key": examples["pub"], "name": "ex"},
+    ).raise_for_status()
     raw = examples["bundles"]["digits-mlp@1.0.0"].read_bytes()
 
     def push(base: str) -> int:
-        return httpx.post(f"{base}/api/v1/models", headers=admin, content=raw, timeout=60).status_code
+        return httpx.post(
+            f"{base}/api/v1/models", headers=admin, content=raw, timeout=60
+        ).status_code
 
     with ThreadPoolExecutor(8) as pool:
         pushes = list(pool.map(push, [a, b] * 4))
@@ -91,8 +101,9 @@ def test_replicas_agree_on_one_object_and_one_desired_state(
     body = {"name": "base", "pipelines": {"digits": {"model": "digits-mlp@1.0.0"}}}
 
     def create(base: str) -> int:
-        return httpx.post(f"{base}/api/v1/deployments", headers=admin, json=body,
-                          timeout=60).status_code
+        return httpx.post(
+            f"{base}/api/v1/deployments", headers=admin, json=body, timeout=60
+        ).status_code
 
     with ThreadPoolExecutor(8) as pool:
         creates = list(pool.map(create, [a, b] * 4))
@@ -103,8 +114,9 @@ def test_replicas_agree_on_one_object_and_one_desired_state(
 
     tok = httpx.post(f"{a}/api/v1/enroll-tokens", headers=admin, json={}).json()["token"]
     key = Ed25519PrivateKey.generate()
-    dev = httpx.post(f"{b}/device/v1/enroll",
-                     json={"token": tok, "public_key": pubkey_b64(key)}).json()["device_id"]
+    dev = httpx.post(
+        f"{b}/device/v1/enroll", json={"token": tok, "public_key": pubkey_b64(key)}
+    ).json()["device_id"]
 
     def desired(base: str, etag: str | None = None, wait: float = 0) -> httpx.Response:
         path = f"/device/v1/desired?wait={wait:g}"
@@ -124,12 +136,19 @@ def test_replicas_agree_on_one_object_and_one_desired_state(
     with ThreadPoolExecutor(1) as pool:
         waiting = pool.submit(desired, b, etag, 60)
         time.sleep(0.5)
-        r = httpx.post(f"{a}/api/v1/devices/{dev}/labels", headers=admin,
-                       json={"set": {"site": "x"}})
+        r = httpx.post(
+            f"{a}/api/v1/devices/{dev}/labels", headers=admin, json={"set": {"site": "x"}}
+        )
         assert r.status_code == 200
-        httpx.post(f"{a}/api/v1/deployments", headers=admin, json={
-            "name": "x", "selector": "site=x", "priority": 5,
-            "pipelines": {"digits": {"model": "digits-mlp@1.0.0", "priority": "critical"}}},
+        httpx.post(
+            f"{a}/api/v1/deployments",
+            headers=admin,
+            json={
+                "name": "x",
+                "selector": "site=x",
+                "priority": 5,
+                "pipelines": {"digits": {"model": "digits-mlp@1.0.0", "priority": "critical"}},
+            },
         ).raise_for_status()
         woke = waiting.result(timeout=60)
     assert woke.status_code == 200

@@ -14,9 +14,15 @@ def test_end_to_end_deploy_reaches_device(sqlite_plane: Plane, examples: dict[st
     r = dev.get("/device/v1/desired")
     assert r.status_code == 200, r.text
     assert r.json()["document"]["revision"] == 1
-    r = p.api("POST", "/api/v1/deployments", json={
-        "name": "base", "selector": "site=a",
-        "pipelines": {"digits": {"model": "digits-mlp@1.0.0"}}})
+    r = p.api(
+        "POST",
+        "/api/v1/deployments",
+        json={
+            "name": "base",
+            "selector": "site=a",
+            "pipelines": {"digits": {"model": "digits-mlp@1.0.0"}},
+        },
+    )
     assert r.status_code == 201, r.text
     r = dev.get("/device/v1/desired", **{"if-none-match": '"1"'})
     assert r.status_code == 200, r.text

@@ -11,8 +11,16 @@ from edgewise.control._schema import metadata
 
 
 def _device(store: SqlStore, device_id: str = "dev-1", key: str = "k1") -> None:
-    store.insert_device({"id": device_id, "public_key": key, "labels": {"site": "a"},
-                         "capabilities": {}, "status": "active", "enrolled_at": 1.0})
+    store.insert_device(
+        {
+            "id": device_id,
+            "public_key": key,
+            "labels": {"site": "a"},
+            "capabilities": {},
+            "status": "active",
+            "enrolled_at": 1.0,
+        }
+    )
 
 
 def test_migrated_schema_has_every_table(store: SqlStore) -> None:
@@ -28,9 +36,18 @@ def test_meta_is_set_once(store: SqlStore) -> None:
 
 
 def test_tokens_are_found_by_hash_and_revoked(store: SqlStore) -> None:
-    store.insert_token({"id": "t1", "name": "n", "role": "viewer", "scope": None,
-                        "token_hash": "h1", "created_at": 1.0, "created_by": "x",
-                        "revoked_at": None})
+    store.insert_token(
+        {
+            "id": "t1",
+            "name": "n",
+            "role": "viewer",
+            "scope": None,
+            "token_hash": "h1",
+            "created_at": 1.0,
+            "created_by": "x",
+            "revoked_at": None,
+        }
+    )
     assert store.token_by_hash("h1")["id"] == "t1"  # type: ignore[index]
     assert store.token_by_hash("nope") is None
     assert store.revoke_token("t1", 2.0)
@@ -47,16 +64,36 @@ def test_publisher_key_is_idempotent_and_conflicts_on_rebinding(store: SqlStore)
 
 
 def test_enroll_token_uses_are_bounded_and_expire(store: SqlStore) -> None:
-    store.insert_enroll_token({"id": "e1", "token_hash": "eh", "labels": {"a": "b"},
-                               "expires_at": 100.0, "max_uses": 2, "uses": 0,
-                               "created_at": 1.0, "created_by": "x", "revoked": False})
+    store.insert_enroll_token(
+        {
+            "id": "e1",
+            "token_hash": "eh",
+            "labels": {"a": "b"},
+            "expires_at": 100.0,
+            "max_uses": 2,
+            "uses": 0,
+            "created_at": 1.0,
+            "created_by": "x",
+            "revoked": False,
+        }
+    )
     assert store.use_enroll_token("eh", 10.0)[0] is not None
     assert store.use_enroll_token("eh", 10.0)[0] is not None
     assert store.use_enroll_token("eh", 10.0) == (None, "used up")
     assert store.use_enroll_token("zz", 10.0) == (None, "unknown")
-    store.insert_enroll_token({"id": "e2", "token_hash": "eh2", "labels": {},
-                               "expires_at": 5.0, "max_uses": 2, "uses": 0,
-                               "created_at": 1.0, "created_by": "x", "revoked": False})
+    store.insert_enroll_token(
+        {
+            "id": "e2",
+            "token_hash": "eh2",
+            "labels": {},
+            "expires_at": 5.0,
+            "max_uses": 2,
+            "uses": 0,
+            "created_at": 1.0,
+            "created_by": "x",
+            "revoked": False,
+        }
+    )
     assert store.use_enroll_token("eh2", 10.0) == (None, "expired")
 
 
@@ -85,15 +122,31 @@ def test_labels_status_and_last_seen(store: SqlStore) -> None:
     store.touch_last_seen({"dev-1": 4.0})  # older times never move last_seen back
     row = store.get_device("dev-1")
     assert row is not None
-    assert (row["labels"], row["status"], row["last_seen"]) == ({"site": "b"}, "decommissioned", 5.0)
+    assert (row["labels"], row["status"], row["last_seen"]) == (
+        {"site": "b"},
+        "decommissioned",
+        5.0,
+    )
     assert store.device_ids() == []
 
 
 def test_report_replaces_pipelines_idempotently(store: SqlStore) -> None:
     _device(store)
-    report = {"revision": 2, "pipelines": {"p": {"model": "m", "version": "1", "slot": "a",
-              "status": "active", "reason": "", "timeline": [{"state": "active", "at": 1.0}]}},
-              "errors": [], "agent": {}}
+    report = {
+        "revision": 2,
+        "pipelines": {
+            "p": {
+                "model": "m",
+                "version": "1",
+                "slot": "a",
+                "status": "active",
+                "reason": "",
+                "timeline": [{"state": "active", "at": 1.0}],
+            }
+        },
+        "errors": [],
+        "agent": {},
+    }
     store.save_report("dev-1", report, 9.0)
     store.save_report("dev-1", report, 9.0)
     rows = store.device_pipelines("dev-1")
@@ -101,8 +154,17 @@ def test_report_replaces_pipelines_idempotently(store: SqlStore) -> None:
 
 
 def test_model_versions_are_immutable(store: SqlStore) -> None:
-    row = {"name": "m", "version": "1.0.0", "sha256": "a" * 64, "size": 1, "manifest": {},
-           "signers": [], "yanked": False, "pushed_at": 1.0, "pushed_by": "x"}
+    row = {
+        "name": "m",
+        "version": "1.0.0",
+        "sha256": "a" * 64,
+        "size": 1,
+        "manifest": {},
+        "signers": [],
+        "yanked": False,
+        "pushed_at": 1.0,
+        "pushed_by": "x",
+    }
     assert store.insert_model(row) == "created"
     assert store.insert_model(row) == "same"
     with pytest.raises(ConflictError):
@@ -113,8 +175,16 @@ def test_model_versions_are_immutable(store: SqlStore) -> None:
 
 
 def test_deployment_create_is_idempotent_by_name_and_content(store: SqlStore) -> None:
-    row = {"id": "d1", "name": "base", "selector": "", "priority": 0, "pipelines": {},
-           "content_hash": "c1", "created_at": 1.0, "created_by": "x"}
+    row = {
+        "id": "d1",
+        "name": "base",
+        "selector": "",
+        "priority": 0,
+        "pipelines": {},
+        "content_hash": "c1",
+        "created_at": 1.0,
+        "created_by": "x",
+    }
     first, created = store.create_deployment(row)
     again, created_again = store.create_deployment({**row, "id": "d2"})
     assert created and not created_again and again["id"] == first["id"] == "d1"
@@ -128,8 +198,17 @@ def test_deployment_create_is_idempotent_by_name_and_content(store: SqlStore) ->
 
 def test_audit_appends_chain_from_the_head(store: SqlStore) -> None:
     def build(seq: int, prev: str) -> dict[str, object]:
-        return {"seq": seq, "at": 1.0, "actor": "a", "action": "x", "object": "o",
-                "request_digest": "", "result": "ok", "prev_hash": prev, "hash": f"h{seq}"}
+        return {
+            "seq": seq,
+            "at": 1.0,
+            "actor": "a",
+            "action": "x",
+            "object": "o",
+            "request_digest": "",
+            "result": "ok",
+            "prev_hash": prev,
+            "hash": f"h{seq}",
+        }
 
     store.append_audit(build, GENESIS)
     store.append_audit(build, GENESIS)

@@ -21,8 +21,11 @@ NOW = 1_800_000_000.0
 
 def _verify(headers: dict[str, str], **kw: object) -> object:
     args: dict[str, object] = {
-        "method": "POST", "path_qs": "/device/v1/report?x=1", "body": b"{}",
-        "public_key": KEY.public_key(), "now": NOW,
+        "method": "POST",
+        "path_qs": "/device/v1/report?x=1",
+        "body": b"{}",
+        "public_key": KEY.public_key(),
+        "now": NOW,
     }
     args.update(kw)
     return verify_request(headers, **args)  # type: ignore[arg-type]

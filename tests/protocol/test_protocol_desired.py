@@ -17,8 +17,9 @@ NOW = 1_800_000_000.0
 
 
 def _doc(revision: int = 3, expires: float = NOW + 100, **kw: object) -> DesiredState:
-    return DesiredState(device_id="dev-1", revision=revision, issued_at=NOW - 1,
-                        expires_at=expires, **kw)  # type: ignore[arg-type]
+    return DesiredState(
+        device_id="dev-1", revision=revision, issued_at=NOW - 1, expires_at=expires, **kw
+    )  # type: ignore[arg-type]
 
 
 def _trust() -> dict[str, object]:
@@ -63,14 +64,26 @@ def test_older_revision_is_refused_and_equal_revision_is_a_no_op() -> None:
 
 
 def test_report_accepts_the_contract_shape() -> None:
-    report = Report.model_validate({
-        "revision": 2,
-        "pipelines": {"digits": {"model": "digits-mlp", "version": "1.0.0", "slot": "a",
-                                 "status": "active", "reason": "",
-                                 "timeline": [{"state": "active", "reason": "", "at": 1.0,
-                                               "progress": None}]}},
-        "errors": ["desired state refused: expired"],
-        "agent": {"version": "0.1", "uptime_s": 3.0, "buffer_depth": 0,
-                  "dropped": {"events": 0, "metrics": 0, "samples": 0}},
-    })
+    report = Report.model_validate(
+        {
+            "revision": 2,
+            "pipelines": {
+                "digits": {
+                    "model": "digits-mlp",
+                    "version": "1.0.0",
+                    "slot": "a",
+                    "status": "active",
+                    "reason": "",
+                    "timeline": [{"state": "active", "reason": "", "at": 1.0, "progress": None}],
+                }
+            },
+            "errors": ["desired state refused: expired"],
+            "agent": {
+                "version": "0.1",
+                "uptime_s": 3.0,
+                "buffer_depth": 0,
+                "dropped": {"events": 0, "metrics": 0, "samples": 0},
+            },
+        }
+    )
     assert report.pipelines["digits"].status == "active"

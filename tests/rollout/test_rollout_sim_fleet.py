@@ -166,7 +166,7 @@ def test_sim_command_prints_a_json_summary(shared_plane: ControlPlaneProcess) ->
 def test_sim_command_refuses_bad_input_in_one_line(shared_plane: ControlPlaneProcess) -> None:
     for args, message in [
         (["--labels", "nope"], "label spec"),
-        (["--flaky", "1.5"], "--flaky"),
+        (["--flaky", "1.5"], "less than or equal"),
         (["--server", "http://127.0.0.1:1"], "cannot start the fleet"),
     ]:
         out = subprocess.run(

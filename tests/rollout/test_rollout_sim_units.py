@@ -7,6 +7,7 @@ from collections import Counter
 
 import pytest
 
+from edgewise.control.telemetry import WindowFigures, cohort_figures, histogram_quantile
 from edgewise.sim import (
     REGRESSED,
     BehaviourBook,
@@ -68,7 +69,7 @@ def test_same_seed_gives_the_same_fleet() -> None:
 def test_windows_are_deterministic_for_a_device_stream() -> None:
     def window(seed: int) -> dict[str, object]:
         return synth_window(ModelBehaviour(), random.Random(seed), pipeline="p", model="m",
-                            version="1", window_s=10.0, inferences=200)  # fmt: skip
+                            version="1", start=0.0, end=10.0, inferences=200)  # fmt: skip
 
     assert window(1) == window(1)
     assert window(1) != window(2)
@@ -81,13 +82,14 @@ def _aggregate(behaviour: ModelBehaviour, windows: int = 30) -> tuple[float, flo
     p95s = []
     for _ in range(windows):
         w = synth_window(behaviour, rng, pipeline="p", model="m", version="v",
-                         window_s=10.0, inferences=200)  # fmt: skip
+                         start=0.0, end=10.0, inferences=200)  # fmt: skip
         failed += w["counts"]["failed"]
-        total += w["inferences"]
+        total += w["counts"]["ok"] + w["counts"]["failed"]
         counts = w["confidence"]["counts"]
         conf_low += sum(counts[:5])  # bins below 0.8
         conf_total += sum(counts)
-        p95s.append(w["p95_latency_ms"])
+        lat = w["latency"]
+        p95s.append(histogram_quantile(lat["bounds"], lat["stages"]["total"]["counts"], 0.95))
     return failed / total, conf_low / conf_total, sorted(p95s)[len(p95s) // 2]
 
 
@@ -101,9 +103,11 @@ def test_a_regressed_model_answers_worse() -> None:
 
 def test_window_counts_add_up() -> None:
     w = synth_window(REGRESSED, random.Random(5), pipeline="p", model="m", version="v",
-                     window_s=10.0, inferences=300)  # fmt: skip
+                     start=0.0, end=10.0, inferences=300)  # fmt: skip
     assert w["counts"]["ok"] + w["counts"]["failed"] == 300
-    assert sum(w["latency_ms"]["counts"]) == 300
+    lat = w["latency"]
+    assert sum(lat["stages"]["total"]["counts"]) == 300
+    assert len(lat["stages"]["total"]["counts"]) == len(lat["bounds"]) + 1
     assert sum(w["confidence"]["counts"]) == w["counts"]["ok"]
     assert len(w["confidence"]["counts"]) == len(w["confidence"]["edges"]) - 1
 
@@ -134,3 +138,19 @@ def test_behaviour_out_of_range_is_refused() -> None:
         ModelBehaviour(error_rate=1.5)
     with pytest.raises(ValueError):
         ModelBehaviour(latency_ms=0)
+
+
+def test_simulated_windows_read_as_control_plane_window_figures() -> None:
+    rng = random.Random(2)
+    windows = [
+        WindowFigures.from_record(f"dev-{i}", synth_window(
+            REGRESSED, rng, pipeline="digits", model="digits-mlp", version="2.0.0",
+            start=0.0, end=10.0, inferences=100, deployment="dep-1"))
+        for i in range(5)
+    ]  # fmt: skip
+    cohort = cohort_figures(windows)
+    assert cohort.devices == 5 and cohort.inferences == 500
+    assert cohort.errors == sum(w.counts["failed"] for w in windows)
+    assert cohort.p95_latency_ms is not None and cohort.p95_latency_ms > 0
+    assert cohort.confidence_counts is not None and sum(cohort.confidence_counts) > 0
+    assert cohort.input_drift is not None

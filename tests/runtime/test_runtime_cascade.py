@@ -43,3 +43,56 @@ def test_local_cascade_without_a_cascade_model_is_refused(
     spec = make_spec(cascade={"threshold": 0.6, "model": {"name": "digits-big"}})
     with pytest.raises(ValueError, match="no cascade_model"):
         runtime.start_pipeline(spec, runtime.load_model(logreg_bytes))
+
+
+def test_cascade_to_an_upstream_http_endpoint(
+    runtime: Runtime,
+    mlp_bytes: bytes,
+    logreg_bytes: bytes,
+    split: DigitsSplit,
+    make_spec: SpecFactory,
+) -> None:
+    from edgewise.runtime import make_inference_app
+
+    from .test_runtime_http import Server
+
+    upstream = Runtime(cores=1, monitor_interval_s=None)
+    try:
+        heavy = upstream.load_model(mlp_bytes)
+        upstream.start_pipeline(make_spec(), heavy)
+        with Server(make_inference_app(upstream)) as url:
+            light = runtime.load_model(logreg_bytes)
+            spec = make_spec(cascade={"threshold": 0.6, "endpoint": url, "timeout_s": 5})
+            runtime.start_pipeline(spec, light)
+            result = runtime.infer("digits", split.x_test[:60])
+        up_stats = upstream.stats("digits")
+    finally:
+        upstream.close()
+    light_p = np.asarray(light.session.run(split.x_test[:60])["probabilities"])
+    heavy_p = np.asarray(heavy.session.run(split.x_test[:60])["probabilities"])
+    low = light_p.max(axis=1) < 0.6
+    assert low.any()
+    expected = np.where(low, heavy_p.argmax(axis=1), light_p.argmax(axis=1))
+    assert result.labels == [str(k) for k in expected]
+    assert result.escalated == low.tolist()
+    assert up_stats["nv_inference_exec_rows"] == int(low.sum())
+
+
+def test_unreachable_upstream_keeps_the_local_answer(
+    runtime: Runtime, logreg_bytes: bytes, split: DigitsSplit, make_spec: SpecFactory
+) -> None:
+    import socket
+
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    light = runtime.load_model(logreg_bytes)
+    spec = make_spec(
+        cascade={"threshold": 0.99, "endpoint": f"http://127.0.0.1:{port}", "timeout_s": 1}
+    )
+    runtime.start_pipeline(spec, light)
+    result = runtime.infer("digits", split.x_test[:10])
+    local = np.asarray(light.session.run(split.x_test[:10])["probabilities"]).argmax(axis=1)
+    assert result.labels == [str(k) for k in local]
+    assert result.escalated == [False] * 10
+    assert runtime.stats("digits")["nv_inference_escalated"] == 0

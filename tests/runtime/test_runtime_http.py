@@ -160,3 +160,24 @@ def test_concurrent_http_clients_are_batched_and_all_served(
         t.join()
     assert errors == []
     assert runtime.stats("digits")["nv_inference_request_success"] == 160
+
+
+@pytest.mark.parametrize("prefix", ["/", "/v1/pipelines"])
+def test_agent_can_mount_the_api_next_to_its_own_routes(
+    runtime: Runtime, mlp_bytes: bytes, make_spec: SpecFactory, split: DigitsSplit, prefix: str
+) -> None:
+    from fastapi import FastAPI
+
+    runtime.start_pipeline(make_spec(), runtime.load_model(mlp_bytes))
+    agent = FastAPI()
+
+    @agent.get("/healthz")
+    def healthz() -> dict[str, bool]:
+        return {"ok": True}
+
+    agent.mount(prefix, make_inference_app(runtime))
+    with Server(agent) as url, httpx.Client(base_url=url, timeout=10) as client:
+        assert client.get("/healthz").json() == {"ok": True}
+        resp = client.post("/v1/pipelines/digits/infer", json=split.x_test[0].tolist())
+        assert resp.status_code == 200, resp.text
+        assert client.get("/v1/pipelines", follow_redirects=True).status_code == 200

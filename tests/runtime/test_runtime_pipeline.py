@@ -33,6 +33,7 @@ def test_preprocess_scale_takes_raw_pixel_values(
     scaled = runtime.infer("digits", raw_pixels)
     direct = runtime.load_model(mlp_bytes).session.run(split.x_test[:50])
     assert scaled.labels == [str(i) for i in np.asarray(direct["probabilities"]).argmax(1)]
+    assert runtime.stats("digits")["stage_duration_ms"]["preprocess"]["count"] == 1
 
 
 def test_postprocess_topk_and_threshold(
@@ -125,3 +126,59 @@ def test_stopped_pipeline_is_unknown_and_can_start_again(
     assert [p["name"] for p in runtime.pipelines()] == ["digits"]
     kinds = [e.kind for e in runtime.events()]
     assert kinds == ["pipeline_started", "pipeline_stopped", "pipeline_started"]
+
+
+def test_prometheus_exposition_parses_and_counts(
+    runtime: Runtime, mlp_bytes: bytes, split: DigitsSplit, make_spec: SpecFactory
+) -> None:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    runtime.start_pipeline(make_spec(), runtime.load_model(mlp_bytes))
+    for row in split.x_test[:7]:
+        runtime.infer("digits", row)
+    families = {f.name: f for f in text_string_to_metric_families(runtime.prometheus())}
+    success = families["nv_inference_request_success"].samples[0]
+    assert success.labels == {"pipeline": "digits"} and success.value == 7
+    buckets = [s for s in families["edgewise_batch_size"].samples if s.name.endswith("_bucket")]
+    assert buckets[-1].labels["le"] == "+Inf" and buckets[-1].value == 7
+
+
+def test_async_callers_in_one_loop_turn_share_a_batch(
+    runtime: Runtime, mlp_bytes: bytes, split: DigitsSplit, make_spec: SpecFactory
+) -> None:
+    import asyncio
+
+    runtime.start_pipeline(make_spec(batching={"max_batch": 32}), runtime.load_model(mlp_bytes))
+
+    async def main() -> list[str | None]:
+        results = await asyncio.gather(
+            *(runtime.infer_async("digits", row) for row in split.x_test[:32])
+        )
+        return [r.label for r in results]
+
+    labels = asyncio.run(main())
+    assert labels == runtime.infer("digits", split.x_test[:32]).labels
+    sizes = runtime.stats("digits")["batch_size"]
+    assert sizes["count"] == 2  # one batch of 32 from the coroutines, one from infer()
+    assert sizes["sum"] == 64
+
+
+def test_async_bad_input_fails_alone(
+    runtime: Runtime, mlp_bytes: bytes, split: DigitsSplit, make_spec: SpecFactory
+) -> None:
+    import asyncio
+
+    runtime.start_pipeline(make_spec(), runtime.load_model(mlp_bytes))
+
+    async def main() -> list[object]:
+        return await asyncio.gather(
+            runtime.infer_async("digits", split.x_test[0]),
+            runtime.infer_async("digits", np.zeros(3, np.float32)),
+            runtime.infer_async("nope", split.x_test[0]),
+            return_exceptions=True,
+        )
+
+    ok, bad, unknown = asyncio.run(main())
+    assert getattr(ok, "label", None) is not None
+    assert isinstance(bad, BadInput)
+    assert isinstance(unknown, UnknownPipeline)

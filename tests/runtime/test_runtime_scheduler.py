@@ -155,3 +155,24 @@ def test_a_lone_request_runs_at_once_in_the_callers_thread(
     req = rt.submit("digits", split.x_test[0], lambda r: None, inline=True)
     assert req.result is not None  # completed before submit returned: no wait for company
     assert req.result.queue_ms == 0.0
+
+
+def test_max_queue_delay_lets_queued_requests_wait_for_company(
+    mlp_bytes: bytes, split: DigitsSplit, make_spec: SpecFactory
+) -> None:
+    rt = Runtime(cores=1, monitor_interval_s=None)
+    try:
+        spec = make_spec(batching={"max_batch": 4, "max_queue_delay_ms": 1000})
+        rt.start_pipeline(spec, rt.load_model(mlp_bytes))
+        rec = Recorder()
+        rt.pause()
+        rt.submit("digits", split.x_test[0], rec)
+        rt.submit("digits", split.x_test[1], rec)
+        rt.resume()  # two queued: the worker holds them for up to 1 s for more company
+        rt.submit("digits", split.x_test[2], rec)
+        rt.submit("digits", split.x_test[3], rec)  # the batch is full: it goes at once
+        rec.wait(4)
+        sizes = rt.stats("digits")["batch_size"]
+        assert sizes["count"] == 1 and sizes["sum"] == 4
+    finally:
+        rt.close()

@@ -49,3 +49,30 @@ class FakeClock:
 
     def advance(self, seconds: float) -> None:
         self.now += seconds
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def store(request: pytest.FixtureRequest, tmp_path: Any) -> Any:
+    """A migrated control-plane store (SQLite file or PostgreSQL) with two devices."""
+    from edgewise.control import open_store
+    from edgewise.control.telemetry import _tables
+
+    if request.param == "sqlite":
+        url = f"sqlite:///{tmp_path / 'cp.db'}"
+    else:
+        url = request.getfixturevalue("pg_url")
+    s = open_store(url)
+    _tables.metadata.create_all(s.engine, checkfirst=True)
+    for i, site in ((1, "a"), (2, "b")):
+        s.insert_device(
+            {
+                "id": f"dev-{i}",
+                "public_key": f"k{i}",
+                "labels": {"site": site},
+                "capabilities": {},
+                "status": "active",
+                "enrolled_at": 1.0,
+            }
+        )
+    yield s
+    s.engine.dispose()

@@ -60,7 +60,7 @@ def test_error_rate_doubling_fires_the_burn_rate_alert() -> None:
 
 def test_short_spike_alone_does_not_fire_and_recovery_resolves_fast() -> None:
     # Errors doubled only in the last 5 minutes: the long window stays under the rate.
-    windows = [w if w.end <= NOW - 300 else fleet(0.05, span_s=300)[0] for w in fleet(0.01)]
+    windows = [w for w in fleet(0.01) if w.end <= NOW - 300] + fleet(0.05, span_s=300)
     assert evaluate_rules([BURN], AlertFigures(windows), NOW) == []
     # An hour of doubled errors, then the last 5 minutes clean: the short window resolves it.
     recovered = [w for w in fleet(0.02) if w.end <= NOW - 300] + fleet(0.0, span_s=300)

@@ -179,6 +179,6 @@ def test_aggregator_applies_policy_to_window_before_buffering() -> None:
     agg.observe_stats({"nv_inference_request_success": 5})
     agg.observe_stats({"nv_inference_request_success": 9})
     clock.advance(10)
-    ((cls, kind, data, _),) = agg.close(resources={"cpu_percent": 1.0}, uplink={"serial": "x"})
+    ((_, kind, data, _),) = agg.close(resources={"cpu_percent": 1.0}, uplink={"serial": "x"})
     assert kind == "window" and data["counts"]["ok"] == 4
     assert set(data) == {"pipeline", "model", "version", "start", "end", "counts"}

@@ -8,10 +8,12 @@ windows, so every console page has something to draw.
 from __future__ import annotations
 
 import base64
+import json
 import random
 import socket
 import threading
 import time
+import zipfile
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,7 +34,7 @@ CHROMIUM = Path("/usr/bin/chromium")
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking"]
 ARTIFACTS = Path(__file__).resolve().parents[2] / "test-artifacts" / "web"
 SITES = ("lab", "store-1", "store-2")
-CONF_EDGES = [i / 10 for i in range(11)]
+LATENCY_BOUNDS = [1.0, 2.0, 5.0, 10.0, 20.0, 50.0, 100.0]
 
 
 @dataclass
@@ -64,23 +66,53 @@ def _has_route(app: Any, path: str) -> bool:
     return any(getattr(r, "path", None) == path for r in app.routes)
 
 
-def _window(model: str, version: str, ts: float, rng: random.Random) -> dict[str, Any]:
+def reference_of(bundle: Path) -> dict[str, Any]:
+    """The `reference` block of a bundle's manifest."""
+    with zipfile.ZipFile(bundle) as z:
+        return dict(json.loads(z.read("manifest.json"))["reference"])
+
+
+def window(
+    model: str, version: str, end: float, rng: random.Random, reference: dict[str, Any]
+) -> dict[str, Any]:
+    """A telemetry window as agents send it (`edgewise.agent.telemetry` format).
+
+    Feature 20 is shifted against the reference, so the drift page has a mover to show.
+    """
     ok = rng.randint(80, 120)
-    conf = [0, 0, 0, 0, 0, 1, 1, 2, rng.randint(3, 8), rng.randint(60, 100)]
+    latency = [0, rng.randint(20, 40), rng.randint(30, 60), rng.randint(5, 15), 1, 0, 0, 0]
+    features = []
+    for i, feat in enumerate(reference["features"]):
+        freqs = list(feat["frequencies"])
+        if i == 20:
+            freqs = freqs[::-1]
+        features.append([round(100 * f) for f in freqs])
     return {
         "pipeline": "digits",
         "model": model,
         "version": version,
-        "window_s": 60,
+        "deployment": "digits",
+        "start": end - 60,
+        "end": end,
         "counts": {"ok": ok, "failed": rng.randint(0, 3)},
-        "latency_ms": {"p50": rng.uniform(1, 2), "p95": rng.uniform(2, 5)},
-        "confidence": {"edges": CONF_EDGES, "counts": conf},
-        "drift": {"score": rng.uniform(0.0, 0.2)},
-        "ts": ts,
+        "latency": {
+            "bounds": LATENCY_BOUNDS,
+            "stages": {"total": {"counts": latency, "sum": 2.5 * sum(latency)}},
+        },
+        "confidence": {
+            "edges": reference["confidence"]["bin_edges"],
+            "counts": [0, 0, 0, 0, 0, 1, 1, 2, rng.randint(3, 8), rng.randint(60, 100)],
+        },
+        "drift": {"score": rng.uniform(0.0, 0.2), "sufficient": True, "samples": ok},
+        "features": {
+            "features": features,
+            "confidence": [0, 0, 0, 0, 0, 1, 1, 2, 5, 90],
+            "classes": [rng.randint(5, 15) for _ in range(10)],
+        },
     }
 
 
-def _enroll(con: Console, index: int, rng: random.Random) -> str:
+def _enroll(con: Console, index: int, rng: random.Random, reference: dict[str, Any]) -> str:
     r = con.api("POST", "/api/v1/enroll-tokens", json={"labels": {"site": SITES[index % 3]}})
     assert r.status_code == 201, r.text
     key = Ed25519PrivateKey.generate()
@@ -128,7 +160,7 @@ def _enroll(con: Console, index: int, rng: random.Random) -> str:
                 cls="metric",
                 ts=now - 600 + 60 * i,
                 kind="window",
-                data=_window("digits-mlp", "1.0.0", now - 600 + 60 * i, rng),
+                data=window("digits-mlp", "1.0.0", now - 600 + 60 * i, rng, reference),
             )
             for i in range(10)
         ]
@@ -148,6 +180,7 @@ def console(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Console]:
     root = tmp_path_factory.mktemp("console")
     bundles = build_examples(root / "examples")
     pub = public_key_to_b64(load_public_key(root / "examples" / "examples.pub"))
+    (root / "data").mkdir()
     settings = Settings(data_dir=root / "data", watch_interval_s=0.2)
     store = open_store(settings.database_url)
     app = create_app(settings, store)
@@ -170,7 +203,9 @@ def console(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Console]:
     assert server.started, "control plane did not start"
     con = Console(f"http://127.0.0.1:{port}", app, admin, standin_rollouts=standin)
     try:
-        assert con.api("POST", "/api/v1/publisher-keys", json={"public_key": pub}).status_code == 201
+        assert (
+            con.api("POST", "/api/v1/publisher-keys", json={"public_key": pub}).status_code == 201
+        )
         for ref in ("digits-mlp@1.0.0", "digits-mlp@1.1.0"):
             r = con.api(
                 "POST",
@@ -182,7 +217,11 @@ def console(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Console]:
         r = con.api(
             "POST",
             "/api/v1/deployments",
-            json={"name": "digits", "selector": "", "pipelines": {"digits": {"model": "digits-mlp@1.0.0"}}},
+            json={
+                "name": "digits",
+                "selector": "",
+                "pipelines": {"digits": {"model": "digits-mlp@1.0.0"}},
+            },
         )
         assert r.status_code in (200, 201), r.text
         for role in ("operator", "viewer"):
@@ -190,7 +229,8 @@ def console(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Console]:
             assert r.status_code == 201, r.text
             setattr(con, role, r.json()["token"])
         rng = random.Random(7)
-        con.devices = [_enroll(con, i, rng) for i in range(12)]
+        reference = reference_of(bundles["digits-mlp@1.0.0"])
+        con.devices = [_enroll(con, i, rng, reference) for i in range(12)]
         yield con
     finally:
         server.should_exit = True

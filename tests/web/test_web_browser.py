@@ -32,7 +32,9 @@ def _sign_in(page: Any, console: Console, token: str) -> None:
 
 def _only_control_plane(console: Console, requested: list[str]) -> None:
     host = urlsplit(console.url).netloc
-    others = sorted({u for u in requested if urlsplit(u).netloc != host and not u.startswith("data:")})
+    others = sorted(
+        {u for u in requested if urlsplit(u).netloc != host and not u.startswith("data:")}
+    )
     assert requested, "the browser made no request at all"
     assert others == [], f"requests to other hosts: {others}"
 
@@ -68,7 +70,11 @@ def test_operator_signs_in_and_every_page_renders(
     # The charts were drawn by the vendored uPlot (canvas inside each figure).
     page.goto(console.url + "/drift/digits-mlp/1.0.0")
     page.wait_for_selector("figure[data-chart='hist'] canvas")
-    assert page.locator("figure[data-chart='line'] canvas").count() >= 3
+    assert page.locator("figure[data-chart='line'] canvas").count() >= 5
+    assert page.locator("figure[data-chart='hist'] canvas").count() >= 3
+    charts = page.inner_text("main")
+    assert "success rate" in charts and "p95 latency ms" in charts
+    assert "top-1 confidence" in charts and "input pixel_2_4" in charts
     page.goto(console.url + f"/devices/{device}")
     page.wait_for_selector("figure[data-chart='line'] canvas")
     assert page.locator("[data-testid=timeline] tr").count() >= 5
@@ -114,9 +120,8 @@ def test_rollout_progresses_without_reload_and_operator_pauses(
     page.on("framenavigated", lambda f: navigations.append(f.url) if f == page.main_frame else None)
     first = int(page.inner_text("[data-testid=rollout-done]"))
     page.screenshot(path=str(artifacts / "rollout-start.png"), full_page=True)
-    page.wait_for_function(
-        f"() => parseInt(document.querySelector('[data-testid=rollout-done]').textContent) > {first + 1}"
-    )
+    done = "document.querySelector('[data-testid=rollout-done]').textContent"
+    page.wait_for_function(f"() => parseInt({done}) > {first + 1}")
     assert navigations == [], "progress must update without reloading the page"
     page.screenshot(path=str(artifacts / "rollout-progress.png"), full_page=True)
     page.click("button[data-action=pause]")

@@ -30,6 +30,7 @@ from edgewise.agent._backoff import Backoff, GiveUp, RetryableError
 from edgewise.agent._buffer import TelemetryBuffer
 from edgewise.agent._client import DeviceAuthError, DeviceClient, DeviceKey, UplinkError
 from edgewise.agent._drain import TelemetryDrain
+from edgewise.agent._durable import DurableJson
 from edgewise.agent._fetch import ArtifactCache
 from edgewise.agent._host import Host, RuntimeHost
 from edgewise.agent._identity import (
@@ -172,11 +173,20 @@ class Agent:
         return len(records)
 
     def capabilities(self) -> dict[str, Any]:
-        """This device's capabilities (collected once)."""
+        """This device's capabilities: probed at enrollment, kept under DIR after that.
+
+        Probing onnxruntime takes a second in a child process; a restart (often after a
+        crash, when serving again fast matters) reuses what enrollment found.
+        """
         if self._capabilities is None:
             from edgewise.agent._capabilities import collect_capabilities
 
-            self._capabilities = collect_capabilities(self.dir)
+            cached = DurableJson(self.dir / "capabilities.json")
+            found = cached.load(default=None)
+            if not isinstance(found, dict):
+                found = collect_capabilities(self.dir)
+                cached.commit(found)
+            self._capabilities = found
         return self._capabilities
 
     @property

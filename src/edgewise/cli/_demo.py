@@ -1,127 +1,67 @@
-"""`edgewise demo`: the whole story on one machine.
+"""`edgewise demo`: the whole story on one machine (the orchestration is `edgewise.demo`).
 
-Until the full fleet demo lands, it tells the bundle story: build the example models,
-sign them, verify and inspect every bundle, run each model's health samples from an
-unpacked copy, and show that a tampered bundle is refused.
+A control plane, three real agents and a simulated fleet under a fresh directory;
+deploy, a regressed canary that rolls back, an int8 rollout that completes through a
+SIGKILL, an uplink cut with backfill; then a summary table (or `--json`).
 """
 
 from __future__ import annotations
 
-import shutil
 import tempfile
-import zipfile
 from pathlib import Path
-from typing import Any
+from typing import Annotated
 
-__all__ = ["demo", "run_bundle_story"]
+import typer
 
+from edgewise.cli._common import CliError, emit_json
 
-def _health_ok(model_dir: Path, manifest: Any) -> tuple[bool, float]:
-    """Run the manifest's health samples with onnxruntime; (all within tolerance, worst)."""
-    import numpy as np
-    import onnxruntime as ort
-
-    session = ort.InferenceSession(
-        str(model_dir / manifest.model), providers=["CPUExecutionProvider"]
-    )
-    dtypes = {t.name: t.dtype.value for t in manifest.inputs}
-    worst = 0.0
-    for sample in manifest.health.samples:
-        feeds = {k: np.asarray(v, dtype=dtypes[k]) for k, v in sample.input.items()}
-        names = list(sample.expected)
-        for name, got in zip(names, session.run(names, feeds), strict=True):
-            diff = np.abs(
-                np.asarray(got, np.float64) - np.asarray(sample.expected[name], np.float64)
-            )
-            worst = max(worst, float(diff.max(initial=0.0)))
-    return worst <= manifest.health.tolerance, worst
+__all__ = ["demo"]
 
 
-def _tamper(bundle: Path, out: Path) -> Path:
-    """Copy `bundle` with one byte of the model file flipped."""
-    with zipfile.ZipFile(bundle) as src, zipfile.ZipFile(out, "w") as dst:
-        for info in src.infolist():
-            data = src.read(info)
-            if info.filename == "model.onnx":
-                data = data[:-1] + bytes([data[-1] ^ 0xFF])
-            dst.writestr(info, data)
-    return out
-
-
-def run_bundle_story(out_dir: Path) -> dict[str, Any]:
-    """Build, sign, verify, inspect and health-check the example bundles in `out_dir`.
-
-    Returns:
-        What happened: the signer key id, one row per bundle (ref, path, bytes, digest,
-        signers, accuracy, health result) and the reason a tampered copy was refused.
-    """
-    from edgewise.bundle import BundleError, extract, key_id, load_public_key, verify
-    from edgewise.examples import EXAMPLE_KEY_NAME, build_examples
-
-    out_dir = Path(out_dir)
-    bundles = build_examples(out_dir)
-    public = load_public_key(out_dir / f"{EXAMPLE_KEY_NAME}.pub")
-    trust = [public]
-    rows = []
-    for ref, path in bundles.items():
-        checked = verify(path, trust)
-        unpacked = out_dir / "unpacked" / path.stem
-        shutil.rmtree(unpacked, ignore_errors=True)
-        manifest = extract(path, unpacked, trust, fsync=False)
-        healthy, worst = _health_ok(unpacked, manifest)
-        rows.append(
-            {
-                "ref": ref,
-                "path": str(path),
-                "bytes": path.stat().st_size,
-                "digest": checked.digest,
-                "signers": list(checked.signers),
-                "accuracy": manifest.provenance.metrics.get("accuracy"),
-                "health_samples": len(manifest.health.samples),
-                "health_ok": healthy,
-                "health_worst_diff": worst,
-            }
-        )
-    tampered = _tamper(bundles["digits-mlp@1.0.0"], out_dir / "tampered.ewb")
-    try:
-        verify(tampered, trust)
-        refused = None
-    except BundleError as exc:
-        refused = exc.reason
-    return {
-        "out_dir": str(out_dir),
-        "key_id": key_id(public),
-        "bundles": rows,
-        "tampered_refused_with": refused,
-    }
-
-
-def demo() -> None:
-    """Run the demo: build, sign, verify, inspect and health-check the example bundles."""
+def demo(
+    directory: Annotated[
+        Path | None,
+        typer.Option("--dir", help="Fresh directory for everything (default: a new temp dir)."),
+    ] = None,
+    devices: Annotated[
+        int, typer.Option("--devices", min=1, max=20000, help="Simulated devices.")
+    ] = 200,
+    keep_running: Annotated[
+        bool, typer.Option("--keep-running", help="Leave everything up until Ctrl-C.")
+    ] = False,
+    as_json: Annotated[
+        bool, typer.Option("--json", help="Print the summary as JSON (progress on stderr).")
+    ] = False,
+    port: Annotated[
+        int, typer.Option("--port", min=0, max=65535, help="Control-plane port (0: any free).")
+    ] = 0,
+) -> None:
+    """Run the whole edgewise story: rollouts, a canary that catches, a crash, an outage."""
     from rich.console import Console
-    from rich.table import Table
 
-    console = Console(width=max(Console().width, 110))  # pipes default to 80: too narrow
-    with tempfile.TemporaryDirectory(prefix="edgewise-demo-") as tmp:
-        console.print(f"building and signing the example bundles in {tmp} ...")
-        story = run_bundle_story(Path(tmp))
-        table = Table(
-            "bundle", "bytes", "digest", "signed by", "accuracy", "health",
-            title=f"example bundles (signing key {story['key_id']})",
-        )  # fmt: skip
-        for row in story["bundles"]:
-            acc = row["accuracy"]
-            health = f"{'ok' if row['health_ok'] else 'FAIL'} ({row['health_samples']} samples)"
-            table.add_row(
-                row["ref"], str(row["bytes"]), row["digest"][:16], ", ".join(row["signers"]),
-                "-" if acc is None else f"{acc:.3f}", health,
-            )  # fmt: skip
-        console.print(table)
-        console.print(
-            "every bundle verified (signature, file list, sizes, sha256), unpacked, "
-            "and its health samples reproduced with onnxruntime"
+    from edgewise.demo import DemoError, run_demo
+
+    where = directory or Path(tempfile.mkdtemp(prefix="edgewise-demo-"))
+    console = Console(stderr=as_json, width=max(Console().width, 110))
+    console.print(f"edgewise demo under {where}")
+    try:
+        summary = run_demo(where, devices, port, keep_running, console)
+    except DemoError as exc:
+        raise CliError(f"{exc} (logs under {where / 'logs'})") from None
+    except KeyboardInterrupt:
+        raise CliError("interrupted; every process was stopped", exit_code=130) from None
+    if as_json:
+        emit_json(summary)
+    else:
+        console.print(f"console: {summary['console_url']}")
+        console.print(f"admin token: {summary['admin_token']}")
+        console.print(f"everything was under {where} (logs in {where / 'logs'})")
+    held = all(
+        summary[k]
+        for k in (
+            "canary_caught", "rollback_done", "int8_completed",
+            "crash_recovered", "offline_served", "backfilled",
         )
-        console.print(
-            f"a copy of digits-mlp@1.0.0 with one model byte flipped was refused: "
-            f"[bold]{story['tampered_refused_with']}[/bold]"
-        )
+    )  # fmt: skip
+    if not held:
+        raise CliError("the story did not hold: see the summary above")

@@ -128,7 +128,7 @@ def dry_run(
         for c in r["conflicts"]:
             typer.echo(f"conflict: {c}")
     if r["conflicts"]:
-        raise typer.Exit(1)
+        raise CliError(f"pre-flight found {len(r['conflicts'])} conflict(s)")
 
 
 @app.command("diff")

@@ -53,9 +53,7 @@ def _principal(request: Request) -> Principal:
     return _plane(request).authenticate(request.headers.get("authorization"))
 
 
-def _route(
-    method: str, path: str, permission: Permission, **kwargs: Any
-) -> Callable[[_F], _F]:
+def _route(method: str, path: str, permission: Permission, **kwargs: Any) -> Callable[[_F], _F]:
     ROUTE_PERMISSIONS[(method, "/api/v1" + path)] = permission
     return router.api_route(
         path, methods=[method], dependencies=[Depends(_need(permission))], **kwargs

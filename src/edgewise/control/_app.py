@@ -32,11 +32,13 @@ from prometheus_client import (
     Gauge,
     generate_latest,
 )
+from sqlalchemy.exc import DataError, DBAPIError, StatementError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from edgewise.control._api_admin import router as admin_router
 from edgewise.control._api_device import router as device_router
+from edgewise.control._fastpath import DESIRED_PATH, try_fast_poll
 from edgewise.control._plane import ApiError, ControlPlane
 from edgewise.control._settings import Settings
 from edgewise.control._store import SqlStore
@@ -57,19 +59,28 @@ def _envelope(
 class _Guard:
     """Body-size limit and request metrics, as plain ASGI (cheap on the poll path)."""
 
-    def __init__(self, app: ASGIApp, settings: Settings, registry: CollectorRegistry) -> None:
+    def __init__(self, app: ASGIApp, plane: ControlPlane, registry: CollectorRegistry) -> None:
         self.app = app
-        self.settings = settings
+        self.plane = plane
+        self.settings = plane.settings
         self.requests = Counter(
             "edgewise_http_requests",
             "HTTP requests",
             ["method", "route", "status"],
             registry=registry,
         )
+        self.fast_polls = self.requests.labels("GET", DESIRED_PATH, "304")
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
+            return
+        if (
+            scope["path"] == DESIRED_PATH
+            and scope["method"] == "GET"
+            and await try_fast_poll(self.plane, scope, receive, send)
+        ):
+            self.fast_polls.inc()
             return
         upload = scope["method"] == "POST" and scope["path"] == "/api/v1/models"
         limit = self.settings.max_upload_bytes if upload else self.settings.max_body_bytes
@@ -234,6 +245,22 @@ def create_app(
             headers=dict(exc.headers) if exc.headers else None,
         )
 
+    @app.exception_handler(StatementError)
+    async def _db_error(_: Request, exc: StatementError) -> JSONResponse:
+        # Values the database cannot hold (too long, NaN in JSON, out of range) came from
+        # the client; a database that is down or busy is ours.
+        if isinstance(exc, DataError) or isinstance(exc.orig, ValueError | TypeError):
+            return _envelope(
+                422, "invalid_value", "a value cannot be stored (too long or not JSON)"
+            )
+        if isinstance(exc, DBAPIError):
+            log.warning("database error: %s", exc)
+            return _envelope(
+                503, "unavailable", "database unavailable; retry", {"Retry-After": "1"}
+            )
+        log.exception("statement error", exc_info=exc)
+        return _envelope(500, "internal", "internal error")
+
     @app.exception_handler(Exception)
     async def _unexpected(_: Request, exc: Exception) -> JSONResponse:
         log.exception("unexpected error", exc_info=exc)
@@ -257,5 +284,5 @@ def create_app(
 
     app.include_router(admin_router)
     app.include_router(device_router)
-    app.add_middleware(_Guard, settings=settings, registry=registry)
+    app.add_middleware(_Guard, plane=plane, registry=registry)
     return app

@@ -15,7 +15,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from edgewise.control._desiredcalc import desired_content
-from edgewise.control._plane import ApiError, ControlPlane, Principal, digest
+from edgewise.control._plane import ApiError, ControlPlane, Principal, digest, ensure_json
 from edgewise.control._preflight import DeviceView, preflight
 from edgewise.control._rbac import in_scope, selector_in_scope
 from edgewise.control._selector import SelectorError, parse_selector
@@ -199,6 +199,7 @@ def _prepare(plane: ControlPlane, req: DeploymentRequest, who: Principal) -> dic
     if result.conflicts:
         raise ApiError(409, "preflight_conflict", "; ".join(result.conflicts))
     pipelines = {name: _pin(spec, models) for name, spec in sorted(specs.items())}
+    ensure_json(pipelines, "pipelines")
     body = {"selector": selector, "priority": req.priority, "pipelines": pipelines}
     return {
         "id": f"dep-{secrets.token_hex(6)}",

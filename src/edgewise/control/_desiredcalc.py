@@ -10,6 +10,7 @@ import hashlib
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from edgewise.bundle import canonical_json
 from edgewise.control._merge import DeploymentView, merge_desired
 
 __all__ = ["content_hash", "deployment_views", "desired_content"]
@@ -55,6 +56,4 @@ def desired_content(
 
 def content_hash(content: Mapping[str, Any]) -> str:
     """The sha256 of a document's content in canonical JSON."""
-    from edgewise.protocol._desired import _canonical
-
-    return hashlib.sha256(_canonical(dict(content))).hexdigest()
+    return hashlib.sha256(canonical_json(dict(content))).hexdigest()

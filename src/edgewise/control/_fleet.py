@@ -11,7 +11,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field
 
 from edgewise.control._identity import hash_token, new_secret_token, public_key_from_b64
-from edgewise.control._plane import ApiError, ControlPlane, Principal, digest
+from edgewise.control._plane import ApiError, ControlPlane, Principal, digest, ensure_json
 from edgewise.control._rbac import in_scope
 from edgewise.control._selector import LabelError, SelectorError, parse_selector, validate_labels
 from edgewise.control._store import ConflictError
@@ -100,6 +100,7 @@ def enroll(plane: ControlPlane, req: EnrollRequest) -> dict[str, Any]:
     except ValueError as exc:
         raise ApiError(400, "bad_key", str(exc)) from None
     _check_labels(req.labels)
+    ensure_json(req.capabilities, "capabilities")
     now = plane.clock()
     token, reason = plane.store.use_enroll_token(hash_token(req.token), now)
     if token is None:
@@ -238,11 +239,19 @@ def decommission(plane: ControlPlane, who: Principal, device_id: str) -> dict[st
 
 def ingest_report(plane: ControlPlane, device_id: str, report: Report, raw: bytes) -> None:
     """Store reported state (idempotent: the latest report wins)."""
-    plane.store.save_report(device_id, report.model_dump(mode="json"), plane.clock())
+    for name, pipeline in report.pipelines.items():
+        if len(name) > 200 or len(pipeline.model) > 200 or len(pipeline.version) > 64:
+            raise ApiError(422, "invalid_request", "pipeline, model or version name too long")
+    data = report.model_dump(mode="json")
+    ensure_json(data, "report")
+    plane.store.save_report(device_id, data, plane.clock())
 
 
 def ingest_telemetry(plane: ControlPlane, device_id: str, batch: TelemetryBatch) -> dict[str, int]:
     """Store a telemetry batch exactly once per (device, seq)."""
+    if any(len(r.kind) > 200 for r in batch.records):
+        raise ApiError(422, "invalid_request", "telemetry kind longer than 200 characters")
     records = [r.model_dump(mode="json") for r in batch.records]
+    ensure_json([r["data"] for r in records], "telemetry data")
     accepted, dups, acked = plane.store.insert_telemetry(device_id, records, plane.clock())
     return {"accepted": accepted, "duplicates": dups, "acked_seq": acked}

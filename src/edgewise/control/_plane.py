@@ -1,10 +1,11 @@
 """The control plane's operations: the imperative shell around store and pure decisions.
 
-HTTP routes (`_api_admin`, `_api_device`) parse and authorise, then call one method here;
-each method reads the store, asks a pure function (merge, preflight, selector, audit
-chain, RBAC) for the decision, writes the result and wakes whoever waits on it. Methods
-are synchronous (they run in the server's thread pool) except for nothing: the async
-device routes call them through `anyio.to_thread` on cache misses only.
+HTTP routes (`_api_admin`, `_api_device`) parse and authorise, then call one method here
+(or a function of `_fleet`, `_registry`, `_deployments`); each reads the store, asks a pure
+function (merge, preflight, selector, audit chain, RBAC) for the decision, writes the
+result and wakes whoever waits on it. Methods are synchronous: operator routes run in the
+server's thread pool, and the async device routes call them through `anyio.to_thread`
+only on cache misses.
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ from edgewise.control._live import CachedDevice, DeviceCache, NonceCache, Notifi
 from edgewise.control._rbac import Permission, Role, allowed
 from edgewise.control._selector import Selector, SelectorError, parse_selector
 from edgewise.control._settings import Settings
-from edgewise.control._store import SqlStore
+from edgewise.control._store import ConflictError, SqlStore
 from edgewise.protocol import (
     DesiredState,
     RequestAuthError,
@@ -40,7 +41,7 @@ from edgewise.protocol import (
     verify_request,
 )
 
-__all__ = ["ApiError", "ControlPlane", "Principal"]
+__all__ = ["ApiError", "ControlPlane", "Principal", "digest", "ensure_json"]
 
 
 class ApiError(Exception):
@@ -74,6 +75,18 @@ def digest(data: Any) -> str:
         return hashlib.sha256(data).hexdigest()
     raw = json.dumps(data, sort_keys=True, separators=(",", ":"), default=str).encode()
     return hashlib.sha256(raw).hexdigest()
+
+
+def ensure_json(value: Any, what: str) -> None:
+    """Refuse values JSON cannot carry (NaN, infinities) before they reach the database.
+
+    Raises:
+        ApiError: 422 naming `what`.
+    """
+    try:
+        json.dumps(value, allow_nan=False)
+    except (ValueError, TypeError):
+        raise ApiError(422, "invalid_request", f"{what}: NaN or infinity is not JSON") from None
 
 
 class ControlPlane:
@@ -216,15 +229,11 @@ class ControlPlane:
     # -------------------------------------------------------- publisher keys
     def trust_publisher_key(self, public_key: str, name: str, actor: str) -> dict[str, Any]:
         """Trust a publisher key for registry pushes and device trust roots."""
-        from edgewise.protocol import signer_key_id as kid_of
-
         try:
             key = public_key_from_b64(public_key)
         except ValueError as exc:
             raise ApiError(400, "bad_key", str(exc)) from None
-        kid = kid_of(key)
-        from edgewise.control._store import ConflictError
-
+        kid = signer_key_id(key)
         try:
             created = self.store.add_publisher_key(kid, public_key_b64(key), name, self.clock())
         except ConflictError as exc:

@@ -88,6 +88,8 @@ def register_bundle(
             raise ApiError(400, f"bundle_{exc.reason}", f"bundle refused: {exc}") from None
         manifest = checked.manifest.model_dump(mode="json")
         name, version = str(manifest["name"]), str(manifest["version"])
+        if len(name) > 200 or len(version) > 64:
+            raise ApiError(400, "bundle_schema", "model name or version too long")
         target = artifact_path(plane, sha256)
         target.parent.mkdir(parents=True, exist_ok=True)
         if not target.exists():

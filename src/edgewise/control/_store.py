@@ -18,6 +18,7 @@ Usage::
 
 from __future__ import annotations
 
+import json
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -51,6 +52,12 @@ class ConflictError(Exception):
     """A create that collides with an existing object holding other content."""
 
 
+def _json(value: Any) -> str:
+    # NaN and infinities are not JSON; refusing them here keeps SQLite and PostgreSQL
+    # equal (PostgreSQL would refuse them anyway) and surfaces as a 422, not a 500.
+    return json.dumps(value, allow_nan=False, separators=(",", ":"))
+
+
 def _engine(url: str) -> Engine:
     if url.startswith("sqlite"):
         memory = url in {"sqlite://", "sqlite:///:memory:"}
@@ -58,6 +65,7 @@ def _engine(url: str) -> Engine:
             url,
             connect_args={"check_same_thread": False, "timeout": 30},
             poolclass=StaticPool if memory else None,
+            json_serializer=_json,
         )
 
         @event.listens_for(engine, "connect")
@@ -69,7 +77,9 @@ def _engine(url: str) -> Engine:
             cur.close()
 
         return engine
-    return create_engine(url, pool_size=10, max_overflow=20, pool_pre_ping=True)
+    return create_engine(
+        url, pool_size=10, max_overflow=20, pool_pre_ping=True, json_serializer=_json
+    )
 
 
 def open_store(url: str, *, run_migrations: bool = True) -> SqlStore:

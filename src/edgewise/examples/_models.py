@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
+from edgewise.drift import DEFAULT_CONFIDENCE_EDGES, saturating_edges
 from edgewise.examples import _digits
 
 __all__ = [
@@ -31,8 +32,11 @@ __all__ = [
 CREATED_AT = "2025-01-01T00:00:00Z"
 CREATOR = "edgewise examples build"
 HEALTH_SAMPLES = 10
-FEATURE_BIN_EDGES = [i / 8 for i in range(9)]  # pixel intensity in [0, 1], 8 bins
-CONFIDENCE_BIN_EDGES = [i / 10 for i in range(11)]
+# Pixel intensity in [0, 1]: background sits exactly at 0 and strokes saturate at 1, so
+# both ends get a bin of their own (a brightness shift moves mass through exactly those).
+FEATURE_BIN_EDGES = [round(e, 9) for e in saturating_edges(0.0, 1.0, 8)]
+# Top-1 confidences crowd near 1: finer bins there.
+CONFIDENCE_BIN_EDGES = list(DEFAULT_CONFIDENCE_EDGES)
 DIGITS_PREPROCESS: dict[str, Any] = {
     "kind": "scale",
     "scale": 1 / 16,
@@ -97,7 +101,9 @@ def _digits_health(model: bytes, split: _digits.DigitsSplit, tolerance: float) -
 
 
 def _digits_reference(model: bytes, split: _digits.DigitsSplit) -> dict[str, Any]:
-    probs = np.asarray(_session(model).run(["probabilities"], {"input": split.x_train})[0])
+    # Confidence comes from held-out data: on its own training data a model is more
+    # confident than it will ever be in the field, and that gap would read as drift.
+    probs = np.asarray(_session(model).run(["probabilities"], {"input": split.x_test})[0])
     prior = np.bincount(split.y_train, minlength=10) / len(split.y_train)
     return {
         "input": "input",

@@ -16,14 +16,14 @@ from __future__ import annotations
 
 import base64
 import binascii
-import hashlib
 from collections.abc import Mapping
 from typing import Any, Literal
 
 from cryptography.exceptions import InvalidSignature
-from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 from pydantic import BaseModel, ConfigDict, Field
+
+from edgewise.bundle import canonical_json, key_id
 
 __all__ = [
     "PIPELINE_STATUSES",
@@ -171,29 +171,14 @@ class Report(BaseModel):
     agent: AgentInfo = Field(default_factory=AgentInfo)
 
 
-def _canonical(data: Any) -> bytes:
-    # The bundle package owns canonical JSON (RFC 8785 rules); both sides must use it.
-    try:
-        from edgewise.bundle import canonical_json  # type: ignore[attr-defined,unused-ignore]
-    except ImportError:  # while the bundle package's front is not written yet
-        from edgewise.bundle._canonical import canonical_json
-    out = canonical_json(data)
-    return out.encode() if isinstance(out, str) else bytes(out)
-
-
 def desired_signing_bytes(doc: DesiredState) -> bytes:
     """The exact bytes the control plane signs for a document."""
-    return _canonical(doc.model_dump(mode="json"))
+    return canonical_json(doc.model_dump(mode="json"))
 
 
 def signer_key_id(public_key: Ed25519PublicKey) -> str:
     """The key id used in `SignedDesiredState.key_id`, same rule as the bundle package."""
-    try:
-        from edgewise.bundle import key_id  # type: ignore[attr-defined,unused-ignore]
-    except ImportError:
-        raw = public_key.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
-        return hashlib.sha256(raw).hexdigest()[:16]
-    return str(key_id(public_key))
+    return key_id(public_key)
 
 
 def sign_desired(

@@ -1,28 +1,37 @@
 """The inference runtime: pipelines over onnxruntime (and TFLite), scheduled and batched.
 
-The device agent hosts a `Runtime`; everything else here is its vocabulary.
+The device agent hosts one `Runtime`; everything else here is its vocabulary.
 
 Example:
     >>> from edgewise.protocol import PipelineSpec
     >>> from edgewise.runtime import Runtime, make_inference_app
-    >>> rt = Runtime(cores=2)                                  # doctest: +SKIP
-    >>> mlp = rt.load_model(bundle_dir, manifest)              # or ONNX bytes / a path
-    >>> ok = rt.health_check(mlp, manifest)                    # HealthResult(ok, reason, ...)
+    >>> rt = Runtime(cores=2, on_event=print)                # doctest: +SKIP
+    >>> mlp = rt.load_model(bundle_dir, manifest)            # or ONNX/TFLite bytes, a path
+    >>> gate = rt.health_check(mlp, manifest)                # HealthResult(ok, reason, ...)
     >>> spec = PipelineSpec.model_validate({
     ...     "name": "digits", "model": {"name": "digits-mlp", "version": "1.0.0"},
     ...     "priority": "critical", "slo": {"p95_ms": 20},
     ...     "fallback": {"name": "digits-logreg", "version": "1.0.0"},
-    ...     "postprocess": [{"type": "argmax"}],
+    ...     "postprocess": [{"type": "topk", "params": {"k": 3}}],
+    ...     "sinks": [{"type": "summary"}],
     ... })
-    >>> rt.start_pipeline(spec, mlp, fallback=rt.load_model(logreg_bytes))
-    >>> rt.infer("digits", x_row).label                        # '7'
+    >>> rt.start_pipeline(spec, mlp, fallback=rt.load_model(logreg_dir))
+    >>> rt.infer("digits", x_row).label                      # '7' (InferenceResult)
     >>> rt.swap_model("digits", rt.load_model(new_dir, new_manifest))   # hot swap
-    >>> rt.stats("digits")["nv_inference_request_success"]
-    >>> app = make_inference_app(rt)        # ASGI: POST /v1/pipelines/{name}/infer
+    >>> rt.stats("digits")["nv_inference_request_success"]   # counters, histograms
+    >>> rt.prometheus()                                      # text for /metrics
+    >>> rt.summaries("digits")                               # windowed counts for telemetry
+    >>> app = make_inference_app(rt)   # ASGI: POST /v1/pipelines/{name}/infer, GET /v1/pipelines
     >>> rt.close()
 
-Degradation runs on a monitor thread every `monitor_interval_s` (pass None and call
-`rt.tick()` yourself in tests); switches are reported through `on_event` and `events()`.
+Errors (`RuntimeFailure` subclasses) carry an HTTP `status` and a `code`: `BadInput` 400,
+`UnknownPipeline` 404, `PayloadTooLarge` 413, `Rejected` 429 (queue full), `Shed` and
+`PipelineStopped` 503; `ModelLoadError`/`AcceleratorUnavailable` from `load_model`.
+
+Degradation runs on a monitor thread every `monitor_interval_s` seconds (pass None and
+call `rt.tick()` yourself, e.g. in tests); the thermal and CPU readers and the clock are
+constructor arguments. Switches, swaps, starts and stops are `RuntimeEvent`s delivered to
+`on_event` and kept in `rt.events()`; forward them to an `edgewise.events` bus.
 """
 
 from edgewise.runtime._backend import DEFAULT_PROVIDERS, ModelSession, TensorInfo, choose_providers

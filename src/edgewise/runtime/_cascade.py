@@ -13,10 +13,11 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
+from edgewise.protocol._pipeline import PipelineSpec
 from edgewise.runtime._model import LoadedModel
 from edgewise.runtime._stages import Post
 
-__all__ = ["local_escalator", "upstream_escalator"]
+__all__ = ["UpstreamEscalator", "local_escalator", "make_escalator", "upstream_escalator"]
 
 Array = npt.NDArray[Any]
 Answer = tuple[Array, list[str | None]] | None
@@ -39,29 +40,58 @@ def local_escalator(model: LoadedModel) -> Any:
     return escalate
 
 
-def upstream_escalator(endpoint: str, pipeline: str, timeout_s: float) -> Any:
+class UpstreamEscalator:
     """Escalate over HTTP to an upstream server speaking the local inference API.
 
-    `endpoint` is the base URL; rows are POSTed as JSON to
-    `{endpoint}/v1/pipelines/{pipeline}/infer`.
+    Rows are POSTed as JSON to `{endpoint}/v1/pipelines/{pipeline}/infer`. The call
+    blocks the executor for at most `timeout_s`; on any failure the local answer stands.
     """
-    import httpx
 
-    client = httpx.Client(timeout=timeout_s)
-    url = f"{endpoint.rstrip('/')}/v1/pipelines/{pipeline}/infer"
+    def __init__(self, endpoint: str, pipeline: str, timeout_s: float) -> None:
+        import httpx
 
-    def escalate(x: Array) -> Answer:
+        self._client = httpx.Client(timeout=timeout_s)
+        self.url = f"{endpoint.rstrip('/')}/v1/pipelines/{pipeline}/infer"
+        self.failures = 0
+
+    def __call__(self, x: Array) -> Answer:
+        import httpx
+
         try:
-            resp = client.post(url, json={"inputs": x.tolist()})
+            resp = self._client.post(self.url, json={"inputs": x.tolist()})
             resp.raise_for_status()
             body = resp.json()
             conf = np.asarray(body["confidences"], dtype=np.float32)
             names = [None if n is None else str(n) for n in body["labels"]]
         except (httpx.HTTPError, KeyError, TypeError, ValueError) as exc:
-            log.warning("cascade upstream %s failed: %s", url, exc)
+            self.failures += 1
+            log.warning("cascade upstream %s failed: %s", self.url, exc)
             return None
         if len(names) != x.shape[0]:
+            self.failures += 1
             return None
         return conf, names
 
-    return escalate
+    def close(self) -> None:
+        """Close the HTTP client."""
+        self._client.close()
+
+
+def upstream_escalator(endpoint: str, pipeline: str, timeout_s: float) -> UpstreamEscalator:
+    """See `UpstreamEscalator`."""
+    return UpstreamEscalator(endpoint, pipeline, timeout_s)
+
+
+def make_escalator(spec: PipelineSpec, cascade_model: LoadedModel | None) -> Any:
+    """The escalator a spec's cascade asks for.
+
+    Raises:
+        ValueError: a local cascade without its model.
+    """
+    assert spec.cascade is not None
+    if spec.cascade.model is not None:
+        if cascade_model is None:
+            raise ValueError(f"pipeline {spec.name!r} has a local cascade but no cascade_model")
+        return local_escalator(cascade_model)
+    assert spec.cascade.endpoint is not None
+    return upstream_escalator(spec.cascade.endpoint, spec.name, spec.cascade.timeout_s)

@@ -15,17 +15,15 @@ mounts it next to its own `/healthz` and `/status`. Errors are JSON
 
 from __future__ import annotations
 
-import asyncio
 import json
-import threading
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
 
 import numpy as np
 
+from edgewise.runtime._aio import LoopBatcher
 from edgewise.runtime._errors import BadInput, PayloadTooLarge, RuntimeFailure
 from edgewise.runtime._runtime import Runtime
-from edgewise.runtime._scheduler import Request
 
 __all__ = ["make_inference_app"]
 
@@ -108,66 +106,9 @@ def decode_raw(headers: dict[bytes, bytes], body: bytes) -> np.ndarray[Any, Any]
     return np.frombuffer(body, dtype=dt).reshape(shape)
 
 
-class _LoopBatcher:
-    """Groups the requests that arrive in one event-loop iteration, per pipeline.
-
-    The first request for a pipeline schedules a drain with `call_soon`; requests parsed
-    in the same iteration join it; the drain submits them as one group. A lone request
-    therefore waits one loop turn, never a fixed delay, and concurrent connections are
-    served as a batch without a thread hand-off.
-    """
-
-    def __init__(self, runtime: Runtime) -> None:
-        self.runtime = runtime
-        self.pending: dict[
-            str, list[tuple[np.ndarray[Any, Any], bool, asyncio.Future[Request]]]
-        ] = {}
-
-    def add(self, name: str, x: np.ndarray[Any, Any], raw: bool) -> asyncio.Future[Request]:
-        loop = asyncio.get_running_loop()
-        fut: asyncio.Future[Request] = loop.create_future()
-        group = self.pending.get(name)
-        if group is None:
-            group = self.pending[name] = []
-            loop.call_soon(self.drain, name, loop)
-        group.append((x, raw, fut))
-        return fut
-
-    def drain(self, name: str, loop: asyncio.AbstractEventLoop) -> None:
-        group = self.pending.pop(name, [])
-        if not group:
-            return
-        loop_thread = threading.get_ident()
-        futures: dict[int, asyncio.Future[Request]] = {}
-
-        def done(req: Request) -> None:
-            fut = futures[id(req)]
-            if threading.get_ident() == loop_thread:
-                if not fut.done():
-                    fut.set_result(req)
-            else:
-                loop.call_soon_threadsafe(_resolve, fut, req)
-
-        try:
-            reqs = self.runtime.prepare_many(name, [(x, raw) for x, raw, _ in group], done)
-        except RuntimeFailure as exc:
-            for _, _, fut in group:
-                if not fut.done():
-                    fut.set_exception(exc)
-            return
-        for req, (_, _, fut) in zip(reqs, group, strict=True):
-            futures[id(req)] = fut
-        self.runtime.dispatch_many(name, reqs)
-
-
-def _resolve(fut: asyncio.Future[Request], req: Request) -> None:
-    if not fut.done():
-        fut.set_result(req)
-
-
 def make_inference_app(runtime: Runtime, max_body_bytes: int = 8 * 1024 * 1024) -> ASGIApp:
     """The local inference API over `runtime`, as an ASGI application."""
-    batcher = _LoopBatcher(runtime)
+    batcher = LoopBatcher(runtime)
 
     async def infer(name: str, scope: Scope, receive: Receive) -> tuple[int, bytes]:
         body = await _read_body(scope, receive, max_body_bytes)
@@ -182,6 +123,8 @@ def make_inference_app(runtime: Runtime, max_body_bytes: int = 8 * 1024 * 1024) 
 
     async def route(scope: Scope, receive: Receive) -> tuple[int, bytes]:
         path: str = scope["path"]
+        if not path.startswith(_PREFIX):  # mounted under a prefix that was stripped
+            path = scope.get("root_path", "") + path
         method: str = scope["method"]
         if path == _PREFIX or path == _PREFIX + "/":
             if method != "GET":

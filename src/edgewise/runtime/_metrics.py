@@ -10,12 +10,19 @@ from __future__ import annotations
 import bisect
 import threading
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
-__all__ = ["LATENCY_BOUNDS_MS", "Histogram", "PipelineMetrics", "RollingLatency"]
+__all__ = [
+    "LATENCY_BOUNDS_MS",
+    "Histogram",
+    "PipelineMetrics",
+    "RollingLatency",
+    "prometheus_text",
+]
 
 LATENCY_BOUNDS_MS: tuple[float, ...] = (
     0.05,
@@ -128,6 +135,7 @@ class PipelineMetrics:
     def __post_init__(self) -> None:
         self.rolling = RollingLatency(self.window_s)
         self._pending: deque[tuple[Any, ...]] = deque()
+        self.pre_ms: deque[float] = deque()
 
     def record(
         self,
@@ -157,6 +165,9 @@ class PipelineMetrics:
     def flush(self) -> None:
         """Fold pending batch records into the histograms (vectorised)."""
         with self.lock:
+            pre = [self.pre_ms.popleft() for _ in range(len(self.pre_ms))]
+            if pre:
+                self._hist(self.stage_ms, "preprocess").observe_many(pre)
             pending = self._pending
             items = [pending.popleft() for _ in range(len(pending))]
             if not items:
@@ -240,3 +251,53 @@ class PipelineMetrics:
                 "confidence": self.confidence.snapshot(),
                 "batch_size": self.batch_size.snapshot(),
             }
+
+
+def _labels(pairs: dict[str, str]) -> str:
+    inner = ",".join(f'{k}="{v}"' for k, v in pairs.items())
+    return "{" + inner + "}"
+
+
+def prometheus_text(snapshots: dict[str, dict[str, Any]]) -> str:
+    """Prometheus text exposition of `Runtime.stats` snapshots, keyed by pipeline."""
+    lines: list[str] = []
+    counters = [
+        "nv_inference_request_success",
+        "nv_inference_request_failure",
+        "nv_inference_request_rejected",
+        "nv_inference_request_shed",
+        "nv_inference_request_bad_input",
+        "nv_inference_escalated",
+        "nv_inference_fallback",
+        "nv_inference_exec_rows",
+    ]
+    for name in counters:
+        lines.append(f"# TYPE {name} counter")
+        for pipe, snap in snapshots.items():
+            lines.append(f"{name}{_labels({'pipeline': pipe})} {snap.get(name, 0)}")
+    hists: dict[str, Callable[[dict[str, Any]], dict[str, Any]]] = {
+        "nv_inference_queue_duration_ms": lambda s: {"": s["nv_inference_queue_duration_ms"]},
+        "nv_inference_compute_infer_duration_ms": lambda s: {
+            "": s["nv_inference_compute_infer_duration_ms"]
+        },
+        "nv_inference_request_duration_ms": lambda s: {"": s["nv_inference_request_duration_ms"]},
+        "edgewise_stage_duration_ms": lambda s: s["stage_duration_ms"],
+        "edgewise_tier_duration_ms": lambda s: s["tier_duration_ms"],
+        "edgewise_confidence": lambda s: {"": s["confidence"]},
+        "edgewise_batch_size": lambda s: {"": s["batch_size"]},
+    }
+    for name, pick in hists.items():
+        lines.append(f"# TYPE {name} histogram")
+        for pipe, snap in snapshots.items():
+            for part, h in pick(snap).items():
+                base = {"pipeline": pipe}
+                if part:
+                    base["stage" if "stage" in name else "tier"] = part
+                cumulative = 0
+                for bound, count in zip([*h["bounds"], "+Inf"], h["counts"], strict=True):
+                    cumulative += count
+                    le = bound if bound == "+Inf" else f"{bound:g}"
+                    lines.append(f"{name}_bucket{_labels({**base, 'le': str(le)})} {cumulative}")
+                lines.append(f"{name}_sum{_labels(base)} {h['sum']}")
+                lines.append(f"{name}_count{_labels(base)} {h['count']}")
+    return "\n".join(lines) + "\n"

@@ -191,6 +191,7 @@ class RunningPipeline:
     escalate: Escalator | None = None
     cascade_threshold: float = 0.0
     queued: int = 0
+    inflight: int = 0
     accepting: bool = True
     degrade: DegradeState = field(default_factory=DegradeState)
     primary: ModelLane = field(init=False)
@@ -215,6 +216,22 @@ class RunningPipeline:
             return self.fallback
         return self.primary
 
+    def summary(self) -> dict[str, Any]:
+        """One row for listings (`GET /v1/pipelines`)."""
+        model = self.active.model
+        return {
+            "name": self.name,
+            "priority": str(self.spec.priority),
+            "model": model.key,
+            "tier": self.active.tier,
+            "mode": str(self.degrade.mode),
+            "provider": model.provider,
+            "input": {
+                "dtype": str(model.session.input.dtype),
+                "shape": list(model.session.input.shape),
+            },
+        }
+
     def on_shed(self, n: int) -> None:
         """Count shed requests."""
         with self.metrics.lock:
@@ -227,8 +244,12 @@ class RunningPipeline:
 
     def prepare(self, x: Array, exact_dtype: bool = False) -> tuple[Array, ModelLane]:
         """Preprocess and validate one request against the active model."""
-        for fn in self.pre:
-            x = fn(x)
+        if self.pre:
+            t0 = self.clock()
+            for fn in self.pre:
+                x = fn(x)
+            # Callers' threads run this concurrently: a deque append is atomic.
+            self.metrics.pre_ms.append((self.clock() - t0) * 1000.0)
         lane = self.active
         return lane.model.validate(x, exact_dtype), lane
 

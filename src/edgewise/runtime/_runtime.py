@@ -9,19 +9,20 @@ from __future__ import annotations
 import os
 import threading
 import time
+import weakref
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
-import numpy as np
 import numpy.typing as npt
 
 from edgewise.protocol._pipeline import PipelineSpec
 from edgewise.runtime import _sinks, _sources  # noqa: F401  (registers the built-ins)
-from edgewise.runtime._backend import CPU, DEFAULT_PROVIDERS, ModelSession, open_onnx
+from edgewise.runtime._backend import CPU, DEFAULT_PROVIDERS
+from edgewise.runtime._cascade import make_escalator
 from edgewise.runtime._degrade import Mode, Observation, read_cpu_percent, read_thermal_c, step
-from edgewise.runtime._errors import ModelLoadError, UnknownPipeline
+from edgewise.runtime._errors import UnknownPipeline
+from edgewise.runtime._loader import ModelSource, load_model
 from edgewise.runtime._model import HealthResult, LoadedModel, ModelInfo, health_check
 from edgewise.runtime._pipeline import InferenceResult, ModelLane, RunningPipeline
 from edgewise.runtime._scheduler import Executor, Request
@@ -32,7 +33,6 @@ from edgewise.runtime._stages import POSTPROCESS, PREPROCESS, SINKS, SOURCES
 __all__ = ["Runtime", "RuntimeEvent"]
 
 Array = npt.NDArray[Any]
-ModelSource = bytes | str | os.PathLike[str]
 
 
 @dataclass(frozen=True)
@@ -59,7 +59,7 @@ class Runtime:
         on_event: Callable[[RuntimeEvent], None] | None = None,
         monitor_interval_s: float | None = 1.0,
         shed_fraction: float = 0.5,
-        inline_async_max_ms: float = 2.0,
+        inline_async_max_ms: float = 5.0,
         allow_spinning: bool = True,
     ) -> None:
         self.cores = cores or os.cpu_count() or 1
@@ -74,6 +74,7 @@ class Runtime:
         self._executors: dict[str, Executor] = {}
         self._pipelines: dict[str, RunningPipeline] = {}
         self._events: list[RuntimeEvent] = []
+        self._batchers: weakref.WeakKeyDictionary[Any, Any] = weakref.WeakKeyDictionary()
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._monitor: threading.Thread | None = None
@@ -96,59 +97,20 @@ class Runtime:
         """Create a session from ONNX/TFLite bytes, a model file, or a bundle directory.
 
         A bundle directory is read with its `manifest` (or its `manifest.json`). The
-        session is warmed up with `warmup` zero batches before it is returned.
+        session gets this runtime's cores and provider preference and is warmed up with
+        `warmup` zero batches before it is returned.
 
         Raises:
             ModelLoadError: unreadable model, or AcceleratorUnavailable.
         """
-        info = ModelInfo.from_manifest(manifest) if manifest is not None else None
-        path: Path | None = None
-        if not isinstance(source, bytes):
-            path = Path(source)
-            if path.is_dir():
-                if info is None:
-                    mf = path / "manifest.json"
-                    if not mf.is_file():
-                        raise ModelLoadError(f"{path} has no manifest.json")
-                    import json
-
-                    info = ModelInfo.from_manifest(json.loads(mf.read_text()))
-                path = info.model_path(path)
-            if not path.is_file():
-                raise ModelLoadError(f"no model file at {path}")
-        if info is None:
-            stem = path.stem if path is not None else "model"
-            info = ModelInfo(
-                name=stem, format="tflite" if path and path.suffix == ".tflite" else "onnx"
-            )
-        target: bytes | Path = path if path is not None else bytes(source)  # type: ignore[arg-type]
-        session = self._open(target, info, require_accelerator)
-        model = LoadedModel(info, session, LoadedModel.confidence_output_of(session, info.labels))
-        shape = tuple(d if d is not None else 1 for d in session.input.shape)
-        zeros = np.zeros(shape, dtype=session.input.dtype)
-        for _ in range(warmup):
-            session.run(zeros)
-        return model
-
-    def _open(self, source: bytes | Path, info: ModelInfo, require: bool) -> ModelSession:
-        if isinstance(source, Path):
-            fmt = source.suffix.lstrip(".")
-        else:  # a TFLite flatbuffer carries its file identifier at bytes 4..8
-            fmt = "tflite" if source[4:8] == b"TFL3" else info.format
-        if fmt == "tflite":
-            from edgewise.runtime._tflite import open_tflite
-
-            if require:
-                from edgewise.runtime._errors import AcceleratorUnavailable
-
-                raise AcceleratorUnavailable("the TFLite backend here runs on CPU only")
-            return open_tflite(source, cores=self.cores)
-        return open_onnx(
+        return load_model(
             source,
+            manifest,
             cores=self.cores,
             preference=self._preference,
-            require_accelerator=require,
+            require_accelerator=require_accelerator,
             allow_spinning=self._spinning,
+            warmup=warmup,
         )
 
     def health_check(self, model: LoadedModel, manifest: Any = None) -> HealthResult:
@@ -192,7 +154,7 @@ class Runtime:
                 p.fallback = ModelLane(p, fallback, "fallback")
             if spec.cascade is not None:
                 p.cascade_threshold = spec.cascade.threshold
-                p.escalate = _escalator(spec, cascade_model)
+                p.escalate = make_escalator(spec, cascade_model)
             p.sinks = [SINKS.get(s.type)(s.params, spec.name) for s in spec.sinks]
             self._pipelines[spec.name] = p
         try:
@@ -239,29 +201,15 @@ class Runtime:
         p.executor.drain(p, drain_timeout)
         with self._lock:
             self._pipelines.pop(name, None)
-        for sink in p.sinks:
-            close = getattr(sink, "close", None)
+        for part in [*p.sinks, p.escalate]:
+            close = getattr(part, "close", None)
             if close is not None:
                 close()
         self._event(name, "pipeline_stopped", "stopped", {})
 
     def pipelines(self) -> list[dict[str, Any]]:
         """A summary row per running pipeline."""
-        return [
-            {
-                "name": p.name,
-                "priority": str(p.spec.priority),
-                "model": p.active.model.key,
-                "tier": p.active.tier,
-                "mode": str(p.degrade.mode),
-                "provider": p.active.model.provider,
-                "input": {
-                    "dtype": str(p.active.model.session.input.dtype),
-                    "shape": list(p.active.model.session.input.shape),
-                },
-            }
-            for p in list(self._pipelines.values())
-        ]
+        return [p.summary() for p in list(self._pipelines.values())]
 
     # -- inference --------------------------------------------------------------------
 
@@ -280,6 +228,24 @@ class Runtime:
         req = Request(x, lane, p, self.clock())
         result: InferenceResult = p.executor.run_sync(req, timeout)
         return result
+
+    async def infer_async(
+        self, name: str, x: Array, *, exact_dtype: bool = False
+    ) -> InferenceResult:
+        """`infer` for asyncio code: requests made in one loop turn are batched together.
+
+        Raises:
+            UnknownPipeline, BadInput, Rejected, Shed, PipelineStopped, InferenceFailed.
+        """
+        import asyncio
+
+        from edgewise.runtime._aio import LoopBatcher
+
+        loop = asyncio.get_running_loop()
+        batcher = self._batchers.get(loop)
+        if batcher is None:
+            batcher = self._batchers[loop] = LoopBatcher(self)
+        return await batcher.infer(name, x, exact_dtype)
 
     def _prepare(self, p: RunningPipeline, x: Array, exact_dtype: bool) -> tuple[Array, ModelLane]:
         from edgewise.runtime._errors import BadInput
@@ -387,6 +353,12 @@ class Runtime:
         )
         return snap
 
+    def prometheus(self) -> str:
+        """Every pipeline's metrics in the Prometheus text format (for `/metrics`)."""
+        from edgewise.runtime._metrics import prometheus_text
+
+        return prometheus_text({name: self.stats(name) for name in list(self._pipelines)})
+
     def summaries(self, name: str, reset: bool = True) -> list[dict[str, Any]]:
         """Windowed counts of the pipeline's `summary` sinks (for telemetry)."""
         return [s.snapshot(reset) for s in self._get(name).sinks if hasattr(s, "snapshot")]
@@ -469,15 +441,3 @@ class Runtime:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
-
-
-def _escalator(spec: PipelineSpec, cascade_model: LoadedModel | None) -> Any:
-    from edgewise.runtime._cascade import local_escalator, upstream_escalator
-
-    assert spec.cascade is not None
-    if spec.cascade.model is not None:
-        if cascade_model is None:
-            raise ValueError(f"pipeline {spec.name!r} has a local cascade but no cascade_model")
-        return local_escalator(cascade_model)
-    assert spec.cascade.endpoint is not None
-    return upstream_escalator(spec.cascade.endpoint, spec.name, spec.cascade.timeout_s)

@@ -38,6 +38,7 @@ class Owner(Protocol):
     slo_s: float
     capacity: int
     queued: int
+    inflight: int
     accepting: bool
 
     def on_shed(self, n: int) -> None:
@@ -190,14 +191,16 @@ class Executor:
                 try:
                     self._admit(r)
                     admitted.append(r)
+                    r.owner.queued += 1  # so the group as a whole respects the capacity
                 except RuntimeFailure as exc:
                     refused.append((r, exc))
             if admitted and inline and not self._busy and not self._depth and not self._paused:
                 self._busy = run_here = True
+                for r in admitted:
+                    r.owner.queued -= 1
             else:
                 for r in admitted:
                     self._queues[r.owner.rank].append(r)
-                    r.owner.queued += 1
                 self._depth += len(admitted)
                 if admitted:
                     cond.notify()
@@ -253,7 +256,7 @@ class Executor:
         """Wait until `owner` has nothing queued or running."""
         deadline = time.monotonic() + timeout
         with self._cond:
-            while (owner.queued or self._busy) and time.monotonic() < deadline:
+            while (owner.queued or owner.inflight) and time.monotonic() < deadline:
                 self._cond.wait(0.01)
 
     def close(self) -> None:
@@ -275,12 +278,16 @@ class Executor:
 
     def _run(self, batch: list[Request]) -> None:
         t0 = time.perf_counter()
+        owner = batch[0].owner  # a batch never mixes lanes, so never mixes pipelines
+        owner.inflight += 1
         try:
             batch[0].lane.execute(batch)
         except BaseException as exc:  # a lane must complete its requests; make sure
             for r in batch:
                 if r.result is None and r.error is None:
                     r.fail(exc if isinstance(exc, RuntimeFailure) else RuntimeFailure(str(exc)))
+        finally:
+            owner.inflight -= 1
         took = time.perf_counter() - t0
         self.est_batch_s = took if not self.est_batch_s else 0.8 * self.est_batch_s + 0.2 * took
 

@@ -8,20 +8,21 @@ Usage::
 
 Modules: `_profile` (labels and per-device random streams, pure), `_behaviour` (model
 version behaviour and telemetry windows, pure), `_faults` (fault rates and the faulty
-transport), `_artifacts` (bundle verdicts per digest), `_device` (one device), `_fleet`
-(the fleet).
+transport), `_artifacts` (bundle verdicts per digest), `_download` (ranged, resumable
+artifact fetch), `_env` (what devices share), `_device` (one device), `_fleet` (the fleet).
 """
 
 from edgewise.sim._artifacts import ArtifactBook, ArtifactInfo
 from edgewise.sim._behaviour import (
     CONFIDENCE_EDGES,
-    LATENCY_EDGES_MS,
+    LATENCY_BOUNDS_MS,
     REGRESSED,
     BehaviourBook,
     ModelBehaviour,
     synth_window,
 )
-from edgewise.sim._device import FleetStats, SimDevice, SimEnv
+from edgewise.sim._device import SimDevice
+from edgewise.sim._env import FleetStats, SimEnv
 from edgewise.sim._faults import Faults, FaultyTransport
 from edgewise.sim._fleet import Fleet, default_capabilities
 from edgewise.sim._profile import (
@@ -35,7 +36,7 @@ from edgewise.sim._profile import (
 
 __all__ = [
     "CONFIDENCE_EDGES",
-    "LATENCY_EDGES_MS",
+    "LATENCY_BOUNDS_MS",
     "REGRESSED",
     "ArtifactBook",
     "ArtifactInfo",

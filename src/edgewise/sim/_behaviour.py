@@ -14,13 +14,14 @@ A *regressed* version draws from worse distributions. A version is regressed whe
 named in `BehaviourBook.regressed` (default `digits-mlp@2.0.0`) or when the bundle's
 provenance states an accuracy below `BehaviourBook.accuracy_floor`.
 
-A window becomes one telemetry record (`cls="metric"`, `kind="window"`), data::
+A window becomes one telemetry record (`cls="metric"`, `kind="window"`) in the shape the
+real agent's `WindowAggregator` produces, so the control plane reads both alike::
 
-    {"pipeline", "model", "version", "window_s", "inferences",
-     "counts": {"ok", "failed", "shed", "escalated", "fallback"},
-     "latency_ms": {"edges": [...], "counts": [...]}, "p95_latency_ms",
+    {"pipeline", "model", "version", "deployment", "start", "end",
+     "counts": {"ok", "failed", "shed", "rejected", "bad_input", "escalated", "fallback"},
+     "latency": {"bounds": [...], "stages": {"total": {"counts": [...], "sum"}}},
      "confidence": {"edges": [...], "counts": [...]},
-     "drift": {"input": score}}
+     "drift": {"score", "threshold", "samples", "sufficient", "drifted"}}
 """
 
 from __future__ import annotations
@@ -36,17 +37,18 @@ from edgewise.drift import DEFAULT_CONFIDENCE_EDGES
 
 __all__ = [
     "CONFIDENCE_EDGES",
-    "LATENCY_EDGES_MS",
+    "LATENCY_BOUNDS_MS",
     "REGRESSED",
     "BehaviourBook",
     "ModelBehaviour",
     "synth_window",
 ]
 
-# Upper bin edges in ms; the last bin is open (everything slower).
-LATENCY_EDGES_MS: tuple[float, ...] = (
-    0.0, 1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 8.0, 10.0, 12.5, 15.0, 20.0, 30.0, 50.0, 100.0,
-    250.0, 1000.0,
+# The runtime's latency buckets (upper bounds, ms; one overflow bucket after the last),
+# so simulated and real windows merge into one cohort histogram.
+LATENCY_BOUNDS_MS: tuple[float, ...] = (
+    0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 10.0, 20.0, 50.0, 100.0, 200.0, 500.0, 1000.0,
+    2000.0, 5000.0,
 )  # fmt: skip
 CONFIDENCE_EDGES: tuple[float, ...] = tuple(DEFAULT_CONFIDENCE_EDGES)
 
@@ -132,21 +134,20 @@ class BehaviourBook:
         return replace(self, regressed=frozenset(refs))
 
 
-def _histogram(values: list[float], edges: tuple[float, ...], open_top: bool) -> list[int]:
-    # Bins [e_i, e_i+1); with open_top the last bin also takes everything above.
-    nbins = len(edges) - 1 + (1 if open_top else 0)
-    counts = [0] * nbins
+def _bucketed(values: list[float], bounds: tuple[float, ...]) -> list[int]:
+    # Buckets (b[i-1], b[i]] and one overflow bucket: Prometheus' `le` buckets.
+    counts = [0] * (len(bounds) + 1)
     for v in values:
-        i = bisect.bisect_right(edges, v) - 1
-        counts[min(max(i, 0), nbins - 1)] += 1
+        counts[bisect.bisect_left(bounds, v)] += 1
     return counts
 
 
-def _p95(values: list[float]) -> float | None:
-    if not values:
-        return None
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, math.ceil(0.95 * len(ordered)) - 1)]
+def _binned(values: list[float], edges: tuple[float, ...]) -> list[int]:
+    # Bins [e_i, e_i+1), the last one closed: the drift package's fixed-bin histogram.
+    counts = [0] * (len(edges) - 1)
+    for v in values:
+        counts[min(max(bisect.bisect_right(edges, v) - 1, 0), len(counts) - 1)] += 1
+    return counts
 
 
 def synth_window(
@@ -156,8 +157,11 @@ def synth_window(
     pipeline: str,
     model: str,
     version: str,
-    window_s: float,
+    start: float,
+    end: float,
     inferences: int,
+    deployment: str = "",
+    drift_threshold: float = 0.2,
 ) -> dict[str, Any]:
     """One telemetry window of a device running `behaviour` (pure given `rng`)."""
     latencies = [
@@ -170,28 +174,42 @@ def synth_window(
         for _ in range(inferences - failed)
     ]
     drift = abs(behaviour.input_drift * (1.0 + 0.25 * rng.gauss(0.0, 1.0)))
-    p95 = _p95(latencies)
-    return {
+    data: dict[str, Any] = {
         "pipeline": pipeline,
         "model": model,
         "version": version,
-        "window_s": window_s,
-        "inferences": inferences,
+        "start": round(start, 3),
+        "end": round(end, 3),
         "counts": {
             "ok": inferences - failed,
             "failed": failed,
             "shed": 0,
+            "rejected": 0,
+            "bad_input": 0,
             "escalated": 0,
             "fallback": 0,
         },
-        "latency_ms": {
-            "edges": list(LATENCY_EDGES_MS),
-            "counts": _histogram(latencies, LATENCY_EDGES_MS, open_top=True),
+        "latency": {
+            "bounds": list(LATENCY_BOUNDS_MS),
+            "stages": {
+                "total": {
+                    "counts": _bucketed(latencies, LATENCY_BOUNDS_MS),
+                    "sum": round(sum(latencies), 4),
+                }
+            },
         },
-        "p95_latency_ms": round(p95, 4) if p95 is not None else None,
         "confidence": {
             "edges": list(CONFIDENCE_EDGES),
-            "counts": _histogram(confidences, CONFIDENCE_EDGES, open_top=False),
+            "counts": _binned(confidences, CONFIDENCE_EDGES),
         },
-        "drift": {"input": round(drift, 6)},
+        "drift": {
+            "score": round(drift, 6),
+            "threshold": drift_threshold,
+            "samples": inferences,
+            "sufficient": inferences > 0,
+            "drifted": drift > drift_threshold,
+        },
     }
+    if deployment:
+        data["deployment"] = deployment
+    return data

@@ -21,14 +21,12 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
-import hashlib
 import random
 import time
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-import httpx
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
@@ -54,52 +52,17 @@ from edgewise.protocol import (
     TimelineEntry,
     verify_desired,
 )
-from edgewise.sim._artifacts import ArtifactBook, ArtifactInfo
-from edgewise.sim._behaviour import BehaviourBook, ModelBehaviour, synth_window
-from edgewise.sim._faults import Faults
+from edgewise.sim._artifacts import ArtifactInfo
+from edgewise.sim._behaviour import ModelBehaviour, synth_window
+from edgewise.sim._download import FetchFailed, fetch_artifact
+from edgewise.sim._env import SimEnv
 from edgewise.sim._profile import DeviceProfile, device_rng
 
-__all__ = ["FleetStats", "SimDevice", "SimEnv"]
+__all__ = ["SimDevice"]
 
 _MAX_PENDING = 500  # telemetry records a device keeps while it cannot upload
 _MAX_TIMELINE = 40
 _MAX_CRASHES_PER_TARGET = 3
-
-
-@dataclass
-class FleetStats:
-    """Counters shared by every device of a fleet."""
-
-    requests: Counter[str] = field(default_factory=Counter)
-    errors: Counter[str] = field(default_factory=Counter)
-    refusals: Counter[str] = field(default_factory=Counter)
-    installs: int = 0
-    install_failures: int = 0
-    crashes: int = 0
-    downloads: int = 0
-    cut_downloads: int = 0
-    slow_downloads: int = 0
-    bytes_downloaded: int = 0
-    telemetry_records: int = 0
-    telemetry_dropped: int = 0
-
-
-@dataclass
-class SimEnv:
-    """What every device of one fleet shares."""
-
-    http: Any  # httpx.AsyncClient
-    seed: int
-    book: BehaviourBook
-    faults: Faults
-    artifacts: ArtifactBook
-    stats: FleetStats = field(default_factory=FleetStats)
-    time_scale: float = 1.0
-    window_s: float | None = None
-    inference_rate: float = 2.0
-    poll_wait_s: float | None = None
-    report_progress: bool = True
-    capabilities: dict[str, Any] = field(default_factory=dict)
 
 
 class _FetchFailed(Exception):
@@ -113,6 +76,8 @@ class _Pipe:
     running: DesiredModelRef | None = None
     behaviour: ModelBehaviour | None = None
     slot: Literal["a", "b"] | None = None
+    deployment: str = ""
+    window_started: float = field(default_factory=time.monotonic)
     target: DesiredModelRef | None = None
     status: PipelineStatus = "pending"
     reason: str = ""
@@ -168,6 +133,7 @@ class SimDevice:
         self._dropped = 0
         self._installs: dict[str, asyncio.Task[None]] = {}
         self._crash = asyncio.Event()
+        self._flush = asyncio.Event()
         self._report_lock = asyncio.Lock()
         self._started = time.monotonic()
 
@@ -287,6 +253,7 @@ class SimDevice:
         now = self.clock()
         for name, desired in doc.pipelines.items():
             pipe = self.pipes.setdefault(name, _Pipe())
+            pipe.deployment = desired.deployment
             task = self._installs.get(name)
             if pipe.running is not None and pipe.running.sha256 == desired.model.sha256:
                 if task is not None:  # the target went back to what runs: stop installing
@@ -296,15 +263,17 @@ class SimDevice:
                     pipe.target = None
                     pipe.move("active", now, "already running")
                 continue
-            if pipe.target is not None and pipe.target.sha256 == desired.model.sha256:
+            retry = pipe.target is not None and pipe.target.sha256 == desired.model.sha256
+            if retry:
                 if task is not None and not task.done():
                     continue
                 if pipe.status == "failed" and pipe.crashes[desired.model.sha256] == 0:
                     continue  # failed for good on this target; a new target retries
             if task is not None:
                 task.cancel()
+            if not retry:  # a new target starts a new timeline; a retry continues it
+                pipe.timeline = []
             pipe.target = desired.model
-            pipe.timeline = []
             pipe.move("pending", now)
             self._installs[name] = asyncio.create_task(self._install(name, desired.model))
         for name in set(self.pipes) - set(doc.pipelines):
@@ -350,6 +319,7 @@ class SimDevice:
             pipe.move("failed", self.clock(), str(exc))
             await self._report()
             return
+        self._switched(name, pipe)
         pipe.running, pipe.behaviour, pipe.target = ref, behaviour, None
         pipe.slot = "b" if pipe.slot == "a" else "a"
         pipe.crashes.clear()
@@ -360,43 +330,17 @@ class SimDevice:
         await self._report()
 
     async def _download(self, ref: DesiredModelRef) -> ArtifactInfo:
-        stats = self.env.stats
         faults = self.env.faults
         slow = self._rng_faults.random() < faults.slow_download
         cut = self._rng_faults.random() < faults.cut_download
-        data = bytearray()
-        attempt = 0
-        while True:
-            try:
-                stats.requests["artifact"] += 1
-                async with self.client.open(ref.url, len(data)) as resp:
-                    if resp.status_code not in (200, 206):
-                        await resp.aread()
-                        raise _FetchFailed(f"artifact download refused: HTTP {resp.status_code}")
-                    if resp.status_code == 200:
-                        data.clear()  # the whole file, whatever was asked
-                    async for chunk in resp.aiter_bytes():
-                        data += chunk
-                        stats.bytes_downloaded += len(chunk)
-                        if cut and len(data) >= ref.size // 2 and ref.size > 1:
-                            cut = False
-                            stats.cut_downloads += 1
-                            del data[ref.size // 2 :]
-                            raise RetryableError("simulated download cut")
-                break
-            except (RetryableError, httpx.HTTPError, httpx.StreamError) as exc:
-                stats.errors["artifact"] += 1
-                attempt += 1
-                if attempt > 10:
-                    raise _FetchFailed(f"download gave up: {exc}") from None
-                await self._retry_wait(attempt, exc if isinstance(exc, RetryableError) else None)
-        stats.downloads += 1
+        try:
+            data = await fetch_artifact(self.client, ref, self.env.stats, cut, self._retry_wait)
+        except FetchFailed as exc:
+            raise _FetchFailed(str(exc)) from None
         if slow:
-            stats.slow_downloads += 1
+            self.env.stats.slow_downloads += 1
             await self._sleep_sim(faults.slow_download_s * self._rng_faults.uniform(0.5, 1.5))
-        if len(data) != ref.size or hashlib.sha256(data).hexdigest() != ref.sha256:
-            raise _FetchFailed("artifact digest mismatch")
-        return self.env.artifacts.info(ref.sha256, bytes(data), self.publishers)
+        return self.env.artifacts.info(ref.sha256, data, self.publishers)
 
     # -- reports and telemetry ----------------------------------------------------------
 
@@ -443,37 +387,54 @@ class SimDevice:
                     self.env.stats.refusals[exc.code] += 1
                     return
 
-    def _window_records(self, window_s: float) -> list[TelemetryRecord]:
-        out = []
-        for name, pipe in sorted(self.pipes.items()):
-            if pipe.running is None or pipe.behaviour is None:
-                continue
-            mean = self.env.inference_rate * window_s
-            n = max(0, round(mean + self._rng_behaviour.gauss(0.0, max(1.0, mean) ** 0.5)))
-            data = synth_window(
-                pipe.behaviour, self._rng_behaviour, pipeline=name, model=pipe.running.name,
-                version=pipe.running.version, window_s=window_s, inferences=n,
-            )  # fmt: skip
-            self._seq += 1
-            out.append(
-                TelemetryRecord(
-                    seq=self._seq, cls="metric", ts=self.clock(), kind="window", data=data
-                )
-            )
-        return out
+    def _close_window(self, name: str, pipe: _Pipe) -> None:
+        """Turn the pipe's open window into a record (a window holds one model only)."""
+        now = time.monotonic()
+        elapsed = (now - pipe.window_started) / self.env.time_scale
+        pipe.window_started = now
+        if pipe.running is None or pipe.behaviour is None or elapsed <= 0:
+            return
+        mean = self.env.inference_rate * elapsed
+        n = max(0, round(mean + self._rng_behaviour.gauss(0.0, max(1.0, mean) ** 0.5)))
+        end = self.clock()
+        data = synth_window(
+            pipe.behaviour, self._rng_behaviour, pipeline=name, model=pipe.running.name,
+            version=pipe.running.version, start=end - elapsed, end=end, inferences=n,
+            deployment=pipe.deployment,
+        )  # fmt: skip
+        self._seq += 1
+        self._pending.append(
+            TelemetryRecord(seq=self._seq, cls="metric", ts=end, kind="window", data=data)
+        )
+        if len(self._pending) > _MAX_PENDING:
+            lost = len(self._pending) - _MAX_PENDING
+            self._dropped += lost
+            self.env.stats.telemetry_dropped += lost
+            del self._pending[:lost]
+
+    def _switched(self, name: str, pipe: _Pipe) -> None:
+        """A new model runs: close the old model's window, close the new one's early.
+
+        The first window of a new model is short (`first_window_s`), so the rollout's
+        quality gates see the new model soon after the install, as with a real agent
+        whose window aggregator restarts with the model.
+        """
+        self._close_window(name, pipe)
+        window_s = self.env.window_s or float(self.settings.get("telemetry_window_s", 60))
+        first = min(window_s, self.env.first_window_s or window_s / 5)
+        loop = asyncio.get_running_loop()
+        loop.call_later(first * self.env.time_scale, self._flush.set)
 
     async def _telemetry_loop(self) -> None:
         window_s = self.env.window_s or float(self.settings.get("telemetry_window_s", 60))
         # Devices start their windows spread over one window, as a real fleet does.
         await self._sleep_sim(window_s * random.Random(self.profile.index).random())
         while True:
-            await self._sleep_sim(window_s)
-            self._pending.extend(self._window_records(window_s))
-            if len(self._pending) > _MAX_PENDING:
-                lost = len(self._pending) - _MAX_PENDING
-                self._dropped += lost
-                self.env.stats.telemetry_dropped += lost
-                del self._pending[:lost]
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._flush.wait(), window_s * self.env.time_scale)
+            self._flush.clear()
+            for name, pipe in sorted(self.pipes.items()):
+                self._close_window(name, pipe)
             if not self._pending:
                 continue
             batch = self._pending[:200]

@@ -29,7 +29,8 @@ import httpx
 
 from edgewise.sim._artifacts import ArtifactBook
 from edgewise.sim._behaviour import BehaviourBook
-from edgewise.sim._device import SimDevice, SimEnv
+from edgewise.sim._device import SimDevice
+from edgewise.sim._env import SimEnv
 from edgewise.sim._faults import Faults, FaultyTransport
 from edgewise.sim._profile import LabelSpec, parse_labels, plan_fleet
 
@@ -69,6 +70,8 @@ class Fleet:
         behaviours: how model versions behave.
         time_scale: real seconds per simulated second (0.01: 100x faster).
         window_s: telemetry window in simulated seconds (default: the control plane's).
+        first_window_s: length of the first window after a model switch (default: a
+            fifth of `window_s`).
         inference_rate: inferences per simulated second per pipeline.
         poll_wait_s: long-poll wait (default: the control plane's).
         report_progress: report every install step, not only the outcome.
@@ -89,6 +92,7 @@ class Fleet:
         behaviours: BehaviourBook | None = None,
         time_scale: float = 1.0,
         window_s: float | None = None,
+        first_window_s: float | None = None,
         inference_rate: float = 2.0,
         poll_wait_s: float | None = None,
         report_progress: bool = True,
@@ -134,6 +138,7 @@ class Fleet:
             artifacts=ArtifactBook(),
             time_scale=time_scale,
             window_s=window_s,
+            first_window_s=first_window_s,
             inference_rate=inference_rate,
             poll_wait_s=poll_wait_s,
             report_progress=report_progress,

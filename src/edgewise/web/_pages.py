@@ -19,6 +19,7 @@ from edgewise.control import _deployments as deps
 from edgewise.control import _fleet as fleet
 from edgewise.control import _registry as registry
 from edgewise.control._rbac import in_scope
+from edgewise.web import _slo as slo
 from edgewise.web import _sources as src
 from edgewise.web import _views as views
 from edgewise.web._auth import Session, session_of
@@ -185,7 +186,7 @@ def device_page(request: Request, device_id: str) -> Response:
 
 
 def _visible_pipelines(plane: ControlPlane, session: Session) -> list[dict[str, Any]]:
-    labels = {r["id"]: r["labels"] for r in plane.store.list_devices()}
+    labels = src.device_labels(plane)
     return [
         p
         for device_id, rows in src.pipelines_by_device(plane).items()
@@ -310,6 +311,29 @@ def drift_index(request: Request) -> Response:
     return render("drift.html", ctx)
 
 
+# Window fields the SLO series already show (or that are timestamps, not figures).
+_COVERED = frozenset({"start", "end", "ts", "drift", "latency", "window_s"})
+
+
+def _drift_figures(
+    records: list[dict[str, Any]], reference: dict[str, Any]
+) -> tuple[list[views.Series], list[views.Histogram]]:
+    """SLO series first, then any other numeric field; histograms against the reference."""
+    series = slo.slo_series(records)
+    series += [s for s in views.bucketed_series(records) if s.name.split(".")[0] not in _COVERED]
+    histograms = slo.reference_histograms(records, reference)
+    if not histograms:
+        histograms = [
+            views.compare_histograms(field, counts, None)
+            for field, counts in sorted(views.window_histograms(records).items())
+        ]
+    if not histograms and isinstance(reference.get("confidence"), dict):
+        ref_conf = reference["confidence"]
+        empty = [0.0] * len(ref_conf.get("frequencies") or [])
+        histograms.append(views.compare_histograms("top-1 confidence (reference)", empty, ref_conf))
+    return series, histograms
+
+
 @router.get("/drift/{name}/{version}", response_class=HTMLResponse)
 def drift_page(request: Request, name: str, version: str) -> Response:
     """Time series of a version's telemetry and its histograms against the reference."""
@@ -320,30 +344,17 @@ def drift_page(request: Request, name: str, version: str) -> Response:
     row = plane.store.get_model(name, version)
     if row is None:
         return _error(session, ApiError(404, "not_found", f"no model {name}@{version}"), "/drift")
-    labels = {r["id"]: r["labels"] for r in plane.store.list_devices()}
-    ids, records = src.model_telemetry(plane, session.principal, name, version, labels)
-    _, series = views.telemetry_series(records)
+    labels = src.device_labels(plane)
+    ids, sampled, records = src.model_telemetry(plane, session.principal, name, version, labels)
     reference = (row["manifest"] or {}).get("reference") or {}
-    features = reference.get("features") or []
-    histograms = []
-    for field, counts in sorted(views.window_histograms(records).items()):
-        ref = None
-        if "confidence" in field:
-            ref = reference.get("confidence")
-        elif field.rsplit(".", 1)[-1].isdigit() and features:
-            index = int(field.rsplit(".", 1)[-1])
-            ref = features[index] if index < len(features) else None
-        histograms.append(views.compare_histograms(field, counts, ref))
-    if not histograms and isinstance(reference.get("confidence"), dict):
-        ref_conf = reference["confidence"]
-        empty = [0.0] * len(ref_conf.get("frequencies") or [])
-        histograms.append(views.compare_histograms("confidence (reference)", empty, ref_conf))
+    series, histograms = _drift_figures(records, reference)
     ctx = page_context(
         session,
         "/drift",
         f"Drift {name}@{version}",
         ref=f"{name}@{version}",
         devices=len(ids),
+        sampled=len(sampled),
         records=len(records),
         series=series,
         histograms=histograms,

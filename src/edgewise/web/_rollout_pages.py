@@ -84,9 +84,10 @@ async def rollout_page(request: Request, rollout_id: str) -> Response:
     if isinstance(card, str):
         ctx = page_context(session, "/rollouts", "Rollout", message=card)
         return render("error.html", ctx, status=404)
-    ctx = page_context(
-        session, "/rollouts", f"Rollout {rollout_id}", **_progress_ctx(session, card)
-    )
+    ctx = {
+        **page_context(session, "/rollouts", f"Rollout {rollout_id}"),
+        **_progress_ctx(session, card),
+    }
     return render("rollout.html", ctx)
 
 

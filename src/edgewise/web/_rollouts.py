@@ -15,15 +15,30 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from edgewise.control.rollout import ROLLOUT_TRANSITIONS, RolloutState
+
 __all__ = ["ACTIONS", "GateRow", "PhaseRow", "RolloutCard", "allowed_actions", "rollout_card"]
 
-# Operator commands the console offers, and the rollout states each one applies to
-# (the engine's transition table decides in the end; this only hides useless buttons).
+# Operator commands the console offers, and the state each one moves a rollout to.
+# The engine's transition table decides which states offer a button, so a button is
+# never shown that the engine would refuse (the API still has the last word).
+_TARGETS: dict[str, RolloutState] = {
+    "pause": RolloutState.PAUSED,
+    "resume": RolloutState.RUNNING,
+    "approve": RolloutState.RUNNING,
+    "abort": RolloutState.ABORTED,
+}
+_FROM: dict[str, frozenset[RolloutState]] = {
+    "resume": frozenset({RolloutState.PAUSED}),
+    "approve": frozenset({RolloutState.AWAITING_APPROVAL}),
+}
 ACTIONS: dict[str, frozenset[str]] = {
-    "pause": frozenset({"pending", "running", "awaiting_approval"}),
-    "resume": frozenset({"paused"}),
-    "approve": frozenset({"awaiting_approval"}),
-    "abort": frozenset({"pending", "running", "paused", "awaiting_approval"}),
+    action: frozenset(
+        old.value
+        for old, news in ROLLOUT_TRANSITIONS.items()
+        if target in news and old in _FROM.get(action, frozenset(RolloutState))
+    )
+    for action, target in _TARGETS.items()
 }
 _TERMINAL = frozenset({"completed", "rolled_back", "aborted", "failed"})
 _DONE_DEVICE = frozenset({"succeeded", "failed", "timed_out", "rolled_back"})

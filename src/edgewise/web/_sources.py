@@ -11,7 +11,7 @@ not an error.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -26,6 +26,7 @@ from edgewise.control._rbac import in_scope
 __all__ = [
     "ApiAnswer",
     "api_call",
+    "device_labels",
     "model_telemetry",
     "pipelines_by_device",
     "recent_telemetry",
@@ -98,6 +99,13 @@ def pipelines_by_device(plane: ControlPlane) -> dict[str, list[dict[str, Any]]]:
     return out
 
 
+def device_labels(plane: ControlPlane) -> dict[str, dict[str, str]]:
+    """Labels of every device (only the columns scope checks need)."""
+    dev = t.devices
+    with plane.store.engine.connect() as c:
+        return {row.id: dict(row.labels) for row in c.execute(select(dev.c.id, dev.c.labels))}
+
+
 def recent_telemetry(plane: ControlPlane, device_id: str, limit: int = 500) -> list[dict[str, Any]]:
     """The device's latest telemetry records, oldest first."""
     tel = t.telemetry
@@ -131,15 +139,20 @@ def model_telemetry(
     name: str,
     version: str,
     device_labels: Mapping[str, Mapping[str, str]],
-    limit: int = 2000,
-) -> tuple[list[str], list[dict[str, Any]]]:
-    """Metric records of the devices that run a model version, newest `limit`.
+    sample: int = 50,
+    limit: int = 1000,
+) -> tuple[list[str], list[str], list[dict[str, Any]]]:
+    """Metric records of a model version, from an even sample of the devices running it.
 
-    Records that name a model are kept only when they name this one; records that name
-    none are attributed to the version the device reports running.
+    Decoding every window of a large fleet would cost seconds per page; the newest
+    `limit` windows of up to `sample` devices (spread evenly over the sorted ids, so
+    the same devices are drawn on every refresh) show the trend and the shape of the
+    histograms just as well. Records that name a model are kept only when they name
+    this one; records that name none are attributed to the version the device reports.
 
     Returns:
-        (device ids running it within the caller's scope, records oldest first)
+        (device ids running it within the caller's scope, the sampled ids,
+        records oldest first)
     """
     dp = t.device_pipelines
     with plane.store.engine.connect() as c:
@@ -152,22 +165,18 @@ def model_telemetry(
         )
     ids = [d for d in ids if in_scope(who.scope, dict(device_labels.get(d, {})))]
     if not ids:
-        return ids, []
+        return ids, [], []
+    stride = max(1, len(ids) // sample)
+    chosen = ids[::stride][:sample]
     tel = t.telemetry
-    rows: list[dict[str, Any]] = []
+    q = (
+        select(tel.c.device_id, tel.c.ts, tel.c.cls, tel.c.kind, tel.c.data)
+        .where(tel.c.device_id.in_(chosen), tel.c.cls == "metric")
+        .order_by(tel.c.ts.desc())
+        .limit(limit)
+    )
     with plane.store.engine.connect() as c:
-        for chunk in _chunks(ids, 500):
-            q = (
-                select(tel.c.device_id, tel.c.ts, tel.c.cls, tel.c.kind, tel.c.data)
-                .where(tel.c.device_id.in_(chunk), tel.c.cls == "metric")
-                .order_by(tel.c.ts.desc())
-                .limit(limit)
-            )
-            rows.extend(dict(r._mapping) for r in c.execute(q))
+        rows = [dict(r._mapping) for r in c.execute(q)]
     rows = [r for r in rows if _mentions(r["data"] or {}, name, version) is not False]
-    rows.sort(key=lambda r: float(r["ts"]))
-    return ids, rows[-limit:]
-
-
-def _chunks(items: Sequence[str], size: int) -> list[Sequence[str]]:
-    return [items[i : i + size] for i in range(0, len(items), size)]
+    rows.reverse()
+    return ids, chosen, rows

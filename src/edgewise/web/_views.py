@@ -18,6 +18,7 @@ __all__ = [
     "FleetSummary",
     "Histogram",
     "Series",
+    "bucketed_series",
     "compare_histograms",
     "flatten_numbers",
     "fleet_summary",
@@ -153,6 +154,47 @@ def telemetry_series(
     return xs, series
 
 
+def bucketed_series(
+    records: Sequence[Mapping[str, Any]], buckets: int = 60, limit: int = 12
+) -> list[Series]:
+    """Fleet-wide series: records of many devices merged into equal time buckets.
+
+    Counters (fields under `counts`) are summed per bucket, everything else averaged,
+    so a version's chart shows one line per figure, not one zig-zag across devices.
+    """
+    rows = [r for r in records if r.get("cls", "metric") == "metric"]
+    if not rows:
+        return []
+    stamps = [float(r.get("ts") or 0.0) for r in rows]
+    lo, hi = min(stamps), max(stamps)
+    width = (hi - lo) / buckets if hi > lo else 1.0
+    flat = [flatten_numbers(r.get("data") or {}) for r in rows]
+    seen: Counter[str] = Counter(k for f in flat for k in f if k not in ("ts", "seq", "window_s"))
+    names = sorted(k for k, _ in seen.most_common(limit))
+    sums: dict[int, dict[str, list[float]]] = {}
+    for ts, fields in zip(stamps, flat, strict=True):
+        slot = min(int((ts - lo) / width), buckets - 1)
+        bucket = sums.setdefault(slot, {})
+        for name in names:
+            if name in fields:
+                bucket.setdefault(name, []).append(fields[name])
+    slots = sorted(sums)
+    xs = [lo + (slot + 0.5) * width for slot in slots]
+    out = []
+    for name in names:
+        ys: list[float | None] = []
+        for slot in slots:
+            values = sums[slot].get(name)
+            if not values:
+                ys.append(None)
+            elif name.startswith("counts."):
+                ys.append(sum(values))
+            else:
+                ys.append(sum(values) / len(values))
+        out.append(Series(name, xs, ys))
+    return out
+
+
 def _hist_from(value: Any) -> tuple[list[float], list[float]] | None:
     """Read `{bin_edges|edges, frequencies|counts}` (or a bare count list) as a histogram."""
     if isinstance(value, Mapping):
@@ -169,6 +211,9 @@ def _hist_from(value: Any) -> tuple[list[float], list[float]] | None:
     return None
 
 
+_EDGE_KEYS = frozenset({"edges", "bin_edges"})
+
+
 def window_histograms(records: Sequence[Mapping[str, Any]]) -> dict[str, list[float]]:
     """Sum the histogram-shaped fields of metric records, by field name.
 
@@ -181,9 +226,13 @@ def window_histograms(records: Sequence[Mapping[str, Any]]) -> dict[str, list[fl
         data = rec.get("data") or {}
         candidates: list[tuple[str, Any]] = []
         for key, value in data.items():
+            if key in _EDGE_KEYS:
+                continue
             candidates.append((key, value))
-            if isinstance(value, Mapping):
-                candidates.extend((f"{key}.{k}", v) for k, v in value.items())
+            if isinstance(value, Mapping) and _hist_from(value) is None:
+                candidates.extend(
+                    (f"{key}.{k}", v) for k, v in value.items() if k not in _EDGE_KEYS
+                )
         for name, value in candidates:
             hist = _hist_from(value)
             if hist is None:
@@ -196,6 +245,10 @@ def window_histograms(records: Sequence[Mapping[str, Any]]) -> dict[str, list[fl
     return sums
 
 
+def _same_edges(a: Sequence[float], b: Sequence[float]) -> bool:
+    return len(a) == len(b) and all(abs(x - y) <= 1e-9 for x, y in zip(a, b, strict=True))
+
+
 def _normalise(counts: Sequence[float]) -> list[float]:
     total = float(sum(counts))
     return [c / total for c in counts] if total > 0 else [0.0 for _ in counts]
@@ -205,14 +258,19 @@ def compare_histograms(
     name: str,
     observed: Sequence[float],
     reference: Mapping[str, Any] | None,
+    edges: Sequence[float] | None = None,
 ) -> Histogram:
     """Observed counts against the bundle's reference histogram on the same bins.
 
     Adds the population stability index when both are on the same bins, so the
-    chart carries the figure the drift gate reads.
+    chart carries the figure the drift gate reads. When the observed bin `edges` are
+    given and differ from the reference's, the two are not comparable: the observed
+    histogram is shown alone on its own edges.
     """
     ref = _hist_from(reference) if reference is not None else None
     freqs = _normalise(observed)
+    if ref is not None and edges is not None and not _same_edges(edges, ref[0]):
+        return Histogram(name, [float(e) for e in edges], freqs)
     if ref is None or len(ref[1]) != len(freqs):
         n = len(freqs)
         return Histogram(name, [i / n for i in range(n + 1)] if n else [], freqs)

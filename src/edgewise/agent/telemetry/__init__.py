@@ -14,6 +14,7 @@ from edgewise.agent.telemetry._drift import (
     KsTracker,
     reference_from_manifest,
 )
+from edgewise.agent.telemetry._mqtt import MqttTelemetryUplink
 from edgewise.agent.telemetry._resources import ResourceReaders, read_memory, read_throttled
 from edgewise.agent.telemetry._window import (
     COUNT_KEYS,
@@ -28,6 +29,7 @@ __all__ = [
     "DriftTracker",
     "DriftWindow",
     "KsTracker",
+    "MqttTelemetryUplink",
     "ResourceReaders",
     "SampleCapture",
     "WindowAggregator",

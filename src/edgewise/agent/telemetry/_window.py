@@ -135,6 +135,9 @@ class WindowAggregator:
         self._samples: list[dict[str, Any]] = []
         self._conf = Histogram(FLEET_CONFIDENCE_EDGES)
         self._observed = 0
+        self._pending: list[tuple[Array, Sequence[Any], Sequence[Any]]] = []
+        self._pending_rows = 0
+        self.flush_rows = 256
         self.set_model(model, version, reference, labels)
 
     # -- configuration ----------------------------------------------------------------
@@ -208,6 +211,27 @@ class WindowAggregator:
                 rows, confs, labels, self.last_drift_score, self.model_key
             )
 
+    def record(self, inputs: Array, confidences: Sequence[Any], predicted: Sequence[Any]) -> None:
+        """Queue one served request for `observe` (cheap: the hot path only appends).
+
+        Rows are counted in one vectorised `observe` per `flush_rows` rows and at window
+        close, so per-request telemetry costs an append, not a histogram update.
+        """
+        self._pending.append((inputs, confidences, predicted))
+        self._pending_rows += len(confidences)
+        if self._pending_rows >= self.flush_rows:
+            self.flush()
+
+    def flush(self) -> None:
+        """Count the queued requests now."""
+        if not self._pending:
+            return
+        pending, self._pending, self._pending_rows = self._pending, [], 0
+        x = np.concatenate([np.asarray(p[0]).reshape(len(p[1]), -1) for p in pending])
+        conf = [c for p in pending for c in p[1]]
+        pred = [c for p in pending for c in p[2]]
+        self.observe(x, conf, pred)
+
     def observe_stats(self, stats: Mapping[str, Any]) -> None:
         """Note the runtime's cumulative `stats(name)`; windows report deltas."""
         if self._window_stats is None:
@@ -246,6 +270,7 @@ class WindowAggregator:
         entirely are left out.
         """
         end = self.clock() if now is None else now
+        self.flush()
         data: dict[str, Any] = {
             "pipeline": self.pipeline,
             "model": self.model,

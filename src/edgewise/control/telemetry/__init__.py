@@ -3,8 +3,14 @@
 The pure cores: `WindowFigures` (a stored window record read back), `fleet_view` and
 `cohort_figures` (what operators and rollout gates see), `evaluate_rules` (alerts),
 `plan_retention` and `merge_window_data` (downsampling).
+
+The shell around them: `TelemetryIngest` (exactly-once batched writes), `MqttIngest`
+(the shared-subscription MQTT consumer), `TelemetryService` (views, alerts, webhooks,
+retention over SQL) and `FleetCollector` (the `/metrics` fleet gauges). The HTTP
+routes are in `_api` (`router`), included by the application.
 """
 
+from edgewise.control.telemetry._admission import IngestBudget
 from edgewise.control.telemetry._alerts import (
     ALERT_TRANSITIONS,
     ActiveRollout,
@@ -26,6 +32,16 @@ from edgewise.control.telemetry._figures import (
     merge_counts,
     merge_latency,
 )
+from edgewise.control.telemetry._ingest import IngestResult, TelemetryIngest
+from edgewise.control.telemetry._metrics import FleetCollector
+from edgewise.control.telemetry._mqtt import (
+    ACK_TOPIC,
+    SHARED_SUBSCRIPTION,
+    TELEMETRY_TOPIC,
+    MqttIngest,
+    MqttIngestStats,
+)
+from edgewise.control.telemetry._reference import reference_of
 from edgewise.control.telemetry._retention import (
     MergeGroup,
     RetentionPlan,
@@ -34,6 +50,7 @@ from edgewise.control.telemetry._retention import (
     merge_window_data,
     plan_retention,
 )
+from edgewise.control.telemetry._service import TelemetryService, post_webhook
 from edgewise.control.telemetry._views import (
     FleetRow,
     cohort_figures,
@@ -43,7 +60,10 @@ from edgewise.control.telemetry._views import (
 )
 
 __all__ = [
+    "ACK_TOPIC",
     "ALERT_TRANSITIONS",
+    "SHARED_SUBSCRIPTION",
+    "TELEMETRY_TOPIC",
     "ActiveRollout",
     "AlertChange",
     "AlertFigures",
@@ -51,12 +71,19 @@ __all__ = [
     "AlertState",
     "BurnRateRule",
     "DriftRule",
+    "FleetCollector",
     "FleetRow",
     "FreshnessRule",
     "IllegalAlertTransition",
+    "IngestBudget",
+    "IngestResult",
     "MergeGroup",
+    "MqttIngest",
+    "MqttIngestStats",
     "RetentionPlan",
     "RetentionPolicy",
+    "TelemetryIngest",
+    "TelemetryService",
     "WindowFigures",
     "WindowMeta",
     "cohort_figures",
@@ -70,5 +97,7 @@ __all__ = [
     "merged_drift",
     "parse_rule",
     "plan_retention",
+    "post_webhook",
+    "reference_of",
     "transition",
 ]

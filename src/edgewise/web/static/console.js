@@ -19,22 +19,32 @@
     }, [d.x, d.y], fig);
   }
 
+  function edgeLabel(v) {
+    return Math.abs(v) >= 100 ? v.toFixed(0) : String(Math.round(v * 100) / 100);
+  }
+
+  /* Bins are drawn by index (edges may be uneven); ticks name each bin's left edge. */
   function hist(fig, d) {
-    var xs = [], i;
-    for (i = 0; i + 1 < d.edges.length; i++) { xs.push((d.edges[i] + d.edges[i + 1]) / 2); }
+    var n = d.observed.length, xs = [], i;
+    for (i = 0; i < n; i++) { xs.push(i); }
     var series = [{}, {
       label: "observed", stroke: "#2563eb", fill: "rgba(37,99,235,0.35)",
-      paths: uPlot.paths.bars({ size: [0.9, 60] }), points: { show: false }
+      paths: uPlot.paths.bars({ size: [0.8, 80] }), points: { show: false }
     }];
     var cols = [xs, d.observed];
     if (d.reference) {
-      series.push({ label: "reference", stroke: "#dc2626", width: 2,
-                    paths: uPlot.paths.stepped({ align: 0 }), points: { show: false } });
+      series.push({ label: "reference", stroke: "#dc2626", width: 2, dash: [4, 3],
+                    points: { show: true, size: 4, fill: "#dc2626" } });
       cols.push(d.reference);
     }
     return new uPlot({
-      width: width(fig), height: 180, scales: { x: { time: false } },
-      series: series, axes: [{}, { size: 50 }]
+      width: width(fig), height: 180, legend: { show: false },
+      scales: { x: { time: false, range: [-0.5, n - 0.5] } },
+      series: series,
+      axes: [{
+        splits: function () { var s = [], step = Math.max(1, Math.ceil(n / 8)); for (var k = 0; k < n; k += step) { s.push(k); } return s; },
+        values: function (u, splits) { return splits.map(function (k) { return edgeLabel(d.edges[k]); }); }
+      }, { size: 50 }]
     }, cols, fig);
   }
 

@@ -1,0 +1,402 @@
+"""Telemetry benchmarks (issue 7): ingest rate, drift cost, telemetry overhead, reconnect storm.
+
+Run from the repo root: `.venv/bin/python bench/telemetry.py [--quick]`. Prints a table;
+the last line is one JSON object with the issue's keys.
+
+- ingest: gzip batches of telemetry records (a "point" is one record: one metric or
+  event with its timestamp) decoded, deduplicated by (device, seq) and written by
+  `TelemetryIngest.ingest_many` (20 batches per transaction, as the MQTT consumer and a
+  busy HTTP server batch them), against the raw rate of the same rows: COPY into a
+  plain table on PostgreSQL, one executemany INSERT on SQLite. One process each.
+- drift: `WindowAggregator` observe + close of a 150-inference window on the digits
+  bundle's reference (64 features x 8 bins): milliseconds per window.
+- on vs off: digits pipeline throughput (single-row requests, one thread) with the
+  per-request `record()` and per-window close, against without; interleaved rounds.
+- storm: 10,000 simulated devices reconnect at once with a backlog, each draining
+  through its own token bucket and the shared backoff policy, against one control plane
+  with an ingest budget (429 + Retry-After beyond it); 3 % of acks are lost, so devices
+  re-send. Virtual time; the writes are real (SQLite). Peak = the most records admitted
+  in any one-second sliding window, over the budget; lost = records never stored;
+  duplicates = records stored more than once.
+"""
+
+from __future__ import annotations
+
+import argparse
+import heapq
+import json
+import random
+import sys
+import tempfile
+import time
+import uuid
+from collections import deque
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from sqlalchemy import func, select, text
+
+from edgewise.control import open_store
+from edgewise.control import _schema as cs
+from edgewise.control.telemetry import IngestBudget, TelemetryIngest
+from edgewise.control.telemetry import _tables as tt
+from edgewise.protocol import TelemetryBatch, TelemetryRecord, decode_batch, encode_batch
+
+PG_ADMIN = "host=127.0.0.1 port=5432 user=postgres dbname=test"
+
+
+def _store(url: str, devices: int) -> Any:
+    store = open_store(url)
+    tt.metadata.create_all(store.engine, checkfirst=True)
+    with store.engine.begin() as c:
+        c.execute(
+            cs.devices.insert(),
+            [
+                {
+                    "id": f"d{i}",
+                    "public_key": f"k{i}",
+                    "labels": {},
+                    "capabilities": {},
+                    "status": "active",
+                    "enrolled_at": 1.0,
+                    "changed_at": 1.0,
+                    "desired_revision": 0,
+                    "desired_hash": "",
+                    "telemetry_acked": 0,
+                }
+                for i in range(devices)
+            ],
+        )
+    return store
+
+
+def _bodies(devices: int, per_device: int, batch: int) -> list[tuple[str, bytes]]:
+    out = []
+    rng = random.Random(1)
+    for start in range(1, per_device + 1, batch):
+        for d in range(devices):
+            recs = [
+                TelemetryRecord(
+                    seq=s,
+                    cls="metric",
+                    ts=1.7e9 + s,
+                    kind="cpu.percent",
+                    data={"v": round(rng.random() * 100, 2), "pipeline": "digits"},
+                )
+                for s in range(start, min(start + batch, per_device + 1))
+            ]
+            out.append((f"d{d}", encode_batch(TelemetryBatch(records=recs))))
+    return out
+
+
+def bench_ingest(url: str, quick: bool) -> dict[str, float]:
+    devices, per_device, batch = (50, 1000, 500) if quick else (100, 2000, 500)
+    store = _store(url, devices)
+    bodies = _bodies(devices, per_device, batch)
+    ingest = TelemetryIngest(store.engine)
+    t0 = time.perf_counter()
+    stored = 0
+    for i in range(0, len(bodies), 20):
+        items = [(d, decode_batch(b)) for d, b in bodies[i : i + 20]]
+        stored += ingest.ingest_many(items).inserted
+    ingest_s = time.perf_counter() - t0
+    # The same rows, raw: no decode, no dedup, no ack bookkeeping.
+    rows = []
+    for d, b in bodies:
+        for r in decode_batch(b).records:
+            rows.append((d, r.seq, r.cls, r.ts, r.kind, json.dumps(r.data), 1.0))
+    with store.engine.begin() as c:
+        c.execute(
+            text(
+                "CREATE TABLE raw_rows (device_id TEXT, seq BIGINT, cls TEXT, ts FLOAT, "
+                "kind TEXT, data TEXT, received_at FLOAT)"
+            )
+        )
+    raw = store.engine.raw_connection()
+    t0 = time.perf_counter()
+    cur = raw.cursor()
+    if url.startswith("postgresql"):
+        with cur.copy("COPY raw_rows FROM STDIN") as copy:  # type: ignore[attr-defined]
+            for row in rows:
+                copy.write_row(row)
+    else:
+        cur.executemany("INSERT INTO raw_rows VALUES (?,?,?,?,?,?,?)", rows)
+    raw.commit()
+    raw_s = time.perf_counter() - t0
+    raw.close()
+    with store.engine.connect() as c:
+        n = c.execute(select(func.count()).select_from(cs.telemetry)).scalar()
+    store.engine.dispose()
+    assert n == stored == devices * per_device, (n, stored)
+    return {
+        "points": float(stored),
+        "ingest_pts_per_s": stored / ingest_s,
+        "raw_pts_per_s": len(rows) / raw_s,
+    }
+
+
+def bench_drift(quick: bool) -> dict[str, float]:
+    from edgewise.agent.telemetry import WindowAggregator, reference_from_manifest
+    from edgewise.examples._models import digits_examples
+
+    manifest, model = next(digits_examples())
+    import onnxruntime as ort
+
+    sess = ort.InferenceSession(model, providers=["CPUExecutionProvider"])
+    from edgewise.examples import load_split
+
+    x = load_split().x_test
+    probs = np.asarray(sess.run(["probabilities"], {"input": x})[0])
+    ref = reference_from_manifest(manifest["reference"])
+    t = [0.0]
+    agg = WindowAggregator(
+        "digits",
+        model="digits-mlp",
+        version="1.0.0",
+        reference=ref,
+        labels=manifest["labels"],
+        clock=lambda: t[0],
+    )
+    rng = np.random.default_rng(0)
+    windows = 50 if quick else 200
+    t0 = time.perf_counter()
+    for _ in range(windows):
+        idx = rng.integers(0, len(x), 150)
+        agg.observe(x[idx], probs[idx].max(1), probs[idx].argmax(1))
+        t[0] += 10
+        agg.close()
+    per_window_ms = (time.perf_counter() - t0) / windows * 1000
+    return {"drift_ms_per_window": per_window_ms, "model": model, "manifest": manifest, "x": x}
+
+
+def bench_on_off(model: bytes, manifest: dict[str, Any], x: Any, quick: bool) -> float:
+    from edgewise.agent.telemetry import WindowAggregator, reference_from_manifest
+    from edgewise.protocol import PipelineSpec
+    from edgewise.runtime import Runtime
+
+    spec = PipelineSpec.model_validate(
+        {"name": "digits", "model": {"name": "digits-mlp", "version": "1.0.0"}}
+    )
+    ref = reference_from_manifest(manifest["reference"])
+    rounds, seconds = (2, 1.0) if quick else (4, 2.0)
+    on_rates, off_rates = [], []
+    with Runtime(cores=1, monitor_interval_s=None) as rt:
+        rt.start_pipeline(spec, rt.load_model(model))
+        rows = [x[i : i + 1] for i in range(len(x))]
+        for _ in range(50):
+            rt.infer("digits", rows[0])
+        for r in range(rounds * 2):
+            on = r % 2 == 1
+            agg = WindowAggregator(
+                "digits",
+                model="digits-mlp",
+                version="1.0.0",
+                reference=ref,
+                labels=manifest["labels"],
+            )
+            n = 0
+            t_end = time.perf_counter() + seconds
+            next_close = time.perf_counter() + 0.5
+            while time.perf_counter() < t_end:
+                row = rows[n % len(rows)]
+                res = rt.infer("digits", row)
+                if on:
+                    agg.record(row, res.confidences, res.labels)
+                    if time.perf_counter() >= next_close:  # a window close, compressed
+                        agg.observe_stats(rt.stats("digits"))
+                        agg.close()
+                        next_close += 0.5
+                n += 1
+            (on_rates if on else off_rates).append(n / seconds)
+    return float(np.median(on_rates) / np.median(off_rates))
+
+
+def bench_storm(quick: bool) -> dict[str, float]:
+    from edgewise.agent import Backoff, TokenBucket
+
+    devices = 10_000
+    backlog = 20 if quick else 60
+    budget = 40_000.0
+    batch_max = 500
+    with tempfile.TemporaryDirectory() as tmp:
+        store = _store(f"sqlite:///{Path(tmp) / 'storm.db'}", devices)
+        ingest = TelemetryIngest(store.engine)
+        now = [0.0]
+        admission = IngestBudget(budget, clock=lambda: now[0])
+        rng = random.Random(7)
+        buffers = {
+            f"d{i}": deque(
+                TelemetryRecord(seq=s, cls="metric", ts=float(s), kind="m", data={"v": s})
+                for s in range(1, backlog + 1)
+            )
+            for i in range(devices)
+        }
+        buckets = {d: TokenBucket(rate=200.0, burst=400.0, clock=lambda: now[0]) for d in buffers}
+        backoff = Backoff(base_s=1.0, max_delay_s=30.0, rng=rng)
+        attempts = {d: 0 for d in buffers}
+        # Everyone reconnects within the same second.
+        events = [(rng.random(), d) for d in buffers]
+        heapq.heapify(events)
+        admitted_at: list[tuple[float, int]] = []
+        tick = 0.1
+        pending: list[tuple[str, TelemetryBatch]] = []
+        sent = retries = lost_acks = 0
+        while events:
+            t_next = events[0][0]
+            tick_end = (int(t_next / tick) + 1) * tick
+            pending.clear()
+            waiting: list[str] = []
+            while events and events[0][0] < tick_end:
+                at, d = heapq.heappop(events)
+                now[0] = at
+                buf = buffers[d]
+                records = [buf[i] for i in range(min(batch_max, len(buf)))]
+                wait = buckets[d].take(0)  # shaped drain: wait for tokens, do not spend twice
+                if wait > 0:
+                    heapq.heappush(events, (at + wait, d))
+                    continue
+                retry_after = admission.admit(len(records))
+                if retry_after > 0:
+                    retries += 1
+                    delay = backoff.delay(attempts[d], retry_after)
+                    attempts[d] += 1
+                    heapq.heappush(events, (at + delay, d))
+                    continue
+                buckets[d].take(len(records))
+                attempts[d] = 0
+                sent += len(records)
+                admitted_at.append((at, len(records)))
+                pending.append((d, TelemetryBatch(records=records)))
+                waiting.append(d)
+            if not pending:
+                continue
+            result = ingest.ingest_many(pending)  # one write per 100 ms of arrivals
+            for d, ack in zip(waiting, result.acks, strict=True):
+                if rng.random() < 0.03:  # the ack is lost: the device will send again
+                    lost_acks += 1
+                    heapq.heappush(events, (tick_end + backoff.delay(0), d))
+                    continue
+                buf = buffers[d]
+                while buf and buf[0].seq <= ack.acked_seq:
+                    buf.popleft()
+                if buf:
+                    heapq.heappush(events, (tick_end, d))
+        with store.engine.connect() as c:
+            stored = c.execute(select(func.count()).select_from(cs.telemetry)).scalar() or 0
+            distinct = len(
+                set(c.execute(select(cs.telemetry.c.device_id, cs.telemetry.c.seq)).all())
+            )
+        store.engine.dispose()
+    times = sorted(admitted_at)
+    peak, lo, window_sum = 0, 0, 0
+    for at, n in times:  # sliding one-second window
+        window_sum += n
+        while times[lo][0] <= at - 1.0:
+            window_sum -= times[lo][1]
+            lo += 1
+        peak = max(peak, window_sum)
+    expected = devices * backlog
+    return {
+        "storm_devices": float(devices),
+        "storm_records": float(expected),
+        "storm_virtual_s": times[-1][0] if times else 0.0,
+        "storm_peak_per_s": float(peak),
+        "storm_budget_per_s": budget,
+        "storm_peak_vs_budget": peak / budget,
+        "storm_lost": float(expected - distinct),
+        "storm_duplicates": float(stored - distinct),
+        "storm_429s": float(retries),
+        "storm_lost_acks": float(lost_acks),
+        "storm_sent": float(sent),
+    }
+
+
+def _pg_url() -> tuple[str, str] | None:
+    try:
+        import psycopg
+
+        name = f"ew_bench_{uuid.uuid4().hex[:8]}"
+        with psycopg.connect(PG_ADMIN, autocommit=True) as conn:
+            conn.execute(f'CREATE DATABASE "{name}"')
+        return f"postgresql+psycopg://postgres@127.0.0.1:5432/{name}", name
+    except Exception as exc:  # no PostgreSQL here: report what can be measured
+        print(f"PostgreSQL unavailable: {exc}", file=sys.stderr)
+        return None
+
+
+def _drop_pg(name: str) -> None:
+    import psycopg
+
+    with psycopg.connect(PG_ADMIN, autocommit=True) as conn:
+        conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="smaller runs (CI smoke)")
+    args = parser.parse_args()
+    quick = args.quick
+    rows: list[tuple[str, str]] = []
+
+    with tempfile.TemporaryDirectory() as tmp:
+        sqlite = bench_ingest(f"sqlite:///{Path(tmp) / 'ingest.db'}", quick)
+    rows.append(("ingest SQLite (points/s)", f"{sqlite['ingest_pts_per_s']:,.0f}"))
+    rows.append(("raw executemany SQLite (rows/s)", f"{sqlite['raw_pts_per_s']:,.0f}"))
+    pg = None
+    made = _pg_url()
+    if made is not None:
+        try:
+            pg = bench_ingest(made[0], quick)
+        finally:
+            _drop_pg(made[1])
+        rows.append(("ingest PostgreSQL (points/s)", f"{pg['ingest_pts_per_s']:,.0f}"))
+        rows.append(("raw COPY PostgreSQL (rows/s)", f"{pg['raw_pts_per_s']:,.0f}"))
+    drift = bench_drift(quick)
+    rows.append(("drift per 150-inference window (ms)", f"{drift['drift_ms_per_window']:.2f}"))
+    on_off = bench_on_off(drift["model"], drift["manifest"], drift["x"], quick)
+    rows.append(("pipeline throughput telemetry on / off", f"{on_off:.3f}"))
+    storm = bench_storm(quick)
+    rows.append(
+        (
+            "storm: devices x backlog",
+            f"{storm['storm_devices']:.0f} x {storm['storm_records'] / storm['storm_devices']:.0f}",
+        )
+    )
+    rows.append(
+        (
+            "storm: peak 1 s ingest / budget",
+            f"{storm['storm_peak_per_s']:,.0f} / {storm['storm_budget_per_s']:,.0f}",
+        )
+    )
+    rows.append(
+        ("storm: 429s, lost acks", f"{storm['storm_429s']:.0f}, {storm['storm_lost_acks']:.0f}")
+    )
+    rows.append(
+        (
+            "storm: lost, duplicated records",
+            f"{storm['storm_lost']:.0f}, {storm['storm_duplicates']:.0f}",
+        )
+    )
+    width = max(len(k) for k, _ in rows)
+    print(f"{'measure':<{width}}  value")
+    for k, v in rows:
+        print(f"{k:<{width}}  {v}")
+    result = {
+        "ingest_pts_per_s_postgres": round(pg["ingest_pts_per_s"]) if pg else None,
+        "ingest_pts_per_s_sqlite": round(sqlite["ingest_pts_per_s"]),
+        "ingest_vs_raw_postgres": round(pg["ingest_pts_per_s"] / pg["raw_pts_per_s"], 3)
+        if pg
+        else None,
+        "ingest_vs_raw_sqlite": round(sqlite["ingest_pts_per_s"] / sqlite["raw_pts_per_s"], 3),
+        "drift_ms_per_window": round(drift["drift_ms_per_window"], 3),
+        "telemetry_on_vs_off": round(on_off, 3),
+        "storm_peak_vs_budget": round(storm["storm_peak_vs_budget"], 3),
+        "storm_lost": int(storm["storm_lost"]),
+        "storm_duplicates": int(storm["storm_duplicates"]),
+    }
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()

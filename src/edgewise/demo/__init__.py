@@ -1,0 +1,95 @@
+"""`edgewise demo`: the whole edgewise story on one machine, with real processes.
+
+Usage::
+
+    from edgewise.demo import run_demo
+    summary = run_demo(Path("/tmp/ew-demo"), devices=20, console=None)
+    assert summary["canary_caught"] and summary["rollback_done"]
+
+Modules: `_procs` (child processes in their own process groups, killed at exit),
+`_proxy` (the uplink the demo cuts), `_api` (operator client), `_stack` (control plane
+and agent processes), `_rollout` (INTERIM rollout driver until the rollout API lands),
+`_view` (rich progress and tables), `_story` (the chapters).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+from pathlib import Path
+from typing import Any
+
+from edgewise.demo._api import DemoError
+from edgewise.demo._procs import Processes, free_port
+from edgewise.demo._proxy import UplinkProxy
+from edgewise.demo._story import CHAPTERS, Story
+
+__all__ = ["CHAPTERS", "DemoError", "Processes", "Story", "UplinkProxy", "free_port", "run_demo"]
+
+
+def _terminate(signum: int, frame: object) -> None:
+    # SIGTERM (or SIGHUP) unwinds like Ctrl-C, so every `finally` stops the children.
+    raise KeyboardInterrupt
+
+
+def run_demo(
+    directory: Path,
+    devices: int = 200,
+    port: int = 0,
+    keep_running: bool = False,
+    console: Any = None,
+) -> dict[str, Any]:
+    """Run the story under `directory` (must be empty or absent); returns the summary.
+
+    Args:
+        directory: where everything goes (control plane data, agents, bundles, logs).
+        devices: simulated devices beside the three real agents.
+        port: the control plane's port (0: a free one).
+        keep_running: after the story, keep everything up until Ctrl-C / SIGTERM.
+        console: a rich Console for progress; None shows nothing.
+
+    Raises:
+        DemoError: a chapter could not be carried out.
+    """
+    directory.mkdir(parents=True, exist_ok=True)
+    if any(directory.iterdir()):
+        raise DemoError(f"{directory} is not empty: the demo needs a fresh directory")
+    previous = {s: signal.signal(s, _terminate) for s in (signal.SIGTERM, signal.SIGHUP)}
+    try:
+        return asyncio.run(_main(directory, devices, port, keep_running, console))
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+
+
+async def _main(
+    directory: Path, devices: int, port: int, keep_running: bool, console: Any
+) -> dict[str, Any]:
+    from edgewise.demo._view import View, summary_table
+
+    story = Story(directory, devices, port, None)
+    try:
+        if console is not None:
+            with View(console, CHAPTERS, story.snapshot) as view:
+                story.view = view
+                summary = await story.run()
+                view.finish()
+            story.view = None
+            console.print()
+            console.print(summary_table(summary))
+        else:
+            summary = await story.run()
+        if keep_running:
+            if console is not None:
+                console.print(
+                    f"everything keeps running: console {summary['console_url']}, "
+                    f"admin token {summary['admin_token']}; Ctrl-C to stop"
+                )
+            try:
+                while True:
+                    await story.fleet.run_for(3600)
+            except (KeyboardInterrupt, asyncio.CancelledError):
+                pass
+        return summary
+    finally:
+        await story.close()

@@ -1,0 +1,89 @@
+"""Model loading: bytes, a model file, or an unpacked bundle directory, on either backend."""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from edgewise.runtime._backend import DEFAULT_PROVIDERS, ModelSession, open_onnx
+from edgewise.runtime._errors import AcceleratorUnavailable, ModelLoadError
+from edgewise.runtime._model import LoadedModel, ModelInfo
+
+__all__ = ["ModelSource", "load_model"]
+
+ModelSource = bytes | str | os.PathLike[str]
+
+
+def load_model(
+    source: ModelSource,
+    manifest: Any = None,
+    *,
+    cores: int,
+    preference: Sequence[str] = DEFAULT_PROVIDERS,
+    require_accelerator: bool = False,
+    allow_spinning: bool = True,
+    warmup: int = 3,
+) -> LoadedModel:
+    """Create, check and warm a session; see `Runtime.load_model`.
+
+    Raises:
+        ModelLoadError: unreadable model, or AcceleratorUnavailable.
+    """
+    info = ModelInfo.from_manifest(manifest) if manifest is not None else None
+    path: Path | None = None
+    if not isinstance(source, bytes):
+        path = Path(source)
+        if path.is_dir():
+            if info is None:
+                mf = path / "manifest.json"
+                if not mf.is_file():
+                    raise ModelLoadError(f"{path} has no manifest.json")
+                info = ModelInfo.from_manifest(json.loads(mf.read_text()))
+            path = info.model_path(path)
+        if not path.is_file():
+            raise ModelLoadError(f"no model file at {path}")
+    if info is None:
+        stem = path.stem if path is not None else "model"
+        info = ModelInfo(
+            name=stem, format="tflite" if path and path.suffix == ".tflite" else "onnx"
+        )
+    target: bytes | Path = path if path is not None else bytes(source)  # type: ignore[arg-type]
+    session = _open(target, info, cores, preference, require_accelerator, allow_spinning)
+    model = LoadedModel(info, session, LoadedModel.confidence_output_of(session, info.labels))
+    shape = tuple(d if d is not None else 1 for d in session.input.shape)
+    zeros = np.zeros(shape, dtype=session.input.dtype)
+    for _ in range(warmup):
+        session.run(zeros)
+    return model
+
+
+def _open(
+    source: bytes | Path,
+    info: ModelInfo,
+    cores: int,
+    preference: Sequence[str],
+    require: bool,
+    allow_spinning: bool,
+) -> ModelSession:
+    if isinstance(source, Path):
+        fmt = source.suffix.lstrip(".")
+    else:  # a TFLite flatbuffer carries its file identifier at bytes 4..8
+        fmt = "tflite" if source[4:8] == b"TFL3" else info.format
+    if fmt == "tflite":
+        from edgewise.runtime._tflite import open_tflite
+
+        if require:
+            raise AcceleratorUnavailable("the TFLite backend here runs on CPU only")
+        return open_tflite(source, cores=cores)
+    return open_onnx(
+        source,
+        cores=cores,
+        preference=preference,
+        require_accelerator=require,
+        allow_spinning=allow_spinning,
+    )

@@ -1,0 +1,135 @@
+"""The operator CLI against a real server: flags, environment, config file, --json."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from edgewise.cli import main
+
+EDGEWISE = str(Path(sys.executable).parent / "edgewise")
+
+
+def run(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str, str]:
+    old = sys.argv
+    sys.argv = ["edgewise", *args]
+    code = 0
+    try:
+        main()
+    except SystemExit as exc:
+        code = int(exc.code or 0)
+    finally:
+        sys.argv = old
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_server_init_prints_the_admin_token_last_and_only_once(tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    first = subprocess.run([EDGEWISE, "server", "init", "--data", str(data)],
+                           capture_output=True, text=True)
+    assert first.returncode == 0, first.stderr
+    token = first.stdout.strip().splitlines()[-1]
+    assert token.startswith("ewo_") and " " not in token
+    assert (data / "control-plane.key").exists()
+    again = subprocess.run([EDGEWISE, "server", "init", "--data", str(data)],
+                           capture_output=True, text=True)
+    assert again.returncode == 1 and again.stderr.startswith("error: already initialised")
+    assert "Traceback" not in again.stderr
+
+
+def test_operator_commands_round_trip(
+    live_server: dict[str, Any], examples: dict[str, Any], capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path,
+) -> None:
+    conn = ["--server", live_server["base"], "--token", live_server["admin"]]
+    code, out, _ = run(capsys, "server", "trust-key", str(examples["dir"] / "examples.pub"), *conn)
+    assert code == 0 and "trusted publisher key" in out
+    code, out, _ = run(capsys, "model", "push", str(examples["bundles"]["digits-mlp@1.0.0"]), *conn)
+    assert code == 0 and out.startswith("pushed digits-mlp@1.0.0")
+
+    # From here on the connection comes from the environment, then from the config file.
+    monkeypatch.setenv("EDGEWISE_SERVER", live_server["base"])
+    monkeypatch.setenv("EDGEWISE_TOKEN", live_server["admin"])
+    code, out, _ = run(capsys, "model", "list", "--json")
+    assert code == 0 and json.loads(out)[0]["ref"] == "digits-mlp@1.0.0"
+    code, out, _ = run(capsys, "device", "enroll-token", "--label", "site=a", "--max-uses", "2")
+    assert code == 0 and out.strip().splitlines()[-1].startswith("ewe_")
+    code, out, _ = run(capsys, "deploy", "create", "--name", "base", "-p", "digits=digits-mlp@1.0.0")
+    assert code == 0 and "digits-mlp@1.0.0" in out
+    code, out, _ = run(capsys, "deploy", "list", "--json")
+    assert [d["name"] for d in json.loads(out)] == ["base"]
+    code, out, _ = run(capsys, "deploy", "dry-run", "--name", "x", "-p", "d=nope@1.0.0")
+    assert code == 1 and "not in the registry" in out
+    code, _, err = run(capsys, "deploy", "create", "--name", "x", "-p", "d=nope@1.0.0")
+    assert code == 1 and err.startswith("error: 409") and "Traceback" not in err
+
+    monkeypatch.delenv("EDGEWISE_SERVER")
+    monkeypatch.delenv("EDGEWISE_TOKEN")
+    cfg = tmp_path / "config.json"
+    cfg.write_text(json.dumps({"server": live_server["base"], "token": live_server["admin"]}))
+    monkeypatch.setenv("EDGEWISE_CONFIG", str(cfg))
+    code, out, _ = run(capsys, "token", "create", "--name", "ci", "--role", "viewer")
+    viewer = out.strip().splitlines()[-1]
+    code, out, _ = run(capsys, "token", "list", "--json")
+    assert {t["name"] for t in json.loads(out)} == {"admin", "ci"}
+    code, _, err = run(capsys, "deploy", "delete", "base", "--token", viewer)
+    assert code == 1 and "403" in err
+    code, out, _ = run(capsys, "device", "list", "--json")
+    assert code == 0 and json.loads(out) == []
+    code, out, _ = run(capsys, "audit", "verify")
+    assert code == 0 and "intact" in out
+    export = tmp_path / "audit.jsonl"
+    code, out, _ = run(capsys, "audit", "export", "--out", str(export))
+    assert code == 0 and len(export.read_text().splitlines()) >= 5
+    code, out, _ = run(capsys, "model", "yank", "digits-mlp@1.0.0")
+    assert code == 0
+    code, out, _ = run(capsys, "deploy", "delete", "base")
+    assert code == 0
+
+
+def test_unreachable_server_is_a_one_line_error(capsys: pytest.CaptureFixture[str]) -> None:
+    code, _, err = run(capsys, "token", "list", "--server", "http://127.0.0.1:1", "--token", "x")
+    assert code == 1 and err.startswith("error: cannot reach") and len(err.splitlines()) == 1
+
+
+def test_first_server_start_prints_the_admin_token_once(tmp_path: Path) -> None:
+    import os
+    import signal
+
+    import httpx
+
+    from .conftest import free_port
+
+    port = free_port()
+    data = tmp_path / "data"
+    proc = subprocess.Popen([EDGEWISE, "server", "--data", str(data), "--port", str(port)],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        assert proc.stdout is not None
+        lines = [proc.stdout.readline().strip() for _ in range(2)]
+        assert lines[0].startswith("first start: admin token")
+        token = lines[1]
+        for _ in range(200):
+            try:
+                r = httpx.get(f"http://127.0.0.1:{port}/api/v1/whoami",
+                              headers={"authorization": f"Bearer {token}"})
+                break
+            except httpx.HTTPError:
+                import time
+
+                time.sleep(0.05)
+        assert r.json()["role"] == "admin"
+    finally:
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+        if proc.stdout:
+            proc.stdout.close()
+    again = subprocess.run([EDGEWISE, "server", "init", "--data", str(data)],
+                           capture_output=True, text=True)
+    assert again.returncode == 1

@@ -1,0 +1,106 @@
+"""Exactly-once ingest into SQLite and PostgreSQL under duplicated and reordered batches."""
+
+from __future__ import annotations
+
+import random
+from typing import Any
+
+from sqlalchemy import func, select
+
+from edgewise.control import _schema as cs
+from edgewise.control.telemetry import _tables as tt
+from edgewise.control.telemetry._ingest import TelemetryIngest
+from edgewise.protocol import TelemetryBatch, TelemetryRecord
+
+
+def _rec(seq: int, kind: str = "e", cls: str = "event", **data: Any) -> TelemetryRecord:
+    return TelemetryRecord(seq=seq, cls=cls, ts=float(seq), kind=kind, data=data)  # type: ignore[arg-type]
+
+
+def _batch(seqs: list[int]) -> TelemetryBatch:
+    return TelemetryBatch(records=[_rec(s) for s in seqs])
+
+
+def _stored(store: Any, device: str) -> list[int]:
+    tel = cs.telemetry
+    with store.engine.connect() as c:
+        return list(
+            c.execute(
+                select(tel.c.seq).where(tel.c.device_id == device).order_by(tel.c.seq)
+            ).scalars()
+        )
+
+
+def test_duplicates_and_reordering_store_each_seq_once(store: Any) -> None:
+    ingest = TelemetryIngest(store.engine)
+    a1 = ingest.ingest("dev-1", _batch([1, 2, 3]))
+    a2 = ingest.ingest("dev-1", _batch([6, 7]))  # arrives before 4-5
+    a3 = ingest.ingest("dev-1", _batch([1, 2, 3]))  # a retry of the first
+    a4 = ingest.ingest("dev-1", _batch([4, 5, 6]))
+    assert (a1.accepted, a1.duplicates, a1.acked_seq) == (3, 0, 3)
+    assert (a2.accepted, a2.acked_seq) == (2, 3)  # a gap: ack stays
+    assert (a3.accepted, a3.duplicates, a3.acked_seq) == (0, 3, 3)
+    assert (a4.accepted, a4.duplicates, a4.acked_seq) == (2, 1, 7)
+    assert _stored(store, "dev-1") == [1, 2, 3, 4, 5, 6, 7]
+
+
+def test_random_shuffled_and_repeated_batches_converge_exactly_once(store: Any) -> None:
+    ingest = TelemetryIngest(store.engine)
+    rng = random.Random(4)
+    batches = [list(range(i, i + 10)) for i in range(1, 200, 10)]
+    sends = batches * 3
+    rng.shuffle(sends)
+    total = 0
+    for seqs in sends:
+        total += ingest.ingest("dev-2", _batch(seqs)).accepted
+    assert total == 200
+    assert _stored(store, "dev-2") == list(range(1, 201))
+    with store.engine.connect() as c:
+        acked = c.execute(
+            select(cs.devices.c.telemetry_acked).where(cs.devices.c.id == "dev-2")
+        ).scalar()
+    assert acked == 200
+
+
+def test_many_devices_in_one_call_and_windows_decoded(store: Any) -> None:
+    ingest = TelemetryIngest(store.engine, clock=lambda: 1000.0)
+    window = _rec(
+        1,
+        "window",
+        "metric",
+        pipeline="p",
+        model="m",
+        version="1",
+        start=0.0,
+        end=10.0,
+        counts={"ok": 5},
+    )
+    b1 = TelemetryBatch(records=[window, _rec(2)], dropped={"sample": 3})
+    result = ingest.ingest_many([("dev-1", b1), ("dev-2", _batch([1])), ("dev-1", b1)])
+    assert [a.accepted for a in result.acks] == [2, 1, 0]
+    assert [a.acked_seq for a in result.acks] == [2, 1, 2]
+    assert result.windows == 1
+    with store.engine.connect() as c:
+        rows = c.execute(select(tt.telemetry_windows)).mappings().all()
+        dev = (
+            c.execute(
+                select(tt.telemetry_devices).where(tt.telemetry_devices.c.device_id == "dev-1")
+            )
+            .mappings()
+            .one()
+        )
+    assert len(rows) == 1 and rows[0]["pipeline"] == "p" and rows[0]["data"]["counts"] == {"ok": 5}
+    assert rows[0]["seq"] == 1 and rows[0]["end"] == 10.0
+    assert dev["last_received"] == 1000.0 and dev["last_window_end"] == 10.0
+    assert dev["dropped"]["sample"] == 3
+
+
+def test_records_below_the_ack_are_duplicates_even_after_log_cleanup(store: Any) -> None:
+    ingest = TelemetryIngest(store.engine)
+    ingest.ingest("dev-1", _batch([1, 2, 3]))
+    with store.engine.begin() as c:  # retention removed the old log rows
+        c.execute(cs.telemetry.delete())
+    ack = ingest.ingest("dev-1", _batch([2, 3, 4]))
+    assert (ack.accepted, ack.duplicates, ack.acked_seq) == (1, 2, 4)
+    with store.engine.connect() as c:
+        assert c.execute(select(func.count()).select_from(cs.telemetry)).scalar() == 1
