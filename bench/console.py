@@ -19,6 +19,7 @@ Last line: one JSON object with slowest_page_ms (goal < 1000) and per-page media
 from __future__ import annotations
 
 import argparse
+import asyncio
 import base64
 import json
 import os
@@ -29,6 +30,7 @@ import tempfile
 import threading
 import time
 import zipfile
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -76,6 +78,20 @@ class Timer:
                 self.samples.setdefault(key, []).append((time.perf_counter() - start) * 1000)
 
         await self.app(scope, receive, timed_send)
+
+
+def route_exists(app: Any, path: str) -> bool:
+    """Whether the app routes `path` (asked in process: a GET without credentials)."""
+
+    async def probe() -> bool:
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://probe") as client:
+            r = await client.get(path)
+        return r.status_code != 404 or r.json().get("error", {}).get("message") != "Not Found"
+
+    # In a thread of its own: the caller may already run an event loop (Playwright's).
+    with ThreadPoolExecutor(1) as pool:
+        return pool.submit(asyncio.run, probe()).result()
 
 
 def standin_rollouts(rollouts: list[Rollout]) -> APIRouter:
@@ -232,9 +248,8 @@ def main() -> None:
     devices = populate(store, args.devices, random.Random(1), reference)
     fill_s = time.perf_counter() - t0
     app: FastAPI = create_app(settings, store)
-    if not any(getattr(r, "path", None) == "/login" for r in app.routes):
-        mount_console(app)
-    real_rollouts = any(getattr(r, "path", None) == "/api/v1/rollouts" for r in app.routes)
+    mount_console(app)  # a no-op once the control plane mounts it itself
+    real_rollouts = route_exists(app, "/api/v1/rollouts")
     if not real_rollouts:
         app.include_router(standin_rollouts(build_rollouts(devices, args.rollouts)))
     admin = app.state.plane.bootstrap_admin()

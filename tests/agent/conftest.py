@@ -115,7 +115,7 @@ def _start_cp(data: Path, example_bundles: dict[str, Path]) -> ControlPlaneProc:
     try:
         cp.start()
         cp.trust(example_bundles["_pub"])
-        for key in ("digits-mlp@1.0.0", "digits-mlp@1.1.0"):
+        for key in ("digits-mlp@1.0.0", "digits-mlp@1.1.0", "digits-logreg@1.0.0"):
             cp.push(example_bundles[key])
     except BaseException:
         cp.stop()

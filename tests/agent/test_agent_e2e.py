@@ -41,3 +41,49 @@ def test_enroll_deploy_serve_and_swap_to_int8(
     agent.start()
     agent.wait_up()
     wait_for(lambda: agent.infer()["model"].startswith("digits-mlp@1.1.0"), 60, "serving")
+
+
+def test_pipeline_with_a_fallback_installs_both_models_and_serves_after_restart(
+    shared_cp: ControlPlaneProc, agent_factory: Callable[..., AgentProc]
+) -> None:
+    cp = shared_cp
+    agent = agent_factory(cp)
+    agent.start()
+    agent.wait_up()
+    dev = agent.device_id()
+    cp.deploy("digits", "digits-mlp@1.0.0", tag=agent.tag, fallback="digits-logreg@1.0.0")
+    wait_for(lambda: _active(cp, dev, "1.0.0"), 90, "active with fallback")
+    fallback = agent.data / "models" / "digits-logreg" / "slots.json"
+    assert '"ready"' in fallback.read_text()
+    agent.kill()
+    agent.start()
+    agent.wait_up()
+    assert agent.infer()["model"].startswith("digits-mlp@1.0.0")
+    listing = agent.local("GET", "/v1/pipelines").json()
+    assert "digits" in str(listing)
+
+
+def test_serving_pipeline_sends_telemetry_windows_with_counts(
+    shared_cp: ControlPlaneProc, agent_factory: Callable[..., AgentProc]
+) -> None:
+    import json
+    import sqlite3
+
+    cp = shared_cp
+    agent = agent_factory(cp, "dev", "--metrics-interval", "1")
+    agent.start()
+    agent.wait_up()
+    dev = agent.device_id()
+    cp.deploy("digits", "digits-mlp@1.0.0", tag=agent.tag)
+    wait_for(lambda: _active(cp, dev, "1.0.0"), 90, "active")
+    for _ in range(5):
+        agent.infer()
+
+    def served_in_windows() -> int:
+        with sqlite3.connect(cp.data / "edgewise.db") as db:
+            rows = db.execute(
+                "SELECT data FROM telemetry WHERE device_id = ? AND kind = 'window'", (dev,)
+            ).fetchall()
+        return sum(int(json.loads(r[0]).get("counts", {}).get("ok", 0)) for r in rows)
+
+    assert wait_for(lambda: served_in_windows() >= 5, 60, "windows ingested") >= 5

@@ -189,3 +189,24 @@ def test_token_bucket_shapes_a_backlog_in_virtual_time() -> None:
         clock.sleep(wait)
         waited += wait
     assert waited == pytest.approx(4.5)  # 500 records, 50 free, 450 at 100/s
+
+
+def test_capabilities_read_thermal_zones_and_device_nodes(tmp_path: Path) -> None:
+    from edgewise.agent import collect_capabilities
+
+    zone = tmp_path / "sys" / "class" / "thermal" / "thermal_zone0"
+    zone.mkdir(parents=True)
+    (zone / "temp").write_text("47500\n")
+    (zone / "type").write_text("cpu-thermal\n")
+    broken = zone.parent / "thermal_zone1"
+    broken.mkdir()
+    (broken / "temp").write_text("not a number")
+    (tmp_path / "dev").mkdir()
+    (tmp_path / "dev" / "hailo0").write_text("")
+    caps = collect_capabilities(tmp_path / "data", sys_root=tmp_path)
+    want = {"zone": "thermal_zone0", "type": "cpu-thermal", "temp_c": 47.5}
+    assert caps["thermal_zones"] == [want]
+    assert "hailo" in caps["accelerators"]
+    assert caps["cores"] >= 1 and caps["memory_mb"] > 0 and caps["disk_free_mb"] >= 0
+    assert "onnxruntime" in caps["runtimes"]
+    assert "CPUExecutionProvider" in caps["execution_providers"]

@@ -31,21 +31,26 @@ def run(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str, str]:
 
 def test_server_init_prints_the_admin_token_last_and_only_once(tmp_path: Path) -> None:
     data = tmp_path / "data"
-    first = subprocess.run([EDGEWISE, "server", "init", "--data", str(data)],
-                           capture_output=True, text=True)
+    first = subprocess.run(
+        [EDGEWISE, "server", "init", "--data", str(data)], capture_output=True, text=True
+    )
     assert first.returncode == 0, first.stderr
     token = first.stdout.strip().splitlines()[-1]
     assert token.startswith("ewo_") and " " not in token
     assert (data / "control-plane.key").exists()
-    again = subprocess.run([EDGEWISE, "server", "init", "--data", str(data)],
-                           capture_output=True, text=True)
+    again = subprocess.run(
+        [EDGEWISE, "server", "init", "--data", str(data)], capture_output=True, text=True
+    )
     assert again.returncode == 1 and again.stderr.startswith("error: already initialised")
     assert "Traceback" not in again.stderr
 
 
 def test_operator_commands_round_trip(
-    live_server: dict[str, Any], examples: dict[str, Any], capsys: pytest.CaptureFixture[str],
-    monkeypatch: pytest.MonkeyPatch, tmp_path: Path,
+    live_server: dict[str, Any],
+    examples: dict[str, Any],
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+    tmp_path: Path,
 ) -> None:
     conn = ["--server", live_server["base"], "--token", live_server["admin"]]
     code, out, _ = run(capsys, "server", "trust-key", str(examples["dir"] / "examples.pub"), *conn)
@@ -60,7 +65,9 @@ def test_operator_commands_round_trip(
     assert code == 0 and json.loads(out)[0]["ref"] == "digits-mlp@1.0.0"
     code, out, _ = run(capsys, "device", "enroll-token", "--label", "site=a", "--max-uses", "2")
     assert code == 0 and out.strip().splitlines()[-1].startswith("ewe_")
-    code, out, _ = run(capsys, "deploy", "create", "--name", "base", "-p", "digits=digits-mlp@1.0.0")
+    code, out, _ = run(
+        capsys, "deploy", "create", "--name", "base", "-p", "digits=digits-mlp@1.0.0"
+    )
     assert code == 0 and "digits-mlp@1.0.0" in out
     code, out, _ = run(capsys, "deploy", "list", "--json")
     assert [d["name"] for d in json.loads(out)] == ["base"]
@@ -108,8 +115,12 @@ def test_first_server_start_prints_the_admin_token_once(tmp_path: Path) -> None:
 
     port = free_port()
     data = tmp_path / "data"
-    proc = subprocess.Popen([EDGEWISE, "server", "--data", str(data), "--port", str(port)],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.Popen(
+        [EDGEWISE, "server", "--data", str(data), "--port", str(port)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     try:
         assert proc.stdout is not None
         lines = [proc.stdout.readline().strip() for _ in range(2)]
@@ -117,8 +128,10 @@ def test_first_server_start_prints_the_admin_token_once(tmp_path: Path) -> None:
         token = lines[1]
         for _ in range(200):
             try:
-                r = httpx.get(f"http://127.0.0.1:{port}/api/v1/whoami",
-                              headers={"authorization": f"Bearer {token}"})
+                r = httpx.get(
+                    f"http://127.0.0.1:{port}/api/v1/whoami",
+                    headers={"authorization": f"Bearer {token}"},
+                )
                 break
             except httpx.HTTPError:
                 import time
@@ -130,6 +143,7 @@ def test_first_server_start_prints_the_admin_token_once(tmp_path: Path) -> None:
         proc.wait()
         if proc.stdout:
             proc.stdout.close()
-    again = subprocess.run([EDGEWISE, "server", "init", "--data", str(data)],
-                           capture_output=True, text=True)
+    again = subprocess.run(
+        [EDGEWISE, "server", "init", "--data", str(data)], capture_output=True, text=True
+    )
     assert again.returncode == 1

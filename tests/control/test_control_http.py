@@ -35,11 +35,22 @@ def test_errors_are_json_envelopes(sqlite_plane: Plane) -> None:
     cases = [
         (p.client.get("/nope"), 404),
         (p.client.put("/healthz"), 405),
-        (p.api("POST", "/api/v1/tokens", content=b"{not json",
-               headers={"content-type": "application/json"}), 422),
+        (
+            p.api(
+                "POST",
+                "/api/v1/tokens",
+                content=b"{not json",
+                headers={"content-type": "application/json"},
+            ),
+            422,
+        ),
         (p.api("POST", "/api/v1/tokens", json={"name": "x", "role": "root"}), 400),
-        (p.api("POST", "/api/v1/tokens", json={"name": "x", "role": "viewer", "scope": "a in ("}),
-         400),
+        (
+            p.api(
+                "POST", "/api/v1/tokens", json={"name": "x", "role": "viewer", "scope": "a in ("}
+            ),
+            400,
+        ),
         (p.api("POST", "/api/v1/tokens", json=["list"]), 422),
         (p.api("GET", "/api/v1/devices?selector=%21%21"), 400),
         (p.api("GET", "/api/v1/models/none/1.0.0"), 404),
@@ -74,14 +85,19 @@ def test_values_the_database_cannot_hold_are_4xx_on_both_stores(plane: Plane) ->
 
     from .conftest import pubkey_b64
 
-    body = ('{"token": "%s", "public_key": "%s", "capabilities": {"memory_mb": NaN}}'
-            % (tok, pubkey_b64(Ed25519PrivateKey.generate())))
-    r = p.client.post("/device/v1/enroll", content=body.encode(),
-                      headers={"content-type": "application/json"})
+    key = pubkey_b64(Ed25519PrivateKey.generate())
+    body = f'{{"token": "{tok}", "public_key": "{key}", "capabilities": {{"memory_mb": NaN}}}}'
+    r = p.client.post(
+        "/device/v1/enroll", content=body.encode(), headers={"content-type": "application/json"}
+    )
     assert r.status_code == 422, r.text
     dev = p.enroll()
-    report = {"revision": 1, "pipelines": {"p" * 300: {
-        "model": "m", "version": "1", "status": "active"}}, "errors": [], "agent": {}}
+    report = {
+        "revision": 1,
+        "pipelines": {"p" * 300: {"model": "m", "version": "1", "status": "active"}},
+        "errors": [],
+        "agent": {},
+    }
     r = dev.post("/device/v1/report", report)
     assert r.status_code == 422, r.text
     assert dev.post("/device/v1/report", {"revision": 1}).status_code == 200

@@ -133,3 +133,19 @@ def test_yanked_model_cannot_be_deployed(sqlite_plane: Plane, examples: dict[str
         json={"name": "d", "pipelines": {"digits": {"model": "digits-logreg@1.0.0"}}},
     )
     assert r.status_code == 409 and r.json()["error"]["code"] == "yanked"
+
+
+def test_unsigned_bundle_is_accepted_only_when_policy_allows(tmp_path: Path, logreg: Any) -> None:
+    from edgewise.control import open_store
+
+    from .conftest import TestClient, make_plane
+
+    store = open_store(f"sqlite:///{tmp_path / 'cp.db'}")
+    app, clock, settings = make_plane(store, tmp_path / "data", allow_unsigned_models=True)
+    admin = app.state.plane.bootstrap_admin()
+    with TestClient(app, raise_server_exceptions=False) as client:
+        p = Plane(client, admin, clock, settings)
+        r = p.push(_unsigned(tmp_path, logreg))
+        assert r.status_code == 201, r.text
+        assert r.json()["signers"] == []
+    store.close()

@@ -186,3 +186,29 @@ def test_merged_windows_keep_exact_totals() -> None:
     assert m["resources"] == {"cpu_percent": 20.0, "temperature_c": 70.0, "throttled": False}
     again = WindowFigures.from_record("a", m)
     assert again.requests == 13 and again.drift_score == 2.5
+
+
+def test_ingest_budget_holds_any_one_second_window_to_the_budget() -> None:
+    from edgewise.control.telemetry import IngestBudget
+
+    t = [0.0]
+    budget = IngestBudget(1000, clock=lambda: t[0])
+    admitted: list[tuple[float, int]] = []
+    for step in range(3000):  # a greedy client every millisecond, batches of 50
+        t[0] = step / 1000
+        if budget.admit(50) == 0.0:
+            admitted.append((t[0], 50))
+    for at, _ in admitted:
+        in_window = sum(n for a, n in admitted if at - 1.0 < a <= at)
+        assert in_window <= 1000
+    assert sum(n for _, n in admitted) >= 2700  # and it does not under-admit either
+    assert budget.admit(50) > 0  # a refusal carries a positive Retry-After
+
+
+def test_ingest_budget_refuses_bad_configuration() -> None:
+    from edgewise.control.telemetry import IngestBudget
+
+    with pytest.raises(ValueError):
+        IngestBudget(0)
+    with pytest.raises(ValueError):
+        IngestBudget(10, burst_fraction=1.0)

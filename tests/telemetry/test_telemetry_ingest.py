@@ -5,6 +5,7 @@ from __future__ import annotations
 import random
 from typing import Any
 
+import pytest
 from sqlalchemy import func, select
 
 from edgewise.control import _schema as cs
@@ -104,3 +105,18 @@ def test_records_below_the_ack_are_duplicates_even_after_log_cleanup(store: Any)
     assert (ack.accepted, ack.duplicates, ack.acked_seq) == (1, 2, 4)
     with store.engine.connect() as c:
         assert c.execute(select(func.count()).select_from(cs.telemetry)).scalar() == 1
+
+
+@pytest.mark.parametrize("store", ["postgres"], indirect=True)
+def test_concurrent_replica_conflict_falls_back_to_on_conflict_path(store: Any) -> None:
+    # Another replica stored seq 2 between our pre-check and our COPY: the COPY fails on
+    # the key, and the fallback stores only what is missing.
+    ingest = TelemetryIngest(store.engine)
+    ingest.ingest("dev-1", _batch([2]))
+    from edgewise.control.telemetry._ingest import _Rec
+
+    recs = {"dev-1": [_Rec(s, "event", 1.0, "e", {}, 0) for s in (1, 2, 3)]}
+    with store.engine.begin() as conn:
+        stored = ingest._insert_log(conn, recs, 5.0)
+    assert [r.seq for r in stored["dev-1"]] == [1, 3]
+    assert _stored(store, "dev-1") == [1, 2, 3]

@@ -101,3 +101,47 @@ def test_window_without_stats_or_inputs_still_reports_resources() -> None:
     assert (cls, kind, ts) == ("metric", "window", clock.now)
     assert data["resources"] == {"cpu_percent": 1.0}
     assert np.isclose(data["end"] - data["start"], 10.0)
+
+
+def test_recorded_requests_are_counted_like_observed_batches(digits: Digits) -> None:
+    ref = reference_from_manifest(digits.manifest["reference"])
+    x = digits.split.x_test[:300]
+    probs = digits.predict(x)
+    labels = [str(i) for i in probs.argmax(1)]
+    windows = []
+    for mode in ("observe", "record"):
+        clock = FakeClock()
+        agg = WindowAggregator(
+            "d",
+            model="m",
+            version="1",
+            reference=ref,
+            labels=digits.manifest["labels"],
+            clock=clock,
+        )
+        if mode == "observe":
+            agg.observe(x, probs.max(1), labels)
+        else:
+            for i in range(len(x)):
+                agg.record(x[i : i + 1], [float(probs[i].max())], [labels[i]])
+        clock.advance(10)
+        windows.append(next(d for _, k, d, _ in agg.close() if k == "window"))
+    assert windows[0]["features"] == windows[1]["features"]
+    assert windows[0]["drift"]["score"] == windows[1]["drift"]["score"]
+
+
+def test_busy_pipelines_are_sampled_at_a_stride_near_the_target() -> None:
+    clock = FakeClock()
+    agg = WindowAggregator("busy", clock=clock)
+    agg.target_rows = 100
+    row = np.zeros((1, 4))
+    for _ in range(1000):
+        agg.record(row, [0.5], [0])
+    clock.advance(10)
+    first = next(d for _, k, d, _ in agg.close() if k == "window")
+    for _ in range(1000):
+        agg.record(row, [0.5], [0])
+    clock.advance(10)
+    second = next(d for _, k, d, _ in agg.close() if k == "window")
+    assert sum(first["confidence"]["counts"]) == 1000  # no history yet: everything
+    assert sum(second["confidence"]["counts"]) == 100  # stride 10 from the first window

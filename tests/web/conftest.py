@@ -7,6 +7,7 @@ windows, so every console page has something to draw.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import json
 import random
@@ -15,6 +16,7 @@ import threading
 import time
 import zipfile
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -46,7 +48,8 @@ class Console:
     admin: str
     operator: str = ""
     viewer: str = ""
-    devices: list[str] = field(default_factory=list)
+    devices: list[str] = field(default_factory=list)  # scripted, 12
+    sim_devices: list[str] = field(default_factory=list)  # the simulator's
     deployment: str = "digits"
     standin_rollouts: bool = False
 
@@ -62,8 +65,20 @@ def _free_socket() -> socket.socket:
     return sock
 
 
-def _has_route(app: Any, path: str) -> bool:
-    return any(getattr(r, "path", None) == path for r in app.routes)
+def route_exists(app: Any, path: str) -> bool:
+    """Whether the app routes `path` (asked in process: a GET without credentials)."""
+
+    async def probe() -> bool:
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://probe") as client:
+            r = await client.get(path)
+        if r.status_code != 404:
+            return True
+        return bool(r.json().get("error", {}).get("message") != "Not Found")
+
+    # In a thread of its own: the caller may already run an event loop (Playwright's).
+    with ThreadPoolExecutor(1) as pool:
+        return pool.submit(asyncio.run, probe()).result()
 
 
 def reference_of(bundle: Path) -> dict[str, Any]:
@@ -171,9 +186,57 @@ def _enroll(con: Console, index: int, rng: random.Random, reference: dict[str, A
     return device_id
 
 
+SIM_DEVICES = 8
+SIM_LABELS = "site=sim-a,sim-b;hw=cpu-small"
+
+
+class SimFleet:
+    """The fleet simulator (`edgewise.sim.Fleet`) running in a thread of its own."""
+
+    def __init__(self, url: str, admin: str) -> None:
+        self.url, self.admin = url, admin
+        self.loop = asyncio.new_event_loop()
+        self.fleet: Any = None
+        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self.thread.start()
+
+    def call(self, coro: Any, timeout: float) -> Any:
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
+
+    def start(self, ref: str, timeout: float = 90.0) -> None:
+        """Enroll the simulated devices and wait until all of them run `ref`."""
+        from edgewise.sim import Fleet
+
+        async def go() -> bool:
+            self.fleet = Fleet(
+                self.url,
+                SIM_DEVICES,
+                seed=11,
+                labels=SIM_LABELS,
+                admin_token=self.admin,
+                time_scale=0.05,
+            )
+            await self.fleet.start()
+            return bool(
+                await self.fleet.run_until(
+                    lambda f: f.count_running(ref) == SIM_DEVICES, timeout=timeout
+                )
+            )
+
+        assert self.call(go(), timeout + 30), f"simulated devices did not reach {ref}"
+
+    def stop(self) -> None:
+        if self.fleet is not None:
+            self.call(self.fleet.stop(), 30)
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(timeout=10)
+        self.loop.close()
+
+
 @pytest.fixture(scope="session")
 def console(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Console]:
-    """A control plane (uvicorn, loopback) with models, a deployment and 12 devices."""
+    """A control plane (uvicorn, loopback): models, a deployment, 12 scripted devices and a
+    simulated fleet (`edgewise.sim`) running beside them for the whole session."""
     from edgewise.bundle import load_public_key, public_key_to_b64
     from edgewise.examples import build_examples
 
@@ -184,9 +247,8 @@ def console(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Console]:
     settings = Settings(data_dir=root / "data", watch_interval_s=0.2)
     store = open_store(settings.database_url)
     app = create_app(settings, store)
-    if not _has_route(app, "/login"):
-        mount_console(app)
-    standin = not _has_route(app, "/api/v1/rollouts")
+    mount_console(app)  # a no-op once the control plane mounts it itself
+    standin = not route_exists(app, "/api/v1/rollouts")
     if standin:
         from ._rollout_standin import router as standin_router
 
@@ -231,7 +293,13 @@ def console(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Console]:
         rng = random.Random(7)
         reference = reference_of(bundles["digits-mlp@1.0.0"])
         con.devices = [_enroll(con, i, rng, reference) for i in range(12)]
-        yield con
+        sim = SimFleet(con.url, admin)
+        try:
+            sim.start("digits-mlp@1.0.0")
+            con.sim_devices = [d.device_id for d in sim.fleet.devices]
+            yield con
+        finally:
+            sim.stop()
     finally:
         server.should_exit = True
         thread.join(timeout=10)

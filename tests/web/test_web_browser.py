@@ -49,11 +49,13 @@ def test_operator_signs_in_and_every_page_renders(
     page.on("pageerror", lambda e: errors.append(str(e)))
     _sign_in(page, console, console.operator)
     device = console.devices[0]
+    total = len(console.devices) + len(console.sim_devices)
     pages = {
         "fleet": ("/", "Versions in the field"),
-        "devices": ("/devices", "12 devices"),
+        "devices": ("/devices", f"{total} devices"),
         "devices-filtered": ("/devices?selector=site%3Dlab", "4 devices"),
         "device": (f"/devices/{device}", "State timeline"),
+        "device-simulated": (f"/devices/{console.sim_devices[0]}", "digits-mlp@1.0.0"),
         "models": ("/models", "digits-mlp@1.1.0"),
         "model": ("/models/digits-mlp/1.0.0", "Provenance"),
         "deployments": ("/deployments", "digits"),
@@ -87,11 +89,12 @@ def test_fleet_overview_counts_devices_and_versions(browser: Any, console: Conso
     ctx, _ = _context(browser, console)
     page = ctx.new_page()
     _sign_in(page, console, console.viewer)
-    assert page.inner_text("[data-testid=online]") == "12"
+    total = len(console.devices) + len(console.sim_devices)
+    assert page.inner_text("[data-testid=online]") == str(total)
     assert page.inner_text("[data-testid=offline]") == "0"
-    # 11 devices report 1.0.0 active; one failed its health check.
-    assert "digits-mlp@1.0.0" in page.inner_text("main")
-    assert "11" in page.locator("tr", has_text="digits-mlp@1.0.0").inner_text()
+    # Every device runs 1.0.0 but one scripted device, which failed its health check.
+    row = page.locator("tr", has_text="digits-mlp@1.0.0").inner_text()
+    assert row.split("\t")[1].strip() == str(total - 1)
     ctx.close()
 
 

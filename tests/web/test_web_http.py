@@ -182,3 +182,42 @@ def test_templates_and_own_assets_reference_no_other_host() -> None:
     files = [*TEMPLATES.glob("*.html"), STATIC_DIR / "console.js", STATIC_DIR / "console.css"]
     for path in files:
         assert not external.search(path.read_text()), path
+
+
+def test_overview_lists_firing_alerts_and_hides_resolved_ones(console: Console) -> None:
+    tables = pytest.importorskip("edgewise.control.telemetry._tables")
+    engine = console.app.state.plane.store.engine
+    tables.metadata.create_all(engine, tables=[tables.alerts], checkfirst=True)
+    now = 1_700_000_000.0
+    row = {
+        "kind": "drift",
+        "value": 0.4,
+        "devices": [console.devices[0]],
+        "opened_at": now,
+        "updated_at": now,
+        "notified": False,
+    }
+    with engine.begin() as c:
+        c.execute(
+            tables.alerts.insert(),
+            [
+                {
+                    **row,
+                    "rule": "drift-high",
+                    "scope": "model=digits-mlp@1.0.0",
+                    "state": "firing",
+                    "message": "drift 0.40 above 0.25 for 3 windows",
+                },
+                {
+                    **row,
+                    "rule": "stale",
+                    "scope": "site=lab",
+                    "state": "resolved",
+                    "message": "telemetry older than 600 s",
+                },
+            ],
+        )
+    with _signed_in(console, console.viewer) as client:
+        page = client.get("/").text
+    assert "drift 0.40 above 0.25 for 3 windows" in page
+    assert "telemetry older than 600 s" not in page

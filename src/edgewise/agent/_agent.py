@@ -16,7 +16,7 @@ reconnects by itself.
 from __future__ import annotations
 
 import contextlib
-import os
+import sqlite3
 import threading
 import time
 from collections.abc import Callable
@@ -45,18 +45,19 @@ from edgewise.agent._identity import (
 from edgewise.agent._install import InstallState
 from edgewise.agent._installer import Installer, InstallFailed
 from edgewise.agent._plan import Action, ObservedPipeline, plan
+from edgewise.agent._process import resources, trim_malloc, tune_malloc
 from edgewise.agent._ratelimit import TokenBucket
+from edgewise.agent._report import build_report, status_document
 from edgewise.agent._state import AgentState, PipelineRecord, StateFile
 from edgewise.agent._store import ModelStore
+from edgewise.agent._windows import TelemetryWindows
 from edgewise.protocol import (
     AgentInfo,
     DesiredPipeline,
     DesiredState,
     DesiredStateError,
-    PipelineReport,
     Report,
     SignedDesiredState,
-    TimelineEntry,
     verify_desired,
 )
 
@@ -148,6 +149,7 @@ class Agent:
         )
         self.local_port: int | None = None
         self.mqtt: Any = None
+        self.windows: TelemetryWindows | None = None
         self._threads: list[threading.Thread] = []
         self._closers: list[Callable[[], None]] = []
 
@@ -162,8 +164,14 @@ class Agent:
         self.report_dirty = True
 
     def emit(self, cls: str, kind: str, data: dict[str, Any]) -> None:
-        """Add one record to the durable telemetry buffer."""
-        self.buffer.append([(cls, kind, data, self.clock())])
+        """Add one record to the durable telemetry buffer.
+
+        Never raises: a full disk must not stop the agent from serving.
+        """
+        try:
+            self.buffer.append([(cls, kind, data, self.clock())])
+        except (sqlite3.Error, OSError):
+            return
         self.drain.wake.set()
 
     def add_telemetry(self, records: list[tuple[str, str, dict[str, Any], float]]) -> int:
@@ -292,6 +300,7 @@ class Agent:
             return False
         if doc.revision != self.state.revision:
             self.emit("event", "desired.accepted", {"revision": doc.revision})
+            self.state.errors.clear()  # refusals were about older documents
         self.state.revision = doc.revision
         self.state.desired = signed.model_dump(mode="json")
         self._persist()
@@ -379,35 +388,13 @@ class Agent:
 
     def build_report(self) -> Report:
         """The reported state, from the durable state."""
-        pipelines: dict[str, PipelineReport] = {}
-        for name, rec in self.state.pipelines.items():
-            c = rec.committed or {}
-            ref = rec.target or c.get("model") or {}
-            slot = None
-            if c and ref.get("sha256") == c["model"]["sha256"]:
-                slot = c["model"]["slot"]
-            pipelines[name] = PipelineReport(
-                model=str(ref.get("name", "")),
-                version=str(ref.get("version", "")),
-                slot=slot,
-                status=str(rec.tracker.state),
-                reason=rec.tracker.reason,
-                timeline=[
-                    TimelineEntry(state=str(e.state), reason=e.reason, at=e.at, progress=e.progress)
-                    for e in rec.tracker.timeline
-                ],
-            )
-        return Report(
-            revision=self.state.revision or 0,
-            pipelines=pipelines,
-            errors=list(self.state.errors),
-            agent=AgentInfo(
-                version=AGENT_VERSION,
-                uptime_s=round(time.monotonic() - self.started_at, 1),
-                buffer_depth=self.buffer.depth(),
-                dropped=self.buffer.dropped(),
-            ),
+        info = AgentInfo(
+            version=AGENT_VERSION,
+            uptime_s=round(time.monotonic() - self.started_at, 1),
+            buffer_depth=self.buffer.depth(),
+            dropped=self.buffer.dropped(),
         )
+        return build_report(self.state, info)
 
     def send_report(self) -> bool:
         """Report if something changed or the interval passed; False when offline."""
@@ -423,54 +410,50 @@ class Agent:
         self._next_report = now + self.config.report_interval_s
         return True
 
-    def _metrics(self) -> None:
+    def _heartbeat(self) -> None:
+        # Pipelines get per-window records from TelemetryWindows; the agent itself
+        # records its own footprint once per report interval.
         now = time.monotonic()
         if now < self._next_metrics:
             return
+        self._next_metrics = now + self.config.report_interval_s
+        self.emit("metric", "agent.resources", resources())
+
+    def window_s(self) -> float:
+        """Telemetry window length: config, else the control plane's setting, else 10 s."""
+        if self.config.metrics_interval_s:
+            return self.config.metrics_interval_s
         settings = self.identity.settings if self.identity else {}
-        window = self.config.metrics_interval_s or float(settings.get("telemetry_window_s", 60))
-        self._next_metrics = now + window
-        records: list[tuple[str, str, dict[str, Any], float]] = []
-        ts = self.clock()
-        for name, stats in self.host.stats().items():
-            plain = {k: v for k, v in stats.items() if isinstance(v, int | float | str)}
-            records.append(("metric", "pipeline.stats", {"pipeline": name, **plain}, ts))
-        records.append(("metric", "agent.resources", _resources(), ts))
-        self.buffer.append(records)
-        self.drain.wake.set()
+        return float(settings.get("telemetry_window_s", 10))
+
+    def _bundle_dir(self, pipeline: str) -> tuple[Path, str] | None:
+        rec = self.state.pipelines.get(pipeline)
+        if rec is None or rec.committed is None:
+            return None
+        model = rec.committed["model"]
+        directory = self.store.slot_dir(model["name"], model["slot"])
+        return directory, str(rec.committed.get("deployment", ""))
+
+    def _egress(self) -> dict[str, Any]:
+        desired = self._accepted()
+        return dict(desired.egress) if desired is not None else {}
 
     # -- status -----------------------------------------------------------------------
 
     def status(self) -> dict[str, Any]:
         """The local `/status` document."""
         with self.lock:
-            running = self.host.running()
-            pipelines = {}
-            for name, rec in list(self.state.pipelines.items()):
-                c = rec.committed or {}
-                m = c.get("model") or {}
-                pipelines[name] = {
-                    "model": m.get("name"),
-                    "version": m.get("version"),
-                    "slot": m.get("slot"),
-                    "serving": running.get(name),
-                    "status": str(rec.tracker.state),
-                    "reason": rec.tracker.reason,
-                    "target": rec.target,
-                }
-            return {
-                "device_id": self.identity.device_id if self.identity else None,
-                "online": self.online,
-                "revision": self.state.revision,
-                "last_sync": self.state.last_sync,
-                "pipelines": pipelines,
-                "errors": list(self.state.errors),
-                "buffer_depth": self.buffer.depth(),
-                "dropped": self.buffer.dropped(),
-                "telemetry_uploaded": self.drain.uploaded,
-                "last_seq": self.buffer.last_seq(),
-                "mqtt_connected": bool(self.mqtt and self.mqtt.connected.is_set()),
-            }
+            doc = status_document(self.state, self.host.running())
+            doc.update(
+                device_id=self.identity.device_id if self.identity else None,
+                online=self.online,
+                buffer_depth=self.buffer.depth(),
+                dropped=self.buffer.dropped(),
+                telemetry_uploaded=self.drain.uploaded,
+                last_seq=self.buffer.last_seq(),
+                mqtt_connected=bool(self.mqtt and self.mqtt.connected.is_set()),
+            )
+            return doc
 
     # -- the loop ---------------------------------------------------------------------
 
@@ -479,6 +462,19 @@ class Agent:
         self.client.key = DeviceKey(self.identity.device_id, self.key)
         self.installer.capabilities = self.capabilities()
         t = threading.Thread(target=self.drain.run, args=(stop,), name="telemetry", daemon=True)
+        t.start()
+        self._threads.append(t)
+        windows = TelemetryWindows(
+            self.host,
+            self.add_telemetry,
+            self._bundle_dir,
+            self._egress,
+            lambda: self.online,
+            self.window_s,
+            self.clock,
+        )
+        self.windows = windows
+        t = threading.Thread(target=windows.run, args=(stop,), name="windows", daemon=True)
         t.start()
         self._threads.append(t)
         if self.config.local_port is not None:
@@ -520,7 +516,7 @@ class Agent:
         attempt = 0
         while not stop.is_set():
             self.send_report()
-            self._metrics()
+            self._heartbeat()
             try:
                 woke = self.wake.is_set()
                 self.wake.clear()
@@ -554,6 +550,14 @@ class Agent:
                 self.state.add_error(f"control plane error: {exc}")
                 stop.wait(self.poll_backoff.delay(attempt))
                 attempt += 1
+            except Exception as exc:
+                # The agent must outlive its own bugs: what serves keeps serving, the
+                # error is reported, and the loop tries again after a backoff.
+                self.state.add_error(f"agent error: {type(exc).__name__}: {exc}")
+                self.report_dirty = True
+                self.emit("event", "agent.error", {"error": f"{type(exc).__name__}: {exc}"})
+                stop.wait(self.poll_backoff.delay(attempt))
+                attempt += 1
 
     def _reconcile_offline(self) -> None:
         # With no control plane, installs whose bundles are cached still proceed; the
@@ -569,42 +573,3 @@ class Agent:
         self.host.close()
         self.buffer.close()
         self.http.close()
-
-
-def tune_malloc() -> None:
-    """Cap glibc malloc arenas: each thread otherwise gets its own, and RSS grows with them.
-
-    A device agent runs a handful of threads that allocate little; two arenas serve them
-    without contention that matters, and keep the idle footprint inside its budget.
-    """
-    try:
-        import ctypes
-
-        libc = ctypes.CDLL("libc.so.6")
-        libc.mallopt(-8, 2)  # M_ARENA_MAX
-    except (OSError, AttributeError):  # not glibc: nothing to tune
-        pass
-
-
-def trim_malloc() -> None:
-    """Give freed heap pages back to the OS (after a model load or swap)."""
-    try:
-        import ctypes
-
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
-
-
-def _resources() -> dict[str, Any]:
-    try:
-        import psutil
-
-        proc = psutil.Process(os.getpid())
-        return {
-            "rss_mb": round(proc.memory_info().rss / 1e6, 1),
-            "cpu_s": round(sum(proc.cpu_times()[:2]), 2),
-            "threads": proc.num_threads(),
-        }
-    except Exception:  # resource readings are best effort
-        return {}

@@ -169,6 +169,8 @@ class Installer:
         except (RetryableError, GiveUp):
             # The uplink is down mid-download: keep `downloading`; the next round resumes.
             raise
+        except OSError as exc:  # e.g. the disk filled up while writing the slot
+            self._fail(name, rec, fingerprint, InstallFailed(f"install failed: {exc}", 60.0))
 
     def _fail(self, name: str, rec: PipelineRecord, fingerprint: str, exc: InstallFailed) -> None:
         rolled = exc.reason.startswith("rolled back")

@@ -85,7 +85,7 @@ def call_api(
     return data
 
 
-def _settings(data: Path, db: str) -> Any:
+def _settings(data: Path, db: str, **extra: Any) -> Any:
     from edgewise.control import Settings
 
     data = data.resolve()
@@ -93,7 +93,7 @@ def _settings(data: Path, db: str) -> Any:
         data.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise CliError(f"cannot create data directory {data}: {exc.strerror or exc}") from None
-    return Settings(data_dir=data, db_url=db)
+    return Settings(data_dir=data, db_url=db, **extra)
 
 
 @app.callback()
@@ -104,6 +104,15 @@ def serve(
     host: Annotated[str, typer.Option("--host", help="Bind address.")] = "127.0.0.1",
     port: Annotated[int, typer.Option("--port", help="Bind port.")] = 8080,
     log_level: Annotated[str, typer.Option("--log-level")] = "warning",
+    desired_ttl: Annotated[
+        float, typer.Option("--desired-ttl", help="Lifetime of signed desired state (s).", min=60)
+    ] = 7 * 86400.0,
+    poll_wait: Annotated[
+        int, typer.Option("--poll-wait", help="Long-poll wait agents are told to use (s).", min=1)
+    ] = 30,
+    allow_unsigned: Annotated[
+        bool, typer.Option("--allow-unsigned-models", help="Registry accepts unsigned bundles.")
+    ] = False,
 ) -> None:
     """Serve the control plane (migrates the database first)."""
     if ctx.invoked_subcommand is not None:
@@ -112,7 +121,13 @@ def serve(
 
     from edgewise.control import create_app, open_store
 
-    settings = _settings(data, db)
+    settings = _settings(
+        data,
+        db,
+        desired_ttl_s=desired_ttl,
+        poll_wait_s=poll_wait,
+        allow_unsigned_models=allow_unsigned,
+    )
     try:
         store = open_store(settings.database_url)
     except Exception as exc:

@@ -177,6 +177,8 @@ def redact(data: Mapping[str, Any], fields: list[str]) -> dict[str, Any]:
     A plain name (`serial`) removes that key at any depth; a dotted path
     (`input.face`) removes exactly that key.
     """
+    if not fields:
+        return dict(data)  # the common case: nothing to walk
     names = frozenset(f for f in fields if "." not in f)
     paths = tuple(tuple(f.split(".")) for f in fields if "." in f)
     out: dict[str, Any] = _redact_value(data, names, paths)

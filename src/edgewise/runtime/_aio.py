@@ -51,10 +51,21 @@ class LoopBatcher:
         return fut
 
     async def infer(
-        self, name: str, x: np.ndarray[Any, Any], exact_dtype: bool = False
+        self, name: str, x: np.ndarray[Any, Any], exact_dtype: bool = False, alone: bool = False
     ) -> InferenceResult:
-        """Run one request; raises its `RuntimeFailure`."""
-        req = await self.add(name, x, exact_dtype)
+        """Run one request; raises its `RuntimeFailure`.
+
+        With `alone` (the caller knows no other request is in progress, e.g. the HTTP
+        app with one connection busy) the request goes at once, without a loop turn;
+        otherwise it joins this loop turn's group.
+        """
+        if alone and name not in self.pending:
+            loop = asyncio.get_running_loop()
+            fut: asyncio.Future[Request] = loop.create_future()
+            self._submit(name, [(x, exact_dtype, fut)], loop)
+        else:
+            fut = self.add(name, x, exact_dtype)
+        req = await fut
         if req.error is not None:
             raise req.error
         result: InferenceResult = req.result
@@ -62,8 +73,10 @@ class LoopBatcher:
 
     def _drain(self, name: str, loop: asyncio.AbstractEventLoop) -> None:
         group = self.pending.pop(name, [])
-        if not group:
-            return
+        if group:
+            self._submit(name, group, loop)
+
+    def _submit(self, name: str, group: Pending, loop: asyncio.AbstractEventLoop) -> None:
         loop_thread = threading.get_ident()
         futures: dict[int, asyncio.Future[Request]] = {}
 

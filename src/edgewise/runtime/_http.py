@@ -15,6 +15,7 @@ mounts it next to its own `/healthz` and `/status`. Errors are JSON
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
@@ -109,6 +110,7 @@ def decode_raw(headers: dict[bytes, bytes], body: bytes) -> np.ndarray[Any, Any]
 def make_inference_app(runtime: Runtime, max_body_bytes: int = 8 * 1024 * 1024) -> ASGIApp:
     """The local inference API over `runtime`, as an ASGI application."""
     batcher = LoopBatcher(runtime)
+    in_progress = [0]
 
     async def infer(name: str, scope: Scope, receive: Receive) -> tuple[int, bytes]:
         body = await _read_body(scope, receive, max_body_bytes)
@@ -116,10 +118,12 @@ def make_inference_app(runtime: Runtime, max_body_bytes: int = 8 * 1024 * 1024) 
         ctype = headers.get(b"content-type", b"application/json")
         raw = ctype.startswith(b"application/octet-stream")
         x = decode_raw(headers, body) if raw else decode_json(body)
-        req = await batcher.add(name, x, raw)
-        if req.error is not None:
-            raise req.error
-        return 200, json.dumps(req.result.to_json()).encode()
+        # Alone: no other request in progress and nothing else ready to run in this loop
+        # turn (CPython's loop keeps that in `_ready`; on loops without it, always group).
+        ready = getattr(asyncio.get_running_loop(), "_ready", (None,))
+        alone = in_progress[0] == 1 and not ready
+        result = await batcher.infer(name, x, raw, alone=alone)
+        return 200, json.dumps(result.to_json()).encode()
 
     async def route(scope: Scope, receive: Receive) -> tuple[int, bytes]:
         path: str = scope["path"]
@@ -152,6 +156,7 @@ def make_inference_app(runtime: Runtime, max_body_bytes: int = 8 * 1024 * 1024) 
         if scope["type"] != "http":
             return
         extra: list[Any] = []
+        in_progress[0] += 1  # counted from arrival, so concurrent requests are seen
         try:
             status, body = await route(scope, receive)
         except RuntimeFailure as exc:
@@ -160,6 +165,8 @@ def make_inference_app(runtime: Runtime, max_body_bytes: int = 8 * 1024 * 1024) 
                 extra = [(b"retry-after", b"1")]
         except Exception as exc:  # never a traceback to the client
             status, body = _error(500, "internal", f"{type(exc).__name__}: {exc}")
+        finally:
+            in_progress[0] -= 1
         await _respond(send, status, body, extra)
 
     return app

@@ -145,27 +145,32 @@ class Runtime:
             raise AcceleratorUnavailable(f"pipeline {spec.name!r} requires an accelerator")
         pre = [PREPROCESS.get(s.type)(s.params) for s in spec.preprocess]
         post = [POSTPROCESS.get(s.type)(s.params) for s in spec.postprocess]
-        with self._lock:
-            if spec.name in self._pipelines:
-                raise ValueError(f"pipeline {spec.name!r} is already running")
-            p = RunningPipeline(spec, self._executor(model.provider), self.clock, pre, post)
-            p.primary = ModelLane(p, model, "primary")
-            if fallback is not None:
-                p.fallback = ModelLane(p, fallback, "fallback")
+        if spec.name in self._pipelines:
+            raise ValueError(f"pipeline {spec.name!r} is already running")
+        p = RunningPipeline(spec, self._executor(model.provider), self.clock, pre, post)
+        p.primary = ModelLane(p, model, "primary")
+        if fallback is not None:
+            p.fallback = ModelLane(p, fallback, "fallback")
+        try:
             if spec.cascade is not None:
                 p.cascade_threshold = spec.cascade.threshold
                 p.escalate = make_escalator(spec, cascade_model)
-            p.sinks = [SINKS.get(s.type)(s.params, spec.name) for s in spec.sinks]
-            self._pipelines[spec.name] = p
+            for s in spec.sinks:  # I/O (broker connections) outside the runtime lock
+                p.sinks.append(SINKS.get(s.type)(s.params, spec.name))
+            with self._lock:
+                if spec.name in self._pipelines:
+                    raise ValueError(f"pipeline {spec.name!r} is already running")
+                self._pipelines[spec.name] = p
+        except Exception:
+            _close_parts(p)
+            raise
         try:
             p.source = SOURCES.get(spec.source.type)(spec.source.params, self, spec.name)
             p.source.start()
         except Exception:
             with self._lock:
                 self._pipelines.pop(spec.name, None)
-            for sink in p.sinks:
-                if hasattr(sink, "close"):
-                    sink.close()
+            _close_parts(p)
             raise
         self._event(spec.name, "pipeline_started", f"serving {model.key}", {"model": model.key})
 
@@ -181,6 +186,8 @@ class Runtime:
         The new model must already be loaded and warmed (load_model does both). Queued
         requests finish on the lane they were admitted to, so none fails or is lost.
         """
+        if tier not in ("primary", "fallback"):
+            raise ValueError(f"tier must be 'primary' or 'fallback', not {tier!r}")
         p = self._get(name)
         with p._swap_lock:
             if tier == "fallback":
@@ -201,10 +208,7 @@ class Runtime:
         p.executor.drain(p, drain_timeout)
         with self._lock:
             self._pipelines.pop(name, None)
-        for part in [*p.sinks, p.escalate]:
-            close = getattr(part, "close", None)
-            if close is not None:
-                close()
+        _close_parts(p)
         self._event(name, "pipeline_stopped", "stopped", {})
 
     def pipelines(self) -> list[dict[str, Any]]:
@@ -276,7 +280,7 @@ class Runtime:
             raise UnknownPipeline(f"no pipeline named {name!r}")
         x, lane = self._prepare(p, x, exact_dtype)
         req = Request(x, lane, p, self.clock(), callback)
-        p.executor.submit(req, inline and p.executor.est_batch_s < self._inline_max_s)
+        p.executor.submit(req, inline and p.executor.typical_batch_s() < self._inline_max_s)
         return req
 
     def prepare_many(
@@ -325,20 +329,7 @@ class Runtime:
                 good.append(req)
         if good:
             ex = good[0].owner.executor  # type: ignore[attr-defined]
-            ex.submit_many(good, inline and ex.est_batch_s < self._inline_max_s)
-
-    def submit_many(
-        self,
-        name: str,
-        xs: Sequence[tuple[Array, bool]],
-        callback: Callable[[Request], None],
-        *,
-        inline: bool = True,
-    ) -> list[Request]:
-        """`prepare_many` then `dispatch_many`."""
-        reqs = self.prepare_many(name, xs, callback)
-        self.dispatch_many(name, reqs, inline=inline)
-        return reqs
+            ex.submit_many(good, inline and ex.typical_batch_s() < self._inline_max_s)
 
     def stats(self, name: str) -> dict[str, Any]:
         """Counters and histograms of one pipeline, plus its current mode."""
@@ -441,3 +432,11 @@ class Runtime:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _close_parts(p: RunningPipeline) -> None:
+    """Close a pipeline's sinks and cascade client (whatever has a close())."""
+    for part in [*p.sinks, p.escalate]:
+        close = getattr(part, "close", None)
+        if close is not None:
+            close()

@@ -125,6 +125,9 @@ class Executor:
         self._closed = False
         self._shed_until = float("-inf")
         self.est_batch_s = 0.0
+        self._recent: deque[float] = deque(maxlen=33)
+        self._typical_s = 0.0
+        self._batches = 0
         self._thread = threading.Thread(target=self._loop, name=f"edgewise-{name}", daemon=True)
         self._thread.start()
 
@@ -239,6 +242,15 @@ class Executor:
             raise req.error
         return req.result
 
+    def typical_batch_s(self) -> float:
+        """Median of recent batch times: what the model costs, robust to load spikes.
+
+        Callers deciding whether to run a batch in an event loop's thread use this, not
+        the EWMA, so that one descheduled batch on a busy machine does not flip a fast
+        model onto the worker thread (and into GIL hand-offs).
+        """
+        return self._typical_s
+
     # -- control ----------------------------------------------------------------------
 
     def pause(self) -> None:
@@ -290,6 +302,12 @@ class Executor:
             owner.inflight -= 1
         took = time.perf_counter() - t0
         self.est_batch_s = took if not self.est_batch_s else 0.8 * self.est_batch_s + 0.2 * took
+        recent = self._recent
+        recent.append(took)
+        if len(recent) < 8 or not self._batches % 16:  # keep the median off the hot path
+            ordered = sorted(recent)
+            self._typical_s = ordered[len(ordered) // 2]
+        self._batches += 1
 
     def _shed_best_effort(self, now: float) -> list[Request]:
         crit = self._queues[CRITICAL]

@@ -9,7 +9,8 @@ Usage::
 Modules: `_profile` (labels and per-device random streams, pure), `_behaviour` (model
 version behaviour and telemetry windows, pure), `_faults` (fault rates and the faulty
 transport), `_artifacts` (bundle verdicts per digest), `_download` (ranged, resumable
-artifact fetch), `_env` (what devices share), `_device` (one device), `_fleet` (the fleet).
+artifact fetch), `_env` (what devices share), `_pipes` (a device's pipelines and report),
+`_device` (one device), `_fleet` (the fleet).
 """
 
 from edgewise.sim._artifacts import ArtifactBook, ArtifactInfo

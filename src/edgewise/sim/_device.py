@@ -23,9 +23,7 @@ import base64
 import contextlib
 import random
 import time
-from collections import Counter
-from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any
 
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
@@ -43,55 +41,27 @@ from edgewise.protocol import (
     DesiredModelRef,
     DesiredState,
     DesiredStateError,
-    PipelineReport,
-    PipelineStatus,
     Report,
     SignedDesiredState,
     TelemetryBatch,
     TelemetryRecord,
-    TimelineEntry,
     verify_desired,
 )
 from edgewise.sim._artifacts import ArtifactInfo
-from edgewise.sim._behaviour import ModelBehaviour, synth_window
+from edgewise.sim._behaviour import synth_window
 from edgewise.sim._download import FetchFailed, fetch_artifact
 from edgewise.sim._env import SimEnv
+from edgewise.sim._pipes import Pipe, build_report, model_ref
 from edgewise.sim._profile import DeviceProfile, device_rng
 
 __all__ = ["SimDevice"]
 
 _MAX_PENDING = 500  # telemetry records a device keeps while it cannot upload
-_MAX_TIMELINE = 40
 _MAX_CRASHES_PER_TARGET = 3
 
 
 class _FetchFailed(Exception):
     """A download that cannot succeed (refused, digest mismatch, gave up)."""
-
-
-@dataclass
-class _Pipe:
-    """One pipeline on the device."""
-
-    running: DesiredModelRef | None = None
-    behaviour: ModelBehaviour | None = None
-    slot: Literal["a", "b"] | None = None
-    deployment: str = ""
-    window_started: float = field(default_factory=time.monotonic)
-    target: DesiredModelRef | None = None
-    status: PipelineStatus = "pending"
-    reason: str = ""
-    timeline: list[TimelineEntry] = field(default_factory=list)
-    crashes: Counter[str] = field(default_factory=Counter)
-
-    def move(self, state: PipelineStatus, at: float, reason: str = "") -> None:
-        self.status, self.reason = state, reason
-        self.timeline.append(TimelineEntry(state=state, reason=reason, at=at))
-        del self.timeline[:-_MAX_TIMELINE]
-
-
-def _ref(m: DesiredModelRef) -> str:
-    return f"{m.name}@{m.version}"
 
 
 class SimDevice:
@@ -124,7 +94,7 @@ class SimDevice:
         self.etag: str | None = None
         self.revision: int | None = None
         self.document: DesiredState | None = None
-        self.pipes: dict[str, _Pipe] = {}
+        self.pipes: dict[str, Pipe] = {}
         self.ever_ran: set[str] = set()
         self.errors: list[str] = []
         self.up = False
@@ -252,7 +222,7 @@ class SimDevice:
     def _reconcile(self, doc: DesiredState) -> None:
         now = self.clock()
         for name, desired in doc.pipelines.items():
-            pipe = self.pipes.setdefault(name, _Pipe())
+            pipe = self.pipes.setdefault(name, Pipe())
             pipe.deployment = desired.deployment
             task = self._installs.get(name)
             if pipe.running is not None and pipe.running.sha256 == desired.model.sha256:
@@ -295,7 +265,7 @@ class SimDevice:
             pipe.move("verifying", self.clock())
             if info.error is not None:
                 raise _FetchFailed(f"bundle refused: {info.error}")
-            behaviour = self.env.book.behaviour(_ref(ref), info.accuracy)
+            behaviour = self.env.book.behaviour(model_ref(ref), info.accuracy)
             pipe.move("installing", self.clock())
             if self.env.report_progress:
                 await self._report()
@@ -324,7 +294,7 @@ class SimDevice:
         pipe.slot = "b" if pipe.slot == "a" else "a"
         pipe.crashes.clear()
         pipe.move("active", self.clock())
-        self.ever_ran.add(_ref(ref))
+        self.ever_ran.add(model_ref(ref))
         stats.installs += 1
         self._installs.pop(name, None)
         await self._report()
@@ -346,30 +316,13 @@ class SimDevice:
 
     def build_report(self) -> Report:
         """The device's reported state now."""
-        pipelines = {}
-        for name, pipe in self.pipes.items():
-            shown = pipe.target or pipe.running
-            if shown is None:
-                continue
-            pipelines[name] = PipelineReport(
-                model=shown.name,
-                version=shown.version,
-                slot=pipe.slot if pipe.target is None else None,
-                status=pipe.status,
-                reason=pipe.reason,
-                timeline=list(pipe.timeline),
-            )
-        return Report(
-            revision=self.revision or 0,
-            pipelines=pipelines,
-            errors=list(self.errors),
-            agent=AgentInfo(
-                version=f"sim-{AGENT_VERSION}",
-                uptime_s=round(time.monotonic() - self._started, 1),
-                buffer_depth=len(self._pending),
-                dropped={"event": 0, "metric": self._dropped, "sample": 0},
-            ),
+        agent = AgentInfo(
+            version=f"sim-{AGENT_VERSION}",
+            uptime_s=round(time.monotonic() - self._started, 1),
+            buffer_depth=len(self._pending),
+            dropped={"event": 0, "metric": self._dropped, "sample": 0},
         )
+        return build_report(self.pipes, self.revision or 0, self.errors, agent)
 
     async def _report(self) -> None:
         # One report at a time, built when sent: a slow older report can never land
@@ -387,7 +340,7 @@ class SimDevice:
                     self.env.stats.refusals[exc.code] += 1
                     return
 
-    def _close_window(self, name: str, pipe: _Pipe) -> None:
+    def _close_window(self, name: str, pipe: Pipe) -> None:
         """Turn the pipe's open window into a record (a window holds one model only)."""
         now = time.monotonic()
         elapsed = (now - pipe.window_started) / self.env.time_scale
@@ -412,7 +365,7 @@ class SimDevice:
             self.env.stats.telemetry_dropped += lost
             del self._pending[:lost]
 
-    def _switched(self, name: str, pipe: _Pipe) -> None:
+    def _switched(self, name: str, pipe: Pipe) -> None:
         """A new model runs: close the old model's window, close the new one's early.
 
         The first window of a new model is short (`first_window_s`), so the rollout's
@@ -457,7 +410,7 @@ class SimDevice:
 
     def running(self) -> dict[str, str]:
         """Pipeline -> the ref it runs now."""
-        return {n: _ref(p.running) for n, p in self.pipes.items() if p.running is not None}
+        return {n: model_ref(p.running) for n, p in self.pipes.items() if p.running is not None}
 
     def statuses(self) -> dict[str, str]:
         """Pipeline -> its install status."""

@@ -32,11 +32,15 @@ def mount_console(app: FastAPI) -> None:
     """Serve the web console from `app` (pages at `/`, assets under `/static`).
 
     The app must carry the control plane as `app.state.plane` (what `create_app`
-    sets); the console reads through it and calls `/api/v1` in process.
+    sets); the console reads through it and calls `/api/v1` in process. Mounting
+    twice is a no-op.
 
     Args:
         app: the control-plane application.
     """
+    if getattr(app.state, "console_mounted", False):
+        return  # idempotent: the app factory and a caller may both mount it
+    app.state.console_mounted = True
     # Imported here: the page modules import the control plane's internals, which
     # must be fully imported before the console is mounted into it.
     from edgewise.web._pages import router as pages

@@ -60,20 +60,25 @@ def _error(session: Session, exc: ApiError, active: str) -> HTMLResponse:
     )
 
 
+_OPEN = frozenset({"open", "firing", "active", "suppressed"})
+
+
 async def _alerts(request: Request, session: Session) -> list[dict[str, Any]] | None:
     answer = await src.api_call(request.app, session.token, "GET", "/api/v1/alerts?state=open")
+    if answer.missing:
+        return await run_in_threadpool(src.stored_alerts, plane_of(request), session.principal)
     if not answer.ok or not isinstance(answer.body, list | dict):
         return None
     items = answer.body if isinstance(answer.body, list) else answer.body.get("alerts", [])
     out = []
     for a in items:
-        if not isinstance(a, dict) or a.get("state", "open") not in ("open", "firing", "active"):
+        if not isinstance(a, dict) or a.get("state", "open") not in _OPEN:
             continue
         out.append(
             {
                 "severity": str(a.get("severity", "warning")),
                 "rule": str(a.get("rule", a.get("name", "?"))),
-                "subject": str(a.get("subject", a.get("target", a.get("key", "")))),
+                "subject": str(a.get("subject", a.get("scope", a.get("target", "")))),
                 "since": a.get("since", a.get("opened_at", a.get("started_at"))),
                 "message": str(a.get("message", a.get("summary", ""))),
             }
@@ -99,7 +104,7 @@ async def overview(request: Request) -> Response:
         return login_redirect(request)
 
     def gather() -> views.FleetSummary:
-        devices = fleet.list_devices(plane, session.principal, None, None)
+        devices = src.device_rows(plane, session.principal, None, None)
         return views.fleet_summary(devices, src.pipelines_by_device(plane))
 
     summary = await run_in_threadpool(gather)
@@ -120,7 +125,7 @@ def devices_page(request: Request, selector: str = "", online: str = "") -> Resp
         return login_redirect(request)
     want = {"true": True, "false": False}.get(online)
     try:
-        found = fleet.list_devices(plane, session.principal, selector[:2000] or None, want)
+        found = src.device_rows(plane, session.principal, selector[:2000] or None, want)
     except ApiError as exc:
         found = []
         flash = f"{exc.message}"
@@ -169,7 +174,7 @@ def device_page(request: Request, device_id: str) -> Response:
         if isinstance(p, dict) and isinstance(p.get("model"), dict)
     }
     records = src.recent_telemetry(plane, device_id)
-    _, series = views.telemetry_series(records)
+    series = _series(records)
     events = [r for r in records if r["cls"] == "event"][-30:]
     events.reverse()
     ctx = page_context(
@@ -315,12 +320,24 @@ def drift_index(request: Request) -> Response:
 _COVERED = frozenset({"start", "end", "ts", "drift", "latency", "window_s"})
 
 
+def _series(records: list[dict[str, Any]]) -> list[views.Series]:
+    """SLO series first, then any other numeric field the windows carry.
+
+    All-zero fields are left out: five flat lines of never-shed requests say nothing.
+    """
+    extra = [
+        s
+        for s in views.bucketed_series(records)
+        if s.name.split(".")[0] not in _COVERED and any(y for y in s.ys)
+    ]
+    return slo.slo_series(records) + extra
+
+
 def _drift_figures(
     records: list[dict[str, Any]], reference: dict[str, Any]
 ) -> tuple[list[views.Series], list[views.Histogram]]:
     """SLO series first, then any other numeric field; histograms against the reference."""
-    series = slo.slo_series(records)
-    series += [s for s in views.bucketed_series(records) if s.name.split(".")[0] not in _COVERED]
+    series = _series(records)
     histograms = slo.reference_histograms(records, reference)
     if not histograms:
         histograms = [

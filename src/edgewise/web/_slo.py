@@ -12,6 +12,9 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+import numpy as np
+import numpy.typing as npt
+
 from edgewise.control.telemetry import WindowFigures, histogram_quantile, merge_latency
 from edgewise.drift import psi
 from edgewise.web._views import Histogram, Series, compare_histograms
@@ -81,6 +84,25 @@ def _sum_lists(target: list[float] | None, values: Any) -> list[float] | None:
     return [a + float(b) for a, b in zip(target, values, strict=True)]
 
 
+def _add_features(
+    total: npt.NDArray[np.float64] | None, counts: Any
+) -> npt.NDArray[np.float64] | None:
+    """Add one window's per-feature bin counts (features x bins) to the running total.
+
+    numpy, because a 64-feature window is a few thousand numbers and a page reads
+    hundreds of windows. Ragged or differently shaped windows are skipped.
+    """
+    if not isinstance(counts, list) or not counts:
+        return total
+    try:
+        arr = np.asarray(counts, dtype=np.float64)
+    except (ValueError, TypeError):
+        return total
+    if arr.ndim != 2 or (total is not None and total.shape != arr.shape):
+        return total
+    return arr if total is None else total + arr
+
+
 def reference_histograms(
     records: Sequence[Mapping[str, Any]], reference: Mapping[str, Any]
 ) -> list[Histogram]:
@@ -93,7 +115,7 @@ def reference_histograms(
     conf: list[float] | None = None
     conf_edges: list[float] | None = None
     classes: list[float] | None = None
-    features: list[list[float] | None] = []
+    features: npt.NDArray[np.float64] | None = None
     latency_bounds: tuple[float, ...] = ()
     windows = []
     for record in records:
@@ -110,12 +132,7 @@ def reference_histograms(
         counts = data.get("features")
         if isinstance(counts, Mapping):
             classes = _sum_lists(classes, counts.get("classes"))
-            per_feature = counts.get("features")
-            if isinstance(per_feature, list):
-                if not features:
-                    features = [None] * len(per_feature)
-                for i, values in enumerate(per_feature[: len(features)]):
-                    features[i] = _sum_lists(features[i], values)
+            features = _add_features(features, counts.get("features"))
         windows.append(WindowFigures.from_record("", data))
     out: list[Histogram] = []
     if conf is not None:
@@ -131,15 +148,16 @@ def reference_histograms(
         out.append(compare_histograms("predicted class vs prior", classes, ref_prior))
     ref_features = reference.get("features") or []
     scored: list[tuple[float, int]] = []
-    for i, observed in enumerate(features):
-        if observed is None or i >= len(ref_features) or sum(observed) <= 0:
+    rows = [] if features is None else features.tolist()
+    for i, observed in enumerate(rows):
+        if i >= len(ref_features) or sum(observed) <= 0:
             continue
         ref_freqs = ref_features[i].get("frequencies") or []
         if len(ref_freqs) == len(observed):
             scored.append((float(psi(ref_freqs, observed)), i))
     for _, i in sorted(scored, reverse=True)[:TOP_FEATURES]:
         name = ref_features[i].get("name") or f"feature {i}"
-        out.append(compare_histograms(f"input {name}", features[i] or [], ref_features[i]))
+        out.append(compare_histograms(f"input {name}", rows[i], ref_features[i]))
     latency_bounds, latency = merge_latency(windows)
     if latency_bounds and sum(latency) > 0:
         # The overflow bucket gets a right edge one bucket-width past the last bound.

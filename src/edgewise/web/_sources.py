@@ -19,17 +19,20 @@ import httpx
 from fastapi import FastAPI
 from sqlalchemy import select
 
-from edgewise.control import ControlPlane, Principal
+from edgewise.control import ApiError, ControlPlane, Principal
 from edgewise.control import _schema as t
 from edgewise.control._rbac import in_scope
+from edgewise.control._selector import SelectorError, parse_selector
 
 __all__ = [
     "ApiAnswer",
     "api_call",
     "device_labels",
+    "device_rows",
     "model_telemetry",
     "pipelines_by_device",
     "recent_telemetry",
+    "stored_alerts",
 ]
 
 _INTERNAL_BASE = "http://console.internal"
@@ -96,6 +99,93 @@ def pipelines_by_device(plane: ControlPlane) -> dict[str, list[dict[str, Any]]]:
     with plane.store.engine.connect() as c:
         for row in c.execute(select(*cols)):
             out.setdefault(row.device_id, []).append(dict(row._mapping))
+    return out
+
+
+def stored_alerts(plane: ControlPlane, who: Principal) -> list[dict[str, Any]] | None:
+    """Open alerts read from the telemetry part's table; None when it has none here.
+
+    Firing and suppressed alerts count as open. A scoped operator sees an alert only
+    when one of its devices is in scope (or it names no device at all).
+    """
+    try:
+        from sqlalchemy.exc import SQLAlchemyError
+
+        from edgewise.control.telemetry._tables import alerts
+    except ImportError:
+        return None
+    q = (
+        select(alerts)
+        .where(alerts.c.state.in_(("firing", "suppressed")))
+        .order_by(alerts.c.opened_at.desc())
+        .limit(200)
+    )
+    try:
+        with plane.store.engine.connect() as c:
+            rows = [dict(r._mapping) for r in c.execute(q)]
+    except SQLAlchemyError:
+        return None  # the table is not migrated into this database
+    if who.scope is not None:
+        labels = device_labels(plane)
+        rows = [
+            r
+            for r in rows
+            if not r["devices"] or any(in_scope(who.scope, labels.get(d, {})) for d in r["devices"])
+        ]
+    return [
+        {
+            "severity": "warning" if r["state"] == "suppressed" else "critical",
+            "rule": f"{r['rule']} ({r['kind']})",
+            "subject": r["scope"],
+            "since": r["opened_at"],
+            "message": r["message"]
+            + (" [suppressed: rollout]" if r["state"] == "suppressed" else ""),
+        }
+        for r in rows
+    ]
+
+
+def device_rows(
+    plane: ControlPlane, who: Principal, selector: str | None, online: bool | None
+) -> list[dict[str, Any]]:
+    """Devices as `fleet.list_devices` shows them, reading only the listed columns.
+
+    The control plane's own listing loads every device's signed desired document; a
+    page of 1,000 devices needs none of it. Same rules: pending last-seen times are
+    flushed first, scope and selector filter, online = active and seen recently.
+
+    Raises:
+        ApiError: 400 for a selector that does not parse.
+    """
+    try:
+        sel = parse_selector(selector) if selector else None
+    except SelectorError as exc:
+        raise ApiError(400, "bad_selector", str(exc)) from None
+    plane.store.touch_last_seen(plane.seen.take())
+    dev = t.devices
+    cols = [
+        dev.c.id,
+        dev.c.labels,
+        dev.c.status,
+        dev.c.enrolled_at,
+        dev.c.last_seen,
+        dev.c.desired_revision,
+        dev.c.report_revision,
+    ]
+    now = plane.clock()
+    window = plane.settings.online_window_s
+    out = []
+    with plane.store.engine.connect() as c:
+        rows = [dict(r._mapping) for r in c.execute(select(*cols).order_by(dev.c.id))]
+    for row in rows:
+        labels = dict(row["labels"])
+        if not in_scope(who.scope, labels) or (sel is not None and not sel.matches(labels)):
+            continue
+        seen = row["last_seen"]
+        row["online"] = row["status"] == "active" and seen is not None and now - seen <= window
+        row["reported_revision"] = row.pop("report_revision")
+        if online is None or row["online"] == online:
+            out.append(row)
     return out
 
 

@@ -23,14 +23,9 @@ __all__ = [
     "flatten_numbers",
     "fleet_summary",
     "model_placements",
-    "telemetry_series",
     "version_key",
     "window_histograms",
 ]
-
-# Beyond this many points a chart shows nothing more to the eye, and the page grows.
-MAX_POINTS = 500
-
 
 @dataclass(frozen=True)
 class FleetSummary:
@@ -132,26 +127,6 @@ def flatten_numbers(data: Mapping[str, Any], prefix: str = "", depth: int = 3) -
         elif isinstance(value, Mapping) and depth > 1:
             out.update(flatten_numbers(value, f"{name}.", depth - 1))
     return out
-
-
-def telemetry_series(
-    records: Sequence[Mapping[str, Any]], limit: int = 12
-) -> tuple[list[float], list[Series]]:
-    """Line-chart series from metric records: one per numeric field, shared x axis.
-
-    Records without a field get None at that x (uPlot draws a gap). The fields kept
-    are the `limit` that appear most often, so one odd record cannot flood the page.
-    """
-    rows = sorted(
-        (r for r in records if r.get("cls", "metric") == "metric"),
-        key=lambda r: float(r.get("ts") or 0.0),
-    )[-MAX_POINTS:]
-    flat = [flatten_numbers(r.get("data") or {}) for r in rows]
-    seen: Counter[str] = Counter(k for f in flat for k in f if k not in ("ts", "seq", "window_s"))
-    names = sorted(k for k, _ in seen.most_common(limit))
-    xs = [float(r.get("ts") or 0.0) for r in rows]
-    series = [Series(n, xs, [f.get(n) for f in flat]) for n in names]
-    return xs, series
 
 
 def bucketed_series(

@@ -5,6 +5,8 @@ The agent keeps one `WindowAggregator` per pipeline, feeds it served batches
 `close()` returns each window: records that already passed the egress policy.
 `ResourceReaders` reads CPU, memory, temperature and throttling (injectable);
 `reference_from_manifest` turns a bundle's `reference` into the drift baseline.
+`TelemetryHub` holds the windows of every pipeline for the agent loop, and
+`MqttTelemetryUplink` uploads batches over MQTT instead of HTTP.
 """
 
 from edgewise.agent.telemetry._capture import SampleCapture
@@ -14,6 +16,7 @@ from edgewise.agent.telemetry._drift import (
     KsTracker,
     reference_from_manifest,
 )
+from edgewise.agent.telemetry._hub import PipelineInfo, TelemetryHub
 from edgewise.agent.telemetry._mqtt import MqttTelemetryUplink
 from edgewise.agent.telemetry._resources import ResourceReaders, read_memory, read_throttled
 from edgewise.agent.telemetry._window import (
@@ -30,8 +33,10 @@ __all__ = [
     "DriftWindow",
     "KsTracker",
     "MqttTelemetryUplink",
+    "PipelineInfo",
     "ResourceReaders",
     "SampleCapture",
+    "TelemetryHub",
     "WindowAggregator",
     "read_memory",
     "read_throttled",

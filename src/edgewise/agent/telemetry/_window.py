@@ -138,6 +138,9 @@ class WindowAggregator:
         self._pending: list[tuple[Array, Sequence[Any], Sequence[Any]]] = []
         self._pending_rows = 0
         self.flush_rows = 256
+        self.target_rows = 1000
+        self._offered = 0
+        self._stride = 1
         self.set_model(model, version, reference, labels)
 
     # -- configuration ----------------------------------------------------------------
@@ -212,11 +215,16 @@ class WindowAggregator:
             )
 
     def record(self, inputs: Array, confidences: Sequence[Any], predicted: Sequence[Any]) -> None:
-        """Queue one served request for `observe` (cheap: the hot path only appends).
+        """Offer one served request for drift and confidence counting (hot path: cheap).
 
-        Rows are counted in one vectorised `observe` per `flush_rows` rows and at window
-        close, so per-request telemetry costs an append, not a histogram update.
+        Drift needs a few hundred inferences per window, not every one: requests are
+        taken at a stride chosen from the previous window's volume so that about
+        `target_rows` are counted per window (all of them on a quiet pipeline). Taken
+        rows are counted in one vectorised `observe` per `flush_rows` and at close.
         """
+        self._offered += 1
+        if self._offered % self._stride:
+            return
         self._pending.append((inputs, confidences, predicted))
         self._pending_rows += len(confidences)
         if self._pending_rows >= self.flush_rows:
@@ -346,6 +354,9 @@ class WindowAggregator:
         return [("event", "drift.alarm" if drifted else "drift.cleared", body, ts)]
 
     def _reset(self, start: float) -> None:
+        # Requests offered this window set the sampling stride of the next one.
+        self._stride = max(1, self._offered // self.target_rows)
+        self._offered = 0
         self._start = start
         self._window_stats = self._latest_stats
         self._samples = []

@@ -104,7 +104,7 @@ async def drift(
 @_route("GET", "/alerts", Permission.READ)
 async def list_alerts(
     request: Request,
-    _who: Reader,
+    who: Reader,
     state: Annotated[str | None, Query(max_length=20)] = None,
     limit: Annotated[int, Query(ge=1, le=10_000)] = 200,
 ) -> list[dict[str, Any]]:
@@ -112,7 +112,7 @@ async def list_alerts(
     if state is not None and state not in _ALERT_STATES:
         raise ApiError(400, "bad_state", f"state must be one of {', '.join(_ALERT_STATES)}")
     svc = _service(request)
-    return await to_thread.run_sync(lambda: svc.alerts(state, limit))
+    return await to_thread.run_sync(lambda: svc.alerts(state, limit, _visible(who)))
 
 
 @_route("GET", "/alert-rules", Permission.READ)

@@ -236,8 +236,20 @@ class TelemetryService:
             rows: list[Any] = list(c.execute(select(ar.c.rule).order_by(ar.c.name)).scalars())
         return [parse_rule(r) for r in rows]
 
-    def alerts(self, state: str | None = None, limit: int = 200) -> list[dict[str, Any]]:
-        """Alert records, newest first (`state`: firing, suppressed, resolved, or open)."""
+    def device_labels(self) -> dict[str, dict[str, str]]:
+        """Device id -> labels."""
+        dev = cs.devices
+        with self.engine.connect() as c:
+            rows: list[Any] = list(c.execute(select(dev.c.id, dev.c.labels)))
+        return {str(i): dict(labels or {}) for i, labels in rows}
+
+    def alerts(
+        self, state: str | None = None, limit: int = 200, visible: Visible | None = None
+    ) -> list[dict[str, Any]]:
+        """Alert records, newest first (`state`: firing, suppressed, resolved, or open).
+
+        With `visible`, only alerts naming at least one visible device (or none at all).
+        """
         al = tt.alerts
         q = select(al).order_by(al.c.updated_at.desc(), al.c.id.desc()).limit(limit)
         if state == "open":
@@ -245,7 +257,15 @@ class TelemetryService:
         elif state:
             q = q.where(al.c.state == state)
         with self.engine.connect() as c:
-            return [dict(r) for r in c.execute(q).mappings()]
+            rows = [dict(r) for r in c.execute(q).mappings()]
+        if visible is not None:
+            labels = self.device_labels()
+            rows = [
+                r
+                for r in rows
+                if not r["devices"] or any(visible(labels.get(d, {})) for d in r["devices"])
+            ]
+        return rows
 
     # -- alert evaluation -------------------------------------------------------------
 

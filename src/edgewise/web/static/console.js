@@ -12,8 +12,12 @@
   }
 
   function line(fig, d) {
+    /* A lone window would otherwise stretch the time axis over years. */
+    var lo = Math.min.apply(null, d.x), hi = Math.max.apply(null, d.x);
+    var pad = hi - lo < 120 ? 120 : 0;
     return new uPlot({
       width: width(fig), height: 180, legend: { show: false },
+      scales: { x: { time: true, range: [lo - pad, hi + pad] } },
       series: [{}, { label: d.name, stroke: "#2563eb", width: 1.5, spanGaps: true }],
       axes: [{}, { size: 60 }]
     }, [d.x, d.y], fig);

@@ -1,0 +1,120 @@
+"""The device client (sync and asyncio) against a real control plane, and local API inputs."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+from pathlib import Path
+
+import httpx
+import pytest
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+import edgewise.agent as agent_pkg
+from edgewise.agent import AsyncDeviceClient, DeviceAuthError, DeviceClient, DeviceKey, UplinkError
+from edgewise.agent._identity import public_key_b64
+from edgewise.agent._local import make_local_app
+from edgewise.protocol import Report, TelemetryBatch, TelemetryRecord
+
+from ._harness import ControlPlaneProc
+
+
+def test_public_names_are_sorted_and_importable() -> None:
+    def isort_style(name: str) -> tuple[int, str]:  # constants, classes, functions (RUF022)
+        return (0 if name.isupper() else 1 if name[0].isupper() else 2, name)
+
+    assert agent_pkg.__all__ == sorted(set(agent_pkg.__all__), key=isort_style)
+    for name in agent_pkg.__all__:
+        assert getattr(agent_pkg, name) is not None
+
+
+@pytest.mark.slow
+def test_async_client_speaks_the_device_protocol(
+    shared_cp: ControlPlaneProc, example_bundles: dict[str, Path]
+) -> None:
+    cp = shared_cp
+    token = cp.enroll_token()
+    key = Ed25519PrivateKey.generate()
+    bundle = example_bundles["digits-mlp@1.0.0"].read_bytes()
+    sha = hashlib.sha256(bundle).hexdigest()
+
+    async def scenario() -> None:
+        async with httpx.AsyncClient(base_url=cp.url) as http:
+            client = AsyncDeviceClient(http)
+            answer = await client.enroll(token, public_key_b64(key), {"site": "a"}, {"arch": "x"})
+            client.key = DeviceKey(answer["device_id"], key)
+            first = await client.desired()
+            assert first.signed is not None and first.etag
+            unchanged = await client.desired(first.etag, 0)
+            assert unchanged.signed is None
+            await client.report(Report(revision=first.signed.document.revision))
+            rec = TelemetryRecord(seq=1, cls="event", ts=0.0, kind="boot", data={})
+            ack = await client.telemetry(TelemetryBatch(records=[rec]))
+            assert ack.accepted == 1 and ack.acked_seq == 1
+            again = await client.telemetry(TelemetryBatch(records=[rec]))
+            assert again.duplicates == 1 and again.accepted == 0
+            async with client.open(f"/device/v1/artifacts/{sha}", 100) as resp:
+                assert resp.status_code == 206
+                assert await resp.aread() == bundle[100:]
+
+    asyncio.run(scenario())
+
+
+@pytest.mark.slow
+def test_sync_client_reports_auth_failures_as_device_auth_errors(
+    shared_cp: ControlPlaneProc,
+) -> None:
+    with httpx.Client(base_url=shared_cp.url) as http:
+        stranger = DeviceClient(http, DeviceKey("dev-unknown", Ed25519PrivateKey.generate()))
+        with pytest.raises(DeviceAuthError):
+            stranger.desired()
+        with pytest.raises(UplinkError):
+            DeviceClient(http).enroll("not-a-token", public_key_b64(
+                Ed25519PrivateKey.generate()), {}, {})
+
+
+def _call(app: object, method: str, path: str, body: bytes = b"") -> tuple[int, bytes]:
+    async def run() -> tuple[int, bytes]:
+        sent: list[dict[str, object]] = []
+        msgs = [{"type": "http.request", "body": body, "more_body": False}]
+
+        async def receive() -> dict[str, object]:
+            return msgs.pop(0) if msgs else {"type": "http.disconnect"}
+
+        async def send(msg: dict[str, object]) -> None:
+            sent.append(msg)
+
+        scope = {"type": "http", "method": method, "path": path, "headers": []}
+        await app(scope, receive, send)  # type: ignore[operator]
+        return int(sent[0]["status"]), bytes(sent[1]["body"])  # type: ignore[call-overload]
+
+    return asyncio.run(run())
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        b"not json",
+        b'{"records": "x"}',
+        b'{"records": [{"cls": "bogus", "kind": "k"}]}',
+        b'{"records": [{"cls": "event", "kind": ""}]}',
+        b'{"records": [{"cls": "event", "kind": "k", "data": []}]}',
+        b'{"records": [{"cls": "event", "kind": "k", "ts": "yesterday"}]}',
+    ],
+)
+def test_local_telemetry_endpoint_refuses_bad_records_with_400(body: bytes) -> None:
+    stored: list[object] = []
+    app = make_local_app(lambda: {}, lambda r: stored.append(r) or len(r), lambda: None)
+    status, raw = _call(app, "POST", "/telemetry", body)
+    assert status == 400 and b'"bad_request"' in raw
+    assert stored == []
+
+
+def test_local_endpoints_answer_health_status_and_unknown_routes() -> None:
+    app = make_local_app(lambda: {"pipelines": {}}, lambda r: len(r), lambda: None)
+    assert _call(app, "GET", "/healthz") == (200, b'{"ok": true}')
+    assert _call(app, "GET", "/status")[0] == 200
+    assert _call(app, "GET", "/telemetry")[0] == 405
+    assert _call(app, "POST", "/v1/pipelines/x/infer")[0] == 404
+    ok = b'{"records": [{"cls": "metric", "kind": "app.m", "data": {"v": 1}}]}'
+    assert _call(app, "POST", "/telemetry", ok) == (200, b'{"stored": 1}')

@@ -1,0 +1,149 @@
+"""The installer with real parts: a local artifact server, real files, the real runtime."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from edgewise.agent import (
+    ArtifactCache,
+    Backoff,
+    HttpArtifactSource,
+    InstallState,
+    ModelStore,
+    RuntimeHost,
+)
+from edgewise.agent._installer import Installer
+from edgewise.agent._plan import Action
+from edgewise.agent._state import PipelineRecord
+from edgewise.bundle import generate_keypair, load_public_key
+from edgewise.protocol import DesiredModelRef
+
+from .conftest import ArtifactServer
+
+CAPS = {"runtimes": {"onnxruntime": "1"}, "memory_mb": 4096, "accelerators": []}
+
+
+@pytest.fixture
+def host() -> Iterator[RuntimeHost]:
+    h = RuntimeHost(monitor_interval_s=None)
+    try:
+        yield h
+    finally:
+        h.close()
+
+
+def _installer(
+    tmp_path: Path, server: ArtifactServer, host: RuntimeHost, trust: Any, events: list[Any]
+) -> tuple[Installer, httpx.Client]:
+    http = httpx.Client(base_url=server.url)
+    inst = Installer(
+        ModelStore(tmp_path / "models"),
+        ArtifactCache(tmp_path / "cache"),
+        HttpArtifactSource(http),
+        host,
+        lambda: trust,
+        CAPS,
+        Backoff(base_s=0.0, max_tries=2, sleep=lambda s: None),
+        lambda: None,
+        lambda cls, kind, data: events.append((kind, data)),
+    )
+    return inst, http
+
+
+def _action(server: ArtifactServer, bundle: Path, name: str, version: str) -> Action:
+    data = bundle.read_bytes()
+    sha = hashlib.sha256(data).hexdigest()
+    server.blobs[f"/a/{sha}"] = data
+    ref = DesiredModelRef(name=name, version=version, sha256=sha, size=len(data), url=f"/a/{sha}")
+    return Action("install", "digits", ref, {}, "d", fingerprint=sha)
+
+
+def _resign(src: Path, out: Path, key: Path, pub: Path, edit: Any) -> Path:
+    from edgewise.bundle import extract, pack, sign
+
+    work = out.with_suffix("")
+    extract(src, work, [load_public_key(pub)])
+    manifest = json.loads((work / "manifest.json").read_text())
+    edit(manifest)
+    (work / "manifest.json").write_text(json.dumps(manifest))
+    pack(work, out)
+    sign(out, key)
+    return out
+
+
+def test_install_goes_through_every_state_and_serves(
+    tmp_path: Path, artifact_server: ArtifactServer, example_bundles: dict[str, Path],
+    host: RuntimeHost,
+) -> None:
+    trust = [load_public_key(example_bundles["_pub"])]
+    events: list[Any] = []
+    inst, http = _installer(tmp_path, artifact_server, host, trust, events)
+    rec = PipelineRecord()
+    action = _action(artifact_server, example_bundles["digits-mlp@1.0.0"], "digits-mlp", "1.0.0")
+    inst.install("digits", rec, action, action.fingerprint)
+    http.close()
+    states = [str(e.state) for e in rec.tracker.timeline]
+    assert states == [
+        "pending", "downloading", "verifying", "installing", "health_checking", "active"
+    ]
+    assert host.running() == {"digits": "digits-mlp@1.0.0"}
+    assert rec.committed is not None and rec.committed["model"]["slot"] == "a"
+    assert [k for k, _ in events] == ["install.started", "install.succeeded"]
+
+
+def test_bundle_signed_by_an_untrusted_key_is_refused_as_signature_invalid(
+    tmp_path: Path, artifact_server: ArtifactServer, example_bundles: dict[str, Path],
+    host: RuntimeHost,
+) -> None:
+    _, other_pub = generate_keypair("other", tmp_path / "keys")
+    inst, http = _installer(
+        tmp_path, artifact_server, host, [load_public_key(other_pub)], []
+    )
+    rec = PipelineRecord()
+    action = _action(artifact_server, example_bundles["digits-mlp@1.0.0"], "digits-mlp", "1.0.0")
+    inst.install("digits", rec, action, action.fingerprint)
+    http.close()
+    assert rec.tracker.state is InstallState.FAILED
+    assert rec.tracker.reason.startswith("signature invalid")
+    assert rec.refused == action.fingerprint and rec.retry_at is None
+    assert host.running() == {}
+
+
+def test_bundle_needing_an_absent_accelerator_is_refused_as_incompatible(
+    tmp_path: Path, artifact_server: ArtifactServer, example_bundles: dict[str, Path],
+    host: RuntimeHost,
+) -> None:
+    pub = example_bundles["_pub"]
+    bundle = _resign(
+        example_bundles["digits-mlp@1.0.0"], tmp_path / "cuda.ewb", pub.with_suffix(".key"), pub,
+        lambda m: m["requires"].update(accelerators=["cuda"]),
+    )
+    inst, http = _installer(tmp_path, artifact_server, host, [load_public_key(pub)], [])
+    rec = PipelineRecord()
+    action = _action(artifact_server, bundle, "digits-mlp", "1.0.0")
+    inst.install("digits", rec, action, action.fingerprint)
+    http.close()
+    assert rec.tracker.state is InstallState.FAILED
+    assert rec.tracker.reason == "incompatible: needs accelerator cuda"
+
+
+def test_bundle_that_is_not_the_named_model_is_refused(
+    tmp_path: Path, artifact_server: ArtifactServer, example_bundles: dict[str, Path],
+    host: RuntimeHost,
+) -> None:
+    inst, http = _installer(
+        tmp_path, artifact_server, host, [load_public_key(example_bundles["_pub"])], []
+    )
+    rec = PipelineRecord()
+    action = _action(artifact_server, example_bundles["digits-mlp@1.0.0"], "digits-mlp", "9.9.9")
+    inst.install("digits", rec, action, action.fingerprint)
+    http.close()
+    assert rec.tracker.state is InstallState.FAILED
+    assert "expected digits-mlp@9.9.9" in rec.tracker.reason
