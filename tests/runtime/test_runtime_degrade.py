@@ -105,3 +105,62 @@ def test_injected_thermal_pressure_switches_to_fallback_and_back_with_events(
     assert stats["nv_inference_request_success"] == 3
     kinds = [(e.kind, e.detail.get("to")) for e in seen if e.kind in ("degraded", "recovered")]
     assert kinds == [("degraded", "fallback"), ("recovered", "primary")]
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_rolling_p95_over_the_slo_switches_to_fallback_and_back(
+    mlp_bytes: bytes,
+    logreg_bytes: bytes,
+    split: DigitsSplit,
+    make_spec: SpecFactory,
+) -> None:
+    from edgewise.runtime import POSTPROCESS
+
+    clock = Clock()
+    delay = [0.05]
+
+    def factory(params: object) -> object:
+        def run(post: object) -> None:
+            clock.now += delay[0]
+
+        return run
+
+    POSTPROCESS.register("test_slow")(factory)
+    rt = Runtime(
+        cores=1,
+        clock=clock,
+        monitor_interval_s=None,
+        thermal_reader=lambda: None,
+        cpu_reader=lambda: None,
+    )
+    try:
+        spec = make_spec(
+            fallback={"name": "digits-logreg"},
+            slo={"p95_ms": 20, "window_s": 10},
+            postprocess=[{"type": "test_slow"}],
+            degradation={"slo_breach_windows": 2, "recover_windows": 1},
+        )
+        rt.start_pipeline(spec, rt.load_model(mlp_bytes), fallback=rt.load_model(logreg_bytes))
+        for row in split.x_test[:5]:
+            rt.infer("digits", row)  # each takes 50 ms of fake time
+        assert rt.tick() == []  # first breached window
+        [event] = rt.tick()
+        assert event.kind == "degraded" and event.reason == "p95 50.0 ms over the 20 ms SLO"
+
+        delay[0] = 0.001
+        clock.now += 11  # the slow samples leave the 10 s window
+        for row in split.x_test[:5]:
+            assert rt.infer("digits", row).tier == "fallback"
+        [event] = rt.tick()
+        assert event.kind == "recovered"
+        assert rt.infer("digits", split.x_test[0]).tier == "primary"
+    finally:
+        rt.close()
+        POSTPROCESS._factories.pop("test_slow", None)

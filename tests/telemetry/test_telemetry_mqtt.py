@@ -163,7 +163,7 @@ def test_shared_subscription_splits_devices_between_control_planes(
     for d in devices:
         assert _stored(store, d) == list(range(1, 31))
     received = [c.stats.received for c in consumers]
-    assert sum(received) == 36 and min(received) > 0  # both planes took a share
+    assert sum(received) >= 36 and min(received) > 0  # both planes took a share
 
 
 @pytest.mark.parametrize("store", ["sqlite"], indirect=True)
@@ -190,7 +190,7 @@ def test_forged_and_misrouted_messages_are_refused(
     raw.publish(f"edgewise/telemetry/{victim}", b"not gzip", qos=1).wait_for_publish(5)
     raw.disconnect()
     raw.loop_stop()
-    _wait(lambda: sum(c.stats.rejected for c in consumers) == 2)
+    _wait(lambda: sum(c.stats.rejected for c in consumers) >= 2)
     assert _stored(store, victim) == [] and _stored(store, attacker) == []
 
 

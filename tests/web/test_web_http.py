@@ -221,3 +221,19 @@ def test_overview_lists_firing_alerts_and_hides_resolved_ones(console: Console) 
         page = client.get("/").text
     assert "drift 0.40 above 0.25 for 3 windows" in page
     assert "telemetry older than 600 s" not in page
+
+
+@pytest.mark.parametrize("selector", [None, "site=lab", "hw in (cpu-large)", "site notin (lab)"])
+def test_console_device_listing_agrees_with_the_control_plane(
+    console: Console, selector: str | None
+) -> None:
+    from edgewise.control import _fleet as fleet
+    from edgewise.web._sources import device_rows
+
+    plane = console.app.state.plane
+    who = plane.authenticate(f"Bearer {console.viewer}")
+    keys = ("id", "labels", "status", "online", "desired_revision")  # last_seen moves
+    for online in (None, True, False):
+        theirs = [{k: d[k] for k in keys} for d in fleet.list_devices(plane, who, selector, online)]
+        ours = [{k: d[k] for k in keys} for d in device_rows(plane, who, selector, online)]
+        assert ours == theirs

@@ -16,7 +16,9 @@ reconnects by itself.
 from __future__ import annotations
 
 import contextlib
+import json
 import sqlite3
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -85,6 +87,7 @@ class AgentConfig:
     disk_reserve_mb: float = 0.0
     mqtt: tuple[str, int] | None = None
     capabilities: dict[str, Any] | None = None  # None: collect from this machine
+    log_events: bool = False  # one stderr line per event (the CLI turns it on)
 
 
 class Agent:
@@ -168,6 +171,9 @@ class Agent:
 
         Never raises: a full disk must not stop the agent from serving.
         """
+        if self.config.log_events and cls == "event":
+            stamp = time.strftime("%H:%M:%S")
+            print(f"{stamp} agent: {kind} {json.dumps(data, default=str)}", file=sys.stderr)
         try:
             self.buffer.append([(cls, kind, data, self.clock())])
         except (sqlite3.Error, OSError):
@@ -255,6 +261,7 @@ class Agent:
             try:
                 self.installer.start_committed(name, rec, rec.committed["spec"])
             except Exception as exc:  # an unusable slot: the loop reinstalls it
+                self.emit("event", "pipeline.unusable", {"pipeline": name, "error": str(exc)})
                 rec.committed = None
                 rec.tracker.restart(f"committed model unusable: {exc}", self.clock())
                 self._persist()

@@ -60,7 +60,11 @@ def main() -> None:
     Set EDGEWISE_DEBUG=1 to see the full traceback of an unexpected error.
     """
     try:
-        app(standalone_mode=False)
+        # Without standalone mode click returns (rather than raises) the code of a
+        # `typer.Exit` raised inside a command; carry it to the process exit status.
+        rv = app(standalone_mode=False)
+        if isinstance(rv, int) and not isinstance(rv, bool) and rv != 0:
+            sys.exit(rv)
     except CliError as exc:
         typer.echo(f"error: {exc}", err=True)
         sys.exit(exc.exit_code)

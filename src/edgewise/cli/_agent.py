@@ -97,6 +97,7 @@ def agent(
         telemetry_rate=telemetry_rate,
         disk_reserve_mb=disk_reserve_mb,
         mqtt=_mqtt(mqtt),
+        log_events=True,
     )
     stop = threading.Event()
 

@@ -60,7 +60,9 @@ def resolve_token(flag: str | None) -> str:
     """The operator token from flag, environment or config file; required."""
     token = flag or os.environ.get("EDGEWISE_TOKEN") or str(_config().get("token") or "")
     if not token:
-        raise CliError("no operator token: pass --token, set EDGEWISE_TOKEN, or write a config file")
+        raise CliError(
+            "no operator token: pass --token, set EDGEWISE_TOKEN, or write a config file"
+        )
     return token
 
 

@@ -96,6 +96,16 @@ def _settings(data: Path, db: str, **extra: Any) -> Any:
     return Settings(data_dir=data, db_url=db, **extra)
 
 
+def _open(settings: Any) -> Any:
+    from edgewise.control import open_store
+
+    try:
+        return open_store(settings.database_url)
+    except Exception as exc:  # driver errors span lines; the user needs the first
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        raise CliError(f"cannot open database: {type(exc).__name__}: {first}") from None
+
+
 @app.callback()
 def serve(
     ctx: typer.Context,
@@ -119,7 +129,7 @@ def serve(
         return
     import uvicorn
 
-    from edgewise.control import create_app, open_store
+    from edgewise.control import create_app
 
     settings = _settings(
         data,
@@ -128,10 +138,7 @@ def serve(
         poll_wait_s=poll_wait,
         allow_unsigned_models=allow_unsigned,
     )
-    try:
-        store = open_store(settings.database_url)
-    except Exception as exc:
-        raise CliError(f"cannot open database: {type(exc).__name__}: {exc}") from None
+    store = _open(settings)
     app_ = create_app(settings, store)
     token = app_.state.plane.bootstrap_admin()
     if token:
@@ -155,10 +162,10 @@ def init(data: DataOpt = Path("edgewise-data"), db: DbOpt = "") -> None:
 
     The admin token is printed alone on the last line.
     """
-    from edgewise.control import ControlPlane, open_store
+    from edgewise.control import ControlPlane
 
     settings = _settings(data, db)
-    store = open_store(settings.database_url)
+    store = _open(settings)
     try:
         token = ControlPlane(settings, store).bootstrap_admin()
     finally:
@@ -172,11 +179,8 @@ def init(data: DataOpt = Path("edgewise-data"), db: DbOpt = "") -> None:
 @app.command("migrate")
 def migrate_cmd(data: DataOpt = Path("edgewise-data"), db: DbOpt = "") -> None:
     """Bring the database schema up to date."""
-    from edgewise.control import open_store
-
     settings = _settings(data, db)
-    settings.data_dir.mkdir(parents=True, exist_ok=True)
-    open_store(settings.database_url).close()
+    _open(settings).close()
     typer.echo("schema is at head")
 
 

@@ -9,7 +9,8 @@ Usage::
 
 Every child is started with `start_new_session=True`, so signalling its process group
 reaches whatever it spawned too. `stop_all` is idempotent and registered with `atexit`,
-so an exception anywhere in the story still leaves no process behind.
+so an exception anywhere in the story still leaves no process behind; on Linux each
+child also asks the kernel to SIGKILL it should the demo die without cleaning up.
 """
 
 from __future__ import annotations
@@ -27,6 +28,17 @@ from dataclasses import dataclass
 from pathlib import Path
 
 __all__ = ["Child", "Processes", "edgewise_argv", "free_port"]
+
+
+def _die_with_parent() -> None:
+    # Runs in the child between fork and exec: if the demo itself is SIGKILLed (no
+    # atexit, no finally), the kernel still takes its children down (Linux only).
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
 
 
 def free_port() -> int:
@@ -99,6 +111,7 @@ class Processes:
                 stdin=subprocess.DEVNULL,
                 env={**os.environ, **(env or {})},
                 start_new_session=True,
+                preexec_fn=_die_with_parent,
             )
         child = Child(name, proc, log)
         self.children.append(child)

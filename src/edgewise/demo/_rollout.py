@@ -61,7 +61,7 @@ class RolloutPlan:
     pipelines: dict[str, Any]
     canary: Sequence[str]
     soak_s: float = 3.0
-    timeout_s: float = 60.0
+    timeout_s: float = 180.0
 
 
 @dataclass

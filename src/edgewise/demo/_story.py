@@ -37,7 +37,7 @@ CHAPTERS = 7
 
 #: The pipeline every device runs: the real agents replay scikit-learn's digits.
 PIPELINE_SPEC: dict[str, Any] = {
-    "source": {"type": "synthetic", "params": {"dataset": "digits", "rate_hz": 50}},
+    "source": {"type": "synthetic", "params": {"dataset": "digits", "rate_hz": 20}},
     "postprocess": [{"type": "argmax"}],
     "sinks": [{"type": "summary"}],
     "slo": {"p95_ms": 50},
@@ -116,7 +116,7 @@ class Story:
                     if st
                     else "down"
                 )
-            await asyncio.sleep(0.5)
+            await asyncio.sleep(1.0)
 
     async def _all_on(self, version: str) -> bool:
         ref = f"{MODEL}@{version}"
@@ -188,7 +188,7 @@ class Story:
             self._note(f"agent {a.name} enrolled as {a.device_id}{via}")
         self.fleet = Fleet(
             self.plane.url, self.n, seed=7, admin_token=self.admin, labels=SIM_LABELS,
-            time_scale=0.05, window_s=20.0, poll_wait_s=5.0,
+            time_scale=0.05, window_s=60.0, poll_wait_s=5.0, report_progress=self.n <= 50,
         )  # fmt: skip
         t0 = time.monotonic()
         await self.fleet.start()
@@ -208,7 +208,7 @@ class Story:
             "/api/v1/deployments",
             {"name": "digits", "selector": "", "priority": 0, "pipelines": _pipelines("1.0.0")},
         )
-        took = await self._wait("1.0.0 everywhere", lambda: self._all_on("1.0.0"), 90)
+        took = await self._wait("1.0.0 everywhere", lambda: self._all_on("1.0.0"), 180)
 
         async def serving() -> bool:
             counts = [await a.inferences(PIPELINE) for a in self.agents]
@@ -430,6 +430,12 @@ class Story:
 
     async def close(self) -> None:
         """Stop the fleet, the proxy and every process."""
+        # Simulated devices run install tasks that `Fleet.stop` does not track; cancel
+        # every other task first so none of them finds its HTTP client closed.
+        others = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+        for task in others:
+            task.cancel()
+        await asyncio.gather(*others, return_exceptions=True)
         if self.fleet is not None:
             await self.fleet.stop()
         if self.proxy is not None:

@@ -10,6 +10,7 @@ executor runs a fast model's group right in the loop thread.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import threading
 from typing import TYPE_CHECKING, Any
 
@@ -85,7 +86,8 @@ class LoopBatcher:
             if threading.get_ident() == loop_thread:
                 _resolve(fut, req)
             else:
-                loop.call_soon_threadsafe(_resolve, fut, req)
+                with contextlib.suppress(RuntimeError):  # the loop closed; nobody waits
+                    loop.call_soon_threadsafe(_resolve, fut, req)
 
         try:
             reqs = self.runtime.prepare_many(name, [(x, exact) for x, exact, _ in group], done)
