@@ -12,7 +12,7 @@ $(STAMP): pyproject.toml
 		|| { echo "error: Python >= 3.11 is required (found $$($(PYTHON) --version))"; exit 1; }
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e '.[dev,ocr]'
+	$(PY) -m pip install -q -e '.[dev,ocr,tflite]'
 	@touch $(STAMP)
 
 venv: $(STAMP)

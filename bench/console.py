@@ -7,9 +7,10 @@ is then requested over loopback HTTP (a real uvicorn server, signed-in cookie) s
 times; an outermost ASGI wrapper measures server time from the request's arrival to the
 last byte of the response. The median per page is reported.
 
-Rollouts come from the control plane's `/api/v1/rollouts` when it has one; otherwise from
-a read-only stand-in route serving 20 documents of the pure rollout engine, so the
-console's rollout pages are measured on rollout documents of the right size either way.
+Rollouts are started through the control plane's `/api/v1/rollouts` (one per deployment
+layer of two sites, to revision 2 = digits-mlp 1.1.0; the driver runs them while the
+pages are timed). A control plane without that API gets a read-only stand-in serving 20
+documents of the pure rollout engine instead.
 
     .venv/bin/python bench/console.py [--devices 1000] [--rollouts 20] [--repeat 5]
 
@@ -226,6 +227,21 @@ def populate(
     return devices
 
 
+def seed_real_rollouts(api: httpx.Client, auth: dict[str, str], n: int) -> None:
+    """Start `n` rollouts through the real API: revision 2 (1.1.0) of each site layer."""
+    for k in range(n):
+        name = f"sites-{k:02d}"
+        r = api.post(
+            f"/api/v1/deployments/{name}/revisions",
+            json={"pipelines": {"digits": {"model": "digits-mlp@1.1.0"}}},
+            headers=auth,
+        )
+        r.raise_for_status()
+        spec = {"canary": 2, "waves": [50, 100], "soak_s": 600.0}
+        body = {"deployment": name, "to_revision": r.json()["revision"], "spec": spec}
+        api.post("/api/v1/rollouts", json=body, headers=auth).raise_for_status()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--devices", type=int, default=1000)
@@ -273,11 +289,11 @@ def main() -> None:
                 content=bundles[ref].read_bytes(),
                 headers={**auth, "content-type": "application/octet-stream"},
             ).raise_for_status()
-        for name, selector, prio in (
-            ("digits", "", 0),
-            ("digits-orin", "hw=jetson-orin", 10),
-            ("digits-s1", "site in (store-1,store-2)", 20),
-        ):
+        layers = [("digits", "", 0), ("digits-orin", "hw=jetson-orin", 5)]
+        # One deployment per pair of sites (50 devices each): what the rollouts move.
+        sites = [f"site in ({SITES[2 * k]},{SITES[2 * k + 1]})" for k in range(args.rollouts)]
+        layers += [(f"sites-{k:02d}", sel, 10) for k, sel in enumerate(sites)]
+        for name, selector, prio in layers:
             body = {
                 "name": name,
                 "selector": selector,
@@ -286,7 +302,7 @@ def main() -> None:
             }
             api.post("/api/v1/deployments", json=body, headers=auth).raise_for_status()
         if real_rollouts:
-            print("note: real /api/v1/rollouts present; rollouts not seeded by this bench")
+            seed_real_rollouts(api, auth, args.rollouts)
         first = api.get("/api/v1/rollouts", headers=auth).json()
         rollout_id = first[0]["id"] if isinstance(first, list) and first else "ro-00"
     pages = [

@@ -386,7 +386,10 @@ def bare_asgi_app(model_path: str) -> Any:
             {
                 "type": "http.response.start",
                 "status": 200,
-                "headers": [(b"content-type", b"application/json")],
+                "headers": [
+                    (b"content-type", b"application/json"),
+                    (b"content-length", str(len(out)).encode()),
+                ],
             }
         )
         await send({"type": "http.response.body", "body": out})
@@ -592,6 +595,10 @@ def main() -> None:
         path = Path(tmp) / "mlp.onnx"
         path.write_bytes(mlp)
         results.update(bench_http(s, str(path), split.x_test))
+    # Other work on the machine moves absolute numbers a lot; the ratios are measured
+    # interleaved, but say how busy the machine was.
+    results["machine_cpus"] = cores
+    results["machine_load_1m"] = os.getloadavg()[0]
     print(f"{'metric':42} {'value':>14}  goal")
     for key, value in results.items():
         goal = GOALS.get(key)

@@ -11,7 +11,6 @@ import onnxruntime as ort
 import pytest
 
 from edgewise.bundle import Manifest, extract, key_id, load_public_key, read_manifest, verify
-from edgewise.cli._demo import run_bundle_story
 from edgewise.examples import build_examples, ppocr_model_path
 
 from .conftest import EDGEWISE, Examples, KeyPair
@@ -126,17 +125,3 @@ def test_examples_build_cli_signs_with_a_given_key(alice: KeyPair, tmp_path: Pat
     for row in report["bundles"]:
         assert verify(Path(row["path"]), [alice.public]).manifest.ref == row["ref"]
     assert not (out / "examples.key").exists()
-
-
-def test_bundle_story_builds_verifies_health_checks_and_refuses_tampering(tmp_path: Path) -> None:
-    story = run_bundle_story(tmp_path / "story")
-    assert {row["ref"] for row in story["bundles"]} >= EXPECTED
-    assert all(row["health_ok"] for row in story["bundles"])
-    assert story["tampered_refused_with"] == "hash_mismatch"
-
-
-def test_demo_command_runs_and_prints_what_it_did() -> None:
-    result = subprocess.run([EDGEWISE, "demo"], capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stderr
-    assert "digits-mlp@1.0.0" in result.stdout
-    assert "hash_mismatch" in result.stdout

@@ -63,6 +63,7 @@ def _request(world: dict[str, Any], method: str, path: str) -> tuple[str, dict[s
         "name": "digits-mlp",
         "version": "1.0.0",
         "ref": "no-such-deployment",
+        "rollout_id": "no-such-rollout",
     }
     url = re.sub(r"\{(\w+)\}", lambda m: values[m.group(1)], path)
     bodies: dict[str, Any] = {

@@ -123,3 +123,11 @@ def shared_plane(
     plane = prepared_plane(tmp_path_factory.mktemp("cp") / "data", examples)
     yield plane
     plane.kill()
+
+
+@pytest.fixture
+def world(tmp_path: Path, examples: dict[str, Any]) -> Iterator[Any]:
+    """An in-process control plane (SQLite) whose rollout driver the test steps."""
+    from .inproc import make_world
+
+    yield from make_world(tmp_path, examples)

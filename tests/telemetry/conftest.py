@@ -55,14 +55,12 @@ class FakeClock:
 def store(request: pytest.FixtureRequest, tmp_path: Any) -> Any:
     """A migrated control-plane store (SQLite file or PostgreSQL) with two devices."""
     from edgewise.control import open_store
-    from edgewise.control.telemetry import _tables
 
     if request.param == "sqlite":
         url = f"sqlite:///{tmp_path / 'cp.db'}"
     else:
         url = request.getfixturevalue("pg_url")
-    s = open_store(url)
-    _tables.metadata.create_all(s.engine, checkfirst=True)
+    s = open_store(url)  # the migrations create the telemetry tables too
     for i, site in ((1, "a"), (2, "b")):
         s.insert_device(
             {

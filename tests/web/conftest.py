@@ -50,7 +50,7 @@ class Console:
     viewer: str = ""
     devices: list[str] = field(default_factory=list)  # scripted, 12
     sim_devices: list[str] = field(default_factory=list)  # the simulator's
-    deployment: str = "digits"
+    deployment: str = "digits-sim"  # what rollouts move
     standin_rollouts: bool = False
 
     def api(self, method: str, path: str, token: str | None = None, **kw: Any) -> httpx.Response:
@@ -187,6 +187,7 @@ def _enroll(con: Console, index: int, rng: random.Random, reference: dict[str, A
 
 
 SIM_DEVICES = 8
+SIM_DEPLOYMENT = "digits-sim"
 SIM_LABELS = "site=sim-a,sim-b;hw=cpu-small"
 
 
@@ -282,6 +283,19 @@ def console(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Console]:
             json={
                 "name": "digits",
                 "selector": "",
+                "pipelines": {"digits": {"model": "digits-mlp@1.0.0"}},
+            },
+        )
+        assert r.status_code in (200, 201), r.text
+        # The simulated devices get their own layer: rollouts move only them (the
+        # scripted devices above never install anything new).
+        r = con.api(
+            "POST",
+            "/api/v1/deployments",
+            json={
+                "name": SIM_DEPLOYMENT,
+                "selector": "site in (sim-a,sim-b)",
+                "priority": 10,
                 "pipelines": {"digits": {"model": "digits-mlp@1.0.0"}},
             },
         )

@@ -99,12 +99,26 @@ def test_fleet_overview_counts_devices_and_versions(browser: Any, console: Conso
 
 
 def _start_rollout(console: Console) -> str:
-    r = console.api(
-        "POST",
-        "/api/v1/rollouts",
-        token=console.operator,
-        json={"deployment": console.deployment, "to_revision": 2, "canary": 2, "waves": [50, 100]},
-    )
+    """Start a rollout of the simulated devices' deployment to digits-mlp 1.1.0."""
+    if console.standin_rollouts:
+        body: dict[str, Any] = {"deployment": console.deployment, "to_revision": 2, "canary": 2}
+    else:
+        r = console.api(
+            "POST",
+            f"/api/v1/deployments/{console.deployment}/revisions",
+            token=console.operator,
+            json={"pipelines": {"digits": {"model": "digits-mlp@1.1.0"}}, "note": "console test"},
+        )
+        assert r.status_code in (200, 201), r.text
+        # Small phases with a soak between them: slow enough to watch, and to pause.
+        spec = {
+            "canary": 1,
+            "waves": [25, 50, 100],
+            "soak_s": 4.0,
+            "gates": {"success_pct": 80.0, "error_pct": 20.0},
+        }
+        body = {"deployment": console.deployment, "to_revision": r.json()["revision"], "spec": spec}
+    r = console.api("POST", "/api/v1/rollouts", token=console.operator, json=body)
     assert r.status_code == 201, r.text
     return str(r.json()["id"])
 
@@ -112,8 +126,6 @@ def _start_rollout(console: Console) -> str:
 def test_rollout_progresses_without_reload_and_operator_pauses(
     browser: Any, console: Console, artifacts: Path
 ) -> None:
-    if not console.standin_rollouts:
-        pytest.skip("adapt the start request to the real rollout API")
     rollout_id = _start_rollout(console)
     ctx, requested = _context(browser, console)
     page = ctx.new_page()
@@ -124,7 +136,7 @@ def test_rollout_progresses_without_reload_and_operator_pauses(
     first = int(page.inner_text("[data-testid=rollout-done]"))
     page.screenshot(path=str(artifacts / "rollout-start.png"), full_page=True)
     done = "document.querySelector('[data-testid=rollout-done]').textContent"
-    page.wait_for_function(f"() => parseInt({done}) > {first + 1}")
+    page.wait_for_function(f"() => parseInt({done}) > {first}", timeout=60_000)
     assert navigations == [], "progress must update without reloading the page"
     page.screenshot(path=str(artifacts / "rollout-progress.png"), full_page=True)
     page.click("button[data-action=pause]")
@@ -144,8 +156,6 @@ def test_rollout_progresses_without_reload_and_operator_pauses(
 def test_viewer_sees_no_action_buttons_and_cannot_act(
     browser: Any, console: Console, artifacts: Path
 ) -> None:
-    if not console.standin_rollouts:
-        pytest.skip("adapt the start request to the real rollout API")
     rollout_id = _start_rollout(console)
     ctx, requested = _context(browser, console)
     page = ctx.new_page()

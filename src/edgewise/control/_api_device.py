@@ -139,8 +139,19 @@ async def post_telemetry(request: Request) -> JSONResponse:
             raise ApiError(422, "invalid_request", str(exc)) from None
     else:
         batch = _parse(TelemetryBatch, body)
-    ack = await to_thread.run_sync(ingest_telemetry, plane, device_id, batch)
-    return JSONResponse(ack)
+    telemetry = getattr(request.app.state, "telemetry_runtime", None)
+    if telemetry is None:
+        ack = await to_thread.run_sync(ingest_telemetry, plane, device_id, batch)
+        return JSONResponse(ack)
+    wait = telemetry.admit(len(batch.records))
+    if wait > 0:  # over this control plane's ingest budget: the device backs off
+        return JSONResponse(
+            {"error": {"code": "busy", "message": "telemetry ingest over budget; retry later"}},
+            status_code=429,
+            headers={"Retry-After": str(max(1, round(wait)))},
+        )
+    result = await to_thread.run_sync(telemetry.ingest.ingest, device_id, batch)
+    return JSONResponse(result.model_dump())
 
 
 def _byte_range(header: str | None, size: int) -> tuple[int, int] | None:

@@ -38,10 +38,13 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from edgewise.control._api_admin import router as admin_router
 from edgewise.control._api_device import router as device_router
+from edgewise.control._api_rollouts import router as rollouts_router
 from edgewise.control._fastpath import DESIRED_PATH, try_fast_poll
 from edgewise.control._plane import ApiError, ControlPlane
+from edgewise.control._rollout_driver import RolloutDriver
 from edgewise.control._settings import Settings
 from edgewise.control._store import SqlStore
+from edgewise.control.telemetry._wiring import install_telemetry
 
 __all__ = ["create_app"]
 
@@ -198,13 +201,15 @@ def create_app(
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         plane.notifier.bind(asyncio.get_running_loop())
         task = asyncio.create_task(_watch(plane)) if background else None
+        driver = asyncio.create_task(RolloutDriver(plane).run()) if background else None
         try:
             yield
         finally:
-            if task is not None:
-                task.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await task
+            for running in (task, driver):
+                if running is not None:
+                    running.cancel()
+                    with contextlib.suppress(asyncio.CancelledError):
+                        await running
             with contextlib.suppress(Exception):
                 plane.store.touch_last_seen(plane.seen.take())
 
@@ -284,5 +289,10 @@ def create_app(
 
     app.include_router(admin_router)
     app.include_router(device_router)
+    app.include_router(rollouts_router)
+    install_telemetry(app, plane, registry, background=background)
+    from edgewise.web import mount_console  # lazy: control must not depend on web
+
+    mount_console(app)
     app.add_middleware(_Guard, plane=plane, registry=registry)
     return app

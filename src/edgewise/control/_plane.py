@@ -179,8 +179,16 @@ class ControlPlane:
         self.audit(actor, "token.revoke", f"token:{token_id}", digest(token_id), "ok")
 
     # ----------------------------------------------------------------- audit
-    def audit(self, actor: str, action: str, obj: str, request_digest: str, result: str) -> None:
-        """Append a record to the audit chain."""
+    def audit(
+        self,
+        actor: str,
+        action: str,
+        obj: str,
+        request_digest: str,
+        result: str,
+        conn: Any = None,
+    ) -> None:
+        """Append a record to the audit chain (inside `conn`'s transaction if given)."""
         at = round(self.clock(), 6)
 
         def build(seq: int, prev_hash: str) -> dict[str, Any]:
@@ -197,7 +205,7 @@ class ControlPlane:
             del record["id"]
             return {"seq": seq, **record, "prev_hash": prev_hash, "hash": h}
 
-        self.store.append_audit(build, _auditchain.GENESIS)
+        self.store.append_audit(build, _auditchain.GENESIS, conn=conn)
 
     def audit_records(self, after: int = 0, limit: int | None = None) -> list[dict[str, Any]]:
         """Audit records as the chain module reads them (`id` = chain position)."""
@@ -349,6 +357,7 @@ class ControlPlane:
             if row is None:
                 return 0
             deps = deployments if deployments is not None else self.store.list_deployments()
+            deps = self._with_rollouts(device_id, deps)
             content = desired_content(deps, row["labels"], self.settings.egress)
             new_hash = content_hash(content)
             if new_hash == row["desired_hash"]:
@@ -370,6 +379,15 @@ class ControlPlane:
                 return revision
             deployments = None  # lost a race: re-read everything
         raise ApiError(503, "busy", "desired state keeps changing; retry")
+
+    def _with_rollouts(
+        self, device_id: str, deployments: list[dict[str, Any]]
+    ) -> list[dict[str, Any]]:
+        """The deployments as this device sees them: a rollout may hold it on a revision."""
+        from edgewise.control._revisions import apply_assignments, overrides_for
+
+        assigned = overrides_for(self, [device_id]).get(device_id)
+        return [dict(d) for d in apply_assignments(self, deployments, assigned)]
 
     def recompute_all(self) -> None:
         """Recompute every active device (after a deployment change)."""

@@ -23,6 +23,7 @@ from sqlalchemy import (
 __all__ = [
     "audit",
     "audit_head",
+    "deployment_revisions",
     "deployments",
     "device_pipelines",
     "devices",
@@ -31,6 +32,9 @@ __all__ = [
     "metadata",
     "models",
     "publisher_keys",
+    "rollout_assignments",
+    "rollout_notifications",
+    "rollouts",
     "telemetry",
     "tokens",
 ]
@@ -145,6 +149,8 @@ deployments = Table(
     Column("content_hash", String(64), nullable=False),
     Column("created_at", Float, nullable=False),
     Column("created_by", String(200), nullable=False),
+    # The revision devices outside a rollout get (its pipelines are the row's).
+    Column("stable_revision", Integer, nullable=False, server_default="1"),
 )
 
 audit = Table(
@@ -182,4 +188,65 @@ telemetry = Table(
     Column("data", JSON, nullable=False),
     Column("received_at", Float, nullable=False),
     Index("ix_telemetry_device_ts", "device_id", "ts"),
+)
+
+# ---------------------------------------------------------------- rollouts
+# Every update of a deployment is an immutable revision; deployments.stable_revision
+# names the one devices outside a rollout get (the deployments row holds its pipelines).
+deployment_revisions = Table(
+    "deployment_revisions",
+    metadata,
+    Column("deployment_id", String(32), primary_key=True),
+    Column("revision", Integer, primary_key=True, autoincrement=False),
+    Column("pipelines", JSON, nullable=False),
+    Column("content_hash", String(64), nullable=False),
+    Column("note", String(500), nullable=False),
+    Column("created_at", Float, nullable=False),
+    Column("created_by", String(200), nullable=False),
+)
+
+rollouts = Table(
+    "rollouts",
+    metadata,
+    Column("id", String(32), primary_key=True),
+    Column("deployment_id", String(32), nullable=False),
+    # = deployment_id while the rollout is active, NULL after: one active per deployment.
+    Column("active_key", String(32), nullable=True, unique=True),
+    Column("from_revision", Integer, nullable=False),
+    Column("to_revision", Integer, nullable=False),
+    Column("state", String(24), nullable=False),
+    Column("document", JSON, nullable=False),
+    # Compare-and-set counter: every committed step or command bumps it.
+    Column("version", Integer, nullable=False),
+    Column("wake_at", Float, nullable=True),
+    Column("lease_owner", String(64), nullable=True),
+    Column("lease_expires", Float, nullable=True),
+    Column("created_at", Float, nullable=False),
+    Column("created_by", String(200), nullable=False),
+    Column("updated_at", Float, nullable=False),
+    Index("ix_rollouts_state", "state"),
+)
+
+# Devices a rollout moved: their desired state uses this revision of the deployment.
+rollout_assignments = Table(
+    "rollout_assignments",
+    metadata,
+    Column("device_id", String(64), primary_key=True),
+    Column("deployment_id", String(32), primary_key=True),
+    Column("rollout_id", String(32), nullable=False),
+    Column("revision", Integer, nullable=False),
+    Column("updated_at", Float, nullable=False),
+    Index("ix_rollout_assignments_rollout", "rollout_id"),
+)
+
+# One row per notification; the primary key makes a second notify of a device in the
+# same rollout impossible to commit.
+rollout_notifications = Table(
+    "rollout_notifications",
+    metadata,
+    Column("rollout_id", String(32), primary_key=True),
+    Column("device_id", String(64), primary_key=True),
+    Column("kind", String(8), primary_key=True),
+    Column("revision", Integer, nullable=False),
+    Column("at", Float, nullable=False),
 )

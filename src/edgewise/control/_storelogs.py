@@ -9,7 +9,8 @@ seq) primary key so each record is stored exactly once whatever the retries.
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from typing import Any
 
 from sqlalchemy import Connection, Engine, insert, select, update
@@ -35,22 +36,40 @@ class LogStore:
     _audit_lock: threading.Lock
 
     # ----------------------------------------------------------------- audit
-    def append_audit(self, build: Callable[[int, str], Row], genesis: str) -> Row:
+    @contextmanager
+    def write_transaction(self) -> Iterator[Connection]:
+        """A write transaction that may append audit records (`append_audit(conn=...)`).
+
+        The process's audit lock is taken first: an audit append waiting for SQLite's
+        write lock must never hold the lock this transaction needs.
+        """
+        with self._audit_lock, self.engine.begin() as c:
+            yield c
+
+    def append_audit(
+        self, build: Callable[[int, str], Row], genesis: str, conn: Connection | None = None
+    ) -> Row:
         """Append one audit record at the chain head.
 
         Args:
             build: (seq, prev_hash) -> the complete record including its `hash`.
             genesis: the prev_hash of the first record.
+            conn: append inside this `write_transaction` (it commits with it).
         """
+        if conn is not None:
+            return self._append_audit(conn, build, genesis)
         with self._audit_lock, self.engine.begin() as c:
-            head = self._lock_head(c, genesis)
-            record = build(head["seq"] + 1, head["hash"])
-            c.execute(insert(t.audit).values(**record))
-            c.execute(
-                update(t.audit_head)
-                .where(t.audit_head.c.id == 1)
-                .values(seq=record["seq"], hash=record["hash"])
-            )
+            return self._append_audit(c, build, genesis)
+
+    def _append_audit(self, c: Connection, build: Callable[[int, str], Row], genesis: str) -> Row:
+        head = self._lock_head(c, genesis)
+        record = build(head["seq"] + 1, head["hash"])
+        c.execute(insert(t.audit).values(**record))
+        c.execute(
+            update(t.audit_head)
+            .where(t.audit_head.c.id == 1)
+            .values(seq=record["seq"], hash=record["hash"])
+        )
         return record
 
     def _lock_head(self, c: Connection, genesis: str) -> Row:

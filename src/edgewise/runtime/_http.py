@@ -44,7 +44,7 @@ def _error(status: int, code: str, message: str) -> tuple[int, bytes]:
 
 
 async def _respond(send: Send, status: int, body: bytes, extra: list[Any] | None = None) -> None:
-    headers = _JSON_HEADERS + (extra or [])
+    headers = [*_JSON_HEADERS, (b"content-length", str(len(body)).encode()), *(extra or [])]
     await send({"type": "http.response.start", "status": status, "headers": headers})
     await send({"type": "http.response.body", "body": body})
 

@@ -20,6 +20,7 @@ Usage::
 
 from __future__ import annotations
 
+import math
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -71,6 +72,8 @@ def _copy_field(value: Any) -> str:
         return value.translate(_COPY_ESCAPES)
     if isinstance(value, bool):
         return "t" if value else "f"
+    if isinstance(value, float) and not math.isfinite(value):
+        return "NaN" if value != value else ("Infinity" if value > 0 else "-Infinity")
     return repr(value)
 
 

@@ -7,7 +7,8 @@ in the field, open alerts and the last `window_s` of telemetry windows (cached f
 - `edgewise_fleet_devices{status}`, `edgewise_fleet_devices_online`
 - `edgewise_fleet_model_devices{model,version}`: devices running a model version
 - `edgewise_fleet_success_ratio{model}`, `edgewise_fleet_requests{model}` (in the window)
-- `edgewise_fleet_latency_ms{model,quantile}` (0.5, 0.95, 0.99, from merged histograms)
+- `edgewise_fleet_latency_seconds{model,percentile}` (p50, p95, p99, merged histograms;
+  a gauge, so the label is not `quantile`, which promtool keeps for summaries)
 - `edgewise_fleet_drift_score{model}`, `edgewise_fleet_telemetry_age_seconds{model}`
 - `edgewise_alerts_open{state}`
 """
@@ -116,9 +117,9 @@ class FleetCollector(Collector):
             "edgewise_fleet_requests", "Requests counted in the window", labels=["model"]
         )
         latency = GaugeMetricFamily(
-            "edgewise_fleet_latency_ms",
-            "End-to-end latency quantiles",
-            labels=["model", "quantile"],
+            "edgewise_fleet_latency_seconds",
+            "End-to-end latency percentiles from merged histograms",
+            labels=["model", "percentile"],
         )
         drift = GaugeMetricFamily(
             "edgewise_fleet_drift_score", "Input drift score (1 = alarm level)", labels=["model"]
@@ -133,9 +134,9 @@ class FleetCollector(Collector):
             requests.add_metric([model], float(r["requests"]))
             if r["success_rate"] is not None:
                 ratio.add_metric([model], float(r["success_rate"]))
-            for q, key in (("0.5", "p50_ms"), ("0.95", "p95_ms"), ("0.99", "p99_ms")):
+            for p, key in (("p50", "p50_ms"), ("p95", "p95_ms"), ("p99", "p99_ms")):
                 if r[key] is not None:
-                    latency.add_metric([model, q], float(r[key]))
+                    latency.add_metric([model, p], float(r[key]) / 1000.0)
             if r["drift_score"] is not None:
                 drift.add_metric([model], float(r["drift_score"]))
             if r["freshness_s"] is not None:

@@ -29,7 +29,7 @@ from edgewise.control.telemetry._metrics import FleetCollector
 from edgewise.control.telemetry._retention import RetentionPolicy
 from edgewise.control.telemetry._service import TelemetryService
 
-__all__ = ["TelemetryConfig", "TelemetryRuntime", "install_telemetry"]
+__all__ = ["TelemetryConfig", "TelemetryRuntime", "install_telemetry", "stored_active_rollouts"]
 
 log = logging.getLogger("edgewise.control.telemetry")
 
@@ -64,6 +64,29 @@ class TelemetryConfig:
         )
 
 
+def stored_active_rollouts(engine: Any) -> list[ActiveRollout]:
+    """Active rollouts (`rollouts.active_key` set) and the devices each has moved."""
+    from sqlalchemy import select
+
+    from edgewise.control import _schema as cs
+
+    r, a = cs.rollouts, cs.rollout_assignments
+    with engine.connect() as c:
+        rows: list[Any] = list(
+            c.execute(
+                select(r.c.id, a.c.device_id)
+                .join(a, a.c.rollout_id == r.c.id, isouter=True)
+                .where(r.c.active_key.is_not(None))
+            )
+        )
+    devices: dict[str, set[str]] = {}
+    for rollout_id, device_id in rows:
+        devices.setdefault(str(rollout_id), set())
+        if device_id is not None:
+            devices[str(rollout_id)].add(str(device_id))
+    return [ActiveRollout(k, frozenset(v)) for k, v in sorted(devices.items())]
+
+
 class TelemetryRuntime:
     """The telemetry parts of one running control plane and their background thread."""
 
@@ -84,7 +107,7 @@ class TelemetryRuntime:
         self.budget = (
             IngestBudget(config.ingest_budget_per_s) if config.ingest_budget_per_s > 0 else None
         )
-        self.active_rollouts = active_rollouts or (lambda: ())
+        self.active_rollouts = active_rollouts or (lambda: stored_active_rollouts(engine))
         self.mqtt: Any = None
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -94,6 +117,10 @@ class TelemetryRuntime:
         device_id = self.plane.device_id_of(headers)
         device = self.plane.load_device(device_id)
         return str(self.plane.check_device_request(device, headers, "MQTT", topic, body))
+
+    def admit(self, records: int) -> float:
+        """0 when a batch of `records` may be ingested now, else the Retry-After seconds."""
+        return 0.0 if self.budget is None else self.budget.admit(records)
 
     def evaluate_once(self) -> None:
         """One alert round: evaluate, store, notify."""

@@ -1,0 +1,301 @@
+"""Deployment revisions: every update of a deployment is a new, immutable revision.
+
+A deployment keeps its history as numbered revisions (1 is what `deploy create` made);
+exactly one is *stable*: the deployments row always holds the stable revision's
+pipelines, so every device outside a rollout gets it. A rollout moves the devices of its
+snapshot from the stable revision to another one by per-device *assignments*
+(`rollout_assignments` rows); when it completes, its revision becomes the stable one.
+`deploy update` adds a revision and, unless `--promote` is given, changes nothing on any
+device: a rollout does that.
+
+Revisions change only pipelines (the models and their specs); selector and priority
+belong to the deployment (a different target is a different deployment).
+
+Usage::
+
+    view = create_revision(plane, "base", RevisionRequest(pipelines={...}), who)
+    rollout_start(..., to_revision=view["revision"])
+"""
+
+from __future__ import annotations
+
+import hashlib
+import threading
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
+from sqlalchemy import Connection, delete, func, insert, select, update
+from sqlalchemy.exc import IntegrityError
+
+from edgewise.control import _schema as t
+from edgewise.control._plane import ApiError, ControlPlane, Principal, digest
+from edgewise.control._rbac import selector_in_scope
+
+__all__ = [
+    "RevisionRequest",
+    "apply_assignments",
+    "create_revision",
+    "deployment_content_hash",
+    "list_revisions",
+    "overrides_for",
+    "promote_in",
+    "revision_pipelines",
+    "stable_revision",
+]
+
+Row = dict[str, Any]
+
+# Revisions never change once written, so their pipelines are cached for good.
+_PIPELINES: dict[tuple[str, int], dict[str, Any]] = {}
+_PIPELINES_LOCK = threading.Lock()
+
+
+class RevisionRequest(BaseModel):
+    """`POST /api/v1/deployments/{ref}/revisions`."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    pipelines: dict[str, dict[str, Any]] | list[dict[str, Any]] = Field(min_length=1)
+    note: str = Field(default="", max_length=500)
+    promote: bool = False
+
+
+def stable_revision(deployment: Mapping[str, Any]) -> int:
+    """The stable revision of a deployments row."""
+    return int(deployment.get("stable_revision") or 1)
+
+
+def deployment_content_hash(selector: str, priority: int, pipelines: Any) -> str:
+    """The content hash `deploy create` uses for idempotent re-creates."""
+    body = {"selector": selector, "priority": priority, "pipelines": pipelines}
+    return hashlib.sha256(digest(body).encode()).hexdigest()
+
+
+def _pipelines_hash(pipelines: Any) -> str:
+    return hashlib.sha256(digest(pipelines).encode()).hexdigest()
+
+
+def _ensure_first(c: Connection, dep: Mapping[str, Any]) -> None:
+    # Deployments created before revisions existed (or by `deploy create`) get their
+    # current content recorded as revision 1 the first time anyone asks.
+    rv = t.deployment_revisions
+    found = c.execute(
+        select(func.count()).select_from(rv).where(rv.c.deployment_id == dep["id"])
+    ).scalar()
+    if found:
+        return
+    c.execute(
+        insert(rv).values(
+            deployment_id=dep["id"],
+            revision=stable_revision(dep),
+            pipelines=dep["pipelines"],
+            content_hash=_pipelines_hash(dep["pipelines"]),
+            note="created",
+            created_at=float(dep["created_at"]),
+            created_by=str(dep["created_by"]),
+        )
+    )
+
+
+def _revision_rows(plane: ControlPlane, dep: Mapping[str, Any]) -> list[Row]:
+    rv = t.deployment_revisions
+    try:
+        with plane.store.engine.begin() as c:
+            _ensure_first(c, dep)
+    except IntegrityError:
+        pass  # another request recorded revision 1 at the same moment
+    with plane.store.engine.connect() as c:
+        rows = c.execute(select(rv).where(rv.c.deployment_id == dep["id"]).order_by(rv.c.revision))
+        return [dict(r._mapping) for r in rows]
+
+
+def revision_pipelines(plane: ControlPlane, deployment_id: str, revision: int) -> dict[str, Any]:
+    """The pinned pipelines of one revision.
+
+    Raises:
+        ApiError: 404 when the deployment has no such revision.
+    """
+    key = (deployment_id, int(revision))
+    with _PIPELINES_LOCK:
+        cached = _PIPELINES.get(key)
+    if cached is not None:
+        return cached
+    dep = plane.store.get_deployment(deployment_id)
+    if dep is None:
+        raise ApiError(404, "not_found", f"no deployment {deployment_id}")
+    for row in _revision_rows(plane, dep):
+        if row["revision"] == revision:
+            with _PIPELINES_LOCK:
+                _PIPELINES[key] = row["pipelines"]
+            return dict(row["pipelines"])
+    raise ApiError(404, "not_found", f"deployment {dep['name']} has no revision {revision}")
+
+
+def _view(row: Mapping[str, Any], stable: int) -> dict[str, Any]:
+    return {
+        "revision": row["revision"],
+        "stable": row["revision"] == stable,
+        "note": row["note"],
+        "created_at": row["created_at"],
+        "created_by": row["created_by"],
+        "pipelines": {
+            name: f"{p['model']['name']}@{p['model']['version']}"
+            for name, p in row["pipelines"].items()
+        },
+    }
+
+
+def list_revisions(plane: ControlPlane, ref: str) -> dict[str, Any]:
+    """A deployment's history, oldest first."""
+    dep = plane.store.get_deployment(ref)
+    if dep is None:
+        raise ApiError(404, "not_found", f"no deployment {ref}")
+    stable = stable_revision(dep)
+    rows = _revision_rows(plane, dep)
+    return {
+        "deployment": dep["id"],
+        "name": dep["name"],
+        "stable_revision": stable,
+        "revisions": [_view(r, stable) for r in rows],
+    }
+
+
+def create_revision(
+    plane: ControlPlane, ref: str, req: RevisionRequest, who: Principal
+) -> tuple[dict[str, Any], bool]:
+    """Add a revision (pinned and pre-flighted like a create); identical content is a no-op.
+
+    Returns:
+        (revision view, created).
+    """
+    from edgewise.control._deployments import DeploymentRequest, _prepare
+
+    dep = plane.store.get_deployment(ref)
+    if dep is None:
+        raise ApiError(404, "not_found", f"no deployment {ref}")
+    if not selector_in_scope(who.scope, dep["selector"]):
+        raise ApiError(403, "out_of_scope", "deployment reaches beyond the token's scope")
+    prepared = _prepare(
+        plane,
+        DeploymentRequest(
+            name=dep["name"],
+            selector=dep["selector"],
+            priority=dep["priority"],
+            pipelines=req.pipelines,
+        ),
+        who,
+    )
+    pipelines = prepared["pipelines"]
+    content = _pipelines_hash(pipelines)
+    rv = t.deployment_revisions
+    for _ in range(5):
+        rows = _revision_rows(plane, dep)
+        latest = rows[-1]
+        if latest["content_hash"] == content:
+            return _view(latest, stable_revision(dep)) | {"deployment": dep["id"]}, False
+        number = latest["revision"] + 1
+        try:
+            with plane.store.engine.begin() as c:
+                c.execute(
+                    insert(rv).values(
+                        deployment_id=dep["id"],
+                        revision=number,
+                        pipelines=pipelines,
+                        content_hash=content,
+                        note=req.note,
+                        created_at=plane.clock(),
+                        created_by=who.actor,
+                    )
+                )
+        except IntegrityError:
+            continue  # a concurrent update took this number: look again
+        break
+    else:
+        raise ApiError(503, "busy", "deployment keeps changing; retry")
+    plane.audit(
+        who.actor,
+        "deployment.revise",
+        f"deployment:{dep['id']}",
+        digest(req.model_dump()),
+        f"ok revision={number}",
+    )
+    if req.promote:
+        with plane.store.engine.begin() as c:
+            promote_in(c, dep["id"], number, pipelines)
+        plane.audit(
+            who.actor,
+            "deployment.promote",
+            f"deployment:{dep['id']}",
+            digest([dep["id"], number]),
+            f"ok revision={number}",
+        )
+        plane.recompute_all()
+    fresh = plane.store.get_deployment(dep["id"]) or dep
+    row = {
+        "revision": number,
+        "note": req.note,
+        "created_at": plane.clock(),
+        "created_by": who.actor,
+        "pipelines": pipelines,
+    }
+    return _view(row, stable_revision(fresh)) | {"deployment": dep["id"]}, True
+
+
+def promote_in(c: Connection, deployment_id: str, revision: int, pipelines: Any) -> None:
+    """Make `revision` the stable one, inside the caller's transaction."""
+    d = t.deployments
+    row = c.execute(select(d.c.selector, d.c.priority).where(d.c.id == deployment_id)).first()
+    if row is None:
+        return
+    c.execute(
+        update(d)
+        .where(d.c.id == deployment_id)
+        .values(
+            pipelines=pipelines,
+            stable_revision=revision,
+            content_hash=deployment_content_hash(row.selector, row.priority, pipelines),
+        )
+    )
+    a = t.rollout_assignments
+    c.execute(delete(a).where(a.c.deployment_id == deployment_id, a.c.revision == revision))
+
+
+def overrides_for(plane: ControlPlane, device_ids: Sequence[str]) -> dict[str, dict[str, int]]:
+    """Device -> {deployment id: assigned revision}, for devices a rollout moved."""
+    a = t.rollout_assignments
+    out: dict[str, dict[str, int]] = {}
+    ids = list(device_ids)
+    with plane.store.engine.connect() as c:
+        for i in range(0, len(ids), 500):
+            rows = c.execute(
+                select(a.c.device_id, a.c.deployment_id, a.c.revision).where(
+                    a.c.device_id.in_(ids[i : i + 500])
+                )
+            )
+            for r in rows:
+                out.setdefault(r.device_id, {})[r.deployment_id] = int(r.revision)
+    return out
+
+
+def apply_assignments(
+    plane: ControlPlane,
+    deployments: Sequence[Mapping[str, Any]],
+    assigned: Mapping[str, int] | None,
+) -> list[Mapping[str, Any]]:
+    """The deployments one device sees: assigned revisions replace the stable pipelines."""
+    if not assigned:
+        return list(deployments)
+    out: list[Mapping[str, Any]] = []
+    for dep in deployments:
+        revision = assigned.get(dep["id"])
+        if revision is None or revision == stable_revision(dep):
+            out.append(dep)
+            continue
+        try:
+            pipelines = revision_pipelines(plane, dep["id"], revision)
+        except ApiError:
+            out.append(dep)  # revision gone: the stable one is the safe answer
+            continue
+        out.append({**dep, "pipelines": pipelines})
+    return out

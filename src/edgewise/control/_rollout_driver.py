@@ -1,0 +1,219 @@
+"""The rollout driver: the imperative shell that runs `edgewise.control.rollout.step`.
+
+One driver runs in each control-plane process. Every tick it takes the leases of the
+active rollouts no other replica holds, and for each: loads the stored rollout, observes
+(device reports for the target revision since the last tick, cohort telemetry every few
+seconds), calls `step`, and commits the new value with its actions in one transaction
+(`RolloutStore.commit`). After the commit it brings the desired documents of the devices
+it moved up to date (a revision bump each, which wakes their long-polls). Those
+documents are derived data: after a restart the first tick recomputes every device the
+rollout holds, which changes nothing when nothing was lost and repairs a crash between
+commit and recompute otherwise. A notification is the committed assignment, logged once
+per device: a restarted driver never notifies a device again.
+
+Usage (the app does this)::
+
+    driver = RolloutDriver(plane)
+    task = asyncio.create_task(driver.run())
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import logging
+import secrets
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from anyio import to_thread
+
+from edgewise.control._plane import ApiError, ControlPlane
+from edgewise.control._recompute import recompute_devices, recompute_selector
+from edgewise.control._revisions import revision_pipelines
+from edgewise.control._rollout_observe import CohortReader, Target, load_reports, target_of
+from edgewise.control._rollout_store import RolloutStore, StepLost
+from edgewise.control.rollout import (
+    Action,
+    CohortTelemetry,
+    NotifyDevices,
+    Observations,
+    RevertDevices,
+    Rollout,
+    SetStableRevision,
+    fail,
+    step,
+)
+
+__all__ = ["RolloutDriver"]
+
+log = logging.getLogger("edgewise.control.rollouts")
+
+
+@dataclass
+class _Seen:
+    """What this replica remembers about a rollout between ticks (lost on restart)."""
+
+    reports_since: float = 0.0
+    telemetry_at: float = -1e18
+    phase: CohortTelemetry | None = None
+    control: CohortTelemetry | None = None
+    telemetry_phase: int | None = None
+    gates_written_at: float = -1e18
+    repaired: bool = False
+    targets: tuple[Target, Target] | None = None
+
+
+@dataclass
+class RolloutDriver:
+    """Steps the rollouts this replica holds the lease of.
+
+    Attributes:
+        plane: the control plane.
+        owner: this replica's lease id.
+        interval_s: seconds between ticks.
+        lease_s: lease lifetime (renewed every tick).
+        telemetry_every_s: how often cohort telemetry is re-read.
+        gates_every_s: how often a gate-only change (no state change) is stored.
+    """
+
+    plane: ControlPlane
+    owner: str = field(default_factory=lambda: f"cp-{secrets.token_hex(4)}")
+    interval_s: float = 0.5
+    lease_s: float = 10.0
+    telemetry_every_s: float = 2.0
+    gates_every_s: float = 5.0
+    steps: int = 0
+    _seen: dict[str, _Seen] = field(default_factory=dict)
+    _wake: asyncio.Event | None = None
+
+    def __post_init__(self) -> None:
+        self.rollouts = RolloutStore(self.plane)
+        self.cohorts = CohortReader(self.plane.store.engine)
+
+    async def run(self) -> None:
+        """Tick until cancelled; wake early on `wake()`."""
+        self._wake = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        self.plane.rollout_wake = lambda: loop.call_soon_threadsafe(self._wake_set)  # type: ignore[attr-defined]
+        while True:
+            try:
+                await to_thread.run_sync(self.tick)
+            except asyncio.CancelledError:
+                raise
+            except Exception:  # one bad tick must not stop every rollout
+                log.exception("rollout driver tick failed")
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), self.interval_s)
+            self._wake.clear()
+
+    def _wake_set(self) -> None:
+        if self._wake is not None:
+            self._wake.set()
+
+    def tick(self) -> None:
+        """One pass over the rollouts this replica can hold."""
+        now = self.plane.clock()
+        held = self.rollouts.acquire_leases(self.owner, now, self.lease_s)
+        for rollout_id in held:
+            try:
+                self.step_one(rollout_id)
+            except StepLost:
+                self._seen.pop(rollout_id, None)
+        for gone in set(self._seen) - set(held):
+            del self._seen[gone]
+
+    def _targets(self, rollout: Rollout, seen: _Seen) -> tuple[Target, Target]:
+        if seen.targets is None:
+            to = revision_pipelines(self.plane, rollout.deployment, int(rollout.to_revision))
+            frm = revision_pipelines(self.plane, rollout.deployment, int(rollout.from_revision))
+            seen.targets = (target_of(to), target_of(frm))
+        return seen.targets
+
+    def step_one(self, rollout_id: str) -> Rollout | None:
+        """Observe, step and commit one rollout; returns its new value."""
+        row = self.rollouts.get(rollout_id)
+        if row is None:
+            return None
+        rollout = Rollout.from_dict(row["document"])
+        seen = self._seen.setdefault(rollout_id, _Seen())
+        now = self.plane.clock()
+        if not seen.repaired:
+            recompute_devices(self.plane, self.rollouts.assigned_devices(rollout_id))
+            seen.repaired = True
+        try:
+            target, source = self._targets(rollout, seen)
+        except ApiError as exc:
+            new, actions = fail(rollout, now, f"cannot carry on: {exc.message}")
+            return self._commit(new, row["version"], actions, now, seen, rollout)
+        if self.plane.store.get_deployment(rollout.deployment) is None:
+            new, actions = fail(rollout, now, "the deployment was deleted")
+            return self._commit(new, row["version"], actions, now, seen, rollout)
+        reports, seen.reports_since = load_reports(
+            self.plane.store.engine, rollout, target, seen.reports_since
+        )
+        if now - seen.telemetry_at >= self.telemetry_every_s or (
+            seen.telemetry_phase != rollout.phase_index
+        ):
+            seen.phase, seen.control = self.cohorts.cohorts(rollout, target, source)
+            seen.telemetry_phase, seen.telemetry_at = rollout.phase_index, now
+        observations = Observations(
+            reports=reports,
+            phase=seen.phase,
+            control=seen.control,
+            telemetry_phase=seen.telemetry_phase,
+        )
+        new, actions = step(rollout, observations, now)
+        self.steps += 1
+        gates_only = new.gates == rollout.gates or now - seen.gates_written_at < self.gates_every_s
+        if gates_only and not _worth_writing(rollout, new, actions):
+            return rollout
+        return self._commit(new, row["version"], actions, now, seen, rollout)
+
+    def _commit(
+        self,
+        new: Rollout,
+        version: int,
+        actions: list[Action],
+        now: float,
+        seen: _Seen,
+        old: Rollout,
+    ) -> Rollout:
+        started = time.monotonic()
+        self.rollouts.commit(
+            new, version, actions, now=now, owner=self.owner, actor=f"rollout-driver:{self.owner}"
+        )
+        seen.gates_written_at = now
+        self.after_commit(new, actions)
+        if new.terminal:
+            self.rollouts.release(new.id, self.owner)
+        log.debug("rollout %s stepped in %.3f s", new.id, time.monotonic() - started)
+        return new
+
+    def after_commit(self, rollout: Rollout, actions: list[Action]) -> None:
+        """Bring the desired state of the devices the actions moved up to date."""
+        moved: list[str] = []
+        for action in actions:
+            if isinstance(action, NotifyDevices | RevertDevices):
+                moved.extend(action.ids)
+        if moved:
+            recompute_devices(self.plane, moved)
+        if any(isinstance(a, SetStableRevision) for a in actions):
+            # Devices outside the snapshot (enrolled after the start) now get the new
+            # stable revision; the snapshot's devices already run it.
+            recompute_selector(self.plane, rollout.deployment)
+
+
+def _worth_writing(old: Rollout, new: Rollout, actions: list[Action]) -> bool:
+    if actions and any(not _is_wake(a) for a in actions):
+        return True
+    quiet = dataclasses.replace(new, gates=old.gates)
+    return quiet != old
+
+
+def _is_wake(action: Any) -> bool:
+    from edgewise.control.rollout import WakeAt
+
+    return isinstance(action, WakeAt)

@@ -1,0 +1,201 @@
+"""What a rollout step observes: device reports for the target revision and cohort telemetry.
+
+Reports come from the per-pipeline rows agents report (`device_pipelines`): a device is
+judged on the pipelines the target revision defines, and only on rows that name the
+target model version, so a report about the old model never counts for the new one.
+
+Cohorts come from `window` telemetry records read as `WindowFigures` and summed by
+`edgewise.control.telemetry.cohort_figures` (the same figures the fleet views show):
+
+- the phase cohort: the current phase's devices, windows on the target version since
+  the phase started;
+- the control cohort: devices of the snapshot still on the old version (a sample of at
+  most `control_sample` of them), windows on the old version over the same span; in the
+  last phase, where nobody is left on the old version, the snapshot's old-version
+  windows from the `baseline_s` before the rollout started.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from sqlalchemy import select
+
+from edgewise.control import _schema as t
+from edgewise.control.rollout import (
+    CohortTelemetry,
+    DeviceReport,
+    DeviceRolloutState,
+    ReportStatus,
+    Rollout,
+)
+from edgewise.control.telemetry import WindowFigures, cohort_figures
+
+__all__ = ["CohortReader", "Target", "device_report", "load_reports", "target_of"]
+
+Row = dict[str, Any]
+_IN_PROGRESS = frozenset({"pending", "downloading", "verifying", "installing", "health_checking"})
+_CHUNK = 500
+
+
+@dataclass(frozen=True)
+class Target:
+    """Pipeline name -> (model name, version) of one deployment revision."""
+
+    pipelines: Mapping[str, tuple[str, str]]
+
+
+def target_of(pipelines: Mapping[str, Any]) -> Target:
+    """The models a revision's pinned pipelines run."""
+    return Target(
+        {
+            name: (str(p["model"]["name"]), str(p["model"]["version"]))
+            for name, p in pipelines.items()
+        }
+    )
+
+
+def device_report(rows: Sequence[Mapping[str, Any]], target: Target) -> DeviceReport | None:
+    """One device's status for the target revision, from its reported pipeline rows (pure).
+
+    Failed or rolled back on any target pipeline wins; healthy needs every target
+    pipeline active on the target version; a row naming another version is not about
+    the target and is ignored.
+    """
+    by_name = {str(r["pipeline"]): r for r in rows}
+    statuses: list[tuple[ReportStatus, str, float]] = []
+    for name, (model, version) in target.pipelines.items():
+        row = by_name.get(name)
+        if row is None or row["model"] != model or row["version"] != version:
+            statuses.append((ReportStatus.INSTALLING, "", 0.0)) if row is not None else None
+            continue
+        status = str(row["status"])
+        at = float(row["updated_at"])
+        reason = str(row.get("reason") or "")
+        if status == "active":
+            statuses.append((ReportStatus.HEALTHY, reason or f"{name} active", at))
+        elif status == "failed":
+            statuses.append((ReportStatus.FAILED, reason or f"{name} failed", at))
+        elif status == "rolled_back":
+            statuses.append((ReportStatus.ROLLED_BACK, reason or f"{name} rolled back", at))
+        elif status in _IN_PROGRESS:
+            statuses.append((ReportStatus.INSTALLING, f"{name} {status}", at))
+    real = [s for s in statuses if s[2] > 0.0]
+    if not real:
+        return None
+    at = max(s[2] for s in real)
+    for bad in (ReportStatus.FAILED, ReportStatus.ROLLED_BACK):
+        hit = next((s for s in real if s[0] is bad), None)
+        if hit is not None:
+            return DeviceReport(bad, hit[1], at)
+    if len(real) == len(target.pipelines) and all(s[0] is ReportStatus.HEALTHY for s in real):
+        return DeviceReport(ReportStatus.HEALTHY, "; ".join(s[1] for s in real), at)
+    return DeviceReport(ReportStatus.INSTALLING, "; ".join(s[1] for s in real if s[1]), at)
+
+
+def load_reports(
+    engine: Any, rollout: Rollout, target: Target, since: float
+) -> tuple[dict[str, DeviceReport], float]:
+    """Reports of the rollout's notified devices changed since `since`.
+
+    Returns:
+        (device -> report, the newest row time seen) for the next call's `since`.
+    """
+    dp = t.device_pipelines
+    wanted = {d for d, s in rollout.devices.items() if s.notified_at is not None}
+    rows: dict[str, list[Row]] = {}
+    newest = since
+    with engine.connect() as c:
+        q = select(dp).where(dp.c.updated_at >= since)
+        for r in c.execute(q):
+            row = dict(r._mapping)
+            newest = max(newest, float(row["updated_at"]))
+            if row["device_id"] in wanted:
+                rows.setdefault(row["device_id"], []).append(row)
+    out = {}
+    for device_id, device_rows in rows.items():
+        report = device_report(device_rows, target)
+        if report is not None:
+            out[device_id] = report
+    return out, newest
+
+
+def _sample(ids: Iterable[str], size: int, salt: str) -> list[str]:
+    # A stable pseudo-random sample: the same devices every step, spread over the fleet.
+    ranked = sorted(ids, key=lambda d: hashlib.sha256(f"{salt}:{d}".encode()).digest())
+    return ranked[:size]
+
+
+class CohortReader:
+    """Reads phase and control cohort figures for a rollout (swap `windows` to change source).
+
+    Args:
+        engine: the store's engine.
+        phase_sample: most phase devices read per step.
+        control_sample: most control devices read per step.
+        baseline_s: look-back for the control cohort once every device has moved.
+    """
+
+    def __init__(
+        self,
+        engine: Any,
+        phase_sample: int = 2000,
+        control_sample: int = 300,
+        baseline_s: float = 900.0,
+    ) -> None:
+        self.engine = engine
+        self.phase_sample = phase_sample
+        self.control_sample = control_sample
+        self.baseline_s = baseline_s
+
+    def windows(
+        self, device_ids: Sequence[str], since: float, models: Mapping[str, tuple[str, str]]
+    ) -> list[WindowFigures]:
+        """`window` records of these devices since `since` on the given pipeline models."""
+        tel = t.telemetry
+        out = []
+        with self.engine.connect() as c:
+            for i in range(0, len(device_ids), _CHUNK):
+                chunk = list(device_ids[i : i + _CHUNK])
+                q = select(tel.c.device_id, tel.c.data).where(
+                    tel.c.device_id.in_(chunk), tel.c.kind == "window", tel.c.ts >= since
+                )
+                for device_id, data in c.execute(q):
+                    if not isinstance(data, dict):
+                        continue
+                    want = models.get(str(data.get("pipeline", "")))
+                    if want is None or (data.get("model"), data.get("version")) != want:
+                        continue
+                    out.append(WindowFigures.from_record(device_id, data))
+        return out
+
+    def cohorts(
+        self, rollout: Rollout, target: Target, source: Target
+    ) -> tuple[CohortTelemetry | None, CohortTelemetry | None]:
+        """(phase cohort on the target, control cohort on the source revision)."""
+        i = rollout.phase_index
+        started = rollout.phase_started_at
+        if started is None or i >= len(rollout.phases):
+            return None, None
+        moved = [
+            d
+            for d in rollout.phases[i]
+            if rollout.devices[d].state
+            in (DeviceRolloutState.SUCCEEDED, DeviceRolloutState.INSTALLING)
+        ]
+        phase_windows = self.windows(
+            _sample(moved, self.phase_sample, rollout.id), started, target.pipelines
+        )
+        waiting = [d for d, s in rollout.devices.items() if s.notified_at is None]
+        if waiting:
+            control_ids, since = _sample(waiting, self.control_sample, rollout.id), started
+        else:
+            control_ids = _sample(rollout.devices, self.control_sample, rollout.id)
+            since = rollout.created_at - self.baseline_s
+        control_windows = self.windows(control_ids, since, source.pipelines)
+        phase = cohort_figures(phase_windows) if phase_windows else None
+        control = cohort_figures(control_windows) if control_windows else None
+        return phase, control

@@ -1,0 +1,230 @@
+"""Rollout operations behind `/api/v1/rollouts`: start, operator commands, reads.
+
+Start takes the snapshot (the active devices the deployment's selector matches now: later
+enrollments stay on the stable revision), plans the phases with the pure engine and
+stores the rollout with its audit record. Commands (pause, resume, approve, abort,
+rollback) run the engine's pure command and commit it like a driver step, audited under
+the operator's name; the driver then carries on.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import secrets
+from collections.abc import Callable
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
+from sqlalchemy.exc import IntegrityError
+
+from edgewise.control._plane import ApiError, ControlPlane, Principal, digest
+from edgewise.control._rbac import selector_in_scope
+from edgewise.control._recompute import recompute_devices, recompute_selector
+from edgewise.control._revisions import revision_pipelines, stable_revision
+from edgewise.control._rollout_store import RolloutStore, StepLost
+from edgewise.control._rollout_views import device_why, rollout_summary, rollout_view
+from edgewise.control._selector import parse_selector
+from edgewise.control.rollout import (
+    Action,
+    IllegalTransition,
+    NotifyDevices,
+    RevertDevices,
+    Rollout,
+    RolloutSpec,
+    SetStableRevision,
+    abort,
+    approve,
+    create_rollout,
+    pause,
+    resume,
+    rollback,
+)
+
+__all__ = [
+    "COMMANDS",
+    "RolloutRequest",
+    "apply_moves",
+    "get_rollout",
+    "list_rollouts",
+    "rollout_command",
+    "rollout_device",
+    "start_rollout",
+]
+
+Command = Callable[[Rollout, float, str], tuple[Rollout, list[Action]]]
+COMMANDS: dict[str, Command] = {
+    "pause": pause,
+    "resume": resume,
+    "approve": approve,
+    "abort": abort,
+    "rollback": rollback,
+}
+
+
+class RolloutRequest(BaseModel):
+    """`POST /api/v1/rollouts`."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    deployment: str = Field(min_length=1, max_length=200)
+    to_revision: int = Field(ge=1)
+    spec: dict[str, Any] = Field(default_factory=dict)
+
+
+def _store(plane: ControlPlane) -> RolloutStore:
+    return RolloutStore(plane)
+
+
+def _wake(plane: ControlPlane) -> None:
+    wake = getattr(plane, "rollout_wake", None)
+    if wake is not None:
+        wake()
+
+
+def _deployment(plane: ControlPlane, ref: str, who: Principal) -> dict[str, Any]:
+    dep = plane.store.get_deployment(ref)
+    if dep is None:
+        raise ApiError(404, "not_found", f"no deployment {ref}")
+    if not selector_in_scope(who.scope, dep["selector"]):
+        raise ApiError(403, "out_of_scope", "deployment reaches beyond the token's scope")
+    return dep
+
+
+def start_rollout(plane: ControlPlane, req: RolloutRequest, who: Principal) -> dict[str, Any]:
+    """Snapshot the target, plan the phases, store the rollout (the driver runs it)."""
+    dep = _deployment(plane, req.deployment, who)
+    try:
+        spec = RolloutSpec.from_dict(req.spec)
+    except ValueError as exc:
+        raise ApiError(422, "invalid_spec", str(exc)) from None
+    stable = stable_revision(dep)
+    if req.to_revision == stable:
+        raise ApiError(409, "already_stable", f"revision {stable} is already the stable one")
+    revision_pipelines(plane, dep["id"], req.to_revision)  # 404 when it does not exist
+    selector = parse_selector(dep["selector"])
+    snapshot = [
+        (row["id"], dict(row["labels"]))
+        for row in plane.store.list_devices()
+        if row["status"] == "active" and selector.matches(row["labels"])
+    ]
+    rollout_id = f"ro-{secrets.token_hex(6)}"
+    now = plane.clock()
+    seed = int(hashlib.sha256(rollout_id.encode()).hexdigest()[:8], 16)
+    try:
+        rollout = create_rollout(
+            rollout_id, dep["id"], stable, req.to_revision, snapshot, spec, now, seed=seed
+        )
+    except ValueError as exc:
+        raise ApiError(422, "invalid_spec", str(exc)) from None
+    row = {
+        "id": rollout_id,
+        "deployment_id": dep["id"],
+        "active_key": dep["id"],
+        "from_revision": stable,
+        "to_revision": req.to_revision,
+        "state": rollout.state.value,
+        "document": rollout.to_dict(),
+        "version": 0,
+        "wake_at": None,
+        "lease_owner": None,
+        "lease_expires": None,
+        "created_at": now,
+        "created_by": who.actor,
+        "updated_at": now,
+    }
+    audit = (
+        who.actor,
+        "rollout.start",
+        f"rollout:{rollout_id}",
+        digest(req.model_dump()),
+        f"ok deployment={dep['id']} {stable}->{req.to_revision} devices={len(snapshot)}",
+    )
+    try:
+        _store(plane).insert(row, audit)
+    except IntegrityError:
+        raise ApiError(
+            409, "conflict", f"deployment {dep['name']} already has an active rollout"
+        ) from None
+    _wake(plane)
+    return rollout_view(row, rollout)
+
+
+def _load(plane: ControlPlane, rollout_id: str, who: Principal) -> tuple[dict[str, Any], Rollout]:
+    row = _store(plane).get(rollout_id)
+    if row is None:
+        raise ApiError(404, "not_found", f"no rollout {rollout_id}")
+    dep = plane.store.get_deployment(row["deployment_id"])
+    if who.scope is not None and (dep is None or not selector_in_scope(who.scope, dep["selector"])):
+        raise ApiError(404, "not_found", f"no rollout {rollout_id}")  # scope does not leak ids
+    return row, Rollout.from_dict(row["document"])
+
+
+def get_rollout(
+    plane: ControlPlane, rollout_id: str, who: Principal, devices: str | None = None
+) -> dict[str, Any]:
+    """The status view of one rollout."""
+    row, rollout = _load(plane, rollout_id, who)
+    return rollout_view(row, rollout, devices)
+
+
+def rollout_device(
+    plane: ControlPlane, rollout_id: str, device_id: str, who: Principal
+) -> dict[str, Any]:
+    """Why one device is where it is."""
+    _, rollout = _load(plane, rollout_id, who)
+    why = device_why(rollout, device_id)
+    if why is None:
+        raise ApiError(
+            404, "not_in_rollout", f"device {device_id} is not in rollout {rollout_id}'s snapshot"
+        )
+    return why
+
+
+def list_rollouts(
+    plane: ControlPlane, who: Principal, deployment: str | None, active: bool | None
+) -> list[dict[str, Any]]:
+    """Rollouts the caller may see, newest first."""
+    dep_id = None
+    if deployment is not None:
+        dep_id = _deployment(plane, deployment, who)["id"]
+    out = []
+    for row in _store(plane).list_rows(dep_id, active):
+        dep = plane.store.get_deployment(row["deployment_id"])
+        if who.scope is not None and (
+            dep is None or not selector_in_scope(who.scope, dep["selector"])
+        ):
+            continue
+        out.append(rollout_summary(row, Rollout.from_dict(row["document"])))
+    return out
+
+
+def apply_moves(plane: ControlPlane, rollout: Rollout, actions: list[Action]) -> None:
+    """After a commit: recompute the desired state of every device the actions moved."""
+    moved = [d for a in actions if isinstance(a, NotifyDevices | RevertDevices) for d in a.ids]
+    if moved:
+        recompute_devices(plane, moved)
+    if any(isinstance(a, SetStableRevision) for a in actions):
+        recompute_selector(plane, rollout.deployment)
+
+
+def rollout_command(
+    plane: ControlPlane, rollout_id: str, name: str, who: Principal
+) -> dict[str, Any]:
+    """Pause, resume, approve, abort or roll back; audited under the caller's name."""
+    command = COMMANDS[name]
+    store = _store(plane)
+    for _ in range(10):
+        row, rollout = _load(plane, rollout_id, who)
+        now = plane.clock()
+        try:
+            new, actions = command(rollout, now, who.actor)
+        except IllegalTransition as exc:
+            raise ApiError(409, "illegal_state", str(exc)) from None
+        try:
+            store.commit(new, row["version"], actions, now=now, actor=who.actor)
+        except StepLost:
+            continue  # the driver stepped meanwhile: decide again on the fresh value
+        apply_moves(plane, new, actions)
+        _wake(plane)
+        return rollout_view({**row, "updated_at": now}, new)
+    raise ApiError(503, "busy", "rollout keeps changing; retry")

@@ -1,0 +1,245 @@
+"""Rollouts through the operator API, in process, with the driver stepped by hand."""
+
+from __future__ import annotations
+
+from collections import Counter
+from typing import Any
+
+import pytest
+
+from edgewise.control._rollout_store import RolloutStore
+
+from .inproc import Dev, World
+
+SITES = ["a", "b"]
+HW = ["small", "large"]
+
+
+def _fleet(w: World, n: int = 8) -> list[Dev]:
+    w.ok("POST", "/api/v1/deployments", json={
+        "name": "base", "selector": "site in (a,b)",
+        "pipelines": {"digits": {"model": "digits-mlp@1.0.0"}}})  # fmt: skip
+    return [w.enroll(site=SITES[i % 2], hw=HW[(i // 2) % 2]) for i in range(n)]
+
+
+def _revise(w: World, version: str) -> int:
+    body = {"pipelines": {"digits": {"model": f"digits-mlp@{version}"}}}
+    return int(w.ok("POST", "/api/v1/deployments/base/revisions", json=body)["revision"])
+
+
+def _start(w: World, to: int, **spec: Any) -> dict[str, Any]:
+    body = {"deployment": "base", "to_revision": to,
+            "spec": {"canary": 2, "waves": [100], "soak_s": 0, **spec}}  # fmt: skip
+    r = w.api("POST", "/api/v1/rollouts", json=body)
+    assert r.status_code == 201, r.text
+    view: dict[str, Any] = r.json()
+    return view
+
+
+def _phase_devices(w: World, rollout_id: str, phase: int, devs: list[Dev]) -> list[Dev]:
+    listed = w.rollout(rollout_id, devices="all")["device_list"]
+    ids = {d["id"] for d in listed if d["phase"] == phase}
+    return [d for d in devs if d.id in ids]
+
+
+def test_deploy_update_adds_a_revision_and_moves_no_device(world: World) -> None:
+    devs = _fleet(world, 2)
+    before = devs[0].desired()["revision"]
+    assert _revise(world, "1.1.0") == 2
+    r = world.api("POST", "/api/v1/deployments/base/revisions",
+                  json={"pipelines": {"digits": {"model": "digits-mlp@1.1.0"}}})  # fmt: skip
+    assert r.status_code == 200 and r.json()["created"] is False
+    history = world.ok("GET", "/api/v1/deployments/base/revisions")
+    assert history["stable_revision"] == 1
+    assert [(h["revision"], h["stable"]) for h in history["revisions"]] == [(1, True), (2, False)]
+    assert devs[0].desired()["revision"] == before
+    assert devs[0].version() == "1.0.0"
+
+
+def test_a_rollout_moves_the_canary_first_then_the_wave_then_completes(world: World) -> None:
+    devs = _fleet(world)
+    ro = _start(world, _revise(world, "1.1.0"))
+    assert [p["size"] for p in ro["phases"]] == [2, 6]
+    world.tick()
+    canary = _phase_devices(world, ro["id"], 0, devs)
+    others = [d for d in devs if d not in canary]
+    assert {d.version() for d in canary} == {"1.1.0"}
+    assert {d.version() for d in others} == {"1.0.0"}
+    for d in canary:
+        d.report("1.1.0", "active")
+    world.tick()
+    assert world.rollout(ro["id"])["phase_index"] == 1
+    assert {d.version() for d in others} == {"1.1.0"}
+    for d in others:
+        d.report("1.1.0", "active")
+    world.tick()
+    view = world.rollout(ro["id"])
+    assert view["state"] == "completed"
+    assert world.ok("GET", "/api/v1/deployments/base/revisions")["stable_revision"] == 2
+    log = RolloutStore(world.plane).notifications(ro["id"])
+    assert Counter((n["device_id"], n["kind"]) for n in log) == {(d.id, "notify"): 1 for d in devs}
+    started = [a for a in world.audit("phase.") if a["object"] == f"rollout:{ro['id']}"]
+    assert Counter(a["action"] for a in started) == {"phase.started": 2, "phase.passed": 2}
+
+
+def test_a_failed_canary_rolls_back_every_moved_device(world: World) -> None:
+    devs = _fleet(world)
+    ro = _start(world, _revise(world, "2.0.0"), gates={"error_pct": 10})
+    world.tick()
+    canary = _phase_devices(world, ro["id"], 0, devs)
+    revisions = {d.id: d.desired()["revision"] for d in canary}
+    canary[0].report("2.0.0", "failed", "health check failed")
+    world.tick()
+    view = world.rollout(ro["id"])
+    assert view["state"] == "rolled_back"
+    assert "error" in view["reason"]
+    for d in canary:
+        doc = d.desired()
+        assert doc["pipelines"]["digits"]["model"]["version"] == "1.0.0"
+        assert doc["revision"] == revisions[d.id] + 1
+    assert {d.version() for d in devs} == {"1.0.0"}
+
+
+def test_devices_enrolled_after_the_start_stay_on_the_stable_revision(world: World) -> None:
+    devs = _fleet(world, 4)
+    ro = _start(world, _revise(world, "1.1.0"), canary=1)
+    world.tick()
+    late = world.enroll(site="a", hw="small")
+    assert late.version() == "1.0.0"
+    r = world.api("GET", f"/api/v1/rollouts/{ro['id']}/devices/{late.id}")
+    assert r.status_code == 404 and r.json()["error"]["code"] == "not_in_rollout"
+    for _ in range(3):
+        for d in devs:
+            if d.version() == "1.1.0":
+                d.report("1.1.0", "active")
+        world.tick()
+    assert world.rollout(ro["id"])["state"] == "completed"
+    assert late.version() == "1.1.0"  # the new stable revision reaches it after completion
+    assert world.rollout(ro["id"])["devices"] == 4
+
+
+def test_a_device_past_its_timeout_is_timed_out_and_a_late_success_does_not_save_it(
+    world: World,
+) -> None:
+    devs = _fleet(world, 4)
+    ro = _start(world, _revise(world, "1.1.0"), canary=1, device_timeout_s=60,
+                gates={"error_pct": 50})  # fmt: skip
+    world.tick()
+    (canary,) = _phase_devices(world, ro["id"], 0, devs)
+    world.clock.now += 61
+    world.tick()
+    canary.report("1.1.0", "active")
+    world.tick()
+    why = world.ok("GET", f"/api/v1/rollouts/{ro['id']}/devices/{canary.id}")
+    assert why["state"] == "timed_out"
+    assert "later reports are ignored" in why["why"]
+    assert world.rollout(ro["id"])["state"] == "rolled_back"
+
+
+def test_pause_resume_and_abort_are_audited_under_the_operator(world: World) -> None:
+    devs = _fleet(world, 4)
+    operator = world.token("operator")
+    ro = _start(world, _revise(world, "1.1.0"), canary=1)
+    world.tick()
+    r = world.api("POST", f"/api/v1/rollouts/{ro['id']}/pause", token=operator)
+    assert r.status_code == 200 and r.json()["state"] == "paused"
+    for d in devs:
+        if d.version() == "1.1.0":
+            d.report("1.1.0", "active")
+    world.tick()
+    assert world.rollout(ro["id"])["phase_index"] == 0  # paused: nothing advances
+    r = world.api("POST", f"/api/v1/rollouts/{ro['id']}/approve", token=operator)
+    assert r.status_code == 409 and r.json()["error"]["code"] == "illegal_state"
+    assert world.api("POST", f"/api/v1/rollouts/{ro['id']}/resume", token=operator).json()[
+        "state"] == "running"  # fmt: skip
+    r = world.api("POST", f"/api/v1/rollouts/{ro['id']}/abort", token=operator)
+    assert r.json()["state"] == "aborted"
+    assert {d.version() for d in devs} == {"1.0.0"}
+    actions = [(a["action"], a["actor"]) for a in world.audit("rollout.")]
+    assert ("rollout.paused", "token:operator") in [(x, y.split("(")[0]) for x, y in actions]
+    assert {"rollout.start", "rollout.paused", "rollout.resumed", "rollout.aborted"} <= {
+        a for a, _ in actions
+    }
+
+
+def test_approval_holds_the_next_phase_until_an_operator_approves(world: World) -> None:
+    devs = _fleet(world, 4)
+    ro = _start(world, _revise(world, "1.1.0"), canary=1, require_approval=[True])
+    world.tick()
+    for d in devs:
+        if d.version() == "1.1.0":
+            d.report("1.1.0", "active")
+    world.tick()
+    assert world.rollout(ro["id"])["state"] == "awaiting_approval"
+    assert sum(d.version() == "1.1.0" for d in devs) == 1
+    world.ok("POST", f"/api/v1/rollouts/{ro['id']}/approve")
+    world.tick()
+    assert {d.version() for d in devs} == {"1.1.0"}
+
+
+@pytest.mark.parametrize(
+    ("body", "status", "code"),
+    [
+        ({"deployment": "nope", "to_revision": 2}, 404, "not_found"),
+        ({"deployment": "base", "to_revision": 1}, 409, "already_stable"),
+        ({"deployment": "base", "to_revision": 9}, 404, "not_found"),
+        ({"deployment": "base", "to_revision": 2, "spec": {"canary": "lots"}}, 422,
+         "invalid_spec"),
+        ({"deployment": "base", "to_revision": 2, "spec": {"bogus": 1}}, 422, "invalid_spec"),
+        ({"deployment": "base", "to_revision": 2, "spec": {"waves": [150]}}, 422,
+         "invalid_spec"),
+        ({"deployment": "base", "to_revision": 0}, 422, "invalid_request"),
+        ({"deployment": "base", "to_revision": 2, "extra": True}, 422, "invalid_request"),
+        ({"deployment": "base", "to_revision": "two"}, 422, "invalid_request"),
+    ],
+)  # fmt: skip
+def test_bad_rollout_requests_are_refused_with_4xx(
+    world: World, body: dict[str, Any], status: int, code: str
+) -> None:
+    _fleet(world, 2)
+    _revise(world, "1.1.0")
+    r = world.api("POST", "/api/v1/rollouts", json=body)
+    assert (r.status_code, r.json()["error"]["code"]) == (status, code), r.text
+
+
+def test_one_active_rollout_per_deployment(world: World) -> None:
+    _fleet(world, 2)
+    rev = _revise(world, "1.1.0")
+    _start(world, rev)
+    r = world.api("POST", "/api/v1/rollouts",
+                  json={"deployment": "base", "to_revision": rev})  # fmt: skip
+    assert r.status_code == 409 and r.json()["error"]["code"] == "conflict"
+
+
+def test_viewers_read_and_operators_act(world: World) -> None:
+    _fleet(world, 2)
+    rev = _revise(world, "1.1.0")
+    viewer, operator = world.token("viewer"), world.token("operator")
+    body = {"deployment": "base", "to_revision": rev}
+    assert world.api("POST", "/api/v1/rollouts", token=viewer, json=body).status_code == 403
+    ro = world.api("POST", "/api/v1/rollouts", token=operator, json=body).json()
+    assert world.api("GET", f"/api/v1/rollouts/{ro['id']}", token=viewer).status_code == 200
+    assert world.api("GET", "/api/v1/rollouts", token=viewer).status_code == 200
+    assert world.api("POST", f"/api/v1/rollouts/{ro['id']}/pause",
+                     token=viewer).status_code == 403  # fmt: skip
+    revise = {"pipelines": {"digits": {"model": "digits-mlp@2.0.0"}}}
+    assert world.api("POST", "/api/v1/deployments/base/revisions", token=viewer,
+                     json=revise).status_code == 403  # fmt: skip
+    outsider = world.token("operator", scope="site=zzz")
+    assert world.api("GET", f"/api/v1/rollouts/{ro['id']}", token=outsider).status_code == 404
+    assert world.api("POST", "/api/v1/rollouts", token=outsider, json=body).status_code == 403
+
+
+def test_status_shows_phases_gates_counts_and_why(world: World) -> None:
+    devs = _fleet(world, 4)
+    ro = _start(world, _revise(world, "1.1.0"), canary=1)
+    world.tick()
+    view = world.rollout(ro["id"], devices="all")
+    assert [p["name"] for p in view["phases"]] == ["canary", "wave 1"]
+    assert view["counts"] == {"notified": 1, "pending": 3}
+    assert {g["name"] for g in view["gates"]} >= {"success", "error", "reporting"}
+    waiting = next(d for d in view["device_list"] if d["state"] == "pending")
+    why = world.ok("GET", f"/api/v1/rollouts/{ro['id']}/devices/{waiting['id']}")
+    assert "canary passes" in why["why"]
+    assert len(world.ok("GET", "/api/v1/rollouts")) == 1
+    assert len(devs) == 4
