@@ -13,6 +13,7 @@ The last line is one JSON object with those keys.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import shutil
 import sys
@@ -69,11 +70,17 @@ def rss_mb(pid: int) -> float:
 def swap_seconds(cp: ControlPlaneProc, dev: str, pipeline: str, since: float) -> float:
     """Deploy-to-active from the reported timeline, minus the time spent downloading."""
     timeline = cp.device(dev)["pipelines"][pipeline]["timeline"]
-    entries = [e for e in timeline if e["at"] >= since - 1]
+    start = max(i for i, e in enumerate(timeline) if e["state"] == "pending")
+    entries = timeline[start:]  # the install this change started
     active = max(e["at"] for e in entries if e["state"] == "active")
     downloads = [e["at"] for e in entries if e["state"] == "downloading"]
     verifying = [e["at"] for e in entries if e["state"] == "verifying"]
     download_s = (min(verifying) - min(downloads)) if downloads else 0.0
+    steps = []
+    for a, b in itertools.pairwise(entries):
+        steps.append(f"{a['state']} {b['at'] - a['at']:.3f}s")
+    first = min(e["at"] for e in entries)
+    print(f"  {pipeline}: desired->pending {first - since:.3f}s; " + ", ".join(steps))
     return active - since - download_s
 
 

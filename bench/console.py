@@ -9,10 +9,9 @@ last byte of the response. The median per page is reported.
 
 Rollouts are started through the control plane's `/api/v1/rollouts` (one per deployment
 layer of two sites, to revision 2 = digits-mlp 1.1.0; the driver runs them while the
-pages are timed). A control plane without that API gets a read-only stand-in serving 20
-documents of the pure rollout engine instead.
+pages are timed).
 
-    .venv/bin/python bench/console.py [--devices 1000] [--rollouts 20] [--repeat 5]
+    .venv/bin/python bench/console.py [--devices 1000] [--rollouts 20] [--repeat 3]
 
 Last line: one JSON object with slowest_page_ms (goal < 1000) and per-page medians.
 """
@@ -20,7 +19,6 @@ Last line: one JSON object with slowest_page_ms (goal < 1000) and per-page media
 from __future__ import annotations
 
 import argparse
-import asyncio
 import base64
 import json
 import os
@@ -31,27 +29,16 @@ import tempfile
 import threading
 import time
 import zipfile
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
 import httpx
 import uvicorn
-from fastapi import APIRouter, FastAPI, Request
+from fastapi import FastAPI
 from sqlalchemy import insert
 
-from edgewise.control import ApiError, Permission, Settings, create_app, open_store
+from edgewise.control import Settings, create_app, open_store
 from edgewise.control import _schema as schema
-from edgewise.control.rollout import (
-    DeviceReport,
-    Observations,
-    ReportStatus,
-    Rollout,
-    RolloutSpec,
-    create_rollout,
-    step,
-)
-from edgewise.web import mount_console
 
 SITES = [f"store-{i}" for i in range(40)]
 HW = ["cpu-small", "cpu-large", "jetson-orin"]
@@ -79,57 +66,6 @@ class Timer:
                 self.samples.setdefault(key, []).append((time.perf_counter() - start) * 1000)
 
         await self.app(scope, receive, timed_send)
-
-
-def route_exists(app: Any, path: str) -> bool:
-    """Whether the app routes `path` (asked in process: a GET without credentials)."""
-
-    async def probe() -> bool:
-        transport = httpx.ASGITransport(app=app)
-        async with httpx.AsyncClient(transport=transport, base_url="http://probe") as client:
-            r = await client.get(path)
-        return r.status_code != 404 or r.json().get("error", {}).get("message") != "Not Found"
-
-    # In a thread of its own: the caller may already run an event loop (Playwright's).
-    with ThreadPoolExecutor(1) as pool:
-        return pool.submit(asyncio.run, probe()).result()
-
-
-def standin_rollouts(rollouts: list[Rollout]) -> APIRouter:
-    """Read-only `/api/v1/rollouts` over engine documents (when the real API is absent)."""
-    router = APIRouter(prefix="/api/v1/rollouts")
-    docs = {r.id: r.to_dict() for r in rollouts}
-
-    def check(request: Request) -> None:
-        plane = request.app.state.plane
-        plane.authorize(plane.authenticate(request.headers.get("authorization")), Permission.READ)
-
-    @router.get("")
-    def list_all(request: Request) -> list[dict[str, Any]]:
-        check(request)
-        return list(docs.values())
-
-    @router.get("/{rollout_id}")
-    def show(request: Request, rollout_id: str) -> dict[str, Any]:
-        check(request)
-        if rollout_id not in docs:
-            raise ApiError(404, "not_found", rollout_id)
-        return docs[rollout_id]
-
-    return router
-
-
-def build_rollouts(devices: list[tuple[str, dict[str, str]]], n: int) -> list[Rollout]:
-    out = []
-    now = time.time()
-    for i in range(n):
-        spec = RolloutSpec(canary="5%", waves=(25.0, 50.0, 100.0))
-        r = create_rollout(f"ro-{i:02d}", "digits", 1, 2, devices, spec, now - 600, seed=i)
-        r, _ = step(r, Observations(), now - 500)
-        healthy = {d: DeviceReport(ReportStatus.HEALTHY) for d in r.phases[0][: 1 + i % 40]}
-        r, _ = step(r, Observations(reports=healthy), now - 400)
-        out.append(r)
-    return out
 
 
 def window(
@@ -227,7 +163,7 @@ def populate(
     return devices
 
 
-def seed_real_rollouts(api: httpx.Client, auth: dict[str, str], n: int) -> None:
+def seed_rollouts(api: httpx.Client, auth: dict[str, str], n: int) -> None:
     """Start `n` rollouts through the real API: revision 2 (1.1.0) of each site layer."""
     for k in range(n):
         name = f"sites-{k:02d}"
@@ -246,7 +182,7 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--devices", type=int, default=1000)
     parser.add_argument("--rollouts", type=int, default=20)
-    parser.add_argument("--repeat", type=int, default=5)
+    parser.add_argument("--repeat", type=int, default=3)
     args = parser.parse_args()
 
     from edgewise.bundle import load_public_key, public_key_to_b64
@@ -264,16 +200,14 @@ def main() -> None:
     devices = populate(store, args.devices, random.Random(1), reference)
     fill_s = time.perf_counter() - t0
     app: FastAPI = create_app(settings, store)
-    mount_console(app)  # a no-op once the control plane mounts it itself
-    real_rollouts = route_exists(app, "/api/v1/rollouts")
-    if not real_rollouts:
-        app.include_router(standin_rollouts(build_rollouts(devices, args.rollouts)))
     admin = app.state.plane.bootstrap_admin()
     timer = Timer(app)
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
     url = f"http://127.0.0.1:{sock.getsockname()[1]}"
-    server = uvicorn.Server(uvicorn.Config(timer, log_level="warning", lifespan="on"))
+    server = uvicorn.Server(
+        uvicorn.Config(timer, log_level="warning", lifespan="on", timeout_graceful_shutdown=2)
+    )
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
     while not server.started:
@@ -301,10 +235,11 @@ def main() -> None:
                 "pipelines": {"digits": {"model": "digits-mlp@1.0.0"}},
             }
             api.post("/api/v1/deployments", json=body, headers=auth).raise_for_status()
-        if real_rollouts:
-            seed_real_rollouts(api, auth, args.rollouts)
-        first = api.get("/api/v1/rollouts", headers=auth).json()
-        rollout_id = first[0]["id"] if isinstance(first, list) and first else "ro-00"
+        seed_rollouts(api, auth, args.rollouts)
+        listed = api.get("/api/v1/rollouts", headers=auth).json()
+        assert len(listed) == args.rollouts, listed
+        rollout_id = listed[0]["id"]
+    setup_s = time.perf_counter() - t0
     pages = [
         "/",
         "/devices",
@@ -333,7 +268,7 @@ def main() -> None:
     medians = {p: statistics.median(timer.samples[p]) for p in pages}
     print(
         f"{args.devices} devices, {args.rollouts} rollouts, {args.repeat} requests per page "
-        f"(store filled in {fill_s:.1f} s)"
+        f"(store filled in {fill_s:.1f} s, all set up in {setup_s:.1f} s)"
     )
     print(f"{'page':<40} {'median ms':>10} {'max ms':>10}")
     for p in pages:

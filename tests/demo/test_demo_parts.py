@@ -99,7 +99,7 @@ def test_stop_all_kills_children_and_their_children(tmp_path: Path) -> None:
     procs.stop_all(grace_s=0.5)
 
     assert not child.alive()
-    gone, alive = psutil.wait_procs(family, timeout=5)
+    _gone, alive = psutil.wait_procs(family, timeout=5)
     assert alive == []
     procs.detach()
 

@@ -288,3 +288,102 @@ def test_metrics_has_fleet_gauges_and_passes_promtool(server: Server) -> None:
         [promtool, "check", "metrics"], input=text.encode(), capture_output=True, timeout=30
     )
     assert result.returncode == 0, result.stdout.decode() + result.stderr.decode()
+
+
+def _cli(server: Server, *args: str) -> subprocess.CompletedProcess[str]:
+    import os
+    import sys
+
+    exe = str(Path(sys.executable).parent / "edgewise")
+    env = {**os.environ, "EDGEWISE_SERVER": server.base, "EDGEWISE_TOKEN": server.admin}
+    return subprocess.run([exe, *args], capture_output=True, text=True, timeout=60, env=env)
+
+
+@pytest.mark.slow  # eight real `edgewise` processes
+@pytest.mark.parametrize("server", ["sqlite"], indirect=True)
+def test_cli_fleet_health_drift_show_and_alerts(server: Server) -> None:
+    import json
+
+    device, key = server.enroll({"site": "lab"})
+    now = time.time()
+    recs = [_window(i + 1, now - (10 - i) * 60, failed=20) for i in range(10)]  # 10 % errors
+    assert server.upload(device, key, TelemetryBatch(records=recs)).status_code == 200
+    health = json.loads(_cli(server, "fleet", "health", "--by", "label:site", "--json").stdout)
+    assert health[0]["group"] == "site=lab" and health[0]["success_rate"] == pytest.approx(0.9)
+    table = _cli(server, "fleet", "health")
+    assert table.returncode == 0 and "digits-mlp@1.0.0" in table.stdout and "90.00%" in table.stdout
+    drift = _cli(server, "drift", "show", "--model", "digits-mlp")
+    assert drift.returncode == 0 and "0.30" in drift.stdout
+    rule = _cli(
+        server,
+        "alerts",
+        "set-rule",
+        "slo",
+        "--kind",
+        "burn_rate",
+        "--set",
+        "burn_rate=2",
+        "--set",
+        "min_requests=10",
+    )
+    assert rule.returncode == 0, rule.stderr
+    evaluated = _cli(server, "alerts", "evaluate")
+    assert "slo digits-mlp@1.0.0: inactive -> firing" in evaluated.stdout
+    listed = json.loads(_cli(server, "alerts", "list", "--state", "open", "--json").stdout)
+    assert [a["rule"] for a in listed] == ["slo"]
+    bad = _cli(server, "fleet", "health", "--by", "colour")
+    assert bad.returncode == 1 and bad.stderr.startswith("error:") and "Traceback" not in bad.stderr
+    bad_rule = _cli(server, "alerts", "set-rule", "x", "--kind", "drift", "--set", "windows=0")
+    assert bad_rule.returncode == 1 and "Traceback" not in bad_rule.stderr
+
+
+@pytest.mark.parametrize("server", ["sqlite"], indirect=True)
+def test_over_budget_uploads_get_429_with_retry_after(server: Server) -> None:
+    from edgewise.control.telemetry import IngestBudget
+
+    server.app.state.telemetry_runtime.budget = IngestBudget(100)
+    device, key = server.enroll({})
+    first = server.upload(device, key, _events(range(1, 9)))
+    second = server.upload(device, key, _events(range(9, 60)))
+    assert first.status_code == 200
+    assert second.status_code == 429 and int(second.headers["retry-after"]) >= 1
+    assert second.json()["error"]["code"] == "busy"
+    assert [r.seq for r in _stored(server, device)] == list(range(1, 9))
+
+
+@pytest.mark.parametrize("server", ["postgres"], indirect=True)
+def test_mqtt_ingest_verifies_devices_with_the_control_plane(
+    server: Server, mqtt_broker: tuple[str, int]
+) -> None:
+    import uuid
+
+    from edgewise.agent.telemetry import MqttTelemetryUplink
+    from edgewise.control.telemetry._wiring import TelemetryConfig, TelemetryRuntime
+
+    runtime = TelemetryRuntime(server.app.state.plane, TelemetryConfig(mqtt=""))
+    from edgewise.control.telemetry import MqttIngest
+
+    group = f"$share/t{uuid.uuid4().hex[:8]}/edgewise/telemetry/#"
+    consumer = MqttIngest(runtime.ingest, runtime.verify_mqtt, *mqtt_broker, subscription=group)
+    consumer.start()
+    device, key = server.enroll({})
+    stranger = Ed25519PrivateKey.generate()
+    try:
+        up = MqttTelemetryUplink(device, key, *mqtt_broker, ack_timeout_s=5)
+        try:
+            ack = up.send(_events(range(1, 4)))
+        finally:
+            up.close()
+        forged = MqttTelemetryUplink(device, stranger, *mqtt_broker, ack_timeout_s=1)
+        try:
+            from edgewise.agent import RetryableError
+
+            with pytest.raises(RetryableError):
+                forged.send(_events(range(4, 6)))
+        finally:
+            forged.close()
+    finally:
+        consumer.stop()
+    assert (ack.accepted, ack.acked_seq) == (3, 3)
+    assert [r.seq for r in _stored(server, device)] == [1, 2, 3]
+    assert consumer.stats.rejected >= 1

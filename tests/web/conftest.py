@@ -51,7 +51,6 @@ class Console:
     devices: list[str] = field(default_factory=list)  # scripted, 12
     sim_devices: list[str] = field(default_factory=list)  # the simulator's
     deployment: str = "digits-sim"  # what rollouts move
-    standin_rollouts: bool = False
 
     def api(self, method: str, path: str, token: str | None = None, **kw: Any) -> httpx.Response:
         headers = {"authorization": f"Bearer {token or self.admin}", **kw.pop("headers", {})}
@@ -249,22 +248,18 @@ def console(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Console]:
     store = open_store(settings.database_url)
     app = create_app(settings, store)
     mount_console(app)  # a no-op once the control plane mounts it itself
-    standin = not route_exists(app, "/api/v1/rollouts")
-    if standin:
-        from ._rollout_standin import router as standin_router
-
-        app.include_router(standin_router)
     admin = app.state.plane.bootstrap_admin()
     sock = _free_socket()
     port = sock.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="on"))
+    config = uvicorn.Config(app, log_level="warning", lifespan="on", timeout_graceful_shutdown=2)
+    server = uvicorn.Server(config)
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
     deadline = time.time() + 20
     while not server.started and time.time() < deadline:
         time.sleep(0.05)
     assert server.started, "control plane did not start"
-    con = Console(f"http://127.0.0.1:{port}", app, admin, standin_rollouts=standin)
+    con = Console(f"http://127.0.0.1:{port}", app, admin)
     try:
         assert (
             con.api("POST", "/api/v1/publisher-keys", json={"public_key": pub}).status_code == 201

@@ -100,24 +100,21 @@ def test_fleet_overview_counts_devices_and_versions(browser: Any, console: Conso
 
 def _start_rollout(console: Console) -> str:
     """Start a rollout of the simulated devices' deployment to digits-mlp 1.1.0."""
-    if console.standin_rollouts:
-        body: dict[str, Any] = {"deployment": console.deployment, "to_revision": 2, "canary": 2}
-    else:
-        r = console.api(
-            "POST",
-            f"/api/v1/deployments/{console.deployment}/revisions",
-            token=console.operator,
-            json={"pipelines": {"digits": {"model": "digits-mlp@1.1.0"}}, "note": "console test"},
-        )
-        assert r.status_code in (200, 201), r.text
-        # Small phases with a soak between them: slow enough to watch, and to pause.
-        spec = {
-            "canary": 1,
-            "waves": [25, 50, 100],
-            "soak_s": 4.0,
-            "gates": {"success_pct": 80.0, "error_pct": 20.0},
-        }
-        body = {"deployment": console.deployment, "to_revision": r.json()["revision"], "spec": spec}
+    r = console.api(
+        "POST",
+        f"/api/v1/deployments/{console.deployment}/revisions",
+        token=console.operator,
+        json={"pipelines": {"digits": {"model": "digits-mlp@1.1.0"}}, "note": "console test"},
+    )
+    assert r.status_code in (200, 201), r.text
+    # Small phases with a soak between them: slow enough to watch, and to pause.
+    spec = {
+        "canary": 1,
+        "waves": [25, 50, 100],
+        "soak_s": 4.0,
+        "gates": {"success_pct": 80.0, "error_pct": 20.0},
+    }
+    body = {"deployment": console.deployment, "to_revision": r.json()["revision"], "spec": spec}
     r = console.api("POST", "/api/v1/rollouts", token=console.operator, json=body)
     assert r.status_code == 201, r.text
     return str(r.json()["id"])

@@ -98,14 +98,27 @@ class DurableJson:
             return default
 
     def commit(self, doc: Any) -> None:
-        """Durably replace the document; the old commit becomes `.prev`."""
+        """Durably replace the document; the old commit becomes `.prev`.
+
+        Two renames around one fsynced temp file: a crash between them leaves no current
+        file, and `load` then reads `.prev`, which is the last commit. Only a readable
+        commit may become `.prev`, so a torn file never replaces the fallback.
+        """
         data = self._encode(doc)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.with_name(f".{self.path.name}.tmp")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
         try:
-            current = self.path.read_bytes()
-            self._decode(current)
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view) :]
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        try:
+            self._read(self.path)
+            os.replace(self.path, self.prev)
         except (OSError, ValueError):
-            current = b""
-        # Only a readable commit may become the fallback: a torn file must never replace it.
-        if current:
-            atomic_write_bytes(self.prev, current)
-        atomic_write_bytes(self.path, data)
+            pass
+        os.replace(tmp, self.path)
+        fsync_dir(self.path.parent)

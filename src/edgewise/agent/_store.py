@@ -65,7 +65,7 @@ def _hash_file(path: Path) -> str:
     return h.hexdigest()
 
 
-def _fsync_tree(root: Path) -> dict[str, str]:
+def _fsync_tree(root: Path, known: dict[str, str]) -> dict[str, str]:
     """Sync every file and directory under root; return relative path -> sha256."""
     files: dict[str, str] = {}
     for dirpath, _dirs, names in os.walk(root):
@@ -76,7 +76,8 @@ def _fsync_tree(root: Path) -> dict[str, str]:
                 os.fsync(fd)
             finally:
                 os.close(fd)
-            files[path.relative_to(root).as_posix()] = _hash_file(path)
+            rel = path.relative_to(root).as_posix()
+            files[rel] = known.get(rel) or _hash_file(path)
         fsync_dir(Path(dirpath))
     return files
 
@@ -198,15 +199,22 @@ class ModelStore:
         fsync_dir(self.root / name)
         return slot
 
-    def finish_write(self, name: str, slot: Slot) -> None:
-        """Make the slot's files durable, record their digests and mark it `ready`."""
+    def finish_write(self, name: str, slot: Slot, known: dict[str, str] | None = None) -> None:
+        """Make the slot's files durable, record their digests and mark it `ready`.
+
+        Args:
+            name: the model.
+            slot: the slot being written.
+            known: digests the writer already checked (a bundle's signed file list);
+                only the other files are hashed here.
+        """
         doc = self._load(name)
         info = self._info(doc, slot)
         if info.state != "writing":
             raise StoreError(f"{name}/{slot} is not being written")
         if doc.get("active") == slot:
             raise StoreError(f"{name}/{slot} is the active slot")
-        info.files = _fsync_tree(self.slot_dir(name, slot))
+        info.files = _fsync_tree(self.slot_dir(name, slot), known or {})
         info.state = "ready"
         doc["slots"][slot] = asdict(info)
         self._save(name, doc)

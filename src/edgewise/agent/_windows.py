@@ -98,11 +98,16 @@ class TelemetryWindows:
         resources: dict[str, Any] | None = None
         for name, model_key in running.items():
             agg = self._aggs.get(name)
+            fresh = agg is None
             if agg is not None and self._served.get(name) != model_key:  # hot swap
                 records += agg.close(uplink=self._uplink())
                 agg = None
             if agg is None:
                 agg = self._aggs[name] = self._make(name, model_key)
+                if fresh:
+                    # A pipeline seen for the first time counts from its start, not from
+                    # this tick (requests may already have been served).
+                    agg.observe_stats({})
             if name in stats:
                 agg.observe_stats(stats[name])
             if agg.due():

@@ -14,11 +14,14 @@ import typer
 
 from edgewise.cli import (
     _agent,
+    _alerts,
     _audit,
     _demo,
     _deploy,
     _device,
+    _drift,
     _examples,
+    _fleet,
     _keys,
     _model,
     _registry,
@@ -52,6 +55,9 @@ app.add_typer(_deploy.app, name="deploy")
 app.add_typer(_rollout.app, name="rollout")
 app.add_typer(_audit.app, name="audit")
 app.command("sim")(_sim.sim)
+app.add_typer(_fleet.app, name="fleet")
+app.add_typer(_drift.app, name="drift")
+app.add_typer(_alerts.app, name="alerts")
 
 
 def main() -> None:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import tempfile
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
@@ -44,18 +44,23 @@ def demo(
     where = directory or Path(tempfile.mkdtemp(prefix="edgewise-demo-"))
     console = Console(stderr=as_json, width=max(Console().width, 110))
     console.print(f"edgewise demo under {where}")
+
+    def show(summary: dict[str, Any]) -> None:
+        if as_json:
+            emit_json(summary)
+            return
+        console.print(f"console: {summary['console_url']}")
+        console.print(f"admin token: {summary['admin_token']}")
+        console.print(f"everything is under {where} (logs in {where / 'logs'})")
+
     try:
-        summary = run_demo(where, devices, port, keep_running, console)
+        summary = run_demo(where, devices, port, keep_running, console, show)
     except DemoError as exc:
         raise CliError(f"{exc} (logs under {where / 'logs'})") from None
     except KeyboardInterrupt:
         raise CliError("interrupted; every process was stopped", exit_code=130) from None
-    if as_json:
-        emit_json(summary)
-    else:
-        console.print(f"console: {summary['console_url']}")
-        console.print(f"admin token: {summary['admin_token']}")
-        console.print(f"everything was under {where} (logs in {where / 'logs'})")
+    if summary.get("stopped_by_user"):
+        console.print("stopped; every process was shut down")
     held = all(
         summary[k]
         for k in (

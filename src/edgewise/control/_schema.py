@@ -21,6 +21,8 @@ from sqlalchemy import (
 )
 
 __all__ = [
+    "alert_rules",
+    "alerts",
     "audit",
     "audit_head",
     "deployment_revisions",
@@ -36,6 +38,8 @@ __all__ = [
     "rollout_notifications",
     "rollouts",
     "telemetry",
+    "telemetry_devices",
+    "telemetry_windows",
     "tokens",
 ]
 
@@ -249,4 +253,63 @@ rollout_notifications = Table(
     Column("kind", String(8), primary_key=True),
     Column("revision", Integer, nullable=False),
     Column("at", Float, nullable=False),
+)
+
+# Telemetry (issue 7; read and written by `edgewise.control.telemetry`). Window records
+# decoded for fleet views and downsampled by retention; per-device ingest facts; alerting.
+# SQLite autoincrements only an INTEGER PRIMARY KEY; PostgreSQL gets a 64-bit id.
+_TELEMETRY_ID = BigInteger().with_variant(Integer, "sqlite")
+
+telemetry_windows = Table(
+    "telemetry_windows",
+    metadata,
+    Column("id", _TELEMETRY_ID, primary_key=True, autoincrement=True),
+    Column("device_id", String(64), nullable=False),
+    Column("seq", BigInteger, nullable=True),  # null once downsampled
+    Column("pipeline", String(200), nullable=False),
+    Column("model", String(200), nullable=False),
+    Column("version", String(64), nullable=False),
+    Column("deployment", String(200), nullable=False),
+    Column("start", Float, nullable=False),
+    Column("end", Float, nullable=False),
+    Column("downsampled", Boolean, nullable=False),
+    Column("data", JSON, nullable=False),
+    Index("ix_telemetry_windows_end", "end"),
+    Index("ix_telemetry_windows_device", "device_id", "pipeline", "start"),
+)
+
+telemetry_devices = Table(
+    "telemetry_devices",
+    metadata,
+    Column("device_id", String(64), primary_key=True),
+    Column("last_received", Float, nullable=False),
+    Column("last_window_end", Float, nullable=True),
+    Column("dropped", JSON, nullable=False),
+)
+
+alert_rules = Table(
+    "alert_rules",
+    metadata,
+    Column("name", String(100), primary_key=True),
+    Column("rule", JSON, nullable=False),
+    Column("created_at", Float, nullable=False),
+    Column("created_by", String(200), nullable=False),
+)
+
+alerts = Table(
+    "alerts",
+    metadata,
+    Column("id", _TELEMETRY_ID, primary_key=True, autoincrement=True),
+    Column("rule", String(100), nullable=False),
+    Column("kind", String(32), nullable=False),
+    Column("scope", String(300), nullable=False),
+    Column("state", String(16), nullable=False),
+    Column("value", Float, nullable=True),
+    Column("message", Text, nullable=False),
+    Column("devices", JSON, nullable=False),
+    Column("opened_at", Float, nullable=False),
+    Column("updated_at", Float, nullable=False),
+    Column("notified", Boolean, nullable=False),
+    Index("ix_alerts_rule_scope", "rule", "scope"),
+    Index("ix_alerts_state", "state"),
 )

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import signal
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +39,7 @@ def run_demo(
     port: int = 0,
     keep_running: bool = False,
     console: Any = None,
+    on_summary: Callable[[dict[str, Any]], None] | None = None,
 ) -> dict[str, Any]:
     """Run the story under `directory` (must be empty or absent); returns the summary.
 
@@ -47,6 +49,8 @@ def run_demo(
         port: the control plane's port (0: a free one).
         keep_running: after the story, keep everything up until Ctrl-C / SIGTERM.
         console: a rich Console for progress; None shows nothing.
+        on_summary: called with the summary as soon as the story ends (before the
+            `keep_running` wait, so the user sees the URL and token while it runs).
 
     Raises:
         DemoError: a chapter could not be carried out.
@@ -56,14 +60,19 @@ def run_demo(
         raise DemoError(f"{directory} is not empty: the demo needs a fresh directory")
     previous = {s: signal.signal(s, _terminate) for s in (signal.SIGTERM, signal.SIGHUP)}
     try:
-        return asyncio.run(_main(directory, devices, port, keep_running, console))
+        return asyncio.run(_main(directory, devices, port, keep_running, console, on_summary))
     finally:
         for s, handler in previous.items():
             signal.signal(s, handler)
 
 
 async def _main(
-    directory: Path, devices: int, port: int, keep_running: bool, console: Any
+    directory: Path,
+    devices: int,
+    port: int,
+    keep_running: bool,
+    console: Any,
+    on_summary: Callable[[dict[str, Any]], None] | None,
 ) -> dict[str, Any]:
     from edgewise.demo._view import View, summary_table
 
@@ -79,17 +88,16 @@ async def _main(
             console.print(summary_table(summary))
         else:
             summary = await story.run()
+        if on_summary is not None:
+            on_summary(summary)
         if keep_running:
             if console is not None:
-                console.print(
-                    f"everything keeps running: console {summary['console_url']}, "
-                    f"admin token {summary['admin_token']}; Ctrl-C to stop"
-                )
+                console.print("everything keeps running; Ctrl-C (or SIGTERM) stops it all")
             try:
                 while True:
                     await story.fleet.run_for(3600)
             except (KeyboardInterrupt, asyncio.CancelledError):
-                pass
+                summary["stopped_by_user"] = True
         return summary
     finally:
         await story.close()

@@ -97,9 +97,7 @@ class Processes:
         self.children: list[Child] = []
         atexit.register(self.stop_all)
 
-    def spawn(
-        self, name: str, argv: Sequence[str], env: Mapping[str, str] | None = None
-    ) -> Child:
+    def spawn(self, name: str, argv: Sequence[str], env: Mapping[str, str] | None = None) -> Child:
         """Start `argv` in a new session, output appended to `<log_dir>/<name>.log`."""
         self.log_dir.mkdir(parents=True, exist_ok=True)
         log = self.log_dir / f"{name}.log"

@@ -30,16 +30,32 @@ from typing import Any
 
 from edgewise.demo._api import Api, DemoError
 
-__all__ = ["GATES", "RolloutPlan", "RolloutResult", "run_rollout"]
+__all__ = [
+    "RolloutPlan",
+    "RolloutResult",
+    "gate_spec",
+    "rollouts_supported",
+    "run_rollout",
+    "run_rollout_api",
+]
 
-#: Gate thresholds the demo asks for: install gates plus two quality gates.
-GATES: dict[str, float] = {
-    "success_pct": 90.0,
-    "error_pct": 10.0,
-    "max_error_rate_delta": 0.02,
-    "max_confidence_shift": 0.1,
-    "min_inferences": 300,
-}
+
+def gate_spec() -> Any:
+    """The gates the demo asks for: install gates plus error-rate and confidence gates.
+
+    Thresholds an operator would pick for a digits classifier: at most 2 points more
+    errors than the control cohort, and a top-1 confidence histogram within 0.1 bits
+    (Jensen-Shannon) of the control's.
+    """
+    from edgewise.control.rollout import GateSpec
+
+    return GateSpec(
+        success_pct=90.0,
+        error_pct=10.0,
+        max_error_rate_delta=0.02,
+        max_confidence_shift=0.1,
+        min_inferences=300,
+    )
 
 
 @dataclass(frozen=True)
@@ -146,11 +162,11 @@ async def run_rollout(
         converged: `converged(version)` holds once every device of the target runs it.
         on_change: called whenever the result changes (live display).
     """
-    from edgewise.control.rollout import GateSpec, evaluate_gates
+    from edgewise.control.rollout import evaluate_gates
 
     result = RolloutResult(canary_devices=len(plan.canary))
     ring = f"canary-{plan.to_version.replace('.', '-')}"
-    spec = GateSpec(**GATES)  # type: ignore[arg-type]
+    spec = gate_spec()
     start = time.time()
     t0 = time.monotonic()
 
@@ -236,3 +252,112 @@ async def _wait(check: Callable[[], Awaitable[bool]], timeout: float) -> bool:
             return True
         await asyncio.sleep(0.3)
     return False
+
+
+# -- the control plane's own rollouts (issue 6), used when the server offers them -------
+
+TERMINAL = ("completed", "rolled_back", "aborted", "failed")
+
+
+async def rollouts_supported(api: Api) -> bool:
+    """Whether the control plane serves `/api/v1/rollouts`."""
+    r = await api.http.get("/api/v1/rollouts")
+    return r.status_code == 200
+
+
+def _gate_dict(gates: Any) -> dict[str, Any]:
+    import dataclasses
+
+    return {
+        f.name: getattr(gates, f.name)
+        for f in dataclasses.fields(gates)
+        if getattr(gates, f.name) is not None
+    }
+
+
+async def run_rollout_api(
+    api: Api,
+    deployment: str,
+    plan: RolloutPlan,
+    converged: Callable[[str], Awaitable[bool]],
+    on_change: Callable[[RolloutResult], None] = lambda r: None,
+) -> RolloutResult:
+    """Run one rollout through `/api/v1/rollouts`: a new revision, then the engine's phases.
+
+    The control plane's driver picks the canary (stratified over `hw` and `site`), soaks,
+    judges the same gates as `gate_spec()` and rolls back or widens by itself; this only
+    watches it and reports what it did.
+    """
+    result = RolloutResult(canary_devices=len(plan.canary))
+    t0 = time.monotonic()
+
+    def note(line: str) -> None:
+        result.history.append(f"{time.monotonic() - t0:5.1f}s {line}")
+        on_change(result)
+
+    rev = await api.post(
+        f"/api/v1/deployments/{deployment}/revisions",
+        {"pipelines": plan.pipelines, "note": f"{plan.name} {plan.to_version}"},
+    )
+    spec = {
+        "canary": len(plan.canary),
+        "waves": [100],
+        "soak_s": plan.soak_s,
+        "on_breach": "rollback",
+        "gates": _gate_dict(gate_spec()),
+        "gate_timeout_s": 60.0,
+        "device_timeout_s": 120.0,
+    }
+    started = await api.post(
+        "/api/v1/rollouts",
+        {"deployment": deployment, "to_revision": rev["revision"], "spec": spec},
+    )
+    rollout_id = started["id"]
+    note(f"rollout {rollout_id}: revision {rev['revision']} ({plan.name}@{plan.to_version})")
+    seen = 0
+    state = ""
+    deadline = t0 + plan.timeout_s
+    while state not in TERMINAL:
+        if time.monotonic() > deadline:
+            result.state = "failed"
+            note("the rollout did not finish in time")
+            return result
+        await asyncio.sleep(0.5)
+        view = await api.get(f"/api/v1/rollouts/{rollout_id}")
+        state = str(view["state"])
+        phases = view.get("phases") or []
+        if phases:
+            result.canary_devices = int(phases[0].get("size", result.canary_devices))
+        gates = view.get("gates") or []
+        if gates:
+            result.gates = gates
+            failed = [g for g in gates if g.get("outcome") == "fail"]
+            if failed:
+                result.tripped = failed
+        for h in (view.get("history") or [])[seen:]:
+            detail = ", ".join(f"{k}={v}" for k, v in (h.get("detail") or {}).items())
+            note(f"{h.get('kind')} {detail}"[:160])
+        seen = len(view.get("history") or [])
+        if view.get("phase_index", 0) > 0 and not result.canary_s:
+            result.canary_s = round(time.monotonic() - t0, 2)
+    t_end = time.monotonic()
+    if state == "rolled_back":
+        result.canary_s = result.canary_s or round(t_end - t0, 2)
+        if not await _wait(lambda: converged(plan.from_version), plan.timeout_s):
+            raise DemoError("the rolled-back devices did not return to the old version")
+        result.rollback_s = round(time.monotonic() - t_end, 2)
+        result.state = "rolled_back"
+        note(f"rolled back: every device on {plan.from_version} again")
+        return result
+    if state != "completed":
+        result.state = "failed"
+        note(f"rollout ended {state}: {view.get('reason')}")
+        return result
+    if not await _wait(lambda: converged(plan.to_version), plan.timeout_s):
+        result.state = "failed"
+        note("the fleet did not converge in time")
+        return result
+    result.converge_s = round(time.monotonic() - t0 - result.canary_s, 2)
+    result.state = "completed"
+    note(f"completed: every device on {plan.to_version}")
+    return result

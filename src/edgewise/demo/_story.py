@@ -23,7 +23,13 @@ from typing import Any
 from edgewise.demo._api import Api, DemoError
 from edgewise.demo._procs import Processes
 from edgewise.demo._proxy import UplinkProxy
-from edgewise.demo._rollout import RolloutPlan, RolloutResult, run_rollout
+from edgewise.demo._rollout import (
+    RolloutPlan,
+    RolloutResult,
+    rollouts_supported,
+    run_rollout,
+    run_rollout_api,
+)
 from edgewise.demo._stack import AgentProc, ControlPlaneProc
 from edgewise.demo._view import Rows, View
 
@@ -69,6 +75,7 @@ class Story:
         self.agents: list[AgentProc] = []
         self.proxy: UplinkProxy | None = None
         self.fleet: Any = None
+        self.engine = False  # whether the control plane drives rollouts itself
         self.facts: dict[str, Any] = {}
         self.chapters: list[dict[str, Any]] = []
         self.started = time.monotonic()
@@ -158,6 +165,9 @@ class Story:
         for ref, path in bundles.items():
             r = await self.api.push_bundle(path.read_bytes())
             self._note(f"pushed {ref} sha256={r['sha256'][:12]}")
+        # The control plane's own rollouts when it has them; the demo's interim driver else.
+        self.engine = await rollouts_supported(self.api)
+        self.facts["rollout_driver"] = "control plane" if self.engine else "demo (interim)"
         self.facts["bundles"] = sorted(bundles)
         self.facts["publisher_key"] = key_id(public)
         self._chapter(
@@ -188,7 +198,7 @@ class Story:
             self._note(f"agent {a.name} enrolled as {a.device_id}{via}")
         self.fleet = Fleet(
             self.plane.url, self.n, seed=7, admin_token=self.admin, labels=SIM_LABELS,
-            time_scale=0.05, window_s=60.0, poll_wait_s=5.0, report_progress=self.n <= 50,
+            time_scale=0.05, window_s=100.0, poll_wait_s=10.0, report_progress=self.n <= 50,
         )  # fmt: skip
         t0 = time.monotonic()
         await self.fleet.start()
@@ -228,7 +238,7 @@ class Story:
 
     def _canary(self) -> list[str]:
         ids = sorted(d.device_id for d in self.fleet.devices if d.device_id)
-        k = max(2, round(len(ids) * 0.1))
+        k = min(10, max(2, round(len(ids) * 0.1)))
         return ids[:: max(1, len(ids) // k)][:k]
 
     async def rollout(self, version: str, from_version: str) -> RolloutResult:
@@ -242,6 +252,8 @@ class Story:
                 seen.append(line)
                 self._note(f"rollout {version}: {line}")
 
+        if self.engine:
+            return await run_rollout_api(self.api, "digits", plan, self._all_on, on_change)
         return await run_rollout(self.api, self.plane.db, plan, self._all_on, on_change)
 
     async def regressed(self) -> None:
@@ -253,9 +265,7 @@ class Story:
             "state": r.state, "canary_devices": r.canary_devices, "tripped": r.tripped,
             "gates": r.gates, "canary_s": r.canary_s, "rollback_s": r.rollback_s,
         }  # fmt: skip
-        gates = "; ".join(
-            f"{g['name']} {g['value']:.4f} > {g['threshold']:g}" for g in r.tripped
-        )
+        gates = "; ".join(f"{g['name']} {g['value']:.4f} > {g['threshold']:g}" for g in r.tripped)
         self._chapter(
             "2.0.0 canary caught",
             caught,

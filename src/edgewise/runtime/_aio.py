@@ -79,12 +79,12 @@ class LoopBatcher:
 
     def _submit(self, name: str, group: Pending, loop: asyncio.AbstractEventLoop) -> None:
         loop_thread = threading.get_ident()
-        futures: dict[int, asyncio.Future[Request]] = {}
 
         def done(req: Request) -> None:
-            fut = futures[id(req)]
+            fut: asyncio.Future[Request] = req.ctx
             if threading.get_ident() == loop_thread:
-                _resolve(fut, req)
+                if not fut.done():
+                    fut.set_result(req)
             else:
                 with contextlib.suppress(RuntimeError):  # the loop closed; nobody waits
                     loop.call_soon_threadsafe(_resolve, fut, req)
@@ -97,5 +97,5 @@ class LoopBatcher:
                     fut.set_exception(exc)
             return
         for req, (_, _, fut) in zip(reqs, group, strict=True):
-            futures[id(req)] = fut
+            req.ctx = fut
         self.runtime.dispatch_many(name, reqs)

@@ -144,6 +144,16 @@ class LoadedModel:
         return self.info.key
 
     @property
+    def fixed_shape(self) -> tuple[int, ...]:
+        """The input shape after the batch axis; `(-1,)` when a dimension is free."""
+        return self._fixed
+
+    @property
+    def input_ndim(self) -> int:
+        """Rank of the model input, batch axis included."""
+        return len(self.session.input.shape)
+
+    @property
     def provider(self) -> str:
         """The execution provider the session actually runs on."""
         return self.session.provider

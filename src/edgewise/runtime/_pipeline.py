@@ -29,30 +29,126 @@ __all__ = ["InferenceResult", "ModelLane", "RunningPipeline"]
 Array = npt.NDArray[Any]
 
 
-@dataclass(slots=True)
-class InferenceResult:
-    """What one request gets back: one entry per input row."""
+class _Served:
+    """What one executed batch produced, shared by the results of its requests.
 
-    pipeline: str
-    model: str
-    tier: str
-    labels: list[str | None]
-    confidences: list[float | None]
-    escalated: list[bool]
-    outputs: dict[str, Array]
-    topk: list[list[tuple[str, float]]] | None = None
-    queue_ms: float = 0.0
-    compute_ms: float = 0.0
+    Results slice it on access, so a batch of 32 single-row requests costs one object
+    here plus 32 small views, not 32 sets of lists and array slices built up front.
+    """
+
+    __slots__ = ("compute_ms", "confidences", "escalated", "labels", "model", "outputs")
+    __slots__ += ("pipeline", "tier", "topk")
+
+    def __init__(
+        self,
+        pipeline: str,
+        model: str,
+        tier: str,
+        labels: list[str | None],
+        confidences: list[float | None],
+        escalated: list[bool],
+        outputs: dict[str, Array],
+        topk: list[list[tuple[str, float]]] | None,
+        compute_ms: float,
+    ) -> None:
+        self.pipeline = pipeline
+        self.model = model
+        self.tier = tier
+        self.labels = labels
+        self.confidences = confidences
+        self.escalated = escalated
+        self.outputs = outputs
+        self.topk = topk
+        self.compute_ms = compute_ms
+
+
+class InferenceResult:
+    """What one request gets back: one entry per input row.
+
+    Attributes (read-only): `pipeline`, `model`, `tier`, `labels`, `confidences`,
+    `escalated`, `outputs` (name -> array), `topk` (or None), `queue_ms`, `compute_ms`.
+    The per-row lists and arrays are views of the batch the request ran in, cut when
+    first read.
+    """
+
+    __slots__ = ("_end", "_served", "_start", "_whole", "queue_ms")
+
+    def __init__(self, served: _Served, start: int, end: int, queue_ms: float) -> None:
+        self._served = served
+        self._start = start
+        self._end = end
+        # The request was the whole batch: hand out the batch's own lists and arrays.
+        self._whole = start == 0 and end == len(served.labels)
+        self.queue_ms = queue_ms
+
+    def __repr__(self) -> str:
+        return (
+            f"InferenceResult(pipeline={self.pipeline!r}, model={self.model!r}, "
+            f"tier={self.tier!r}, labels={self.labels!r}, confidences={self.confidences!r})"
+        )
+
+    @property
+    def pipeline(self) -> str:
+        """Name of the pipeline that served the request."""
+        return self._served.pipeline
+
+    @property
+    def model(self) -> str:
+        """Key (`name@version`) of the model that served it."""
+        return self._served.model
+
+    @property
+    def tier(self) -> str:
+        """`primary` or `fallback`."""
+        return self._served.tier
+
+    @property
+    def compute_ms(self) -> float:
+        """Model time of the batch the request ran in."""
+        return self._served.compute_ms
+
+    @property
+    def labels(self) -> list[str | None]:
+        """Top-1 label per row (None when the model has no class scores)."""
+        v = self._served.labels
+        return v if self._whole else v[self._start : self._end]
+
+    @property
+    def confidences(self) -> list[float | None]:
+        """Top-1 confidence per row."""
+        v = self._served.confidences
+        return v if self._whole else v[self._start : self._end]
+
+    @property
+    def escalated(self) -> list[bool]:
+        """Whether each row was answered by the cascade's upper tier."""
+        v = self._served.escalated
+        return v if self._whole else v[self._start : self._end]
+
+    @property
+    def outputs(self) -> dict[str, Array]:
+        """Every model output by name, this request's rows only."""
+        out = self._served.outputs
+        if self._whole:
+            return out
+        a, b = self._start, self._end
+        return {k: v[a:b] for k, v in out.items()}
+
+    @property
+    def topk(self) -> list[list[tuple[str, float]]] | None:
+        """Top-k (label, score) pairs per row, when a `topk` stage ran."""
+        v = self._served.topk
+        return v if v is None or self._whole else v[self._start : self._end]
 
     @property
     def label(self) -> str | None:
         """Top-1 label of the first row."""
-        return self.labels[0] if self.labels else None
+        return self._served.labels[self._start] if self._end > self._start else None
 
     @property
     def confidence(self) -> float | None:
         """Top-1 confidence of the first row."""
-        return self.confidences[0] if self.confidences else None
+        return self._served.confidences[self._start] if self._end > self._start else None
 
     def to_json(self) -> dict[str, Any]:
         """JSON-ready form for the HTTP API and sinks."""
@@ -67,8 +163,9 @@ class InferenceResult:
             "queue_ms": round(self.queue_ms, 4),
             "compute_ms": round(self.compute_ms, 4),
         }
-        if self.topk is not None:
-            body["topk"] = self.topk
+        topk = self.topk
+        if topk is not None:
+            body["topk"] = topk
         return body
 
 
@@ -87,18 +184,18 @@ class ModelLane:
         self._run = model.session.run
         self._conf = model.confidence_output
         self._labels = model.info.labels
+        self._key = model.key
 
     def execute(self, batch: list[Request]) -> None:
         """Run a batch end to end and complete its requests."""
         p = self.pipeline
         clock = p.clock
         t0 = clock()
-        single = len(batch) == 1
-        x = batch[0].x if single else np.concatenate([r.x for r in batch])
+        x = batch[0].x if len(batch) == 1 else np.concatenate([r.x for r in batch])
         try:
             out = self._run(x)
         except Exception as exc:
-            err = InferenceFailed(f"{self.model.key}: {exc}")
+            err = InferenceFailed(f"{self._key}: {exc}")
             with p.metrics.lock:
                 p.metrics.failure += len(batch)
             for r in batch:
@@ -110,10 +207,10 @@ class ModelLane:
             fn(post)
         post.finish()
         n = x.shape[0]
-        labels = self._labels
         names: list[str | None]
         conf: list[float | None]
         if post.top is not None and post.confidence is not None:
+            labels = self._labels
             nl = len(labels)
             names = [labels[i] if i < nl else str(i) for i in post.top.tolist()]
             conf = post.confidence.tolist()
@@ -138,34 +235,27 @@ class ModelLane:
                         names[i] = c_names[j]
         t3 = clock()
         compute_ms = (t1 - t0) * 1000.0
-        tier, key, pname, topk = self.tier, self.model.key, p.name, post.topk
-        results = []
+        served = _Served(
+            p.name, self._key, self.tier, names, conf, escalated, out, post.topk, compute_ms
+        )
+        results: list[InferenceResult] = []
+        queue_ms: list[float] = []
         start = 0
         for r in batch:
             end = start + r.rows
-            results.append(
-                InferenceResult(
-                    pname,
-                    key,
-                    tier,
-                    names[start:end],
-                    conf[start:end],
-                    escalated[start:end],
-                    out if single else {k: v[start:end] for k, v in out.items()},
-                    topk[start:end] if topk is not None else None,
-                    (t0 - r.enqueued) * 1000.0,
-                    compute_ms,
-                )
-            )
+            waited = (t0 - r.enqueued) * 1000.0
+            queue_ms.append(waited)
+            results.append(InferenceResult(served, start, end, waited))
             start = end
+        rest_ms = (t3 - t0) * 1000.0
         p.metrics.record(
             t3,
-            tier,
+            self.tier,
             n,
             n_esc,
             (compute_ms, (t2 - t1) * 1000.0, (t3 - t2) * 1000.0),
-            [(t0 - r.enqueued) * 1000.0 for r in batch],
-            [(t3 - r.enqueued) * 1000.0 for r in batch],
+            queue_ms,
+            [w + rest_ms for w in queue_ms],
             conf,
         )
         for r, res in zip(batch, results, strict=True):

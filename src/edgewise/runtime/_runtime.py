@@ -6,6 +6,7 @@ tests drive degradation with injected pressure and no sleeping.
 
 from __future__ import annotations
 
+import asyncio
 import os
 import sys
 import threading
@@ -19,10 +20,11 @@ import numpy.typing as npt
 
 from edgewise.protocol._pipeline import PipelineSpec
 from edgewise.runtime import _sinks, _sources  # noqa: F401  (registers the built-ins)
+from edgewise.runtime._aio import LoopBatcher
 from edgewise.runtime._backend import CPU, DEFAULT_PROVIDERS
 from edgewise.runtime._cascade import make_escalator
 from edgewise.runtime._degrade import Mode, Observation, read_cpu_percent, read_thermal_c, step
-from edgewise.runtime._errors import UnknownPipeline
+from edgewise.runtime._errors import BadInput, UnknownPipeline
 from edgewise.runtime._loader import ModelSource, load_model
 from edgewise.runtime._model import HealthResult, LoadedModel, ModelInfo, health_check
 from edgewise.runtime._pipeline import InferenceResult, ModelLane, RunningPipeline
@@ -250,10 +252,6 @@ class Runtime:
         Raises:
             UnknownPipeline, BadInput, Rejected, Shed, PipelineStopped, InferenceFailed.
         """
-        import asyncio
-
-        from edgewise.runtime._aio import LoopBatcher
-
         loop = asyncio.get_running_loop()
         batcher = self._batchers.get(loop)
         if batcher is None:
@@ -261,8 +259,6 @@ class Runtime:
         return await batcher.infer(name, x, exact_dtype)
 
     def _prepare(self, p: RunningPipeline, x: Array, exact_dtype: bool) -> tuple[Array, ModelLane]:
-        from edgewise.runtime._errors import BadInput
-
         try:
             return p.prepare(x, exact_dtype)
         except BadInput:
@@ -306,22 +302,30 @@ class Runtime:
         Raises:
             UnknownPipeline: no pipeline by that name.
         """
-        from edgewise.runtime._errors import BadInput
-
         p = self._pipelines.get(name)
         if p is None:
             raise UnknownPipeline(f"no pipeline named {name!r}")
         now = self.clock()
+        lane = p.active
+        # The common case (no preprocess, the model's dtype, one batched row of the fixed
+        # shape) is checked inline; anything else takes the full validation path.
+        fast = not p.pre
+        model = lane.model
+        dtype, fixed, ndim = model.session.input.dtype, model.fixed_shape, model.input_ndim
         out: list[Request] = []
+        append = out.append
         for x, exact in xs:
+            if fast and x.dtype == dtype and x.ndim == ndim and x.shape[1:] == fixed and len(x):
+                append(Request(x, lane, p, now, callback))
+                continue
             try:
-                xb, lane = self._prepare(p, x, exact)
+                xb, xlane = self._prepare(p, x, exact)
             except BadInput as exc:
-                req = Request(x, p.active, p, now, callback)
+                req = Request(x, lane, p, now, callback)
                 req.error = exc
             else:
-                req = Request(xb, lane, p, now, callback)
-            out.append(req)
+                req = Request(xb, xlane, p, now, callback)
+            append(req)
         return out
 
     def dispatch_many(self, name: str, reqs: list[Request], *, inline: bool = True) -> None:

@@ -61,7 +61,8 @@ class Lane(Protocol):
 class Request:
     """One inference request travelling through the executor."""
 
-    __slots__ = ("_waiter", "callback", "enqueued", "error", "lane", "owner", "result", "rows", "x")
+    __slots__ = ("_waiter", "callback", "ctx", "enqueued", "error", "lane", "owner", "result")
+    __slots__ += ("rows", "x")
 
     def __init__(
         self,
@@ -70,6 +71,7 @@ class Request:
         owner: Owner,
         enqueued: float,
         callback: Callable[[Request], None] | None = None,
+        ctx: Any = None,
     ) -> None:
         self.x = x
         self.rows = int(x.shape[0]) if x.ndim else 1
@@ -77,6 +79,7 @@ class Request:
         self.owner = owner
         self.enqueued = enqueued
         self.callback = callback
+        self.ctx = ctx  # the caller's handle (e.g. an asyncio future), for its callback
         self.result: Any = None
         self.error: BaseException | None = None
         self._waiter: threading.Lock | None = None
@@ -212,19 +215,16 @@ class Executor:
         if not run_here:
             return
         try:
-            while admitted:
-                lane = admitted[0].lane
-                batch: list[Request] = []
-                rows = 0
-                while (
-                    admitted
-                    and admitted[0].lane is lane
-                    and (not batch or rows + admitted[0].rows <= lane.max_batch)
-                ):
-                    r = admitted.pop(0)
-                    batch.append(r)
-                    rows += r.rows
-                self._run(batch)
+            i, n = 0, len(admitted)
+            while i < n:
+                lane = admitted[i].lane
+                limit = lane.max_batch
+                j, rows = i + 1, admitted[i].rows
+                while j < n and admitted[j].lane is lane and rows + admitted[j].rows <= limit:
+                    rows += admitted[j].rows
+                    j += 1
+                self._run(admitted[i:j])
+                i = j
         finally:
             with cond:
                 self._busy = False

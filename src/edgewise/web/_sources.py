@@ -229,8 +229,8 @@ def model_telemetry(
     name: str,
     version: str,
     device_labels: Mapping[str, Mapping[str, str]],
-    sample: int = 50,
-    limit: int = 1000,
+    sample: int = 30,
+    limit: int = 500,
 ) -> tuple[list[str], list[str], list[dict[str, Any]]]:
     """Metric records of a model version, from an even sample of the devices running it.
 
