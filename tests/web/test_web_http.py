@@ -237,3 +237,12 @@ def test_console_device_listing_agrees_with_the_control_plane(
         theirs = [{k: d[k] for k in keys} for d in fleet.list_devices(plane, who, selector, online)]
         ours = [{k: d[k] for k in keys} for d in device_rows(plane, who, selector, online)]
         assert ours == theirs
+
+
+def test_deployment_page_shows_preflight_and_revisions(console: Console) -> None:
+    total = len(console.devices) + len(console.sim_devices)
+    with _signed_in(console, console.viewer) as client:
+        page = client.get("/deployments/digits").text
+    assert f"{total} matching devices" in page
+    assert 'data-testid="revisions"' in page and "stable" in page
+    assert "digits: digits-mlp@1.0.0" in page

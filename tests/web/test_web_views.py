@@ -138,6 +138,10 @@ def test_rollout_card_reads_a_status_view() -> None:
     assert card.counts == {"succeeded": 1, "notified": 2}
     assert card.gates[0].threshold == 90.0
     assert card.progress_pct == 33
+    assert card.phase_name == "wave 1"
+    assert rollout_card({"id": "r3", "phase_index": 2, "phase_name": "wave 2"}).phase_name == (
+        "wave 2"
+    )
 
 
 def test_viewer_gets_no_actions_and_operator_only_applicable_ones() -> None:

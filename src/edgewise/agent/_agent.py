@@ -512,7 +512,13 @@ class Agent:
         return self._inference
 
     def run(self, stop: threading.Event, ready: Callable[[Agent], None] | None = None) -> None:
-        """Run until `stop` is set."""
+        """Run until `stop` is set.
+
+        Raises:
+            IdentityError: first start without an enrollment token.
+        """
+        if self.identity is None and not self.config.enroll_token:
+            raise IdentityError(f"{self.dir} holds no identity: pass --enroll-token")
         self.boot()  # serve first; enrollment may need a network that is not there
         self.enroll(stop)
         if stop.is_set():

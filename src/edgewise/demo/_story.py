@@ -320,12 +320,14 @@ class Story:
             "state": r.state, "canary_devices": r.canary_devices, "gates": r.gates,
             "canary_s": r.canary_s, "converge_s": r.converge_s,
         }  # fmt: skip
-        self._chapter(
-            "1.1.0 (int8) completed",
-            r.state == "completed",
-            f"canary {r.canary_devices} devices passed in {r.canary_s:.1f}s; "
-            f"{self.n + 3} devices on 1.1.0 {r.converge_s or 0:.1f}s later",
-        )
+        if r.state == "completed":
+            figures = (
+                f"canary {r.canary_devices} devices passed in {r.canary_s:.1f}s; "
+                f"{self.n + 3} devices on 1.1.0 {r.converge_s or 0:.1f}s later"
+            )
+        else:
+            figures = f"rollout ended {r.state}: " + "; ".join(r.history[-2:])
+        self._chapter("1.1.0 (int8) completed", r.state == "completed", figures)
         final = await victim.serving(PIPELINE)
         first = crash.get("first_served", {})
         recovered = (
@@ -399,9 +401,9 @@ class Story:
             await self.start_devices()
             poller = asyncio.create_task(self._poll_agents())
             await self.deploy()
-            await self.regressed()
+            # The outage needs no rollout: it runs beside the regressed canary.
+            await asyncio.gather(self.regressed(), self.uplink())
             await self.int8()
-            await self.uplink()
             self._step("summary")
         finally:
             if poller is not None:

@@ -40,9 +40,16 @@ class LoopBatcher:
         self.runtime = runtime
         self.pending: dict[str, Pending] = {}
 
-    def add(self, name: str, x: np.ndarray[Any, Any], exact_dtype: bool) -> asyncio.Future[Request]:
+    def add(
+        self,
+        name: str,
+        x: np.ndarray[Any, Any],
+        exact_dtype: bool,
+        loop: asyncio.AbstractEventLoop | None = None,
+    ) -> asyncio.Future[Request]:
         """Join (or open) this loop turn's group for `name`; the future gets the request."""
-        loop = asyncio.get_running_loop()
+        if loop is None:
+            loop = asyncio.get_running_loop()
         fut: asyncio.Future[Request] = loop.create_future()
         group = self.pending.get(name)
         if group is None:

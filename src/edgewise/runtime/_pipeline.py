@@ -21,7 +21,7 @@ from edgewise.runtime._degrade import DegradeState, Mode
 from edgewise.runtime._errors import InferenceFailed
 from edgewise.runtime._metrics import PipelineMetrics
 from edgewise.runtime._model import LoadedModel
-from edgewise.runtime._scheduler import Executor, Request
+from edgewise.runtime._scheduler import Executor, Request, complete_all
 from edgewise.runtime._stages import Post, PostFn, PreFn
 
 __all__ = ["InferenceResult", "ModelLane", "RunningPipeline"]
@@ -36,8 +36,17 @@ class _Served:
     here plus 32 small views, not 32 sets of lists and array slices built up front.
     """
 
-    __slots__ = ("compute_ms", "confidences", "escalated", "labels", "model", "outputs")
-    __slots__ += ("pipeline", "tier", "topk")
+    __slots__ = (
+        "compute_ms",
+        "confidences",
+        "escalated",
+        "labels",
+        "model",
+        "outputs",
+        "pipeline",
+        "tier",
+        "topk",
+    )
 
     def __init__(
         self,
@@ -258,8 +267,7 @@ class ModelLane:
             [w + rest_ms for w in queue_ms],
             conf,
         )
-        for r, res in zip(batch, results, strict=True):
-            r.complete(res)
+        complete_all(batch, results)
         if p._every:
             p.sample(batch)
         if p.sinks:

@@ -256,7 +256,11 @@ class Runtime:
         batcher = self._batchers.get(loop)
         if batcher is None:
             batcher = self._batchers[loop] = LoopBatcher(self)
-        return await batcher.infer(name, x, exact_dtype)
+        req = await batcher.add(name, x, exact_dtype, loop)
+        if req.error is not None:
+            raise req.error
+        result: InferenceResult = req.result
+        return result
 
     def _prepare(self, p: RunningPipeline, x: Array, exact_dtype: bool) -> tuple[Array, ModelLane]:
         try:

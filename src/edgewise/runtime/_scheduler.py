@@ -25,7 +25,7 @@ import numpy.typing as npt
 
 from edgewise.runtime._errors import PipelineStopped, Rejected, RuntimeFailure, Shed
 
-__all__ = ["Executor", "Lane", "Owner", "Request", "should_shed"]
+__all__ = ["Executor", "Lane", "Owner", "Request", "complete_all", "should_shed"]
 
 CRITICAL, NORMAL, BEST_EFFORT = 0, 1, 2
 
@@ -61,8 +61,18 @@ class Lane(Protocol):
 class Request:
     """One inference request travelling through the executor."""
 
-    __slots__ = ("_waiter", "callback", "ctx", "enqueued", "error", "lane", "owner", "result")
-    __slots__ += ("rows", "x")
+    __slots__ = (
+        "_waiter",
+        "callback",
+        "ctx",
+        "enqueued",
+        "error",
+        "lane",
+        "owner",
+        "result",
+        "rows",
+        "x",
+    )
 
     def __init__(
         self,
@@ -99,6 +109,18 @@ class Request:
         """Deliver an error to whoever waits."""
         self.error = error
         self._finish()
+
+
+def complete_all(batch: list[Request], results: list[Any]) -> None:
+    """`complete` each request with its result: the batch path, one call per batch."""
+    for r, result in zip(batch, results, strict=True):
+        r.result = result
+        waiter = r._waiter
+        if waiter is not None:
+            waiter.release()
+        callback = r.callback
+        if callback is not None:
+            callback(r)
 
 
 def should_shed(waited_s: float, est_batch_s: float, slo_s: float, fraction: float) -> bool:

@@ -60,7 +60,7 @@ class Registry(Generic[F]):
         return sorted(self._factories)
 
 
-@dataclass
+@dataclass(slots=True)
 class Post:
     """A batch on its way through postprocess."""
 
@@ -77,7 +77,8 @@ class Post:
         """Fill top-1 and confidence when no stage did."""
         if self.top is None and self.scores is not None and self.scores.ndim == 2:
             self.top = self.scores.argmax(axis=1)
-            self.confidence = self.scores.max(axis=1)
+            # The ufunc directly: ndarray.max goes through a Python-level wrapper.
+            self.confidence = np.maximum.reduce(self.scores, axis=1)
 
 
 PreFn = Callable[[Array], Array]

@@ -65,8 +65,6 @@ _OPEN = frozenset({"open", "firing", "active", "suppressed"})
 
 async def _alerts(request: Request, session: Session) -> list[dict[str, Any]] | None:
     answer = await src.api_call(request.app, session.token, "GET", "/api/v1/alerts?state=open")
-    if answer.missing:
-        return await run_in_threadpool(src.stored_alerts, plane_of(request), session.principal)
     if not answer.ok or not isinstance(answer.body, list | dict):
         return None
     items = answer.body if isinstance(answer.body, list) else answer.body.get("alerts", [])
@@ -74,13 +72,18 @@ async def _alerts(request: Request, session: Session) -> list[dict[str, Any]] | 
     for a in items:
         if not isinstance(a, dict) or a.get("state", "open") not in _OPEN:
             continue
+        state = a.get("state", "open")
+        kind = f" ({a['kind']})" if a.get("kind") else ""
+        suppressed = " [suppressed while a rollout touches it]" if state == "suppressed" else ""
         out.append(
             {
-                "severity": str(a.get("severity", "warning")),
-                "rule": str(a.get("rule", a.get("name", "?"))),
+                "severity": str(
+                    a.get("severity") or ("warning" if state == "suppressed" else "critical")
+                ),
+                "rule": f"{a.get('rule', a.get('name', '?'))}{kind}",
                 "subject": str(a.get("subject", a.get("scope", a.get("target", "")))),
                 "since": a.get("since", a.get("opened_at", a.get("started_at"))),
-                "message": str(a.get("message", a.get("summary", ""))),
+                "message": f"{a.get('message', a.get('summary', ''))}{suppressed}",
             }
         )
     return out
@@ -264,6 +267,19 @@ def deployments_page(request: Request) -> Response:
     return render("deployments.html", ctx)
 
 
+def _revisions(plane: ControlPlane, ref: str) -> list[dict[str, Any]] | None:
+    """The deployment's revisions, newest first (None: no revisions in this build)."""
+    try:
+        from edgewise.control._revisions import list_revisions
+    except ImportError:
+        return None
+    try:
+        history = list_revisions(plane, ref)
+    except ApiError:
+        return None
+    return list(reversed(history.get("revisions") or []))
+
+
 @router.get("/deployments/{ref}", response_class=HTMLResponse)
 def deployment_page(request: Request, ref: str) -> Response:
     """One deployment with its pre-flight result against today's fleet."""
@@ -296,6 +312,7 @@ def deployment_page(request: Request, ref: str) -> Response:
         d=view,
         preflight=preflight,
         preflight_error=why,
+        revisions=_revisions(plane, ref),
     )
     return render("deployment.html", ctx)
 

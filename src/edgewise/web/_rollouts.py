@@ -82,6 +82,15 @@ class RolloutCard:
     reason: str = ""
     created_at: float | None = None
     history: list[dict[str, Any]] = field(default_factory=list)
+    current_phase: str = ""  # the API's own name for it, when phases are not listed
+
+    @property
+    def phase_name(self) -> str:
+        """The current phase's name."""
+        for phase in self.phases:
+            if phase.index == self.phase_index:
+                return phase.name
+        return self.current_phase or _phase_name(self.phase_index)
 
     @property
     def total(self) -> int:
@@ -192,6 +201,7 @@ def rollout_card(doc: Mapping[str, Any]) -> RolloutCard:
         reason=str(doc.get("reason") or ""),
         created_at=doc.get("created_at") if isinstance(doc.get("created_at"), float) else None,
         history=history[-20:],
+        current_phase=str(doc.get("phase_name") or ""),
     )
 
 

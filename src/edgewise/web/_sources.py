@@ -32,7 +32,6 @@ __all__ = [
     "model_telemetry",
     "pipelines_by_device",
     "recent_telemetry",
-    "stored_alerts",
 ]
 
 _INTERNAL_BASE = "http://console.internal"
@@ -100,49 +99,6 @@ def pipelines_by_device(plane: ControlPlane) -> dict[str, list[dict[str, Any]]]:
         for row in c.execute(select(*cols)):
             out.setdefault(row.device_id, []).append(dict(row._mapping))
     return out
-
-
-def stored_alerts(plane: ControlPlane, who: Principal) -> list[dict[str, Any]] | None:
-    """Open alerts read from the telemetry part's table; None when it has none here.
-
-    Firing and suppressed alerts count as open. A scoped operator sees an alert only
-    when one of its devices is in scope (or it names no device at all).
-    """
-    try:
-        from sqlalchemy.exc import SQLAlchemyError
-
-        from edgewise.control.telemetry._tables import alerts
-    except ImportError:
-        return None
-    q = (
-        select(alerts)
-        .where(alerts.c.state.in_(("firing", "suppressed")))
-        .order_by(alerts.c.opened_at.desc())
-        .limit(200)
-    )
-    try:
-        with plane.store.engine.connect() as c:
-            rows = [dict(r._mapping) for r in c.execute(q)]
-    except SQLAlchemyError:
-        return None  # the table is not migrated into this database
-    if who.scope is not None:
-        labels = device_labels(plane)
-        rows = [
-            r
-            for r in rows
-            if not r["devices"] or any(in_scope(who.scope, labels.get(d, {})) for d in r["devices"])
-        ]
-    return [
-        {
-            "severity": "warning" if r["state"] == "suppressed" else "critical",
-            "rule": f"{r['rule']} ({r['kind']})",
-            "subject": r["scope"],
-            "since": r["opened_at"],
-            "message": r["message"]
-            + (" [suppressed: rollout]" if r["state"] == "suppressed" else ""),
-        }
-        for r in rows
-    ]
 
 
 def device_rows(

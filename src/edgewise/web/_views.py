@@ -27,6 +27,7 @@ __all__ = [
     "window_histograms",
 ]
 
+
 @dataclass(frozen=True)
 class FleetSummary:
     """What the overview shows."""

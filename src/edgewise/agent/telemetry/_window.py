@@ -234,6 +234,12 @@ class WindowAggregator:
         """Count the queued requests now."""
         if not self._pending:
             return
+        # A busy first window would be counted in full; widen the stride as soon as the
+        # rate shows (once per flush, so the clock is read rarely).
+        elapsed = self.clock() - self._start
+        if elapsed > 0:
+            projected = self._offered * self.window_s / elapsed
+            self._stride = max(self._stride, int(projected // self.target_rows))
         pending, self._pending, self._pending_rows = self._pending, [], 0
         x = np.concatenate([np.asarray(p[0]).reshape(len(p[1]), -1) for p in pending])
         conf = [c for p in pending for c in p[1]]

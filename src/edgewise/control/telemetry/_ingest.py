@@ -77,6 +77,30 @@ def _copy_field(value: Any) -> str:
     return repr(value)
 
 
+def _text(value: str) -> str:
+    # Most values need no escaping; `in` checks are far cheaper than translate().
+    if "\\" in value or "\t" in value or "\n" in value or "\r" in value:
+        return value.translate(_COPY_ESCAPES)
+    return value
+
+
+def _log_copy_text(rows: list[tuple[str, int, str, float, str, str, float]]) -> str:
+    """Telemetry log rows in COPY text format, specialised on their column types."""
+    out = []
+    now_text = ""
+    last_device = last_device_text = None
+    for device_id, seq, cls, ts, kind, data, now in rows:
+        if device_id is not last_device:
+            last_device, last_device_text = device_id, _text(device_id)
+        if not now_text:
+            now_text = _copy_field(now)
+        ts_text = repr(ts) if math.isfinite(ts) else _copy_field(ts)
+        out.append(
+            f"{last_device_text}\t{seq}\t{cls}\t{ts_text}\t{_text(kind)}\t{_text(data)}\t{now_text}\n"
+        )
+    return "".join(out)
+
+
 def _copy_text(rows: list[tuple[Any, ...]]) -> str:
     """Rows in COPY text format as one string: far cheaper than `write_row` per row."""
     return "".join("\t".join(map(_copy_field, row)) + "\n" for row in rows)
@@ -247,7 +271,7 @@ class TelemetryIngest:
                 raw.cursor() as cur,
                 cur.copy(f"COPY telemetry ({cols}) FROM STDIN") as copy,
             ):
-                copy.write(_copy_text(rows))
+                copy.write(_log_copy_text(rows))
             return {d: recs for d, recs in todo.items() if recs}
         except (IntegrityError, _unique_violation()):
             pass
