@@ -177,3 +177,37 @@ def test_sim_command_refuses_bad_input_in_one_line(shared_plane: ControlPlanePro
         assert out.returncode != 0
         assert message in out.stderr
         assert "Traceback" not in out.stderr
+
+
+def _cli(plane: ControlPlaneProcess, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [*EDGEWISE, *args, "--server", plane.url, "--token", plane.admin],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+
+
+def test_deploy_update_history_and_rollout_commands_from_the_cli(
+    shared_plane: ControlPlaneProcess,
+) -> None:
+    plane = shared_plane
+    plane.deploy("cli-ro", "group=cliro", "digits-mlp@1.0.0")
+    out = _cli(plane, "deploy", "update", "cli-ro", "-p", "digits=digits-mlp@1.1.0", "--json")
+    assert out.returncode == 0, out.stderr
+    assert json.loads(out.stdout)["revision"] == 2
+    out = _cli(plane, "deploy", "history", "cli-ro", "--json")
+    assert [r["stable"] for r in json.loads(out.stdout)["revisions"]] == [True, False]
+    out = _cli(plane, "rollout", "start", "--deployment", "cli-ro", "--to", "2", "--canary",
+               "10%", "--waves", "50,100", "--require-approval", "--json")  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    view = json.loads(out.stdout)
+    assert view["spec"]["waves"] == [50.0, 100.0] and view["spec"]["require_approval"][0]
+    out = _cli(plane, "rollout", "status", view["id"], "--json")
+    assert json.loads(out.stdout)["id"] == view["id"]
+    out = _cli(plane, "rollout", "status", view["id"])
+    assert out.returncode == 0 and "gates" in out.stdout
+    out = _cli(plane, "rollout", "list", "--json")
+    assert view["id"] in {r["id"] for r in json.loads(out.stdout)}
+    out = _cli(plane, "rollout", "start", "--deployment", "cli-ro", "--to", "2", "--canary", "x")
+    assert out.returncode == 1 and "--canary" in out.stderr and "Traceback" not in out.stderr
+    out = _cli(plane, "rollout", "approve", "nope")
+    assert out.returncode == 1 and "404" in out.stderr

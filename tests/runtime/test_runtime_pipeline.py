@@ -1,11 +1,14 @@
 from __future__ import annotations
 
+import threading
+
 import numpy as np
 import onnxruntime as ort
 import pytest
 
 from edgewise.examples import DigitsSplit
 from edgewise.runtime import BadInput, Runtime, UnknownPipeline
+from edgewise.runtime._scheduler import Request
 
 from .conftest import SpecFactory
 
@@ -182,3 +185,34 @@ def test_async_bad_input_fails_alone(
     assert getattr(ok, "label", None) is not None
     assert isinstance(bad, BadInput)
     assert isinstance(unknown, UnknownPipeline)
+
+
+def test_each_request_of_a_batch_gets_only_its_own_rows(
+    mlp_bytes: bytes, split: DigitsSplit, make_spec: SpecFactory
+) -> None:
+    rt = Runtime(cores=1, monitor_interval_s=None)
+    try:
+        rt.start_pipeline(make_spec(batching={"max_batch": 8}), rt.load_model(mlp_bytes))
+        done: list[Request] = []
+        rt.pause()
+        reqs = [
+            rt.submit("digits", split.x_test[0:2], done.append),
+            rt.submit("digits", split.x_test[2:3], done.append),
+            rt.submit("digits", split.x_test[3:6], done.append),
+        ]
+        rt.resume()
+        for _ in range(1000):
+            if len(done) == 3:
+                break
+            threading.Event().wait(0.01)
+        alone = [rt.infer("digits", split.x_test[i]) for i in range(6)]
+        rows = [(0, 2), (2, 3), (3, 6)]
+        for req, (a, b) in zip(reqs, rows, strict=True):
+            res = req.result
+            assert res.labels == [r.label for r in alone[a:b]]
+            assert len(res.confidences) == len(res.escalated) == b - a
+            assert res.outputs["probabilities"].shape == (b - a, 10)
+            assert res.to_json()["labels"] == res.labels
+        assert rt.stats("digits")["batch_size"]["sum"] == 6 + 6
+    finally:
+        rt.close()

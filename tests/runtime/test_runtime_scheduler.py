@@ -176,3 +176,56 @@ def test_max_queue_delay_lets_queued_requests_wait_for_company(
         assert sizes["count"] == 1 and sizes["sum"] == 4
     finally:
         rt.close()
+
+
+def test_critical_request_runs_beside_a_busy_best_effort_batch(
+    rt: Runtime, mlp_bytes: bytes, split: DigitsSplit, make_spec: SpecFactory
+) -> None:
+    _start_pair(rt, mlp_bytes, make_spec, be_capacity=100)
+    in_worker, release = threading.Event(), threading.Event()
+
+    def hold(req: Request) -> None:  # completions run in the worker: keep it busy
+        in_worker.set()
+        release.wait(10)
+
+    try:
+        rt.submit("bulk", split.x_test[0], hold)  # queued, so the worker thread runs it
+        assert in_worker.wait(10)
+        caller = threading.get_ident()
+        seen: list[int] = []
+        req = rt.submit(
+            "crit", split.x_test[1], lambda r: seen.append(threading.get_ident()), inline=True
+        )
+        # Served while the best-effort batch still holds the worker, in this thread.
+        assert req.error is None and req.result.label is not None
+        assert seen == [caller]
+    finally:
+        release.set()
+    assert rt.stats("crit")["nv_inference_request_success"] == 1
+
+
+def test_critical_request_queues_when_bypass_is_off(
+    mlp_bytes: bytes, split: DigitsSplit, make_spec: SpecFactory
+) -> None:
+    rt = Runtime(cores=1, monitor_interval_s=None)
+    try:
+        _start_pair(rt, mlp_bytes, make_spec, be_capacity=100)
+        for ex in rt._executors.values():
+            ex.critical_bypass = False
+        in_worker, release = threading.Event(), threading.Event()
+
+        def hold(req: Request) -> None:
+            in_worker.set()
+            release.wait(10)
+
+        rt.submit("bulk", split.x_test[0], hold)
+        assert in_worker.wait(10)
+        rec = Recorder()
+        req = rt.submit("crit", split.x_test[1], rec, inline=True)
+        assert req.result is None  # waits for the worker
+        release.set()
+        rec.wait(1)
+        assert req.result is not None
+    finally:
+        release.set()
+        rt.close()

@@ -331,7 +331,10 @@ async def run_rollout_api(
             if failed:
                 result.tripped = failed
         for h in (view.get("history") or [])[seen:]:
-            detail = ", ".join(f"{k}={v}" for k, v in (h.get("detail") or {}).items())
+            shown = {
+                k: v for k, v in (h.get("detail") or {}).items() if k not in ("rollout", "gates")
+            }
+            detail = ", ".join(f"{k}={v}" for k, v in shown.items())
             note(f"{h.get('kind')} {detail}"[:160])
         seen = len(view.get("history") or [])
         if view.get("phase_index", 0) > 0 and not result.canary_s:

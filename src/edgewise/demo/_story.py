@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from edgewise.demo._api import Api, DemoError
+from edgewise.demo._outages import crash_and_return, cut_uplink
 from edgewise.demo._procs import Processes
 from edgewise.demo._proxy import UplinkProxy
 from edgewise.demo._rollout import (
@@ -278,30 +279,6 @@ class Story:
             f"every device back on 1.0.0 in {r.rollback_s or 0:.1f}s",
         )
 
-    async def _crash_watch(self, agent: AgentProc) -> dict[str, Any]:
-        # The agent kills itself at the crash point; bring it back the way an init
-        # system would, and look at what it serves before anything else happens.
-        assert agent.child is not None
-        while agent.child.alive():
-            await asyncio.sleep(0.05)
-        code = agent.child.proc.returncode
-        self._note(f"agent {agent.name} died at {CRASH_POINT} (exit {code}); restarting it")
-        t0 = time.monotonic()
-        await agent.start()
-        first: dict[str, Any] = {}
-        while not first:
-            p = ((await agent.status()).get("pipelines") or {}).get(PIPELINE) or {}
-            if p.get("serving"):
-                first = p
-            else:
-                await asyncio.sleep(0.05)
-        back_s = round(time.monotonic() - t0, 2)
-        self._note(
-            f"agent {agent.name} back in {back_s:.1f}s serving {first.get('model')}@"
-            f"{first.get('version')} from slot {first.get('slot')}"
-        )
-        return {"exit_code": code, "back_s": back_s, "first_served": first}
-
     async def int8(self) -> None:
         """Chapter 5 and the crash of chapter 6: 1.1.0 completes through a SIGKILL."""
         self._step(f"roll out {MODEL} 1.1.0 (int8), SIGKILL mid-install")
@@ -310,7 +287,7 @@ class Story:
         self.procs.stop(victim.child)
         await victim.start(crash_at=CRASH_POINT)
         self._note(f"agent {victim.name} restarted with EDGEWISE_CRASH_AT={CRASH_POINT}")
-        watch = asyncio.create_task(self._crash_watch(victim))
+        watch = asyncio.create_task(crash_and_return(victim, PIPELINE, CRASH_POINT, self._note))
         r = await self.rollout("1.1.0", "1.0.0")
         try:
             crash = await asyncio.wait_for(watch, 5)
@@ -350,45 +327,19 @@ class Story:
         assert self.proxy is not None
         agent = self.agents[1]
         self._step(f"cut {agent.name}'s uplink for {OFFLINE_S:.0f}s")
-        before = await agent.status()
-        served0 = await agent.inferences(PIPELINE)
-        uploaded0 = int(before.get("telemetry_uploaded", 0))
-        self.proxy.cut()
-        t0 = time.monotonic()
-        await asyncio.sleep(OFFLINE_S)
-        during = await agent.status()
-        served1 = await agent.inferences(PIPELINE)
-        buffered = int(during.get("buffer_depth", 0))
-        offline_s = round(time.monotonic() - t0, 1)
-        self.proxy.restore()
-        self._note(
-            f"{agent.name} offline {offline_s}s: online={during.get('online')}, served "
-            f"{served1 - served0} inferences, {buffered} telemetry records buffered"
-        )
-
-        async def drained() -> bool:
-            st = await agent.status()
-            return bool(st.get("online")) and int(st.get("buffer_depth", 1)) == 0
-
-        backfill_s = await self._wait("telemetry backfill", drained, 60)
-        after = await agent.status()
-        uploaded = int(after.get("telemetry_uploaded", 0)) - uploaded0
-        offline_served = served1 > served0 and not during.get("online")
-        self.facts["uplink"] = {
-            "agent": agent.name, "offline_s": offline_s, "served_offline": served1 - served0,
-            "buffered": buffered, "uploaded_after": uploaded, "backfill_s": backfill_s,
-        }  # fmt: skip
+        u = await cut_uplink(agent, self.proxy, PIPELINE, OFFLINE_S, self._note)
+        self.facts["uplink"] = u
         self._chapter(
             "offline served",
-            offline_served,
-            f"{agent.name} cut off {offline_s:.0f}s, served {served1 - served0} inferences "
-            f"on {during.get('pipelines', {}).get(PIPELINE, {}).get('version')}",
+            u["served_offline"] > 0 and not u["was_online_while_cut"],
+            f"{agent.name} cut off {u['offline_s']:.0f}s, served {u['served_offline']} "
+            f"inferences on {u['version_offline']}",
         )
         self._chapter(
             "telemetry backfilled",
-            buffered > 0 and uploaded >= buffered,
-            f"{buffered} records buffered offline, {uploaded} uploaded within "
-            f"{backfill_s:.1f}s of reconnecting",
+            u["buffered"] > 0 and u["uploaded_after"] >= u["buffered"],
+            f"{u['buffered']} records buffered offline, {u['uploaded_after']} uploaded within "
+            f"{u['backfill_s']:.1f}s of reconnecting",
         )
 
     # -- the whole story ----------------------------------------------------------------

@@ -78,7 +78,8 @@ class Runtime:
         self._executors: dict[str, Executor] = {}
         self._pipelines: dict[str, RunningPipeline] = {}
         self._events: list[RuntimeEvent] = []
-        self._batchers: weakref.WeakKeyDictionary[Any, Any] = weakref.WeakKeyDictionary()
+        self._batchers: weakref.WeakKeyDictionary[Any, LoopBatcher] = weakref.WeakKeyDictionary()
+        self._last_batcher: tuple[weakref.ref[Any], LoopBatcher] | None = None
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._monitor: threading.Thread | None = None
@@ -253,9 +254,14 @@ class Runtime:
             UnknownPipeline, BadInput, Rejected, Shed, PipelineStopped, InferenceFailed.
         """
         loop = asyncio.get_running_loop()
-        batcher = self._batchers.get(loop)
-        if batcher is None:
-            batcher = self._batchers[loop] = LoopBatcher(self)
+        last = self._last_batcher  # one loop usually calls: skip the weak-dict lookup
+        if last is not None and last[0]() is loop:
+            batcher = last[1]
+        else:
+            found = self._batchers.get(loop)
+            batcher = found if found is not None else LoopBatcher(self)
+            self._batchers[loop] = batcher
+            self._last_batcher = (weakref.ref(loop), batcher)
         req = await batcher.add(name, x, exact_dtype, loop)
         if req.error is not None:
             raise req.error

@@ -6,6 +6,9 @@ Invariants:
   lane (pipeline + model), in that order, up to the lane's `max_batch` rows.
 - A lone request never waits for company: when the executor is idle and nothing is
   queued, the submitting thread runs the request itself (no thread hand-off at all).
+- A critical request that finds the worker busy with lower-priority work and no critical
+  work queued runs at once in its caller's thread, beside that batch (one such request at
+  a time; `critical_bypass=False` turns this off). It never waits behind best-effort.
 - Admission is immediate: a full per-pipeline queue raises `Rejected`; nothing blocks.
 - When a queued critical request has waited long enough that one more batch would take
   it past `shed_fraction` of its SLO, every queued best_effort request is shed, and new
@@ -137,8 +140,10 @@ class Executor:
         clock: Callable[[], float] = time.monotonic,
         shed_fraction: float = 0.5,
         shed_hold_s: float = 0.5,
+        critical_bypass: bool = True,
     ) -> None:
         self.name = name
+        self.critical_bypass = critical_bypass
         self._clock = clock
         self.shed_fraction = shed_fraction
         self.shed_hold_s = shed_hold_s
@@ -146,6 +151,8 @@ class Executor:
         self._queues: tuple[deque[Request], ...] = (deque(), deque(), deque())
         self._depth = 0
         self._busy = False
+        self._running_rank = -1  # class of the batch the worker (or an inline caller) runs
+        self._bypassing = False  # a critical request runs beside the worker's batch
         self._paused = False
         self._closed = False
         self._shed_until = float("-inf")
@@ -181,10 +188,25 @@ class Executor:
             PipelineStopped: the pipeline no longer accepts work.
         """
         cond = self._cond
+        bypass = False
         with cond:
             self._admit(req)
             if inline and not self._busy and not self._depth and not self._paused:
                 self._busy = True
+                self._running_rank = req.owner.rank
+            elif (
+                inline
+                and self.critical_bypass
+                and req.owner.rank == CRITICAL
+                and not self._paused
+                and not self._bypassing
+                and not self._queues[CRITICAL]
+                and self._running_rank != CRITICAL
+            ):
+                # The worker is busy with lower-priority work: run this critical request
+                # beside it in the caller's thread (sessions are safe to run
+                # concurrently) instead of queueing it behind that batch.
+                self._bypassing = bypass = True
             else:
                 if wait:
                     req._waiter = waiter = threading.Lock()
@@ -198,7 +220,11 @@ class Executor:
             self._run([req])
         finally:
             with cond:
-                self._busy = False
+                if bypass:
+                    self._bypassing = False
+                else:
+                    self._busy = False
+                    self._running_rank = -1
                 if self._depth:
                     cond.notify()
         return True
@@ -224,6 +250,7 @@ class Executor:
                     refused.append((r, exc))
             if admitted and inline and not self._busy and not self._depth and not self._paused:
                 self._busy = run_here = True
+                self._running_rank = admitted[0].owner.rank
                 for r in admitted:
                     r.owner.queued -= 1
             else:
@@ -250,6 +277,7 @@ class Executor:
         finally:
             with cond:
                 self._busy = False
+                self._running_rank = -1
                 if self._depth:
                     cond.notify()
 
@@ -404,12 +432,14 @@ class Executor:
                             continue
                     batch = self._take()
                     self._busy = True
+                    self._running_rank = batch[0].owner.rank
             if batch:
                 try:
                     self._run(batch)
                 finally:
                     with cond:
                         self._busy = False
+                        self._running_rank = -1
                         cond.notify_all()
             # Critical work first; telling shed requests they were shed can wait a batch.
             for r in shed:
