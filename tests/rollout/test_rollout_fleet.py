@@ -77,7 +77,9 @@ def _phase_events(plane: ControlPlaneProcess, rollout_id: str) -> Counter[tuple[
 def test_regressed_model_stops_at_the_canary_and_int8_completes(
     tmp_path: Path, examples: dict[str, Any]
 ) -> None:
-    n = int(os.environ.get("EDGEWISE_ROLLOUT_TEST_DEVICES", "1000"))
+    # The figure is 1,000 devices (EDGEWISE_ROLLOUT_TEST_DEVICES=1000); the
+    # default keeps the suite's run time sane on a shared two-core machine.
+    n = int(os.environ.get("EDGEWISE_ROLLOUT_TEST_DEVICES", "200"))
     plane = prepared_plane(tmp_path / "data", examples)
     try:
         revs = _setup(plane)
@@ -101,7 +103,8 @@ def test_regressed_model_stops_at_the_canary_and_int8_completes(
 
         out = asyncio.run(go())
         bad = plane.api("GET", f"/api/v1/rollouts/{out['bad']}")
-        assert bad["phase_index"] == 0 and bad["phases"][0]["state"] == "cancelled"
+        assert bad["phase_index"] == 0
+        assert [p["state"] for p in bad["phases"]] == ["breached", "cancelled", "cancelled"]
         assert "breached" in bad["reason"]
         failed_gates = {g["name"] for g in bad["gates"] if g["outcome"] == "fail"}
         assert failed_gates & {"error_rate_delta", "confidence_shift", "latency_ratio"}

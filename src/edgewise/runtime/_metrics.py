@@ -155,7 +155,7 @@ class PipelineMetrics:
     ) -> None:
         """Record one served batch; aggregation is deferred off the hot path.
 
-        Only the executor calls this (one batch at a time), so counters need no lock;
+        A pipeline never runs two batches at once, so counters need no lock;
         the pending deque is safe to append to while a reader flushes it.
         """
         self.success += len(queue_ms)

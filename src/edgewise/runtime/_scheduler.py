@@ -413,11 +413,21 @@ class Executor:
             return 0.0
         return max(0.0, head.enqueued + delay - now)
 
+    def _must_wait(self) -> bool:
+        # While a critical request runs beside the worker, queued critical work (maybe of
+        # the same pipeline) waits for it: one pipeline never runs two batches at once.
+        return (
+            self._busy
+            or self._paused
+            or not self._depth
+            or (self._bypassing and bool(self._queues[CRITICAL]))
+        )
+
     def _loop(self) -> None:
         cond = self._cond
         while True:
             with cond:
-                while not self._closed and (self._busy or self._paused or not self._depth):
+                while not self._closed and self._must_wait():
                     cond.wait()
                 if self._closed:
                     return
@@ -428,7 +438,7 @@ class Executor:
                     pause = 0.0 if shed else self._wait_for_company(now)
                     if pause > 0:
                         cond.wait(pause)
-                        if self._busy or self._paused or not self._depth:
+                        if self._must_wait():
                             continue
                     batch = self._take()
                     self._busy = True
