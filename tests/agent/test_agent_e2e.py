@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 import pytest
 
@@ -76,15 +77,27 @@ def test_serving_pipeline_sends_telemetry_windows_with_counts(
     dev = agent.device_id()
     cp.deploy("digits", "digits-mlp@1.0.0", tag=agent.tag)
     wait_for(lambda: _active(cp, dev, "1.0.0"), 90, "active")
-    for _ in range(5):
+    for _ in range(20):
         agent.infer()
 
-    def served_in_windows() -> int:
+    def windows() -> list[dict[str, Any]]:
         with sqlite3.connect(cp.data / "edgewise.db") as db:
             rows = db.execute(
                 "SELECT data FROM telemetry WHERE device_id = ? AND kind = 'window'", (dev,)
             ).fetchall()
-        return sum(int(json.loads(r[0]).get("counts", {}).get("ok", 0)) for r in rows)
+        return [json.loads(r[0]) for r in rows]
 
-    wait_for(lambda: served_in_windows() >= 5, 60, "windows ingested")
-    assert served_in_windows() == 5  # each request counted once, in exactly one window
+    def served_in_windows() -> int:
+        return sum(int(w.get("counts", {}).get("ok", 0)) for w in windows())
+
+    wait_for(lambda: served_in_windows() >= 20, 60, "windows ingested")
+    assert served_in_windows() == 20  # each request counted once, in exactly one window
+
+    # Drift counts come from the inputs the runtime sampled (every 10th by default),
+    # the confidence histogram from every request.
+    def sampled() -> int:
+        return sum(sum(w["features"]["classes"]) for w in windows() if "features" in w)
+
+    wait_for(lambda: sampled() >= 2, 30, "sampled inputs counted")
+    assert sampled() == 2
+    assert sum(sum(w["confidence"]["counts"]) for w in windows() if "confidence" in w) == 20

@@ -107,11 +107,16 @@ def test_telemetry_survives_restarts_offline_and_is_ingested_exactly_once(
     agent.kill()
     agent.start()
     agent.wait_up()
-    _post(agent, "sample", 6700, 3300)
+    _post(agent, "metric", 6700, 3300)
+    # Raw samples are outside the default egress policy (capture off): never buffered.
+    refused = agent.local(
+        "POST", "/telemetry", json={"records": [{"cls": "sample", "kind": "input", "data": {}}]}
+    )
+    assert refused.json() == {"stored": 0}
     assert agent.status()["buffer_depth"] >= 10_000
     cp.start()
     wait_for(lambda: sum(_ingested(cp, dev).values()) == 10_000, 120, "all ingested")
-    assert _ingested(cp, dev) == {"event": 3400, "metric": 3300, "sample": 3300}
+    assert _ingested(cp, dev) == {"event": 3400, "metric": 6600}
     wait_for(lambda: agent.status()["buffer_depth"] == 0, 60, "buffer drained")
 
 

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import psutil
@@ -68,3 +70,34 @@ def test_a_non_empty_directory_is_refused_without_starting_anything(tmp_path: Pa
     assert "not empty" in result.stderr and "Traceback" not in result.stderr
     assert result.stdout == ""
     assert _mentioning(str(tmp_path)) == []
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(200)
+def test_sigterm_mid_story_stops_every_process_and_exits_130(tmp_path: Path) -> None:
+    where = tmp_path / "demo"
+    demo = subprocess.Popen(
+        [EDGEWISE, "demo", "--devices", "3", "--dir", str(where)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        deadline = time.monotonic() + 150
+        # Wait until the real agents run: the story is then well under way.
+        while not (where / "agents" / "lab-3" / "local.json").exists():
+            assert demo.poll() is None, demo.stderr.read() if demo.stderr else ""
+            assert time.monotonic() < deadline, "the agents never started"
+            time.sleep(0.2)
+        assert len(_mentioning(str(where))) >= 4  # control plane + three agents
+
+        demo.send_signal(signal.SIGTERM)
+        _, err = demo.communicate(timeout=60)
+    finally:
+        if demo.poll() is None:
+            demo.kill()
+            demo.wait()
+
+    assert demo.returncode == 130
+    assert "interrupted" in err and "Traceback" not in err
+    assert _mentioning(str(where)) == []

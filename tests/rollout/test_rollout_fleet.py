@@ -26,6 +26,8 @@ QUALITY = {
     "max_confidence_shift": 0.1,
     "min_inferences": 100,
 }
+# Restart and replica tests are about who acts, not about model quality.
+INSTALL_ONLY = {"success_pct": 90, "error_pct": 10}
 LABELS = "hw=cpu-small:0.5,cpu-large:0.5;site=lab,store-1,store-2"
 
 
@@ -79,7 +81,7 @@ def test_regressed_model_stops_at_the_canary_and_int8_completes(
 ) -> None:
     # The figure is 1,000 devices (EDGEWISE_ROLLOUT_TEST_DEVICES=1000); the
     # default keeps the suite's run time sane on a shared two-core machine.
-    n = int(os.environ.get("EDGEWISE_ROLLOUT_TEST_DEVICES", "200"))
+    n = int(os.environ.get("EDGEWISE_ROLLOUT_TEST_DEVICES", "100"))
     plane = prepared_plane(tmp_path / "data", examples)
     try:
         revs = _setup(plane)
@@ -132,7 +134,7 @@ def test_a_control_plane_restart_mid_phase_goes_on_without_notifying_twice(
                 await _until(fleet, lambda: fleet.count_running("digits-mlp@1.0.0") == n, 60,
                              "the stable revision")  # fmt: skip
                 revisions = {d.device_id: d.revision for d in fleet.devices}
-                rid = _start(plane, revs["1.1.0"], soak_s=4, canary=4)
+                rid = _start(plane, revs["1.1.0"], soak_s=4, canary=4, gates=INSTALL_ONLY)
                 await _until(fleet, lambda: fleet.count_running("digits-mlp@1.1.0") >= 4, 60,
                              "the canary")  # fmt: skip
                 plane.kill()  # SIGKILL mid-phase: the canary is soaking
@@ -143,6 +145,7 @@ def test_a_control_plane_restart_mid_phase_goes_on_without_notifying_twice(
                 # One notification each: exactly one revision bump per device.
                 for d in fleet.devices:
                     assert d.revision == revisions[d.device_id] + 1, d.device_id
+                await _until(fleet, lambda: _state(plane, rid) == "completed", 30, "completed")
                 return rid
 
         rid = asyncio.run(go())
@@ -170,7 +173,7 @@ def test_two_control_planes_on_postgresql_act_once_per_phase_transition(
             async with a, b:
                 both = lambda ref: a.count_running(ref) + b.count_running(ref)  # noqa: E731
                 await _until(a, lambda: both("digits-mlp@1.0.0") == n, 60, "the stable revision")
-                rid = _start(first, revs["1.1.0"], canary=4)
+                rid = _start(first, revs["1.1.0"], canary=4, gates=INSTALL_ONLY)
                 await _until(a, lambda: both("digits-mlp@1.1.0") == n, 90, "completion")
                 await _until(a, lambda: _state(second, rid) == "completed", 30, "completed")
                 return rid

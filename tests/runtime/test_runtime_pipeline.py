@@ -216,3 +216,21 @@ def test_each_request_of_a_batch_gets_only_its_own_rows(
         assert rt.stats("digits")["batch_size"]["sum"] == 6 + 6
     finally:
         rt.close()
+
+
+def test_async_callers_are_served_from_successive_event_loops(
+    runtime: Runtime, mlp_bytes: bytes, split: DigitsSplit, make_spec: SpecFactory
+) -> None:
+    import asyncio
+
+    runtime.start_pipeline(make_spec(batching={"max_batch": 8}), runtime.load_model(mlp_bytes))
+
+    async def main() -> list[str | None]:
+        results = await asyncio.gather(
+            *(runtime.infer_async("digits", row) for row in split.x_test[:8])
+        )
+        return [r.label for r in results]
+
+    first, second = asyncio.run(main()), asyncio.run(main())  # each run is a new loop
+    assert first == second == runtime.infer("digits", split.x_test[:8]).labels
+    assert runtime.stats("digits")["nv_inference_request_success"] == 8 + 8 + 1

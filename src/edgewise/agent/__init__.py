@@ -11,6 +11,7 @@ The fleet simulator reuses the client side: `DeviceClient` / `AsyncDeviceClient`
 pure reconcile decision, and `Backoff` the retry policy every uplink shares.
 """
 
+from edgewise.agent import _slim  # noqa: F401  (first: trims what httpx imports)
 from edgewise.agent._agent import AGENT_VERSION, Agent, AgentConfig
 from edgewise.agent._backoff import Backoff, GiveUp, RetryableError
 from edgewise.agent._buffer import TelemetryBuffer

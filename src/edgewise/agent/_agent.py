@@ -153,6 +153,9 @@ class Agent:
         self.local_port: int | None = None
         self.mqtt: Any = None
         self.windows: TelemetryWindows | None = None
+        self._egress_cache: tuple[int | None, dict[str, Any]] | None = None
+        self._gate: Any = None  # EgressGate for local apps, built on first use
+        self._gate_egress: dict[str, Any] | None = None
         self._threads: list[threading.Thread] = []
         self._closers: list[Callable[[], None]] = []
 
@@ -181,10 +184,27 @@ class Agent:
         self.drain.wake.set()
 
     def add_telemetry(self, records: list[tuple[str, str, dict[str, Any], float]]) -> int:
-        """Store records from local apps; returns how many."""
+        """Store records the agent built (already filtered by the policy); returns how many."""
         self.buffer.append(records)
         self.drain.wake.set()
         return len(records)
+
+    def add_local_telemetry(self, records: list[tuple[str, str, dict[str, Any], float]]) -> int:
+        """Store records from local apps, through the egress policy; returns how many."""
+        from edgewise.agent.telemetry import EgressGate
+        from edgewise.protocol import EgressPolicy
+
+        egress = self._egress()
+        with self.lock:
+            if self._gate is None:
+                self._gate = EgressGate(clock=self.clock)
+            if egress != self._gate_egress:
+                # An invalid policy leaves the last valid one in force.
+                with contextlib.suppress(ValueError):
+                    self._gate.policy = EgressPolicy.from_desired(egress)
+                self._gate_egress = egress
+            kept = self._gate.admit(records)
+        return self.add_telemetry(kept) if kept else 0
 
     def capabilities(self) -> dict[str, Any]:
         """This device's capabilities: probed at enrollment, kept under DIR after that.
@@ -442,8 +462,12 @@ class Agent:
         return directory, str(rec.committed.get("deployment", ""))
 
     def _egress(self) -> dict[str, Any]:
-        desired = self._accepted()
-        return dict(desired.egress) if desired is not None else {}
+        # Read every second by the telemetry loop: parse the document once per revision.
+        revision = self.state.revision
+        if self._egress_cache is None or self._egress_cache[0] != revision:
+            desired = self._accepted()
+            self._egress_cache = (revision, dict(desired.egress) if desired else {})
+        return self._egress_cache[1]
 
     # -- status -----------------------------------------------------------------------
 
@@ -487,7 +511,7 @@ class Agent:
         if self.config.local_port is not None:
             from edgewise.agent._local import LocalServer, make_local_app
 
-            app = make_local_app(self.status, self.add_telemetry, self._inference_app)
+            app = make_local_app(self.status, self.add_local_telemetry, self._inference_app)
             server = LocalServer(app, self.config.local_port)
             self.local_port = server.start()
             self._closers.append(server.stop)

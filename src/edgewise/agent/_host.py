@@ -14,7 +14,10 @@ from typing import TYPE_CHECKING, Any, Protocol
 if TYPE_CHECKING:
     from edgewise.runtime import Runtime
 
-__all__ = ["Health", "Host", "RuntimeHost"]
+__all__ = ["TELEMETRY_SAMPLE_RATE", "Health", "Host", "RuntimeHost"]
+
+# Share of served requests whose inputs the runtime keeps for on-device drift.
+TELEMETRY_SAMPLE_RATE = 0.1
 
 
 @dataclass(frozen=True)
@@ -113,6 +116,11 @@ class RuntimeHost:
             self._specs[name] = spec
             return
         parsed = PipelineSpec.model_validate(spec)
+        if parsed.sample_rate < TELEMETRY_SAMPLE_RATE:
+            # On-device drift needs the served inputs. The samples stay on the device
+            # (only the egress policy's capture sends inputs out), so a floor is safe; a
+            # spec may ask for more.
+            parsed = parsed.model_copy(update={"sample_rate": TELEMETRY_SAMPLE_RATE})
         if old is not None:
             rt.stop_pipeline(name)
             del self._specs[name]
@@ -147,6 +155,15 @@ class RuntimeHost:
             except Exception:  # a pipeline that stopped meanwhile has no stats
                 continue
         return out
+
+    def sampled_inputs(self, pipeline: str) -> list[tuple[Any, str | None]]:
+        """The latest inputs the runtime sampled, oldest first, with their labels."""
+        if self._rt is None or pipeline not in self._specs:
+            return []
+        try:
+            return self._rt.sampled_inputs(pipeline)
+        except Exception:  # stopped meanwhile
+            return []
 
     def close(self) -> None:
         """Stop everything."""

@@ -39,7 +39,7 @@ def demo(
     """Run the whole edgewise story: rollouts, a canary that catches, a crash, an outage."""
     from rich.console import Console
 
-    from edgewise.demo import DemoError, run_demo
+    from edgewise.demo import DemoError, Interrupted, run_demo
 
     where = directory or Path(tempfile.mkdtemp(prefix="edgewise-demo-"))
     console = Console(stderr=as_json, width=max(Console().width, 110))
@@ -55,10 +55,10 @@ def demo(
 
     try:
         summary = run_demo(where, devices, port, keep_running, console, show)
+    except Interrupted as exc:
+        raise CliError(str(exc), exit_code=130) from None
     except DemoError as exc:
         raise CliError(f"{exc} (logs under {where / 'logs'})") from None
-    except KeyboardInterrupt:
-        raise CliError("interrupted; every process was stopped", exit_code=130) from None
     if summary.get("stopped_by_user"):
         console.print("stopped; every process was shut down")
     held = all(

@@ -70,8 +70,7 @@ def device_report(rows: Sequence[Mapping[str, Any]], target: Target) -> DeviceRe
     for name, (model, version) in target.pipelines.items():
         row = by_name.get(name)
         if row is None or row["model"] != model or row["version"] != version:
-            statuses.append((ReportStatus.INSTALLING, "", 0.0)) if row is not None else None
-            continue
+            continue  # nothing reported yet about the target on this pipeline
         status = str(row["status"])
         at = float(row["updated_at"])
         reason = str(row.get("reason") or "")

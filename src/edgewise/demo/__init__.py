@@ -25,12 +25,20 @@ from edgewise.demo._procs import Processes, free_port
 from edgewise.demo._proxy import UplinkProxy
 from edgewise.demo._story import CHAPTERS, Story
 
-__all__ = ["CHAPTERS", "DemoError", "Processes", "Story", "UplinkProxy", "free_port", "run_demo"]
+__all__ = [
+    "CHAPTERS",
+    "DemoError",
+    "Interrupted",
+    "Processes",
+    "Story",
+    "UplinkProxy",
+    "free_port",
+    "run_demo",
+]
 
 
-def _terminate(signum: int, frame: object) -> None:
-    # SIGTERM (or SIGHUP) unwinds like Ctrl-C, so every `finally` stops the children.
-    raise KeyboardInterrupt
+class Interrupted(DemoError):
+    """Ctrl-C, SIGTERM or SIGHUP stopped the story before its end (everything was shut down)."""
 
 
 def run_demo(
@@ -54,16 +62,12 @@ def run_demo(
 
     Raises:
         DemoError: a chapter could not be carried out.
+        Interrupted: a signal stopped the story before its end.
     """
     directory.mkdir(parents=True, exist_ok=True)
     if any(directory.iterdir()):
         raise DemoError(f"{directory} is not empty: the demo needs a fresh directory")
-    previous = {s: signal.signal(s, _terminate) for s in (signal.SIGTERM, signal.SIGHUP)}
-    try:
-        return asyncio.run(_main(directory, devices, port, keep_running, console, on_summary))
-    finally:
-        for s, handler in previous.items():
-            signal.signal(s, handler)
+    return asyncio.run(_main(directory, devices, port, keep_running, console, on_summary))
 
 
 async def _main(
@@ -76,7 +80,15 @@ async def _main(
 ) -> dict[str, Any]:
     from edgewise.demo._view import View, summary_table
 
+    # Every stop signal cancels the story, so its `finally` shuts every process down
+    # (also when the shell started us with SIGINT ignored, as `cmd &` does).
+    loop = asyncio.get_running_loop()
+    main = asyncio.current_task()
+    assert main is not None
+    for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        loop.add_signal_handler(signum, main.cancel)
     story = Story(directory, devices, port, None)
+    summary: dict[str, Any] | None = None
     try:
         if console is not None:
             with View(console, CHAPTERS, story.snapshot) as view:
@@ -84,7 +96,6 @@ async def _main(
                 summary = await story.run()
                 view.finish()
             story.view = None
-            console.print()
             console.print(summary_table(summary))
         else:
             summary = await story.run()
@@ -96,8 +107,10 @@ async def _main(
             try:
                 while True:
                     await story.fleet.run_for(3600)
-            except (KeyboardInterrupt, asyncio.CancelledError):
+            except asyncio.CancelledError:
                 summary["stopped_by_user"] = True
         return summary
+    except asyncio.CancelledError:
+        raise Interrupted("interrupted; every process was stopped") from None
     finally:
         await story.close()

@@ -53,6 +53,7 @@ class View:
     ) -> None:
         self.refresh()
         self.live.__exit__(exc_type, exc, tb)
+        self.console.print()  # what follows (a table, an error) starts on its own line
 
     def step(self, description: str) -> None:
         """Start a new chapter (the previous one counts as done)."""

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import threading
+import weakref
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -23,7 +24,7 @@ if TYPE_CHECKING:
     from edgewise.runtime._pipeline import InferenceResult
     from edgewise.runtime._runtime import Runtime
 
-__all__ = ["LoopBatcher"]
+__all__ = ["LoopBatcher", "LoopBatchers"]
 
 Pending = list[tuple[np.ndarray[Any, Any], bool, "asyncio.Future[Request]"]]
 
@@ -106,3 +107,23 @@ class LoopBatcher:
         for req, (_, _, fut) in zip(reqs, group, strict=True):
             req.ctx = fut
         self.runtime.dispatch_many(name, reqs)
+
+
+class LoopBatchers:
+    """One `LoopBatcher` per event loop, forgotten when its loop is collected."""
+
+    def __init__(self, runtime: Runtime) -> None:
+        self.runtime = runtime
+        self._by_loop: weakref.WeakKeyDictionary[Any, LoopBatcher] = weakref.WeakKeyDictionary()
+        self._last: tuple[weakref.ref[Any], LoopBatcher] | None = None
+
+    def of(self, loop: asyncio.AbstractEventLoop) -> LoopBatcher:
+        """The batcher of `loop` (created on first use)."""
+        last = self._last  # one loop usually does all the calling: skip the weak dict
+        if last is not None and last[0]() is loop:
+            return last[1]
+        batcher = self._by_loop.get(loop)
+        if batcher is None:
+            batcher = self._by_loop[loop] = LoopBatcher(self.runtime)
+        self._last = (weakref.ref(loop), batcher)
+        return batcher

@@ -21,7 +21,8 @@ from edgewise.runtime._degrade import DegradeState, Mode
 from edgewise.runtime._errors import InferenceFailed
 from edgewise.runtime._metrics import PipelineMetrics
 from edgewise.runtime._model import LoadedModel
-from edgewise.runtime._scheduler import Executor, Request, complete_all
+from edgewise.runtime._request import Request, complete_all
+from edgewise.runtime._scheduler import Executor
 from edgewise.runtime._stages import Post, PostFn, PreFn
 
 __all__ = ["InferenceResult", "ModelLane", "RunningPipeline"]

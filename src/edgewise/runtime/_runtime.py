@@ -11,7 +11,6 @@ import os
 import sys
 import threading
 import time
-import weakref
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -20,18 +19,16 @@ import numpy.typing as npt
 
 from edgewise.protocol._pipeline import PipelineSpec
 from edgewise.runtime import _sinks, _sources  # noqa: F401  (registers the built-ins)
-from edgewise.runtime._aio import LoopBatcher
+from edgewise.runtime._aio import LoopBatchers
 from edgewise.runtime._backend import CPU, DEFAULT_PROVIDERS
 from edgewise.runtime._cascade import make_escalator
 from edgewise.runtime._degrade import Mode, Observation, read_cpu_percent, read_thermal_c, step
-from edgewise.runtime._errors import BadInput, UnknownPipeline
+from edgewise.runtime._errors import AcceleratorUnavailable, BadInput, UnknownPipeline
 from edgewise.runtime._loader import ModelSource, load_model
 from edgewise.runtime._model import HealthResult, LoadedModel, ModelInfo, health_check
 from edgewise.runtime._pipeline import InferenceResult, ModelLane, RunningPipeline
 from edgewise.runtime._scheduler import Executor, Request
 from edgewise.runtime._stages import POSTPROCESS, PREPROCESS, SINKS, SOURCES
-
-# Importing the built-in sources and sinks registers them.
 
 __all__ = ["Runtime", "RuntimeEvent"]
 
@@ -78,8 +75,7 @@ class Runtime:
         self._executors: dict[str, Executor] = {}
         self._pipelines: dict[str, RunningPipeline] = {}
         self._events: list[RuntimeEvent] = []
-        self._batchers: weakref.WeakKeyDictionary[Any, LoopBatcher] = weakref.WeakKeyDictionary()
-        self._last_batcher: tuple[weakref.ref[Any], LoopBatcher] | None = None
+        self._batchers = LoopBatchers(self)
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._monitor: threading.Thread | None = None
@@ -152,8 +148,6 @@ class Runtime:
             ValueError: an unknown stage name or bad stage parameters, or a name in use.
         """
         if spec.requires_accelerator and model.provider == CPU:
-            from edgewise.runtime._errors import AcceleratorUnavailable
-
             raise AcceleratorUnavailable(f"pipeline {spec.name!r} requires an accelerator")
         pre = [PREPROCESS.get(s.type)(s.params) for s in spec.preprocess]
         post = [POSTPROCESS.get(s.type)(s.params) for s in spec.postprocess]
@@ -254,15 +248,7 @@ class Runtime:
             UnknownPipeline, BadInput, Rejected, Shed, PipelineStopped, InferenceFailed.
         """
         loop = asyncio.get_running_loop()
-        last = self._last_batcher  # one loop usually calls: skip the weak-dict lookup
-        if last is not None and last[0]() is loop:
-            batcher = last[1]
-        else:
-            found = self._batchers.get(loop)
-            batcher = found if found is not None else LoopBatcher(self)
-            self._batchers[loop] = batcher
-            self._last_batcher = (weakref.ref(loop), batcher)
-        req = await batcher.add(name, x, exact_dtype, loop)
+        req = await self._batchers.of(loop).add(name, x, exact_dtype, loop)
         if req.error is not None:
             raise req.error
         result: InferenceResult = req.result

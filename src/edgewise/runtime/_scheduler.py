@@ -21,109 +21,14 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable
-from typing import Any, Protocol
-
-import numpy as np
-import numpy.typing as npt
+from typing import Any
 
 from edgewise.runtime._errors import PipelineStopped, Rejected, RuntimeFailure, Shed
+from edgewise.runtime._request import Lane, Owner, Request, complete_all
 
 __all__ = ["Executor", "Lane", "Owner", "Request", "complete_all", "should_shed"]
 
 CRITICAL, NORMAL, BEST_EFFORT = 0, 1, 2
-
-
-class Owner(Protocol):
-    """The pipeline a request belongs to, as the executor sees it."""
-
-    name: str
-    rank: int
-    slo_s: float
-    capacity: int
-    queued: int
-    inflight: int
-    accepting: bool
-
-    def on_shed(self, n: int) -> None:
-        """Count requests shed."""
-
-    def on_rejected(self) -> None:
-        """Count one request rejected at admission."""
-
-
-class Lane(Protocol):
-    """A pipeline bound to one model: the unit of batching."""
-
-    max_batch: int
-    max_queue_delay_s: float
-
-    def execute(self, batch: list[Request]) -> None:
-        """Run a batch and complete every request in it (result or error)."""
-
-
-class Request:
-    """One inference request travelling through the executor."""
-
-    __slots__ = (
-        "_waiter",
-        "callback",
-        "ctx",
-        "enqueued",
-        "error",
-        "lane",
-        "owner",
-        "result",
-        "rows",
-        "x",
-    )
-
-    def __init__(
-        self,
-        x: npt.NDArray[np.generic],
-        lane: Lane,
-        owner: Owner,
-        enqueued: float,
-        callback: Callable[[Request], None] | None = None,
-        ctx: Any = None,
-    ) -> None:
-        self.x = x
-        self.rows = int(x.shape[0]) if x.ndim else 1
-        self.lane = lane
-        self.owner = owner
-        self.enqueued = enqueued
-        self.callback = callback
-        self.ctx = ctx  # the caller's handle (e.g. an asyncio future), for its callback
-        self.result: Any = None
-        self.error: BaseException | None = None
-        self._waiter: threading.Lock | None = None
-
-    def _finish(self) -> None:
-        if self._waiter is not None:
-            self._waiter.release()
-        if self.callback is not None:
-            self.callback(self)
-
-    def complete(self, result: Any) -> None:
-        """Deliver the result to whoever waits."""
-        self.result = result
-        self._finish()
-
-    def fail(self, error: BaseException) -> None:
-        """Deliver an error to whoever waits."""
-        self.error = error
-        self._finish()
-
-
-def complete_all(batch: list[Request], results: list[Any]) -> None:
-    """`complete` each request with its result: the batch path, one call per batch."""
-    for r, result in zip(batch, results, strict=True):
-        r.result = result
-        waiter = r._waiter
-        if waiter is not None:
-            waiter.release()
-        callback = r.callback
-        if callback is not None:
-            callback(r)
 
 
 def should_shed(waited_s: float, est_batch_s: float, slo_s: float, fraction: float) -> bool:

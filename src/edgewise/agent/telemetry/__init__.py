@@ -5,7 +5,8 @@ The agent keeps one `WindowAggregator` per pipeline, feeds it served batches
 `close()` returns each window: records that already passed the egress policy.
 `ResourceReaders` reads CPU, memory, temperature and throttling (injectable);
 `reference_from_manifest` turns a bundle's `reference` into the drift baseline.
-`TelemetryHub` holds the windows of every pipeline for the agent loop, and
+`TelemetryHub` holds the windows of every pipeline for the agent loop,
+`EgressGate` holds records from local apps to the same policy, and
 `MqttTelemetryUplink` uploads batches over MQTT instead of HTTP.
 """
 
@@ -16,6 +17,7 @@ from edgewise.agent.telemetry._drift import (
     KsTracker,
     reference_from_manifest,
 )
+from edgewise.agent.telemetry._gate import EgressGate
 from edgewise.agent.telemetry._hub import PipelineInfo, TelemetryHub
 from edgewise.agent.telemetry._mqtt import MqttTelemetryUplink
 from edgewise.agent.telemetry._resources import ResourceReaders, read_memory, read_throttled
@@ -31,6 +33,7 @@ __all__ = [
     "FLEET_CONFIDENCE_EDGES",
     "DriftTracker",
     "DriftWindow",
+    "EgressGate",
     "KsTracker",
     "MqttTelemetryUplink",
     "PipelineInfo",

@@ -5,6 +5,7 @@ Usage (in the agent)::
     hub = TelemetryHub(window_s=settings["telemetry_window_s"])
     hub.configure(desired.egress, {name: PipelineInfo(model, version, deployment, manifest)})
     hub.record("digits", x, result)                      # per served request (cheap)
+    hub.observe_sampled("digits", [x1, x2], ["7", "1"])  # or the runtime's sampled inputs
     buffer.append(hub.tick(host.stats(), uplink={"state": "online", "buffer_depth": n}))
     buffer.append(hub.event("install.failed", {...}))    # any event, through the policy
 
@@ -16,9 +17,11 @@ window closed on the next `configure`.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
+
+import numpy as np
 
 from edgewise.agent.telemetry._drift import reference_from_manifest
 from edgewise.agent.telemetry._resources import ResourceReaders
@@ -95,6 +98,27 @@ class TelemetryHub:
         agg = self.windows.get(pipeline)
         if agg is not None:
             agg.record(inputs, result.confidences, result.labels)
+
+    def observe_sampled(
+        self, pipeline: str, inputs: Sequence[Any], labels: Sequence[str | None]
+    ) -> None:
+        """Offer inputs the runtime sampled, with their labels but no confidences.
+
+        Each entry is one request's model input; its first row is the one the label
+        belongs to, so only that row is counted. Rows count towards feature and
+        class-prior drift; the confidence histogram comes from the runtime's counters.
+        """
+        agg = self.windows.get(pipeline)
+        if agg is None or not inputs:
+            return
+        rows = []
+        for entry in inputs:
+            a = np.asarray(entry)
+            rows.append(a.reshape(1, -1) if a.ndim <= 1 else a.reshape(a.shape[0], -1)[:1])
+        width = rows[0].shape[1]
+        keep = [i for i, r in enumerate(rows) if r.shape[1] == width]  # a swap may mix shapes
+        x = np.concatenate([rows[i] for i in keep])
+        agg.record(x, [None] * len(keep), [labels[i] for i in keep])
 
     def tick(
         self,

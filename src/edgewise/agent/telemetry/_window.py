@@ -198,8 +198,9 @@ class WindowAggregator:
         self._conf.add(conf)
         self._observed += int(x.shape[0])
         if self.drift is not None:
+            # Rows without a confidence (the runtime's sampled inputs) still count for
+            # features and class prior; the drift monitor skips NaN in the confidence bins.
             classes, known = self._class_indices(predicted)
-            known &= ~np.isnan(conf)
             n_classes = self.drift.reference.n_classes
             known &= (classes >= 0) & (classes < n_classes)
             if x.shape[1] == self.drift.reference.n_features and known.any():
@@ -299,7 +300,7 @@ class WindowAggregator:
             delta = stats_delta(self._window_stats, self._latest_stats)
             data["counts"] = delta["counts"]
             data["latency"] = delta["latency"]
-            if not self._observed and "confidence_runtime" in delta:
+            if not self._conf.counts.sum() and "confidence_runtime" in delta:
                 rc = delta["confidence_runtime"]
                 data["confidence"] = {"edges": [0.0, *rc["bounds"], 1.0], "counts": rc["counts"]}
             q = dict(queues or {})
@@ -307,7 +308,7 @@ class WindowAggregator:
             data["queues"] = q
         elif queues:
             data["queues"] = dict(queues)
-        if self._observed:
+        if self._conf.counts.sum():
             data["confidence"] = self._conf.to_dict()
         if self.drift is not None:
             dw = self.drift.close()
