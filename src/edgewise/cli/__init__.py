@@ -80,11 +80,12 @@ def main() -> None:
         typer.echo("aborted", err=True)
         sys.exit(130)
     except Exception as exc:  # the last line of defence: never show a traceback
-        import click
-
-        if isinstance(exc, click.exceptions.ClickException):
-            exc.show()
-            sys.exit(exc.exit_code)
+        # Usage errors (bad option values) come from click, or from the copy of click that
+        # newer Typer versions vendor: both carry `show()` and `exit_code`.
+        show, code = getattr(exc, "show", None), getattr(exc, "exit_code", None)
+        if callable(show) and isinstance(code, int):
+            show()
+            sys.exit(code)
         if os.environ.get("EDGEWISE_DEBUG"):
             raise
         typer.echo(f"error: {type(exc).__name__}: {exc}", err=True)
