@@ -113,9 +113,7 @@ def test_concurrent_replica_conflict_falls_back_to_on_conflict_path(store: Any) 
     # the key, and the fallback stores only what is missing.
     ingest = TelemetryIngest(store.engine)
     ingest.ingest("dev-1", _batch([2]))
-    from edgewise.control.telemetry._ingest import _Rec
-
-    recs = {"dev-1": [_Rec(s, "event", 1.0, "e", {}, 0) for s in (1, 2, 3)]}
+    recs = {"dev-1": _batch([1, 2, 3]).records}
     with store.engine.begin() as conn:
         stored = ingest._insert_log(conn, recs, 5.0)
     assert [r.seq for r in stored["dev-1"]] == [1, 3]

@@ -47,7 +47,7 @@ from edgewise.agent._identity import (
 from edgewise.agent._install import InstallState
 from edgewise.agent._installer import Installer, InstallFailed
 from edgewise.agent._plan import Action, ObservedPipeline, plan
-from edgewise.agent._process import resources, trim_malloc, tune_malloc
+from edgewise.agent._process import quiet_onnxruntime, resources, trim_malloc, tune_malloc
 from edgewise.agent._ratelimit import TokenBucket
 from edgewise.agent._report import build_report, status_document
 from edgewise.agent._state import AgentState, PipelineRecord, StateFile
@@ -101,6 +101,7 @@ class Agent:
         clock: Callable[[], float] = time.time,
     ) -> None:
         tune_malloc()
+        quiet_onnxruntime()
         self.config = config
         self.dir = config.data_dir
         ensure_private_dir(self.dir)

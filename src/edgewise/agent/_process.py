@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from typing import Any
 
-__all__ = ["resources", "trim_malloc", "tune_malloc"]
+__all__ = ["quiet_onnxruntime", "resources", "trim_malloc", "tune_malloc"]
 
 
 def tune_malloc() -> None:
@@ -21,6 +21,16 @@ def tune_malloc() -> None:
         libc.mallopt(-8, 2)  # M_ARENA_MAX
     except (OSError, AttributeError):  # not glibc: nothing to tune
         pass
+
+
+def quiet_onnxruntime() -> None:
+    """Turn off onnxruntime's own usage telemetry before it is first imported.
+
+    On Linux, onnxruntime >= 1.32 starts a telemetry system at import: an extra thread,
+    a SQLite store under ~/.cache and about 2 MB of RSS, and upload attempts a device
+    should not make. An operator who wants it sets ORT_DISABLE_TELEMETRY=0 explicitly.
+    """
+    os.environ.setdefault("ORT_DISABLE_TELEMETRY", "1")
 
 
 def trim_malloc() -> None:

@@ -148,12 +148,24 @@ class CachedDevice:
 
 
 class DeviceCache:
-    """A bounded LRU of `CachedDevice`, thread-safe."""
+    """A bounded LRU of `CachedDevice`, thread-safe.
+
+    A loader reads `generation()` before it reads the store and passes it to `put`: if
+    any entry was dropped or replaced meanwhile, what it read may predate that change,
+    so it is not cached (a stale entry would keep serving an old revision, and a woken
+    long-poll would go back to sleep on it).
+    """
 
     def __init__(self, max_entries: int = 200_000) -> None:
         self._max = max_entries
         self._items: OrderedDict[str, CachedDevice] = OrderedDict()
         self._lock = threading.Lock()
+        self._generation = 0
+
+    def generation(self) -> int:
+        """A counter bumped by every `drop`, `replace` and `clear`."""
+        with self._lock:
+            return self._generation
 
     def get(self, device_id: str) -> CachedDevice | None:
         """The cached entry, if any."""
@@ -163,23 +175,51 @@ class DeviceCache:
                 self._items.move_to_end(device_id)
             return item
 
-    def put(self, device_id: str, item: CachedDevice) -> None:
-        """Cache an entry."""
+    def put(self, device_id: str, item: CachedDevice, since: int | None = None) -> bool:
+        """Cache an entry loaded from the store; False (not cached) if stale.
+
+        Args:
+            device_id: the device.
+            item: what was loaded.
+            since: `generation()` read before loading; None skips the check.
+        """
         with self._lock:
-            self._items[device_id] = item
-            self._items.move_to_end(device_id)
-            while len(self._items) > self._max:
-                self._items.popitem(last=False)
+            if since is not None and since != self._generation:
+                return False
+            self._store(device_id, item)
+            return True
+
+    def replace(self, device_id: str, item: CachedDevice, since: int) -> None:
+        """Install the state a writer just committed, so waiters answer from memory.
+
+        Counts as a change: loads that started earlier are refused. If anything changed
+        since `since` (read before the writer read the store), the entry is dropped
+        instead, and the next request loads it afresh.
+        """
+        with self._lock:
+            if since == self._generation:
+                self._store(device_id, item)
+            else:
+                self._items.pop(device_id, None)
+            self._generation += 1
+
+    def _store(self, device_id: str, item: CachedDevice) -> None:
+        self._items[device_id] = item
+        self._items.move_to_end(device_id)
+        while len(self._items) > self._max:
+            self._items.popitem(last=False)
 
     def drop(self, device_id: str) -> None:
         """Forget an entry (it changed)."""
         with self._lock:
             self._items.pop(device_id, None)
+            self._generation += 1
 
     def clear(self) -> None:
         """Forget everything."""
         with self._lock:
             self._items.clear()
+            self._generation += 1
 
 
 class SeenTracker:

@@ -280,21 +280,12 @@ class ControlPlane:
         cached = self.cache.get(device_id)
         if cached is not None:
             return cached
+        since = self.cache.generation()
         row = self.store.get_device(device_id)
         if row is None:
             return None
-        signed = row["desired_signed"]
-        doc = signed["document"] if signed else {}
-        item = CachedDevice(
-            public_key=public_key_from_b64(row["public_key"]),
-            status=row["status"],
-            labels=dict(row["labels"]),
-            revision=int(row["desired_revision"]),
-            signed_json=json.dumps(signed, separators=(",", ":")).encode() if signed else None,
-            expires_at=float(doc.get("expires_at", 0.0)),
-            issued_at=float(doc.get("issued_at", 0.0)),
-        )
-        self.cache.put(device_id, item)
+        item = _cached_device(row, int(row["desired_revision"]), row["desired_signed"])
+        self.cache.put(device_id, item, since)
         return item
 
     def device_id_of(self, headers: Mapping[str, str]) -> str:
@@ -353,6 +344,7 @@ class ControlPlane:
         replicas recomputing the same device at once agree on one revision.
         """
         for _ in range(20):
+            since = self.cache.generation()
             row = self.store.get_device(device_id)
             if row is None:
                 return 0
@@ -375,7 +367,11 @@ class ControlPlane:
             if self.store.cas_desired(
                 device_id, row["desired_hash"], revision, new_hash, signed, now
             ):
-                self.device_changed(device_id)
+                # Hand the committed document to the cache before waking: the woken
+                # long-polls answer from memory instead of each queueing for a worker
+                # thread and a store read (the tail of the wake latency under load).
+                self.cache.replace(device_id, _cached_device(row, revision, signed), since)
+                self.notifier.notify(device_id)
                 return revision
             deployments = None  # lost a race: re-read everything
         raise ApiError(503, "busy", "desired state keeps changing; retry")
@@ -423,6 +419,22 @@ class ControlPlane:
             self.cache.drop(device_id)
             return self.load_device(device_id) or device, True
         return device, False
+
+
+def _cached_device(
+    row: Mapping[str, Any], revision: int, signed: Mapping[str, Any] | None
+) -> CachedDevice:
+    """The poll-path view of a device row and its signed desired document."""
+    doc = signed["document"] if signed else {}
+    return CachedDevice(
+        public_key=public_key_from_b64(row["public_key"]),
+        status=row["status"],
+        labels=dict(row["labels"]),
+        revision=revision,
+        signed_json=json.dumps(signed, separators=(",", ":")).encode() if signed else None,
+        expires_at=float(doc.get("expires_at", 0.0)),
+        issued_at=float(doc.get("issued_at", 0.0)),
+    )
 
 
 def _public_token(row: Mapping[str, Any]) -> dict[str, Any]:

@@ -23,6 +23,7 @@ from __future__ import annotations
 import math
 import threading
 import time
+from bisect import bisect_right
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -32,7 +33,7 @@ from sqlalchemy import Connection, Engine, bindparam, select, text, update
 from sqlalchemy.exc import IntegrityError
 
 from edgewise.control import _schema as cs
-from edgewise.protocol import TelemetryAck, TelemetryBatch
+from edgewise.protocol import TelemetryAck, TelemetryBatch, TelemetryRecord
 
 __all__ = ["IngestResult", "TelemetryIngest"]
 
@@ -84,21 +85,30 @@ def _text(value: str) -> str:
     return value
 
 
-def _log_copy_text(rows: list[tuple[str, int, str, float, str, str, float]]) -> str:
-    """Telemetry log rows in COPY text format, specialised on their column types."""
-    out = []
-    now_text = ""
-    last_device = last_device_text = None
-    for device_id, seq, cls, ts, kind, data, now in rows:
-        if device_id is not last_device:
-            last_device, last_device_text = device_id, _text(device_id)
-        if not now_text:
-            now_text = _copy_field(now)
-        ts_text = repr(ts) if math.isfinite(ts) else _copy_field(ts)
-        out.append(
-            f"{last_device_text}\t{seq}\t{cls}\t{ts_text}\t{_text(kind)}\t{_text(data)}\t{now_text}\n"
-        )
-    return "".join(out)
+def _log_copy_text(todo: Mapping[str, list[TelemetryRecord]], now: float) -> str:
+    """Telemetry log rows in COPY text format, specialised on their column types.
+
+    Built without escaping first, then checked as a whole: the common buffer (no
+    backslash, CR, tab or newline inside a field) is used as is, which saves per-field
+    work; anything else is rebuilt field by field. Non-finite floats print as `nan` /
+    `inf`, which PostgreSQL's float input accepts.
+    """
+    now_text = repr(float(now))
+    lines = [
+        f"{device_id}\t{r.seq}\t{r.cls}\t{r.ts!r}\t{r.kind}\t{_dumps(r.data)}\t{now_text}\n"
+        for device_id, recs in todo.items()
+        for r in recs
+    ]
+    out = "".join(lines)
+    n = len(lines)
+    if "\\" not in out and "\r" not in out and out.count("\t") == 6 * n and out.count("\n") == n:
+        return out
+    return "".join(
+        f"{_text(device_id)}\t{r.seq}\t{r.cls}\t{r.ts!r}\t{_text(r.kind)}\t"
+        f"{_text(_dumps(r.data))}\t{now_text}\n"
+        for device_id, recs in todo.items()
+        for r in recs
+    )
 
 
 def _copy_text(rows: list[tuple[Any, ...]]) -> str:
@@ -121,14 +131,8 @@ class IngestResult:
     windows: int
 
 
-@dataclass
-class _Rec:
-    seq: int
-    cls: str
-    ts: float
-    kind: str
-    data: dict[str, Any]
-    item: int  # index of the batch it came in (for per-batch accepted counts)
+def _seq(record: TelemetryRecord) -> int:
+    return record.seq
 
 
 class TelemetryIngest:
@@ -163,35 +167,54 @@ class TelemetryIngest:
     # -- the transaction ------------------------------------------------------------
 
     def _run(self, items: Sequence[tuple[str, TelemetryBatch]], now: float) -> IngestResult:
-        per_device: dict[str, dict[int, _Rec]] = {}
+        # Work per device on the validated records themselves (strictly increasing within
+        # a batch): no per-record copies unless a device sent several batches in this call.
+        slots: dict[str, list[int]] = {}
         dropped: dict[str, dict[str, int]] = {}
         for i, (device_id, batch) in enumerate(items):
-            recs = per_device.setdefault(device_id, {})
-            for r in batch.records:
-                if r.seq not in recs:
-                    recs[r.seq] = _Rec(r.seq, r.cls, r.ts, r.kind, r.data, i)
+            slots.setdefault(device_id, []).append(i)
             have = dropped.setdefault(device_id, {})
             for k, v in batch.dropped.items():
                 have[k] = max(have.get(k, 0), int(v))
+        per_device: dict[str, list[TelemetryRecord]] = {}
+        owner: dict[str, dict[int, int]] = {}  # seq -> item, for devices with several batches
+        for device_id, idxs in slots.items():
+            if len(idxs) == 1:
+                per_device[device_id] = items[idxs[0]][1].records
+                continue
+            first: dict[int, int] = {}
+            merged: dict[int, TelemetryRecord] = {}
+            for i in idxs:
+                for r in items[i][1].records:
+                    if r.seq not in merged:
+                        merged[r.seq] = r
+                        first[r.seq] = i
+            per_device[device_id] = [merged[s] for s in sorted(merged)]
+            owner[device_id] = first
         with self.engine.begin() as conn:
             acked = self._acked(conn, list(per_device))
             fresh = {
-                d: [r for s, r in sorted(recs.items()) if s > acked.get(d, 0)]
+                d: recs[bisect_right(recs, acked.get(d, 0), key=_seq) :]
                 for d, recs in per_device.items()
             }
             ranges = {d: (recs[0].seq, recs[-1].seq) for d, recs in fresh.items() if recs}
             present = self._stored_in(conn, ranges)
             todo = {
-                d: [r for r in recs if r.seq not in present.get(d, ())] for d, recs in fresh.items()
+                d: [r for r in recs if r.seq not in present[d]] if d in present else recs
+                for d, recs in fresh.items()
             }
             inserted = self._insert_log(conn, todo, now)
             windows = self._insert_windows(conn, inserted)
             new_acked = self._advance_all(conn, acked, fresh)
             self._note_devices(conn, new_acked, acked, inserted, dropped, now)
         accepted = [0] * len(items)
-        for stored in inserted.values():
+        for device_id, stored in inserted.items():
+            first_of = owner.get(device_id)
+            if first_of is None:
+                accepted[slots[device_id][0]] += len(stored)
+                continue
             for rec in stored:
-                accepted[rec.item] += 1
+                accepted[first_of[rec.seq]] += 1
         acks = [
             TelemetryAck(
                 accepted=accepted[i],
@@ -245,24 +268,26 @@ class TelemetryIngest:
         return out
 
     def _insert_log(
-        self, conn: Connection, todo: Mapping[str, list[_Rec]], now: float
-    ) -> dict[str, list[_Rec]]:
-        rows = [
-            (device_id, r.seq, r.cls, r.ts, r.kind, _dumps(r.data), now)
-            for device_id, recs in todo.items()
-            for r in recs
-        ]
-        if not rows:
+        self, conn: Connection, todo: Mapping[str, list[TelemetryRecord]], now: float
+    ) -> dict[str, list[TelemetryRecord]]:
+        todo = {d: recs for d, recs in todo.items() if recs}
+        if not todo:
             return {}
         raw = conn.connection.driver_connection
         assert raw is not None
         cols = ", ".join(_COLUMNS)
         if not self.postgres:
             # One writer at a time (the lock in ingest_many): the pre-check is exact.
+            rows = (
+                (device_id, r.seq, r.cls, r.ts, r.kind, _dumps(r.data), now)
+                for device_id, recs in todo.items()
+                for r in recs
+            )
             cur = raw.cursor()
             cur.executemany(f"INSERT INTO telemetry ({cols}) VALUES (?,?,?,?,?,?,?)", rows)
             cur.close()
-            return {d: recs for d, recs in todo.items() if recs}
+            return todo
+        body = _log_copy_text(todo, now)
         # Fast path: COPY straight into the log. A replica storing the same (device, seq)
         # meanwhile makes it fail on the key; then the slow path settles who stored what.
         try:
@@ -271,8 +296,8 @@ class TelemetryIngest:
                 raw.cursor() as cur,
                 cur.copy(f"COPY telemetry ({cols}) FROM STDIN") as copy,
             ):
-                copy.write(_log_copy_text(rows))
-            return {d: recs for d, recs in todo.items() if recs}
+                copy.write(body)
+            return todo
         except (IntegrityError, _unique_violation()):
             pass
         with raw.cursor() as cur:
@@ -281,17 +306,18 @@ class TelemetryIngest:
                 "(LIKE telemetry INCLUDING DEFAULTS) ON COMMIT DELETE ROWS"
             )
             with cur.copy(f"COPY _telemetry_in ({cols}) FROM STDIN") as copy:
-                for row in rows:
-                    copy.write_row(row)
+                copy.write(body)
             cur.execute(
                 f"INSERT INTO telemetry ({cols}) SELECT {cols} FROM _telemetry_in "
                 "ON CONFLICT (device_id, seq) DO NOTHING RETURNING device_id, seq"
             )
             stored = {(str(d), int(s)) for d, s in cur.fetchall()}
             cur.execute("DELETE FROM _telemetry_in")
-        return {d: [r for r in recs if (d, r.seq) in stored] for d, recs in todo.items() if recs}
+        return {d: [r for r in recs if (d, r.seq) in stored] for d, recs in todo.items()}
 
-    def _insert_windows(self, conn: Connection, inserted: Mapping[str, list[_Rec]]) -> int:
+    def _insert_windows(
+        self, conn: Connection, inserted: Mapping[str, list[TelemetryRecord]]
+    ) -> int:
         rows = []
         for device_id, recs in inserted.items():
             for r in recs:
@@ -320,8 +346,7 @@ class TelemetryIngest:
         if self.postgres:
             sql = f"COPY telemetry_windows ({cols}) FROM STDIN"
             with raw.cursor() as pg, pg.copy(sql) as copy:
-                for row in rows:
-                    copy.write_row(row)
+                copy.write(_copy_text(rows))
         else:
             cur = raw.cursor()
             cur.executemany(
@@ -331,7 +356,7 @@ class TelemetryIngest:
         return len(rows)
 
     def _advance_all(
-        self, conn: Connection, acked: Mapping[str, int], fresh: Mapping[str, list[_Rec]]
+        self, conn: Connection, acked: Mapping[str, int], fresh: Mapping[str, list[TelemetryRecord]]
     ) -> dict[str, int]:
         """The highest seq stored contiguously from 1, per device (every fresh seq is stored)."""
         out: dict[str, int] = {}
@@ -364,7 +389,7 @@ class TelemetryIngest:
         conn: Connection,
         new_acked: Mapping[str, int],
         old_acked: Mapping[str, int],
-        inserted: Mapping[str, list[_Rec]],
+        inserted: Mapping[str, list[TelemetryRecord]],
         dropped: Mapping[str, Mapping[str, int]],
         now: float,
     ) -> None:
