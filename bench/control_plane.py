@@ -8,8 +8,14 @@ process used, so the figure is what one core buys whatever else runs on the mach
 
     .venv/bin/python bench/control_plane.py [--seconds 8] [--devices 200] [--conns 64]
 
+Then it measures long-poll wake latency (`--wake-n` label changes per store, each waking
+one waiting `GET /device/v1/desired?wait=30`) two ways: from sending the change request
+to the poll's answer, and from the new revision's signing (just before its commit) to
+the answer, which isolates the commit plus the wake path from the request handling.
+
 Last line: one JSON object with polls_per_s_sqlite, polls_per_s_postgres,
-reports_per_s_sqlite, reports_per_s_postgres, server_cores (and per-core figures).
+reports_per_s_sqlite, reports_per_s_postgres, server_cores (and per-core figures,
+longpoll_wake_ms_* and longpoll_commit_to_answer_ms_*).
 """
 
 from __future__ import annotations

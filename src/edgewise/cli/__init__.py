@@ -65,6 +65,9 @@ def main() -> None:
 
     Set EDGEWISE_DEBUG=1 to see the full traceback of an unexpected error.
     """
+    # onnxruntime starts its own usage telemetry at import (a thread, a store under ~/.cache,
+    # upload attempts): an edge device must not phone home unasked. Set it to 0 to opt in.
+    os.environ.setdefault("ORT_DISABLE_TELEMETRY", "1")
     try:
         # Without standalone mode click returns (rather than raises) the code of a
         # `typer.Exit` raised inside a command; carry it to the process exit status.
