@@ -50,6 +50,7 @@ from edgewise.control import _schema as cs
 from edgewise.control import open_store
 from edgewise.control.telemetry import IngestBudget, TelemetryIngest
 from edgewise.control.telemetry import _tables as tt
+from edgewise.control.telemetry._decode import decode_upload
 from edgewise.control.telemetry._ingest import _copy_text, _dumps
 from edgewise.protocol import TelemetryBatch, TelemetryRecord, decode_batch, encode_batch
 
@@ -134,7 +135,7 @@ def bench_ingest_windows(url: str, window: dict[str, Any], quick: bool) -> dict[
     t0 = time.perf_counter()
     stored = 0
     for i in range(0, len(bodies), 20):
-        stored += ingest.ingest_many([(d, decode_batch(b)) for d, b in bodies[i : i + 20]]).inserted
+        stored += ingest.ingest_many([(d, decode_upload(b)) for d, b in bodies[i : i + 20]]).inserted
     dt = time.perf_counter() - t0
     store.engine.dispose()
     return {
@@ -152,7 +153,7 @@ def bench_ingest(url: str, quick: bool) -> dict[str, float]:
     t0 = time.perf_counter()
     stored = 0
     for i in range(0, len(bodies), 20):
-        items = [(d, decode_batch(b)) for d, b in bodies[i : i + 20]]
+        items = [(d, decode_upload(b)) for d, b in bodies[i : i + 20]]
         stored += ingest.ingest_many(items).inserted
     ingest_s = time.perf_counter() - t0
     # The same rows, raw: no decode, no dedup, no ack bookkeeping, into a table of the

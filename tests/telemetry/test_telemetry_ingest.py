@@ -10,6 +10,7 @@ from sqlalchemy import func, select
 
 from edgewise.control import _schema as cs
 from edgewise.control.telemetry import _tables as tt
+from edgewise.control.telemetry._decode import TelemetryColumns
 from edgewise.control.telemetry._ingest import TelemetryIngest
 from edgewise.protocol import TelemetryBatch, TelemetryRecord
 
@@ -113,8 +114,8 @@ def test_concurrent_replica_conflict_falls_back_to_on_conflict_path(store: Any) 
     # the key, and the fallback stores only what is missing.
     ingest = TelemetryIngest(store.engine)
     ingest.ingest("dev-1", _batch([2]))
-    recs = {"dev-1": _batch([1, 2, 3]).records}
+    cols = {"dev-1": TelemetryColumns.of(_batch([1, 2, 3]))}
     with store.engine.begin() as conn:
-        stored = ingest._insert_log(conn, recs, 5.0)
-    assert [r.seq for r in stored["dev-1"]] == [1, 3]
+        stored = ingest._insert_log(conn, cols, 5.0)
+    assert stored["dev-1"].seq == [1, 3]
     assert _stored(store, "dev-1") == [1, 2, 3]

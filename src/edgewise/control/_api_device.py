@@ -23,6 +23,7 @@ from edgewise.control._fleet import EnrollRequest, enroll, ingest_report, ingest
 from edgewise.control._live import CachedDevice
 from edgewise.control._plane import ApiError, ControlPlane
 from edgewise.control._registry import artifact_path
+from edgewise.control.telemetry._decode import TelemetryColumns, decode_upload
 from edgewise.protocol import Report, TelemetryBatch, decode_batch
 
 __all__ = ["router"]
@@ -132,25 +133,34 @@ async def post_telemetry(request: Request) -> JSONResponse:
     """A telemetry batch (gzip JSON); each (device, seq) is stored exactly once."""
     body = await request.body()
     plane, device_id = await _authenticate(request, body)
-    if request.headers.get("content-encoding", "").lower() == "gzip":
+    gzipped = request.headers.get("content-encoding", "").lower() == "gzip"
+    telemetry = getattr(request.app.state, "telemetry_runtime", None)
+    if telemetry is None:
+        if gzipped:
+            try:
+                batch = decode_batch(body)
+            except ValueError as exc:
+                raise ApiError(422, "invalid_request", str(exc)) from None
+        else:
+            batch = _parse(TelemetryBatch, body)
+        ack = await to_thread.run_sync(ingest_telemetry, plane, device_id, batch)
+        return JSONResponse(ack)
+    # Straight to columns: no pydantic object per record (see telemetry._decode).
+    if gzipped:
         try:
-            batch = decode_batch(body)
+            cols = decode_upload(body)
         except ValueError as exc:
             raise ApiError(422, "invalid_request", str(exc)) from None
     else:
-        batch = _parse(TelemetryBatch, body)
-    telemetry = getattr(request.app.state, "telemetry_runtime", None)
-    if telemetry is None:
-        ack = await to_thread.run_sync(ingest_telemetry, plane, device_id, batch)
-        return JSONResponse(ack)
-    wait = telemetry.admit(len(batch.records))
+        cols = TelemetryColumns.of(_parse(TelemetryBatch, body))
+    wait = telemetry.admit(len(cols))
     if wait > 0:  # over this control plane's ingest budget: the device backs off
         return JSONResponse(
             {"error": {"code": "busy", "message": "telemetry ingest over budget; retry later"}},
             status_code=429,
             headers={"Retry-After": str(max(1, round(wait)))},
         )
-    result = await to_thread.run_sync(telemetry.ingest.ingest, device_id, batch)
+    result = await to_thread.run_sync(telemetry.ingest.ingest, device_id, cols)
     return JSONResponse(result.model_dump())
 
 

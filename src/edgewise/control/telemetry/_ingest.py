@@ -33,7 +33,8 @@ from sqlalchemy import Connection, Engine, bindparam, select, text, update
 from sqlalchemy.exc import IntegrityError
 
 from edgewise.control import _schema as cs
-from edgewise.protocol import TelemetryAck, TelemetryBatch, TelemetryRecord
+from edgewise.control.telemetry._decode import TelemetryColumns
+from edgewise.protocol import TelemetryAck, TelemetryBatch
 
 __all__ = ["IngestResult", "TelemetryIngest"]
 
@@ -85,7 +86,16 @@ def _text(value: str) -> str:
     return value
 
 
-def _log_copy_text(todo: Mapping[str, list[TelemetryRecord]], now: float) -> str:
+def _log_lines(device_id: str, c: TelemetryColumns, now_text: str) -> list[str]:
+    head = device_id + "\t"
+    tail = "\t" + now_text + "\n"
+    return [
+        f"{head}{s}\t{k}\t{t!r}\t{kd}\t{j}{tail}"
+        for s, k, t, kd, j in zip(c.seq, c.cls, c.ts, c.kind, c.data, strict=True)
+    ]
+
+
+def _log_copy_text(todo: Mapping[str, TelemetryColumns], now: float) -> str:
     """Telemetry log rows in COPY text format, specialised on their column types.
 
     Built without escaping first, then checked as a whole: the common buffer (no
@@ -94,20 +104,17 @@ def _log_copy_text(todo: Mapping[str, list[TelemetryRecord]], now: float) -> str
     `inf`, which PostgreSQL's float input accepts.
     """
     now_text = repr(float(now))
-    lines = [
-        f"{device_id}\t{r.seq}\t{r.cls}\t{r.ts!r}\t{r.kind}\t{_dumps(r.data)}\t{now_text}\n"
-        for device_id, recs in todo.items()
-        for r in recs
-    ]
+    lines: list[str] = []
+    for device_id, c in todo.items():
+        lines += _log_lines(device_id, c, now_text)
     out = "".join(lines)
     n = len(lines)
     if "\\" not in out and "\r" not in out and out.count("\t") == 6 * n and out.count("\n") == n:
         return out
     return "".join(
-        f"{_text(device_id)}\t{r.seq}\t{r.cls}\t{r.ts!r}\t{_text(r.kind)}\t"
-        f"{_text(_dumps(r.data))}\t{now_text}\n"
-        for device_id, recs in todo.items()
-        for r in recs
+        f"{_text(device_id)}\t{s}\t{k}\t{t!r}\t{_text(kd)}\t{_text(j)}\t{now_text}\n"
+        for device_id, c in todo.items()
+        for s, k, t, kd, j in zip(c.seq, c.cls, c.ts, c.kind, c.data, strict=True)
     )
 
 
@@ -122,6 +129,23 @@ def _unique_violation() -> type[Exception]:
     return psycopg.errors.UniqueViolation
 
 
+def _merged(
+    sources: list[TelemetryColumns], order: list[int], where: Mapping[int, tuple[int, int]]
+) -> TelemetryColumns:
+    """One device's records from several batches, by seq, the first copy of each winning."""
+    out = TelemetryColumns(dropped={})
+    for src, s in zip(sources, order, strict=True):
+        pos = where[s][1]
+        out.seq.append(s)
+        out.cls.append(src.cls[pos])
+        out.ts.append(src.ts[pos])
+        out.kind.append(src.kind[pos])
+        out.data.append(src.data[pos])
+        if s in src.windows:
+            out.windows[s] = src.windows[s]
+    return out
+
+
 @dataclass(frozen=True)
 class IngestResult:
     """What one ingest call stored."""
@@ -131,8 +155,11 @@ class IngestResult:
     windows: int
 
 
-def _seq(record: TelemetryRecord) -> int:
-    return record.seq
+Upload = TelemetryBatch | TelemetryColumns
+
+
+def _columns(batch: Upload) -> TelemetryColumns:
+    return batch if isinstance(batch, TelemetryColumns) else TelemetryColumns.of(batch)
 
 
 class TelemetryIngest:
@@ -146,28 +173,27 @@ class TelemetryIngest:
         # SQLite has one writer; serialising here avoids SQLITE_BUSY on lock upgrades.
         self._sqlite_lock = threading.Lock()
 
-    def ingest(
-        self, device_id: str, batch: TelemetryBatch, now: float | None = None
-    ) -> TelemetryAck:
-        """Store one batch; returns its acknowledgement."""
+    def ingest(self, device_id: str, batch: Upload, now: float | None = None) -> TelemetryAck:
+        """Store one batch (a protocol batch or decoded columns); returns its acknowledgement."""
         return self.ingest_many([(device_id, batch)], now).acks[0]
 
     def ingest_many(
-        self, items: Sequence[tuple[str, TelemetryBatch]], now: float | None = None
+        self, items: Sequence[tuple[str, Upload]], now: float | None = None
     ) -> IngestResult:
         """Store several batches (any devices, duplicates and reordering allowed) at once."""
         now = self.clock() if now is None else now
         if not items:
             return IngestResult([], 0, 0)
+        cols = [(device_id, _columns(batch)) for device_id, batch in items]
         if self.postgres:
-            return self._run(items, now)
+            return self._run(cols, now)
         with self._sqlite_lock:
-            return self._run(items, now)
+            return self._run(cols, now)
 
     # -- the transaction ------------------------------------------------------------
 
-    def _run(self, items: Sequence[tuple[str, TelemetryBatch]], now: float) -> IngestResult:
-        # Work per device on the validated records themselves (strictly increasing within
+    def _run(self, items: Sequence[tuple[str, TelemetryColumns]], now: float) -> IngestResult:
+        # Work per device on the decoded columns themselves (strictly increasing within
         # a batch): no per-record copies unless a device sent several batches in this call.
         slots: dict[str, list[int]] = {}
         dropped: dict[str, dict[str, int]] = {}
@@ -176,32 +202,33 @@ class TelemetryIngest:
             have = dropped.setdefault(device_id, {})
             for k, v in batch.dropped.items():
                 have[k] = max(have.get(k, 0), int(v))
-        per_device: dict[str, list[TelemetryRecord]] = {}
+        per_device: dict[str, TelemetryColumns] = {}
         owner: dict[str, dict[int, int]] = {}  # seq -> item, for devices with several batches
         for device_id, idxs in slots.items():
             if len(idxs) == 1:
-                per_device[device_id] = items[idxs[0]][1].records
+                per_device[device_id] = items[idxs[0]][1]
                 continue
-            first: dict[int, int] = {}
-            merged: dict[int, TelemetryRecord] = {}
+            first: dict[int, tuple[int, int]] = {}  # seq -> (item, position in it)
             for i in idxs:
-                for r in items[i][1].records:
-                    if r.seq not in merged:
-                        merged[r.seq] = r
-                        first[r.seq] = i
-            per_device[device_id] = [merged[s] for s in sorted(merged)]
-            owner[device_id] = first
+                for pos, s in enumerate(items[i][1].seq):
+                    if s not in first:
+                        first[s] = (i, pos)
+            order = sorted(first)
+            per_device[device_id] = _merged([items[first[s][0]][1] for s in order], order, first)
+            owner[device_id] = {s: first[s][0] for s in order}
         with self.engine.begin() as conn:
             acked = self._acked(conn, list(per_device))
             fresh = {
-                d: recs[bisect_right(recs, acked.get(d, 0), key=_seq) :]
-                for d, recs in per_device.items()
+                d: c.sliced(a) if (a := bisect_right(c.seq, acked.get(d, 0))) else c
+                for d, c in per_device.items()
             }
-            ranges = {d: (recs[0].seq, recs[-1].seq) for d, recs in fresh.items() if recs}
+            ranges = {d: (c.seq[0], c.seq[-1]) for d, c in fresh.items() if c.seq}
             present = self._stored_in(conn, ranges)
             todo = {
-                d: [r for r in recs if r.seq not in present[d]] if d in present else recs
-                for d, recs in fresh.items()
+                d: c.picked(i for i, s in enumerate(c.seq) if s not in present[d])
+                if d in present
+                else c
+                for d, c in fresh.items()
             }
             inserted = self._insert_log(conn, todo, now)
             windows = self._insert_windows(conn, inserted)
@@ -213,12 +240,12 @@ class TelemetryIngest:
             if first_of is None:
                 accepted[slots[device_id][0]] += len(stored)
                 continue
-            for rec in stored:
-                accepted[first_of[rec.seq]] += 1
+            for s in stored.seq:
+                accepted[first_of[s]] += 1
         acks = [
             TelemetryAck(
                 accepted=accepted[i],
-                duplicates=len(batch.records) - accepted[i],
+                duplicates=len(batch) - accepted[i],
                 acked_seq=new_acked[device_id],
             )
             for i, (device_id, batch) in enumerate(items)
@@ -268,9 +295,9 @@ class TelemetryIngest:
         return out
 
     def _insert_log(
-        self, conn: Connection, todo: Mapping[str, list[TelemetryRecord]], now: float
-    ) -> dict[str, list[TelemetryRecord]]:
-        todo = {d: recs for d, recs in todo.items() if recs}
+        self, conn: Connection, todo: Mapping[str, TelemetryColumns], now: float
+    ) -> dict[str, TelemetryColumns]:
+        todo = {d: c for d, c in todo.items() if c.seq}
         if not todo:
             return {}
         raw = conn.connection.driver_connection
@@ -279,9 +306,9 @@ class TelemetryIngest:
         if not self.postgres:
             # One writer at a time (the lock in ingest_many): the pre-check is exact.
             rows = (
-                (device_id, r.seq, r.cls, r.ts, r.kind, _dumps(r.data), now)
-                for device_id, recs in todo.items()
-                for r in recs
+                (device_id, s, k, t, kd, j, now)
+                for device_id, c in todo.items()
+                for s, k, t, kd, j in zip(c.seq, c.cls, c.ts, c.kind, c.data, strict=True)
             )
             cur = raw.cursor()
             cur.executemany(f"INSERT INTO telemetry ({cols}) VALUES (?,?,?,?,?,?,?)", rows)
@@ -313,29 +340,31 @@ class TelemetryIngest:
             )
             stored = {(str(d), int(s)) for d, s in cur.fetchall()}
             cur.execute("DELETE FROM _telemetry_in")
-        return {d: [r for r in recs if (d, r.seq) in stored] for d, recs in todo.items()}
+        return {
+            d: c.picked(i for i, s in enumerate(c.seq) if (d, s) in stored) for d, c in todo.items()
+        }
 
-    def _insert_windows(
-        self, conn: Connection, inserted: Mapping[str, list[TelemetryRecord]]
-    ) -> int:
+    def _insert_windows(self, conn: Connection, inserted: Mapping[str, TelemetryColumns]) -> int:
         rows = []
-        for device_id, recs in inserted.items():
-            for r in recs:
-                if r.cls != "metric" or r.kind != "window":
+        for device_id, c in inserted.items():
+            if not c.windows:
+                continue
+            for i, s in enumerate(c.seq):
+                d = c.windows.get(s)
+                if d is None:
                     continue
-                d = r.data
                 rows.append(
                     (
                         device_id,
-                        r.seq,
+                        s,
                         str(d.get("pipeline", ""))[:200],
                         str(d.get("model", ""))[:200],
                         str(d.get("version", ""))[:64],
                         str(d.get("deployment", ""))[:200],
-                        _num(d.get("start"), r.ts),
-                        _num(d.get("end"), r.ts),
+                        _num(d.get("start"), c.ts[i]),
+                        _num(d.get("end"), c.ts[i]),
                         False,
-                        _dumps(d),
+                        c.data[i],
                     )
                 )
         if not rows:
@@ -356,27 +385,31 @@ class TelemetryIngest:
         return len(rows)
 
     def _advance_all(
-        self, conn: Connection, acked: Mapping[str, int], fresh: Mapping[str, list[TelemetryRecord]]
+        self, conn: Connection, acked: Mapping[str, int], fresh: Mapping[str, TelemetryColumns]
     ) -> dict[str, int]:
         """The highest seq stored contiguously from 1, per device (every fresh seq is stored)."""
         out: dict[str, int] = {}
         beyond: dict[str, int] = {}
-        for d, recs in fresh.items():
+        for d, c in fresh.items():
             cur = acked.get(d, 0)
-            for r in recs:  # ascending
-                if r.seq != cur + 1:
-                    break
-                cur = r.seq
+            seqs = c.seq  # ascending
+            if seqs and seqs[0] == cur + 1 and seqs[-1] == cur + len(seqs):
+                cur = seqs[-1]  # no gap (the common case): no per-record walk
+            else:
+                for s in seqs:
+                    if s != cur + 1:
+                        break
+                    cur = s
             out[d] = cur
-            if recs and cur == recs[-1].seq:
+            if seqs and cur == seqs[-1]:
                 beyond[d] = cur  # records that arrived earlier, out of order, may follow
         while beyond:
             stored = self._stored_in(conn, {d: (h + 1, h + 1000) for d, h in beyond.items()})
             again: dict[str, int] = {}
             for d, h in beyond.items():
-                seqs = stored.get(d, set())
+                found = stored.get(d, set())
                 cur = h
-                while cur + 1 in seqs:
+                while cur + 1 in found:
                     cur += 1
                 out[d] = cur
                 if cur == h + 1000:
@@ -389,7 +422,7 @@ class TelemetryIngest:
         conn: Connection,
         new_acked: Mapping[str, int],
         old_acked: Mapping[str, int],
-        inserted: Mapping[str, list[TelemetryRecord]],
+        inserted: Mapping[str, TelemetryColumns],
         dropped: Mapping[str, Mapping[str, int]],
         now: float,
     ) -> None:
@@ -404,11 +437,16 @@ class TelemetryIngest:
             )
         rows = []
         for device_id in new_acked:
-            ends = [
-                _num(r.data.get("end"), r.ts)
-                for r in inserted.get(device_id, [])
-                if r.kind == "window"
-            ]
+            c = inserted.get(device_id)
+            ends = (
+                [
+                    _num(c.windows[s].get("end"), t)
+                    for s, t in zip(c.seq, c.ts, strict=True)
+                    if s in c.windows
+                ]
+                if c is not None and c.windows
+                else []
+            )
             rows.append(
                 {
                     "device_id": device_id,

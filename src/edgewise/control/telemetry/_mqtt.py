@@ -27,8 +27,8 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from edgewise.control.telemetry._decode import TelemetryColumns, decode_upload
 from edgewise.control.telemetry._ingest import TelemetryIngest
-from edgewise.protocol import TelemetryBatch, decode_batch
 
 __all__ = [
     "ACK_TOPIC",
@@ -182,7 +182,7 @@ class MqttIngest:
                 return
 
     def _handle(self, msgs: list[_Msg]) -> None:
-        items: list[tuple[str, TelemetryBatch]] = []
+        items: list[tuple[str, TelemetryColumns]] = []
         done: list[_Msg] = []
         for m in msgs:
             self.stats.received += 1
@@ -202,7 +202,7 @@ class MqttIngest:
                 done.append(m)
                 continue
             try:
-                batch = decode_batch(m.payload)
+                batch = decode_upload(m.payload)
             except ValueError:
                 self.stats.invalid += 1
                 done.append(m)
@@ -220,7 +220,7 @@ class MqttIngest:
             for (device_id, batch), ack in zip(items, result.acks, strict=True):
                 self.stats.duplicates += ack.duplicates
                 body = ack.model_dump()
-                body["last_seq"] = batch.records[-1].seq if batch.records else 0
+                body["last_seq"] = batch.seq[-1] if batch.seq else 0
                 self._client.publish(ACK_TOPIC.format(device_id=device_id), json.dumps(body), qos=1)
         for m in done:
             if m.qos > 0:

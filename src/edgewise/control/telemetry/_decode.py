@@ -1,0 +1,221 @@
+"""Decoding telemetry uploads on the control plane: straight to columns, no record objects.
+
+The wire format is the protocol's (`edgewise.protocol.TelemetryBatch`, gzip JSON); the
+control plane does not need one pydantic object per record to store it. Building those
+objects cost about 9 us a record, most of it allocator and garbage-collector work on
+objects that live only until the rows are written. `decode_upload` parses the body
+with orjson, checks each record against the same rules in one loop, and keeps five
+plain lists (seq, class, timestamp, kind, and the record's `data` re-serialised as
+JSON text, which is what the log stores): ints, floats and strings, none of them
+tracked by the garbage collector. The parsed `data` of `window` records, which the
+ingest decodes into `telemetry_windows`, is kept as well.
+
+Anything the fast loop does not recognise as a plainly valid batch (a coercible value
+such as `"seq": "3"`, NaN literals, an error of any kind) is handed to pydantic's
+`TelemetryBatch` validation, so what is accepted and what is refused, and with which
+message, stays exactly the protocol model's.
+
+Usage::
+
+    cols = decode_upload(body)          # raises ValueError -> a 422
+    cols = TelemetryColumns.of(batch)   # from an already validated batch
+"""
+
+from __future__ import annotations
+
+import gzip
+import io
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+import orjson
+from pydantic_core import to_json
+
+from edgewise.protocol import TELEMETRY_CLASSES, TelemetryBatch
+
+__all__ = ["TelemetryColumns", "decode_upload", "is_window"]
+
+# A decompression bomb guard: no honest batch comes near this (as in the protocol).
+_MAX_DECODED_BYTES = 64 * 1024 * 1024
+_RECORD_KEYS = frozenset({"seq", "cls", "ts", "kind", "data"})
+_BATCH_KEYS = frozenset({"records", "dropped"})
+
+
+def is_window(cls: str, kind: str) -> bool:
+    """Whether a record is an agent's window (decoded into `telemetry_windows`)."""
+    return cls == "metric" and kind == "window"
+
+
+def _json_text(data: Any) -> str:
+    # pydantic-core's serialiser for data that came through pydantic (NaN and friends).
+    return to_json(data, fallback=str).decode()
+
+
+@dataclass(slots=True)
+class TelemetryColumns:
+    """One validated batch as parallel columns, seq strictly increasing.
+
+    Attributes:
+        seq: per-device sequence numbers, strictly increasing.
+        cls: telemetry class per record (event, metric, sample).
+        ts: device timestamp per record.
+        kind: record kind per record.
+        data: each record's `data` as compact JSON text (what the log stores).
+        windows: parsed `data` of the window records, by seq.
+        dropped: the device's cumulative drop counters, one per class.
+    """
+
+    seq: list[int] = field(default_factory=list)
+    cls: list[str] = field(default_factory=list)
+    ts: list[float] = field(default_factory=list)
+    kind: list[str] = field(default_factory=list)
+    data: list[str] = field(default_factory=list)
+    windows: dict[int, dict[str, Any]] = field(default_factory=dict)
+    dropped: dict[str, int] = field(default_factory=dict)
+
+    def __len__(self) -> int:
+        """The number of records."""
+        return len(self.seq)
+
+    @classmethod
+    def of(cls, batch: TelemetryBatch) -> TelemetryColumns:
+        """The columns of a validated protocol batch."""
+        recs = batch.records
+        return cls(
+            [r.seq for r in recs],
+            [r.cls for r in recs],
+            [r.ts for r in recs],
+            [r.kind for r in recs],
+            [_json_text(r.data) for r in recs],
+            {r.seq: r.data for r in recs if is_window(r.cls, r.kind)},
+            dict(batch.dropped),
+        )
+
+    def sliced(self, start: int, stop: int | None = None) -> TelemetryColumns:
+        """Records `start:stop` (the drop counters travel along)."""
+        seq = self.seq[start:stop]
+        windows = self.windows
+        if windows and (start or stop is not None):
+            keep = set(seq)
+            windows = {s: d for s, d in windows.items() if s in keep}
+        return TelemetryColumns(
+            seq,
+            self.cls[start:stop],
+            self.ts[start:stop],
+            self.kind[start:stop],
+            self.data[start:stop],
+            windows,
+            self.dropped,
+        )
+
+    def picked(self, positions: Iterable[int]) -> TelemetryColumns:
+        """The records at `positions` (ascending), drop counters along."""
+        idx = list(positions)
+        seq = [self.seq[i] for i in idx]
+        keep = set(seq)
+        return TelemetryColumns(
+            seq,
+            [self.cls[i] for i in idx],
+            [self.ts[i] for i in idx],
+            [self.kind[i] for i in idx],
+            [self.data[i] for i in idx],
+            {s: d for s, d in self.windows.items() if s in keep},
+            self.dropped,
+        )
+
+
+def _gunzip(body: bytes) -> bytes:
+    try:
+        with gzip.GzipFile(fileobj=io.BytesIO(body)) as f:
+            raw = f.read(_MAX_DECODED_BYTES + 1)
+    except (OSError, EOFError) as exc:
+        raise ValueError(f"body is not valid gzip: {exc}") from exc
+    if len(raw) > _MAX_DECODED_BYTES:
+        raise ValueError("decompressed telemetry batch is too large")
+    return raw
+
+
+def _fast(raw: bytes) -> TelemetryColumns | None:
+    """The columns of a plainly valid batch; None where pydantic must decide."""
+    try:
+        doc = orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        return None
+    if type(doc) is not dict or not doc.keys() <= _BATCH_KEYS:
+        return None
+    records = doc.get("records", [])
+    dropped_in = doc.get("dropped")
+    if type(records) is not list:
+        return None
+    dropped: dict[str, int] = {c: 0 for c in TELEMETRY_CLASSES}
+    if dropped_in is not None:
+        if type(dropped_in) is not dict:
+            return None
+        for k, v in dropped_in.items():
+            if k not in dropped or type(v) is not int or v < 0:
+                return None
+            dropped[k] = v
+    seqs: list[int] = []
+    classes: list[str] = []
+    stamps: list[float] = []
+    kinds: list[str] = []
+    texts: list[str] = []
+    windows: dict[int, dict[str, Any]] = {}
+    dumps = orjson.dumps
+    prev = 0
+    for r in records:
+        if type(r) is not dict:
+            return None
+        n = len(r)
+        if n == 5:
+            if not r.keys() <= _RECORD_KEYS:
+                return None
+            data = r["data"]
+            if type(data) is not dict:
+                return None
+        elif n == 4 and "data" not in r and r.keys() <= _RECORD_KEYS:
+            data = {}
+        else:
+            return None
+        seq = r["seq"]
+        c = r["cls"]
+        ts = r["ts"]
+        kind = r["kind"]
+        if type(seq) is not int or seq <= prev:  # from 1, strictly increasing
+            return None
+        if c not in TELEMETRY_CLASSES:
+            return None
+        if type(ts) is not float:
+            if type(ts) is not int:
+                return None
+            ts = float(ts)
+        if type(kind) is not str or not 0 < len(kind) <= 200:
+            return None
+        prev = seq
+        seqs.append(seq)
+        classes.append(c)
+        stamps.append(ts)
+        kinds.append(kind)
+        texts.append(dumps(data).decode())
+        if kind == "window" and c == "metric":
+            windows[seq] = data
+    return TelemetryColumns(seqs, classes, stamps, kinds, texts, windows, dropped)
+
+
+def decode_upload(body: bytes) -> TelemetryColumns:
+    """Parse a gzip-compressed telemetry upload into columns.
+
+    Raises:
+        ValueError: the body is not gzip, too large once decompressed, or not a valid
+            `TelemetryBatch` (the message is pydantic's).
+    """
+    raw = _gunzip(body)
+    cols = _fast(raw)
+    if cols is not None:
+        return cols
+    try:
+        batch = TelemetryBatch.model_validate_json(raw)
+    except Exception as exc:  # pydantic.ValidationError and JSON errors alike
+        raise ValueError(f"invalid telemetry batch: {exc}") from exc
+    return TelemetryColumns.of(batch)
