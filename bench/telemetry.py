@@ -135,7 +135,8 @@ def bench_ingest_windows(url: str, window: dict[str, Any], quick: bool) -> dict[
     t0 = time.perf_counter()
     stored = 0
     for i in range(0, len(bodies), 20):
-        stored += ingest.ingest_many([(d, decode_upload(b)) for d, b in bodies[i : i + 20]]).inserted
+        items = [(d, decode_upload(b)) for d, b in bodies[i : i + 20]]
+        stored += ingest.ingest_many(items).inserted
     dt = time.perf_counter() - t0
     store.engine.dispose()
     return {

@@ -25,6 +25,8 @@ from __future__ import annotations
 
 import gzip
 import io
+import itertools
+import operator
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
@@ -40,6 +42,8 @@ __all__ = ["TelemetryColumns", "decode_upload", "is_window"]
 _MAX_DECODED_BYTES = 64 * 1024 * 1024
 _RECORD_KEYS = frozenset({"seq", "cls", "ts", "kind", "data"})
 _BATCH_KEYS = frozenset({"records", "dropped"})
+_CLASSES = frozenset(TELEMETRY_CLASSES)
+_NO_DATA: dict[str, Any] = {}
 
 
 def is_window(cls: str, kind: str) -> bool:
@@ -137,7 +141,11 @@ def _gunzip(body: bytes) -> bytes:
 
 
 def _fast(raw: bytes) -> TelemetryColumns | None:
-    """The columns of a plainly valid batch; None where pydantic must decide."""
+    """The columns of a plainly valid batch; None where pydantic must decide.
+
+    Checks run a column at a time over C-level iterators (`map`, `set`), not a Python
+    loop per record; any surprise (a missing key, an unhashable class) ends in None.
+    """
     try:
         doc = orjson.loads(raw)
     except orjson.JSONDecodeError:
@@ -156,50 +164,42 @@ def _fast(raw: bytes) -> TelemetryColumns | None:
             if k not in dropped or type(v) is not int or v < 0:
                 return None
             dropped[k] = v
-    seqs: list[int] = []
-    classes: list[str] = []
-    stamps: list[float] = []
-    kinds: list[str] = []
-    texts: list[str] = []
+    if not records:
+        return TelemetryColumns(dropped=dropped)
+    try:
+        if set(map(type, records)) != {dict} or not set(map(len, records)) <= {4, 5}:
+            return None
+        if not set().union(*records) <= _RECORD_KEYS:
+            return None
+        seqs = [r["seq"] for r in records]
+        classes = [r["cls"] for r in records]
+        stamps = [r["ts"] for r in records]
+        kinds = [r["kind"] for r in records]
+        datas = [r.get("data", _NO_DATA) for r in records]
+        if (
+            set(map(type, seqs)) != {int}
+            or seqs[0] < 1
+            or not all(map(operator.lt, seqs, itertools.islice(seqs, 1, None)))
+            or not set(classes) <= _CLASSES
+            or set(map(type, kinds)) != {str}
+            or min(map(len, kinds)) < 1
+            or max(map(len, kinds)) > 200
+            or set(map(type, datas)) != {dict}
+        ):
+            return None
+    except (KeyError, TypeError):
+        return None
+    ts_types = set(map(type, stamps))
+    if ts_types != {float}:
+        if not ts_types <= {float, int}:
+            return None
+        stamps = [float(t) for t in stamps]
+    texts = list(map(bytes.decode, map(orjson.dumps, datas)))
     windows: dict[int, dict[str, Any]] = {}
-    dumps = orjson.dumps
-    prev = 0
-    for r in records:
-        if type(r) is not dict:
-            return None
-        n = len(r)
-        if n == 5:
-            if not r.keys() <= _RECORD_KEYS:
-                return None
-            data = r["data"]
-            if type(data) is not dict:
-                return None
-        elif n == 4 and "data" not in r and r.keys() <= _RECORD_KEYS:
-            data = {}
-        else:
-            return None
-        seq = r["seq"]
-        c = r["cls"]
-        ts = r["ts"]
-        kind = r["kind"]
-        if type(seq) is not int or seq <= prev:  # from 1, strictly increasing
-            return None
-        if c not in TELEMETRY_CLASSES:
-            return None
-        if type(ts) is not float:
-            if type(ts) is not int:
-                return None
-            ts = float(ts)
-        if type(kind) is not str or not 0 < len(kind) <= 200:
-            return None
-        prev = seq
-        seqs.append(seq)
-        classes.append(c)
-        stamps.append(ts)
-        kinds.append(kind)
-        texts.append(dumps(data).decode())
-        if kind == "window" and c == "metric":
-            windows[seq] = data
+    if "window" in kinds:
+        windows = {
+            s: d for s, c, k, d in zip(seqs, classes, kinds, datas, strict=True) if is_window(c, k)
+        }
     return TelemetryColumns(seqs, classes, stamps, kinds, texts, windows, dropped)
 
 
