@@ -82,6 +82,7 @@ def test_what_the_model_accepts_is_accepted_with_the_same_columns(doc: Any) -> N
     "doc",
     [
         {"records": [_rec(seq=0)]},
+        {"records": [_rec(seq=2**63)]},  # beyond SQL BIGINT
         {"records": [_rec(seq=2), _rec(seq=2)]},
         {"records": [_rec(seq=3), _rec(seq=2)]},
         {"records": [_rec(cls="bogus")]},

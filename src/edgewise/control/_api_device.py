@@ -160,7 +160,8 @@ async def post_telemetry(request: Request) -> JSONResponse:
             status_code=429,
             headers={"Retry-After": str(max(1, round(wait)))},
         )
-    result = await to_thread.run_sync(telemetry.ingest.ingest, device_id, cols)
+    # Group commit: uploads arriving meanwhile share the next transaction.
+    result = await to_thread.run_sync(telemetry.writer.submit, device_id, cols)
     return JSONResponse(result.model_dump())
 
 

@@ -24,6 +24,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 __all__ = [
+    "MAX_SEQ",
     "TELEMETRY_CLASSES",
     "TelemetryAck",
     "TelemetryBatch",
@@ -37,6 +38,9 @@ TelemetryClass = Literal["event", "metric", "sample"]
 # Highest priority first: a full buffer evicts from the end of this tuple.
 TELEMETRY_CLASSES: tuple[TelemetryClass, ...] = ("event", "metric", "sample")
 
+# Sequence numbers are stored as SQL BIGINT.
+MAX_SEQ = 2**63 - 1
+
 # A decompression bomb guard: no honest batch comes near this.
 _MAX_DECODED_BYTES = 64 * 1024 * 1024
 
@@ -46,7 +50,7 @@ class TelemetryRecord(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    seq: int = Field(ge=1, description="per device, from 1, strictly increasing")
+    seq: int = Field(ge=1, le=MAX_SEQ, description="per device, from 1, strictly increasing")
     cls: TelemetryClass
     ts: float
     kind: str = Field(min_length=1, max_length=200)

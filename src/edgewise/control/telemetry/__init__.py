@@ -4,10 +4,12 @@ The pure cores: `WindowFigures` (a stored window record read back), `fleet_view`
 `cohort_figures` (what operators and rollout gates see), `evaluate_rules` (alerts),
 `plan_retention` and `merge_window_data` (downsampling).
 
-The shell around them: `TelemetryIngest` (exactly-once batched writes), `MqttIngest`
-(the shared-subscription MQTT consumer), `TelemetryService` (views, alerts, webhooks,
-retention over SQL) and `FleetCollector` (the `/metrics` fleet gauges). The HTTP
-routes are in `_api` (`router`), included by the application.
+The shell around them: `decode_upload` (upload bodies to `TelemetryColumns`),
+`TelemetryIngest` (exactly-once batched writes), `GroupCommit` (concurrent HTTP uploads
+share transactions), `MqttIngest` (the shared-subscription MQTT consumer),
+`TelemetryService` (views, alerts, webhooks, retention over SQL) and `FleetCollector`
+(the `/metrics` fleet gauges). The HTTP routes are in `_api` (`router`), included by
+the application.
 """
 
 from edgewise.control.telemetry._admission import IngestBudget
@@ -26,12 +28,14 @@ from edgewise.control.telemetry._alerts import (
     parse_rule,
     transition,
 )
+from edgewise.control.telemetry._decode import TelemetryColumns, decode_upload
 from edgewise.control.telemetry._figures import (
     WindowFigures,
     histogram_quantile,
     merge_counts,
     merge_latency,
 )
+from edgewise.control.telemetry._group import GroupCommit
 from edgewise.control.telemetry._ingest import IngestResult, TelemetryIngest
 from edgewise.control.telemetry._metrics import FleetCollector
 from edgewise.control.telemetry._mqtt import (
@@ -74,6 +78,7 @@ __all__ = [
     "FleetCollector",
     "FleetRow",
     "FreshnessRule",
+    "GroupCommit",
     "IllegalAlertTransition",
     "IngestBudget",
     "IngestResult",
@@ -82,11 +87,13 @@ __all__ = [
     "MqttIngestStats",
     "RetentionPlan",
     "RetentionPolicy",
+    "TelemetryColumns",
     "TelemetryIngest",
     "TelemetryService",
     "WindowFigures",
     "WindowMeta",
     "cohort_figures",
+    "decode_upload",
     "evaluate_rules",
     "fleet_view",
     "group_key",

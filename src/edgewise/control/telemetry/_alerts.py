@@ -131,7 +131,7 @@ class FreshnessRule(_Rule):
 
 AlertRule = Annotated[BurnRateRule | DriftRule | FreshnessRule, Field(discriminator="kind")]
 _RULE_ADAPTER: TypeAdapter[BurnRateRule | DriftRule | FreshnessRule] = TypeAdapter(
-    AlertRule  # type: ignore[arg-type]  # an Annotated union is a valid TypeAdapter target
+    AlertRule  # type: ignore[arg-type, unused-ignore]  # an Annotated union is a valid TypeAdapter target
 )
 
 

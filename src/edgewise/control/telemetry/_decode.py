@@ -34,7 +34,7 @@ from typing import Any
 import orjson
 from pydantic_core import to_json
 
-from edgewise.protocol import TELEMETRY_CLASSES, TelemetryBatch
+from edgewise.protocol import MAX_SEQ, TELEMETRY_CLASSES, TelemetryBatch
 
 __all__ = ["TelemetryColumns", "decode_upload", "is_window"]
 
@@ -179,6 +179,7 @@ def _fast(raw: bytes) -> TelemetryColumns | None:
         if (
             set(map(type, seqs)) != {int}
             or seqs[0] < 1
+            or seqs[-1] > MAX_SEQ
             or not all(map(operator.lt, seqs, itertools.islice(seqs, 1, None)))
             or not set(classes) <= _CLASSES
             or set(map(type, kinds)) != {str}

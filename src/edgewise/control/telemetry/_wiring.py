@@ -24,6 +24,7 @@ from typing import Any
 
 from edgewise.control.telemetry._admission import IngestBudget
 from edgewise.control.telemetry._alerts import ActiveRollout
+from edgewise.control.telemetry._group import GroupCommit
 from edgewise.control.telemetry._ingest import TelemetryIngest
 from edgewise.control.telemetry._metrics import FleetCollector
 from edgewise.control.telemetry._retention import RetentionPolicy
@@ -101,6 +102,7 @@ class TelemetryRuntime:
         self.plane = plane
         self.config = config
         self.ingest = TelemetryIngest(engine, clock=plane.clock)
+        self.writer = GroupCommit(self.ingest)  # HTTP uploads share transactions
         self.service = TelemetryService(
             engine, clock=plane.clock, default_webhook=config.default_webhook
         )

@@ -1,0 +1,115 @@
+"""Group commit for concurrent telemetry uploads: one transaction for whatever is waiting.
+
+Each HTTP upload used to be its own transaction: a commit (and its WAL flush) per
+batch, and the request's thread idle while PostgreSQL wrote. With `GroupCommit`,
+uploads that arrive while a write is in progress queue up; when it ends, one of the
+waiting threads writes all of them in one `ingest_many` call, and so on. An idle
+server still writes an upload at once (a group of one); a busy one writes fewer,
+larger transactions while its event loop goes on decoding the next uploads.
+
+Exactly-once is `ingest_many`'s: every upload gets the acknowledgement it would have
+had alone. If a group's transaction fails, its uploads are written one by one, so a
+bad upload fails only its own request.
+
+Usage::
+
+    group = GroupCommit(TelemetryIngest(engine))
+    ack = group.submit("dev-1", columns)   # from any thread; blocks until committed
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import deque
+from dataclasses import dataclass, field
+
+from edgewise.control.telemetry._decode import TelemetryColumns
+from edgewise.control.telemetry._ingest import TelemetryIngest, Upload
+from edgewise.protocol import TelemetryAck
+
+__all__ = ["GroupCommit"]
+
+
+@dataclass(eq=False)
+class _Slot:
+    device_id: str
+    batch: Upload
+    records: int
+    done: threading.Event = field(default_factory=threading.Event)
+    lead: bool = False  # woken to write the next group rather than with a result
+    ack: TelemetryAck | None = None
+    error: BaseException | None = None
+
+
+class GroupCommit:
+    """Writes concurrent uploads together, one group per transaction; thread-safe."""
+
+    def __init__(self, ingest: TelemetryIngest, max_records: int = 20_000) -> None:
+        """Group uploads for `ingest`, up to about `max_records` records per transaction."""
+        self.ingest = ingest
+        self.max_records = max_records
+        self.groups = 0  # transactions written (a figure for tests and benchmarks)
+        self._lock = threading.Lock()
+        self._queue: deque[_Slot] = deque()
+        self._writing = False
+
+    def submit(self, device_id: str, batch: Upload) -> TelemetryAck:
+        """Store one upload (with whatever else is waiting) and return its acknowledgement.
+
+        Raises:
+            Exception: whatever storing this upload alone raised.
+        """
+        n = len(batch) if isinstance(batch, TelemetryColumns) else len(batch.records)
+        slot = _Slot(device_id, batch, n)
+        with self._lock:
+            self._queue.append(slot)
+            if not self._writing:  # invariant: nobody writing => the queue was empty
+                self._writing = True
+                slot.lead = True
+        if not slot.lead:
+            slot.done.wait()  # a result, or the lead handed over by the last writer
+        if slot.lead:
+            self._write_next()  # the leader's slot heads the queue: it is in this group
+        if slot.error is not None:
+            raise slot.error
+        assert slot.ack is not None
+        return slot.ack
+
+    def _write_next(self) -> None:
+        """Write the queued group, then hand the lead to the next waiting upload."""
+        with self._lock:
+            group: list[_Slot] = []
+            total = 0
+            while self._queue and (not group or total + self._queue[0].records <= self.max_records):
+                s = self._queue.popleft()
+                group.append(s)
+                total += s.records
+        self._write(group)
+        with self._lock:
+            nxt = self._queue[0] if self._queue else None
+            if nxt is None:
+                self._writing = False
+            else:
+                nxt.lead = True
+        for s in group:
+            s.done.set()
+        if nxt is not None:
+            nxt.done.set()
+
+    def _write(self, group: list[_Slot]) -> None:
+        try:
+            result = self.ingest.ingest_many([(s.device_id, s.batch) for s in group])
+        except Exception as exc:
+            if len(group) == 1:
+                group[0].error = exc
+                return
+            for s in group:  # one by one: a bad upload fails only itself
+                try:
+                    s.ack = self.ingest.ingest(s.device_id, s.batch)
+                except Exception as one:
+                    s.error = one
+            return
+        finally:
+            self.groups += 1
+        for s, ack in zip(group, result.acks, strict=True):
+            s.ack = ack

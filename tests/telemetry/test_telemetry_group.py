@@ -1,0 +1,111 @@
+"""Group commit: concurrent uploads share a transaction, each keeps its own exact answer."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Sequence
+from typing import Any
+
+import pytest
+from sqlalchemy import select
+
+from edgewise.control import _schema as cs
+from edgewise.control.telemetry import GroupCommit, IngestResult, TelemetryColumns, TelemetryIngest
+from edgewise.control.telemetry._ingest import Upload
+from edgewise.protocol import TelemetryAck, TelemetryBatch, TelemetryRecord
+
+
+def _batch(seqs: Sequence[int]) -> TelemetryBatch:
+    return TelemetryBatch(
+        records=[TelemetryRecord(seq=s, cls="event", ts=float(s), kind="e") for s in seqs]
+    )
+
+
+class HeldIngest(TelemetryIngest):
+    """The real ingest, whose first write waits until the test lets it go."""
+
+    def __init__(self, engine: Any) -> None:
+        super().__init__(engine)
+        self.entered = threading.Event()
+        self.release = threading.Event()
+        self.calls: list[int] = []
+
+    def ingest_many(
+        self, items: Sequence[tuple[str, Upload]], now: float | None = None
+    ) -> IngestResult:
+        self.calls.append(len(items))
+        if len(self.calls) == 1:
+            self.entered.set()
+            assert self.release.wait(30)
+        return super().ingest_many(items, now)
+
+
+def _run_while_first_write_is_held(
+    group: GroupCommit, ingest: HeldIngest, uploads: list[tuple[str, Upload]]
+) -> list[TelemetryAck | BaseException]:
+    out: list[TelemetryAck | BaseException] = [TimeoutError()] * len(uploads)
+
+    def send(i: int) -> None:
+        try:
+            out[i] = group.submit(*uploads[i])
+        except Exception as exc:
+            out[i] = exc
+
+    first = threading.Thread(target=send, args=(0,))
+    first.start()
+    assert ingest.entered.wait(30)
+    rest = [threading.Thread(target=send, args=(i,)) for i in range(1, len(uploads))]
+    for t in rest:
+        t.start()
+    while True:  # every other upload is queued behind the held write
+        with group._lock:
+            if len(group._queue) == len(rest):
+                break
+    ingest.release.set()
+    for t in [first, *rest]:
+        t.join(30)
+    return out
+
+
+def test_uploads_arriving_during_a_write_share_the_next_transaction(store: Any) -> None:
+    ingest = HeldIngest(store.engine)
+    group = GroupCommit(ingest)
+    uploads = [
+        ("dev-1", _batch([1, 2])),
+        ("dev-1", _batch([3, 4])),
+        ("dev-2", _batch([1])),
+        ("dev-1", _batch([3, 4])),  # a retry inside the same group
+        ("dev-2", _batch([3])),  # a gap: stored, not acked
+    ]
+    acks = _run_while_first_write_is_held(group, ingest, uploads)
+    assert ingest.calls == [1, 4] and group.groups == 2
+    assert [(a.accepted, a.duplicates, a.acked_seq) for a in acks] == [  # type: ignore[union-attr]
+        (2, 0, 2),
+        (2, 0, 4),
+        (1, 0, 1),
+        (0, 2, 4),
+        (1, 0, 1),
+    ]
+    with store.engine.connect() as c:
+        rows = c.execute(select(cs.telemetry.c.device_id, cs.telemetry.c.seq)).all()
+    assert sorted(rows) == [("dev-1", s) for s in (1, 2, 3, 4)] + [("dev-2", s) for s in (1, 3)]
+
+
+def test_a_bad_upload_in_a_group_fails_only_its_own_request(store: Any) -> None:
+    ingest = HeldIngest(store.engine)
+    group = GroupCommit(ingest)
+    # Validation refuses such a seq; built past it, it makes the database refuse the row.
+    too_big = TelemetryColumns([2**70], ["event"], [0.0], ["e"], ["{}"])
+    uploads = [("dev-1", _batch([1])), ("dev-2", too_big), ("dev-1", _batch([2]))]
+    out = _run_while_first_write_is_held(group, ingest, uploads)
+    assert isinstance(out[1], Exception)
+    assert [(a.accepted, a.acked_seq) for a in (out[0], out[2])] == [(1, 1), (1, 2)]  # type: ignore[union-attr]
+
+
+def test_an_idle_writer_writes_at_once_and_errors_reach_the_caller(store: Any) -> None:
+    group = GroupCommit(TelemetryIngest(store.engine))
+    ack = group.submit("dev-1", _batch([1, 2, 3]))
+    assert (ack.accepted, ack.acked_seq) == (3, 3) and group.groups == 1
+    with pytest.raises(Exception):  # noqa: B017 - the driver's own overflow error
+        group.submit("dev-1", TelemetryColumns([2**70], ["event"], [0.0], ["e"], ["{}"]))
+    assert group.submit("dev-1", _batch([4])).acked_seq == 4  # the writer is not stuck
