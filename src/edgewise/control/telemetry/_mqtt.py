@@ -13,8 +13,9 @@ Every control plane subscribes to `$share/edgewise/edgewise/telemetry/#`, so the
 hands each message to one of them. Messages are acknowledged to the broker (manual
 PUBACK) only after the database transaction that stored them committed: a control
 plane that dies mid-batch leaves them to be redelivered, and the (device, seq) keys
-make the redelivery a no-op where it was stored after all. A worker thread drains what
-arrived meanwhile into one `ingest_many` call (batched writes).
+make the redelivery a no-op where it was stored after all. A worker thread verifies and
+decodes what arrived meanwhile, and a second one writes each such chunk with one
+`ingest_many` call (batched writes), so decoding overlaps the database work.
 """
 
 from __future__ import annotations
@@ -96,7 +97,11 @@ class MqttIngest:
         self._queue: queue.Queue[_Msg | None] = queue.Queue()
         self._connected = threading.Event()
         self._subscribed = threading.Event()
+        # Decoded chunks waiting for the write stage: at most two ahead of it.
+        self._writes: queue.Queue[tuple[list[tuple[str, TelemetryColumns]], list[_Msg]] | None]
+        self._writes = queue.Queue(maxsize=2)
         self._worker: threading.Thread | None = None
+        self._writer: threading.Thread | None = None
         self._client: Any = None
 
     def start(self, timeout_s: float = 5.0) -> None:
@@ -124,6 +129,8 @@ class MqttIngest:
         if not (self._connected.wait(timeout_s) and self._subscribed.wait(timeout_s)):
             client.loop_stop()
             raise ConnectionError(f"MQTT broker {self.host}:{self.port} refused telemetry ingest")
+        self._writer = threading.Thread(target=self._write_loop, name="mqtt-write", daemon=True)
+        self._writer.start()
         self._worker = threading.Thread(target=self._run, name="mqtt-ingest", daemon=True)
         self._worker.start()
 
@@ -133,6 +140,9 @@ class MqttIngest:
             self._queue.put(None)
             self._worker.join(timeout=10)
             self._worker = None
+        if self._writer is not None:
+            self._writer.join(timeout=10)
+            self._writer = None
         if self._client is not None:
             self._client.disconnect()
             self._client.loop_stop()
@@ -174,14 +184,24 @@ class MqttIngest:
         return msgs, stop
 
     def _run(self) -> None:
+        # The decode stage: verifies and decodes the next messages while the write stage
+        # stores the previous ones (the database work overlaps the decoding).
         while True:
             msgs, stop = self._take()
             if msgs:
-                self._handle(msgs)
+                self._writes.put(self._decode(msgs))
             if stop:
+                self._writes.put(None)
                 return
 
-    def _handle(self, msgs: list[_Msg]) -> None:
+    def _write_loop(self) -> None:
+        while True:
+            job = self._writes.get()
+            if job is None:
+                return
+            self._store(*job)
+
+    def _decode(self, msgs: list[_Msg]) -> tuple[list[tuple[str, TelemetryColumns]], list[_Msg]]:
         items: list[tuple[str, TelemetryColumns]] = []
         done: list[_Msg] = []
         for m in msgs:
@@ -209,6 +229,9 @@ class MqttIngest:
                 continue
             items.append((device_id, batch))
             done.append(m)
+        return items, done
+
+    def _store(self, items: list[tuple[str, TelemetryColumns]], done: list[_Msg]) -> None:
         if items:
             try:
                 result = self.ingest.ingest_many(items)
