@@ -27,6 +27,14 @@ PipelineOpt = Annotated[
 FileOpt = Annotated[
     Path | None, typer.Option("--file", "-f", help="JSON (or YAML) spec: name, selector, ...")
 ]
+EgressOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--egress",
+        help="Egress policy for the matching devices: JSON text or a JSON/YAML file "
+        "(groups, redact, capture); 'none' clears it (the server's default applies).",
+    ),
+]
 
 
 def _load(path: Path) -> dict[str, Any]:
@@ -50,14 +58,32 @@ def _load(path: Path) -> dict[str, Any]:
     return data
 
 
+def egress_value(text: str) -> dict[str, Any] | None:
+    """The `--egress` argument: inline JSON, a file, or `none` (None)."""
+    if text.strip().lower() == "none":
+        return None
+    if text.lstrip().startswith("{"):
+        try:
+            data = json.loads(text)
+        except ValueError as exc:
+            raise CliError(f"--egress is not valid JSON: {exc}") from None
+        if not isinstance(data, dict):
+            raise CliError("--egress must be a JSON object")
+        return data
+    return _load(Path(text))
+
+
 def _spec(
     name: str | None,
     selector: str | None,
     priority: int | None,
     pipelines: list[str] | None,
     file: Path | None,
+    egress: str | None = None,
 ) -> dict[str, Any]:
     spec: dict[str, Any] = _load(file) if file else {}
+    if egress is not None:
+        spec["egress"] = egress_value(egress)
     if name is not None:
         spec["name"] = name
     if selector is not None:
@@ -83,6 +109,8 @@ def _print(d: dict[str, Any]) -> None:
     for pname, p in d["pipelines"].items():
         m = p["model"]
         typer.echo(f"  {pname}: {m['name']}@{m['version']} sha256={m['sha256'][:16]}")
+    if d.get("egress") is not None:
+        typer.echo(f"  egress: {json.dumps(d['egress'], sort_keys=True)}")
 
 
 @app.command("create")
@@ -92,12 +120,13 @@ def create(
     priority: PriorityOpt = None,
     pipeline: PipelineOpt = None,
     file: FileOpt = None,
+    egress: EgressOpt = None,
     server: ServerOpt = None,
     token: TokenOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Create a deployment (pre-flight runs first; conflicts refuse it)."""
-    body = _spec(name, selector, priority, pipeline, file)
+    body = _spec(name, selector, priority, pipeline, file, egress)
     d = call_api("POST", "/api/v1/deployments", server, token, json_body=body)
     if as_json:
         emit_json(d)
@@ -112,12 +141,13 @@ def dry_run(
     priority: PriorityOpt = None,
     pipeline: PipelineOpt = None,
     file: FileOpt = None,
+    egress: EgressOpt = None,
     server: ServerOpt = None,
     token: TokenOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Pre-flight only: matching devices, incompatible ones, conflicts."""
-    body = _spec(name, selector, priority, pipeline, file)
+    body = _spec(name, selector, priority, pipeline, file, egress)
     r = call_api("POST", "/api/v1/deployments/dry-run", server, token, json_body=body)
     if as_json:
         emit_json(r)
@@ -138,12 +168,13 @@ def diff(
     priority: PriorityOpt = None,
     pipeline: PipelineOpt = None,
     file: FileOpt = None,
+    egress: EgressOpt = None,
     server: ServerOpt = None,
     token: TokenOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Show how each device's pipelines would change."""
-    body = _spec(name, selector, priority, pipeline, file)
+    body = _spec(name, selector, priority, pipeline, file, egress)
     r = call_api("POST", "/api/v1/deployments/diff", server, token, json_body=body)
     if as_json:
         emit_json(r)

@@ -309,6 +309,7 @@ def deploy_update(
     deployment: Annotated[str, typer.Argument(help="Deployment name or id.")],
     pipelines: _deploy.PipelineOpt = None,
     file: _deploy.FileOpt = None,
+    egress: _deploy.EgressOpt = None,
     note: Annotated[str, typer.Option("--note", help="Why this revision.")] = "",
     promote: Annotated[
         bool, typer.Option("--promote", help="Make it stable at once (no rollout).")
@@ -322,6 +323,10 @@ def deploy_update(
     spec.setdefault("name", deployment)
     body_pipelines = _deploy._spec(spec["name"], None, None, pipelines, file)["pipelines"]
     body = {"pipelines": body_pipelines, "note": note, "promote": promote}
+    if egress is not None:  # otherwise the file's, else the previous revision's policy
+        body["egress"] = _deploy.egress_value(egress)
+    elif "egress" in spec:
+        body["egress"] = spec["egress"]
     view = call_api(
         "POST", f"/api/v1/deployments/{deployment}/revisions", server, token, json_body=body
     )

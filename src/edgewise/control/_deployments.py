@@ -20,7 +20,7 @@ from edgewise.control._preflight import DeviceView, preflight
 from edgewise.control._rbac import in_scope, selector_in_scope
 from edgewise.control._selector import SelectorError, parse_selector
 from edgewise.control._store import ConflictError
-from edgewise.protocol import PipelineSpec
+from edgewise.protocol import EgressPolicy, PipelineSpec
 
 __all__ = [
     "DeploymentRequest",
@@ -29,6 +29,7 @@ __all__ = [
     "deployment_view",
     "diff_deployment",
     "dry_run",
+    "egress_json",
 ]
 
 
@@ -41,6 +42,16 @@ class DeploymentRequest(BaseModel):
     selector: str = Field(default="", max_length=2000)
     priority: int = Field(default=0, ge=-1_000_000, le=1_000_000)
     pipelines: dict[str, dict[str, Any]] | list[dict[str, Any]] = Field(min_length=1)
+    egress: EgressPolicy | None = Field(
+        default=None,
+        description="egress policy for the matching devices (the strongest deployment "
+        "that sets one wins); omitted: the server's default",
+    )
+
+
+def egress_json(policy: EgressPolicy | None) -> dict[str, Any] | None:
+    """A request's egress policy as stored (JSON, every default spelled out), or None."""
+    return None if policy is None else policy.model_dump(mode="json")
 
 
 def _ref(value: Any, role: str, pipeline: str) -> dict[str, Any]:
@@ -200,11 +211,15 @@ def _prepare(plane: ControlPlane, req: DeploymentRequest, who: Principal) -> dic
         raise ApiError(409, "preflight_conflict", "; ".join(result.conflicts))
     pipelines = {name: _pin(spec, models) for name, spec in sorted(specs.items())}
     ensure_json(pipelines, "pipelines")
-    body = {"selector": selector, "priority": req.priority, "pipelines": pipelines}
+    egress = egress_json(req.egress)
+    body: dict[str, Any] = {"selector": selector, "priority": req.priority, "pipelines": pipelines}
+    if egress is not None:  # absent from the hash when unset: older hashes stay valid
+        body["egress"] = egress
     return {
         "id": f"dep-{secrets.token_hex(6)}",
         "name": req.name,
         **body,
+        "egress": egress,
         "content_hash": hashlib.sha256(digest(body).encode()).hexdigest(),
         "created_at": plane.clock(),
         "created_by": who.actor,
@@ -244,7 +259,7 @@ def deployment_view(row: dict[str, Any]) -> dict[str, Any]:
     return {
         k: row[k]
         for k in ("id", "name", "selector", "priority", "pipelines", "created_at", "created_by")
-    } | {"seq": row["seq"]}
+    } | {"seq": row["seq"], "egress": row.get("egress")}
 
 
 def delete_deployment(plane: ControlPlane, ref: str, who: Principal) -> None:
@@ -283,13 +298,16 @@ def diff_deployment(plane: ControlPlane, req: DeploymentRequest, who: Principal)
     for dev in plane.store.list_devices():
         if dev["status"] != "active" or not in_scope(who.scope, dev["labels"]):
             continue
-        before = _summary(desired_content(current, dev["labels"], {}))
-        after = _summary(desired_content(proposed, dev["labels"], {}))
-        delta = {
+        old = desired_content(current, dev["labels"], plane.settings.egress)
+        new = desired_content(proposed, dev["labels"], plane.settings.egress)
+        before, after = _summary(old), _summary(new)
+        delta: dict[str, Any] = {
             name: {"from": before.get(name), "to": after.get(name)}
             for name in sorted(set(before) | set(after))
             if before.get(name) != after.get(name)
         }
+        if old["egress"] != new["egress"]:
+            delta["egress"] = {"from": old["egress"], "to": new["egress"]}
         if delta:
             changes[dev["id"]] = delta
     return {"devices_changed": len(changes), "changes": changes}

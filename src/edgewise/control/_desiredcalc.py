@@ -11,7 +11,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from edgewise.bundle import canonical_json
-from edgewise.control._merge import DeploymentView, merge_desired
+from edgewise.control._merge import DeploymentView, merge_desired, merge_egress
 
 __all__ = ["content_hash", "deployment_views", "desired_content"]
 
@@ -26,6 +26,7 @@ def deployment_views(deployments: Sequence[Mapping[str, Any]]) -> list[Deploymen
             priority=int(d["priority"]),
             created_seq=int(d["seq"]),
             pipelines=d["pipelines"],
+            egress=d.get("egress"),
         )
         for d in deployments
     ]
@@ -43,15 +44,19 @@ def desired_content(
         deployments: deployment rows (id, name, selector, priority, seq, pipelines, where
             each pipeline is {"model", "fallback", "cascade", "spec"} already pinned).
         labels: the device's labels.
-        egress: the egress policy to apply.
+        egress: the server's default egress policy: it applies unless a matching
+            deployment sets its own (the strongest such deployment wins).
         settings: extra agent settings.
     """
-    merged = merge_desired(deployment_views(deployments), labels)
+    views = deployment_views(deployments)
+    merged = merge_desired(views, labels)
+    chosen = merge_egress(views, labels)
     pipelines = {
         name: {"deployment": dep_id, **dict(pipeline)}
         for name, (dep_id, pipeline) in merged.items()
     }
-    return {"pipelines": pipelines, "egress": dict(egress), "settings": dict(settings or {})}
+    policy = dict(egress if chosen is None else chosen)
+    return {"pipelines": pipelines, "egress": policy, "settings": dict(settings or {})}
 
 
 def content_hash(content: Mapping[str, Any]) -> str:

@@ -25,7 +25,7 @@ from typing import Any
 
 from edgewise.control._selector import Selector, parse_selector
 
-__all__ = ["DeploymentView", "matching_deployments", "merge_desired"]
+__all__ = ["DeploymentView", "matching_deployments", "merge_desired", "merge_egress"]
 
 
 @dataclass(frozen=True)
@@ -39,6 +39,8 @@ class DeploymentView:
         priority: Higher wins per pipeline name.
         created_seq: Monotonic creation sequence; higher is newer and wins ties.
         pipelines: Pipeline name -> pipeline spec (opaque to the merge).
+        egress: The deployment's egress policy (a protocol `EgressPolicy` as JSON), or
+            None to leave it to weaker deployments and the server's default.
     """
 
     id: str
@@ -47,6 +49,7 @@ class DeploymentView:
     priority: int
     created_seq: int
     pipelines: Mapping[str, Mapping[str, Any]]
+    egress: Mapping[str, Any] | None = None
 
     def rank(self) -> tuple[int, int, str]:
         """The ordering key of the merge: larger wins."""
@@ -94,3 +97,17 @@ def merge_desired(
             # Strongest first, so the first deployment to name a pipeline keeps it.
             winners.setdefault(pipeline, dep)
     return {name: (winners[name].id, winners[name].pipelines[name]) for name in sorted(winners)}
+
+
+def merge_egress(
+    deployments: Iterable[DeploymentView], labels: Mapping[str, str]
+) -> Mapping[str, Any] | None:
+    """The egress policy of the strongest matching deployment that sets one, else None.
+
+    Raises:
+        SelectorError: if a deployment holds an invalid selector.
+    """
+    for dep in matching_deployments(deployments, labels):
+        if dep.egress is not None:
+            return dep.egress
+    return None

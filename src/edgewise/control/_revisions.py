@@ -8,8 +8,9 @@ snapshot from the stable revision to another one by per-device *assignments*
 `deploy update` adds a revision and, unless `--promote` is given, changes nothing on any
 device: a rollout does that.
 
-Revisions change only pipelines (the models and their specs); selector and priority
-belong to the deployment (a different target is a different deployment).
+Revisions change pipelines (the models and their specs) and the egress policy (a
+revision that does not mention one keeps the previous revision's); selector and
+priority belong to the deployment (a different target is a different deployment).
 
 Usage::
 
@@ -31,6 +32,7 @@ from sqlalchemy.exc import IntegrityError
 from edgewise.control import _schema as t
 from edgewise.control._plane import ApiError, ControlPlane, Principal, digest
 from edgewise.control._rbac import selector_in_scope
+from edgewise.protocol import EgressPolicy
 
 __all__ = [
     "RevisionRequest",
@@ -40,14 +42,16 @@ __all__ = [
     "list_revisions",
     "overrides_for",
     "promote_in",
+    "revision_egress",
     "revision_pipelines",
     "stable_revision",
 ]
 
 Row = dict[str, Any]
 
-# Revisions never change once written, so their pipelines are cached for good.
+# Revisions never change once written, so their content is cached for good.
 _PIPELINES: dict[tuple[str, int], dict[str, Any]] = {}
+_EGRESS: dict[tuple[str, int], dict[str, Any] | None] = {}
 _PIPELINES_LOCK = threading.Lock()
 
 
@@ -59,6 +63,11 @@ class RevisionRequest(BaseModel):
     pipelines: dict[str, dict[str, Any]] | list[dict[str, Any]] = Field(min_length=1)
     note: str = Field(default="", max_length=500)
     promote: bool = False
+    egress: EgressPolicy | None = Field(
+        default=None,
+        description="egress policy of this revision; omitted: the previous revision's, "
+        "null: none (the server's default)",
+    )
 
 
 def stable_revision(deployment: Mapping[str, Any]) -> int:
@@ -66,14 +75,20 @@ def stable_revision(deployment: Mapping[str, Any]) -> int:
     return int(deployment.get("stable_revision") or 1)
 
 
-def deployment_content_hash(selector: str, priority: int, pipelines: Any) -> str:
+def deployment_content_hash(
+    selector: str, priority: int, pipelines: Any, egress: Any = None
+) -> str:
     """The content hash `deploy create` uses for idempotent re-creates."""
     body = {"selector": selector, "priority": priority, "pipelines": pipelines}
+    if egress is not None:
+        body["egress"] = egress
     return hashlib.sha256(digest(body).encode()).hexdigest()
 
 
-def _pipelines_hash(pipelines: Any) -> str:
-    return hashlib.sha256(digest(pipelines).encode()).hexdigest()
+def _pipelines_hash(pipelines: Any, egress: Any = None) -> str:
+    # Without an egress policy the hash is the pipelines' alone, as before policies.
+    body = pipelines if egress is None else {"pipelines": pipelines, "egress": egress}
+    return hashlib.sha256(digest(body).encode()).hexdigest()
 
 
 def _ensure_first(c: Connection, dep: Mapping[str, Any]) -> None:
@@ -90,7 +105,8 @@ def _ensure_first(c: Connection, dep: Mapping[str, Any]) -> None:
             deployment_id=dep["id"],
             revision=stable_revision(dep),
             pipelines=dep["pipelines"],
-            content_hash=_pipelines_hash(dep["pipelines"]),
+            egress=dep.get("egress"),
+            content_hash=_pipelines_hash(dep["pipelines"], dep.get("egress")),
             note="created",
             created_at=float(dep["created_at"]),
             created_by=str(dep["created_by"]),
@@ -128,13 +144,32 @@ def revision_pipelines(plane: ControlPlane, deployment_id: str, revision: int) -
         if row["revision"] == revision:
             with _PIPELINES_LOCK:
                 _PIPELINES[key] = row["pipelines"]
+                _EGRESS[key] = row.get("egress")
             return dict(row["pipelines"])
     raise ApiError(404, "not_found", f"deployment {dep['name']} has no revision {revision}")
+
+
+def revision_egress(
+    plane: ControlPlane, deployment_id: str, revision: int
+) -> dict[str, Any] | None:
+    """The egress policy of one revision (None: it sets none).
+
+    Raises:
+        ApiError: 404 when the deployment has no such revision.
+    """
+    key = (deployment_id, int(revision))
+    with _PIPELINES_LOCK:
+        if key in _EGRESS:
+            return _EGRESS[key]
+    revision_pipelines(plane, deployment_id, revision)  # loads both into the caches
+    with _PIPELINES_LOCK:
+        return _EGRESS.get(key)
 
 
 def _view(row: Mapping[str, Any], stable: int) -> dict[str, Any]:
     return {
         "revision": row["revision"],
+        "egress": row.get("egress"),
         "stable": row["revision"] == stable,
         "note": row["note"],
         "created_at": row["created_at"],
@@ -169,7 +204,7 @@ def create_revision(
     Returns:
         (revision view, created).
     """
-    from edgewise.control._deployments import DeploymentRequest, _prepare
+    from edgewise.control._deployments import DeploymentRequest, _prepare, egress_json
 
     dep = plane.store.get_deployment(ref)
     if dep is None:
@@ -187,11 +222,14 @@ def create_revision(
         who,
     )
     pipelines = prepared["pipelines"]
-    content = _pipelines_hash(pipelines)
     rv = t.deployment_revisions
     for _ in range(5):
         rows = _revision_rows(plane, dep)
         latest = rows[-1]
+        egress = (
+            egress_json(req.egress) if "egress" in req.model_fields_set else latest.get("egress")
+        )
+        content = _pipelines_hash(pipelines, egress)
         if latest["content_hash"] == content:
             return _view(latest, stable_revision(dep)) | {"deployment": dep["id"]}, False
         number = latest["revision"] + 1
@@ -202,6 +240,7 @@ def create_revision(
                         deployment_id=dep["id"],
                         revision=number,
                         pipelines=pipelines,
+                        egress=egress,
                         content_hash=content,
                         note=req.note,
                         created_at=plane.clock(),
@@ -238,23 +277,28 @@ def create_revision(
         "created_at": plane.clock(),
         "created_by": who.actor,
         "pipelines": pipelines,
+        "egress": egress,
     }
     return _view(row, stable_revision(fresh)) | {"deployment": dep["id"]}, True
 
 
 def promote_in(c: Connection, deployment_id: str, revision: int, pipelines: Any) -> None:
     """Make `revision` the stable one, inside the caller's transaction."""
-    d = t.deployments
+    d, rv = t.deployments, t.deployment_revisions
     row = c.execute(select(d.c.selector, d.c.priority).where(d.c.id == deployment_id)).first()
     if row is None:
         return
+    egress = c.execute(
+        select(rv.c.egress).where(rv.c.deployment_id == deployment_id, rv.c.revision == revision)
+    ).scalar()
     c.execute(
         update(d)
         .where(d.c.id == deployment_id)
         .values(
             pipelines=pipelines,
+            egress=egress,
             stable_revision=revision,
-            content_hash=deployment_content_hash(row.selector, row.priority, pipelines),
+            content_hash=deployment_content_hash(row.selector, row.priority, pipelines, egress),
         )
     )
     a = t.rollout_assignments
@@ -294,8 +338,9 @@ def apply_assignments(
             continue
         try:
             pipelines = revision_pipelines(plane, dep["id"], revision)
+            egress = revision_egress(plane, dep["id"], revision)
         except ApiError:
             out.append(dep)  # revision gone: the stable one is the safe answer
             continue
-        out.append({**dep, "pipelines": pipelines})
+        out.append({**dep, "pipelines": pipelines, "egress": egress})
     return out

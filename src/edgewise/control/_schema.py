@@ -155,6 +155,8 @@ deployments = Table(
     Column("created_by", String(200), nullable=False),
     # The revision devices outside a rollout get (its pipelines are the row's).
     Column("stable_revision", Integer, nullable=False, server_default="1"),
+    # The stable revision's egress policy; NULL: the server's default applies.
+    Column("egress", JSON, nullable=True),
 )
 
 audit = Table(
@@ -203,6 +205,7 @@ deployment_revisions = Table(
     Column("deployment_id", String(32), primary_key=True),
     Column("revision", Integer, primary_key=True, autoincrement=False),
     Column("pipelines", JSON, nullable=False),
+    Column("egress", JSON, nullable=True),
     Column("content_hash", String(64), nullable=False),
     Column("note", String(500), nullable=False),
     Column("created_at", Float, nullable=False),
