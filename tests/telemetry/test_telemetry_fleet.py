@@ -18,6 +18,8 @@ from edgewise.control.telemetry import (
     merge_window_data,
     plan_retention,
 )
+from edgewise.control.telemetry._views import rebin
+from edgewise.drift import DEFAULT_CONFIDENCE_EDGES
 
 BOUNDS = [1.0, 2.0, 5.0, 10.0]
 
@@ -94,11 +96,43 @@ def test_cohort_figures_feed_the_rollout_quality_gates() -> None:
     control = cohort_figures([window("a", 10, latency=[100, 0, 0, 0, 0])])
     slow_phase = cohort_figures([window("b", 10, ok=90, failed=10, latency=[0, 0, 0, 100, 0])])
     assert slow_phase.inferences == 100 and slow_phase.errors == 10
-    assert slow_phase.confidence_counts == (10, 90)
+    # Rebinned onto the fleet-wide edges: 10 over [0, .5), 90 over [.5, 1] spread evenly.
+    assert slow_phase.confidence_counts == (6, 4, 18, 18, 18, 18, 9, 5, 2, 2)
     spec = GateSpec(max_latency_ratio=1.5, max_error_rate_delta=0.05, min_reporting=0)
     evaluation = evaluate_gates(spec, {}, [], slow_phase, control)
     assert evaluation.by_name("latency_ratio").outcome is GateOutcome.FAIL  # type: ignore[union-attr]
     assert evaluation.by_name("error_rate_delta").outcome is GateOutcome.FAIL  # type: ignore[union-attr]
+
+
+def test_rebin_keeps_the_mass_and_maps_it_by_overlap() -> None:
+    grid = list(DEFAULT_CONFIDENCE_EDGES)
+    assert rebin(grid, list(range(10)), grid) == [float(i) for i in range(10)]
+    out = rebin([0.0, 0.5, 1.0], [10, 90], [0.0, 0.25, 0.75, 1.0])
+    assert out == pytest.approx([5.0, 5.0 + 45.0, 45.0])
+    outside = rebin([-1.0, -0.5, 0.5, 2.0], [3, 4, 6], [0.0, 0.5, 1.0])
+    assert outside == pytest.approx([3 + 4, 6])  # beyond the range: the end bins
+    assert rebin([0.0, 0.5, 0.4], [1, 1], grid) is None  # not increasing
+    assert rebin([0.0, 1.0], [1, 2], grid) is None  # counts do not fit
+
+
+def test_cohorts_on_different_edges_compare_bin_for_bin() -> None:
+    fine = cohort_figures(
+        [window("a", 10, conf=None) for _ in range(2)]
+        + [
+            WindowFigures.from_record(
+                "b",
+                {
+                    "confidence": {
+                        "edges": list(DEFAULT_CONFIDENCE_EDGES),
+                        "counts": [0, 0, 0, 0, 0, 0, 0, 0, 0, 100],
+                    }
+                },
+            )
+        ]
+    )
+    assert fine.confidence_counts is not None and len(fine.confidence_counts) == 10
+    assert sum(fine.confidence_counts) == 300  # every window counted, whatever its edges
+    assert fine.confidence_counts[-1] == 2 * 2 + 100
 
 
 def test_merged_cohort_drift_uses_the_reference_on_merged_counts(digits: Any) -> None:

@@ -18,13 +18,19 @@ from edgewise.drift._monitor import (
     WindowCounts,
     drift_report,
 )
-from edgewise.drift._reference import DEFAULT_CONFIDENCE_EDGES, DriftReference, saturating_edges
+from edgewise.drift._reference import (
+    DEFAULT_CONFIDENCE_EDGES,
+    DEFAULT_REFERENCE_SAMPLES,
+    DriftReference,
+    saturating_edges,
+)
 from edgewise.drift._stats import jensen_shannon, ks_two_sample, normalise, psi
 
 __all__ = [
     "CONFIDENCE_JS_ALARM",
     "DEFAULT_CONFIDENCE_EDGES",
     "DEFAULT_MIN_SAMPLES",
+    "DEFAULT_REFERENCE_SAMPLES",
     "DEFAULT_THRESHOLD",
     "FEATURE_PSI_ALARM",
     "PRIOR_JS_ALARM",

@@ -23,9 +23,14 @@ from edgewise.drift._histogram import bin_indices, check_edges
 
 __all__ = [
     "DEFAULT_CONFIDENCE_EDGES",
+    "DEFAULT_REFERENCE_SAMPLES",
     "DriftReference",
     "saturating_edges",
 ]
+
+# A manifest does not say how many samples its frequencies came from; this many keeps
+# the reference's share of the noise correction small but not zero.
+DEFAULT_REFERENCE_SAMPLES = 1000
 
 # Top-1 confidences crowd near 1, so the bins are finer there.
 DEFAULT_CONFIDENCE_EDGES: tuple[float, ...] = (
@@ -144,6 +149,41 @@ class DriftReference:
             class_prior=_freqs(class_prior, "class prior"),
             samples=int(samples),
         )
+
+    @classmethod
+    def from_manifest(
+        cls, reference: Mapping[str, Any], samples: int | None = None
+    ) -> DriftReference | None:
+        """The drift baseline of a bundle manifest's `reference` (None when it has no bins).
+
+        Accepts the manifest shape (`features[i].bin_edges/frequencies`, `confidence`,
+        `class_prior`) and `to_dict()`'s shape (`edges`/`freqs`) alike. The agent and the
+        control plane both read references through this.
+
+        Args:
+            reference: the manifest's `reference` object.
+            samples: how many samples the frequencies came from; default: the
+                reference's own `samples`, else `DEFAULT_REFERENCE_SAMPLES`.
+
+        Raises:
+            ValueError: the reference is malformed.
+        """
+        features = reference.get("features") or []
+        confidence = reference.get("confidence")
+        prior = reference.get("class_prior") or []
+        if not features or not confidence or not prior:
+            return None
+        try:
+            return cls.build(
+                [f.get("bin_edges", f.get("edges")) for f in features],
+                [f.get("frequencies", f.get("freqs")) for f in features],
+                confidence.get("bin_edges", confidence.get("edges")),
+                confidence.get("frequencies", confidence.get("freqs")),
+                prior,
+                int(samples or reference.get("samples") or DEFAULT_REFERENCE_SAMPLES),
+            )
+        except (AttributeError, TypeError) as exc:
+            raise ValueError(f"malformed reference: {exc!r}") from None
 
     @classmethod
     def from_samples(

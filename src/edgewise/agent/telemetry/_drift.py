@@ -33,9 +33,6 @@ from edgewise.drift import (
 __all__ = ["DriftTracker", "DriftWindow", "KsTracker", "reference_from_manifest"]
 
 Array = npt.NDArray[Any]
-# The manifest does not say how many samples its frequencies came from; this many
-# keeps the reference's share of the noise correction small but not zero.
-DEFAULT_REFERENCE_SAMPLES = 1000
 # Carrying more windows than this would judge data that is minutes old.
 _MAX_CARRY_WINDOWS = 30
 
@@ -45,28 +42,12 @@ def reference_from_manifest(
 ) -> DriftReference | None:
     """The drift baseline of a bundle manifest's `reference` (None when it has no bins).
 
-    Accepts the manifest shape (`features[i].bin_edges/frequencies`, `confidence`,
-    `class_prior`) and `DriftReference.to_dict()`'s shape alike.
+    The one reading both programs share: `DriftReference.from_manifest`.
 
     Raises:
         ValueError: the reference is malformed.
     """
-    features = reference.get("features") or []
-    confidence = reference.get("confidence")
-    prior = reference.get("class_prior") or []
-    if not features or not confidence or not prior:
-        return None
-    try:
-        return DriftReference.build(
-            [f.get("bin_edges", f.get("edges")) for f in features],
-            [f.get("frequencies", f.get("freqs")) for f in features],
-            confidence.get("bin_edges", confidence.get("edges")),
-            confidence.get("frequencies", confidence.get("freqs")),
-            prior,
-            int(samples or reference.get("samples") or DEFAULT_REFERENCE_SAMPLES),
-        )
-    except (AttributeError, TypeError) as exc:
-        raise ValueError(f"malformed reference: {exc!r}") from None
+    return DriftReference.from_manifest(reference, samples)
 
 
 @dataclass(frozen=True)

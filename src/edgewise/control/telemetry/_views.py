@@ -13,6 +13,8 @@ one, the devices' own scores are averaged, weighted by their samples.
 
 from __future__ import annotations
 
+import itertools
+import math
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -26,9 +28,9 @@ from edgewise.control.telemetry._figures import (
     merge_counts,
     merge_latency,
 )
-from edgewise.drift import DriftReference, WindowCounts, drift_report
+from edgewise.drift import DEFAULT_CONFIDENCE_EDGES, DriftReference, WindowCounts, drift_report
 
-__all__ = ["FleetRow", "cohort_figures", "fleet_view", "group_key", "merged_drift"]
+__all__ = ["FleetRow", "cohort_figures", "fleet_view", "group_key", "merged_drift", "rebin"]
 
 
 def group_key(window: WindowFigures, by: str) -> str:
@@ -182,32 +184,79 @@ def fleet_view(
     return rows
 
 
+def rebin(
+    edges: Sequence[float], counts: Sequence[float], target: Sequence[float]
+) -> list[float] | None:
+    """Counts on `edges` spread onto the bins of `target`.
+
+    Values are taken as uniform within each source bin; mass outside the target's range
+    goes to its end bins.
+
+    Returns:
+        One (fractional) count per target bin, or None when `edges` are not strictly
+        increasing or do not fit `counts`.
+    """
+    if len(edges) != len(counts) + 1 or any(b <= a for a, b in itertools.pairwise(edges)):
+        return None
+    lo, hi = target[0], target[-1]
+    out = [0.0] * (len(target) - 1)
+    for (a, b), c in zip(itertools.pairwise(edges), counts, strict=True):
+        if c <= 0:
+            continue
+        a, b = min(max(a, lo), hi), min(max(b, lo), hi)
+        if b <= a:  # wholly outside the target's range: the nearest end bin
+            out[0 if a <= lo else -1] += c
+            continue
+        for j, (ta, tb) in enumerate(itertools.pairwise(target)):
+            overlap = min(b, tb) - max(a, ta)
+            if overlap > 0:
+                out[j] += c * overlap / (b - a)
+    return out
+
+
+def _whole(values: Sequence[float]) -> tuple[int, ...]:
+    """Whole counts with the same (rounded) total: largest remainders get the rest."""
+    floors = [math.floor(v) for v in values]
+    rest = round(sum(values)) - sum(floors)
+    by_remainder = sorted(range(len(values)), key=lambda i: floors[i] - values[i])
+    for i in by_remainder[: max(0, rest)]:
+        floors[i] += 1
+    return tuple(floors)
+
+
 def cohort_figures(
     windows: Sequence[WindowFigures], references: Mapping[str, DriftReference] | None = None
 ) -> CohortTelemetry:
     """The figures one rollout cohort's gates read (`CohortTelemetry`).
 
-    Confidence histograms are merged only across windows on the same edges as the
-    first one (agents bin on one fleet-wide set), so phase and control cohorts compare.
+    Confidence histograms are rebinned onto the fleet-wide edges
+    (`DEFAULT_CONFIDENCE_EDGES`) before they are added up, so the phase and control
+    cohorts compare bin for bin whatever edges each agent used.
     """
     counts = merge_counts(windows)
     errors = sum(counts.get(k, 0) for k in ("failed", "shed", "rejected"))
     bounds, lat = merge_latency(windows)
-    edges: tuple[float, ...] = ()
-    conf: list[int] = []
+    grid = DEFAULT_CONFIDENCE_EDGES
+    conf = [0.0] * (len(grid) - 1)
+    seen = False
     for w in windows:
         if not w.confidence:
             continue
-        if not edges:
-            edges, conf = w.confidence_edges, [0] * len(w.confidence)
-        if w.confidence_edges == edges:
-            conf = [a + b for a, b in zip(conf, w.confidence, strict=True)]
+        on_grid = (
+            list(w.confidence)
+            if w.confidence_edges == grid
+            else rebin(w.confidence_edges, w.confidence, grid)
+        )
+        if on_grid is None:
+            continue  # edges that are no histogram's: nothing to compare
+        conf = [a + b for a, b in zip(conf, on_grid, strict=True)]
+        seen = True
     score, _ = merged_drift(windows, references)
     return CohortTelemetry(
         devices=len({w.device_id for w in windows}),
         inferences=counts.get("ok", 0) + errors,
         errors=errors,
         p95_latency_ms=histogram_quantile(bounds, lat, 0.95),
-        confidence_counts=tuple(conf) if conf else None,
+        confidence_counts=_whole(conf) if seen else None,
         input_drift=score,
     )
