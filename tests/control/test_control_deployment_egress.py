@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -139,3 +140,51 @@ def test_a_bad_policy_is_refused_with_4xx(
     )
     assert r.status_code == 422 and "error" in r.json(), r.text
     assert len(p.api("GET", "/api/v1/deployments/x/revisions").json()["revisions"]) == 1
+
+
+def test_cli_create_and_update_carry_the_policy(
+    live_server: dict[str, Any],
+    examples: dict[str, Any],
+    capsys: pytest.CaptureFixture[str],
+    tmp_path: Path,
+) -> None:
+    from .test_control_cli import run
+
+    conn = ["--server", live_server["base"], "--token", live_server["admin"]]
+    assert run(capsys, "server", "trust-key", str(examples["dir"] / "examples.pub"), *conn)[0] == 0
+    for ref in ("digits-mlp@1.0.0", "digits-mlp@1.1.0"):
+        assert run(capsys, "model", "push", str(examples["bundles"][ref]), *conn)[0] == 0
+    pipe = ["-p", "digits=digits-mlp@1.0.0"]
+    code, _, err = run(capsys, "deploy", "create", "--name", "b", *pipe, "--egress", "{", *conn)
+    assert code == 1 and "--egress is not valid JSON" in err
+    code, out, err = run(
+        capsys, "deploy", "create", "--name", "b", *pipe, "--egress", '{"groups": ["x"]}', *conn
+    )
+    assert code == 1 and "422" in err and "Traceback" not in err
+    code, out, _ = run(
+        capsys, "deploy", "create", "--name", "b", *pipe, "--egress", json.dumps(STRICT), *conn
+    )
+    assert code == 0 and '"redact": ["face", "plate"]' in out
+    policy = tmp_path / "egress.json"
+    policy.write_text(json.dumps(CAPTURE))
+    code, out, _ = run(
+        capsys,
+        "deploy",
+        "update",
+        "b",
+        "-p",
+        "digits=digits-mlp@1.1.0",
+        "--egress",
+        str(policy),
+        "--json",
+        *conn,
+    )
+    assert code == 0 and json.loads(out)["egress"] == _full(CAPTURE)
+    code, out, _ = run(
+        capsys, "deploy", "update", "b", "-p", "digits=digits-mlp@1.0.0", "--json", *conn
+    )
+    assert code == 0 and json.loads(out)["egress"] == _full(CAPTURE)  # kept
+    code, out, _ = run(
+        capsys, "deploy", "update", "b", *pipe, "--egress", "none", "--promote", "--json", *conn
+    )
+    assert code == 0 and json.loads(out)["egress"] is None
