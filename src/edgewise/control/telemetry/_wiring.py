@@ -15,6 +15,7 @@ Configuration (`TelemetryConfig`) comes from the environment unless passed in:
 from __future__ import annotations
 
 import contextlib
+import gc
 import logging
 import os
 import threading
@@ -195,6 +196,11 @@ def install_telemetry(
         async def lifespan(a: Any) -> AsyncIterator[Any]:
             async with outer(a) as state:
                 runtime.start()
+                # Everything built at start-up (routes, schemas, models, caches) lives as
+                # long as the process: moved out of the collector's reach, it is not
+                # rescanned by every full collection that decoding uploads triggers
+                # (those cost more than the decoding itself on a server-sized heap).
+                gc.freeze()
                 try:
                     yield state
                 finally:
