@@ -1,21 +1,24 @@
-"""Exactly-once telemetry ingest, written in batches (COPY on PostgreSQL, executemany on SQLite).
+"""Exactly-once telemetry ingest, written in batches (PostgreSQL COPY, SQLite multi-row).
 
-One call stores any number of batches from any number of devices in one transaction:
+Batches arrive as `TelemetryColumns` (`decode_upload` makes them from an upload body
+without a pydantic object per record) or as protocol `TelemetryBatch`es, which are
+turned into columns first. One call stores any number of batches from any number of
+devices in one transaction:
 
 1. read each device's `telemetry_acked` (every seq up to it is stored): records at or
    below it are duplicates without touching the log;
 2. insert the rest into the `telemetry` log, skipping (device, seq) pairs already there
    (PostgreSQL: COPY into a temporary table, then `INSERT ... ON CONFLICT DO NOTHING
    RETURNING`, so concurrent replicas never double-store; SQLite: one writer at a time,
-   existing seqs read by range, then one executemany);
+   existing seqs read by range, then multi-row INSERTs);
 3. decode the newly stored `window` records into `telemetry_windows`;
 4. advance `telemetry_acked` over the contiguous prefix and note per-device facts.
 
 Usage::
 
     ingest = TelemetryIngest(store.engine)
-    ack = ingest.ingest("dev-1", batch)             # HTTP: one batch
-    acks = ingest.ingest_many([(id, batch), ...])   # MQTT: whatever arrived meanwhile
+    ack = ingest.ingest("dev-1", decode_upload(body))      # one batch
+    acks = ingest.ingest_many([(id, columns), ...])        # MQTT / group commit: many
 """
 
 from __future__ import annotations
