@@ -84,17 +84,25 @@ class GroupCommit:
                 s = self._queue.popleft()
                 group.append(s)
                 total += s.records
-        self._write(group)
-        with self._lock:
-            nxt = self._queue[0] if self._queue else None
-            if nxt is None:
-                self._writing = False
-            else:
-                nxt.lead = True
-        for s in group:
-            s.done.set()
-        if nxt is not None:
-            nxt.done.set()
+        try:
+            self._write(group)
+        except BaseException as exc:  # not even an answer: every upload of the group fails
+            for s in group:
+                if s.ack is None and s.error is None:
+                    s.error = exc
+            raise
+        finally:
+            # Whatever happened, the waiting uploads are never left without a writer.
+            with self._lock:
+                nxt = self._queue[0] if self._queue else None
+                if nxt is None:
+                    self._writing = False
+                else:
+                    nxt.lead = True
+            for s in group:
+                s.done.set()
+            if nxt is not None:
+                nxt.done.set()
 
     def _write(self, group: list[_Slot]) -> None:
         try:
