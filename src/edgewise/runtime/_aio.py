@@ -1,10 +1,17 @@
 """Batching for asyncio callers: requests made in one event-loop turn form one group.
 
-The first request for a pipeline schedules a drain with `call_soon`; every request made
-before the loop gets to it joins the group; the drain submits the group at once. A lone
-request therefore waits one loop turn, never a fixed delay, and concurrent coroutines
-(HTTP connections, async apps) are served as a batch without a thread hand-off: an idle
+The first request for a pipeline opens a group and schedules its drain with
+`call_soon`; every request made before the loop gets to it joins the group; the drain
+submits the group at once and one shared future wakes every member. A lone request
+therefore waits one loop turn, never a fixed delay, and concurrent coroutines (HTTP
+connections, async apps) are served as a batch without a thread hand-off: an idle
 executor runs a fast model's group right in the loop thread.
+
+`first_goes_now` (the HTTP app) skips that turn for the first request of a loop turn: it
+runs at once, and only the requests that start later in the same turn are grouped. This
+needs no peek at the loop's private ready queue (uvloop has none): the first request
+marks the turn and schedules the mark's removal with `call_soon`, which runs after every
+callback that was already ready, i.e. after the rest of this turn's requests.
 """
 
 from __future__ import annotations
@@ -13,6 +20,7 @@ import asyncio
 import contextlib
 import threading
 import weakref
+from asyncio import events
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -24,14 +32,62 @@ if TYPE_CHECKING:
     from edgewise.runtime._pipeline import InferenceResult
     from edgewise.runtime._runtime import Runtime
 
-__all__ = ["LoopBatcher", "LoopBatchers"]
+__all__ = ["LoopBatcher", "LoopBatchers", "wake"]
 
-Pending = list[tuple[np.ndarray[Any, Any], bool, "asyncio.Future[Request]"]]
+_running_loop = events._get_running_loop  # the C accessor: no error when none runs
 
 
-def _resolve(fut: asyncio.Future[Request], req: Request) -> None:
+def _resolve(fut: asyncio.Future[Any], value: Any) -> None:
     if not fut.done():
-        fut.set_result(req)
+        fut.set_result(value)
+
+
+def wake(req: Request) -> None:
+    """Completion callback: resolve the asyncio future in `req.ctx` from any thread."""
+    fut: asyncio.Future[Any] = req.ctx
+    loop = fut.get_loop()
+    if _running_loop() is loop:
+        if not fut.done():
+            fut.set_result(req)
+    else:
+        with contextlib.suppress(RuntimeError):  # the loop closed; nobody waits
+            loop.call_soon_threadsafe(_resolve, fut, req)
+
+
+class _Group:
+    """The requests one loop turn made for one pipeline, and their one shared future."""
+
+    __slots__ = ("fut", "left", "lock", "reqs", "xs")
+
+    def __init__(self, fut: asyncio.Future[None]) -> None:
+        self.fut = fut
+        self.xs: list[tuple[np.ndarray[Any, Any], bool]] = []
+        self.reqs: list[Request] = []
+        self.left = 0
+        # Refused members are failed in the loop thread while admitted ones may already
+        # complete on the worker: the count is shared by two threads.
+        self.lock = threading.Lock()
+
+    def done(self, req: Request) -> None:
+        """Per-request completion: the last one wakes every member (from any thread)."""
+        with self.lock:
+            self.left -= 1
+            if self.left:
+                return
+        fut, loop = self.fut, self.fut.get_loop()
+        if _running_loop() is loop:
+            if not fut.done():
+                fut.set_result(None)
+        else:
+            with contextlib.suppress(RuntimeError):
+                loop.call_soon_threadsafe(_resolve, fut, None)
+
+
+def _outcome(req: Request) -> InferenceResult:
+    if req.error is not None:
+        raise req.error
+    result: InferenceResult = req.result
+    return result
 
 
 class LoopBatcher:
@@ -39,73 +95,54 @@ class LoopBatcher:
 
     def __init__(self, runtime: Runtime) -> None:
         self.runtime = runtime
-        self.pending: dict[str, Pending] = {}
+        self.pending: dict[str, _Group] = {}
+        self._turn: asyncio.AbstractEventLoop | None = None  # loop whose turn is marked
 
-    def add(
+    async def infer(
         self,
         name: str,
         x: np.ndarray[Any, Any],
-        exact_dtype: bool,
-        loop: asyncio.AbstractEventLoop | None = None,
-    ) -> asyncio.Future[Request]:
-        """Join (or open) this loop turn's group for `name`; the future gets the request."""
-        if loop is None:
-            loop = asyncio.get_running_loop()
-        fut: asyncio.Future[Request] = loop.create_future()
-        group = self.pending.get(name)
-        if group is None:
-            group = self.pending[name] = []
-            loop.call_soon(self._drain, name, loop)
-        group.append((x, exact_dtype, fut))
-        return fut
-
-    async def infer(
-        self, name: str, x: np.ndarray[Any, Any], exact_dtype: bool = False, alone: bool = False
+        exact_dtype: bool = False,
+        first_goes_now: bool = False,
     ) -> InferenceResult:
         """Run one request; raises its `RuntimeFailure`.
 
-        With `alone` (the caller knows no other request is in progress, e.g. the HTTP
-        app with one connection busy) the request goes at once, without a loop turn;
-        otherwise it joins this loop turn's group.
+        With `first_goes_now`, the first request of a loop turn is submitted at once (an
+        idle executor runs it right here); later requests of the same turn are grouped.
         """
-        if alone and name not in self.pending:
-            loop = asyncio.get_running_loop()
+        loop = asyncio.get_running_loop()
+        if first_goes_now and self._turn is not loop and name not in self.pending:
+            self._turn = loop
+            loop.call_soon(self._end_turn)
             fut: asyncio.Future[Request] = loop.create_future()
-            self._submit(name, [(x, exact_dtype, fut)], loop)
-        else:
-            fut = self.add(name, x, exact_dtype)
-        req = await fut
-        if req.error is not None:
-            raise req.error
-        result: InferenceResult = req.result
-        return result
+            req = self.runtime.submit(name, x, wake, exact_dtype=exact_dtype, inline=True, ctx=fut)
+            if req.result is None and req.error is None:
+                await fut
+            return _outcome(req)
+        group = self.pending.get(name)
+        if group is None:
+            group = self.pending[name] = _Group(loop.create_future())
+            loop.call_soon(self._drain, name)
+        i = len(group.xs)
+        group.xs.append((x, exact_dtype))
+        await group.fut
+        return _outcome(group.reqs[i])
 
-    def _drain(self, name: str, loop: asyncio.AbstractEventLoop) -> None:
-        group = self.pending.pop(name, [])
-        if group:
-            self._submit(name, group, loop)
+    def _end_turn(self) -> None:
+        self._turn = None
 
-    def _submit(self, name: str, group: Pending, loop: asyncio.AbstractEventLoop) -> None:
-        loop_thread = threading.get_ident()
-
-        def done(req: Request) -> None:
-            fut: asyncio.Future[Request] = req.ctx
-            if threading.get_ident() == loop_thread:
-                if not fut.done():
-                    fut.set_result(req)
-            else:
-                with contextlib.suppress(RuntimeError):  # the loop closed; nobody waits
-                    loop.call_soon_threadsafe(_resolve, fut, req)
-
-        try:
-            reqs = self.runtime.prepare_many(name, [(x, exact) for x, exact, _ in group], done)
-        except RuntimeFailure as exc:
-            for _, _, fut in group:
-                if not fut.done():
-                    fut.set_exception(exc)
+    def _drain(self, name: str) -> None:
+        group = self.pending.pop(name, None)
+        if group is None:
             return
-        for req, (_, _, fut) in zip(reqs, group, strict=True):
-            req.ctx = fut
+        try:
+            reqs = self.runtime.prepare_many(name, group.xs, group.done)
+        except RuntimeFailure as exc:
+            if not group.fut.done():
+                group.fut.set_exception(exc)
+            return
+        group.reqs = reqs
+        group.left = len(reqs)
         self.runtime.dispatch_many(name, reqs)
 
 

@@ -160,8 +160,14 @@ class InferenceResult:
         """Top-1 confidence of the first row."""
         return self._served.confidences[self._start] if self._end > self._start else None
 
-    def to_json(self) -> dict[str, Any]:
-        """JSON-ready form for the HTTP API and sinks."""
+    def to_json(self, arrays: bool = False) -> dict[str, Any]:
+        """JSON-ready form for the HTTP API and sinks.
+
+        Args:
+            arrays: leave `outputs` as numpy arrays, for an encoder that writes them
+                itself (orjson's OPT_SERIALIZE_NUMPY), instead of nested lists.
+        """
+        outputs = self.outputs
         body: dict[str, Any] = {
             "pipeline": self.pipeline,
             "model": self.model,
@@ -169,7 +175,7 @@ class InferenceResult:
             "labels": self.labels,
             "confidences": self.confidences,
             "escalated": self.escalated,
-            "outputs": {k: v.tolist() for k, v in self.outputs.items()},
+            "outputs": outputs if arrays else {k: v.tolist() for k, v in outputs.items()},
             "queue_ms": round(self.queue_ms, 4),
             "compute_ms": round(self.compute_ms, 4),
         }

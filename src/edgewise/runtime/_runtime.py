@@ -247,12 +247,7 @@ class Runtime:
         Raises:
             UnknownPipeline, BadInput, Rejected, Shed, PipelineStopped, InferenceFailed.
         """
-        loop = asyncio.get_running_loop()
-        req = await self._batchers.of(loop).add(name, x, exact_dtype, loop)
-        if req.error is not None:
-            raise req.error
-        result: InferenceResult = req.result
-        return result
+        return await self._batchers.of(asyncio.get_running_loop()).infer(name, x, exact_dtype)
 
     def _prepare(self, p: RunningPipeline, x: Array, exact_dtype: bool) -> tuple[Array, ModelLane]:
         try:
@@ -270,17 +265,19 @@ class Runtime:
         *,
         exact_dtype: bool = False,
         inline: bool = False,
+        ctx: Any = None,
     ) -> Request:
         """Queue a request and return at once; `callback(request)` runs on completion.
 
         With `inline`, an idle executor runs a fast model's request in the calling thread
         (the HTTP API does this from its event loop for sub-`inline_async_max_ms` models).
+        `ctx` is stored on the request before it can complete (e.g. an asyncio future).
         """
         p = self._pipelines.get(name)
         if p is None:
             raise UnknownPipeline(f"no pipeline named {name!r}")
         x, lane = self._prepare(p, x, exact_dtype)
-        req = Request(x, lane, p, self.clock(), callback)
+        req = Request(x, lane, p, self.clock(), callback, ctx)
         p.executor.submit(req, inline and p.executor.typical_batch_s() < self._inline_max_s)
         return req
 
