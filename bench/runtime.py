@@ -496,9 +496,7 @@ def serve(kind: str, model_path: str, port: int) -> None:
         rt = Runtime(cores=1, monitor_interval_s=None)
         rt.start_pipeline(spec("digits", batching={"max_batch": 32}), rt.load_model(model_path))
         app = make_inference_app(rt)
-    uvicorn.run(
-        app, host="127.0.0.1", port=port, log_level="error", access_log=False, **SERVER
-    )
+    uvicorn.run(app, host="127.0.0.1", port=port, log_level="error", access_log=False, **SERVER)
 
 
 def free_port() -> int:

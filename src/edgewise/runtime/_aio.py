@@ -20,7 +20,6 @@ import asyncio
 import contextlib
 import threading
 import weakref
-from asyncio import events
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -34,8 +33,6 @@ if TYPE_CHECKING:
 
 __all__ = ["LoopBatcher", "LoopBatchers", "wake"]
 
-_running_loop = events._get_running_loop  # the C accessor: no error when none runs
-
 
 def _resolve(fut: asyncio.Future[Any], value: Any) -> None:
     if not fut.done():
@@ -43,24 +40,32 @@ def _resolve(fut: asyncio.Future[Any], value: Any) -> None:
 
 
 def wake(req: Request) -> None:
-    """Completion callback: resolve the asyncio future in `req.ctx` from any thread."""
-    fut: asyncio.Future[Any] = req.ctx
-    loop = fut.get_loop()
-    if _running_loop() is loop:
+    """Completion callback of a request whose waiter may not exist yet.
+
+    The waiter sets `req.ctx = (future, loop, loop's thread id)` only when the request
+    did not complete inline, and then checks the result again: a completion that finds
+    no ctx has already been seen by the waiter (see `LoopBatcher.infer`).
+    """
+    ctx = req.ctx
+    if ctx is None:
+        return
+    fut, loop, tid = ctx
+    if threading.get_ident() == tid:
         if not fut.done():
-            fut.set_result(req)
+            fut.set_result(None)
     else:
         with contextlib.suppress(RuntimeError):  # the loop closed; nobody waits
-            loop.call_soon_threadsafe(_resolve, fut, req)
+            loop.call_soon_threadsafe(_resolve, fut, None)
 
 
 class _Group:
     """The requests one loop turn made for one pipeline, and their one shared future."""
 
-    __slots__ = ("fut", "left", "lock", "reqs", "xs")
+    __slots__ = ("fut", "left", "lock", "reqs", "tid", "xs")
 
-    def __init__(self, fut: asyncio.Future[None]) -> None:
+    def __init__(self, fut: asyncio.Future[None], tid: int) -> None:
         self.fut = fut
+        self.tid = tid  # the loop's thread
         self.xs: list[tuple[np.ndarray[Any, Any], bool]] = []
         self.reqs: list[Request] = []
         self.left = 0
@@ -74,8 +79,9 @@ class _Group:
             self.left -= 1
             if self.left:
                 return
-        fut, loop = self.fut, self.fut.get_loop()
-        if _running_loop() is loop:
+        fut = self.fut
+        loop = fut.get_loop()
+        if threading.get_ident() == self.tid:
             if not fut.done():
                 fut.set_result(None)
         else:
@@ -97,6 +103,20 @@ class LoopBatcher:
         self.runtime = runtime
         self.pending: dict[str, _Group] = {}
         self._turn: asyncio.AbstractEventLoop | None = None  # loop whose turn is marked
+        self._loop: tuple[int, asyncio.AbstractEventLoop] | None = None
+
+    def _running(self) -> tuple[int, asyncio.AbstractEventLoop]:
+        """(thread id, running loop), without asking asyncio on every request.
+
+        `asyncio.get_running_loop()` costs a getpid() system call each time; a thread
+        runs one loop at a time, so the last one seen is still current while it runs.
+        """
+        tid = threading.get_ident()
+        last = self._loop
+        if last is not None and last[0] == tid and last[1].is_running():
+            return last
+        self._loop = last = (tid, asyncio.get_running_loop())
+        return last
 
     async def infer(
         self,
@@ -110,18 +130,20 @@ class LoopBatcher:
         With `first_goes_now`, the first request of a loop turn is submitted at once (an
         idle executor runs it right here); later requests of the same turn are grouped.
         """
-        loop = asyncio.get_running_loop()
+        tid, loop = self._running()
         if first_goes_now and self._turn is not loop and name not in self.pending:
             self._turn = loop
             loop.call_soon(self._end_turn)
-            fut: asyncio.Future[Request] = loop.create_future()
-            req = self.runtime.submit(name, x, wake, exact_dtype=exact_dtype, inline=True, ctx=fut)
-            if req.result is None and req.error is None:
-                await fut
+            req = self.runtime.submit(name, x, wake, exact_dtype=exact_dtype, inline=True)
+            if req.result is None and req.error is None:  # queued behind other work
+                fut: asyncio.Future[None] = loop.create_future()
+                req.ctx = (fut, loop, tid)
+                if req.result is None and req.error is None:
+                    await fut
             return _outcome(req)
         group = self.pending.get(name)
         if group is None:
-            group = self.pending[name] = _Group(loop.create_future())
+            group = self.pending[name] = _Group(loop.create_future(), tid)
             loop.call_soon(self._drain, name)
         i = len(group.xs)
         group.xs.append((x, exact_dtype))

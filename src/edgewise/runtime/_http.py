@@ -51,7 +51,7 @@ def _error(status: int, code: str, message: str) -> tuple[int, bytes]:
 
 
 def _plain(obj: Any) -> Any:
-    """orjson's fallback: arrays it cannot write directly (not C-contiguous, float16...)."""
+    """Fallback for orjson: arrays it cannot write directly (not C-contiguous, float16...)."""
     if isinstance(obj, np.ndarray | np.generic):
         return obj.tolist()
     raise TypeError(f"{type(obj).__name__} is not JSON serializable")

@@ -50,10 +50,11 @@ BATCH_BOUNDS: tuple[float, ...] = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
 class Histogram:
     """Cumulative-style histogram: counts per upper bound plus an overflow bucket."""
 
-    __slots__ = ("bounds", "count", "counts", "sum")
+    __slots__ = ("_edges", "bounds", "count", "counts", "sum")
 
     def __init__(self, bounds: tuple[float, ...]) -> None:
         self.bounds = bounds
+        self._edges = np.asarray(bounds, dtype=np.float64)  # searchsorted on a tuple
         self.counts = [0] * (len(bounds) + 1)
         self.count = 0
         self.sum = 0.0
@@ -69,7 +70,7 @@ class Histogram:
         arr = np.asarray(values, dtype=np.float64)
         if not arr.size:
             return
-        idx = np.searchsorted(self.bounds, arr, side="left")
+        idx = self._edges.searchsorted(arr, side="left")
         for i, c in enumerate(np.bincount(idx, minlength=len(self.counts)).tolist()):
             self.counts[i] += c
         self.count += int(arr.size)
@@ -150,20 +151,23 @@ class PipelineMetrics:
         n_esc: int,
         stage_ms: tuple[float, float, float],
         queue_ms: list[float],
-        total_ms: list[float],
+        rest_ms: float,
         confidences: list[float | None],
     ) -> None:
         """Record one served batch; aggregation is deferred off the hot path.
 
+        `queue_ms` holds one wait per request; each request's end-to-end latency is its
+        wait plus `rest_ms`, the batch's own time (summed when flushed, not here).
         A pipeline never runs two batches at once, so counters need no lock;
         the pending deque is safe to append to while a reader flushes it.
         """
-        self.success += len(queue_ms)
+        n = len(queue_ms)
+        self.success += n
         self.rows += rows
         self.escalated += n_esc
         if tier == "fallback":
-            self.fallback += len(queue_ms)
-        self._pending.append((t_end, tier, rows, n_esc, stage_ms, queue_ms, total_ms, confidences))
+            self.fallback += n
+        self._pending.append((t_end, tier, rows, n_esc, stage_ms, queue_ms, rest_ms, confidences))
         if len(self._pending) >= 512:
             self.flush()
 
@@ -181,7 +185,8 @@ class PipelineMetrics:
             items = [pending.popleft() for _ in range(len(pending))]
             if not items:
                 return
-            t_ends, tiers, rows, n_escs, stages, queues, totals, confs = zip(*items, strict=True)
+            t_ends, tiers, rows, n_escs, stages, queues, rests, confs = zip(*items, strict=True)
+            totals = [[w + rest for w in q] for q, rest in zip(queues, rests, strict=True)]
             model, post, casc = zip(*stages, strict=True)
             chain = itertools.chain.from_iterable
             self.rolling.extend(zip(t_ends, totals, strict=True))
@@ -189,13 +194,20 @@ class PipelineMetrics:
             self.compute_ms.observe_many(model)
             self._hist(self.stage_ms, "model").observe_many(model)
             self._hist(self.stage_ms, "postprocess").observe_many(post)
-            tier_arr = np.asarray(tiers)
-            served = np.asarray(rows) - np.asarray(n_escs)
-            model_arr = np.asarray(model)
-            for tier in set(tiers):
-                mask = tier_arr == tier
-                self._hist(self.tier_ms, tier).observe_many(model_arr[mask])
-                self.tier_count[tier] = self.tier_count.get(tier, 0) + int(served[mask].sum())
+            tier_set = set(tiers)
+            if len(tier_set) == 1:  # the usual case: no string array, no masks
+                tier = tiers[0]
+                self._hist(self.tier_ms, tier).observe_many(model)
+                served_rows = sum(rows) - sum(n_escs)
+                self.tier_count[tier] = self.tier_count.get(tier, 0) + served_rows
+            else:
+                tier_arr = np.asarray(tiers)
+                served = np.asarray(rows) - np.asarray(n_escs)
+                model_arr = np.asarray(model)
+                for tier in tier_set:
+                    mask = tier_arr == tier
+                    self._hist(self.tier_ms, tier).observe_many(model_arr[mask])
+                    self.tier_count[tier] = self.tier_count.get(tier, 0) + int(served[mask].sum())
             escalated = [i for i, n in enumerate(n_escs) if n]
             if escalated:
                 self._hist(self.tier_ms, "cascade").observe_many([casc[i] for i in escalated])

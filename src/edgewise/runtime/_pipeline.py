@@ -254,16 +254,21 @@ class ModelLane:
         served = _Served(
             p.name, self._key, self.tier, names, conf, escalated, out, post.topk, compute_ms
         )
-        results: list[InferenceResult] = []
-        queue_ms: list[float] = []
-        start = 0
-        for r in batch:
-            end = start + r.rows
-            waited = (t0 - r.enqueued) * 1000.0
-            queue_ms.append(waited)
-            results.append(InferenceResult(served, start, end, waited))
-            start = end
-        rest_ms = (t3 - t0) * 1000.0
+        results: list[InferenceResult]
+        queue_ms: list[float]
+        if len(batch) == 1:  # the lone request: no per-request loop
+            waited = (t0 - batch[0].enqueued) * 1000.0
+            queue_ms = [waited]
+            results = [InferenceResult(served, 0, n, waited)]
+        else:
+            results, queue_ms = [], []
+            start = 0
+            for r in batch:
+                end = start + r.rows
+                waited = (t0 - r.enqueued) * 1000.0
+                queue_ms.append(waited)
+                results.append(InferenceResult(served, start, end, waited))
+                start = end
         p.metrics.record(
             t3,
             self.tier,
@@ -271,7 +276,7 @@ class ModelLane:
             n_esc,
             (compute_ms, (t2 - t1) * 1000.0, (t3 - t2) * 1000.0),
             queue_ms,
-            [w + rest_ms for w in queue_ms],
+            (t3 - t0) * 1000.0,
             conf,
         )
         complete_all(batch, results)
