@@ -59,17 +59,23 @@ def wake(req: Request) -> None:
 
 
 class _Group:
-    """The requests one loop turn made for one pipeline, and their one shared future."""
+    """The requests one loop turn made for one pipeline, and their one shared future.
 
-    __slots__ = ("fut", "left", "lock", "reqs", "tid", "xs")
+    The drain stacks the members' rows into as few `Request`s as the lane allows
+    (`Runtime.submit_group`); `slots[i]` says where member `i`'s rows are, or why it
+    was refused. The last stacked request to complete wakes every member at once.
+    """
+
+    __slots__ = ("fut", "left", "lock", "reqs", "slots", "tid", "xs")
 
     def __init__(self, fut: asyncio.Future[None], tid: int) -> None:
         self.fut = fut
         self.tid = tid  # the loop's thread
         self.xs: list[tuple[np.ndarray[Any, Any], bool]] = []
         self.reqs: list[Request] = []
+        self.slots: list[tuple[int, int, int] | BaseException] = []
         self.left = 0
-        # Refused members are failed in the loop thread while admitted ones may already
+        # Refused requests are failed in the loop thread while admitted ones may already
         # complete on the worker: the count is shared by two threads.
         self.lock = threading.Lock()
 
@@ -80,13 +86,24 @@ class _Group:
             if self.left:
                 return
         fut = self.fut
-        loop = fut.get_loop()
         if threading.get_ident() == self.tid:
             if not fut.done():
                 fut.set_result(None)
         else:
             with contextlib.suppress(RuntimeError):
-                loop.call_soon_threadsafe(_resolve, fut, None)
+                fut.get_loop().call_soon_threadsafe(_resolve, fut, None)
+
+    def outcome(self, i: int) -> InferenceResult:
+        """Member `i`'s result; raises its error."""
+        slot = self.slots[i]
+        if isinstance(slot, BaseException):
+            raise slot
+        k, start, end = slot
+        req = self.reqs[k]
+        if req.error is not None:
+            raise req.error
+        whole: InferenceResult = req.result
+        return whole.part(start, end)
 
 
 def _outcome(req: Request) -> InferenceResult:
@@ -148,7 +165,7 @@ class LoopBatcher:
         i = len(group.xs)
         group.xs.append((x, exact_dtype))
         await group.fut
-        return _outcome(group.reqs[i])
+        return group.outcome(i)
 
     def _end_turn(self) -> None:
         self._turn = None
@@ -157,15 +174,19 @@ class LoopBatcher:
         group = self.pending.pop(name, None)
         if group is None:
             return
+        group.left = 1 << 30  # no completion may wake the members before all are known
         try:
-            reqs = self.runtime.prepare_many(name, group.xs, group.done)
+            reqs, slots = self.runtime.submit_group(name, group.xs, group.done)
         except RuntimeFailure as exc:
             if not group.fut.done():
                 group.fut.set_exception(exc)
             return
-        group.reqs = reqs
-        group.left = len(reqs)
-        self.runtime.dispatch_many(name, reqs)
+        group.reqs, group.slots = reqs, slots
+        with group.lock:  # completions so far counted down from the placeholder
+            group.left -= (1 << 30) - len(reqs)
+            finished = group.left == 0
+        if finished and not group.fut.done():
+            group.fut.set_result(None)
 
 
 class LoopBatchers:
@@ -175,6 +196,7 @@ class LoopBatchers:
         self.runtime = runtime
         self._by_loop: weakref.WeakKeyDictionary[Any, LoopBatcher] = weakref.WeakKeyDictionary()
         self._last: tuple[weakref.ref[Any], LoopBatcher] | None = None
+        self._hot: tuple[int, weakref.ref[Any], LoopBatcher] | None = None
 
     def of(self, loop: asyncio.AbstractEventLoop) -> LoopBatcher:
         """The batcher of `loop` (created on first use)."""
@@ -185,4 +207,20 @@ class LoopBatchers:
         if batcher is None:
             batcher = self._by_loop[loop] = LoopBatcher(self.runtime)
         self._last = (weakref.ref(loop), batcher)
+        return batcher
+
+    def current(self) -> LoopBatcher:
+        """The batcher of the running loop.
+
+        Skips `asyncio.get_running_loop()` (a getpid() each call) while the last caller's
+        loop still runs in this thread (see `LoopBatcher._running`).
+        """
+        hot = self._hot
+        if hot is not None and hot[0] == threading.get_ident():
+            loop = hot[1]()
+            if loop is not None and loop.is_running():
+                return hot[2]
+        loop = asyncio.get_running_loop()
+        batcher = self.of(loop)
+        self._hot = (threading.get_ident(), weakref.ref(loop), batcher)
         return batcher

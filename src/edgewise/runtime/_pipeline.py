@@ -97,6 +97,11 @@ class InferenceResult:
             f"tier={self.tier!r}, labels={self.labels!r}, confidences={self.confidences!r})"
         )
 
+    def part(self, start: int, end: int) -> InferenceResult:
+        """The result of rows `start:end` of this result (one caller of a group)."""
+        a = self._start
+        return InferenceResult(self._served, a + start, a + end, self.queue_ms)
+
     @property
     def pipeline(self) -> str:
         """Name of the pipeline that served the request."""
@@ -256,9 +261,10 @@ class ModelLane:
         )
         results: list[InferenceResult]
         queue_ms: list[float]
-        if len(batch) == 1:  # the lone request: no per-request loop
-            waited = (t0 - batch[0].enqueued) * 1000.0
-            queue_ms = [waited]
+        if len(batch) == 1:  # the lone request (or one group): no per-request loop
+            r = batch[0]
+            waited = (t0 - r.enqueued) * 1000.0
+            queue_ms = [waited] * r.n
             results = [InferenceResult(served, 0, n, waited)]
         else:
             results, queue_ms = [], []
@@ -266,7 +272,10 @@ class ModelLane:
             for r in batch:
                 end = start + r.rows
                 waited = (t0 - r.enqueued) * 1000.0
-                queue_ms.append(waited)
+                if r.n == 1:
+                    queue_ms.append(waited)
+                else:
+                    queue_ms.extend([waited] * r.n)
                 results.append(InferenceResult(served, start, end, waited))
                 start = end
         p.metrics.record(
@@ -347,20 +356,23 @@ class RunningPipeline:
         with self.metrics.lock:
             self.metrics.shed += n
 
-    def on_rejected(self) -> None:
-        """Count one rejected request."""
+    def on_rejected(self, n: int = 1) -> None:
+        """Count rejected requests."""
         with self.metrics.lock:
-            self.metrics.rejected += 1
+            self.metrics.rejected += n
 
-    def prepare(self, x: Array, exact_dtype: bool = False) -> tuple[Array, ModelLane]:
-        """Preprocess and validate one request against the active model."""
+    def prepare(
+        self, x: Array, exact_dtype: bool = False, lane: ModelLane | None = None
+    ) -> tuple[Array, ModelLane]:
+        """Preprocess and validate one request against `lane` (default: the active one)."""
         if self.pre:
             t0 = self.clock()
             for fn in self.pre:
                 x = fn(x)
             # Callers' threads run this concurrently: a deque append is atomic.
             self.metrics.pre_ms.append((self.clock() - t0) * 1000.0)
-        lane = self.active
+        if lane is None:
+            lane = self.active
         return lane.model.validate(x, exact_dtype), lane
 
     def sample(self, batch: list[Request]) -> None:
@@ -368,10 +380,17 @@ class RunningPipeline:
         if not self._every:
             return
         for r in batch:
-            self._count += 1
-            if self._count % self._every == 0:
-                res = r.result
-                self.samples.append((r.x, getattr(res, "label", None)))
+            if r.n == 1:
+                self._count += 1
+                if self._count % self._every == 0:
+                    res = r.result
+                    self.samples.append((r.x, getattr(res, "label", None)))
+                continue
+            labels = r.result.labels  # a group of callers: sample its rows one by one
+            for j in range(r.rows):
+                self._count += 1
+                if self._count % self._every == 0:
+                    self.samples.append((r.x[j : j + 1], labels[j]))
 
     def emit(self, result: InferenceResult) -> None:
         """Hand a result to every sink; a failing sink never fails the request."""

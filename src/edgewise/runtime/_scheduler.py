@@ -10,6 +10,8 @@ Invariants:
   work queued runs at once in its caller's thread, beside that batch (one such request at
   a time; `critical_bypass=False` turns this off). It never waits behind best-effort.
 - Admission is immediate: a full per-pipeline queue raises `Rejected`; nothing blocks.
+  Capacity counts callers' requests: a request that carries a group of them (`n`, see
+  `Request`) takes `n` places.
 - When a queued critical request has waited long enough that one more batch would take
   it past `shed_fraction` of its SLO, every queued best_effort request is shed, and new
   best_effort requests are shed on arrival for `shed_hold_s`.
@@ -75,10 +77,10 @@ class Executor:
         if not owner.accepting:
             raise PipelineStopped(f"pipeline {owner.name!r} is stopping")
         if owner.rank == BEST_EFFORT and self._clock() < self._shed_until:
-            owner.on_shed(1)
+            owner.on_shed(req.n)
             raise Shed("best-effort request shed: critical work is at risk of its SLO")
-        if owner.queued >= owner.capacity:
-            owner.on_rejected()
+        if owner.queued + req.n > owner.capacity:
+            owner.on_rejected(req.n)
             raise Rejected(f"queue of pipeline {owner.name!r} is full ({owner.capacity})")
 
     def submit(self, req: Request, inline: bool = True, wait: bool = False) -> bool:
@@ -117,7 +119,7 @@ class Executor:
                     req._waiter = waiter = threading.Lock()
                     waiter.acquire()
                 self._queues[req.owner.rank].append(req)
-                req.owner.queued += 1
+                req.owner.queued += req.n
                 self._depth += 1
                 cond.notify()
                 return False
@@ -150,14 +152,14 @@ class Executor:
                 try:
                     self._admit(r)
                     admitted.append(r)
-                    r.owner.queued += 1  # so the group as a whole respects the capacity
+                    r.owner.queued += r.n  # so the group as a whole respects the capacity
                 except RuntimeFailure as exc:
                     refused.append((r, exc))
             if admitted and inline and not self._busy and not self._depth and not self._paused:
                 self._busy = run_here = True
                 self._running_rank = admitted[0].owner.rank
                 for r in admitted:
-                    r.owner.queued -= 1
+                    r.owner.queued -= r.n
             else:
                 for r in admitted:
                     self._queues[r.owner.rank].append(r)
@@ -234,7 +236,7 @@ class Executor:
             for q in self._queues:
                 q.clear()
             for r in leftovers:
-                r.owner.queued -= 1
+                r.owner.queued -= r.n
             self._depth = 0
             self._cond.notify_all()
         for r in leftovers:
@@ -278,7 +280,7 @@ class Executor:
         self._queues[BEST_EFFORT].clear()
         self._depth -= len(dropped)
         for r in dropped:
-            r.owner.queued -= 1
+            r.owner.queued -= r.n
         return dropped
 
     def _take(self) -> list[Request]:
@@ -304,7 +306,7 @@ class Executor:
             q.extend(keep)
         self._depth -= len(batch)
         for r in batch:
-            r.owner.queued -= 1
+            r.owner.queued -= r.n
         return batch
 
     def _wait_for_company(self, now: float) -> float:
@@ -358,5 +360,5 @@ class Executor:
                         cond.notify_all()
             # Critical work first; telling shed requests they were shed can wait a batch.
             for r in shed:
-                r.owner.on_shed(1)
+                r.owner.on_shed(r.n)
                 r.fail(Shed("best-effort request shed: critical work is at risk of its SLO"))
