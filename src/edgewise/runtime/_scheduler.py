@@ -8,7 +8,8 @@ Invariants:
   queued, the submitting thread runs the request itself (no thread hand-off at all).
 - A critical request that finds the worker busy with lower-priority work and no critical
   work queued runs at once in its caller's thread, beside that batch (one such request at
-  a time; `critical_bypass=False` turns this off). It never waits behind best-effort.
+  a time; `critical_bypass=False` turns this off). It never waits behind best-effort,
+  and the worker starts no new batch until it is done.
 - Admission is immediate: a full per-pipeline queue raises `Rejected`; nothing blocks.
   Capacity counts callers' requests: a request that carries a group of them (`n`, see
   `Request`) takes `n` places.
@@ -321,14 +322,12 @@ class Executor:
         return max(0.0, head.enqueued + delay - now)
 
     def _must_wait(self) -> bool:
-        # While a critical request runs beside the worker, queued critical work (maybe of
-        # the same pipeline) waits for it: one pipeline never runs two batches at once.
-        return (
-            self._busy
-            or self._paused
-            or not self._depth
-            or (self._bypassing and bool(self._queues[CRITICAL]))
-        )
+        # While a critical request runs beside the worker, the worker starts nothing new:
+        # queued critical work (maybe of the same pipeline) waits for it, since one
+        # pipeline never runs two batches at once, and lower-priority batches would only
+        # compete with it for the cores and the GIL. It waits at most for the batch the
+        # worker was already running.
+        return self._busy or self._paused or not self._depth or self._bypassing
 
     def _loop(self) -> None:
         cond = self._cond
