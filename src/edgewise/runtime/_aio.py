@@ -158,14 +158,24 @@ class LoopBatcher:
                 if req.result is None and req.error is None:
                     await fut
             return _outcome(req)
+        group, i = self.join(name, x, exact_dtype)
+        await group.fut
+        return group.outcome(i)
+
+    def join(self, name: str, x: np.ndarray[Any, Any], exact_dtype: bool) -> tuple[_Group, int]:
+        """Add a request to this loop turn's group for `name` (opening it if needed).
+
+        The caller awaits `group.fut` and then takes `group.outcome(i)`; a plain function
+        rather than a coroutine, so an async caller awaits one coroutine, not two.
+        """
         group = self.pending.get(name)
         if group is None:
+            tid, loop = self._running()
             group = self.pending[name] = _Group(loop.create_future(), tid)
             loop.call_soon(self._drain, name)
         i = len(group.xs)
         group.xs.append((x, exact_dtype))
-        await group.fut
-        return group.outcome(i)
+        return group, i
 
     def _end_turn(self) -> None:
         self._turn = None

@@ -247,7 +247,9 @@ class Runtime:
         Raises:
             UnknownPipeline, BadInput, Rejected, Shed, PipelineStopped, InferenceFailed.
         """
-        return await self._batchers.current().infer(name, x, exact_dtype)
+        group, i = self._batchers.current().join(name, x, exact_dtype)
+        await group.fut
+        return group.outcome(i)
 
     def _prepare(self, p: RunningPipeline, x: Array, exact_dtype: bool) -> tuple[Array, ModelLane]:
         try:
@@ -321,7 +323,10 @@ class Runtime:
         parts: list[Array] = []
         rows = 0
         for x, exact in xs:
-            if not (fast and x.dtype == dtype and x.ndim == ndim and x.shape[1:] == fixed):
+            xd = x.dtype  # builtin dtypes are singletons: `is` settles the usual case
+            if not (
+                fast and (xd is dtype or xd == dtype) and x.ndim == ndim and x.shape[1:] == fixed
+            ):
                 try:
                     x, _ = p.prepare(x, exact, lane)
                 except BadInput as exc:
