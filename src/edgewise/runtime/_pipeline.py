@@ -172,19 +172,21 @@ class InferenceResult:
             arrays: leave `outputs` as numpy arrays, for an encoder that writes them
                 itself (orjson's OPT_SERIALIZE_NUMPY), instead of nested lists.
         """
+        sv = self._served
         outputs = self.outputs
+        whole, a, b = self._whole, self._start, self._end
         body: dict[str, Any] = {
-            "pipeline": self.pipeline,
-            "model": self.model,
-            "tier": self.tier,
-            "labels": self.labels,
-            "confidences": self.confidences,
-            "escalated": self.escalated,
+            "pipeline": sv.pipeline,
+            "model": sv.model,
+            "tier": sv.tier,
+            "labels": sv.labels if whole else sv.labels[a:b],
+            "confidences": sv.confidences if whole else sv.confidences[a:b],
+            "escalated": sv.escalated if whole else sv.escalated[a:b],
             "outputs": outputs if arrays else {k: v.tolist() for k, v in outputs.items()},
             "queue_ms": round(self.queue_ms, 4),
-            "compute_ms": round(self.compute_ms, 4),
+            "compute_ms": round(sv.compute_ms, 4),
         }
-        topk = self.topk
+        topk = sv.topk if whole or sv.topk is None else sv.topk[a:b]
         if topk is not None:
             body["topk"] = topk
         return body
@@ -223,28 +225,38 @@ class ModelLane:
                 r.fail(err)
             return
         t1 = clock()
-        post = Post(out, out.get(self._conf) if self._conf else None, self._labels)
-        for fn in p.post:
-            fn(post)
-        post.finish()
+        scores = out.get(self._conf) if self._conf else None
+        top: Array | None = None
+        confidence: Array | None = None
+        topk: list[list[tuple[str, float]]] | None = None
+        if p.post or scores is None or scores.ndim != 2:
+            post = Post(out, scores, self._labels)
+            for fn in p.post:
+                fn(post)
+            post.finish()
+            top, confidence, topk = post.top, post.confidence, post.topk
+        else:  # no postprocess stage: what Post.finish would do, without the Post
+            top = scores.argmax(axis=1)
+            confidence = np.maximum.reduce(scores, axis=1)
+            post = None
         n = x.shape[0]
         names: list[str | None]
         conf: list[float | None]
-        if post.top is not None and post.confidence is not None:
+        if top is not None and confidence is not None:
             labels = self._labels
             nl = len(labels)
-            names = [labels[i] if i < nl else str(i) for i in post.top.tolist()]
-            conf = post.confidence.tolist()
+            names = [labels[i] if i < nl else str(i) for i in top.tolist()]
+            conf = confidence.tolist()
         else:
             names, conf = [None] * n, [None] * n
-        if post.accepted is not None:
+        if post is not None and post.accepted is not None:
             for i in np.flatnonzero(~post.accepted).tolist():
                 names[i] = post.rejected_label
         escalated = [False] * n
         n_esc = 0
         t2 = clock()
-        if p.escalate is not None and post.confidence is not None:
-            low = np.flatnonzero(post.confidence < p.cascade_threshold)
+        if p.escalate is not None and confidence is not None:
+            low = np.flatnonzero(confidence < p.cascade_threshold)
             if low.size:
                 upper = p.escalate(x[low])
                 if upper is not None:
@@ -257,7 +269,7 @@ class ModelLane:
         t3 = clock()
         compute_ms = (t1 - t0) * 1000.0
         served = _Served(
-            p.name, self._key, self.tier, names, conf, escalated, out, post.topk, compute_ms
+            p.name, self._key, self.tier, names, conf, escalated, out, topk, compute_ms
         )
         results: list[InferenceResult]
         queue_ms: list[float]

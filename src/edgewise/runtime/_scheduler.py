@@ -55,7 +55,10 @@ class Executor:
         self._clock = clock
         self.shed_fraction = shed_fraction
         self.shed_hold_s = shed_hold_s
-        self._cond = threading.Condition(threading.Lock())
+        # Hot paths enter the lock itself (C) rather than the Condition (a Python-level
+        # __enter__); notify and wait still go through the Condition, which owns it.
+        self._lock = threading.Lock()
+        self._cond = threading.Condition(self._lock)
         self._queues: tuple[deque[Request], ...] = (deque(), deque(), deque())
         self._depth = 0
         self._busy = False
@@ -97,7 +100,7 @@ class Executor:
         """
         cond = self._cond
         bypass = False
-        with cond:
+        with self._lock:
             self._admit(req)
             if inline and not self._busy and not self._depth and not self._paused:
                 self._busy = True
@@ -127,7 +130,7 @@ class Executor:
         try:
             self._run([req])
         finally:
-            with cond:
+            with self._lock:
                 if bypass:
                     self._bypassing = False
                 else:
@@ -148,7 +151,7 @@ class Executor:
         refused: list[tuple[Request, RuntimeFailure]] = []
         admitted: list[Request] = []
         run_here = False
-        with cond:
+        with self._lock:
             for r in reqs:
                 try:
                     self._admit(r)
@@ -183,7 +186,7 @@ class Executor:
                 self._run(admitted[i:j])
                 i = j
         finally:
-            with cond:
+            with self._lock:
                 self._busy = False
                 self._running_rank = -1
                 if self._depth:
