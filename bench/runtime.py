@@ -107,42 +107,23 @@ def pct(values: list[float], q: float) -> float:
 
 
 def bench_ppocr(seconds: float, cores: int) -> dict[str, float]:
-    """Pipeline vs a hand-written session.run loop on ppocr-cls, call by call.
-
-    The two sides alternate call by call (A B, then B A, ...) rather than in rounds of
-    a second: a ~3 ms model on a shared 2-core machine sees load change faster than a
-    round, and alternating calls puts both sides in the same moment. The ratio is the
-    median raw call time over the median pipeline call time (rates of one caller).
-    """
     path = str(ppocr_model_path())
     raw = raw_session(path, cores)
     name = raw.get_inputs()[0].name
     x = np.random.default_rng(0).random((1, 3, 48, 192), dtype=np.float32)
-    pc = time.perf_counter
     with Runtime(cores=cores, monitor_interval_s=None) as rt:
         rt.start_pipeline(spec("ppocr", batching={"max_batch": 8}), rt.load_model(path))
-        sides: dict[str, Callable[[], object]] = {
-            "raw": lambda: raw.run(None, {name: x}),
-            "pipeline": lambda: rt.infer("ppocr", x),
-        }
-        for fn in sides.values():  # warm both
-            for _ in range(20):
-                fn()
-        times: dict[str, list[float]] = {k: [] for k in sides}
-        order = list(sides)
-        end = pc() + seconds * 2
-        while pc() < end:
-            for k in order:
-                t0 = pc()
-                sides[k]()
-                times[k].append(pc() - t0)
-            order.reverse()
-    med = {k: statistics.median(v) for k, v in times.items()}
+        res = interleaved(
+            {
+                "raw": lambda: rate(lambda: raw.run(None, {name: x}), seconds / 4),
+                "pipeline": lambda: rate(lambda: rt.infer("ppocr", x), seconds / 4),
+            },
+            rounds=ROUNDS * 4,
+        )
     return {
-        "ppocr_raw_per_s": 1.0 / med["raw"],
-        "ppocr_pipeline_per_s": 1.0 / med["pipeline"],
-        "ppocr_pipeline_vs_raw": med["raw"] / med["pipeline"],
-        "ppocr_calls_per_side": len(times["raw"]),
+        "ppocr_raw_per_s": statistics.median(res["raw"]),
+        "ppocr_pipeline_per_s": statistics.median(res["pipeline"]),
+        "ppocr_pipeline_vs_raw": paired_ratio(res, "pipeline", "raw"),
     }
 
 
