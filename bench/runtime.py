@@ -516,6 +516,15 @@ def wait_port(port: int, timeout: float = 20.0) -> None:
     raise RuntimeError(f"server on {port} did not start")
 
 
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time a process has used (Linux /proc), 0.0 where unavailable."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def run_wrk(url: str, body: str, conns: int, seconds: float) -> tuple[float, float]:
     with tempfile.NamedTemporaryFile("w", suffix=".lua", delete=False) as f:
         f.write('wrk.method = "POST"\nwrk.headers["Content-Type"] = "application/json"\n')
@@ -585,7 +594,7 @@ async def _py_load(
 def bench_http(seconds: float, model_path: str, x: np.ndarray) -> dict[str, Any]:
     body = json.dumps({"inputs": x[:1].tolist()})
     use_wrk = shutil.which("wrk") is not None
-    results: dict[tuple[str, int], list[tuple[float, float]]] = {}
+    results: dict[tuple[str, int], list[tuple[float, float, float]]] = {}
     procs, ports = [], {}
     path = "/v1/pipelines/digits/infer"
     try:
@@ -605,18 +614,23 @@ def bench_http(seconds: float, model_path: str, x: np.ndarray) -> dict[str, Any]
         for port in ports.values():
             wait_port(port)
         # Both servers stay up; measurements alternate between them so that background
-        # load on the machine falls on both sides alike.
-        for rnd in range(ROUNDS):
+        # load on the machine falls on both sides alike. Each server's CPU time per
+        # request is kept too: on a shared machine it moves far less than rates do.
+        pids = dict(zip(ports, (proc.pid for proc in procs), strict=True))
+        for rnd in range(ROUNDS * 2):
             for conns in (32, 1):
                 kinds = list(ports.items())
                 for kind, port in kinds if rnd % 2 == 0 else kinds[::-1]:
+                    cpu0, t0 = cpu_seconds(pids[kind]), time.perf_counter()
                     if use_wrk:
                         r = run_wrk(f"http://127.0.0.1:{port}{path}", body, conns, seconds)
                     else:
                         r = asyncio.run(
                             _py_load("127.0.0.1", port, path, body.encode(), conns, seconds)
                         )
-                    results.setdefault((kind, conns), []).append(r)
+                    served = r[0] * (time.perf_counter() - t0)
+                    cpu = (cpu_seconds(pids[kind]) - cpu0) * 1e6 / max(1.0, served)
+                    results.setdefault((kind, conns), []).append((*r, cpu))
     finally:
         for proc in procs:
             proc.kill()
@@ -640,6 +654,10 @@ def bench_http(seconds: float, model_path: str, x: np.ndarray) -> dict[str, Any]
         "http_c1_vs_bare_asgi": ratio(1),
         "http_c32_p99_ms": med("edgewise", 32, 1),
         "http_bare_c32_p99_ms": med("bare", 32, 1),
+        "http_c1_server_cpu_us_per_req": med("edgewise", 1, 2),
+        "http_bare_c1_server_cpu_us_per_req": med("bare", 1, 2),
+        "http_c32_server_cpu_us_per_req": med("edgewise", 32, 2),
+        "http_bare_c32_server_cpu_us_per_req": med("bare", 32, 2),
     }
 
 
