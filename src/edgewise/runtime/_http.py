@@ -57,12 +57,6 @@ def _plain(obj: Any) -> Any:
     raise TypeError(f"{type(obj).__name__} is not JSON serializable")
 
 
-async def _respond(send: Send, status: int, body: bytes, extra: list[Any] | None = None) -> None:
-    headers = [*_JSON_HEADERS, (b"content-length", str(len(body)).encode()), *(extra or [])]
-    await send({"type": "http.response.start", "status": status, "headers": headers})
-    await send({"type": "http.response.body", "body": body})
-
-
 async def _read_body(scope: Scope, receive: Receive, limit: int) -> bytes:
     for k, v in scope.get("headers", ()):
         if k == b"content-length" and v.isdigit() and int(v) > limit:
@@ -125,7 +119,7 @@ def make_inference_app(runtime: Runtime, max_body_bytes: int = 8 * 1024 * 1024) 
     """The local inference API over `runtime`, as an ASGI application."""
     batcher = LoopBatcher(runtime)
 
-    async def infer(name: str, scope: Scope, receive: Receive) -> tuple[int, bytes]:
+    async def infer(name: str, scope: Scope, receive: Receive) -> bytes:
         body = await _read_body(scope, receive, max_body_bytes)
         headers = dict(scope.get("headers", ()))
         ctype = headers.get(b"content-type", b"application/json")
@@ -135,9 +129,10 @@ def make_inference_app(runtime: Runtime, max_body_bytes: int = 8 * 1024 * 1024) 
         # alone); the requests that other connections delivered in the same turn form
         # one batch.
         result = await batcher.infer(name, x, raw, first_goes_now=True)
-        return 200, orjson.dumps(result.to_json(arrays=True), default=_plain, option=_NUMPY)
+        return orjson.dumps(result.to_json(arrays=True), default=_plain, option=_NUMPY)
 
-    async def route(scope: Scope, receive: Receive) -> tuple[int, bytes]:
+    def route(scope: Scope) -> tuple[int, bytes] | str:
+        """A finished answer, or the pipeline name when the infer route is asked for."""
         path: str = scope["path"]
         if not path.startswith(_PREFIX):  # mounted under a prefix that was stripped
             path = scope.get("root_path", "") + path
@@ -151,7 +146,7 @@ def make_inference_app(runtime: Runtime, max_body_bytes: int = 8 * 1024 * 1024) 
             if len(parts) == 2 and parts[1] == "infer":
                 if method != "POST":
                     return _error(405, "method_not_allowed", "use POST")
-                return await infer(parts[0], scope, receive)
+                return parts[0]
             if len(parts) == 2 and parts[1] == "stats":
                 return 200, json.dumps(runtime.stats(parts[0]), default=str).encode()
         return _error(404, "not_found", f"no route {method} {path}")
@@ -167,15 +162,23 @@ def make_inference_app(runtime: Runtime, max_body_bytes: int = 8 * 1024 * 1024) 
                     return
         if scope["type"] != "http":
             return
-        extra: list[Any] = []
+        headers = _JSON_HEADERS
+        # Routing is plain calls and the response goes out here: the infer route is every
+        # request's path, and each coroutine layer on it costs about a microsecond.
         try:
-            status, body = await route(scope, receive)
+            answer = route(scope)
+            if isinstance(answer, str):
+                status, body = 200, await infer(answer, scope, receive)
+            else:
+                status, body = answer
         except RuntimeFailure as exc:
             status, body = _error(exc.status, exc.code, str(exc))
             if exc.status == 429:
-                extra = [(b"retry-after", b"1")]
+                headers = [*_JSON_HEADERS, (b"retry-after", b"1")]
         except Exception as exc:  # never a traceback to the client
             status, body = _error(500, "internal", f"{type(exc).__name__}: {exc}")
-        await _respond(send, status, body, extra)
+        start = [*headers, (b"content-length", str(len(body)).encode())]
+        await send({"type": "http.response.start", "status": status, "headers": start})
+        await send({"type": "http.response.body", "body": body})
 
     return app

@@ -209,6 +209,16 @@ class ModelLane:
         self._labels = model.info.labels
         self._key = model.key
 
+    def _named(
+        self, top: Array | None, confidence: Array | None, n: int
+    ) -> tuple[list[str | None], list[float | None]]:
+        """Top-1 label names and confidences as lists (None each without scores)."""
+        if top is None or confidence is None:
+            return [None] * n, [None] * n
+        labels = self._labels
+        nl = len(labels)
+        return [labels[i] if i < nl else str(i) for i in top.tolist()], confidence.tolist()
+
     def execute(self, batch: list[Request]) -> None:
         """Run a batch end to end and complete its requests."""
         p = self.pipeline
@@ -229,26 +239,29 @@ class ModelLane:
         top: Array | None = None
         confidence: Array | None = None
         topk: list[list[tuple[str, float]]] | None = None
+        n = x.shape[0]
+        names: list[str | None]
+        conf: list[float | None]
+        post: Post | None = None
         if p.post or scores is None or scores.ndim != 2:
             post = Post(out, scores, self._labels)
             for fn in p.post:
                 fn(post)
             post.finish()
             top, confidence, topk = post.top, post.confidence, post.topk
+            names, conf = self._named(top, confidence, n)
+        elif n == 1 and p.escalate is None:
+            # One row, nothing to escalate: read the scores once as floats rather than
+            # make four small numpy calls (argmax, max and two tolist) for one row.
+            row = scores[0].tolist()
+            best = max(row)
+            i = row.index(best)
+            names = [self._labels[i] if i < len(self._labels) else str(i)]
+            conf = [best]
         else:  # no postprocess stage: what Post.finish would do, without the Post
             top = scores.argmax(axis=1)
             confidence = np.maximum.reduce(scores, axis=1)
-            post = None
-        n = x.shape[0]
-        names: list[str | None]
-        conf: list[float | None]
-        if top is not None and confidence is not None:
-            labels = self._labels
-            nl = len(labels)
-            names = [labels[i] if i < nl else str(i) for i in top.tolist()]
-            conf = confidence.tolist()
-        else:
-            names, conf = [None] * n, [None] * n
+            names, conf = self._named(top, confidence, n)
         if post is not None and post.accepted is not None:
             for i in np.flatnonzero(~post.accepted).tolist():
                 names[i] = post.rejected_label
