@@ -13,10 +13,15 @@ How the harder comparisons are set up:
   awaiting its result (`Runtime.infer_async`), against a raw batch-1 `session.run` loop.
   `digits_asyncio_floor_c32_*` runs the same 32 coroutines against a drain that does no
   inference at all: the ceiling any runtime can reach with per-request futures in
-  CPython. The thread variant (`digits_threads_c32_*`) is reported for context.
+  CPython. `digits_*_cpu_us_*` are this thread's CPU time per request for the runtime,
+  the floor and the raw loop (less moved by other load than the rates). The thread
+  variant (`digits_threads_c32_*`) is reported for context.
 - single client: `single_client_batching_vs_direct` is batching on (max_batch 32) vs off
   (max_batch 1) through the runtime; `single_client_pipeline_vs_raw_session` is the
   runtime vs calling the model directly (public `session.run`).
+- HTTP: both servers are uvicorn with uvloop and httptools, one process each, and both
+  parse and write JSON with orjson; besides the rates, each server's CPU time per
+  request (from /proc) is reported.
 - critical p99: a paced critical client (one request, 0.5 ms pause) alone, then with one
   loader thread keeping 64 best-effort requests outstanding (one thread, not 16, so the
   load generator does not take the GIL from the client); idle and loaded rounds alternate
@@ -229,21 +234,37 @@ def bench_digits(seconds: float, mlp: bytes, x: np.ndarray) -> dict[str, float]:
             return per_s
 
         p99_async: list[float] = []
+        # CPU time of this thread per request: what each side costs, apart from how much
+        # of the machine it got (all three run in this one thread).
+        cpu: dict[str, list[float]] = {"c32": [], "floor": [], "raw_b1": []}
 
-        def c32_async() -> float:
-            per_s, lat = asyncio.run(async_clients(rt, "batched", rows, 32, seconds / 2))
-            p99_async.append(pct(lat, 0.99))
+        def cpu_per(key: str, per_s: float, t0: float, c0: float) -> float:
+            done = per_s * (time.perf_counter() - t0)
+            cpu[key].append((time.thread_time() - c0) * 1e6 / max(1.0, done))
             return per_s
 
+        def c32_async() -> float:
+            t0, c0 = time.perf_counter(), time.thread_time()
+            per_s, lat = asyncio.run(async_clients(rt, "batched", rows, 32, seconds / 2))
+            p99_async.append(pct(lat, 0.99))
+            return cpu_per("c32", per_s, t0, c0)
+
+        def floor_c32() -> float:
+            t0, c0 = time.perf_counter(), time.thread_time()
+            return cpu_per("floor", asyncio.run(async_floor(rows, 32, seconds / 2)), t0, c0)
+
         def raw_b1() -> float:
-            return rate(lambda: raw.run(None, {"input": one}), seconds / 2)
+            t0, c0 = time.perf_counter(), time.thread_time()
+            return cpu_per(
+                "raw_b1", rate(lambda: raw.run(None, {"input": one}), seconds / 2), t0, c0
+            )
 
         res = interleaved(
             {
                 "raw_b1": raw_b1,
                 "batched_c32": c32,
                 "batched_c32_async": c32_async,
-                "asyncio_floor_c32": lambda: asyncio.run(async_floor(rows, 32, seconds / 2)),
+                "asyncio_floor_c32": floor_c32,
             },
             rounds=ROUNDS * 2,
         )
@@ -271,6 +292,9 @@ def bench_digits(seconds: float, mlp: bytes, x: np.ndarray) -> dict[str, float]:
         "digits_batched_c32_vs_asyncio_floor": paired_ratio(
             res, "batched_c32_async", "asyncio_floor_c32"
         ),
+        "digits_c32_cpu_us_per_req": statistics.median(cpu["c32"]),
+        "digits_asyncio_floor_cpu_us_per_req": statistics.median(cpu["floor"]),
+        "digits_raw_b1_cpu_us_per_call": statistics.median(cpu["raw_b1"][: len(cpu["c32"])]),
         "digits_threads_c32_per_s": med["batched_c32"],
         "digits_threads_c32_vs_raw_b1": paired_ratio(res, "batched_c32", "raw_b1"),
         "digits_threads_c32_p99_ms": statistics.median(p99),
