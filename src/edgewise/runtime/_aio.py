@@ -187,9 +187,11 @@ class LoopBatcher:
         group.left = 1 << 30  # no completion may wake the members before all are known
         try:
             reqs, slots = self.runtime.submit_group(name, group.xs, group.done)
-        except RuntimeFailure as exc:
+        except Exception as exc:  # UnknownPipeline, or a bug: never leave members waiting
             if not group.fut.done():
-                group.fut.set_exception(exc)
+                group.fut.set_exception(
+                    exc if isinstance(exc, RuntimeFailure) else RuntimeFailure(str(exc))
+                )
             return
         group.reqs, group.slots = reqs, slots
         with group.lock:  # completions so far counted down from the placeholder

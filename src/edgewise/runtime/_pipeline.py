@@ -183,8 +183,9 @@ class InferenceResult:
             "confidences": sv.confidences if whole else sv.confidences[a:b],
             "escalated": sv.escalated if whole else sv.escalated[a:b],
             "outputs": outputs if arrays else {k: v.tolist() for k, v in outputs.items()},
-            "queue_ms": round(self.queue_ms, 4),
-            "compute_ms": round(sv.compute_ms, 4),
+            # To 0.1 us; round(x, 4) formats through snprintf, this is two float ops.
+            "queue_ms": int(self.queue_ms * 1e4 + 0.5) / 1e4,
+            "compute_ms": int(sv.compute_ms * 1e4 + 0.5) / 1e4,
         }
         topk = sv.topk if whole or sv.topk is None else sv.topk[a:b]
         if topk is not None:
