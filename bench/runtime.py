@@ -13,10 +13,15 @@ How the harder comparisons are set up:
   awaiting its result (`Runtime.infer_async`), against a raw batch-1 `session.run` loop.
   `digits_asyncio_floor_c32_*` runs the same 32 coroutines against a drain that does no
   inference at all: the ceiling any runtime can reach with per-request futures in
-  CPython. The thread variant (`digits_threads_c32_*`) is reported for context.
+  CPython. `digits_*_cpu_us_*` are this thread's CPU time per request for the runtime,
+  the floor and the raw loop (less moved by other load than the rates). The thread
+  variant (`digits_threads_c32_*`) is reported for context.
 - single client: `single_client_batching_vs_direct` is batching on (max_batch 32) vs off
   (max_batch 1) through the runtime; `single_client_pipeline_vs_raw_session` is the
   runtime vs calling the model directly (public `session.run`).
+- HTTP: both servers are uvicorn with uvloop and httptools, one process each, and both
+  parse and write JSON with orjson; besides the rates, each server's CPU time per
+  request (from /proc) is reported.
 - critical p99: a paced critical client (one request, 0.5 ms pause) alone, then with one
   loader thread keeping 64 best-effort requests outstanding (one thread, not 16, so the
   load generator does not take the GIL from the client); idle and loaded rounds alternate
@@ -229,21 +234,37 @@ def bench_digits(seconds: float, mlp: bytes, x: np.ndarray) -> dict[str, float]:
             return per_s
 
         p99_async: list[float] = []
+        # CPU time of this thread per request: what each side costs, apart from how much
+        # of the machine it got (all three run in this one thread).
+        cpu: dict[str, list[float]] = {"c32": [], "floor": [], "raw_b1": []}
 
-        def c32_async() -> float:
-            per_s, lat = asyncio.run(async_clients(rt, "batched", rows, 32, seconds / 2))
-            p99_async.append(pct(lat, 0.99))
+        def cpu_per(key: str, per_s: float, t0: float, c0: float) -> float:
+            done = per_s * (time.perf_counter() - t0)
+            cpu[key].append((time.thread_time() - c0) * 1e6 / max(1.0, done))
             return per_s
 
+        def c32_async() -> float:
+            t0, c0 = time.perf_counter(), time.thread_time()
+            per_s, lat = asyncio.run(async_clients(rt, "batched", rows, 32, seconds / 2))
+            p99_async.append(pct(lat, 0.99))
+            return cpu_per("c32", per_s, t0, c0)
+
+        def floor_c32() -> float:
+            t0, c0 = time.perf_counter(), time.thread_time()
+            return cpu_per("floor", asyncio.run(async_floor(rows, 32, seconds / 2)), t0, c0)
+
         def raw_b1() -> float:
-            return rate(lambda: raw.run(None, {"input": one}), seconds / 2)
+            t0, c0 = time.perf_counter(), time.thread_time()
+            return cpu_per(
+                "raw_b1", rate(lambda: raw.run(None, {"input": one}), seconds / 2), t0, c0
+            )
 
         res = interleaved(
             {
                 "raw_b1": raw_b1,
                 "batched_c32": c32,
                 "batched_c32_async": c32_async,
-                "asyncio_floor_c32": lambda: asyncio.run(async_floor(rows, 32, seconds / 2)),
+                "asyncio_floor_c32": floor_c32,
             },
             rounds=ROUNDS * 2,
         )
@@ -271,6 +292,9 @@ def bench_digits(seconds: float, mlp: bytes, x: np.ndarray) -> dict[str, float]:
         "digits_batched_c32_vs_asyncio_floor": paired_ratio(
             res, "batched_c32_async", "asyncio_floor_c32"
         ),
+        "digits_c32_cpu_us_per_req": statistics.median(cpu["c32"]),
+        "digits_asyncio_floor_cpu_us_per_req": statistics.median(cpu["floor"]),
+        "digits_raw_b1_cpu_us_per_call": statistics.median(cpu["raw_b1"][: len(cpu["c32"])]),
         "digits_threads_c32_per_s": med["batched_c32"],
         "digits_threads_c32_vs_raw_b1": paired_ratio(res, "batched_c32", "raw_b1"),
         "digits_threads_c32_p99_ms": statistics.median(p99),
@@ -442,7 +466,14 @@ def bench_hot_swap(seconds: float, mlp: bytes, mlp2: bytes, x: np.ndarray) -> di
 
 
 def bare_asgi_app(model_path: str) -> Any:
-    """The baseline: same JSON body, session.run called directly on the event loop."""
+    """The baseline: same JSON body, session.run called directly on the event loop.
+
+    It parses and writes JSON with orjson like the runtime's API does, so the comparison
+    measures the runtime, not the choice of JSON library (with the standard library's
+    json the baseline itself is slower).
+    """
+    import orjson
+
     sess = raw_session(model_path, 1)
 
     async def app(scope: Any, receive: Any, send: Any) -> None:
@@ -454,14 +485,12 @@ def bare_asgi_app(model_path: str) -> Any:
             msg = await receive()
             body += msg.get("body", b"")
             more = msg.get("more_body", False)
-        x = np.asarray(json.loads(body)["inputs"], dtype=np.float32)
+        x = np.asarray(orjson.loads(body)["inputs"], dtype=np.float32)
         label, probs = sess.run(["label", "probabilities"], {"input": x})
-        out = json.dumps(
-            {
-                "labels": [str(v) for v in label.tolist()],
-                "outputs": {"probabilities": probs.tolist()},
-            }
-        ).encode()
+        out = orjson.dumps(
+            {"labels": [str(v) for v in label.tolist()], "outputs": {"probabilities": probs}},
+            option=orjson.OPT_SERIALIZE_NUMPY,
+        )
         await send(
             {
                 "type": "http.response.start",
@@ -477,6 +506,11 @@ def bare_asgi_app(model_path: str) -> Any:
     return app
 
 
+# Both servers run the same way: uvicorn with uvloop and httptools (the project's
+# dependencies; uvicorn's defaults pick them too), one worker, no access log.
+SERVER = {"loop": "uvloop", "http": "httptools"}
+
+
 def serve(kind: str, model_path: str, port: int) -> None:
     import uvicorn
 
@@ -486,7 +520,7 @@ def serve(kind: str, model_path: str, port: int) -> None:
         rt = Runtime(cores=1, monitor_interval_s=None)
         rt.start_pipeline(spec("digits", batching={"max_batch": 32}), rt.load_model(model_path))
         app = make_inference_app(rt)
-    uvicorn.run(app, host="127.0.0.1", port=port, log_level="error", access_log=False)
+    uvicorn.run(app, host="127.0.0.1", port=port, log_level="error", access_log=False, **SERVER)
 
 
 def free_port() -> int:
@@ -504,6 +538,15 @@ def wait_port(port: int, timeout: float = 20.0) -> None:
         except OSError:
             time.sleep(0.05)
     raise RuntimeError(f"server on {port} did not start")
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time a process has used (Linux /proc), 0.0 where unavailable."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def run_wrk(url: str, body: str, conns: int, seconds: float) -> tuple[float, float]:
@@ -575,7 +618,7 @@ async def _py_load(
 def bench_http(seconds: float, model_path: str, x: np.ndarray) -> dict[str, Any]:
     body = json.dumps({"inputs": x[:1].tolist()})
     use_wrk = shutil.which("wrk") is not None
-    results: dict[tuple[str, int], list[tuple[float, float]]] = {}
+    results: dict[tuple[str, int], list[tuple[float, float, float]]] = {}
     procs, ports = [], {}
     path = "/v1/pipelines/digits/infer"
     try:
@@ -595,18 +638,23 @@ def bench_http(seconds: float, model_path: str, x: np.ndarray) -> dict[str, Any]
         for port in ports.values():
             wait_port(port)
         # Both servers stay up; measurements alternate between them so that background
-        # load on the machine falls on both sides alike.
-        for rnd in range(ROUNDS):
+        # load on the machine falls on both sides alike. Each server's CPU time per
+        # request is kept too: on a shared machine it moves far less than rates do.
+        pids = dict(zip(ports, (proc.pid for proc in procs), strict=True))
+        for rnd in range(ROUNDS * 2):
             for conns in (32, 1):
                 kinds = list(ports.items())
                 for kind, port in kinds if rnd % 2 == 0 else kinds[::-1]:
+                    cpu0, t0 = cpu_seconds(pids[kind]), time.perf_counter()
                     if use_wrk:
                         r = run_wrk(f"http://127.0.0.1:{port}{path}", body, conns, seconds)
                     else:
                         r = asyncio.run(
                             _py_load("127.0.0.1", port, path, body.encode(), conns, seconds)
                         )
-                    results.setdefault((kind, conns), []).append(r)
+                    served = r[0] * (time.perf_counter() - t0)
+                    cpu = (cpu_seconds(pids[kind]) - cpu0) * 1e6 / max(1.0, served)
+                    results.setdefault((kind, conns), []).append((*r, cpu))
     finally:
         for proc in procs:
             proc.kill()
@@ -621,6 +669,7 @@ def bench_http(seconds: float, model_path: str, x: np.ndarray) -> dict[str, Any]
 
     return {
         "http_load_generator": "wrk" if use_wrk else "python-asyncio",
+        "http_server": "uvicorn {loop}/{http}, both sides".format(**SERVER),
         "http_c32_per_s": med("edgewise", 32, 0),
         "http_bare_c32_per_s": med("bare", 32, 0),
         "http_c32_vs_bare_asgi": ratio(32),
@@ -629,6 +678,10 @@ def bench_http(seconds: float, model_path: str, x: np.ndarray) -> dict[str, Any]
         "http_c1_vs_bare_asgi": ratio(1),
         "http_c32_p99_ms": med("edgewise", 32, 1),
         "http_bare_c32_p99_ms": med("bare", 32, 1),
+        "http_c1_server_cpu_us_per_req": med("edgewise", 1, 2),
+        "http_bare_c1_server_cpu_us_per_req": med("bare", 1, 2),
+        "http_c32_server_cpu_us_per_req": med("edgewise", 32, 2),
+        "http_bare_c32_server_cpu_us_per_req": med("bare", 32, 2),
     }
 
 

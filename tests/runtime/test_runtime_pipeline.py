@@ -234,3 +234,51 @@ def test_async_callers_are_served_from_successive_event_loops(
     first, second = asyncio.run(main()), asyncio.run(main())  # each run is a new loop
     assert first == second == runtime.infer("digits", split.x_test[:8]).labels
     assert runtime.stats("digits")["nv_inference_request_success"] == 8 + 8 + 1
+
+
+def test_async_group_counts_its_callers_against_the_queue_capacity(
+    runtime: Runtime, mlp_bytes: bytes, split: DigitsSplit, make_spec: SpecFactory
+) -> None:
+    import asyncio
+
+    from edgewise.runtime import Rejected
+
+    spec = make_spec(batching={"max_batch": 32, "queue_capacity": 4})
+    runtime.start_pipeline(spec, runtime.load_model(mlp_bytes))
+    rows = split.x_test[:10]
+
+    async def main() -> list[object]:
+        runtime.pause()  # the group queues: four callers fit, six do not
+        tasks = [asyncio.ensure_future(runtime.infer_async("digits", r)) for r in rows]
+        await asyncio.sleep(0.05)
+        runtime.resume()
+        return await asyncio.gather(*tasks, return_exceptions=True)
+
+    out = asyncio.run(main())
+    served = [r for r in out if not isinstance(r, BaseException)]
+    assert [type(r) for r in out[4:]] == [Rejected] * 6
+    assert [r.label for r in served] == runtime.infer("digits", rows[:4]).labels  # type: ignore[union-attr]
+    stats = runtime.stats("digits")
+    assert stats["nv_inference_request_rejected"] == 6
+    assert stats["nv_inference_request_success"] == 4 + 1
+
+
+def test_first_request_of_a_loop_turn_goes_at_once_and_the_rest_share_a_batch(
+    runtime: Runtime, mlp_bytes: bytes, split: DigitsSplit, make_spec: SpecFactory
+) -> None:
+    import asyncio
+
+    from edgewise.runtime._aio import LoopBatcher
+
+    runtime.start_pipeline(make_spec(batching={"max_batch": 32}), runtime.load_model(mlp_bytes))
+    batcher = LoopBatcher(runtime)  # what the HTTP app uses
+
+    async def main() -> list[str | None]:
+        calls = [batcher.infer("digits", r, first_goes_now=True) for r in split.x_test[:5]]
+        return [r.label for r in await asyncio.gather(*calls)]
+
+    labels = asyncio.run(main())
+    assert labels == runtime.infer("digits", split.x_test[:5]).labels
+    sizes = runtime.stats("digits")["batch_size"]
+    assert sizes["count"] == 3  # 1 at once, the other 4 together, then infer()'s 5
+    assert sizes["sum"] == 1 + 4 + 5

@@ -229,3 +229,36 @@ def test_critical_request_queues_when_bypass_is_off(
     finally:
         release.set()
         rt.close()
+
+
+def test_worker_starts_no_batch_while_a_critical_request_runs_beside_it(
+    rt: Runtime, mlp_bytes: bytes, split: DigitsSplit, make_spec: SpecFactory
+) -> None:
+    _start_pair(rt, mlp_bytes, make_spec, be_capacity=100)
+    in_worker, release = threading.Event(), threading.Event()
+    later = Recorder()
+
+    def hold(req: Request) -> None:  # the worker's current best-effort batch
+        in_worker.set()
+        release.wait(10)
+
+    seen_during_critical: list[int] = []
+
+    def critical_done(req: Request) -> None:
+        # Still beside the worker: free it, give it time; it must not start the next
+        # best-effort batch until this critical request is over.
+        release.set()
+        threading.Event().wait(0.3)
+        seen_during_critical.append(len(later.order))
+
+    try:
+        rt.submit("bulk", split.x_test[0], hold)
+        assert in_worker.wait(10)
+        rt.submit("bulk", split.x_test[2], later)  # queued behind the held batch
+        req = rt.submit("crit", split.x_test[1], critical_done, inline=True)
+        assert req.error is None
+        assert seen_during_critical == [0]
+        later.wait(1)  # and it runs once the critical request is done
+        assert later.order == [("bulk", "ok")]
+    finally:
+        release.set()

@@ -1,10 +1,17 @@
 """Batching for asyncio callers: requests made in one event-loop turn form one group.
 
-The first request for a pipeline schedules a drain with `call_soon`; every request made
-before the loop gets to it joins the group; the drain submits the group at once. A lone
-request therefore waits one loop turn, never a fixed delay, and concurrent coroutines
-(HTTP connections, async apps) are served as a batch without a thread hand-off: an idle
+The first request for a pipeline opens a group and schedules its drain with
+`call_soon`; every request made before the loop gets to it joins the group; the drain
+submits the group at once and one shared future wakes every member. A lone request
+therefore waits one loop turn, never a fixed delay, and concurrent coroutines (HTTP
+connections, async apps) are served as a batch without a thread hand-off: an idle
 executor runs a fast model's group right in the loop thread.
+
+`first_goes_now` (the HTTP app) skips that turn for the first request of a loop turn: it
+runs at once, and only the requests that start later in the same turn are grouped. This
+needs no peek at the loop's private ready queue (uvloop has none): the first request
+marks the turn and schedules the mark's removal with `call_soon`, which runs after every
+callback that was already ready, i.e. after the rest of this turn's requests.
 """
 
 from __future__ import annotations
@@ -24,14 +31,86 @@ if TYPE_CHECKING:
     from edgewise.runtime._pipeline import InferenceResult
     from edgewise.runtime._runtime import Runtime
 
-__all__ = ["LoopBatcher", "LoopBatchers"]
-
-Pending = list[tuple[np.ndarray[Any, Any], bool, "asyncio.Future[Request]"]]
+__all__ = ["LoopBatcher", "LoopBatchers", "wake"]
 
 
-def _resolve(fut: asyncio.Future[Request], req: Request) -> None:
+def _resolve(fut: asyncio.Future[Any], value: Any) -> None:
     if not fut.done():
-        fut.set_result(req)
+        fut.set_result(value)
+
+
+def wake(req: Request) -> None:
+    """Completion callback of a request whose waiter may not exist yet.
+
+    The waiter sets `req.ctx = (future, loop, loop's thread id)` only when the request
+    did not complete inline, and then checks the result again: a completion that finds
+    no ctx has already been seen by the waiter (see `LoopBatcher.infer`).
+    """
+    ctx = req.ctx
+    if ctx is None:
+        return
+    fut, loop, tid = ctx
+    if threading.get_ident() == tid:
+        if not fut.done():
+            fut.set_result(None)
+    else:
+        with contextlib.suppress(RuntimeError):  # the loop closed; nobody waits
+            loop.call_soon_threadsafe(_resolve, fut, None)
+
+
+class _Group:
+    """The requests one loop turn made for one pipeline, and their one shared future.
+
+    The drain stacks the members' rows into as few `Request`s as the lane allows
+    (`Runtime.submit_group`); `slots[i]` says where member `i`'s rows are, or why it
+    was refused. The last stacked request to complete wakes every member at once.
+    """
+
+    __slots__ = ("fut", "left", "lock", "reqs", "slots", "tid", "xs")
+
+    def __init__(self, fut: asyncio.Future[None], tid: int) -> None:
+        self.fut = fut
+        self.tid = tid  # the loop's thread
+        self.xs: list[tuple[np.ndarray[Any, Any], bool]] = []
+        self.reqs: list[Request] = []
+        self.slots: list[tuple[int, int, int] | BaseException] = []
+        self.left = 0
+        # Refused requests are failed in the loop thread while admitted ones may already
+        # complete on the worker: the count is shared by two threads.
+        self.lock = threading.Lock()
+
+    def done(self, req: Request) -> None:
+        """Per-request completion: the last one wakes every member (from any thread)."""
+        with self.lock:
+            self.left -= 1
+            if self.left:
+                return
+        fut = self.fut
+        if threading.get_ident() == self.tid:
+            if not fut.done():
+                fut.set_result(None)
+        else:
+            with contextlib.suppress(RuntimeError):
+                fut.get_loop().call_soon_threadsafe(_resolve, fut, None)
+
+    def outcome(self, i: int) -> InferenceResult:
+        """Member `i`'s result; raises its error."""
+        slot = self.slots[i]
+        if isinstance(slot, BaseException):
+            raise slot
+        k, start, end = slot
+        req = self.reqs[k]
+        if req.error is not None:
+            raise req.error
+        whole: InferenceResult = req.result
+        return whole.part(start, end)
+
+
+def _outcome(req: Request) -> InferenceResult:
+    if req.error is not None:
+        raise req.error
+    result: InferenceResult = req.result
+    return result
 
 
 class LoopBatcher:
@@ -39,74 +118,87 @@ class LoopBatcher:
 
     def __init__(self, runtime: Runtime) -> None:
         self.runtime = runtime
-        self.pending: dict[str, Pending] = {}
+        self.pending: dict[str, _Group] = {}
+        self._turn: asyncio.AbstractEventLoop | None = None  # loop whose turn is marked
+        self._loop: tuple[int, asyncio.AbstractEventLoop] | None = None
 
-    def add(
+    def _running(self) -> tuple[int, asyncio.AbstractEventLoop]:
+        """(thread id, running loop), without asking asyncio on every request.
+
+        `asyncio.get_running_loop()` costs a getpid() system call each time; a thread
+        runs one loop at a time, so the last one seen is still current while it runs.
+        """
+        tid = threading.get_ident()
+        last = self._loop
+        if last is not None and last[0] == tid and last[1].is_running():
+            return last
+        self._loop = last = (tid, asyncio.get_running_loop())
+        return last
+
+    async def infer(
         self,
         name: str,
         x: np.ndarray[Any, Any],
-        exact_dtype: bool,
-        loop: asyncio.AbstractEventLoop | None = None,
-    ) -> asyncio.Future[Request]:
-        """Join (or open) this loop turn's group for `name`; the future gets the request."""
-        if loop is None:
-            loop = asyncio.get_running_loop()
-        fut: asyncio.Future[Request] = loop.create_future()
-        group = self.pending.get(name)
-        if group is None:
-            group = self.pending[name] = []
-            loop.call_soon(self._drain, name, loop)
-        group.append((x, exact_dtype, fut))
-        return fut
-
-    async def infer(
-        self, name: str, x: np.ndarray[Any, Any], exact_dtype: bool = False, alone: bool = False
+        exact_dtype: bool = False,
+        first_goes_now: bool = False,
     ) -> InferenceResult:
         """Run one request; raises its `RuntimeFailure`.
 
-        With `alone` (the caller knows no other request is in progress, e.g. the HTTP
-        app with one connection busy) the request goes at once, without a loop turn;
-        otherwise it joins this loop turn's group.
+        With `first_goes_now`, the first request of a loop turn is submitted at once (an
+        idle executor runs it right here); later requests of the same turn are grouped.
         """
-        if alone and name not in self.pending:
-            loop = asyncio.get_running_loop()
-            fut: asyncio.Future[Request] = loop.create_future()
-            self._submit(name, [(x, exact_dtype, fut)], loop)
-        else:
-            fut = self.add(name, x, exact_dtype)
-        req = await fut
-        if req.error is not None:
-            raise req.error
-        result: InferenceResult = req.result
-        return result
+        tid, loop = self._running()
+        if first_goes_now and self._turn is not loop and name not in self.pending:
+            self._turn = loop
+            loop.call_soon(self._end_turn)
+            req = self.runtime.submit(name, x, wake, exact_dtype=exact_dtype, inline=True)
+            if req.result is None and req.error is None:  # queued behind other work
+                fut: asyncio.Future[None] = loop.create_future()
+                req.ctx = (fut, loop, tid)
+                if req.result is None and req.error is None:
+                    await fut
+            return _outcome(req)
+        group, i = self.join(name, x, exact_dtype)
+        await group.fut
+        return group.outcome(i)
 
-    def _drain(self, name: str, loop: asyncio.AbstractEventLoop) -> None:
-        group = self.pending.pop(name, [])
-        if group:
-            self._submit(name, group, loop)
+    def join(self, name: str, x: np.ndarray[Any, Any], exact_dtype: bool) -> tuple[_Group, int]:
+        """Add a request to this loop turn's group for `name` (opening it if needed).
 
-    def _submit(self, name: str, group: Pending, loop: asyncio.AbstractEventLoop) -> None:
-        loop_thread = threading.get_ident()
+        The caller awaits `group.fut` and then takes `group.outcome(i)`; a plain function
+        rather than a coroutine, so an async caller awaits one coroutine, not two.
+        """
+        group = self.pending.get(name)
+        if group is None:
+            tid, loop = self._running()
+            group = self.pending[name] = _Group(loop.create_future(), tid)
+            loop.call_soon(self._drain, name)
+        i = len(group.xs)
+        group.xs.append((x, exact_dtype))
+        return group, i
 
-        def done(req: Request) -> None:
-            fut: asyncio.Future[Request] = req.ctx
-            if threading.get_ident() == loop_thread:
-                if not fut.done():
-                    fut.set_result(req)
-            else:
-                with contextlib.suppress(RuntimeError):  # the loop closed; nobody waits
-                    loop.call_soon_threadsafe(_resolve, fut, req)
+    def _end_turn(self) -> None:
+        self._turn = None
 
-        try:
-            reqs = self.runtime.prepare_many(name, [(x, exact) for x, exact, _ in group], done)
-        except RuntimeFailure as exc:
-            for _, _, fut in group:
-                if not fut.done():
-                    fut.set_exception(exc)
+    def _drain(self, name: str) -> None:
+        group = self.pending.pop(name, None)
+        if group is None:
             return
-        for req, (_, _, fut) in zip(reqs, group, strict=True):
-            req.ctx = fut
-        self.runtime.dispatch_many(name, reqs)
+        group.left = 1 << 30  # no completion may wake the members before all are known
+        try:
+            reqs, slots = self.runtime.submit_group(name, group.xs, group.done)
+        except Exception as exc:  # UnknownPipeline, or a bug: never leave members waiting
+            if not group.fut.done():
+                group.fut.set_exception(
+                    exc if isinstance(exc, RuntimeFailure) else RuntimeFailure(str(exc))
+                )
+            return
+        group.reqs, group.slots = reqs, slots
+        with group.lock:  # completions so far counted down from the placeholder
+            group.left -= (1 << 30) - len(reqs)
+            finished = group.left == 0
+        if finished and not group.fut.done():
+            group.fut.set_result(None)
 
 
 class LoopBatchers:
@@ -116,6 +208,7 @@ class LoopBatchers:
         self.runtime = runtime
         self._by_loop: weakref.WeakKeyDictionary[Any, LoopBatcher] = weakref.WeakKeyDictionary()
         self._last: tuple[weakref.ref[Any], LoopBatcher] | None = None
+        self._hot: tuple[int, weakref.ref[Any], LoopBatcher] | None = None
 
     def of(self, loop: asyncio.AbstractEventLoop) -> LoopBatcher:
         """The batcher of `loop` (created on first use)."""
@@ -126,4 +219,20 @@ class LoopBatchers:
         if batcher is None:
             batcher = self._by_loop[loop] = LoopBatcher(self.runtime)
         self._last = (weakref.ref(loop), batcher)
+        return batcher
+
+    def current(self) -> LoopBatcher:
+        """The batcher of the running loop.
+
+        Skips `asyncio.get_running_loop()` (a getpid() each call) while the last caller's
+        loop still runs in this thread (see `LoopBatcher._running`).
+        """
+        hot = self._hot
+        if hot is not None and hot[0] == threading.get_ident():
+            loop = hot[1]()
+            if loop is not None and loop.is_running():
+                return hot[2]
+        loop = asyncio.get_running_loop()
+        batcher = self.of(loop)
+        self._hot = (threading.get_ident(), weakref.ref(loop), batcher)
         return batcher

@@ -11,7 +11,7 @@ import bisect
 import itertools
 import threading
 from collections import deque
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -50,10 +50,11 @@ BATCH_BOUNDS: tuple[float, ...] = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
 class Histogram:
     """Cumulative-style histogram: counts per upper bound plus an overflow bucket."""
 
-    __slots__ = ("bounds", "count", "counts", "sum")
+    __slots__ = ("_edges", "bounds", "count", "counts", "sum")
 
     def __init__(self, bounds: tuple[float, ...]) -> None:
         self.bounds = bounds
+        self._edges = np.asarray(bounds, dtype=np.float64)  # searchsorted on a tuple
         self.counts = [0] * (len(bounds) + 1)
         self.count = 0
         self.sum = 0.0
@@ -69,7 +70,7 @@ class Histogram:
         arr = np.asarray(values, dtype=np.float64)
         if not arr.size:
             return
-        idx = np.searchsorted(self.bounds, arr, side="left")
+        idx = self._edges.searchsorted(arr, side="left")
         for i, c in enumerate(np.bincount(idx, minlength=len(self.counts)).tolist()):
             self.counts[i] += c
         self.count += int(arr.size)
@@ -86,31 +87,50 @@ class Histogram:
 
 
 class RollingLatency:
-    """Latencies of the last `window_s` seconds, for the SLO's rolling p95."""
+    """Latencies of the last `window_s` seconds, for the SLO's rolling p95.
 
-    def __init__(self, window_s: float, max_batches: int = 4096) -> None:
+    Kept as chunks of (finish times, latencies) arrays, one chunk per metrics flush, so
+    that recording costs nothing per request; at most `max_values` latencies are kept.
+    """
+
+    def __init__(self, window_s: float, max_values: int = 65536) -> None:
         self.window_s = window_s
-        self._batches: deque[tuple[float, list[float]]] = deque(maxlen=max_batches)
+        self.max_values = max_values
+        self._chunks: deque[tuple[np.ndarray[Any, Any], np.ndarray[Any, Any]]] = deque()
+        self._size = 0
 
     def add(self, now: float, latency_ms: float) -> None:
         """Record one request's end-to-end latency."""
-        self._batches.append((now, [latency_ms]))
+        self.add_many(np.array([now]), np.array([latency_ms]))
 
     def add_batch(self, now: float, latencies_ms: list[float]) -> None:
         """Record the requests of one batch, all finished at `now`."""
-        self._batches.append((now, latencies_ms))
+        values = np.asarray(latencies_ms, dtype=np.float64)
+        self.add_many(np.full(values.shape, now), values)
 
-    def extend(self, batches: Iterable[tuple[float, list[float]]]) -> None:
-        """Record several batches, each `(finished_at, latencies_ms)`."""
-        self._batches.extend(batches)
+    def add_many(self, times: np.ndarray[Any, Any], latencies_ms: np.ndarray[Any, Any]) -> None:
+        """Record requests finished at `times` (non-decreasing) with their latencies."""
+        if not len(times):
+            return
+        self._chunks.append((times, latencies_ms))
+        self._size += len(times)
+        horizon = float(times[-1]) - self.window_s
+        chunks = self._chunks
+        while chunks and (
+            float(chunks[0][0][-1]) < horizon or self._size - len(chunks[0][0]) >= self.max_values
+        ):
+            self._size -= len(chunks.popleft()[0])
 
     def p95(self, now: float) -> float | None:
         """p95 over the window, or None when the window is empty."""
         cutoff = now - self.window_s
-        values = sorted(v for t, vs in list(self._batches) if t >= cutoff for v in vs)
-        if not values:
+        parts = [v[t >= cutoff] for t, v in list(self._chunks) if float(t[-1]) >= cutoff]
+        if not parts:
             return None
-        return values[min(len(values) - 1, int(0.95 * len(values)))]
+        values = np.sort(np.concatenate(parts))
+        if not len(values):
+            return None
+        return float(values[min(len(values) - 1, int(0.95 * len(values)))])
 
 
 @dataclass
@@ -150,21 +170,28 @@ class PipelineMetrics:
         n_esc: int,
         stage_ms: tuple[float, float, float],
         queue_ms: list[float],
-        total_ms: list[float],
+        rest_ms: float,
         confidences: list[float | None],
     ) -> None:
         """Record one served batch; aggregation is deferred off the hot path.
 
+        `queue_ms` holds one wait per request; each request's end-to-end latency is its
+        wait plus `rest_ms`, the batch's own time (added up when flushed, not here).
         A pipeline never runs two batches at once, so counters need no lock;
         the pending deque is safe to append to while a reader flushes it.
         """
-        self.success += len(queue_ms)
+        n = len(queue_ms)
+        self.success += n
         self.rows += rows
         self.escalated += n_esc
         if tier == "fallback":
-            self.fallback += len(queue_ms)
-        self._pending.append((t_end, tier, rows, n_esc, stage_ms, queue_ms, total_ms, confidences))
-        if len(self._pending) >= 512:
+            self.fallback += n
+        model, post, casc = stage_ms
+        pending = self._pending
+        pending.append(
+            (t_end, tier, rows, n_esc, model, post, casc, n, queue_ms, rest_ms, confidences)
+        )
+        if len(pending) >= 512:
             self.flush()
 
     def flush(self) -> None:
@@ -181,27 +208,37 @@ class PipelineMetrics:
             items = [pending.popleft() for _ in range(len(pending))]
             if not items:
                 return
-            t_ends, tiers, rows, n_escs, stages, queues, totals, confs = zip(*items, strict=True)
-            model, post, casc = zip(*stages, strict=True)
+            t_ends, tiers, rows, n_escs, model, post, casc, counts, queues, rests, confs = zip(
+                *items, strict=True
+            )
             chain = itertools.chain.from_iterable
-            self.rolling.extend(zip(t_ends, totals, strict=True))
+            waits = np.fromiter(chain(queues), dtype=np.float64, count=sum(counts))
+            totals = waits + np.repeat(np.asarray(rests, dtype=np.float64), counts)
+            self.rolling.add_many(np.repeat(np.asarray(t_ends, dtype=np.float64), counts), totals)
             self.batch_size.observe_many(rows)
             self.compute_ms.observe_many(model)
             self._hist(self.stage_ms, "model").observe_many(model)
             self._hist(self.stage_ms, "postprocess").observe_many(post)
-            tier_arr = np.asarray(tiers)
-            served = np.asarray(rows) - np.asarray(n_escs)
-            model_arr = np.asarray(model)
-            for tier in set(tiers):
-                mask = tier_arr == tier
-                self._hist(self.tier_ms, tier).observe_many(model_arr[mask])
-                self.tier_count[tier] = self.tier_count.get(tier, 0) + int(served[mask].sum())
+            tier_set = set(tiers)
+            if len(tier_set) == 1:  # the usual case: no string array, no masks
+                tier = tiers[0]
+                self._hist(self.tier_ms, tier).observe_many(model)
+                served_rows = sum(rows) - sum(n_escs)
+                self.tier_count[tier] = self.tier_count.get(tier, 0) + served_rows
+            else:
+                tier_arr = np.asarray(tiers)
+                served = np.asarray(rows) - np.asarray(n_escs)
+                model_arr = np.asarray(model)
+                for tier in tier_set:
+                    mask = tier_arr == tier
+                    self._hist(self.tier_ms, tier).observe_many(model_arr[mask])
+                    self.tier_count[tier] = self.tier_count.get(tier, 0) + int(served[mask].sum())
             escalated = [i for i, n in enumerate(n_escs) if n]
             if escalated:
                 self._hist(self.tier_ms, "cascade").observe_many([casc[i] for i in escalated])
                 self.tier_count["cascade"] = self.tier_count.get("cascade", 0) + sum(n_escs)
-            self.queue_ms.observe_many(list(chain(queues)))
-            self.total_ms.observe_many(list(chain(totals)))
+            self.queue_ms.observe_many(waits)
+            self.total_ms.observe_many(totals)
             self.confidence.observe_many([v for v in chain(confs) if v is not None])
 
     @staticmethod

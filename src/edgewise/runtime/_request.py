@@ -31,8 +31,8 @@ class Owner(Protocol):
     def on_shed(self, n: int) -> None:
         """Count requests shed."""
 
-    def on_rejected(self) -> None:
-        """Count one request rejected at admission."""
+    def on_rejected(self, n: int = 1) -> None:
+        """Count requests rejected at admission."""
 
 
 class Lane(Protocol):
@@ -55,6 +55,7 @@ class Request:
         "enqueued",
         "error",
         "lane",
+        "n",
         "owner",
         "result",
         "rows",
@@ -69,6 +70,7 @@ class Request:
         enqueued: float,
         callback: Callable[[Request], None] | None = None,
         ctx: Any = None,
+        n: int = 1,
     ) -> None:
         self.x = x
         self.rows = int(x.shape[0]) if x.ndim else 1
@@ -77,6 +79,9 @@ class Request:
         self.enqueued = enqueued
         self.callback = callback
         self.ctx = ctx  # the caller's handle (e.g. an asyncio future), for its callback
+        # How many callers' requests this one carries: an asyncio group stacks the rows
+        # of many callers into one request (counted as `n` for capacity and metrics).
+        self.n = n
         self.result: Any = None
         self.error: BaseException | None = None
         self._waiter: threading.Lock | None = None

@@ -6,7 +6,6 @@ tests drive degradation with injected pressure and no sleeping.
 
 from __future__ import annotations
 
-import asyncio
 import os
 import sys
 import threading
@@ -15,6 +14,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import numpy.typing as npt
 
 from edgewise.protocol._pipeline import PipelineSpec
@@ -247,12 +247,9 @@ class Runtime:
         Raises:
             UnknownPipeline, BadInput, Rejected, Shed, PipelineStopped, InferenceFailed.
         """
-        loop = asyncio.get_running_loop()
-        req = await self._batchers.of(loop).add(name, x, exact_dtype, loop)
-        if req.error is not None:
-            raise req.error
-        result: InferenceResult = req.result
-        return result
+        group, i = self._batchers.current().join(name, x, exact_dtype)
+        await group.fut
+        return group.outcome(i)
 
     def _prepare(self, p: RunningPipeline, x: Array, exact_dtype: bool) -> tuple[Array, ModelLane]:
         try:
@@ -270,30 +267,42 @@ class Runtime:
         *,
         exact_dtype: bool = False,
         inline: bool = False,
+        ctx: Any = None,
     ) -> Request:
         """Queue a request and return at once; `callback(request)` runs on completion.
 
         With `inline`, an idle executor runs a fast model's request in the calling thread
         (the HTTP API does this from its event loop for sub-`inline_async_max_ms` models).
+        `ctx` is stored on the request before it can complete (e.g. an asyncio future).
         """
         p = self._pipelines.get(name)
         if p is None:
             raise UnknownPipeline(f"no pipeline named {name!r}")
         x, lane = self._prepare(p, x, exact_dtype)
-        req = Request(x, lane, p, self.clock(), callback)
+        req = Request(x, lane, p, self.clock(), callback, ctx)
         p.executor.submit(req, inline and p.executor.typical_batch_s() < self._inline_max_s)
         return req
 
-    def prepare_many(
+    def submit_group(
         self,
         name: str,
         xs: Sequence[tuple[Array, bool]],
         callback: Callable[[Request], None],
-    ) -> list[Request]:
-        """Preprocess and validate several requests (each `(array, exact_dtype)`).
+        *,
+        inline: bool = True,
+    ) -> tuple[list[Request], list[tuple[int, int, int] | BaseException]]:
+        """Submit many callers' inputs (each `(array, exact_dtype)`) as stacked requests.
 
-        Returns one Request per input, in order; a bad input's Request already carries
-        its `BadInput` error and is failed (callback called) by `dispatch_many`.
+        The callers' rows are validated one by one and stacked into as few requests as
+        the lane's `max_batch` (and the queue's capacity) allow; each such request counts
+        as its callers (`Request.n`) for admission and metrics. This is how an event loop
+        batches the requests of one loop turn without one Request, admission and
+        completion per caller. An idle executor runs a fast model's group in the calling
+        thread. `callback` runs once per stacked request, when it completes or fails.
+
+        Returns:
+            The stacked requests, and per input either `(request index, first row, end
+            row)` or the `BadInput` it was refused with.
 
         Raises:
             UnknownPipeline: no pipeline by that name.
@@ -303,42 +312,44 @@ class Runtime:
             raise UnknownPipeline(f"no pipeline named {name!r}")
         now = self.clock()
         lane = p.active
-        # The common case (no preprocess, the model's dtype, one batched row of the fixed
+        model = lane.model
+        # The common case (no preprocess, the model's dtype, batched rows of the fixed
         # shape) is checked inline; anything else takes the full validation path.
         fast = not p.pre
-        model = lane.model
         dtype, fixed, ndim = model.session.input.dtype, model.fixed_shape, model.input_ndim
-        out: list[Request] = []
-        append = out.append
+        max_rows, max_callers = lane.max_batch, max(1, p.capacity)
+        slots: list[tuple[int, int, int] | BaseException] = []
+        reqs: list[Request] = []
+        parts: list[Array] = []
+        rows = 0
         for x, exact in xs:
-            if fast and x.dtype == dtype and x.ndim == ndim and x.shape[1:] == fixed and len(x):
-                append(Request(x, lane, p, now, callback))
+            xd = x.dtype  # builtin dtypes are singletons: `is` settles the usual case
+            if not (
+                fast and (xd is dtype or xd == dtype) and x.ndim == ndim and x.shape[1:] == fixed
+            ):
+                try:
+                    x, _ = p.prepare(x, exact, lane)
+                except BadInput as exc:
+                    with p.metrics.lock:
+                        p.metrics.bad_input += 1
+                    slots.append(exc)
+                    continue
+            k = len(x)
+            if not k:
+                slots.append(BadInput("empty batch"))
                 continue
-            try:
-                xb, xlane = self._prepare(p, x, exact)
-            except BadInput as exc:
-                req = Request(x, lane, p, now, callback)
-                req.error = exc
-            else:
-                req = Request(xb, xlane, p, now, callback)
-            append(req)
-        return out
-
-    def dispatch_many(self, name: str, reqs: list[Request], *, inline: bool = True) -> None:
-        """Submit prepared requests as one group; each completes through its callback.
-
-        An idle executor runs a fast model's group in the calling thread, in batches of
-        up to `max_batch` rows (the HTTP API calls this from its event loop).
-        """
-        good = []
-        for req in reqs:
-            if req.error is not None:
-                req.fail(req.error)
-            else:
-                good.append(req)
-        if good:
-            ex = good[0].owner.executor  # type: ignore[attr-defined]
-            ex.submit_many(good, inline and ex.typical_batch_s() < self._inline_max_s)
+            if parts and (rows + k > max_rows or len(parts) >= max_callers):
+                reqs.append(_stacked(parts, lane, p, now, callback))
+                parts, rows = [], 0
+            slots.append((len(reqs), rows, rows + k))
+            parts.append(x)
+            rows += k
+        if parts:
+            reqs.append(_stacked(parts, lane, p, now, callback))
+        if reqs:
+            ex = p.executor
+            ex.submit_many(reqs, inline and ex.typical_batch_s() < self._inline_max_s)
+        return reqs, slots
 
     def stats(self, name: str) -> dict[str, Any]:
         """Counters and histograms of one pipeline, plus its current mode."""
@@ -445,6 +456,18 @@ class Runtime:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _stacked(
+    parts: list[Array],
+    lane: ModelLane,
+    p: RunningPipeline,
+    now: float,
+    callback: Callable[[Request], None],
+) -> Request:
+    """One request carrying the rows of `len(parts)` callers."""
+    x = parts[0] if len(parts) == 1 else np.concatenate(parts)
+    return Request(x, lane, p, now, callback, n=len(parts))
 
 
 def _close_parts(p: RunningPipeline) -> None:

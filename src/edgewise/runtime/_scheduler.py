@@ -8,8 +8,11 @@ Invariants:
   queued, the submitting thread runs the request itself (no thread hand-off at all).
 - A critical request that finds the worker busy with lower-priority work and no critical
   work queued runs at once in its caller's thread, beside that batch (one such request at
-  a time; `critical_bypass=False` turns this off). It never waits behind best-effort.
+  a time; `critical_bypass=False` turns this off). It never waits behind best-effort,
+  and the worker starts no new batch until it is done.
 - Admission is immediate: a full per-pipeline queue raises `Rejected`; nothing blocks.
+  Capacity counts callers' requests: a request that carries a group of them (`n`, see
+  `Request`) takes `n` places.
 - When a queued critical request has waited long enough that one more batch would take
   it past `shed_fraction` of its SLO, every queued best_effort request is shed, and new
   best_effort requests are shed on arrival for `shed_hold_s`.
@@ -52,7 +55,10 @@ class Executor:
         self._clock = clock
         self.shed_fraction = shed_fraction
         self.shed_hold_s = shed_hold_s
-        self._cond = threading.Condition(threading.Lock())
+        # Hot paths enter the lock itself (C) rather than the Condition (a Python-level
+        # __enter__); notify and wait still go through the Condition, which owns it.
+        self._lock = threading.Lock()
+        self._cond = threading.Condition(self._lock)
         self._queues: tuple[deque[Request], ...] = (deque(), deque(), deque())
         self._depth = 0
         self._busy = False
@@ -75,10 +81,10 @@ class Executor:
         if not owner.accepting:
             raise PipelineStopped(f"pipeline {owner.name!r} is stopping")
         if owner.rank == BEST_EFFORT and self._clock() < self._shed_until:
-            owner.on_shed(1)
+            owner.on_shed(req.n)
             raise Shed("best-effort request shed: critical work is at risk of its SLO")
-        if owner.queued >= owner.capacity:
-            owner.on_rejected()
+        if owner.queued + req.n > owner.capacity:
+            owner.on_rejected(req.n)
             raise Rejected(f"queue of pipeline {owner.name!r} is full ({owner.capacity})")
 
     def submit(self, req: Request, inline: bool = True, wait: bool = False) -> bool:
@@ -94,7 +100,7 @@ class Executor:
         """
         cond = self._cond
         bypass = False
-        with cond:
+        with self._lock:
             self._admit(req)
             if inline and not self._busy and not self._depth and not self._paused:
                 self._busy = True
@@ -117,14 +123,14 @@ class Executor:
                     req._waiter = waiter = threading.Lock()
                     waiter.acquire()
                 self._queues[req.owner.rank].append(req)
-                req.owner.queued += 1
+                req.owner.queued += req.n
                 self._depth += 1
                 cond.notify()
                 return False
         try:
             self._run([req])
         finally:
-            with cond:
+            with self._lock:
                 if bypass:
                     self._bypassing = False
                 else:
@@ -145,19 +151,19 @@ class Executor:
         refused: list[tuple[Request, RuntimeFailure]] = []
         admitted: list[Request] = []
         run_here = False
-        with cond:
+        with self._lock:
             for r in reqs:
                 try:
                     self._admit(r)
                     admitted.append(r)
-                    r.owner.queued += 1  # so the group as a whole respects the capacity
+                    r.owner.queued += r.n  # so the group as a whole respects the capacity
                 except RuntimeFailure as exc:
                     refused.append((r, exc))
             if admitted and inline and not self._busy and not self._depth and not self._paused:
                 self._busy = run_here = True
                 self._running_rank = admitted[0].owner.rank
                 for r in admitted:
-                    r.owner.queued -= 1
+                    r.owner.queued -= r.n
             else:
                 for r in admitted:
                     self._queues[r.owner.rank].append(r)
@@ -180,7 +186,7 @@ class Executor:
                 self._run(admitted[i:j])
                 i = j
         finally:
-            with cond:
+            with self._lock:
                 self._busy = False
                 self._running_rank = -1
                 if self._depth:
@@ -234,7 +240,7 @@ class Executor:
             for q in self._queues:
                 q.clear()
             for r in leftovers:
-                r.owner.queued -= 1
+                r.owner.queued -= r.n
             self._depth = 0
             self._cond.notify_all()
         for r in leftovers:
@@ -278,7 +284,7 @@ class Executor:
         self._queues[BEST_EFFORT].clear()
         self._depth -= len(dropped)
         for r in dropped:
-            r.owner.queued -= 1
+            r.owner.queued -= r.n
         return dropped
 
     def _take(self) -> list[Request]:
@@ -304,7 +310,7 @@ class Executor:
             q.extend(keep)
         self._depth -= len(batch)
         for r in batch:
-            r.owner.queued -= 1
+            r.owner.queued -= r.n
         return batch
 
     def _wait_for_company(self, now: float) -> float:
@@ -319,14 +325,12 @@ class Executor:
         return max(0.0, head.enqueued + delay - now)
 
     def _must_wait(self) -> bool:
-        # While a critical request runs beside the worker, queued critical work (maybe of
-        # the same pipeline) waits for it: one pipeline never runs two batches at once.
-        return (
-            self._busy
-            or self._paused
-            or not self._depth
-            or (self._bypassing and bool(self._queues[CRITICAL]))
-        )
+        # While a critical request runs beside the worker, the worker starts nothing new:
+        # queued critical work (maybe of the same pipeline) waits for it, since one
+        # pipeline never runs two batches at once, and lower-priority batches would only
+        # compete with it for the cores and the GIL. It waits at most for the batch the
+        # worker was already running.
+        return self._busy or self._paused or not self._depth or self._bypassing
 
     def _loop(self) -> None:
         cond = self._cond
@@ -358,5 +362,5 @@ class Executor:
                         cond.notify_all()
             # Critical work first; telling shed requests they were shed can wait a batch.
             for r in shed:
-                r.owner.on_shed(1)
+                r.owner.on_shed(r.n)
                 r.fail(Shed("best-effort request shed: critical work is at risk of its SLO"))
