@@ -23,6 +23,7 @@ import base64
 import contextlib
 import random
 import time
+from collections.abc import Coroutine
 from typing import Any
 
 from cryptography.hazmat.primitives import serialization
@@ -86,7 +87,7 @@ class SimDevice:
         # Keys are random, not seeded: re-running a seed against the same control plane
         # must enroll new devices, not collide with the previous run's keys.
         self._key = Ed25519PrivateKey.generate()
-        self.client = AsyncDeviceClient(env.http, None, clock=self.clock)
+        self.client = AsyncDeviceClient(env.http_for(profile.index), None, clock=self.clock)
         self.device_id: str | None = None
         self.trusted: dict[str, Ed25519PublicKey] = {}
         self.publishers: dict[str, str] = {}
@@ -102,6 +103,7 @@ class SimDevice:
         self._pending: list[TelemetryRecord] = []
         self._dropped = 0
         self._installs: dict[str, asyncio.Task[None]] = {}
+        self._spawned: set[asyncio.Task[None]] = set()
         self._crash = asyncio.Event()
         self._flush = asyncio.Event()
         self._report_lock = asyncio.Lock()
@@ -150,14 +152,11 @@ class SimDevice:
         while True:
             self.up = True
             self._crash = asyncio.Event()
-            tasks = [
-                asyncio.create_task(self._poll_loop()),
-                asyncio.create_task(self._telemetry_loop()),
-            ]
-            if self.document is not None:  # boot: resume from the last accepted document
-                self._reconcile(self.document)
-                await self._report()
+            tasks = [self._spawn(self._poll_loop()), self._spawn(self._telemetry_loop())]
             try:
+                if self.document is not None:  # boot: resume from the last accepted document
+                    self._reconcile(self.document)
+                    await self._report()
                 await self._crash.wait()
             finally:
                 self.up = False
@@ -169,6 +168,24 @@ class SimDevice:
                 self._installs.clear()
             self.env.stats.crashes += 1
             await self._sleep_sim(self.env.faults.restart_s)
+
+    def _spawn(self, coro: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
+        """A task of this device, cancelled by `halt` whatever it is doing then."""
+        task = asyncio.create_task(coro)
+        self._spawned.add(task)
+        task.add_done_callback(self._spawned.discard)
+        return task
+
+    async def halt(self) -> None:
+        """Cancel and await every task this device started (after `run` is cancelled)."""
+        while self._spawned:
+            tasks = list(self._spawned)
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            self._spawned.difference_update(tasks)
+        self._installs.clear()
+        self.up = False
 
     async def _retry_wait(self, attempt: int, exc: Exception | None = None) -> None:
         retry_after = getattr(exc, "retry_after", None)
@@ -245,7 +262,7 @@ class SimDevice:
                 pipe.timeline = []
             pipe.target = desired.model
             pipe.move("pending", now)
-            self._installs[name] = asyncio.create_task(self._install(name, desired.model))
+            self._installs[name] = self._spawn(self._install(name, desired.model))
         for name in set(self.pipes) - set(doc.pipelines):
             task = self._installs.pop(name, None)
             if task is not None:
