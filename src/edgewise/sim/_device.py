@@ -228,16 +228,21 @@ class SimDevice:
             await self._report()
             return
         self.revision, self.document = doc.revision, doc
-        self._reconcile(doc)
-        await self._report()
+        started = self._reconcile(doc)
+        if self.env.report_progress or not started:
+            # Without progress reports an install reports its outcome only (the install
+            # task does); a document that starts nothing is acknowledged at once.
+            await self._report()
 
     def _note_error(self, text: str) -> None:
         if not self.errors or self.errors[-1] != text:
             self.errors.append(text)
             del self.errors[:-20]
 
-    def _reconcile(self, doc: DesiredState) -> None:
+    def _reconcile(self, doc: DesiredState) -> int:
+        """Start, keep or stop installs to match `doc`; returns how many it started."""
         now = self.clock()
+        started = 0
         for name, desired in doc.pipelines.items():
             pipe = self.pipes.setdefault(name, Pipe())
             pipe.deployment = desired.deployment
@@ -263,11 +268,13 @@ class SimDevice:
             pipe.target = desired.model
             pipe.move("pending", now)
             self._installs[name] = self._spawn(self._install(name, desired.model))
+            started += 1
         for name in set(self.pipes) - set(doc.pipelines):
             task = self._installs.pop(name, None)
             if task is not None:
                 task.cancel()
             del self.pipes[name]
+        return started
 
     # -- install ------------------------------------------------------------------------
 
