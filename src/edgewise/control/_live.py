@@ -203,6 +203,19 @@ class DeviceCache:
                 self._items.pop(device_id, None)
             self._generation += 1
 
+    def replace_many(self, items: dict[str, CachedDevice], since: int) -> None:
+        """`replace` for many devices at once (one bulk recompute), one change in all.
+
+        If anything changed since `since`, every entry is dropped instead.
+        """
+        with self._lock:
+            for device_id, item in items.items():
+                if since == self._generation:
+                    self._store(device_id, item)
+                else:
+                    self._items.pop(device_id, None)
+            self._generation += 1
+
     def _store(self, device_id: str, item: CachedDevice) -> None:
         self._items[device_id] = item
         self._items.move_to_end(device_id)
