@@ -48,6 +48,10 @@ class Notifier:
         # only if it is unchanged, so a change between the look and the wait is not lost.
         self._versions: dict[str, int] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
+        # Wakes from worker threads queue here and reach the loop in one callback: a
+        # wave of 5,000 devices is one write to the loop's self-pipe, not 5,000.
+        self._queued: list[str] = []
+        self._queue_lock = threading.Lock()
 
     def bind(self, loop: asyncio.AbstractEventLoop) -> None:
         """Attach to the server's event loop (waiters live there)."""
@@ -103,8 +107,22 @@ class Notifier:
             running = None
         if running is loop:
             self._wake(device_id)
-        else:
-            loop.call_soon_threadsafe(self._wake, device_id)
+            return
+        with self._queue_lock:
+            first = not self._queued
+            self._queued.append(device_id)
+        if first:
+            try:
+                loop.call_soon_threadsafe(self._wake_queued)
+            except RuntimeError:  # the loop closed meanwhile: nobody waits any more
+                with self._queue_lock:
+                    self._queued.clear()
+
+    def _wake_queued(self) -> None:
+        with self._queue_lock:
+            queued, self._queued = self._queued, []
+        for device_id in queued:
+            self._wake(device_id)
 
     def _wake(self, device_id: str) -> None:
         self._versions[device_id] = self._versions.get(device_id, 0) + 1
