@@ -203,7 +203,7 @@ async def bench(args: argparse.Namespace, work: Path) -> dict[str, Any]:
         await fleet.start()
         enroll_s = time.monotonic() - t0
         ok = await fleet.run_until(
-            lambda f: f.count_running("digits-mlp@1.0.0") == args.devices, args.timeout
+            lambda f: f.count_running("digits-mlp@1.0.0") == args.devices, args.timeout, 0.5
         )
         setup_s = time.monotonic() - t0
         if not ok:

@@ -281,11 +281,18 @@ class Fleet:
 
     def count_running(self, ref: str, pipeline: str | None = None) -> int:
         """Devices running `ref` (in `pipeline`, or in any pipeline)."""
-        return sum(
-            1
-            for d in self.devices
-            if any(r == ref and (pipeline is None or p == pipeline) for p, r in d.running().items())
-        )
+        # Called in polling loops over 10,000 devices: compare name and version in place
+        # rather than building each device's `running()` map.
+        name, _, version = ref.rpartition("@")
+        count = 0
+        for d in self.devices:
+            for p, pipe in d.pipes.items():
+                m = pipe.running
+                wanted = pipeline is None or p == pipeline
+                if wanted and m is not None and m.version == version and m.name == name:
+                    count += 1
+                    break
+        return count
 
     def count_ever_ran(self, ref: str) -> int:
         """Devices on which `ref` was ever active."""
