@@ -156,8 +156,13 @@ class Fleet:
         if client is None:
             transport = FaultyTransport(
                 httpx.AsyncHTTPTransport(
+                    # Idle connections live 70 s (the server keeps them 75 s), so a device
+                    # uploading every minute reuses one instead of a TCP handshake each
+                    # time; few idle ones per shard, as each device's long-poll holds a
+                    # busy connection already and 10,000 devices must stay well inside
+                    # the process's file limit.
                     limits=httpx.Limits(
-                        max_connections=None, max_keepalive_connections=4 * SHARD_DEVICES
+                        max_connections=None, max_keepalive_connections=6, keepalive_expiry=70.0
                     )
                 ),
                 self.faults.flaky,
