@@ -160,11 +160,12 @@ class SimDevice:
                 await self._crash.wait()
             finally:
                 self.up = False
-                for task in [*tasks, *self._installs.values()]:
+                stopping = [*tasks, *self._installs.values()]
+                for task in stopping:
                     task.cancel()
-                for task in [*tasks, *self._installs.values()]:
-                    with contextlib.suppress(asyncio.CancelledError, Exception):
-                        await task
+                # gather, not a suppressing await per task: a cancel of this task that
+                # arrives meanwhile (`Fleet.stop`) must end it, not be swallowed here.
+                await asyncio.gather(*stopping, return_exceptions=True)
                 self._installs.clear()
             self.env.stats.crashes += 1
             await self._sleep_sim(self.env.faults.restart_s)
