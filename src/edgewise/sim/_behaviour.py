@@ -51,8 +51,6 @@ LATENCY_BOUNDS_MS: tuple[float, ...] = (
     2000.0, 5000.0,
 )  # fmt: skip
 CONFIDENCE_EDGES: tuple[float, ...] = tuple(DEFAULT_CONFIDENCE_EDGES)
-#: Most latencies (and confidences) drawn for one window; the histograms are scaled.
-MAX_DRAWS = 128
 
 
 @dataclass(frozen=True)
@@ -144,33 +142,6 @@ def _bucketed(values: list[float], bounds: tuple[float, ...]) -> list[int]:
     return counts
 
 
-def _scaled(counts: list[int], total: int) -> list[int]:
-    """`counts` scaled to sum to `total`, by largest remainder (ties: lowest bin)."""
-    drawn = sum(counts)
-    if drawn == total or drawn == 0:
-        return counts
-    raw = [c * total / drawn for c in counts]
-    out = [math.floor(r) for r in raw]
-    order = sorted(range(len(raw)), key=lambda i: out[i] - raw[i])
-    for i in order[: total - sum(out)]:
-        out[i] += 1
-    return out
-
-
-def _binomial(rng: random.Random, n: int, p: float) -> int:
-    """Successes in `n` trials of probability `p`, exactly, by geometric skips."""
-    if p <= 0.0 or n <= 0:
-        return 0
-    if p >= 1.0:
-        return n
-    log_q, hits, at = math.log(1.0 - p), 0, -1
-    while True:
-        at += int(math.log(1.0 - rng.random()) / log_q) + 1
-        if at >= n:
-            return hits
-        hits += 1
-
-
 def _binned(values: list[float], edges: tuple[float, ...]) -> list[int]:
     # Bins [e_i, e_i+1), the last one closed: the drift package's fixed-bin histogram.
     counts = [0] * (len(edges) - 1)
@@ -192,24 +163,16 @@ def synth_window(
     deployment: str = "",
     drift_threshold: float = 0.2,
 ) -> dict[str, Any]:
-    """One telemetry window of a device running `behaviour` (pure given `rng`).
-
-    At most `MAX_DRAWS` latencies and confidences are drawn per window and their
-    histograms scaled to the window's counts (largest remainder): a minute of 10,000
-    devices is 1.2 million inferences, and drawing each one made the simulator, not the
-    control plane, the limit. The failure count is drawn exactly (binomial).
-    """
-    ok_draws = min(inferences, MAX_DRAWS)
+    """One telemetry window of a device running `behaviour` (pure given `rng`)."""
     latencies = [
         behaviour.latency_ms * math.exp(rng.gauss(0.0, behaviour.latency_sigma))
-        for _ in range(ok_draws)
+        for _ in range(inferences)
     ]
-    failed = _binomial(rng, inferences, behaviour.error_rate)
+    failed = sum(1 for _ in range(inferences) if rng.random() < behaviour.error_rate)
     confidences = [
         rng.betavariate(behaviour.confidence_a, behaviour.confidence_b)
-        for _ in range(min(inferences - failed, MAX_DRAWS))
+        for _ in range(inferences - failed)
     ]
-    latency_sum = sum(latencies) * (inferences / len(latencies) if latencies else 0.0)
     drift = abs(behaviour.input_drift * (1.0 + 0.25 * rng.gauss(0.0, 1.0)))
     data: dict[str, Any] = {
         "pipeline": pipeline,
@@ -230,14 +193,14 @@ def synth_window(
             "bounds": list(LATENCY_BOUNDS_MS),
             "stages": {
                 "total": {
-                    "counts": _scaled(_bucketed(latencies, LATENCY_BOUNDS_MS), inferences),
-                    "sum": round(latency_sum, 4),
+                    "counts": _bucketed(latencies, LATENCY_BOUNDS_MS),
+                    "sum": round(sum(latencies), 4),
                 }
             },
         },
         "confidence": {
             "edges": list(CONFIDENCE_EDGES),
-            "counts": _scaled(_binned(confidences, CONFIDENCE_EDGES), inferences - failed),
+            "counts": _binned(confidences, CONFIDENCE_EDGES),
         },
         "drift": {
             "score": round(drift, 6),
