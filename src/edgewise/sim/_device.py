@@ -50,6 +50,7 @@ from edgewise.protocol import (
 )
 from edgewise.sim._artifacts import ArtifactInfo
 from edgewise.sim._behaviour import synth_window
+from edgewise.sim._cancel import cancel_and_wait
 from edgewise.sim._download import FetchFailed, fetch_artifact
 from edgewise.sim._env import SimEnv
 from edgewise.sim._pipes import Pipe, build_report, model_ref
@@ -181,9 +182,7 @@ class SimDevice:
         """Cancel and await every task this device started (after `run` is cancelled)."""
         while self._spawned:
             tasks = list(self._spawned)
-            for task in tasks:
-                task.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
+            await cancel_and_wait(tasks)
             self._spawned.difference_update(tasks)
         self._installs.clear()
         self.up = False

@@ -34,6 +34,7 @@ import httpx
 
 from edgewise.sim._artifacts import ArtifactBook
 from edgewise.sim._behaviour import BehaviourBook
+from edgewise.sim._cancel import cancel_and_wait
 from edgewise.sim._device import SimDevice
 from edgewise.sim._env import SimEnv
 from edgewise.sim._faults import Faults, FaultyTransport
@@ -268,15 +269,17 @@ class Fleet:
         Install, upload and report tasks are cancelled too: nothing of the fleet runs
         afterwards, so a caller may close its loop or server right away.
         """
-        for task in self._tasks:
-            task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await cancel_and_wait(self._tasks)
         self._tasks.clear()
         for device in self.devices:
             await device.halt()
         for client in [*self._shards.values(), self.env.http]:
             await client.aclose()
         self._shards.clear()
+        # Closed transports let go of their sockets one loop turn later; a caller that
+        # closes its loop right after this must not find them still open.
+        for _ in range(3):
+            await asyncio.sleep(0)
 
     # -- views --------------------------------------------------------------------------
 
