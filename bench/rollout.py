@@ -18,6 +18,21 @@ revision). Then:
    seconds from the breach (the audit time of `phase.breached`) until every device
    runs 1.1.0 again.
 
+The simulated fleet (the arbitrary parameters, and why these values):
+
+- `--time-scale 0.1`: simulated time runs 10x faster than real time, so a 4 s median
+  install takes 0.4 s; network, control plane and gates run in real time.
+- `--window-s 600` (simulated, = 60 s real): each device uploads one telemetry window
+  per real minute, the upload rate a real fleet on the default 60 s window gives the
+  control plane; a shorter simulated window would load the control plane with more
+  telemetry than the fleet it stands for.
+- first window 5 simulated seconds after a model switch (a real agent's window
+  aggregator restarts with the model): at 2 inferences/s a 1 % canary of 10,000 devices
+  yields about 1,000 new-model inferences at once, over `--min-inferences 200`, so the
+  quality gates judge the canary on its first windows rather than a minute later.
+- long-poll wait 60 s (the agent's own default is the control plane's 30 s; the wait
+  only bounds how often an idle device re-polls).
+
 Also printed: the control plane's CPU seconds and peak RSS over the two rollouts.
 The last line is one JSON object: devices, converge_s, exposure_pct, rollback_s,
 cp_cpu_s, cp_peak_rss_mb (goals: converge <= 60 s, exposure <= 1 %, rollback <= 30 s).
@@ -137,6 +152,14 @@ async def _wait(fleet: Fleet, plane: Plane, rollout_id: str, ref: str, timeout: 
     raise TimeoutError(f"rollout {rollout_id} still {state} after {timeout} s")
 
 
+def _timeline(plane: Plane, rollout_id: str) -> None:
+    """Print when each phase event happened, relative to the rollout's creation."""
+    view = plane.api("GET", f"/api/v1/rollouts/{rollout_id}")
+    t0 = view["created_at"]
+    steps = ", ".join(f"{h['kind']}@{h['at'] - t0:.1f}" for h in view["history"])
+    print(f"  {rollout_id}: {steps}", file=sys.stderr)
+
+
 async def bench(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     from edgewise.examples import build_examples
 
@@ -173,14 +196,14 @@ async def bench(args: argparse.Namespace, work: Path) -> dict[str, Any]:
         fleet = Fleet(
             plane.url, args.devices, args.seed, admin_token=plane.admin,
             labels="hw=cpu-small:0.5,cpu-large:0.5;site=lab,store-1,store-2,store-3",
-            time_scale=args.time_scale, window_s=args.window_s, first_window_s=1.0,
+            time_scale=args.time_scale, window_s=args.window_s, first_window_s=5.0,
             poll_wait_s=60, report_progress=False, enroll_concurrency=64,
         )  # fmt: skip
         t0 = time.monotonic()
         await fleet.start()
         enroll_s = time.monotonic() - t0
         ok = await fleet.run_until(
-            lambda f: f.count_running("digits-mlp@1.0.0") == args.devices, args.timeout
+            lambda f: f.count_running("digits-mlp@1.0.0") == args.devices, args.timeout, 0.5
         )
         setup_s = time.monotonic() - t0
         if not ok:
@@ -196,6 +219,7 @@ async def bench(args: argparse.Namespace, work: Path) -> dict[str, Any]:
         state = await _wait(fleet, plane, ro["id"], "digits-mlp@1.1.0", args.timeout)
         converge_s = time.monotonic() - t1
         print(f"converge: rollout {ro['id']} {state} in {converge_s:.1f} s", file=sys.stderr)
+        _timeline(plane, ro["id"])
 
         ro2 = plane.api("POST", "/api/v1/rollouts", json={
             "deployment": "fleet", "to_revision": rev3["revision"],
@@ -203,6 +227,7 @@ async def bench(args: argparse.Namespace, work: Path) -> dict[str, Any]:
         state2 = await _wait(fleet, plane, ro2["id"], "digits-mlp@1.1.0", args.timeout)
         back_at = time.time()
         view = plane.api("GET", f"/api/v1/rollouts/{ro2['id']}")
+        _timeline(plane, ro2["id"])
         breach = next((h for h in view["history"] if h["kind"] == "phase.breached"), None)
         rollback_s = back_at - breach["at"] if breach else float("nan")
         exposure = 100.0 * fleet.count_ever_ran("digits-mlp@2.0.0") / args.devices
@@ -231,7 +256,7 @@ def main() -> None:
     parser.add_argument("--devices", type=int, default=10_000)
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--time-scale", type=float, default=0.1)
-    parser.add_argument("--window-s", type=float, default=300.0)
+    parser.add_argument("--window-s", type=float, default=600.0)
     parser.add_argument("--min-inferences", type=int, default=200)
     parser.add_argument("--timeout", type=float, default=600.0)
     args = parser.parse_args()

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import json
+import signal
 import sqlite3
 import subprocess
 from collections.abc import Callable
 from typing import Any
 
-from edgewise.sim import Faults, Fleet, parse_labels, plan_fleet
+from edgewise.sim import BehaviourBook, Faults, Fleet, ModelBehaviour, parse_labels, plan_fleet
 
 from .conftest import EDGEWISE, ControlPlaneProcess
 
@@ -146,6 +147,34 @@ def test_devices_added_later_enroll_with_the_next_indexes(
 
     fleet = asyncio.run(go())
     assert fleet.n == 5 and len({d.device_id for d in fleet.devices}) == 5
+
+
+def test_stopping_a_fleet_cancels_reports_in_flight_and_leaves_no_task(
+    shared_plane: ControlPlaneProcess,
+) -> None:
+    plane = shared_plane
+    plane.deploy("sim-stop", "group=stop", "digits-mlp@1.0.0")
+    slow = BehaviourBook(default=ModelBehaviour(install_s=100.0, install_sigma=0.0))  # 2 s
+    fleet = _fleet(plane, 4, "stop", behaviours=slow)
+    assert plane.proc is not None
+
+    async def go() -> list[asyncio.Task[Any]]:
+        await fleet.start()
+        assert await fleet.run_until(
+            lambda f: all(d.statuses().get("digits") == "installing" for d in f.devices), 30
+        )
+        plane.proc.send_signal(signal.SIGSTOP)  # the installs end; their reports hang
+        try:
+            assert await fleet.run_until(
+                lambda f: all(d.statuses().get("digits") == "active" for d in f.devices), 30
+            )
+            await fleet.stop()
+        finally:
+            plane.proc.send_signal(signal.SIGCONT)
+        return [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+
+    assert asyncio.run(go()) == []
+    assert fleet.summary()["installs"] == 4 and not any(d.up for d in fleet.devices)
 
 
 def test_sim_command_prints_a_json_summary(shared_plane: ControlPlaneProcess) -> None:

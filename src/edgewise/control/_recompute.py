@@ -16,7 +16,7 @@ from sqlalchemy import select, update
 
 from edgewise.control import _schema as t
 from edgewise.control._desiredcalc import content_hash, desired_content
-from edgewise.control._plane import ControlPlane
+from edgewise.control._plane import ControlPlane, _cached_device
 from edgewise.control._revisions import apply_assignments, overrides_for
 from edgewise.control._selector import parse_selector
 from edgewise.protocol import DesiredState, sign_desired
@@ -36,12 +36,19 @@ def recompute_devices(plane: ControlPlane, device_ids: Sequence[str]) -> int:
     bumped = 0
     for i in range(0, len(ids), _CHUNK):
         chunk = ids[i : i + _CHUNK]
+        since = plane.cache.generation()
         with plane.store.engine.connect() as c:
             rows = c.execute(
-                select(d.c.id, d.c.labels, d.c.desired_hash, d.c.desired_revision).where(
-                    d.c.id.in_(chunk), d.c.status == "active"
-                )
+                select(
+                    d.c.id,
+                    d.c.labels,
+                    d.c.desired_hash,
+                    d.c.desired_revision,
+                    d.c.public_key,
+                    d.c.status,
+                ).where(d.c.id.in_(chunk), d.c.status == "active")
             ).all()
+        by_id = {row.id: row for row in rows}
         assigned = overrides_for(plane, chunk)
         now = plane.clock()
         writes: list[dict[str, Any]] = []
@@ -80,8 +87,17 @@ def recompute_devices(plane: ControlPlane, device_ids: Sequence[str]) -> int:
                         )
                     )
                     (changed if res.rowcount else lost).append(w["id"])
+        # Hand the committed documents to the cache before waking, as the one-device
+        # path does: the woken long-polls answer from memory, not with a store read
+        # each on a worker thread (thousands at once in a wave).
+        fresh = {w["id"]: w for w in writes}
+        items = {}
         for device_id in changed:
-            plane.device_changed(device_id)
+            w, cols = fresh[device_id], dict(by_id[device_id]._mapping)
+            items[device_id] = _cached_device(cols, w["rev"], w["signed"])
+        plane.cache.replace_many(items, since)
+        for device_id in changed:
+            plane.notifier.notify(device_id)
         bumped += len(changed)
         for device_id in lost:  # changed under us: the careful one-device path
             plane.recompute(device_id)

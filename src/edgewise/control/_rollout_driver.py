@@ -64,6 +64,11 @@ class _Seen:
     gates_written_at: float = -1e18
     repaired: bool = False
     targets: tuple[Target, Target] | None = None
+    # The value this replica last loaded or committed, and its row version: a tick whose
+    # row still has that version reuses it instead of parsing the stored document again
+    # (about 0.8 MB of JSON for a 10,000-device rollout, twice a second).
+    rollout: Rollout | None = None
+    version: int | None = None
 
 
 @dataclass
@@ -134,11 +139,16 @@ class RolloutDriver:
 
     def step_one(self, rollout_id: str) -> Rollout | None:
         """Observe, step and commit one rollout; returns its new value."""
-        row = self.rollouts.get(rollout_id)
-        if row is None:
-            return None
-        rollout = Rollout.from_dict(row["document"])
         seen = self._seen.setdefault(rollout_id, _Seen())
+        version = self.rollouts.version(rollout_id)
+        if version is None:
+            return None
+        if seen.rollout is None or seen.version != version:
+            row = self.rollouts.get(rollout_id)
+            if row is None:
+                return None
+            seen.rollout, seen.version = Rollout.from_dict(row["document"]), int(row["version"])
+        rollout, version = seen.rollout, seen.version
         now = self.plane.clock()
         if not seen.repaired:
             recompute_devices(self.plane, self.rollouts.assigned_devices(rollout_id))
@@ -147,10 +157,10 @@ class RolloutDriver:
             target, source = self._targets(rollout, seen)
         except ApiError as exc:
             new, actions = fail(rollout, now, f"cannot carry on: {exc.message}")
-            return self._commit(new, row["version"], actions, now, seen, rollout)
+            return self._commit(new, version, actions, now, seen, rollout)
         if self.plane.store.get_deployment(rollout.deployment) is None:
             new, actions = fail(rollout, now, "the deployment was deleted")
-            return self._commit(new, row["version"], actions, now, seen, rollout)
+            return self._commit(new, version, actions, now, seen, rollout)
         reports, seen.reports_since = load_reports(
             self.plane.store.engine, rollout, target, seen.reports_since
         )
@@ -170,7 +180,7 @@ class RolloutDriver:
         gates_only = new.gates == rollout.gates or now - seen.gates_written_at < self.gates_every_s
         if gates_only and not _worth_writing(rollout, new, actions):
             return rollout
-        return self._commit(new, row["version"], actions, now, seen, rollout)
+        return self._commit(new, version, actions, now, seen, rollout)
 
     def _commit(
         self,
@@ -186,6 +196,7 @@ class RolloutDriver:
             new, version, actions, now=now, owner=self.owner, actor=f"rollout-driver:{self.owner}"
         )
         seen.gates_written_at = now
+        seen.rollout, seen.version = new, version + 1
         self.after_commit(new, actions)
         if new.terminal:
             self.rollouts.release(new.id, self.owner)

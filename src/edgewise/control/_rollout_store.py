@@ -70,6 +70,13 @@ class RolloutStore:
             r = c.execute(select(t.rollouts).where(t.rollouts.c.id == rollout_id)).first()
         return dict(r._mapping) if r else None
 
+    def version(self, rollout_id: str) -> int | None:
+        """The rollout row's version alone (None: no such rollout)."""
+        r = t.rollouts
+        with self.engine.connect() as c:
+            v = c.execute(select(r.c.version).where(r.c.id == rollout_id)).scalar()
+        return None if v is None else int(v)
+
     def list_rows(self, deployment_id: str | None = None, active: bool | None = None) -> list[Row]:
         """Rollouts, newest first."""
         r = t.rollouts

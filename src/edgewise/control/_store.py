@@ -39,6 +39,7 @@ from sqlalchemy.pool import StaticPool
 
 from edgewise.control import _schema as t
 from edgewise.control._migrate import migrate
+from edgewise.control._sqlite import locked_connection_factory
 from edgewise.control._storelogs import LogStore
 
 __all__ = ["ConflictError", "SqlStore", "open_store"]
@@ -59,9 +60,12 @@ def _json(value: Any) -> str:
 def _engine(url: str) -> Engine:
     if url.startswith("sqlite"):
         memory = url in {"sqlite://", "sqlite:///:memory:"}
+        # Writers of this process queue on one lock rather than in SQLite's sleeping
+        # busy handler (see `_sqlite`).
+        factory = locked_connection_factory(timeout_s=30.0)
         engine = create_engine(
             url,
-            connect_args={"check_same_thread": False, "timeout": 30},
+            connect_args={"check_same_thread": False, "timeout": 30, "factory": factory},
             poolclass=StaticPool if memory else None,
             json_serializer=_json,
         )

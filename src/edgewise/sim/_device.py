@@ -23,6 +23,7 @@ import base64
 import contextlib
 import random
 import time
+from collections.abc import Coroutine
 from typing import Any
 
 from cryptography.hazmat.primitives import serialization
@@ -49,6 +50,7 @@ from edgewise.protocol import (
 )
 from edgewise.sim._artifacts import ArtifactInfo
 from edgewise.sim._behaviour import synth_window
+from edgewise.sim._cancel import cancel_and_wait
 from edgewise.sim._download import FetchFailed, fetch_artifact
 from edgewise.sim._env import SimEnv
 from edgewise.sim._pipes import Pipe, build_report, model_ref
@@ -86,7 +88,7 @@ class SimDevice:
         # Keys are random, not seeded: re-running a seed against the same control plane
         # must enroll new devices, not collide with the previous run's keys.
         self._key = Ed25519PrivateKey.generate()
-        self.client = AsyncDeviceClient(env.http, None, clock=self.clock)
+        self.client = AsyncDeviceClient(env.http_for(profile.index), None, clock=self.clock)
         self.device_id: str | None = None
         self.trusted: dict[str, Ed25519PublicKey] = {}
         self.publishers: dict[str, str] = {}
@@ -102,6 +104,7 @@ class SimDevice:
         self._pending: list[TelemetryRecord] = []
         self._dropped = 0
         self._installs: dict[str, asyncio.Task[None]] = {}
+        self._spawned: set[asyncio.Task[None]] = set()
         self._crash = asyncio.Event()
         self._flush = asyncio.Event()
         self._report_lock = asyncio.Lock()
@@ -150,25 +153,39 @@ class SimDevice:
         while True:
             self.up = True
             self._crash = asyncio.Event()
-            tasks = [
-                asyncio.create_task(self._poll_loop()),
-                asyncio.create_task(self._telemetry_loop()),
-            ]
-            if self.document is not None:  # boot: resume from the last accepted document
-                self._reconcile(self.document)
-                await self._report()
+            tasks = [self._spawn(self._poll_loop()), self._spawn(self._telemetry_loop())]
             try:
+                if self.document is not None:  # boot: resume from the last accepted document
+                    self._reconcile(self.document)
+                    await self._report()
                 await self._crash.wait()
             finally:
                 self.up = False
-                for task in [*tasks, *self._installs.values()]:
+                stopping = [*tasks, *self._installs.values()]
+                for task in stopping:
                     task.cancel()
-                for task in [*tasks, *self._installs.values()]:
-                    with contextlib.suppress(asyncio.CancelledError, Exception):
-                        await task
+                # gather, not a suppressing await per task: a cancel of this task that
+                # arrives meanwhile (`Fleet.stop`) must end it, not be swallowed here.
+                await asyncio.gather(*stopping, return_exceptions=True)
                 self._installs.clear()
             self.env.stats.crashes += 1
             await self._sleep_sim(self.env.faults.restart_s)
+
+    def _spawn(self, coro: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
+        """A task of this device, cancelled by `halt` whatever it is doing then."""
+        task = asyncio.create_task(coro)
+        self._spawned.add(task)
+        task.add_done_callback(self._spawned.discard)
+        return task
+
+    async def halt(self) -> None:
+        """Cancel and await every task this device started (after `run` is cancelled)."""
+        while self._spawned:
+            tasks = list(self._spawned)
+            await cancel_and_wait(tasks)
+            self._spawned.difference_update(tasks)
+        self._installs.clear()
+        self.up = False
 
     async def _retry_wait(self, attempt: int, exc: Exception | None = None) -> None:
         retry_after = getattr(exc, "retry_after", None)
@@ -211,16 +228,21 @@ class SimDevice:
             await self._report()
             return
         self.revision, self.document = doc.revision, doc
-        self._reconcile(doc)
-        await self._report()
+        started = self._reconcile(doc)
+        if self.env.report_progress or not started:
+            # Without progress reports an install reports its outcome only (the install
+            # task does); a document that starts nothing is acknowledged at once.
+            await self._report()
 
     def _note_error(self, text: str) -> None:
         if not self.errors or self.errors[-1] != text:
             self.errors.append(text)
             del self.errors[:-20]
 
-    def _reconcile(self, doc: DesiredState) -> None:
+    def _reconcile(self, doc: DesiredState) -> int:
+        """Start, keep or stop installs to match `doc`; returns how many it started."""
         now = self.clock()
+        started = 0
         for name, desired in doc.pipelines.items():
             pipe = self.pipes.setdefault(name, Pipe())
             pipe.deployment = desired.deployment
@@ -245,12 +267,14 @@ class SimDevice:
                 pipe.timeline = []
             pipe.target = desired.model
             pipe.move("pending", now)
-            self._installs[name] = asyncio.create_task(self._install(name, desired.model))
+            self._installs[name] = self._spawn(self._install(name, desired.model))
+            started += 1
         for name in set(self.pipes) - set(doc.pipelines):
             task = self._installs.pop(name, None)
             if task is not None:
                 task.cancel()
             del self.pipes[name]
+        return started
 
     # -- install ------------------------------------------------------------------------
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -33,7 +34,11 @@ class FleetStats:
 
 @dataclass
 class SimEnv:
-    """What every device of one fleet shares."""
+    """What every device of one fleet shares.
+
+    `http` is the fleet's own client (operator calls); `http_for(index)` gives a device
+    the client of its shard (see `Fleet`), or `http` when there are no shards.
+    """
 
     http: Any  # httpx.AsyncClient
     seed: int
@@ -48,3 +53,8 @@ class SimEnv:
     poll_wait_s: float | None = None
     report_progress: bool = True
     capabilities: dict[str, Any] = field(default_factory=dict)
+    shard: Callable[[int], Any] | None = None
+
+    def http_for(self, index: int) -> Any:
+        """The HTTP client device `index` sends through."""
+        return self.shard(index) if self.shard is not None else self.http

@@ -9,15 +9,20 @@ Usage::
                                    timeout=120)
         print(fleet.summary())
 
-Every device shares one `httpx.AsyncClient` (one connection pool; each request is still
-signed by its own device) whose transport injects the network faults. Enrollment runs
-with bounded concurrency; then each device runs as its own task.
+Devices share `httpx.AsyncClient`s in shards of `SHARD_DEVICES` (each request is still
+signed by its own device); each shard's transport injects the network faults. Shards, not
+one client: httpcore's pool looks at every connection it holds on every request (idle
+and expiry checks), so one pool for 10,000 devices made each request cost O(fleet) and
+the simulator, not the control plane, the limit. Enrollment runs with bounded
+concurrency; then each device runs as its own task.
 """
 
 from __future__ import annotations
 
 import asyncio
+import importlib.util
 import platform
+import sys
 import time
 from collections import Counter
 from collections.abc import Callable, Mapping
@@ -29,12 +34,21 @@ import httpx
 
 from edgewise.sim._artifacts import ArtifactBook
 from edgewise.sim._behaviour import BehaviourBook
+from edgewise.sim._cancel import cancel_and_wait
 from edgewise.sim._device import SimDevice
 from edgewise.sim._env import SimEnv
 from edgewise.sim._faults import Faults, FaultyTransport
 from edgewise.sim._profile import LabelSpec, parse_labels, plan_fleet
 
-__all__ = ["Fleet", "default_capabilities"]
+__all__ = ["SHARD_DEVICES", "Fleet", "default_capabilities"]
+
+SHARD_DEVICES = 16  # devices per HTTP client (connection pool)
+
+if importlib.util.find_spec("sniffio") is None:
+    # httpcore asks `import sniffio` on every request and falls back to asyncio when it
+    # is missing; a failed import searches sys.path each time (a tenth of the
+    # simulator's CPU). A None entry makes the miss immediate; the answer is unchanged.
+    sys.modules.setdefault("sniffio", None)  # type: ignore[arg-type]
 
 
 def default_capabilities() -> dict[str, Any]:
@@ -117,21 +131,12 @@ class Fleet:
         self._by_id: dict[str, SimDevice] = {}
         self._tasks: list[asyncio.Task[None]] = []
         self._started_at: float | None = None
-        transport = FaultyTransport(
-            httpx.AsyncHTTPTransport(
-                limits=httpx.Limits(max_connections=None, max_keepalive_connections=n + 64)
-            ),
-            self.faults.flaky,
-            self._net_rng,
-        )
-        self.transport = transport
-        http = httpx.AsyncClient(
-            base_url=self.server_url,
-            transport=transport,
-            timeout=httpx.Timeout(30.0, pool=None),
-        )
+        self._shards: dict[int, httpx.AsyncClient] = {}
+        self.transports: list[FaultyTransport] = []
+        http = httpx.AsyncClient(base_url=self.server_url, timeout=httpx.Timeout(30.0, pool=None))
         self.env = SimEnv(
             http=http,
+            shard=self._shard_client,
             seed=seed,
             book=behaviours or BehaviourBook(),
             faults=self.faults,
@@ -144,6 +149,35 @@ class Fleet:
             report_progress=report_progress,
             capabilities=dict(capabilities or default_capabilities()),
         )
+
+    def _shard_client(self, index: int) -> httpx.AsyncClient:
+        """The client of device `index`'s shard (created on first use)."""
+        shard = index // SHARD_DEVICES
+        client = self._shards.get(shard)
+        if client is None:
+            transport = FaultyTransport(
+                httpx.AsyncHTTPTransport(
+                    # Idle connections live 70 s (the server keeps them 75 s), so a device
+                    # uploading every minute reuses one instead of a TCP handshake each
+                    # time; few idle ones per shard, as each device's long-poll holds a
+                    # busy connection already and 10,000 devices must stay well inside
+                    # the process's file limit.
+                    limits=httpx.Limits(
+                        max_connections=None, max_keepalive_connections=6, keepalive_expiry=70.0
+                    )
+                ),
+                self.faults.flaky,
+                self._net_rng,
+            )
+            self.transports.append(transport)
+            # A request's own timeout (the long-poll sets wait + 15 s) overrides this.
+            client = httpx.AsyncClient(
+                base_url=self.server_url,
+                transport=transport,
+                timeout=httpx.Timeout(30.0, pool=None),
+            )
+            self._shards[shard] = client
+        return client
 
     def _net_rng(self, request: httpx.Request) -> Any:
         device = self._by_id.get(request.headers.get("x-edgewise-device", ""))
@@ -230,12 +264,22 @@ class Fleet:
                 raise RuntimeError("a simulated device died") from task.exception()
 
     async def stop(self) -> None:
-        """Stop every device and close the connections."""
-        for task in self._tasks:
-            task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        """Stop every device and every task it started, then close the connections.
+
+        Install, upload and report tasks are cancelled too: nothing of the fleet runs
+        afterwards, so a caller may close its loop or server right away.
+        """
+        await cancel_and_wait(self._tasks)
         self._tasks.clear()
-        await self.env.http.aclose()
+        for device in self.devices:
+            await device.halt()
+        for client in [*self._shards.values(), self.env.http]:
+            await client.aclose()
+        self._shards.clear()
+        # Closed transports let go of their sockets one loop turn later; a caller that
+        # closes its loop right after this must not find them still open.
+        for _ in range(3):
+            await asyncio.sleep(0)
 
     # -- views --------------------------------------------------------------------------
 
@@ -245,11 +289,18 @@ class Fleet:
 
     def count_running(self, ref: str, pipeline: str | None = None) -> int:
         """Devices running `ref` (in `pipeline`, or in any pipeline)."""
-        return sum(
-            1
-            for d in self.devices
-            if any(r == ref and (pipeline is None or p == pipeline) for p, r in d.running().items())
-        )
+        # Called in polling loops over 10,000 devices: compare name and version in place
+        # rather than building each device's `running()` map.
+        name, _, version = ref.rpartition("@")
+        count = 0
+        for d in self.devices:
+            for p, pipe in d.pipes.items():
+                m = pipe.running
+                wanted = pipeline is None or p == pipeline
+                if wanted and m is not None and m.version == version and m.name == name:
+                    count += 1
+                    break
+        return count
 
     def count_ever_ran(self, ref: str) -> int:
         """Devices on which `ref` was ever active."""
@@ -283,7 +334,7 @@ class Fleet:
             "bytes_downloaded": stats.bytes_downloaded,
             "telemetry_records": stats.telemetry_records,
             "telemetry_dropped": stats.telemetry_dropped,
-            "faults_injected": self.transport.injected,
+            "faults_injected": sum(t.injected for t in self.transports),
             "requests": dict(sorted(stats.requests.items())),
             "errors": dict(sorted(stats.errors.items())),
             "refusals": dict(sorted(stats.refusals.items())),
