@@ -42,8 +42,9 @@ AGENT_LABELS = (
 )
 SIM_LABELS = "hw=cpu-small:0.5,cpu-large:0.5;site=lab,store-1,store-2"
 # Install gates plus the error-rate gate; a generous per-device timeout, because a slow
-# install on a loaded CI machine is not what this test is about. No confidence-shift gate: the real agents and
-# the simulated devices draw confidence from different models of the world.
+# install on a loaded CI machine is not what this test is about. No confidence-shift
+# gate: the real agents and the simulated devices draw confidence from different models
+# of the world.
 GATES = {"success_pct": 95, "error_pct": 5, "max_error_rate_delta": 0.02, "min_inferences": 200}
 
 
