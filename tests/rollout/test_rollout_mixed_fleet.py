@@ -136,7 +136,7 @@ def test_three_real_agents_and_200_simulated_devices_complete_a_rollout(
                 after = await asyncio.gather(*(_infer(a, rows) for a in agents))
                 for a in agents:
                     await a.close()
-                return {"id": started["id"], "before": before, "after": after}
+            return {"id": started["id"], "before": before, "after": after}
 
         out = asyncio.run(go())
         view = plane.api("GET", f"/api/v1/rollouts/{out['id']}", params={"devices": "all"})
