@@ -218,6 +218,10 @@ class HealthResult:
     max_latency_ms: float
 
 
+#: Runs of a health sample, at most, before its latency counts as over the bound.
+HEALTH_LATENCY_TRIES = 3
+
+
 def health_check(
     model: LoadedModel,
     info: ModelInfo | None = None,
@@ -228,12 +232,23 @@ def health_check(
     samples = info.health_samples
     if not samples:
         return HealthResult(True, "no health samples", 0, 0, 0.0)
+    bound = info.health_max_latency_ms
     passed, worst = 0, 0.0
     for sample in samples:
         x = model.validate(sample.input)
         t0 = clock()
         out = model.session.run(x)
-        worst = max(worst, (clock() - t0) * 1000.0)
+        took = (clock() - t0) * 1000.0
+        # One slow run is as often the device's scheduler as the model (a busy CPU, a
+        # first call that allocates): a sample over the bound is its best of a few runs,
+        # so a model that is really slow still fails and a preempted one does not.
+        for _ in range(HEALTH_LATENCY_TRIES - 1):
+            if took <= bound:
+                break
+            t0 = clock()
+            model.session.run(x)
+            took = min(took, (clock() - t0) * 1000.0)
+        worst = max(worst, took)
         good = True
         for name, want in sample.expected.items():
             got = out.get(name)
@@ -252,10 +267,10 @@ def health_check(
     if passed < total:
         reason = f"health check failed: {total - passed}/{total} outputs out of tolerance"
         return HealthResult(False, reason, passed, total, worst)
-    if worst > info.health_max_latency_ms:
+    if worst > bound:
         reason = (
-            f"health check failed: latency {worst:.1f} ms over the "
-            f"{info.health_max_latency_ms:g} ms bound"
+            f"health check failed: latency {worst:.1f} ms over the {bound:g} ms bound "
+            f"(best of {HEALTH_LATENCY_TRIES} runs)"
         )
         return HealthResult(False, reason, passed, total, worst)
     return HealthResult(True, f"{passed}/{total} samples within tolerance", passed, total, worst)
