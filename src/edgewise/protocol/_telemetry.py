@@ -32,6 +32,7 @@ __all__ = [
     "TelemetryRecord",
     "decode_batch",
     "encode_batch",
+    "inflate_batch",
 ]
 
 TelemetryClass = Literal["event", "metric", "sample"]
@@ -103,11 +104,11 @@ def encode_batch(batch: TelemetryBatch, level: int = 6) -> bytes:
     return gzip.compress(raw, compresslevel=level, mtime=0)
 
 
-def decode_batch(body: bytes) -> TelemetryBatch:
-    """Parse a gzip-compressed upload body.
+def inflate_batch(body: bytes) -> bytes:
+    """The JSON bytes of a gzip-compressed upload body.
 
     Raises:
-        ValueError: the body is not gzip, too large once decompressed, or not a valid batch.
+        ValueError: the body is not gzip, or too large once decompressed.
     """
     try:
         with gzip.GzipFile(fileobj=io.BytesIO(body)) as f:
@@ -116,6 +117,16 @@ def decode_batch(body: bytes) -> TelemetryBatch:
         raise ValueError(f"body is not valid gzip: {exc}") from exc
     if len(raw) > _MAX_DECODED_BYTES:
         raise ValueError("decompressed telemetry batch is too large")
+    return raw
+
+
+def decode_batch(body: bytes) -> TelemetryBatch:
+    """Parse a gzip-compressed upload body.
+
+    Raises:
+        ValueError: the body is not gzip, too large once decompressed, or not a valid batch.
+    """
+    raw = inflate_batch(body)
     try:
         return TelemetryBatch.model_validate_json(raw)
     except Exception as exc:  # pydantic.ValidationError and JSON errors alike

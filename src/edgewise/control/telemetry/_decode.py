@@ -23,8 +23,6 @@ Usage::
 
 from __future__ import annotations
 
-import gzip
-import io
 import itertools
 import operator
 from collections.abc import Iterable
@@ -34,12 +32,10 @@ from typing import Any
 import orjson
 from pydantic_core import to_json
 
-from edgewise.protocol import MAX_SEQ, TELEMETRY_CLASSES, TelemetryBatch
+from edgewise.protocol import MAX_SEQ, TELEMETRY_CLASSES, TelemetryBatch, inflate_batch
 
 __all__ = ["TelemetryColumns", "decode_upload", "is_window"]
 
-# A decompression bomb guard: no honest batch comes near this (as in the protocol).
-_MAX_DECODED_BYTES = 64 * 1024 * 1024
 _RECORD_KEYS = frozenset({"seq", "cls", "ts", "kind", "data"})
 _BATCH_KEYS = frozenset({"records", "dropped"})
 _CLASSES = frozenset(TELEMETRY_CLASSES)
@@ -129,17 +125,6 @@ class TelemetryColumns:
         )
 
 
-def _gunzip(body: bytes) -> bytes:
-    try:
-        with gzip.GzipFile(fileobj=io.BytesIO(body)) as f:
-            raw = f.read(_MAX_DECODED_BYTES + 1)
-    except (OSError, EOFError) as exc:
-        raise ValueError(f"body is not valid gzip: {exc}") from exc
-    if len(raw) > _MAX_DECODED_BYTES:
-        raise ValueError("decompressed telemetry batch is too large")
-    return raw
-
-
 def _fast(raw: bytes) -> TelemetryColumns | None:
     """The columns of a plainly valid batch; None where pydantic must decide.
 
@@ -211,7 +196,7 @@ def decode_upload(body: bytes) -> TelemetryColumns:
         ValueError: the body is not gzip, too large once decompressed, or not a valid
             `TelemetryBatch` (the message is pydantic's).
     """
-    raw = _gunzip(body)
+    raw = inflate_batch(body)
     cols = _fast(raw)
     if cols is not None:
         return cols
