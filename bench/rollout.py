@@ -138,16 +138,48 @@ def _spec(min_inferences: int) -> dict[str, Any]:
     }
 
 
-async def _wait(fleet: Fleet, plane: Plane, rollout_id: str, ref: str, timeout: float) -> str:
-    """Until the rollout ended and every online device runs `ref`; returns the state."""
+def _progress(fleet: Fleet, view: dict[str, Any], elapsed: float) -> None:
+    """One line: the rollout's phase and the fleet's devices by revision and status."""
+    revisions: dict[str, int] = {}
+    statuses: dict[str, int] = {}
+    for d in fleet.devices:
+        key = str(d.revision)
+        revisions[key] = revisions.get(key, 0) + 1
+        for status in d.statuses().values():
+            statuses[status] = statuses.get(status, 0) + 1
+    print(f"  {elapsed:6.1f} s  phase {view.get('phase_name')}  revisions {revisions}  "
+          f"statuses {statuses}", file=sys.stderr)  # fmt: skip
+
+
+async def _wait(
+    fleet: Fleet,
+    plane: Plane,
+    rollout_id: str,
+    ref: str,
+    expect: str,
+    timeout: float,
+    trace: float = 0.0,
+) -> str:
+    """Until the rollout ended `expect` and every online device runs `ref`.
+
+    Raises RuntimeError when the rollout ends otherwise.
+
+    With `trace` > 0, prints the fleet's progress every `trace` seconds.
+    """
     online = sum(1 for d in fleet.devices if not d.profile.offline)
     state = "?"
-    deadline = time.monotonic() + timeout
+    start = time.monotonic()
+    deadline, shown = start + timeout, 0.0
     while time.monotonic() < deadline:
         view = await asyncio.to_thread(plane.api, "GET", f"/api/v1/rollouts/{rollout_id}")
         state = view["state"]
-        if state not in ("pending", "running") and fleet.count_running(ref) >= online:
+        if state not in ("pending", "running", "paused") and state != expect:
+            raise RuntimeError(f"rollout {rollout_id} ended {state}: {view.get('reason')}")
+        if state == expect and fleet.count_running(ref) >= online:
             return str(state)
+        if trace and time.monotonic() - shown >= trace:
+            shown = time.monotonic()
+            _progress(fleet, view, shown - start)
         await fleet.run_for(0.25)
     raise TimeoutError(f"rollout {rollout_id} still {state} after {timeout} s")
 
@@ -216,7 +248,9 @@ async def bench(args: argparse.Namespace, work: Path) -> dict[str, Any]:
         ro = plane.api("POST", "/api/v1/rollouts", json={
             "deployment": "fleet", "to_revision": rev2["revision"],
             "spec": _spec(args.min_inferences)})  # fmt: skip
-        state = await _wait(fleet, plane, ro["id"], "digits-mlp@1.1.0", args.timeout)
+        state = await _wait(
+            fleet, plane, ro["id"], "digits-mlp@1.1.0", "completed", args.timeout, args.trace
+        )
         converge_s = time.monotonic() - t1
         print(f"converge: rollout {ro['id']} {state} in {converge_s:.1f} s", file=sys.stderr)
         _timeline(plane, ro["id"])
@@ -224,7 +258,9 @@ async def bench(args: argparse.Namespace, work: Path) -> dict[str, Any]:
         ro2 = plane.api("POST", "/api/v1/rollouts", json={
             "deployment": "fleet", "to_revision": rev3["revision"],
             "spec": _spec(args.min_inferences)})  # fmt: skip
-        state2 = await _wait(fleet, plane, ro2["id"], "digits-mlp@1.1.0", args.timeout)
+        state2 = await _wait(
+            fleet, plane, ro2["id"], "digits-mlp@1.1.0", "rolled_back", args.timeout, args.trace
+        )
         back_at = time.time()
         view = plane.api("GET", f"/api/v1/rollouts/{ro2['id']}")
         _timeline(plane, ro2["id"])
@@ -259,6 +295,8 @@ def main() -> None:
     parser.add_argument("--window-s", type=float, default=600.0)
     parser.add_argument("--min-inferences", type=int, default=200)
     parser.add_argument("--timeout", type=float, default=600.0)
+    parser.add_argument("--trace", type=float, default=0.0,
+                        help="print the fleet's progress every this many seconds")  # fmt: skip
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="edgewise-bench-rollout-") as tmp:
         result = asyncio.run(bench(args, Path(tmp)))

@@ -149,3 +149,19 @@ def test_unsigned_bundle_is_accepted_only_when_policy_allows(tmp_path: Path, log
         assert r.status_code == 201, r.text
         assert r.json()["signers"] == []
     store.close()
+
+
+def test_artifact_cache_keeps_small_files_within_its_budget(tmp_path: Path) -> None:
+    from edgewise.control._registry import ArtifactCache
+
+    cache = ArtifactCache(max_file=10, budget=20)
+    files = {}
+    for name, size in (("a", 8), ("b", 8), ("c", 8), ("big", 11)):
+        files[name] = tmp_path / name
+        files[name].write_bytes(name.encode()[:1] * size)
+    assert cache.load(files["big"], "big") is None and cache.get("big") is None  # too large
+    assert cache.load(files["a"], "a") == b"a" * 8
+    assert cache.load(files["b"], "b") == b"b" * 8
+    assert cache.get("a") == b"a" * 8  # a is now the most recently used
+    cache.load(files["c"], "c")  # over the budget: the least recently used (b) goes
+    assert (cache.get("a"), cache.get("b"), cache.get("c")) == (b"a" * 8, None, b"c" * 8)

@@ -153,6 +153,43 @@ def test_report_replaces_pipelines_idempotently(store: SqlStore) -> None:
     assert [(r["pipeline"], r["status"]) for r in rows] == [("p", "active")]
 
 
+def _report(revision: int, status: str, pipelines: tuple[str, ...] = ("p",)) -> dict:
+    return {
+        "revision": revision,
+        "pipelines": {
+            name: {"model": "m", "version": str(revision), "slot": "a", "status": status,
+                   "reason": "", "timeline": []}
+            for name in pipelines
+        },
+        "errors": [f"e{revision}"],
+        "agent": {"version": "x"},
+    }  # fmt: skip
+
+
+def test_save_reports_in_one_batch_keeps_each_devices_latest(store: SqlStore) -> None:
+    _device(store, "dev-1", "k1")
+    _device(store, "dev-2", "k2")
+    store.save_report("dev-2", _report(1, "active", ("old", "p")), 5.0)
+    store.save_reports(
+        [
+            ("dev-1", _report(3, "downloading"), 10.0),
+            ("dev-2", _report(4, "failed"), 11.0),
+            ("dev-1", _report(4, "active"), 12.0),  # later in the batch: wins
+        ]
+    )
+    one, two = store.get_device("dev-1"), store.get_device("dev-2")
+    assert one is not None and two is not None
+    assert (one["report_revision"], one["reported_at"], one["report_errors"]) == (4, 12.0, ["e4"])
+    assert (two["report_revision"], two["reported_at"], two["last_seen"]) == (4, 11.0, 11.0)
+    rows = store.device_pipelines("dev-1")
+    assert [(r["pipeline"], r["status"], r["version"]) for r in rows] == [("p", "active", "4")]
+    # the batch replaced dev-2's pipelines: the one it no longer reports is gone
+    assert [(r["pipeline"], r["status"]) for r in store.device_pipelines("dev-2")] == [
+        ("p", "failed")
+    ]
+    store.save_reports([])  # nothing to do
+
+
 def test_model_versions_are_immutable(store: SqlStore) -> None:
     row = {
         "name": "m",

@@ -27,6 +27,7 @@ __all__ = [
     "ingest_report",
     "ingest_telemetry",
     "list_devices",
+    "report_item",
     "set_labels",
     "visible_device",
 ]
@@ -237,14 +238,19 @@ def decommission(plane: ControlPlane, who: Principal, device_id: str) -> dict[st
     return {"id": device_id, "status": "decommissioned"}
 
 
-def ingest_report(plane: ControlPlane, device_id: str, report: Report, raw: bytes) -> None:
-    """Store reported state (idempotent: the latest report wins)."""
+def report_item(plane: ControlPlane, device_id: str, report: Report) -> tuple[str, Any, float]:
+    """A checked report as `SqlStore.save_reports` takes it (pure but for the clock)."""
     for name, pipeline in report.pipelines.items():
         if len(name) > 200 or len(pipeline.model) > 200 or len(pipeline.version) > 64:
             raise ApiError(422, "invalid_request", "pipeline, model or version name too long")
     data = report.model_dump(mode="json")
     ensure_json(data, "report")
-    plane.store.save_report(device_id, data, plane.clock())
+    return device_id, data, plane.clock()
+
+
+def ingest_report(plane: ControlPlane, device_id: str, report: Report) -> None:
+    """Store reported state (idempotent: the latest report wins)."""
+    plane.store.save_reports([report_item(plane, device_id, report)])
 
 
 def ingest_telemetry(plane: ControlPlane, device_id: str, batch: TelemetryBatch) -> dict[str, int]:

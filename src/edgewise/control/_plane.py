@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from edgewise.control import _auditchain
+from edgewise.control._batch import AsyncBatcher
 from edgewise.control._desiredcalc import content_hash, desired_content
 from edgewise.control._identity import (
     hash_token,
@@ -107,6 +108,7 @@ class ControlPlane:
         self.notifier = Notifier()
         self.nonces = NonceCache(ttl_s=2 * settings.max_skew_s)
         self.cache = DeviceCache()
+        self.reports: AsyncBatcher[tuple[str, Any, float]] = AsyncBatcher(store.save_reports)
         self.seen = SeenTracker()
         self._recompute_lock = threading.Lock()
 

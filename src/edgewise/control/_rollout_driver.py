@@ -28,7 +28,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from anyio import to_thread
+from anyio import CapacityLimiter, to_thread
 
 from edgewise.control._plane import ApiError, ControlPlane
 from edgewise.control._recompute import recompute_devices, recompute_selector
@@ -103,9 +103,12 @@ class RolloutDriver:
         self._wake = asyncio.Event()
         loop = asyncio.get_running_loop()
         self.plane.rollout_wake = lambda: loop.call_soon_threadsafe(self._wake_set)  # type: ignore[attr-defined]
+        # A thread of its own: in a wave the shared pool is busy with device requests,
+        # and a tick queued behind them would delay every notification and gate.
+        own = CapacityLimiter(1)
         while True:
             try:
-                await to_thread.run_sync(self.tick)
+                await to_thread.run_sync(self.tick, limiter=own)
             except asyncio.CancelledError:
                 raise
             except Exception:  # one bad tick must not stop every rollout

@@ -21,11 +21,12 @@ from __future__ import annotations
 import json
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from sqlalchemy import (
     Engine,
+    bindparam,
     create_engine,
     delete,
     event,
@@ -357,6 +358,28 @@ class SqlStore(LogStore):
     # --------------------------------------------------------------- reports
     def save_report(self, device_id: str, report: Row, now: float) -> None:
         """Store a device report: the latest per pipeline wins, so resending is harmless."""
+        self.save_reports([(device_id, report, now)])
+
+    def save_reports(self, reports: Sequence[tuple[str, Row, float]]) -> None:
+        """Store several device reports in one transaction.
+
+        In order: of two reports of one device, the later one wins.
+        """
+        latest: dict[str, tuple[Row, float]] = {}
+        for device_id, report, now in reports:
+            latest[device_id] = (report, now)
+        if not latest:
+            return
+        heads = [
+            {
+                "b_id": device_id,
+                "b_revision": report.get("revision"),
+                "b_errors": report.get("errors", []),
+                "b_agent": report.get("agent", {}),
+                "b_at": now,
+            }
+            for device_id, (report, now) in latest.items()
+        ]
         rows = [
             {
                 "device_id": device_id,
@@ -369,23 +392,28 @@ class SqlStore(LogStore):
                 "timeline": p.get("timeline", []),
                 "updated_at": now,
             }
+            for device_id, (report, now) in latest.items()
             for name, p in report.get("pipelines", {}).items()
         ]
+        d, dp = t.devices, t.device_pipelines
         with self.engine.begin() as c:
             c.execute(
-                update(t.devices)
-                .where(t.devices.c.id == device_id)
+                update(d)
+                .where(d.c.id == bindparam("b_id"))
                 .values(
-                    report_revision=report.get("revision"),
-                    report_errors=report.get("errors", []),
-                    report_agent=report.get("agent", {}),
-                    reported_at=now,
-                    last_seen=now,
-                )
+                    report_revision=bindparam("b_revision"),
+                    report_errors=bindparam("b_errors"),
+                    report_agent=bindparam("b_agent"),
+                    reported_at=bindparam("b_at"),
+                    last_seen=bindparam("b_at"),
+                ),
+                heads,
             )
-            c.execute(delete(t.device_pipelines).where(t.device_pipelines.c.device_id == device_id))
+            ids = list(latest)
+            for i in range(0, len(ids), 500):
+                c.execute(delete(dp).where(dp.c.device_id.in_(ids[i : i + 500])))
             if rows:
-                c.execute(insert(t.device_pipelines), rows)
+                c.execute(insert(dp), rows)
 
     def device_pipelines(self, device_id: str) -> list[Row]:
         """Reported per-pipeline state of a device."""

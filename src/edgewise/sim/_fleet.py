@@ -13,8 +13,9 @@ Devices share `httpx.AsyncClient`s in shards of `SHARD_DEVICES` (each request is
 signed by its own device); each shard's transport injects the network faults. Shards, not
 one client: httpcore's pool looks at every connection it holds on every request (idle
 and expiry checks), so one pool for 10,000 devices made each request cost O(fleet) and
-the simulator, not the control plane, the limit. Enrollment runs with bounded
-concurrency; then each device runs as its own task.
+the simulator, not the control plane, the limit. Each shard's connections are moved by
+`LightTransport` (keep-alive HTTP/1.1 on asyncio) rather than httpcore, for the same
+reason. Enrollment runs with bounded concurrency; then each device runs as its own task.
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ from edgewise.sim._device import SimDevice
 from edgewise.sim._env import SimEnv
 from edgewise.sim._faults import Faults, FaultyTransport
 from edgewise.sim._profile import LabelSpec, parse_labels, plan_fleet
+from edgewise.sim._transport import LightTransport
 
 __all__ = ["SHARD_DEVICES", "Fleet", "default_capabilities"]
 
@@ -156,16 +158,9 @@ class Fleet:
         client = self._shards.get(shard)
         if client is None:
             transport = FaultyTransport(
-                httpx.AsyncHTTPTransport(
-                    # Idle connections live 70 s (the server keeps them 75 s), so a device
-                    # uploading every minute reuses one instead of a TCP handshake each
-                    # time; few idle ones per shard, as each device's long-poll holds a
-                    # busy connection already and 10,000 devices must stay well inside
-                    # the process's file limit.
-                    limits=httpx.Limits(
-                        max_connections=None, max_keepalive_connections=6, keepalive_expiry=70.0
-                    )
-                ),
+                # Idle connections live 60 s (the server keeps them 75 s), so a device
+                # uploading every minute reuses one instead of a TCP handshake each time.
+                LightTransport(max_idle=SHARD_DEVICES, idle_s=60.0),
                 self.faults.flaky,
                 self._net_rng,
             )
