@@ -180,7 +180,7 @@ async def _wait(
         if trace and time.monotonic() - shown >= trace:
             shown = time.monotonic()
             _progress(fleet, view, shown - start)
-        await fleet.run_for(0.25)
+        await fleet.run_for(0.5)
     raise TimeoutError(f"rollout {rollout_id} still {state} after {timeout} s")
 
 

@@ -161,3 +161,25 @@ def test_device_list_filters_by_selector_and_online_state(sqlite_plane: Plane) -
     assert seen.id not in ids("online=false")
     p.clock.now += 3600
     assert ids("online=true") == set()
+
+
+def test_device_hot_routes_answer_bad_input_like_the_rest_of_the_api(sqlite_plane: Plane) -> None:
+    # /desired, /report, /telemetry and /artifacts skip FastAPI's routing (`_direct`):
+    # their refusals must still be the API's JSON envelope, and be counted per route.
+    dev = sqlite_plane.enroll()
+    r = dev.get("/device/v1/desired?wait=soon")
+    assert r.status_code == 422 and _code(r) == "invalid_request"
+    r = dev.get("/device/v1/desired?wait=-1")
+    assert r.status_code == 400 and _code(r) == "bad_wait"
+    r = dev.get("/device/v1/artifacts/" + "0" * 64)
+    assert r.status_code == 404 and _code(r) == "not_found"
+    r = dev.get("/device/v1/artifacts/not-a-digest")
+    assert r.status_code == 404 and _code(r) == "not_found"
+    r = dev.post("/device/v1/report", {"revision": "many"})
+    assert r.status_code == 422 and _code(r) == "invalid_request"
+    r = dev.post("/device/v1/telemetry", b"not gzip", **{"content-encoding": "gzip"})
+    assert r.status_code in (400, 422) and "error" in r.json()
+    assert sqlite_plane.client.delete("/device/v1/report").status_code == 405  # via FastAPI
+    metrics = sqlite_plane.client.get("/metrics").text
+    assert 'route="/device/v1/artifacts/{sha256}",status="404"' in metrics
+    assert 'route="/device/v1/report",status="422"' in metrics

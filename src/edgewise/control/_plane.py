@@ -110,6 +110,9 @@ class ControlPlane:
         self.cache = DeviceCache()
         self.reports: AsyncBatcher[tuple[str, Any, float]] = AsyncBatcher(store.save_reports)
         self.seen = SeenTracker()
+        # rollout id -> (row version, parsed value): views of a watched rollout parse
+        # its document once per change (see `_rollouts._parsed`)
+        self.parsed_rollouts: dict[str, tuple[int, Any]] = {}
         self._recompute_lock = threading.Lock()
 
     # ---------------------------------------------------------------- tokens

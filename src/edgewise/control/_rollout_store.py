@@ -70,6 +70,14 @@ class RolloutStore:
             r = c.execute(select(t.rollouts).where(t.rollouts.c.id == rollout_id)).first()
         return dict(r._mapping) if r else None
 
+    def head(self, rollout_id: str) -> Row | None:
+        """One rollout row without its document (which is ~0.8 MB at 10,000 devices)."""
+        r = t.rollouts
+        cols = [c for c in r.c if c.name != "document"]
+        with self.engine.connect() as c:
+            found = c.execute(select(*cols).where(r.c.id == rollout_id)).first()
+        return dict(found._mapping) if found else None
+
     def version(self, rollout_id: str) -> int | None:
         """The rollout row's version alone (None: no such rollout)."""
         r = t.rollouts

@@ -150,13 +150,34 @@ def start_rollout(plane: ControlPlane, req: RolloutRequest, who: Principal) -> d
 
 
 def _load(plane: ControlPlane, rollout_id: str, who: Principal) -> tuple[dict[str, Any], Rollout]:
-    row = _store(plane).get(rollout_id)
+    store = _store(plane)
+    row = store.head(rollout_id)
     if row is None:
         raise ApiError(404, "not_found", f"no rollout {rollout_id}")
     dep = plane.store.get_deployment(row["deployment_id"])
     if who.scope is not None and (dep is None or not selector_in_scope(who.scope, dep["selector"])):
         raise ApiError(404, "not_found", f"no rollout {rollout_id}")  # scope does not leak ids
-    return row, Rollout.from_dict(row["document"])
+    return row, _parsed(plane, store, rollout_id, int(row["version"]))
+
+
+def _parsed(plane: ControlPlane, store: RolloutStore, rollout_id: str, version: int) -> Rollout:
+    """The rollout's value at `version`, parsed once per version.
+
+    `rollout status --watch` on a 10,000-device rollout asks every second; reading and
+    parsing its document each time cost the control plane ~0.1 s of CPU per view.
+    """
+    cache: dict[str, tuple[int, Rollout]] = plane.parsed_rollouts
+    hit = cache.get(rollout_id)
+    if hit is not None and hit[0] == version:
+        return hit[1]
+    row = store.get(rollout_id)
+    if row is None:
+        raise ApiError(404, "not_found", f"no rollout {rollout_id}")
+    rollout = Rollout.from_dict(row["document"])
+    if len(cache) >= 32:  # a handful of rollouts are watched at a time
+        cache.clear()
+    cache[rollout_id] = (int(row["version"]), rollout)
+    return rollout
 
 
 def get_rollout(

@@ -66,6 +66,9 @@ def _dumps(data: Any) -> str:
     return to_json(data, fallback=str).decode()
 
 
+_SQLITE_STORED_IN = "SELECT seq FROM telemetry WHERE device_id = ? AND seq BETWEEN ? AND ?"
+
+
 def _num(value: Any, default: float = 0.0) -> float:
     return (
         float(value) if isinstance(value, int | float) and not isinstance(value, bool) else default
@@ -291,15 +294,17 @@ class TelemetryIngest:
             for d, seq in rows:
                 out.setdefault(str(d), set()).add(int(seq))
             return out
-        tel = cs.telemetry
+        # SQLite: one indexed range read per device, on the driver's cursor (building the
+        # same SQLAlchemy expression twice per device and upload cost more than the read).
+        raw = conn.connection.driver_connection
+        assert raw is not None
+        cur = raw.cursor()
         for d, (lo, hi) in ranges.items():
-            found: set[int] = set(
-                conn.execute(
-                    select(tel.c.seq).where(tel.c.device_id == d, tel.c.seq >= lo, tel.c.seq <= hi)
-                ).scalars()
-            )
+            cur.execute(_SQLITE_STORED_IN, (d, lo, hi))
+            found = {int(row[0]) for row in cur.fetchall()}
             if found:
-                out[d] = {int(x) for x in found}
+                out[d] = found
+        cur.close()
         return out
 
     def _insert_log(
