@@ -6,7 +6,10 @@ from collections import Counter
 from typing import Any
 
 import pytest
+from sqlalchemy.exc import OperationalError
 
+import edgewise.control._rollout_driver as driver_module
+from edgewise.control._recompute import recompute_devices
 from edgewise.control._rollout_store import RolloutStore
 
 from .inproc import Dev, World
@@ -97,6 +100,55 @@ def test_a_failed_canary_rolls_back_every_moved_device(world: World) -> None:
         doc = d.desired()
         assert doc["pipelines"]["digits"]["model"]["version"] == "1.0.0"
         assert doc["revision"] == revisions[d.id] + 1
+    assert {d.version() for d in devs} == {"1.0.0"}
+
+
+class _FailOnce:
+    """`recompute_devices` whose first write fails as a PostgreSQL deadlock victim does."""
+
+    def __init__(self) -> None:
+        self.failures = 0
+
+    def __call__(self, plane: Any, ids: Any) -> int:
+        if ids and not self.failures:  # the first write of any document
+            self.failures += 1
+            raise OperationalError("UPDATE devices", {}, Exception("deadlock detected"))
+        return recompute_devices(plane, ids)
+
+
+def test_documents_a_failed_write_left_behind_are_written_on_the_next_tick(
+    world: World, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    devs = _fleet(world, 4)
+    ro = _start(world, _revise(world, "1.1.0"), canary=1)
+    flaky = _FailOnce()
+    monkeypatch.setattr(driver_module, "recompute_devices", flaky)
+    world.tick()  # the canary is committed, its document write fails
+    (canary,) = _phase_devices(world, ro["id"], 0, devs)
+    assert flaky.failures == 1 and world.driver.owed == 1
+    assert canary.version() == "1.0.0"
+    world.tick()  # owed, so written now
+    assert world.driver.owed == 0 and canary.version() == "1.1.0"
+    log = RolloutStore(world.plane).notifications(ro["id"])
+    assert [(n["device_id"], n["kind"]) for n in log] == [(canary.id, "notify")]
+
+
+def test_a_rollback_whose_revert_write_fails_still_returns_every_device(
+    world: World, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    devs = _fleet(world, 4)
+    ro = _start(world, _revise(world, "2.0.0"), canary=1, gates={"error_pct": 10})
+    world.tick()
+    (canary,) = _phase_devices(world, ro["id"], 0, devs)
+    assert canary.version() == "2.0.0"
+    flaky = _FailOnce()
+    monkeypatch.setattr(driver_module, "recompute_devices", flaky)
+    canary.report("2.0.0", "failed", "health check failed")
+    world.tick()  # rolled back (terminal, never stepped again); the revert write fails
+    assert world.rollout(ro["id"])["state"] == "rolled_back"
+    assert flaky.failures == 1 and canary.version() == "2.0.0"
+    world.tick()
+    assert world.driver.owed == 0
     assert {d.version() for d in devs} == {"1.0.0"}
 
 

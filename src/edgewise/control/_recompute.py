@@ -74,6 +74,9 @@ def recompute_devices(plane: ControlPlane, device_ids: Sequence[str]) -> int:
         lost: list[str] = []
         changed: list[str] = []
         if writes:
+            # Stamped at the write, not at the read: the replica watcher looks back a few
+            # seconds from each pass, and signing a chunk takes time under load.
+            stamp = plane.clock()
             with plane.store.engine.begin() as c:
                 for w in writes:
                     res = c.execute(
@@ -83,7 +86,7 @@ def recompute_devices(plane: ControlPlane, device_ids: Sequence[str]) -> int:
                             desired_revision=w["rev"],
                             desired_hash=w["hash"],
                             desired_signed=w["signed"],
-                            changed_at=now,
+                            changed_at=stamp,
                         )
                     )
                     (changed if res.rowcount else lost).append(w["id"])

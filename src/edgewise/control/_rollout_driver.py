@@ -93,6 +93,12 @@ class RolloutDriver:
     steps: int = 0
     _seen: dict[str, _Seen] = field(default_factory=dict)
     _wake: asyncio.Event | None = None
+    # Desired documents owed after a commit: devices moved, deployments whose stable
+    # revision changed. Kept until written, so a failed write (a deadlock victim on
+    # PostgreSQL, a lost connection) is retried on the next tick, whatever state the
+    # rollout is in by then (a rollback is terminal and never stepped again).
+    _owed_devices: set[str] = field(default_factory=set)
+    _owed_deployments: set[str] = field(default_factory=set)
 
     def __post_init__(self) -> None:
         self.rollouts = RolloutStore(self.plane)
@@ -123,6 +129,11 @@ class RolloutDriver:
 
     def tick(self) -> None:
         """One pass over the rollouts this replica can hold."""
+        if self._owed_devices or self._owed_deployments:
+            try:
+                self.settle()
+            except Exception:
+                log.exception("desired documents still owed; retrying next tick")
         now = self.plane.clock()
         held = self.rollouts.acquire_leases(self.owner, now, self.lease_s)
         for rollout_id in held:
@@ -130,6 +141,8 @@ class RolloutDriver:
                 self.step_one(rollout_id)
             except StepLost:
                 self._seen.pop(rollout_id, None)
+            except Exception:  # one rollout's failure must not hold up the others
+                log.exception("rollout %s: step failed", rollout_id)
         for gone in set(self._seen) - set(held):
             del self._seen[gone]
 
@@ -208,16 +221,28 @@ class RolloutDriver:
 
     def after_commit(self, rollout: Rollout, actions: list[Action]) -> None:
         """Bring the desired state of the devices the actions moved up to date."""
-        moved: list[str] = []
         for action in actions:
             if isinstance(action, NotifyDevices | RevertDevices):
-                moved.extend(action.ids)
-        if moved:
-            recompute_devices(self.plane, moved)
-        if any(isinstance(a, SetStableRevision) for a in actions):
-            # Devices outside the snapshot (enrolled after the start) now get the new
-            # stable revision; the snapshot's devices already run it.
-            recompute_selector(self.plane, rollout.deployment)
+                self._owed_devices.update(action.ids)
+            elif isinstance(action, SetStableRevision):
+                # Devices outside the snapshot (enrolled after the start) now get the
+                # new stable revision; the snapshot's devices already run it.
+                self._owed_deployments.add(rollout.deployment)
+        self.settle()
+
+    def settle(self) -> None:
+        """Write the desired documents owed; what fails stays owed."""
+        if self._owed_devices:
+            recompute_devices(self.plane, sorted(self._owed_devices))
+            self._owed_devices.clear()
+        for deployment in sorted(self._owed_deployments):
+            recompute_selector(self.plane, deployment)
+            self._owed_deployments.discard(deployment)
+
+    @property
+    def owed(self) -> int:
+        """Devices and deployments whose desired documents are still to be written."""
+        return len(self._owed_devices) + len(self._owed_deployments)
 
 
 def _worth_writing(old: Rollout, new: Rollout, actions: list[Action]) -> bool:

@@ -344,16 +344,20 @@ class SqlStore(LogStore):
         """Record last-seen times in one batch (called periodically, not per request)."""
         if not seen:
             return
+        d = t.devices
+        # In id order, as every batch writer of device rows: two transactions locking the
+        # same rows in different orders deadlock on PostgreSQL, and one of them is lost.
+        rows = [{"b_id": device_id, "b_at": seen[device_id]} for device_id in sorted(seen)]
         with self.engine.begin() as c:
-            for device_id, at in seen.items():
-                c.execute(
-                    update(t.devices)
-                    .where(
-                        t.devices.c.id == device_id,
-                        (t.devices.c.last_seen.is_(None)) | (t.devices.c.last_seen < at),
-                    )
-                    .values(last_seen=at)
+            c.execute(
+                update(d)
+                .where(
+                    d.c.id == bindparam("b_id"),
+                    d.c.last_seen.is_(None) | (d.c.last_seen < bindparam("b_at")),
                 )
+                .values(last_seen=bindparam("b_at")),
+                rows,
+            )
 
     # --------------------------------------------------------------- reports
     def save_report(self, device_id: str, report: Row, now: float) -> None:
@@ -365,11 +369,14 @@ class SqlStore(LogStore):
 
         In order: of two reports of one device, the later one wins.
         """
-        latest: dict[str, tuple[Row, float]] = {}
+        arrived: dict[str, tuple[Row, float]] = {}
         for device_id, report, now in reports:
-            latest[device_id] = (report, now)
-        if not latest:
+            arrived[device_id] = (report, now)
+        if not arrived:
             return
+        # Rows locked in id order, as every batch writer of device rows does (see
+        # `touch_last_seen`).
+        latest = {device_id: arrived[device_id] for device_id in sorted(arrived)}
         heads = [
             {
                 "b_id": device_id,
