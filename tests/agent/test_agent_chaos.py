@@ -43,7 +43,16 @@ def test_fifty_random_kills_never_leave_a_partial_model(
         p = cp.device(dev).get("pipelines", {}).get("digits") or {}
         return p.get("status") == "active" and p.get("version") == final
 
-    wait_for(converged, 120, "converged")
+    try:
+        wait_for(converged, 120, "converged")
+    except AssertionError:
+        seen = cp.device(dev).get("pipelines", {}).get("digits")
+        local = agent.status()
+        tail = agent.log.read_text(errors="replace").splitlines()[-40:]
+        raise AssertionError(
+            f"not converged on {final}: the control plane holds {seen}; the agent says "
+            f"{local}; its log ends:\n" + "\n".join(tail)
+        ) from None
     assert agent.infer()["model"].startswith(f"digits-mlp@{final}")
     slots = agent.status()["pipelines"]["digits"]
     assert slots["version"] == final and slots["slot"] in ("a", "b")

@@ -50,3 +50,29 @@ def test_sigkill_at_install_step_recovers_to_a_verified_model(
     assert _serving(agent).startswith("digits-mlp@1.1.0")
     models = agent.data / "models" / "digits-mlp"
     assert not [p for p in models.iterdir() if p.name.startswith(".") and p.is_dir()]
+
+
+def test_an_install_cut_short_and_then_no_longer_wanted_reports_the_model_served(
+    shared_cp: ControlPlaneProc, agent_factory: Callable[..., AgentProc]
+) -> None:
+    # Killed while installing 1.1.0; meanwhile the desired state went back to 1.0.0,
+    # which the device still serves. It must say so, not report the dead install forever.
+    cp = shared_cp
+    agent = agent_factory(cp)
+    agent.start()
+    agent.wait_up()
+    dev = agent.device_id()
+    cp.deploy("back-base", "digits-mlp@1.0.0", tag=agent.tag)
+    wait_for(lambda: _reported(cp, dev, "1.0.0"), 90, "1.0.0 active")
+    agent.kill()
+    agent.start(env={"EDGEWISE_CRASH_AT": "mid_write"})
+    agent.wait_up()
+    cp.deploy("back-new", "digits-mlp@1.1.0", priority=10, tag=agent.tag)
+    assert agent.wait_exit(120) == -9
+    cp.deploy("back-old", "digits-mlp@1.0.0", priority=20, tag=agent.tag)
+    agent.start()
+    agent.wait_up()
+    wait_for(lambda: _reported(cp, dev, "1.0.0"), 90, "1.0.0 reported active again")
+    assert _serving(agent).startswith("digits-mlp@1.0.0")
+    timeline = cp.device(dev)["pipelines"]["digits"]["timeline"]
+    assert any(e["reason"].startswith("interrupted") for e in timeline)

@@ -176,6 +176,18 @@ def test_plan_does_not_retry_a_refused_bundle_until_its_retry_time() -> None:
     assert plan({"p": _want()}, later, 150.0)[0].kind == "install"
 
 
+def test_plan_closes_an_install_record_the_desired_state_no_longer_wants() -> None:
+    # Serving FA, which is wanted again, while the record still tells of another install.
+    stale = {"p": ObservedPipeline(fingerprint=FA, running=True, settled=False)}
+    (action,) = plan({"p": _want()}, stale, 0.0)
+    assert action.kind == "install" and action.fingerprint == FA
+    # ... unless reinstalling FA itself was refused and is held off
+    held = {"p": ObservedPipeline(fingerprint=FA, running=True, settled=False, refused=FA,
+                                  retry_at=100.0)}  # fmt: skip
+    assert plan({"p": _want()}, held, 50.0) == []
+    assert plan({"p": _want()}, held, 150.0)[0].kind == "install"
+
+
 def test_plan_orders_critical_installs_first() -> None:
     desired = {"b": _want(priority="best_effort"), "c": _want(priority="critical"), "n": _want()}
     assert [a.pipeline for a in plan(desired, {}, 0.0)] == ["c", "n", "b"]

@@ -348,6 +348,7 @@ class Agent:
                 running=name in running,
                 refused=rec.refused,
                 retry_at=rec.retry_at,
+                settled=_settled(rec),
             )
         return out
 
@@ -611,3 +612,10 @@ class Agent:
         self.host.close()
         self.buffer.close()
         self.http.close()
+
+
+def _settled(rec: PipelineRecord) -> bool:
+    """Whether the install record ended `active` on the committed models."""
+    committed = (rec.committed or {}).get("fingerprint")
+    target = (rec.target or {}).get("fingerprint", committed)
+    return rec.tracker.state is InstallState.ACTIVE and target == committed

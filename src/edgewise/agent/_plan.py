@@ -38,6 +38,10 @@ class ObservedPipeline:
             failed health check, insufficient disk, ...); not retried before `retry_at`.
         retry_at: when a refused install may be tried again; None means never (the same
             bytes will fail the same way).
+        settled: whether the install record is about the committed models and ended
+            `active`. False when it still tells of another install (cut short by a crash,
+            abandoned, refused) that the desired state no longer asks for: the device
+            would go on reporting that install instead of the model it serves.
     """
 
     fingerprint: str = ""
@@ -45,6 +49,7 @@ class ObservedPipeline:
     running: bool = False
     refused: str = ""
     retry_at: float | None = None
+    settled: bool = True
 
 
 @dataclass(frozen=True)
@@ -110,12 +115,16 @@ def plan(
         have = observed.get(name, ObservedPipeline())
         wanted = fingerprint(want)
         action: Action | None
-        if have.fingerprint == wanted:
+        held_off = have.refused == wanted and (have.retry_at is None or now < have.retry_at)
+        if have.fingerprint == wanted and (have.settled or held_off):
             kind = "start" if not have.running else "reconfigure"
             action = None if have.running and have.spec == want.spec else _action(kind, name, want)
-        elif have.refused == wanted and (have.retry_at is None or now < have.retry_at):
+        elif held_off:
             action = None
         else:
+            # Also when the committed models are the wanted ones but the record is not
+            # settled: installing them again finds them in their slot, re-checks their
+            # health and closes the record `active`.
             action = _action("install", name, want)
         if action is not None:
             rest.append((_rank(want), name, action))
