@@ -87,3 +87,49 @@ def test_a_label_change_leaves_the_new_document_in_the_cache(
     assert after.headers["etag"] == f'"{cached.revision}"'
     assert after.content == cached.signed_json
     assert "digits" in after.json()["document"]["pipelines"]
+
+
+def test_the_replica_watcher_passes_over_this_replicas_own_changes(
+    sqlite_plane: Plane, examples: dict[str, Any]
+) -> None:
+    from sqlalchemy import update
+
+    from edgewise.control._app import notice_changes
+    from edgewise.control._recompute import recompute_devices
+    from edgewise.control._schema import devices
+
+    p = sqlite_plane
+    plane = p.client.app.state.plane  # type: ignore[attr-defined]
+    p.trust(examples["pub"])
+    assert p.push(examples["bundles"]["digits-mlp@1.0.0"]).status_code == 201
+    devs = [p.enroll() for _ in range(3)]
+    pipelines = {"digits": {"model": "digits-mlp@1.0.0"}}
+    r = p.api("POST", "/api/v1/deployments",
+              json={"name": "own", "selector": "", "pipelines": pipelines})  # fmt: skip
+    assert r.status_code == 201, r.text
+    ids = [d.id for d in devs]
+    for d in devs:  # a poll fills the cache
+        assert d.get("/device/v1/desired").status_code == 200
+    versions = [plane.notifier.version(i) for i in ids]
+    # A bulk recompute here (the rollout driver's path) that finds every document out of
+    # date: the cache holds the new documents and each device was woken once.
+    with plane.store.engine.begin() as c:
+        c.execute(update(devices).values(desired_hash="out-of-date"))
+    since = p.clock() - 1.0
+    assert recompute_devices(plane, ids) == 3
+    entries = {i: plane.cache.get(i) for i in ids}
+    # Wakes from other threads reach the loop in order: a request served after them
+    # means they have all landed.
+    assert devs[0].get("/device/v1/desired").status_code == 200
+    versions = [plane.notifier.version(i) for i in ids]
+    # The watcher reads those same rows back: this replica's own changes, passed over.
+    assert notice_changes(plane, plane.store.changed_since(since), since) == 0
+    assert {i: plane.cache.get(i) for i in ids} == entries
+    # Another replica's change (a stamp this one never wrote) drops and wakes.
+    row = plane.store.get_device(ids[2])
+    assert plane.store.cas_desired(ids[2], row["desired_hash"], row["desired_revision"] + 1,
+                                   "other", row["desired_signed"], p.clock() + 0.5)  # fmt: skip
+    assert notice_changes(plane, plane.store.changed_since(since), since) == 1
+    assert plane.cache.get(ids[2]) is None
+    assert devs[0].get("/device/v1/desired").status_code == 200
+    assert [plane.notifier.version(i) for i in ids] == [*versions[:2], versions[2] + 1]

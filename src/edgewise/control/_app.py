@@ -162,10 +162,26 @@ class _Guard:
         return replay, False
 
 
+def notice_changes(plane: ControlPlane, changed: list[tuple[str, float]], since: float) -> int:
+    """Drop and wake the devices another replica changed; returns how many.
+
+    Args:
+        plane: this replica.
+        changed: (device id, changed_at) read from the store.
+        since: the start of the window read (older marks are forgotten).
+    """
+    woken = 0
+    for device_id, changed_at in changed:
+        if plane.changes.first_sight(device_id, changed_at):
+            plane.device_changed(device_id)
+            woken += 1
+    plane.changes.forget_before(since - 5.0)
+    return woken
+
+
 async def _watch(plane: ControlPlane) -> None:
     """Notice changes other replicas made to devices; flush last-seen times."""
     interval = plane.settings.watch_interval_s
-    seen: dict[str, float] = {}
     since = plane.clock()
     last_flush = time.monotonic()
     while True:
@@ -173,12 +189,9 @@ async def _watch(plane: ControlPlane) -> None:
         try:
             now = plane.clock()
             # Look back a little: commits land after their changed_at stamp.
-            changed = await to_thread.run_sync(plane.store.changed_since, since - 5.0)
-            for device_id, changed_at in changed:
-                if seen.get(device_id) != changed_at:
-                    seen[device_id] = changed_at
-                    plane.device_changed(device_id)
-            seen = {k: v for k, v in seen.items() if v >= since - 10.0}
+            window = since - 5.0
+            changed = await to_thread.run_sync(plane.store.changed_since, window)
+            notice_changes(plane, changed, window)
             since = now
             if time.monotonic() - last_flush >= 2.0:
                 last_flush = time.monotonic()

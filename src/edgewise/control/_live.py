@@ -11,6 +11,8 @@
   signed document), loaded on a miss, dropped when this replica changes the device or the
   replica watcher sees another replica change it.
 - `SeenTracker`: last-seen times collected in memory and written in batches.
+- `ChangeMarks`: the device changes (id, changed_at) this replica has already acted on,
+  its own writes included, so the replica watcher passes over them.
 """
 
 from __future__ import annotations
@@ -22,7 +24,14 @@ from dataclasses import dataclass
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
-__all__ = ["CachedDevice", "DeviceCache", "NonceCache", "Notifier", "SeenTracker"]
+__all__ = [
+    "CachedDevice",
+    "ChangeMarks",
+    "DeviceCache",
+    "NonceCache",
+    "Notifier",
+    "SeenTracker",
+]
 
 
 class _Slot:
@@ -281,3 +290,37 @@ class SeenTracker:
         with self._lock:
             batch, self._pending = self._pending, {}
             return batch
+
+
+class ChangeMarks:
+    """`changed_at` stamps already acted on, per device; thread-safe.
+
+    A writer on this replica marks what it committed (it has updated the cache and woken
+    the device itself); the replica watcher marks what it handled. Without the writers'
+    marks the watcher took every change of this replica for another's: in a wave of
+    5,000 devices it dropped the 5,000 cache entries the recompute had just filled and
+    woke each long-poll a second time, and every device's next request read the store.
+    """
+
+    def __init__(self) -> None:
+        self._marks: dict[str, float] = {}
+        self._lock = threading.Lock()
+
+    def mark(self, device_ids: list[str], stamp: float) -> None:
+        """Record that these devices' change stamped `stamp` is handled."""
+        with self._lock:
+            for device_id in device_ids:
+                self._marks[device_id] = stamp
+
+    def first_sight(self, device_id: str, stamp: float) -> bool:
+        """True (and marks it) when this change was not handled yet."""
+        with self._lock:
+            if self._marks.get(device_id) == stamp:
+                return False
+            self._marks[device_id] = stamp
+            return True
+
+    def forget_before(self, stamp: float) -> None:
+        """Drop marks older than `stamp` (the watcher no longer looks that far back)."""
+        with self._lock:
+            self._marks = {k: v for k, v in self._marks.items() if v >= stamp}

@@ -28,7 +28,14 @@ from edgewise.control._identity import (
     public_key_b64,
     public_key_from_b64,
 )
-from edgewise.control._live import CachedDevice, DeviceCache, NonceCache, Notifier, SeenTracker
+from edgewise.control._live import (
+    CachedDevice,
+    ChangeMarks,
+    DeviceCache,
+    NonceCache,
+    Notifier,
+    SeenTracker,
+)
 from edgewise.control._rbac import Permission, Role, allowed
 from edgewise.control._selector import Selector, SelectorError, parse_selector
 from edgewise.control._settings import Settings
@@ -110,6 +117,7 @@ class ControlPlane:
         self.cache = DeviceCache()
         self.reports: AsyncBatcher[tuple[str, Any, float]] = AsyncBatcher(store.save_reports)
         self.seen = SeenTracker()
+        self.changes = ChangeMarks()
         # rollout id -> (row version, parsed value): views of a watched rollout parse
         # its document once per change (see `_rollouts._parsed`)
         self.parsed_rollouts: dict[str, tuple[int, Any]] = {}
@@ -372,6 +380,7 @@ class ControlPlane:
             if self.store.cas_desired(
                 device_id, row["desired_hash"], revision, new_hash, signed, now
             ):
+                self.changes.mark([device_id], now)
                 # Hand the committed document to the cache before waking: the woken
                 # long-polls answer from memory instead of each queueing for a worker
                 # thread and a store read (the tail of the wake latency under load).

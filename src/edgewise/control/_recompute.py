@@ -90,6 +90,7 @@ def recompute_devices(plane: ControlPlane, device_ids: Sequence[str]) -> int:
                         )
                     )
                     (changed if res.rowcount else lost).append(w["id"])
+            plane.changes.mark(changed, stamp)
         # Hand the committed documents to the cache before waking, as the one-device
         # path does: the woken long-polls answer from memory, not with a store read
         # each on a worker thread (thousands at once in a wave).
