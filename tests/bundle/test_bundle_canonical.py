@@ -10,7 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from edgewise.bundle import Manifest, canonical_json, manifest_digest
-from edgewise.bundle._canonical import format_number
+from edgewise.bundle._canonical import _emit, format_number
 
 from .conftest import TINY_MANIFEST
 
@@ -169,3 +169,33 @@ def test_manifest_digest_is_order_independent_and_changes_with_any_field(
         mode="json", exclude_unset=True
     )
     assert (manifest_digest(edited) == manifest_digest(original)) == same
+
+
+def _careful(value: Any) -> bytes:
+    parts: list[str] = []
+    _emit(value, parts)
+    return "".join(parts).encode("utf-8")
+
+
+ascii_keyed_values = st.recursive(
+    json_scalars | st.floats(min_value=1e-5, max_value=1e17),
+    lambda inner: (
+        st.lists(inner, max_size=4)
+        | st.dictionaries(st.text(st.characters(max_codepoint=127), max_size=6), inner, max_size=4)
+    ),
+    max_leaves=20,
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(json_values | ascii_keyed_values)
+def test_the_fast_path_writes_the_very_bytes_of_the_careful_one(value: Any) -> None:
+    assert canonical_json(value) == _careful(value)
+
+
+@pytest.mark.parametrize(
+    "value",
+    [1.0, -0.0, 1e-5, 1e16, 123456789.5, 0.0001, 9999999999999998.0, {"é": 1, "z": 0.25}],
+)
+def test_the_fast_path_edges_match_the_careful_one(value: Any) -> None:
+    assert canonical_json({"v": value}) == _careful({"v": value})

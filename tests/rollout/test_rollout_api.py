@@ -152,6 +152,36 @@ def test_a_rollback_whose_revert_write_fails_still_returns_every_device(
     assert {d.version() for d in devs} == {"1.0.0"}
 
 
+def test_device_progress_held_between_writes_survives_an_operators_command(
+    world: World,
+) -> None:
+    devs = _fleet(world, 8)
+    ro = _start(world, _revise(world, "1.1.0"), canary=2)
+    world.tick()
+    first, second = _phase_devices(world, ro["id"], 0, devs)
+    first.report("1.1.0", "active")
+    world.tick()  # device progress alone, just after a write: held in memory
+    stored = RolloutStore(world.plane).get(ro["id"])
+    assert stored is not None and stored["document"]["devices"][first.id][0] == "notified"
+    world.clock.now += 0.5  # a later report elsewhere moves the report cursor past it
+    next(d for d in devs if d not in (first, second)).report("1.0.0", "active")
+    world.tick()
+    # An operator's command moves the stored row on: the driver reloads it and re-reads
+    # the reports its held progress came from, so the first success is not lost.
+    assert world.api("POST", f"/api/v1/rollouts/{ro['id']}/pause").status_code == 200
+    assert world.api("POST", f"/api/v1/rollouts/{ro['id']}/resume").status_code == 200
+    second.report("1.1.0", "active")
+    world.tick()
+    assert world.rollout(ro["id"])["phase_index"] == 1  # both canary devices counted
+    world.clock.now += 2  # past progress_every_s: progress alone is stored again
+    wave = _phase_devices(world, ro["id"], 1, devs)
+    wave[0].report("1.1.0", "active")
+    world.tick()
+    stored = RolloutStore(world.plane).get(ro["id"])
+    assert stored is not None
+    assert [s[0] for s in stored["document"]["devices"].values()].count("succeeded") == 3
+
+
 def test_devices_enrolled_after_the_start_stay_on_the_stable_revision(world: World) -> None:
     devs = _fleet(world, 4)
     ro = _start(world, _revise(world, "1.1.0"), canary=1)

@@ -42,12 +42,42 @@ def canonical_json(obj: Any) -> bytes:
     """
     if isinstance(obj, BaseModel):
         obj = obj.model_dump(mode="json", exclude_unset=True)
-    parts: list[str] = []
-    _emit(obj, parts)
+    if _plain(obj):
+        # The common case (signed documents, manifests): the C encoder writes the same
+        # bytes several times faster than `_emit`.
+        text = json.dumps(obj, ensure_ascii=False, sort_keys=True, separators=(",", ":"))
+    else:
+        parts: list[str] = []
+        _emit(obj, parts)
+        text = "".join(parts)
     try:
-        return "".join(parts).encode("utf-8")
+        return text.encode("utf-8")
     except UnicodeEncodeError as exc:
         raise ValueError("string holds a lone surrogate") from exc
+
+
+def _plain(value: Any) -> bool:
+    """Whether `json.dumps(sort_keys=True)` writes exactly the canonical form of `value`.
+
+    True for plain dicts with ASCII keys (code-point order is UTF-16 order there), lists,
+    strings (escaped as `_emit` escapes them), safe ints, bools, None, and floats that
+    Python's repr already writes as ECMAScript does: finite, not integral, and in
+    [1e-4, 1e16), where both use plain decimals with the shortest round-trip digits.
+    Anything else takes the careful path.
+    """
+    kind = type(value)
+    if kind is str or kind is bool or value is None:
+        return True
+    if kind is int:
+        return bool(-_MAX_SAFE_INT <= value <= _MAX_SAFE_INT)
+    if kind is float:
+        size = abs(value)
+        return 1e-4 <= size < 1e16 and not size.is_integer()
+    if kind is dict:
+        return all(type(k) is str and k.isascii() and _plain(v) for k, v in value.items())
+    if kind is list or kind is tuple:
+        return all(_plain(v) for v in value)
+    return False
 
 
 def manifest_digest(manifest: Any) -> str:

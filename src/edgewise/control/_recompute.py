@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from sqlalchemy import select, update
+from sqlalchemy import bindparam, select, update
 
 from edgewise.control import _schema as t
 from edgewise.control._desiredcalc import content_hash, desired_content
@@ -24,6 +24,18 @@ from edgewise.protocol import DesiredState, sign_desired
 __all__ = ["recompute_devices", "recompute_selector"]
 
 _CHUNK = 500
+
+_d = t.devices
+_CAS = (
+    update(_d)
+    .where(_d.c.id == bindparam("device"), _d.c.desired_hash == bindparam("expect"))
+    .values(
+        desired_revision=bindparam("rev"),
+        desired_hash=bindparam("hash"),
+        desired_signed=bindparam("signed"),
+        changed_at=bindparam("stamp"),
+    )
+)
 
 
 def recompute_devices(plane: ControlPlane, device_ids: Sequence[str]) -> int:
@@ -68,8 +80,8 @@ def recompute_devices(plane: ControlPlane, device_ids: Sequence[str]) -> int:
             )
             signed = sign_desired(doc, plane.key, plane.key_id).model_dump(mode="json")
             writes.append(
-                {"id": row.id, "expect": row.desired_hash, "rev": revision, "hash": new_hash,
-                 "signed": signed}
+                {"device": row.id, "expect": row.desired_hash, "rev": revision,
+                 "hash": new_hash, "signed": signed, "stamp": 0.0}
             )  # fmt: skip
         lost: list[str] = []
         changed: list[str] = []
@@ -77,24 +89,28 @@ def recompute_devices(plane: ControlPlane, device_ids: Sequence[str]) -> int:
             # Stamped at the write, not at the read: the replica watcher looks back a few
             # seconds from each pass, and signing a chunk takes time under load.
             stamp = plane.clock()
+            for w in writes:
+                w["stamp"] = stamp
             with plane.store.engine.begin() as c:
-                for w in writes:
-                    res = c.execute(
-                        update(d)
-                        .where(d.c.id == w["id"], d.c.desired_hash == w["expect"])
-                        .values(
-                            desired_revision=w["rev"],
-                            desired_hash=w["hash"],
-                            desired_signed=w["signed"],
-                            changed_at=stamp,
+                # One statement for the chunk (executemany), each row compare-and-set
+                # on the hash it was computed from; which rows took is read back in
+                # the same transaction (executemany has no per-row count).
+                c.execute(_CAS, writes)
+                took = {
+                    row.id
+                    for row in c.execute(
+                        select(d.c.id).where(
+                            d.c.id.in_([w["device"] for w in writes]), d.c.changed_at == stamp
                         )
                     )
-                    (changed if res.rowcount else lost).append(w["id"])
+                }
+            for w in writes:
+                (changed if w["device"] in took else lost).append(w["device"])
             plane.changes.mark(changed, stamp)
         # Hand the committed documents to the cache before waking, as the one-device
         # path does: the woken long-polls answer from memory, not with a store read
         # each on a worker thread (thousands at once in a wave).
-        fresh = {w["id"]: w for w in writes}
+        fresh = {w["device"]: w for w in writes}
         items = {}
         for device_id in changed:
             w, cols = fresh[device_id], dict(by_id[device_id]._mapping)
