@@ -42,10 +42,11 @@ def canonical_json(obj: Any) -> bytes:
     """
     if isinstance(obj, BaseModel):
         obj = obj.model_dump(mode="json", exclude_unset=True)
-    if _plain(obj):
+    plain = _plain(obj)
+    if plain is not _CAREFUL:
         # The common case (signed documents, manifests): the C encoder writes the same
         # bytes several times faster than `_emit`.
-        text = json.dumps(obj, ensure_ascii=False, sort_keys=True, separators=(",", ":"))
+        text = json.dumps(plain, ensure_ascii=False, sort_keys=True, separators=(",", ":"))
     else:
         parts: list[str] = []
         _emit(obj, parts)
@@ -56,28 +57,47 @@ def canonical_json(obj: Any) -> bytes:
         raise ValueError("string holds a lone surrogate") from exc
 
 
-def _plain(value: Any) -> bool:
-    """Whether `json.dumps(sort_keys=True)` writes exactly the canonical form of `value`.
+_CAREFUL = object()
 
-    True for plain dicts with ASCII keys (code-point order is UTF-16 order there), lists,
-    strings (escaped as `_emit` escapes them), safe ints, bools, None, and floats that
-    Python's repr already writes as ECMAScript does: finite, not integral, and in
-    [1e-4, 1e16), where both use plain decimals with the shortest round-trip digits.
-    Anything else takes the careful path.
+
+def _plain(value: Any) -> Any:
+    """`value` in a form `json.dumps(sort_keys=True)` writes canonically, or `_CAREFUL`.
+
+    Plain dicts with ASCII keys (code-point order is UTF-16 order there), lists, strings
+    (escaped as `_emit` escapes them), safe ints, bools and None pass as they are; an
+    integral float up to 2**53 becomes its int (ECMAScript writes 1.0 as 1); other floats
+    pass when Python's repr already writes them as ECMAScript does: in [1e-4, 1e16), both
+    plain decimals with the shortest round-trip digits. Anything else: `_CAREFUL`.
     """
     kind = type(value)
     if kind is str or kind is bool or value is None:
-        return True
+        return value
     if kind is int:
-        return bool(-_MAX_SAFE_INT <= value <= _MAX_SAFE_INT)
+        return value if -_MAX_SAFE_INT <= value <= _MAX_SAFE_INT else _CAREFUL
     if kind is float:
         size = abs(value)
-        return 1e-4 <= size < 1e16 and not size.is_integer()
+        if size.is_integer():
+            return int(value) if size <= _MAX_SAFE_INT else _CAREFUL
+        return value if 1e-4 <= size < 1e16 else _CAREFUL
     if kind is dict:
-        return all(type(k) is str and k.isascii() and _plain(v) for k, v in value.items())
+        out = {}
+        for key, item in value.items():
+            if type(key) is not str or not key.isascii():
+                return _CAREFUL
+            plain = _plain(item)
+            if plain is _CAREFUL:
+                return _CAREFUL
+            out[key] = plain
+        return out
     if kind is list or kind is tuple:
-        return all(_plain(v) for v in value)
-    return False
+        items = []
+        for item in value:
+            plain = _plain(item)
+            if plain is _CAREFUL:
+                return _CAREFUL
+            items.append(plain)
+        return items
+    return _CAREFUL
 
 
 def manifest_digest(manifest: Any) -> str:
