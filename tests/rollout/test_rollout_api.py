@@ -152,6 +152,30 @@ def test_a_rollback_whose_revert_write_fails_still_returns_every_device(
     assert {d.version() for d in devs} == {"1.0.0"}
 
 
+def test_held_device_progress_is_stored_a_second_on_even_when_nothing_else_changes(
+    world: World,
+) -> None:
+    devs = _fleet(world, 8)
+    ro = _start(world, _revise(world, "1.1.0"), canary=2)
+    world.tick()
+    first, _second = _phase_devices(world, ro["id"], 0, devs)
+    first.report("1.1.0", "active")
+
+    def stored_state() -> str:
+        row = RolloutStore(world.plane).get(ro["id"])
+        assert row is not None
+        return str(row["document"]["devices"][first.id][0])
+
+    world.tick()
+    assert stored_state() == "notified"  # held: the last write was just now
+    world.clock.now += 1.5
+    world.tick()  # no new report, no other change: the held progress is written
+    assert stored_state() == "succeeded"
+    assert world.ok("GET", f"/api/v1/rollouts/{ro['id']}/devices/{first.id}")["state"] == (
+        "succeeded"
+    )
+
+
 def test_device_progress_held_between_writes_survives_an_operators_command(
     world: World,
 ) -> None:

@@ -62,6 +62,7 @@ class _Seen:
     # (an operator's command moved the row on) rewinds the cursor to re-read it.
     stored_reports_since: float = 0.0
     written_at: float = -1e18
+    held: bool = False  # `rollout` is ahead of the stored value
     telemetry_at: float = -1e18
     phase: CohortTelemetry | None = None
     control: CohortTelemetry | None = None
@@ -173,7 +174,7 @@ class RolloutDriver:
             if row is None:
                 return None
             seen.rollout, seen.version = Rollout.from_dict(row["document"]), int(row["version"])
-            seen.reports_since = seen.stored_reports_since
+            seen.reports_since, seen.held = seen.stored_reports_since, False
         rollout, version = seen.rollout, seen.version
         now = self.plane.clock()
         if not seen.repaired:
@@ -204,10 +205,13 @@ class RolloutDriver:
         new, actions = step(rollout, observations, now)
         self.steps += 1
         gates_only = new.gates == rollout.gates or now - seen.gates_written_at < self.gates_every_s
-        if gates_only and not _worth_writing(rollout, new, actions):
+        recent = now - seen.written_at < self.progress_every_s
+        if gates_only and not _worth_writing(rollout, new, actions) and (recent or not seen.held):
             return rollout
-        if now - seen.written_at < self.progress_every_s and _progress_only(rollout, new, actions):
-            seen.rollout = new  # stored with the next write, at most `progress_every_s` on
+        if recent and _progress_only(rollout, new, actions):
+            # Stored by the first tick `progress_every_s` after the last write, whether or
+            # not anything else changes by then.
+            seen.rollout, seen.held = new, True
             return new
         return self._commit(new, version, actions, now, seen, rollout)
 
@@ -225,7 +229,7 @@ class RolloutDriver:
             new, version, actions, now=now, owner=self.owner, actor=f"rollout-driver:{self.owner}"
         )
         seen.gates_written_at = seen.written_at = now
-        seen.stored_reports_since = seen.reports_since
+        seen.stored_reports_since, seen.held = seen.reports_since, False
         seen.rollout, seen.version = new, version + 1
         self.after_commit(new, actions)
         if new.terminal:
