@@ -152,25 +152,35 @@ def test_a_rollback_whose_revert_write_fails_still_returns_every_device(
     assert {d.version() for d in devs} == {"1.0.0"}
 
 
+def _stored_states(w: World, rollout_id: str) -> dict[str, str]:
+    """Device -> state in the stored rollout (not the driver's memory)."""
+    row = RolloutStore(w.plane).get(rollout_id)
+    assert row is not None
+    return {d: str(s[0]) for d, s in row["document"]["devices"].items()}
+
+
+def _one_canary_success_held(w: World) -> tuple[dict[str, Any], list[Dev], Dev, Dev]:
+    """A 2-device canary; the first reports success just after a write: held in memory."""
+    devs = _fleet(w, 8)
+    ro = _start(w, _revise(w, "1.1.0"), canary=2)
+    w.tick()
+    first, second = _phase_devices(w, ro["id"], 0, devs)
+    first.report("1.1.0", "active")
+    w.tick()
+    assert _stored_states(w, ro["id"])[first.id] == "notified"
+    return ro, devs, first, second
+
+
 def test_held_device_progress_is_stored_a_second_on_even_when_nothing_else_changes(
     world: World,
 ) -> None:
-    devs = _fleet(world, 8)
-    ro = _start(world, _revise(world, "1.1.0"), canary=2)
-    world.tick()
-    first, _second = _phase_devices(world, ro["id"], 0, devs)
-    first.report("1.1.0", "active")
-
-    def stored_state() -> str:
-        row = RolloutStore(world.plane).get(ro["id"])
-        assert row is not None
-        return str(row["document"]["devices"][first.id][0])
-
-    world.tick()
-    assert stored_state() == "notified"  # held: the last write was just now
+    ro, _devs, first, _second = _one_canary_success_held(world)
     world.clock.now += 1.5
     world.tick()  # no new report, no other change: the held progress is written
-    assert stored_state() == "succeeded"
+    assert _stored_states(world, ro["id"])[first.id] == "succeeded"
+    assert world.ok("GET", f"/api/v1/rollouts/{ro['id']}/devices/{first.id}")["state"] == (
+        "succeeded"
+    )
     assert world.ok("GET", f"/api/v1/rollouts/{ro['id']}/devices/{first.id}")["state"] == (
         "succeeded"
     )
@@ -179,14 +189,7 @@ def test_held_device_progress_is_stored_a_second_on_even_when_nothing_else_chang
 def test_device_progress_held_between_writes_survives_an_operators_command(
     world: World,
 ) -> None:
-    devs = _fleet(world, 8)
-    ro = _start(world, _revise(world, "1.1.0"), canary=2)
-    world.tick()
-    first, second = _phase_devices(world, ro["id"], 0, devs)
-    first.report("1.1.0", "active")
-    world.tick()  # device progress alone, just after a write: held in memory
-    stored = RolloutStore(world.plane).get(ro["id"])
-    assert stored is not None and stored["document"]["devices"][first.id][0] == "notified"
+    ro, devs, first, second = _one_canary_success_held(world)
     world.clock.now += 0.5  # a later report elsewhere moves the report cursor past it
     next(d for d in devs if d not in (first, second)).report("1.0.0", "active")
     world.tick()
@@ -201,9 +204,7 @@ def test_device_progress_held_between_writes_survives_an_operators_command(
     wave = _phase_devices(world, ro["id"], 1, devs)
     wave[0].report("1.1.0", "active")
     world.tick()
-    stored = RolloutStore(world.plane).get(ro["id"])
-    assert stored is not None
-    assert [s[0] for s in stored["document"]["devices"].values()].count("succeeded") == 3
+    assert list(_stored_states(world, ro["id"]).values()).count("succeeded") == 3
 
 
 def test_devices_enrolled_after_the_start_stay_on_the_stable_revision(world: World) -> None:

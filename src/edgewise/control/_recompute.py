@@ -81,7 +81,7 @@ def recompute_devices(plane: ControlPlane, device_ids: Sequence[str]) -> int:
             signed = sign_desired(doc, plane.key, plane.key_id).model_dump(mode="json")
             writes.append(
                 {"device": row.id, "expect": row.desired_hash, "rev": revision,
-                 "hash": new_hash, "signed": signed, "stamp": 0.0}
+                 "hash": new_hash, "signed": signed}
             )  # fmt: skip
         lost: list[str] = []
         changed: list[str] = []
@@ -89,13 +89,11 @@ def recompute_devices(plane: ControlPlane, device_ids: Sequence[str]) -> int:
             # Stamped at the write, not at the read: the replica watcher looks back a few
             # seconds from each pass, and signing a chunk takes time under load.
             stamp = plane.clock()
-            for w in writes:
-                w["stamp"] = stamp
             with plane.store.engine.begin() as c:
                 # One statement for the chunk (executemany), each row compare-and-set
                 # on the hash it was computed from; which rows took is read back in
                 # the same transaction (executemany has no per-row count).
-                c.execute(_CAS, writes)
+                c.execute(_CAS, [{**w, "stamp": stamp} for w in writes])
                 took = {
                     row.id
                     for row in c.execute(

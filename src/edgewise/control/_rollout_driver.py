@@ -57,9 +57,10 @@ class _Seen:
     """What this replica remembers about a rollout between ticks (lost on restart)."""
 
     reports_since: float = 0.0
-    # The report cursor the stored value has taken in, and when it was last written:
-    # device progress alone is held in memory up to `progress_every_s`, so a reload
-    # (an operator's command moved the row on) rewinds the cursor to re-read it.
+    # The report cursor the stored value has taken in, and when it was last written
+    # (gate values alone wait `gates_every_s` after it, device progress alone
+    # `progress_every_s`): held progress is lost on a reload (an operator's command moved
+    # the row on), so the reload rewinds the cursor to re-read it.
     stored_reports_since: float = 0.0
     written_at: float = -1e18
     held: bool = False  # `rollout` is ahead of the stored value
@@ -67,7 +68,6 @@ class _Seen:
     phase: CohortTelemetry | None = None
     control: CohortTelemetry | None = None
     telemetry_phase: int | None = None
-    gates_written_at: float = -1e18
     repaired: bool = False
     targets: tuple[Target, Target] | None = None
     # The value this replica last loaded or committed, and its row version: a tick whose
@@ -204,7 +204,7 @@ class RolloutDriver:
         )
         new, actions = step(rollout, observations, now)
         self.steps += 1
-        gates_only = new.gates == rollout.gates or now - seen.gates_written_at < self.gates_every_s
+        gates_only = new.gates == rollout.gates or now - seen.written_at < self.gates_every_s
         recent = now - seen.written_at < self.progress_every_s
         if gates_only and not _worth_writing(rollout, new, actions) and (recent or not seen.held):
             return rollout
@@ -228,7 +228,7 @@ class RolloutDriver:
         self.rollouts.commit(
             new, version, actions, now=now, owner=self.owner, actor=f"rollout-driver:{self.owner}"
         )
-        seen.gates_written_at = seen.written_at = now
+        seen.written_at = now
         seen.stored_reports_since, seen.held = seen.reports_since, False
         seen.rollout, seen.version = new, version + 1
         self.after_commit(new, actions)
