@@ -130,3 +130,39 @@ def test_idle_connections_past_their_age_are_not_reused() -> None:
         assert transport.connects == 2
 
     asyncio.run(main())
+
+
+def test_connections_leave_from_the_given_source_address() -> None:
+    peers: list[str] = []
+
+    async def who(request: bytes, writer: asyncio.StreamWriter) -> bool:
+        peers.append(writer.get_extra_info("peername")[0])
+        return await _echo(request, writer)
+
+    async def main() -> None:
+        server, url = await _serve(who)
+        transport = LightTransport(source="127.0.16.7")
+        async with server, httpx.AsyncClient(base_url=url, transport=transport) as c:
+            assert (await c.post("/a", content=b"x")).content == b"x"
+            async with httpx.AsyncClient(base_url=url, transport=LightTransport()) as plain:
+                await plain.get("/b")
+        with socket.socket() as s:  # a port nobody listens on, from a source address
+            s.bind(("127.0.0.1", 0))
+            closed = s.getsockname()[1]
+        async with httpx.AsyncClient(transport=LightTransport(source="127.0.16.7")) as c:
+            with pytest.raises(httpx.ConnectError):
+                await c.get(f"http://127.0.0.1:{closed}/")
+
+    asyncio.run(main())
+    assert peers == ["127.0.16.7", "127.0.0.1"]
+
+
+def test_shards_of_a_loopback_fleet_get_their_own_source_addresses() -> None:
+    from edgewise.sim._fleet import shard_source
+
+    assert shard_source("http://127.0.0.1:8080", 0) == "127.0.16.0"
+    assert shard_source("http://127.0.0.1:8080", 300) == "127.0.17.44"
+    assert len({shard_source("http://127.0.0.1:1", k) for k in range(1000)}) == 1000
+    assert shard_source("http://localhost:8080", 1) is None  # not an address: the kernel's
+    assert shard_source("http://[::1]:8080", 1) is None
+    assert shard_source("http://192.0.2.1:8080", 1) is None

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import importlib.util
+import ipaddress
 import platform
 import sys
 import time
@@ -42,7 +43,7 @@ from edgewise.sim._faults import Faults, FaultyTransport
 from edgewise.sim._profile import LabelSpec, parse_labels, plan_fleet
 from edgewise.sim._transport import LightTransport
 
-__all__ = ["SHARD_DEVICES", "Fleet", "default_capabilities"]
+__all__ = ["SHARD_DEVICES", "Fleet", "default_capabilities", "shard_source"]
 
 SHARD_DEVICES = 16  # devices per HTTP client (connection pool)
 
@@ -51,6 +52,22 @@ if importlib.util.find_spec("sniffio") is None:
     # is missing; a failed import searches sys.path each time (a tenth of the
     # simulator's CPU). A None entry makes the miss immediate; the answer is unchanged.
     sys.modules.setdefault("sniffio", None)  # type: ignore[arg-type]
+
+
+def shard_source(server_url: str, shard: int) -> str | None:
+    """The loopback address shard `shard` connects from, for a server on IPv4 loopback.
+
+    Each shard leaves from its own address in 127.0.0.0/8 (from 127.0.16.0 on), so the
+    fleet's connections do not crowd one ephemeral port range (see `LightTransport`);
+    None (the kernel's choice) for any other server.
+    """
+    try:
+        server = ipaddress.ip_address(httpx.URL(server_url).host)
+    except ValueError:
+        return None
+    if server.version != 4 or not server.is_loopback:
+        return None
+    return str(ipaddress.IPv4Address("127.0.16.0") + shard % 0xEF0000)
 
 
 def default_capabilities() -> dict[str, Any]:
@@ -160,7 +177,9 @@ class Fleet:
             transport = FaultyTransport(
                 # Idle connections live 60 s (the server keeps them 75 s), so a device
                 # uploading every minute reuses one instead of a TCP handshake each time.
-                LightTransport(max_idle=SHARD_DEVICES, idle_s=60.0),
+                LightTransport(
+                    max_idle=SHARD_DEVICES, idle_s=60.0, source=shard_source(self.server_url, shard)
+                ),
                 self.faults.flaky,
                 self._net_rng,
             )

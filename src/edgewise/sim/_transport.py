@@ -14,7 +14,15 @@ agent's); only the bytes on the wire are moved by this module:
   its connection and raises `httpx.ReadTimeout`; a refused connect raises
   `httpx.ConnectError`, a connection lost mid-answer `httpx.ReadError`, as httpcore does;
 - the answer is read whole (`Content-Length` or chunked) before it is returned: the
-  artifacts the simulator downloads are small, and `aiter_bytes` still works on it.
+  artifacts the simulator downloads are small, and `aiter_bytes` still works on it;
+- `source`: a local address its connections leave from. 10,000 devices on one host
+  share one source address and so one ephemeral port range (28,000 ports by default),
+  half of which `connect()` prefers; a fleet's long-polls and keep-alive connections
+  fill it, and past ~14,000 connections each `connect()` searches the range for a free
+  port: about 1 ms of CPU instead of 70 us (measured here). Real devices each have their
+  own address; the simulator gives each shard its own loopback one (127.0.0.0/8 is all
+  loopback on Linux), bound with `IP_BIND_ADDRESS_NO_PORT` so the port is still chosen
+  per destination at `connect()`.
 
 Not for the agent itself: no TLS, no proxies, no HTTP/2, no streaming of large bodies.
 """
@@ -22,12 +30,16 @@ Not for the agent itself: no TLS, no proxies, no HTTP/2, no streaming of large b
 from __future__ import annotations
 
 import asyncio
+import socket
 import time
 
 import httptools
 import httpx
 
 __all__ = ["LightTransport"]
+
+# Linux's value; the socket module names it from Python 3.12 only.
+_IP_BIND_ADDRESS_NO_PORT = getattr(socket, "IP_BIND_ADDRESS_NO_PORT", 24)
 
 
 class _Conn(asyncio.Protocol):
@@ -110,11 +122,15 @@ class LightTransport(httpx.AsyncBaseTransport):
         max_idle: idle connections kept for reuse.
         idle_s: an idle connection older than this is closed instead of reused (keep it
             below the server's keep-alive timeout).
+        source: the local IPv4 address connections leave from (default: the kernel's
+            choice); see the module notes.
     """
 
-    def __init__(self, max_idle: int = 16, idle_s: float = 60.0) -> None:
+    def __init__(self, max_idle: int = 16, idle_s: float = 60.0, source: str | None = None) -> None:
         self.max_idle = max_idle
         self.idle_s = idle_s
+        self.source = source
+        self._resolved: dict[tuple[str, int], tuple[str, int]] = {}
         self.connects = 0  # TCP connections opened (a figure for tests)
         self._idle: list[_Conn] = []
         self._busy: set[_Conn] = set()
@@ -129,11 +145,32 @@ class LightTransport(httpx.AsyncBaseTransport):
         url = request.url
         loop = asyncio.get_running_loop()
         try:
-            _, conn = await loop.create_connection(_Conn, url.host, url.port or 80)
+            if self.source is None:
+                _, conn = await loop.create_connection(_Conn, url.host, url.port or 80)
+            else:
+                sock = await self._connect_from_source(url.host, url.port or 80)
+                _, conn = await loop.create_connection(_Conn, sock=sock)
         except OSError as exc:
             raise httpx.ConnectError(f"cannot connect: {exc}", request=request) from None
         self.connects += 1
         return conn
+
+    async def _connect_from_source(self, host: str, port: int) -> socket.socket:
+        loop = asyncio.get_running_loop()
+        address = self._resolved.get((host, port))
+        if address is None:
+            infos = await loop.getaddrinfo(host, port, family=socket.AF_INET)
+            address = self._resolved[(host, port)] = (str(infos[0][4][0]), port)
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        try:
+            sock.setblocking(False)
+            sock.setsockopt(socket.IPPROTO_IP, _IP_BIND_ADDRESS_NO_PORT, 1)
+            sock.bind((self.source, 0))
+            await loop.sock_connect(sock, address)
+        except BaseException:
+            sock.close()
+            raise
+        return sock
 
     async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
         """Send `request` on an idle (or new) connection and read the whole answer."""
