@@ -56,7 +56,7 @@ from typing import Any
 import httpx
 import psutil
 
-from edgewise.sim import Fleet
+from edgewise.sim import Fleet, run
 
 EDGEWISE = str(Path(sys.executable).with_name("edgewise"))
 
@@ -110,7 +110,7 @@ class Plane:
         for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
             if line.startswith("VmHWM:"):
                 return int(line.split()[1]) / 1024.0
-        return self.ps.memory_info().rss / 1e6
+        return float(self.ps.memory_info().rss) / 1e6
 
     def stop(self) -> None:
         self.proc.send_signal(signal.SIGKILL)
@@ -299,7 +299,7 @@ def main() -> None:
                         help="print the fleet's progress every this many seconds")  # fmt: skip
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="edgewise-bench-rollout-") as tmp:
-        result = asyncio.run(bench(args, Path(tmp)))
+        result = run(bench(args, Path(tmp)))
     print(f"{'metric':<16} {'value':>10}  goal")
     goals = {"converge_s": "<= 60", "exposure_pct": "<= 1", "rollback_s": "<= 30"}
     for key, value in result.items():

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import socket
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
+from typing import Any
 
 import httpx
 import pytest
 
-from edgewise.sim._transport import LightTransport
+from edgewise.sim import run as sim_run
+from edgewise.sim._transport import LeanClient, LightTransport
 
 Handler = Callable[[bytes, asyncio.StreamWriter], Awaitable[bool]]
 
@@ -47,7 +49,10 @@ async def _echo(request: bytes, writer: asyncio.StreamWriter) -> bool:
     return True
 
 
-def test_requests_reuse_one_keep_alive_connection_and_carry_bodies() -> None:
+@pytest.mark.parametrize("run", [asyncio.run, sim_run], ids=["asyncio", "sim-loop"])
+def test_requests_reuse_one_keep_alive_connection_and_carry_bodies(
+    run: Callable[[Coroutine[Any, Any, None]], None],
+) -> None:
     async def main() -> None:
         server, url = await _serve(_echo)
         transport = LightTransport()
@@ -60,7 +65,7 @@ def test_requests_reuse_one_keep_alive_connection_and_carry_bodies() -> None:
             assert r.content == b""
         assert transport.connects == 1
 
-    asyncio.run(main())
+    run(main())
 
 
 def test_chunked_answers_are_read_whole() -> None:
@@ -132,7 +137,10 @@ def test_idle_connections_past_their_age_are_not_reused() -> None:
     asyncio.run(main())
 
 
-def test_connections_leave_from_the_given_source_address() -> None:
+@pytest.mark.parametrize("run", [asyncio.run, sim_run], ids=["asyncio", "sim-loop"])
+def test_connections_leave_from_the_given_source_address(
+    run: Callable[[Coroutine[Any, Any, None]], None],
+) -> None:
     peers: list[str] = []
 
     async def who(request: bytes, writer: asyncio.StreamWriter) -> bool:
@@ -153,7 +161,7 @@ def test_connections_leave_from_the_given_source_address() -> None:
             with pytest.raises(httpx.ConnectError):
                 await c.get(f"http://127.0.0.1:{closed}/")
 
-    asyncio.run(main())
+    run(main())
     assert peers == ["127.0.16.7", "127.0.0.1"]
 
 
@@ -166,3 +174,53 @@ def test_shards_of_a_loopback_fleet_get_their_own_source_addresses() -> None:
     assert shard_source("http://localhost:8080", 1) is None  # not an address: the kernel's
     assert shard_source("http://[::1]:8080", 1) is None
     assert shard_source("http://192.0.2.1:8080", 1) is None
+
+
+def test_the_lean_client_sends_what_httpx_would() -> None:
+    seen: list[bytes] = []
+
+    async def record(request: bytes, writer: asyncio.StreamWriter) -> bool:
+        seen.append(request)
+        return await _echo(request, writer)
+
+    def parsed(raw: bytes) -> tuple[bytes, set[tuple[bytes, bytes]], bytes]:
+        head, body = raw.split(b"\r\n\r\n", 1)
+        line, *fields = head.split(b"\r\n")
+        pairs = {(k.strip().lower(), v.strip()) for k, v in (f.split(b":", 1) for f in fields)}
+        return line, pairs, body
+
+    async def exchange(client: httpx.AsyncClient) -> list[tuple[int, bytes]]:
+        answers = []
+        for request in (
+            client.build_request(
+                "GET", "/device/v1/desired", params={"wait": "30"}, headers={"If-None-Match": '"4"'}
+            ),
+            client.build_request(
+                "POST",
+                "/device/v1/report",
+                content=b'{"a":1}',
+                headers={"Content-Type": "application/json"},
+            ),
+            client.build_request("POST", "/device/v1/enroll", json={"token": "t"}),
+        ):
+            request.headers["x-signed"] = "yes"  # as the device client signs a built request
+            r = await client.send(request)
+            answers.append((r.status_code, r.content))
+        return answers
+
+    async def main() -> None:
+        server, url = await _serve(record)
+        async with server:
+            timeout = httpx.Timeout(5.0)
+            async with httpx.AsyncClient(
+                base_url=url, transport=LightTransport(), timeout=timeout
+            ) as plain:
+                expected = await exchange(plain)
+            async with LeanClient(url, LightTransport(), timeout) as lean:
+                assert await exchange(lean) == expected
+                assert expected[1] == (200, b'{"a":1}')
+
+    asyncio.run(main())
+    assert len(seen) == 6
+    for plain_raw, lean_raw in zip(seen[:3], seen[3:], strict=True):
+        assert parsed(lean_raw) == parsed(plain_raw)

@@ -75,9 +75,7 @@ def sim(
     as_json: Annotated[bool, typer.Option("--json", help="Print the summary as JSON.")] = False,
 ) -> None:
     """Run N simulated devices (one process) that speak the real device protocol."""
-    import asyncio
-
-    from edgewise.sim import BehaviourBook, Faults, Fleet
+    from edgewise.sim import BehaviourBook, Faults, Fleet, run
 
     admin = None if enroll_token else resolve_token(token)
     try:
@@ -108,7 +106,7 @@ def sim(
     except ValueError as exc:
         raise CliError(str(exc)) from None
     try:
-        summary = asyncio.run(_run(fleet, duration, quiet=as_json))
+        summary = run(_run(fleet, duration, quiet=as_json))
     except KeyboardInterrupt:
         summary = fleet.summary()
     if as_json:

@@ -25,7 +25,7 @@ from edgewise.sim._behaviour import (
 from edgewise.sim._device import SimDevice
 from edgewise.sim._env import FleetStats, SimEnv
 from edgewise.sim._faults import Faults, FaultyTransport
-from edgewise.sim._fleet import Fleet, default_capabilities
+from edgewise.sim._fleet import Fleet, default_capabilities, run
 from edgewise.sim._profile import (
     DeviceProfile,
     LabelSpec,
@@ -56,5 +56,6 @@ __all__ = [
     "device_rng",
     "parse_labels",
     "plan_fleet",
+    "run",
     "synth_window",
 ]
