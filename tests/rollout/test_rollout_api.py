@@ -11,6 +11,8 @@ from sqlalchemy.exc import OperationalError
 import edgewise.control._rollout_driver as driver_module
 from edgewise.control._recompute import recompute_devices
 from edgewise.control._rollout_store import RolloutStore
+from edgewise.control._rollout_views import rollout_view
+from edgewise.control.rollout import Rollout
 
 from .inproc import Dev, World
 
@@ -150,6 +152,36 @@ def test_a_rollback_whose_revert_write_fails_still_returns_every_device(
     world.tick()
     assert world.driver.owed == 0
     assert {d.version() for d in devs} == {"1.0.0"}
+
+
+def test_the_status_view_serves_what_the_driver_wrote_without_parsing_it_again(
+    world: World, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    devs = _fleet(world, 8)
+    ro = _start(world, _revise(world, "1.1.0"), canary=2)
+    world.tick()
+    for d in _phase_devices(world, ro["id"], 0, devs):
+        d.report("1.1.0", "active")
+    world.tick()  # the canary passed: the driver writes the wave
+    parses: list[str] = []
+    parse = Rollout.from_dict
+
+    def counted(data: Any) -> Rollout:
+        parses.append(str(data["id"]))
+        return parse(data)
+
+    monkeypatch.setattr(Rollout, "from_dict", counted)
+    view = world.rollout(ro["id"])
+    assert parses == []  # the value the driver wrote, handed over
+    store = RolloutStore(world.plane)
+    row, head = store.get(ro["id"]), store.head(ro["id"])
+    assert row is not None and head is not None
+    assert view == rollout_view(head, parse(row["document"]))
+    assert view["phase_index"] == 1
+    # A write by another writer (an operator's command) is read and parsed again.
+    assert world.api("POST", f"/api/v1/rollouts/{ro['id']}/pause").status_code == 200
+    assert world.rollout(ro["id"])["state"] == "paused"
+    assert parses == [ro["id"]]
 
 
 def _stored_states(w: World, rollout_id: str) -> dict[str, str]:

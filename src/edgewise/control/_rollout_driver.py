@@ -34,7 +34,7 @@ from edgewise.control._plane import ApiError, ControlPlane
 from edgewise.control._recompute import recompute_devices, recompute_selector
 from edgewise.control._revisions import revision_pipelines
 from edgewise.control._rollout_observe import CohortReader, Target, load_reports, target_of
-from edgewise.control._rollout_store import RolloutStore, StepLost
+from edgewise.control._rollout_store import RolloutStore, StepLost, remember_parsed
 from edgewise.control.rollout import (
     Action,
     CohortTelemetry,
@@ -231,6 +231,7 @@ class RolloutDriver:
         seen.written_at = now
         seen.stored_reports_since, seen.held = seen.reports_since, False
         seen.rollout, seen.version = new, version + 1
+        remember_parsed(self.plane.parsed_rollouts, new.id, version + 1, new)
         self.after_commit(new, actions)
         if new.terminal:
             self.rollouts.release(new.id, self.owner)

@@ -21,7 +21,7 @@ from edgewise.control._plane import ApiError, ControlPlane, Principal, digest
 from edgewise.control._rbac import selector_in_scope
 from edgewise.control._recompute import recompute_devices, recompute_selector
 from edgewise.control._revisions import revision_pipelines, stable_revision
-from edgewise.control._rollout_store import RolloutStore, StepLost
+from edgewise.control._rollout_store import RolloutStore, StepLost, remember_parsed
 from edgewise.control._rollout_views import device_why, rollout_summary, rollout_view
 from edgewise.control._selector import parse_selector
 from edgewise.control.rollout import (
@@ -174,9 +174,7 @@ def _parsed(plane: ControlPlane, store: RolloutStore, rollout_id: str, version: 
     if row is None:
         raise ApiError(404, "not_found", f"no rollout {rollout_id}")
     rollout = Rollout.from_dict(row["document"])
-    if len(cache) >= 32:  # a handful of rollouts are watched at a time
-        cache.clear()
-    cache[rollout_id] = (int(row["version"]), rollout)
+    remember_parsed(cache, rollout_id, int(row["version"]), rollout)
     return rollout
 
 
