@@ -6,8 +6,11 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from edgewise.bundle import (
     KeyFileError,
@@ -18,6 +21,7 @@ from edgewise.bundle import (
     public_key_from_b64,
     public_key_to_b64,
     trust_set,
+    verify_signature,
 )
 
 from .conftest import KeyPair
@@ -92,3 +96,26 @@ def test_public_keys_round_trip_through_base64_of_the_raw_bytes(
 def test_trust_sets_are_keyed_by_key_id() -> None:
     a, b = Ed25519PrivateKey.generate().public_key(), Ed25519PrivateKey.generate().public_key()
     assert trust_set([a, b]) == {key_id(a): a, key_id(b): b}
+
+
+@settings(max_examples=50, deadline=None)
+@given(message=st.binary(max_size=512), flip=st.integers(min_value=0, max_value=511))
+def test_verify_signature_agrees_with_cryptography(message: bytes, flip: int) -> None:
+    key = Ed25519PrivateKey.generate()
+    other = Ed25519PrivateKey.generate().public_key()
+    signature = key.sign(message)
+    assert verify_signature(key.public_key(), signature, message)
+    bad = bytearray(signature)
+    bad[flip % 64] ^= 1 << (flip % 8)
+    for public, sig, msg in (
+        (key.public_key(), bytes(bad), message),
+        (other, signature, message),
+        (key.public_key(), signature, message + b"x"),
+        (key.public_key(), signature[:63], message),
+    ):
+        try:
+            public.verify(sig, msg)
+            expected = True
+        except InvalidSignature:
+            expected = False
+        assert verify_signature(public, sig, msg) is expected is False

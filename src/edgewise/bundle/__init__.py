@@ -41,6 +41,7 @@ from edgewise.bundle._keys import (
     public_key_from_b64,
     public_key_to_b64,
     trust_set,
+    verify_signature,
 )
 from edgewise.bundle._manifest import (
     DType,
@@ -108,4 +109,5 @@ __all__ = [
     "sign",
     "trust_set",
     "verify",
+    "verify_signature",
 ]

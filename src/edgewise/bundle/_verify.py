@@ -17,12 +17,11 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from edgewise.bundle._canonical import manifest_digest
 from edgewise.bundle._errors import BundleError, SignatureError, UnsafeArchiveError
-from edgewise.bundle._keys import key_id
+from edgewise.bundle._keys import key_id, verify_signature
 from edgewise.bundle._manifest import Manifest
 from edgewise.bundle._zip import (
     MANIFEST_NAME,
@@ -108,12 +107,7 @@ def evaluate_signatures(
         public = keys.get(kid)
         if public is None:
             continue
-        try:
-            public.verify(signature, message)
-        except InvalidSignature:
-            invalid.append(kid)
-        else:
-            valid.append(kid)
+        (valid if verify_signature(public, signature, message) else invalid).append(kid)
     if len(valid) >= threshold:
         return tuple(sorted(valid))
     if invalid:

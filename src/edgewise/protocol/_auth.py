@@ -21,8 +21,9 @@ import secrets
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+
+from edgewise.bundle import verify_signature
 
 __all__ = [
     "HEADER_DEVICE",
@@ -172,8 +173,8 @@ def verify_request(
         raise RequestAuthError(
             "stale_timestamp", f"timestamp is {now - timestamp:+.0f} s off (bound {max_skew_s:g})"
         )
-    try:
-        public_key.verify(signature, signing_bytes(method, path_qs, timestamp, nonce, body))
-    except InvalidSignature:
-        raise RequestAuthError("bad_signature", "signature does not match") from None
+    if not verify_signature(
+        public_key, signature, signing_bytes(method, path_qs, timestamp, nonce, body)
+    ):
+        raise RequestAuthError("bad_signature", "signature does not match")
     return SignedRequest(device_id=device, timestamp=timestamp, nonce=nonce)

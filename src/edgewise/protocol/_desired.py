@@ -19,11 +19,10 @@ import binascii
 from collections.abc import Mapping
 from typing import Any, Literal
 
-from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 from pydantic import BaseModel, ConfigDict, Field
 
-from edgewise.bundle import canonical_json, key_id
+from edgewise.bundle import canonical_json, key_id, verify_signature
 
 __all__ = [
     "PIPELINE_STATUSES",
@@ -223,9 +222,10 @@ def verify_desired(
         raise DesiredStateError("unknown signer")
     try:
         signature = base64.b64decode(signed.signature, validate=True)
-        key.verify(signature, desired_signing_bytes(signed.document))
-    except (binascii.Error, ValueError, InvalidSignature):
+    except (binascii.Error, ValueError):
         raise DesiredStateError("bad signature") from None
+    if not verify_signature(key, signature, desired_signing_bytes(signed.document)):
+        raise DesiredStateError("bad signature")
     doc = signed.document
     if doc.expires_at <= now:
         raise DesiredStateError("expired")

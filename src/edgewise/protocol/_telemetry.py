@@ -131,4 +131,3 @@ def decode_batch(body: bytes) -> TelemetryBatch:
         return TelemetryBatch.model_validate_json(raw)
     except Exception as exc:  # pydantic.ValidationError and JSON errors alike
         raise ValueError(f"invalid telemetry batch: {exc}") from exc
-
