@@ -100,4 +100,16 @@ def test_values_the_database_cannot_hold_are_4xx_on_both_stores(plane: Plane) ->
     }
     r = dev.post("/device/v1/report", report)
     assert r.status_code == 422, r.text
+    # Numbers JSON cannot carry, as literals, strings or overflowing exponents.
+    timeline = '{"state": "active", "at": %s}'
+    for bad in (
+        '{"revision": 1, "agent": {"uptime_s": NaN}}',
+        '{"revision": 1, "agent": {"uptime_s": "inf"}}',
+        '{"revision": 1, "pipelines": {"p": {"model": "m", "version": "1", "status": "active",'
+        ' "timeline": [%s]}}}' % (timeline % "1e400"),
+        '{"revision": 1, "pipelines": {"p": {"model": "m", "version": "1", "status": "active",'
+        ' "timeline": [%s]}}}' % (timeline % '"-Infinity"'),
+    ):
+        r = dev.post("/device/v1/report", bad.encode())
+        assert r.status_code == 422 and r.json()["error"]["code"] == "invalid_request", bad
     assert dev.post("/device/v1/report", {"revision": 1}).status_code == 200

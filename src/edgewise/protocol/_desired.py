@@ -127,7 +127,9 @@ class SignedDesiredState(BaseModel):
 class TimelineEntry(BaseModel):
     """One step of a pipeline's install/run history on the device."""
 
-    model_config = ConfigDict(extra="ignore")
+    # NaN and infinities are not JSON: refused when a report is parsed (a 422), so the
+    # control plane stores a parsed report as it is, without a second check.
+    model_config = ConfigDict(extra="ignore", allow_inf_nan=False)
 
     state: str
     reason: str = ""
@@ -151,7 +153,7 @@ class PipelineReport(BaseModel):
 class AgentInfo(BaseModel):
     """The agent's own health, reported alongside its pipelines."""
 
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="ignore", allow_inf_nan=False)
 
     version: str = ""
     uptime_s: float = 0.0
