@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
+import json
+import math
 from collections import Counter
 from typing import Any
 
@@ -10,8 +13,9 @@ from sqlalchemy.exc import OperationalError
 
 import edgewise.control._rollout_driver as driver_module
 from edgewise.control._recompute import recompute_devices
-from edgewise.control._rollout_store import RolloutStore
+from edgewise.control._rollout_store import RolloutStore, rollout_document
 from edgewise.control._rollout_views import rollout_view
+from edgewise.control._store import RawJSON
 from edgewise.control.rollout import Rollout
 
 from .inproc import Dev, World
@@ -182,6 +186,40 @@ def test_the_status_view_serves_what_the_driver_wrote_without_parsing_it_again(
     assert world.api("POST", f"/api/v1/rollouts/{ro['id']}/pause").status_code == 200
     assert world.rollout(ro["id"])["state"] == "paused"
     assert parses == [ro["id"]]
+
+
+def test_the_stored_document_is_the_rollout_and_non_finite_numbers_are_still_refused(
+    world: World,
+) -> None:
+    devs = _fleet(world, 8)
+    ro = _start(world, _revise(world, "1.1.0"), canary=2)
+    world.tick()
+    for d in _phase_devices(world, ro["id"], 0, devs):
+        d.report("1.1.0", "active")
+    world.tick()
+    store = RolloutStore(world.plane)
+    row = store.get(ro["id"])
+    assert row is not None
+    rollout = Rollout.from_dict(row["document"])
+    fast = rollout_document(rollout)
+    assert isinstance(fast, RawJSON)  # every number finite: serialised by orjson
+    assert json.loads(fast) == json.loads(json.dumps(rollout.to_dict()))
+    assert Rollout.from_dict(json.loads(fast)) == rollout
+    some = next(iter(rollout.devices))
+    for bad in (
+        dataclasses.replace(rollout, created_at=math.nan),
+        dataclasses.replace(
+            rollout,
+            devices={
+                **rollout.devices,
+                some: dataclasses.replace(rollout.devices[some], updated_at=math.inf),
+            },
+        ),
+    ):
+        careful = rollout_document(bad)
+        assert not isinstance(careful, str)  # the careful encoder's way, which refuses
+        with pytest.raises(ValueError):
+            json.dumps(careful, allow_nan=False)
 
 
 def _stored_states(w: World, rollout_id: str) -> dict[str, str]:

@@ -43,7 +43,7 @@ from edgewise.control._migrate import migrate
 from edgewise.control._sqlite import locked_connection_factory
 from edgewise.control._storelogs import LogStore
 
-__all__ = ["ConflictError", "SqlStore", "open_store"]
+__all__ = ["ConflictError", "RawJSON", "SqlStore", "open_store"]
 
 Row = dict[str, Any]
 
@@ -52,7 +52,16 @@ class ConflictError(Exception):
     """A create that collides with an existing object holding other content."""
 
 
+class RawJSON(str):
+    """Text already serialised as JSON, finite numbers only: stored as it is.
+
+    See `rollout_document`.
+    """
+
+
 def _json(value: Any) -> str:
+    if type(value) is RawJSON:
+        return str(value)
     # NaN and infinities are not JSON; refusing them here keeps SQLite and PostgreSQL
     # equal (PostgreSQL would refuse them anyway) and surfaces as a 422, not a 500.
     return json.dumps(value, allow_nan=False, separators=(",", ":"))
