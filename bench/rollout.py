@@ -85,6 +85,7 @@ class Plane:
             stdout=self.log, stderr=subprocess.STDOUT,
         )  # fmt: skip
         self.ps = psutil.Process(self.proc.pid)
+        self.view_s: list[float] = []  # how long each status view took to answer
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:
             try:
@@ -147,8 +148,8 @@ def _progress(fleet: Fleet, view: dict[str, Any], elapsed: float) -> None:
         revisions[key] = revisions.get(key, 0) + 1
         for status in d.statuses().values():
             statuses[status] = statuses.get(status, 0) + 1
-    print(f"  {elapsed:6.1f} s  phase {view.get('phase_name')}  revisions {revisions}  "
-          f"statuses {statuses}", file=sys.stderr)  # fmt: skip
+    print(f"  {elapsed:6.1f} s  phase {view.get('phase_name')} ({view['state']})  "
+          f"revisions {revisions}  statuses {statuses}", file=sys.stderr)  # fmt: skip
 
 
 async def _wait(
@@ -171,7 +172,9 @@ async def _wait(
     start = time.monotonic()
     deadline, shown = start + timeout, 0.0
     while time.monotonic() < deadline:
+        asked = time.monotonic()
         view = await asyncio.to_thread(plane.api, "GET", f"/api/v1/rollouts/{rollout_id}")
+        plane.view_s.append(time.monotonic() - asked)
         state = view["state"]
         if state not in ("pending", "running", "paused") and state != expect:
             raise RuntimeError(f"rollout {rollout_id} ended {state}: {view.get('reason')}")
@@ -282,6 +285,8 @@ async def bench(args: argparse.Namespace, work: Path) -> dict[str, Any]:
             "cp_peak_rss_mb": round(plane.peak_rss_mb(), 1),
             "setup_s": round(setup_s, 1),
             "sim_requests": sum(summary["requests"].values()),
+            "sim_errors": sum(summary["errors"].values()),
+            "status_view_max_s": round(max(plane.view_s, default=0.0), 2),
         }
     finally:
         plane.stop()

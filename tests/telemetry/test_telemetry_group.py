@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import threading
 from collections.abc import Sequence
 from typing import Any
@@ -109,3 +110,40 @@ def test_an_idle_writer_writes_at_once_and_errors_reach_the_caller(store: Any) -
     with pytest.raises(Exception):  # noqa: B017 - the driver's own overflow error
         group.submit("dev-1", TelemetryColumns([2**70], ["event"], [0.0], ["e"], ["{}"]))
     assert group.submit("dev-1", _batch([4])).acked_seq == 4  # the writer is not stuck
+
+
+def test_uploads_awaited_on_the_event_loop_hold_no_thread_and_share_the_next_write(
+    store: Any,
+) -> None:
+    ingest = HeldIngest(store.engine)
+    group = GroupCommit(ingest)
+    too_big = TelemetryColumns([2**70], ["event"], [0.0], ["e"], ["{}"])
+    waiting = [(f"dev-{i}", _batch([1, 2])) for i in range(40)]
+
+    async def main() -> tuple[list[Any], TelemetryAck, int]:
+        first = asyncio.create_task(group.asubmit("dev-a", _batch([1])))
+        assert await asyncio.to_thread(ingest.entered.wait, 30)  # the first write is held
+        threads = threading.active_count()
+        rest = [asyncio.create_task(group.asubmit(*u)) for u in waiting]
+        bad = asyncio.create_task(group.asubmit("dev-b", too_big))
+        while len(group._queue) < len(waiting) + 1:
+            await asyncio.sleep(0.001)
+        # A thread's upload joins the same queue (the two kinds of callers mix).
+        by_thread = asyncio.create_task(asyncio.to_thread(group.submit, "dev-t", _batch([7])))
+        while len(group._queue) < len(waiting) + 2:
+            await asyncio.sleep(0.001)
+        grown = threading.active_count() - threads  # the thread caller's own, at most
+        ingest.release.set()
+        answers = await asyncio.gather(first, *rest, bad, return_exceptions=True)
+        return answers, await by_thread, grown
+
+    answers, threaded, grown = asyncio.run(main())
+    assert grown <= 1  # 41 uploads waited on the loop without a thread each
+    assert ingest.calls[:2] == [1, len(waiting) + 2]  # then one group, and the retry
+    assert isinstance(answers[-1], Exception)  # the bad upload fails alone
+    acks = [a for a in answers[:-1] if isinstance(a, TelemetryAck)]
+    assert [(a.accepted, a.acked_seq) for a in acks] == [(1, 1)] + [(2, 2)] * len(waiting)
+    assert (threaded.accepted, threaded.acked_seq) == (1, 0)  # stored; seq 7 has a gap
+    with store.engine.connect() as c:
+        stored = c.execute(select(cs.telemetry.c.device_id)).all()
+    assert len(stored) == 1 + 2 * len(waiting) + 1

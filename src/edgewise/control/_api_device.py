@@ -164,8 +164,9 @@ async def post_telemetry(request: Request) -> JSONResponse:
             status_code=429,
             headers={"Retry-After": str(max(1, round(wait)))},
         )
-    # Group commit: uploads arriving meanwhile share the next transaction.
-    result = await to_thread.run_sync(telemetry.writer.submit, device_id, cols)
+    # Group commit: uploads arriving meanwhile share the next transaction; the wait
+    # holds no worker thread (see `GroupCommit.asubmit`).
+    result = await telemetry.writer.asubmit(device_id, cols)
     return JSONResponse(result.model_dump())
 
 
