@@ -33,9 +33,12 @@ The simulated fleet (the arbitrary parameters, and why these values):
 - long-poll wait 60 s (the agent's own default is the control plane's 30 s; the wait
   only bounds how often an idle device re-polls).
 
-Also printed: the control plane's CPU seconds and peak RSS over the two rollouts.
+Also printed: the control plane's CPU seconds and peak RSS over the two rollouts, the
+slowest answer of the rollout status view the bench polls (`status_view_max_s`: what
+an operator watching the rollout waits at worst) and the simulator's failed requests.
 The last line is one JSON object: devices, converge_s, exposure_pct, rollback_s,
-cp_cpu_s, cp_peak_rss_mb (goals: converge <= 60 s, exposure <= 1 %, rollback <= 30 s).
+cp_cpu_s, cp_peak_rss_mb, status_view_max_s, sim_errors (goals: converge <= 60 s,
+exposure <= 1 %, rollback <= 30 s).
 """
 
 from __future__ import annotations
