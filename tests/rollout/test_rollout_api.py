@@ -158,15 +158,21 @@ def test_a_rollback_whose_revert_write_fails_still_returns_every_device(
     assert {d.version() for d in devs} == {"1.0.0"}
 
 
+def _canary_passed(w: World) -> dict[str, Any]:
+    """A rollout of 8 devices whose 2-device canary succeeded: the driver wrote the wave."""
+    devs = _fleet(w, 8)
+    ro = _start(w, _revise(w, "1.1.0"), canary=2)
+    w.tick()
+    for d in _phase_devices(w, ro["id"], 0, devs):
+        d.report("1.1.0", "active")
+    w.tick()
+    return ro
+
+
 def test_the_status_view_serves_what_the_driver_wrote_without_parsing_it_again(
     world: World, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    devs = _fleet(world, 8)
-    ro = _start(world, _revise(world, "1.1.0"), canary=2)
-    world.tick()
-    for d in _phase_devices(world, ro["id"], 0, devs):
-        d.report("1.1.0", "active")
-    world.tick()  # the canary passed: the driver writes the wave
+    ro = _canary_passed(world)
     parses: list[str] = []
     parse = Rollout.from_dict
 
@@ -191,12 +197,7 @@ def test_the_status_view_serves_what_the_driver_wrote_without_parsing_it_again(
 def test_the_stored_document_is_the_rollout_and_non_finite_numbers_are_still_refused(
     world: World,
 ) -> None:
-    devs = _fleet(world, 8)
-    ro = _start(world, _revise(world, "1.1.0"), canary=2)
-    world.tick()
-    for d in _phase_devices(world, ro["id"], 0, devs):
-        d.report("1.1.0", "active")
-    world.tick()
+    ro = _canary_passed(world)
     store = RolloutStore(world.plane)
     row = store.get(ro["id"])
     assert row is not None
