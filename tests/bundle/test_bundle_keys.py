@@ -4,6 +4,7 @@ import hashlib
 import stat
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 from cryptography.exceptions import InvalidSignature
@@ -23,6 +24,7 @@ from edgewise.bundle import (
     trust_set,
     verify_signature,
 )
+from edgewise.control._sodium import sodium_verify
 
 from .conftest import KeyPair
 
@@ -98,13 +100,16 @@ def test_trust_sets_are_keyed_by_key_id() -> None:
     assert trust_set([a, b]) == {key_id(a): a, key_id(b): b}
 
 
+@pytest.mark.parametrize("check", [verify_signature, sodium_verify], ids=["openssl", "sodium"])
 @settings(max_examples=50, deadline=None)
 @given(message=st.binary(max_size=512), flip=st.integers(min_value=0, max_value=511))
-def test_verify_signature_agrees_with_cryptography(message: bytes, flip: int) -> None:
+def test_signature_checks_agree_with_cryptography(
+    check: Callable[[Any, bytes, bytes], bool], message: bytes, flip: int
+) -> None:
     key = Ed25519PrivateKey.generate()
     other = Ed25519PrivateKey.generate().public_key()
     signature = key.sign(message)
-    assert verify_signature(key.public_key(), signature, message)
+    assert check(key.public_key(), signature, message)
     bad = bytearray(signature)
     bad[flip % 64] ^= 1 << (flip % 8)
     for public, sig, msg in (
@@ -118,4 +123,4 @@ def test_verify_signature_agrees_with_cryptography(message: bytes, flip: int) ->
             expected = True
         except InvalidSignature:
             expected = False
-        assert verify_signature(public, sig, msg) is expected is False
+        assert check(public, sig, msg) is expected is False

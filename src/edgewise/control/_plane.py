@@ -39,6 +39,7 @@ from edgewise.control._live import (
 from edgewise.control._rbac import Permission, Role, allowed
 from edgewise.control._selector import Selector, SelectorError, parse_selector
 from edgewise.control._settings import Settings
+from edgewise.control._sodium import sodium_verify
 from edgewise.control._store import ConflictError, SqlStore
 from edgewise.protocol import (
     DesiredState,
@@ -336,6 +337,7 @@ class ControlPlane:
                 device.public_key,
                 now,
                 self.settings.max_skew_s,
+                verify=sodium_verify,
             )
         except RequestAuthError as exc:
             raise ApiError(401, exc.reason, str(exc)) from None

@@ -28,6 +28,7 @@ Usage::
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import threading
 from collections import deque
 from dataclasses import dataclass, field
@@ -183,10 +184,9 @@ class _LoopWake:
         self.writer: asyncio.Task[None] | None = None
 
     def set(self) -> None:
-        try:
+        # A closed loop: the server stopped and nobody waits for the answer.
+        with contextlib.suppress(RuntimeError):
             self.loop.call_soon_threadsafe(self._woken)
-        except RuntimeError:  # the loop is closed: the server stopped, nobody waits
-            pass
 
     def _woken(self) -> None:
         slot = self.slot
