@@ -267,7 +267,7 @@ def _summary(detail: dict[str, Any]) -> str:
 
 
 def remember_parsed(
-    cache: dict[str, tuple[int, Any]], rollout_id: str, version: int, rollout: Any
+    cache: dict[str, tuple[int, Any]], rollout_id: str, version: int, rollout: Rollout
 ) -> None:
     """Keep `rollout`, the value of `rollout_id` at `version`, for the status views.
 

@@ -3,7 +3,8 @@
 Every signed device request is one check on the control plane's event loop: 16 % of
 its GIL time in a 10,000-device rollout wave with `cryptography`'s check (OpenSSL, 130 us
 here), against 65 us with libsodium. Keys stay `cryptography` objects. The agent does not
-import this (PyNaCl's ~2 MB would take its idle RSS past its 60 MB budget).
+import this: with PyNaCl loaded, bench/agent.py's idle RSS went from 59.8 to 60.6 MB,
+past its 60 MB budget.
 """
 
 from __future__ import annotations

@@ -72,13 +72,7 @@ class GroupCommit:
         Raises:
             Exception: whatever storing this upload alone raised.
         """
-        n = len(batch) if isinstance(batch, TelemetryColumns) else len(batch.records)
-        slot = _Slot(device_id, batch, n)
-        with self._lock:
-            self._queue.append(slot)
-            if not self._writing:  # invariant: nobody writing => the queue was empty
-                self._writing = True
-                slot.lead = True
+        slot = self._enqueue(_Slot(device_id, batch, _records(batch)))
         if not slot.lead:
             slot.done.wait()  # a result, or the lead handed over by the last writer
         if slot.lead:
@@ -96,14 +90,9 @@ class GroupCommit:
         """
         loop = asyncio.get_running_loop()
         answered: asyncio.Future[None] = loop.create_future()
-        n = len(batch) if isinstance(batch, TelemetryColumns) else len(batch.records)
-        slot = _Slot(device_id, batch, n)
+        slot = _Slot(device_id, batch, _records(batch))
         slot.done = _LoopWake(self, slot, loop, answered)
-        with self._lock:
-            self._queue.append(slot)
-            if not self._writing:
-                self._writing = True
-                slot.lead = True
+        self._enqueue(slot)
         if slot.lead:
             slot.done.set()  # write now, as a waiting upload handed the lead does
         # Shielded: a request that goes away leaves the writing (and the hand-over to
@@ -113,6 +102,15 @@ class GroupCommit:
             raise slot.error
         assert slot.ack is not None
         return slot.ack
+
+    def _enqueue(self, slot: _Slot) -> _Slot:
+        """Queue `slot`; it leads (writes the next group) when nobody is writing."""
+        with self._lock:
+            self._queue.append(slot)
+            if not self._writing:  # invariant: nobody writing => the queue was empty
+                self._writing = True
+                slot.lead = True
+        return slot
 
     def _write_next(self) -> None:
         """Write the queued group, then hand the lead to the next waiting upload."""
@@ -160,6 +158,10 @@ class GroupCommit:
             self.groups += 1
         for s, ack in zip(group, result.acks, strict=True):
             s.ack = ack
+
+
+def _records(batch: Upload) -> int:
+    return len(batch) if isinstance(batch, TelemetryColumns) else len(batch.records)
 
 
 class _LoopWake:
