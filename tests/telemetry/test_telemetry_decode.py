@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import gzip
 import json
 from typing import Any
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from edgewise.control.telemetry._decode import TelemetryColumns, _fast, decode_upload
 from edgewise.protocol import TelemetryBatch, TelemetryRecord, decode_batch, encode_batch
@@ -97,6 +100,9 @@ def test_what_the_model_accepts_is_accepted_with_the_same_columns(doc: Any) -> N
         {"records": [], "dropped": {"bogus": 1}},
         {"records": [], "dropped": {"sample": -1}},
         {"records": [], "other": 1},
+        {"records": [], "dropped": None},
+        {"records": [_rec(data=None)]},
+        {"records": [_rec(data="{}")]},
         [1, 2, 3],
     ],
 )
@@ -112,3 +118,88 @@ def test_infinity_literals_and_bad_gzip_follow_the_model() -> None:
         decode_upload(b"not gzip")
     with pytest.raises(ValueError):
         decode_upload(_raw('{"records": [}'))
+
+
+def test_data_is_kept_as_the_json_text_it_arrived_as_and_still_checked() -> None:
+    pretty = (
+        '{"records":[{"seq":1,"cls":"metric","ts":1,"kind":"k","data":\n {"a" :\t[1, 2], "a": 3}}]}'
+    )
+    got = _same(_raw(pretty))
+    assert got.data == ['{"a" :\t[1, 2], "a": 3}'] and json.loads(got.data[0]) == {"a": 3}
+    window = '{"records":[{"seq":4,"cls":"metric","ts":1,"kind":"window","data":{"end": 2.5}}]}'
+    assert _same(_raw(window)).windows == {4: {"end": 2.5}}
+    one = '{"records":[{"seq":1,"cls":"metric","ts":1,"kind":"k","data":%s}]}'
+    for broken in ('{"a":}', '{"a":1', "{'a':1}", '{"a":1}}'):
+        with pytest.raises(ValueError):
+            _same(_raw(one % broken))
+    _same(_raw(one % '{"a":NaN}'))  # not JSON, but the model's parser takes it: so do we
+
+
+_values = st.one_of(
+    st.none(),
+    st.booleans(),
+    st.integers(min_value=-3, max_value=3),
+    st.sampled_from([2**63 - 1, 2**63, -(2**63) - 1, 2**70]),
+    st.floats(allow_nan=False, allow_infinity=False),
+    st.text(max_size=3),
+)
+_KINDS = ["k", "window", "k" * 200]
+_data = st.dictionaries(st.text(max_size=3), st.recursive(_values, st.lists, max_leaves=4))
+_record = st.fixed_dictionaries(
+    {
+        "seq": st.integers(min_value=1, max_value=3),  # offset by position below
+        "cls": st.sampled_from(["event", "metric", "sample"]),
+        "ts": st.one_of(st.floats(allow_nan=False, allow_infinity=False), st.integers(-9, 9)),
+        "kind": st.one_of(
+            st.sampled_from(["k", "window", "k" * 200]), st.text(min_size=1, max_size=5)
+        ),
+    },
+    optional={"data": _data},
+)
+# What to put in place of a field: each rule's edge, in both directions.
+_EDGES: dict[str, list[Any]] = {
+    "seq": [0, -1, 2**63, 2**63 - 1, "3", 1.0, True, None, 10**30],
+    "cls": ["bogus", "", ["metric"], None, 1],
+    "ts": ["1.5", None, True, 2**70, [1.0]],
+    "kind": ["", "k" * 201, "k" * 200, "\u00e9" * 200, 1, None],
+    "data": [None, [1], "x", 1, {"a": 2**70}, {"a": {"b": [None, 1.5e300]}}],
+    "extra": [1, None],
+}
+_DROPPED = [{"event": -1}, {"event": 0}, {"bogus": 1}, None, [], {"sample": "3"}, {"sample": 1.5}]
+
+
+@st.composite
+def _documents(draw: st.DrawFn) -> Any:
+    """A valid batch, then maybe one thing in it changed to an edge of some rule."""
+    records = draw(st.lists(_record, min_size=1, max_size=4))
+    for i, r in enumerate(records):
+        r["seq"] += 3 * i
+    doc: dict[str, Any] = {"records": records}
+    if draw(st.booleans()):
+        doc["dropped"] = draw(
+            st.dictionaries(st.sampled_from(["event", "sample"]), st.integers(0, 9))
+        )
+    what = draw(st.sampled_from(["none", "dropped", "records", "other", "order", *["field"] * 6]))
+    if what == "dropped":
+        doc["dropped"] = draw(st.sampled_from(_DROPPED))
+    elif what == "records":
+        doc["records"] = draw(st.sampled_from([None, {}, "x", [None], [[1, "metric", 1.0, "k"]]]))
+    elif what == "other":
+        doc["other"] = 1
+    elif what == "order" and len(records) > 1:
+        i = draw(st.integers(1, len(records) - 1))
+        records[i]["seq"] = records[i - 1]["seq"] - draw(st.integers(0, 1))
+    elif what == "field" and records:
+        name = draw(st.sampled_from(sorted(_EDGES)))
+        record = records[draw(st.integers(0, len(records) - 1))]
+        record[name] = draw(st.sampled_from(_EDGES[name]))
+        if name == "data" and draw(st.booleans()):  # a window's data is parsed as well
+            record.update(cls="metric", kind="window")
+    return doc
+
+
+@settings(max_examples=500, deadline=None)
+@given(_documents())
+def test_any_document_is_accepted_or_refused_as_the_model_does(doc: Any) -> None:
+    with contextlib.suppress(ValueError):  # both refused it (`_same` checks that)
+        _same(_body(doc))

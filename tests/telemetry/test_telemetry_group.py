@@ -58,10 +58,8 @@ def _run_while_first_write_is_held(
     rest = [threading.Thread(target=send, args=(i,)) for i in range(1, len(uploads))]
     for t in rest:
         t.start()
-    while True:  # every other upload is queued behind the held write
-        with group._lock:
-            if len(group._queue) == len(rest):
-                break
+    while group.waiting() < len(rest):  # every other upload is queued behind the held write
+        pass
     ingest.release.set()
     for t in [first, *rest]:
         t.join(30)
@@ -70,7 +68,7 @@ def _run_while_first_write_is_held(
 
 def test_uploads_arriving_during_a_write_share_the_next_transaction(store: Any) -> None:
     ingest = HeldIngest(store.engine)
-    group = GroupCommit(ingest)
+    group = GroupCommit(ingest, lanes=1)
     uploads = [
         ("dev-1", _batch([1, 2])),
         ("dev-1", _batch([3, 4])),
@@ -94,7 +92,7 @@ def test_uploads_arriving_during_a_write_share_the_next_transaction(store: Any) 
 
 def test_a_bad_upload_in_a_group_fails_only_its_own_request(store: Any) -> None:
     ingest = HeldIngest(store.engine)
-    group = GroupCommit(ingest)
+    group = GroupCommit(ingest, lanes=1)
     # Validation refuses such a seq; built past it, it makes the database refuse the row.
     too_big = TelemetryColumns([2**70], ["event"], [0.0], ["e"], ["{}"])
     uploads = [("dev-1", _batch([1])), ("dev-2", too_big), ("dev-1", _batch([2]))]
@@ -116,7 +114,7 @@ def test_uploads_awaited_on_the_event_loop_hold_no_thread_and_share_the_next_wri
     store: Any,
 ) -> None:
     ingest = HeldIngest(store.engine)
-    group = GroupCommit(ingest)
+    group = GroupCommit(ingest, lanes=1)
     too_big = TelemetryColumns([2**70], ["event"], [0.0], ["e"], ["{}"])
     waiting = [(f"dev-{i}", _batch([1, 2])) for i in range(40)]
 
@@ -126,11 +124,11 @@ def test_uploads_awaited_on_the_event_loop_hold_no_thread_and_share_the_next_wri
         threads = threading.active_count()
         rest = [asyncio.create_task(group.asubmit(*u)) for u in waiting]
         bad = asyncio.create_task(group.asubmit("dev-b", too_big))
-        while len(group._queue) < len(waiting) + 1:
+        while group.waiting() < len(waiting) + 1:
             await asyncio.sleep(0.001)
         # A thread's upload joins the same queue (the two kinds of callers mix).
         by_thread = asyncio.create_task(asyncio.to_thread(group.submit, "dev-t", _batch([7])))
-        while len(group._queue) < len(waiting) + 2:
+        while group.waiting() < len(waiting) + 2:
             await asyncio.sleep(0.001)
         grown = threading.active_count() - threads  # the thread caller's own, at most
         ingest.release.set()
@@ -147,3 +145,41 @@ def test_uploads_awaited_on_the_event_loop_hold_no_thread_and_share_the_next_wri
     with store.engine.connect() as c:
         stored = c.execute(select(cs.telemetry.c.device_id)).all()
     assert len(stored) == 1 + 2 * len(waiting) + 1
+
+
+def test_two_lanes_write_at_once_and_each_device_keeps_to_its_own(store: Any) -> None:
+    ingest = HeldIngest(store.engine)
+    group = GroupCommit(ingest, lanes=2)
+    names = [f"dev-{i}" for i in range(40)]
+    assert {group.lane_of(n) for n in names} == {0, 1}  # both lanes get devices
+    assert [group.lane_of(n) for n in names] == [group.lane_of(n) for n in names]
+    a = next(n for n in names if group.lane_of(n) == 0)
+    b = next(n for n in names if group.lane_of(n) == 1)
+    for name in (a, b):
+        if name not in ("dev-1", "dev-2"):
+            store.insert_device(
+                {"id": name, "public_key": name, "labels": {}, "capabilities": {}}
+                | {"status": "active", "enrolled_at": 1.0}
+            )
+    out: dict[str, TelemetryAck] = {}
+    held = threading.Thread(target=lambda: out.update(first=group.submit(a, _batch([1, 2]))))
+    held.start()
+    assert ingest.entered.wait(30)  # lane 0 is writing, and held there
+    assert group.submit(b, _batch([1])).acked_seq == 1  # lane 1 writes meanwhile
+    behind = threading.Thread(target=lambda: out.update(second=group.submit(a, _batch([3]))))
+    behind.start()
+    while group.waiting() < 1:  # the same device waits for its lane, never overtakes
+        pass
+    assert "second" not in out
+    ingest.release.set()
+    held.join(30)
+    behind.join(30)
+    assert (out["first"].acked_seq, out["second"].acked_seq) == (2, 3)
+    assert group.groups == 3
+
+
+def test_lanes_default_to_two_on_postgresql_and_one_on_sqlite(store: Any) -> None:
+    group = GroupCommit(TelemetryIngest(store.engine))
+    assert len(group._lanes) == (2 if store.engine.dialect.name == "postgresql" else 1)
+    with pytest.raises(ValueError, match="lanes"):
+        GroupCommit(TelemetryIngest(store.engine), lanes=0)

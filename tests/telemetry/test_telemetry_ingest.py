@@ -119,3 +119,33 @@ def test_concurrent_replica_conflict_falls_back_to_on_conflict_path(store: Any) 
         stored = ingest._insert_log(conn, cols, 5.0)
     assert stored["dev-1"].seq == [1, 3]
     assert _stored(store, "dev-1") == [1, 2, 3]
+
+
+def test_migration_0005_swaps_the_log_index_and_keeps_the_rows(store: Any) -> None:
+    from alembic import command
+    from sqlalchemy import inspect, text
+
+    from edgewise.control._migrate import alembic_config, migrate
+
+    def indexes() -> dict[str, list[str | None]]:
+        return {
+            i["name"]: i["column_names"] for i in inspect(store.engine).get_indexes("telemetry")
+        }
+
+    TelemetryIngest(store.engine).ingest("dev-1", _batch([1, 2, 3]))
+    assert indexes() == {"ix_telemetry_received_at": ["received_at"]}
+    if store.engine.dialect.name == "postgresql":
+        with store.engine.connect() as c:
+            ddl = c.execute(
+                text("SELECT indexdef FROM pg_indexes WHERE indexname = 'ix_telemetry_received_at'")
+            ).scalar_one()
+        assert "USING brin" in ddl
+    cfg = alembic_config()
+    with store.engine.connect() as conn:
+        cfg.attributes["connection"] = conn
+        command.downgrade(cfg, "0004")
+        conn.commit()
+    assert indexes() == {"ix_telemetry_device_ts": ["device_id", "ts"]}
+    migrate(store.engine)
+    assert indexes() == {"ix_telemetry_received_at": ["received_at"]}
+    assert _stored(store, "dev-1") == [1, 2, 3]

@@ -3,14 +3,15 @@
 The wire format is the protocol's (`edgewise.protocol.TelemetryBatch`, gzip JSON); the
 control plane does not need one pydantic object per record to store it. Building those
 objects cost about 9 us a record, most of it allocator and garbage-collector work on
-objects that live only until the rows are written. `decode_upload` parses the body
-with orjson, checks each record against the same rules in one loop, and keeps five
-plain lists (seq, class, timestamp, kind, and the record's `data` re-serialised as
-JSON text, which is what the log stores): ints, floats and strings, none of them
-tracked by the garbage collector. The parsed `data` of `window` records, which the
-ingest decodes into `telemetry_windows`, is kept as well.
+objects that live only until the rows are written. `decode_upload` decodes the body
+with msgspec into structs that the garbage collector does not track, checks the rules
+a column at a time, and keeps five plain lists: seq, class, timestamp, kind, and each
+record's `data` as the JSON text it arrived as (syntax-checked, never parsed into
+objects), which is what the log stores. The parsed `data` of `window` records, which
+the ingest decodes into `telemetry_windows`, is kept as well. About 0.6 us a record
+against 1.6 us when `data` was parsed with orjson and serialised back.
 
-Anything the fast loop does not recognise as a plainly valid batch (a coercible value
+Anything the fast path does not recognise as a plainly valid batch (a coercible value
 such as `"seq": "3"`, NaN literals, an error of any kind) is handed to pydantic's
 `TelemetryBatch` validation, so what is accepted and what is refused, and with which
 message, stays exactly the protocol model's.
@@ -24,22 +25,20 @@ Usage::
 from __future__ import annotations
 
 import itertools
+import json
 import operator
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
-import orjson
+import msgspec
 from pydantic_core import to_json
 
 from edgewise.protocol import MAX_SEQ, TELEMETRY_CLASSES, TelemetryBatch, inflate_batch
 
 __all__ = ["TelemetryColumns", "decode_upload", "is_window"]
 
-_RECORD_KEYS = frozenset({"seq", "cls", "ts", "kind", "data"})
-_BATCH_KEYS = frozenset({"records", "dropped"})
 _CLASSES = frozenset(TELEMETRY_CLASSES)
-_NO_DATA: dict[str, Any] = {}
 
 
 def is_window(cls: str, kind: str) -> bool:
@@ -125,68 +124,68 @@ class TelemetryColumns:
         )
 
 
+class _Record(msgspec.Struct, forbid_unknown_fields=True, gc=False):
+    seq: int
+    cls: str
+    ts: float
+    kind: str
+    data: msgspec.Raw = msgspec.Raw(b"{}")
+
+
+class _Batch(msgspec.Struct, forbid_unknown_fields=True, gc=False):
+    records: list[_Record] = []
+    dropped: dict[str, int] | msgspec.UnsetType = msgspec.UNSET  # null goes to pydantic
+
+
+_BATCH = msgspec.json.Decoder(_Batch)
+
+
 def _fast(raw: bytes) -> TelemetryColumns | None:
     """The columns of a plainly valid batch; None where pydantic must decide.
 
-    Checks run a column at a time over C-level iterators (`map`, `set`), not a Python
-    loop per record; any surprise (a missing key, an unhashable class) ends in None.
+    msgspec decodes the body into typed structs in C, strictly (no coercion: `"3"` for a
+    seq, `true` for a number, `null` for the counters all go to pydantic), and leaves
+    each record's `data` as its raw JSON text: syntax-checked, never turned into
+    objects. That text is what the log stores, so parsing it into dicts and
+    serialising them back (two thirds of the decode before) is skipped; only window
+    records, which the ingest decodes, are parsed. The remaining rules run a column at
+    a time over C-level iterators (`map`, `set`), not a Python loop per record.
     """
     try:
-        doc = orjson.loads(raw)
-    except orjson.JSONDecodeError:
-        return None
-    if type(doc) is not dict or not doc.keys() <= _BATCH_KEYS:
-        return None
-    records = doc.get("records", [])
-    dropped_in = doc.get("dropped")
-    if type(records) is not list:
+        doc = _BATCH.decode(raw)
+    except msgspec.DecodeError:  # ValidationError included
         return None
     dropped: dict[str, int] = {c: 0 for c in TELEMETRY_CLASSES}
-    if dropped_in is not None:
-        if type(dropped_in) is not dict:
-            return None
-        for k, v in dropped_in.items():
-            if k not in dropped or type(v) is not int or v < 0:
+    if doc.dropped is not msgspec.UNSET:
+        for k, v in doc.dropped.items():
+            if k not in dropped or v < 0:
                 return None
             dropped[k] = v
+    records = doc.records
     if not records:
         return TelemetryColumns(dropped=dropped)
-    try:
-        if set(map(type, records)) != {dict} or not set(map(len, records)) <= {4, 5}:
-            return None
-        if not set().union(*records) <= _RECORD_KEYS:
-            return None
-        seqs = [r["seq"] for r in records]
-        classes = [r["cls"] for r in records]
-        stamps = [r["ts"] for r in records]
-        kinds = [r["kind"] for r in records]
-        datas = [r.get("data", _NO_DATA) for r in records]
-        if (
-            set(map(type, seqs)) != {int}
-            or seqs[0] < 1
-            or seqs[-1] > MAX_SEQ
-            or not all(map(operator.lt, seqs, itertools.islice(seqs, 1, None)))
-            or not set(classes) <= _CLASSES
-            or set(map(type, kinds)) != {str}
-            or min(map(len, kinds)) < 1
-            or max(map(len, kinds)) > 200
-            or set(map(type, datas)) != {dict}
-        ):
-            return None
-    except (KeyError, TypeError):
+    seqs = [r.seq for r in records]
+    classes = [r.cls for r in records]
+    kinds = [r.kind for r in records]
+    texts = [str(r.data, "utf-8") for r in records]
+    if (
+        seqs[0] < 1
+        or seqs[-1] > MAX_SEQ
+        or not all(map(operator.lt, seqs, itertools.islice(seqs, 1, None)))
+        or not set(classes) <= _CLASSES
+        or min(map(len, kinds)) < 1
+        or max(map(len, kinds)) > 200
+        or set(map(operator.itemgetter(0), texts)) != {"{"}  # each data is an object
+    ):
         return None
-    ts_types = set(map(type, stamps))
-    if ts_types != {float}:
-        if not ts_types <= {float, int}:
-            return None
-        stamps = [float(t) for t in stamps]
-    texts = list(map(bytes.decode, map(orjson.dumps, datas)))
     windows: dict[int, dict[str, Any]] = {}
     if "window" in kinds:
         windows = {
-            s: d for s, c, k, d in zip(seqs, classes, kinds, datas, strict=True) if is_window(c, k)
+            s: json.loads(t)  # exact for any int, as pydantic (orjson would give a float)
+            for s, c, k, t in zip(seqs, classes, kinds, texts, strict=True)
+            if is_window(c, k)
         }
-    return TelemetryColumns(seqs, classes, stamps, kinds, texts, windows, dropped)
+    return TelemetryColumns(seqs, classes, [r.ts for r in records], kinds, texts, windows, dropped)
 
 
 def decode_upload(body: bytes) -> TelemetryColumns:

@@ -18,6 +18,13 @@ operator's `rollout status` among them) queued behind them; 28.7 s for one statu
 at 10,000 devices. Its writes still run on a worker thread, one group at a time, and
 the two kinds of callers share the queue.
 
+On PostgreSQL the uploads go down two lanes, each with its own queue and writer: a
+device always takes the same lane (by a hash of its id), so one device's uploads are
+never in two transactions at once, and the lanes touch disjoint rows. While one lane
+waits for PostgreSQL to store its COPY, the other builds its own; one lane left both
+processes idle about 40 % of the time, each waiting for the other (bench/telemetry.py).
+SQLite has one writer, so it gets one lane.
+
 Usage::
 
     group = GroupCommit(TelemetryIngest(engine))
@@ -30,7 +37,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import threading
+import zlib
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -43,11 +52,21 @@ from edgewise.protocol import TelemetryAck
 __all__ = ["GroupCommit"]
 
 
+class _Lane:
+    """A queue of uploads with at most one writer at a time."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.queue: deque[_Slot] = deque()
+        self.writing = False
+
+
 @dataclass(eq=False)
 class _Slot:
     device_id: str
     batch: Upload
     records: int
+    lane: _Lane
     done: Any = field(default_factory=threading.Event)  # threading.Event or _LoopWake
     lead: bool = False  # woken to write the next group rather than with a result
     ack: TelemetryAck | None = None
@@ -57,14 +76,32 @@ class _Slot:
 class GroupCommit:
     """Writes concurrent uploads together, one group per transaction; thread-safe."""
 
-    def __init__(self, ingest: TelemetryIngest, max_records: int = 20_000) -> None:
-        """Group uploads for `ingest`, up to about `max_records` records per transaction."""
+    def __init__(
+        self, ingest: TelemetryIngest, max_records: int = 20_000, lanes: int | None = None
+    ) -> None:
+        """Group uploads for `ingest`, up to about `max_records` records per transaction.
+
+        `lanes`: concurrent writers, each for its own share of the devices (default: 2
+        on PostgreSQL, 1 on SQLite).
+        """
+        if lanes is None:
+            lanes = 2 if ingest.postgres else 1
+        if lanes < 1:
+            raise ValueError(f"lanes must be at least 1, not {lanes}")
         self.ingest = ingest
         self.max_records = max_records
         self.groups = 0  # transactions written (a figure for tests and benchmarks)
-        self._lock = threading.Lock()
-        self._queue: deque[_Slot] = deque()
-        self._writing = False
+        self._lanes = [_Lane() for _ in range(lanes)]
+        self._count = threading.Lock()
+
+    def lane_of(self, device_id: str) -> int:
+        """The lane `device_id`'s uploads always take."""
+        n = len(self._lanes)
+        return zlib.crc32(device_id.encode()) % n if n > 1 else 0
+
+    def waiting(self) -> int:
+        """Uploads queued behind a write, over every lane."""
+        return sum(len(lane.queue) for lane in self._lanes)
 
     def submit(self, device_id: str, batch: Upload) -> TelemetryAck:
         """Store one upload (with whatever else is waiting) and return its acknowledgement.
@@ -72,11 +109,11 @@ class GroupCommit:
         Raises:
             Exception: whatever storing this upload alone raised.
         """
-        slot = self._enqueue(_Slot(device_id, batch, _records(batch)))
+        slot = self._enqueue(device_id, batch)
         if not slot.lead:
             slot.done.wait()  # a result, or the lead handed over by the last writer
         if slot.lead:
-            self._write_next()  # the leader's slot heads the queue: it is in this group
+            self._write_next(slot.lane)  # the leader's slot heads the queue: it is in this group
         if slot.error is not None:
             raise slot.error
         assert slot.ack is not None
@@ -90,9 +127,7 @@ class GroupCommit:
         """
         loop = asyncio.get_running_loop()
         answered: asyncio.Future[None] = loop.create_future()
-        slot = _Slot(device_id, batch, _records(batch))
-        slot.done = _LoopWake(self, slot, loop, answered)
-        self._enqueue(slot)
+        slot = self._enqueue(device_id, batch, lambda s: _LoopWake(self, s, loop, answered))
         if slot.lead:
             slot.done.set()  # write now, as a waiting upload handed the lead does
         # Shielded: a request that goes away leaves the writing (and the hand-over to
@@ -103,22 +138,34 @@ class GroupCommit:
         assert slot.ack is not None
         return slot.ack
 
-    def _enqueue(self, slot: _Slot) -> _Slot:
-        """Queue `slot`; it leads (writes the next group) when nobody is writing."""
-        with self._lock:
-            self._queue.append(slot)
-            if not self._writing:  # invariant: nobody writing => the queue was empty
-                self._writing = True
+    def _enqueue(
+        self,
+        device_id: str,
+        batch: Upload,
+        wake: Callable[[_Slot], _LoopWake] | None = None,
+    ) -> _Slot:
+        """Queue an upload on its lane; it leads (writes the next group) if nobody writes.
+
+        `wake` makes the slot's `done` for a caller on an event loop.
+        """
+        slot = _Slot(device_id, batch, _records(batch), self._lanes[self.lane_of(device_id)])
+        if wake is not None:
+            slot.done = wake(slot)
+        lane = slot.lane
+        with lane.lock:
+            lane.queue.append(slot)
+            if not lane.writing:  # invariant: nobody writing => the queue was empty
+                lane.writing = True
                 slot.lead = True
         return slot
 
-    def _write_next(self) -> None:
-        """Write the queued group, then hand the lead to the next waiting upload."""
-        with self._lock:
+    def _write_next(self, lane: _Lane) -> None:
+        """Write the lane's queued group, then hand the lead to its next waiting upload."""
+        with lane.lock:
             group: list[_Slot] = []
             total = 0
-            while self._queue and (not group or total + self._queue[0].records <= self.max_records):
-                s = self._queue.popleft()
+            while lane.queue and (not group or total + lane.queue[0].records <= self.max_records):
+                s = lane.queue.popleft()
                 group.append(s)
                 total += s.records
         try:
@@ -130,10 +177,10 @@ class GroupCommit:
             raise
         finally:
             # Whatever happened, the waiting uploads are never left without a writer.
-            with self._lock:
-                nxt = self._queue[0] if self._queue else None
+            with lane.lock:
+                nxt = lane.queue[0] if lane.queue else None
                 if nxt is None:
-                    self._writing = False
+                    lane.writing = False
                 else:
                     nxt.lead = True
             for s in group:
@@ -155,7 +202,8 @@ class GroupCommit:
                     s.error = one
             return
         finally:
-            self.groups += 1
+            with self._count:
+                self.groups += 1
         for s, ack in zip(group, result.acks, strict=True):
             s.ack = ack
 
@@ -201,7 +249,7 @@ class _LoopWake:
 
     async def _write(self) -> None:
         try:
-            await to_thread.run_sync(self.group._write_next)
+            await to_thread.run_sync(self.group._write_next, self.slot.lane)
         except BaseException as exc:  # every slot of the group has its error already
             if self.slot.error is None and self.slot.ack is None:
                 self.slot.error = exc if isinstance(exc, Exception) else RuntimeError(str(exc))
