@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import gzip
 import json
+import zlib
 from typing import Any
 
 import pytest
@@ -128,6 +129,8 @@ def test_data_is_kept_as_the_json_text_it_arrived_as_and_still_checked() -> None
     assert got.data == ['{"a" :\t[1, 2], "a": 3}'] and json.loads(got.data[0]) == {"a": 3}
     window = '{"records":[{"seq":4,"cls":"metric","ts":1,"kind":"window","data":{"end": 2.5}}]}'
     assert _same(_raw(window)).windows == {4: {"end": 2.5}}
+    huge = window.replace("2.5", "1e400").replace("}}]", ',"n":-9223372036854775809}}]')
+    assert _same(_raw(huge)).windows == {4: {"end": float("inf"), "n": -(2**63) - 1}}
     one = '{"records":[{"seq":1,"cls":"metric","ts":1,"kind":"k","data":%s}]}'
     for broken in ('{"a":}', '{"a":1', "{'a':1}", '{"a":1}}'):
         with pytest.raises(ValueError):
@@ -162,7 +165,7 @@ _EDGES: dict[str, list[Any]] = {
     "cls": ["bogus", "", ["metric"], None, 1],
     "ts": ["1.5", None, True, 2**70, [1.0]],
     "kind": ["", "k" * 201, "k" * 200, "\u00e9" * 200, 1, None],
-    "data": [None, [1], "x", 1, {"a": 2**70}, {"a": {"b": [None, 1.5e300]}}],
+    "data": [None, [1], "x", 1, {"a": 2**70}, {"a": {"b": [None, 1.5e300]}}, {"a": 1e400}],
     "extra": [1, None],
 }
 _DROPPED = [{"event": -1}, {"event": 0}, {"bogus": 1}, None, [], {"sample": "3"}, {"sample": 1.5}]
@@ -203,3 +206,72 @@ def _documents(draw: st.DrawFn) -> Any:
 def test_any_document_is_accepted_or_refused_as_the_model_does(doc: Any) -> None:
     with contextlib.suppress(ValueError):  # both refused it (`_same` checks that)
         _same(_body(doc))
+
+
+def _gzipfile_inflate(body: bytes, limit: int) -> bytes:
+    """What inflate_batch did with gzip.GzipFile: the reference for the zlib version."""
+    import io
+
+    try:
+        with gzip.GzipFile(fileobj=io.BytesIO(body)) as f:
+            raw = f.read(limit + 1)
+    except (OSError, EOFError, zlib.error) as exc:  # zlib.error escaped it: a 500 then
+        raise ValueError(f"body is not valid gzip: {exc}") from exc
+    if len(raw) > limit:
+        raise ValueError("decompressed telemetry batch is too large")
+    return raw
+
+
+def _bodies() -> list[bytes]:
+    one = gzip.compress(b'{"records":[]}', mtime=0)
+    big = gzip.compress(b"x" * 5000, mtime=0)
+    named = io_gzip(b"{}", name="batch.json")
+    corrupt_crc = one[:-8] + bytes([one[-8] ^ 1]) + one[-7:]
+    wrong_size = one[:-4] + bytes([one[-4] ^ 1]) + one[-3:]
+    return [
+        b"",
+        one,
+        named,
+        one + one,  # two members
+        one + gzip.compress(b"x" * 3000, mtime=0),
+        big,  # over the (lowered) limit
+        one + big,
+        one[:-1],  # ends inside a member
+        one[:5],
+        one + b"\x00\x00",  # padding
+        one + b"\x00\x00" + one,
+        one + b"junk",
+        b"not gzip at all",
+        corrupt_crc,
+        wrong_size,
+        one[:10] + b"\xff" * 10 + one[20:],  # a damaged deflate stream
+    ]
+
+
+def io_gzip(data: bytes, name: str) -> bytes:
+    import io
+
+    buf = io.BytesIO()
+    with gzip.GzipFile(filename=name, mode="wb", fileobj=buf, mtime=0) as f:
+        f.write(data)
+    return buf.getvalue()
+
+
+@pytest.mark.parametrize("i", range(len(_bodies())))
+def test_inflate_agrees_with_gzipfile_on_every_kind_of_body(
+    i: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from edgewise.protocol import _telemetry
+
+    monkeypatch.setattr(_telemetry, "_MAX_DECODED_BYTES", 4096)
+    body = _bodies()[i]
+    try:
+        expected: bytes | str = _gzipfile_inflate(body, 4096)
+    except ValueError as exc:
+        expected = "too large" if "too large" in str(exc) else "not gzip"
+    try:
+        got: bytes | str = _telemetry.inflate_batch(body)
+    except ValueError as exc:
+        got = "too large" if "too large" in str(exc) else "not gzip"
+        assert str(exc).startswith(("body is not valid gzip", "decompressed telemetry"))
+    assert got == expected

@@ -16,9 +16,9 @@ Example:
 from __future__ import annotations
 
 import gzip
-import io
 import itertools
 import json
+import zlib
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
@@ -105,19 +105,36 @@ def encode_batch(batch: TelemetryBatch, level: int = 6) -> bytes:
 
 
 def inflate_batch(body: bytes) -> bytes:
-    """The JSON bytes of a gzip-compressed upload body.
+    """The JSON bytes of a gzip-compressed upload body (one gzip member or several).
+
+    zlib straight, not `gzip.GzipFile`, whose Python-level reader cost a control plane
+    ~10 % of its ingest time; the gzip trailer's CRC and length are checked all the same.
 
     Raises:
         ValueError: the body is not gzip, or too large once decompressed.
     """
-    try:
-        with gzip.GzipFile(fileobj=io.BytesIO(body)) as f:
-            raw = f.read(_MAX_DECODED_BYTES + 1)
-    except (OSError, EOFError) as exc:
-        raise ValueError(f"body is not valid gzip: {exc}") from exc
-    if len(raw) > _MAX_DECODED_BYTES:
+    limit = _MAX_DECODED_BYTES + 1
+    parts: list[bytes] = []
+    size = 0
+    rest = body
+    while rest and size < limit:
+        member = zlib.decompressobj(wbits=31)  # 31: a gzip header and trailer
+        try:
+            part = member.decompress(rest, limit - size)
+        except zlib.error as exc:
+            raise ValueError(f"body is not valid gzip: {exc}") from exc
+        parts.append(part)
+        size += len(part)
+        if not member.eof:
+            if size >= limit:
+                break
+            raise ValueError("body is not valid gzip: it ends inside a member")
+        # Another member, or padding with zero bytes (allowed, as gzip allows it), or
+        # anything else (refused by the next round's header check).
+        rest = member.unused_data.lstrip(b"\x00")
+    if size > _MAX_DECODED_BYTES:
         raise ValueError("decompressed telemetry batch is too large")
-    return raw
+    return b"".join(parts)
 
 
 def decode_batch(body: bytes) -> TelemetryBatch:

@@ -25,7 +25,6 @@ Usage::
 from __future__ import annotations
 
 import itertools
-import json
 import operator
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -138,6 +137,7 @@ class _Batch(msgspec.Struct, forbid_unknown_fields=True, gc=False):
 
 
 _BATCH = msgspec.json.Decoder(_Batch)
+_ANY = msgspec.json.Decoder()
 
 
 def _fast(raw: bytes) -> TelemetryColumns | None:
@@ -180,11 +180,14 @@ def _fast(raw: bytes) -> TelemetryColumns | None:
         return None
     windows: dict[int, dict[str, Any]] = {}
     if "window" in kinds:
-        windows = {
-            s: json.loads(t)  # exact for any int, as pydantic (orjson would give a float)
-            for s, c, k, t in zip(seqs, classes, kinds, texts, strict=True)
-            if is_window(c, k)
-        }
+        try:  # msgspec keeps ints beyond 64 bits exact, as pydantic (orjson makes floats)
+            windows = {
+                s: _ANY.decode(t)
+                for s, c, k, t in zip(seqs, classes, kinds, texts, strict=True)
+                if is_window(c, k)
+            }
+        except msgspec.DecodeError:  # 1e400 and the like: the model's call
+            return None
     return TelemetryColumns(seqs, classes, [r.ts for r in records], kinds, texts, windows, dropped)
 
 
