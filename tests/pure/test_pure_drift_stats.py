@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import numpy as np
 import pytest
@@ -17,10 +18,35 @@ from edgewise.drift import (
     jensen_shannon,
     ks_two_sample,
     psi,
+    psi_rows,
     saturating_edges,
 )
 
 # ------------------------------------------------------------------------- psi / js
+
+_counts = st.lists(st.floats(min_value=0, max_value=1e6), min_size=8, max_size=8)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.tuples(_counts, _counts), max_size=6))
+def test_psi_rows_gives_exactly_what_psi_gives_pair_by_pair(pairs: list[tuple[Any, Any]]) -> None:
+    pairs = [*pairs, ([0.0] * 8, [1.0] * 8), ([1.0] * 8, [0.0] * 8)]  # empty sides score 0
+    expected, actual = [p[0] for p in pairs], [p[1] for p in pairs]
+    assert psi_rows(expected, actual) == tuple(psi(e, a) for e, a in pairs)
+
+
+def test_psi_rows_with_ragged_bins_or_bad_counts() -> None:
+    ragged = psi_rows([[0.5, 0.5], [0.2, 0.3, 0.5]], [[1, 3], [2, 2, 2]])
+    assert ragged == (psi([0.5, 0.5], [1, 3]), psi([0.2, 0.3, 0.5], [2, 2, 2]))
+    assert psi_rows([], []) == ()
+    with pytest.raises(ValueError, match="non-negative"):
+        psi_rows([[0.5, 0.5]], [[-1, 3]])
+    with pytest.raises(ValueError, match="non-negative"):
+        psi_rows([[0.5, 0.5]], [[float("nan"), 3]])
+    with pytest.raises(ValueError, match="bin counts differ"):
+        psi_rows([[0.5, 0.5], [0.5, 0.5]], [[1, 3], [1, 2, 3]])
+    with pytest.raises(ValueError, match="2 expected"):
+        psi_rows([[0.5, 0.5], [0.5, 0.5]], [[1, 3]])
 
 
 def test_psi_of_identical_distributions_is_zero() -> None:

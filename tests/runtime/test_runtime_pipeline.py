@@ -110,9 +110,11 @@ def test_sample_rate_keeps_every_nth_input(
     runtime: Runtime, mlp_bytes: bytes, split: DigitsSplit, make_spec: SpecFactory
 ) -> None:
     runtime.start_pipeline(make_spec(sample_rate=0.25), runtime.load_model(mlp_bytes))
-    for row in split.x_test[:40]:
-        runtime.infer("digits", row)
-    assert len(runtime.sampled_inputs("digits")) == 10
+    labels = [runtime.infer("digits", row).label for row in split.x_test[:40]]
+    kept = runtime.sampled_inputs("digits")
+    assert len(kept) == 10  # the 4th, 8th, ... request, with what each was answered
+    for (x, label), i in zip(kept, range(3, 40, 4), strict=True):
+        assert np.array_equal(np.asarray(x).reshape(-1), split.x_test[i]) and label == labels[i]
 
 
 def test_stopped_pipeline_is_unknown_and_can_start_again(

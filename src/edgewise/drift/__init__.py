@@ -24,7 +24,7 @@ from edgewise.drift._reference import (
     DriftReference,
     saturating_edges,
 )
-from edgewise.drift._stats import jensen_shannon, ks_two_sample, normalise, psi
+from edgewise.drift._stats import jensen_shannon, ks_two_sample, normalise, psi, psi_rows
 
 __all__ = [
     "CONFIDENCE_JS_ALARM",
@@ -46,5 +46,6 @@ __all__ = [
     "ks_two_sample",
     "normalise",
     "psi",
+    "psi_rows",
     "saturating_edges",
 ]

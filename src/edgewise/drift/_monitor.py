@@ -44,7 +44,7 @@ import numpy.typing as npt
 
 from edgewise.drift._histogram import bin_indices
 from edgewise.drift._reference import DriftReference
-from edgewise.drift._stats import jensen_shannon, psi
+from edgewise.drift._stats import jensen_shannon, psi, psi_rows
 
 __all__ = [
     "CONFIDENCE_JS_ALARM",
@@ -183,9 +183,7 @@ def drift_report(
             f"{len(counts.features)} feature histograms, expected {reference.n_features}"
         )
     n = counts.samples
-    feature_psi = tuple(
-        psi(ref, c) for ref, c in zip(reference.feature_freqs, counts.features, strict=True)
-    )
+    feature_psi = psi_rows(reference.feature_freqs, counts.features)
     conf_psi = psi(reference.confidence_freqs, counts.confidence)
     conf_js = jensen_shannon(reference.confidence_freqs, counts.confidence)
     prior_js = jensen_shannon(reference.class_prior, counts.classes)

