@@ -149,3 +149,42 @@ def test_migration_0005_swaps_the_log_index_and_keeps_the_rows(store: Any) -> No
     migrate(store.engine)
     assert indexes() == {"ix_telemetry_received_at": ["received_at"]}
     assert _stored(store, "dev-1") == [1, 2, 3]
+
+
+def test_telemetry_batches_and_last_seen_flushes_of_the_same_devices_never_deadlock(
+    store: Any,
+) -> None:
+    # A group of uploads (devices in arrival order) and a last-seen flush (id order) both
+    # update device rows; locked in different orders they deadlock on PostgreSQL.
+    import threading
+
+    ids = [f"dev-{i:03d}" for i in range(3, 63)]
+    for device_id in ids:
+        store.insert_device(
+            {"id": device_id, "public_key": device_id, "labels": {}, "capabilities": {}}
+            | {"status": "active", "enrolled_at": 1.0}
+        )
+    ingest = TelemetryIngest(store.engine)
+    errors: list[BaseException] = []
+
+    def uploads(round_: int) -> None:
+        order = ids[::-1] if round_ % 2 == 0 else ids
+        ingest.ingest_many([(d, _batch([round_ + 1])) for d in order])
+
+    def seen(round_: int) -> None:
+        store.touch_last_seen({d: 100.0 + round_ for d in ids})
+
+    def run(work: Any) -> None:
+        try:
+            for round_ in range(15):
+                work(round_)
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=run, args=(w,)) for w in (uploads, seen)]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join()
+    assert errors == []
+    assert _stored(store, ids[0]) == list(range(1, 16))

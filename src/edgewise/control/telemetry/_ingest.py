@@ -460,7 +460,10 @@ class TelemetryIngest:
         now: float,
     ) -> None:
         dev = cs.devices
-        moved = [{"d": d, "a": a} for d, a in new_acked.items() if a > old_acked.get(d, 0)]
+        # Rows in id order, as every batch writer of device rows: a group of uploads in
+        # arrival order and a last-seen flush deadlocked on PostgreSQL.
+        ids = sorted(new_acked)
+        moved = [{"d": d, "a": new_acked[d]} for d in ids if new_acked[d] > old_acked.get(d, 0)]
         if moved:
             conn.execute(
                 update(dev)
@@ -469,7 +472,7 @@ class TelemetryIngest:
                 moved,
             )
         rows = []
-        for device_id in new_acked:
+        for device_id in ids:
             c = inserted.get(device_id)
             ends = (
                 [
