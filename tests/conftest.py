@@ -1,15 +1,16 @@
 """Shared fixtures: real services (PostgreSQL, Mosquitto) and scratch directories.
 
-Under CI=true a test that needs a service fails when the service is unreachable;
-locally it is skipped with the reason.
+Under CI=true a test that needs a service (or a program such as promtool) fails when it
+is missing; locally it is skipped with the reason.
 """
 
 from __future__ import annotations
 
 import os
+import shutil
 import socket
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import pytest
 
@@ -34,6 +35,25 @@ def require_service(name: str, host: str, port: int) -> None:
     if IN_CI:
         pytest.fail(f"{message} (CI=true: services are required)")
     pytest.skip(message)
+
+
+@pytest.fixture
+def require_binary() -> Callable[[str, str], str]:
+    """`require_binary(name, package)`: the program's path; fails under CI, skips locally.
+
+    `make test` installs the Debian packages these programs come from (its `sysdeps`).
+    """
+
+    def find(name: str, package: str) -> str:
+        path = shutil.which(name)
+        if path is not None:
+            return path
+        message = f"{name} not installed (Debian package {package}; `make test` installs it)"
+        if IN_CI:
+            pytest.fail(f"{message} (CI=true: it is required)")
+        pytest.skip(message)
+
+    return find
 
 
 @pytest.fixture

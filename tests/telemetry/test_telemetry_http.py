@@ -4,11 +4,10 @@ egress on what is stored, fleet/drift/alerts APIs, webhooks, /metrics under prom
 from __future__ import annotations
 
 import base64
-import shutil
 import subprocess
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -44,9 +43,8 @@ def _free_port() -> int:
 
 
 class Server:
-    def __init__(self, base: str, admin: str, app: Any, store: Any, wired: bool) -> None:
+    def __init__(self, base: str, admin: str, app: Any, store: Any) -> None:
         self.base, self.admin, self.app, self.store = base, admin, app, store
-        self.wired = wired  # the app itself installs telemetry (HTTP ingest feeds windows)
         self.http = httpx.Client(base_url=base, timeout=10)
 
     def api(self, method: str, path: str, **kw: Any) -> httpx.Response:
@@ -91,15 +89,7 @@ def server(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Server]:
     )
     store = open_store(url)
     app = create_app(Settings(data_dir=tmp_path / "data"), store)
-    wired = hasattr(app.state, "telemetry")
-    if not wired:  # before the control plane wires telemetry in
-        from prometheus_client import CollectorRegistry
-
-        from edgewise.control.telemetry import _tables
-        from edgewise.control.telemetry._wiring import install_telemetry
-
-        _tables.metadata.create_all(store.engine, checkfirst=True)
-        install_telemetry(app, app.state.plane, CollectorRegistry())
+    assert hasattr(app.state, "telemetry"), "create_app installs telemetry"
     admin = app.state.plane.bootstrap_admin()
     port = _free_port()
     srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="error"))
@@ -107,7 +97,7 @@ def server(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Server]:
     thread.start()
     while not srv.started:
         time.sleep(0.02)
-    s = Server(f"http://127.0.0.1:{port}", admin, app, store, wired)
+    s = Server(f"http://127.0.0.1:{port}", admin, app, store)
     try:
         yield s
     finally:
@@ -221,8 +211,6 @@ def _window(seq: int, end: float, failed: int, device_ok: int = 200) -> Telemetr
 
 
 def test_fleet_drift_alerts_apis_and_webhook(server: Server) -> None:
-    if not server.wired:
-        pytest.skip("HTTP ingest feeds the fleet views once telemetry is wired into the app")
     hooks = Hooks()
     try:
         devices = [server.enroll({"site": s}) for s in ("a", "b")]
@@ -272,18 +260,15 @@ def test_fleet_drift_alerts_apis_and_webhook(server: Server) -> None:
         hooks.close()
 
 
-def test_metrics_has_fleet_gauges_and_passes_promtool(server: Server) -> None:
-    if not server.wired:
-        pytest.skip("telemetry not wired into the app")
+def test_metrics_has_fleet_gauges_and_passes_promtool(
+    server: Server, require_binary: Callable[[str, str], str]
+) -> None:
     device, key = server.enroll({})
     server.upload(device, key, TelemetryBatch(records=[_window(1, time.time(), failed=2)]))
     text = server.http.get("/metrics").text
-    if "edgewise_fleet_success_ratio" not in text:
-        pytest.skip("fleet gauges live in the app's own registry once telemetry is wired in")
+    assert "edgewise_fleet_success_ratio" in text
     assert 'edgewise_fleet_requests{model="digits-mlp@1.0.0"} 200.0' in text
-    promtool = shutil.which("promtool")
-    if promtool is None:
-        pytest.skip("promtool not installed (Debian package prometheus)")
+    promtool = require_binary("promtool", "prometheus")
     result = subprocess.run(
         [promtool, "check", "metrics"], input=text.encode(), capture_output=True, timeout=30
     )
