@@ -9,8 +9,10 @@ from __future__ import annotations
 import os
 import shutil
 import socket
+import threading
 import uuid
 from collections.abc import Callable, Iterator
+from typing import NoReturn
 
 import pytest
 
@@ -31,9 +33,13 @@ def require_service(name: str, host: str, port: int) -> None:
     """Fail under CI, skip locally, when a service is down."""
     if _reachable(host, port):
         return
-    message = f"{name} is not reachable on {host}:{port}"
+    _missing(f"{name} is not reachable on {host}:{port}")
+
+
+def _missing(message: str) -> NoReturn:
+    """A service or program a test needs is missing: fail under CI, skip locally."""
     if IN_CI:
-        pytest.fail(f"{message} (CI=true: services are required)")
+        pytest.fail(f"{message} (CI=true: it is required)")
     pytest.skip(message)
 
 
@@ -48,12 +54,35 @@ def require_binary() -> Callable[[str, str], str]:
         path = shutil.which(name)
         if path is not None:
             return path
-        message = f"{name} not installed (Debian package {package}; `make test` installs it)"
-        if IN_CI:
-            pytest.fail(f"{message} (CI=true: it is required)")
-        pytest.skip(message)
+        _missing(f"{name} not installed (Debian package {package}; `make test` installs it)")
 
     return find
+
+
+@pytest.fixture
+def in_threads() -> Callable[..., list[BaseException]]:
+    """`in_threads(*works, rounds=15)`: each `work(round_)` for every round, each work in
+    its own thread, all at once; returns what they raised (writers racing on one store).
+    """
+
+    def run(*works: Callable[[int], object], rounds: int = 15) -> list[BaseException]:
+        errors: list[BaseException] = []
+
+        def loop(work: Callable[[int], object]) -> None:
+            try:
+                for round_ in range(rounds):
+                    work(round_)
+            except BaseException as exc:
+                errors.append(exc)
+
+        threads = [threading.Thread(target=loop, args=(w,)) for w in works]
+        for th in threads:
+            th.start()
+        for th in threads:
+            th.join()
+        return errors
+
+    return run
 
 
 @pytest.fixture

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import threading
 from collections.abc import Callable
 
 import pytest
@@ -194,14 +193,13 @@ def test_save_reports_in_one_batch_keeps_each_devices_latest(store: SqlStore) ->
 
 
 def test_batch_writers_of_the_same_devices_in_opposite_orders_never_deadlock(
-    store: SqlStore,
+    store: SqlStore, in_threads: Callable[..., list[BaseException]]
 ) -> None:
     # A replica's last-seen flush and another's report batch touch the same device rows.
     # Locked in arrival order they deadlock on PostgreSQL and one transaction is lost.
     ids = [f"dev-{i:03d}" for i in range(60)]
     for i, device_id in enumerate(ids):
         _device(store, device_id, f"k{i}")
-    errors: list[BaseException] = []
 
     def flush_seen(round_: int) -> None:
         order = ids if round_ % 2 else ids[::-1]
@@ -211,19 +209,7 @@ def test_batch_writers_of_the_same_devices_in_opposite_orders_never_deadlock(
         order = ids[::-1] if round_ % 2 else ids
         store.save_reports([(device_id, _report(round_, "active"), 50.0) for device_id in order])
 
-    def run(work: Callable[[int], None]) -> None:
-        try:
-            for round_ in range(15):
-                work(round_)
-        except BaseException as exc:
-            errors.append(exc)
-
-    threads = [threading.Thread(target=run, args=(w,)) for w in (flush_seen, save_batch)]
-    for th in threads:
-        th.start()
-    for th in threads:
-        th.join()
-    assert errors == []
+    assert in_threads(flush_seen, save_batch) == []
     row = store.get_device(ids[0])
     assert row is not None and row["report_revision"] == 14
 

@@ -51,6 +51,22 @@ class FakeClock:
         self.now += seconds
 
 
+def add_device(
+    store: Any, device_id: str, key: str = "", labels: dict[str, str] | None = None
+) -> None:
+    """An active device in `store` (its key defaults to its id)."""
+    store.insert_device(
+        {
+            "id": device_id,
+            "public_key": key or device_id,
+            "labels": labels or {},
+            "capabilities": {},
+            "status": "active",
+            "enrolled_at": 1.0,
+        }
+    )
+
+
 @pytest.fixture(params=["sqlite", "postgres"])
 def store(request: pytest.FixtureRequest, tmp_path: Any) -> Any:
     """A migrated control-plane store (SQLite file or PostgreSQL) with two devices."""
@@ -62,15 +78,6 @@ def store(request: pytest.FixtureRequest, tmp_path: Any) -> Any:
         url = request.getfixturevalue("pg_url")
     s = open_store(url)  # the migrations create the telemetry tables too
     for i, site in ((1, "a"), (2, "b")):
-        s.insert_device(
-            {
-                "id": f"dev-{i}",
-                "public_key": f"k{i}",
-                "labels": {"site": site},
-                "capabilities": {},
-                "status": "active",
-                "enrolled_at": 1.0,
-            }
-        )
+        add_device(s, f"dev-{i}", f"k{i}", {"site": site})
     yield s
     s.engine.dispose()

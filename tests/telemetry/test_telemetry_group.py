@@ -15,6 +15,8 @@ from edgewise.control.telemetry import GroupCommit, IngestResult, TelemetryColum
 from edgewise.control.telemetry._ingest import Upload
 from edgewise.protocol import TelemetryAck, TelemetryBatch, TelemetryRecord
 
+from .conftest import add_device
+
 
 def _batch(seqs: Sequence[int]) -> TelemetryBatch:
     return TelemetryBatch(
@@ -158,10 +160,7 @@ def test_two_lanes_write_at_once_and_each_device_keeps_to_its_own(store: Any) ->
     b = next(n for n in names if group.lane_of(n) == 1)
     for name in (a, b):
         if name not in ("dev-1", "dev-2"):
-            store.insert_device(
-                {"id": name, "public_key": name, "labels": {}, "capabilities": {}}
-                | {"status": "active", "enrolled_at": 1.0}
-            )
+            add_device(store, name)
     out: dict[str, TelemetryAck] = {}
     held = threading.Thread(target=lambda: out.update(first=group.submit(a, _batch([1, 2]))))
     held.start()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -13,6 +14,8 @@ from edgewise.control.telemetry import _tables as tt
 from edgewise.control.telemetry._decode import TelemetryColumns
 from edgewise.control.telemetry._ingest import TelemetryIngest
 from edgewise.protocol import TelemetryBatch, TelemetryRecord
+
+from .conftest import add_device
 
 
 def _rec(seq: int, kind: str = "e", cls: str = "event", **data: Any) -> TelemetryRecord:
@@ -152,20 +155,14 @@ def test_migration_0005_swaps_the_log_index_and_keeps_the_rows(store: Any) -> No
 
 
 def test_telemetry_batches_and_last_seen_flushes_of_the_same_devices_never_deadlock(
-    store: Any,
+    store: Any, in_threads: Callable[..., list[BaseException]]
 ) -> None:
     # A group of uploads (devices in arrival order) and a last-seen flush (id order) both
     # update device rows; locked in different orders they deadlock on PostgreSQL.
-    import threading
-
     ids = [f"dev-{i:03d}" for i in range(3, 63)]
     for device_id in ids:
-        store.insert_device(
-            {"id": device_id, "public_key": device_id, "labels": {}, "capabilities": {}}
-            | {"status": "active", "enrolled_at": 1.0}
-        )
+        add_device(store, device_id)
     ingest = TelemetryIngest(store.engine)
-    errors: list[BaseException] = []
 
     def uploads(round_: int) -> None:
         order = ids[::-1] if round_ % 2 == 0 else ids
@@ -174,17 +171,5 @@ def test_telemetry_batches_and_last_seen_flushes_of_the_same_devices_never_deadl
     def seen(round_: int) -> None:
         store.touch_last_seen({d: 100.0 + round_ for d in ids})
 
-    def run(work: Any) -> None:
-        try:
-            for round_ in range(15):
-                work(round_)
-        except BaseException as exc:
-            errors.append(exc)
-
-    threads = [threading.Thread(target=run, args=(w,)) for w in (uploads, seen)]
-    for th in threads:
-        th.start()
-    for th in threads:
-        th.join()
-    assert errors == []
+    assert in_threads(uploads, seen) == []
     assert _stored(store, ids[0]) == list(range(1, 16))
