@@ -16,6 +16,10 @@ How the harder comparisons are set up:
   CPython. `digits_*_cpu_us_*` are this thread's CPU time per request for the runtime,
   the floor and the raw loop (less moved by other load than the rates). The thread
   variant (`digits_threads_c32_*`) is reported for context.
+- digits callback c32 (context): 32 closed-loop clients that submit their next row from
+  the previous one's completion callback (`Runtime.submit`, how the agent's own sources
+  feed a pipeline; perf_analyzer's async concurrency works the same way), so no future
+  or coroutine per request; CPU per request counts the whole process.
 - single client: `single_client_batching_vs_direct` is batching on (max_batch 32) vs off
   (max_batch 1) through the runtime; `single_client_pipeline_vs_raw_session` is the
   runtime vs calling the model directly (public `session.run`).
@@ -216,6 +220,46 @@ async def async_floor(rows: list[np.ndarray], n: int, seconds: float) -> float:
     return done[0] / (time.perf_counter() - t0)
 
 
+def callback_clients(
+    rt: Runtime, name: str, rows: list[np.ndarray], n: int, seconds: float
+) -> tuple[float, list[float]]:
+    """`n` closed-loop clients that submit their next row from the previous one's
+    completion callback (`Runtime.submit`, as the agent's sources feed pipelines; Triton's
+    perf_analyzer drives concurrency the same way): no future or coroutine per request."""
+    lat: list[float] = []
+    end = time.perf_counter() + seconds
+    left = [n]
+    finished = threading.Event()
+    lock = threading.Lock()
+    pc = time.perf_counter
+
+    def client(k: int) -> Callable[[object], None]:
+        state = [k * 37, 0.0]
+
+        def done(_req: object) -> None:
+            now = pc()
+            lat.append((now - state[1]) * 1000.0)
+            if now >= end:
+                with lock:
+                    left[0] -= 1
+                    if not left[0]:
+                        finished.set()
+                return
+            state[0] += 1
+            state[1] = now
+            rt.submit(name, rows[state[0] % len(rows)], done)
+
+        state[1] = pc()
+        rt.submit(name, rows[state[0] % len(rows)], done)
+        return done
+
+    t0 = pc()
+    for k in range(n):
+        client(k)
+    finished.wait(seconds + 10)
+    return len(lat) / (pc() - t0), lat
+
+
 def bench_digits(seconds: float, mlp: bytes, x: np.ndarray) -> dict[str, float]:
     raw = raw_session(mlp, 1)
     one = x[:1]
@@ -236,12 +280,21 @@ def bench_digits(seconds: float, mlp: bytes, x: np.ndarray) -> dict[str, float]:
         p99_async: list[float] = []
         # CPU time of this thread per request: what each side costs, apart from how much
         # of the machine it got (all three run in this one thread).
-        cpu: dict[str, list[float]] = {"c32": [], "floor": [], "raw_b1": []}
+        cpu: dict[str, list[float]] = {"c32": [], "callback": [], "floor": [], "raw_b1": []}
+        p99_callback: list[float] = []
 
-        def cpu_per(key: str, per_s: float, t0: float, c0: float) -> float:
+        def cpu_per(key: str, per_s: float, t0: float, c0: float, clock: Any = None) -> float:
             done = per_s * (time.perf_counter() - t0)
-            cpu[key].append((time.thread_time() - c0) * 1e6 / max(1.0, done))
+            used = (clock or time.thread_time)() - c0
+            cpu[key].append(used * 1e6 / max(1.0, done))
             return per_s
+
+        def c32_callback() -> float:
+            # The worker thread does the work here: count the whole process's CPU.
+            t0, c0 = time.perf_counter(), time.process_time()
+            per_s, lat = callback_clients(rt, "batched", rows, 32, seconds / 2)
+            p99_callback.append(pct(lat, 0.99))
+            return cpu_per("callback", per_s, t0, c0, time.process_time)
 
         def c32_async() -> float:
             t0, c0 = time.perf_counter(), time.thread_time()
@@ -264,20 +317,25 @@ def bench_digits(seconds: float, mlp: bytes, x: np.ndarray) -> dict[str, float]:
                 "raw_b1": raw_b1,
                 "batched_c32": c32,
                 "batched_c32_async": c32_async,
+                "callback_c32": c32_callback,
                 "asyncio_floor_c32": floor_c32,
             },
             rounds=ROUNDS * 2,
         )
         sizes = rt.stats("batched")["batch_size"]
         # The single-client pair in its own rounds, so both sides follow the same kind of
-        # round (in one rotation each side always follows the same predecessor).
+        # round (in one rotation each side always follows the same predecessor). Both
+        # sides run the same inline path; many short rounds (18 of 0.25 s at the default
+        # 1.5 s) rather than a few long ones keep one slow stretch of a shared machine
+        # from deciding the median.
+        short = seconds / 6
         one_res = interleaved(
             {
-                "raw_b1": raw_b1,
-                "single_batching": lambda: rate(lambda: rt.infer("batched", one), seconds / 2),
-                "single_direct": lambda: rate(lambda: rt.infer("direct", one), seconds / 2),
+                "raw_b1": lambda: rate(lambda: raw.run(None, {"input": one}), short),
+                "single_batching": lambda: rate(lambda: rt.infer("batched", one), short),
+                "single_direct": lambda: rate(lambda: rt.infer("direct", one), short),
             },
-            rounds=ROUNDS * 2,
+            rounds=ROUNDS * 6,
         )
     med = {k: statistics.median(v) for k, v in res.items()}
     one_med = {k: statistics.median(v) for k, v in one_res.items()}
@@ -292,6 +350,10 @@ def bench_digits(seconds: float, mlp: bytes, x: np.ndarray) -> dict[str, float]:
         "digits_batched_c32_vs_asyncio_floor": paired_ratio(
             res, "batched_c32_async", "asyncio_floor_c32"
         ),
+        "digits_callback_c32_per_s": med["callback_c32"],
+        "digits_callback_c32_vs_raw_b1": paired_ratio(res, "callback_c32", "raw_b1"),
+        "digits_callback_c32_p99_ms": statistics.median(p99_callback),
+        "digits_callback_c32_cpu_us_per_req": statistics.median(cpu["callback"]),
         "digits_c32_cpu_us_per_req": statistics.median(cpu["c32"]),
         "digits_asyncio_floor_cpu_us_per_req": statistics.median(cpu["floor"]),
         "digits_raw_b1_cpu_us_per_call": statistics.median(cpu["raw_b1"][: len(cpu["c32"])]),

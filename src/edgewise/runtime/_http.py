@@ -57,13 +57,18 @@ def _plain(obj: Any) -> Any:
     raise TypeError(f"{type(obj).__name__} is not JSON serializable")
 
 
-async def _read_body(scope: Scope, receive: Receive, limit: int) -> bytes:
-    for k, v in scope.get("headers", ()):
-        if k == b"content-length" and v.isdigit() and int(v) > limit:
-            raise PayloadTooLarge(f"body of {int(v)} bytes is over the {limit} byte limit")
+async def _read_body(headers: dict[bytes, bytes], receive: Receive, limit: int) -> bytes:
+    declared = headers.get(b"content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise PayloadTooLarge(f"body of {int(declared)} bytes is over the {limit} byte limit")
+    msg = await receive()
+    if msg["type"] == "http.request" and not msg.get("more_body", False):
+        body: bytes = msg.get("body", b"")  # the usual case: the whole body in one message
+        if len(body) > limit:
+            raise PayloadTooLarge(f"body over the {limit} byte limit")
+        return body
     chunks, size = [], 0
     while True:
-        msg = await receive()
         if msg["type"] == "http.disconnect":
             raise BadInput("client disconnected")
         chunk = msg.get("body", b"")
@@ -72,7 +77,8 @@ async def _read_body(scope: Scope, receive: Receive, limit: int) -> bytes:
             raise PayloadTooLarge(f"body over the {limit} byte limit")
         chunks.append(chunk)
         if not msg.get("more_body", False):
-            return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+            return b"".join(chunks)
+        msg = await receive()
 
 
 def decode_json(body: bytes) -> np.ndarray[Any, Any]:
@@ -120,8 +126,8 @@ def make_inference_app(runtime: Runtime, max_body_bytes: int = 8 * 1024 * 1024) 
     batcher = LoopBatcher(runtime)
 
     async def infer(name: str, scope: Scope, receive: Receive) -> bytes:
-        body = await _read_body(scope, receive, max_body_bytes)
         headers = dict(scope.get("headers", ()))
+        body = await _read_body(headers, receive, max_body_bytes)
         ctype = headers.get(b"content-type", b"application/json")
         raw = ctype.startswith(b"application/octet-stream")
         x = decode_raw(headers, body) if raw else decode_json(body)
@@ -134,9 +140,13 @@ def make_inference_app(runtime: Runtime, max_body_bytes: int = 8 * 1024 * 1024) 
     def route(scope: Scope) -> tuple[int, bytes] | str:
         """A finished answer, or the pipeline name when the infer route is asked for."""
         path: str = scope["path"]
+        method: str = scope["method"]
+        if method == "POST" and path.endswith("/infer") and path.startswith(_PREFIX + "/"):
+            name = path[len(_PREFIX) + 1 : -len("/infer")]
+            if name and "/" not in name:  # the infer route: every request's path
+                return name
         if not path.startswith(_PREFIX):  # mounted under a prefix that was stripped
             path = scope.get("root_path", "") + path
-        method: str = scope["method"]
         if path == _PREFIX or path == _PREFIX + "/":
             if method != "GET":
                 return _error(405, "method_not_allowed", "use GET")

@@ -66,6 +66,7 @@ class Executor:
         self._bypassing = False  # a critical request runs beside the worker's batch
         self._paused = False
         self._closed = False
+        self._waiting = False  # the worker sleeps on the condition: a new request wakes it
         self._shed_until = float("-inf")
         self.est_batch_s = 0.0
         self._recent: deque[float] = deque(maxlen=33)
@@ -125,7 +126,8 @@ class Executor:
                 self._queues[req.owner.rank].append(req)
                 req.owner.queued += req.n
                 self._depth += 1
-                cond.notify()
+                if self._waiting:  # a busy worker looks at the queue before it sleeps
+                    cond.notify()
                 return False
         try:
             self._run([req])
@@ -168,7 +170,7 @@ class Executor:
                 for r in admitted:
                     self._queues[r.owner.rank].append(r)
                 self._depth += len(admitted)
-                if admitted:
+                if admitted and self._waiting:
                     cond.notify()
         for r, why in refused:
             r.fail(why)
@@ -337,7 +339,9 @@ class Executor:
         while True:
             with cond:
                 while not self._closed and self._must_wait():
+                    self._waiting = True
                     cond.wait()
+                    self._waiting = False
                 if self._closed:
                     return
                 now = self._clock()
@@ -346,7 +350,9 @@ class Executor:
                 if self._depth:
                     pause = 0.0 if shed else self._wait_for_company(now)
                     if pause > 0:
+                        self._waiting = True
                         cond.wait(pause)
+                        self._waiting = False
                         if self._must_wait():
                             continue
                     batch = self._take()
