@@ -4,6 +4,7 @@ import socket
 import threading
 import time
 from collections.abc import Iterator
+from typing import Any
 
 import httpx
 import numpy as np
@@ -181,3 +182,65 @@ def test_agent_can_mount_the_api_next_to_its_own_routes(
         resp = client.post("/v1/pipelines/digits/infer", json=split.x_test[0].tolist())
         assert resp.status_code == 200, resp.text
         assert client.get("/v1/pipelines", follow_redirects=True).status_code == 200
+
+
+def _call(
+    app: object, body_messages: list[dict[str, object]], headers: list[tuple[bytes, bytes]]
+) -> tuple[int, dict[str, Any]]:
+    """Drive the ASGI app directly with the body in the given messages (as uvicorn does
+    for a chunked upload); returns (status, JSON body)."""
+    import asyncio
+    import json
+
+    sent: list[dict[str, Any]] = []
+    queue = list(body_messages)
+
+    async def receive() -> dict[str, object]:
+        return queue.pop(0)
+
+    async def send(msg: dict[str, Any]) -> None:
+        sent.append(msg)
+
+    scope = {
+        "type": "http",
+        "method": "POST",
+        "path": "/v1/pipelines/digits/infer",
+        "headers": headers,
+    }
+    asyncio.run(app(scope, receive, send))  # type: ignore[operator]
+    return int(sent[0]["status"]), json.loads(sent[1]["body"])
+
+
+def test_a_body_in_several_messages_is_joined_and_checked_against_the_limit(
+    runtime: Runtime, mlp_bytes: bytes, make_spec: SpecFactory, split: DigitsSplit
+) -> None:
+    runtime.start_pipeline(make_spec(), runtime.load_model(mlp_bytes))
+    app = make_inference_app(runtime, max_body_bytes=4096)
+    body = httpx.Request("POST", "http://x", json={"inputs": split.x_test[:2].tolist()}).read()
+    assert len(body) < 4096
+    whole = _call(app, [{"type": "http.request", "body": body}], [])
+    thirds = [body[: len(body) // 3], body[len(body) // 3 : -5], body[-5:]]
+    chunked = _call(
+        app,
+        [{"type": "http.request", "body": c, "more_body": i < 2} for i, c in enumerate(thirds)],
+        [(b"content-type", b"application/json")],
+    )
+    assert whole[0] == chunked[0] == 200
+    assert (
+        chunked[1]["labels"]
+        == whole[1]["labels"]
+        == runtime.infer("digits", split.x_test[:2]).labels
+    )
+    # No content-length to refuse up front: the size is counted as the chunks arrive.
+    big = [{"type": "http.request", "body": b" " * 3000, "more_body": True}] * 2
+    status, err = _call(app, [*big, {"type": "http.request", "body": body}], [])
+    assert (status, err["error"]["code"]) == (413, "payload_too_large")
+    # One message holding more than the limit, also without a content-length.
+    status, err = _call(app, [{"type": "http.request", "body": b" " * 5000}], [])
+    assert (status, err["error"]["code"]) == (413, "payload_too_large")
+    # The client went away half-way: a 4xx, and the pipeline keeps serving.
+    gone = [{"type": "http.request", "body": thirds[0], "more_body": True}]
+    status, err = _call(app, [*gone, {"type": "http.disconnect"}], [])
+    assert (status, err["error"]["code"]) == (400, "bad_input")
+    again = _call(app, [{"type": "http.request", "body": body}], [])
+    assert again[0] == 200 and again[1]["labels"] == whole[1]["labels"]
