@@ -262,3 +262,77 @@ def test_worker_starts_no_batch_while_a_critical_request_runs_beside_it(
         assert later.order == [("bulk", "ok")]
     finally:
         release.set()
+
+
+def _hold_critical(rt: Runtime, hold_s: float) -> None:
+    for ex in rt._executors.values():
+        ex.critical_hold_s = hold_s
+
+
+def test_best_effort_submitters_wait_while_a_critical_request_runs(
+    rt: Runtime, mlp_bytes: bytes, split: DigitsSplit, make_spec: SpecFactory
+) -> None:
+    _start_pair(rt, mlp_bytes, make_spec, be_capacity=100)
+    _hold_critical(rt, 30.0)  # long enough that only the critical request's end frees it
+    order: list[str] = []
+    still_waiting: list[bool] = []
+
+    def source() -> None:  # a best-effort source thread
+        rt.submit("bulk", split.x_test[0], lambda r: None)
+        order.append("best_effort admitted")
+
+    def during_critical(req: Request) -> None:  # runs inside the critical request
+        t = threading.Thread(target=source)
+        t.start()
+        t.join(0.5)
+        still_waiting.append(t.is_alive())
+        order.append("critical done")
+        threads.append(t)
+
+    threads: list[threading.Thread] = []
+    req = rt.submit("crit", split.x_test[1], during_critical, inline=True)
+    assert req.result is not None
+    threads[0].join(10)
+    assert still_waiting == [True]
+    assert order == ["critical done", "best_effort admitted"]
+    rt.stop_pipeline("bulk")  # drains: the best-effort request was served
+    assert rt.stats("crit")["nv_inference_request_success"] == 1
+
+
+def test_the_wait_for_critical_work_is_bounded(
+    rt: Runtime, mlp_bytes: bytes, split: DigitsSplit, make_spec: SpecFactory
+) -> None:
+    _start_pair(rt, mlp_bytes, make_spec, be_capacity=100)
+    _hold_critical(rt, 0.01)
+    admitted = threading.Event()
+    seen: list[bool] = []
+
+    def source() -> None:
+        rt.submit("bulk", split.x_test[0], lambda r: None)
+        admitted.set()
+
+    def during_critical(req: Request) -> None:
+        threading.Thread(target=source).start()
+        seen.append(admitted.wait(10))  # admitted while the critical request still runs
+
+    rt.submit("crit", split.x_test[1], during_critical, inline=True)
+    assert seen == [True]
+
+
+def test_neither_the_worker_nor_the_critical_caller_waits_on_itself(
+    rt: Runtime, mlp_bytes: bytes, split: DigitsSplit, make_spec: SpecFactory
+) -> None:
+    _start_pair(rt, mlp_bytes, make_spec, be_capacity=100)
+    _hold_critical(rt, 30.0)
+    done: list[str] = []
+
+    def chain(req: Request) -> None:  # a critical completion that submits best-effort work
+        rt.submit("bulk", split.x_test[0], lambda r: None)
+        done.append(threading.current_thread().name)
+
+    rt.submit("crit", split.x_test[1], chain, inline=True)  # in this thread
+    rt.pause()
+    rt.submit("crit", split.x_test[2], chain)  # queued: the worker runs it
+    rt.resume()
+    rt.stop_pipeline("crit")  # waits for the worker's critical batch
+    assert done == [threading.current_thread().name, "edgewise-cpu"]

@@ -59,6 +59,7 @@ class Runtime:
         on_event: Callable[[RuntimeEvent], None] | None = None,
         monitor_interval_s: float | None = 1.0,
         shed_fraction: float = 0.5,
+        critical_hold_ms: float = 2.0,
         inline_async_max_ms: float = 5.0,
         allow_spinning: bool = True,
         gil_switch_interval_s: float | None = None,
@@ -70,6 +71,9 @@ class Runtime:
         self._preference = tuple(providers_preference)
         self._on_event = on_event
         self._shed_fraction = shed_fraction
+        # How long a lower-priority submitter waits at most for running critical work to
+        # finish before it is admitted (see the scheduler); 0 turns the wait off.
+        self._critical_hold_s = critical_hold_ms / 1000.0
         self._inline_max_s = inline_async_max_ms / 1000.0
         self._spinning = allow_spinning
         self._executors: dict[str, Executor] = {}
@@ -132,7 +136,9 @@ class Runtime:
         name = "cpu" if provider == CPU else provider.removesuffix("ExecutionProvider").lower()
         ex = self._executors.get(name)
         if ex is None:
-            ex = self._executors[name] = Executor(name, self.clock, self._shed_fraction)
+            ex = self._executors[name] = Executor(
+                name, self.clock, self._shed_fraction, critical_hold_s=self._critical_hold_s
+            )
         return ex
 
     def start_pipeline(

@@ -10,7 +10,11 @@ Invariants:
   work queued runs at once in its caller's thread, beside that batch (one such request at
   a time; `critical_bypass=False` turns this off). It never waits behind best-effort,
   and the worker starts no new batch until it is done.
-- Admission is immediate: a full per-pipeline queue raises `Rejected`; nothing blocks.
+- While critical work runs (in a caller's thread or on the worker), a lower-priority
+  submitter other than the worker waits for it to finish, at most `critical_hold_s` per
+  request, before it is admitted: its Python work would otherwise take the GIL from the
+  critical request between its steps. The wait is bounded, so no source blocks for long.
+- Admission is otherwise immediate: a full per-pipeline queue raises `Rejected`.
   Capacity counts callers' requests: a request that carries a group of them (`n`, see
   `Request`) takes `n` places.
 - When a queued critical request has waited long enough that one more batch would take
@@ -49,9 +53,16 @@ class Executor:
         shed_fraction: float = 0.5,
         shed_hold_s: float = 0.5,
         critical_bypass: bool = True,
+        critical_hold_s: float = 0.002,
     ) -> None:
         self.name = name
         self.critical_bypass = critical_bypass
+        self.critical_hold_s = critical_hold_s
+        # Set while no critical work runs; lower-priority submitters wait on it (bounded).
+        self._critical_clear = threading.Event()
+        self._critical_clear.set()
+        self._critical_running = 0
+        self._critical_threads: set[int] = set()  # callers running critical work inline
         self._clock = clock
         self.shed_fraction = shed_fraction
         self.shed_hold_s = shed_hold_s
@@ -74,8 +85,34 @@ class Executor:
         self._batches = 0
         self._thread = threading.Thread(target=self._loop, name=f"edgewise-{name}", daemon=True)
         self._thread.start()
+        self._worker_id = self._thread.ident
 
     # -- submission -------------------------------------------------------------------
+
+    def _yield_to_critical(self) -> None:
+        """Let running critical work finish before this lower-priority submitter goes on.
+
+        Neither the worker nor a thread that is itself running critical work (a
+        completion callback submitting more work) waits: they would wait on themselves.
+        """
+        me = threading.get_ident()
+        if me != self._worker_id and me not in self._critical_threads and self.critical_hold_s:
+            self._critical_clear.wait(self.critical_hold_s)
+
+    def _critical_started(self, inline: bool) -> None:
+        # Called with the lock held.
+        self._critical_running += 1
+        if inline:
+            self._critical_threads.add(threading.get_ident())
+        self._critical_clear.clear()
+
+    def _critical_ended(self, inline: bool) -> None:
+        # Called with the lock held.
+        self._critical_running -= 1
+        if inline:
+            self._critical_threads.discard(threading.get_ident())
+        if not self._critical_running:
+            self._critical_clear.set()
 
     def _admit(self, req: Request) -> None:
         owner = req.owner
@@ -101,11 +138,16 @@ class Executor:
         """
         cond = self._cond
         bypass = False
+        critical = req.owner.rank == CRITICAL
+        if not critical and not self._critical_clear.is_set():
+            self._yield_to_critical()
         with self._lock:
             self._admit(req)
             if inline and not self._busy and not self._depth and not self._paused:
                 self._busy = True
                 self._running_rank = req.owner.rank
+                if critical:
+                    self._critical_started(inline=True)
             elif (
                 inline
                 and self.critical_bypass
@@ -119,6 +161,7 @@ class Executor:
                 # beside it in the caller's thread (sessions are safe to run
                 # concurrently) instead of queueing it behind that batch.
                 self._bypassing = bypass = True
+                self._critical_started(inline=True)
             else:
                 if wait:
                     req._waiter = waiter = threading.Lock()
@@ -138,6 +181,8 @@ class Executor:
                 else:
                     self._busy = False
                     self._running_rank = -1
+                if critical:
+                    self._critical_ended(inline=True)
                 if self._depth:
                     cond.notify()
         return True
@@ -153,6 +198,9 @@ class Executor:
         refused: list[tuple[Request, RuntimeFailure]] = []
         admitted: list[Request] = []
         run_here = False
+        critical = False
+        if not self._critical_clear.is_set() and any(r.owner.rank != CRITICAL for r in reqs):
+            self._yield_to_critical()
         with self._lock:
             for r in reqs:
                 try:
@@ -164,6 +212,9 @@ class Executor:
             if admitted and inline and not self._busy and not self._depth and not self._paused:
                 self._busy = run_here = True
                 self._running_rank = admitted[0].owner.rank
+                critical = any(r.owner.rank == CRITICAL for r in admitted)
+                if critical:
+                    self._critical_started(inline=True)
                 for r in admitted:
                     r.owner.queued -= r.n
             else:
@@ -191,6 +242,8 @@ class Executor:
             with self._lock:
                 self._busy = False
                 self._running_rank = -1
+                if critical:
+                    self._critical_ended(inline=True)
                 if self._depth:
                     cond.notify()
 
@@ -336,6 +389,7 @@ class Executor:
 
     def _loop(self) -> None:
         cond = self._cond
+        rank = -1
         while True:
             with cond:
                 while not self._closed and self._must_wait():
@@ -357,7 +411,9 @@ class Executor:
                             continue
                     batch = self._take()
                     self._busy = True
-                    self._running_rank = batch[0].owner.rank
+                    self._running_rank = rank = batch[0].owner.rank
+                    if rank == CRITICAL:
+                        self._critical_started(inline=False)
             if batch:
                 try:
                     self._run(batch)
@@ -365,6 +421,8 @@ class Executor:
                     with cond:
                         self._busy = False
                         self._running_rank = -1
+                        if rank == CRITICAL:
+                            self._critical_ended(inline=False)
                         cond.notify_all()
             # Critical work first; telling shed requests they were shed can wait a batch.
             for r in shed:
