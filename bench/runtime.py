@@ -25,7 +25,8 @@ How the harder comparisons are set up:
   runtime vs calling the model directly (public `session.run`).
 - HTTP: both servers are uvicorn with uvloop and httptools, one process each, and both
   parse and write JSON with orjson; besides the rates, each server's CPU time per
-  request (from /proc) is reported.
+  request (from /proc) is reported. `http_app_us_per_req` and `http_bare_app_us_per_req`
+  call both ASGI apps directly in one loop (no server), alternating: each app's own cost.
 - critical p99: a paced critical client (one request, 0.5 ms pause) alone, then with one
   loader thread keeping 64 best-effort requests outstanding (one thread, not 16, so the
   load generator does not take the GIL from the client); idle and loaded rounds alternate
@@ -677,6 +678,52 @@ async def _py_load(
     return len(lat) / (time.perf_counter() - t0), pct(lat, 0.99)
 
 
+def bench_http_in_process(seconds: float, model_path: str, x: np.ndarray) -> dict[str, Any]:
+    """Both ASGI apps called directly in one event loop, one request at a time, with a
+    loop turn between requests as a server has: each app's own cost per request, without
+    uvicorn's (~100 us) on top, and far less noisy than a rate over HTTP."""
+    import uvloop
+
+    body = json.dumps({"inputs": x[:1].tolist()}).encode()
+    scope = {
+        "type": "http",
+        "method": "POST",
+        "path": "/v1/pipelines/digits/infer",
+        "headers": [(b"content-type", b"application/json"), (b"content-length", b"%d" % len(body))],
+    }
+
+    async def receive() -> dict[str, Any]:
+        return {"type": "http.request", "body": body, "more_body": False}
+
+    async def send(_msg: Any) -> None:
+        return None
+
+    async def per_request_us(app: Any, n: int) -> float:
+        t0 = time.perf_counter()
+        for _ in range(n):
+            await app(scope, receive, send)
+            await asyncio.sleep(0)
+        return (time.perf_counter() - t0) / n * 1e6
+
+    with Runtime(cores=1, monitor_interval_s=None) as rt:
+        rt.start_pipeline(spec("digits", batching={"max_batch": 32}), rt.load_model(model_path))
+        apps = {"edgewise": make_inference_app(rt), "bare": bare_asgi_app(model_path)}
+
+        async def rounds() -> dict[str, list[float]]:
+            n = max(200, int(seconds * 2000))
+            out: dict[str, list[float]] = {k: [] for k in apps}
+            for r in range(ROUNDS * 4):
+                for k in list(apps) if r % 2 == 0 else list(apps)[::-1]:
+                    out[k].append(await per_request_us(apps[k], n))
+            return out
+
+        res = uvloop.run(rounds())
+    return {
+        "http_app_us_per_req": statistics.median(res["edgewise"]),
+        "http_bare_app_us_per_req": statistics.median(res["bare"]),
+    }
+
+
 def bench_http(seconds: float, model_path: str, x: np.ndarray) -> dict[str, Any]:
     body = json.dumps({"inputs": x[:1].tolist()})
     use_wrk = shutil.which("wrk") is not None
@@ -790,6 +837,7 @@ def main() -> None:
         path = Path(tmp) / "mlp.onnx"
         path.write_bytes(mlp)
         results.update(bench_http(s, str(path), split.x_test))
+        results.update(bench_http_in_process(s, str(path), split.x_test))
     # Other work on the machine moves absolute numbers a lot; the ratios are measured
     # interleaved, but say how busy the machine was.
     results["machine_cpus"] = cores
