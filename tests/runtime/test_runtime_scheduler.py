@@ -336,3 +336,37 @@ def test_neither_the_worker_nor_the_critical_caller_waits_on_itself(
     rt.resume()
     rt.stop_pipeline("crit")  # waits for the worker's critical batch
     assert done == [threading.current_thread().name, "edgewise-cpu"]
+
+
+def test_a_lower_priority_batch_yields_to_running_critical_work_between_its_steps(
+    rt: Runtime, mlp_bytes: bytes, split: DigitsSplit, make_spec: SpecFactory
+) -> None:
+    _start_pair(rt, mlp_bytes, make_spec, be_capacity=100)
+    _hold_critical(rt, 30.0)
+    (ex,) = rt._executors.values()
+    running, go = threading.Event(), threading.Event()
+
+    def during_critical(req: Request) -> None:
+        running.set()
+        go.wait(10)
+
+    crit = threading.Thread(
+        target=lambda: rt.submit("crit", split.x_test[1], during_critical, inline=True)
+    )
+    crit.start()
+    assert running.wait(10)
+    ex.yield_to_critical(0)  # critical work itself never waits: returns at once
+    lower = threading.Thread(target=ex.yield_to_critical, args=(2,))
+    lower.start()
+    lower.join(0.5)
+    assert lower.is_alive()  # a best-effort batch's thread waits for the critical request
+    go.set()
+    lower.join(10)
+    crit.join(10)
+    assert not lower.is_alive() and not crit.is_alive()
+    # A batch asks between its model call and its postprocess, with its pipeline's rank.
+    ranks: list[int] = []
+    ex.yield_to_critical = ranks.append  # type: ignore[method-assign]
+    rt.infer("bulk", split.x_test[0])
+    rt.infer("crit", split.x_test[0])
+    assert ranks == [2, 0]

@@ -236,6 +236,7 @@ class ModelLane:
                 r.fail(err)
             return
         t1 = clock()
+        p.executor.yield_to_critical(p.rank)
         scores = out.get(self._conf) if self._conf else None
         top: Array | None = None
         confidence: Array | None = None

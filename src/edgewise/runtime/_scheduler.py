@@ -10,10 +10,11 @@ Invariants:
   work queued runs at once in its caller's thread, beside that batch (one such request at
   a time; `critical_bypass=False` turns this off). It never waits behind best-effort,
   and the worker starts no new batch until it is done.
-- While critical work runs (in a caller's thread or on the worker), a lower-priority
-  submitter other than the worker waits for it to finish, at most `critical_hold_s` per
-  request, before it is admitted: its Python work would otherwise take the GIL from the
-  critical request between its steps. The wait is bounded, so no source blocks for long.
+- While critical work runs (in a caller's thread or on the worker), lower-priority work
+  lets it finish first, waiting at most `critical_hold_s` each time: a submitter before
+  admission, and a batch between its model call and its post-processing. Their Python
+  work would otherwise take the GIL from the critical request between its steps. The
+  wait is bounded, so no source blocks for long.
 - Admission is otherwise immediate: a full per-pipeline queue raises `Rejected`.
   Capacity counts callers' requests: a request that carries a group of them (`n`, see
   `Request`) takes `n` places.
@@ -62,7 +63,7 @@ class Executor:
         self._critical_clear = threading.Event()
         self._critical_clear.set()
         self._critical_running = 0
-        self._critical_threads: set[int] = set()  # callers running critical work inline
+        self._critical_threads: set[int] = set()  # threads running critical work now
         self._clock = clock
         self.shed_fraction = shed_fraction
         self.shed_hold_s = shed_hold_s
@@ -85,32 +86,35 @@ class Executor:
         self._batches = 0
         self._thread = threading.Thread(target=self._loop, name=f"edgewise-{name}", daemon=True)
         self._thread.start()
-        self._worker_id = self._thread.ident
 
     # -- submission -------------------------------------------------------------------
 
-    def _yield_to_critical(self) -> None:
-        """Let running critical work finish before this lower-priority submitter goes on.
+    def yield_to_critical(self, rank: int) -> None:
+        """Work of class `rank` lets running critical work finish first (bounded).
 
-        Neither the worker nor a thread that is itself running critical work (a
-        completion callback submitting more work) waits: they would wait on themselves.
+        Lower-priority submitters call this before admission, and a lower-priority batch
+        between its model call and its Python post-processing. A thread that is itself
+        running critical work (a completion callback submitting more) never waits: it
+        would wait on itself.
         """
-        me = threading.get_ident()
-        if me != self._worker_id and me not in self._critical_threads and self.critical_hold_s:
+        if (
+            rank != CRITICAL
+            and self.critical_hold_s
+            and not self._critical_clear.is_set()
+            and threading.get_ident() not in self._critical_threads
+        ):
             self._critical_clear.wait(self.critical_hold_s)
 
-    def _critical_started(self, inline: bool) -> None:
-        # Called with the lock held.
+    def _critical_started(self) -> None:
+        # Called with the lock held, in the thread that runs the critical work.
         self._critical_running += 1
-        if inline:
-            self._critical_threads.add(threading.get_ident())
+        self._critical_threads.add(threading.get_ident())
         self._critical_clear.clear()
 
-    def _critical_ended(self, inline: bool) -> None:
-        # Called with the lock held.
+    def _critical_ended(self) -> None:
+        # Called with the lock held, in the thread that ran the critical work.
         self._critical_running -= 1
-        if inline:
-            self._critical_threads.discard(threading.get_ident())
+        self._critical_threads.discard(threading.get_ident())
         if not self._critical_running:
             self._critical_clear.set()
 
@@ -140,14 +144,14 @@ class Executor:
         bypass = False
         critical = req.owner.rank == CRITICAL
         if not critical and not self._critical_clear.is_set():
-            self._yield_to_critical()
+            self.yield_to_critical(req.owner.rank)
         with self._lock:
             self._admit(req)
             if inline and not self._busy and not self._depth and not self._paused:
                 self._busy = True
                 self._running_rank = req.owner.rank
                 if critical:
-                    self._critical_started(inline=True)
+                    self._critical_started()
             elif (
                 inline
                 and self.critical_bypass
@@ -161,7 +165,7 @@ class Executor:
                 # beside it in the caller's thread (sessions are safe to run
                 # concurrently) instead of queueing it behind that batch.
                 self._bypassing = bypass = True
-                self._critical_started(inline=True)
+                self._critical_started()
             else:
                 if wait:
                     req._waiter = waiter = threading.Lock()
@@ -182,7 +186,7 @@ class Executor:
                     self._busy = False
                     self._running_rank = -1
                 if critical:
-                    self._critical_ended(inline=True)
+                    self._critical_ended()
                 if self._depth:
                     cond.notify()
         return True
@@ -199,8 +203,8 @@ class Executor:
         admitted: list[Request] = []
         run_here = False
         critical = False
-        if not self._critical_clear.is_set() and any(r.owner.rank != CRITICAL for r in reqs):
-            self._yield_to_critical()
+        if reqs and not self._critical_clear.is_set():
+            self.yield_to_critical(min(r.owner.rank for r in reqs))
         with self._lock:
             for r in reqs:
                 try:
@@ -214,7 +218,7 @@ class Executor:
                 self._running_rank = admitted[0].owner.rank
                 critical = any(r.owner.rank == CRITICAL for r in admitted)
                 if critical:
-                    self._critical_started(inline=True)
+                    self._critical_started()
                 for r in admitted:
                     r.owner.queued -= r.n
             else:
@@ -243,7 +247,7 @@ class Executor:
                 self._busy = False
                 self._running_rank = -1
                 if critical:
-                    self._critical_ended(inline=True)
+                    self._critical_ended()
                 if self._depth:
                     cond.notify()
 
@@ -413,7 +417,7 @@ class Executor:
                     self._busy = True
                     self._running_rank = rank = batch[0].owner.rank
                     if rank == CRITICAL:
-                        self._critical_started(inline=False)
+                        self._critical_started()
             if batch:
                 try:
                     self._run(batch)
@@ -422,7 +426,7 @@ class Executor:
                         self._busy = False
                         self._running_rank = -1
                         if rank == CRITICAL:
-                            self._critical_ended(inline=False)
+                            self._critical_ended()
                         cond.notify_all()
             # Critical work first; telling shed requests they were shed can wait a batch.
             for r in shed:
