@@ -235,8 +235,9 @@ class ModelLane:
             for r in batch:
                 r.fail(err)
             return
-        t1 = clock()
-        p.executor.yield_to_critical(p.rank)
+        t1 = tp = clock()
+        if p.executor.yield_to_critical(p.rank):
+            tp = clock()  # the wait is neither model nor postprocess time
         scores = out.get(self._conf) if self._conf else None
         top: Array | None = None
         confidence: Array | None = None
@@ -310,7 +311,7 @@ class ModelLane:
             self.tier,
             n,
             n_esc,
-            (compute_ms, (t2 - t1) * 1000.0, (t3 - t2) * 1000.0),
+            (compute_ms, (t2 - tp) * 1000.0, (t3 - t2) * 1000.0),
             queue_ms,
             (t3 - t0) * 1000.0,
             conf,

@@ -89,13 +89,13 @@ class Executor:
 
     # -- submission -------------------------------------------------------------------
 
-    def yield_to_critical(self, rank: int) -> None:
+    def yield_to_critical(self, rank: int) -> bool:
         """Work of class `rank` lets running critical work finish first (bounded).
 
         Lower-priority submitters call this before admission, and a lower-priority batch
         between its model call and its Python post-processing. A thread that is itself
         running critical work (a completion callback submitting more) never waits: it
-        would wait on itself.
+        would wait on itself. Returns whether it waited.
         """
         if (
             rank != CRITICAL
@@ -104,6 +104,8 @@ class Executor:
             and threading.get_ident() not in self._critical_threads
         ):
             self._critical_clear.wait(self.critical_hold_s)
+            return True
+        return False
 
     def _critical_started(self) -> None:
         # Called with the lock held, in the thread that runs the critical work.
