@@ -284,9 +284,15 @@ def bench_digits(seconds: float, mlp: bytes, x: np.ndarray) -> dict[str, float]:
         cpu: dict[str, list[float]] = {"c32": [], "callback": [], "floor": [], "raw_b1": []}
         p99_callback: list[float] = []
 
-        def cpu_per(key: str, per_s: float, t0: float, c0: float, clock: Any = None) -> float:
+        def cpu_per(
+            key: str,
+            per_s: float,
+            t0: float,
+            c0: float,
+            clock: Callable[[], float] = time.thread_time,
+        ) -> float:
             done = per_s * (time.perf_counter() - t0)
-            used = (clock or time.thread_time)() - c0
+            used = clock() - c0
             cpu[key].append(used * 1e6 / max(1.0, done))
             return per_s
 

@@ -295,7 +295,7 @@ def test_best_effort_submitters_wait_while_a_critical_request_runs(
     threads[0].join(10)
     assert still_waiting == [True]
     assert order == ["critical done", "best_effort admitted"]
-    rt.stop_pipeline("bulk")  # drains: the best-effort request was served
+    rt.stop_pipeline("bulk")  # drains the best-effort request before the runtime closes
     assert rt.stats("crit")["nv_inference_request_success"] == 1
 
 

@@ -61,14 +61,9 @@ async def _read_body(headers: dict[bytes, bytes], receive: Receive, limit: int) 
     declared = headers.get(b"content-length")
     if declared is not None and declared.isdigit() and int(declared) > limit:
         raise PayloadTooLarge(f"body of {int(declared)} bytes is over the {limit} byte limit")
-    msg = await receive()
-    if msg["type"] == "http.request" and not msg.get("more_body", False):
-        body: bytes = msg.get("body", b"")  # the usual case: the whole body in one message
-        if len(body) > limit:
-            raise PayloadTooLarge(f"body over the {limit} byte limit")
-        return body
     chunks, size = [], 0
     while True:
+        msg = await receive()
         if msg["type"] == "http.disconnect":
             raise BadInput("client disconnected")
         chunk = msg.get("body", b"")
@@ -77,8 +72,7 @@ async def _read_body(headers: dict[bytes, bytes], receive: Receive, limit: int) 
             raise PayloadTooLarge(f"body over the {limit} byte limit")
         chunks.append(chunk)
         if not msg.get("more_body", False):
-            return b"".join(chunks)
-        msg = await receive()
+            return chunks[0] if len(chunks) == 1 else b"".join(chunks)
 
 
 def decode_json(body: bytes) -> np.ndarray[Any, Any]:

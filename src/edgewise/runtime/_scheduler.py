@@ -62,8 +62,9 @@ class Executor:
         # Set while no critical work runs; lower-priority submitters wait on it (bounded).
         self._critical_clear = threading.Event()
         self._critical_clear.set()
-        self._critical_running = 0
-        self._critical_threads: set[int] = set()  # threads running critical work now
+        # Threads running critical work now (a thread runs at most one critical request
+        # at a time: a second one it submits meanwhile queues behind the first).
+        self._critical_threads: set[int] = set()
         self._clock = clock
         self.shed_fraction = shed_fraction
         self.shed_hold_s = shed_hold_s
@@ -109,15 +110,13 @@ class Executor:
 
     def _critical_started(self) -> None:
         # Called with the lock held, in the thread that runs the critical work.
-        self._critical_running += 1
         self._critical_threads.add(threading.get_ident())
         self._critical_clear.clear()
 
     def _critical_ended(self) -> None:
         # Called with the lock held, in the thread that ran the critical work.
-        self._critical_running -= 1
         self._critical_threads.discard(threading.get_ident())
-        if not self._critical_running:
+        if not self._critical_threads:
             self._critical_clear.set()
 
     def _admit(self, req: Request) -> None:
