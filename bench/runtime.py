@@ -23,10 +23,14 @@ How the harder comparisons are set up:
 - single client: `single_client_batching_vs_direct` is batching on (max_batch 32) vs off
   (max_batch 1) through the runtime; `single_client_pipeline_vs_raw_session` is the
   runtime vs calling the model directly (public `session.run`).
-- HTTP: both servers are uvicorn with uvloop and httptools, one process each, and both
-  parse and write JSON with orjson; besides the rates, each server's CPU time per
-  request (from /proc) is reported. `http_app_us_per_req` and `http_bare_app_us_per_req`
-  call both ASGI apps directly in one loop (no server), alternating: each app's own cost.
+- HTTP: the local inference API as the agent serves it (`HttpServer` with
+  `InferenceAPI`: asyncio, uvloop and httptools, no ASGI layer) against the bare ASGI
+  endpoint on uvicorn (uvloop, httptools); both parse and write JSON with orjson, one
+  process each. For context, `http_asgi_on_uvicorn_*` is the same API as an ASGI app
+  (`make_inference_app`) on uvicorn, as the agent served it before. Besides the rates,
+  each server's CPU time per request (from /proc) is reported.
+  `http_app_us_per_req` and `http_bare_app_us_per_req` call both ASGI apps directly in
+  one loop (no server), alternating: each app's own cost.
 - critical p99: a paced critical client (one request, 0.5 ms pause) alone, then with one
   loader thread keeping 64 best-effort requests outstanding (one thread, not 16, so the
   load generator does not take the GIL from the client); idle and loaded rounds alternate
@@ -56,7 +60,7 @@ import onnxruntime as ort
 
 from edgewise.examples import load_split, ppocr_model_path, train_logreg, train_mlp
 from edgewise.protocol import PipelineSpec
-from edgewise.runtime import Runtime, RuntimeFailure, make_inference_app
+from edgewise.runtime import HttpServer, InferenceAPI, Runtime, RuntimeFailure, make_inference_app
 
 ROUNDS = 3
 
@@ -575,21 +579,35 @@ def bare_asgi_app(model_path: str) -> Any:
     return app
 
 
-# Both servers run the same way: uvicorn with uvloop and httptools (the project's
-# dependencies; uvicorn's defaults pick them too), one worker, no access log.
-SERVER = {"loop": "uvloop", "http": "httptools"}
+# uvicorn runs with uvloop and httptools (the project's dependencies; uvicorn's defaults
+# pick them too), one worker, no access log. HttpServer uses the same loop and parser.
+UVICORN: dict[str, Any] = {
+    "loop": "uvloop",
+    "http": "httptools",
+    "log_level": "error",
+    "access_log": False,
+}
 
 
 def serve(kind: str, model_path: str, port: int) -> None:
+    """One server: `bare` (the baseline), `edgewise` (the local inference API as the agent
+    serves it: `HttpServer` with `InferenceAPI`) or `asgi` (the same routes as an ASGI app
+    on uvicorn, for context)."""
     import uvicorn
 
     if kind == "bare":
-        app = bare_asgi_app(model_path)
-    else:
-        rt = Runtime(cores=1, monitor_interval_s=None)
-        rt.start_pipeline(spec("digits", batching={"max_batch": 32}), rt.load_model(model_path))
-        app = make_inference_app(rt)
-    uvicorn.run(app, host="127.0.0.1", port=port, log_level="error", access_log=False, **SERVER)
+        uvicorn.run(bare_asgi_app(model_path), host="127.0.0.1", port=port, **UVICORN)
+        return
+    rt = Runtime(cores=1, monitor_interval_s=None)
+    rt.start_pipeline(spec("digits", batching={"max_batch": 32}), rt.load_model(model_path))
+    if kind == "asgi":
+        uvicorn.run(make_inference_app(rt), host="127.0.0.1", port=port, **UVICORN)
+        return
+    api = InferenceAPI(rt)
+    server = HttpServer(api, port=port)
+    api.alone = server.alone
+    server.start()
+    threading.Event().wait()  # until the bench kills this process
 
 
 def free_port() -> int:
@@ -737,7 +755,7 @@ def bench_http(seconds: float, model_path: str, x: np.ndarray) -> dict[str, Any]
     procs, ports = [], {}
     path = "/v1/pipelines/digits/infer"
     try:
-        for kind in ("edgewise", "bare"):
+        for kind in ("edgewise", "bare", "asgi"):
             ports[kind] = port = free_port()
             cmd = [
                 sys.executable,
@@ -778,13 +796,15 @@ def bench_http(seconds: float, model_path: str, x: np.ndarray) -> dict[str, Any]
     def med(kind: str, conns: int, i: int) -> float:
         return statistics.median(r[i] for r in results[(kind, conns)])
 
-    def ratio(conns: int) -> float:
-        pairs = zip(results[("edgewise", conns)], results[("bare", conns)], strict=True)
+    def ratio(conns: int, kind: str = "edgewise") -> float:
+        pairs = zip(results[(kind, conns)], results[("bare", conns)], strict=True)
         return statistics.median(a[0] / b[0] for a, b in pairs)
 
     return {
         "http_load_generator": "wrk" if use_wrk else "python-asyncio",
-        "http_server": "uvicorn {loop}/{http}, both sides".format(**SERVER),
+        "http_server": "edgewise HttpServer; bare and asgi: uvicorn {loop}/{http}".format(
+            **UVICORN
+        ),
         "http_c32_per_s": med("edgewise", 32, 0),
         "http_bare_c32_per_s": med("bare", 32, 0),
         "http_c32_vs_bare_asgi": ratio(32),
@@ -797,6 +817,10 @@ def bench_http(seconds: float, model_path: str, x: np.ndarray) -> dict[str, Any]
         "http_bare_c1_server_cpu_us_per_req": med("bare", 1, 2),
         "http_c32_server_cpu_us_per_req": med("edgewise", 32, 2),
         "http_bare_c32_server_cpu_us_per_req": med("bare", 32, 2),
+        "http_asgi_on_uvicorn_c32_vs_bare_asgi": ratio(32, "asgi"),
+        "http_asgi_on_uvicorn_c1_vs_bare_asgi": ratio(1, "asgi"),
+        "http_asgi_on_uvicorn_c32_p99_ms": med("asgi", 32, 1),
+        "http_asgi_on_uvicorn_c1_server_cpu_us_per_req": med("asgi", 1, 2),
     }
 
 
@@ -817,7 +841,7 @@ GOALS = {
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--seconds", type=float, default=1.5, help="per measurement round")
-    ap.add_argument("--serve", choices=["edgewise", "bare"])
+    ap.add_argument("--serve", choices=["edgewise", "bare", "asgi"])
     ap.add_argument("--model")
     ap.add_argument("--port", type=int)
     args = ap.parse_args()

@@ -11,6 +11,7 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 import edgewise.agent as agent_pkg
+from edgewise._httpd import Deferred, Handler
 from edgewise.agent import AsyncDeviceClient, DeviceAuthError, DeviceClient, DeviceKey, UplinkError
 from edgewise.agent._identity import public_key_b64
 from edgewise.agent._local import make_local_app
@@ -73,20 +74,13 @@ def test_sync_client_reports_auth_failures_as_device_auth_errors(
                 Ed25519PrivateKey.generate()), {}, {})
 
 
-def _call(app: object, method: str, path: str, body: bytes = b"") -> tuple[int, bytes]:
+def _call(app: Handler, method: str, path: str, body: bytes = b"") -> tuple[int, bytes]:
     async def run() -> tuple[int, bytes]:
-        sent: list[dict[str, object]] = []
-        msgs = [{"type": "http.request", "body": body, "more_body": False}]
-
-        async def receive() -> dict[str, object]:
-            return msgs.pop(0) if msgs else {"type": "http.disconnect"}
-
-        async def send(msg: dict[str, object]) -> None:
-            sent.append(msg)
-
-        scope = {"type": "http", "method": method, "path": path, "headers": []}
-        await app(scope, receive, send)  # type: ignore[operator]
-        return int(sent[0]["status"]), bytes(sent[1]["body"])  # type: ignore[call-overload]
+        answer = app(method, path, {}, body)
+        if isinstance(answer, Deferred):
+            await answer.fut
+            answer = answer.finish()
+        return answer[0], answer[1]
 
     return asyncio.run(run())
 

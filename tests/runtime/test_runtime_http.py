@@ -12,7 +12,7 @@ import pytest
 import uvicorn
 
 from edgewise.examples import DigitsSplit
-from edgewise.runtime import Runtime, make_inference_app
+from edgewise.runtime import HttpServer, InferenceAPI, Runtime, make_inference_app
 
 from .conftest import SpecFactory
 
@@ -43,12 +43,26 @@ class Server:
         self.sock.close()
 
 
-@pytest.fixture
-def served(runtime: Runtime, mlp_bytes: bytes, make_spec: SpecFactory) -> Iterator[httpx.Client]:
+@pytest.fixture(params=["httpserver", "asgi-on-uvicorn"])
+def served(
+    request: pytest.FixtureRequest, runtime: Runtime, mlp_bytes: bytes, make_spec: SpecFactory
+) -> Iterator[httpx.Client]:
+    """The API as the agent serves it (`HttpServer`), and as an ASGI app on uvicorn."""
     runtime.start_pipeline(make_spec(), runtime.load_model(mlp_bytes))
-    server = Server(make_inference_app(runtime, max_body_bytes=64 * 1024))
-    with server as url, httpx.Client(base_url=url, timeout=10) as client:
-        yield client
+    if request.param == "asgi-on-uvicorn":
+        server = Server(make_inference_app(runtime, max_body_bytes=64 * 1024))
+        with server as url, httpx.Client(base_url=url, timeout=10) as client:
+            yield client
+        return
+    api = InferenceAPI(runtime)
+    http = HttpServer(api, max_body_bytes=64 * 1024)
+    api.alone = http.alone
+    port = http.start()
+    try:
+        with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=10) as client:
+            yield client
+    finally:
+        http.stop()
 
 
 def _raw(x: np.ndarray, dtype: str | None = None, shape: str | None = None) -> dict[str, object]:

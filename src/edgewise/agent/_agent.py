@@ -514,7 +514,7 @@ class Agent:
             from edgewise.agent._local import LocalServer, make_local_app
 
             app = make_local_app(self.status, self.add_local_telemetry, self._inference_app)
-            server = LocalServer(app, self.config.local_port)
+            server = self._local_server = LocalServer(app, self.config.local_port)
             self.local_port = server.start()
             self._closers.append(server.stop)
             (self.dir / "local.json").write_text(f'{{"port": {self.local_port}}}\n')
@@ -527,14 +527,16 @@ class Agent:
             self._closers.append(wake.stop)
 
     _inference: Any = None
+    _local_server: Any = None
 
     def _inference_app(self) -> Any:
         if not isinstance(self.host, RuntimeHost) or not self.host.started:
             return None
         if self._inference is None:
-            from edgewise.runtime import make_inference_app
+            from edgewise.runtime import InferenceAPI
 
-            self._inference = make_inference_app(self.host.runtime)
+            server = self._local_server
+            self._inference = InferenceAPI(self.host.runtime, server and server.alone)
         return self._inference
 
     def run(self, stop: threading.Event, ready: Callable[[Agent], None] | None = None) -> None:

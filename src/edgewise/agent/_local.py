@@ -2,58 +2,29 @@
 
 `GET /healthz`, `GET /status` (pipelines, versions, slots, last sync, buffer depth),
 `POST /telemetry` (apps add events, metrics or samples to the durable buffer), and every
-other path goes to the runtime's inference API (`/v1/pipelines/...`). A plain ASGI app:
-no web framework is loaded for three routes.
+other path goes to the runtime's inference API (`/v1/pipelines/...`). The routes are a
+plain handler served by `edgewise._httpd.HttpServer`: no web framework and no ASGI server
+is loaded for three routes.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
-import threading
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from typing import Any
 
-__all__ = ["LocalServer", "make_local_app"]
+from edgewise._httpd import Answer, Deferred, Handler, Headers, HttpServer, error_answer
 
-Scope = dict[str, Any]
-Receive = Callable[[], Awaitable[dict[str, Any]]]
-Send = Callable[[dict[str, Any]], Awaitable[None]]
-ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
+__all__ = ["LocalServer", "make_local_app"]
 
 MAX_BODY = 8 * 1024 * 1024
 MAX_RECORDS = 10_000
 
 
-async def _respond(send: Send, status: int, body: Any) -> None:
-    data = json.dumps(body, default=str).encode()
-    await send(
-        {
-            "type": "http.response.start",
-            "status": status,
-            "headers": [(b"content-type", b"application/json")],
-        }
-    )
-    await send({"type": "http.response.body", "body": data})
-
-
-def _error(code: str, message: str) -> dict[str, Any]:
-    return {"error": {"code": code, "message": message}}
-
-
-async def _body(receive: Receive) -> bytes | None:
-    chunks: list[bytes] = []
-    size = 0
-    while True:
-        msg = await receive()
-        chunk = msg.get("body", b"")
-        size += len(chunk)
-        if size > MAX_BODY:
-            return None
-        chunks.append(chunk)
-        if not msg.get("more_body"):
-            return b"".join(chunks)
+def _json(status: int, body: Any) -> Answer:
+    return status, json.dumps(body, default=str).encode(), ()
 
 
 def _parse_records(raw: bytes) -> list[tuple[str, str, dict[str, Any], float]]:
@@ -83,75 +54,44 @@ def _parse_records(raw: bytes) -> list[tuple[str, str, dict[str, Any], float]]:
 def make_local_app(
     status: Callable[[], dict[str, Any]],
     add_telemetry: Callable[[list[tuple[str, str, dict[str, Any], float]]], int],
-    inference_app: Callable[[], ASGIApp | None],
-) -> ASGIApp:
-    """The loopback ASGI app.
+    inference: Callable[[], Handler | None],
+) -> Handler:
+    """The loopback routes as a handler for `HttpServer` (which bounds bodies at 8 MiB).
 
     Args:
         status: the agent's status document.
         add_telemetry: stores records; returns how many.
-        inference_app: the runtime's inference app, or None while no runtime runs.
+        inference: the runtime's inference API, or None while no runtime runs.
     """
 
-    async def app(scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            return
-        path, method = scope["path"], scope["method"]
+    def later(fn: Callable[[], Any], answer: Callable[[Any], Answer]) -> Deferred:
+        # Blocking work (the status document, the buffer's disk) runs off the loop.
+        fut = asyncio.ensure_future(asyncio.to_thread(fn))
+        return Deferred(fut, lambda: answer(fut.result()))
+
+    def app(method: str, path: str, headers: Headers, body: bytes) -> Answer | Deferred:
         if path == "/healthz":
-            await _respond(send, 200, {"ok": True})
-            return
+            return _json(200, {"ok": True})
         if path == "/status":
-            await _respond(send, 200, await asyncio.to_thread(status))
-            return
+            return later(status, lambda doc: _json(200, doc))
         if path == "/telemetry":
             if method != "POST":
-                await _respond(send, 405, _error("method_not_allowed", "use POST"))
-                return
-            raw = await _body(receive)
-            if raw is None:
-                await _respond(send, 413, _error("payload_too_large", "body over 8 MiB"))
-                return
+                return error_answer(405, "method_not_allowed", "use POST")
             try:
-                records = _parse_records(raw)
+                records = _parse_records(body)
             except ValueError as exc:  # json.JSONDecodeError is a ValueError
-                await _respond(send, 400, _error("bad_request", str(exc)))
-                return
-            n = await asyncio.to_thread(add_telemetry, records)
-            await _respond(send, 200, {"stored": n})
-            return
-        inner = inference_app()
+                return error_answer(400, "bad_request", str(exc))
+            return later(lambda: add_telemetry(records), lambda n: _json(200, {"stored": n}))
+        inner = inference()
         if inner is None:
-            await _respond(send, 404, _error("not_found", f"no route {path}"))
-            return
-        await inner(scope, receive, send)
+            return error_answer(404, "not_found", f"no route {path}")
+        return inner(method, path, headers, body)
 
     return app
 
 
-class LocalServer:
-    """uvicorn on 127.0.0.1 in a daemon thread."""
+class LocalServer(HttpServer):
+    """The loopback API's server: `HttpServer` on 127.0.0.1 with the agent's limits."""
 
-    def __init__(self, app: ASGIApp, port: int) -> None:
-        import uvicorn
-
-        config = uvicorn.Config(
-            app, host="127.0.0.1", port=port, log_level="warning", lifespan="off", access_log=False
-        )
-        self._server = uvicorn.Server(config)
-        self._thread = threading.Thread(target=self._server.run, name="local-api", daemon=True)
-
-    def start(self, timeout: float = 10.0) -> int:
-        """Start serving; returns the bound port."""
-        self._thread.start()
-        deadline = time.monotonic() + timeout
-        while not self._server.started:
-            if not self._thread.is_alive() or time.monotonic() > deadline:
-                raise OSError("the local API did not start (port in use?)")
-            time.sleep(0.02)
-        sock = self._server.servers[0].sockets[0]
-        return int(sock.getsockname()[1])
-
-    def stop(self) -> None:
-        """Stop serving."""
-        self._server.should_exit = True
-        self._thread.join(timeout=5)
+    def __init__(self, app: Handler, port: int) -> None:
+        super().__init__(app, "127.0.0.1", port, max_body_bytes=MAX_BODY)

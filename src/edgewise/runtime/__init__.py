@@ -21,7 +21,9 @@ Example:
     >>> rt.stats("digits")["nv_inference_request_success"]   # counters, histograms
     >>> rt.prometheus()                                      # text for /metrics
     >>> rt.summaries("digits")                               # windowed counts for telemetry
-    >>> app = make_inference_app(rt)   # ASGI: POST /v1/pipelines/{name}/infer, GET /v1/pipelines
+    >>> server = HttpServer(InferenceAPI(rt))   # POST /v1/pipelines/{name}/infer on loopback
+    >>> port = server.start()
+    >>> app = make_inference_app(rt)   # the same routes as an ASGI app, for other servers
     >>> rt.close()
 
 Errors (`RuntimeFailure` subclasses) carry an HTTP `status` and a `code`: `BadInput` 400,
@@ -34,6 +36,7 @@ constructor arguments. Switches, swaps, starts and stops are `RuntimeEvent`s del
 `on_event` and kept in `rt.events()`; forward them to an `edgewise.events` bus.
 """
 
+from edgewise._httpd import Answer, Deferred, HttpServer, error_answer
 from edgewise.runtime._backend import DEFAULT_PROVIDERS, ModelSession, TensorInfo, choose_providers
 from edgewise.runtime._degrade import (
     DegradeState,
@@ -54,7 +57,7 @@ from edgewise.runtime._errors import (
     Shed,
     UnknownPipeline,
 )
-from edgewise.runtime._http import make_inference_app
+from edgewise.runtime._http import InferenceAPI, make_inference_app
 from edgewise.runtime._model import HealthResult, HealthSample, LoadedModel, ModelInfo
 from edgewise.runtime._pipeline import InferenceResult
 from edgewise.runtime._runtime import Runtime, RuntimeEvent
@@ -67,10 +70,14 @@ __all__ = [
     "SINKS",
     "SOURCES",
     "AcceleratorUnavailable",
+    "Answer",
     "BadInput",
+    "Deferred",
     "DegradeState",
     "HealthResult",
     "HealthSample",
+    "HttpServer",
+    "InferenceAPI",
     "InferenceFailed",
     "InferenceResult",
     "LoadedModel",
@@ -89,6 +96,7 @@ __all__ = [
     "TensorInfo",
     "UnknownPipeline",
     "choose_providers",
+    "error_answer",
     "make_inference_app",
     "read_cpu_percent",
     "read_thermal_c",

@@ -31,7 +31,7 @@ if TYPE_CHECKING:
     from edgewise.runtime._pipeline import InferenceResult
     from edgewise.runtime._runtime import Runtime
 
-__all__ = ["LoopBatcher", "LoopBatchers", "wake"]
+__all__ = ["LoopBatcher", "LoopBatchers", "Pending", "wake"]
 
 
 def _resolve(fut: asyncio.Future[Any], value: Any) -> None:
@@ -113,6 +113,31 @@ def _outcome(req: Request) -> InferenceResult:
     return result
 
 
+class Pending:
+    """A request that did not complete where it was made.
+
+    Once `fut` is done, `outcome()` gives its result or raises its error.
+    """
+
+    __slots__ = ("fut", "group", "i", "req")
+
+    def __init__(
+        self, fut: asyncio.Future[None], group: _Group | None, i: int, req: Request | None
+    ) -> None:
+        self.fut = fut
+        self.group = group
+        self.i = i
+        self.req = req
+
+    def outcome(self) -> InferenceResult:
+        """The result; raises the request's `RuntimeFailure`."""
+        self.fut.result()  # what the drain failed the whole group with, if it did
+        if self.group is not None:
+            return self.group.outcome(self.i)
+        assert self.req is not None
+        return _outcome(self.req)
+
+
 class LoopBatcher:
     """Per-event-loop request grouping in front of a `Runtime`."""
 
@@ -147,20 +172,43 @@ class LoopBatcher:
         With `first_goes_now`, the first request of a loop turn is submitted at once (an
         idle executor runs it right here); later requests of the same turn are grouped.
         """
+        got = self.begin(name, x, exact_dtype, first_goes_now)
+        if isinstance(got, Pending):
+            await got.fut
+            return got.outcome()
+        return got
+
+    def begin(
+        self,
+        name: str,
+        x: np.ndarray[Any, Any],
+        exact_dtype: bool = False,
+        first_goes_now: bool = False,
+        alone: bool = False,
+    ) -> InferenceResult | Pending:
+        """`infer` without a coroutine: the result when it is ready now, else a `Pending`.
+
+        `alone` (with `first_goes_now`): the caller knows no other request can arrive in
+        this loop turn (a server with one connection), so the turn is not marked: that
+        mark is a `call_soon`, and an extra loop iteration, per request.
+
+        Raises what admission raises (`UnknownPipeline`, `BadInput`, `Rejected`...) for a
+        request that runs at once; a grouped request's failure comes from `outcome()`.
+        """
         tid, loop = self._running()
         if first_goes_now and self._turn is not loop and name not in self.pending:
-            self._turn = loop
-            loop.call_soon(self._end_turn)
+            if not alone:  # others may send in this turn: they form a group after this one
+                self._turn = loop
+                loop.call_soon(self._end_turn)
             req = self.runtime.submit(name, x, wake, exact_dtype=exact_dtype, inline=True)
             if req.result is None and req.error is None:  # queued behind other work
                 fut: asyncio.Future[None] = loop.create_future()
                 req.ctx = (fut, loop, tid)
                 if req.result is None and req.error is None:
-                    await fut
+                    return Pending(fut, None, 0, req)
             return _outcome(req)
         group, i = self.join(name, x, exact_dtype)
-        await group.fut
-        return group.outcome(i)
+        return Pending(group.fut, group, i, None)
 
     def join(self, name: str, x: np.ndarray[Any, Any], exact_dtype: bool) -> tuple[_Group, int]:
         """Add a request to this loop turn's group for `name` (opening it if needed).

@@ -1,4 +1,4 @@
-"""The local inference API for apps on the device, as a bare ASGI app.
+"""The local inference API for apps on the device.
 
 Routes:
     POST /v1/pipelines/{name}/infer   JSON (`{"inputs": [...]}` or a bare array) or raw
@@ -7,10 +7,12 @@ Routes:
     GET  /v1/pipelines                the running pipelines
     GET  /v1/pipelines/{name}/stats   one pipeline's metrics
 
-It is a plain ASGI callable rather than a framework app because it sits on every
-request's path and the runtime's budget is a few percent over `session.run`; the agent
-mounts it next to its own `/healthz` and `/status`. Errors are JSON
-`{"error": {"code", "message"}}` with a 4xx for anything the client sent.
+`InferenceAPI` holds the routes as a plain handler: the agent serves it with
+`HttpServer` (`_server.py`) next to its own `/healthz` and `/status`, and
+`make_inference_app` wraps it as an ASGI app for any other server. No web framework:
+it sits on every request's path and the runtime's budget is a few percent over
+`session.run`. Errors are JSON `{"error": {"code", "message"}}` with a 4xx for
+anything the client sent.
 
 JSON goes through orjson on the infer route: decoding and encoding with the standard
 library cost more than the model itself for small models (about 15 and 12 us against
@@ -19,6 +21,7 @@ library cost more than the model itself for small models (about 15 and 12 us aga
 
 from __future__ import annotations
 
+import contextlib
 import json
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
@@ -26,11 +29,13 @@ from typing import Any
 import numpy as np
 import orjson
 
-from edgewise.runtime._aio import LoopBatcher
+from edgewise._httpd import Answer, Deferred, Headers, error_answer
+from edgewise.runtime._aio import LoopBatcher, Pending
 from edgewise.runtime._errors import BadInput, PayloadTooLarge, RuntimeFailure
+from edgewise.runtime._pipeline import InferenceResult
 from edgewise.runtime._runtime import Runtime
 
-__all__ = ["make_inference_app"]
+__all__ = ["InferenceAPI", "make_inference_app"]
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
@@ -40,14 +45,11 @@ ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 
 _PREFIX = "/v1/pipelines"
 _JSON_HEADERS = [(b"content-type", b"application/json")]
+_RETRY = ((b"retry-after", b"1"),)
 _DTYPES = {"float32", "float64", "float16", "int64", "int32", "int8", "uint8"}
 
 
 _NUMPY = orjson.OPT_SERIALIZE_NUMPY
-
-
-def _error(status: int, code: str, message: str) -> tuple[int, bytes]:
-    return status, orjson.dumps({"error": {"code": code, "message": message}})
 
 
 def _plain(obj: Any) -> Any:
@@ -115,45 +117,95 @@ def decode_raw(headers: dict[bytes, bytes], body: bytes) -> np.ndarray[Any, Any]
     return np.frombuffer(body, dtype=dt).reshape(shape)
 
 
-def make_inference_app(runtime: Runtime, max_body_bytes: int = 8 * 1024 * 1024) -> ASGIApp:
-    """The local inference API over `runtime`, as an ASGI application."""
-    batcher = LoopBatcher(runtime)
+class InferenceAPI:
+    """The routes as a `Handler` for `HttpServer` (the agent serves them so), and as ASGI.
 
-    async def infer(name: str, scope: Scope, receive: Receive) -> bytes:
-        headers = dict(scope.get("headers", ()))
-        body = await _read_body(headers, receive, max_body_bytes)
+    `api(method, path, headers, body)` answers at once, or with a `Deferred` when the
+    request waits for a batch. Failures the client caused are 4xx answers, never raised.
+    """
+
+    def __init__(self, runtime: Runtime, alone: Callable[[], bool] | None = None) -> None:
+        """The API over `runtime`.
+
+        Args:
+            runtime: the runtime whose pipelines it serves.
+            alone: whether the server has a single connection now (`HttpServer.alone`):
+                then no other request can join this one's loop turn, and it runs at
+                once without marking the turn for a batch.
+        """
+        self.runtime = runtime
+        self.alone = alone
+        self._batcher = LoopBatcher(runtime)
+
+    def __call__(self, method: str, path: str, headers: Headers, body: bytes) -> Answer | Deferred:
+        try:
+            # The infer route is every request's path: matched before anything else.
+            if method == "POST" and path.endswith("/infer") and path.startswith(_PREFIX + "/"):
+                name = path[len(_PREFIX) + 1 : -len("/infer")]
+                if name and "/" not in name:
+                    return self.infer(name, headers, body)
+            return self._other(method, path)
+        except RuntimeFailure as exc:
+            return _failure(exc)
+
+    def infer(self, name: str, headers: Headers, body: bytes) -> Answer | Deferred:
+        """POST /v1/pipelines/{name}/infer.
+
+        Raises:
+            RuntimeFailure: bad input, an unknown pipeline, a refusal at admission.
+        """
         ctype = headers.get(b"content-type", b"application/json")
         raw = ctype.startswith(b"application/octet-stream")
         x = decode_raw(headers, body) if raw else decode_json(body)
         # The first request of a loop turn runs at once (no wait when one client is
         # alone); the requests that other connections delivered in the same turn form
         # one batch.
-        result = await batcher.infer(name, x, raw, first_goes_now=True)
-        return orjson.dumps(result.to_json(arrays=True), default=_plain, option=_NUMPY)
+        alone = self.alone
+        got = self._batcher.begin(name, x, raw, True, alone is not None and alone())
+        if isinstance(got, Pending):
+            return Deferred(got.fut, lambda: _finish(got))
+        return 200, _encode(got), ()
 
-    def route(scope: Scope) -> tuple[int, bytes] | str:
-        """A finished answer, or the pipeline name when the infer route is asked for."""
-        path: str = scope["path"]
-        method: str = scope["method"]
-        if method == "POST" and path.endswith("/infer") and path.startswith(_PREFIX + "/"):
-            name = path[len(_PREFIX) + 1 : -len("/infer")]
-            if name and "/" not in name:  # the infer route: every request's path
-                return name
-        if not path.startswith(_PREFIX):  # mounted under a prefix that was stripped
-            path = scope.get("root_path", "") + path
+    def _other(self, method: str, path: str) -> Answer:
         if path == _PREFIX or path == _PREFIX + "/":
             if method != "GET":
-                return _error(405, "method_not_allowed", "use GET")
-            return 200, json.dumps({"pipelines": runtime.pipelines()}).encode()
+                return error_answer(405, "method_not_allowed", "use GET")
+            return 200, json.dumps({"pipelines": self.runtime.pipelines()}).encode(), ()
         if path.startswith(_PREFIX + "/"):
             parts = path[len(_PREFIX) + 1 :].split("/")
             if len(parts) == 2 and parts[1] == "infer":
                 if method != "POST":
-                    return _error(405, "method_not_allowed", "use POST")
-                return parts[0]
+                    return error_answer(405, "method_not_allowed", "use POST")
+                return error_answer(404, "unknown_pipeline", "no pipeline named ''")
             if len(parts) == 2 and parts[1] == "stats":
-                return 200, json.dumps(runtime.stats(parts[0]), default=str).encode()
-        return _error(404, "not_found", f"no route {method} {path}")
+                stats = self.runtime.stats(parts[0])
+                return 200, json.dumps(stats, default=str).encode(), ()
+        return error_answer(404, "not_found", f"no route {method} {path}")
+
+
+def _encode(result: InferenceResult) -> bytes:
+    return orjson.dumps(result.to_json(arrays=True), default=_plain, option=_NUMPY)
+
+
+def _failure(exc: RuntimeFailure) -> Answer:
+    status, body, _ = error_answer(exc.status, exc.code, str(exc))
+    return status, body, _RETRY if exc.status == 429 else ()
+
+
+def _finish(pending: Pending) -> Answer:
+    try:
+        return 200, _encode(pending.outcome()), ()
+    except RuntimeFailure as exc:
+        return _failure(exc)
+
+
+def make_inference_app(runtime: Runtime, max_body_bytes: int = 8 * 1024 * 1024) -> ASGIApp:
+    """The local inference API over `runtime`, as an ASGI application.
+
+    For mounting in an ASGI server; the agent serves the same routes with `HttpServer`,
+    which has no per-request ASGI layer.
+    """
+    api = InferenceAPI(runtime)
 
     async def app(scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "lifespan":
@@ -166,23 +218,25 @@ def make_inference_app(runtime: Runtime, max_body_bytes: int = 8 * 1024 * 1024) 
                     return
         if scope["type"] != "http":
             return
-        headers = _JSON_HEADERS
-        # Routing is plain calls and the response goes out here: the infer route is every
-        # request's path, and each coroutine layer on it costs about a microsecond.
+        path: str = scope["path"]
+        if not path.startswith(_PREFIX):  # mounted under a prefix that was stripped
+            path = scope.get("root_path", "") + path
+        headers = dict(scope.get("headers", ()))
+        answer: Answer | Deferred
         try:
-            answer = route(scope)
-            if isinstance(answer, str):
-                status, body = 200, await infer(answer, scope, receive)
-            else:
-                status, body = answer
+            body = await _read_body(headers, receive, max_body_bytes)
+            answer = api(scope["method"], path, headers, body)
+            if isinstance(answer, Deferred):
+                with contextlib.suppress(Exception):  # finish() answers the failure
+                    await answer.fut
+                answer = answer.finish()
         except RuntimeFailure as exc:
-            status, body = _error(exc.status, exc.code, str(exc))
-            if exc.status == 429:
-                headers = [*_JSON_HEADERS, (b"retry-after", b"1")]
+            answer = _failure(exc)
         except Exception as exc:  # never a traceback to the client
-            status, body = _error(500, "internal", f"{type(exc).__name__}: {exc}")
-        start = [*headers, (b"content-length", str(len(body)).encode())]
+            answer = error_answer(500, "internal", f"{type(exc).__name__}: {exc}")
+        status, out, extra = answer
+        start = [*_JSON_HEADERS, *extra, (b"content-length", str(len(out)).encode())]
         await send({"type": "http.response.start", "status": status, "headers": start})
-        await send({"type": "http.response.body", "body": body})
+        await send({"type": "http.response.body", "body": out})
 
     return app
