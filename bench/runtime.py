@@ -11,6 +11,8 @@ it with `wrk` when installed, else with the asyncio load generator below.
 How the harder comparisons are set up:
 - digits c32: 32 asyncio coroutines in one event loop, each submitting one row and
   awaiting its result (`Runtime.infer_async`), against a raw batch-1 `session.run` loop.
+  The loop is the standard library's; `digits_batched_c32_uvloop_vs_raw_b1` is the same
+  clients on uvloop (the agent's own loop), for context.
   `digits_asyncio_floor_c32_*` runs the same 32 coroutines against a drain that does no
   inference at all: the ceiling any runtime can reach with per-request futures in
   CPython. `digits_*_cpu_us_*` are this thread's CPU time per request for the runtime,
@@ -313,6 +315,11 @@ def bench_digits(seconds: float, mlp: bytes, x: np.ndarray) -> dict[str, float]:
             p99_async.append(pct(lat, 0.99))
             return cpu_per("c32", per_s, t0, c0)
 
+        def c32_uvloop() -> float:
+            import uvloop
+
+            return uvloop.run(async_clients(rt, "batched", rows, 32, seconds / 2))[0]
+
         def floor_c32() -> float:
             t0, c0 = time.perf_counter(), time.thread_time()
             return cpu_per("floor", asyncio.run(async_floor(rows, 32, seconds / 2)), t0, c0)
@@ -328,6 +335,7 @@ def bench_digits(seconds: float, mlp: bytes, x: np.ndarray) -> dict[str, float]:
                 "raw_b1": raw_b1,
                 "batched_c32": c32,
                 "batched_c32_async": c32_async,
+                "batched_c32_uvloop": c32_uvloop,
                 "callback_c32": c32_callback,
                 "asyncio_floor_c32": floor_c32,
             },
@@ -356,6 +364,7 @@ def bench_digits(seconds: float, mlp: bytes, x: np.ndarray) -> dict[str, float]:
         "digits_batched_c32_per_s": med["batched_c32_async"],
         "digits_batched_c32_vs_raw_b1": paired_ratio(res, "batched_c32_async", "raw_b1"),
         "digits_batched_c32_p99_ms": statistics.median(p99_async),
+        "digits_batched_c32_uvloop_vs_raw_b1": paired_ratio(res, "batched_c32_uvloop", "raw_b1"),
         "digits_asyncio_floor_c32_per_s": med["asyncio_floor_c32"],
         "digits_asyncio_floor_c32_vs_raw_b1": paired_ratio(res, "asyncio_floor_c32", "raw_b1"),
         "digits_batched_c32_vs_asyncio_floor": paired_ratio(

@@ -189,6 +189,41 @@ def test_async_bad_input_fails_alone(
     assert isinstance(unknown, UnknownPipeline)
 
 
+def test_a_group_of_single_rows_is_checked_at_once_and_odd_callers_one_by_one(
+    runtime: Runtime, mlp_bytes: bytes, split: DigitsSplit, make_spec: SpecFactory
+) -> None:
+    import asyncio
+
+    runtime.start_pipeline(make_spec(batching={"max_batch": 4}), runtime.load_model(mlp_bytes))
+    rows = [split.x_test[i : i + 1] for i in range(10)]
+    expected = runtime.infer("digits", split.x_test[:10]).labels
+
+    def gather(xs: list[np.ndarray], exact: bool = False) -> list[object]:
+        async def main() -> list[object]:
+            calls = (runtime.infer_async("digits", x, exact_dtype=exact) for x in xs)
+            return await asyncio.gather(*calls, return_exceptions=True)
+
+        return asyncio.run(main())
+
+    def labels(out: list[object]) -> list[object]:
+        return [r.label if hasattr(r, "label") else type(r) for r in out]
+
+    before = runtime.stats("digits")["batch_size"]["count"]
+    assert labels(gather(rows)) == expected
+    assert runtime.stats("digits")["batch_size"]["count"] - before == 3  # 4 + 4 + 2 rows
+    # Numbers as JSON decodes them (float64) are cast for the model; raw tensors that
+    # must carry the model's dtype are refused, each with its own error.
+    wide = [r.astype(np.float64) for r in rows]
+    assert labels(gather(wide)) == expected
+    assert labels(gather(wide, exact=True)) == [BadInput] * 10
+    # One odd caller among single rows is refused alone, not cast along with the rest
+    # (a bool row would turn into numbers inside one concatenated array).
+    assert labels(gather([rows[0], rows[1] > 0.5, rows[2]])) == [expected[0], BadInput, expected[2]]
+    out = gather([rows[0], np.zeros((1, 63), np.float32), split.x_test[4:6]])
+    assert labels(out[:2]) == [expected[0], BadInput]
+    assert out[2].labels == expected[4:6]  # type: ignore[attr-defined]
+
+
 def test_each_request_of_a_batch_gets_only_its_own_rows(
     mlp_bytes: bytes, split: DigitsSplit, make_spec: SpecFactory
 ) -> None:

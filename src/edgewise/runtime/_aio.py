@@ -63,10 +63,12 @@ class _Group:
 
     The drain stacks the members' rows into as few `Request`s as the lane allows
     (`Runtime.submit_group`); `slots[i]` says where member `i`'s rows are, or why it
-    was refused. The last stacked request to complete wakes every member at once.
+    was refused, unless every member sent one valid row: then `step` says how many
+    members each request carries. The last stacked request to complete wakes every
+    member at once.
     """
 
-    __slots__ = ("fut", "left", "lock", "reqs", "slots", "tid", "xs")
+    __slots__ = ("fut", "left", "lock", "reqs", "slots", "step", "tid", "xs")
 
     def __init__(self, fut: asyncio.Future[None], tid: int) -> None:
         self.fut = fut
@@ -74,6 +76,7 @@ class _Group:
         self.xs: list[tuple[np.ndarray[Any, Any], bool]] = []
         self.reqs: list[Request] = []
         self.slots: list[tuple[int, int, int] | BaseException] = []
+        self.step = 0  # when set: member i is row i % step of request i // step
         self.left = 0
         # Refused requests are failed in the loop thread while admitted ones may already
         # complete on the worker: the count is shared by two threads.
@@ -95,10 +98,15 @@ class _Group:
 
     def outcome(self, i: int) -> InferenceResult:
         """Member `i`'s result; raises its error."""
-        slot = self.slots[i]
-        if isinstance(slot, BaseException):
-            raise slot
-        k, start, end = slot
+        step = self.step
+        if step:
+            k, start = divmod(i, step)
+            end = start + 1
+        else:
+            slot = self.slots[i]
+            if isinstance(slot, BaseException):
+                raise slot
+            k, start, end = slot
         req = self.reqs[k]
         if req.error is not None:
             raise req.error
@@ -241,7 +249,11 @@ class LoopBatcher:
                     exc if isinstance(exc, RuntimeFailure) else RuntimeFailure(str(exc))
                 )
             return
-        group.reqs, group.slots = reqs, slots
+        group.reqs = reqs
+        if isinstance(slots, int):
+            group.step = slots
+        else:
+            group.slots = slots
         with group.lock:  # completions so far counted down from the placeholder
             group.left -= (1 << 30) - len(reqs)
             finished = group.left == 0

@@ -118,7 +118,7 @@ class ModelInfo:
 
 
 @functools.cache
-def _castable(got: np.dtype[Any], want: np.dtype[Any]) -> bool:
+def castable(got: np.dtype[Any], want: np.dtype[Any]) -> bool:
     """JSON numbers decode as int64/float64; cast them when the kinds are compatible."""
     return got.kind in "iuf" and bool(np.can_cast(got, want, "same_kind"))
 
@@ -185,7 +185,7 @@ class LoadedModel:
         """
         spec = self.session.input
         if x.dtype != spec.dtype:
-            if exact_dtype or not _castable(x.dtype, spec.dtype):
+            if exact_dtype or not castable(x.dtype, spec.dtype):
                 from edgewise.runtime._errors import BadInput
 
                 raise BadInput(f"dtype {x.dtype} does not match the model input {spec.dtype}")

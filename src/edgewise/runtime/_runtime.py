@@ -25,7 +25,7 @@ from edgewise.runtime._cascade import make_escalator
 from edgewise.runtime._degrade import Mode, Observation, read_cpu_percent, read_thermal_c, step
 from edgewise.runtime._errors import AcceleratorUnavailable, BadInput, UnknownPipeline
 from edgewise.runtime._loader import ModelSource, load_model
-from edgewise.runtime._model import HealthResult, LoadedModel, ModelInfo, health_check
+from edgewise.runtime._model import HealthResult, LoadedModel, ModelInfo, castable, health_check
 from edgewise.runtime._pipeline import InferenceResult, ModelLane, RunningPipeline
 from edgewise.runtime._scheduler import Executor, Request
 from edgewise.runtime._stages import POSTPROCESS, PREPROCESS, SINKS, SOURCES
@@ -296,7 +296,7 @@ class Runtime:
         callback: Callable[[Request], None],
         *,
         inline: bool = True,
-    ) -> tuple[list[Request], list[tuple[int, int, int] | BaseException]]:
+    ) -> tuple[list[Request], list[tuple[int, int, int] | BaseException] | int]:
         """Submit many callers' inputs (each `(array, exact_dtype)`) as stacked requests.
 
         The callers' rows are validated one by one and stacked into as few requests as
@@ -308,7 +308,9 @@ class Runtime:
 
         Returns:
             The stacked requests, and per input either `(request index, first row, end
-            row)` or the `BadInput` it was refused with.
+            row)` or the `BadInput` it was refused with; or, when every input was one
+            valid row, the number of inputs per request (`step`: input `i` is row
+            `i % step` of request `i // step`).
 
         Raises:
             UnknownPipeline: no pipeline by that name.
@@ -324,6 +326,17 @@ class Runtime:
         fast = not p.pre
         dtype, fixed, ndim = model.session.input.dtype, model.fixed_shape, model.input_ndim
         max_rows, max_callers = lane.max_batch, max(1, p.capacity)
+        if fast and len(xs) > 1:
+            stacked = _single_rows(xs, dtype, fixed, ndim)
+            if stacked is not None:  # the usual group: checked and stacked at once
+                step = min(max_rows, max_callers)
+                stacks = [
+                    Request(stacked[i : i + step], lane, p, now, callback, n=min(step, len(xs) - i))
+                    for i in range(0, len(xs), step)
+                ]
+                ex = p.executor
+                ex.submit_many(stacks, inline and ex.typical_batch_s() < self._inline_max_s)
+                return stacks, step
         slots: list[tuple[int, int, int] | BaseException] = []
         reqs: list[Request] = []
         parts: list[Array] = []
@@ -462,6 +475,33 @@ class Runtime:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _single_rows(
+    xs: Sequence[tuple[Array, bool]], dtype: np.dtype[Any], fixed: tuple[int, ...], ndim: int
+) -> Array | None:
+    """Every caller's input stacked, when each is one row of the model's shape, or None.
+
+    With one dtype among them, one `np.concatenate` checks a whole group: it refuses
+    inputs of other ranks or shapes, and the result's shape shows any caller that sent
+    more or fewer rows. Numbers that need a cast (JSON's float64) are cast once for the
+    group, unless a caller asked for its exact dtype (raw tensors). Anything else takes
+    the caller-by-caller path, which says what is wrong with each.
+    """
+    first = xs[0][0].dtype
+    if any(x.dtype is not first for x, _ in xs):  # concatenate would cast them silently
+        return None
+    try:
+        stacked = np.concatenate([x for x, _ in xs])
+    except ValueError:
+        return None
+    if stacked.ndim != ndim or stacked.shape[1:] != fixed or len(stacked) != len(xs):
+        return None
+    if stacked.dtype != dtype:
+        if any(exact for _, exact in xs) or not castable(stacked.dtype, dtype):
+            return None
+        stacked = stacked.astype(dtype)
+    return stacked
 
 
 def _stacked(
