@@ -109,6 +109,7 @@ class _Conn(asyncio.Protocol):
         self.reading = True
         self.writable = True  # the transport's write buffer is below its high-water mark
         self.refused: _Refused | None = None
+        self.lingering = 0  # idle checks seen since a refusal was sent (see _linger)
         self.url = b""
         self.headers: Headers = {}
         self.body: list[bytes] = []
@@ -127,6 +128,8 @@ class _Conn(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         self.heard = True
+        if self.lingering:
+            return  # the rest of a refused request: dropped
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserUpgrade:
@@ -226,7 +229,7 @@ class _Conn(asyncio.Protocol):
         while self.queue and not self.waiting and not self.closed and self.writable:
             method, path, headers, body, keep, refusal = self.queue.popleft()
             if refusal is not None:
-                self._write(refusal, False)
+                self._write(refusal, False, linger=True)
                 return
             try:
                 answer = handler(method, path, headers, body)
@@ -255,14 +258,18 @@ class _Conn(asyncio.Protocol):
         self._write(answer, keep, head_only)
         self._serve()
 
-    def _write(self, answer: Answer, keep: bool, head_only: bool = False) -> None:
+    def _write(
+        self, answer: Answer, keep: bool, head_only: bool = False, linger: bool = False
+    ) -> None:
         transport = self.transport
         if transport is None or self.closed:
             return
         status, body, extra = answer
         head = _head(status, len(body), extra, not keep)
         transport.write(head if head_only else head + body)
-        if not keep:
+        if linger:
+            self._linger()
+        elif not keep:
             self._close()
 
     def _over_limit(self, answer: Answer) -> None:
@@ -298,8 +305,32 @@ class _Conn(asyncio.Protocol):
             self.closed = True
             self.transport.close()
 
+    def _linger(self) -> None:
+        """Close after a refusal without losing it to a reset.
+
+        The client may still be sending the request that was refused (a body over the
+        limit). Closing a socket with unread data makes the kernel send a reset, which
+        can reach the client before it reads the answer. So, as web servers do: close
+        our side for writing once the answer is out, read and drop whatever still
+        comes, and close when the client does, or at the second idle check from now.
+        """
+        transport = self.transport
+        if transport is None or self.closed:
+            return
+        self.lingering = 1
+        if transport.can_write_eof():
+            transport.write_eof()
+        self.reading = True
+        transport.resume_reading()
+
     def idle(self) -> bool:
-        """Nothing heard since the last check and nothing in flight."""
+        """Nothing heard since the last check and nothing in flight.
+
+        A connection lingering after a refusal counts as idle at its second check.
+        """
+        if self.lingering:
+            self.lingering += 1
+            return self.lingering > 2
         quiet = not self.heard and not self.waiting and not self.queue
         self.heard = False
         return quiet

@@ -14,7 +14,7 @@ import edgewise.agent as agent_pkg
 from edgewise._httpd import Deferred, Handler
 from edgewise.agent import AsyncDeviceClient, DeviceAuthError, DeviceClient, DeviceKey, UplinkError
 from edgewise.agent._identity import public_key_b64
-from edgewise.agent._local import make_local_app
+from edgewise.agent._local import MAX_BODY, LocalServer, make_local_app
 from edgewise.protocol import Report, TelemetryBatch, TelemetryRecord
 
 from ._harness import ControlPlaneProc
@@ -70,8 +70,9 @@ def test_sync_client_reports_auth_failures_as_device_auth_errors(
         with pytest.raises(DeviceAuthError):
             stranger.desired()
         with pytest.raises(UplinkError):
-            DeviceClient(http).enroll("not-a-token", public_key_b64(
-                Ed25519PrivateKey.generate()), {}, {})
+            DeviceClient(http).enroll(
+                "not-a-token", public_key_b64(Ed25519PrivateKey.generate()), {}, {}
+            )
 
 
 def _call(app: Handler, method: str, path: str, body: bytes = b"") -> tuple[int, bytes]:
@@ -112,3 +113,36 @@ def test_local_endpoints_answer_health_status_and_unknown_routes() -> None:
     assert _call(app, "POST", "/v1/pipelines/x/infer")[0] == 404
     ok = b'{"records": [{"cls": "metric", "kind": "app.m", "data": {"v": 1}}]}'
     assert _call(app, "POST", "/telemetry", ok) == (200, b'{"stored": 1}')
+
+
+def test_local_server_answers_over_http_and_bounds_what_it_reads() -> None:
+    stored: list[object] = []
+
+    def add(records: list[object]) -> int:
+        if len(records) == 2:
+            raise OSError("disk full")  # the buffer failing: a 500 with a JSON body
+        stored.extend(records)
+        return len(records)
+
+    inference: list[Handler] = []
+    app = make_local_app(
+        lambda: {"pipelines": {}}, add, lambda: inference[0] if inference else None
+    )
+    server = LocalServer(app, 0)
+    port = server.start()
+    try:
+        with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=10) as http:
+            assert http.get("/healthz").json() == {"ok": True}
+            assert http.get("/status").json() == {"pipelines": {}}
+            one = {"records": [{"cls": "event", "kind": "app.e"}]}
+            assert http.post("/telemetry", json=one).json() == {"stored": 1}
+            failed = http.post("/telemetry", json={"records": one["records"] * 2})
+            assert failed.status_code == 500 and "disk full" in failed.json()["error"]["message"]
+            big = http.post("/telemetry", content=b" " * (MAX_BODY + 1))
+            assert big.status_code == 413 and big.json()["error"]["code"] == "payload_too_large"
+            assert http.post("/v1/pipelines/x/infer", json=[1]).status_code == 404
+            inference.append(lambda m, p, h, b: (200, b'{"inner": true}', ()))
+            assert http.post("/v1/pipelines/x/infer", json=[1]).json() == {"inner": True}
+        assert len(stored) == 1
+    finally:
+        server.stop()

@@ -214,6 +214,25 @@ def test_a_request_that_cannot_be_read_gets_a_4xx_and_the_connection_closes(
         assert Reader(sock).answer()[0] == 200
 
 
+def test_a_refused_body_is_read_and_dropped_so_the_client_gets_its_answer(
+    server: HttpServer,
+) -> None:
+    # Closing with 2 MB unread would reset the connection: the client's send fails and
+    # the 413 may never be read. The server half-closes and drains instead.
+    body = b"y" * 2_000_000
+    with connect(server) as sock:
+        sock.sendall(post("/x", body))
+        r = Reader(sock)
+        status, headers, answer = r.answer()
+        assert (status, headers["connection"]) == (413, "close")
+        assert json.loads(answer)["error"]["code"] == "payload_too_large"
+        assert r.closed()  # our side is half-closed at once
+        deadline = time.monotonic() + 10  # and the connection ends after 2 idle checks
+        while server.conns and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert not server.conns
+
+
 def test_handler_errors_are_500_json_and_the_connection_stays_usable(server: HttpServer) -> None:
     with connect(server) as sock:
         r = Reader(sock)
