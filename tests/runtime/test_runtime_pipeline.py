@@ -222,6 +222,10 @@ def test_a_group_of_single_rows_is_checked_at_once_and_odd_callers_one_by_one(
     out = gather([rows[0], np.zeros((1, 63), np.float32), split.x_test[4:6]])
     assert labels(out[:2]) == [expected[0], BadInput]
     assert out[2].labels == expected[4:6]  # type: ignore[attr-defined]
+    # Two rows and none add up to one row each, and are still told apart.
+    two, empty = gather([split.x_test[4:6], split.x_test[:0]])
+    assert two.labels == expected[4:6]  # type: ignore[attr-defined]
+    assert isinstance(empty, BadInput)
 
 
 def test_each_request_of_a_batch_gets_only_its_own_rows(

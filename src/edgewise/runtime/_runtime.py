@@ -482,20 +482,22 @@ def _single_rows(
 ) -> Array | None:
     """Every caller's input stacked, when each is one row of the model's shape, or None.
 
-    With one dtype among them, one `np.concatenate` checks a whole group: it refuses
-    inputs of other ranks or shapes, and the result's shape shows any caller that sent
-    more or fewer rows. Numbers that need a cast (JSON's float64) are cast once for the
-    group, unless a caller asked for its exact dtype (raw tensors). Anything else takes
-    the caller-by-caller path, which says what is wrong with each.
+    With one row each and one dtype among them, one `np.concatenate` checks a whole
+    group: it refuses inputs of other ranks, and the result's shape shows any other
+    shape. Numbers that need a cast (JSON's float64) are cast once for the group,
+    unless a caller asked for its exact dtype (raw tensors). Anything else takes the
+    caller-by-caller path, which says what is wrong with each.
     """
     first = xs[0][0].dtype
-    if any(x.dtype is not first for x, _ in xs):  # concatenate would cast them silently
+    # One row each (a two-row and an empty input would add up to two rows), and one
+    # dtype (concatenate would cast a stray one silently).
+    if any(x.dtype is not first or x.shape[:1] != (1,) for x, _ in xs):
         return None
     try:
         stacked = np.concatenate([x for x, _ in xs])
     except ValueError:
         return None
-    if stacked.ndim != ndim or stacked.shape[1:] != fixed or len(stacked) != len(xs):
+    if stacked.ndim != ndim or stacked.shape[1:] != fixed:
         return None
     if stacked.dtype != dtype:
         if any(exact for _, exact in xs) or not castable(stacked.dtype, dtype):
