@@ -11,6 +11,8 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from edgewise._httpd import Answer, Deferred, Headers, HttpServer, error_answer
 
@@ -326,3 +328,39 @@ def test_many_clients_at_once_are_all_answered(server: HttpServer) -> None:
     for t in threads:
         t.join()
     assert errors == []
+
+
+@settings(
+    max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(cuts=st.lists(st.integers(min_value=1, max_value=400), max_size=12))
+def test_requests_split_anywhere_across_reads_get_the_same_answers(
+    server: HttpServer, cuts: list[int]
+) -> None:
+    chunked = (
+        b"POST /c HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n2\r\nde\r\n0\r\n\r\n"
+    )
+    stream = get("/a?x=1") + post("/b", b"x" * 100, "X-A: 1") + chunked + get("/d%2Fe")
+    want = [
+        ("GET", "/a", ""),
+        ("POST", "/b", "x" * 100),
+        ("POST", "/c", "abcde"),
+        ("GET", "/d/e", ""),
+    ]
+    with connect(server) as sock:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        at = 0
+        for cut in sorted(set(cuts)):
+            if at < cut < len(stream):
+                sock.sendall(stream[at:cut])
+                time.sleep(0.002)  # separate reads on the server's side, most of the time
+                at = cut
+        sock.sendall(stream[at:])
+        r = Reader(sock)
+        got = []
+        for _ in want:
+            status, _, body = r.answer()
+            doc = json.loads(body)
+            got.append((doc["method"], doc["path"], doc["body"]))
+            assert status == 200
+    assert got == want
