@@ -12,10 +12,11 @@ connection), and defers when the request waits for a batch: no task, coroutine o
 per-request ASGI message on its path.
 
 Why not uvicorn: the local inference API's budget is a few percent over a bare endpoint
-that calls `session.run`, and at one connection the server's own work is most of a
-request. Measured on the digits MLP (bench/runtime.py), uvicorn with an ASGI app spends
-~100 us of CPU per request around the app; this server ~30 us. It is the simulator's
-transport approach (`edgewise.sim._transport`) on the serving side.
+that calls `session.run`, and at one connection the server's own work is a large part
+of a request. Measured on the digits MLP at one connection (bench/runtime.py): the same
+routes cost 199-233 us of server CPU per request as an ASGI app on uvicorn, 144-156 us
+on this server, whose own Python work is ~9 us of that. It is the simulator's transport
+approach (`edgewise.sim._transport`) on the serving side.
 
 It lives at the package's top, importing nothing of edgewise, because two parts use it:
 the runtime's inference API answers in its terms, and the agent serves its loopback
@@ -24,11 +25,14 @@ of RSS) until it runs a pipeline.
 
 What it does: keep-alive; pipelined requests answered in order; Content-Length and
 chunked bodies (httptools decodes the chunking); `Expect: 100-continue`; HEAD; limits
-(a head over `max_head_bytes` gets 431, a body over `max_body_bytes` 413, both then
-close); a malformed request gets 400 and the connection closes; a handler that raises
-gets a 500 JSON answer, never a traceback; a connection silent for `idle_timeout_s`
-with nothing in flight is closed (checked every `idle_timeout_s`, so after one to two
-of them). Every answer is JSON. Not here: TLS, HTTP/2, upgrades, streamed bodies.
+(a request line or head over `max_head_bytes` gets 414 or 431, a body over
+`max_body_bytes` 413); a malformed request gets 400. After such a refusal the
+connection closes, once the rest of the request has been read and dropped (see
+`_Conn._linger`). A handler that raises gets a 500 JSON answer, never a traceback. A
+connection silent for `idle_timeout_s` with nothing in flight is closed (checked every
+`idle_timeout_s`, so after one to two of them). A client that does not read its answers
+is not answered, nor read, further until it does. Every answer is JSON. Not here: TLS,
+HTTP/2, upgrades, streamed bodies.
 """
 
 from __future__ import annotations
@@ -86,7 +90,7 @@ def _head(status: int, length: int, extra: Sequence[tuple[bytes, bytes]], close:
 
 
 class _Refused(Exception):
-    """A request over a limit: answered with `answer`, then the connection closes."""
+    """A request that cannot be served: answered with `answer`, then the connection ends."""
 
     def __init__(self, answer: Answer) -> None:
         super().__init__(answer[0])
