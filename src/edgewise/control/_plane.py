@@ -12,9 +12,10 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -51,6 +52,8 @@ from edgewise.protocol import (
 )
 
 __all__ = ["ApiError", "ControlPlane", "Principal", "digest", "ensure_json"]
+
+log = logging.getLogger(__name__)
 
 
 class ApiError(Exception):
@@ -123,6 +126,19 @@ class ControlPlane:
         # its document once per change (see `_rollouts._parsed`)
         self.parsed_rollouts: dict[str, tuple[int, Any]] = {}
         self._recompute_lock = threading.Lock()
+        # Called with (device id, revision) when this replica commits a new desired
+        # revision: the MQTT push (telemetry wiring). Replicas that learn of a change from
+        # the watcher wake only their own long-polls, so each change is pushed once.
+        self.on_desired: list[Callable[[str, int], None]] = []
+
+    def desired_committed(self, device_ids: Sequence[str], revisions: Sequence[int]) -> None:
+        """Run the `on_desired` hooks; a hook that fails is logged, never raised."""
+        for hook in list(self.on_desired):
+            try:
+                for device_id, revision in zip(device_ids, revisions, strict=True):
+                    hook(device_id, revision)
+            except Exception:  # a push is a hint: polls still carry every change
+                log.exception("desired-state push failed")
 
     # ---------------------------------------------------------------- tokens
     def bootstrap_admin(self) -> str | None:
@@ -388,6 +404,7 @@ class ControlPlane:
                 # thread and a store read (the tail of the wake latency under load).
                 self.cache.replace(device_id, _cached_device(row, revision, signed), since)
                 self.notifier.notify(device_id)
+                self.desired_committed([device_id], [revision])
                 return revision
             deployments = None  # lost a race: re-read everything
         raise ApiError(503, "busy", "desired state keeps changing; retry")

@@ -116,6 +116,7 @@ def recompute_devices(plane: ControlPlane, device_ids: Sequence[str]) -> int:
         plane.cache.replace_many(items, since)
         for device_id in changed:
             plane.notifier.notify(device_id)
+        plane.desired_committed(changed, [fresh[device_id]["rev"] for device_id in changed])
         bumped += len(changed)
         for device_id in lost:  # changed under us: the careful one-device path
             plane.recompute(device_id)

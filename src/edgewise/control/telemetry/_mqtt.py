@@ -9,6 +9,11 @@ Wire format (the device side is `edgewise.agent.telemetry.MqttTelemetryUplink`):
 - the control plane answers on `edgewise/devices/<device id>/telemetry/ack` (QoS 1)
   with the `TelemetryAck` JSON plus `last_seq`, the highest seq of the batch it acks.
 
+The same connection pushes desired-state changes: when this control plane commits a new
+desired revision for a device it publishes `{"revision": n}` to
+`edgewise/devices/<device id>/desired` (QoS 1), where the agent's `MqttWake` listens and
+polls at once. The push carries no state: the signed document still comes over HTTPS.
+
 Every control plane subscribes to `$share/edgewise/edgewise/telemetry/#`, so the broker
 hands each message to one of them. Messages are acknowledged to the broker (manual
 PUBACK) only after the database transaction that stored them committed: a control
@@ -35,6 +40,7 @@ __all__ = [
     "ACK_TOPIC",
     "SHARED_SUBSCRIPTION",
     "TELEMETRY_TOPIC",
+    "WAKE_TOPIC",
     "MqttIngest",
     "MqttIngestStats",
 ]
@@ -42,6 +48,7 @@ __all__ = [
 log = logging.getLogger("edgewise.control.telemetry.mqtt")
 
 TELEMETRY_TOPIC = "edgewise/telemetry/{device_id}"
+WAKE_TOPIC = "edgewise/devices/{device_id}/desired"
 ACK_TOPIC = "edgewise/devices/{device_id}/telemetry/ack"
 SHARED_SUBSCRIPTION = "$share/edgewise/edgewise/telemetry/#"
 _PREFIX = "edgewise/telemetry/"
@@ -147,6 +154,17 @@ class MqttIngest:
             self._client.disconnect()
             self._client.loop_stop()
             self._client = None
+
+    def push_desired(self, device_id: str, revision: int) -> None:
+        """Tell the device its desired state changed (QoS 1).
+
+        paho queues the message while the broker is away. Thread-safe: recomputes run
+        on worker threads.
+        """
+        client = self._client
+        if client is not None:
+            body = json.dumps({"revision": revision}).encode()
+            client.publish(WAKE_TOPIC.format(device_id=device_id), body, qos=1)
 
     # -- paho callbacks (network thread: keep short) ----------------------------------
 

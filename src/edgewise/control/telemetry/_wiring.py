@@ -3,12 +3,13 @@
 `install_telemetry(app, plane, registry)` adds the `/api/v1` telemetry routes, the fleet
 gauges on `/metrics`, the ingest budget for `POST /device/v1/telemetry`, and, for the
 application's lifetime, the background work: alert evaluation with webhooks every
-`alert_interval_s`, the retention job every `retention_interval_s`, and the MQTT
-consumer when a broker is configured.
+`alert_interval_s`, the retention job every `retention_interval_s`, and, when a broker
+is configured, the MQTT consumer, whose connection also pushes desired-state changes to
+devices (`ControlPlane.on_desired`).
 
 Configuration (`TelemetryConfig`) comes from the environment unless passed in:
 `EDGEWISE_TELEMETRY_BUDGET` (records/s admitted per control plane, 0 = unlimited),
-`EDGEWISE_MQTT` (`host:port` of the broker for MQTT ingest), `EDGEWISE_ALERT_WEBHOOK`
+`EDGEWISE_MQTT` (`host:port` of the broker for MQTT ingest and pushes), `EDGEWISE_ALERT_WEBHOOK`
 (the default webhook for rules without one), `EDGEWISE_ALERT_INTERVAL_S`.
 """
 
@@ -153,6 +154,8 @@ class TelemetryRuntime:
             except (ConnectionError, OSError):
                 log.exception("MQTT telemetry ingest unavailable")
                 self.mqtt = None
+            else:
+                self.plane.on_desired.append(self.mqtt.push_desired)
         self._stop.clear()
         self._thread = threading.Thread(target=self._loop, name="telemetry", daemon=True)
         self._thread.start()
@@ -164,6 +167,8 @@ class TelemetryRuntime:
             self._thread.join(timeout=10)
             self._thread = None
         if self.mqtt is not None:
+            with contextlib.suppress(ValueError):
+                self.plane.on_desired.remove(self.mqtt.push_desired)
             self.mqtt.stop()
             self.mqtt = None
 
