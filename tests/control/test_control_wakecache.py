@@ -133,3 +133,31 @@ def test_the_replica_watcher_passes_over_this_replicas_own_changes(
     assert plane.cache.get(ids[2]) is None
     assert devs[0].get("/device/v1/desired").status_code == 200
     assert [plane.notifier.version(i) for i in ids] == [*versions[:2], versions[2] + 1]
+
+
+def test_a_label_change_wakes_the_device_once_and_only_when_its_document_changes(
+    sqlite_plane: Plane, examples: dict[str, Any]
+) -> None:
+    from edgewise.control._app import notice_changes
+
+    p = sqlite_plane
+    plane = p.client.app.state.plane  # type: ignore[attr-defined]
+    p.trust(examples["pub"])
+    assert p.push(examples["bundles"]["digits-mlp@1.0.0"]).status_code == 201
+    pipelines = {"digits": {"model": "digits-mlp@1.0.0"}}
+    r = p.api("POST", "/api/v1/deployments",
+              json={"name": "once", "selector": "once=yes", "pipelines": pipelines})  # fmt: skip
+    assert r.status_code == 201, r.text
+    dev = p.enroll()
+    assert dev.get("/device/v1/desired").status_code == 200
+    since = p.clock() - 1.0
+    before = plane.notifier.version(dev.id)
+    for labels, wakes in (({"once": "yes"}, 1), ({"other": "x"}, 0)):
+        r = p.api("POST", f"/api/v1/devices/{dev.id}/labels", json={"set": labels})
+        assert r.status_code == 200, r.text
+        assert dev.get("/device/v1/desired").status_code == 200  # the wakes have landed
+        assert plane.notifier.version(dev.id) - before == wakes
+        before = plane.notifier.version(dev.id)
+    assert plane.cache.get(dev.id).labels == {"once": "yes", "other": "x"}
+    # The replica watcher passes over both label writes: this replica made them.
+    assert notice_changes(plane, plane.store.changed_since(since), since) == 0

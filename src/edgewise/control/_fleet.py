@@ -220,8 +220,13 @@ def set_labels(
     labels = {k: v for k, v in row["labels"].items() if k not in set(remove)} | set_
     if not in_scope(who.scope, labels):
         raise ApiError(403, "out_of_scope", "new labels would move the device out of scope")
-    plane.store.set_labels(device_id, labels, plane.clock())
-    plane.device_changed(device_id)
+    now = plane.clock()
+    plane.store.set_labels(device_id, labels, now)
+    # Labels reach a device only through its desired document: the recompute wakes its
+    # long-poll when that changes, once. The cached labels go now; the mark tells this
+    # replica's watcher that the write was its own.
+    plane.changes.mark([device_id], now)
+    plane.cache.drop(device_id)
     plane.recompute(device_id)
     plane.audit(who.actor, "device.label", f"device:{device_id}", digest([set_, remove]), "ok")
     fresh = plane.store.get_device(device_id)

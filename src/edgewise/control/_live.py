@@ -18,11 +18,16 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import threading
 from collections import OrderedDict
+from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+
+from edgewise.control._identity import public_key_from_b64
 
 __all__ = [
     "CachedDevice",
@@ -183,6 +188,22 @@ class CachedDevice:
     signed_json: bytes | None
     expires_at: float
     issued_at: float
+
+    @classmethod
+    def from_row(
+        cls, row: Mapping[str, Any], revision: int, signed: Mapping[str, Any] | None
+    ) -> CachedDevice:
+        """The poll-path view of a device row and its signed desired document."""
+        doc = signed["document"] if signed else {}
+        return cls(
+            public_key=public_key_from_b64(row["public_key"]),
+            status=row["status"],
+            labels=dict(row["labels"]),
+            revision=revision,
+            signed_json=json.dumps(signed, separators=(",", ":")).encode() if signed else None,
+            expires_at=float(doc.get("expires_at", 0.0)),
+            issued_at=float(doc.get("issued_at", 0.0)),
+        )
 
 
 class DeviceCache:

@@ -314,7 +314,7 @@ class ControlPlane:
         row = self.store.get_device(device_id)
         if row is None:
             return None
-        item = _cached_device(row, int(row["desired_revision"]), row["desired_signed"])
+        item = CachedDevice.from_row(row, int(row["desired_revision"]), row["desired_signed"])
         self.cache.put(device_id, item, since)
         return item
 
@@ -402,7 +402,7 @@ class ControlPlane:
                 # Hand the committed document to the cache before waking: the woken
                 # long-polls answer from memory instead of each queueing for a worker
                 # thread and a store read (the tail of the wake latency under load).
-                self.cache.replace(device_id, _cached_device(row, revision, signed), since)
+                self.cache.replace(device_id, CachedDevice.from_row(row, revision, signed), since)
                 self.notifier.notify(device_id)
                 self.desired_committed([device_id], [revision])
                 return revision
@@ -452,22 +452,6 @@ class ControlPlane:
             self.cache.drop(device_id)
             return self.load_device(device_id) or device, True
         return device, False
-
-
-def _cached_device(
-    row: Mapping[str, Any], revision: int, signed: Mapping[str, Any] | None
-) -> CachedDevice:
-    """The poll-path view of a device row and its signed desired document."""
-    doc = signed["document"] if signed else {}
-    return CachedDevice(
-        public_key=public_key_from_b64(row["public_key"]),
-        status=row["status"],
-        labels=dict(row["labels"]),
-        revision=revision,
-        signed_json=json.dumps(signed, separators=(",", ":")).encode() if signed else None,
-        expires_at=float(doc.get("expires_at", 0.0)),
-        issued_at=float(doc.get("issued_at", 0.0)),
-    )
 
 
 def _public_token(row: Mapping[str, Any]) -> dict[str, Any]:

@@ -16,7 +16,8 @@ from sqlalchemy import bindparam, select, update
 
 from edgewise.control import _schema as t
 from edgewise.control._desiredcalc import content_hash, desired_content
-from edgewise.control._plane import ControlPlane, _cached_device
+from edgewise.control._live import CachedDevice
+from edgewise.control._plane import ControlPlane
 from edgewise.control._revisions import apply_assignments, overrides_for
 from edgewise.control._selector import parse_selector
 from edgewise.protocol import DesiredState, sign_desired
@@ -112,7 +113,7 @@ def recompute_devices(plane: ControlPlane, device_ids: Sequence[str]) -> int:
         items = {}
         for device_id in changed:
             w, cols = fresh[device_id], dict(by_id[device_id]._mapping)
-            items[device_id] = _cached_device(cols, w["rev"], w["signed"])
+            items[device_id] = CachedDevice.from_row(cols, w["rev"], w["signed"])
         plane.cache.replace_many(items, since)
         for device_id in changed:
             plane.notifier.notify(device_id)
