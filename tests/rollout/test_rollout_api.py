@@ -6,6 +6,8 @@ import dataclasses
 import json
 import math
 from collections import Counter
+from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -156,6 +158,52 @@ def test_a_rollback_whose_revert_write_fails_still_returns_every_device(
     world.tick()
     assert world.driver.owed == 0
     assert {d.version() for d in devs} == {"1.0.0"}
+
+
+@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
+def any_world(
+    request: pytest.FixtureRequest, tmp_path: Path, examples: dict[str, Any]
+) -> Iterator[World]:
+    from .inproc import make_world
+
+    url = request.getfixturevalue("pg_url") if request.param == "postgres" else None
+    yield from make_world(tmp_path, examples, url)
+
+
+def test_a_rollback_a_dead_driver_left_unwritten_is_written_by_the_next_one(
+    any_world: World, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from sqlalchemy import select
+
+    from edgewise.control._schema import rollouts
+
+    world = any_world
+    devs = _fleet(world, 4)
+    ro = _start(world, _revise(world, "2.0.0"), canary=1, gates={"error_pct": 10})
+    world.tick()
+    (canary,) = _phase_devices(world, ro["id"], 0, devs)
+    monkeypatch.setattr(driver_module, "recompute_devices", _FailOnce())
+    canary.report("2.0.0", "failed", "health check failed")
+    world.tick()  # rolled back; the revert write fails, and then this driver dies
+    assert world.rollout(ro["id"])["state"] == "rolled_back"
+    assert canary.version() == "2.0.0"
+
+    def lease() -> tuple[str | None, float | None]:
+        r = rollouts
+        with world.plane.store.engine.connect() as c:
+            row = c.execute(select(r.c.lease_owner, r.c.lease_expires).where(r.c.id == ro["id"]))
+            owner, expires = row.one()
+            return owner, expires
+
+    world.driver = driver_module.RolloutDriver(world.plane, owner="after-restart")
+    world.tick()  # the dead driver's lease has not run out: left alone
+    assert lease()[0] == "test-driver" and canary.version() == "2.0.0"
+    world.clock.now += world.driver.lease_s + 1
+    world.tick()
+    assert {d.version() for d in devs} == {"1.0.0"}
+    assert lease() == (None, None)  # settled, and let go
+    log = RolloutStore(world.plane).notifications(ro["id"])
+    assert [n["kind"] for n in log].count("revert") == 1  # logged once, by the dead driver
 
 
 def _canary_passed(w: World) -> dict[str, Any]:

@@ -8,8 +8,11 @@ seconds), calls `step`, and commits the new value with its actions in one transa
 it moved up to date (a revision bump each, which wakes their long-polls). Those
 documents are derived data: after a restart the first tick recomputes every device the
 rollout holds, which changes nothing when nothing was lost and repairs a crash between
-commit and recompute otherwise. A notification is the committed assignment, logged once
-per device: a restarted driver never notifies a device again.
+commit and recompute otherwise. A driver lets a finished rollout go only after those
+writes, so a finished rollout still leased was left by a driver that died in between: the
+next driver to find its lease run out settles it (`settle_finished`). A notification is
+the committed assignment, logged once per device: a restarted driver never notifies a
+device again.
 
 Usage (the app does this)::
 
@@ -145,6 +148,13 @@ class RolloutDriver:
             except Exception:
                 log.exception("desired documents still owed; retrying next tick")
         now = self.plane.clock()
+        for rollout_id, deployment in self.rollouts.acquire_unsettled(
+            self.owner, now, self.lease_s
+        ):
+            try:
+                self.settle_finished(rollout_id, deployment)
+            except Exception:
+                log.exception("rollout %s: finished, documents still owed", rollout_id)
         held = self.rollouts.acquire_leases(self.owner, now, self.lease_s)
         for rollout_id in held:
             try:
@@ -257,6 +267,18 @@ class RolloutDriver:
         for deployment in sorted(self._owed_deployments):
             recompute_selector(self.plane, deployment)
             self._owed_deployments.discard(deployment)
+
+    def settle_finished(self, rollout_id: str, deployment: str) -> None:
+        """Write what a finished rollout's last step owed, then let the rollout go.
+
+        The driver that committed that step died (or its writes failed) before it could:
+        which documents were owed died with it, so every device the rollout still holds
+        and every device of its deployment is brought up to date (writes that change
+        nothing cost a read).
+        """
+        recompute_devices(self.plane, self.rollouts.assigned_devices(rollout_id))
+        recompute_selector(self.plane, deployment)
+        self.rollouts.release(rollout_id, self.owner)
 
     @property
     def owed(self) -> int:

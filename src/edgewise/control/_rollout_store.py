@@ -22,7 +22,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import orjson
-from sqlalchemy import Connection, delete, insert, or_, select, update
+from sqlalchemy import Connection, and_, delete, insert, or_, select, update
 
 from edgewise.control import _schema as t
 from edgewise.control._plane import ControlPlane, digest
@@ -121,6 +121,33 @@ class RolloutStore:
             )
             owned = select(r.c.id).where(r.c.id.in_(ids), r.c.lease_owner == owner)
             return sorted(c.execute(owned).scalars())
+
+    def acquire_unsettled(self, owner: str, now: float, ttl: float) -> list[tuple[str, str]]:
+        """Take the leases of finished rollouts still leased: (id, deployment id) each.
+
+        A driver lets a rollout go only after writing the desired documents its last step
+        owed, so a finished rollout with a lease was left by a driver that died (or
+        failed) in between. Once that lease runs out, any driver may settle it.
+        """
+        r = t.rollouts
+        mine_or_lapsed = or_(r.c.lease_owner == owner, r.c.lease_expires < now)
+        left = and_(r.c.state.not_in(ACTIVE_STATES), r.c.lease_owner.is_not(None))
+        with self.engine.begin() as c:
+            q = select(r.c.id).where(left, mine_or_lapsed)
+            if self.store.dialect == "postgresql":
+                q = q.with_for_update(skip_locked=True)
+            ids: list[str] = list(c.execute(q).scalars())
+            if not ids:
+                return []
+            c.execute(
+                update(r)
+                .where(r.c.id.in_(ids), left, mine_or_lapsed)
+                .values(lease_owner=owner, lease_expires=now + ttl)
+            )
+            owned = select(r.c.id, r.c.deployment_id).where(
+                r.c.id.in_(ids), r.c.lease_owner == owner
+            )
+            return sorted((str(i), str(d)) for i, d in c.execute(owned))
 
     def release(self, rollout_id: str, owner: str) -> None:
         """Give a lease back (a finished rollout, a stopping replica)."""
