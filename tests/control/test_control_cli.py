@@ -147,3 +147,32 @@ def test_first_server_start_prints_the_admin_token_once(tmp_path: Path) -> None:
         [EDGEWISE, "server", "init", "--data", str(data)], capture_output=True, text=True
     )
     assert again.returncode == 1
+
+
+@pytest.mark.parametrize("value", ["broker", "broker:0", "broker:99999", "broker:x"])
+@pytest.mark.parametrize("command", ["server", "agent"])
+def test_a_bad_mqtt_broker_is_a_one_line_error(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path, command: str, value: str
+) -> None:
+    code, _, err = run(capsys, command, "--data", str(tmp_path / "d"), "--mqtt", value)
+    assert code == 1 and err.startswith(f"error: bad --mqtt '{value}'")
+    assert len(err.splitlines()) == 1
+
+
+def test_the_server_hands_its_mqtt_broker_to_telemetry(tmp_path: Path) -> None:
+    from edgewise.cli._common import parse_broker
+    from edgewise.control import Settings, create_app, open_store
+    from edgewise.control.telemetry._wiring import TelemetryConfig
+
+    assert parse_broker(":1883") == ("127.0.0.1", 1883)
+    store = open_store(f"sqlite:///{tmp_path / 'cp.db'}")
+    try:
+        app = create_app(
+            Settings(data_dir=tmp_path / "data"),
+            store,
+            background=False,
+            telemetry=TelemetryConfig(mqtt="10.0.0.5:1884"),
+        )
+        assert app.state.telemetry_runtime.config.mqtt == "10.0.0.5:1884"
+    finally:
+        store.close()

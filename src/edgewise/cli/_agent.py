@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from edgewise.cli._common import CliError
+from edgewise.cli._common import CliError, parse_broker
 
 
 def _labels(text: str | None) -> dict[str, str]:
@@ -21,16 +21,6 @@ def _labels(text: str | None) -> dict[str, str]:
             raise CliError(f"bad label {part!r}: use k=v,k2=v2")
         out[key.strip()] = value.strip()
     return out
-
-
-def _mqtt(text: str | None) -> tuple[str, int] | None:
-    if not text:
-        return None
-    host, _, port = text.rpartition(":")
-    try:
-        return (host or "127.0.0.1", int(port))
-    except ValueError:
-        raise CliError(f"bad --mqtt {text!r}: use HOST:PORT") from None
 
 
 def agent(
@@ -96,7 +86,7 @@ def agent(
         telemetry_budget_bytes=int(telemetry_budget_mb * 1024 * 1024),
         telemetry_rate=telemetry_rate,
         disk_reserve_mb=disk_reserve_mb,
-        mqtt=_mqtt(mqtt),
+        mqtt=parse_broker(mqtt),
         log_events=True,
     )
     stop = threading.Event()

@@ -14,7 +14,14 @@ from typing import Any
 
 import typer
 
-__all__ = ["CliError", "config_path", "emit_json", "resolve_server", "resolve_token"]
+__all__ = [
+    "CliError",
+    "config_path",
+    "emit_json",
+    "parse_broker",
+    "resolve_server",
+    "resolve_token",
+]
 
 DEFAULT_SERVER = "http://127.0.0.1:8080"
 
@@ -69,3 +76,21 @@ def resolve_token(flag: str | None) -> str:
 def emit_json(data: Any) -> None:
     """Print machine-readable output."""
     typer.echo(json.dumps(data, indent=2, sort_keys=True, default=str))
+
+
+def parse_broker(text: str | None, flag: str = "--mqtt") -> tuple[str, int] | None:
+    """`HOST:PORT` of an MQTT broker (host 127.0.0.1 when left out); None when empty.
+
+    Raises:
+        CliError: not HOST:PORT with a port from 1 to 65535.
+    """
+    if not text:
+        return None
+    host, _, port = text.rpartition(":")
+    try:
+        number = int(port)
+    except ValueError:
+        number = 0
+    if not 0 < number < 65536:
+        raise CliError(f"bad {flag} {text!r}: use HOST:PORT")
+    return host or "127.0.0.1", number

@@ -17,7 +17,7 @@ from typing import Annotated, Any
 
 import typer
 
-from edgewise.cli._common import CliError, emit_json, resolve_server, resolve_token
+from edgewise.cli._common import CliError, emit_json, parse_broker, resolve_server, resolve_token
 
 __all__ = ["app", "call_api"]
 
@@ -123,13 +123,26 @@ def serve(
     allow_unsigned: Annotated[
         bool, typer.Option("--allow-unsigned-models", help="Registry accepts unsigned bundles.")
     ] = False,
+    mqtt: Annotated[
+        str | None,
+        typer.Option(
+            "--mqtt",
+            envvar="EDGEWISE_MQTT",
+            help="MQTT broker HOST:PORT: telemetry over MQTT, and desired-state pushes "
+            "to agents started with --mqtt.",
+        ),
+    ] = None,
 ) -> None:
     """Serve the control plane (migrates the database first)."""
     if ctx.invoked_subcommand is not None:
         return
+    broker = parse_broker(mqtt)
+    import dataclasses
+
     import uvicorn
 
     from edgewise.control import create_app
+    from edgewise.control.telemetry._wiring import TelemetryConfig
 
     settings = _settings(
         data,
@@ -139,7 +152,10 @@ def serve(
         allow_unsigned_models=allow_unsigned,
     )
     store = _open(settings)
-    app_ = create_app(settings, store)
+    telemetry = TelemetryConfig.from_env()
+    if broker is not None:
+        telemetry = dataclasses.replace(telemetry, mqtt=f"{broker[0]}:{broker[1]}")
+    app_ = create_app(settings, store, telemetry=telemetry)
     token = app_.state.plane.bootstrap_admin()
     if token:
         typer.echo("first start: admin token (shown once, store it now):")

@@ -46,7 +46,7 @@ from edgewise.control._plane import ApiError, ControlPlane
 from edgewise.control._rollout_driver import RolloutDriver
 from edgewise.control._settings import Settings
 from edgewise.control._store import SqlStore
-from edgewise.control.telemetry._wiring import install_telemetry
+from edgewise.control.telemetry._wiring import TelemetryConfig, install_telemetry
 
 __all__ = ["create_app"]
 
@@ -219,6 +219,7 @@ def create_app(
     clock: Callable[[], float] = time.time,
     *,
     background: bool = True,
+    telemetry: TelemetryConfig | None = None,
 ) -> FastAPI:
     """Build the control-plane application.
 
@@ -227,6 +228,8 @@ def create_app(
         store: an opened (migrated) store.
         clock: unix-time source (virtual in tests).
         background: run the replica watcher and last-seen flusher.
+        telemetry: telemetry settings (MQTT broker, budgets, alerts); from the
+            environment when None.
     """
     plane = ControlPlane(settings, store, clock)
 
@@ -324,7 +327,7 @@ def create_app(
     app.include_router(admin_router)
     app.include_router(device_router)
     app.include_router(rollouts_router)
-    install_telemetry(app, plane, registry, background=background)
+    install_telemetry(app, plane, registry, telemetry, background=background)
     from edgewise.web import mount_console  # lazy: control must not depend on web
 
     mount_console(app)
