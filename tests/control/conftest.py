@@ -143,6 +143,15 @@ class Plane:
             headers={"content-type": "application/octet-stream"},
         )
 
+    def deploy_digits(self, examples: dict[str, Any], name: str, selector: str) -> None:
+        """Trust the examples' key, push digits-mlp@1.0.0 and deploy it to `selector`."""
+        self.trust(examples["pub"])
+        assert self.push(examples["bundles"]["digits-mlp@1.0.0"]).status_code == 201
+        pipelines = {"digits": {"model": "digits-mlp@1.0.0"}}
+        body = {"name": name, "selector": selector, "pipelines": pipelines}
+        r = self.api("POST", "/api/v1/deployments", json=body)
+        assert r.status_code == 201, r.text
+
 
 def make_plane(store: SqlStore, data_dir: Path, **settings: Any) -> tuple[Any, Clock, Settings]:
     clock = Clock()

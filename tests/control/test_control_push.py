@@ -17,15 +17,6 @@ from edgewise.control._schema import devices
 from .conftest import Plane
 
 
-def _deploy_to(p: Plane, examples: dict[str, Any], selector: str) -> None:
-    p.trust(examples["pub"])
-    assert p.push(examples["bundles"]["digits-mlp@1.0.0"]).status_code == 201
-    pipelines = {"digits": {"model": "digits-mlp@1.0.0"}}
-    r = p.api("POST", "/api/v1/deployments",
-              json={"name": "push", "selector": selector, "pipelines": pipelines})  # fmt: skip
-    assert r.status_code == 201, r.text
-
-
 def _revision(p: Plane, device_id: str) -> int:
     plane = p.client.app.state.plane  # type: ignore[attr-defined]
     return int(plane.store.get_device(device_id)["desired_revision"])
@@ -36,7 +27,7 @@ def test_each_new_revision_this_replica_commits_reaches_the_hooks_once(
 ) -> None:
     p = sqlite_plane
     plane = p.client.app.state.plane  # type: ignore[attr-defined]
-    _deploy_to(p, examples, "push=yes")
+    p.deploy_digits(examples, "push", "push=yes")
     devs = [p.enroll() for _ in range(3)]
     seen: list[tuple[str, int]] = []
 
@@ -70,7 +61,7 @@ def test_with_a_broker_a_new_revision_wakes_the_agent_over_mqtt(
     runtime = p.client.app.state.telemetry_runtime  # type: ignore[attr-defined]
     host, port = mqtt_broker
     runtime.config = dataclasses.replace(runtime.config, mqtt=f"{host}:{port}")
-    _deploy_to(p, examples, "push=yes")
+    p.deploy_digits(examples, "push", "push=yes")
     dev = p.enroll()
     woken = threading.Event()
     wake = MqttWake(*mqtt_broker, dev.id, woken)

@@ -60,18 +60,7 @@ def test_a_label_change_leaves_the_new_document_in_the_cache(
     sqlite_plane: Plane, examples: dict[str, Any]
 ) -> None:
     p = sqlite_plane
-    p.trust(examples["pub"])
-    assert p.push(examples["bundles"]["digits-mlp@1.0.0"]).status_code == 201
-    r = p.api(
-        "POST",
-        "/api/v1/deployments",
-        json={
-            "name": "wake",
-            "selector": "wake=yes",
-            "pipelines": {"digits": {"model": "digits-mlp@1.0.0"}},
-        },
-    )
-    assert r.status_code == 201, r.text
+    p.deploy_digits(examples, "wake", "wake=yes")
     dev = p.enroll()
     before = dev.get("/device/v1/desired")
     assert before.status_code == 200
@@ -142,12 +131,7 @@ def test_a_label_change_wakes_the_device_once_and_only_when_its_document_changes
 
     p = sqlite_plane
     plane = p.client.app.state.plane  # type: ignore[attr-defined]
-    p.trust(examples["pub"])
-    assert p.push(examples["bundles"]["digits-mlp@1.0.0"]).status_code == 201
-    pipelines = {"digits": {"model": "digits-mlp@1.0.0"}}
-    r = p.api("POST", "/api/v1/deployments",
-              json={"name": "once", "selector": "once=yes", "pipelines": pipelines})  # fmt: skip
-    assert r.status_code == 201, r.text
+    p.deploy_digits(examples, "once", "once=yes")
     dev = p.enroll()
     assert dev.get("/device/v1/desired").status_code == 200
     since = p.clock() - 1.0

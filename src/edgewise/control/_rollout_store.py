@@ -22,7 +22,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import orjson
-from sqlalchemy import Connection, and_, delete, insert, or_, select, update
+from sqlalchemy import ColumnElement, Connection, and_, delete, insert, or_, select, update
 
 from edgewise.control import _schema as t
 from edgewise.control._plane import ControlPlane, digest
@@ -107,20 +107,7 @@ class RolloutStore:
         """Take (or renew) the leases of active rollouts nobody else holds."""
         r = t.rollouts
         free = or_(r.c.lease_owner.is_(None), r.c.lease_owner == owner, r.c.lease_expires < now)
-        with self.engine.begin() as c:
-            q = select(r.c.id).where(r.c.state.in_(ACTIVE_STATES), free)
-            if self.store.dialect == "postgresql":
-                q = q.with_for_update(skip_locked=True)
-            ids: list[str] = list(c.execute(q).scalars())
-            if not ids:
-                return []
-            c.execute(
-                update(r)
-                .where(r.c.id.in_(ids), free)
-                .values(lease_owner=owner, lease_expires=now + ttl)
-            )
-            owned = select(r.c.id).where(r.c.id.in_(ids), r.c.lease_owner == owner)
-            return sorted(c.execute(owned).scalars())
+        return [i for i, _ in self._take(and_(r.c.state.in_(ACTIVE_STATES), free), owner, now, ttl)]
 
     def acquire_unsettled(self, owner: str, now: float, ttl: float) -> list[tuple[str, str]]:
         """Take the leases of finished rollouts still leased: (id, deployment id) each.
@@ -132,8 +119,19 @@ class RolloutStore:
         r = t.rollouts
         mine_or_lapsed = or_(r.c.lease_owner == owner, r.c.lease_expires < now)
         left = and_(r.c.state.not_in(ACTIVE_STATES), r.c.lease_owner.is_not(None))
+        return self._take(and_(left, mine_or_lapsed), owner, now, ttl)
+
+    def _take(
+        self, which: ColumnElement[bool], owner: str, now: float, ttl: float
+    ) -> list[tuple[str, str]]:
+        """Lease the rollouts `which` selects to `owner`; (id, deployment id) of each taken.
+
+        On PostgreSQL rows another replica is taking at the same moment are skipped, and
+        the update repeats the condition: only what is still free is taken.
+        """
+        r = t.rollouts
         with self.engine.begin() as c:
-            q = select(r.c.id).where(left, mine_or_lapsed)
+            q = select(r.c.id).where(which)
             if self.store.dialect == "postgresql":
                 q = q.with_for_update(skip_locked=True)
             ids: list[str] = list(c.execute(q).scalars())
@@ -141,7 +139,7 @@ class RolloutStore:
                 return []
             c.execute(
                 update(r)
-                .where(r.c.id.in_(ids), left, mine_or_lapsed)
+                .where(r.c.id.in_(ids), which)
                 .values(lease_owner=owner, lease_expires=now + ttl)
             )
             owned = select(r.c.id, r.c.deployment_id).where(
