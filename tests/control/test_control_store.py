@@ -116,6 +116,20 @@ def test_desired_compare_and_set_refuses_a_stale_writer(store: SqlStore) -> None
     assert ("dev-1", 2.0) in store.changed_since(1.5)
 
 
+def test_change_stamps_round_trip_exactly(store: SqlStore) -> None:
+    # The resync compares these with the stamps cache entries were built from: a float
+    # that came back changed would drop every entry on every pass.
+    _device(store)
+    _device(store, "dev-2", "k2")
+    stamp = 1_780_000_000.123456789
+    assert store.set_labels("dev-2", {"a": "b"}, stamp)
+    stamps = store.change_stamps()
+    assert stamps["dev-2"] == stamp
+    assert set(stamps) == {"dev-1", "dev-2"}
+    row = store.get_device("dev-2")
+    assert row is not None and row["changed_at"] == stamp
+
+
 def test_labels_status_and_last_seen(store: SqlStore) -> None:
     _device(store)
     assert store.set_labels("dev-1", {"site": "b"}, 3.0)

@@ -145,3 +145,54 @@ def test_a_label_change_wakes_the_device_once_and_only_when_its_document_changes
     assert plane.cache.get(dev.id).labels == {"once": "yes", "other": "x"}
     # The replica watcher passes over both label writes: this replica made them.
     assert notice_changes(plane, plane.store.changed_since(since), since) == 0
+
+
+def test_stale_entries_are_those_whose_stored_stamp_moved_or_vanished() -> None:
+    from edgewise.control._live import stale_entries
+
+    cached = {"same": 1.0, "moved": 2.0, "gone": 3.0}
+    stored = {"same": 1.0, "moved": 2.5, "uncached": 9.0}
+    assert stale_entries(cached, stored) == {"moved": 2.5, "gone": 0.0}
+
+
+def test_the_resync_catches_a_change_whose_commit_landed_after_the_watchers_look_back(
+    sqlite_plane: Plane, examples: dict[str, Any]
+) -> None:
+    from edgewise.control._app import notice_changes, resync
+    from edgewise.control._recompute import recompute_devices
+
+    p = sqlite_plane
+    plane = p.client.app.state.plane  # type: ignore[attr-defined]
+    p.deploy_digits(examples, "late", "late=yes")
+    devs = [p.enroll() for _ in range(3)]
+    ids = [d.id for d in devs]
+    for d in devs:  # polls fill the cache from the store
+        assert d.get("/device/v1/desired").status_code == 200
+    # This replica's own writes, one device and in bulk, leave entries the resync agrees
+    # with: nothing is dropped.
+    r = p.api("POST", f"/api/v1/devices/{ids[0]}/labels", json={"set": {"late": "yes"}})
+    assert r.status_code == 200, r.text
+    for i in ids[1:]:
+        assert plane.store.set_labels(i, {"late": "yes"}, p.clock())
+    assert recompute_devices(plane, ids[1:]) == 2
+    assert all(plane.cache.get(i) is not None for i in ids)
+    assert resync(plane) == 0
+    entries = {i: plane.cache.get(i) for i in ids}
+    assert all(e is not None and e.labels == {"late": "yes"} for e in entries.values())
+    # Another replica's change, stamped a minute before it committed: older than the
+    # watcher looks back, so the watcher passes it over; the resync drops and wakes.
+    assert devs[0].get("/device/v1/desired").status_code == 200  # earlier wakes landed
+    versions = [plane.notifier.version(i) for i in ids]
+    since = p.clock() - 1.0
+    assert plane.store.set_status(ids[1], "decommissioned", p.clock() - 60.0)
+    assert notice_changes(plane, plane.store.changed_since(since), since) == 0
+    assert plane.cache.get(ids[1]) is entries[ids[1]]
+    assert resync(plane) == 1
+    assert plane.cache.get(ids[1]) is None
+    assert {i: plane.cache.get(i) for i in (ids[0], ids[2])} == {
+        i: entries[i] for i in (ids[0], ids[2])
+    }
+    assert devs[0].get("/device/v1/desired").status_code == 200
+    assert [plane.notifier.version(i) for i in ids] == [versions[0], versions[1] + 1, versions[2]]
+    assert devs[1].get("/device/v1/desired").status_code in (401, 403)
+    assert resync(plane) == 0

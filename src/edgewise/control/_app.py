@@ -42,6 +42,7 @@ from edgewise.control._api_admin import router as admin_router
 from edgewise.control._api_device import router as device_router
 from edgewise.control._api_rollouts import router as rollouts_router
 from edgewise.control._fastpath import DESIRED_PATH, try_fast_poll
+from edgewise.control._live import stale_entries
 from edgewise.control._plane import ApiError, ControlPlane
 from edgewise.control._rollout_driver import RolloutDriver
 from edgewise.control._settings import Settings
@@ -179,11 +180,26 @@ def notice_changes(plane: ControlPlane, changed: list[tuple[str, float]], since:
     return woken
 
 
+def resync(plane: ControlPlane) -> int:
+    """Drop and wake every cached device whose stored row changed since it was cached.
+
+    The watcher reads only a few seconds back, so a change whose commit landed later
+    than that after its stamp (a long bulk transaction, a stalled replica) escapes it;
+    this pass catches it, whatever the delay. Returns how many entries were stale.
+    """
+    cached = plane.cache.stamps()  # before the read: a later entry is as new as the read
+    stale = stale_entries(cached, plane.store.change_stamps())
+    for device_id, stamp in stale.items():
+        plane.changes.mark([device_id], stamp)
+        plane.device_changed(device_id)
+    return len(stale)
+
+
 async def _watch(plane: ControlPlane) -> None:
     """Notice changes other replicas made to devices; flush last-seen times."""
     interval = plane.settings.watch_interval_s
     since = plane.clock()
-    last_flush = time.monotonic()
+    last_flush = last_resync = time.monotonic()
     while True:
         await asyncio.sleep(interval)
         try:
@@ -193,6 +209,10 @@ async def _watch(plane: ControlPlane) -> None:
             changed = await to_thread.run_sync(plane.store.changed_since, window)
             notice_changes(plane, changed, window)
             since = now
+            if time.monotonic() - last_resync >= plane.settings.resync_interval_s:
+                last_resync = time.monotonic()
+                if stale := await to_thread.run_sync(resync, plane):
+                    log.warning("replica resync: %d cached devices were stale", stale)
             if time.monotonic() - last_flush >= 2.0:
                 last_flush = time.monotonic()
                 await to_thread.run_sync(plane.store.touch_last_seen, plane.seen.take())

@@ -13,6 +13,8 @@
 - `SeenTracker`: last-seen times collected in memory and written in batches.
 - `ChangeMarks`: the device changes (id, changed_at) this replica has already acted on,
   its own writes included, so the replica watcher passes over them.
+- `stale_entries`: the resync's safety net under the watcher's look-back window: cached
+  devices whose stored `changed_at` is no longer the one the entry was built from.
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ __all__ = [
     "NonceCache",
     "Notifier",
     "SeenTracker",
+    "stale_entries",
 ]
 
 
@@ -188,12 +191,22 @@ class CachedDevice:
     signed_json: bytes | None
     expires_at: float
     issued_at: float
+    # The row's changed_at this entry reflects: the replica resync compares it with the
+    # store's (see `stale_entries`).
+    changed_at: float = 0.0
 
     @classmethod
     def from_row(
-        cls, row: Mapping[str, Any], revision: int, signed: Mapping[str, Any] | None
+        cls,
+        row: Mapping[str, Any],
+        revision: int,
+        signed: Mapping[str, Any] | None,
+        changed_at: float | None = None,
     ) -> CachedDevice:
-        """The poll-path view of a device row and its signed desired document."""
+        """The poll-path view of a device row and its signed desired document.
+
+        `changed_at` is the stamp a writer just committed; by default the row's own.
+        """
         doc = signed["document"] if signed else {}
         return cls(
             public_key=public_key_from_b64(row["public_key"]),
@@ -203,6 +216,7 @@ class CachedDevice:
             signed_json=json.dumps(signed, separators=(",", ":")).encode() if signed else None,
             expires_at=float(doc.get("expires_at", 0.0)),
             issued_at=float(doc.get("issued_at", 0.0)),
+            changed_at=float(row["changed_at"] if changed_at is None else changed_at),
         )
 
 
@@ -281,6 +295,11 @@ class DeviceCache:
         while len(self._items) > self._max:
             self._items.popitem(last=False)
 
+    def stamps(self) -> dict[str, float]:
+        """Each cached device's `changed_at` (a copy, for the replica resync)."""
+        with self._lock:
+            return {k: v.changed_at for k, v in self._items.items()}
+
     def drop(self, device_id: str) -> None:
         """Forget an entry (it changed)."""
         with self._lock:
@@ -345,3 +364,20 @@ class ChangeMarks:
         """Drop marks older than `stamp` (the watcher no longer looks that far back)."""
         with self._lock:
             self._marks = {k: v for k, v in self._marks.items() if v >= stamp}
+
+
+def stale_entries(cached: Mapping[str, float], stored: Mapping[str, float]) -> dict[str, float]:
+    """Cached devices whose store row changed since the entry was built.
+
+    Args:
+        cached: device id -> the `changed_at` each cache entry reflects.
+        stored: device id -> `changed_at` read from the store afterwards.
+
+    Returns:
+        device id -> stored stamp (0.0 for a device the store no longer has).
+    """
+    return {
+        device_id: stored.get(device_id, 0.0)
+        for device_id, stamp in cached.items()
+        if stored.get(device_id) != stamp
+    }

@@ -402,7 +402,8 @@ class ControlPlane:
                 # Hand the committed document to the cache before waking: the woken
                 # long-polls answer from memory instead of each queueing for a worker
                 # thread and a store read (the tail of the wake latency under load).
-                self.cache.replace(device_id, CachedDevice.from_row(row, revision, signed), since)
+                item = CachedDevice.from_row(row, revision, signed, now)
+                self.cache.replace(device_id, item, since)
                 self.notifier.notify(device_id)
                 self.desired_committed([device_id], [revision])
                 return revision

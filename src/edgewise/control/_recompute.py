@@ -113,7 +113,7 @@ def recompute_devices(plane: ControlPlane, device_ids: Sequence[str]) -> int:
         items = {}
         for device_id in changed:
             w, cols = fresh[device_id], dict(by_id[device_id]._mapping)
-            items[device_id] = CachedDevice.from_row(cols, w["rev"], w["signed"])
+            items[device_id] = CachedDevice.from_row(cols, w["rev"], w["signed"], stamp)
         plane.cache.replace_many(items, since)
         for device_id in changed:
             plane.notifier.notify(device_id)

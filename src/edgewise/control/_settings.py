@@ -27,6 +27,9 @@ class Settings:
         max_body_bytes: request body limit (413 above it) except bundle uploads.
         max_upload_bytes: bundle upload limit.
         watch_interval_s: how often a replica re-reads device changes made by others.
+        resync_interval_s: how often a replica compares every cached device with the
+            store: the bound on how long a change the watcher missed (a commit that
+            landed later than its look-back) can be served stale.
         online_window_s: a device seen within this window counts as online.
         allow_unsigned_models: registry policy: accept bundles without signatures.
         egress: the default egress policy put in every desired state.
@@ -42,6 +45,7 @@ class Settings:
     max_body_bytes: int = 1 << 20
     max_upload_bytes: int = 1 << 30
     watch_interval_s: float = 0.5
+    resync_interval_s: float = 30.0
     online_window_s: float = 90.0
     allow_unsigned_models: bool = False
     egress: dict[str, object] = field(default_factory=dict)

@@ -342,6 +342,12 @@ class SqlStore(LogStore):
                 .values(desired_signed=signed)
             )
 
+    def change_stamps(self) -> dict[str, float]:
+        """Every device's changed_at, by id (the replica resync)."""
+        d = t.devices
+        with self.engine.connect() as c:
+            return {r.id: float(r.changed_at) for r in c.execute(select(d.c.id, d.c.changed_at))}
+
     def changed_since(self, since: float) -> list[tuple[str, float]]:
         """(id, changed_at) of devices changed at or after `since` (the replica watcher)."""
         d = t.devices
