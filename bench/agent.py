@@ -4,7 +4,11 @@ Runs `edgewise server` and `edgewise agent` as subprocesses and measures:
   rss_idle_mb     agent RSS enrolled, polling, no pipeline
   idle_cpu_pct    agent CPU over --cpu-window seconds idle (60 s is the goal's window;
                   the default is shorter to keep the run modest: said in the output)
-  rss_digits_mb   agent RSS with the digits pipeline serving
+  rss_digits_mb   agent RSS with the digits pipeline serving, read after 2,000 requests
+                  through its local inference API (so the code serving uses is resident)
+  uss_*_mb        (context) the same moments' unique set size: pages no other process
+                  maps. Here the control plane maps the same libraries, so USS leaves
+                  out what the two share; on a device the agent is alone with them.
   swap_s_digits   desired-state change -> new model active, download excluded
   swap_s_10mb     the same for a ~10 MB model
 The last line is one JSON object with those keys.
@@ -22,6 +26,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import httpx
 import numpy as np
 import psutil
 
@@ -67,6 +72,19 @@ def rss_mb(pid: int) -> float:
     return psutil.Process(pid).memory_info().rss / (1024 * 1024)
 
 
+def uss_mb(pid: int) -> float:
+    return psutil.Process(pid).memory_full_info().uss / (1024 * 1024)
+
+
+def serve_digits(agent: AgentProc, x: np.ndarray, n: int) -> None:
+    """`n` requests through the agent's local inference API, each checked."""
+    url = f"http://127.0.0.1:{agent.port}/v1/pipelines/digits/infer"
+    with httpx.Client(timeout=30) as client:
+        for i in range(n):
+            r = client.post(url, json={"inputs": x[i % len(x) : i % len(x) + 1].tolist()})
+            assert r.status_code == 200, r.text
+
+
 def swap_seconds(cp: ControlPlaneProc, dev: str, pipeline: str, since: float) -> float:
     """Deploy-to-active from the reported timeline, minus the time spent downloading."""
     timeline = cp.device(dev)["pipelines"][pipeline]["timeline"]
@@ -104,7 +122,7 @@ def main() -> None:
     ap.add_argument("--cpu-window", type=float, default=20.0, help="idle CPU window (s)")
     args = ap.parse_args()
 
-    from edgewise.examples import build_examples
+    from edgewise.examples import build_examples, load_split
 
     tmp = Path(tempfile.mkdtemp(prefix="ew-bench-agent-"))
     cp: ControlPlaneProc | None = None
@@ -127,7 +145,7 @@ def main() -> None:
         time.sleep(3)
         assert agent.proc is not None
         pid = agent.proc.pid
-        rss_idle = rss_mb(pid)
+        rss_idle, uss_idle = rss_mb(pid), uss_mb(pid)
         proc = psutil.Process(pid)
         c0, t0 = sum(proc.cpu_times()[:2]), time.monotonic()
         time.sleep(args.cpu_window)
@@ -135,8 +153,9 @@ def main() -> None:
 
         deploy(cp, "digits", {"digits": {"model": "digits-mlp@1.0.0"}}, 0)
         wait_active(cp, dev, "digits", "1.0.0")
+        serve_digits(agent, load_split().x_test, 2000)
         time.sleep(2)
-        rss_digits = rss_mb(pid)
+        rss_digits, uss_digits = rss_mb(pid), uss_mb(pid)
         since = deploy(cp, "digits-int8", {"digits": {"model": "digits-mlp@1.1.0"}}, 10)
         wait_active(cp, dev, "digits", "1.1.0")
         swap_digits = swap_seconds(cp, dev, "digits", since)
@@ -151,6 +170,7 @@ def main() -> None:
         rows = [
             ("agent RSS idle (no pipelines)", f"{rss_idle:.1f} MB", "<= 60 MB"),
             ("agent RSS, digits serving", f"{rss_digits:.1f} MB", "<= 100 MB"),
+            ("agent USS idle / digits (context)", f"{uss_idle:.1f} / {uss_digits:.1f} MB", "-"),
             (
                 f"idle CPU over {args.cpu_window:g} s (goal window 60 s)",
                 f"{idle_cpu:.3f} %",
@@ -170,6 +190,8 @@ def main() -> None:
                     "idle_cpu_window_s": args.cpu_window,
                     "swap_s_digits": round(swap_digits, 3),
                     "swap_s_10mb": round(swap_big, 3),
+                    "uss_idle_mb": round(uss_idle, 1),
+                    "uss_digits_mb": round(uss_digits, 1),
                 }
             )
         )

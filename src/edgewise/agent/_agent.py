@@ -47,7 +47,7 @@ from edgewise.agent._identity import (
 from edgewise.agent._install import InstallState
 from edgewise.agent._installer import Installer, InstallFailed
 from edgewise.agent._plan import Action, ObservedPipeline, plan
-from edgewise.agent._process import quiet_onnxruntime, resources, trim_malloc, tune_malloc
+from edgewise.agent._process import quiet_onnxruntime, resources, trim, tune_malloc
 from edgewise.agent._ratelimit import TokenBucket
 from edgewise.agent._report import build_report, status_document
 from edgewise.agent._state import AgentState, PipelineRecord, StateFile
@@ -287,7 +287,7 @@ class Agent:
                 rec.tracker.restart(f"committed model unusable: {exc}", self.clock())
                 self._persist()
         self.emit("event", "agent.started", {"version": AGENT_VERSION})
-        trim_malloc()
+        trim()
 
     def _align_pointers(self, rec: PipelineRecord) -> None:
         # state.json is the commit point; the store's pointer follows it (a crash may
@@ -393,7 +393,7 @@ class Agent:
         self.installer.install(name, rec, action, action.fingerprint)
         if rec.tracker.state is InstallState.ACTIVE:
             self._prune_cache()
-        trim_malloc()
+        trim()
 
     def _runtime_spec(self, name: str, action: Action) -> dict[str, Any]:
         assert action.model is not None
@@ -555,6 +555,7 @@ class Agent:
         if ready is not None:
             ready(self)
         attempt = 0
+        trimmed = False
         while not stop.is_set():
             self.send_report()
             self._heartbeat()
@@ -571,6 +572,9 @@ class Agent:
                     self.accept(poll.signed, poll.etag)
                 self.reconcile()
                 self.send_report()
+                if not trimmed:  # the first sync imported the uplink's code: trim once
+                    trimmed = True
+                    trim()
                 if idle:  # no long-poll: sleep until the interval or an MQTT wake-up
                     self.wake.wait(self.config.poll_interval_s)
             except (RetryableError, GiveUp) as exc:
