@@ -15,9 +15,12 @@ How the harder comparisons are set up:
   clients on uvloop (the agent's own loop), for context.
   `digits_asyncio_floor_c32_*` runs the same 32 coroutines against a drain that does no
   inference at all: the ceiling any runtime can reach with per-request futures in
-  CPython. `digits_*_cpu_us_*` are this thread's CPU time per request for the runtime,
-  the floor and the raw loop (less moved by other load than the rates). The thread
-  variant (`digits_threads_c32_*`) is reported for context.
+  CPython. `digits_c32_zero_runtime_bound_vs_raw_b1` adds the model's own share back
+  (a bare 32-row `session.run`, per row): the ratio a runtime that cost nothing would
+  reach with these clients (`..._uvloop_...`: the same on uvloop). `digits_*_cpu_us_*`
+  are this thread's CPU time per request for the runtime, the floor and the raw loop
+  (less moved by other load than the rates). The thread variant
+  (`digits_threads_c32_*`) is reported for context.
 - digits callback c32 (context): 32 closed-loop clients that submit their next row from
   the previous one's completion callback (`Runtime.submit`, how the agent's own sources
   feed a pipeline; perf_analyzer's async concurrency works the same way), so no future
@@ -324,6 +327,16 @@ def bench_digits(seconds: float, mlp: bytes, x: np.ndarray) -> dict[str, float]:
             t0, c0 = time.perf_counter(), time.thread_time()
             return cpu_per("floor", asyncio.run(async_floor(rows, 32, seconds / 2)), t0, c0)
 
+        def floor_c32_uvloop() -> float:
+            import uvloop
+
+            return uvloop.run(async_floor(rows, 32, seconds / 2))
+
+        b32 = np.concatenate(rows[:32])
+
+        def model_b32() -> float:  # rows per second of the bare model at batch 32
+            return 32 * rate(lambda: raw.run(None, {"input": b32}), seconds / 4)
+
         def raw_b1() -> float:
             t0, c0 = time.perf_counter(), time.thread_time()
             return cpu_per(
@@ -338,6 +351,8 @@ def bench_digits(seconds: float, mlp: bytes, x: np.ndarray) -> dict[str, float]:
                 "batched_c32_uvloop": c32_uvloop,
                 "callback_c32": c32_callback,
                 "asyncio_floor_c32": floor_c32,
+                "asyncio_floor_c32_uvloop": floor_c32_uvloop,
+                "model_b32": model_b32,
             },
             rounds=ROUNDS * 2,
         )
@@ -367,6 +382,20 @@ def bench_digits(seconds: float, mlp: bytes, x: np.ndarray) -> dict[str, float]:
         "digits_batched_c32_uvloop_vs_raw_b1": paired_ratio(res, "batched_c32_uvloop", "raw_b1"),
         "digits_asyncio_floor_c32_per_s": med["asyncio_floor_c32"],
         "digits_asyncio_floor_c32_vs_raw_b1": paired_ratio(res, "asyncio_floor_c32", "raw_b1"),
+        # What a runtime costing nothing at all would reach with these clients: each
+        # request costs the clients' floor plus its row's share of a 32-row model call.
+        "digits_c32_zero_runtime_bound_vs_raw_b1": statistics.median(
+            (1.0 / raw) / (1.0 / floor + 1.0 / model)
+            for raw, floor, model in zip(
+                res["raw_b1"], res["asyncio_floor_c32"], res["model_b32"], strict=True
+            )
+        ),
+        "digits_c32_uvloop_zero_runtime_bound_vs_raw_b1": statistics.median(
+            (1.0 / raw) / (1.0 / floor + 1.0 / model)
+            for raw, floor, model in zip(
+                res["raw_b1"], res["asyncio_floor_c32_uvloop"], res["model_b32"], strict=True
+            )
+        ),
         "digits_batched_c32_vs_asyncio_floor": paired_ratio(
             res, "batched_c32_async", "asyncio_floor_c32"
         ),
