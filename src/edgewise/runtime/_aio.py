@@ -84,6 +84,10 @@ class _Group:
 
     def done(self, req: Request) -> None:
         """Per-request completion: the last one wakes every member (from any thread)."""
+        # The request no longer needs its way back here: without this link the group
+        # and its requests are freed by reference counting, not left as a cycle for the
+        # garbage collector (whose collections cost a fifth of the c32 throughput).
+        req.callback = None
         with self.lock:
             self.left -= 1
             if self.left:
