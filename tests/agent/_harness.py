@@ -47,7 +47,10 @@ class ControlPlaneProc:
         self.env = {**os.environ, **(env or {})}
         out = subprocess.run(
             [EDGEWISE, "server", "init", "--data", str(data)],
-            capture_output=True, text=True, check=True, env=self.env,
+            capture_output=True,
+            text=True,
+            check=True,
+            env=self.env,
         )
         self.token = out.stdout.strip().splitlines()[-1]
         self.port = free_port()
@@ -59,10 +62,15 @@ class ControlPlaneProc:
         with self.log.open("ab") as log:
             self.proc = subprocess.Popen(
                 [EDGEWISE, "server", "--data", str(self.data), "--port", str(self.port)],
-                stdout=log, stderr=subprocess.STDOUT, env=self.env,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                env=self.env,
             )
-        wait_for(lambda: httpx.get(self.url + "/api/v1/whoami", headers=self.auth).status_code
-                 == 200, 60, "control plane up")
+        wait_for(
+            lambda: httpx.get(self.url + "/api/v1/whoami", headers=self.auth).status_code == 200,
+            60,
+            "control plane up",
+        )
 
     def stop(self) -> None:
         if self.proc is not None:
@@ -88,7 +96,9 @@ class ControlPlaneProc:
 
     def push(self, bundle: Path) -> dict[str, Any]:
         return self.api(  # type: ignore[no-any-return]
-            "POST", "/models", content=bundle.read_bytes(),
+            "POST",
+            "/models",
+            content=bundle.read_bytes(),
             headers={"content-type": "application/octet-stream"},
         )
 
@@ -130,8 +140,20 @@ class AgentProc:
 
     def start(self, env: dict[str, str] | None = None, *extra: str) -> None:
         (self.data / "local.json").unlink(missing_ok=True)
-        cmd = [EDGEWISE, "agent", "--server", self.server, "--data", str(self.data),
-               "--local-port", "0", "--poll-wait", "2", *self.extra, *extra]
+        cmd = [
+            EDGEWISE,
+            "agent",
+            "--server",
+            self.server,
+            "--data",
+            str(self.data),
+            "--local-port",
+            "0",
+            "--poll-wait",
+            "2",
+            *self.extra,
+            *extra,
+        ]
         if self.token:
             cmd += ["--enroll-token", self.token]
         with self.log.open("ab") as log:
@@ -227,7 +249,10 @@ class TamperProxy:
                     return
                 headers = {k: v for k, v in self.headers.items() if k.lower() != "host"}
                 r = httpx.request(
-                    self.command, proxy.upstream + self.path, headers=headers, content=body,
+                    self.command,
+                    proxy.upstream + self.path,
+                    headers=headers,
+                    content=body,
                     timeout=120,
                 )
                 if self.path.startswith("/device/v1/desired") and r.status_code == 200:
@@ -249,8 +274,12 @@ class TamperProxy:
                     proxy.artifact_bytes_sent += len(content)
                 self.send_response(r.status_code)
                 for k, v in r.headers.items():
-                    if k.lower() not in ("content-length", "transfer-encoding", "connection",
-                                         "content-encoding"):
+                    if k.lower() not in (
+                        "content-length",
+                        "transfer-encoding",
+                        "connection",
+                        "content-encoding",
+                    ):
                         self.send_header(k, v)
                 self.send_header("Content-Length", str(len(content)))
                 self.end_headers()

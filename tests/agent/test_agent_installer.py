@@ -79,7 +79,9 @@ def _resign(src: Path, out: Path, key: Path, pub: Path, edit: Any) -> Path:
 
 
 def test_install_goes_through_every_state_and_serves(
-    tmp_path: Path, artifact_server: ArtifactServer, example_bundles: dict[str, Path],
+    tmp_path: Path,
+    artifact_server: ArtifactServer,
+    example_bundles: dict[str, Path],
     host: RuntimeHost,
 ) -> None:
     trust = [load_public_key(example_bundles["_pub"])]
@@ -91,7 +93,12 @@ def test_install_goes_through_every_state_and_serves(
     http.close()
     states = [str(e.state) for e in rec.tracker.timeline]
     assert states == [
-        "pending", "downloading", "verifying", "installing", "health_checking", "active"
+        "pending",
+        "downloading",
+        "verifying",
+        "installing",
+        "health_checking",
+        "active",
     ]
     assert host.running() == {"digits": "digits-mlp@1.0.0"}
     assert rec.committed is not None and rec.committed["model"]["slot"] == "a"
@@ -99,13 +106,13 @@ def test_install_goes_through_every_state_and_serves(
 
 
 def test_bundle_signed_by_an_untrusted_key_is_refused_as_signature_invalid(
-    tmp_path: Path, artifact_server: ArtifactServer, example_bundles: dict[str, Path],
+    tmp_path: Path,
+    artifact_server: ArtifactServer,
+    example_bundles: dict[str, Path],
     host: RuntimeHost,
 ) -> None:
     _, other_pub = generate_keypair("other", tmp_path / "keys")
-    inst, http = _installer(
-        tmp_path, artifact_server, host, [load_public_key(other_pub)], []
-    )
+    inst, http = _installer(tmp_path, artifact_server, host, [load_public_key(other_pub)], [])
     rec = PipelineRecord()
     action = _action(artifact_server, example_bundles["digits-mlp@1.0.0"], "digits-mlp", "1.0.0")
     inst.install("digits", rec, action, action.fingerprint)
@@ -117,12 +124,17 @@ def test_bundle_signed_by_an_untrusted_key_is_refused_as_signature_invalid(
 
 
 def test_bundle_needing_an_absent_accelerator_is_refused_as_incompatible(
-    tmp_path: Path, artifact_server: ArtifactServer, example_bundles: dict[str, Path],
+    tmp_path: Path,
+    artifact_server: ArtifactServer,
+    example_bundles: dict[str, Path],
     host: RuntimeHost,
 ) -> None:
     pub = example_bundles["_pub"]
     bundle = _resign(
-        example_bundles["digits-mlp@1.0.0"], tmp_path / "cuda.ewb", pub.with_suffix(".key"), pub,
+        example_bundles["digits-mlp@1.0.0"],
+        tmp_path / "cuda.ewb",
+        pub.with_suffix(".key"),
+        pub,
         lambda m: m["requires"].update(accelerators=["cuda"]),
     )
     inst, http = _installer(tmp_path, artifact_server, host, [load_public_key(pub)], [])
@@ -135,7 +147,9 @@ def test_bundle_needing_an_absent_accelerator_is_refused_as_incompatible(
 
 
 def test_bundle_that_is_not_the_named_model_is_refused(
-    tmp_path: Path, artifact_server: ArtifactServer, example_bundles: dict[str, Path],
+    tmp_path: Path,
+    artifact_server: ArtifactServer,
+    example_bundles: dict[str, Path],
     host: RuntimeHost,
 ) -> None:
     inst, http = _installer(

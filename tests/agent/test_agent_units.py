@@ -118,7 +118,12 @@ def test_install_tracker_follows_the_table_and_records_reasons() -> None:
     t.move(InstallState.FAILED, "health check failed: 3/10 outputs out of tolerance", 6.0)
     states = [e.state for e in t.timeline]
     assert states == [
-        "pending", "downloading", "verifying", "installing", "health_checking", "failed"
+        "pending",
+        "downloading",
+        "verifying",
+        "installing",
+        "health_checking",
+        "failed",
     ]
     assert t.timeline[1].progress == 0.5
     assert InstallTracker.from_json(t.to_json()) == t

@@ -195,8 +195,23 @@ def test_the_fast_path_writes_the_very_bytes_of_the_careful_one(value: Any) -> N
 
 @pytest.mark.parametrize(
     "value",
-    [1.0, -0.0, 100.0, 2.0**53, 2.0**53 + 2, 2.0**60, 1e-5, 1e16, 1e20, 123456789.5, 0.0001,
-     9999999999999998.0, -3.0, {"é": 1, "z": 0.25}, [1.0, {"a": 2.0}]],
+    [
+        1.0,
+        -0.0,
+        100.0,
+        2.0**53,
+        2.0**53 + 2,
+        2.0**60,
+        1e-5,
+        1e16,
+        1e20,
+        123456789.5,
+        0.0001,
+        9999999999999998.0,
+        -3.0,
+        {"é": 1, "z": 0.25},
+        [1.0, {"a": 2.0}],
+    ],
 )
 def test_the_fast_path_edges_match_the_careful_one(value: Any) -> None:
     assert canonical_json({"v": value}) == _careful({"v": value})

@@ -30,8 +30,9 @@ def free_port() -> int:
 class ControlPlaneProcess:
     """`edgewise server` in a subprocess: start, kill -9, start again on the same data."""
 
-    def __init__(self, data: Path, db: str = "", admin: str | None = None,
-                 env: dict[str, str] | None = None) -> None:
+    def __init__(
+        self, data: Path, db: str = "", admin: str | None = None, env: dict[str, str] | None = None
+    ) -> None:
         self.data = data
         self.db = db
         self.env = {**os.environ, **(env or {})}
@@ -47,16 +48,29 @@ class ControlPlaneProcess:
     def _init(self) -> str:
         out = subprocess.run(
             [*EDGEWISE, "server", "init", "--data", str(self.data), *self._db_args()],
-            capture_output=True, text=True, env=self.env, timeout=120, check=True,
+            capture_output=True,
+            text=True,
+            env=self.env,
+            timeout=120,
+            check=True,
         )
         return out.stdout.strip().splitlines()[-1]
 
     def start(self) -> ControlPlaneProcess:
         with self.log.open("ab") as logf:
             self.proc = subprocess.Popen(
-                [*EDGEWISE, "server", "--data", str(self.data), *self._db_args(),
-                 "--port", str(self.port)],
-                stdout=logf, stderr=subprocess.STDOUT, env=self.env,
+                [
+                    *EDGEWISE,
+                    "server",
+                    "--data",
+                    str(self.data),
+                    *self._db_args(),
+                    "--port",
+                    str(self.port),
+                ],
+                stdout=logf,
+                stderr=subprocess.STDOUT,
+                env=self.env,
             )
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:
@@ -77,21 +91,39 @@ class ControlPlaneProcess:
         self.proc = None
 
     def api(self, method: str, path: str, **kw: Any) -> Any:
-        r = httpx.request(method, self.url + path, timeout=60,
-                          headers={"authorization": f"Bearer {self.admin}"}, **kw)
+        r = httpx.request(
+            method,
+            self.url + path,
+            timeout=60,
+            headers={"authorization": f"Bearer {self.admin}"},
+            **kw,
+        )
         assert r.status_code < 400, f"{method} {path}: {r.status_code} {r.text}"
         return r.json()
 
     def push(self, bundle: Path) -> None:
-        r = httpx.post(self.url + "/api/v1/models", content=bundle.read_bytes(), timeout=60,
-                       headers={"authorization": f"Bearer {self.admin}",
-                                "content-type": "application/octet-stream"})
+        r = httpx.post(
+            self.url + "/api/v1/models",
+            content=bundle.read_bytes(),
+            timeout=60,
+            headers={
+                "authorization": f"Bearer {self.admin}",
+                "content-type": "application/octet-stream",
+            },
+        )
         assert r.status_code in (200, 201), r.text
 
     def deploy(self, name: str, selector: str, model: str, priority: int = 0) -> Any:
-        return self.api("POST", "/api/v1/deployments", json={
-            "name": name, "selector": selector, "priority": priority,
-            "pipelines": {"digits": {"model": model}}})
+        return self.api(
+            "POST",
+            "/api/v1/deployments",
+            json={
+                "name": name,
+                "selector": selector,
+                "priority": priority,
+                "pipelines": {"digits": {"model": model}},
+            },
+        )
 
 
 @pytest.fixture(scope="session")

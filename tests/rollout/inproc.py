@@ -36,8 +36,9 @@ class Clock:
 class Dev:
     """A device speaking the signed protocol through the test client."""
 
-    def __init__(self, world: World, device_id: str, key: Ed25519PrivateKey,
-                 labels: dict[str, str]) -> None:
+    def __init__(
+        self, world: World, device_id: str, key: Ed25519PrivateKey, labels: dict[str, str]
+    ) -> None:
         self.world, self.id, self.key, self.labels = world, device_id, key, labels
 
     def _headers(self, method: str, path: str, body: bytes = b"") -> dict[str, str]:
@@ -54,11 +55,19 @@ class Dev:
         return str(self.desired()["pipelines"]["digits"]["model"]["version"])
 
     def report(self, version: str, status: str, reason: str = "") -> None:
-        body = json.dumps({
-            "revision": self.desired()["revision"],
-            "pipelines": {"digits": {"model": "digits-mlp", "version": version,
-                                     "status": status, "reason": reason}},
-        }).encode()
+        body = json.dumps(
+            {
+                "revision": self.desired()["revision"],
+                "pipelines": {
+                    "digits": {
+                        "model": "digits-mlp",
+                        "version": version,
+                        "status": status,
+                        "reason": reason,
+                    }
+                },
+            }
+        ).encode()
         h = {**self._headers("POST", "/device/v1/report", body), "content-type": "application/json"}
         r = self.world.client.post("/device/v1/report", content=body, headers=h)
         assert r.status_code == 200, r.text
@@ -82,17 +91,27 @@ class World:
         return r.json()
 
     def token(self, role: str, scope: str | None = None) -> str:
-        return str(self.ok("POST", "/api/v1/tokens",
-                           json={"name": role, "role": role, "scope": scope})["token"])
+        return str(
+            self.ok("POST", "/api/v1/tokens", json={"name": role, "role": role, "scope": scope})[
+                "token"
+            ]
+        )
 
     def enroll(self, **labels: str) -> Dev:
         tok = self.ok("POST", "/api/v1/enroll-tokens", json={"labels": {}})["token"]
         key = Ed25519PrivateKey.generate()
-        raw = key.public_key().public_bytes(serialization.Encoding.Raw,
-                                            serialization.PublicFormat.Raw)
-        r = self.client.post("/device/v1/enroll", json={
-            "token": tok, "public_key": base64.b64encode(raw).decode(), "labels": labels,
-            "capabilities": {}})
+        raw = key.public_key().public_bytes(
+            serialization.Encoding.Raw, serialization.PublicFormat.Raw
+        )
+        r = self.client.post(
+            "/device/v1/enroll",
+            json={
+                "token": tok,
+                "public_key": base64.b64encode(raw).decode(),
+                "labels": labels,
+                "capabilities": {},
+            },
+        )
         assert r.status_code == 201, r.text
         return Dev(self, r.json()["device_id"], key, labels)
 
@@ -119,9 +138,12 @@ def make_world(tmp: Path, examples: dict[str, Any], url: str | None = None) -> I
         w = World(client, app, admin, clock)
         w.ok("POST", "/api/v1/publisher-keys", json={"public_key": examples["pub"], "name": "ex"})
         for ref in ("digits-mlp@1.0.0", "digits-mlp@1.1.0", "digits-mlp@2.0.0"):
-            r = w.api("POST", "/api/v1/models", content=examples["bundles"][ref].read_bytes(),
-                      headers={"content-type": "application/octet-stream"})
+            r = w.api(
+                "POST",
+                "/api/v1/models",
+                content=examples["bundles"][ref].read_bytes(),
+                headers={"content-type": "application/octet-stream"},
+            )
             assert r.status_code == 201, r.text
         yield w
     store.close()
-

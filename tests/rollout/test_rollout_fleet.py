@@ -53,9 +53,7 @@ def _setup(plane: ControlPlaneProcess) -> dict[str, int]:
     return revs
 
 
-async def _until(
-    fleet: Fleet, check: Callable[[], bool], timeout: float, what: str
-) -> None:
+async def _until(fleet: Fleet, check: Callable[[], bool], timeout: float, what: str) -> None:
     deadline = time.monotonic() + timeout
     while not check():
         if time.monotonic() > deadline:

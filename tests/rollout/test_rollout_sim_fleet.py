@@ -105,8 +105,11 @@ def test_fleet_converges_through_network_faults_crashes_and_cut_downloads(
     assert all(not d.ever_ran for d in fleet.devices if d.profile.offline)
     assert summary["faults_injected"] > 0 and summary["cut_downloads"] > 0
     assert summary["crashes"] > 0
-    crashed = [d for d in fleet.devices
-               if any("crashed" in e.reason for p in d.pipes.values() for e in p.timeline)]
+    crashed = [
+        d
+        for d in fleet.devices
+        if any("crashed" in e.reason for p in d.pipes.values() for e in p.timeline)
+    ]
     assert crashed, "a crash shows in the device's reported timeline"
     online = plane.api("GET", "/api/v1/devices", params={"selector": "group=faulty"})
     reported = {d["id"] for d in online if d["reported_revision"] is not None}

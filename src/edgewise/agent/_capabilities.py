@@ -31,8 +31,7 @@ _ACCELERATOR_PROVIDERS = {
 
 
 _PROBE = (
-    "import json, onnxruntime as o; "
-    "print(json.dumps([o.__version__, o.get_available_providers()]))"
+    "import json, onnxruntime as o; print(json.dumps([o.__version__, o.get_available_providers()]))"
 )
 
 

@@ -65,9 +65,7 @@ INSTALL_TRANSITIONS: frozenset[tuple[InstallState, InstallState]] = frozenset(
 )
 
 
-_IN_PROGRESS = frozenset(
-    {_S.DOWNLOADING, _S.VERIFYING, _S.INSTALLING, _S.HEALTH_CHECKING}
-)
+_IN_PROGRESS = frozenset({_S.DOWNLOADING, _S.VERIFYING, _S.INSTALLING, _S.HEALTH_CHECKING})
 
 
 def is_valid_transition(src: InstallState, dst: InstallState) -> bool:
@@ -124,8 +122,10 @@ class InstallTracker:
         """
         if self.timeline and not is_valid_transition(self.state, to):
             raise IllegalTransition(f"install cannot go from {self.state} to {to}")
-        if to is InstallState.DOWNLOADING and self.state is InstallState.DOWNLOADING and (
-            self.timeline and self.timeline[-1].state is InstallState.DOWNLOADING
+        if (
+            to is InstallState.DOWNLOADING
+            and self.state is InstallState.DOWNLOADING
+            and (self.timeline and self.timeline[-1].state is InstallState.DOWNLOADING)
         ):
             # Progress ticks replace each other so the timeline stays readable.
             self.timeline[-1] = TimelineEntry(to, reason, at, progress)

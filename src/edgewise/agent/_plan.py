@@ -107,9 +107,7 @@ def plan(
         now: current time (for refused bundles' retry times).
     """
     stops = [Action("stop", name) for name in sorted(set(observed) - set(desired))]
-    stops = [
-        a for a in stops if observed[a.pipeline].running or observed[a.pipeline].fingerprint
-    ]
+    stops = [a for a in stops if observed[a.pipeline].running or observed[a.pipeline].fingerprint]
     rest: list[tuple[int, str, Action]] = []
     for name, want in desired.items():
         have = observed.get(name, ObservedPipeline())
