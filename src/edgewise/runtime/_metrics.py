@@ -8,7 +8,6 @@ agent turns them into telemetry windows and Prometheus exposition.
 from __future__ import annotations
 
 import bisect
-import itertools
 import threading
 from collections import deque
 from collections.abc import Callable
@@ -161,7 +160,15 @@ class PipelineMetrics:
 
     def __post_init__(self) -> None:
         self.rolling = RollingLatency(self.window_s)
-        self._pending: deque[tuple[Any, ...]] = deque()
+        # Batches recorded since the last flush, as flat lists of numbers (8 per batch in
+        # `_nums`, one wait and one confidence per request): nothing the cyclic garbage
+        # collector tracks accumulates per batch. A tuple of lists per batch did, and the
+        # survivors drove full collections (tens of ms on a large heap) from the hot path.
+        self._nums: list[float] = []
+        self._tiers: list[str] = []
+        self._waits: list[float] = []
+        self._confs: list[float | None] = []
+        self._pending_lock = threading.Lock()  # record (executor) vs flush (any reader)
         self.pre_ms: deque[float] = deque()
 
     def record(
@@ -179,8 +186,8 @@ class PipelineMetrics:
 
         `queue_ms` holds one wait per request; each request's end-to-end latency is its
         wait plus `rest_ms`, the batch's own time (added up when flushed, not here).
-        A pipeline never runs two batches at once, so counters need no lock;
-        the pending deque is safe to append to while a reader flushes it.
+        A pipeline never runs two batches at once, so counters need no lock; the
+        pending lists are swapped out by a flush under a lock of their own.
         """
         n = len(queue_ms)
         self.success += n
@@ -189,59 +196,60 @@ class PipelineMetrics:
         if tier == "fallback":
             self.fallback += n
         model, post, casc = stage_ms
-        pending = self._pending
-        pending.append(
-            (t_end, tier, rows, n_esc, model, post, casc, n, queue_ms, rest_ms, confidences)
-        )
-        if len(pending) >= 512:
+        with self._pending_lock:
+            self._nums.extend((t_end, rows, n_esc, model, post, casc, rest_ms, n))
+            self._tiers.append(tier)
+            self._waits.extend(queue_ms)
+            self._confs.extend(confidences)
+            full = len(self._tiers) >= 512
+        if full:
             self.flush()
 
     def flush(self) -> None:
         """Fold pending batch records into the histograms (vectorised).
 
-        Transposes the pending records once, so the cost per recorded batch is a few
-        C-level operations, not a Python loop body.
+        Reads the pending numbers as one array of 8 columns, so the cost per recorded
+        batch is a few C-level operations, not a Python loop body.
         """
         with self.lock:
             pre = [self.pre_ms.popleft() for _ in range(len(self.pre_ms))]
             if pre:
                 self._hist(self.stage_ms, "preprocess").observe_many(pre)
-            pending = self._pending
-            items = [pending.popleft() for _ in range(len(pending))]
-            if not items:
-                return
-            t_ends, tiers, rows, n_escs, model, post, casc, counts, queues, rests, confs = zip(
-                *items, strict=True
-            )
-            chain = itertools.chain.from_iterable
-            waits = np.fromiter(chain(queues), dtype=np.float64, count=sum(counts))
-            totals = waits + np.repeat(np.asarray(rests, dtype=np.float64), counts)
-            self.rolling.add_many(np.repeat(np.asarray(t_ends, dtype=np.float64), counts), totals)
+            with self._pending_lock:
+                nums, tiers, waits_l, confs = self._nums, self._tiers, self._waits, self._confs
+                if not tiers:
+                    return
+                self._nums, self._tiers, self._waits, self._confs = [], [], [], []
+            cols = np.array(nums, dtype=np.float64).reshape(-1, 8).T
+            t_ends, rows, n_escs, model, post, casc, rests, counts_f = cols
+            counts = counts_f.astype(np.int64)
+            waits = np.array(waits_l, dtype=np.float64)
+            totals = waits + np.repeat(rests, counts)
+            self.rolling.add_many(np.repeat(t_ends, counts), totals)
             self.batch_size.observe_many(rows)
             self.compute_ms.observe_many(model)
             self._hist(self.stage_ms, "model").observe_many(model)
             self._hist(self.stage_ms, "postprocess").observe_many(post)
+            served = rows - n_escs
             tier_set = set(tiers)
             if len(tier_set) == 1:  # the usual case: no string array, no masks
                 tier = tiers[0]
                 self._hist(self.tier_ms, tier).observe_many(model)
-                served_rows = sum(rows) - sum(n_escs)
-                self.tier_count[tier] = self.tier_count.get(tier, 0) + served_rows
+                self.tier_count[tier] = self.tier_count.get(tier, 0) + int(served.sum())
             else:
                 tier_arr = np.asarray(tiers)
-                served = np.asarray(rows) - np.asarray(n_escs)
-                model_arr = np.asarray(model)
                 for tier in tier_set:
                     mask = tier_arr == tier
-                    self._hist(self.tier_ms, tier).observe_many(model_arr[mask])
+                    self._hist(self.tier_ms, tier).observe_many(model[mask])
                     self.tier_count[tier] = self.tier_count.get(tier, 0) + int(served[mask].sum())
-            escalated = [i for i, n in enumerate(n_escs) if n]
-            if escalated:
-                self._hist(self.tier_ms, "cascade").observe_many([casc[i] for i in escalated])
-                self.tier_count["cascade"] = self.tier_count.get("cascade", 0) + sum(n_escs)
+            escalated = np.flatnonzero(n_escs)
+            if escalated.size:
+                self._hist(self.tier_ms, "cascade").observe_many(casc[escalated])
+                n_esc_total = int(n_escs.sum())
+                self.tier_count["cascade"] = self.tier_count.get("cascade", 0) + n_esc_total
             self.queue_ms.observe_many(waits)
             self.total_ms.observe_many(totals)
-            self.confidence.observe_many([v for v in chain(confs) if v is not None])
+            self.confidence.observe_many([v for v in confs if v is not None])
 
     @staticmethod
     def _hist(table: dict[str, Histogram], name: str) -> Histogram:
