@@ -129,6 +129,11 @@ class _Conn(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
         self.server.conns.discard(self)
+        # Let go of the transport and the parser (which holds this object's bound
+        # methods): a closed connection is freed by reference counting then, not left
+        # as a cycle for the garbage collector (a client that connects per request).
+        self.transport = None
+        del self.parser
 
     def data_received(self, data: bytes) -> None:
         self.heard = True

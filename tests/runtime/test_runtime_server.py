@@ -267,6 +267,42 @@ def test_http_1_0_without_keep_alive_is_closed_after_its_answer(server: HttpServ
         assert r.closed()
 
 
+def test_closed_connections_are_freed_without_the_garbage_collector(server: HttpServer) -> None:
+    # A client that connects per request must not leave a cycle (connection, parser,
+    # transport) per connection for the collector to find.
+    import gc
+
+    def both_ways() -> None:
+        with connect(server) as sock:  # the server closes it (HTTP/1.0)
+            sock.sendall(get("/old", version="1.0"))
+            r = Reader(sock)
+            assert r.answer()[0] == 200 and r.closed()
+        with connect(server) as sock:  # the client closes it
+            sock.sendall(get("/new"))
+            assert Reader(sock).answer()[0] == 200
+
+    both_ways()
+    was_enabled = gc.isenabled()
+    gc.collect()
+    gc.disable()
+    gc.set_debug(gc.DEBUG_SAVEALL)
+    try:
+        for _ in range(10):
+            both_ways()
+        deadline = time.monotonic() + 5
+        while server.conns and time.monotonic() < deadline:  # connection_lost has run
+            time.sleep(0.01)
+        gc.collect()
+        kinds = {type(o).__name__ for o in gc.garbage}
+    finally:
+        gc.set_debug(0)
+        gc.garbage.clear()
+        if was_enabled:
+            gc.enable()
+    assert not server.conns
+    assert not kinds & {"_Conn", "HttpRequestParser"}
+
+
 def test_an_idle_connection_is_closed_and_a_waiting_one_is_not(server: HttpServer) -> None:
     with connect(server) as idle, connect(server) as busy:
         busy.sendall(get("/later/1200"))  # longer than the 0.3 s idle timeout, twice
