@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import contextlib
+import gc
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -9,6 +11,29 @@ import pytest
 from edgewise.examples import DigitsSplit, load_split, train_logreg, train_mlp
 from edgewise.protocol import PipelineSpec
 from edgewise.runtime import Runtime
+
+
+@contextlib.contextmanager
+def cyclic_garbage() -> Iterator[set[str]]:
+    """The type names of what became cyclic garbage inside the block.
+
+    The collector is off inside it (nothing is collected behind the test's back) and
+    collects once at the end, saving what it finds; its state is restored afterwards.
+    """
+    kinds: set[str] = set()
+    was_enabled = gc.isenabled()
+    gc.collect()
+    gc.disable()
+    gc.set_debug(gc.DEBUG_SAVEALL)
+    try:
+        yield kinds
+        gc.collect()
+        kinds.update(type(o).__name__ for o in gc.garbage)
+    finally:
+        gc.set_debug(0)
+        gc.garbage.clear()
+        if was_enabled:
+            gc.enable()
 
 
 @pytest.fixture(scope="session")

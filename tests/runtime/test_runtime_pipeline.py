@@ -10,7 +10,7 @@ from edgewise.examples import DigitsSplit
 from edgewise.runtime import BadInput, Runtime, UnknownPipeline
 from edgewise.runtime._scheduler import Request
 
-from .conftest import SpecFactory
+from .conftest import SpecFactory, cyclic_garbage
 
 
 def test_digits_pipeline_accuracy_equals_raw_onnxruntime(
@@ -176,7 +176,6 @@ def test_async_groups_leave_no_reference_cycles_for_the_garbage_collector(
     # run often and promoted groups into its oldest generation, whose collections walk
     # every object of the process (a fifth of the c32 throughput).
     import asyncio
-    import gc
 
     runtime.start_pipeline(make_spec(batching={"max_batch": 8}), runtime.load_model(mlp_bytes))
     rows = [split.x_test[i : i + 1] for i in range(40)]
@@ -188,19 +187,8 @@ def test_async_groups_leave_no_reference_cycles_for_the_garbage_collector(
             await runtime.infer_async("digits", rows[0])
 
     asyncio.run(main())  # the loop's own one-time objects first
-    gc.collect()
-    was_enabled = gc.isenabled()
-    gc.disable()
-    gc.set_debug(gc.DEBUG_SAVEALL)
-    try:
+    with cyclic_garbage() as kinds:
         asyncio.run(main())
-        gc.collect()
-        kinds = {type(o).__name__ for o in gc.garbage}
-    finally:
-        gc.set_debug(0)
-        gc.garbage.clear()
-        if was_enabled:
-            gc.enable()
     assert not kinds & {"_Group", "Request", "Pending", "InferenceResult", "_Served"}
 
 

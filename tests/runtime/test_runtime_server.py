@@ -16,6 +16,8 @@ from hypothesis import strategies as st
 
 from edgewise._httpd import Answer, Deferred, Headers, HttpServer, error_answer
 
+from .conftest import cyclic_garbage
+
 Seen = list[tuple[str, str, Headers, bytes]]
 
 
@@ -270,8 +272,6 @@ def test_http_1_0_without_keep_alive_is_closed_after_its_answer(server: HttpServ
 def test_closed_connections_are_freed_without_the_garbage_collector(server: HttpServer) -> None:
     # A client that connects per request must not leave a cycle (connection, parser,
     # transport) per connection for the collector to find.
-    import gc
-
     def both_ways() -> None:
         with connect(server) as sock:  # the server closes it (HTTP/1.0)
             sock.sendall(get("/old", version="1.0"))
@@ -282,23 +282,12 @@ def test_closed_connections_are_freed_without_the_garbage_collector(server: Http
             assert Reader(sock).answer()[0] == 200
 
     both_ways()
-    was_enabled = gc.isenabled()
-    gc.collect()
-    gc.disable()
-    gc.set_debug(gc.DEBUG_SAVEALL)
-    try:
+    with cyclic_garbage() as kinds:
         for _ in range(10):
             both_ways()
         deadline = time.monotonic() + 5
         while server.conns and time.monotonic() < deadline:  # connection_lost has run
             time.sleep(0.01)
-        gc.collect()
-        kinds = {type(o).__name__ for o in gc.garbage}
-    finally:
-        gc.set_debug(0)
-        gc.garbage.clear()
-        if was_enabled:
-            gc.enable()
     assert not server.conns
     assert not kinds & {"_Conn", "HttpRequestParser"}
 
