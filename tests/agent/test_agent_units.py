@@ -228,3 +228,17 @@ def test_capabilities_read_thermal_zones_and_device_nodes(tmp_path: Path) -> Non
     assert caps["cores"] >= 1 and caps["memory_mb"] > 0 and caps["disk_free_mb"] >= 0
     assert "onnxruntime" in caps["runtimes"]
     assert "CPUExecutionProvider" in caps["execution_providers"]
+
+
+def test_a_report_carries_when_it_was_built() -> None:
+    # The control plane keeps a device's newest report by this time: a report delayed
+    # behind a newer one must not replace it.
+    import json
+
+    from edgewise.agent._report import build_report
+    from edgewise.agent._state import AgentState
+    from edgewise.protocol import AgentInfo
+
+    report = build_report(AgentState(), AgentInfo(version="t"), 1_780_000_000.25)
+    assert report.sent_at == 1_780_000_000.25
+    assert json.loads(report.model_dump_json())["sent_at"] == 1_780_000_000.25

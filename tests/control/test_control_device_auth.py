@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gzip
 import json
+from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
@@ -144,6 +145,43 @@ def test_report_and_telemetry_are_idempotent(sqlite_plane: Plane) -> None:
     assert r.json() == {"accepted": 0, "duplicates": 3, "acked_seq": 3}
     r = dev.post("/device/v1/report", {"revision": "x"})
     assert r.status_code == 422 and "error" in r.json()
+
+
+def test_a_report_that_arrives_after_a_newer_one_does_not_replace_it(sqlite_plane: Plane) -> None:
+    # The device's reported state feeds the rollout gates: a report delayed behind a
+    # newer one (a slow retry, or a replay to another replica within the signature's
+    # window) must not put an older state back.
+    p = sqlite_plane
+    dev = p.enroll()
+
+    def report(status: str, sent_at: float | None = None) -> dict[str, Any]:
+        pipes = {"digits": {"model": "digits-mlp", "version": "1.0.0", "status": status}}
+        body: dict[str, Any] = {"revision": 1, "pipelines": pipes}
+        if sent_at is not None:
+            body["sent_at"] = sent_at
+        return body
+
+    def status() -> str:
+        shown = p.api("GET", f"/api/v1/devices/{dev.id}").json()
+        return str(shown["pipelines"]["digits"]["status"])
+
+    now = p.clock()
+    assert dev.post("/device/v1/report", report("failed", now - 0.1)).status_code == 200
+    assert dev.post("/device/v1/report", report("active", now - 0.2)).status_code == 200
+    assert status() == "failed"
+    assert dev.post("/device/v1/report", report("active", now)).status_code == 200
+    assert status() == "active"
+    assert p.api("GET", f"/api/v1/devices/{dev.id}").json()["report_sent_at"] == now
+    # Without sent_at (older agents) the request's signed timestamp orders reports.
+    body = json.dumps(report("failed")).encode()
+    signed = sign_request(dev.key, dev.id, "POST", "/device/v1/report", body, now - 5)
+    headers = {**signed, "content-type": "application/json"}
+    r = p.client.post("/device/v1/report", content=body, headers=headers)
+    assert r.status_code == 200
+    assert status() == "active"
+    # A sent_at later than the request that carries it was signed is refused.
+    r = dev.post("/device/v1/report", report("active", now + 60))
+    assert r.status_code == 422 and "sent_at" in r.json()["error"]["message"]
 
 
 def test_device_list_filters_by_selector_and_online_state(sqlite_plane: Plane) -> None:

@@ -206,6 +206,42 @@ def test_save_reports_in_one_batch_keeps_each_devices_latest(store: SqlStore) ->
     store.save_reports([])  # nothing to do
 
 
+def test_a_report_built_before_the_stored_one_is_ignored(store: SqlStore) -> None:
+    # A slow retry, or a replay to another replica inside the signature's window, must
+    # not put an older state back over a newer one (a rollout gate reads this state).
+    _device(store)
+
+    def state() -> tuple[int, float | None, list[tuple[str, str]]]:
+        row = store.get_device("dev-1")
+        assert row is not None
+        pipes = [(r["pipeline"], r["status"]) for r in store.device_pipelines("dev-1")]
+        return row["report_revision"], row["report_sent_at"], pipes
+
+    store.save_report("dev-1", {**_report(2, "failed"), "sent_at": 10.5}, 11.0)
+    store.save_report("dev-1", {**_report(1, "active", ("q",)), "sent_at": 10.25}, 12.0)
+    assert state() == (2, 10.5, [("p", "failed")])
+    store.save_report("dev-1", {**_report(3, "failed"), "sent_at": 10.5}, 13.0)  # a resend
+    assert state() == (3, 10.5, [("p", "failed")])
+    store.save_report("dev-1", _report(4, "active"), 14.0)  # no time: it never blocks
+    assert state() == (4, 10.5, [("p", "active")])
+    # In one batch the newest wins whatever the order it arrived in.
+    store.save_reports(
+        [
+            ("dev-1", {**_report(6, "active"), "sent_at": 20.0}, 15.0),
+            ("dev-1", {**_report(5, "failed"), "sent_at": 19.0}, 15.0),
+        ]
+    )
+    assert state() == (6, 20.0, [("p", "active")])
+
+
+def test_newer_report_rule() -> None:
+    from edgewise.control._store import newer_report
+
+    assert newer_report(2.0, 1.0) and newer_report(1.0, 1.0)
+    assert not newer_report(0.5, 1.0)
+    assert newer_report(None, 1.0) and newer_report(0.5, None) and newer_report(None, None)
+
+
 def test_batch_writers_of_the_same_devices_in_opposite_orders_never_deadlock(
     store: SqlStore, in_threads: Callable[..., list[BaseException]]
 ) -> None:

@@ -423,7 +423,7 @@ class Agent:
             buffer_depth=self.buffer.depth(),
             dropped=self.buffer.dropped(),
         )
-        return build_report(self.state, info)
+        return build_report(self.state, info, self.clock())
 
     def send_report(self) -> bool:
         """Report if something changed or the interval passed; False when offline."""

@@ -14,8 +14,8 @@ from edgewise.protocol import AgentInfo, PipelineReport, Report, TimelineEntry
 __all__ = ["build_report", "status_document"]
 
 
-def build_report(state: AgentState, agent: AgentInfo) -> Report:
-    """The `POST /device/v1/report` body.
+def build_report(state: AgentState, agent: AgentInfo, sent_at: float | None = None) -> Report:
+    """The `POST /device/v1/report` body, built at `sent_at` (unix seconds).
 
     Each pipeline reports the install its status is about (the target), with the slot
     only when that target is the committed model.
@@ -43,6 +43,7 @@ def build_report(state: AgentState, agent: AgentInfo) -> Report:
         pipelines=pipelines,
         errors=list(state.errors),
         agent=agent,
+        sent_at=sent_at,
     )
 
 

@@ -24,7 +24,7 @@ from edgewise.control._live import CachedDevice
 from edgewise.control._plane import ApiError, ControlPlane
 from edgewise.control._registry import ArtifactCache, artifact_path
 from edgewise.control.telemetry._decode import TelemetryColumns, decode_upload
-from edgewise.protocol import Report, TelemetryBatch, decode_batch
+from edgewise.protocol import Report, TelemetryBatch, decode_batch, parse_signed_headers
 
 __all__ = ["router"]
 
@@ -126,9 +126,10 @@ async def post_report(request: Request) -> JSONResponse:
     body = await request.body()
     plane, device_id = await _authenticate(request, body)
     report: Report = _parse(Report, body)
+    signed_ts = parse_signed_headers(request.headers)[1]  # checked by _authenticate
     # Batched with the reports arriving meanwhile: a wave's thousands of reports share
     # transactions instead of filling the thread pool with writers queued on one lock.
-    await plane.reports.submit(report_item(plane, device_id, report))
+    await plane.reports.submit(report_item(plane, device_id, report, signed_ts))
     return JSONResponse({"ok": True})
 
 

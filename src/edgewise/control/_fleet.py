@@ -164,6 +164,9 @@ def device_view(plane: ControlPlane, row: dict[str, Any], detail: bool = False) 
         view["errors"] = row["report_errors"] or []
         view["agent"] = row["report_agent"] or {}
         view["reported_at"] = row["reported_at"]
+        # When the device built that report, by its own clock: against reported_at it
+        # shows the device's clock skew plus the report's delay on the way.
+        view["report_sent_at"] = row["report_sent_at"]
         view["pipelines"] = {
             p["pipeline"]: {
                 k: p[k] for k in ("model", "version", "slot", "status", "reason", "timeline")
@@ -243,18 +246,43 @@ def decommission(plane: ControlPlane, who: Principal, device_id: str) -> dict[st
     return {"id": device_id, "status": "decommissioned"}
 
 
-def report_item(plane: ControlPlane, device_id: str, report: Report) -> tuple[str, Any, float]:
-    """A checked report as `SqlStore.save_reports` takes it (pure but for the clock)."""
+def report_order(sent_at: float | None, signed_ts: int) -> float:
+    """The key that orders a device's reports (the newest is kept).
+
+    When the agent built the report, else the request's signed timestamp (older
+    agents and the simulator send no `sent_at`).
+
+    Raises:
+        ApiError: 422 when `sent_at` is later than the request that carries it was
+            signed (a report's newest-wins key must not run ahead of its own clock).
+    """
+    if sent_at is None:
+        return float(signed_ts)
+    if sent_at > signed_ts + 2:  # the header is whole seconds: allow its rounding
+        raise ApiError(422, "invalid_request", "sent_at: later than the request's signed timestamp")
+    return sent_at
+
+
+def report_item(
+    plane: ControlPlane, device_id: str, report: Report, signed_ts: int
+) -> tuple[str, Any, float]:
+    """A checked report as `SqlStore.save_reports` takes it (pure but for the clock).
+
+    Its `sent_at` is always set: to the request's signed timestamp when the agent sent
+    none (the store keeps the newest report by it).
+    """
     for name, pipeline in report.pipelines.items():
         if len(name) > 200 or len(pipeline.model) > 200 or len(pipeline.version) > 64:
             raise ApiError(422, "invalid_request", "pipeline, model or version name too long")
     # A parsed report holds no NaN or infinity (its models refuse them): JSON as it is.
-    return device_id, report.model_dump(mode="json"), plane.clock()
+    data = report.model_dump(mode="json")
+    data["sent_at"] = report_order(report.sent_at, signed_ts)
+    return device_id, data, plane.clock()
 
 
-def ingest_report(plane: ControlPlane, device_id: str, report: Report) -> None:
-    """Store reported state (idempotent: the latest report wins)."""
-    plane.store.save_reports([report_item(plane, device_id, report)])
+def ingest_report(plane: ControlPlane, device_id: str, report: Report, signed_ts: int) -> None:
+    """Store reported state (idempotent: the newest report wins)."""
+    plane.store.save_reports([report_item(plane, device_id, report, signed_ts)])
 
 
 def ingest_telemetry(plane: ControlPlane, device_id: str, batch: TelemetryBatch) -> dict[str, int]:

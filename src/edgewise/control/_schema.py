@@ -107,6 +107,8 @@ devices = Table(
     Column("report_errors", JSON, nullable=True),
     Column("report_agent", JSON, nullable=True),
     Column("reported_at", Float, nullable=True),
+    # The stored report's `sent_at`: a report older than it is ignored (newest wins).
+    Column("report_sent_at", Float, nullable=True),
     Column("telemetry_acked", BigInteger, nullable=False),
     Index("ix_devices_changed_at", "changed_at"),
 )

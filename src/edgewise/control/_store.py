@@ -43,7 +43,7 @@ from edgewise.control._migrate import migrate
 from edgewise.control._sqlite import locked_connection_factory
 from edgewise.control._storelogs import LogStore
 
-__all__ = ["ConflictError", "RawJSON", "SqlStore", "open_store"]
+__all__ = ["ConflictError", "RawJSON", "SqlStore", "newer_report", "open_store"]
 
 Row = dict[str, Any]
 
@@ -382,43 +382,62 @@ class SqlStore(LogStore):
     def save_reports(self, reports: Sequence[tuple[str, Row, float]]) -> None:
         """Store several device reports in one transaction.
 
-        In order: of two reports of one device, the later one wins.
+        Of two reports of one device the newer wins: by their `sent_at` where both have
+        one (a report older than the stored one is dropped, see `newer_report`), else
+        the later in `reports`.
         """
         arrived: dict[str, tuple[Row, float]] = {}
         for device_id, report, now in reports:
-            arrived[device_id] = (report, now)
+            before = arrived.get(device_id)
+            if before is None or newer_report(report.get("sent_at"), before[0].get("sent_at")):
+                arrived[device_id] = (report, now)
         if not arrived:
             return
+        d, dp = t.devices, t.device_pipelines
         # Rows locked in id order, as every batch writer of device rows does (see
         # `touch_last_seen`).
-        latest = {device_id: arrived[device_id] for device_id in sorted(arrived)}
-        heads = [
-            {
-                "b_id": device_id,
-                "b_revision": report.get("revision"),
-                "b_errors": report.get("errors", []),
-                "b_agent": report.get("agent", {}),
-                "b_at": now,
-            }
-            for device_id, (report, now) in latest.items()
-        ]
-        rows = [
-            {
-                "device_id": device_id,
-                "pipeline": name,
-                "model": p["model"],
-                "version": p["version"],
-                "slot": p.get("slot"),
-                "status": p["status"],
-                "reason": p.get("reason", ""),
-                "timeline": p.get("timeline", []),
-                "updated_at": now,
-            }
-            for device_id, (report, now) in latest.items()
-            for name, p in report.get("pipelines", {}).items()
-        ]
-        d, dp = t.devices, t.device_pipelines
+        ids = sorted(arrived)
         with self.engine.begin() as c:
+            stored: dict[str, float | None] = {}
+            for i in range(0, len(ids), 500):
+                q = select(d.c.id, d.c.report_sent_at).where(d.c.id.in_(ids[i : i + 500]))
+                stored.update(
+                    (r.id, r.report_sent_at)
+                    for r in c.execute(q.order_by(d.c.id).with_for_update())
+                )
+            latest = {
+                device_id: arrived[device_id]
+                for device_id in ids
+                if newer_report(arrived[device_id][0].get("sent_at"), stored.get(device_id))
+            }
+            if not latest:
+                return
+            heads = [
+                {
+                    "b_id": device_id,
+                    "b_revision": report.get("revision"),
+                    "b_errors": report.get("errors", []),
+                    "b_agent": report.get("agent", {}),
+                    "b_at": now,
+                    "b_sent": _first_not_none(report.get("sent_at"), stored.get(device_id)),
+                }
+                for device_id, (report, now) in latest.items()
+            ]
+            rows = [
+                {
+                    "device_id": device_id,
+                    "pipeline": name,
+                    "model": p["model"],
+                    "version": p["version"],
+                    "slot": p.get("slot"),
+                    "status": p["status"],
+                    "reason": p.get("reason", ""),
+                    "timeline": p.get("timeline", []),
+                    "updated_at": now,
+                }
+                for device_id, (report, now) in latest.items()
+                for name, p in report.get("pipelines", {}).items()
+            ]
             c.execute(
                 update(d)
                 .where(d.c.id == bindparam("b_id"))
@@ -428,12 +447,13 @@ class SqlStore(LogStore):
                     report_agent=bindparam("b_agent"),
                     reported_at=bindparam("b_at"),
                     last_seen=bindparam("b_at"),
+                    report_sent_at=bindparam("b_sent"),
                 ),
                 heads,
             )
-            ids = list(latest)
-            for i in range(0, len(ids), 500):
-                c.execute(delete(dp).where(dp.c.device_id.in_(ids[i : i + 500])))
+            changed = list(latest)
+            for i in range(0, len(changed), 500):
+                c.execute(delete(dp).where(dp.c.device_id.in_(changed[i : i + 500])))
             if rows:
                 c.execute(insert(dp), rows)
 
@@ -543,3 +563,16 @@ class SqlStore(LogStore):
         tab = t.metadata.tables[table]
         with self.engine.connect() as c:
             return int(c.execute(select(func.count()).select_from(tab)).scalar() or 0)
+
+
+def newer_report(sent_at: float | None, stored: float | None) -> bool:
+    """Whether a report built at `sent_at` replaces one built at `stored`.
+
+    Equal times replace (a resent report is the same report); a side without a time
+    (a report stored before `sent_at` existed, a caller that sends none) never blocks.
+    """
+    return sent_at is None or stored is None or sent_at >= stored
+
+
+def _first_not_none(a: float | None, b: float | None) -> float | None:
+    return a if a is not None else b

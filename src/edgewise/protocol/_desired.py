@@ -162,7 +162,14 @@ class AgentInfo(BaseModel):
 
 
 class Report(BaseModel):
-    """`POST /device/v1/report`: reported state; idempotent (the latest wins)."""
+    """`POST /device/v1/report`: reported state; idempotent (the newest wins).
+
+    `sent_at` is when the agent built the report (its clock, unix seconds; the body is
+    signed with the request). The control plane keeps the newest report by it, so one
+    that arrives late behind a newer one (a slow retry, a replay to another replica) is
+    ignored. Reports without it (older agents) are ordered by the request's signed
+    timestamp, to the second.
+    """
 
     model_config = ConfigDict(extra="ignore")
 
@@ -170,6 +177,7 @@ class Report(BaseModel):
     pipelines: dict[str, PipelineReport] = Field(default_factory=dict)
     errors: list[str] = Field(default_factory=list, max_length=100)
     agent: AgentInfo = Field(default_factory=AgentInfo)
+    sent_at: float | None = Field(default=None, ge=0, allow_inf_nan=False)
 
 
 def desired_signing_bytes(doc: DesiredState) -> bytes:
