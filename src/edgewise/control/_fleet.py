@@ -24,7 +24,6 @@ __all__ = [
     "decommission",
     "device_view",
     "enroll",
-    "ingest_report",
     "ingest_telemetry",
     "list_devices",
     "report_item",
@@ -278,11 +277,6 @@ def report_item(
     data = report.model_dump(mode="json")
     data["sent_at"] = report_order(report.sent_at, signed_ts)
     return device_id, data, plane.clock()
-
-
-def ingest_report(plane: ControlPlane, device_id: str, report: Report, signed_ts: int) -> None:
-    """Store reported state (idempotent: the newest report wins)."""
-    plane.store.save_reports([report_item(plane, device_id, report, signed_ts)])
 
 
 def ingest_telemetry(plane: ControlPlane, device_id: str, batch: TelemetryBatch) -> dict[str, int]:
