@@ -55,6 +55,7 @@ def test_errors_are_json_envelopes(sqlite_plane: Plane) -> None:
         (p.api("GET", "/api/v1/devices?selector=%21%21"), 400),
         (p.api("GET", "/api/v1/models/none/1.0.0"), 404),
         (p.api("GET", "/api/v1/audit?limit=0"), 422),
+        (p.api("GET", "/api/v1/audit?after=36893488147419103233"), 422),  # 2**65 + 1
         (p.client.post("/device/v1/enroll", content=b"\xff\xfe"), 422),
         (p.api("POST", "/api/v1/publisher-keys", json={"public_key": "@@@"}), 400),
     ]

@@ -275,7 +275,7 @@ def delete_deployment(request: Request, ref: str, who: Who) -> dict[str, Any]:
 @_route("GET", "/audit", Permission.READ)
 def list_audit(
     request: Request,
-    after: Annotated[int, Query(ge=0)] = 0,
+    after: Annotated[int, Query(ge=0, le=2**63 - 1)] = 0,  # a database integer
     limit: Annotated[int, Query(ge=1, le=10000)] = 1000,
 ) -> list[dict[str, Any]]:
     """Audit records in chain order."""
