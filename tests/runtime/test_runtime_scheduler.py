@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import asyncio
 import threading
 from collections.abc import Iterator
 
@@ -7,7 +8,8 @@ import numpy as np
 import pytest
 
 from edgewise.examples import DigitsSplit
-from edgewise.runtime import Rejected, Runtime, Shed
+from edgewise.runtime import InferenceResult, Rejected, Runtime, Shed
+from edgewise.runtime._aio import LoopBatcher, Pending
 from edgewise.runtime._scheduler import Request, should_shed
 
 from .conftest import SpecFactory
@@ -370,3 +372,72 @@ def test_a_lower_priority_batch_yields_to_running_critical_work_between_its_step
     rt.infer("bulk", split.x_test[0])
     rt.infer("crit", split.x_test[0])
     assert ranks == [2, 0]
+
+
+class _NotingEvent(threading.Event):
+    """The executor's "no critical work runs" event, noting which threads wait on it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.waiters: list[int] = []
+
+    def wait(self, timeout: float | None = None) -> bool:
+        self.waiters.append(threading.get_ident())
+        return super().wait(timeout)
+
+
+def test_an_event_loop_never_waits_for_critical_work_its_requests_queue_behind_it(
+    rt: Runtime, mlp_bytes: bytes, split: DigitsSplit, make_spec: SpecFactory
+) -> None:
+    _start_pair(rt, mlp_bytes, make_spec, be_capacity=100)
+    _hold_critical(rt, 1.0)
+    (ex,) = rt._executors.values()
+    ex._critical_clear = clear = _NotingEvent()
+    clear.set()
+    running, go = threading.Event(), threading.Event()
+    order: list[str] = []
+
+    def during_critical(req: Request) -> None:
+        running.set()
+        go.wait(10)
+        order.append("critical done")
+
+    crit = threading.Thread(
+        target=lambda: rt.submit("crit", split.x_test[1], during_critical, inline=True)
+    )
+    crit.start()
+    assert running.wait(10)
+
+    async def main() -> tuple[InferenceResult, InferenceResult]:
+        # Both ways an event loop submits: a loop turn's group (`infer_async`) and a
+        # request that would run at once (how the local inference API submits).
+        grouped = asyncio.ensure_future(rt.infer_async("bulk", split.x_test[0]))
+        first = LoopBatcher(rt).begin("bulk", split.x_test[2], first_goes_now=True, alone=True)
+        for _ in range(10):
+            await asyncio.sleep(0)  # the loop keeps turning while the critical request runs
+        assert isinstance(first, Pending)
+        assert not grouped.done() and not first.fut.done()
+        go.set()  # from the loop itself, which was never blocked
+        result = await grouped
+        await first.fut
+        order.append("best_effort done")
+        return result, first.outcome()
+
+    grouped_result, first_result = asyncio.run(main())
+    crit.join(10)
+    assert clear.waiters == []  # no wait at all, not a bounded one
+    assert order == ["critical done", "best_effort done"]
+    assert grouped_result.label == rt.infer("bulk", split.x_test[0]).label
+    assert first_result.label == rt.infer("bulk", split.x_test[2]).label
+    # A thread with no event loop still lets critical work finish first (bounded).
+    _hold_critical(rt, 0.01)
+    with ex._lock:
+        ex._critical_started()  # critical work "runs" in this thread
+    source = threading.Thread(target=rt.submit, args=("bulk", split.x_test[0], lambda r: None))
+    try:
+        source.start()
+        source.join(10)
+    finally:
+        with ex._lock:
+            ex._critical_ended()
+    assert clear.waiters == [source.ident]

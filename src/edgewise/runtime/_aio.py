@@ -170,6 +170,7 @@ class LoopBatcher:
         if last is not None and last[0] == tid and last[1].is_running():
             return last
         self._loop = last = (tid, asyncio.get_running_loop())
+        self.runtime.add_loop_thread(tid)  # an event loop never waits for critical work
         return last
 
     async def infer(

@@ -77,6 +77,9 @@ class Runtime:
         self._inline_max_s = inline_async_max_ms / 1000.0
         self._spinning = allow_spinning
         self._executors: dict[str, Executor] = {}
+        # Threads running an event loop that calls this runtime: never made to wait for
+        # critical work (they serve critical clients too). Shared by every executor.
+        self._loop_threads: set[int] = set()
         self._pipelines: dict[str, RunningPipeline] = {}
         self._events: list[RuntimeEvent] = []
         self._batchers = LoopBatchers(self)
@@ -137,7 +140,11 @@ class Runtime:
         ex = self._executors.get(name)
         if ex is None:
             ex = self._executors[name] = Executor(
-                name, self.clock, self._shed_fraction, critical_hold_s=self._critical_hold_s
+                name,
+                self.clock,
+                self._shed_fraction,
+                critical_hold_s=self._critical_hold_s,
+                loop_threads=self._loop_threads,
             )
         return ex
 
@@ -228,6 +235,15 @@ class Runtime:
         return [p.summary() for p in list(self._pipelines.values())]
 
     # -- inference --------------------------------------------------------------------
+
+    def add_loop_thread(self, tid: int) -> None:
+        """Mark thread `tid` as running an event loop: it never waits for critical work.
+
+        The asyncio entry points (`infer_async`, the local inference API) call this when
+        they first see a loop in a thread. A thread id the system later reuses for a
+        plain thread only spares that thread the (courtesy) wait.
+        """
+        self._loop_threads.add(tid)
 
     def infer(
         self, name: str, x: Array, *, exact_dtype: bool = False, timeout: float | None = None

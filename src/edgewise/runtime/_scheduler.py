@@ -14,7 +14,11 @@ Invariants:
   lets it finish first, waiting at most `critical_hold_s` each time: a submitter before
   admission, and a batch between its model call and its post-processing. Their Python
   work would otherwise take the GIL from the critical request between its steps. The
-  wait is bounded, so no source blocks for long.
+  wait is bounded, so no source blocks for long. An event loop's thread (the local
+  inference API, asyncio callers: see `loop_threads`) never waits: it serves every
+  client, critical ones included, so blocking it would delay the very work the wait is
+  for. Its lower-priority requests queue behind the critical work instead, as they do
+  whenever the executor is busy.
 - Admission is otherwise immediate: a full per-pipeline queue raises `Rejected`.
   Capacity counts callers' requests: a request that carries a group of them (`n`, see
   `Request`) takes `n` places.
@@ -55,6 +59,7 @@ class Executor:
         shed_hold_s: float = 0.5,
         critical_bypass: bool = True,
         critical_hold_s: float = 0.002,
+        loop_threads: set[int] | None = None,
     ) -> None:
         self.name = name
         self.critical_bypass = critical_bypass
@@ -65,6 +70,9 @@ class Executor:
         # Threads running critical work now (a thread runs at most one critical request
         # at a time: a second one it submits meanwhile queues behind the first).
         self._critical_threads: set[int] = set()
+        # Threads that run an event loop: they never wait for critical work (shared with
+        # the runtime, which adds a thread when a loop first calls it from there).
+        self.loop_threads: set[int] = set() if loop_threads is None else loop_threads
         self._clock = clock
         self.shed_fraction = shed_fraction
         self.shed_hold_s = shed_hold_s
@@ -96,13 +104,15 @@ class Executor:
         Lower-priority submitters call this before admission, and a lower-priority batch
         between its model call and its Python post-processing. A thread that is itself
         running critical work (a completion callback submitting more) never waits: it
-        would wait on itself. Returns whether it waited.
+        would wait on itself. Nor does an event loop's thread (see the module's notes).
+        Returns whether it waited.
         """
         if (
             rank != CRITICAL
             and self.critical_hold_s
             and not self._critical_clear.is_set()
-            and threading.get_ident() not in self._critical_threads
+            and (tid := threading.get_ident()) not in self._critical_threads
+            and tid not in self.loop_threads
         ):
             self._critical_clear.wait(self.critical_hold_s)
             return True
