@@ -18,7 +18,7 @@ import numpy.typing as npt
 
 from edgewise.protocol._pipeline import PipelineSpec
 from edgewise.runtime._degrade import DegradeState, Mode
-from edgewise.runtime._errors import InferenceFailed
+from edgewise.runtime._errors import BadInput, InferenceFailed
 from edgewise.runtime._metrics import PipelineMetrics
 from edgewise.runtime._model import LoadedModel
 from edgewise.runtime._request import Request, complete_all
@@ -401,16 +401,25 @@ class RunningPipeline:
     def prepare(
         self, x: Array, exact_dtype: bool = False, lane: ModelLane | None = None
     ) -> tuple[Array, ModelLane]:
-        """Preprocess and validate one request against `lane` (default: the active one)."""
-        if self.pre:
-            t0 = self.clock()
-            for fn in self.pre:
-                x = fn(x)
-            # Callers' threads run this concurrently: a deque append is atomic.
-            self.metrics.pre_ms.append((self.clock() - t0) * 1000.0)
-        if lane is None:
-            lane = self.active
-        return lane.model.validate(x, exact_dtype), lane
+        """Preprocess and validate one request against `lane` (default: the active one).
+
+        Raises:
+            BadInput: the request does not fit the model (counted in `bad_input`).
+        """
+        try:
+            if self.pre:
+                t0 = self.clock()
+                for fn in self.pre:
+                    x = fn(x)
+                # Callers' threads run this concurrently: a deque append is atomic.
+                self.metrics.pre_ms.append((self.clock() - t0) * 1000.0)
+            if lane is None:
+                lane = self.active
+            return lane.model.validate(x, exact_dtype), lane
+        except BadInput:
+            with self.metrics.lock:
+                self.metrics.bad_input += 1
+            raise
 
     def sample(self, batch: list[Request]) -> None:
         """Keep every n-th input (the spec's sample rate) for telemetry."""

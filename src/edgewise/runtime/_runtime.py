@@ -256,7 +256,7 @@ class Runtime:
         p = self._pipelines.get(name)
         if p is None:
             raise UnknownPipeline(f"no pipeline named {name!r}")
-        x, lane = self._prepare(p, x, exact_dtype)
+        x, lane = p.prepare(x, exact_dtype)
         req = Request(x, lane, p, self.clock())
         result: InferenceResult = p.executor.run_sync(req, timeout)
         return result
@@ -272,14 +272,6 @@ class Runtime:
         group, i = self._batchers.current().join(name, x, exact_dtype)
         await group.fut
         return group.outcome(i)
-
-    def _prepare(self, p: RunningPipeline, x: Array, exact_dtype: bool) -> tuple[Array, ModelLane]:
-        try:
-            return p.prepare(x, exact_dtype)
-        except BadInput:
-            with p.metrics.lock:
-                p.metrics.bad_input += 1
-            raise
 
     def submit(
         self,
@@ -300,9 +292,9 @@ class Runtime:
         p = self._pipelines.get(name)
         if p is None:
             raise UnknownPipeline(f"no pipeline named {name!r}")
-        x, lane = self._prepare(p, x, exact_dtype)
+        x, lane = p.prepare(x, exact_dtype)
         req = Request(x, lane, p, self.clock(), callback, ctx)
-        p.executor.submit(req, inline and p.executor.typical_batch_s() < self._inline_max_s)
+        p.executor.submit(req, inline and p.executor.typical_batch_s < self._inline_max_s)
         return req
 
     def submit_group(
@@ -351,7 +343,7 @@ class Runtime:
                     for i in range(0, len(xs), step)
                 ]
                 ex = p.executor
-                ex.submit_many(stacks, inline and ex.typical_batch_s() < self._inline_max_s)
+                ex.submit_many(stacks, inline and ex.typical_batch_s < self._inline_max_s)
                 return stacks, step
         slots: list[tuple[int, int, int] | BaseException] = []
         reqs: list[Request] = []
@@ -364,9 +356,7 @@ class Runtime:
             ):
                 try:
                     x, _ = p.prepare(x, exact, lane)
-                except BadInput as exc:
-                    with p.metrics.lock:
-                        p.metrics.bad_input += 1
+                except BadInput as exc:  # counted by prepare
                     slots.append(exc)
                     continue
             k = len(x)
@@ -383,7 +373,7 @@ class Runtime:
             reqs.append(_stacked(parts, lane, p, now, callback))
         if reqs:
             ex = p.executor
-            ex.submit_many(reqs, inline and ex.typical_batch_s() < self._inline_max_s)
+            ex.submit_many(reqs, inline and ex.typical_batch_s < self._inline_max_s)
         return reqs, slots
 
     def stats(self, name: str) -> dict[str, Any]:
@@ -395,7 +385,7 @@ class Runtime:
             mode=str(p.degrade.mode),
             model=p.active.model.key,
             queued=p.queued,
-            executor_batch_ms=p.executor.typical_batch_s() * 1000.0,
+            executor_batch_ms=p.executor.typical_batch_s * 1000.0,
             p95_ms=p.metrics.p95(self.clock()),
         )
         return snap

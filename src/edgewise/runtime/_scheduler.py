@@ -67,6 +67,7 @@ class Executor:
         # Set while no critical work runs; lower-priority submitters wait on it (bounded).
         self._critical_clear = threading.Event()
         self._critical_clear.set()
+        self._critical_running = False  # = not _critical_clear.is_set(), read on hot paths
         # Threads running critical work now (a thread runs at most one critical request
         # at a time: a second one it submits meanwhile queues behind the first).
         self._critical_threads: set[int] = set()
@@ -91,7 +92,11 @@ class Executor:
         self._shed_until = float("-inf")
         self.est_batch_s = 0.0
         self._recent: deque[float] = deque(maxlen=33)
-        self._typical_s = 0.0
+        # Median of recent batch times: what the model costs, robust to load spikes.
+        # Callers deciding whether to run a batch in an event loop's thread read this,
+        # not the EWMA, so that one descheduled batch on a busy machine does not flip a
+        # fast model onto the worker thread (and into GIL hand-offs).
+        self.typical_batch_s = 0.0
         self._batches = 0
         self._thread = threading.Thread(target=self._loop, name=f"edgewise-{name}", daemon=True)
         self._thread.start()
@@ -109,8 +114,8 @@ class Executor:
         """
         if (
             rank != CRITICAL
+            and self._critical_running
             and self.critical_hold_s
-            and not self._critical_clear.is_set()
             and (tid := threading.get_ident()) not in self._critical_threads
             and tid not in self.loop_threads
         ):
@@ -121,12 +126,14 @@ class Executor:
     def _critical_started(self) -> None:
         # Called with the lock held, in the thread that runs the critical work.
         self._critical_threads.add(threading.get_ident())
+        self._critical_running = True
         self._critical_clear.clear()
 
     def _critical_ended(self) -> None:
         # Called with the lock held, in the thread that ran the critical work.
         self._critical_threads.discard(threading.get_ident())
         if not self._critical_threads:
+            self._critical_running = False
             self._critical_clear.set()
 
     def _admit(self, req: Request) -> None:
@@ -154,7 +161,7 @@ class Executor:
         cond = self._cond
         bypass = False
         critical = req.owner.rank == CRITICAL
-        if not critical and not self._critical_clear.is_set():
+        if not critical and self._critical_running:
             self.yield_to_critical(req.owner.rank)
         with self._lock:
             self._admit(req)
@@ -214,7 +221,7 @@ class Executor:
         admitted: list[Request] = []
         run_here = False
         critical = False
-        if reqs and not self._critical_clear.is_set():
+        if reqs and self._critical_running:
             self.yield_to_critical(min(r.owner.rank for r in reqs))
         with self._lock:
             for r in reqs:
@@ -273,15 +280,6 @@ class Executor:
             raise req.error
         return req.result
 
-    def typical_batch_s(self) -> float:
-        """Median of recent batch times: what the model costs, robust to load spikes.
-
-        Callers deciding whether to run a batch in an event loop's thread use this, not
-        the EWMA, so that one descheduled batch on a busy machine does not flip a fast
-        model onto the worker thread (and into GIL hand-offs).
-        """
-        return self._typical_s
-
     # -- control ----------------------------------------------------------------------
 
     def pause(self) -> None:
@@ -337,7 +335,7 @@ class Executor:
         recent.append(took)
         if len(recent) < 8 or not self._batches % 16:  # keep the median off the hot path
             ordered = sorted(recent)
-            self._typical_s = ordered[len(ordered) // 2]
+            self.typical_batch_s = ordered[len(ordered) // 2]
         self._batches += 1
 
     def _shed_best_effort(self, now: float) -> list[Request]:
