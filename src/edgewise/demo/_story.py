@@ -393,13 +393,7 @@ class Story:
 
     async def close(self) -> None:
         """Stop the fleet, the proxy and every process."""
-        # Simulated devices run install tasks that `Fleet.stop` does not track; cancel
-        # every other task first so none of them finds its HTTP client closed.
-        others = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
-        for task in others:
-            task.cancel()
-        await asyncio.gather(*others, return_exceptions=True)
-        if self.fleet is not None:
+        if self.fleet is not None:  # cancels and awaits every task its devices started
             await self.fleet.stop()
         if self.proxy is not None:
             self.proxy.close()
