@@ -440,4 +440,5 @@ def test_an_event_loop_never_waits_for_critical_work_its_requests_queue_behind_i
     finally:
         with ex._lock:
             ex._critical_ended()
-    assert clear.waiters == [source.ident]
+    # It waited before its admission (the worker may wait too, before post-processing).
+    assert clear.waiters[:1] == [source.ident]

@@ -118,7 +118,7 @@ class OnnxSession:
             values = self._run(self._names, {self._input_name: x}, self._opts)
         else:
             values = self._run(self._names, {self._input_name: x})
-        return dict(zip(self._names, values, strict=True))
+        return dict(zip(self._names, values, strict=False))  # a value per name asked for
 
 
 def open_onnx(

@@ -9,6 +9,7 @@ JSON dict, so the runtime does not depend on the manifest's Python class.
 from __future__ import annotations
 
 import functools
+import operator
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -19,7 +20,7 @@ import numpy as np
 import numpy.typing as npt
 
 from edgewise.runtime._backend import ModelSession
-from edgewise.runtime._errors import ModelLoadError
+from edgewise.runtime._errors import BadInput, ModelLoadError
 
 __all__ = ["HealthResult", "HealthSample", "LoadedModel", "ModelInfo", "health_check"]
 
@@ -123,6 +124,11 @@ def castable(got: np.dtype[Any], want: np.dtype[Any]) -> bool:
     return got.kind in "iuf" and bool(np.can_cast(got, want, "same_kind"))
 
 
+def _nothing(_shape: tuple[int, ...]) -> None:
+    """The pick of a model input whose inner dimensions are all free."""
+    return None
+
+
 @dataclass(frozen=True)
 class LoadedModel:
     """A ready (created and warmed) session plus what the runtime knows about it."""
@@ -131,12 +137,25 @@ class LoadedModel:
     session: ModelSession
     confidence_output: str | None
     _fixed: tuple[int, ...] = field(init=False, repr=False, compare=False, default=())
+    # validate()'s check of a batched input, in C calls only: `_pick(x.shape) == _want`
+    # compares the inner dimensions the model fixes (free ones, such as an image width,
+    # are not picked).
+    _pick: Callable[[tuple[int, ...]], Any] = field(init=False, repr=False, compare=False)
+    _want: Any = field(init=False, repr=False, compare=False, default=None)
 
     def __post_init__(self) -> None:
-        # A shape with free inner dimensions never takes the fast path in validate().
+        # A shape with free inner dimensions never takes submit_group's stacking path.
         fixed = self.session.input.shape[1:]
         marker = (-1,) if None in fixed else tuple(d for d in fixed if d is not None)
         object.__setattr__(self, "_fixed", marker)
+        known = [(i + 1, d) for i, d in enumerate(fixed) if d is not None]
+        pick: Callable[[tuple[int, ...]], Any] = _nothing
+        want: Any = None
+        if known:  # itemgetter of one index gives the item, of several a tuple
+            pick = operator.itemgetter(*(i for i, _ in known))
+            want = known[0][1] if len(known) == 1 else tuple(d for _, d in known)
+        object.__setattr__(self, "_pick", pick)
+        object.__setattr__(self, "_want", want)
 
     @property
     def key(self) -> str:
@@ -186,14 +205,10 @@ class LoadedModel:
         spec = self.session.input
         if x.dtype != spec.dtype:
             if exact_dtype or not castable(x.dtype, spec.dtype):
-                from edgewise.runtime._errors import BadInput
-
                 raise BadInput(f"dtype {x.dtype} does not match the model input {spec.dtype}")
             x = x.astype(spec.dtype)
-        if x.shape[1:] == self._fixed and x.ndim == len(spec.shape) and len(x):
+        if x.ndim == len(spec.shape) and len(x) and self._pick(x.shape) == self._want:
             return x  # the common case: already batched
-        from edgewise.runtime._errors import BadInput
-
         fixed = spec.shape[1:]
         if x.ndim == len(fixed):
             x = x[np.newaxis]
