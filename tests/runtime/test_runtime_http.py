@@ -1,16 +1,22 @@
 from __future__ import annotations
 
+import asyncio
+import json
 import socket
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import httpx
 import numpy as np
+import orjson
 import pytest
 import uvicorn
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
+from edgewise._httpd import Deferred, Headers
 from edgewise.examples import DigitsSplit
 from edgewise.runtime import HttpServer, InferenceAPI, Runtime, make_inference_app
 
@@ -41,6 +47,30 @@ class Server:
         self.server.should_exit = True
         self.thread.join(timeout=10)
         self.sock.close()
+
+
+@pytest.fixture
+def api_in_loop(
+    mlp_bytes: bytes, make_spec: SpecFactory
+) -> Iterator[Callable[[Headers, bytes], tuple[int, Any]]]:
+    """The infer route called as `HttpServer` calls it, in an event loop of its own."""
+    rt = Runtime(cores=1, monitor_interval_s=None)
+    rt.start_pipeline(make_spec(), rt.load_model(mlp_bytes))
+    api = InferenceAPI(rt)
+    loop = asyncio.new_event_loop()
+
+    async def answer(headers: Headers, body: bytes) -> tuple[int, Any]:
+        got = api("POST", "/v1/pipelines/digits/infer", headers, body)
+        if isinstance(got, Deferred):
+            await asyncio.wait([got.fut])
+            got = got.finish()
+        return got[0], orjson.loads(got[1])
+
+    try:
+        yield lambda headers, body: loop.run_until_complete(answer(headers, body))
+    finally:
+        loop.close()
+        rt.close()
 
 
 @pytest.fixture(params=["httpserver", "asgi-on-uvicorn"])
@@ -118,8 +148,19 @@ def test_listing_and_stats(served: httpx.Client, split: DigitsSplit) -> None:
             "bad_input",
         ),
         ({"json": {"inputs": [[0.0] * 64] * 2000}}, 413, "payload_too_large"),
+        ({"json": {"inputs": [[1e300] + [0.0] * 63]}}, 400, "bad_input"),
     ],
-    ids=["size", "non-numeric", "ragged", "no-inputs", "not-array", "bool", "syntax", "oversized"],
+    ids=[
+        "size",
+        "non-numeric",
+        "ragged",
+        "no-inputs",
+        "not-array",
+        "bool",
+        "syntax",
+        "oversized",
+        "beyond-float32",
+    ],
 )
 def test_bad_json_gets_a_4xx_and_the_pipeline_keeps_serving(
     served: httpx.Client, split: DigitsSplit, kwargs: dict[str, object], status: int, code: str
@@ -140,6 +181,8 @@ def test_bad_raw_tensors_get_a_4xx(served: httpx.Client, split: DigitsSplit) -> 
         _raw(x[:, :32], shape="1,32"),  # wrong shape for the model
         _raw(x, dtype="complex64"),  # unsupported dtype
         _raw(x, shape="1,x"),  # unreadable shape
+        # 2**32 x 2**32 rows: numpy's product of the shape wraps around to 0 bytes
+        {**_raw(x[:0], shape=f"{2**32},{2**32}")},
     ]
     for case in cases:
         resp = served.post("/v1/pipelines/digits/infer", **case)  # type: ignore[arg-type]
@@ -258,3 +301,51 @@ def test_a_body_in_several_messages_is_joined_and_checked_against_the_limit(
     assert (status, err["error"]["code"]) == (400, "bad_input")
     again = _call(app, [{"type": "http.request", "body": body}], [])
     assert again[0] == 200 and again[1]["labels"] == whole[1]["labels"]
+
+
+_LEAF = st.one_of(
+    st.floats(allow_nan=False),
+    st.integers(min_value=-(2**70), max_value=2**70),
+    st.booleans(),
+    st.none(),
+    st.text(max_size=3),
+)
+_JSON = st.recursive(
+    _LEAF,
+    lambda inner: st.lists(inner, max_size=70) | st.dictionaries(st.text(max_size=5), inner),
+    max_leaves=150,
+)
+_HEADERS = st.fixed_dictionaries(
+    {
+        b"content-type": st.just(b"application/octet-stream"),
+        b"x-tensor-dtype": st.sampled_from(
+            [b"float32", b"float64", b"uint8", b"int64", b"bool", b""]
+        ),
+        b"x-tensor-shape": st.lists(st.integers(min_value=-2, max_value=2**40), max_size=4).map(
+            lambda dims: ",".join(map(str, dims)).encode()
+        )
+        | st.binary(max_size=8),
+    }
+)
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=list(HealthCheck))
+@given(
+    # The standard library writes integers beyond 64 bits (and Infinity, not JSON).
+    body=st.one_of(_JSON, st.fixed_dictionaries({"inputs": _JSON})).map(
+        lambda v: json.dumps(v).encode()
+    )
+    | st.tuples(_HEADERS, st.binary(max_size=600)),
+)
+def test_any_body_gets_a_json_answer_below_500_and_the_pipeline_keeps_serving(
+    api_in_loop: Callable[[Headers, bytes], tuple[int, Any]], body: bytes | tuple[Headers, bytes]
+) -> None:
+    headers, raw = (
+        body if isinstance(body, tuple) else ({b"content-type": b"application/json"}, body)
+    )
+    status, answer = api_in_loop(headers, raw)
+    assert status < 500, answer
+    if status >= 400:
+        assert answer["error"]["code"] and answer["error"]["message"]
+    ok, _ = api_in_loop({b"content-type": b"application/json"}, orjson.dumps([[0.0] * 64]))
+    assert ok == 200

@@ -17,7 +17,7 @@ from edgewise.runtime import (
     Runtime,
     choose_providers,
 )
-from edgewise.runtime._model import health_check
+from edgewise.runtime._model import cast_fitting, castable, health_check
 
 
 def test_providers_follow_preference_and_always_end_with_cpu() -> None:
@@ -161,3 +161,44 @@ def test_validate_rejects_wrong_shape_and_dtype(runtime: Runtime, mlp_bytes: byt
         model.validate(np.zeros((1, 64), np.float64), exact_dtype=True)
     with pytest.raises(BadInput, match="dtype"):
         model.validate(np.array([["a"] * 64]))
+    # A cast that would change a value is refused (float64 beyond float32 becomes inf).
+    with pytest.raises(BadInput, match="range of the model's float32 input"):
+        model.validate(np.array([[1e300] + [0.0] * 63]))
+    assert model.validate(np.array([[3.0e38] * 64])).max() == np.float32(3.0e38)
+
+
+@pytest.mark.parametrize(
+    ("values", "want", "fits"),
+    [
+        ([0, 255], "uint8", True),  # JSON pixels for a uint8 image model
+        ([-1, 7], "uint8", False),
+        ([256], "uint8", False),
+        ([-128, 127], "int8", True),
+        ([300], "int8", False),
+        ([2**40], "int32", False),
+        ([65504.0], "float16", True),
+        ([70000.0], "float16", False),
+        ([70000], "float16", False),  # an integer that float16 cannot hold either
+        ([3.0e38, 0.1], "float32", True),  # rounded to the nearest float32, not refused
+        ([float("inf"), 1.0], "float32", True),  # infinity was sent, not made by the cast
+    ],
+)
+def test_casts_of_decoded_numbers_keep_every_value_or_refuse(
+    values: list[float], want: str, fits: bool
+) -> None:
+    x = np.array([values])
+    assert castable(x.dtype, np.dtype(want))
+    if fits:
+        y = cast_fitting(x, np.dtype(want))
+        assert y.dtype == np.dtype(want)
+        assert np.allclose(y.astype(np.float64), x.astype(np.float64), rtol=1e-6)
+    else:
+        with pytest.raises(BadInput, match=f"range of the model's {want} input"):
+            cast_fitting(x, np.dtype(want))
+
+
+def test_only_numbers_of_compatible_kinds_are_cast() -> None:
+    assert not castable(np.dtype(np.float64), np.dtype(np.int64))  # would drop fractions
+    assert not castable(np.dtype(np.float64), np.dtype(np.uint8))
+    assert not castable(np.dtype("U3"), np.dtype(np.float32))
+    assert castable(np.dtype(np.int64), np.dtype(np.uint8))  # range-checked on cast

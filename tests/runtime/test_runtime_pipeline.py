@@ -240,6 +240,10 @@ def test_a_group_of_single_rows_is_checked_at_once_and_odd_callers_one_by_one(
     wide = [r.astype(np.float64) for r in rows]
     assert labels(gather(wide)) == expected
     assert labels(gather(wide, exact=True)) == [BadInput] * 10
+    # A cast number that float32 cannot hold refuses its caller only.
+    huge = wide[3].copy()
+    huge[0, 5] = 1e300
+    assert labels(gather([*wide[:3], huge, *wide[4:]])) == [*expected[:3], BadInput, *expected[4:]]
     # One odd caller among single rows is refused alone, not cast along with the rest
     # (a bool row would turn into numbers inside one concatenated array).
     assert labels(gather([rows[0], rows[1] > 0.5, rows[2]])) == [expected[0], BadInput, expected[2]]

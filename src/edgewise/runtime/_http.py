@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
 
@@ -93,8 +94,8 @@ def decode_json(body: bytes) -> np.ndarray[Any, Any]:
         arr = np.asarray(data)
     except ValueError:
         raise BadInput("'inputs' is not a rectangular array") from None
-    if arr.dtype.kind not in "iuf":
-        raise BadInput("'inputs' must hold only numbers")
+    if arr.dtype.kind not in "iuf":  # strings, booleans, nulls; integers past 64 bits
+        raise BadInput("'inputs' must hold only numbers (integers within 64 bits)")
     return arr
 
 
@@ -111,7 +112,8 @@ def decode_raw(headers: dict[bytes, bytes], body: bytes) -> np.ndarray[Any, Any]
     if any(d <= 0 for d in shape):
         raise BadInput("X-Tensor-Shape dimensions must be positive")
     dt = np.dtype(dtype)
-    expected = int(np.prod(shape)) * dt.itemsize
+    # Python integers: numpy's product wraps around (2**32 x 2**32 rows would need 0 bytes).
+    expected = math.prod(shape) * dt.itemsize
     if expected != len(body):
         raise BadInput(f"body has {len(body)} bytes, dtype and shape need {expected}")
     return np.frombuffer(body, dtype=dt).reshape(shape)

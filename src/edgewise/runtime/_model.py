@@ -120,8 +120,40 @@ class ModelInfo:
 
 @functools.cache
 def castable(got: np.dtype[Any], want: np.dtype[Any]) -> bool:
-    """JSON numbers decode as int64/float64; cast them when the kinds are compatible."""
-    return got.kind in "iuf" and bool(np.can_cast(got, want, "same_kind"))
+    """JSON numbers decode as int64/float64; cast them when the kinds are compatible.
+
+    Integers may go to an unsigned input too (an image model's uint8 pixels, sent as
+    JSON): `cast_fitting` then refuses any value that does not fit.
+    """
+    if got.kind not in "iuf":
+        return False
+    return bool(np.can_cast(got, want, "same_kind")) or (got.kind in "iu" and want.kind == "u")
+
+
+def cast_fitting(x: npt.NDArray[Any], want: np.dtype[Any]) -> npt.NDArray[Any]:
+    """`x` cast to `want` (a cast `castable` allows), refusing values that do not fit.
+
+    Without the check the model would see other numbers than the caller sent: a float64
+    beyond float32's range becomes inf, an integer beyond int8's wraps around. Rounding
+    to the nearest float32 is not a change of value here.
+
+    Raises:
+        BadInput: a value is out of the range of `want`.
+    """
+    if want.kind == "f":
+        try:
+            with np.errstate(over="raise"):  # an infinity the caller did not send
+                return x.astype(want)
+        except FloatingPointError:
+            raise BadInput(f"a value is out of the range of the model's {want} input") from None
+    if x.dtype.kind in "iu" and x.size and not np.can_cast(x.dtype, want, "safe"):
+        info = np.iinfo(want)
+        if x.min() < info.min or x.max() > info.max:
+            raise BadInput(
+                f"a value is out of the range of the model's {want} input "
+                f"({info.min} to {info.max})"
+            )
+    return x.astype(want)
 
 
 def _nothing(_shape: tuple[int, ...]) -> None:
@@ -206,7 +238,7 @@ class LoadedModel:
         if x.dtype != spec.dtype:
             if exact_dtype or not castable(x.dtype, spec.dtype):
                 raise BadInput(f"dtype {x.dtype} does not match the model input {spec.dtype}")
-            x = x.astype(spec.dtype)
+            x = cast_fitting(x, spec.dtype)
         if x.ndim == len(spec.shape) and len(x) and self._pick(x.shape) == self._want:
             return x  # the common case: already batched
         fixed = spec.shape[1:]

@@ -25,7 +25,14 @@ from edgewise.runtime._cascade import make_escalator
 from edgewise.runtime._degrade import Mode, Observation, read_cpu_percent, read_thermal_c, step
 from edgewise.runtime._errors import AcceleratorUnavailable, BadInput, UnknownPipeline
 from edgewise.runtime._loader import ModelSource, load_model
-from edgewise.runtime._model import HealthResult, LoadedModel, ModelInfo, castable, health_check
+from edgewise.runtime._model import (
+    HealthResult,
+    LoadedModel,
+    ModelInfo,
+    cast_fitting,
+    castable,
+    health_check,
+)
 from edgewise.runtime._pipeline import InferenceResult, ModelLane, RunningPipeline
 from edgewise.runtime._scheduler import Executor, Request
 from edgewise.runtime._stages import POSTPROCESS, PREPROCESS, SINKS, SOURCES
@@ -508,7 +515,10 @@ def _single_rows(
     if stacked.dtype != dtype:
         if any(exact for _, exact in xs) or not castable(stacked.dtype, dtype):
             return None
-        stacked = stacked.astype(dtype)
+        try:
+            stacked = cast_fitting(stacked, dtype)
+        except BadInput:  # some caller's value does not fit: say which, one by one
+            return None
     return stacked
 
 
