@@ -15,6 +15,7 @@ import numpy as np
 import paho.mqtt.client as mqtt
 import pytest
 from paho.mqtt.enums import CallbackAPIVersion
+from PIL import Image
 
 from edgewise.examples import DigitsSplit
 from edgewise.runtime import Runtime
@@ -56,6 +57,9 @@ def test_directory_source_feeds_new_files_once_and_skips_unreadable(
         np.save(tmp_path / f"{i:03d}.npy", split.x_test[i])
     (tmp_path / "004.npy").write_bytes(b"garbage")
     (tmp_path / "notes.txt").write_text("ignored")
+    # A tiny PNG that claims 200 million pixels: Pillow refuses to open it with an error
+    # that is neither OSError nor ValueError, which had ended the source's thread.
+    Image.new("1", (20_000, 10_000)).save(tmp_path / "003.png")
     spec = make_spec(
         source={"type": "directory", "params": {"path": str(tmp_path), "poll_s": 0.02}},
         sinks=[{"type": "summary"}],
@@ -65,8 +69,15 @@ def test_directory_source_feeds_new_files_once_and_skips_unreadable(
     np.save(tmp_path / "005.npy", split.x_test[5])
     _until(lambda: runtime.stats("digits")["nv_inference_request_success"] == 4)
     source = runtime.source("digits")
-    assert source.unreadable == 1
-    assert sorted(source.seen) == ["000.npy", "001.npy", "002.npy", "004.npy", "005.npy"]
+    assert source.unreadable == 2
+    assert sorted(source.seen) == [
+        "000.npy",
+        "001.npy",
+        "002.npy",
+        "003.png",
+        "004.npy",
+        "005.npy",
+    ]
 
 
 def test_mqtt_source_to_mqtt_sink_through_mosquitto(
@@ -99,11 +110,13 @@ def test_mqtt_source_to_mqtt_sink_through_mosquitto(
         pub = mqtt.Client(CallbackAPIVersion.VERSION2)
         pub.connect(host, port)
         pub.loop_start()
+        # Nesting too deep for any parser first: the source must keep listening after it.
+        pub.publish(f"{root}/in", b"[" * 100_000 + b"]" * 100_000, qos=1)
         for i in range(5):
             pub.publish(f"{root}/in", json.dumps({"inputs": split.x_test[i].tolist()}), qos=1)
         pub.publish(f"{root}/in", b"not json", qos=1)
         pub.publish(f"{root}/in", json.dumps([[0.0] * 10]), qos=1)  # wrong size
-        _until(lambda: len(got) == 5 and source.received == 7)
+        _until(lambda: len(got) == 5 and source.received == 8)
         pub.loop_stop()
         pub.disconnect()
     finally:
@@ -111,7 +124,7 @@ def test_mqtt_source_to_mqtt_sink_through_mosquitto(
         listener.disconnect()
     want = [str(k) for k in runtime.infer("digits", split.x_test[:5]).labels]
     assert sorted(g["labels"][0] for g in got) == sorted(want)
-    assert source.undecodable == 1 and source.refused == 1
+    assert source.undecodable == 2 and source.refused == 1
     assert runtime.stats("digits")["nv_inference_request_bad_input"] == 1
 
 

@@ -14,7 +14,6 @@ counts it, and the source moves on.
 
 from __future__ import annotations
 
-import json
 import logging
 import threading
 import time
@@ -24,6 +23,7 @@ from typing import Any
 
 import numpy as np
 import numpy.typing as npt
+import orjson
 
 from edgewise.runtime._errors import RuntimeFailure
 from edgewise.runtime._stages import SOURCES
@@ -152,7 +152,8 @@ class DirectorySource(_Thread):
             self.seen.add(p.name)
             try:
                 x = np.load(p, allow_pickle=False) if p.suffix == ".npy" else _read_image(p)
-            except (OSError, ValueError) as exc:
+            except Exception as exc:  # any file at all may land here: skip it, keep going
+                # (OSError, ValueError; and others, such as Pillow's DecompressionBombError)
                 log.warning("directory source: skipping %s: %s", p, exc)
                 self.unreadable += 1
                 continue
@@ -167,11 +168,17 @@ class DirectorySource(_Thread):
 
 
 def decode_message(payload: bytes, dtype: str | None = None, shape: str | None = None) -> Array:
-    """An MQTT payload: a JSON array / `{"inputs": [...]}`, or raw bytes of dtype+shape."""
+    """An MQTT payload: a JSON array / `{"inputs": [...]}`, or raw bytes of dtype+shape.
+
+    Raises:
+        ValueError, KeyError, TypeError: the payload is not such an input.
+    """
     if dtype:
         arr: Array = np.frombuffer(payload, dtype=np.dtype(dtype))
         return arr.reshape(tuple(int(d) for d in shape.split(","))) if shape else arr
-    data = json.loads(payload)
+    # orjson refuses nesting past 1024 levels with a ValueError; the standard library's
+    # parser recursed until a RecursionError.
+    data = orjson.loads(payload)
     if isinstance(data, dict):
         data = data["inputs"]
     out = np.asarray(data)
@@ -213,8 +220,10 @@ class MqttSource:
         self.received += 1
         try:
             x = decode_message(msg.payload, self.dtype, self.shape)
-        except (ValueError, KeyError, TypeError):
+        except Exception as exc:  # whatever a publisher sends, the source keeps listening
+            # (an exception out of this callback would end paho's network thread)
             self.undecodable += 1
+            log.debug("mqtt source %s: undecodable message: %s", self.topic, exc)
             return
         try:
             self.runtime.submit(self.pipeline, x, _noop)
