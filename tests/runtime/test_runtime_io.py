@@ -170,6 +170,12 @@ def test_http_callback_sink_posts_every_result(
         ({"sinks": [{"type": "mqtt", "params": {"qos": 3}}]}, "qos"),
         ({"source": {"type": "carrier_pigeon"}}, "unknown source stage"),
         ({"preprocess": [{"type": "normalize", "params": {"std": 0}}]}, "std"),
+        # Parameters of the wrong type are refused as bad parameters, naming the stage.
+        ({"postprocess": [{"type": "topk", "params": {"k": [1]}}]}, "postprocess stage 'topk'"),
+        ({"preprocess": [{"type": "reshape", "params": {"shape": 5}}]}, "stage 'reshape'"),
+        ({"preprocess": [{"type": "resize", "params": {"height": {}}}]}, "stage 'resize'"),
+        ({"sinks": [{"type": "mqtt", "params": {"port": [1883]}}]}, "sink stage 'mqtt'"),
+        ({"source": {"type": "synthetic", "params": {"rate_hz": "fast"}}}, "source stage"),
     ],
 )
 def test_bad_stage_parameters_are_refused_at_start(

@@ -169,8 +169,8 @@ class Runtime:
         """
         if spec.requires_accelerator and model.provider == CPU:
             raise AcceleratorUnavailable(f"pipeline {spec.name!r} requires an accelerator")
-        pre = [PREPROCESS.get(s.type)(s.params) for s in spec.preprocess]
-        post = [POSTPROCESS.get(s.type)(s.params) for s in spec.postprocess]
+        pre = [PREPROCESS.build(s.type, s.params) for s in spec.preprocess]
+        post = [POSTPROCESS.build(s.type, s.params) for s in spec.postprocess]
         if spec.name in self._pipelines:
             raise ValueError(f"pipeline {spec.name!r} is already running")
         p = RunningPipeline(spec, self._executor(model.provider), self.clock, pre, post)
@@ -182,7 +182,7 @@ class Runtime:
                 p.cascade_threshold = spec.cascade.threshold
                 p.escalate = make_escalator(spec, cascade_model)
             for s in spec.sinks:  # I/O (broker connections) outside the runtime lock
-                p.sinks.append(SINKS.get(s.type)(s.params, spec.name))
+                p.sinks.append(SINKS.build(s.type, s.params, spec.name))
             with self._lock:
                 if spec.name in self._pipelines:
                     raise ValueError(f"pipeline {spec.name!r} is already running")
@@ -191,7 +191,7 @@ class Runtime:
             _close_parts(p)
             raise
         try:
-            p.source = SOURCES.get(spec.source.type)(spec.source.params, self, spec.name)
+            p.source = SOURCES.build(spec.source.type, spec.source.params, self, spec.name)
             p.source.start()
         except Exception:
             with self._lock:

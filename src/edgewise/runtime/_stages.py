@@ -55,6 +55,19 @@ class Registry(Generic[F]):
             known = ", ".join(sorted(self._factories)) or "none"
             raise ValueError(f"unknown {self.kind} stage {name!r} (known: {known})") from None
 
+    def build(self, name: str, params: Mapping[str, Any], *args: Any) -> Any:
+        """The stage `name` made from its parameters (and the factory's other arguments).
+
+        Raises:
+            ValueError: an unknown name, or parameters the stage cannot use; the message
+                names the stage (a wrong type, `{"k": [1]}`, is a TypeError inside).
+        """
+        factory: Any = self.get(name)
+        try:
+            return factory(params, *args)
+        except (TypeError, ValueError, KeyError) as exc:
+            raise ValueError(f"{self.kind} stage {name!r}: {exc}") from exc
+
     def names(self) -> list[str]:
         """Registered names, sorted."""
         return sorted(self._factories)
