@@ -95,6 +95,8 @@ def _call(app: Handler, method: str, path: str, body: bytes = b"") -> tuple[int,
         b'{"records": [{"cls": "event", "kind": ""}]}',
         b'{"records": [{"cls": "event", "kind": "k", "data": []}]}',
         b'{"records": [{"cls": "event", "kind": "k", "ts": "yesterday"}]}',
+        pytest.param(b'{"records": [{"cls": "event", "kind": "k", "ts": NaN}]}', id="nan"),
+        pytest.param(b"[" * 100_000 + b"]" * 100_000, id="nesting-past-any-parser"),
     ],
 )
 def test_local_telemetry_endpoint_refuses_bad_records_with_400(body: bytes) -> None:

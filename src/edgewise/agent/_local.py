@@ -15,6 +15,8 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+import orjson
+
 from edgewise._httpd import Answer, Deferred, Handler, Headers, HttpServer, error_answer
 
 __all__ = ["LocalServer", "make_local_app"]
@@ -28,7 +30,9 @@ def _json(status: int, body: Any) -> Answer:
 
 
 def _parse_records(raw: bytes) -> list[tuple[str, str, dict[str, Any], float]]:
-    doc = json.loads(raw)
+    # orjson: nesting is bounded (a ValueError; the standard library's parser recursed
+    # into a RecursionError), and NaN or Infinity, which are not JSON, are refused.
+    doc = orjson.loads(raw)
     items = doc.get("records") if isinstance(doc, dict) else doc
     if not isinstance(items, list) or len(items) > MAX_RECORDS:
         raise ValueError(f"body must hold a list of at most {MAX_RECORDS} records")
@@ -79,7 +83,7 @@ def make_local_app(
                 return error_answer(405, "method_not_allowed", "use POST")
             try:
                 records = _parse_records(body)
-            except ValueError as exc:  # json.JSONDecodeError is a ValueError
+            except ValueError as exc:  # orjson.JSONDecodeError is a ValueError
                 return error_answer(400, "bad_request", str(exc))
             return later(lambda: add_telemetry(records), lambda n: _json(200, {"stored": n}))
         inner = inference()
