@@ -224,6 +224,9 @@ def test_a_manifest_that_is_not_json_is_refused(
 ) -> None:
     bad = rewrite_zip(signed, tmp_path / "b.ewb", replace={"manifest.json": b"{not json"})
     assert _refused(bad, [alice.public]).reason == "bad_json"
+    deep = b"[" * 100_000 + b"]" * 100_000  # nesting past the parser's recursion limit
+    bad = rewrite_zip(signed, tmp_path / "c.ewb", replace={"manifest.json": deep})
+    assert _refused(bad, [alice.public]).reason == "bad_json"
 
 
 def test_signing_with_a_key_file_readable_by_others_is_refused(

@@ -356,6 +356,13 @@ def test_mqtt_ingest_verifies_devices_with_the_control_plane(
     try:
         up = MqttTelemetryUplink(device, key, *mqtt_broker, ack_timeout_s=5)
         try:
+            # Anything on the device's ack topic first: its uplink keeps listening.
+            import paho.mqtt.publish as publish
+
+            host, port = mqtt_broker
+            ack_topic = f"edgewise/devices/{device}/telemetry/ack"
+            for junk in (b"\xff", b"[" * 100_000 + b"]" * 100_000, b'{"last_seq": "x"}'):
+                publish.single(ack_topic, junk, qos=1, hostname=host, port=port)
             ack = up.send(_events(range(1, 4)))
         finally:
             up.close()

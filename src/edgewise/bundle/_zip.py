@@ -163,7 +163,7 @@ def parse_manifest(raw: bytes) -> Manifest:
     """
     try:
         data = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, ValueError) as exc:
+    except (UnicodeDecodeError, ValueError, RecursionError) as exc:  # nesting too deep too
         raise SchemaError(f"manifest.json is not valid JSON: {exc}", "bad_json") from exc
     try:
         return Manifest.model_validate(data)

@@ -81,7 +81,9 @@ class MqttBus:
             payload = json.loads(msg.payload)
             if not isinstance(payload, dict):
                 raise ValueError("not a JSON object")
-        except (ValueError, UnicodeDecodeError):
+        except (ValueError, RecursionError):  # UnicodeDecodeError is a ValueError
+            # Whatever any publisher sends: an exception out of this callback would end
+            # paho's network thread, and with it every subscription of this bus.
             self.undecodable += 1
             return
         event = Event(msg.topic, payload)

@@ -76,8 +76,8 @@ class MqttTelemetryUplink:
             body = json.loads(msg.payload)
             ack = TelemetryAck.model_validate(body)
             last = int(body.get("last_seq", 0))
-        except (ValueError, TypeError):
-            return
+        except Exception:  # any payload at all (RecursionError too): an exception out of
+            return  # this callback would end paho's network thread, and with it the uplink
         with self._cond:
             self._acks[last] = ack
             self._cond.notify_all()
