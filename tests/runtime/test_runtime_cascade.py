@@ -96,3 +96,57 @@ def test_unreachable_upstream_keeps_the_local_answer(
     assert result.labels == [str(k) for k in local]
     assert result.escalated == [False] * 10
     assert runtime.stats("digits")["nv_inference_escalated"] == 0
+
+
+@pytest.mark.parametrize(
+    "answer",
+    [
+        pytest.param(b"[" * 100_000 + b"]" * 100_000, id="nesting-past-the-parser"),
+        pytest.param(b'{"labels": ["1"], "confidences": [0.9, 0.9]}', id="fewer-labels"),
+        pytest.param(b'{"labels": ["1", "2"], "confidences": [0.9]}', id="fewer-confidences"),
+        pytest.param(b'{"labels": ["1", "2"], "confidences": [[0.9], [0.9]]}', id="nested"),
+        pytest.param(b'["1", "2"]', id="not-an-object"),
+        pytest.param(b"not json", id="not-json"),
+    ],
+)
+def test_an_upstream_that_answers_nonsense_leaves_the_local_answer(
+    runtime: Runtime,
+    logreg_bytes: bytes,
+    split: DigitsSplit,
+    make_spec: SpecFactory,
+    answer: bytes,
+) -> None:
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    class Upstream(BaseHTTPRequestHandler):
+        def do_POST(self) -> None:
+            self.rfile.read(int(self.headers["content-length"]))
+            self.send_response(200)
+            self.send_header("content-type", "application/json")
+            self.send_header("content-length", str(len(answer)))
+            self.end_headers()
+            self.wfile.write(answer)
+
+        def log_message(self, *args: object) -> None:
+            return None
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Upstream)
+    thread = threading.Thread(target=server.serve_forever)
+    thread.start()
+    try:
+        light = runtime.load_model(logreg_bytes)
+        endpoint = f"http://127.0.0.1:{server.server_address[1]}"
+        spec = make_spec(cascade={"threshold": 0.99, "endpoint": endpoint, "timeout_s": 5})
+        runtime.start_pipeline(spec, light)
+        x = split.x_test[:2]
+        result = runtime.infer("digits", x)
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(10)
+    local = np.asarray(light.session.run(x)["probabilities"]).argmax(axis=1)
+    assert result.labels == [str(k) for k in local]
+    assert result.escalated == [False, False]
+    stats = runtime.stats("digits")
+    assert stats["nv_inference_request_success"] == 1 and stats["nv_inference_escalated"] == 0
