@@ -189,6 +189,13 @@ def test_bad_deployments_are_refused_with_4xx(
     for body in cases:
         r = p.api("POST", "/api/v1/deployments", json=body)
         assert 400 <= r.status_code < 500 and "error" in r.json(), (body, r.text)
+    # A misspelt parameter of a built-in stage is caught before any device sees it.
+    typo = {"type": "threshold", "params": {"min_conf": 0.9}}
+    body = {"name": "x", "pipelines": {"d": {"model": "digits-mlp@1.0.0", "postprocess": [typo]}}}
+    r = p.api("POST", "/api/v1/deployments", json=body)
+    assert r.status_code == 422 and r.json()["error"]["code"] == "invalid_pipeline"
+    assert "unknown parameter 'min_conf'" in r.json()["error"]["message"]
+    assert p.api("GET", "/api/v1/deployments").json() == []
 
 
 def test_diff_shows_per_device_changes(sqlite_plane: Plane, examples: dict[str, Any]) -> None:

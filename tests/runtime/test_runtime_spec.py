@@ -57,3 +57,43 @@ def test_spec_round_trips_through_json() -> None:
         cascade={"threshold": 0.6, "model": {"name": "big", "version": "1.0.0"}},
     )
     assert PipelineSpec.model_validate_json(spec.model_dump_json()) == spec
+
+
+@pytest.mark.parametrize(
+    ("stage", "message"),
+    [
+        (
+            {"postprocess": [{"type": "threshold", "params": {"min_conf": 0.9}}]},
+            "postprocess stage 'threshold': unknown parameter 'min_conf' "
+            "(it takes label, min_confidence)",
+        ),
+        ({"postprocess": [{"type": "topk", "params": {"K": 5}}]}, "unknown parameter 'K'"),
+        ({"preprocess": [{"type": "resize", "params": {"hieght": 8}}]}, "'hieght'"),
+        ({"source": {"type": "mqtt", "params": {"topic": "t", "tpoic": "u"}}}, "'tpoic'"),
+        ({"sinks": [{"type": "summary", "params": {"window": 5}}]}, "takes no parameters"),
+    ],
+)
+def test_a_built_in_stage_refuses_parameters_it_does_not_take(
+    stage: dict[str, object], message: str
+) -> None:
+    with pytest.raises(ValidationError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        _spec(**stage)
+
+
+def test_stages_registered_under_other_names_take_any_parameters() -> None:
+    spec = _spec(postprocess=[{"type": "my_decoder", "params": {"anything": [1, 2]}}])
+    assert spec.postprocess[0].params == {"anything": [1, 2]}
+
+
+def test_every_built_in_stage_lists_its_parameters_and_nothing_else_is_listed() -> None:
+    from edgewise.protocol import BUILTIN_STAGE_PARAMS
+    from edgewise.runtime import POSTPROCESS, PREPROCESS, SINKS, SOURCES
+
+    registered = {
+        (registry.kind, name)
+        for registry in (SOURCES, PREPROCESS, POSTPROCESS, SINKS)
+        for name in registry.names()
+        # what edgewise itself registers, not stages a test (or an app) adds
+        if registry.get(name).__module__.startswith("edgewise.")
+    }
+    assert registered == set(BUILTIN_STAGE_PARAMS)

@@ -30,6 +30,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 __all__ = [
+    "BUILTIN_STAGE_PARAMS",
     "BatchingSpec",
     "CascadeSpec",
     "DegradationSpec",
@@ -131,6 +132,45 @@ class CascadeSpec(_Strict):
         return self
 
 
+#: The parameters each built-in stage takes, by (kind, type). A spec that gives a
+#: built-in stage any other parameter is refused, on the control plane when it is
+#: deployed and on the device: a typo such as `min_conf` for `min_confidence` would
+#: otherwise leave the default in force without a word. Each stage checks its values
+#: when the device starts it. Stages registered under other names take any parameters.
+BUILTIN_STAGE_PARAMS: dict[tuple[str, str], frozenset[str]] = {
+    ("source", "http"): frozenset(),
+    ("source", "synthetic"): frozenset(
+        {"rate_hz", "count", "npy", "dataset", "shape", "seed", "size"}
+    ),
+    ("source", "directory"): frozenset({"path", "poll_s"}),
+    ("source", "mqtt"): frozenset({"topic", "host", "port", "qos", "dtype", "shape"}),
+    ("preprocess", "scale"): frozenset({"factor", "offset"}),
+    ("preprocess", "normalize"): frozenset({"mean", "std"}),
+    ("preprocess", "reshape"): frozenset({"shape"}),
+    ("preprocess", "resize"): frozenset({"height", "width", "layout"}),
+    ("postprocess", "softmax"): frozenset(),
+    ("postprocess", "argmax"): frozenset(),
+    ("postprocess", "topk"): frozenset({"k"}),
+    ("postprocess", "threshold"): frozenset({"min_confidence", "label"}),
+    ("sink", "log"): frozenset({"level"}),
+    ("sink", "mqtt"): frozenset({"topic", "qos", "host", "port"}),
+    ("sink", "http"): frozenset({"url", "queue", "timeout_s"}),
+    ("sink", "summary"): frozenset(),
+}
+
+
+def _unknown_params(kind: str, stage: StageSpec) -> str | None:
+    known = BUILTIN_STAGE_PARAMS.get((kind, stage.type))
+    if known is None:
+        return None
+    extra = sorted(set(stage.params) - known)
+    if not extra:
+        return None
+    takes = ", ".join(sorted(known)) or "no parameters"
+    unknown = ", ".join(map(repr, extra))
+    return f"{kind} stage {stage.type!r}: unknown parameter {unknown} (it takes {takes})"
+
+
 class PipelineSpec(_Strict):
     """One pipeline as deployed to a device."""
 
@@ -153,4 +193,16 @@ class PipelineSpec(_Strict):
     def _distinct_models(self) -> PipelineSpec:
         if self.fallback is not None and self.fallback.key == self.model.key:
             raise ValueError("fallback must differ from the primary model")
+        return self
+
+    @model_validator(mode="after")
+    def _known_stage_params(self) -> PipelineSpec:
+        stages = [("source", self.source)]
+        stages += [("preprocess", s) for s in self.preprocess]
+        stages += [("postprocess", s) for s in self.postprocess]
+        stages += [("sink", s) for s in self.sinks]
+        for kind, stage in stages:
+            problem = _unknown_params(kind, stage)
+            if problem is not None:
+                raise ValueError(problem)
         return self
