@@ -3,7 +3,7 @@ from __future__ import annotations
 import pytest
 from pydantic import ValidationError
 
-from edgewise.protocol import PipelineSpec, Priority
+from edgewise.protocol import STRICT_STAGE_PARAMS, PipelineSpec, Priority, unknown_stage_params
 
 
 def _spec(**extra: object) -> PipelineSpec:
@@ -76,13 +76,21 @@ def test_spec_round_trips_through_json() -> None:
 def test_a_built_in_stage_refuses_parameters_it_does_not_take(
     stage: dict[str, object], message: str
 ) -> None:
+    body = {"name": "p", "model": {"name": "m"}, **stage}
     with pytest.raises(ValidationError, match=message.replace("(", r"\(").replace(")", r"\)")):
-        _spec(**stage)
+        PipelineSpec.model_validate(body, context=STRICT_STAGE_PARAMS)  # the control plane
+    # A device keeps a pipeline deployed before the check running, and says why.
+    (problem,) = unknown_stage_params(PipelineSpec.model_validate(body))
+    assert message in problem
 
 
 def test_stages_registered_under_other_names_take_any_parameters() -> None:
-    spec = _spec(postprocess=[{"type": "my_decoder", "params": {"anything": [1, 2]}}])
+    body = {"postprocess": [{"type": "my_decoder", "params": {"anything": [1, 2]}}]}
+    spec = PipelineSpec.model_validate(
+        {"name": "p", "model": {"name": "m"}, **body}, context=STRICT_STAGE_PARAMS
+    )
     assert spec.postprocess[0].params == {"anything": [1, 2]}
+    assert unknown_stage_params(spec) == []
 
 
 def test_every_built_in_stage_lists_its_parameters_and_nothing_else_is_listed() -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -186,3 +187,14 @@ def test_gate_redacts_and_keeps_samples_within_the_capture_budget() -> None:
         ("metric", {}),  # an app's own metric belongs to no group; redaction still holds
     ]
     assert gate.refused == {"hourly sample budget spent": 1}
+
+
+def test_a_pipeline_with_a_parameter_its_stage_does_not_take_still_serves_and_says_so(
+    host: RuntimeHost, bundle_dir: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Deployed before the control plane refused such specs: an agent upgrade keeps it up.
+    typo = {"type": "threshold", "params": {"min_conf": 0.9}}
+    with caplog.at_level(logging.WARNING, logger="edgewise.agent._host"):
+        _serve(host, bundle_dir, postprocess=[typo])
+    assert host.running() == {"digits": "digits-mlp@1.0.0"}
+    assert "unknown parameter 'min_conf'" in caplog.text

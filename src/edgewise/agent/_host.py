@@ -7,12 +7,15 @@ fleet simulator can plug a host that pretends to run models.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
 if TYPE_CHECKING:
     from edgewise.runtime import Runtime
+
+log = logging.getLogger(__name__)
 
 __all__ = ["TELEMETRY_SAMPLE_RATE", "Health", "Host", "RuntimeHost"]
 
@@ -104,7 +107,7 @@ class RuntimeHost:
         A swap drops no request (the runtime finishes queued work on the old lane);
         any other spec change restarts the pipeline.
         """
-        from edgewise.protocol import PipelineSpec
+        from edgewise.protocol import PipelineSpec, unknown_stage_params
 
         name = str(spec["name"])
         rt = self.runtime
@@ -116,6 +119,8 @@ class RuntimeHost:
             self._specs[name] = spec
             return
         parsed = PipelineSpec.model_validate(spec)
+        for problem in unknown_stage_params(parsed):  # the control plane refuses these now
+            log.warning("pipeline %s: %s; ignored", name, problem)
         if parsed.sample_rate < TELEMETRY_SAMPLE_RATE:
             # On-device drift needs the served inputs. The samples stay on the device
             # (only the egress policy's capture sends inputs out), so a floor is safe; a

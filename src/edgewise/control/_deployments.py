@@ -20,7 +20,7 @@ from edgewise.control._preflight import DeviceView, preflight
 from edgewise.control._rbac import in_scope, selector_in_scope
 from edgewise.control._selector import SelectorError, parse_selector
 from edgewise.control._store import ConflictError
-from edgewise.protocol import EgressPolicy, PipelineSpec
+from edgewise.protocol import STRICT_STAGE_PARAMS, EgressPolicy, PipelineSpec
 
 __all__ = [
     "DeploymentRequest",
@@ -94,7 +94,9 @@ def _validated(specs: dict[str, dict[str, Any]]) -> dict[str, PipelineSpec]:
     out = {}
     for name, spec in specs.items():
         try:
-            out[name] = PipelineSpec.model_validate(spec)
+            # A misspelt parameter of a built-in stage is refused here, before any
+            # device sees it (devices only log it).
+            out[name] = PipelineSpec.model_validate(spec, context=STRICT_STAGE_PARAMS)
         except ValidationError as exc:
             first = exc.errors()[0]
             where = ".".join(str(p) for p in first["loc"])

@@ -27,10 +27,11 @@ from __future__ import annotations
 import enum
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, model_validator
 
 __all__ = [
     "BUILTIN_STAGE_PARAMS",
+    "STRICT_STAGE_PARAMS",
     "BatchingSpec",
     "CascadeSpec",
     "DegradationSpec",
@@ -39,6 +40,7 @@ __all__ = [
     "Priority",
     "SloSpec",
     "StageSpec",
+    "unknown_stage_params",
 ]
 
 _NAME = r"^[a-z0-9][a-z0-9._-]{0,62}$"
@@ -132,11 +134,13 @@ class CascadeSpec(_Strict):
         return self
 
 
-#: The parameters each built-in stage takes, by (kind, type). A spec that gives a
-#: built-in stage any other parameter is refused, on the control plane when it is
-#: deployed and on the device: a typo such as `min_conf` for `min_confidence` would
-#: otherwise leave the default in force without a word. Each stage checks its values
-#: when the device starts it. Stages registered under other names take any parameters.
+#: The parameters each built-in stage takes, by (kind, type). The control plane refuses
+#: a deployment that gives a built-in stage any other parameter (validation with
+#: `STRICT_STAGE_PARAMS` as context): a typo such as `min_conf` for `min_confidence`
+#: would otherwise leave the default in force without a word. A device only logs them
+#: (`unknown_stage_params`), so a pipeline deployed before this check keeps running
+#: after an agent upgrade. Each stage checks its values when the device starts it.
+#: Stages registered under other names take any parameters.
 BUILTIN_STAGE_PARAMS: dict[tuple[str, str], frozenset[str]] = {
     ("source", "http"): frozenset(),
     ("source", "synthetic"): frozenset(
@@ -157,6 +161,10 @@ BUILTIN_STAGE_PARAMS: dict[tuple[str, str], frozenset[str]] = {
     ("sink", "http"): frozenset({"url", "queue", "timeout_s"}),
     ("sink", "summary"): frozenset(),
 }
+
+
+#: Validation context under which unknown parameters of built-in stages are refused.
+STRICT_STAGE_PARAMS = {"strict_stage_params": True}
 
 
 def _unknown_params(kind: str, stage: StageSpec) -> str | None:
@@ -196,13 +204,18 @@ class PipelineSpec(_Strict):
         return self
 
     @model_validator(mode="after")
-    def _known_stage_params(self) -> PipelineSpec:
-        stages = [("source", self.source)]
-        stages += [("preprocess", s) for s in self.preprocess]
-        stages += [("postprocess", s) for s in self.postprocess]
-        stages += [("sink", s) for s in self.sinks]
-        for kind, stage in stages:
-            problem = _unknown_params(kind, stage)
-            if problem is not None:
-                raise ValueError(problem)
+    def _known_stage_params(self, info: ValidationInfo) -> PipelineSpec:
+        if info.context and info.context.get("strict_stage_params"):
+            problems = unknown_stage_params(self)
+            if problems:
+                raise ValueError(problems[0])
         return self
+
+
+def unknown_stage_params(spec: PipelineSpec) -> list[str]:
+    """What `spec` gives its built-in stages that they do not take, one line each."""
+    stages = [("source", spec.source)]
+    stages += [("preprocess", s) for s in spec.preprocess]
+    stages += [("postprocess", s) for s in spec.postprocess]
+    stages += [("sink", s) for s in spec.sinks]
+    return [p for kind, stage in stages if (p := _unknown_params(kind, stage)) is not None]
