@@ -113,16 +113,16 @@ def test_every_request_completes_once_under_swaps_pauses_restarts_and_overload(
             t.start()
         for t in threads:
             t.join(30)
-        assert not any(t.is_alive() for t in threads)
+        assert not [t.name for t in threads if t.is_alive()]
         deadline = time.monotonic() + 30
         while len(completions) < count[0] and time.monotonic() < deadline:
             time.sleep(0.01)
-        assert len(completions) == count[0], "requests never completed"
-        assert set(completions.values()) == {1}, "requests completed more than once"
-        assert outcomes["ok"] > 0 and outcomes["BadInput"] > 0
-        for name in PRIORITIES:
-            p = rt._pipelines[name]
-            assert (p.queued, p.inflight) == (0, 0)
+        assert len(completions) == count[0], ("requests never completed", outcomes)
+        twice = [i for i, n in completions.items() if n != 1]
+        assert not twice, ("requests completed more than once", twice[:5], outcomes)
+        assert outcomes["ok"] > 0 and outcomes["BadInput"] > 0, outcomes
+        left = {n: (rt._pipelines[n].queued, rt._pipelines[n].inflight) for n in PRIORITIES}
+        assert left == dict.fromkeys(PRIORITIES, (0, 0)), left
     finally:
         rt.close()
 

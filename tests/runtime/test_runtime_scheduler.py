@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import time
 from collections.abc import Iterator
 
 import numpy as np
@@ -442,3 +443,38 @@ def test_an_event_loop_never_waits_for_critical_work_its_requests_queue_behind_i
             ex._critical_ended()
     # It waited before its admission (the worker may wait too, before post-processing).
     assert clear.waiters[:1] == [source.ident]
+
+
+def test_a_pipeline_draining_never_takes_the_wake_up_meant_for_the_worker(
+    rt: Runtime, mlp_bytes: bytes, split: DigitsSplit, make_spec: SpecFactory
+) -> None:
+    # `stop_pipeline` drains by waiting on the executor's condition, as the worker does.
+    # A single notify could wake the drainer instead of the worker, which then slept on
+    # with requests queued (found by test_runtime_chaos: 39 requests left for good). The
+    # sleeps only order the threads' waits (the drainer re-waits every 10 ms).
+    _start_pair(rt, mlp_bytes, make_spec, be_capacity=100)
+    _hold_critical(rt, 0.0)
+    (ex,) = rt._executors.values()
+    bulk = rt._pipelines["bulk"]
+    inline_runs, release = threading.Event(), threading.Event()
+
+    def hold(req: Request) -> None:  # keeps the executor busy in the submitting thread
+        inline_runs.set()
+        release.wait(10)
+
+    rec = Recorder()
+    holder = threading.Thread(target=lambda: rt.submit("crit", split.x_test[0], hold, inline=True))
+    holder.start()
+    assert inline_runs.wait(10)
+    rt.submit("bulk", split.x_test[1], rec)  # queued: the executor is busy
+    time.sleep(0.002)  # the worker woke, saw the executor busy, waits again
+    drainer = threading.Thread(target=ex.drain, args=(bulk, 10.0))
+    drainer.start()
+    time.sleep(0.002)  # the drainer waits on the condition too, after the worker
+    rt.submit("bulk", split.x_test[2], rec)  # wakes the worker, which waits again: last
+    time.sleep(0.002)
+    release.set()  # the holder's end notifies the first waiter, now the drainer
+    holder.join(10)
+    rec.wait(2)  # both queued requests still run
+    drainer.join(10)
+    assert rec.order == [("bulk", "ok"), ("bulk", "ok")]

@@ -79,6 +79,9 @@ class Executor:
         self.shed_hold_s = shed_hold_s
         # Hot paths enter the lock itself (C) rather than the Condition (a Python-level
         # __enter__); notify and wait still go through the Condition, which owns it.
+        # Every wake-up is a notify_all: `drain` waits on this condition too, and a
+        # single notify could wake a drainer instead of the worker, which then slept on
+        # with requests queued.
         self._lock = threading.Lock()
         self._cond = threading.Condition(self._lock)
         self._queues: tuple[deque[Request], ...] = (deque(), deque(), deque())
@@ -192,7 +195,7 @@ class Executor:
                 req.owner.queued += req.n
                 self._depth += 1
                 if self._waiting:  # a busy worker looks at the queue before it sleeps
-                    cond.notify()
+                    cond.notify_all()
                 return False
         try:
             self._run([req])
@@ -206,7 +209,7 @@ class Executor:
                 if critical:
                     self._critical_ended()
                 if self._depth:
-                    cond.notify()
+                    cond.notify_all()
         return True
 
     def submit_many(self, reqs: list[Request], inline: bool = True) -> None:
@@ -244,7 +247,7 @@ class Executor:
                     self._queues[r.owner.rank].append(r)
                 self._depth += len(admitted)
                 if admitted and self._waiting:
-                    cond.notify()
+                    cond.notify_all()
         for r, why in refused:
             r.fail(why)
         if not run_here:
@@ -267,7 +270,7 @@ class Executor:
                 if critical:
                     self._critical_ended()
                 if self._depth:
-                    cond.notify()
+                    cond.notify_all()
 
     def run_sync(self, req: Request, timeout: float | None = None) -> Any:
         """Submit and wait for the result (raises the request's error)."""
