@@ -3,7 +3,7 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import numpy as np
 import pytest
@@ -272,6 +272,24 @@ def _hold_critical(rt: Runtime, hold_s: float) -> None:
         ex.critical_hold_s = hold_s
 
 
+def _critical_running_in_a_thread(
+    rt: Runtime, x: np.ndarray, then: Callable[[], None] = lambda: None
+) -> tuple[threading.Thread, threading.Event]:
+    """A critical request running inline in a thread of its own until the event is set
+    (its completion callback holds it; `then` runs as it ends)."""
+    running, release = threading.Event(), threading.Event()
+
+    def during_critical(req: Request) -> None:
+        running.set()
+        release.wait(10)
+        then()
+
+    thread = threading.Thread(target=lambda: rt.submit("crit", x, during_critical, inline=True))
+    thread.start()
+    assert running.wait(10)
+    return thread, release
+
+
 def test_best_effort_submitters_wait_while_a_critical_request_runs(
     rt: Runtime, mlp_bytes: bytes, split: DigitsSplit, make_spec: SpecFactory
 ) -> None:
@@ -347,17 +365,7 @@ def test_a_lower_priority_batch_yields_to_running_critical_work_between_its_step
     _start_pair(rt, mlp_bytes, make_spec, be_capacity=100)
     _hold_critical(rt, 30.0)
     (ex,) = rt._executors.values()
-    running, go = threading.Event(), threading.Event()
-
-    def during_critical(req: Request) -> None:
-        running.set()
-        go.wait(10)
-
-    crit = threading.Thread(
-        target=lambda: rt.submit("crit", split.x_test[1], during_critical, inline=True)
-    )
-    crit.start()
-    assert running.wait(10)
+    crit, go = _critical_running_in_a_thread(rt, split.x_test[1])
     assert not ex.yield_to_critical(0)  # critical work itself never waits
     lower = threading.Thread(target=ex.yield_to_critical, args=(2,))
     lower.start()
@@ -395,19 +403,10 @@ def test_an_event_loop_never_waits_for_critical_work_its_requests_queue_behind_i
     (ex,) = rt._executors.values()
     ex._critical_clear = clear = _NotingEvent()
     clear.set()
-    running, go = threading.Event(), threading.Event()
     order: list[str] = []
-
-    def during_critical(req: Request) -> None:
-        running.set()
-        go.wait(10)
-        order.append("critical done")
-
-    crit = threading.Thread(
-        target=lambda: rt.submit("crit", split.x_test[1], during_critical, inline=True)
+    crit, go = _critical_running_in_a_thread(
+        rt, split.x_test[1], then=lambda: order.append("critical done")
     )
-    crit.start()
-    assert running.wait(10)
 
     async def main() -> tuple[InferenceResult, InferenceResult]:
         # Both ways an event loop submits: a loop turn's group (`infer_async`) and a
@@ -456,16 +455,9 @@ def test_a_pipeline_draining_never_takes_the_wake_up_meant_for_the_worker(
     _hold_critical(rt, 0.0)
     (ex,) = rt._executors.values()
     bulk = rt._pipelines["bulk"]
-    inline_runs, release = threading.Event(), threading.Event()
-
-    def hold(req: Request) -> None:  # keeps the executor busy in the submitting thread
-        inline_runs.set()
-        release.wait(10)
-
     rec = Recorder()
-    holder = threading.Thread(target=lambda: rt.submit("crit", split.x_test[0], hold, inline=True))
-    holder.start()
-    assert inline_runs.wait(10)
+    # keeps the executor busy in the submitting thread
+    holder, release = _critical_running_in_a_thread(rt, split.x_test[0])
     rt.submit("bulk", split.x_test[1], rec)  # queued: the executor is busy
     time.sleep(0.002)  # the worker woke, saw the executor busy, waits again
     drainer = threading.Thread(target=ex.drain, args=(bulk, 10.0))

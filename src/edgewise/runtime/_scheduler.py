@@ -67,7 +67,6 @@ class Executor:
         # Set while no critical work runs; lower-priority submitters wait on it (bounded).
         self._critical_clear = threading.Event()
         self._critical_clear.set()
-        self._critical_running = False  # = not _critical_clear.is_set(), read on hot paths
         # Threads running critical work now (a thread runs at most one critical request
         # at a time: a second one it submits meanwhile queues behind the first).
         self._critical_threads: set[int] = set()
@@ -117,8 +116,8 @@ class Executor:
         """
         if (
             rank != CRITICAL
-            and self._critical_running
             and self.critical_hold_s
+            and not self._critical_clear.is_set()
             and (tid := threading.get_ident()) not in self._critical_threads
             and tid not in self.loop_threads
         ):
@@ -129,14 +128,12 @@ class Executor:
     def _critical_started(self) -> None:
         # Called with the lock held, in the thread that runs the critical work.
         self._critical_threads.add(threading.get_ident())
-        self._critical_running = True
         self._critical_clear.clear()
 
     def _critical_ended(self) -> None:
         # Called with the lock held, in the thread that ran the critical work.
         self._critical_threads.discard(threading.get_ident())
         if not self._critical_threads:
-            self._critical_running = False
             self._critical_clear.set()
 
     def _admit(self, req: Request) -> None:
@@ -164,7 +161,7 @@ class Executor:
         cond = self._cond
         bypass = False
         critical = req.owner.rank == CRITICAL
-        if not critical and self._critical_running:
+        if not critical and not self._critical_clear.is_set():
             self.yield_to_critical(req.owner.rank)
         with self._lock:
             self._admit(req)
@@ -224,7 +221,7 @@ class Executor:
         admitted: list[Request] = []
         run_here = False
         critical = False
-        if reqs and self._critical_running:
+        if reqs and not self._critical_clear.is_set():
             self.yield_to_critical(min(r.owner.rank for r in reqs))
         with self._lock:
             for r in reqs:
