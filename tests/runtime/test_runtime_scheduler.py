@@ -470,3 +470,41 @@ def test_a_pipeline_draining_never_takes_the_wake_up_meant_for_the_worker(
     rec.wait(2)  # both queued requests still run
     drainer.join(10)
     assert rec.order == [("bulk", "ok"), ("bulk", "ok")]
+
+
+@pytest.mark.parametrize("inline", [False, True], ids=["worker", "inline"])
+def test_draining_waits_for_a_batch_taken_from_the_queue_but_not_yet_running(
+    rt: Runtime, mlp_bytes: bytes, split: DigitsSplit, make_spec: SpecFactory, inline: bool
+) -> None:
+    # A batch leaves the queue (`queued` goes down) before it runs: if `inflight` went up
+    # only once it ran, `drain` could see neither in between and return, and
+    # `stop_pipeline` would close the sinks of a batch about to run. The executor's
+    # `_run` is wrapped to start a drain at the very moment the batch is handed to it.
+    rt.start_pipeline(make_spec("digits"), rt.load_model(mlp_bytes))
+    (ex,) = rt._executors.values()
+    p = rt._pipelines["digits"]
+    run = ex._run
+    drained: list[bool] = []  # per drain: had the batch completed when it returned?
+    ran: list[Request] = []
+    drainers: list[threading.Thread] = []
+
+    def drain_then_check() -> None:
+        ex.drain(p, 10.0)
+        drained.append(bool(ran) and all(r.result is not None for r in ran))
+
+    def run_with_a_drain_starting(batch: list[Request]) -> None:
+        drainer = threading.Thread(target=drain_then_check)
+        drainers.append(drainer)
+        drainer.start()
+        drainer.join(0.2)  # with the gap, the drain returns right here
+        ran.extend(batch)
+        run(batch)
+
+    ex._run = run_with_a_drain_starting  # type: ignore[method-assign]
+    result = threading.Event()
+    rt.submit("digits", split.x_test[:1], lambda _r: result.set(), inline=inline)
+    assert result.wait(10)
+    for drainer in drainers:
+        drainer.join(10)
+    assert drained == [True]
+    assert (p.queued, p.inflight) == (0, 0)

@@ -168,6 +168,7 @@ class Executor:
             if inline and not self._busy and not self._depth and not self._paused:
                 self._busy = True
                 self._running_rank = req.owner.rank
+                req.owner.inflight += 1
                 if critical:
                     self._critical_started()
             elif (
@@ -183,6 +184,7 @@ class Executor:
                 # beside it in the caller's thread (sessions are safe to run
                 # concurrently) instead of queueing it behind that batch.
                 self._bypassing = bypass = True
+                req.owner.inflight += 1
                 self._critical_started()
             else:
                 if wait:
@@ -198,6 +200,7 @@ class Executor:
             self._run([req])
         finally:
             with self._lock:
+                req.owner.inflight -= 1
                 if bypass:
                     self._bypassing = False
                 else:
@@ -239,6 +242,7 @@ class Executor:
                     self._critical_started()
                 for r in admitted:
                     r.owner.queued -= r.n
+                    r.owner.inflight += 1
             else:
                 for r in admitted:
                     self._queues[r.owner.rank].append(r)
@@ -262,6 +266,8 @@ class Executor:
                 i = j
         finally:
             with self._lock:
+                for r in admitted:
+                    r.owner.inflight -= 1
                 self._busy = False
                 self._running_rank = -1
                 if critical:
@@ -318,17 +324,15 @@ class Executor:
     # -- the worker -------------------------------------------------------------------
 
     def _run(self, batch: list[Request]) -> None:
+        # The caller counted the batch in its owner's `inflight` when it claimed it (under
+        # the lock, with `queued` going down), so `drain` never sees the batch in neither.
         t0 = time.perf_counter()
-        owner = batch[0].owner  # a batch never mixes lanes, so never mixes pipelines
-        owner.inflight += 1
         try:
             batch[0].lane.execute(batch)
         except BaseException as exc:  # a lane must complete its requests; make sure
             for r in batch:
                 if r.result is None and r.error is None:
                     r.fail(exc if isinstance(exc, RuntimeFailure) else RuntimeFailure(str(exc)))
-        finally:
-            owner.inflight -= 1
         took = time.perf_counter() - t0
         self.est_batch_s = took if not self.est_batch_s else 0.8 * self.est_batch_s + 0.2 * took
         recent = self._recent
@@ -379,6 +383,7 @@ class Executor:
         self._depth -= len(batch)
         for r in batch:
             r.owner.queued -= r.n
+        head.owner.inflight += 1  # a batch never mixes lanes, so never mixes pipelines
         return batch
 
     def _wait_for_company(self, now: float) -> float:
@@ -432,6 +437,7 @@ class Executor:
                     self._run(batch)
                 finally:
                     with cond:
+                        batch[0].owner.inflight -= 1
                         self._busy = False
                         self._running_rank = -1
                         if rank == CRITICAL:
