@@ -105,6 +105,47 @@ def test_unreachable_server_is_a_one_line_error(capsys: pytest.CaptureFixture[st
     assert code == 1 and err.startswith("error: cannot reach") and len(err.splitlines()) == 1
 
 
+@pytest.mark.parametrize(
+    ("name", "content"),
+    [
+        pytest.param("nested.json", b"[" * 100_000 + b"]" * 100_000, id="nested-past-the-parser"),
+        pytest.param("latin1.json", '{"name": "caf\xe9"}'.encode("latin-1"), id="not-utf8"),
+    ],
+)
+def test_unreadable_spec_and_config_files_are_one_line_errors(
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+    tmp_path: Path,
+    name: str,
+    content: bytes,
+) -> None:
+    bad = tmp_path / name
+    bad.write_bytes(content)
+    conn = ["--server", "http://127.0.0.1:1", "--token", "x"]  # never reached
+    for args in (
+        ["deploy", "create", "--name", "b", "--file", str(bad), *conn],
+        ["deploy", "create", "--name", "b", "-p", "d=m@1", "--egress", str(bad), *conn],
+        ["rollout", "start", "-d", "b", "--to", "2", "--spec", str(bad), *conn],
+    ):
+        code, _, err = run(capsys, *args)
+        assert code == 1 and err.startswith("error: ") and str(bad) in err, (args, err)
+        assert len(err.splitlines()) == 1, err
+    monkeypatch.setenv("EDGEWISE_CONFIG", str(bad))
+    code, _, err = run(capsys, "token", "list")
+    assert code == 1 and err.startswith("error: cannot read config file"), err
+    assert len(err.splitlines()) == 1, err
+
+
+def test_an_inline_egress_nested_past_the_parser_is_a_one_line_error(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    deep = "{" + '"a":[' * 50_000 + "]" * 50_000 + "}"
+    args = ["deploy", "create", "--name", "b", "-p", "d=m@1", "--egress", deep]
+    code, _, err = run(capsys, *args, "--server", "http://127.0.0.1:1", "--token", "x")
+    assert code == 1 and err.startswith("error: --egress is not valid JSON")
+    assert len(err.splitlines()) == 1
+
+
 def test_first_server_start_prints_the_admin_token_once(tmp_path: Path) -> None:
     import os
     import signal

@@ -78,7 +78,7 @@ def set_rule(
             raise CliError(f"rule parameter {pair!r} is not key=value")
         try:
             body[key] = json.loads(value)
-        except ValueError:
+        except (ValueError, RecursionError):
             body[key] = value
     result = call_api("PUT", f"/api/v1/alert-rules/{name}", server, token, json_body=body)
     if as_json:

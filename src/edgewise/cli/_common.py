@@ -48,8 +48,8 @@ def _config() -> dict[str, Any]:
         data = json.loads(path.read_text())
     except FileNotFoundError:
         return {}
-    except (OSError, ValueError) as exc:
-        raise CliError(f"cannot read config file {path}: {exc}") from exc
+    except (OSError, ValueError, RecursionError) as exc:
+        raise CliError(f"cannot read config file {path}: {exc}") from None
     return data if isinstance(data, dict) else {}
 
 

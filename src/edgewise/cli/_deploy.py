@@ -42,9 +42,11 @@ def _load(path: Path) -> dict[str, Any]:
         text = path.read_text()
     except OSError as exc:
         raise CliError(f"cannot read {path}: {exc.strerror or exc}") from None
+    except UnicodeDecodeError:
+        raise CliError(f"{path} is not a text file (JSON or YAML in UTF-8)") from None
     try:
         data = json.loads(text)
-    except ValueError:
+    except (ValueError, RecursionError):  # nested past the parser's limit is not JSON here
         try:
             import yaml  # type: ignore[import-untyped,unused-ignore]
         except ImportError:
@@ -65,7 +67,7 @@ def egress_value(text: str) -> dict[str, Any] | None:
     if text.lstrip().startswith("{"):
         try:
             data = json.loads(text)
-        except ValueError as exc:
+        except (ValueError, RecursionError) as exc:
             raise CliError(f"--egress is not valid JSON: {exc}") from None
         if not isinstance(data, dict):
             raise CliError("--egress must be a JSON object")
