@@ -195,6 +195,15 @@ def test_bad_deployments_are_refused_with_4xx(
     r = p.api("POST", "/api/v1/deployments", json=body)
     assert r.status_code == 422 and r.json()["error"]["code"] == "invalid_pipeline"
     assert "unknown parameter 'min_conf'" in r.json()["error"]["message"]
+    # So is a value the stage cannot use, such as a percentage for a confidence.
+    percent = {"type": "threshold", "params": {"min_confidence": 90}}
+    body = {
+        "name": "x",
+        "pipelines": {"d": {"model": "digits-mlp@1.0.0", "postprocess": [percent]}},
+    }
+    r = p.api("POST", "/api/v1/deployments", json=body)
+    assert r.status_code == 422 and r.json()["error"]["code"] == "invalid_pipeline"
+    assert "min_confidence: must be <= 1.0 (got 90)" in r.json()["error"]["message"]
     assert p.api("GET", "/api/v1/deployments").json() == []
 
 

@@ -165,17 +165,21 @@ def test_http_callback_sink_posts_every_result(
 @pytest.mark.parametrize(
     ("stage", "message"),
     [
-        ({"source": {"type": "directory"}}, "needs a 'path'"),
-        ({"sinks": [{"type": "http", "params": {"url": "ftp://x"}}]}, "http"),
-        ({"sinks": [{"type": "mqtt", "params": {"qos": 3}}]}, "qos"),
+        ({"source": {"type": "directory"}}, "source stage 'directory': path: is required"),
+        ({"sinks": [{"type": "http", "params": {"url": "ftp://x"}}]}, "url: must be an http"),
+        ({"sinks": [{"type": "mqtt", "params": {"qos": 3}}]}, r"qos: must be <= 2 \(got 3\)"),
         ({"source": {"type": "carrier_pigeon"}}, "unknown source stage"),
-        ({"preprocess": [{"type": "normalize", "params": {"std": 0}}]}, "std"),
+        ({"preprocess": [{"type": "normalize", "params": {"std": 0}}]}, "std: must not be zero"),
         # Parameters of the wrong type are refused as bad parameters, naming the stage.
-        ({"postprocess": [{"type": "topk", "params": {"k": [1]}}]}, "postprocess stage 'topk'"),
-        ({"preprocess": [{"type": "reshape", "params": {"shape": 5}}]}, "stage 'reshape'"),
-        ({"preprocess": [{"type": "resize", "params": {"height": {}}}]}, "stage 'resize'"),
-        ({"sinks": [{"type": "mqtt", "params": {"port": [1883]}}]}, "sink stage 'mqtt'"),
+        ({"postprocess": [{"type": "topk", "params": {"k": [1]}}]}, "postprocess stage 'topk': k"),
+        ({"preprocess": [{"type": "reshape", "params": {"shape": 5}}]}, "stage 'reshape': shape"),
+        ({"preprocess": [{"type": "resize", "params": {"height": {}}}]}, "stage 'resize': height"),
+        ({"sinks": [{"type": "mqtt", "params": {"port": [1883]}}]}, "sink stage 'mqtt': port"),
         ({"source": {"type": "synthetic", "params": {"rate_hz": "fast"}}}, "source stage"),
+        # Values checked by the stage itself once its parameters are typed.
+        ({"preprocess": [{"type": "scale", "params": {"factor": [[1], [1, 2]]}}]}, "factor"),
+        ({"source": {"type": "mqtt", "params": {"topic": "t", "dtype": "f5"}}}, "dtype"),
+        ({"source": {"type": "synthetic", "params": {"npy": "/nonexistent.npy"}}}, "npy"),
     ],
 )
 def test_bad_stage_parameters_are_refused_at_start(
@@ -189,10 +193,10 @@ def test_bad_stage_parameters_are_refused_at_start(
 def test_image_preprocess_resizes_and_normalises() -> None:
     from edgewise.runtime import PREPROCESS
 
-    resize = PREPROCESS.get("resize")({"height": 4, "width": 6, "layout": "chw"})
+    resize = PREPROCESS.build("resize", {"height": 4, "width": 6, "layout": "chw"})
     img = np.arange(3 * 8 * 12, dtype=np.float32).reshape(3, 8, 12)
     out = resize(img)
     assert out.shape == (3, 4, 6)
     assert out.min() >= img.min() and out.max() <= img.max()
-    norm = PREPROCESS.get("normalize")({"mean": 0.5, "std": 0.5})
+    norm = PREPROCESS.build("normalize", {"mean": 0.5, "std": 0.5})
     assert np.allclose(norm(np.array([0.0, 1.0], np.float32)), [-1.0, 1.0])

@@ -1,9 +1,22 @@
 from __future__ import annotations
 
+from typing import Any
+
+import numpy as np
 import pytest
 from pydantic import ValidationError
 
-from edgewise.protocol import STRICT_STAGE_PARAMS, PipelineSpec, Priority, unknown_stage_params
+from edgewise.protocol import (
+    STRICT_STAGE_PARAMS,
+    MqttSourceParams,
+    PipelineSpec,
+    Priority,
+    TopkParams,
+    parse_stage_params,
+    stage_problems,
+    unknown_stage_params,
+)
+from edgewise.runtime._stages import Post
 
 
 def _spec(**extra: object) -> PipelineSpec:
@@ -105,3 +118,128 @@ def test_every_built_in_stage_lists_its_parameters_and_nothing_else_is_listed() 
         if registry.get(name).__module__.startswith("edgewise.")
     }
     assert registered == set(BUILTIN_STAGE_PARAMS)
+    # ... and each is built from that model, so both sides read a value the same way
+    assert all(name in registry._typed for registry, name in _by_registry(registered))
+
+
+def _by_registry(stages: set[tuple[str, str]]) -> list[tuple[Any, str]]:
+    from edgewise.runtime import POSTPROCESS, PREPROCESS, SINKS, SOURCES
+
+    kinds = {r.kind: r for r in (SOURCES, PREPROCESS, POSTPROCESS, SINKS)}
+    return [(kinds[kind], name) for kind, name in sorted(stages)]
+
+
+@pytest.mark.parametrize(
+    ("stage", "message"),
+    [
+        pytest.param(
+            {"postprocess": [{"type": "topk", "params": {"k": 0}}]},
+            "postprocess stage 'topk': k: must be >= 1 (got 0)",
+            id="topk-k-0",
+        ),
+        pytest.param(
+            {"postprocess": [{"type": "threshold", "params": {"min_confidence": 90}}]},
+            "min_confidence: must be <= 1.0 (got 90)",
+            id="threshold-percent",
+        ),
+        pytest.param(
+            {"sinks": [{"type": "mqtt", "params": {"port": 70000}}]},
+            "sink stage 'mqtt': port: must be <= 65535 (got 70000)",
+            id="mqtt-port",
+        ),
+        pytest.param(
+            {"sinks": [{"type": "http", "params": {"url": "hooks.example"}}]},
+            "sink stage 'http': url: must be an http:// or https:// URL",
+            id="http-url",
+        ),
+        pytest.param(
+            {"sinks": [{"type": "log", "params": {"level": "loud"}}]},
+            "level: must be a logging level",
+            id="log-level",
+        ),
+        pytest.param(
+            {"source": {"type": "directory", "params": {"poll_s": 1}}},
+            "source stage 'directory': path: is required",
+            id="directory-no-path",
+        ),
+        pytest.param(
+            {"source": {"type": "directory", "params": {"path": "/in", "poll_s": 0}}},
+            "poll_s: must be > 0.0 (got 0)",
+            id="directory-busy-poll",
+        ),
+        pytest.param(
+            {"source": {"type": "synthetic", "params": {"dataset": "mnist"}}},
+            "dataset: Input should be 'digits' (got 'mnist')",
+            id="synthetic-unknown-dataset",
+        ),
+        pytest.param(
+            {"source": {"type": "mqtt", "params": {"topic": "t", "shape": "1,x"}}},
+            "shape: must be dimensions such as '1,64'",
+            id="mqtt-shape",
+        ),
+        pytest.param(
+            {"preprocess": [{"type": "normalize", "params": {"std": [0.5, 0]}}]},
+            "preprocess stage 'normalize': std: must not be zero",
+            id="normalize-zero-std",
+        ),
+        pytest.param(
+            {"preprocess": [{"type": "reshape", "params": {"shape": [-1, -1]}}]},
+            "shape: at most one dimension may be -1",
+            id="reshape-two-free",
+        ),
+        pytest.param(
+            {"preprocess": [{"type": "scale", "params": {"factor": "x"}}]},
+            "factor: must be a number or a list of numbers",
+            id="scale-text",
+        ),
+    ],
+)
+def test_a_built_in_stage_refuses_values_it_cannot_use_at_deploy_time(
+    stage: dict[str, object], message: str
+) -> None:
+    body = {"name": "p", "model": {"name": "m"}, **stage}
+    with pytest.raises(ValidationError) as info:
+        PipelineSpec.model_validate(body, context=STRICT_STAGE_PARAMS)  # the control plane
+    assert message in str(info.value)
+    # The same words come from the device, which builds the stage from the same model.
+    (problem,) = stage_problems(PipelineSpec.model_validate(body))
+    assert message in problem
+
+
+def test_values_are_read_alike_on_both_sides() -> None:
+    from edgewise.runtime import SOURCES
+
+    params = {"topic": 7, "shape": "1, 64", "qos": "1", "port": 1884.0}
+    parsed = parse_stage_params("source", "mqtt", params)
+    assert parsed == MqttSourceParams(topic="7", shape=(1, 64), qos=1, port=1884)
+    source = SOURCES.build("mqtt", params, None, "p")
+    assert (source.topic, source.shape, source.qos, source.port) == ("7", (1, 64), 1, 1884)
+
+
+def test_a_device_drops_parameters_a_stage_does_not_take_and_uses_the_rest() -> None:
+    from edgewise.runtime import POSTPROCESS
+
+    with pytest.raises(ValueError, match="postprocess stage 'topk': K: unknown parameter"):
+        parse_stage_params("postprocess", "topk", {"k": 2, "K": 5})
+    assert parse_stage_params("postprocess", "topk", {"k": 2, "K": 5}, lenient=True) == (
+        TopkParams(k=2)
+    )
+    topk = POSTPROCESS.build("topk", {"k": 2, "K": 5})  # a device builds it with k=2
+    post = Post(outputs={}, scores=np.array([[0.1, 0.7, 0.2]], np.float32), labels=("a", "b", "c"))
+    topk(post)
+    assert post.topk is not None and [name for name, _ in post.topk[0]] == ["b", "c"]
+
+
+def test_a_stage_registered_again_without_a_model_takes_the_mapping() -> None:
+    from edgewise.runtime import POSTPROCESS
+
+    builtin = POSTPROCESS.get("topk")
+    seen: list[object] = []
+    try:
+        POSTPROCESS.register("topk")(lambda params: seen.append(params) or (lambda post: None))
+        POSTPROCESS.build("topk", {"k": 2, "mine": True})
+        assert seen == [{"k": 2, "mine": True}]
+    finally:
+        POSTPROCESS.register("topk", typed=True)(builtin)
+    with pytest.raises(ValueError, match="no parameter model for postprocess stage 'mine'"):
+        POSTPROCESS.register("mine", typed=True)

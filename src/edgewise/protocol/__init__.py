@@ -5,16 +5,18 @@ must agree byte for byte on how a device signs a request, how a desired-state do
 signed, what a report and a telemetry batch hold, and what a pipeline spec means. That
 contract lives here, in one leaf package that both import (it imports only `bundle`).
 
-Modules: `_pipeline` (pipeline spec, owned with the runtime), `_auth` (device request
-signatures), `_desired` (desired-state documents and reports), `_telemetry` (telemetry
-batches), `_egress` (what telemetry may leave a device).
+Modules: `_pipeline` (pipeline spec, owned with the runtime), `_stages` (the built-in
+stages' parameters), `_auth` (device request signatures), `_desired` (desired-state
+documents and reports), `_telemetry` (telemetry batches), `_egress` (what telemetry may
+leave a device).
 """
 
-from edgewise.protocol import _auth, _desired, _egress, _pipeline, _telemetry
+from edgewise.protocol import _auth, _desired, _egress, _pipeline, _stages, _telemetry
 from edgewise.protocol._auth import *  # noqa: F403
 from edgewise.protocol._desired import *  # noqa: F403
 from edgewise.protocol._egress import *  # noqa: F403
 from edgewise.protocol._pipeline import *  # noqa: F403
+from edgewise.protocol._stages import *  # noqa: F403
 from edgewise.protocol._telemetry import *  # noqa: F403
 
 __all__ = sorted(
@@ -23,6 +25,7 @@ __all__ = sorted(
         *_desired.__all__,
         *_egress.__all__,
         *_pipeline.__all__,
+        *_stages.__all__,
         *_telemetry.__all__,
     ]
 )

@@ -3,9 +3,9 @@
 A pipeline is `source -> preprocess -> model -> postprocess -> sinks`, with an SLO, a
 priority class, an optional fallback model (graceful degradation) and an optional cascade
 (escalate low-confidence results to a heavier model, local or upstream over HTTP).
-Stages are referred to by registered name plus free-form parameters; the runtime checks
-that each name is registered when it starts the pipeline, the control plane only checks
-the shape of the document.
+Stages are referred to by registered name plus parameters; the runtime checks that each
+name is registered when it starts the pipeline. The parameters of the built-in stages are
+typed (`edgewise.protocol._stages`): the control plane checks them at deploy time.
 
 Example:
     >>> spec = PipelineSpec.model_validate({
@@ -29,8 +29,13 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, model_validator
 
+from edgewise.protocol._stages import (
+    BUILTIN_STAGE_PARAMS,
+    parse_stage_params,
+    unknown_param_names,
+)
+
 __all__ = [
-    "BUILTIN_STAGE_PARAMS",
     "STRICT_STAGE_PARAMS",
     "BatchingSpec",
     "CascadeSpec",
@@ -40,6 +45,7 @@ __all__ = [
     "Priority",
     "SloSpec",
     "StageSpec",
+    "stage_problems",
     "unknown_stage_params",
 ]
 
@@ -134,46 +140,16 @@ class CascadeSpec(_Strict):
         return self
 
 
-#: The parameters each built-in stage takes, by (kind, type). The control plane refuses
-#: a deployment that gives a built-in stage any other parameter (validation with
-#: `STRICT_STAGE_PARAMS` as context): a typo such as `min_conf` for `min_confidence`
-#: would otherwise leave the default in force without a word. A device only logs them
-#: (`unknown_stage_params`), so a pipeline deployed before this check keeps running
-#: after an agent upgrade. Each stage checks its values when the device starts it.
-#: Stages registered under other names take any parameters.
-BUILTIN_STAGE_PARAMS: dict[tuple[str, str], frozenset[str]] = {
-    ("source", "http"): frozenset(),
-    ("source", "synthetic"): frozenset(
-        {"rate_hz", "count", "npy", "dataset", "shape", "seed", "size"}
-    ),
-    ("source", "directory"): frozenset({"path", "poll_s"}),
-    ("source", "mqtt"): frozenset({"topic", "host", "port", "qos", "dtype", "shape"}),
-    ("preprocess", "scale"): frozenset({"factor", "offset"}),
-    ("preprocess", "normalize"): frozenset({"mean", "std"}),
-    ("preprocess", "reshape"): frozenset({"shape"}),
-    ("preprocess", "resize"): frozenset({"height", "width", "layout"}),
-    ("postprocess", "softmax"): frozenset(),
-    ("postprocess", "argmax"): frozenset(),
-    ("postprocess", "topk"): frozenset({"k"}),
-    ("postprocess", "threshold"): frozenset({"min_confidence", "label"}),
-    ("sink", "log"): frozenset({"level"}),
-    ("sink", "mqtt"): frozenset({"topic", "qos", "host", "port"}),
-    ("sink", "http"): frozenset({"url", "queue", "timeout_s"}),
-    ("sink", "summary"): frozenset(),
-}
-
-
-#: Validation context under which unknown parameters of built-in stages are refused.
+#: Validation context under which the control plane checks built-in stages' parameters:
+#: names and values (see `edgewise.protocol._stages`).
 STRICT_STAGE_PARAMS = {"strict_stage_params": True}
 
 
 def _unknown_params(kind: str, stage: StageSpec) -> str | None:
-    known = BUILTIN_STAGE_PARAMS.get((kind, stage.type))
-    if known is None:
-        return None
-    extra = sorted(set(stage.params) - known)
+    extra = unknown_param_names(kind, stage.type, stage.params)
     if not extra:
         return None
+    known = BUILTIN_STAGE_PARAMS[(kind, stage.type)].model_fields
     takes = ", ".join(sorted(known)) or "no parameters"
     unknown = ", ".join(map(repr, extra))
     return f"{kind} stage {stage.type!r}: unknown parameter {unknown} (it takes {takes})"
@@ -204,18 +180,37 @@ class PipelineSpec(_Strict):
         return self
 
     @model_validator(mode="after")
-    def _known_stage_params(self, info: ValidationInfo) -> PipelineSpec:
+    def _usable_stage_params(self, info: ValidationInfo) -> PipelineSpec:
         if info.context and info.context.get("strict_stage_params"):
-            problems = unknown_stage_params(self)
+            problems = stage_problems(self)
             if problems:
                 raise ValueError(problems[0])
         return self
 
+    def stages(self) -> list[tuple[str, StageSpec]]:
+        """Every stage with its kind, in order: source, preprocess, postprocess, sinks."""
+        out = [("source", self.source)]
+        out += [("preprocess", s) for s in self.preprocess]
+        out += [("postprocess", s) for s in self.postprocess]
+        out += [("sink", s) for s in self.sinks]
+        return out
+
 
 def unknown_stage_params(spec: PipelineSpec) -> list[str]:
     """What `spec` gives its built-in stages that they do not take, one line each."""
-    stages = [("source", spec.source)]
-    stages += [("preprocess", s) for s in spec.preprocess]
-    stages += [("postprocess", s) for s in spec.postprocess]
-    stages += [("sink", s) for s in spec.sinks]
-    return [p for kind, stage in stages if (p := _unknown_params(kind, stage)) is not None]
+    return [p for kind, stage in spec.stages() if (p := _unknown_params(kind, stage)) is not None]
+
+
+def stage_problems(spec: PipelineSpec) -> list[str]:
+    """Every built-in stage's unknown parameter names, else its first unusable value."""
+    problems = []
+    for kind, stage in spec.stages():
+        problem = _unknown_params(kind, stage)
+        if problem is None:
+            try:
+                parse_stage_params(kind, stage.type, stage.params)
+            except ValueError as exc:
+                problem = str(exc)
+        if problem is not None:
+            problems.append(problem)
+    return problems

@@ -1,4 +1,7 @@
-"""Built-in sinks: where results go. A sink factory takes `(params, pipeline_name)`.
+"""Built-in sinks: where results go.
+
+A sink factory takes `(params, pipeline_name)`, `params` being the stage's model from
+`edgewise.protocol._stages`.
 
 Sinks run on the executor's thread right after a batch, so each `emit` only hands the
 result off: the log sink formats one line, MQTT publishing is queued inside paho, the
@@ -14,9 +17,15 @@ import logging
 import queue
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from typing import Any
 
+from edgewise.protocol._stages import (
+    HttpSinkParams,
+    LogSinkParams,
+    MqttSinkParams,
+    NoParams,
+)
 from edgewise.runtime._stages import SINKS, SOURCES
 
 __all__ = ["HttpCallbackSink", "LogSink", "MqttSink", "SummarySink"]
@@ -35,11 +44,11 @@ def _brief(result: Any) -> dict[str, Any]:
     }
 
 
-@SOURCES.register("http")
+@SOURCES.register("http", typed=True)
 class HttpSource:
     """The local inference API is the source: nothing to run."""
 
-    def __init__(self, params: Mapping[str, Any], runtime: Any, pipeline: str) -> None:
+    def __init__(self, params: NoParams, runtime: Any, pipeline: str) -> None:
         self.pipeline = pipeline
 
     def start(self) -> None:
@@ -49,34 +58,30 @@ class HttpSource:
         """Nothing to stop."""
 
 
-@SINKS.register("log")
+@SINKS.register("log", typed=True)
 class LogSink:
     """One log line per result."""
 
-    def __init__(self, params: Mapping[str, Any], pipeline: str) -> None:
-        self.level = logging.getLevelName(str(params.get("level", "INFO")).upper())
-        if not isinstance(self.level, int):
-            raise ValueError(f"unknown log level {params.get('level')!r}")
+    def __init__(self, params: LogSinkParams, pipeline: str) -> None:
+        self.level: int = logging.getLevelName(params.level)
 
     def emit(self, result: Any) -> None:
         """Log the result."""
         log.log(self.level, "%s", json.dumps(_brief(result)))
 
 
-@SINKS.register("mqtt")
+@SINKS.register("mqtt", typed=True)
 class MqttSink:
     """Publishes each result as JSON to `topic` with `qos`."""
 
-    def __init__(self, params: Mapping[str, Any], pipeline: str) -> None:
+    def __init__(self, params: MqttSinkParams, pipeline: str) -> None:
         import paho.mqtt.client as mqtt
         from paho.mqtt.enums import CallbackAPIVersion
 
-        self.topic = str(params.get("topic", f"edgewise/results/{pipeline}"))
-        self.qos = int(params.get("qos", 0))
-        if self.qos not in (0, 1, 2):
-            raise ValueError("qos must be 0, 1 or 2")
+        self.topic = params.topic or f"edgewise/results/{pipeline}"
+        self.qos = params.qos
         self.client = mqtt.Client(CallbackAPIVersion.VERSION2)
-        self.client.connect(str(params.get("host", "127.0.0.1")), int(params.get("port", 1883)))
+        self.client.connect(params.host, params.port)
         self.client.loop_start()
         self.published = 0
 
@@ -91,23 +96,19 @@ class MqttSink:
         self.client.disconnect()
 
 
-@SINKS.register("http")
+@SINKS.register("http", typed=True)
 class HttpCallbackSink:
     """POSTs each result as JSON to `url` from a background thread."""
 
-    def __init__(self, params: Mapping[str, Any], pipeline: str) -> None:
+    def __init__(self, params: HttpSinkParams, pipeline: str) -> None:
         import httpx
 
-        self.url = str(params.get("url", ""))
-        if not self.url.startswith(("http://", "https://")):
-            raise ValueError("http sink needs an http(s) 'url'")
+        self.url = params.url
         self.dropped = 0
         self.failed = 0
         self.sent = 0
-        self._queue: queue.Queue[dict[str, Any] | None] = queue.Queue(
-            maxsize=int(params.get("queue", 1000))
-        )
-        self._client = httpx.Client(timeout=float(params.get("timeout_s", 5.0)))
+        self._queue: queue.Queue[dict[str, Any] | None] = queue.Queue(maxsize=params.queue)
+        self._client = httpx.Client(timeout=params.timeout_s)
         self._thread = threading.Thread(target=self._loop, daemon=True)
         self._thread.start()
 
@@ -135,13 +136,13 @@ class HttpCallbackSink:
         self._client.close()
 
 
-@SINKS.register("summary")
+@SINKS.register("summary", typed=True)
 class SummarySink:
     """Counts per label and tier over a window; the agent ships them with telemetry."""
 
     def __init__(
         self,
-        params: Mapping[str, Any],
+        params: NoParams,
         pipeline: str,
         clock: Callable[[], float] = time.time,
     ) -> None:

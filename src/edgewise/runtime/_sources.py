@@ -1,6 +1,7 @@
 """Built-in sources: where a pipeline's inputs come from when no app calls the API.
 
-A source factory takes `(params, runtime, pipeline_name)` and returns an object with
+A source factory takes `(params, runtime, pipeline_name)` (`params`: the stage's model
+from `edgewise.protocol._stages`) and returns an object with
 `start()` and `stop()`. Sources submit without waiting for results (results go to the
 sinks) and never block on a full queue: admission control rejects at once, the runtime
 counts it, and the source moves on.
@@ -17,7 +18,6 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +25,11 @@ import numpy as np
 import numpy.typing as npt
 import orjson
 
+from edgewise.protocol._stages import (
+    DirectorySourceParams,
+    MqttSourceParams,
+    SyntheticSourceParams,
+)
 from edgewise.runtime._errors import RuntimeFailure
 from edgewise.runtime._stages import SOURCES
 
@@ -71,31 +76,31 @@ class _Thread:
         raise NotImplementedError
 
 
-@SOURCES.register("synthetic")
+@SOURCES.register("synthetic", typed=True)
 class SyntheticSource(_Thread):
     """Replays a data set at a fixed rate."""
 
-    def __init__(self, params: Mapping[str, Any], runtime: Any, pipeline: str) -> None:
+    def __init__(self, params: SyntheticSourceParams, runtime: Any, pipeline: str) -> None:
         super().__init__(runtime, pipeline)
-        self.rate_hz = float(params.get("rate_hz", 100.0))
-        self.count = int(params.get("count", 0))
-        if self.rate_hz <= 0 or self.count < 0:
-            raise ValueError("synthetic source needs rate_hz > 0 and count >= 0")
+        self.rate_hz = params.rate_hz
+        self.count = params.count
         self.data = self._data(params)
 
     @staticmethod
-    def _data(params: Mapping[str, Any]) -> Array:
-        if "npy" in params:
-            data: Array = np.load(Path(params["npy"]), allow_pickle=False)
+    def _data(params: SyntheticSourceParams) -> Array:
+        if params.npy is not None:
+            try:
+                data: Array = np.load(Path(params.npy), allow_pickle=False)
+            except OSError as exc:
+                raise ValueError(f"cannot read npy {params.npy!r}: {exc}") from None
             return data
-        if params.get("dataset") == "digits":
+        if params.dataset == "digits":
             from sklearn.datasets import load_digits
 
             digits: Array = (load_digits().data / 16.0).astype(np.float32)
             return digits
-        shape = tuple(int(d) for d in params.get("shape", (64,)))
-        rng = np.random.default_rng(int(params.get("seed", 0)))
-        return rng.random((int(params.get("size", 256)), *shape), dtype=np.float32)
+        rng = np.random.default_rng(params.seed)
+        return rng.random((params.size, *params.shape), dtype=np.float32)
 
     def _loop(self) -> None:
         period = 1.0 / self.rate_hz
@@ -124,18 +129,16 @@ def _read_image(path: Path) -> Array:
         return np.asarray(im, dtype=np.float32)
 
 
-@SOURCES.register("directory")
+@SOURCES.register("directory", typed=True)
 class DirectorySource(_Thread):
     """Feeds every new file of a directory, oldest name first, polling for more."""
 
     SUFFIXES = (".npy", ".png", ".jpg", ".jpeg")
 
-    def __init__(self, params: Mapping[str, Any], runtime: Any, pipeline: str) -> None:
+    def __init__(self, params: DirectorySourceParams, runtime: Any, pipeline: str) -> None:
         super().__init__(runtime, pipeline)
-        self.path = Path(str(params.get("path", "")))
-        self.poll_s = float(params.get("poll_s", 0.5))
-        if not str(params.get("path", "")):
-            raise ValueError("directory source needs a 'path'")
+        self.path = Path(params.path)
+        self.poll_s = params.poll_s
         self.seen: set[str] = set()
         self.unreadable = 0
 
@@ -167,15 +170,17 @@ class DirectorySource(_Thread):
             self._stop.wait(self.poll_s)
 
 
-def decode_message(payload: bytes, dtype: str | None = None, shape: str | None = None) -> Array:
+def decode_message(
+    payload: bytes, dtype: np.dtype[Any] | None = None, shape: tuple[int, ...] | None = None
+) -> Array:
     """An MQTT payload: a JSON array / `{"inputs": [...]}`, or raw bytes of dtype+shape.
 
     Raises:
         ValueError, KeyError, TypeError: the payload is not such an input.
     """
-    if dtype:
-        arr: Array = np.frombuffer(payload, dtype=np.dtype(dtype))
-        return arr.reshape(tuple(int(d) for d in shape.split(","))) if shape else arr
+    if dtype is not None:
+        arr: Array = np.frombuffer(payload, dtype=dtype)
+        return arr.reshape(shape) if shape else arr
     # orjson refuses nesting past 1024 levels with a ValueError; the standard library's
     # parser recursed until a RecursionError.
     data = orjson.loads(payload)
@@ -187,23 +192,24 @@ def decode_message(payload: bytes, dtype: str | None = None, shape: str | None =
     return out
 
 
-@SOURCES.register("mqtt")
+@SOURCES.register("mqtt", typed=True)
 class MqttSource:
     """Subscribes to a topic; each message is one request."""
 
-    def __init__(self, params: Mapping[str, Any], runtime: Any, pipeline: str) -> None:
+    def __init__(self, params: MqttSourceParams, runtime: Any, pipeline: str) -> None:
         import paho.mqtt.client as mqtt
         from paho.mqtt.enums import CallbackAPIVersion
 
         self.runtime, self.pipeline = runtime, pipeline
-        self.topic = str(params.get("topic", ""))
-        if not self.topic:
-            raise ValueError("mqtt source needs a 'topic'")
-        self.host = str(params.get("host", "127.0.0.1"))
-        self.port = int(params.get("port", 1883))
-        self.qos = int(params.get("qos", 0))
-        self.dtype = params.get("dtype")
-        self.shape = params.get("shape")
+        self.topic = params.topic
+        self.host = params.host
+        self.port = params.port
+        self.qos = params.qos
+        try:
+            self.dtype = None if params.dtype is None else np.dtype(params.dtype)
+        except TypeError:
+            raise ValueError(f"dtype: not a numpy dtype (got {params.dtype!r})") from None
+        self.shape = params.shape
         self.received = 0
         self.undecodable = 0
         self.refused = 0

@@ -1,9 +1,11 @@
 """Stages by name: the registries and the built-in preprocess and postprocess steps.
 
 A stage in a `PipelineSpec` is `{"type": NAME, "params": {...}}`. Each registry maps
-NAME to a factory that validates the params once, when the pipeline starts, and returns
-the callable that runs per request (preprocess) or per batch (postprocess), so that no
-parameter parsing happens on the hot path.
+NAME to a factory that takes the params once, when the pipeline starts, and returns the
+callable that runs per request (preprocess) or per batch (postprocess), so that no
+parameter parsing happens on the hot path. A built-in stage is registered with its
+parameter model (`edgewise.protocol._stages`, the one the control plane checks deployments
+with): its factory gets the validated model, not the raw mapping.
 
 Preprocess runs in the caller's thread on one request; postprocess runs vectorised over a
 whole batch on the scheduler's thread.
@@ -17,6 +19,18 @@ from typing import Any, Generic, TypeVar
 
 import numpy as np
 import numpy.typing as npt
+from pydantic import BaseModel
+
+from edgewise.protocol._stages import (
+    BUILTIN_STAGE_PARAMS,
+    NormalizeParams,
+    ReshapeParams,
+    ResizeParams,
+    ScaleParams,
+    ThresholdParams,
+    TopkParams,
+    parse_stage_params,
+)
 
 __all__ = [
     "POSTPROCESS",
@@ -37,12 +51,23 @@ class Registry(Generic[F]):
     def __init__(self, kind: str) -> None:
         self.kind = kind
         self._factories: dict[str, F] = {}
+        self._typed: set[str] = set()  # names whose factory takes the parameter model
 
-    def register(self, name: str) -> Callable[[F], F]:
-        """Decorator: register `factory` under `name` (a later one replaces it)."""
+    def register(self, name: str, typed: bool = False) -> Callable[[F], F]:
+        """Decorator: register `factory` under `name` (a later one replaces it).
+
+        With `typed` (edgewise's built-in stages), the factory is given the stage's
+        parameter model from `BUILTIN_STAGE_PARAMS`, validated, instead of the mapping.
+        """
+        if typed and (self.kind, name) not in BUILTIN_STAGE_PARAMS:
+            raise ValueError(f"no parameter model for {self.kind} stage {name!r}")
 
         def deco(factory: F) -> F:
             self._factories[name] = factory
+            if typed:
+                self._typed.add(name)
+            else:
+                self._typed.discard(name)
             return factory
 
         return deco
@@ -58,13 +83,19 @@ class Registry(Generic[F]):
     def build(self, name: str, params: Mapping[str, Any], *args: Any) -> Any:
         """The stage `name` made from its parameters (and the factory's other arguments).
 
+        Parameters a built-in stage does not take are dropped (the agent logs them; the
+        control plane refuses them at deploy time).
+
         Raises:
             ValueError: an unknown name, or parameters the stage cannot use; the message
-                names the stage (a wrong type, `{"k": [1]}`, is a TypeError inside).
+                names the stage (and, for a built-in one, the parameter).
         """
         factory: Any = self.get(name)
+        given: Any = params
+        if name in self._typed:
+            given = parse_stage_params(self.kind, name, params, lenient=True)
         try:
-            return factory(params, *args)
+            return factory(given, *args)
         except (TypeError, ValueError, KeyError) as exc:
             raise ValueError(f"{self.kind} stage {name!r}: {exc}") from exc
 
@@ -96,8 +127,9 @@ class Post:
 
 PreFn = Callable[[Array], Array]
 PostFn = Callable[[Post], None]
-PREPROCESS: Registry[Callable[[Mapping[str, Any]], PreFn]] = Registry("preprocess")
-POSTPROCESS: Registry[Callable[[Mapping[str, Any]], PostFn]] = Registry("postprocess")
+# A factory takes its parameter model (a built-in stage) or the params mapping.
+PREPROCESS: Registry[Callable[[Any], PreFn]] = Registry("preprocess")
+POSTPROCESS: Registry[Callable[[Any], PostFn]] = Registry("postprocess")
 SOURCES: Registry[Callable[..., Any]] = Registry("source")
 SINKS: Registry[Callable[..., Any]] = Registry("sink")
 
@@ -110,10 +142,10 @@ def _floats(value: Any, name: str) -> Array:
     return arr
 
 
-@PREPROCESS.register("scale")
-def _scale(params: Mapping[str, Any]) -> PreFn:
-    factor = _floats(params.get("factor", 1.0), "factor")
-    offset = _floats(params.get("offset", 0.0), "offset")
+@PREPROCESS.register("scale", typed=True)
+def _scale(params: ScaleParams) -> PreFn:
+    factor = _floats(params.factor, "factor")
+    offset = _floats(params.offset, "offset")
 
     def run(x: Array) -> Array:
         return (x.astype(np.float32, copy=False) * factor + offset).astype(np.float32, copy=False)
@@ -121,12 +153,10 @@ def _scale(params: Mapping[str, Any]) -> PreFn:
     return run
 
 
-@PREPROCESS.register("normalize")
-def _normalize(params: Mapping[str, Any]) -> PreFn:
-    mean = _floats(params.get("mean", 0.0), "mean")
-    std = _floats(params.get("std", 1.0), "std")
-    if np.any(std == 0):
-        raise ValueError("std must not be zero")
+@PREPROCESS.register("normalize", typed=True)
+def _normalize(params: NormalizeParams) -> PreFn:
+    mean = _floats(params.mean, "mean")
+    std = _floats(params.std, "std")
 
     def run(x: Array) -> Array:
         return ((x.astype(np.float32, copy=False) - mean) / std).astype(np.float32, copy=False)
@@ -134,11 +164,9 @@ def _normalize(params: Mapping[str, Any]) -> PreFn:
     return run
 
 
-@PREPROCESS.register("reshape")
-def _reshape(params: Mapping[str, Any]) -> PreFn:
-    shape = tuple(int(d) for d in params.get("shape", ()))
-    if not shape:
-        raise ValueError("reshape needs a non-empty 'shape'")
+@PREPROCESS.register("reshape", typed=True)
+def _reshape(params: ReshapeParams) -> PreFn:
+    shape = params.shape
 
     def run(x: Array) -> Array:
         from edgewise.runtime._errors import BadInput
@@ -171,12 +199,9 @@ def resize_bilinear(img: Array, height: int, width: int) -> Array:
     return out
 
 
-@PREPROCESS.register("resize")
-def _resize(params: Mapping[str, Any]) -> PreFn:
-    height, width = int(params.get("height", 0)), int(params.get("width", 0))
-    layout = str(params.get("layout", "hwc"))
-    if height <= 0 or width <= 0 or layout not in ("hwc", "chw"):
-        raise ValueError("resize needs positive 'height' and 'width' and layout hwc|chw")
+@PREPROCESS.register("resize", typed=True)
+def _resize(params: ResizeParams) -> PreFn:
+    height, width, layout = params.height, params.width, params.layout
 
     def run(x: Array) -> Array:
         from edgewise.runtime._errors import BadInput
@@ -190,8 +215,8 @@ def _resize(params: Mapping[str, Any]) -> PreFn:
     return run
 
 
-@POSTPROCESS.register("softmax")
-def _softmax(params: Mapping[str, Any]) -> PostFn:
+@POSTPROCESS.register("softmax", typed=True)
+def _softmax(params: BaseModel) -> PostFn:
     def run(post: Post) -> None:
         if post.scores is None:
             return
@@ -202,8 +227,8 @@ def _softmax(params: Mapping[str, Any]) -> PostFn:
     return run
 
 
-@POSTPROCESS.register("argmax")
-def _argmax(params: Mapping[str, Any]) -> PostFn:
+@POSTPROCESS.register("argmax", typed=True)
+def _argmax(params: BaseModel) -> PostFn:
     def run(post: Post) -> None:
         post.top = None
         post.finish()
@@ -211,11 +236,9 @@ def _argmax(params: Mapping[str, Any]) -> PostFn:
     return run
 
 
-@POSTPROCESS.register("topk")
-def _topk(params: Mapping[str, Any]) -> PostFn:
-    k = int(params.get("k", 3))
-    if k < 1:
-        raise ValueError("topk needs k >= 1")
+@POSTPROCESS.register("topk", typed=True)
+def _topk(params: TopkParams) -> PostFn:
+    k = params.k
 
     def run(post: Post) -> None:
         if post.scores is None:
@@ -230,12 +253,9 @@ def _topk(params: Mapping[str, Any]) -> PostFn:
     return run
 
 
-@POSTPROCESS.register("threshold")
-def _threshold(params: Mapping[str, Any]) -> PostFn:
-    minimum = float(params.get("min_confidence", 0.5))
-    label = str(params.get("label", "unknown"))
-    if not 0 <= minimum <= 1:
-        raise ValueError("min_confidence must be within [0, 1]")
+@POSTPROCESS.register("threshold", typed=True)
+def _threshold(params: ThresholdParams) -> PostFn:
+    minimum, label = params.min_confidence, params.label
 
     def run(post: Post) -> None:
         post.finish()
