@@ -173,6 +173,11 @@ def _by_registry(stages: set[tuple[str, str]]) -> list[tuple[Any, str]]:
             id="synthetic-unknown-dataset",
         ),
         pytest.param(
+            {"source": {"type": "synthetic", "params": {"size": 1 << 20, "shape": [1 << 20]}}},
+            "size x shape is 1099511627776 values; at most 67108864",
+            id="synthetic-terabytes",
+        ),
+        pytest.param(
             {"source": {"type": "mqtt", "params": {"topic": "t", "shape": "1,x"}}},
             "shape: must be dimensions such as '1,64'",
             id="mqtt-shape",

@@ -15,11 +15,20 @@ agent upgrade. Stages registered under other names take any parameters.
 from __future__ import annotations
 
 import logging
+import math
 import re
 from collections.abc import Mapping
 from typing import Annotated, Any, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 __all__ = [
     "BUILTIN_STAGE_PARAMS",
@@ -127,6 +136,7 @@ class ThresholdParams(_Params):
     label: str = "unknown"
 
 
+_MAX_SYNTHETIC_VALUES = 1 << 26
 _Port = Annotated[int, Field(ge=1, le=65_535)]
 _Qos = Annotated[int, Field(ge=0, le=2)]
 _Host = Annotated[str, Field(min_length=1, max_length=253)]
@@ -144,6 +154,17 @@ class SyntheticSourceParams(_Params):
     )
     seed: int = Field(default=0, ge=0)
     size: int = Field(default=256, ge=1, le=1 << 20)
+
+    @model_validator(mode="after")
+    def _fits_in_memory(self) -> SyntheticSourceParams:
+        if self.npy is None and self.dataset is None:
+            values = self.size * math.prod(self.shape)
+            if values > _MAX_SYNTHETIC_VALUES:
+                raise ValueError(
+                    f"size x shape is {values} values; at most {_MAX_SYNTHETIC_VALUES} "
+                    "(256 MB of float32) are generated"
+                )
+        return self
 
 
 class DirectorySourceParams(_Params):

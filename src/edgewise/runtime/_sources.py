@@ -1,10 +1,10 @@
 """Built-in sources: where a pipeline's inputs come from when no app calls the API.
 
-A source factory takes `(params, runtime, pipeline_name)` (`params`: the stage's model
-from `edgewise.protocol._stages`) and returns an object with
-`start()` and `stop()`. Sources submit without waiting for results (results go to the
-sinks) and never block on a full queue: admission control rejects at once, the runtime
-counts it, and the source moves on.
+A source factory takes `(params, runtime, pipeline_name)`, `params` being the stage's
+model from `edgewise.protocol._stages`, and returns an object with `start()` and `stop()`.
+Sources submit without waiting for results (results go to the sinks) and never block on
+a full queue: admission control rejects at once, the runtime counts it, and the source
+moves on.
 
 - `synthetic`: replays a data set (`npy` file, the scikit-learn `digits` set, or random
   `shape`) at `rate_hz`, `count` items (0 = until stopped).
