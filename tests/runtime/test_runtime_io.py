@@ -115,8 +115,9 @@ def test_mqtt_source_to_mqtt_sink_through_mosquitto(
         for i in range(5):
             pub.publish(f"{root}/in", json.dumps({"inputs": split.x_test[i].tolist()}), qos=1)
         pub.publish(f"{root}/in", b"not json", qos=1)
+        pub.publish(f"{root}/in", b"5", qos=1)  # JSON, not an input (as over HTTP)
         pub.publish(f"{root}/in", json.dumps([[0.0] * 10]), qos=1)  # wrong size
-        _until(lambda: len(got) == 5 and source.received == 8)
+        _until(lambda: len(got) == 5 and source.received == 9)
         pub.loop_stop()
         pub.disconnect()
     finally:
@@ -124,7 +125,7 @@ def test_mqtt_source_to_mqtt_sink_through_mosquitto(
         listener.disconnect()
     want = [str(k) for k in runtime.infer("digits", split.x_test[:5]).labels]
     assert sorted(g["labels"][0] for g in got) == sorted(want)
-    assert source.undecodable == 2 and source.refused == 1
+    assert source.undecodable == 3 and source.refused == 1
     assert runtime.stats("digits")["nv_inference_request_bad_input"] == 1
 
 

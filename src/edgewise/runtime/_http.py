@@ -32,6 +32,7 @@ import orjson
 
 from edgewise._httpd import Answer, Deferred, Headers, error_answer
 from edgewise.runtime._aio import LoopBatcher, Pending
+from edgewise.runtime._decode import decode_json
 from edgewise.runtime._errors import BadInput, PayloadTooLarge, RuntimeFailure
 from edgewise.runtime._pipeline import InferenceResult
 from edgewise.runtime._runtime import Runtime
@@ -76,27 +77,6 @@ async def _read_body(headers: dict[bytes, bytes], receive: Receive, limit: int) 
         chunks.append(chunk)
         if not msg.get("more_body", False):
             return chunks[0] if len(chunks) == 1 else b"".join(chunks)
-
-
-def decode_json(body: bytes) -> np.ndarray[Any, Any]:
-    """Decode `{"inputs": [...]}` or a bare array into a numeric array."""
-    try:
-        data = orjson.loads(body)
-    except orjson.JSONDecodeError:
-        raise BadInput("body is not valid JSON") from None
-    if isinstance(data, dict):
-        if "inputs" not in data:
-            raise BadInput("JSON body needs an 'inputs' array")
-        data = data["inputs"]
-    if not isinstance(data, list):
-        raise BadInput("'inputs' must be an array of numbers")
-    try:
-        arr = np.asarray(data)
-    except ValueError:
-        raise BadInput("'inputs' is not a rectangular array") from None
-    if arr.dtype.kind not in "iuf":  # strings, booleans, nulls; integers past 64 bits
-        raise BadInput("'inputs' must hold only numbers (integers within 64 bits)")
-    return arr
 
 
 def decode_raw(headers: dict[bytes, bytes], body: bytes) -> np.ndarray[Any, Any]:

@@ -23,13 +23,13 @@ from typing import Any
 
 import numpy as np
 import numpy.typing as npt
-import orjson
 
 from edgewise.protocol._stages import (
     DirectorySourceParams,
     MqttSourceParams,
     SyntheticSourceParams,
 )
+from edgewise.runtime._decode import decode_json
 from edgewise.runtime._errors import RuntimeFailure
 from edgewise.runtime._stages import SOURCES
 
@@ -176,20 +176,12 @@ def decode_message(
     """An MQTT payload: a JSON array / `{"inputs": [...]}`, or raw bytes of dtype+shape.
 
     Raises:
-        ValueError, KeyError, TypeError: the payload is not such an input.
+        BadInput, ValueError: the payload is not such an input.
     """
     if dtype is not None:
         arr: Array = np.frombuffer(payload, dtype=dtype)
         return arr.reshape(shape) if shape else arr
-    # orjson refuses nesting past 1024 levels with a ValueError; the standard library's
-    # parser recursed until a RecursionError.
-    data = orjson.loads(payload)
-    if isinstance(data, dict):
-        data = data["inputs"]
-    out = np.asarray(data)
-    if out.dtype.kind not in "iuf":
-        raise ValueError("payload holds non-numeric values")
-    return out
+    return decode_json(payload)  # as the local inference API reads a JSON body
 
 
 @SOURCES.register("mqtt", typed=True)
