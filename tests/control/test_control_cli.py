@@ -146,6 +146,32 @@ def test_an_inline_egress_nested_past_the_parser_is_a_one_line_error(
     assert len(err.splitlines()) == 1
 
 
+def test_deploy_stages_lists_what_the_server_checks_without_a_server(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    code, out, _ = run(capsys, "deploy", "stages")
+    assert code == 0
+    lines = out.splitlines()
+    at = lines.index(next(line for line in lines if line.startswith("postprocess threshold")))
+    assert lines[at + 1].split() == [
+        "min_confidence",
+        "number",
+        "default",
+        "0.5",
+        ">=",
+        "0,",
+        "<=",
+        "1",
+    ]
+    assert any(line.split()[:3] == ["path", "string", "required"] for line in lines)
+    assert any(line.startswith("sink summary") and "(no parameters)" in line for line in lines)
+    code, out, _ = run(capsys, "deploy", "stages", "--json")
+    stages = {(s["kind"], s["type"]): s["params"] for s in json.loads(out)}
+    assert len(stages) == 16
+    topk = stages[("postprocess", "topk")]
+    assert topk["properties"]["k"]["minimum"] == 1 and topk["additionalProperties"] is False
+
+
 def test_first_server_start_prints_the_admin_token_once(tmp_path: Path) -> None:
     import os
     import signal

@@ -1,4 +1,4 @@
-"""`edgewise deploy create|list|show|diff|delete|dry-run`."""
+"""`edgewise deploy create|list|show|diff|delete|dry-run|stages`."""
 
 from __future__ import annotations
 
@@ -10,11 +10,13 @@ import typer
 
 from edgewise.cli._common import CliError, emit_json
 from edgewise.cli._server import ServerOpt, TokenOpt, call_api
+from edgewise.protocol import stage_reference
 
 __all__ = ["app"]
 
 app = typer.Typer(
-    help="Deployments: create, list, show, diff, delete, dry-run.", no_args_is_help=True
+    help="Deployments: create, list, show, diff, delete, dry-run; the built-in stages.",
+    no_args_is_help=True,
 )
 JsonOpt = Annotated[bool, typer.Option("--json", help="Machine-readable output.")]
 NameOpt = Annotated[str | None, typer.Option("--name", help="Deployment name.")]
@@ -225,3 +227,54 @@ def delete(
     """Delete a deployment; devices fall back to the next layer."""
     call_api("DELETE", f"/api/v1/deployments/{ref}", server, token)
     typer.echo(f"deleted {ref}")
+
+
+@app.command("stages")
+def stages(as_json: JsonOpt = False) -> None:
+    """The built-in pipeline stages and their parameters, as the server checks them.
+
+    A deployment that gives a built-in stage a parameter it does not take, or a value
+    outside these bounds, is refused (422 invalid_pipeline). No server needed.
+    """
+    reference = stage_reference()
+    if as_json:
+        emit_json(reference)
+        return
+    for stage in reference:
+        schema = stage["params"]
+        props: dict[str, Any] = schema.get("properties", {})
+        title = f"{stage['kind']} {stage['type']}"
+        typer.echo(f"{title:<22} {schema.get('description', '') if props else '(no parameters)'}")
+        required = set(schema.get("required", []))
+        for name, prop in props.items():
+            typer.echo(f"    {name:<16} {_param_line(prop, name in required)}")
+
+
+def _param_line(prop: dict[str, Any], required: bool) -> str:
+    """`integer  default 3  >= 1, <= 100000` from a parameter's JSON Schema."""
+    options = [p for p in prop.get("anyOf", [prop]) if p.get("type") != "null"]
+    kinds = []
+    for option in options:
+        if "const" in option:
+            kinds.append(repr(option["const"]))
+        elif "enum" in option:
+            kinds.append(" | ".join(map(repr, option["enum"])))
+        elif option.get("type") == "array" and "type" in option.get("items", {}):
+            kinds.append(f"{option['items']['type']}s")
+        else:
+            kinds.append(str(option.get("type", "any")))
+    bounds = []
+    for key, op in (("minimum", ">="), ("exclusiveMinimum", ">"), ("maximum", "<=")):
+        for option in options:
+            if key in option:
+                bounds.append(f"{op} {option[key]}")
+    if any(option.get("minLength") for option in options):
+        bounds.append("not empty")
+    if required:
+        default = "required"
+    elif prop.get("default") is None:
+        default = "optional"
+    else:
+        default = f"default {json.dumps(prop['default'])}"
+    line = f"{' or '.join(kinds):<18} {default}"
+    return f"{line}  {', '.join(bounds)}" if bounds else line

@@ -26,6 +26,7 @@ from pydantic import (
     ConfigDict,
     Field,
     ValidationError,
+    WithJsonSchema,
     field_validator,
     model_validator,
 )
@@ -46,6 +47,7 @@ __all__ = [
     "ThresholdParams",
     "TopkParams",
     "parse_stage_params",
+    "stage_reference",
 ]
 
 
@@ -82,7 +84,11 @@ def _no_zero(value: Any) -> Any:
     return value
 
 
-Numbers = Annotated[Any, AfterValidator(_numbers)]
+Numbers = Annotated[
+    Any,
+    AfterValidator(_numbers),
+    WithJsonSchema({"anyOf": [{"type": "number"}, {"type": "array"}]}),
+]
 
 
 class ScaleParams(_Params):
@@ -251,6 +257,14 @@ BUILTIN_STAGE_PARAMS: dict[tuple[str, str], type[BaseModel]] = {
     ("sink", "http"): HttpSinkParams,
     ("sink", "summary"): NoParams,
 }
+
+
+def stage_reference() -> list[dict[str, Any]]:
+    """Each built-in stage (`kind`, `type`) with the JSON Schema of its parameters."""
+    return [
+        {"kind": kind, "type": name, "params": model.model_json_schema()}
+        for (kind, name), model in BUILTIN_STAGE_PARAMS.items()
+    ]
 
 
 def unknown_param_names(kind: str, stage_type: str, params: Mapping[str, Any]) -> list[str]:
