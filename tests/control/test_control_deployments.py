@@ -203,7 +203,9 @@ def test_bad_deployments_are_refused_with_4xx(
     }
     r = p.api("POST", "/api/v1/deployments", json=body)
     assert r.status_code == 422 and r.json()["error"]["code"] == "invalid_pipeline"
-    assert "min_confidence: must be <= 1.0 (got 90)" in r.json()["error"]["message"]
+    assert r.json()["error"]["message"] == (
+        "pipeline 'd': postprocess stage 'threshold': min_confidence: must be <= 1.0 (got 90)"
+    )
     assert p.api("GET", "/api/v1/deployments").json() == []
 
 

@@ -94,15 +94,15 @@ def _validated(specs: dict[str, dict[str, Any]]) -> dict[str, PipelineSpec]:
     out = {}
     for name, spec in specs.items():
         try:
-            # A misspelt parameter of a built-in stage is refused here, before any
-            # device sees it (devices only log it).
+            # A built-in stage's misspelt parameter, or a value it cannot use, is refused
+            # here, before any device sees it (devices drop unknown names and log them).
             out[name] = PipelineSpec.model_validate(spec, context=STRICT_STAGE_PARAMS)
         except ValidationError as exc:
             first = exc.errors()[0]
-            where = ".".join(str(p) for p in first["loc"])
-            raise ApiError(
-                422, "invalid_pipeline", f"pipeline {name!r}: {where}: {first['msg']}"
-            ) from None
+            where = ".".join(str(p) for p in first["loc"])  # empty for the whole spec
+            message = str(first["msg"]).removeprefix("Value error, ")
+            detail = f"{where}: {message}" if where else message
+            raise ApiError(422, "invalid_pipeline", f"pipeline {name!r}: {detail}") from None
         if out[name].model.version is None:
             raise ApiError(400, "unpinned", f"pipeline {name!r}: model must pin a version")
     return out
