@@ -4,9 +4,12 @@ from typing import Any
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from pydantic import ValidationError
 
 from edgewise.protocol import (
+    BUILTIN_STAGE_PARAMS,
     STRICT_STAGE_PARAMS,
     MqttSourceParams,
     PipelineSpec,
@@ -107,7 +110,6 @@ def test_stages_registered_under_other_names_take_any_parameters() -> None:
 
 
 def test_every_built_in_stage_lists_its_parameters_and_nothing_else_is_listed() -> None:
-    from edgewise.protocol import BUILTIN_STAGE_PARAMS
     from edgewise.runtime import POSTPROCESS, PREPROCESS, SINKS, SOURCES
 
     registered = {
@@ -248,3 +250,39 @@ def test_a_stage_registered_again_without_a_model_takes_the_mapping() -> None:
         POSTPROCESS.register("topk", typed=True)(builtin)
     with pytest.raises(ValueError, match="no parameter model for postprocess stage 'mine'"):
         POSTPROCESS.register("mine", typed=True)
+
+
+_BUILTIN = list(BUILTIN_STAGE_PARAMS)
+_JSON = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=8),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=6), inner),
+    max_leaves=12,
+)
+
+
+@settings(max_examples=400, deadline=None)
+@given(
+    stage=st.sampled_from(sorted(_BUILTIN)),
+    params=st.dictionaries(
+        st.sampled_from(["k", "shape", "factor", "std", "height", "url", "topic", "x"]) | st.text(),
+        _JSON,
+        max_size=4,
+    ),
+)
+def test_any_json_params_are_a_stage_or_a_value_error_naming_it(
+    stage: tuple[str, str], params: dict[str, Any]
+) -> None:
+    from edgewise.runtime import POSTPROCESS, PREPROCESS
+
+    kind, name = stage
+    try:
+        parse_stage_params(kind, name, params)
+    except ValueError as exc:
+        assert str(exc).startswith(f"{kind} stage {name!r}: "), exc
+    # Pre- and postprocess stages are pure: a device builds them or says why it cannot.
+    registry = {"preprocess": PREPROCESS, "postprocess": POSTPROCESS}.get(kind)
+    if registry is not None:
+        try:
+            registry.build(name, params)
+        except ValueError as exc:
+            assert str(exc).startswith(f"{kind} stage {name!r}: "), exc
