@@ -231,10 +231,11 @@ def delete(
 
 @app.command("stages")
 def stages(as_json: JsonOpt = False) -> None:
-    """The built-in pipeline stages and their parameters, as the server checks them.
+    """The built-in pipeline stages and their parameters, as a server of this version checks them.
 
     A deployment that gives a built-in stage a parameter it does not take, or a value
-    outside these bounds, is refused (422 invalid_pipeline). No server needed.
+    outside these bounds, is refused (422 invalid_pipeline). Read from this installation,
+    no server needed.
     """
     reference = stage_reference()
     if as_json:
