@@ -158,25 +158,29 @@ def test_stopping_a_fleet_cancels_reports_in_flight_and_leaves_no_task(
     plane = shared_plane
     plane.deploy("sim-stop", "group=stop", "digits-mlp@1.0.0")
     slow = BehaviourBook(default=ModelBehaviour(install_s=100.0, install_sigma=0.0))  # 2 s
-    fleet = _fleet(plane, 4, "stop", behaviours=slow)
+    # No progress reports: a device's "installing" report could still be in flight when
+    # the plane stops, and its install would wait on it instead of ending (a CI flake).
+    fleet = _fleet(plane, 4, "stop", behaviours=slow, report_progress=False)
     assert plane.proc is not None
 
-    async def go() -> list[asyncio.Task[Any]]:
+    async def go() -> tuple[bool, list[asyncio.Task[Any]]]:
         await fleet.start()
         assert await fleet.run_until(
             lambda f: all(d.statuses().get("digits") == "installing" for d in f.devices), 30
         )
         plane.proc.send_signal(signal.SIGSTOP)  # the installs end; their reports hang
         try:
-            assert await fleet.run_until(
+            ended = await fleet.run_until(
                 lambda f: all(d.statuses().get("digits") == "active" for d in f.devices), 30
             )
-            await fleet.stop()
+            await fleet.stop()  # also when they did not: no connection outlives this test
         finally:
             plane.proc.send_signal(signal.SIGCONT)
-        return [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+        return ended, [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
 
-    assert asyncio.run(go()) == []
+    ended, left = asyncio.run(go())
+    assert ended, [d.statuses() for d in fleet.devices]
+    assert left == []
     assert fleet.summary()["installs"] == 4 and not any(d.up for d in fleet.devices)
 
 
