@@ -325,7 +325,7 @@ class Executor:
 
     def _run(self, batch: list[Request]) -> None:
         # The caller counted the batch in its owner's `inflight` when it claimed it (under
-        # the lock, with `queued` going down), so `drain` never sees the batch in neither.
+        # the lock, as `queued` went down): `drain` always sees it in one or the other.
         t0 = time.perf_counter()
         try:
             batch[0].lane.execute(batch)
