@@ -31,6 +31,7 @@ from edgewise.protocol._stages import (
     TopkParams,
     parse_stage_params,
 )
+from edgewise.runtime._errors import BadInput
 
 __all__ = [
     "POSTPROCESS",
@@ -169,8 +170,6 @@ def _reshape(params: ReshapeParams) -> PreFn:
     shape = params.shape
 
     def run(x: Array) -> Array:
-        from edgewise.runtime._errors import BadInput
-
         try:
             out: Array = x.reshape(shape)
             return out
@@ -204,8 +203,6 @@ def _resize(params: ResizeParams) -> PreFn:
     height, width, layout = params.height, params.width, params.layout
 
     def run(x: Array) -> Array:
-        from edgewise.runtime._errors import BadInput
-
         if x.ndim not in (2, 3):
             raise BadInput(f"resize expects an image, got shape {list(x.shape)}")
         img = x.transpose(1, 2, 0) if layout == "chw" and x.ndim == 3 else x
