@@ -33,7 +33,10 @@ How the harder comparisons are set up:
   endpoint on uvicorn (uvloop, httptools); both parse and write JSON with orjson, one
   process each. For context, `http_asgi_on_uvicorn_*` is the same API as an ASGI app
   (`make_inference_app`) on uvicorn, as the agent served it before. Besides the rates,
-  each server's CPU time per request (from /proc) is reported.
+  each server's CPU time per request (from /proc) is reported. The agent's server polls
+  on for up to 100 us after an answer while a client calls back-to-back (busy polling,
+  see `edgewise._httpd`); `http_c1_no_busy_poll_*` is the same server with it off, at one
+  connection, where it matters.
   `http_app_us_per_req` and `http_bare_app_us_per_req` call both ASGI apps directly in
   one loop (no server), alternating: each app's own cost.
 - critical p99: a paced critical client (one request, 0.5 ms pause) alone, then with one
@@ -629,8 +632,8 @@ UVICORN: dict[str, Any] = {
 
 def serve(kind: str, model_path: str, port: int) -> None:
     """One server: `bare` (the baseline), `edgewise` (the local inference API as the agent
-    serves it: `HttpServer` with `InferenceAPI`) or `asgi` (the same routes as an ASGI app
-    on uvicorn, for context)."""
+    serves it: `HttpServer` with `InferenceAPI`), `edgewise-no-poll` (the same without busy
+    polling) or `asgi` (the same routes as an ASGI app on uvicorn, for context)."""
     import uvicorn
 
     if kind == "bare":
@@ -642,7 +645,7 @@ def serve(kind: str, model_path: str, port: int) -> None:
         uvicorn.run(make_inference_app(rt), host="127.0.0.1", port=port, **UVICORN)
         return
     api = InferenceAPI(rt)
-    server = HttpServer(api, port=port)
+    server = HttpServer(api, port=port, busy_poll_us=0 if kind == "edgewise-no-poll" else 100)
     api.alone = server.alone
     server.start()
     threading.Event().wait()  # until the bench kills this process
@@ -793,7 +796,7 @@ def bench_http(seconds: float, model_path: str, x: np.ndarray) -> dict[str, Any]
     procs, ports = [], {}
     path = "/v1/pipelines/digits/infer"
     try:
-        for kind in ("edgewise", "bare", "asgi"):
+        for kind in ("edgewise", "bare", "asgi", "edgewise-no-poll"):
             ports[kind] = port = free_port()
             cmd = [
                 sys.executable,
@@ -816,7 +819,7 @@ def bench_http(seconds: float, model_path: str, x: np.ndarray) -> dict[str, Any]
         # (per-round ratios of one run spread over 0.8-1.0 on a shared 2-core machine).
         for rnd in range(ROUNDS * 4):
             for conns in (32, 1) if rnd < ROUNDS * 2 else (1,):
-                kinds = list(ports.items())
+                kinds = [(k, p) for k, p in ports.items() if conns == 1 or "no-poll" not in k]
                 for kind, port in kinds if rnd % 2 == 0 else kinds[::-1]:
                     cpu0, t0 = cpu_seconds(pids[kind]), time.perf_counter()
                     if use_wrk:
@@ -857,6 +860,8 @@ def bench_http(seconds: float, model_path: str, x: np.ndarray) -> dict[str, Any]
         "http_bare_c1_server_cpu_us_per_req": med("bare", 1, 2),
         "http_c32_server_cpu_us_per_req": med("edgewise", 32, 2),
         "http_bare_c32_server_cpu_us_per_req": med("bare", 32, 2),
+        "http_c1_no_busy_poll_vs_bare_asgi": ratio(1, "edgewise-no-poll"),
+        "http_c1_no_busy_poll_server_cpu_us_per_req": med("edgewise-no-poll", 1, 2),
         "http_asgi_on_uvicorn_c32_vs_bare_asgi": ratio(32, "asgi"),
         "http_asgi_on_uvicorn_c1_vs_bare_asgi": ratio(1, "asgi"),
         "http_asgi_on_uvicorn_c32_p99_ms": med("asgi", 32, 1),
@@ -881,7 +886,7 @@ GOALS = {
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--seconds", type=float, default=1.5, help="per measurement round")
-    ap.add_argument("--serve", choices=["edgewise", "bare", "asgi"])
+    ap.add_argument("--serve", choices=["edgewise", "edgewise-no-poll", "bare", "asgi"])
     ap.add_argument("--model")
     ap.add_argument("--port", type=int)
     args = ap.parse_args()

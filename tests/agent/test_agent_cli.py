@@ -37,3 +37,9 @@ def test_key_file_readable_by_others_is_refused(tmp_path: Path) -> None:
     (data / "device.key").chmod(0o644)
     out = _run("--server", "http://127.0.0.1:9", "--data", str(data), "--enroll-token", "t")
     assert out.returncode == 1 and "chmod 600" in out.stderr
+
+
+def test_a_negative_busy_poll_window_is_refused(tmp_path: Path) -> None:
+    out = _run("--data", str(tmp_path / "d"), "--local-busy-poll-us", "-5")
+    assert out.returncode == 2 and "--local-busy-poll-us" in out.stderr
+    assert "Traceback" not in out.stderr and not (tmp_path / "d").exists()

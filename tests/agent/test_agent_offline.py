@@ -50,12 +50,16 @@ def test_offline_restart_serves_last_model_and_reports_when_back(
     cp.deploy("digits", "digits-mlp@1.0.0", tag=agent.tag)
     wait_for(lambda: _active(cp, dev, "1.0.0"), 90, "1.0.0 active")
     before = cp.device(dev)["reported_at"]
+    assert agent.status()["local_api"]["busy_poll_us"] == 100  # the default (2 CPUs here)
     cp.stop()
     agent.kill()
-    agent.start()  # restarts while the control plane is down
+    agent.start(None, "--local-busy-poll-us", "0")  # restarts while the plane is down
     agent.wait_up()
     assert agent.infer()["model"].startswith("digits-mlp@1.0.0")
-    assert agent.status()["online"] is False
+    status = agent.status()
+    assert status["online"] is False
+    assert status["local_api"]["busy_poll_us"] == 0
+    assert status["local_api"]["busy_poll_windows"] == 0
     cp.start()
     wait_for(lambda: cp.device(dev)["reported_at"] > before, 60, "report after return")
     assert agent.status()["online"] is True

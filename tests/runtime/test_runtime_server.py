@@ -14,7 +14,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from edgewise._httpd import Answer, Deferred, Headers, HttpServer, error_answer
+import edgewise._httpd
+from edgewise._httpd import Answer, BusyPoll, Deferred, Headers, HttpServer, error_answer
 
 from .conftest import cyclic_garbage
 
@@ -389,3 +390,102 @@ def test_requests_split_anywhere_across_reads_get_the_same_answers(
             got.append((doc["method"], doc["path"], doc["body"]))
             assert status == 200
     assert got == want
+
+
+class _Turns:
+    """A fake loop for `BusyPoll`: a clock moved by hand and the callbacks it scheduled."""
+
+    def __init__(self) -> None:
+        self.now = 0.0
+        self.soon: list[Callable[[], None]] = []
+
+    def clock(self) -> float:
+        return self.now
+
+    def call_soon(self, fn: Callable[[], None]) -> None:
+        self.soon.append(fn)
+
+    def turn(self, advance: float = 0.0) -> None:
+        """One loop iteration: time passes, then what was scheduled runs."""
+        self.now += advance
+        ready, self.soon = self.soon, []
+        for fn in ready:
+            fn()
+
+
+def test_busy_poll_keeps_polling_after_an_answer_only_while_a_client_calls_back_quickly() -> None:
+    loop = _Turns()
+    poll = BusyPoll(100e-6, loop.call_soon, loop.clock)
+    poll.received()  # the first request: nothing to compare with
+    poll.answered()
+    assert not poll.hot and not loop.soon  # a first answer never opens a window
+    loop.now += 50e-6
+    poll.received()  # back within the window: the client calls in a loop
+    assert poll.hot
+    poll.answered()
+    assert poll.windows == 1 and len(loop.soon) == 1
+    loop.turn(30e-6)
+    loop.turn(30e-6)
+    assert len(loop.soon) == 1  # still polling, 60 us after the answer
+    poll.received()  # the next request ends the window
+    assert poll.hits == 1
+    loop.turn(1e-6)
+    assert not loop.soon  # the loop may sleep again
+    # A window nobody ends runs out, then the loop sleeps.
+    poll.answered()
+    assert poll.windows == 2
+    for _ in range(5):
+        loop.turn(30e-6)
+    assert not loop.soon and poll.hits == 1
+    # Requests that come back slowly (a camera's frames) turn it off again.
+    loop.now += 0.033
+    poll.received()
+    poll.answered()
+    assert not poll.hot and not loop.soon and poll.windows == 2
+
+
+def test_busy_poll_off_does_nothing() -> None:
+    loop = _Turns()
+    poll = BusyPoll(0.0, loop.call_soon, loop.clock)
+    for _ in range(3):
+        poll.received()
+        poll.answered()
+    assert not loop.soon and poll.windows == 0
+
+
+def test_busy_poll_is_off_on_one_cpu_and_refuses_a_negative_window(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    assert HttpServer(echo([]), busy_poll_us=50).busy_poll_us == 50  # these machines: 2 CPUs
+    monkeypatch.setattr(edgewise._httpd, "_cpus", lambda: 1)
+    assert HttpServer(echo([]), busy_poll_us=50).busy_poll_us == 0
+    with pytest.raises(ValueError, match="busy_poll_us"):
+        HttpServer(echo([]), busy_poll_us=-1)
+
+
+@pytest.mark.parametrize(
+    ("window_us", "pause_s", "opens"),
+    [
+        pytest.param(300_000, 0.0, True, id="back-to-back"),
+        pytest.param(1_000, 0.05, False, id="every-50ms"),
+    ],
+)
+def test_the_server_polls_on_for_back_to_back_requests_and_not_for_spaced_ones(
+    seen: Seen, window_us: int, pause_s: float, opens: bool
+) -> None:
+    srv = HttpServer(echo(seen), busy_poll_us=window_us)
+    srv.start()
+    try:
+        with connect(srv) as sock:
+            r = Reader(sock)
+            for i in range(4):
+                time.sleep(pause_s)
+                sock.sendall(post("/x", b"%d" % i))
+                assert r.answer()[0] == 200
+        poll = srv.busy_poll
+        # 300 ms is far longer than a loopback round trip; 50 ms far longer than 1 ms.
+        assert (poll.windows >= 2 and poll.hits >= 1) is opens
+        assert (poll.windows == 0) is not opens
+    finally:
+        srv.stop()
+    assert len(seen) == 4

@@ -77,6 +77,7 @@ class AgentConfig:
     enroll_token: str | None = None
     labels: dict[str, str] = field(default_factory=dict)
     local_port: int | None = None  # None: no local API; 0: any free port
+    local_busy_poll_us: float = 100.0  # see edgewise._httpd; 0 turns it off
     poll_wait_s: float | None = None  # 0 turns long-polling off: poll every poll_interval_s
     poll_interval_s: float = 60.0
     report_interval_s: float = 60.0
@@ -486,6 +487,16 @@ class Agent:
                 last_seq=self.buffer.last_seq(),
                 mqtt_connected=bool(self.mqtt and self.mqtt.connected.is_set()),
             )
+            server = self._local_server
+            if server is not None:
+                poll = server.busy_poll
+                doc["local_api"] = {
+                    "port": self.local_port,
+                    "connections": len(server.conns),
+                    "busy_poll_us": server.busy_poll_us,
+                    "busy_poll_windows": poll.windows,
+                    "busy_poll_hits": poll.hits,
+                }
             return doc
 
     # -- the loop ---------------------------------------------------------------------
@@ -514,7 +525,9 @@ class Agent:
             from edgewise.agent._local import LocalServer, make_local_app
 
             app = make_local_app(self.status, self.add_local_telemetry, self._inference_app)
-            server = self._local_server = LocalServer(app, self.config.local_port)
+            server = self._local_server = LocalServer(
+                app, self.config.local_port, self.config.local_busy_poll_us
+            )
             self.local_port = server.start()
             self._closers.append(server.stop)
             (self.dir / "local.json").write_text(f'{{"port": {self.local_port}}}\n')

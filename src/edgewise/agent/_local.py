@@ -97,5 +97,5 @@ def make_local_app(
 class LocalServer(HttpServer):
     """The loopback API's server: `HttpServer` on 127.0.0.1 with the agent's limits."""
 
-    def __init__(self, app: Handler, port: int) -> None:
-        super().__init__(app, "127.0.0.1", port, max_body_bytes=MAX_BODY)
+    def __init__(self, app: Handler, port: int, busy_poll_us: float = 100.0) -> None:
+        super().__init__(app, "127.0.0.1", port, max_body_bytes=MAX_BODY, busy_poll_us=busy_poll_us)

@@ -42,6 +42,15 @@ def agent(
             "--local-port", help="Serve /healthz, /status and inference on 127.0.0.1:P (0: any)."
         ),
     ] = None,
+    local_busy_poll: Annotated[
+        float,
+        typer.Option(
+            "--local-busy-poll-us",
+            min=0.0,
+            help="After an answer, poll on this long while an app calls back-to-back "
+            "(lower latency for a little CPU; 0: off).",
+        ),
+    ] = 100.0,
     poll_wait: Annotated[
         float | None,
         typer.Option("--poll-wait", help="Long-poll wait in seconds (default: server setting)."),
@@ -80,6 +89,7 @@ def agent(
         enroll_token=enroll_token,
         labels=_labels(labels),
         local_port=local_port,
+        local_busy_poll_us=local_busy_poll,
         poll_wait_s=poll_wait,
         poll_interval_s=poll_interval,
         metrics_interval_s=metrics_interval,
