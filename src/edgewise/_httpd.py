@@ -39,14 +39,15 @@ its sockets without sleeping for up to that long, but only while requests have b
 coming back within that window of the previous answer (a client calling in a loop), and
 never on a machine with one CPU (the client needs it). The first byte that arrives ends
 the window. Why: at one connection the server otherwise sleeps after every answer, and
-waking a sleeping thread on an idle CPU costs more than the server's own Python work
-(~30-60 us on the 2-vCPU machines the bench runs on; deep C-states on a device's SoC are
-no cheaper). Measured on the digits MLP at one connection: the same server CPU per
-request with and without it, and 25-33 % more requests per second with it. A client
-calling every few milliseconds (a camera's frames) never turns it on. It is what
-Linux's `SO_BUSY_POLL` does in the kernel, here in the loop, since loopback sockets
-have no NIC queue to poll. `HttpServer.busy_poll` counts the windows and the requests
-that ended one.
+the next request waits for a sleeping thread to be woken on an idle CPU. On the 2-vCPU
+machines the bench runs on that cost 50-65 us a request (wrk's median latency 222-266 us
+without, 166-182 us with): the digits MLP at one connection had the same server CPU per
+request as the bare endpoint and 0.86-0.89 of its rate; with busy polling 1.09-1.13,
+CPU per request unchanged (bench/runtime.py). A
+client calling every few milliseconds (a camera's frames) never turns it on. It is what
+Linux's `SO_BUSY_POLL` does in the kernel, here in the loop, since loopback sockets have
+no NIC queue to poll. `HttpServer.busy_poll` counts the windows and the requests that
+ended one.
 """
 
 from __future__ import annotations
