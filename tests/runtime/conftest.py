@@ -36,6 +36,27 @@ def cyclic_garbage() -> Iterator[set[str]]:
             gc.enable()
 
 
+def onnx_model(
+    in_type: int, n_inputs: int = 1, reshape_to: list[int] | None = None, out_type: int = 1
+) -> bytes:
+    """A one-node model: input(s) [N, 4] of `in_type`, cast to `out_type` (1: float),
+    or reshaped to `reshape_to` (which fails at run time when it does not fit)."""
+    from onnx import TensorProto, helper
+
+    inputs = [helper.make_tensor_value_info(f"x{i}", in_type, [None, 4]) for i in range(n_inputs)]
+    out = helper.make_tensor_value_info("y", out_type, None)
+    if reshape_to is not None:
+        shape = helper.make_tensor("shape", TensorProto.INT64, [len(reshape_to)], reshape_to)
+        node = helper.make_node("Reshape", ["x0", "shape"], ["y"])
+        graph = helper.make_graph([node], "g", inputs, [out], initializer=[shape])
+    else:
+        node = helper.make_node("Cast", ["x0"], ["y"], to=out_type)
+        graph = helper.make_graph([node], "g", inputs, [out])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    return bytes(model.SerializeToString())
+
+
 @pytest.fixture(scope="session")
 def split() -> DigitsSplit:
     return load_split()

@@ -18,9 +18,10 @@ from hypothesis import strategies as st
 
 from edgewise._httpd import Deferred, Headers
 from edgewise.examples import DigitsSplit
+from edgewise.protocol import PipelineSpec
 from edgewise.runtime import HttpServer, InferenceAPI, Runtime, make_inference_app
 
-from .conftest import SpecFactory
+from .conftest import SpecFactory, onnx_model
 
 
 class Server:
@@ -349,3 +350,28 @@ def test_any_body_gets_a_json_answer_below_500_and_the_pipeline_keeps_serving(
         assert answer["error"]["code"] and answer["error"]["message"]
     ok, _ = api_in_loop({b"content-type": b"application/json"}, orjson.dumps([[0.0] * 64]))
     assert ok == 200
+
+
+def test_raw_tensors_of_every_input_dtype_reach_their_model(runtime: Runtime) -> None:
+    # A depth camera's uint16 frames, sent as they are.
+    from onnx import TensorProto
+
+    runtime.start_pipeline(
+        PipelineSpec.model_validate({"name": "depth", "model": {"name": "m"}}),
+        runtime.load_model(onnx_model(TensorProto.UINT16)),
+    )
+    api = InferenceAPI(runtime)
+    http = HttpServer(api)
+    port = http.start()
+    try:
+        with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=10) as client:
+            frame = np.array([[0, 1, 65535, 1000]], dtype=np.uint16)
+            resp = client.post("/v1/pipelines/depth/infer", **_raw(frame))  # type: ignore[arg-type]
+            assert resp.status_code == 200, resp.text
+            assert resp.json()["outputs"]["y"] == [[0.0, 1.0, 65535.0, 1000.0]]
+            wrong = client.post("/v1/pipelines/depth/infer", **_raw(frame.astype(np.int16)))  # type: ignore[arg-type]
+            assert wrong.status_code == 400
+            assert "dtype int16 does not match the model input uint16" in wrong.text
+            assert client.post("/v1/pipelines/depth/infer", **_raw(frame)).status_code == 200  # type: ignore[arg-type]
+    finally:
+        http.stop()

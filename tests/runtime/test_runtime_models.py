@@ -19,6 +19,8 @@ from edgewise.runtime import (
 )
 from edgewise.runtime._model import cast_fitting, castable, health_check
 
+from .conftest import onnx_model
+
 
 def test_providers_follow_preference_and_always_end_with_cpu() -> None:
     available = ["CPUExecutionProvider", "CUDAExecutionProvider", "OpenVINOExecutionProvider"]
@@ -202,3 +204,63 @@ def test_only_numbers_of_compatible_kinds_are_cast() -> None:
     assert not castable(np.dtype(np.float64), np.dtype(np.uint8))
     assert not castable(np.dtype("U3"), np.dtype(np.float32))
     assert castable(np.dtype(np.int64), np.dtype(np.uint8))  # range-checked on cast
+
+
+@pytest.mark.parametrize("dtype", ["int16", "uint16", "uint32", "uint64", "int8", "bool"])
+def test_models_with_any_numeric_input_type_load_and_serve(runtime: Runtime, dtype: str) -> None:
+    # A depth camera's frames are uint16: such a model was read as taking float32 and
+    # failed its warm-up with onnxruntime's own error.
+    from onnx import helper
+
+    want = np.dtype(dtype)
+    model = runtime.load_model(onnx_model(helper.np_dtype_to_tensor_dtype(want)))
+    assert model.session.input.dtype == want
+    runtime.start_pipeline(
+        PipelineSpec.model_validate({"name": dtype, "model": {"name": "m"}}), model
+    )
+    raw = np.array([[1, 0, 1, 1]], dtype=want)
+    got = runtime.infer(dtype, raw, exact_dtype=True).outputs["y"]
+    assert got.tolist() == [[1.0, 0.0, 1.0, 1.0]]
+    if dtype != "bool":  # decoded JSON integers are cast, each value kept or refused
+        assert runtime.infer(dtype, np.array([[1, 0, 1, 1]])).outputs["y"].tolist() == got.tolist()
+        with pytest.raises(BadInput, match=f"range of the model's {dtype} input"):
+            runtime.infer(dtype, np.array([[-1, 2**40, 0, 0]]))
+
+
+def test_models_a_pipeline_cannot_feed_are_load_errors_that_say_why(runtime: Runtime) -> None:
+    from onnx import TensorProto
+
+    with pytest.raises(
+        ModelLoadError, match=r"input 'x0' is a tensor\(string\).*it feeds .*uint16"
+    ):
+        runtime.load_model(onnx_model(TensorProto.STRING, out_type=TensorProto.STRING))
+    with pytest.raises(
+        ModelLoadError, match=r"2 inputs \('x0', 'x1'\); a pipeline feeds exactly one"
+    ):
+        runtime.load_model(onnx_model(TensorProto.FLOAT, n_inputs=2))
+    # Loads, but cannot run on an input of its own shape: refused at load, not per request.
+    with pytest.raises(
+        ModelLoadError, match=r"fails on an input of zeros of its own shape \[1, 4\]"
+    ):
+        runtime.load_model(onnx_model(TensorProto.FLOAT, reshape_to=[3]))
+
+
+def test_a_string_output_is_kept_and_never_taken_for_the_scores(runtime: Runtime) -> None:
+    from skl2onnx import to_onnx
+    from sklearn.datasets import load_digits
+    from sklearn.linear_model import LogisticRegression
+
+    x, y = load_digits(return_X_y=True)
+    x = x.astype(np.float32)
+    clf = LogisticRegression(max_iter=300).fit(x[:300], np.array([f"d{v}" for v in y[:300]]))
+    onx = to_onnx(clf, x[:1], options={id(clf): {"zipmap": False}})
+    model = runtime.load_model(onx.SerializeToString())
+    kinds = {o.name: o.dtype.kind for o in model.session.outputs}
+    assert kinds == {"label": "O", "probabilities": "f"}
+    assert model.confidence_output == "probabilities"
+    runtime.start_pipeline(
+        PipelineSpec.model_validate({"name": "s", "model": {"name": "m"}}), model
+    )
+    result = runtime.infer("s", x[:2])
+    assert result.outputs["label"].tolist() == ["d0", "d1"]
+    assert result.to_json()["confidences"][0] > 0.5

@@ -41,10 +41,17 @@ _ORT_DTYPES: dict[str, np.dtype[np.generic]] = {
     "tensor(float16)": np.dtype(np.float16),
     "tensor(int64)": np.dtype(np.int64),
     "tensor(int32)": np.dtype(np.int32),
+    "tensor(int16)": np.dtype(np.int16),
     "tensor(int8)": np.dtype(np.int8),
+    "tensor(uint64)": np.dtype(np.uint64),
+    "tensor(uint32)": np.dtype(np.uint32),
+    "tensor(uint16)": np.dtype(np.uint16),
     "tensor(uint8)": np.dtype(np.uint8),
     "tensor(bool)": np.dtype(np.bool_),
 }
+# What no numpy array here can feed (strings, bfloat16, float8, complex...): as an output
+# such a tensor is kept as onnxruntime returns it (strings come as objects).
+_OTHER = np.dtype(object)
 
 
 @dataclass(frozen=True)
@@ -94,14 +101,22 @@ class OnnxSession:
         assert isinstance(session, ort.InferenceSession)
         self._session = session
         self.provider = provider
-        inp = session.get_inputs()[0]
-        self.input = TensorInfo(
-            inp.name, _ORT_DTYPES.get(inp.type, np.dtype(np.float32)), tuple(map(_dim, inp.shape))
-        )
-        self.outputs = tuple(
-            TensorInfo(
-                o.name, _ORT_DTYPES.get(o.type, np.dtype(np.float32)), tuple(map(_dim, o.shape))
+        inputs = session.get_inputs()
+        if len(inputs) != 1:
+            names = ", ".join(repr(i.name) for i in inputs)
+            raise ModelLoadError(
+                f"the model has {len(inputs)} inputs ({names}); a pipeline feeds exactly one"
             )
+        inp = inputs[0]
+        dtype = _ORT_DTYPES.get(inp.type)
+        if dtype is None:
+            raise ModelLoadError(
+                f"the model's input {inp.name!r} is a {inp.type}, which a pipeline cannot feed "
+                f"(it feeds {', '.join(sorted(t.name for t in _ORT_DTYPES.values()))})"
+            )
+        self.input = TensorInfo(inp.name, dtype, tuple(map(_dim, inp.shape)))
+        self.outputs = tuple(
+            TensorInfo(o.name, _ORT_DTYPES.get(o.type, _OTHER), tuple(map(_dim, o.shape)))
             for o in session.get_outputs()
         )
         self._names = [o.name for o in self.outputs]

@@ -48,7 +48,21 @@ ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 _PREFIX = "/v1/pipelines"
 _JSON_HEADERS = [(b"content-type", b"application/json")]
 _RETRY = ((b"retry-after", b"1"),)
-_DTYPES = {"float32", "float64", "float16", "int64", "int32", "int8", "uint8"}
+# Every dtype a model input can have (`_backend._ORT_DTYPES`).
+_DTYPES = {
+    "float32",
+    "float64",
+    "float16",
+    "int64",
+    "int32",
+    "int16",
+    "int8",
+    "uint64",
+    "uint32",
+    "uint16",
+    "uint8",
+    "bool",
+}
 
 
 _NUMPY = orjson.OPT_SERIALIZE_NUMPY

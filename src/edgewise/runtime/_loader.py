@@ -57,8 +57,14 @@ def load_model(
     model = LoadedModel(info, session, LoadedModel.confidence_output_of(session, info.labels))
     shape = tuple(d if d is not None else 1 for d in session.input.shape)
     zeros = np.zeros(shape, dtype=session.input.dtype)
-    for _ in range(warmup):
-        session.run(zeros)
+    try:
+        for _ in range(warmup):
+            session.run(zeros)
+    except Exception as exc:  # the backend's own error types; the model is unusable
+        raise ModelLoadError(
+            f"the model fails on an input of zeros of its own shape {list(shape)} and dtype "
+            f"{session.input.dtype}: {exc}"
+        ) from exc
     return model
 
 
