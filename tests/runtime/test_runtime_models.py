@@ -264,3 +264,13 @@ def test_a_string_output_is_kept_and_never_taken_for_the_scores(runtime: Runtime
     result = runtime.infer("s", x[:2])
     assert result.outputs["label"].tolist() == ["d0", "d1"]
     assert result.to_json()["confidences"][0] > 0.5
+
+
+def test_every_input_dtype_a_pipeline_feeds_is_declarable_and_sendable() -> None:
+    from edgewise.bundle import DType
+    from edgewise.runtime._backend import _ORT_DTYPES
+    from edgewise.runtime._http import _DTYPES
+
+    fed = {d.name for d in _ORT_DTYPES.values()}
+    assert fed <= {d.value for d in DType}  # a bundle's manifest can say so
+    assert fed == _DTYPES  # the local API takes raw tensors of each
