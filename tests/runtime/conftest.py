@@ -37,13 +37,18 @@ def cyclic_garbage() -> Iterator[set[str]]:
 
 
 def onnx_model(
-    in_type: int, n_inputs: int = 1, reshape_to: list[int] | None = None, out_type: int = 1
+    in_type: int,
+    n_inputs: int = 1,
+    reshape_to: list[int] | None = None,
+    out_type: int = 1,
+    batch: int | None = None,
 ) -> bytes:
     """A one-node model: input(s) [N, 4] of `in_type`, cast to `out_type` (1: float),
-    or reshaped to `reshape_to` (which fails at run time when it does not fit)."""
+    or reshaped to `reshape_to` (which fails at run time when it does not fit). `batch`
+    fixes N, as an export without dynamic axes does."""
     from onnx import TensorProto, helper
 
-    inputs = [helper.make_tensor_value_info(f"x{i}", in_type, [None, 4]) for i in range(n_inputs)]
+    inputs = [helper.make_tensor_value_info(f"x{i}", in_type, [batch, 4]) for i in range(n_inputs)]
     out = helper.make_tensor_value_info("y", out_type, None)
     if reshape_to is not None:
         shape = helper.make_tensor("shape", TensorProto.INT64, [len(reshape_to)], reshape_to)

@@ -274,3 +274,35 @@ def test_every_input_dtype_a_pipeline_feeds_is_declarable_and_sendable() -> None
     fed = {d.name for d in _ORT_DTYPES.values()}
     assert fed <= {d.value for d in DType}  # a bundle's manifest can say so
     assert fed == _DTYPES  # the local API takes raw tensors of each
+
+
+@pytest.mark.parametrize("batch", [1, 4])
+def test_a_model_exported_with_a_fixed_batch_serves_any_number_of_rows(
+    runtime: Runtime, batch: int
+) -> None:
+    # Exports without dynamic axes fix the batch (at 1, mostly): batching requests
+    # together, or a request of several rows, failed every request of that batch.
+    import asyncio
+
+    from onnx import TensorProto
+
+    model = runtime.load_model(onnx_model(TensorProto.INT32, batch=batch))
+    assert model.session.fixed_batch == batch
+    spec = {"name": "fixed", "model": {"name": "m"}, "batching": {"max_batch": 32}}
+    runtime.start_pipeline(PipelineSpec.model_validate(spec), model)
+    rows = np.arange(4 * 7, dtype=np.int32).reshape(7, 4)
+    assert runtime.infer("fixed", rows, exact_dtype=True).outputs["y"].tolist() == rows.tolist()
+
+    async def concurrent() -> list[list[list[float]]]:
+        results = await asyncio.gather(
+            *(runtime.infer_async("fixed", rows[i : i + 1]) for i in range(7))
+        )
+        return [r.outputs["y"].tolist() for r in results]
+
+    assert asyncio.run(concurrent()) == [[row] for row in rows.tolist()]
+    listed = {p["name"]: p for p in runtime.pipelines()}["fixed"]
+    assert listed["max_batch"] == batch and listed["input"]["shape"] == [batch, 4]
+    sizes = runtime.stats("fixed")["batch_size"]
+    assert sizes["count"] >= 2
+    # Batches of more rows than the model's batch: only the one 7-row request.
+    assert sum(sizes["counts"][sizes["bounds"].index(batch) + 1 :]) == 1

@@ -70,6 +70,9 @@ class ModelSession(Protocol):
     provider: str
     input: TensorInfo
     outputs: tuple[TensorInfo, ...]
+    # Rows the model takes per call when it was exported with a fixed batch size (None:
+    # any). `run` still takes any number of rows; the scheduler batches no further.
+    fixed_batch: int | None
 
     def run(self, x: npt.NDArray[np.generic]) -> dict[str, npt.NDArray[np.generic]]:
         """Run one batch (first axis is the batch) and return every output by name."""
@@ -115,6 +118,10 @@ class OnnxSession:
                 f"(it feeds {', '.join(sorted(t.name for t in _ORT_DTYPES.values()))})"
             )
         self.input = TensorInfo(inp.name, dtype, tuple(map(_dim, inp.shape)))
+        # An export without dynamic axes fixes the batch, usually at 1: such a model is
+        # run in calls of that many rows (the last one padded), never on a larger batch.
+        batch = self.input.shape[0] if self.input.shape else None
+        self.fixed_batch: int | None = batch
         self.outputs = tuple(
             TensorInfo(o.name, _ORT_DTYPES.get(o.type, _OTHER), tuple(map(_dim, o.shape)))
             for o in session.get_outputs()
@@ -129,11 +136,28 @@ class OnnxSession:
 
     def run(self, x: npt.NDArray[np.generic]) -> dict[str, npt.NDArray[np.generic]]:
         """Run one batch."""
+        fixed = self.fixed_batch
+        if fixed is not None and x.shape[0] != fixed:
+            return self._run_in_calls(x, fixed)
         if self._opts is not None:
             values = self._run(self._names, {self._input_name: x}, self._opts)
         else:
             values = self._run(self._names, {self._input_name: x})
         return dict(zip(self._names, values, strict=False))  # a value per name asked for
+
+    def _run_in_calls(
+        self, x: npt.NDArray[np.generic], size: int
+    ) -> dict[str, npt.NDArray[np.generic]]:
+        """`x` through a fixed-batch model, `size` rows a call; outputs joined, row-aligned."""
+        n = x.shape[0]
+        calls = []
+        for start in range(0, n, size):
+            chunk = x[start : start + size]
+            if chunk.shape[0] < size:  # the last call: padded with zero rows, cut off after
+                pad = np.zeros((size - chunk.shape[0], *chunk.shape[1:]), dtype=chunk.dtype)
+                chunk = np.concatenate([chunk, pad])
+            calls.append(self.run(chunk))
+        return {k: np.concatenate([c[k] for c in calls])[:n] for k in calls[0]}
 
 
 def open_onnx(

@@ -204,6 +204,9 @@ class ModelLane:
         self.model = model
         self.tier = tier
         self.max_batch = pipeline.spec.batching.max_batch
+        fixed = model.session.fixed_batch
+        if fixed is not None:  # batching beyond the model's own batch size gains nothing
+            self.max_batch = min(self.max_batch, fixed)
         self.max_queue_delay_s = pipeline.spec.batching.max_queue_delay_ms / 1000.0
         self._run = model.session.run
         self._conf = model.confidence_output
@@ -386,6 +389,7 @@ class RunningPipeline:
                 "dtype": str(model.session.input.dtype),
                 "shape": list(model.session.input.shape),
             },
+            "max_batch": self.active.max_batch,
         }
 
     def on_shed(self, n: int) -> None:
