@@ -36,7 +36,7 @@ class TfliteSession:
 
     backend = "tflite"
     provider = "CPUExecutionProvider"
-    fixed_batch = None  # the input is resized to each batch
+    fixed_batch: int | None = None  # the input is resized to each batch
 
     def __init__(self, interpreter: Any) -> None:
         self._it = interpreter
