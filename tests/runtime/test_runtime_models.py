@@ -306,3 +306,26 @@ def test_a_model_exported_with_a_fixed_batch_serves_any_number_of_rows(
     assert sizes["count"] >= 2
     # Batches of more rows than the model's batch: only the one 7-row request.
     assert sum(sizes["counts"][sizes["bounds"].index(batch) + 1 :]) == 1
+
+
+def test_health_samples_of_an_integer_input_model_run_and_a_misfit_one_fails_the_gate(
+    runtime: Runtime,
+) -> None:
+    # Samples were read as float32, which a uint8 model (image pixels) refuses: every
+    # such model failed its install gate with an exception instead of running samples.
+    from onnx import TensorProto
+
+    model = runtime.load_model(onnx_model(TensorProto.UINT8))
+
+    def manifest(row: list[int]) -> dict[str, Any]:
+        sample = {"input": [row], "expected": {"y": [[float(v) for v in row]]}}
+        return {"name": "m", "health": {"samples": [sample, sample]}}
+
+    good = runtime.health_check(model, manifest([0, 255, 3, 4]))
+    assert good.ok and good.passed == good.total == 2, good.reason
+    bad = runtime.health_check(model, manifest([0, 300, 3, 4]))
+    assert not bad.ok and bad.passed == 0
+    assert bad.reason == (
+        "health check failed: sample 1 does not fit the model: a value is out of the range "
+        "of the model's uint8 input (0 to 255)"
+    )

@@ -92,7 +92,7 @@ class ModelInfo:
                 expected = {"probabilities": expected}
             samples.append(
                 HealthSample(
-                    np.asarray(raw_in, dtype=np.float32),
+                    _sample_input(raw_in),
                     {str(k): np.asarray(v) for k, v in expected.items()},
                 )
             )
@@ -116,6 +116,16 @@ class ModelInfo:
         if not found:
             raise ModelLoadError(f"no model file in {directory}")
         return found[0]
+
+
+def _sample_input(raw: Any) -> npt.NDArray[Any]:
+    """A health sample's input, its numbers as they are.
+
+    Integers stay integers, so a model with an integer input (uint8 pixels) takes them;
+    `validate` casts them as for a request (to float32 for a float model).
+    """
+    arr = np.asarray(raw)
+    return arr if arr.dtype.kind in "iuf" else np.asarray(raw, dtype=np.float32)
 
 
 @functools.cache
@@ -281,8 +291,12 @@ def health_check(
         return HealthResult(True, "no health samples", 0, 0, 0.0)
     bound = info.health_max_latency_ms
     passed, worst = 0, 0.0
-    for sample in samples:
-        x = model.validate(sample.input)
+    for i, sample in enumerate(samples):
+        try:
+            x = model.validate(sample.input)
+        except BadInput as exc:
+            reason = f"health check failed: sample {i + 1} does not fit the model: {exc}"
+            return HealthResult(False, reason, passed, len(samples), worst)
         t0 = clock()
         out = model.session.run(x)
         took = (clock() - t0) * 1000.0
