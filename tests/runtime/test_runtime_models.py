@@ -329,3 +329,17 @@ def test_health_samples_of_an_integer_input_model_run_and_a_misfit_one_fails_the
         "health check failed: sample 1 does not fit the model: a value is out of the range "
         "of the model's uint8 input (0 to 255)"
     )
+
+
+def test_a_batch_1_model_that_drops_the_batch_axis_still_gives_a_row_per_input_row(
+    runtime: Runtime,
+) -> None:
+    from onnx import TensorProto
+
+    model = runtime.load_model(onnx_model(TensorProto.FLOAT, reshape_to=[4], batch=1))
+    runtime.start_pipeline(
+        PipelineSpec.model_validate({"name": "sq", "model": {"name": "m"}}), model
+    )
+    rows = np.arange(12, dtype=np.float32).reshape(3, 4)
+    assert runtime.infer("sq", rows).outputs["y"].tolist() == rows.tolist()
+    assert runtime.infer("sq", rows[:1]).outputs["y"].tolist() == rows[0].tolist()

@@ -157,7 +157,15 @@ class OnnxSession:
                 pad = np.zeros((size - chunk.shape[0], *chunk.shape[1:]), dtype=chunk.dtype)
                 chunk = np.concatenate([chunk, pad])
             calls.append(self.run(chunk))
-        return {k: np.concatenate([c[k] for c in calls])[:n] for k in calls[0]}
+        return {k: _join([c[k] for c in calls], size, n) for k in calls[0]}
+
+
+def _join(parts: list[npt.NDArray[np.generic]], size: int, n: int) -> npt.NDArray[np.generic]:
+    """One output of calls of `size` rows each, as one output of the first `n` rows."""
+    if parts[0].shape[:1] == (size,):
+        return np.concatenate(parts)[:n]
+    # An output without the batch axis (a batch-1 export that squeezed it): one per call.
+    return np.stack(parts)[:n]
 
 
 def open_onnx(
