@@ -343,3 +343,58 @@ def test_a_batch_1_model_that_drops_the_batch_axis_still_gives_a_row_per_input_r
     rows = np.arange(12, dtype=np.float32).reshape(3, 4)
     assert runtime.infer("sq", rows).outputs["y"].tolist() == rows.tolist()
     assert runtime.infer("sq", rows[:1]).outputs["y"].tolist() == rows[0].tolist()
+
+
+def _row_sums_model() -> bytes:
+    """Input [N, T] with T free (a sequence, an image's width): output [N], each row's sum."""
+    from onnx import TensorProto, helper
+
+    inp = helper.make_tensor_value_info("x", TensorProto.FLOAT, [None, None])
+    out = helper.make_tensor_value_info("y", TensorProto.FLOAT, [None])
+    axes = helper.make_tensor("axes", TensorProto.INT64, [1], [1])
+    node = helper.make_node("ReduceSum", ["x", "axes"], ["y"], keepdims=0)
+    graph = helper.make_graph([node], "g", [inp], [out], initializer=[axes])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    return bytes(model.SerializeToString())
+
+
+def test_requests_of_different_shapes_for_a_free_inner_dimension_are_batched_by_shape(
+    runtime: Runtime,
+) -> None:
+    # Two requests of other lengths in one batch failed every request of the batch
+    # (numpy's concatenate); a detector taking images of any size would fail under load.
+    import asyncio
+    import threading
+
+    spec = {"name": "seq", "model": {"name": "m"}, "batching": {"max_batch": 16}}
+    runtime.start_pipeline(PipelineSpec.model_validate(spec), runtime.load_model(_row_sums_model()))
+    xs = [np.full((1, 3 + i % 3), float(i), np.float32) for i in range(12)]
+    want = [[float(i * (3 + i % 3))] for i in range(12)]
+
+    async def concurrent() -> list[list[float]]:
+        got = await asyncio.gather(*(runtime.infer_async("seq", x) for x in xs))
+        return [r.outputs["y"].tolist() for r in got]
+
+    assert asyncio.run(concurrent()) == want
+    # Queued behind a paused executor, then taken as one batch by its worker.
+    done: dict[int, list[float]] = {}
+    finished = threading.Event()
+
+    def callback(i: int) -> Callable[[Any], None]:
+        def on_done(req: Any) -> None:
+            done[i] = req.error or req.result.outputs["y"].tolist()
+            if len(done) == len(xs):
+                finished.set()
+
+        return on_done
+
+    runtime.pause()
+    for i, x in enumerate(xs):
+        runtime.submit("seq", x, callback(i))
+    runtime.resume()
+    assert finished.wait(10)
+    assert [done[i] for i in range(len(xs))] == want
+    sizes = runtime.stats("seq")["batch_size"]
+    assert sizes["sum"] == 2 * len(xs)  # every row ran once
+    assert sizes["count"] < 2 * len(xs)  # and requests of one shape still ran together

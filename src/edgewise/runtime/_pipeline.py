@@ -209,6 +209,9 @@ class ModelLane:
             self.max_batch = min(self.max_batch, fixed)
         self.max_queue_delay_s = pipeline.spec.batching.max_queue_delay_ms / 1000.0
         self._run = model.session.run
+        # A free inner dimension (an image's height, a sequence's length): requests of
+        # different shapes can share a batch, and are run as one model call per shape.
+        self.ragged = None in model.session.input.shape[1:]
         self._conf = model.confidence_output
         self._labels = model.info.labels
         self._key = model.key
@@ -223,8 +226,26 @@ class ModelLane:
         nl = len(labels)
         return [labels[i] if i < nl else str(i) for i in top.tolist()], confidence.tolist()
 
+    def _by_shape(self, batch: list[Request]) -> bool:
+        """Run requests of different shapes as one batch per shape.
+
+        Shapes go in the order of their first request. Returns False, having run
+        nothing, when every request has one shape.
+        """
+        shape = batch[0].x.shape[1:]
+        if all(r.x.shape[1:] == shape for r in batch):
+            return False
+        groups: dict[tuple[int, ...], list[Request]] = {}
+        for r in batch:
+            groups.setdefault(r.x.shape[1:], []).append(r)
+        for group in groups.values():
+            self.execute(group)
+        return True
+
     def execute(self, batch: list[Request]) -> None:
         """Run a batch end to end and complete its requests."""
+        if self.ragged and len(batch) > 1 and self._by_shape(batch):
+            return
         p = self.pipeline
         clock = p.clock
         t0 = clock()

@@ -356,6 +356,7 @@ class Runtime:
         reqs: list[Request] = []
         parts: list[Array] = []
         rows = 0
+        ragged = lane.ragged  # inputs of other inner shapes are never stacked together
         for x, exact in xs:
             xd = x.dtype  # builtin dtypes are singletons: `is` settles the usual case
             if not (
@@ -370,7 +371,11 @@ class Runtime:
             if not k:
                 slots.append(BadInput("empty batch"))
                 continue
-            if parts and (rows + k > max_rows or len(parts) >= max_callers):
+            if parts and (
+                rows + k > max_rows
+                or len(parts) >= max_callers
+                or (ragged and x.shape[1:] != parts[0].shape[1:])
+            ):
                 reqs.append(_stacked(parts, lane, p, now, callback))
                 parts, rows = [], 0
             slots.append((len(reqs), rows, rows + k))

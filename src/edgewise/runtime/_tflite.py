@@ -56,15 +56,18 @@ class TfliteSession:
             )
             for o in self._outs
         )
-        self._rows = int(inp["shape"][0])
+        self._shape = tuple(int(d) for d in inp["shape"])
 
     def run(self, x: npt.NDArray[np.generic]) -> dict[str, npt.NDArray[np.generic]]:
-        """Run one batch (resizing the input's batch dimension when it changes)."""
+        """Run one batch, resizing the input when its shape changes.
+
+        The batch changes its shape, and so does a free inner dimension.
+        """
         with self._lock:
-            if x.shape[0] != self._rows:
+            if x.shape != self._shape:
                 self._it.resize_tensor_input(self._in_index, list(x.shape), strict=False)
                 self._it.allocate_tensors()
-                self._rows = int(x.shape[0])
+                self._shape = x.shape
             self._it.set_tensor(self._in_index, np.ascontiguousarray(x))
             self._it.invoke()
             return {o["name"]: np.array(self._it.get_tensor(o["index"])) for o in self._outs}
