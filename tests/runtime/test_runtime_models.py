@@ -398,3 +398,40 @@ def test_requests_of_different_shapes_for_a_free_inner_dimension_are_batched_by_
     sizes = runtime.stats("seq")["batch_size"]
     assert sizes["sum"] == 2 * len(xs)  # every row ran once
     assert sizes["count"] < 2 * len(xs)  # and requests of one shape still ran together
+
+
+def _channel_means_model() -> bytes:
+    """Input [N, 3, H, W] (channels first, as PyTorch exports): output [N, 3], each
+    channel's mean."""
+    from onnx import TensorProto, helper
+
+    inp = helper.make_tensor_value_info("x", TensorProto.FLOAT, [None, 3, None, None])
+    out = helper.make_tensor_value_info("y", TensorProto.FLOAT, [None, 3])
+    axes = helper.make_tensor("axes", TensorProto.INT64, [2], [2, 3])
+    node = helper.make_node("ReduceMean", ["x", "axes"], ["y"], keepdims=0)
+    graph = helper.make_graph([node], "g", [inp], [out], initializer=[axes])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    model.ir_version = 8
+    return bytes(model.SerializeToString())
+
+
+def test_a_transpose_stage_feeds_channels_last_images_to_a_channels_first_model(
+    runtime: Runtime,
+) -> None:
+    spec = {
+        "name": "cam",
+        "model": {"name": "m"},
+        "preprocess": [
+            {"type": "resize", "params": {"height": 8, "width": 16}},
+            {"type": "transpose", "params": {"axes": [2, 0, 1]}},
+        ],
+    }
+    runtime.start_pipeline(
+        PipelineSpec.model_validate(spec), runtime.load_model(_channel_means_model())
+    )
+    frame = np.empty((30, 40, 3), np.float32)  # a PNG's H x W x (R, G, B)
+    frame[..., 0], frame[..., 1], frame[..., 2] = 10.0, 20.0, 30.0
+    assert runtime.infer("cam", frame).outputs["y"].tolist() == [[10.0, 20.0, 30.0]]
+    with pytest.raises(BadInput, match=r"transpose \[2, 0, 1\] needs 3 dimensions, got shape"):
+        runtime.infer("cam", frame[..., 0])
+    assert runtime.infer("cam", frame).outputs["y"].tolist() == [[10.0, 20.0, 30.0]]

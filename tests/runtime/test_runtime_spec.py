@@ -195,6 +195,16 @@ def _by_registry(stages: set[tuple[str, str]]) -> list[tuple[Any, str]]:
             id="reshape-two-free",
         ),
         pytest.param(
+            {"preprocess": [{"type": "transpose", "params": {"axes": [2, 0, 0]}}]},
+            "preprocess stage 'transpose': axes: must be a permutation of 0..2",
+            id="transpose-not-a-permutation",
+        ),
+        pytest.param(
+            {"preprocess": [{"type": "transpose", "params": {}}]},
+            "preprocess stage 'transpose': axes: is required",
+            id="transpose-no-axes",
+        ),
+        pytest.param(
             {"preprocess": [{"type": "scale", "params": {"factor": "x"}}]},
             "factor: must be a number or a list of numbers",
             id="scale-text",

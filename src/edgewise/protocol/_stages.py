@@ -46,6 +46,7 @@ __all__ = [
     "SyntheticSourceParams",
     "ThresholdParams",
     "TopkParams",
+    "TransposeParams",
     "parse_stage_params",
     "stage_reference",
 ]
@@ -118,6 +119,19 @@ class ReshapeParams(_Params):
     def _one_free(cls, value: tuple[int, ...]) -> tuple[int, ...]:
         if value.count(-1) > 1:
             raise ValueError("at most one dimension may be -1")
+        return value
+
+
+class TransposeParams(_Params):
+    """Reorder each request's axes (numpy's transpose): [2, 0, 1] makes HxWxC images CxHxW."""
+
+    axes: tuple[Annotated[int, Field(ge=0, le=31)], ...] = Field(min_length=1, max_length=32)
+
+    @field_validator("axes")
+    @classmethod
+    def _permutation(cls, value: tuple[int, ...]) -> tuple[int, ...]:
+        if sorted(value) != list(range(len(value))):
+            raise ValueError(f"must be a permutation of 0..{len(value) - 1}")
         return value
 
 
@@ -248,6 +262,7 @@ BUILTIN_STAGE_PARAMS: dict[tuple[str, str], type[BaseModel]] = {
     ("preprocess", "normalize"): NormalizeParams,
     ("preprocess", "reshape"): ReshapeParams,
     ("preprocess", "resize"): ResizeParams,
+    ("preprocess", "transpose"): TransposeParams,
     ("postprocess", "softmax"): NoParams,
     ("postprocess", "argmax"): NoParams,
     ("postprocess", "topk"): TopkParams,

@@ -29,6 +29,7 @@ from edgewise.protocol._stages import (
     ScaleParams,
     ThresholdParams,
     TopkParams,
+    TransposeParams,
     parse_stage_params,
 )
 from edgewise.runtime._errors import BadInput
@@ -175,6 +176,21 @@ def _reshape(params: ReshapeParams) -> PreFn:
             return out
         except ValueError:
             raise BadInput(f"cannot reshape {list(x.shape)} to {list(shape)}") from None
+
+    return run
+
+
+@PREPROCESS.register("transpose", typed=True)
+def _transpose(params: TransposeParams) -> PreFn:
+    axes = params.axes
+
+    def run(x: Array) -> Array:
+        if x.ndim != len(axes):
+            raise BadInput(
+                f"transpose {list(axes)} needs {len(axes)} dimensions, got shape {list(x.shape)}"
+            )
+        # Contiguous, so that batching, the model and raw encoders see plain memory.
+        return np.ascontiguousarray(x.transpose(axes))
 
     return run
 
