@@ -435,3 +435,42 @@ def test_a_transpose_stage_feeds_channels_last_images_to_a_channels_first_model(
     with pytest.raises(BadInput, match=r"transpose \[2, 0, 1\] needs 3 dimensions, got shape"):
         runtime.infer("cam", frame[..., 0])
     assert runtime.infer("cam", frame).outputs["y"].tolist() == [[10.0, 20.0, 30.0]]
+
+
+def test_a_scikit_learn_classifier_exported_with_skl2onnx_defaults_serves_its_scores(
+    runtime: Runtime,
+) -> None:
+    # skl2onnx's default ZipMap output (a {class: probability} per row) gave no labels or
+    # confidences, and the local API answered 500 (a dict with integer keys as JSON).
+    import httpx
+    from skl2onnx import to_onnx
+    from sklearn.datasets import load_digits
+    from sklearn.linear_model import LogisticRegression
+
+    from edgewise.runtime import HttpServer, InferenceAPI
+
+    x, y = load_digits(return_X_y=True)
+    x = x.astype(np.float32)
+    clf = LogisticRegression(max_iter=300).fit(x[:300], y[:300])
+    model = runtime.load_model(to_onnx(clf, x[:1]).SerializeToString())
+    assert model.confidence_output == "output_probability"
+    runtime.start_pipeline(
+        PipelineSpec.model_validate({"name": "zip", "model": {"name": "m"}}), model
+    )
+    result = runtime.infer("zip", x[300:310])
+    probs = result.outputs["output_probability"]
+    assert probs.shape == (10, 10)
+    np.testing.assert_allclose(probs, clf.predict_proba(x[300:310]), atol=1e-4)
+    assert result.to_json()["labels"] == [str(v) for v in result.outputs["output_label"]]
+    server = HttpServer(InferenceAPI(runtime))
+    port = server.start()
+    try:
+        resp = httpx.post(
+            f"http://127.0.0.1:{port}/v1/pipelines/zip/infer",
+            json={"inputs": x[300:302].tolist()},
+            timeout=10,
+        )
+    finally:
+        server.stop()
+    assert resp.status_code == 200, resp.text
+    assert len(resp.json()["outputs"]["output_probability"][1]) == 10

@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 import numpy as np
 import numpy.typing as npt
@@ -52,6 +52,14 @@ _ORT_DTYPES: dict[str, np.dtype[np.generic]] = {
 # What no numpy array here can feed (strings, bfloat16, float8, complex...): as an output
 # such a tensor is kept as onnxruntime returns it (strings come as objects).
 _OTHER = np.dtype(object)
+_SCORES = np.dtype(np.float32)
+
+
+def _unzip(rows: Any) -> npt.NDArray[np.generic]:
+    """A ZipMap output (one {class: probability} per row) as a [rows, classes] array."""
+    if not rows:
+        return np.zeros((0, 0), _SCORES)
+    return np.array([list(row.values()) for row in rows], dtype=_SCORES)
 
 
 @dataclass(frozen=True)
@@ -122,9 +130,16 @@ class OnnxSession:
         # run in calls of that many rows (the last one padded), never on a larger batch.
         batch = self.input.shape[0] if self.input.shape else None
         self.fixed_batch: int | None = batch
+        outs = session.get_outputs()
+        # scikit-learn classifiers exported with skl2onnx's defaults give their scores as a
+        # ZipMap (a list of {class: probability} per row): served as a [rows, classes]
+        # float array, so they are the scores, encodable as JSON, like any model's.
+        self._zipmaps = tuple(o.name for o in outs if o.type.startswith("seq(map("))
         self.outputs = tuple(
-            TensorInfo(o.name, _ORT_DTYPES.get(o.type, _OTHER), tuple(map(_dim, o.shape)))
-            for o in session.get_outputs()
+            TensorInfo(o.name, _SCORES, (None, None))
+            if o.name in self._zipmaps
+            else TensorInfo(o.name, _ORT_DTYPES.get(o.type, _OTHER), tuple(map(_dim, o.shape)))
+            for o in outs
         )
         self._names = [o.name for o in self.outputs]
         self._input_name = inp.name
@@ -143,7 +158,10 @@ class OnnxSession:
             values = self._run(self._names, {self._input_name: x}, self._opts)
         else:
             values = self._run(self._names, {self._input_name: x})
-        return dict(zip(self._names, values, strict=False))  # a value per name asked for
+        out = dict(zip(self._names, values, strict=False))  # a value per name asked for
+        for name in self._zipmaps:
+            out[name] = _unzip(out[name])
+        return out
 
     def _run_in_calls(
         self, x: npt.NDArray[np.generic], size: int
