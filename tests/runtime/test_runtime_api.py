@@ -24,7 +24,7 @@ def test_pipeline_spec_is_reexported_by_protocol() -> None:
 def test_builtin_stages_are_registered() -> None:
     from edgewise.runtime import POSTPROCESS, PREPROCESS, SINKS, SOURCES
 
-    assert PREPROCESS.names() == ["normalize", "reshape", "resize", "scale"]
+    assert PREPROCESS.names() == ["normalize", "reshape", "resize", "scale", "transpose"]
     assert POSTPROCESS.names() == ["argmax", "softmax", "threshold", "topk"]
     assert SOURCES.names() == ["directory", "http", "mqtt", "synthetic"]
     assert SINKS.names() == ["http", "log", "mqtt", "summary"]

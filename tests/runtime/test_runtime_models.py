@@ -474,3 +474,28 @@ def test_a_scikit_learn_classifier_exported_with_skl2onnx_defaults_serves_its_sc
         server.stop()
     assert resp.status_code == 200, resp.text
     assert len(resp.json()["outputs"]["output_probability"][1]) == 10
+
+
+def test_rows_with_nan_scores_are_counted_and_kept_out_of_the_confidence_histogram(
+    runtime: Runtime,
+) -> None:
+    # One NaN score had made the histogram's sum NaN for the pipeline's lifetime.
+    from onnx import TensorProto, helper
+
+    inp = helper.make_tensor_value_info("x", TensorProto.FLOAT, [None, 4])
+    out = helper.make_tensor_value_info("y", TensorProto.FLOAT, [None, 4])
+    graph = helper.make_graph([helper.make_node("Log", ["x"], ["y"])], "g", [inp], [out])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    spec = {"name": "log", "model": {"name": "m"}, "postprocess": [{"type": "softmax"}]}
+    runtime.start_pipeline(
+        PipelineSpec.model_validate(spec), runtime.load_model(model.SerializeToString())
+    )
+    x = np.array([[1.0, 2, 3, 4], [-1.0, 1, 1, 1], [-1.0, -1, -1, -1]], np.float32)
+    result = runtime.infer("log", x)
+    assert result.to_json()["confidences"][0] > 0.3
+    stats = runtime.stats("log")
+    assert stats["edgewise_nonfinite_scores"] == 2
+    assert stats["confidence"]["count"] == 1 and np.isfinite(stats["confidence"]["sum"])
+    assert 'edgewise_nonfinite_scores{pipeline="log"} 2' in runtime.prometheus()
+    assert "nan" not in runtime.prometheus().lower()

@@ -205,6 +205,16 @@ def _by_registry(stages: set[tuple[str, str]]) -> list[tuple[Any, str]]:
             id="transpose-no-axes",
         ),
         pytest.param(
+            {"preprocess": [{"type": "scale", "params": {"factor": [1.0, 1e39]}}]},
+            "factor: must be a finite number within float32's range (got [1.0, 1e+39])",
+            id="scale-beyond-float32",
+        ),
+        pytest.param(
+            {"preprocess": [{"type": "normalize", "params": {"std": 1e-50}}]},
+            "std: must not be zero (got 1e-50)",
+            id="normalize-std-rounds-to-zero",
+        ),
+        pytest.param(
             {"preprocess": [{"type": "scale", "params": {"factor": "x"}}]},
             "factor: must be a number or a list of numbers",
             id="scale-text",

@@ -62,10 +62,18 @@ class NoParams(_Params):
     """A stage that takes no parameters (softmax, argmax, the http source, summary)."""
 
 
+_FLOAT32_MAX = 3.4028234663852886e38
+
+
 def _numbers(value: Any) -> Any:
-    """A number, or a (nested) list of numbers: one per channel, broadcast by numpy."""
+    """A number, or a (nested) list of numbers: one per channel, broadcast by numpy.
+
+    The stages compute in float32: a number beyond its range would become infinity.
+    """
     if isinstance(value, bool) or not isinstance(value, int | float | list):
         raise ValueError("must be a number or a list of numbers")
+    if not isinstance(value, list) and not abs(value) <= _FLOAT32_MAX:  # NaN fails too
+        raise ValueError("must be a finite number within float32's range")
     if isinstance(value, list):
         if not value:
             raise ValueError("must not be an empty list")
@@ -80,7 +88,7 @@ def _no_zero(value: Any) -> Any:
         v = stack.pop()
         if isinstance(v, list):
             stack.extend(v)
-        elif v == 0:
+        elif abs(v) < 1e-45:  # zero, or a number that float32 rounds to zero
             raise ValueError("must not be zero")
     return value
 

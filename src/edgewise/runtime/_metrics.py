@@ -146,6 +146,9 @@ class PipelineMetrics:
     shed: int = 0
     escalated: int = 0
     fallback: int = 0
+    # Rows whose top-1 score was NaN or infinite (a model overflowing, say): counted here,
+    # kept out of the confidence histogram, whose sum one NaN would spoil for good.
+    nonfinite_scores: int = 0
     bad_input: int = 0
     queue_ms: Histogram = field(default_factory=lambda: Histogram(LATENCY_BOUNDS_MS))
     compute_ms: Histogram = field(default_factory=lambda: Histogram(LATENCY_BOUNDS_MS))
@@ -249,7 +252,12 @@ class PipelineMetrics:
                 self.tier_count["cascade"] = self.tier_count.get("cascade", 0) + n_esc_total
             self.queue_ms.observe_many(waits)
             self.total_ms.observe_many(totals)
-            self.confidence.observe_many([v for v in confs if v is not None])
+            scores = np.array([v for v in confs if v is not None], dtype=np.float64)
+            finite = np.isfinite(scores)
+            if not finite.all():
+                self.nonfinite_scores += int(scores.size - finite.sum())
+                scores = scores[finite]
+            self.confidence.observe_many(scores)
 
     @staticmethod
     def _hist(table: dict[str, Histogram], name: str) -> Histogram:
@@ -292,6 +300,7 @@ class PipelineMetrics:
                 "nv_inference_request_bad_input": self.bad_input,
                 "nv_inference_escalated": self.escalated,
                 "nv_inference_fallback": self.fallback,
+                "edgewise_nonfinite_scores": self.nonfinite_scores,
                 "escalation_rate": self.escalated / served,
                 "nv_inference_queue_duration_ms": self.queue_ms.snapshot(),
                 "nv_inference_compute_infer_duration_ms": self.compute_ms.snapshot(),
@@ -321,6 +330,7 @@ def prometheus_text(snapshots: dict[str, dict[str, Any]]) -> str:
         "nv_inference_escalated",
         "nv_inference_fallback",
         "nv_inference_exec_rows",
+        "edgewise_nonfinite_scores",
     ]
     for name in counters:
         lines.append(f"# TYPE {name} counter")
