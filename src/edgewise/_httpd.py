@@ -42,12 +42,11 @@ the window. Why: at one connection the server otherwise sleeps after every answe
 the next request waits for a sleeping thread to be woken on an idle CPU. On the 2-vCPU
 machines the bench runs on that cost 50-65 us a request (wrk's median latency 222-266 us
 without, 166-182 us with): the digits MLP at one connection had the same server CPU per
-request as the bare endpoint and 0.86-0.89 of its rate; with busy polling 1.09-1.13,
-CPU per request unchanged (bench/runtime.py). A
-client calling every few milliseconds (a camera's frames) never turns it on. It is what
-Linux's `SO_BUSY_POLL` does in the kernel, here in the loop, since loopback sockets have
-no NIC queue to poll. `HttpServer.busy_poll` counts the windows and the requests that
-ended one.
+request as the bare endpoint and 0.86-0.89 of its rate; with busy polling 1.09-1.13, CPU
+per request unchanged (bench/runtime.py). A client calling every few milliseconds (a
+camera's frames) never turns it on. It is what Linux's `SO_BUSY_POLL` does in the
+kernel, here in the loop, since loopback sockets have no NIC queue to poll.
+`HttpServer.busy_poll` counts the windows and the requests that ended one.
 """
 
 from __future__ import annotations
