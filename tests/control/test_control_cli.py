@@ -167,7 +167,10 @@ def test_deploy_stages_lists_what_the_server_checks_without_a_server(
     assert any(line.startswith("sink summary") and "(no parameters)" in line for line in lines)
     code, out, _ = run(capsys, "deploy", "stages", "--json")
     stages = {(s["kind"], s["type"]): s["params"] for s in json.loads(out)}
-    assert len(stages) == 16
+    from edgewise.protocol import BUILTIN_STAGE_PARAMS
+
+    assert set(stages) == set(BUILTIN_STAGE_PARAMS)  # every built-in stage, 17 of them
+    assert stages[("preprocess", "transpose")]["required"] == ["axes"]
     topk = stages[("postprocess", "topk")]
     assert topk["properties"]["k"]["minimum"] == 1 and topk["additionalProperties"] is False
 
