@@ -345,16 +345,16 @@ def test_a_batch_1_model_that_drops_the_batch_axis_still_gives_a_row_per_input_r
     assert runtime.infer("sq", rows[:1]).outputs["y"].tolist() == rows[0].tolist()
 
 
-def _row_sums_model() -> bytes:
-    """Input [N, T] with T free (a sequence, an image's width): output [N], each row's sum."""
+def _reduce_model(op: str, shape: list[int | None], axes: list[int]) -> bytes:
+    """Float input of `shape` (None: free), reduced by `op` over `axes` (keepdims=0)."""
     from onnx import TensorProto, helper
 
-    inp = helper.make_tensor_value_info("x", TensorProto.FLOAT, [None, None])
-    out = helper.make_tensor_value_info("y", TensorProto.FLOAT, [None])
-    axes = helper.make_tensor("axes", TensorProto.INT64, [1], [1])
-    node = helper.make_node("ReduceSum", ["x", "axes"], ["y"], keepdims=0)
-    graph = helper.make_graph([node], "g", [inp], [out], initializer=[axes])
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    inp = helper.make_tensor_value_info("x", TensorProto.FLOAT, shape)
+    out = helper.make_tensor_value_info("y", TensorProto.FLOAT, None)
+    const = helper.make_tensor("axes", TensorProto.INT64, [len(axes)], axes)
+    node = helper.make_node(op, ["x", "axes"], ["y"], keepdims=0)
+    graph = helper.make_graph([node], "g", [inp], [out], initializer=[const])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
     model.ir_version = 8
     return bytes(model.SerializeToString())
 
@@ -368,7 +368,10 @@ def test_requests_of_different_shapes_for_a_free_inner_dimension_are_batched_by_
     import threading
 
     spec = {"name": "seq", "model": {"name": "m"}, "batching": {"max_batch": 16}}
-    runtime.start_pipeline(PipelineSpec.model_validate(spec), runtime.load_model(_row_sums_model()))
+    runtime.start_pipeline(
+        PipelineSpec.model_validate(spec),
+        runtime.load_model(_reduce_model("ReduceSum", [None, None], [1])),
+    )
     xs = [np.full((1, 3 + i % 3), float(i), np.float32) for i in range(12)]
     want = [[float(i * (3 + i % 3))] for i in range(12)]
 
@@ -400,21 +403,6 @@ def test_requests_of_different_shapes_for_a_free_inner_dimension_are_batched_by_
     assert sizes["count"] < 2 * len(xs)  # and requests of one shape still ran together
 
 
-def _channel_means_model() -> bytes:
-    """Input [N, 3, H, W] (channels first, as PyTorch exports): output [N, 3], each
-    channel's mean."""
-    from onnx import TensorProto, helper
-
-    inp = helper.make_tensor_value_info("x", TensorProto.FLOAT, [None, 3, None, None])
-    out = helper.make_tensor_value_info("y", TensorProto.FLOAT, [None, 3])
-    axes = helper.make_tensor("axes", TensorProto.INT64, [2], [2, 3])
-    node = helper.make_node("ReduceMean", ["x", "axes"], ["y"], keepdims=0)
-    graph = helper.make_graph([node], "g", [inp], [out], initializer=[axes])
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
-    model.ir_version = 8
-    return bytes(model.SerializeToString())
-
-
 def test_a_transpose_stage_feeds_channels_last_images_to_a_channels_first_model(
     runtime: Runtime,
 ) -> None:
@@ -427,7 +415,8 @@ def test_a_transpose_stage_feeds_channels_last_images_to_a_channels_first_model(
         ],
     }
     runtime.start_pipeline(
-        PipelineSpec.model_validate(spec), runtime.load_model(_channel_means_model())
+        PipelineSpec.model_validate(spec),
+        runtime.load_model(_reduce_model("ReduceMean", [None, 3, None, None], [2, 3])),
     )
     frame = np.empty((30, 40, 3), np.float32)  # a PNG's H x W x (R, G, B)
     frame[..., 0], frame[..., 1], frame[..., 2] = 10.0, 20.0, 30.0
