@@ -32,7 +32,7 @@ from edgewise.agent._backoff import Backoff, GiveUp, RetryableError
 from edgewise.agent._buffer import TelemetryBuffer
 from edgewise.agent._client import DeviceAuthError, DeviceClient, DeviceKey, UplinkError
 from edgewise.agent._drain import TelemetryDrain
-from edgewise.agent._durable import DurableJson
+from edgewise.agent._durable import DurableJson, atomic_write_bytes
 from edgewise.agent._fetch import ArtifactCache
 from edgewise.agent._host import Host, RuntimeHost
 from edgewise.agent._identity import (
@@ -530,7 +530,9 @@ class Agent:
             )
             self.local_port = server.start()
             self._closers.append(server.stop)
-            (self.dir / "local.json").write_text(f'{{"port": {self.local_port}}}\n')
+            # Atomically: a reader that sees the file must never see it empty (the demo
+            # read it between its creation and its write once, and failed).
+            atomic_write_bytes(self.dir / "local.json", b'{"port": %d}\n' % self.local_port)
         if self.config.mqtt is not None:
             from edgewise.agent._wake import MqttWake
 
