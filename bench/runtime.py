@@ -66,6 +66,7 @@ from typing import Any
 import numpy as np
 import onnxruntime as ort
 
+from edgewise._httpd import BUSY_POLL_US
 from edgewise.examples import load_split, ppocr_model_path, train_logreg, train_mlp
 from edgewise.protocol import PipelineSpec
 from edgewise.runtime import HttpServer, InferenceAPI, Runtime, RuntimeFailure, make_inference_app
@@ -645,7 +646,9 @@ def serve(kind: str, model_path: str, port: int) -> None:
         uvicorn.run(make_inference_app(rt), host="127.0.0.1", port=port, **UVICORN)
         return
     api = InferenceAPI(rt)
-    server = HttpServer(api, port=port, busy_poll_us=0 if kind == "edgewise-no-poll" else 100)
+    server = HttpServer(
+        api, port=port, busy_poll_us=0 if kind == "edgewise-no-poll" else BUSY_POLL_US
+    )
     api.alone = server.alone
     server.start()
     threading.Event().wait()  # until the bench kills this process

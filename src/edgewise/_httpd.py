@@ -66,7 +66,16 @@ from urllib.parse import unquote
 import httptools
 import orjson
 
-__all__ = ["Answer", "BusyPoll", "Deferred", "Handler", "Headers", "HttpServer", "error_answer"]
+__all__ = [
+    "BUSY_POLL_US",
+    "Answer",
+    "BusyPoll",
+    "Deferred",
+    "Handler",
+    "Headers",
+    "HttpServer",
+    "error_answer",
+]
 
 Headers = dict[bytes, bytes]
 Answer = tuple[int, bytes, Sequence[tuple[bytes, bytes]]]
@@ -86,6 +95,7 @@ Handler = Callable[[str, str, Headers, bytes], "Answer | Deferred"]
 
 _REASONS = {s.value: s.phrase.encode() for s in HTTPStatus}
 _CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
+BUSY_POLL_US = 100.0  # the default window of busy polling (see the module's notes)
 _MAX_QUEUED = 16  # pipelined requests read ahead of their answers before reading pauses
 
 
@@ -452,7 +462,7 @@ class HttpServer:
         max_body_bytes: int = 8 * 1024 * 1024,
         max_head_bytes: int = 64 * 1024,
         idle_timeout_s: float = 5.0,
-        busy_poll_us: float = 100.0,
+        busy_poll_us: float = BUSY_POLL_US,
     ) -> None:
         """A server for `handler`; `start()` runs it.
 

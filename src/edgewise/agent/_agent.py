@@ -77,7 +77,7 @@ class AgentConfig:
     enroll_token: str | None = None
     labels: dict[str, str] = field(default_factory=dict)
     local_port: int | None = None  # None: no local API; 0: any free port
-    local_busy_poll_us: float = 100.0  # see edgewise._httpd; 0 turns it off
+    local_busy_poll_us: float = 100.0  # edgewise._httpd.BUSY_POLL_US; 0 turns it off
     poll_wait_s: float | None = None  # 0 turns long-polling off: poll every poll_interval_s
     poll_interval_s: float = 60.0
     report_interval_s: float = 60.0

@@ -17,7 +17,15 @@ from typing import Any
 
 import orjson
 
-from edgewise._httpd import Answer, Deferred, Handler, Headers, HttpServer, error_answer
+from edgewise._httpd import (
+    BUSY_POLL_US,
+    Answer,
+    Deferred,
+    Handler,
+    Headers,
+    HttpServer,
+    error_answer,
+)
 
 __all__ = ["LocalServer", "make_local_app"]
 
@@ -97,5 +105,5 @@ def make_local_app(
 class LocalServer(HttpServer):
     """The loopback API's server: `HttpServer` on 127.0.0.1 with the agent's limits."""
 
-    def __init__(self, app: Handler, port: int, busy_poll_us: float = 100.0) -> None:
+    def __init__(self, app: Handler, port: int, busy_poll_us: float = BUSY_POLL_US) -> None:
         super().__init__(app, "127.0.0.1", port, max_body_bytes=MAX_BODY, busy_poll_us=busy_poll_us)

@@ -49,6 +49,7 @@ _ORT_DTYPES: dict[str, np.dtype[np.generic]] = {
     "tensor(uint8)": np.dtype(np.uint8),
     "tensor(bool)": np.dtype(np.bool_),
 }
+INPUT_DTYPES = frozenset(_ORT_DTYPES.values())
 # What no numpy array here can feed (strings, bfloat16, float8, complex...): as an output
 # such a tensor is kept as onnxruntime returns it (strings come as objects).
 _OTHER = np.dtype(object)
@@ -123,7 +124,7 @@ class OnnxSession:
         if dtype is None:
             raise ModelLoadError(
                 f"the model's input {inp.name!r} is a {inp.type}, which a pipeline cannot feed "
-                f"(it feeds {', '.join(sorted(t.name for t in _ORT_DTYPES.values()))})"
+                f"(it feeds {', '.join(sorted(t.name for t in INPUT_DTYPES))})"
             )
         self.input = TensorInfo(inp.name, dtype, tuple(map(_dim, inp.shape)))
         # An export without dynamic axes fixes the batch, usually at 1: such a model is

@@ -32,6 +32,7 @@ import orjson
 
 from edgewise._httpd import Answer, Deferred, Headers, error_answer
 from edgewise.runtime._aio import LoopBatcher, Pending
+from edgewise.runtime._backend import INPUT_DTYPES
 from edgewise.runtime._decode import decode_json
 from edgewise.runtime._errors import BadInput, PayloadTooLarge, RuntimeFailure
 from edgewise.runtime._pipeline import InferenceResult
@@ -48,21 +49,7 @@ ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 _PREFIX = "/v1/pipelines"
 _JSON_HEADERS = [(b"content-type", b"application/json")]
 _RETRY = ((b"retry-after", b"1"),)
-# Every dtype a model input can have (`_backend._ORT_DTYPES`).
-_DTYPES = {
-    "float32",
-    "float64",
-    "float16",
-    "int64",
-    "int32",
-    "int16",
-    "int8",
-    "uint64",
-    "uint32",
-    "uint16",
-    "uint8",
-    "bool",
-}
+_DTYPES = {d.name for d in INPUT_DTYPES}  # every dtype a model input can have
 
 
 _NUMPY = orjson.OPT_SERIALIZE_NUMPY
