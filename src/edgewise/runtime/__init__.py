@@ -17,6 +17,7 @@ Example:
     ... })
     >>> rt.start_pipeline(spec, mlp, fallback=rt.load_model(logreg_dir))
     >>> rt.infer("digits", x_row).label                      # '7' (InferenceResult)
+    >>> rt.infer("bert", {"ids": ids, "mask": mask})         # a model with several inputs
     >>> rt.swap_model("digits", rt.load_model(new_dir, new_manifest))   # hot swap
     >>> rt.stats("digits")["nv_inference_request_success"]   # counters, histograms
     >>> rt.prometheus()                                      # text for /metrics

@@ -22,12 +22,11 @@ import threading
 import weakref
 from typing import TYPE_CHECKING, Any
 
-import numpy as np
-
 from edgewise.runtime._errors import RuntimeFailure
 from edgewise.runtime._scheduler import Request
 
 if TYPE_CHECKING:
+    from edgewise.runtime._model import Input
     from edgewise.runtime._pipeline import InferenceResult
     from edgewise.runtime._runtime import Runtime
 
@@ -73,7 +72,7 @@ class _Group:
     def __init__(self, fut: asyncio.Future[None], tid: int) -> None:
         self.fut = fut
         self.tid = tid  # the loop's thread
-        self.xs: list[tuple[np.ndarray[Any, Any], bool]] = []
+        self.xs: list[tuple[Input, bool]] = []
         self.reqs: list[Request] = []
         self.slots: list[tuple[int, int, int] | BaseException] = []
         self.step = 0  # when set: member i is row i % step of request i // step
@@ -176,7 +175,7 @@ class LoopBatcher:
     async def infer(
         self,
         name: str,
-        x: np.ndarray[Any, Any],
+        x: Input,
         exact_dtype: bool = False,
         first_goes_now: bool = False,
     ) -> InferenceResult:
@@ -194,7 +193,7 @@ class LoopBatcher:
     def begin(
         self,
         name: str,
-        x: np.ndarray[Any, Any],
+        x: Input,
         exact_dtype: bool = False,
         first_goes_now: bool = False,
         alone: bool = False,
@@ -223,7 +222,7 @@ class LoopBatcher:
         group, i = self.join(name, x, exact_dtype)
         return Pending(group.fut, group, i, None)
 
-    def join(self, name: str, x: np.ndarray[Any, Any], exact_dtype: bool) -> tuple[_Group, int]:
+    def join(self, name: str, x: Input, exact_dtype: bool) -> tuple[_Group, int]:
         """Add a request to this loop turn's group for `name` (opening it if needed).
 
         The caller awaits `group.fut` and then takes `group.outcome(i)`; a plain function

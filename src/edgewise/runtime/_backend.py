@@ -1,9 +1,16 @@
 """Inference backends behind one interface, and the onnxruntime one.
 
-A backend turns model bytes into a `ModelSession`: one input tensor in, named output
-tensors out. Execution providers are chosen from those the device has, in a preference
-order; after the session exists we read back which provider it actually got, because
-onnxruntime silently falls back to CPU when an accelerator provider fails to initialise.
+A backend turns model bytes into a `ModelSession`: input tensors in, named output
+tensors out. A model with one input takes a plain array. A model with several inputs
+(a detector's image and scale factor, a transformer's token ids and attention mask)
+takes them packed into one structured array, one field per input (see
+`LoadedModel.pack`): a packed request stacks, slices and indexes by rows like any
+array, so the scheduler batches it as it batches any request; `run` feeds each field to
+its input.
+
+Execution providers are chosen from those the device has, in a preference order; after
+the session exists we read back which provider it actually got, because onnxruntime
+silently falls back to CPU when an accelerator provider fails to initialise.
 """
 
 from __future__ import annotations
@@ -25,6 +32,7 @@ __all__ = [
     "TensorInfo",
     "choose_providers",
     "open_onnx",
+    "packed_info",
 ]
 
 CPU = "CPUExecutionProvider"
@@ -72,11 +80,47 @@ class TensorInfo:
     shape: tuple[int | None, ...]
 
 
+def packed_info(inputs: Sequence[TensorInfo], batch: int | None) -> TensorInfo:
+    """The one tensor a pipeline feeds a model with several inputs: a structured array.
+
+    Its dtype has one field per input, each of the input's dtype and inner shape; a free
+    inner dimension stands at 1 here (each request's own packing has its real size).
+    """
+    fields = [(i.name, i.dtype, tuple(d or 1 for d in i.shape[1:])) for i in inputs]
+    return TensorInfo(",".join(i.name for i in inputs), np.dtype(fields), (batch,))
+
+
+def _batch_of(inputs: Sequence[TensorInfo]) -> int | None:
+    """The batch size the model fixes (None: any); its inputs share the first axis.
+
+    Raises:
+        ModelLoadError: an input without a batch axis, or inputs fixing other batches.
+    """
+    fixed = set()
+    for i in inputs:
+        if not i.shape:
+            raise ModelLoadError(
+                f"the model's input {i.name!r} is a scalar; a pipeline batches its inputs "
+                "along their first axis"
+            )
+        if i.shape[0] is not None:
+            fixed.add(i.shape[0])
+    if len(fixed) > 1:
+        raise ModelLoadError(
+            f"the model's inputs fix different batch sizes ({sorted(fixed)}); a pipeline "
+            "batches every input along one first axis"
+        )
+    return fixed.pop() if fixed else None
+
+
 class ModelSession(Protocol):
     """What the scheduler needs from a backend session."""
 
     backend: str
     provider: str
+    # Every model input. `input` is the one tensor a pipeline feeds: the model's input,
+    # or with several inputs their packed form (`packed_info`).
+    inputs: tuple[TensorInfo, ...]
     input: TensorInfo
     outputs: tuple[TensorInfo, ...]
     # Rows the model takes per call when it was exported with a fixed batch size (None:
@@ -84,7 +128,10 @@ class ModelSession(Protocol):
     fixed_batch: int | None
 
     def run(self, x: npt.NDArray[np.generic]) -> dict[str, npt.NDArray[np.generic]]:
-        """Run one batch (first axis is the batch) and return every output by name."""
+        """Run one batch (first axis is the batch) and return every output by name.
+
+        A model with several inputs takes them packed (see `packed_info`).
+        """
         ...
 
 
@@ -113,24 +160,28 @@ class OnnxSession:
         assert isinstance(session, ort.InferenceSession)
         self._session = session
         self.provider = provider
-        inputs = session.get_inputs()
-        if len(inputs) != 1:
-            names = ", ".join(repr(i.name) for i in inputs)
-            raise ModelLoadError(
-                f"the model has {len(inputs)} inputs ({names}); a pipeline feeds exactly one"
-            )
-        inp = inputs[0]
-        dtype = _ORT_DTYPES.get(inp.type)
-        if dtype is None:
-            raise ModelLoadError(
-                f"the model's input {inp.name!r} is a {inp.type}, which a pipeline cannot feed "
-                f"(it feeds {', '.join(sorted(t.name for t in INPUT_DTYPES))})"
-            )
-        self.input = TensorInfo(inp.name, dtype, tuple(map(_dim, inp.shape)))
+        infos = []
+        for inp in session.get_inputs():
+            dtype = _ORT_DTYPES.get(inp.type)
+            if dtype is None:
+                raise ModelLoadError(
+                    f"the model's input {inp.name!r} is a {inp.type}, which a pipeline cannot "
+                    f"feed (it feeds {', '.join(sorted(t.name for t in INPUT_DTYPES))})"
+                )
+            infos.append(TensorInfo(inp.name, dtype, tuple(map(_dim, inp.shape))))
+        if not infos:
+            raise ModelLoadError("the model has no inputs")
+        self.inputs = tuple(infos)
         # An export without dynamic axes fixes the batch, usually at 1: such a model is
         # run in calls of that many rows (the last one padded), never on a larger batch.
-        batch = self.input.shape[0] if self.input.shape else None
-        self.fixed_batch: int | None = batch
+        if len(infos) == 1:
+            self.input = infos[0]
+            self.fixed_batch: int | None = infos[0].shape[0] if infos[0].shape else None
+        else:
+            self.fixed_batch = _batch_of(infos)
+            self.input = packed_info(infos, self.fixed_batch)
+        # With several inputs, `run` feeds each field of the packed request by name.
+        self._fields = tuple(i.name for i in infos) if len(infos) > 1 else ()
         outs = session.get_outputs()
         # scikit-learn classifiers exported with skl2onnx's defaults give their scores as a
         # ZipMap (a list of {class: probability} per row): served as a [rows, classes]
@@ -143,7 +194,7 @@ class OnnxSession:
             for o in outs
         )
         self._names = [o.name for o in self.outputs]
-        self._input_name = inp.name
+        self._input_name = infos[0].name
         # The pybind session's run skips the Python wrapper's per-call input checks
         # (we validate once per request before queueing); fall back to the public one.
         inner = getattr(session, "_sess", None)
@@ -155,10 +206,14 @@ class OnnxSession:
         fixed = self.fixed_batch
         if fixed is not None and x.shape[0] != fixed:
             return self._run_in_calls(x, fixed)
-        if self._opts is not None:
-            values = self._run(self._names, {self._input_name: x}, self._opts)
+        if self._fields:  # a packed request: each field is one input, made contiguous
+            feed = {name: np.ascontiguousarray(x[name]) for name in self._fields}  # type: ignore[call-overload]
         else:
-            values = self._run(self._names, {self._input_name: x})
+            feed = {self._input_name: x}
+        if self._opts is not None:
+            values = self._run(self._names, feed, self._opts)
+        else:
+            values = self._run(self._names, feed)
         out = dict(zip(self._names, values, strict=False))  # a value per name asked for
         for name in self._zipmaps:
             out[name] = _unzip(out[name])

@@ -56,7 +56,9 @@ class UpstreamEscalator:
 
     def __call__(self, x: Array) -> Answer:
         try:
-            resp = self._client.post(self.url, json={"inputs": x.tolist()})
+            fields = x.dtype.names  # a model with several inputs: sent by name
+            inputs = x.tolist() if fields is None else {n: x[n].tolist() for n in fields}
+            resp = self._client.post(self.url, json={"inputs": inputs})
             resp.raise_for_status()
             body = resp.json()
             conf = np.asarray(body["confidences"], dtype=np.float32)

@@ -1,9 +1,12 @@
 """The local inference API for apps on the device.
 
 Routes:
-    POST /v1/pipelines/{name}/infer   JSON (`{"inputs": [...]}` or a bare array) or raw
-                                      tensor bytes (`Content-Type: application/octet-stream`
-                                      with `X-Tensor-Dtype` and `X-Tensor-Shape: 1,64`)
+    POST /v1/pipelines/{name}/infer   JSON (`{"inputs": [...]}` or a bare array; a model
+                                      with several inputs takes them by name, `{"inputs":
+                                      {"ids": [...], "mask": [...]}}`) or raw tensor bytes
+                                      of a one-input model (`Content-Type:
+                                      application/octet-stream` with `X-Tensor-Dtype` and
+                                      `X-Tensor-Shape: 1,64`)
     GET  /v1/pipelines                the running pipelines
     GET  /v1/pipelines/{name}/stats   one pipeline's metrics
 

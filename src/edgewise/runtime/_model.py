@@ -19,10 +19,21 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from edgewise.runtime._backend import ModelSession
+from edgewise.runtime._backend import ModelSession, TensorInfo
 from edgewise.runtime._errors import BadInput, ModelLoadError
 
-__all__ = ["HealthResult", "HealthSample", "LoadedModel", "ModelInfo", "health_check"]
+__all__ = [
+    "HealthResult",
+    "HealthSample",
+    "Input",
+    "LoadedModel",
+    "ModelInfo",
+    "fit_tensor",
+    "health_check",
+]
+
+#: A request: one array, or a model's inputs by name (a mapping of arrays).
+Input = npt.NDArray[Any] | Mapping[str, Any]
 
 _CONFIDENCE_NAMES = ("probabilities", "probs", "scores", "softmax", "output_probability")
 
@@ -40,9 +51,9 @@ def _plain(obj: Any) -> Any:
 
 @dataclass(frozen=True)
 class HealthSample:
-    """One install-gate sample: an input and the outputs it must produce."""
+    """One install-gate sample: an input (or inputs by name) and its expected outputs."""
 
-    input: npt.NDArray[np.generic]
+    input: Input
     expected: dict[str, npt.NDArray[np.generic]]
 
 
@@ -83,16 +94,19 @@ class ModelInfo:
             raw_in = _get(s, "input")
             if raw_in is None:
                 raw_in = _get(s, "inputs")
-            if isinstance(raw_in, Mapping):
-                raw_in = next(iter(raw_in.values()))
-            if isinstance(raw_in, list) and raw_in and not isinstance(raw_in[0], list):
-                raw_in = [raw_in]  # one unbatched row
+            if isinstance(raw_in, Mapping) and len(raw_in) == 1:
+                raw_in = next(iter(raw_in.values()))  # a one-input model's, whatever its name
+            sample_in: Input = (
+                {str(k): _sample_input(_row(v)) for k, v in raw_in.items()}
+                if isinstance(raw_in, Mapping)
+                else _sample_input(_row(raw_in))
+            )
             expected = _get(s, "expected") or _get(s, "outputs") or {}
             if not isinstance(expected, Mapping):
                 expected = {"probabilities": expected}
             samples.append(
                 HealthSample(
-                    _sample_input(raw_in),
+                    sample_in,
                     {str(k): np.asarray(v) for k, v in expected.items()},
                 )
             )
@@ -116,6 +130,13 @@ class ModelInfo:
         if not found:
             raise ModelLoadError(f"no model file in {directory}")
         return found[0]
+
+
+def _row(raw: Any) -> Any:
+    """A flat list of numbers is one unbatched row."""
+    if isinstance(raw, list) and raw and not isinstance(raw[0], list):
+        return [raw]
+    return raw
 
 
 def _sample_input(raw: Any) -> npt.NDArray[Any]:
@@ -184,6 +205,7 @@ class LoadedModel:
     # are not picked).
     _pick: Callable[[tuple[int, ...]], Any] = field(init=False, repr=False, compare=False)
     _want: Any = field(init=False, repr=False, compare=False, default=None)
+    _several: bool = field(init=False, repr=False, compare=False, default=False)
 
     def __post_init__(self) -> None:
         # A shape with free inner dimensions never takes submit_group's stacking path.
@@ -198,6 +220,7 @@ class LoadedModel:
             want = known[0][1] if len(known) == 1 else tuple(d for _, d in known)
         object.__setattr__(self, "_pick", pick)
         object.__setattr__(self, "_want", want)
+        object.__setattr__(self, "_several", len(self.session.inputs) > 1)
 
     @property
     def key(self) -> str:
@@ -231,19 +254,24 @@ class LoadedModel:
                 return o.name
         return floats[0].name if floats else None
 
-    def validate(
-        self, x: npt.NDArray[np.generic], exact_dtype: bool = False
-    ) -> npt.NDArray[np.generic]:
+    def validate(self, x: Input, exact_dtype: bool = False) -> npt.NDArray[np.generic]:
         """Check one request (with or without its batch axis) and return it batched.
 
+        A model with several inputs takes them by name (a mapping of arrays, or a packed
+        array) and gets them packed (see `pack`).
+
         Args:
-            x: the request tensor.
+            x: the request tensor, or the model's inputs by name.
             exact_dtype: raw tensors must carry the model's dtype; decoded JSON numbers
                 (int64/float64) are cast when the kinds are compatible.
 
         Raises:
-            BadInput: wrong dtype or shape.
+            BadInput: wrong dtype or shape, or inputs missing or unknown by name.
         """
+        if self._several:
+            return self.pack(x, exact_dtype)
+        if type(x) is not np.ndarray:
+            x = self.unwrap(x)
         spec = self.session.input
         if x.dtype != spec.dtype:
             if exact_dtype or not castable(x.dtype, spec.dtype):
@@ -251,6 +279,101 @@ class LoadedModel:
             x = cast_fitting(x, spec.dtype)
         if x.ndim == len(spec.shape) and len(x) and self._pick(x.shape) == self._want:
             return x  # the common case: already batched
+        return fit_tensor(x, spec, exact_dtype)
+
+    @property
+    def several_inputs(self) -> bool:
+        """Whether the model has more than one input (requests name them)."""
+        return self._several
+
+    @property
+    def ragged(self) -> bool:
+        """Whether an input has a free inner dimension (an image size, a sequence length).
+
+        Requests of different shapes then run as separate model calls.
+        """
+        return any(None in i.shape[1:] for i in self.session.inputs)
+
+    def unwrap(self, x: Input) -> npt.NDArray[Any]:
+        """A one-input model's request as an array: sent by the input's name, or as is.
+
+        Raises:
+            BadInput: a mapping that does not hold exactly the model's input.
+        """
+        if isinstance(x, Mapping):
+            name = self.session.input.name
+            if set(x) != {name}:
+                raise BadInput(
+                    f"the model has one input, {name!r}; got inputs {sorted(map(str, x))}"
+                )
+            x = x[name]
+        return x if isinstance(x, np.ndarray) else np.asarray(x)
+
+    def pack(self, x: Input, exact_dtype: bool = False) -> npt.NDArray[np.void]:
+        """A several-input model's request, checked input by input, packed.
+
+        The packed form is one structured array: a field per input, one element per row.
+        Rows stack and slice as for any request; the backend feeds each field to its
+        input.
+
+        Raises:
+            BadInput: an input missing or unknown, of the wrong dtype or shape, or inputs
+                with different numbers of rows.
+        """
+        inputs = self.session.inputs
+        names = [i.name for i in inputs]
+        if isinstance(x, np.ndarray) and x.dtype.names is not None:
+            x = {n: x[n] for n in x.dtype.names}  # packed already: checked again all the same
+        if not isinstance(x, Mapping):
+            listed = ", ".join(repr(n) for n in names)
+            raise BadInput(
+                f"the model has {len(names)} inputs ({listed}): send them by name, "
+                '{"inputs": {"' + names[0] + '": [...], ...}}'
+            )
+        missing = [n for n in names if n not in x]
+        unknown = sorted(str(k) for k in x if k not in names)
+        if missing or unknown:
+            said = [f"missing {', '.join(map(repr, missing))}"] if missing else []
+            said += [f"unknown {', '.join(map(repr, unknown))}"] if unknown else []
+            listed = ", ".join(map(repr, names))
+            raise BadInput(f"the model's inputs are {listed}: {'; '.join(said)}")
+        arrays: list[npt.NDArray[Any]] = []
+        for spec in inputs:
+            a = x[spec.name]
+            a = np.asarray(a) if not isinstance(a, np.ndarray) else a
+            a = fit_tensor(a, spec, exact_dtype, named=True)
+            if arrays and len(a) != len(arrays[0]):
+                raise BadInput(
+                    f"input {spec.name!r} has {len(a)} rows and {names[0]!r} {len(arrays[0])}: "
+                    "every input needs one entry per row"
+                )
+            arrays.append(a)
+        fields = [(n, a.dtype, a.shape[1:]) for n, a in zip(names, arrays, strict=True)]
+        out = np.empty(len(arrays[0]), dtype=fields)
+        for n, a in zip(names, arrays, strict=True):
+            out[n] = a
+        return out
+
+
+def fit_tensor(
+    x: npt.NDArray[Any], spec: TensorInfo, exact_dtype: bool = False, named: bool = False
+) -> npt.NDArray[Any]:
+    """`x` checked against one model input, cast as `castable` allows, and batched.
+
+    Args:
+        x: one input's array, with or without its batch axis.
+        spec: the model input it is for.
+        exact_dtype: refuse another dtype rather than cast (raw tensors).
+        named: the model has several inputs: a message names the input.
+
+    Raises:
+        BadInput: wrong dtype or shape, or no rows.
+    """
+    try:
+        if x.dtype != spec.dtype:
+            if exact_dtype or not castable(x.dtype, spec.dtype):
+                raise BadInput(f"dtype {x.dtype} does not match the model input {spec.dtype}")
+            x = cast_fitting(x, spec.dtype)
         fixed = spec.shape[1:]
         if x.ndim == len(fixed):
             x = x[np.newaxis]
@@ -261,7 +384,11 @@ class LoadedModel:
             raise BadInput(f"shape {list(x.shape)} does not match the model input {want_s}")
         if x.shape[0] == 0:
             raise BadInput("empty batch")
-        return x
+    except BadInput as exc:
+        if named:
+            raise BadInput(f"input {spec.name!r}: {exc}") from None
+        raise
+    return x
 
 
 @dataclass(frozen=True)

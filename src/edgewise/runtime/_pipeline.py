@@ -20,12 +20,12 @@ from edgewise.protocol._pipeline import PipelineSpec
 from edgewise.runtime._degrade import DegradeState, Mode
 from edgewise.runtime._errors import BadInput, InferenceFailed
 from edgewise.runtime._metrics import PipelineMetrics
-from edgewise.runtime._model import LoadedModel
+from edgewise.runtime._model import Input, LoadedModel
 from edgewise.runtime._request import Request, complete_all
 from edgewise.runtime._scheduler import Executor
 from edgewise.runtime._stages import Post, PostFn, PreFn
 
-__all__ = ["InferenceResult", "ModelLane", "RunningPipeline"]
+__all__ = ["InferenceResult", "ModelLane", "RunningPipeline", "check_fits"]
 
 Array = npt.NDArray[Any]
 
@@ -211,7 +211,7 @@ class ModelLane:
         self._run = model.session.run
         # A free inner dimension (an image's height, a sequence's length): requests of
         # different shapes can share a batch, and are run as one model call per shape.
-        self.ragged = None in model.session.input.shape[1:]
+        self.ragged = model.ragged
         self._conf = model.confidence_output
         self._labels = model.info.labels
         self._key = model.key
@@ -230,14 +230,15 @@ class ModelLane:
         """Run requests of different shapes as one batch per shape.
 
         Shapes go in the order of their first request. Returns False, having run
-        nothing, when every request has one shape.
+        nothing, when every request has one shape. (Packed inputs keep their shapes in
+        their dtype: requests of one shape have one dtype.)
         """
-        shape = batch[0].x.shape[1:]
-        if all(r.x.shape[1:] == shape for r in batch):
+        shape, dtype = batch[0].x.shape[1:], batch[0].x.dtype
+        if all(r.x.shape[1:] == shape and r.x.dtype == dtype for r in batch):
             return False
-        groups: dict[tuple[int, ...], list[Request]] = {}
+        groups: dict[tuple[tuple[int, ...], np.dtype[Any]], list[Request]] = {}
         for r in batch:
-            groups.setdefault(r.x.shape[1:], []).append(r)
+            groups.setdefault((r.x.shape[1:], r.x.dtype), []).append(r)
         for group in groups.values():
             self.execute(group)
         return True
@@ -357,6 +358,32 @@ class ModelLane:
                 p.emit(res)
 
 
+def _features(x: Array) -> Array:
+    """A sampled input as telemetry takes it: an array of numbers per row.
+
+    A packed request (a model with several inputs) gives its inputs' values side by side.
+    """
+    names = x.dtype.names
+    if names is None:
+        return x
+    return np.concatenate([x[n].reshape(len(x), -1) for n in names], axis=1)
+
+
+def check_fits(spec: PipelineSpec, model: LoadedModel) -> None:
+    """Whether `spec`'s stages can feed `model`.
+
+    Raises:
+        ValueError: preprocess stages in front of a model with several inputs (each
+            stage takes one tensor).
+    """
+    if spec.preprocess and model.several_inputs:
+        names = ", ".join(repr(i.name) for i in model.session.inputs)
+        raise ValueError(
+            f"pipeline {spec.name!r}: {model.key} has {len(model.session.inputs)} inputs "
+            f"({names}) and preprocess stages take one tensor; send the inputs prepared"
+        )
+
+
 @dataclass(eq=False)
 class RunningPipeline:
     """Owner of a pipeline's state; the executor sees it through the `Owner` protocol."""
@@ -406,10 +433,17 @@ class RunningPipeline:
             "tier": self.active.tier,
             "mode": str(self.degrade.mode),
             "provider": model.provider,
-            "input": {
+            # A model with several inputs has no one input: requests name them.
+            "input": None
+            if model.several_inputs
+            else {
                 "dtype": str(model.session.input.dtype),
                 "shape": list(model.session.input.shape),
             },
+            "inputs": [
+                {"name": i.name, "dtype": str(i.dtype), "shape": list(i.shape)}
+                for i in model.session.inputs
+            ],
             "max_batch": self.active.max_batch,
         }
 
@@ -424,15 +458,20 @@ class RunningPipeline:
             self.metrics.rejected += n
 
     def prepare(
-        self, x: Array, exact_dtype: bool = False, lane: ModelLane | None = None
+        self, x: Input, exact_dtype: bool = False, lane: ModelLane | None = None
     ) -> tuple[Array, ModelLane]:
         """Preprocess and validate one request against `lane` (default: the active one).
+
+        `x` is an array, or the model's inputs by name (a model with several inputs has
+        no preprocess stages: see `check_fits`).
 
         Raises:
             BadInput: the request does not fit the model (counted in `bad_input`).
         """
         try:
             if self.pre:
+                if type(x) is not np.ndarray:  # one input, sent by its name
+                    x = (lane or self.active).model.unwrap(x)
                 t0 = self.clock()
                 for fn in self.pre:
                     x = fn(x)
@@ -460,11 +499,11 @@ class RunningPipeline:
             for j in range(r.rows):
                 self._count += 1
                 if self._count % self._every == 0:
-                    self.samples.append((r.x[j : j + 1], labels[j]))
+                    self.samples.append((_features(r.x[j : j + 1]), labels[j]))
 
     def keep(self, r: Request) -> None:
         """Keep one caller's input and its label as a sample."""
-        self.samples.append((r.x, getattr(r.result, "label", None)))
+        self.samples.append((_features(r.x), getattr(r.result, "label", None)))
 
     def emit(self, result: InferenceResult) -> None:
         """Hand a result to every sink; a failing sink never fails the request."""

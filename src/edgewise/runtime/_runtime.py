@@ -27,13 +27,14 @@ from edgewise.runtime._errors import AcceleratorUnavailable, BadInput, UnknownPi
 from edgewise.runtime._loader import ModelSource, load_model
 from edgewise.runtime._model import (
     HealthResult,
+    Input,
     LoadedModel,
     ModelInfo,
     cast_fitting,
     castable,
     health_check,
 )
-from edgewise.runtime._pipeline import InferenceResult, ModelLane, RunningPipeline
+from edgewise.runtime._pipeline import InferenceResult, ModelLane, RunningPipeline, check_fits
 from edgewise.runtime._scheduler import Executor, Request
 from edgewise.runtime._stages import POSTPROCESS, PREPROCESS, SINKS, SOURCES
 
@@ -165,10 +166,20 @@ class Runtime:
         """Start serving `spec` with `model` (and its optional fallback and cascade tier).
 
         Raises:
-            ValueError: an unknown stage name or bad stage parameters, or a name in use.
+            ValueError: an unknown stage name or bad stage parameters, a name in use,
+                stages that cannot feed a model, or a cascade model that does not take
+                the model's inputs.
         """
         if spec.requires_accelerator and model.provider == CPU:
             raise AcceleratorUnavailable(f"pipeline {spec.name!r} requires an accelerator")
+        for m in (model, fallback):
+            if m is not None:
+                check_fits(spec, m)
+        if cascade_model is not None and _signature(cascade_model) != _signature(model):
+            raise ValueError(
+                f"pipeline {spec.name!r}: the cascade model {cascade_model.key} takes other "
+                f"inputs than {model.key} (it is given the rows the model was given)"
+            )
         pre = [PREPROCESS.build(s.type, s.params) for s in spec.preprocess]
         post = [POSTPROCESS.build(s.type, s.params) for s in spec.postprocess]
         if spec.name in self._pipelines:
@@ -215,6 +226,7 @@ class Runtime:
         if tier not in ("primary", "fallback"):
             raise ValueError(f"tier must be 'primary' or 'fallback', not {tier!r}")
         p = self._get(name)
+        check_fits(p.spec, new_model)
         with p._swap_lock:
             if tier == "fallback":
                 old = p.fallback.model.key if p.fallback else "none"
@@ -253,9 +265,12 @@ class Runtime:
         self._loop_threads.add(tid)
 
     def infer(
-        self, name: str, x: Array, *, exact_dtype: bool = False, timeout: float | None = None
+        self, name: str, x: Input, *, exact_dtype: bool = False, timeout: float | None = None
     ) -> InferenceResult:
         """Run one request (one row or a batch of rows) through pipeline `name`.
+
+        `x` is an array, or the model's inputs by name (`{"ids": ..., "mask": ...}`, as
+        a model with several inputs needs them).
 
         Raises:
             UnknownPipeline, BadInput, Rejected, Shed, PipelineStopped, InferenceFailed.
@@ -269,7 +284,7 @@ class Runtime:
         return result
 
     async def infer_async(
-        self, name: str, x: Array, *, exact_dtype: bool = False
+        self, name: str, x: Input, *, exact_dtype: bool = False
     ) -> InferenceResult:
         """`infer` for asyncio code: requests made in one loop turn are batched together.
 
@@ -283,7 +298,7 @@ class Runtime:
     def submit(
         self,
         name: str,
-        x: Array,
+        x: Input,
         callback: Callable[[Request], None],
         *,
         exact_dtype: bool = False,
@@ -307,7 +322,7 @@ class Runtime:
     def submit_group(
         self,
         name: str,
-        xs: Sequence[tuple[Array, bool]],
+        xs: Sequence[tuple[Input, bool]],
         callback: Callable[[Request], None],
         *,
         inline: bool = True,
@@ -338,7 +353,7 @@ class Runtime:
         model = lane.model
         # The common case (no preprocess, the model's dtype, batched rows of the fixed
         # shape) is checked inline; anything else takes the full validation path.
-        fast = not p.pre
+        fast = not p.pre and not model.several_inputs
         dtype, fixed, ndim = model.session.input.dtype, model.fixed_shape, model.input_ndim
         max_rows, max_callers = lane.max_batch, max(1, p.capacity)
         if fast and len(xs) > 1:
@@ -358,9 +373,13 @@ class Runtime:
         rows = 0
         ragged = lane.ragged  # inputs of other inner shapes are never stacked together
         for x, exact in xs:
-            xd = x.dtype  # builtin dtypes are singletons: `is` settles the usual case
             if not (
-                fast and (xd is dtype or xd == dtype) and x.ndim == ndim and x.shape[1:] == fixed
+                fast
+                and type(x) is np.ndarray
+                # builtin dtypes are singletons: `is` settles the usual case
+                and ((xd := x.dtype) is dtype or xd == dtype)
+                and x.ndim == ndim
+                and x.shape[1:] == fixed
             ):
                 try:
                     x, _ = p.prepare(x, exact, lane)
@@ -371,10 +390,16 @@ class Runtime:
             if not k:
                 slots.append(BadInput("empty batch"))
                 continue
-            if parts and (
-                rows + k > max_rows
-                or len(parts) >= max_callers
-                or (ragged and x.shape[1:] != parts[0].shape[1:])
+            if (
+                parts
+                and (
+                    rows + k > max_rows
+                    or len(parts) >= max_callers
+                    or (
+                        ragged  # (packed inputs keep their shapes in their dtype)
+                        and (x.shape[1:] != parts[0].shape[1:] or x.dtype != parts[0].dtype)
+                    )
+                )
             ):
                 reqs.append(_stacked(parts, lane, p, now, callback))
                 parts, rows = [], 0
@@ -495,8 +520,14 @@ class Runtime:
         self.close()
 
 
+def _signature(model: LoadedModel) -> list[tuple[str, str, tuple[int | None, ...]]]:
+    """What a model takes: its inputs' names (when it has several), dtypes and shapes."""
+    several = model.several_inputs
+    return [(i.name if several else "", str(i.dtype), i.shape) for i in model.session.inputs]
+
+
 def _single_rows(
-    xs: Sequence[tuple[Array, bool]], dtype: np.dtype[Any], fixed: tuple[int, ...], ndim: int
+    xs: Sequence[tuple[Input, bool]], dtype: np.dtype[Any], fixed: tuple[int, ...], ndim: int
 ) -> Array | None:
     """Every caller's input stacked, when each is one row of the model's shape, or None.
 
@@ -506,10 +537,11 @@ def _single_rows(
     unless a caller asked for its exact dtype (raw tensors). Anything else takes the
     caller-by-caller path, which says what is wrong with each.
     """
-    first = xs[0][0].dtype
-    # One row each (a two-row and an empty input would add up to two rows), and one
-    # dtype (concatenate would cast a stray one silently).
-    if any(x.dtype is not first or x.shape[:1] != (1,) for x, _ in xs):
+    first = getattr(xs[0][0], "dtype", None)
+    # Arrays (not inputs sent by name), one row each (a two-row and an empty input would
+    # add up to two rows), and one dtype (concatenate would cast a stray one silently).
+    nd = np.ndarray
+    if any(type(x) is not nd or x.dtype is not first or x.shape[:1] != (1,) for x, _ in xs):
         return None
     try:
         stacked = np.concatenate([x for x, _ in xs])

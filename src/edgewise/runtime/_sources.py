@@ -8,7 +8,8 @@ moves on.
 
 - `synthetic`: replays a data set (`npy` file, the scikit-learn `digits` set, or random
   `shape`) at `rate_hz`, `count` items (0 = until stopped).
-- `directory`: every new `*.npy` / `*.png` / `*.jpg` file under `path`, polled.
+- `directory`: every new `*.npy` / `*.npz` / `*.png` / `*.jpg` file under `path`,
+  polled (an `.npz` holds a model's inputs by name).
 - `mqtt`: messages on `topic` at Mosquitto `host:port`; JSON arrays or raw tensors.
 - `http`: the local inference API itself (nothing to start).
 """
@@ -64,7 +65,7 @@ class _Thread:
         if self._thread.is_alive() and self._thread is not threading.current_thread():
             self._thread.join(timeout=5)
 
-    def offer(self, x: Array) -> None:
+    def offer(self, x: Array | dict[str, Array]) -> None:
         """Submit one input; refusals are counted by the runtime and here."""
         try:
             self.runtime.submit(self.pipeline, x, _noop)
@@ -129,11 +130,22 @@ def _read_image(path: Path) -> Array:
         return np.asarray(im, dtype=np.float32)
 
 
+def _read_file(path: Path) -> Array | dict[str, Array]:
+    """An array file, an image, or an `.npz` of a model's inputs by name."""
+    suffix = path.suffix.lower()
+    if suffix == ".npy":
+        return np.asarray(np.load(path, allow_pickle=False))
+    if suffix == ".npz":
+        with np.load(path, allow_pickle=False) as named:
+            return {k: np.asarray(named[k]) for k in named.files}
+    return _read_image(path)
+
+
 @SOURCES.register("directory", typed=True)
 class DirectorySource(_Thread):
     """Feeds every new file of a directory, oldest name first, polling for more."""
 
-    SUFFIXES = (".npy", ".png", ".jpg", ".jpeg")
+    SUFFIXES = (".npy", ".npz", ".png", ".jpg", ".jpeg")
 
     def __init__(self, params: DirectorySourceParams, runtime: Any, pipeline: str) -> None:
         super().__init__(runtime, pipeline)
@@ -154,13 +166,13 @@ class DirectorySource(_Thread):
                 continue
             self.seen.add(p.name)
             try:
-                x = np.load(p, allow_pickle=False) if p.suffix == ".npy" else _read_image(p)
+                x = _read_file(p)
             except Exception as exc:  # any file at all may land here: skip it, keep going
                 # (OSError, ValueError; and others, such as Pillow's DecompressionBombError)
                 log.warning("directory source: skipping %s: %s", p, exc)
                 self.unreadable += 1
                 continue
-            self.offer(np.asarray(x))
+            self.offer(x)
             fed += 1
         return fed
 
@@ -172,8 +184,11 @@ class DirectorySource(_Thread):
 
 def decode_message(
     payload: bytes, dtype: np.dtype[Any] | None = None, shape: tuple[int, ...] | None = None
-) -> Array:
-    """An MQTT payload: a JSON array / `{"inputs": [...]}`, or raw bytes of dtype+shape.
+) -> Array | dict[str, Array]:
+    """An MQTT payload: JSON (as the local inference API takes it), or raw bytes.
+
+    JSON is an array, `{"inputs": [...]}`, or inputs by name (`{"inputs": {"ids":
+    [...], "mask": [...]}}`); raw bytes are of the source's dtype and shape.
 
     Raises:
         BadInput, ValueError: the payload is not such an input.

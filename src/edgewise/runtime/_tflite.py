@@ -41,7 +41,14 @@ class TfliteSession:
     def __init__(self, interpreter: Any) -> None:
         self._it = interpreter
         self._lock = threading.Lock()
-        inp = interpreter.get_input_details()[0]
+        details = interpreter.get_input_details()
+        if len(details) != 1:
+            names = ", ".join(repr(str(d["name"])) for d in details)
+            raise ModelLoadError(
+                f"the TFLite model has {len(details)} inputs ({names}); the TFLite backend "
+                "feeds one (models with several inputs run on onnxruntime)"
+            )
+        inp = details[0]
         self._in_index = int(inp["index"])
         shape = tuple(int(d) for d in inp.get("shape_signature", inp["shape"]))
         self.input = TensorInfo(
@@ -49,6 +56,7 @@ class TfliteSession:
             np.dtype(inp["dtype"]),
             (None, *(d if d > 0 else None for d in shape[1:])),
         )
+        self.inputs: tuple[TensorInfo, ...] = (self.input,)
         self._outs = interpreter.get_output_details()
         self.outputs = tuple(
             TensorInfo(
