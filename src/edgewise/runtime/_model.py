@@ -192,6 +192,20 @@ def _nothing(_shape: tuple[int, ...]) -> None:
     return None
 
 
+def _shape_check(shape: tuple[int | None, ...]) -> tuple[Callable[[tuple[int, ...]], Any], Any]:
+    """(pick, want): a batched array of the right rank fits when `pick(x.shape) == want`.
+
+    `pick` takes the inner dimensions the input fixes (free ones, such as an image width,
+    are not picked), in C calls only.
+    """
+    known = [(i + 1, d) for i, d in enumerate(shape[1:]) if d is not None]
+    if not known:
+        return _nothing, None
+    # itemgetter of one index gives the item, of several a tuple
+    want = known[0][1] if len(known) == 1 else tuple(d for _, d in known)
+    return operator.itemgetter(*(i for i, _ in known)), want
+
+
 @dataclass(frozen=True)
 class LoadedModel:
     """A ready (created and warmed) session plus what the runtime knows about it."""
@@ -206,21 +220,27 @@ class LoadedModel:
     _pick: Callable[[tuple[int, ...]], Any] = field(init=False, repr=False, compare=False)
     _want: Any = field(init=False, repr=False, compare=False, default=None)
     _several: bool = field(init=False, repr=False, compare=False, default=False)
+    # With several inputs: per input (spec, rank, pick, want), as `_pick`/`_want` above,
+    # and the packed dtypes made so far, by the inputs' inner shapes.
+    _checks: tuple[tuple[TensorInfo, int, Callable[[tuple[int, ...]], Any], Any], ...] = field(
+        init=False, repr=False, compare=False, default=()
+    )
+    _packed: dict[tuple[tuple[int, ...], ...], np.dtype[np.void]] = field(
+        init=False, repr=False, compare=False, default_factory=dict
+    )
 
     def __post_init__(self) -> None:
         # A shape with free inner dimensions never takes submit_group's stacking path.
         fixed = self.session.input.shape[1:]
         marker = (-1,) if None in fixed else tuple(d for d in fixed if d is not None)
         object.__setattr__(self, "_fixed", marker)
-        known = [(i + 1, d) for i, d in enumerate(fixed) if d is not None]
-        pick: Callable[[tuple[int, ...]], Any] = _nothing
-        want: Any = None
-        if known:  # itemgetter of one index gives the item, of several a tuple
-            pick = operator.itemgetter(*(i for i, _ in known))
-            want = known[0][1] if len(known) == 1 else tuple(d for _, d in known)
+        pick, want = _shape_check(self.session.input.shape)
         object.__setattr__(self, "_pick", pick)
         object.__setattr__(self, "_want", want)
-        object.__setattr__(self, "_several", len(self.session.inputs) > 1)
+        inputs = self.session.inputs
+        object.__setattr__(self, "_several", len(inputs) > 1)
+        checks = tuple((i, len(i.shape), *_shape_check(i.shape)) for i in inputs)
+        object.__setattr__(self, "_checks", checks)
 
     @property
     def key(self) -> str:
@@ -320,39 +340,59 @@ class LoadedModel:
             BadInput: an input missing or unknown, of the wrong dtype or shape, or inputs
                 with different numbers of rows.
         """
-        inputs = self.session.inputs
-        names = [i.name for i in inputs]
-        if isinstance(x, np.ndarray) and x.dtype.names is not None:
-            x = {n: x[n] for n in x.dtype.names}  # packed already: checked again all the same
-        if not isinstance(x, Mapping):
-            listed = ", ".join(repr(n) for n in names)
-            raise BadInput(
-                f"the model has {len(names)} inputs ({listed}): send them by name, "
-                '{"inputs": {"' + names[0] + '": [...], ...}}'
-            )
-        missing = [n for n in names if n not in x]
-        unknown = sorted(str(k) for k in x if k not in names)
-        if missing or unknown:
-            said = [f"missing {', '.join(map(repr, missing))}"] if missing else []
-            said += [f"unknown {', '.join(map(repr, unknown))}"] if unknown else []
-            listed = ", ".join(map(repr, names))
-            raise BadInput(f"the model's inputs are {listed}: {'; '.join(said)}")
+        if type(x) is not dict:
+            if isinstance(x, np.ndarray) and x.dtype.names is not None:
+                x = {n: x[n] for n in x.dtype.names}  # packed already: checked again all the same
+            elif not isinstance(x, Mapping):
+                names = [i.name for i in self.session.inputs]
+                listed = ", ".join(repr(n) for n in names)
+                raise BadInput(
+                    f"the model has {len(names)} inputs ({listed}): send them by name, "
+                    '{"inputs": {"' + names[0] + '": [...], ...}}'
+                )
+        checks = self._checks
+        if len(x) != len(checks):
+            raise BadInput(self._naming_mistake(x))
         arrays: list[npt.NDArray[Any]] = []
-        for spec in inputs:
-            a = x[spec.name]
-            a = np.asarray(a) if not isinstance(a, np.ndarray) else a
-            a = fit_tensor(a, spec, exact_dtype, named=True)
+        for spec, rank, pick, want in checks:
+            a = x.get(spec.name)
+            if a is None:
+                raise BadInput(self._naming_mistake(x))
+            if type(a) is not np.ndarray:
+                a = np.asarray(a)
+            if not (
+                (a.dtype is spec.dtype or a.dtype == spec.dtype)
+                and a.ndim == rank
+                and len(a)
+                and pick(a.shape) == want
+            ):  # anything but a batch of the right dtype and shape: cast, batch or refuse
+                a = fit_tensor(a, spec, exact_dtype, named=True)
             if arrays and len(a) != len(arrays[0]):
                 raise BadInput(
-                    f"input {spec.name!r} has {len(a)} rows and {names[0]!r} {len(arrays[0])}: "
-                    "every input needs one entry per row"
+                    f"input {spec.name!r} has {len(a)} rows and {checks[0][0].name!r} "
+                    f"{len(arrays[0])}: every input needs one entry per row"
                 )
             arrays.append(a)
-        fields = [(n, a.dtype, a.shape[1:]) for n, a in zip(names, arrays, strict=True)]
-        out = np.empty(len(arrays[0]), dtype=fields)
-        for n, a in zip(names, arrays, strict=True):
-            out[n] = a
+        inner = tuple(a.shape[1:] for a in arrays)
+        dtype = self._packed.get(inner)
+        if dtype is None:
+            if len(self._packed) >= 256:  # sequence lengths without end: keep a few
+                self._packed.clear()
+            fields = [(c[0].name, c[0].dtype, s) for c, s in zip(checks, inner, strict=True)]
+            dtype = self._packed[inner] = np.dtype(fields)
+        out = np.empty(len(arrays[0]), dtype=dtype)
+        for c, a in zip(checks, arrays, strict=True):
+            out[c[0].name] = a
         return out
+
+    def _naming_mistake(self, x: Mapping[str, Any]) -> str:
+        """What is wrong with the names of a several-input model's request."""
+        names = [i.name for i in self.session.inputs]
+        missing = [n for n in names if n not in x]
+        unknown = sorted(str(k) for k in x if k not in names)
+        said = [f"missing {', '.join(map(repr, missing))}"] if missing else []
+        said += [f"unknown {', '.join(map(repr, unknown))}"] if unknown else []
+        return f"the model's inputs are {', '.join(map(repr, names))}: {'; '.join(said)}"
 
 
 def fit_tensor(
