@@ -448,3 +448,49 @@ def test_sampled_inputs_of_a_two_input_model_are_rows_of_numbers(
     assert sample.shape == (1, 65) and sample.dtype.kind == "f"
     assert sample[0, :64].tolist() == x[0].tolist() and sample[0, 64] == 2.0
     assert label is not None
+
+
+def _declaring(*inputs: tuple[str, str, list[Any]]) -> dict[str, Any]:
+    declared = [{"name": n, "dtype": d, "shape": s} for n, d, s in inputs]
+    return {"name": "m", "version": "1.0.0", "inputs": declared}
+
+
+@pytest.mark.parametrize(
+    ("declared", "message"),
+    [
+        ((("ids", "int64", ["N", "seq"]), ("mask", "int64", ["N", "seq"])), None),
+        ((("mask", "int64", ["N", 8]), ("ids", "int64", [1, "seq"])), None),  # sizes narrow
+        (
+            (("ids", "int64", ["N", "seq"]), ("tokens", "int64", ["N", "seq"])),
+            r"declares inputs 'ids', 'tokens'; the model's are 'ids', 'mask'",
+        ),
+        ((("ids", "int64", ["N", "seq"]),), r"declares inputs 'ids'; the model's are"),
+        (
+            (("ids", "int32", ["N", "seq"]), ("mask", "int64", ["N", "seq"])),
+            r"input 'ids' is int64 in the model, int32 in the manifest",
+        ),
+        (
+            (("ids", "int64", ["N"]), ("mask", "int64", ["N", "seq"])),
+            r"input 'ids' has 2 dimensions in the model, 1 in the manifest",
+        ),
+    ],
+)
+def test_a_manifest_that_does_not_describe_its_model_is_refused_at_load(
+    runtime: Runtime, declared: tuple[tuple[str, str, list[Any]], ...], message: str | None
+) -> None:
+    manifest = _declaring(*declared)
+    if message is None:
+        assert runtime.load_model(bag_model(), manifest).several_inputs
+        return
+    with pytest.raises(ModelLoadError, match=message) as refused:
+        runtime.load_model(bag_model(), manifest)
+    assert str(refused.value).startswith("the manifest does not describe the model: ")
+
+
+def test_a_fixed_size_the_manifest_gets_wrong_is_refused_at_load(
+    runtime: Runtime, mlp_bytes: bytes
+) -> None:
+    with pytest.raises(ModelLoadError, match=r"input 'input' dimension 1 is 64 in the model, 32"):
+        runtime.load_model(mlp_bytes, _declaring(("input", "float32", ["N", 32])))
+    assert runtime.load_model(mlp_bytes, _declaring(("input", "float32", ["N", 64])))
+    assert runtime.load_model(mlp_bytes, {"name": "m", "version": "1"})  # nothing declared

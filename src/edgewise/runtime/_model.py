@@ -30,6 +30,7 @@ __all__ = [
     "ModelInfo",
     "fit_tensor",
     "health_check",
+    "input_mismatch",
 ]
 
 #: A request: one array, or a model's inputs by name (a mapping of arrays).
@@ -70,6 +71,9 @@ class ModelInfo:
     health_atol: float = 1e-4
     health_max_latency_ms: float = 1000.0
     model_file: str | None = None
+    # The inputs the manifest declares: (name, dtype, shape with None for a named
+    # dimension); checked against the model's own at load (`input_mismatch`).
+    inputs: tuple[tuple[str, str, tuple[int | None, ...]], ...] = ()
 
     @property
     def key(self) -> str:
@@ -120,6 +124,14 @@ class ModelInfo:
             health_atol=float(_get(health, "tolerance") or _get(health, "atol") or 1e-4),
             health_max_latency_ms=float(_get(health, "max_latency_ms") or 1000.0),
             model_file=model_file,
+            inputs=tuple(
+                (
+                    str(_get(t, "name")),
+                    str(_get(t, "dtype")),
+                    tuple(d if isinstance(d, int) else None for d in _get(t, "shape") or ()),
+                )
+                for t in _get(m, "inputs") or ()
+            ),
         )
 
     def model_path(self, directory: Path) -> Path:
@@ -130,6 +142,41 @@ class ModelInfo:
         if not found:
             raise ModelLoadError(f"no model file in {directory}")
         return found[0]
+
+
+def input_mismatch(
+    declared: Sequence[tuple[str, str, tuple[int | None, ...]]], actual: Sequence[TensorInfo]
+) -> str | None:
+    """How a manifest's declared inputs differ from the model's own, or None.
+
+    Names, dtypes and ranks must agree, and so must a dimension both give a size (a
+    named dimension in the manifest, such as "N", stands for any size). Nothing is
+    declared: nothing to check.
+    """
+    if not declared:
+        return None
+    have = {i.name: i for i in actual}
+    names = [d[0] for d in declared]
+    if sorted(names) != sorted(have):
+        listed = ", ".join(map(repr, names))
+        return (
+            f"the manifest declares inputs {listed}; the model's are {', '.join(map(repr, have))}"
+        )
+    for name, dtype, shape in declared:
+        got = have[name]
+        if dtype != str(got.dtype):
+            return f"input {name!r} is {got.dtype} in the model, {dtype} in the manifest"
+        if len(shape) != len(got.shape):
+            return (
+                f"input {name!r} has {len(got.shape)} dimensions in the model, "
+                f"{len(shape)} in the manifest"
+            )
+        for k, (want, size) in enumerate(zip(shape, got.shape, strict=True)):
+            if want is not None and size is not None and want != size:
+                return (
+                    f"input {name!r} dimension {k} is {size} in the model, {want} in the manifest"
+                )
+    return None
 
 
 def _row(raw: Any) -> Any:
