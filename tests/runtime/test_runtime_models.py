@@ -1,6 +1,8 @@
 from __future__ import annotations
 
+import asyncio
 import json
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -19,7 +21,7 @@ from edgewise.runtime import (
 )
 from edgewise.runtime._model import cast_fitting, castable, health_check
 
-from .conftest import onnx_model
+from .conftest import SpecFactory, onnx_model
 
 
 def test_providers_follow_preference_and_always_end_with_cpu() -> None:
@@ -484,3 +486,77 @@ def test_rows_with_nan_scores_are_counted_and_kept_out_of_the_confidence_histogr
     assert stats["confidence"]["count"] == 1 and np.isfinite(stats["confidence"]["sum"])
     assert 'edgewise_nonfinite_scores{pipeline="log"} 2' in runtime.prometheus()
     assert "nan" not in runtime.prometheus().lower()
+
+
+def _hits_model() -> bytes:
+    """A detector's output shape: one [row, column] per input value over 0.5, for the
+    whole call (as boxes after NMS), not one entry per input row."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    nodes = [
+        helper.make_node("Greater", ["x", "half"], ["hit"]),
+        helper.make_node("NonZero", ["hit"], ["nz"]),
+        helper.make_node("Transpose", ["nz"], ["detections"], perm=[1, 0]),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "hits",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [None, 4])],
+        [helper.make_tensor_value_info("detections", TensorProto.INT64, [None, 2])],
+        initializer=[numpy_helper.from_array(np.array(0.5, np.float32), "half")],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    return bytes(model.SerializeToString())
+
+
+def test_outputs_not_one_per_row_are_never_split_among_requests(
+    runtime: Runtime, make_spec: SpecFactory
+) -> None:
+    model = runtime.load_model(_hits_model())
+    assert not model.rows_aligned
+    runtime.start_pipeline(make_spec("hits", batching={"max_batch": 32}), model)
+    assert runtime.pipelines()[0]["max_batch"] == 1
+    a = np.array([[0.9, 0, 0, 0.8]], np.float32)  # hits at columns 0 and 3
+    c = np.array([[0, 0.7, 0, 0]], np.float32)  # a hit at column 1
+
+    async def both() -> list[Any]:
+        return list(await asyncio.gather(*(runtime.infer_async("hits", v) for v in (a, c, a))))
+
+    # Batched together, a's detections had gone partly to c: the call's list was cut by
+    # request rows.
+    ra, rc, ra2 = asyncio.run(both())
+    assert (
+        ra.outputs["detections"].tolist() == [[0, 0], [0, 3]] == ra2.outputs["detections"].tolist()
+    )
+    assert rc.outputs["detections"].tolist() == [[0, 1]]
+    got: list[Any] = []
+    runtime.pause()
+    reqs = [runtime.submit("hits", v, got.append) for v in (c, a)]
+    runtime.resume()
+    deadline = time.monotonic() + 10
+    while len(got) < 2:
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    assert [r.result.outputs["detections"].tolist() for r in reqs] == [[[0, 1]], [[0, 0], [0, 3]]]
+    # One request of two rows owns its call's whole output.
+    both_rows = runtime.infer("hits", np.concatenate([c, a]))
+    assert both_rows.outputs["detections"].tolist() == [[0, 1], [1, 0], [1, 3]]
+
+
+def test_a_model_that_runs_on_one_row_only_serves_one_request_per_call(
+    runtime: Runtime, make_spec: SpecFactory, mlp_bytes: bytes
+) -> None:
+    from onnx import TensorProto
+
+    one_row = runtime.load_model(onnx_model(TensorProto.FLOAT, reshape_to=[1, 4]))
+    assert not one_row.rows_aligned
+    runtime.start_pipeline(make_spec("one", batching={"max_batch": 8}), one_row)
+    rows = [np.full((1, 4), i, np.float32) for i in range(6)]
+
+    async def many() -> list[Any]:
+        return list(await asyncio.gather(*(runtime.infer_async("one", r) for r in rows)))
+
+    results = asyncio.run(many())  # batched, every one of them had failed
+    assert [r.outputs["y"].tolist() for r in results] == [r.tolist() for r in rows]
+    assert runtime.load_model(mlp_bytes).rows_aligned

@@ -14,7 +14,7 @@ from edgewise.runtime._backend import DEFAULT_PROVIDERS, ModelSession, open_onnx
 from edgewise.runtime._errors import AcceleratorUnavailable, ModelLoadError
 from edgewise.runtime._model import LoadedModel, ModelInfo, input_mismatch
 
-__all__ = ["ModelSource", "load_model"]
+__all__ = ["ModelSource", "load_model", "row_aligned"]
 
 ModelSource = bytes | str | os.PathLike[str]
 
@@ -60,18 +60,51 @@ def load_model(
     wrong = input_mismatch(info.inputs, session.inputs)
     if wrong is not None:
         raise ModelLoadError(f"the manifest does not describe the model: {wrong}")
-    model = LoadedModel(info, session, LoadedModel.confidence_output_of(session, info.labels))
     shape = tuple(d if d is not None else 1 for d in session.input.shape)
     zeros = np.zeros(shape, dtype=session.input.dtype)
     try:
-        for _ in range(warmup):
-            session.run(zeros)
+        for _ in range(max(1, warmup)):  # one run at least: its outputs are checked below
+            out = session.run(zeros)
     except Exception as exc:  # the backend's own error types; the model is unusable
         raise ModelLoadError(
             f"the model fails on an input of zeros of its own shape {list(shape)} and dtype "
             f"{session.input.dtype}: {exc}"
         ) from exc
-    return model
+    aligned = row_aligned(session, zeros, out)
+    conf = LoadedModel.confidence_output_of(session, info.labels)
+    return LoadedModel(info, session, conf, rows_aligned=aligned)
+
+
+def _rows(value: Any) -> int | None:
+    """The first dimension of an output (None for a scalar)."""
+    shape = getattr(value, "shape", None)
+    if shape is not None:
+        return int(shape[0]) if len(shape) else None
+    try:
+        return len(value)
+    except TypeError:
+        return None
+
+
+def row_aligned(session: ModelSession, one: np.ndarray[Any, Any], out: dict[str, Any]) -> bool:
+    """Whether every output has one entry per input row.
+
+    Checked on the warm-up input, and on twice its rows where the model takes any batch.
+
+    An output whose length does not follow the rows (a detector's boxes after NMS, a
+    summary of the whole call) cannot be split among the requests of a batch, and nor
+    can the outputs of a model that fails on two rows.
+    """
+    n = one.shape[0]
+    if any(_rows(v) != n for v in out.values()):
+        return False
+    if session.fixed_batch is not None:
+        return True  # it never runs on more rows per call than the warm-up had
+    try:
+        two = session.run(np.concatenate([one, one]))
+    except Exception:  # works on one row only: serve one request per call
+        return False
+    return all(_rows(v) == 2 * n for v in two.values())
 
 
 def _open(

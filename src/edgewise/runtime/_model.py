@@ -260,6 +260,11 @@ class LoadedModel:
     info: ModelInfo
     session: ModelSession
     confidence_output: str | None
+    # Whether every output has one entry per input row, so that one call can serve the
+    # rows of several requests and each gets its own part. A detector's list of boxes
+    # after NMS ([detections, 6] for the whole call) has not: such a model serves one
+    # request per call (see `row_aligned`).
+    rows_aligned: bool = True
     _fixed: tuple[int, ...] = field(init=False, repr=False, compare=False, default=())
     # validate()'s check of a batched input, in C calls only: `_pick(x.shape) == _want`
     # compares the inner dimensions the model fixes (free ones, such as an image width,

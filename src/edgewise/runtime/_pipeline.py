@@ -207,6 +207,8 @@ class ModelLane:
         fixed = model.session.fixed_batch
         if fixed is not None:  # batching beyond the model's own batch size gains nothing
             self.max_batch = min(self.max_batch, fixed)
+        if not model.rows_aligned:  # its outputs cannot be split among requests
+            self.max_batch = 1
         self.max_queue_delay_s = pipeline.spec.batching.max_queue_delay_ms / 1000.0
         self._run = model.session.run
         # A free inner dimension (an image's height, a sequence's length): requests of
