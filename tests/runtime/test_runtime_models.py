@@ -560,3 +560,36 @@ def test_a_model_that_runs_on_one_row_only_serves_one_request_per_call(
     results = asyncio.run(many())  # batched, every one of them had failed
     assert [r.outputs["y"].tolist() for r in results] == [r.tolist() for r in rows]
     assert runtime.load_model(mlp_bytes).rows_aligned
+
+
+@pytest.mark.parametrize("classes", ["names", "some_digits"])
+def test_a_scikit_learn_classifier_without_a_manifest_answers_with_its_own_classes(
+    runtime: Runtime, classes: str
+) -> None:
+    # Labels came from the score column's index: '0', '1'... whatever the classes were.
+    from skl2onnx import to_onnx
+    from sklearn.datasets import load_digits
+    from sklearn.linear_model import LogisticRegression
+
+    x, y = load_digits(return_X_y=True)
+    x = x.astype(np.float32)
+    if classes == "names":
+        words = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
+        target = np.array(words)[y]
+    else:  # three digits only: score columns 0, 1, 2 are the classes 3, 5 and 8
+        keep = np.isin(y, [3, 5, 8])
+        x, target = x[keep], y[keep]
+    clf = LogisticRegression(max_iter=500).fit(x[:300], target[:300])
+    model = runtime.load_model(to_onnx(clf, x[:1]).SerializeToString())
+    assert list(model.info.labels) == [str(c) for c in clf.classes_]
+    runtime.start_pipeline(
+        PipelineSpec.model_validate({"name": "c", "model": {"name": "m"}}), model
+    )
+    result = runtime.infer("c", x[300:340])
+    assert result.labels == [str(c) for c in clf.predict(x[300:340])]
+    # A bundle's own labels still win.
+    named = runtime.load_model(
+        to_onnx(clf, x[:1]).SerializeToString(),
+        {"name": "m", "version": "1", "labels": [f"c{i}" for i in range(len(clf.classes_))]},
+    )
+    assert named.info.labels[0] == "c0"

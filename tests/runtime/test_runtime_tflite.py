@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from edgewise.examples import DigitsSplit, train_logreg, train_mlp
-from edgewise.runtime import ModelLoadError, Runtime
+from edgewise.runtime import BadInput, ModelLoadError, Runtime
 from edgewise.runtime._tflite import tflite_available
 
 from .conftest import SpecFactory
@@ -84,3 +84,37 @@ def test_corrupt_tflite_file_is_a_model_load_error(runtime: Runtime, tmp_path: P
     bad.write_bytes(b"\x00\x00\x00\x00TFL3 not really")
     with pytest.raises(ModelLoadError):
         runtime.load_model(bad)
+
+
+def test_a_two_input_model_runs_on_tflite_as_on_onnxruntime(
+    runtime: Runtime, split: DigitsSplit, make_spec: SpecFactory
+) -> None:
+    from edgewise.runtime._tflite_build import sklearn_to_tflite
+
+    from .test_runtime_inputs import gain_model
+
+    estimator = train_logreg(split)[1]
+    tfl = runtime.load_model(sklearn_to_tflite(estimator, gain_input=True))
+    assert [(i.name, i.shape) for i in tfl.session.inputs] == [
+        ("input", (None, 64)),
+        ("gain", (None, 1)),
+    ]
+    runtime.start_pipeline(make_spec("tflite", batching={"max_batch": 8}), tfl)
+    runtime.start_pipeline(make_spec("onnx"), runtime.load_model(gain_model(estimator)))
+    x = split.x_test[:40].astype(np.float32)
+    gains = np.linspace(0.5, 1.5, 40, dtype=np.float32).reshape(40, 1)
+
+    on_tflite = runtime.infer("tflite", {"input": x, "gain": gains})
+    on_onnx = runtime.infer("onnx", {"pixels": x, "gain": gains})
+
+    assert on_tflite.labels == on_onnx.labels
+    assert np.allclose(
+        on_tflite.outputs["probabilities"], on_onnx.outputs["probabilities"], atol=1e-5
+    )
+    ones = runtime.infer("tflite", {"input": x, "gain": np.ones((40, 1), np.float32)})
+    assert ones.labels == [str(k) for k in estimator.predict(split.x_test[:40])]
+    # Row by row (the input resized to each call's rows), then a batch again.
+    rows = [runtime.infer("tflite", {"input": x[i], "gain": gains[i]}).labels[0] for i in range(5)]
+    assert rows == on_onnx.labels[:5]
+    with pytest.raises(BadInput, match=r"inputs are 'input', 'gain': missing 'gain'"):
+        runtime.infer("tflite", {"input": x})

@@ -187,6 +187,9 @@ class OnnxSession:
         # ZipMap (a list of {class: probability} per row): served as a [rows, classes]
         # float array, so they are the scores, encodable as JSON, like any model's.
         self._zipmaps = tuple(o.name for o in outs if o.type.startswith("seq(map("))
+        # The classes a ZipMap names (its keys, in score order), once a call has shown
+        # them: the model's own labels, for a bundle that lists none.
+        self.class_labels: tuple[str, ...] | None = None
         self.outputs = tuple(
             TensorInfo(o.name, _SCORES, (None, None))
             if o.name in self._zipmaps
@@ -216,7 +219,10 @@ class OnnxSession:
             values = self._run(self._names, feed)
         out = dict(zip(self._names, values, strict=False))  # a value per name asked for
         for name in self._zipmaps:
-            out[name] = _unzip(out[name])
+            rows = out[name]
+            if self.class_labels is None and rows:
+                self.class_labels = tuple(str(k) for k in rows[0])
+            out[name] = _unzip(rows)
         return out
 
     def _run_in_calls(

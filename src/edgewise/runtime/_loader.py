@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from collections.abc import Sequence
@@ -71,6 +72,9 @@ def load_model(
             f"{session.input.dtype}: {exc}"
         ) from exc
     aligned = row_aligned(session, zeros, out)
+    named = getattr(session, "class_labels", None)
+    if named and not info.labels:  # a scikit-learn classifier's classes, from its ZipMap
+        info = dataclasses.replace(info, labels=named)
     conf = LoadedModel.confidence_output_of(session, info.labels)
     return LoadedModel(info, session, conf, rows_aligned=aligned)
 

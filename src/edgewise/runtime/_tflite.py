@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from edgewise.runtime._backend import TensorInfo
+from edgewise.runtime._backend import TensorInfo, packed_info
 from edgewise.runtime._errors import ModelLoadError
 
 __all__ = ["TfliteSession", "open_tflite", "tflite_available"]
@@ -41,22 +41,23 @@ class TfliteSession:
     def __init__(self, interpreter: Any) -> None:
         self._it = interpreter
         self._lock = threading.Lock()
-        details = interpreter.get_input_details()
-        if len(details) != 1:
-            names = ", ".join(repr(str(d["name"])) for d in details)
-            raise ModelLoadError(
-                f"the TFLite model has {len(details)} inputs ({names}); the TFLite backend "
-                "feeds one (models with several inputs run on onnxruntime)"
+        infos = []
+        self._ins: list[tuple[int, str]] = []
+        self._shapes: dict[int, tuple[int, ...]] = {}
+        for d in interpreter.get_input_details():
+            shape = tuple(int(v) for v in d.get("shape_signature", d["shape"]))
+            name = str(d["name"])
+            infos.append(
+                TensorInfo(
+                    name, np.dtype(d["dtype"]), (None, *(v if v > 0 else None for v in shape[1:]))
+                )
             )
-        inp = details[0]
-        self._in_index = int(inp["index"])
-        shape = tuple(int(d) for d in inp.get("shape_signature", inp["shape"]))
-        self.input = TensorInfo(
-            str(inp["name"]),
-            np.dtype(inp["dtype"]),
-            (None, *(d if d > 0 else None for d in shape[1:])),
-        )
-        self.inputs: tuple[TensorInfo, ...] = (self.input,)
+            self._ins.append((int(d["index"]), name))
+            self._shapes[int(d["index"])] = tuple(int(v) for v in d["shape"])
+        self.inputs: tuple[TensorInfo, ...] = tuple(infos)
+        # Several inputs come packed, a field per input (see `packed_info`).
+        self.input = infos[0] if len(infos) == 1 else packed_info(infos, None)
+        self._several = len(infos) > 1
         self._outs = interpreter.get_output_details()
         self.outputs = tuple(
             TensorInfo(
@@ -64,21 +65,31 @@ class TfliteSession:
             )
             for o in self._outs
         )
-        self._shape = tuple(int(d) for d in inp["shape"])
 
     def run(self, x: npt.NDArray[np.generic]) -> dict[str, npt.NDArray[np.generic]]:
-        """Run one batch, resizing the input when its shape changes.
+        """Run one batch, resizing an input when its shape changes.
 
         The batch changes its shape, and so does a free inner dimension.
         """
+        feeds = (
+            [(i, x[name]) for i, name in self._ins]  # type: ignore[call-overload]
+            if self._several
+            else [(self._ins[0][0], x)]
+        )
+        it = self._it
         with self._lock:
-            if x.shape != self._shape:
-                self._it.resize_tensor_input(self._in_index, list(x.shape), strict=False)
-                self._it.allocate_tensors()
-                self._shape = x.shape
-            self._it.set_tensor(self._in_index, np.ascontiguousarray(x))
-            self._it.invoke()
-            return {o["name"]: np.array(self._it.get_tensor(o["index"])) for o in self._outs}
+            resized = False
+            for i, a in feeds:
+                if a.shape != self._shapes[i]:
+                    it.resize_tensor_input(i, list(a.shape), strict=False)
+                    self._shapes[i] = a.shape
+                    resized = True
+            if resized:
+                it.allocate_tensors()
+            for i, a in feeds:
+                it.set_tensor(i, np.ascontiguousarray(a))
+            it.invoke()
+            return {o["name"]: np.array(it.get_tensor(o["index"])) for o in self._outs}
 
 
 def open_tflite(model: bytes | str | os.PathLike[str], *, cores: int) -> TfliteSession:

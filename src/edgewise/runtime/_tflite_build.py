@@ -7,7 +7,7 @@ module that ships inside `ai-edge-litert` (the `tflite` extra); no TensorFlow ne
 
 Supported: `MLPClassifier` (ReLU hidden layers) and multinomial `LogisticRegression`,
 each becoming FULLY_CONNECTED layers and a SOFTMAX, with input `input` [N, features]
-and output `probabilities` [N, classes].
+(and optionally `gain` [N, 1], a MUL in front) and output `probabilities` [N, classes].
 """
 
 from __future__ import annotations
@@ -39,8 +39,14 @@ def _layers(estimator: Any) -> list[tuple[Array, Array, bool]]:
     raise ValueError(f"cannot convert {type(estimator).__name__}")
 
 
-def sklearn_to_tflite(estimator: Any) -> bytes:
+def sklearn_to_tflite(estimator: Any, gain_input: bool = False) -> bytes:
     """Convert a fitted classifier to TFLite bytes.
+
+    Args:
+        estimator: the fitted classifier.
+        gain_input: add a second input, `gain` [N, 1], that multiplies the features
+            before the first layer (a model with two inputs; a gain of 1 answers as the
+            estimator does).
 
     Raises:
         ImportError: the `tflite` extra (ai-edge-litert) is not installed.
@@ -70,7 +76,12 @@ def sklearn_to_tflite(estimator: Any) -> bytes:
         return len(tensors) - 1
 
     codes = []
-    for builtin in (fb.BuiltinOperator.FULLY_CONNECTED, fb.BuiltinOperator.SOFTMAX):
+    builtins = (
+        fb.BuiltinOperator.FULLY_CONNECTED,
+        fb.BuiltinOperator.SOFTMAX,
+        fb.BuiltinOperator.MUL,
+    )
+    for builtin in builtins:
         code = fb.OperatorCodeT()
         code.builtinCode = builtin
         code.deprecatedBuiltinCode = builtin
@@ -79,8 +90,20 @@ def sklearn_to_tflite(estimator: Any) -> bytes:
 
     n_in = int(layers[0][0].shape[0])
     current = tensor("input", [-1, n_in])
-    first = current
+    graph_inputs = [current]
     ops = []
+    if gain_input:
+        gain = tensor("gain", [-1, 1])
+        graph_inputs.append(gain)
+        scaled = tensor("scaled", [-1, n_in])
+        mul = fb.OperatorT()
+        mul.opcodeIndex = 2
+        mul.inputs = np.array([current, gain], dtype=np.int32)
+        mul.outputs = np.array([scaled], dtype=np.int32)
+        mul.builtinOptionsType = fb.BuiltinOptions.MulOptions
+        mul.builtinOptions = fb.MulOptionsT()
+        ops.append(mul)
+        current = scaled
     for i, (w, b, relu) in enumerate(layers):
         w_t = tensor(f"dense{i}/weights", list(w.T.shape), w.T)
         b_t = tensor(f"dense{i}/bias", [int(b.shape[0])], b)
@@ -110,7 +133,7 @@ def sklearn_to_tflite(estimator: Any) -> bytes:
 
     graph = fb.SubGraphT()
     graph.tensors = tensors
-    graph.inputs = np.array([first], dtype=np.int32)
+    graph.inputs = np.array(graph_inputs, dtype=np.int32)
     graph.outputs = np.array([probs], dtype=np.int32)
     graph.operators = ops
     graph.name = "main"
