@@ -488,21 +488,29 @@ def test_rows_with_nan_scores_are_counted_and_kept_out_of_the_confidence_histogr
     assert "nan" not in runtime.prometheus().lower()
 
 
-def _hits_model() -> bytes:
+def _hits_model(scores: bool = False) -> bytes:
     """A detector's output shape: one [row, column] per input value over 0.5, for the
-    whole call (as boxes after NMS), not one entry per input row."""
+    whole call (as boxes after NMS), not one entry per input row. With `scores`, the hits
+    are floats and a softmax of the input follows them as a second output (under a name
+    that does not say it holds scores)."""
     from onnx import TensorProto, helper, numpy_helper
 
     nodes = [
         helper.make_node("Greater", ["x", "half"], ["hit"]),
         helper.make_node("NonZero", ["hit"], ["nz"]),
-        helper.make_node("Transpose", ["nz"], ["detections"], perm=[1, 0]),
+        helper.make_node("Transpose", ["nz"], ["hits" if scores else "detections"], perm=[1, 0]),
     ]
+    kind = TensorProto.FLOAT if scores else TensorProto.INT64
+    outputs = [helper.make_tensor_value_info("detections", kind, [None, 2])]
+    if scores:
+        nodes.append(helper.make_node("Cast", ["hits"], ["detections"], to=TensorProto.FLOAT))
+        nodes.append(helper.make_node("Softmax", ["x"], ["class_scores"], axis=-1))
+        outputs.append(helper.make_tensor_value_info("class_scores", TensorProto.FLOAT, [None, 4]))
     graph = helper.make_graph(
         nodes,
         "hits",
         [helper.make_tensor_value_info("x", TensorProto.FLOAT, [None, 4])],
-        [helper.make_tensor_value_info("detections", TensorProto.INT64, [None, 2])],
+        outputs,
         initializer=[numpy_helper.from_array(np.array(0.5, np.float32), "half")],
     )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
@@ -514,7 +522,8 @@ def test_outputs_not_one_per_row_are_never_split_among_requests(
     runtime: Runtime, make_spec: SpecFactory
 ) -> None:
     model = runtime.load_model(_hits_model())
-    assert not model.rows_aligned
+    assert not model.rows_aligned and model.unaligned == {"detections"}
+    assert model.confidence_output is None
     runtime.start_pipeline(make_spec("hits", batching={"max_batch": 32}), model)
     assert runtime.pipelines()[0]["max_batch"] == 1
     a = np.array([[0.9, 0, 0, 0.8]], np.float32)  # hits at columns 0 and 3
@@ -593,3 +602,17 @@ def test_a_scikit_learn_classifier_without_a_manifest_answers_with_its_own_class
         {"name": "m", "version": "1", "labels": [f"c{i}" for i in range(len(clf.classes_))]},
     )
     assert named.info.labels[0] == "c0"
+
+
+def test_an_output_not_one_per_row_is_never_taken_for_the_scores(
+    runtime: Runtime, make_spec: SpecFactory
+) -> None:
+    # The float detections came first, and labels were the argmax of each detection's
+    # coordinates, one per detection rather than one per input row.
+    model = runtime.load_model(_hits_model(scores=True))
+    assert model.unaligned == {"detections"}
+    assert model.confidence_output == "class_scores"
+    runtime.start_pipeline(make_spec("hits"), model)
+    result = runtime.infer("hits", np.array([[0.9, 0, 0, 0.8], [0, 0.7, 0, 0]], np.float32))
+    assert result.labels == ["0", "1"]
+    assert result.outputs["detections"].tolist() == [[0.0, 0.0], [0.0, 3.0], [1.0, 1.0]]

@@ -15,7 +15,7 @@ from edgewise.runtime._backend import DEFAULT_PROVIDERS, ModelSession, open_onnx
 from edgewise.runtime._errors import AcceleratorUnavailable, ModelLoadError
 from edgewise.runtime._model import LoadedModel, ModelInfo, input_mismatch
 
-__all__ = ["ModelSource", "load_model", "row_aligned"]
+__all__ = ["ModelSource", "load_model", "unaligned_outputs"]
 
 ModelSource = bytes | str | os.PathLike[str]
 
@@ -71,12 +71,12 @@ def load_model(
             f"the model fails on an input of zeros of its own shape {list(shape)} and dtype "
             f"{session.input.dtype}: {exc}"
         ) from exc
-    aligned = row_aligned(session, zeros, out)
+    unaligned = unaligned_outputs(session, zeros, out)
     named = getattr(session, "class_labels", None)
     if named and not info.labels:  # a scikit-learn classifier's classes, from its ZipMap
         info = dataclasses.replace(info, labels=named)
-    conf = LoadedModel.confidence_output_of(session, info.labels)
-    return LoadedModel(info, session, conf, rows_aligned=aligned)
+    conf = LoadedModel.confidence_output_of(session, info.labels, unaligned)
+    return LoadedModel(info, session, conf, unaligned=unaligned)
 
 
 def _rows(value: Any) -> int | None:
@@ -90,25 +90,25 @@ def _rows(value: Any) -> int | None:
         return None
 
 
-def row_aligned(session: ModelSession, one: np.ndarray[Any, Any], out: dict[str, Any]) -> bool:
-    """Whether every output has one entry per input row.
+def unaligned_outputs(
+    session: ModelSession, one: np.ndarray[Any, Any], out: dict[str, Any]
+) -> frozenset[str]:
+    """The outputs that do not have one entry per input row.
 
     Checked on the warm-up input, and on twice its rows where the model takes any batch.
-
-    An output whose length does not follow the rows (a detector's boxes after NMS, a
-    summary of the whole call) cannot be split among the requests of a batch, and nor
-    can the outputs of a model that fails on two rows.
+    Such an output (a detector's boxes after NMS, a summary of the whole call) cannot be
+    split among the requests of a batch, and no output of a model that fails on two rows
+    can.
     """
     n = one.shape[0]
-    if any(_rows(v) != n for v in out.values()):
-        return False
+    wrong = {name for name, v in out.items() if _rows(v) != n}
     if session.fixed_batch is not None:
-        return True  # it never runs on more rows per call than the warm-up had
+        return frozenset(wrong)  # it never runs on more rows per call than the warm-up had
     try:
         two = session.run(np.concatenate([one, one]))
     except Exception:  # works on one row only: serve one request per call
-        return False
-    return all(_rows(v) == 2 * n for v in two.values())
+        return frozenset(out)
+    return frozenset(wrong | {name for name, v in two.items() if _rows(v) != 2 * n})
 
 
 def _open(

@@ -260,11 +260,11 @@ class LoadedModel:
     info: ModelInfo
     session: ModelSession
     confidence_output: str | None
-    # Whether every output has one entry per input row, so that one call can serve the
-    # rows of several requests and each gets its own part. A detector's list of boxes
-    # after NMS ([detections, 6] for the whole call) has not: such a model serves one
-    # request per call (see `row_aligned`).
-    rows_aligned: bool = True
+    # The outputs without one entry per input row (see `unaligned_outputs`). A detector's
+    # boxes after NMS ([detections, 6] for the whole call) cannot be split among the
+    # requests of a batch: such a model serves one request per call, and such an output
+    # is never taken for per-row scores.
+    unaligned: frozenset[str] = frozenset()
     _fixed: tuple[int, ...] = field(init=False, repr=False, compare=False, default=())
     # validate()'s check of a batched input, in C calls only: `_pick(x.shape) == _want`
     # compares the inner dimensions the model fixes (free ones, such as an image width,
@@ -314,10 +314,17 @@ class LoadedModel:
         """The execution provider the session actually runs on."""
         return self.session.provider
 
+    @property
+    def rows_aligned(self) -> bool:
+        """Whether every output has one entry per input row (requests can share a call)."""
+        return not self.unaligned
+
     @staticmethod
-    def confidence_output_of(session: ModelSession, labels: Sequence[str]) -> str | None:
-        """Pick the float output holding per-class scores, if any."""
-        floats = [o for o in session.outputs if o.dtype.kind == "f"]
+    def confidence_output_of(
+        session: ModelSession, labels: Sequence[str], unaligned: frozenset[str] = frozenset()
+    ) -> str | None:
+        """Pick the float output holding per-class scores, if any (one row per input)."""
+        floats = [o for o in session.outputs if o.dtype.kind == "f" and o.name not in unaligned]
         for o in floats:
             if o.name in _CONFIDENCE_NAMES:
                 return o.name
