@@ -118,3 +118,30 @@ def test_a_two_input_model_runs_on_tflite_as_on_onnxruntime(
     assert rows == on_onnx.labels[:5]
     with pytest.raises(BadInput, match=r"inputs are 'input', 'gain': missing 'gain'"):
         runtime.infer("tflite", {"input": x})
+
+
+def test_a_quantized_classifier_answers_with_dequantized_scores(
+    runtime: Runtime, models: dict[str, object], split: DigitsSplit, make_spec: SpecFactory
+) -> None:
+    # Its uint8 scores were no float output at all: no labels, no confidences.
+    from edgewise.runtime._tflite_build import sklearn_to_tflite
+
+    _, estimator = train_mlp(split)
+    quantized = runtime.load_model(sklearn_to_tflite(estimator, quantized_output=True))
+    assert quantized.confidence_output == "probabilities"
+    runtime.start_pipeline(make_spec("q"), quantized)
+    runtime.start_pipeline(make_spec("onnx"), runtime.load_model(models["onnx"]))  # type: ignore[arg-type]
+
+    got = runtime.infer("q", split.x_test)
+    want = runtime.infer("onnx", split.x_test)
+
+    probs = got.outputs["probabilities"]
+    assert probs.dtype == np.float32
+    assert np.abs(probs - want.outputs["probabilities"]).max() <= 1 / 256 + 1e-6
+    top2 = np.sort(want.outputs["probabilities"], axis=1)[:, -2:]
+    clear = (top2[:, 1] - top2[:, 0]) > 2 / 256  # rows quantization cannot flip
+    assert clear.sum() > 0.9 * len(clear)
+    assert [g for g, c in zip(got.labels, clear, strict=True) if c] == [
+        w for w, c in zip(want.labels, clear, strict=True) if c
+    ]
+    assert all(0.0 <= c <= 1.0 for c in got.confidences if c is not None)

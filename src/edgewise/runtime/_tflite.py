@@ -1,5 +1,7 @@
 """The TFLite backend (`ai-edge-litert`, the `tflite` extra), behind `ModelSession`.
 
+Quantized outputs (a quantized classifier's uint8 scores) are served dequantized.
+
 The interpreter is not thread-safe; the scheduler only ever runs one batch per lane at a
 time, and a lock guards the resize-then-invoke sequence anyway. TFLite models usually
 have a fixed batch dimension, so batches are resized on demand (cheap when the size
@@ -58,13 +60,23 @@ class TfliteSession:
         # Several inputs come packed, a field per input (see `packed_info`).
         self.input = infos[0] if len(infos) == 1 else packed_info(infos, None)
         self._several = len(infos) > 1
-        self._outs = interpreter.get_output_details()
-        self.outputs = tuple(
-            TensorInfo(
-                str(o["name"]), np.dtype(o["dtype"]), (None, *(int(d) for d in o["shape"][1:]))
+        # A quantized output (an integer tensor with a scale: a quantized classifier's
+        # uint8 scores) is served dequantized, `(q - zero_point) * scale` as float32, so
+        # its scores are probabilities the runtime reads for labels and confidences.
+        self._outs: list[tuple[str, int, float, int]] = []
+        infos_out = []
+        for o in interpreter.get_output_details():
+            dtype = np.dtype(o["dtype"])
+            scale, zero = o.get("quantization", (0.0, 0))
+            if dtype.kind not in "iu" or not scale:
+                scale = 0.0
+            else:
+                dtype = np.dtype(np.float32)
+            self._outs.append((str(o["name"]), int(o["index"]), float(scale), int(zero)))
+            infos_out.append(
+                TensorInfo(str(o["name"]), dtype, (None, *(int(d) for d in o["shape"][1:])))
             )
-            for o in self._outs
-        )
+        self.outputs = tuple(infos_out)
 
     def run(self, x: npt.NDArray[np.generic]) -> dict[str, npt.NDArray[np.generic]]:
         """Run one batch, resizing an input when its shape changes.
@@ -89,7 +101,14 @@ class TfliteSession:
             for i, a in feeds:
                 it.set_tensor(i, np.ascontiguousarray(a))
             it.invoke()
-            return {o["name"]: np.array(it.get_tensor(o["index"])) for o in self._outs}
+            out = {}
+            for name, index, scale, zero in self._outs:
+                value = it.get_tensor(index)
+                if scale:
+                    out[name] = (value.astype(np.float32) - np.float32(zero)) * np.float32(scale)
+                else:
+                    out[name] = np.array(value)
+            return out
 
 
 def open_tflite(model: bytes | str | os.PathLike[str], *, cores: int) -> TfliteSession:

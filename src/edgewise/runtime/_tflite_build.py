@@ -7,7 +7,8 @@ module that ships inside `ai-edge-litert` (the `tflite` extra); no TensorFlow ne
 
 Supported: `MLPClassifier` (ReLU hidden layers) and multinomial `LogisticRegression`,
 each becoming FULLY_CONNECTED layers and a SOFTMAX, with input `input` [N, features]
-(and optionally `gain` [N, 1], a MUL in front) and output `probabilities` [N, classes].
+(and optionally `gain` [N, 1], a MUL in front) and output `probabilities` [N, classes]
+(optionally uint8, quantized).
 """
 
 from __future__ import annotations
@@ -39,7 +40,9 @@ def _layers(estimator: Any) -> list[tuple[Array, Array, bool]]:
     raise ValueError(f"cannot convert {type(estimator).__name__}")
 
 
-def sklearn_to_tflite(estimator: Any, gain_input: bool = False) -> bytes:
+def sklearn_to_tflite(
+    estimator: Any, gain_input: bool = False, quantized_output: bool = False
+) -> bytes:
     """Convert a fitted classifier to TFLite bytes.
 
     Args:
@@ -47,6 +50,8 @@ def sklearn_to_tflite(estimator: Any, gain_input: bool = False) -> bytes:
         gain_input: add a second input, `gain` [N, 1], that multiplies the features
             before the first layer (a model with two inputs; a gain of 1 answers as the
             estimator does).
+        quantized_output: give the probabilities as uint8 with a scale of 1/256 (a
+            QUANTIZE after the SOFTMAX), as quantized TFLite classifiers do.
 
     Raises:
         ImportError: the `tflite` extra (ai-edge-litert) is not installed.
@@ -80,6 +85,7 @@ def sklearn_to_tflite(estimator: Any, gain_input: bool = False) -> bytes:
         fb.BuiltinOperator.FULLY_CONNECTED,
         fb.BuiltinOperator.SOFTMAX,
         fb.BuiltinOperator.MUL,
+        fb.BuiltinOperator.QUANTIZE,
     )
     for builtin in builtins:
         code = fb.OperatorCodeT()
@@ -120,7 +126,8 @@ def sklearn_to_tflite(estimator: Any, gain_input: bool = False) -> bytes:
         op.builtinOptions = opts
         ops.append(op)
         current = out
-    probs = tensor("probabilities", [-1, int(layers[-1][0].shape[1])])
+    classes = int(layers[-1][0].shape[1])
+    probs = tensor("probabilities_float" if quantized_output else "probabilities", [-1, classes])
     soft = fb.OperatorT()
     soft.opcodeIndex = 1
     soft.inputs = np.array([current], dtype=np.int32)
@@ -130,6 +137,19 @@ def sklearn_to_tflite(estimator: Any, gain_input: bool = False) -> bytes:
     soft_opts.beta = 1.0
     soft.builtinOptions = soft_opts
     ops.append(soft)
+    if quantized_output:
+        out = tensor("probabilities", [-1, classes])
+        q = fb.QuantizationParametersT()
+        q.scale = np.array([1.0 / 256.0], dtype=np.float32)
+        q.zeroPoint = np.array([0], dtype=np.int64)
+        tensors[out].type = fb.TensorType.UINT8
+        tensors[out].quantization = q
+        quant = fb.OperatorT()
+        quant.opcodeIndex = 3
+        quant.inputs = np.array([probs], dtype=np.int32)
+        quant.outputs = np.array([out], dtype=np.int32)
+        ops.append(quant)
+        probs = out
 
     graph = fb.SubGraphT()
     graph.tensors = tensors
