@@ -25,6 +25,8 @@ How the harder comparisons are set up:
   the previous one's completion callback (`Runtime.submit`, how the agent's own sources
   feed a pipeline; perf_analyzer's async concurrency works the same way), so no future
   or coroutine per request; CPU per request counts the whole process.
+  `digits_callback_floor_c32_vs_raw_b1` is the same clients served by a bare loop
+  (stack, one model call, a callback each; no runtime): their ceiling.
 - single client: `single_client_batching_vs_direct` is batching on (max_batch 32) vs off
   (max_batch 1) through the runtime; `single_client_pipeline_vs_raw_session` is the
   runtime vs calling the model directly (public `session.run`).
@@ -234,6 +236,41 @@ async def async_floor(rows: list[np.ndarray], n: int, seconds: float) -> float:
     return done[0] / (time.perf_counter() - t0)
 
 
+def callback_floor(session: Any, rows: list[np.ndarray], n: int, seconds: float) -> float:
+    """The ceiling for `callback_clients`: the same 32 closed-loop clients, each
+    submitting its next row from its completion callback, served by a loop that stacks
+    what is pending, runs the bare model once and calls each callback with a tiny result.
+    No runtime at all (no admission, queues, metrics or result objects): requests/s."""
+    inner = getattr(session, "_sess", session)
+    opts = ort.RunOptions()
+    names = [o.name for o in session.get_outputs()]
+    pending: list[tuple[np.ndarray, Callable[[int], None]]] = []
+    done = [0]
+    end = time.perf_counter() + seconds
+
+    def client(k: int) -> None:
+        state = [k * 37]
+
+        def cb(_label: int) -> None:
+            done[0] += 1
+            state[0] += 1
+            pending.append((rows[state[0] % len(rows)], cb))
+
+        pending.append((rows[state[0] % len(rows)], cb))
+
+    for k in range(n):
+        client(k)
+    t0 = time.perf_counter()
+    while time.perf_counter() < end:
+        group = pending[:]
+        pending.clear()
+        out = inner.run(names, {"input": np.concatenate([x for x, _ in group])}, opts)
+        top = out[-1].argmax(axis=1).tolist()
+        for (_, cb), label in zip(group, top, strict=True):
+            cb(label)
+    return done[0] / (time.perf_counter() - t0)
+
+
 def callback_clients(
     rt: Runtime, name: str, rows: list[np.ndarray], n: int, seconds: float
 ) -> tuple[float, list[float]]:
@@ -327,6 +364,9 @@ def bench_digits(seconds: float, mlp: bytes, x: np.ndarray) -> dict[str, float]:
 
             return uvloop.run(async_clients(rt, "batched", rows, 32, seconds / 2))[0]
 
+        def callback_floor_c32() -> float:
+            return callback_floor(raw, rows, 32, seconds / 2)
+
         def floor_c32() -> float:
             t0, c0 = time.perf_counter(), time.thread_time()
             return cpu_per("floor", asyncio.run(async_floor(rows, 32, seconds / 2)), t0, c0)
@@ -354,6 +394,7 @@ def bench_digits(seconds: float, mlp: bytes, x: np.ndarray) -> dict[str, float]:
                 "batched_c32_async": c32_async,
                 "batched_c32_uvloop": c32_uvloop,
                 "callback_c32": c32_callback,
+                "callback_floor_c32": callback_floor_c32,
                 "asyncio_floor_c32": floor_c32,
                 "asyncio_floor_c32_uvloop": floor_c32_uvloop,
                 "model_b32": model_b32,
@@ -406,6 +447,7 @@ def bench_digits(seconds: float, mlp: bytes, x: np.ndarray) -> dict[str, float]:
         "digits_callback_c32_per_s": med["callback_c32"],
         "digits_callback_c32_vs_raw_b1": paired_ratio(res, "callback_c32", "raw_b1"),
         "digits_callback_c32_p99_ms": statistics.median(p99_callback),
+        "digits_callback_floor_c32_vs_raw_b1": paired_ratio(res, "callback_floor_c32", "raw_b1"),
         "digits_callback_c32_cpu_us_per_req": statistics.median(cpu["callback"]),
         "digits_c32_cpu_us_per_req": statistics.median(cpu["c32"]),
         "digits_asyncio_floor_cpu_us_per_req": statistics.median(cpu["floor"]),
