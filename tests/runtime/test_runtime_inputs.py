@@ -494,3 +494,30 @@ def test_a_fixed_size_the_manifest_gets_wrong_is_refused_at_load(
         runtime.load_model(mlp_bytes, _declaring(("input", "float32", ["N", 32])))
     assert runtime.load_model(mlp_bytes, _declaring(("input", "float32", ["N", 64])))
     assert runtime.load_model(mlp_bytes, {"name": "m", "version": "1"})  # nothing declared
+
+
+def test_a_cascade_to_an_upstream_server_sends_the_rows_by_input_name(
+    runtime: Runtime, make_spec: SpecFactory
+) -> None:
+    light, heavy = bag_model(seed=0), bag_model(seed=5)
+    upstream = Runtime(cores=1, monitor_interval_s=None)
+    http = HttpServer(InferenceAPI(upstream))
+    try:
+        upstream.start_pipeline(make_spec("bag"), upstream.load_model(heavy))
+        port = http.start()
+        cascade = {"threshold": 0.6, "endpoint": f"http://127.0.0.1:{port}", "timeout_s": 5}
+        runtime.start_pipeline(make_spec("bag", cascade=cascade), runtime.load_model(light))
+        feed = tokens(np.random.default_rng(6), 30, 5)
+        got = runtime.infer("bag", feed)
+        upstream_rows = upstream.stats("bag")["nv_inference_exec_rows"]
+    finally:
+        http.stop()
+        upstream.close()
+    light_p, heavy_p = direct(light, **feed), direct(heavy, **feed)
+    low = light_p.max(axis=1) < 0.6
+    assert low.any() and not low.all()
+    assert got.labels == [
+        str(k) for k in np.where(low, heavy_p.argmax(axis=1), light_p.argmax(axis=1))
+    ]
+    assert got.escalated == low.tolist()
+    assert upstream_rows == int(low.sum())
