@@ -376,6 +376,13 @@ def test_a_cascade_over_two_inputs_escalates_rows_by_name_and_checks_the_tier(
     expected = np.where(low, heavy_p.argmax(axis=1), light_p.argmax(axis=1))
     assert got.labels == [str(k) for k in expected]
     assert got.escalated == low.tolist()
+    # A tier exported with a fixed batch takes the same rows (in calls of its batch).
+    runtime.start_pipeline(
+        make_spec("fixed", cascade=cascade),
+        runtime.load_model(light),
+        cascade_model=runtime.load_model(bag_model(seed=5, batch=1)),
+    )
+    assert runtime.infer("fixed", feed).labels == got.labels
     with pytest.raises(ValueError, match=r"cascade model .* takes other inputs"):
         runtime.start_pipeline(
             make_spec("mixed", cascade=cascade),

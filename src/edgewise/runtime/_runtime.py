@@ -175,7 +175,7 @@ class Runtime:
         for m in (model, fallback):
             if m is not None:
                 check_fits(spec, m)
-        if cascade_model is not None and _signature(cascade_model) != _signature(model):
+        if cascade_model is not None and not _takes_inputs_of(cascade_model, model):
             raise ValueError(
                 f"pipeline {spec.name!r}: the cascade model {cascade_model.key} takes other "
                 f"inputs than {model.key} (it is given the rows the model was given)"
@@ -520,10 +520,30 @@ class Runtime:
         self.close()
 
 
-def _signature(model: LoadedModel) -> list[tuple[str, str, tuple[int | None, ...]]]:
-    """What a model takes: its inputs' names (when it has several), dtypes and shapes."""
-    several = model.several_inputs
-    return [(i.name if several else "", str(i.dtype), i.shape) for i in model.session.inputs]
+def _takes_inputs_of(model: LoadedModel, other: LoadedModel) -> bool:
+    """Whether `model` can run the rows `other` was given.
+
+    The same inputs (by name, when there are several), dtypes and ranks, and no inner
+    size both fix differently. The batch size does not count: a model with a fixed one
+    runs any rows in calls of it.
+    """
+    mine, theirs = model.session.inputs, other.session.inputs
+    if len(mine) != len(theirs):
+        return False
+    if model.several_inputs:
+        by_name = {i.name: i for i in theirs}
+        if set(by_name) != {i.name for i in mine}:
+            return False
+        theirs = tuple(by_name[i.name] for i in mine)
+    for a, b in zip(mine, theirs, strict=True):
+        if a.dtype != b.dtype or len(a.shape) != len(b.shape):
+            return False
+        if any(
+            x is not None and y is not None and x != y
+            for x, y in zip(a.shape[1:], b.shape[1:], strict=True)
+        ):
+            return False
+    return True
 
 
 def _single_rows(
