@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import contextlib
 import gc
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -11,6 +12,14 @@ import pytest
 from edgewise.examples import DigitsSplit, load_split, train_logreg, train_mlp
 from edgewise.protocol import PipelineSpec
 from edgewise.runtime import Runtime
+
+
+def until(cond: Callable[[], bool], timeout: float = 10.0) -> None:
+    """Wait for `cond()` to hold, failing the test after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while not cond():
+        assert time.monotonic() < deadline, "condition not reached"
+        time.sleep(0.01)
 
 
 @contextlib.contextmanager

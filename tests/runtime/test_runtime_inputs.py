@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import threading
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -32,7 +31,7 @@ from edgewise.runtime import (
 )
 from edgewise.runtime._decode import decode_json
 
-from .conftest import SpecFactory, onnx_model
+from .conftest import SpecFactory, onnx_model, until
 
 Array = np.ndarray[Any, Any]
 
@@ -120,13 +119,6 @@ def tokens(rng: np.random.Generator, rows: int, seq: int) -> dict[str, Array]:
     return {"ids": ids, "mask": mask}
 
 
-def _until(cond: Callable[[], bool], timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not cond():
-        assert time.monotonic() < deadline, "condition not met in time"
-        time.sleep(0.01)
-
-
 def test_a_two_input_model_answers_by_name_as_onnxruntime_and_the_estimator_do(
     runtime: Runtime, gain_bytes: bytes, logreg: Any, split: DigitsSplit, make_spec: SpecFactory
 ) -> None:
@@ -206,7 +198,7 @@ def test_sequences_of_different_lengths_share_a_batch_and_run_per_length(
     runtime.pause()
     reqs = [runtime.submit("bag", r, got.append) for r in requests]
     runtime.resume()
-    _until(lambda: len(got) == len(requests))
+    until(lambda: len(got) == len(requests))
     for req, want in zip(reqs, wants, strict=True):
         assert req.error is None
         assert np.allclose(req.result.outputs["probabilities"], want, atol=1e-6)
@@ -440,8 +432,8 @@ def test_the_directory_source_feeds_npz_files_of_inputs_by_name(
         "bag", source={"type": "directory", "params": {"path": str(tmp_path), "poll_s": 0.02}}
     )
     runtime.start_pipeline(spec, runtime.load_model(bag_model()))
-    _until(lambda: runtime.source("bag").refused == 1)
-    _until(lambda: runtime.stats("bag")["nv_inference_request_success"] == 3)
+    until(lambda: runtime.source("bag").refused == 1)
+    until(lambda: runtime.stats("bag")["nv_inference_request_success"] == 3)
     assert runtime.source("bag").submitted == 3
 
 

@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import json
 import threading
-import time
 import uuid
-from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any, ClassVar
@@ -20,14 +18,7 @@ from PIL import Image
 from edgewise.examples import DigitsSplit
 from edgewise.runtime import Runtime
 
-from .conftest import SpecFactory
-
-
-def _until(cond: Callable[[], bool], timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not cond():
-        assert time.monotonic() < deadline, "condition not reached"
-        time.sleep(0.01)
+from .conftest import SpecFactory, until
 
 
 def test_synthetic_source_replays_a_data_set_into_the_summary_sink(
@@ -42,7 +33,7 @@ def test_synthetic_source_replays_a_data_set_into_the_summary_sink(
         sinks=[{"type": "summary"}, {"type": "log"}],
     )
     runtime.start_pipeline(spec, runtime.load_model(mlp_bytes))
-    _until(lambda: runtime.stats("digits")["nv_inference_request_success"] == 50)
+    until(lambda: runtime.stats("digits")["nv_inference_request_success"] == 50)
     summary = runtime.summaries("digits")[0]
     assert summary["count"] == 50
     assert sum(summary["labels"].values()) == 50
@@ -65,9 +56,9 @@ def test_directory_source_feeds_new_files_once_and_skips_unreadable(
         sinks=[{"type": "summary"}],
     )
     runtime.start_pipeline(spec, runtime.load_model(mlp_bytes))
-    _until(lambda: runtime.stats("digits")["nv_inference_request_success"] == 3)
+    until(lambda: runtime.stats("digits")["nv_inference_request_success"] == 3)
     np.save(tmp_path / "005.npy", split.x_test[5])
-    _until(lambda: runtime.stats("digits")["nv_inference_request_success"] == 4)
+    until(lambda: runtime.stats("digits")["nv_inference_request_success"] == 4)
     source = runtime.source("digits")
     assert source.unreadable == 2
     assert sorted(source.seen) == [
@@ -117,7 +108,7 @@ def test_mqtt_source_to_mqtt_sink_through_mosquitto(
         pub.publish(f"{root}/in", b"not json", qos=1)
         pub.publish(f"{root}/in", b"5", qos=1)  # JSON, not an input (as over HTTP)
         pub.publish(f"{root}/in", json.dumps([[0.0] * 10]), qos=1)  # wrong size
-        _until(lambda: len(got) == 5 and source.received == 9)
+        until(lambda: len(got) == 5 and source.received == 9)
         pub.loop_stop()
         pub.disconnect()
     finally:

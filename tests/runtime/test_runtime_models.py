@@ -2,7 +2,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -21,7 +20,7 @@ from edgewise.runtime import (
 )
 from edgewise.runtime._model import cast_fitting, castable, health_check
 
-from .conftest import SpecFactory, onnx_model
+from .conftest import SpecFactory, onnx_model, until
 
 
 def test_providers_follow_preference_and_always_end_with_cpu() -> None:
@@ -543,10 +542,7 @@ def test_outputs_not_one_per_row_are_never_split_among_requests(
     runtime.pause()
     reqs = [runtime.submit("hits", v, got.append) for v in (c, a)]
     runtime.resume()
-    deadline = time.monotonic() + 10
-    while len(got) < 2:
-        assert time.monotonic() < deadline
-        time.sleep(0.01)
+    until(lambda: len(got) == 2)
     assert [r.result.outputs["detections"].tolist() for r in reqs] == [[[0, 1]], [[0, 0], [0, 3]]]
     # One request of two rows owns its call's whole output.
     both_rows = runtime.infer("hits", np.concatenate([c, a]))
