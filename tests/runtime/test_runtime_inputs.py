@@ -520,3 +520,40 @@ def test_a_cascade_to_an_upstream_server_sends_the_rows_by_input_name(
     ]
     assert got.escalated == low.tolist()
     assert upstream_rows == int(low.sum())
+
+
+def test_a_manifest_declaring_outputs_the_model_lacks_is_refused_at_load(
+    runtime: Runtime, mlp_bytes: bytes
+) -> None:
+    def outputs(*declared: tuple[str, str, list[Any]]) -> dict[str, Any]:
+        return {
+            "name": "m",
+            "version": "1.0.0",
+            "outputs": [{"name": n, "dtype": d, "shape": s} for n, d, s in declared],
+        }
+
+    # The MLP's outputs: label (int64 [N]) and probabilities (float32 [N, 10]).
+    assert runtime.load_model(mlp_bytes, outputs(("probabilities", "float32", ["N", 10])))
+    wrong = [
+        (("probs", "float32", ["N", 10]), r"declares outputs 'probs' the model does not have"),
+        (("label", "string", ["N"]), r"output 'label' is int64 in the model, string in"),
+        (("probabilities", "float32", ["N", 12]), r"'probabilities' dimension 1 is 10 in the"),
+    ]
+    for declared, message in wrong:
+        with pytest.raises(ModelLoadError, match=message):
+            runtime.load_model(mlp_bytes, outputs(declared))
+
+
+def test_a_health_sample_naming_an_output_the_model_lacks_says_so(
+    runtime: Runtime, mlp_bytes: bytes, split: DigitsSplit
+) -> None:
+    # It said "1/1 outputs out of tolerance".
+    model = runtime.load_model(mlp_bytes)
+    row = split.x_test[0].tolist()
+    missing = {"name": "m", "health": {"samples": [{"input": row, "expected": {"probs": [0.1]}}]}}
+    got = runtime.health_check(model, missing)
+    assert not got.ok
+    assert "sample 1 expects an output 'probs'; the model's outputs are 'label'" in got.reason
+    short = {"name": "m", "health": {"samples": [{"input": row, "expected": {"label": [1, 2]}}]}}
+    got = runtime.health_check(model, short)
+    assert not got.ok and "expects 2 values of 'label'; the model gave 1" in got.reason

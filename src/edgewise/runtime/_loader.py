@@ -13,7 +13,7 @@ import numpy as np
 
 from edgewise.runtime._backend import DEFAULT_PROVIDERS, ModelSession, open_onnx
 from edgewise.runtime._errors import AcceleratorUnavailable, ModelLoadError
-from edgewise.runtime._model import LoadedModel, ModelInfo, input_mismatch
+from edgewise.runtime._model import LoadedModel, ModelInfo, input_mismatch, output_mismatch
 
 __all__ = ["ModelSource", "load_model", "unaligned_outputs"]
 
@@ -55,10 +55,12 @@ def load_model(
         )
     target: bytes | Path = path if path is not None else bytes(source)  # type: ignore[arg-type]
     session = _open(target, info, cores, preference, require_accelerator, allow_spinning)
-    # A bundle whose manifest describes other inputs than its model has: every app and
-    # health sample written against the manifest would fail on it. Refused here, at the
-    # install gate, not request by request.
-    wrong = input_mismatch(info.inputs, session.inputs)
+    # A bundle whose manifest describes other inputs or outputs than its model has:
+    # every app and health sample written against the manifest would fail on it.
+    # Refused here, at the install gate, not request by request.
+    wrong = input_mismatch(info.inputs, session.inputs) or output_mismatch(
+        info.outputs, session.outputs
+    )
     if wrong is not None:
         raise ModelLoadError(f"the manifest does not describe the model: {wrong}")
     shape = tuple(d if d is not None else 1 for d in session.input.shape)

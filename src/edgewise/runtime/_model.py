@@ -31,6 +31,7 @@ __all__ = [
     "fit_tensor",
     "health_check",
     "input_mismatch",
+    "output_mismatch",
 ]
 
 #: A request: one array, or a model's inputs by name (a mapping of arrays).
@@ -71,9 +72,10 @@ class ModelInfo:
     health_atol: float = 1e-4
     health_max_latency_ms: float = 1000.0
     model_file: str | None = None
-    # The inputs the manifest declares: (name, dtype, shape with None for a named
-    # dimension); checked against the model's own at load (`input_mismatch`).
+    # The inputs and outputs the manifest declares: (name, dtype, shape with None for a
+    # named dimension); checked against the model's own at load (`input_mismatch`).
     inputs: tuple[tuple[str, str, tuple[int | None, ...]], ...] = ()
+    outputs: tuple[tuple[str, str, tuple[int | None, ...]], ...] = ()
 
     @property
     def key(self) -> str:
@@ -124,14 +126,8 @@ class ModelInfo:
             health_atol=float(_get(health, "tolerance") or _get(health, "atol") or 1e-4),
             health_max_latency_ms=float(_get(health, "max_latency_ms") or 1000.0),
             model_file=model_file,
-            inputs=tuple(
-                (
-                    str(_get(t, "name")),
-                    str(_get(t, "dtype")),
-                    tuple(d if isinstance(d, int) else None for d in _get(t, "shape") or ()),
-                )
-                for t in _get(m, "inputs") or ()
-            ),
+            inputs=_declared(_get(m, "inputs")),
+            outputs=_declared(_get(m, "outputs")),
         )
 
     def model_path(self, directory: Path) -> Path:
@@ -149,34 +145,74 @@ def input_mismatch(
 ) -> str | None:
     """How a manifest's declared inputs differ from the model's own, or None.
 
-    Names, dtypes and ranks must agree, and so must a dimension both give a size (a
-    named dimension in the manifest, such as "N", stands for any size). Nothing is
-    declared: nothing to check.
+    The names must be the model's inputs, all of them; dtypes and ranks must agree, and
+    so must a dimension both give a size (a named dimension in the manifest, such as
+    "N", stands for any size). Nothing declared: nothing to check.
     """
     if not declared:
         return None
-    have = {i.name: i for i in actual}
     names = [d[0] for d in declared]
+    have = [i.name for i in actual]
     if sorted(names) != sorted(have):
-        listed = ", ".join(map(repr, names))
         return (
-            f"the manifest declares inputs {listed}; the model's are {', '.join(map(repr, have))}"
+            f"the manifest declares inputs {', '.join(map(repr, names))}; "
+            f"the model's are {', '.join(map(repr, have))}"
         )
+    return _tensors_differ("input", declared, actual)
+
+
+def output_mismatch(
+    declared: Sequence[tuple[str, str, tuple[int | None, ...]]], actual: Sequence[TensorInfo]
+) -> str | None:
+    """How a manifest's declared outputs differ from the model's own, or None.
+
+    As `input_mismatch`, except that the manifest may leave outputs out.
+    """
+    have = [o.name for o in actual]
+    unknown = [d[0] for d in declared if d[0] not in have]
+    if unknown:
+        return (
+            f"the manifest declares outputs {', '.join(map(repr, unknown))} the model does "
+            f"not have (its outputs are {', '.join(map(repr, have))})"
+        )
+    return _tensors_differ("output", declared, actual)
+
+
+def _tensors_differ(
+    kind: str,
+    declared: Sequence[tuple[str, str, tuple[int | None, ...]]],
+    actual: Sequence[TensorInfo],
+) -> str | None:
+    have = {i.name: i for i in actual}
     for name, dtype, shape in declared:
         got = have[name]
-        if dtype != str(got.dtype):
-            return f"input {name!r} is {got.dtype} in the model, {dtype} in the manifest"
+        # Strings come out of onnxruntime as Python objects.
+        theirs = "string" if got.dtype.kind == "O" else str(got.dtype)
+        if dtype != theirs:
+            return f"{kind} {name!r} is {theirs} in the model, {dtype} in the manifest"
         if len(shape) != len(got.shape):
             return (
-                f"input {name!r} has {len(got.shape)} dimensions in the model, "
+                f"{kind} {name!r} has {len(got.shape)} dimensions in the model, "
                 f"{len(shape)} in the manifest"
             )
         for k, (want, size) in enumerate(zip(shape, got.shape, strict=True)):
             if want is not None and size is not None and want != size:
                 return (
-                    f"input {name!r} dimension {k} is {size} in the model, {want} in the manifest"
+                    f"{kind} {name!r} dimension {k} is {size} in the model, {want} in the manifest"
                 )
     return None
+
+
+def _declared(tensors: Any) -> tuple[tuple[str, str, tuple[int | None, ...]], ...]:
+    """A manifest's tensor list as (name, dtype, shape), a named dimension as None."""
+    return tuple(
+        (
+            str(_get(t, "name")),
+            str(_get(t, "dtype")),
+            tuple(d if isinstance(d, int) else None for d in _get(t, "shape") or ()),
+        )
+        for t in tensors or ()
+    )
 
 
 def _row(raw: Any) -> Any:
@@ -539,9 +575,19 @@ def health_check(
         good = True
         for name, want in sample.expected.items():
             got = out.get(name)
-            if got is None or np.asarray(got).reshape(-1).size != want.reshape(-1).size:
-                good = False
-            elif want.dtype.kind in "iub":
+            if got is None:
+                reason = (
+                    f"health check failed: sample {i + 1} expects an output {name!r}; the "
+                    f"model's outputs are {', '.join(map(repr, out))}"
+                )
+                return HealthResult(False, reason, passed, len(samples), worst)
+            if np.asarray(got).reshape(-1).size != want.reshape(-1).size:
+                reason = (
+                    f"health check failed: sample {i + 1} expects {want.size} values of "
+                    f"{name!r}; the model gave {np.asarray(got).size}"
+                )
+                return HealthResult(False, reason, passed, len(samples), worst)
+            if want.dtype.kind in "iub":
                 good = good and bool(np.array_equal(np.asarray(got).reshape(-1), want.reshape(-1)))
             else:
                 good = good and bool(
