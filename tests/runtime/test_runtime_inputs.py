@@ -327,10 +327,9 @@ def test_health_samples_name_each_input(runtime: Runtime) -> None:
     assert runtime.health_check(model, manifest(flat, want)).ok
     wrong = runtime.health_check(model, manifest(named, 1.0 - want))
     assert not wrong.ok and "out of tolerance" in wrong.reason
-    # (A sample of one named input is a one-input model's, whatever the name.)
     missing = runtime.health_check(model, manifest({"ids": named["ids"]}, want))
     assert not missing.ok
-    assert "sample 1 does not fit the model: the model has 2 inputs ('ids', 'mask')" in (
+    assert "sample 1 does not fit the model: the model's inputs are 'ids', 'mask': missing " in (
         missing.reason
     )
     unknown = runtime.health_check(model, manifest({**named, "extra": [[1]]}, want))
@@ -557,3 +556,15 @@ def test_a_health_sample_naming_an_output_the_model_lacks_says_so(
     short = {"name": "m", "health": {"samples": [{"input": row, "expected": {"label": [1, 2]}}]}}
     got = runtime.health_check(model, short)
     assert not got.ok and "expects 2 values of 'label'; the model gave 1" in got.reason
+
+
+def test_a_one_input_models_health_sample_may_name_its_input_freely(
+    runtime: Runtime, mlp_bytes: bytes, split: DigitsSplit
+) -> None:
+    model = runtime.load_model(mlp_bytes)
+    row = split.x_test[0]
+    want = direct(mlp_bytes, input=row[np.newaxis].astype(np.float32))
+    for name in ("input", "pixels"):  # older manifests name it as they like
+        sample = {"inputs": {name: row.tolist()}, "expected": {"probabilities": want.tolist()}}
+        got = runtime.health_check(model, {"name": "m", "health": {"samples": [sample]}})
+        assert got.ok, got.reason

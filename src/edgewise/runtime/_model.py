@@ -100,8 +100,6 @@ class ModelInfo:
             raw_in = _get(s, "input")
             if raw_in is None:
                 raw_in = _get(s, "inputs")
-            if isinstance(raw_in, Mapping) and len(raw_in) == 1:
-                raw_in = next(iter(raw_in.values()))  # a one-input model's, whatever its name
             sample_in: Input = (
                 {str(k): _sample_input(_row(v)) for k, v in raw_in.items()}
                 if isinstance(raw_in, Mapping)
@@ -554,8 +552,11 @@ def health_check(
     bound = info.health_max_latency_ms
     passed, worst = 0, 0.0
     for i, sample in enumerate(samples):
+        given = sample.input
+        if isinstance(given, Mapping) and len(given) == 1 and not model.several_inputs:
+            given = next(iter(given.values()))  # a one-input model's, whatever its name
         try:
-            x = model.validate(sample.input)
+            x = model.validate(given)
         except BadInput as exc:
             reason = f"health check failed: sample {i + 1} does not fit the model: {exc}"
             return HealthResult(False, reason, passed, len(samples), worst)
