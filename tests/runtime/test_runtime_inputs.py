@@ -11,6 +11,8 @@ Two models built with `onnx.helper`, both real classifiers:
 from __future__ import annotations
 
 import asyncio
+import json
+import re
 import threading
 from collections.abc import Callable
 from pathlib import Path
@@ -285,6 +287,16 @@ def test_the_local_api_takes_inputs_by_name_and_refuses_raw_bytes_for_them(
                     "x-tensor-shape": "3,4",
                 },
             )
+            named_raw = client.post(
+                url,
+                content=feed["ids"].tobytes() + feed["mask"].tobytes(),
+                headers={
+                    "content-type": "application/octet-stream",
+                    "x-tensor-names": "ids,mask",
+                    "x-tensor-dtype": "int64,int64",
+                    "x-tensor-shape": "3,4;3,4",
+                },
+            )
             empty = client.post(url, json={"inputs": {}})
             words = client.post(url, json={"inputs": {"ids": [["a"]], "mask": [[1]]}})
             again = client.post(url, json={"inputs": {k: v.tolist() for k, v in feed.items()}})
@@ -294,8 +306,10 @@ def test_the_local_api_takes_inputs_by_name_and_refuses_raw_bytes_for_them(
     want = direct(model, **feed)
     assert np.allclose(ok.json()["outputs"]["probabilities"], want, atol=1e-6)
     assert ok.json()["labels"] == [str(k) for k in want.argmax(axis=1)]
-    assert raw.status_code == 400
+    assert raw.status_code == 400  # one unnamed tensor
     assert "2 inputs ('ids', 'mask'): send them by name" in raw.json()["error"]["message"]
+    assert named_raw.status_code == 200
+    assert named_raw.json()["outputs"] == ok.json()["outputs"]
     assert empty.status_code == 400 and "names no input" in empty.json()["error"]["message"]
     assert words.status_code == 400
     assert "input 'ids' must hold only numbers" in words.json()["error"]["message"]
@@ -568,3 +582,58 @@ def test_a_one_input_models_health_sample_may_name_its_input_freely(
         sample = {"inputs": {name: row.tolist()}, "expected": {"probabilities": want.tolist()}}
         got = runtime.health_check(model, {"name": "m", "health": {"samples": [sample]}})
         assert got.ok, got.reason
+
+
+@pytest.mark.parametrize(
+    ("names", "dtypes", "shapes", "extra", "message"),
+    [
+        ("ids,mask", "int64", "1,2;1,2", 0, r"names 2 tensors; X-Tensor-Dtype gives 1 dtypes"),
+        ("ids,mask", "int64,int64", "1,2", 0, r"X-Tensor-Shape 1 shapes \(separated by ';'\)"),
+        ("ids,ids", "int64,int64", "1,2;1,2", 0, r"must name each tensor once"),
+        ("ids,mask", "int64,int128", "1,2;1,2", 0, r"X-Tensor-Dtype must be one of"),
+        ("ids,mask", "int64,int64", "1,2;1,0", 0, r"dimensions must be positive"),
+        ("ids,mask", "int64,int64", "1,2;1,2", 8, r"body has 40 bytes, dtype and shape need 32"),
+        ("ids,mask", "int64,int64", "1,2;1,3", 0, r"body has 32 bytes, dtype and shape need 40"),
+        ("ids,mask", "int64,int32", "1,2;1,2", -8, r"input 'mask': dtype int32 does not match"),
+    ],
+)
+def test_raw_tensors_by_name_that_do_not_add_up_are_400s(
+    runtime: Runtime,
+    make_spec: SpecFactory,
+    names: str,
+    dtypes: str,
+    shapes: str,
+    extra: int,
+    message: str,
+) -> None:
+    from edgewise._httpd import Deferred
+
+    runtime.start_pipeline(make_spec("bag"), runtime.load_model(bag_model()))
+    api = InferenceAPI(runtime)
+    body = np.array([[1, 2], [1, 1]], np.int64).tobytes()
+    body = body + bytes(extra) if extra >= 0 else body[:extra]
+    headers = {
+        b"content-type": b"application/octet-stream",
+        b"x-tensor-names": names.encode(),
+        b"x-tensor-dtype": dtypes.encode(),
+        b"x-tensor-shape": shapes.encode(),
+    }
+
+    async def call(headers: dict[bytes, bytes], body: bytes) -> tuple[int, bytes]:
+        got = api("POST", "/v1/pipelines/bag/infer", headers, body)  # as HttpServer does
+        if isinstance(got, Deferred):
+            await asyncio.wait([got.fut])
+            got = got.finish()
+        return got[0], got[1]
+
+    status, answer = asyncio.run(call(headers, body))
+    assert status == 400
+    assert re.search(message, json.loads(answer)["error"]["message"])
+    good = {
+        **headers,
+        b"x-tensor-names": b"ids,mask",
+        b"x-tensor-dtype": b"int64,int64",
+        b"x-tensor-shape": b"1,2;1,2",
+    }
+    status, answer = asyncio.run(call(good, np.array([[1, 2], [1, 1]], np.int64).tobytes()))
+    assert status == 200, answer  # the pipeline keeps serving

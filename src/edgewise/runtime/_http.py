@@ -4,9 +4,10 @@ Routes:
     POST /v1/pipelines/{name}/infer   JSON (`{"inputs": [...]}` or a bare array; a model
                                       with several inputs takes them by name, `{"inputs":
                                       {"ids": [...], "mask": [...]}}`) or raw tensor bytes
-                                      of a one-input model (`Content-Type:
-                                      application/octet-stream` with `X-Tensor-Dtype` and
-                                      `X-Tensor-Shape: 1,64`)
+                                      (`Content-Type: application/octet-stream` with
+                                      `X-Tensor-Dtype` and `X-Tensor-Shape: 1,64`; inputs
+                                      by name with `X-Tensor-Names: ids,mask`, a dtype
+                                      and a shape each: `int64,int64`, `1,8;1,8`)
     GET  /v1/pipelines                the running pipelines
     GET  /v1/pipelines/{name}/stats   one pipeline's metrics
 
@@ -83,10 +84,43 @@ async def _read_body(headers: dict[bytes, bytes], receive: Receive, limit: int) 
             return chunks[0] if len(chunks) == 1 else b"".join(chunks)
 
 
-def decode_raw(headers: dict[bytes, bytes], body: bytes) -> np.ndarray[Any, Any]:
-    """Decode raw tensor bytes described by X-Tensor-Dtype and X-Tensor-Shape."""
-    dtype = headers.get(b"x-tensor-dtype", b"").decode("latin-1").strip()
+def decode_raw(
+    headers: dict[bytes, bytes], body: bytes
+) -> np.ndarray[Any, Any] | dict[str, np.ndarray[Any, Any]]:
+    """Decode raw tensor bytes described by X-Tensor-Dtype and X-Tensor-Shape.
+
+    Several tensors (a model's inputs by name) are named by X-Tensor-Names (`ids,mask`),
+    with a dtype each (`int64,int64`) and a shape each (`1,128;1,128`), their bytes back
+    to back in that order.
+    """
+    dtype_s = headers.get(b"x-tensor-dtype", b"").decode("latin-1").strip()
     shape_s = headers.get(b"x-tensor-shape", b"").decode("latin-1").strip()
+    names_s = headers.get(b"x-tensor-names")
+    if names_s is None:
+        dt, shape = _tensor_header(dtype_s, shape_s)
+        _check_size(len(body), _nbytes(dt, shape))
+        return np.frombuffer(body, dtype=dt).reshape(shape)
+    names = [n.strip() for n in names_s.decode("latin-1").split(",")]
+    dtypes, shapes = dtype_s.split(","), shape_s.split(";")
+    if len(dtypes) != len(names) or len(shapes) != len(names):
+        raise BadInput(
+            f"X-Tensor-Names names {len(names)} tensors; X-Tensor-Dtype gives {len(dtypes)} "
+            f"dtypes and X-Tensor-Shape {len(shapes)} shapes (separated by ';')"
+        )
+    if len(set(names)) != len(names) or not all(names):
+        raise BadInput("X-Tensor-Names must name each tensor once")
+    parts = [_tensor_header(d.strip(), s.strip()) for d, s in zip(dtypes, shapes, strict=True)]
+    sizes = [_nbytes(dt, shape) for dt, shape in parts]
+    _check_size(len(body), sum(sizes))
+    out, offset = {}, 0
+    for name, (dt, shape), size in zip(names, parts, sizes, strict=True):
+        flat = np.frombuffer(body, dtype=dt, count=size // dt.itemsize, offset=offset)
+        out[name] = flat.reshape(shape)
+        offset += size
+    return out
+
+
+def _tensor_header(dtype: str, shape_s: str) -> tuple[np.dtype[Any], tuple[int, ...]]:
     if dtype not in _DTYPES:
         raise BadInput(f"X-Tensor-Dtype must be one of {', '.join(sorted(_DTYPES))}")
     try:
@@ -95,12 +129,17 @@ def decode_raw(headers: dict[bytes, bytes], body: bytes) -> np.ndarray[Any, Any]
         raise BadInput("X-Tensor-Shape must be comma-separated integers, e.g. 1,64") from None
     if any(d <= 0 for d in shape):
         raise BadInput("X-Tensor-Shape dimensions must be positive")
-    dt = np.dtype(dtype)
+    return np.dtype(dtype), shape
+
+
+def _nbytes(dt: np.dtype[Any], shape: tuple[int, ...]) -> int:
     # Python integers: numpy's product wraps around (2**32 x 2**32 rows would need 0 bytes).
-    expected = math.prod(shape) * dt.itemsize
-    if expected != len(body):
-        raise BadInput(f"body has {len(body)} bytes, dtype and shape need {expected}")
-    return np.frombuffer(body, dtype=dt).reshape(shape)
+    return math.prod(shape) * dt.itemsize
+
+
+def _check_size(got: int, expected: int) -> None:
+    if expected != got:
+        raise BadInput(f"body has {got} bytes, dtype and shape need {expected}")
 
 
 class InferenceAPI:
