@@ -14,7 +14,7 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import numpy.typing as npt
@@ -26,6 +26,7 @@ __all__ = [
     "HealthResult",
     "HealthSample",
     "Input",
+    "InputCheck",
     "LoadedModel",
     "ModelInfo",
     "fit_tensor",
@@ -273,18 +274,27 @@ def _nothing(_shape: tuple[int, ...]) -> None:
     return None
 
 
-def _shape_check(shape: tuple[int | None, ...]) -> tuple[Callable[[tuple[int, ...]], Any], Any]:
-    """(pick, want): a batched array of the right rank fits when `pick(x.shape) == want`.
+class InputCheck(NamedTuple):
+    """One model input as `fit_tensor` checks a request for it, in C calls only.
 
-    `pick` takes the inner dimensions the input fixes (free ones, such as an image width,
-    are not picked), in C calls only.
+    A batched array of the right rank fits when `pick(x.shape) == want`: `pick` takes the
+    inner dimensions the input fixes (free ones, such as an image width, are not picked).
     """
-    known = [(i + 1, d) for i, d in enumerate(shape[1:]) if d is not None]
-    if not known:
-        return _nothing, None
-    # itemgetter of one index gives the item, of several a tuple
-    want = known[0][1] if len(known) == 1 else tuple(d for _, d in known)
-    return operator.itemgetter(*(i for i, _ in known)), want
+
+    spec: TensorInfo
+    rank: int
+    pick: Callable[[tuple[int, ...]], Any]
+    want: Any
+
+    @classmethod
+    def of(cls, spec: TensorInfo) -> InputCheck:
+        """The check of `spec`."""
+        known = [(i + 1, d) for i, d in enumerate(spec.shape[1:]) if d is not None]
+        if not known:
+            return cls(spec, len(spec.shape), _nothing, None)
+        # itemgetter of one index gives the item, of several a tuple
+        want = known[0][1] if len(known) == 1 else tuple(d for _, d in known)
+        return cls(spec, len(spec.shape), operator.itemgetter(*(i for i, _ in known)), want)
 
 
 @dataclass(frozen=True)
@@ -300,17 +310,10 @@ class LoadedModel:
     # is never taken for per-row scores.
     unaligned: frozenset[str] = frozenset()
     _fixed: tuple[int, ...] = field(init=False, repr=False, compare=False, default=())
-    # validate()'s check of a batched input, in C calls only: `_pick(x.shape) == _want`
-    # compares the inner dimensions the model fixes (free ones, such as an image width,
-    # are not picked).
-    _pick: Callable[[tuple[int, ...]], Any] = field(init=False, repr=False, compare=False)
-    _want: Any = field(init=False, repr=False, compare=False, default=None)
     _several: bool = field(init=False, repr=False, compare=False, default=False)
-    # With several inputs: per input (spec, rank, pick, want), as `_pick`/`_want` above,
-    # and the packed dtypes made so far, by the inputs' inner shapes.
-    _checks: tuple[tuple[TensorInfo, int, Callable[[tuple[int, ...]], Any], Any], ...] = field(
-        init=False, repr=False, compare=False, default=()
-    )
+    # A check per input (see `fit_tensor`), and with several inputs the packed dtypes
+    # made so far, by the inputs' inner shapes.
+    _checks: tuple[InputCheck, ...] = field(init=False, repr=False, compare=False, default=())
     _packed: dict[tuple[tuple[int, ...], ...], np.dtype[np.void]] = field(
         init=False, repr=False, compare=False, default_factory=dict
     )
@@ -320,13 +323,9 @@ class LoadedModel:
         fixed = self.session.input.shape[1:]
         marker = (-1,) if None in fixed else tuple(d for d in fixed if d is not None)
         object.__setattr__(self, "_fixed", marker)
-        pick, want = _shape_check(self.session.input.shape)
-        object.__setattr__(self, "_pick", pick)
-        object.__setattr__(self, "_want", want)
         inputs = self.session.inputs
         object.__setattr__(self, "_several", len(inputs) > 1)
-        checks = tuple((i, len(i.shape), *_shape_check(i.shape)) for i in inputs)
-        object.__setattr__(self, "_checks", checks)
+        object.__setattr__(self, "_checks", tuple(InputCheck.of(i) for i in inputs))
 
     @property
     def key(self) -> str:
@@ -385,14 +384,7 @@ class LoadedModel:
             return self.pack(x, exact_dtype)
         if type(x) is not np.ndarray:
             x = self.unwrap(x)
-        spec = self.session.input
-        if x.dtype != spec.dtype:
-            if exact_dtype or not castable(x.dtype, spec.dtype):
-                raise BadInput(f"dtype {x.dtype} does not match the model input {spec.dtype}")
-            x = cast_fitting(x, spec.dtype)
-        if x.ndim == len(spec.shape) and len(x) and self._pick(x.shape) == self._want:
-            return x  # the common case: already batched
-        return fit_tensor(x, spec, exact_dtype)
+        return fit_tensor(x, self._checks[0], exact_dtype)
 
     @property
     def several_inputs(self) -> bool:
@@ -447,22 +439,15 @@ class LoadedModel:
         if len(x) != len(checks):
             raise BadInput(self._naming_mistake(x))
         arrays: list[npt.NDArray[Any]] = []
-        for spec, rank, pick, want in checks:
-            a = x.get(spec.name)
+        for check in checks:
+            name = check.spec.name
+            a = x.get(name)
             if a is None:
                 raise BadInput(self._naming_mistake(x))
-            if type(a) is not np.ndarray:
-                a = np.asarray(a)
-            if not (
-                (a.dtype is spec.dtype or a.dtype == spec.dtype)
-                and a.ndim == rank
-                and len(a)
-                and pick(a.shape) == want
-            ):  # anything but a batch of the right dtype and shape: cast, batch or refuse
-                a = fit_tensor(a, spec, exact_dtype, named=True)
+            a = fit_tensor(a if type(a) is np.ndarray else np.asarray(a), check, exact_dtype, True)
             if arrays and len(a) != len(arrays[0]):
                 raise BadInput(
-                    f"input {spec.name!r} has {len(a)} rows and {checks[0][0].name!r} "
+                    f"input {name!r} has {len(a)} rows and {checks[0].spec.name!r} "
                     f"{len(arrays[0])}: every input needs one entry per row"
                 )
             arrays.append(a)
@@ -471,11 +456,11 @@ class LoadedModel:
         if dtype is None:
             if len(self._packed) >= 256:  # sequence lengths without end: keep a few
                 self._packed.clear()
-            fields = [(c[0].name, c[0].dtype, s) for c, s in zip(checks, inner, strict=True)]
+            fields = [(c.spec.name, c.spec.dtype, s) for c, s in zip(checks, inner, strict=True)]
             dtype = self._packed[inner] = np.dtype(fields)
         out = np.empty(len(arrays[0]), dtype=dtype)
         for c, a in zip(checks, arrays, strict=True):
-            out[c[0].name] = a
+            out[c.spec.name] = a
         return out
 
     def _naming_mistake(self, x: Mapping[str, Any]) -> str:
@@ -489,33 +474,33 @@ class LoadedModel:
 
 
 def fit_tensor(
-    x: npt.NDArray[Any], spec: TensorInfo, exact_dtype: bool = False, named: bool = False
+    x: npt.NDArray[Any], check: InputCheck, exact_dtype: bool = False, named: bool = False
 ) -> npt.NDArray[Any]:
     """`x` checked against one model input, cast as `castable` allows, and batched.
 
+    Every request's path: a batch of the input's dtype and shape passes on a few C calls.
+
     Args:
         x: one input's array, with or without its batch axis.
-        spec: the model input it is for.
+        check: the model input it is for.
         exact_dtype: refuse another dtype rather than cast (raw tensors).
         named: the model has several inputs: a message names the input.
 
     Raises:
         BadInput: wrong dtype or shape, or no rows.
     """
+    spec, rank, pick, want = check
     try:
         if x.dtype != spec.dtype:
             if exact_dtype or not castable(x.dtype, spec.dtype):
                 raise BadInput(f"dtype {x.dtype} does not match the model input {spec.dtype}")
             x = cast_fitting(x, spec.dtype)
-        fixed = spec.shape[1:]
-        if x.ndim == len(fixed):
+        if x.ndim == rank - 1:
             x = x[np.newaxis]
-        if x.ndim != len(spec.shape) or any(
-            want is not None and got != want for got, want in zip(x.shape[1:], fixed, strict=True)
-        ):
+        if not rank or x.ndim != rank or pick(x.shape) != want:
             want_s = "x".join("N" if d is None else str(d) for d in spec.shape)
             raise BadInput(f"shape {list(x.shape)} does not match the model input {want_s}")
-        if x.shape[0] == 0:
+        if not len(x):
             raise BadInput("empty batch")
     except BadInput as exc:
         if named:

@@ -33,6 +33,7 @@ from edgewise.runtime._model import (
     cast_fitting,
     castable,
     health_check,
+    input_mismatch,
 )
 from edgewise.runtime._pipeline import InferenceResult, ModelLane, RunningPipeline, check_fits
 from edgewise.runtime._scheduler import Executor, Request
@@ -523,27 +524,17 @@ class Runtime:
 def _takes_inputs_of(model: LoadedModel, other: LoadedModel) -> bool:
     """Whether `model` can run the rows `other` was given.
 
-    The same inputs (by name, when there are several), dtypes and ranks, and no inner
-    size both fix differently. The batch size does not count: a model with a fixed one
-    runs any rows in calls of it.
+    `other`'s inputs are checked as a manifest's against `model`'s (`input_mismatch`), by
+    name only when there are several, and with any batch size (a model with a fixed one
+    runs any rows in calls of it).
     """
-    mine, theirs = model.session.inputs, other.session.inputs
-    if len(mine) != len(theirs):
-        return False
-    if model.several_inputs:
-        by_name = {i.name: i for i in theirs}
-        if set(by_name) != {i.name for i in mine}:
-            return False
-        theirs = tuple(by_name[i.name] for i in mine)
-    for a, b in zip(mine, theirs, strict=True):
-        if a.dtype != b.dtype or len(a.shape) != len(b.shape):
-            return False
-        if any(
-            x is not None and y is not None and x != y
-            for x, y in zip(a.shape[1:], b.shape[1:], strict=True)
-        ):
-            return False
-    return True
+    own = model.session.inputs
+    several = len(own) > 1
+    given = [
+        (i.name if several else own[0].name, str(i.dtype), (None, *i.shape[1:]))
+        for i in other.session.inputs
+    ]
+    return input_mismatch(given, own) is None
 
 
 def _single_rows(
