@@ -25,7 +25,7 @@ Example:
 from __future__ import annotations
 
 import enum
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, model_validator
 
@@ -100,15 +100,35 @@ class SloSpec(_Strict):
 
 
 class BatchingSpec(_Strict):
-    """Dynamic batching: take what is queued up to `max_batch`.
+    """Dynamic batching: take what is queued up to `max_batch`; the queue's policy.
 
     A lone request never waits; `max_queue_delay_ms` > 0 lets the executor wait that long
     for company only when at least one other request is already queued behind it.
+
+    The queue holds up to `queue_capacity` requests. When it is full, `overflow` says what
+    happens to a new one: `reject` turns it away at once (`queue_full`), `drop_oldest`
+    fails the pipeline's oldest queued request instead (`superseded`) and takes the new
+    one, which suits a live source (a camera) whose newest input is the one that matters.
+    `max_queue_ms` bounds how long a request may wait in the queue: one that waited longer
+    is not run but fails as `expired`, so an overloaded device spends no time on answers
+    their callers stopped waiting for (Triton's queue policy timeout).
     """
 
     max_batch: int = Field(default=32, ge=1, le=4096)
     max_queue_delay_ms: float = Field(default=0.0, ge=0, le=1000)
     queue_capacity: int = Field(default=256, ge=1, le=1_000_000)
+    overflow: Literal["reject", "drop_oldest"] = "reject"
+    max_queue_ms: float | None = Field(default=None, gt=0, le=600_000)
+
+    @model_validator(mode="after")
+    def _wait_within_bound(self) -> BatchingSpec:
+        if self.max_queue_ms is not None and self.max_queue_ms <= self.max_queue_delay_ms:
+            raise ValueError(
+                f"max_queue_ms ({self.max_queue_ms:g}) must be longer than "
+                f"max_queue_delay_ms ({self.max_queue_delay_ms:g}): a request waiting for "
+                "company would expire"
+            )
+        return self
 
 
 class DegradationSpec(_Strict):

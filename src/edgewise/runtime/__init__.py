@@ -28,7 +28,8 @@ Example:
     >>> rt.close()
 
 Errors (`RuntimeFailure` subclasses) carry an HTTP `status` and a `code`: `BadInput` 400,
-`UnknownPipeline` 404, `PayloadTooLarge` 413, `Rejected` 429 (queue full), `Shed` and
+`UnknownPipeline` 404, `PayloadTooLarge` 413, `Rejected` 429 (queue full), `Shed`,
+`Expired` (waited past `max_queue_ms`), `Superseded` (dropped for a newer request) and
 `PipelineStopped` 503; `ModelLoadError`/`AcceleratorUnavailable` from `load_model`.
 
 Degradation runs on a monitor thread every `monitor_interval_s` seconds (pass None and
@@ -49,6 +50,7 @@ from edgewise.runtime._degrade import (
 from edgewise.runtime._errors import (
     AcceleratorUnavailable,
     BadInput,
+    Expired,
     InferenceFailed,
     ModelLoadError,
     PayloadTooLarge,
@@ -56,6 +58,7 @@ from edgewise.runtime._errors import (
     Rejected,
     RuntimeFailure,
     Shed,
+    Superseded,
     UnknownPipeline,
 )
 from edgewise.runtime._http import InferenceAPI, make_inference_app
@@ -75,6 +78,7 @@ __all__ = [
     "BadInput",
     "Deferred",
     "DegradeState",
+    "Expired",
     "HealthResult",
     "HealthSample",
     "HttpServer",
@@ -94,6 +98,7 @@ __all__ = [
     "RuntimeEvent",
     "RuntimeFailure",
     "Shed",
+    "Superseded",
     "TensorInfo",
     "UnknownPipeline",
     "choose_providers",

@@ -7,6 +7,8 @@ RuntimeFailure
 ├── UnknownPipeline     404
 ├── Rejected            429  admission control: the class's queue is full
 ├── Shed                503  best-effort work dropped to keep critical work on time
+├── Expired             503  waited in the queue past its deadline; not run
+├── Superseded          503  a newer request took its place in a full queue
 ├── PipelineStopped     503  the pipeline stopped while the request waited
 ├── ModelLoadError          a model file or manifest the backend cannot use
 │   └── AcceleratorUnavailable  the spec requires an accelerator, the session got CPU
@@ -19,6 +21,7 @@ from __future__ import annotations
 __all__ = [
     "AcceleratorUnavailable",
     "BadInput",
+    "Expired",
     "InferenceFailed",
     "ModelLoadError",
     "PayloadTooLarge",
@@ -26,6 +29,7 @@ __all__ = [
     "Rejected",
     "RuntimeFailure",
     "Shed",
+    "Superseded",
     "UnknownPipeline",
 ]
 
@@ -69,6 +73,24 @@ class Shed(RuntimeFailure):
     """Best-effort work dropped so that critical work meets its SLO."""
 
     code = "shed"
+    status = 503
+
+
+class Expired(RuntimeFailure):
+    """The request waited in the queue past its deadline and was not run.
+
+    The deadline is the pipeline's `batching.max_queue_ms`, or the caller's own timeout
+    (`Runtime.infer(timeout=...)`) when that comes first.
+    """
+
+    code = "expired"
+    status = 503
+
+
+class Superseded(RuntimeFailure):
+    """A newer request took this one's place in a full queue (`overflow: drop_oldest`)."""
+
+    code = "superseded"
     status = 503
 
 

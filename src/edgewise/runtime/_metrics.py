@@ -144,6 +144,8 @@ class PipelineMetrics:
     failure: int = 0
     rejected: int = 0
     shed: int = 0
+    expired: int = 0  # waited in the queue past the deadline: not run
+    superseded: int = 0  # dropped from a full queue for a newer request
     escalated: int = 0
     fallback: int = 0
     # Rows whose top-1 score was NaN or infinite (a model overflowing, say): counted here,
@@ -297,6 +299,8 @@ class PipelineMetrics:
                 "nv_inference_request_failure": self.failure,
                 "nv_inference_request_rejected": self.rejected,
                 "nv_inference_request_shed": self.shed,
+                "nv_inference_request_expired": self.expired,
+                "nv_inference_request_superseded": self.superseded,
                 "nv_inference_request_bad_input": self.bad_input,
                 "nv_inference_escalated": self.escalated,
                 "nv_inference_fallback": self.fallback,
@@ -326,6 +330,8 @@ def prometheus_text(snapshots: dict[str, dict[str, Any]]) -> str:
         "nv_inference_request_failure",
         "nv_inference_request_rejected",
         "nv_inference_request_shed",
+        "nv_inference_request_expired",
+        "nv_inference_request_superseded",
         "nv_inference_request_bad_input",
         "nv_inference_escalated",
         "nv_inference_fallback",

@@ -7,6 +7,7 @@ completion per request.
 
 from __future__ import annotations
 
+import math
 import threading
 from collections import deque
 from collections.abc import Callable, Sequence
@@ -414,7 +415,12 @@ class RunningPipeline:
         self.name = self.spec.name
         self.rank = self.spec.priority.rank
         self.slo_s = self.spec.slo.p95_ms / 1000.0
-        self.capacity = self.spec.batching.queue_capacity
+        batching = self.spec.batching
+        self.capacity = batching.queue_capacity
+        self.drop_oldest = batching.overflow == "drop_oldest"
+        self.max_wait_s = (
+            math.inf if batching.max_queue_ms is None else batching.max_queue_ms / 1000.0
+        )
         self.metrics = PipelineMetrics(window_s=self.spec.slo.window_s)
         self._every = round(1 / self.spec.sample_rate) if self.spec.sample_rate > 0 else 0
 
@@ -447,6 +453,12 @@ class RunningPipeline:
                 for i in model.session.inputs
             ],
             "max_batch": self.active.max_batch,
+            "queue": {
+                "queued": self.queued,
+                "capacity": self.capacity,
+                "overflow": self.spec.batching.overflow,
+                "max_queue_ms": self.spec.batching.max_queue_ms,
+            },
         }
 
     def on_shed(self, n: int) -> None:
@@ -458,6 +470,16 @@ class RunningPipeline:
         """Count rejected requests."""
         with self.metrics.lock:
             self.metrics.rejected += n
+
+    def on_expired(self, n: int) -> None:
+        """Count requests that waited in the queue past their deadline."""
+        with self.metrics.lock:
+            self.metrics.expired += n
+
+    def on_superseded(self, n: int) -> None:
+        """Count queued requests dropped for newer ones (`overflow: drop_oldest`)."""
+        with self.metrics.lock:
+            self.metrics.superseded += n
 
     def prepare(
         self, x: Input, exact_dtype: bool = False, lane: ModelLane | None = None

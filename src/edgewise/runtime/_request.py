@@ -24,6 +24,8 @@ class Owner(Protocol):
     rank: int
     slo_s: float
     capacity: int
+    drop_oldest: bool  # a full queue drops its oldest request rather than refuse a new one
+    max_wait_s: float  # longest wait in the queue before a request expires (inf: none)
     queued: int
     inflight: int
     accepting: bool
@@ -33,6 +35,12 @@ class Owner(Protocol):
 
     def on_rejected(self, n: int = 1) -> None:
         """Count requests rejected at admission."""
+
+    def on_expired(self, n: int) -> None:
+        """Count requests that waited in the queue past their deadline."""
+
+    def on_superseded(self, n: int) -> None:
+        """Count queued requests dropped for newer ones."""
 
 
 class Lane(Protocol):
@@ -52,6 +60,7 @@ class Request:
         "_waiter",
         "callback",
         "ctx",
+        "deadline",
         "enqueued",
         "error",
         "lane",
@@ -77,6 +86,9 @@ class Request:
         self.lane = lane
         self.owner = owner
         self.enqueued = enqueued
+        # Not run once the executor's clock is past this (the pipeline's max_queue_ms, or
+        # the caller's timeout: see `Runtime.infer`).
+        self.deadline = enqueued + owner.max_wait_s
         self.callback = callback
         self.ctx = ctx  # the caller's handle (e.g. an asyncio future), for its callback
         # How many callers' requests this one carries: an asyncio group stacks the rows

@@ -271,16 +271,20 @@ class Runtime:
         """Run one request (one row or a batch of rows) through pipeline `name`.
 
         `x` is an array, or the model's inputs by name (`{"ids": ..., "mask": ...}`, as
-        a model with several inputs needs them).
+        a model with several inputs needs them). With `timeout` (seconds), the call gives
+        up then with `Expired`, and the request is not run if it is still queued by then.
 
         Raises:
-            UnknownPipeline, BadInput, Rejected, Shed, PipelineStopped, InferenceFailed.
+            UnknownPipeline, BadInput, Rejected, Shed, Expired, Superseded,
+            PipelineStopped, InferenceFailed.
         """
         p = self._pipelines.get(name)
         if p is None:
             raise UnknownPipeline(f"no pipeline named {name!r}")
         x, lane = p.prepare(x, exact_dtype)
         req = Request(x, lane, p, self.clock())
+        if timeout is not None:  # nobody waits for it after that: do not run it then
+            req.deadline = min(req.deadline, req.enqueued + timeout)
         result: InferenceResult = p.executor.run_sync(req, timeout)
         return result
 
@@ -290,7 +294,8 @@ class Runtime:
         """`infer` for asyncio code: requests made in one loop turn are batched together.
 
         Raises:
-            UnknownPipeline, BadInput, Rejected, Shed, PipelineStopped, InferenceFailed.
+            UnknownPipeline, BadInput, Rejected, Shed, Expired, Superseded,
+            PipelineStopped, InferenceFailed.
         """
         group, i = self._batchers.current().join(name, x, exact_dtype)
         await group.fut

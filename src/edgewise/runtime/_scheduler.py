@@ -19,9 +19,14 @@ Invariants:
   client, critical ones included, so blocking it would delay the very work the wait is
   for. Its lower-priority requests queue behind the critical work instead, as they do
   whenever the executor is busy.
-- Admission is otherwise immediate: a full per-pipeline queue raises `Rejected`.
+- Admission is otherwise immediate: a full per-pipeline queue raises `Rejected`, or,
+  for a pipeline whose queue overflows by dropping its oldest (`drop_oldest`), fails
+  that pipeline's oldest queued requests with `Superseded` to make room for the new one.
   Capacity counts callers' requests: a request that carries a group of them (`n`, see
   `Request`) takes `n` places.
+- A queued request whose deadline (`Request.deadline`: the pipeline's `max_queue_ms`, or
+  its caller's timeout) has passed when the worker reaches it is not run: it fails with
+  `Expired`. A request that runs at once (inline, or beside the worker) never waited.
 - When a queued critical request has waited long enough that one more batch would take
   it past `shed_fraction` of its SLO, every queued best_effort request is shed, and new
   best_effort requests are shed on arrival for `shed_hold_s`.
@@ -35,7 +40,14 @@ from collections import deque
 from collections.abc import Callable
 from typing import Any
 
-from edgewise.runtime._errors import PipelineStopped, Rejected, RuntimeFailure, Shed
+from edgewise.runtime._errors import (
+    Expired,
+    PipelineStopped,
+    Rejected,
+    RuntimeFailure,
+    Shed,
+    Superseded,
+)
 from edgewise.runtime._request import Lane, Owner, Request, complete_all
 
 __all__ = ["Executor", "Lane", "Owner", "Request", "complete_all", "should_shed"]
@@ -136,7 +148,12 @@ class Executor:
         if not self._critical_threads:
             self._critical_clear.set()
 
-    def _admit(self, req: Request) -> None:
+    def _admit(self, req: Request) -> list[Request] | None:
+        """Admission checks, with the lock held.
+
+        Returns the queued requests dropped to make room for `req` (`drop_oldest`), which
+        the caller fails once the lock is released.
+        """
         owner = req.owner
         if not owner.accepting:
             raise PipelineStopped(f"pipeline {owner.name!r} is stopping")
@@ -144,8 +161,37 @@ class Executor:
             owner.on_shed(req.n)
             raise Shed("best-effort request shed: critical work is at risk of its SLO")
         if owner.queued + req.n > owner.capacity:
-            owner.on_rejected(req.n)
-            raise Rejected(f"queue of pipeline {owner.name!r} is full ({owner.capacity})")
+            victims = self._make_room(owner, req.n) if owner.drop_oldest else None
+            if victims is None:
+                owner.on_rejected(req.n)
+                raise Rejected(f"queue of pipeline {owner.name!r} is full ({owner.capacity})")
+            return victims
+        return None
+
+    def _make_room(self, owner: Owner, n: int) -> list[Request] | None:
+        """Take `owner`'s oldest queued requests out so that `n` more places are free.
+
+        None (and nothing taken) when even all of them would not free enough: the new
+        request carries more callers than the whole queue holds, or its own group's
+        requests are not queued yet (`submit_many`).
+        """
+        need = owner.queued + n - owner.capacity
+        q = self._queues[owner.rank]
+        victims: list[Request] = []
+        freed = 0
+        for r in q:  # oldest first
+            if r.owner is owner:
+                victims.append(r)
+                freed += r.n
+                if freed >= need:
+                    break
+        if freed < need:
+            return None
+        for r in victims:
+            q.remove(r)
+        owner.queued -= freed
+        self._depth -= len(victims)
+        return victims
 
     def submit(self, req: Request, inline: bool = True, wait: bool = False) -> bool:
         """Admit `req`; run it in this thread when allowed and the executor is idle.
@@ -159,12 +205,12 @@ class Executor:
             PipelineStopped: the pipeline no longer accepts work.
         """
         cond = self._cond
-        bypass = False
+        bypass = queued = False
         critical = req.owner.rank == CRITICAL
         if not critical and not self._critical_clear.is_set():
             self.yield_to_critical(req.owner.rank)
         with self._lock:
-            self._admit(req)
+            victims = self._admit(req)
             if inline and not self._busy and not self._depth and not self._paused:
                 self._busy = True
                 self._running_rank = req.owner.rank
@@ -195,7 +241,11 @@ class Executor:
                 self._depth += 1
                 if self._waiting:  # a busy worker looks at the queue before it sleeps
                     cond.notify_all()
-                return False
+                queued = True
+        if victims:
+            superseded(victims)
+        if queued:
+            return False
         try:
             self._run([req])
         finally:
@@ -222,6 +272,7 @@ class Executor:
         cond = self._cond
         refused: list[tuple[Request, RuntimeFailure]] = []
         admitted: list[Request] = []
+        dropped: list[Request] = []
         run_here = False
         critical = False
         if reqs and not self._critical_clear.is_set():
@@ -229,7 +280,9 @@ class Executor:
         with self._lock:
             for r in reqs:
                 try:
-                    self._admit(r)
+                    victims = self._admit(r)
+                    if victims:
+                        dropped.extend(victims)
                     admitted.append(r)
                     r.owner.queued += r.n  # so the group as a whole respects the capacity
                 except RuntimeFailure as exc:
@@ -251,6 +304,8 @@ class Executor:
                     cond.notify_all()
         for r, why in refused:
             r.fail(why)
+        if dropped:
+            superseded(dropped)
         if not run_here:
             return
         try:
@@ -281,7 +336,8 @@ class Executor:
             waiter = req._waiter
             assert waiter is not None
             if not waiter.acquire(timeout=-1 if timeout is None else timeout):
-                raise RuntimeFailure("timed out waiting for the result")
+                # Its deadline (see `Runtime.infer`) keeps it from running if still queued.
+                raise Expired(f"no result within {timeout:g} s")
         if req.error is not None:
             raise req.error
         return req.result
@@ -359,32 +415,49 @@ class Executor:
             r.owner.queued -= r.n
         return dropped
 
-    def _take(self) -> list[Request]:
+    def _take(self, now: float) -> tuple[list[Request], list[Request]]:
+        """The next batch, and the queued requests found past their deadline.
+
+        The expired ones are taken out of the queue too, to be failed once the lock is
+        released. The batch is empty when every request left had expired.
+        """
         head: Request | None = None
+        expired: list[Request] = []
         for q in self._queues:
-            if q:
-                head = q.popleft()
-                break
-        assert head is not None
-        lane, limit = head.lane, head.lane.max_batch
-        batch, rows = [head], head.rows
-        for q in self._queues:
-            if rows >= limit or not q:
-                continue
-            keep: deque[Request] = deque()
             while q:
                 r = q.popleft()
-                if r.lane is lane and rows + r.rows <= limit:
-                    batch.append(r)
-                    rows += r.rows
+                if r.deadline < now:
+                    expired.append(r)
                 else:
-                    keep.append(r)
-            q.extend(keep)
-        self._depth -= len(batch)
+                    head = r
+                    break
+            if head is not None:
+                break
+        batch: list[Request] = []
+        if head is not None:
+            lane, limit = head.lane, head.lane.max_batch
+            batch, rows = [head], head.rows
+            for q in self._queues:
+                if rows >= limit or not q:
+                    continue
+                keep: deque[Request] = deque()
+                while q:
+                    r = q.popleft()
+                    if r.deadline < now:
+                        expired.append(r)
+                    elif r.lane is lane and rows + r.rows <= limit:
+                        batch.append(r)
+                        rows += r.rows
+                    else:
+                        keep.append(r)
+                q.extend(keep)
+            head.owner.inflight += 1  # a batch never mixes lanes, so never mixes pipelines
+        self._depth -= len(batch) + len(expired)
         for r in batch:
             r.owner.queued -= r.n
-        head.owner.inflight += 1  # a batch never mixes lanes, so never mixes pipelines
-        return batch
+        for r in expired:
+            r.owner.queued -= r.n
+        return batch, expired
 
     def _wait_for_company(self, now: float) -> float:
         """Seconds to wait for more requests to join the head's batch (0: go now)."""
@@ -419,6 +492,7 @@ class Executor:
                 now = self._clock()
                 shed = self._shed_best_effort(now)
                 batch: list[Request] = []
+                expired: list[Request] = []
                 if self._depth:
                     pause = 0.0 if shed else self._wait_for_company(now)
                     if pause > 0:
@@ -427,11 +501,16 @@ class Executor:
                         self._waiting = False
                         if self._must_wait():
                             continue
-                    batch = self._take()
-                    self._busy = True
-                    self._running_rank = rank = batch[0].owner.rank
-                    if rank == CRITICAL:
-                        self._critical_started()
+                    batch, expired = self._take(now)
+                    if batch:
+                        self._busy = True
+                        self._running_rank = rank = batch[0].owner.rank
+                        if rank == CRITICAL:
+                            self._critical_started()
+                    elif self._depth == 0:  # nothing left but what expired: drainers
+                        cond.notify_all()
+            if expired:  # before the batch: their callers learn at once
+                expire(expired, now)
             if batch:
                 try:
                     self._run(batch)
@@ -447,3 +526,27 @@ class Executor:
             for r in shed:
                 r.owner.on_shed(r.n)
                 r.fail(Shed("best-effort request shed: critical work is at risk of its SLO"))
+
+
+def expire(reqs: list[Request], now: float) -> None:
+    """Fail requests found past their deadline in the queue (not run)."""
+    for r in reqs:
+        r.owner.on_expired(r.n)
+        waited = (now - r.enqueued) * 1000.0
+        r.fail(
+            Expired(
+                f"waited {waited:.0f} ms in the queue of pipeline {r.owner.name!r}, past its "
+                "deadline; not run"
+            )
+        )
+
+
+def superseded(reqs: list[Request]) -> None:
+    """Fail queued requests dropped to make room for newer ones."""
+    for r in reqs:
+        r.owner.on_superseded(r.n)
+        r.fail(
+            Superseded(
+                f"dropped from the full queue of pipeline {r.owner.name!r} for a newer request"
+            )
+        )

@@ -18,7 +18,8 @@ A window becomes one telemetry record (`cls="metric"`, `kind="window"`) in the s
 real agent's `WindowAggregator` produces, so the control plane reads both alike::
 
     {"pipeline", "model", "version", "deployment", "start", "end",
-     "counts": {"ok", "failed", "shed", "rejected", "bad_input", "escalated", "fallback"},
+     "counts": {"ok", "failed", "shed", "rejected", "expired", "superseded", "bad_input",
+                "escalated", "fallback"},
      "latency": {"bounds": [...], "stages": {"total": {"counts": [...], "sum"}}},
      "confidence": {"edges": [...], "counts": [...]},
      "drift": {"score", "threshold", "samples", "sufficient", "drifted"}}
@@ -185,6 +186,8 @@ def synth_window(
             "failed": failed,
             "shed": 0,
             "rejected": 0,
+            "expired": 0,
+            "superseded": 0,
             "bad_input": 0,
             "escalated": 0,
             "fallback": 0,

@@ -44,6 +44,8 @@ COUNT_KEYS: dict[str, str] = {
     "failed": "nv_inference_request_failure",
     "shed": "nv_inference_request_shed",
     "rejected": "nv_inference_request_rejected",
+    "expired": "nv_inference_request_expired",
+    "superseded": "nv_inference_request_superseded",
     "bad_input": "nv_inference_request_bad_input",
     "escalated": "nv_inference_escalated",
     "fallback": "nv_inference_fallback",

@@ -16,13 +16,15 @@ from dataclasses import dataclass, field
 from typing import Any
 
 __all__ = [
+    "ERROR_KEYS",
     "WindowFigures",
     "histogram_quantile",
     "merge_counts",
     "merge_latency",
 ]
 
-_ERROR_KEYS = ("failed", "shed", "rejected")
+# Requests that got no answer, whatever the reason: each counts against a rollout.
+ERROR_KEYS = ("failed", "shed", "rejected", "expired", "superseded")
 
 
 def _ints(values: Any) -> tuple[int, ...]:
@@ -65,7 +67,8 @@ class WindowFigures:
         model: Model name; `version` its version.
         deployment: The deployment the pipeline came from ("" when unknown).
         start: Window start (device clock, unix seconds); `end` its end.
-        counts: ok, failed, shed, rejected, bad_input, escalated, fallback.
+        counts: ok, failed, shed, rejected, expired, superseded, bad_input, escalated,
+            fallback.
         latency_bounds: Upper bounds of the latency buckets (ms); the last count is overflow.
         latency: Counts per bucket of end-to-end latency ("total" stage).
         confidence_edges: Bin edges of the top-1 confidence histogram; `confidence` its counts.
@@ -99,8 +102,8 @@ class WindowFigures:
 
     @property
     def errors(self) -> int:
-        """Failed, shed and rejected requests."""
-        return sum(int(self.counts.get(k, 0)) for k in _ERROR_KEYS)
+        """Requests that got no answer (failed, shed, rejected, expired, superseded)."""
+        return sum(int(self.counts.get(k, 0)) for k in ERROR_KEYS)
 
     @property
     def requests(self) -> int:

@@ -23,6 +23,7 @@ import numpy as np
 
 from edgewise.control.rollout import CohortTelemetry
 from edgewise.control.telemetry._figures import (
+    ERROR_KEYS,
     WindowFigures,
     histogram_quantile,
     merge_counts,
@@ -156,7 +157,7 @@ def fleet_view(
     for key in sorted(groups):
         ws = groups[key]
         counts = merge_counts(ws)
-        errors = sum(counts.get(k, 0) for k in ("failed", "shed", "rejected"))
+        errors = sum(counts.get(k, 0) for k in ERROR_KEYS)
         requests = counts.get("ok", 0) + errors
         bounds, lat = merge_latency(ws)
         last: dict[str, float] = {}
@@ -234,7 +235,7 @@ def cohort_figures(
     cohorts compare bin for bin whatever edges each agent used.
     """
     counts = merge_counts(windows)
-    errors = sum(counts.get(k, 0) for k in ("failed", "shed", "rejected"))
+    errors = sum(counts.get(k, 0) for k in ERROR_KEYS)
     bounds, lat = merge_latency(windows)
     grid = DEFAULT_CONFIDENCE_EDGES
     conf = [0.0] * (len(grid) - 1)
