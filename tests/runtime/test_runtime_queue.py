@@ -8,11 +8,14 @@ from collections.abc import Iterator
 from typing import Any
 
 import httpx
+import numpy as np
 import pytest
 from pydantic import ValidationError
 
 from edgewise.agent.telemetry import stats_delta
-from edgewise.control.telemetry._figures import WindowFigures
+from edgewise.control.rollout import GateOutcome, GateSpec, evaluate_gates
+from edgewise.control.telemetry import WindowFigures, cohort_figures
+from edgewise.control.telemetry._figures import requests_and_errors
 from edgewise.examples import DigitsSplit
 from edgewise.protocol import PipelineSpec
 from edgewise.runtime import (
@@ -280,19 +283,51 @@ def test_bad_queue_policies_are_refused_with_the_reason(
         PipelineSpec.model_validate(body)
 
 
-def test_expired_and_superseded_requests_count_against_a_rollout() -> None:
-    before = {"nv_inference_request_expired": 0, "nv_inference_request_superseded": 0}
-    after = {"nv_inference_request_expired": 4, "nv_inference_request_superseded": 2}
-    counts = stats_delta(before, after)["counts"]
-    assert counts["expired"] == 4 and counts["superseded"] == 2
-    window = WindowFigures(
-        device_id="d",
-        pipeline="p",
-        model="m",
-        version="1",
-        deployment="",
-        start=0,
-        end=10,
-        counts={"ok": 10, **counts},
+def _log_model() -> bytes:
+    """y = log(x): rows with a negative number score NaN."""
+    from onnx import TensorProto, helper
+
+    inp = helper.make_tensor_value_info("x", TensorProto.FLOAT, [None, 4])
+    out = helper.make_tensor_value_info("y", TensorProto.FLOAT, [None, 4])
+    graph = helper.make_graph([helper.make_node("Log", ["x"], ["y"])], "g", [inp], [out])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    return bytes(model.SerializeToString())
+
+
+def test_expired_superseded_and_nan_answers_count_against_a_rollout(
+    rt: Runtime, clock: FakeClock
+) -> None:
+    spec = PipelineSpec.model_validate(
+        {
+            "name": "log",
+            "model": {"name": "m"},
+            "postprocess": [{"type": "softmax"}],
+            "batching": {"queue_capacity": 1, "overflow": "drop_oldest", "max_queue_ms": 50},
+        }
     )
-    assert window.errors == 6
+    rt.start_pipeline(spec, rt.load_model(_log_model()))
+    good, bad = np.array([[1.0, 2, 3, 4]], np.float32), np.array([[-1.0, 1, 1, 1]], np.float32)
+    rt.pause()
+    reqs = [rt.submit("log", good, lambda r: None) for _ in range(3)]  # two superseded
+    clock.now += 0.1  # the third expires
+    rt.resume()
+    until(lambda: all(r.error is not None for r in reqs))
+    rt.infer("log", good)
+    rt.infer("log", bad)  # answered, with a NaN score
+
+    counts = stats_delta(None, rt.stats("log"))["counts"]
+    assert {k: counts[k] for k in ("ok", "superseded", "expired", "nonfinite")} == {
+        "ok": 2,
+        "superseded": 2,
+        "expired": 1,
+        "nonfinite": 1,
+    }
+    phase = cohort_figures([WindowFigures.from_record("d1", {"counts": counts})])
+    assert (phase.inferences, phase.errors) == (5, 4)
+    control = cohort_figures([WindowFigures.from_record("d2", {"counts": {"ok": 100}})])
+    gates = GateSpec(max_error_rate_delta=0.05, min_reporting=0, min_inferences=5)
+    verdict = evaluate_gates(gates, {}, [], phase, control).by_name("error_rate_delta")
+    assert verdict is not None and verdict.outcome is GateOutcome.FAIL
+    # NaN rows of answered requests never count for more than those requests.
+    assert requests_and_errors({"ok": 2, "nonfinite": 9}) == (2, 2)

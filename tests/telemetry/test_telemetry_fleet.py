@@ -104,6 +104,19 @@ def test_cohort_figures_feed_the_rollout_quality_gates() -> None:
     assert evaluation.by_name("error_rate_delta").outcome is GateOutcome.FAIL  # type: ignore[union-attr]
 
 
+def test_a_model_answering_nan_fails_the_error_gate_though_every_request_got_an_answer() -> None:
+    # The runtime keeps NaN scores out of the confidence histogram, so without this the
+    # only trace of a model answering NaN would be a counter no gate read.
+    answers_nan = WindowFigures.from_record("b", {"counts": {"ok": 200, "nonfinite": 200}})
+    phase = cohort_figures([answers_nan])
+    assert (phase.inferences, phase.errors) == (200, 200)
+    assert (answers_nan.requests, answers_nan.errors) == (200, 200)
+    control = cohort_figures([window("a", 10, ok=200)])
+    spec = GateSpec(max_error_rate_delta=0.05, min_reporting=0)
+    verdict = evaluate_gates(spec, {}, [], phase, control).by_name("error_rate_delta")
+    assert verdict is not None and verdict.outcome is GateOutcome.FAIL
+
+
 def test_rebin_keeps_the_mass_and_maps_it_by_overlap() -> None:
     grid = list(DEFAULT_CONFIDENCE_EDGES)
     assert rebin(grid, list(range(10)), grid) == [float(i) for i in range(10)]

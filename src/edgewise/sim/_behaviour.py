@@ -19,7 +19,7 @@ real agent's `WindowAggregator` produces, so the control plane reads both alike:
 
     {"pipeline", "model", "version", "deployment", "start", "end",
      "counts": {"ok", "failed", "shed", "rejected", "expired", "superseded", "bad_input",
-                "escalated", "fallback"},
+                "escalated", "fallback", "nonfinite"},
      "latency": {"bounds": [...], "stages": {"total": {"counts": [...], "sum"}}},
      "confidence": {"edges": [...], "counts": [...]},
      "drift": {"score", "threshold", "samples", "sufficient", "drifted"}}
@@ -191,6 +191,7 @@ def synth_window(
             "bad_input": 0,
             "escalated": 0,
             "fallback": 0,
+            "nonfinite": 0,
         },
         "latency": {
             "bounds": list(LATENCY_BOUNDS_MS),

@@ -49,6 +49,8 @@ COUNT_KEYS: dict[str, str] = {
     "bad_input": "nv_inference_request_bad_input",
     "escalated": "nv_inference_escalated",
     "fallback": "nv_inference_fallback",
+    # rows answered with a NaN or infinite top-1 score: errors for a rollout
+    "nonfinite": "edgewise_nonfinite_scores",
 }
 _STAGE_KEYS: dict[str, str] = {
     "total": "nv_inference_request_duration_ms",

@@ -16,15 +16,29 @@ from dataclasses import dataclass, field
 from typing import Any
 
 __all__ = [
-    "ERROR_KEYS",
+    "UNANSWERED_KEYS",
     "WindowFigures",
     "histogram_quantile",
     "merge_counts",
     "merge_latency",
+    "requests_and_errors",
 ]
 
 # Requests that got no answer, whatever the reason: each counts against a rollout.
-ERROR_KEYS = ("failed", "shed", "rejected", "expired", "superseded")
+UNANSWERED_KEYS = ("failed", "shed", "rejected", "expired", "superseded")
+
+
+def requests_and_errors(counts: Mapping[str, Any]) -> tuple[int, int]:
+    """(requests, errors) of window counts.
+
+    Requests are those answered (`ok`) and those that got no answer (`UNANSWERED_KEYS`).
+    Errors are the unanswered ones plus the answers whose top-1 score was NaN or infinite
+    (`nonfinite`, rows of answered requests, so at most `ok` of them count): a model that
+    answers NaN is failing, though every request got an answer.
+    """
+    ok = int(counts.get("ok", 0))
+    unanswered = sum(int(counts.get(k, 0)) for k in UNANSWERED_KEYS)
+    return ok + unanswered, unanswered + min(int(counts.get("nonfinite", 0)), ok)
 
 
 def _ints(values: Any) -> tuple[int, ...]:
@@ -68,7 +82,7 @@ class WindowFigures:
         deployment: The deployment the pipeline came from ("" when unknown).
         start: Window start (device clock, unix seconds); `end` its end.
         counts: ok, failed, shed, rejected, expired, superseded, bad_input, escalated,
-            fallback.
+            fallback, nonfinite.
         latency_bounds: Upper bounds of the latency buckets (ms); the last count is overflow.
         latency: Counts per bucket of end-to-end latency ("total" stage).
         confidence_edges: Bin edges of the top-1 confidence histogram; `confidence` its counts.
@@ -102,13 +116,13 @@ class WindowFigures:
 
     @property
     def errors(self) -> int:
-        """Requests that got no answer (failed, shed, rejected, expired, superseded)."""
-        return sum(int(self.counts.get(k, 0)) for k in ERROR_KEYS)
+        """Requests unanswered or answered with a non-finite score (`requests_and_errors`)."""
+        return requests_and_errors(self.counts)[1]
 
     @property
     def requests(self) -> int:
-        """Requests that counted for the SLO (ok + errors)."""
-        return int(self.counts.get("ok", 0)) + self.errors
+        """Requests that counted for the SLO: answered or not (`requests_and_errors`)."""
+        return requests_and_errors(self.counts)[0]
 
     @classmethod
     def from_record(

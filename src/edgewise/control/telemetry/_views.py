@@ -23,11 +23,11 @@ import numpy as np
 
 from edgewise.control.rollout import CohortTelemetry
 from edgewise.control.telemetry._figures import (
-    ERROR_KEYS,
     WindowFigures,
     histogram_quantile,
     merge_counts,
     merge_latency,
+    requests_and_errors,
 )
 from edgewise.drift import DEFAULT_CONFIDENCE_EDGES, DriftReference, WindowCounts, drift_report
 
@@ -157,8 +157,7 @@ def fleet_view(
     for key in sorted(groups):
         ws = groups[key]
         counts = merge_counts(ws)
-        errors = sum(counts.get(k, 0) for k in ERROR_KEYS)
-        requests = counts.get("ok", 0) + errors
+        requests, errors = requests_and_errors(counts)
         bounds, lat = merge_latency(ws)
         last: dict[str, float] = {}
         for w in ws:
@@ -235,7 +234,7 @@ def cohort_figures(
     cohorts compare bin for bin whatever edges each agent used.
     """
     counts = merge_counts(windows)
-    errors = sum(counts.get(k, 0) for k in ERROR_KEYS)
+    requests, errors = requests_and_errors(counts)
     bounds, lat = merge_latency(windows)
     grid = DEFAULT_CONFIDENCE_EDGES
     conf = [0.0] * (len(grid) - 1)
@@ -255,7 +254,7 @@ def cohort_figures(
     score, _ = merged_drift(windows, references)
     return CohortTelemetry(
         devices=len({w.device_id for w in windows}),
-        inferences=counts.get("ok", 0) + errors,
+        inferences=requests,
         errors=errors,
         p95_latency_ms=histogram_quantile(bounds, lat, 0.95),
         confidence_counts=_whole(conf) if seen else None,
