@@ -265,6 +265,66 @@ def test_the_local_api_answers_503_with_the_reason_and_serves_on(
             http.stop()
 
 
+def test_a_client_may_bound_its_own_requests_wait_with_x_max_queue_ms(
+    mlp_bytes: bytes, split: DigitsSplit, make_spec: SpecFactory
+) -> None:
+    with Runtime(cores=1, monitor_interval_s=None) as rt:
+        rt.start_pipeline(make_spec(), rt.load_model(mlp_bytes))  # no max_queue_ms
+        http = HttpServer(InferenceAPI(rt))
+        port = http.start()
+        answers: dict[str, httpx.Response] = {}
+        body = {"inputs": split.x_test[:1].tolist()}
+
+        def post(key: str, headers: dict[str, str]) -> None:
+            with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=10) as client:
+                answers[key] = client.post("/v1/pipelines/digits/infer", json=body, headers=headers)
+
+        try:
+            post("idle", {"x-max-queue-ms": "20"})  # runs at once: no wait at all
+            assert answers["idle"].status_code == 200
+            rt.pause()
+            threads = [
+                threading.Thread(target=post, args=("bounded", {"x-max-queue-ms": "20"})),
+                threading.Thread(target=post, args=("patient", {})),
+            ]
+            for t in threads:
+                t.start()
+            until(lambda: rt.pipelines()[0]["queue"]["queued"] == 2)
+            threading.Event().wait(0.05)  # the bounded one is past its 20 ms now
+            rt.resume()
+            for t in threads:
+                t.join(timeout=10)
+            assert answers["bounded"].status_code == 503
+            assert answers["bounded"].json()["error"]["code"] == "expired"
+            assert answers["patient"].status_code == 200
+            assert rt.stats("digits")["nv_inference_request_expired"] == 1
+        finally:
+            http.stop()
+
+
+@pytest.mark.parametrize("value", ["soon", "0", "-5", "nan", "inf", "600001", ""])
+def test_a_bad_x_max_queue_ms_is_a_400_and_the_pipeline_serves_on(
+    value: str, runtime: Runtime, mlp_bytes: bytes, split: DigitsSplit, make_spec: SpecFactory
+) -> None:
+    runtime.start_pipeline(make_spec(), runtime.load_model(mlp_bytes))
+    http = HttpServer(InferenceAPI(runtime))
+    port = http.start()
+    body = {"inputs": split.x_test[:1].tolist()}
+    try:
+        with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=10) as client:
+            bad = client.post(
+                "/v1/pipelines/digits/infer", json=body, headers={"x-max-queue-ms": value}
+            )
+            assert bad.status_code == 400
+            assert (
+                "X-Max-Queue-Ms must be a number of milliseconds" in bad.json()["error"]["message"]
+            )
+            assert client.post("/v1/pipelines/digits/infer", json=body).status_code == 200
+    finally:
+        http.stop()
+    assert runtime.stats("digits")["nv_inference_request_success"] == 1
+
+
 @pytest.mark.parametrize(
     ("batching", "message"),
     [

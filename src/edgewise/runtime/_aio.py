@@ -197,6 +197,7 @@ class LoopBatcher:
         exact_dtype: bool = False,
         first_goes_now: bool = False,
         alone: bool = False,
+        max_queue_s: float | None = None,
     ) -> InferenceResult | Pending:
         """`infer` without a coroutine: the result when it is ready now, else a `Pending`.
 
@@ -204,15 +205,24 @@ class LoopBatcher:
         this loop turn (a server with one connection), so the turn is not marked: that
         mark is a `call_soon`, and an extra loop iteration, per request.
 
+        A request with its own `max_queue_s` (see `Runtime.submit`) is submitted at once,
+        not grouped: a group's requests share one deadline. The executor still batches
+        it with whatever else is queued.
+
         Raises what admission raises (`UnknownPipeline`, `BadInput`, `Rejected`...) for a
         request that runs at once; a grouped request's failure comes from `outcome()`.
         """
         tid, loop = self._running()
-        if first_goes_now and self._turn is not loop and name not in self.pending:
-            if not alone:  # others may send in this turn: they form a group after this one
+        if max_queue_s is not None or (
+            first_goes_now and self._turn is not loop and name not in self.pending
+        ):
+            if first_goes_now and not alone and self._turn is not loop:
+                # others may send in this turn: they form a group after this one
                 self._turn = loop
                 loop.call_soon(self._end_turn)
-            req = self.runtime.submit(name, x, wake, exact_dtype=exact_dtype, inline=True)
+            req = self.runtime.submit(
+                name, x, wake, exact_dtype=exact_dtype, inline=True, max_queue_s=max_queue_s
+            )
             if req.result is None and req.error is None:  # queued behind other work
                 fut: asyncio.Future[None] = loop.create_future()
                 req.ctx = (fut, loop, tid)

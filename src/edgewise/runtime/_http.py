@@ -137,6 +137,21 @@ def _nbytes(dt: np.dtype[Any], shape: tuple[int, ...]) -> int:
     return math.prod(shape) * dt.itemsize
 
 
+def max_queue_s(header: bytes) -> float:
+    """`X-Max-Queue-Ms` in seconds: how long this request may wait in the queue.
+
+    Raises:
+        BadInput: not a number of milliseconds in (0, 600000].
+    """
+    try:
+        ms = float(header)
+    except ValueError:
+        ms = math.nan
+    if not 0 < ms <= 600_000:  # NaN fails too
+        raise BadInput("X-Max-Queue-Ms must be a number of milliseconds, > 0 and <= 600000")
+    return ms / 1000.0
+
+
 def _check_size(got: int, expected: int) -> None:
     if expected != got:
         raise BadInput(f"body has {got} bytes, dtype and shape need {expected}")
@@ -182,11 +197,19 @@ class InferenceAPI:
         ctype = headers.get(b"content-type", b"application/json")
         raw = ctype.startswith(b"application/octet-stream")
         x = decode_raw(headers, body) if raw else decode_json(body)
+        wait = headers.get(b"x-max-queue-ms")
         # The first request of a loop turn runs at once (no wait when one client is
         # alone); the requests that other connections delivered in the same turn form
         # one batch.
         alone = self.alone
-        got = self._batcher.begin(name, x, raw, True, alone is not None and alone())
+        got = self._batcher.begin(
+            name,
+            x,
+            raw,
+            True,
+            alone is not None and alone(),
+            None if wait is None else max_queue_s(wait),
+        )
         if isinstance(got, Pending):
             return Deferred(got.fut, lambda: _finish(got))
         return 200, _encode(got), ()

@@ -310,18 +310,23 @@ class Runtime:
         exact_dtype: bool = False,
         inline: bool = False,
         ctx: Any = None,
+        max_queue_s: float | None = None,
     ) -> Request:
         """Queue a request and return at once; `callback(request)` runs on completion.
 
         With `inline`, an idle executor runs a fast model's request in the calling thread
         (the HTTP API does this from its event loop for sub-`inline_async_max_ms` models).
         `ctx` is stored on the request before it can complete (e.g. an asyncio future).
+        `max_queue_s` tightens the pipeline's `max_queue_ms` for this request: if it is
+        still queued after that long, it fails with `Expired` and is not run.
         """
         p = self._pipelines.get(name)
         if p is None:
             raise UnknownPipeline(f"no pipeline named {name!r}")
         x, lane = p.prepare(x, exact_dtype)
         req = Request(x, lane, p, self.clock(), callback, ctx)
+        if max_queue_s is not None:
+            req.deadline = min(req.deadline, req.enqueued + max_queue_s)
         p.executor.submit(req, inline and p.executor.typical_batch_s < self._inline_max_s)
         return req
 
