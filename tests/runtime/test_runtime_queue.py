@@ -139,6 +139,30 @@ def test_an_asyncio_group_that_waited_too_long_expires_for_every_member(
     assert rt.stats("digits")["nv_inference_request_expired"] == 3
 
 
+def test_an_asyncio_caller_may_bound_its_own_requests_wait(
+    rt: Runtime, clock: FakeClock, mlp_bytes: bytes, split: DigitsSplit, make_spec: SpecFactory
+) -> None:
+    rt.start_pipeline(make_spec(), rt.load_model(mlp_bytes))  # no max_queue_ms
+
+    async def main() -> list[Any]:
+        rt.pause()
+        calls = [
+            asyncio.ensure_future(rt.infer_async("digits", split.x_test[0], max_queue_s=0.02)),
+            asyncio.ensure_future(rt.infer_async("digits", split.x_test[1])),
+        ]
+        while rt.pipelines()[0]["queue"]["queued"] < 2:
+            await asyncio.sleep(0.001)
+        clock.now += 0.05
+        rt.resume()
+        return await asyncio.gather(*calls, return_exceptions=True)
+
+    bounded, patient = asyncio.run(main())
+    assert isinstance(bounded, Expired)
+    assert patient.label == rt.infer("digits", split.x_test[1]).label
+    # Run at once when nothing is queued: a bound costs nothing then.
+    assert asyncio.run(rt.infer_async("digits", split.x_test[0], max_queue_s=0.02)).label
+
+
 def test_an_infer_timeout_keeps_the_queued_request_from_running(
     mlp_bytes: bytes, split: DigitsSplit, make_spec: SpecFactory
 ) -> None:

@@ -19,7 +19,7 @@ import numpy.typing as npt
 
 from edgewise.protocol._pipeline import PipelineSpec
 from edgewise.runtime import _sinks, _sources  # noqa: F401  (registers the built-ins)
-from edgewise.runtime._aio import LoopBatchers
+from edgewise.runtime._aio import LoopBatchers, Pending
 from edgewise.runtime._backend import CPU, DEFAULT_PROVIDERS
 from edgewise.runtime._cascade import make_escalator
 from edgewise.runtime._degrade import Mode, Observation, read_cpu_percent, read_thermal_c, step
@@ -289,14 +289,27 @@ class Runtime:
         return result
 
     async def infer_async(
-        self, name: str, x: Input, *, exact_dtype: bool = False
+        self,
+        name: str,
+        x: Input,
+        *,
+        exact_dtype: bool = False,
+        max_queue_s: float | None = None,
     ) -> InferenceResult:
         """`infer` for asyncio code: requests made in one loop turn are batched together.
+
+        `max_queue_s` bounds this request's wait in the queue (see `submit`).
 
         Raises:
             UnknownPipeline, BadInput, Rejected, Shed, Expired, Superseded,
             PipelineStopped, InferenceFailed.
         """
+        if max_queue_s is not None:
+            got = self._batchers.current().begin(name, x, exact_dtype, max_queue_s=max_queue_s)
+            if isinstance(got, Pending):
+                await got.fut
+                return got.outcome()
+            return got
         group, i = self._batchers.current().join(name, x, exact_dtype)
         await group.fut
         return group.outcome(i)
