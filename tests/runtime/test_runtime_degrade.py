@@ -10,7 +10,7 @@ from edgewise.protocol import DegradationSpec
 from edgewise.runtime import DegradeState, Mode, Observation, Runtime, RuntimeEvent
 from edgewise.runtime._degrade import read_thermal_c, step
 
-from .conftest import SpecFactory
+from .conftest import SpecFactory, until
 
 SPEC = DegradationSpec(cpu_percent=90, thermal_c=80, slo_breach_windows=2, recover_windows=2)
 
@@ -164,3 +164,55 @@ def test_rolling_p95_over_the_slo_switches_to_fallback_and_back(
     finally:
         rt.close()
         POSTPROCESS._factories.pop("test_slow", None)
+
+
+def test_requests_expiring_in_the_queue_breach_the_slo_and_switch_to_fallback(
+    mlp_bytes: bytes, logreg_bytes: bytes, split: DigitsSplit, make_spec: SpecFactory
+) -> None:
+    # max_queue_ms under the SLO: every request served is on time, so only the expired
+    # ones show that the device cannot keep up. For the SLO they were never answered.
+    clock = Clock()
+    rt = Runtime(
+        cores=1,
+        clock=clock,
+        monitor_interval_s=None,
+        thermal_reader=lambda: None,
+        cpu_reader=lambda: None,
+    )
+    try:
+        spec = make_spec(
+            fallback={"name": "digits-logreg"},
+            slo={"p95_ms": 100, "window_s": 10},
+            batching={"max_queue_ms": 20},
+            degradation={"slo_breach_windows": 1, "recover_windows": 1},
+        )
+        rt.start_pipeline(spec, rt.load_model(mlp_bytes), fallback=rt.load_model(logreg_bytes))
+        for row in split.x_test[:39]:
+            rt.infer("digits", row)  # on time
+        rt.pause()
+        late = rt.submit("digits", split.x_test[0], lambda r: None)
+        clock.now += 0.05
+        rt.resume()
+        until(lambda: late.error is not None)
+        assert rt.stats("digits")["p95_ms"] is not None  # 1 in 40 expired: p95 still served
+        assert rt.tick() == []
+
+        rt.pause()
+        late = [rt.submit("digits", row, lambda r: None) for row in split.x_test[:2]]
+        clock.now += 0.05
+        rt.resume()
+        until(lambda: all(r.error is not None for r in late))
+        assert rt.stats("digits")["p95_ms"] is None  # 3 of 42 expired: no p95 to show
+        [event] = rt.tick()
+        assert event.kind == "degraded"
+        assert (
+            event.reason == "p95 over the 100 ms SLO: 5% or more of requests expired in the queue"
+        )
+        assert rt.infer("digits", split.x_test[0]).tier == "fallback"
+
+        clock.now += 11  # the expired requests leave the window
+        rt.infer("digits", split.x_test[0])
+        [event] = rt.tick()
+        assert event.kind == "recovered"
+    finally:
+        rt.close()

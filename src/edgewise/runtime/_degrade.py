@@ -12,6 +12,7 @@ The readers for the real device are here too; tests pass their own.
 from __future__ import annotations
 
 import enum
+import math
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -71,7 +72,12 @@ def _over(value: float | None, limit: float | None, factor: float = 1.0) -> bool
 def _pressure(obs: Observation, spec: DegradationSpec, slo_ms: float) -> list[str]:
     reasons = []
     if obs.p95_ms is not None and obs.p95_ms > slo_ms:
-        reasons.append(f"p95 {obs.p95_ms:.1f} ms over the {slo_ms:g} ms SLO")
+        if math.isinf(obs.p95_ms):
+            reasons.append(
+                f"p95 over the {slo_ms:g} ms SLO: 5% or more of requests expired in the queue"
+            )
+        else:
+            reasons.append(f"p95 {obs.p95_ms:.1f} ms over the {slo_ms:g} ms SLO")
     if _over(obs.cpu_percent, spec.cpu_percent):
         reasons.append(f"CPU {obs.cpu_percent:.0f}% at or over {spec.cpu_percent:g}%")
     if _over(obs.thermal_c, spec.thermal_c):

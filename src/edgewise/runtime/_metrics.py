@@ -121,7 +121,10 @@ class RollingLatency:
             self._size -= len(chunks.popleft()[0])
 
     def p95(self, now: float) -> float | None:
-        """p95 over the window, or None when the window is empty."""
+        """p95 over the window, or None when the window is empty.
+
+        Infinite when 5 % or more of the window's requests expired unanswered.
+        """
         cutoff = now - self.window_s
         parts = [v[t >= cutoff] for t, v in list(self._chunks) if float(t[-1]) >= cutoff]
         if not parts:

@@ -472,9 +472,16 @@ class RunningPipeline:
             self.metrics.rejected += n
 
     def on_expired(self, n: int) -> None:
-        """Count requests that waited in the queue past their deadline."""
+        """Count requests that waited in the queue past their deadline.
+
+        For the SLO they never got an answer: each goes into the rolling latency window
+        as infinitely late, so a pipeline that expires 5 % or more of its requests
+        breaches its p95 and degrades to its fallback, whatever `max_queue_ms` is.
+        """
+        now = self.clock()
         with self.metrics.lock:
             self.metrics.expired += n
+            self.metrics.rolling.add_many(np.full(n, now), np.full(n, np.inf))
 
     def on_superseded(self, n: int) -> None:
         """Count queued requests dropped for newer ones (`overflow: drop_oldest`)."""

@@ -6,6 +6,7 @@ tests drive degradation with injected pressure and no sleeping.
 
 from __future__ import annotations
 
+import math
 import os
 import sys
 import threading
@@ -441,13 +442,15 @@ class Runtime:
         """Counters and histograms of one pipeline, plus its current mode."""
         p = self._get(name)
         snap = p.metrics.snapshot()
+        p95 = p.metrics.p95(self.clock())
         snap.update(
             pipeline=name,
             mode=str(p.degrade.mode),
             model=p.active.model.key,
             queued=p.queued,
             executor_batch_ms=p.executor.typical_batch_s * 1000.0,
-            p95_ms=p.metrics.p95(self.clock()),
+            # None without requests in the window, or with 5 % or more of them expired.
+            p95_ms=None if p95 is None or math.isinf(p95) else p95,
         )
         return snap
 
