@@ -243,7 +243,7 @@ class Executor:
                     cond.notify_all()
                 queued = True
         if victims:
-            superseded(victims)
+            supersede(victims)
         if queued:
             return False
         try:
@@ -305,7 +305,7 @@ class Executor:
         for r, why in refused:
             r.fail(why)
         if dropped:
-            superseded(dropped)
+            supersede(dropped)
         if not run_here:
             return
         try:
@@ -541,7 +541,7 @@ def expire(reqs: list[Request], now: float) -> None:
         )
 
 
-def superseded(reqs: list[Request]) -> None:
+def supersede(reqs: list[Request]) -> None:
     """Fail queued requests dropped to make room for newer ones."""
     for r in reqs:
         r.owner.on_superseded(r.n)
