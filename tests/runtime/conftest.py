@@ -102,6 +102,41 @@ def bundle_dirs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[Pat
     return out
 
 
+class FakeClock:
+    """A clock that moves only when a test moves it (`clock.now += seconds`)."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+@pytest.fixture
+def clock() -> FakeClock:
+    return FakeClock()
+
+
+@pytest.fixture
+def rt(clock: FakeClock) -> Iterator[Runtime]:
+    """A runtime on `clock`, without the monitor thread."""
+    runtime = Runtime(cores=1, clock=clock, monitor_interval_s=None)
+    yield runtime
+    runtime.close()
+
+
+def log_model() -> bytes:
+    """y = log(x) over [N, 4]: rows with a negative number score NaN."""
+    from onnx import TensorProto, helper
+
+    inp = helper.make_tensor_value_info("x", TensorProto.FLOAT, [None, 4])
+    out = helper.make_tensor_value_info("y", TensorProto.FLOAT, [None, 4])
+    graph = helper.make_graph([helper.make_node("Log", ["x"], ["y"])], "g", [inp], [out])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    return bytes(model.SerializeToString())
+
+
 @pytest.fixture
 def runtime() -> Iterator[Runtime]:
     rt = Runtime(cores=1, monitor_interval_s=None)

@@ -10,7 +10,7 @@ from edgewise.protocol import DegradationSpec
 from edgewise.runtime import DegradeState, Mode, Observation, Runtime, RuntimeEvent
 from edgewise.runtime._degrade import read_thermal_c, step
 
-from .conftest import SpecFactory, until
+from .conftest import FakeClock, SpecFactory, until
 
 SPEC = DegradationSpec(cpu_percent=90, thermal_c=80, slo_breach_windows=2, recover_windows=2)
 
@@ -107,15 +107,24 @@ def test_injected_thermal_pressure_switches_to_fallback_and_back_with_events(
     assert kinds == [("degraded", "fallback"), ("recovered", "primary")]
 
 
-class Clock:
-    def __init__(self) -> None:
-        self.now = 100.0
-
-    def __call__(self) -> float:
-        return self.now
+@pytest.fixture
+def calm_rt(clock: FakeClock) -> Iterator[Runtime]:
+    """A runtime on a fake clock whose CPU and temperature readers have nothing to say:
+    only the SLO can move its pipelines to their fallback."""
+    rt = Runtime(
+        cores=1,
+        clock=clock,
+        monitor_interval_s=None,
+        thermal_reader=lambda: None,
+        cpu_reader=lambda: None,
+    )
+    yield rt
+    rt.close()
 
 
 def test_rolling_p95_over_the_slo_switches_to_fallback_and_back(
+    calm_rt: Runtime,
+    clock: FakeClock,
     mlp_bytes: bytes,
     logreg_bytes: bytes,
     split: DigitsSplit,
@@ -123,7 +132,7 @@ def test_rolling_p95_over_the_slo_switches_to_fallback_and_back(
 ) -> None:
     from edgewise.runtime import POSTPROCESS
 
-    clock = Clock()
+    rt = calm_rt
     delay = [0.05]
 
     def factory(params: object) -> object:
@@ -133,13 +142,6 @@ def test_rolling_p95_over_the_slo_switches_to_fallback_and_back(
         return run
 
     POSTPROCESS.register("test_slow")(factory)
-    rt = Runtime(
-        cores=1,
-        clock=clock,
-        monitor_interval_s=None,
-        thermal_reader=lambda: None,
-        cpu_reader=lambda: None,
-    )
     try:
         spec = make_spec(
             fallback={"name": "digits-logreg"},
@@ -162,57 +164,49 @@ def test_rolling_p95_over_the_slo_switches_to_fallback_and_back(
         assert event.kind == "recovered"
         assert rt.infer("digits", split.x_test[0]).tier == "primary"
     finally:
-        rt.close()
         POSTPROCESS._factories.pop("test_slow", None)
 
 
 def test_requests_expiring_in_the_queue_breach_the_slo_and_switch_to_fallback(
-    mlp_bytes: bytes, logreg_bytes: bytes, split: DigitsSplit, make_spec: SpecFactory
+    calm_rt: Runtime,
+    clock: FakeClock,
+    mlp_bytes: bytes,
+    logreg_bytes: bytes,
+    split: DigitsSplit,
+    make_spec: SpecFactory,
 ) -> None:
     # max_queue_ms under the SLO: every request served is on time, so only the expired
     # ones show that the device cannot keep up. For the SLO they were never answered.
-    clock = Clock()
-    rt = Runtime(
-        cores=1,
-        clock=clock,
-        monitor_interval_s=None,
-        thermal_reader=lambda: None,
-        cpu_reader=lambda: None,
+    rt = calm_rt
+    spec = make_spec(
+        fallback={"name": "digits-logreg"},
+        slo={"p95_ms": 100, "window_s": 10},
+        batching={"max_queue_ms": 20},
+        degradation={"slo_breach_windows": 1, "recover_windows": 1},
     )
-    try:
-        spec = make_spec(
-            fallback={"name": "digits-logreg"},
-            slo={"p95_ms": 100, "window_s": 10},
-            batching={"max_queue_ms": 20},
-            degradation={"slo_breach_windows": 1, "recover_windows": 1},
-        )
-        rt.start_pipeline(spec, rt.load_model(mlp_bytes), fallback=rt.load_model(logreg_bytes))
-        for row in split.x_test[:39]:
-            rt.infer("digits", row)  # on time
-        rt.pause()
-        late = rt.submit("digits", split.x_test[0], lambda r: None)
-        clock.now += 0.05
-        rt.resume()
-        until(lambda: late.error is not None)
-        assert rt.stats("digits")["p95_ms"] is not None  # 1 in 40 expired: p95 still served
-        assert rt.tick() == []
+    rt.start_pipeline(spec, rt.load_model(mlp_bytes), fallback=rt.load_model(logreg_bytes))
+    for row in split.x_test[:39]:
+        rt.infer("digits", row)  # on time
+    rt.pause()
+    late = rt.submit("digits", split.x_test[0], lambda r: None)
+    clock.now += 0.05
+    rt.resume()
+    until(lambda: late.error is not None)
+    assert rt.stats("digits")["p95_ms"] is not None  # 1 in 40 expired: p95 still served
+    assert rt.tick() == []
 
-        rt.pause()
-        late = [rt.submit("digits", row, lambda r: None) for row in split.x_test[:2]]
-        clock.now += 0.05
-        rt.resume()
-        until(lambda: all(r.error is not None for r in late))
-        assert rt.stats("digits")["p95_ms"] is None  # 3 of 42 expired: no p95 to show
-        [event] = rt.tick()
-        assert event.kind == "degraded"
-        assert (
-            event.reason == "p95 over the 100 ms SLO: 5% or more of requests expired in the queue"
-        )
-        assert rt.infer("digits", split.x_test[0]).tier == "fallback"
+    rt.pause()
+    more = [rt.submit("digits", row, lambda r: None) for row in split.x_test[:2]]
+    clock.now += 0.05
+    rt.resume()
+    until(lambda: all(r.error is not None for r in more))
+    assert rt.stats("digits")["p95_ms"] is None  # 3 of 42 expired: no p95 to show
+    [event] = rt.tick()
+    assert event.kind == "degraded"
+    assert event.reason == "p95 over the 100 ms SLO: 5% or more of requests expired in the queue"
+    assert rt.infer("digits", split.x_test[0]).tier == "fallback"
 
-        clock.now += 11  # the expired requests leave the window
-        rt.infer("digits", split.x_test[0])
-        [event] = rt.tick()
-        assert event.kind == "recovered"
-    finally:
-        rt.close()
+    clock.now += 11  # the expired requests leave the window
+    rt.infer("digits", split.x_test[0])
+    [event] = rt.tick()
+    assert event.kind == "recovered"

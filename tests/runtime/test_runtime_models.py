@@ -20,7 +20,7 @@ from edgewise.runtime import (
 )
 from edgewise.runtime._model import cast_fitting, castable, health_check
 
-from .conftest import SpecFactory, onnx_model, until
+from .conftest import SpecFactory, log_model, onnx_model, until
 
 
 def test_providers_follow_preference_and_always_end_with_cpu() -> None:
@@ -466,17 +466,8 @@ def test_rows_with_nan_scores_are_counted_and_kept_out_of_the_confidence_histogr
     runtime: Runtime,
 ) -> None:
     # One NaN score had made the histogram's sum NaN for the pipeline's lifetime.
-    from onnx import TensorProto, helper
-
-    inp = helper.make_tensor_value_info("x", TensorProto.FLOAT, [None, 4])
-    out = helper.make_tensor_value_info("y", TensorProto.FLOAT, [None, 4])
-    graph = helper.make_graph([helper.make_node("Log", ["x"], ["y"])], "g", [inp], [out])
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    model.ir_version = 8
     spec = {"name": "log", "model": {"name": "m"}, "postprocess": [{"type": "softmax"}]}
-    runtime.start_pipeline(
-        PipelineSpec.model_validate(spec), runtime.load_model(model.SerializeToString())
-    )
+    runtime.start_pipeline(PipelineSpec.model_validate(spec), runtime.load_model(log_model()))
     x = np.array([[1.0, 2, 3, 4], [-1.0, 1, 1, 1], [-1.0, -1, -1, -1]], np.float32)
     result = runtime.infer("log", x)
     assert result.to_json()["confidences"][0] > 0.3

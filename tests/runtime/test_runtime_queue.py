@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import threading
-from collections.abc import Iterator
 from typing import Any
 
 import httpx
@@ -27,15 +26,7 @@ from edgewise.runtime import (
 )
 from edgewise.runtime._scheduler import Request
 
-from .conftest import SpecFactory, until
-
-
-class FakeClock:
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
+from .conftest import FakeClock, SpecFactory, log_model, until
 
 
 class Outcomes:
@@ -53,22 +44,6 @@ class Outcomes:
     def wait(self, n: int) -> list[tuple[int, str]]:
         until(lambda: len(self.seen) >= n)
         return self.seen
-
-
-@pytest.fixture
-def clock() -> FakeClock:
-    return FakeClock()
-
-
-@pytest.fixture
-def rt(clock: FakeClock) -> Iterator[Runtime]:
-    runtime = Runtime(cores=1, clock=clock, monitor_interval_s=None)
-    yield runtime
-    runtime.close()
-
-
-def _batches_run(rt: Runtime, name: str) -> int:
-    return int(rt.stats(name)["batch_size"]["count"])
 
 
 def test_a_request_queued_past_max_queue_ms_is_not_run_and_fails_expired(
@@ -367,18 +342,6 @@ def test_bad_queue_policies_are_refused_with_the_reason(
         PipelineSpec.model_validate(body)
 
 
-def _log_model() -> bytes:
-    """y = log(x): rows with a negative number score NaN."""
-    from onnx import TensorProto, helper
-
-    inp = helper.make_tensor_value_info("x", TensorProto.FLOAT, [None, 4])
-    out = helper.make_tensor_value_info("y", TensorProto.FLOAT, [None, 4])
-    graph = helper.make_graph([helper.make_node("Log", ["x"], ["y"])], "g", [inp], [out])
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    model.ir_version = 8
-    return bytes(model.SerializeToString())
-
-
 def test_expired_superseded_and_nan_answers_count_against_a_rollout(
     rt: Runtime, clock: FakeClock
 ) -> None:
@@ -390,7 +353,7 @@ def test_expired_superseded_and_nan_answers_count_against_a_rollout(
             "batching": {"queue_capacity": 1, "overflow": "drop_oldest", "max_queue_ms": 50},
         }
     )
-    rt.start_pipeline(spec, rt.load_model(_log_model()))
+    rt.start_pipeline(spec, rt.load_model(log_model()))
     good, bad = np.array([[1.0, 2, 3, 4]], np.float32), np.array([[-1.0, 1, 1, 1]], np.float32)
     rt.pause()
     reqs = [rt.submit("log", good, lambda r: None) for _ in range(3)]  # two superseded

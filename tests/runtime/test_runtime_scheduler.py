@@ -3,7 +3,7 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 
 import numpy as np
 import pytest
@@ -13,15 +13,7 @@ from edgewise.runtime import InferenceResult, Rejected, Runtime, Shed
 from edgewise.runtime._aio import LoopBatcher, Pending
 from edgewise.runtime._scheduler import Request, should_shed
 
-from .conftest import SpecFactory
-
-
-class FakeClock:
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
+from .conftest import FakeClock, SpecFactory
 
 
 class Recorder:
@@ -41,18 +33,6 @@ class Recorder:
     def wait(self, n: int) -> None:
         for _ in range(n):
             assert self.done.acquire(timeout=10)
-
-
-@pytest.fixture
-def clock() -> FakeClock:
-    return FakeClock()
-
-
-@pytest.fixture
-def rt(clock: FakeClock) -> Iterator[Runtime]:
-    runtime = Runtime(cores=1, clock=clock, monitor_interval_s=None)
-    yield runtime
-    runtime.close()
 
 
 def _start_pair(rt: Runtime, mlp: bytes, make_spec: SpecFactory, be_capacity: int) -> None:
