@@ -64,7 +64,7 @@ def test_a_request_queued_past_max_queue_ms_is_not_run_and_fails_expired(
     assert stats["nv_inference_request_expired"] == 3
     assert stats["nv_inference_request_success"] == 1
     assert stats["batch_size"]["sum"] == 1  # the expired rows never reached the model
-    assert "nv_inference_request_expired" in rt.prometheus()
+    assert 'nv_inference_request_expired{pipeline="digits"} 3' in rt.prometheus()
     # The pipeline serves on.
     assert rt.infer("digits", split.x_test[0]).label is not None
 
@@ -162,6 +162,7 @@ def test_a_full_drop_oldest_queue_fails_its_oldest_requests_and_keeps_the_newest
     seen = Outcomes()
     rt.pause()
     reqs = [rt.submit("digits", split.x_test[i], seen, ctx=i) for i in range(7)]
+    assert 'nv_inference_pending_request_count{pipeline="digits"} 4' in rt.prometheus()
     # The three oldest made room for the three newest, at once (their callers know now).
     assert seen.seen == [(0, "Superseded"), (1, "Superseded"), (2, "Superseded")]
     assert "for a newer request" in str(reqs[0].error)

@@ -345,6 +345,12 @@ def prometheus_text(snapshots: dict[str, dict[str, Any]]) -> str:
         lines.append(f"# TYPE {name} counter")
         for pipe, snap in snapshots.items():
             lines.append(f"{name}{_labels({'pipeline': pipe})} {snap.get(name, 0)}")
+    # Requests waiting in the queue now (Triton's name): a backlog that grows shows a
+    # device falling behind before anything expires or is shed.
+    lines.append("# TYPE nv_inference_pending_request_count gauge")
+    for pipe, snap in snapshots.items():
+        pending = snap.get("queued", 0)
+        lines.append(f"nv_inference_pending_request_count{_labels({'pipeline': pipe})} {pending}")
     hists: dict[str, Callable[[dict[str, Any]], dict[str, Any]]] = {
         "nv_inference_queue_duration_ms": lambda s: {"": s["nv_inference_queue_duration_ms"]},
         "nv_inference_compute_infer_duration_ms": lambda s: {
