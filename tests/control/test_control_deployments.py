@@ -234,3 +234,31 @@ def test_diff_shows_per_device_changes(sqlite_plane: Plane, examples: dict[str, 
     assert change["from"].startswith("digits-mlp@1.0.0") and change["to"].startswith(
         "digits-mlp@1.1.0"
     )
+
+
+def test_devices_get_specs_as_set_so_agents_older_than_a_field_still_run_them(
+    sqlite_plane: Plane, examples: dict[str, Any]
+) -> None:
+    # Specs are strict: an agent refuses a field it does not know. Were defaults sent,
+    # every field added since an agent was built would break every deployment for it.
+    from edgewise.protocol import BatchingSpec, PipelineSpec
+
+    p = sqlite_plane
+    _setup(p, examples)
+    dev = p.enroll(labels={"site": "a"})
+    queue = {"overflow": "drop_oldest", "max_queue_ms": 200.0}
+    body = {
+        "name": "base",
+        "pipelines": {
+            "plain": {"model": "digits-mlp@1.0.0", "slo": {"p95_ms": 50}},
+            "camera": {"model": "digits-mlp@1.0.0", "batching": queue},
+        },
+    }
+    assert p.api("POST", "/api/v1/deployments", json=body).status_code == 201
+    pipes = _desired(dev).json()["document"]["pipelines"]
+    plain, camera = pipes["plain"]["spec"], pipes["camera"]["spec"]
+    assert set(plain) == {"name", "model", "slo"}
+    assert plain["slo"] == {"p95_ms": 50.0}
+    assert plain["model"]["version"] == "1.0.0" and len(plain["model"]["sha256"]) == 64
+    assert PipelineSpec.model_validate(plain).batching == BatchingSpec()  # defaults on device
+    assert camera["batching"] == queue  # what a deployment does set, it sends
