@@ -193,7 +193,7 @@ def _pin(spec: PipelineSpec, models: dict[str, dict[str, Any]]) -> dict[str, Any
     # What the operator set, not the defaults: an agent from before a field existed
     # parses a spec that leaves it out (specs are strict), so upgrading the control
     # plane first breaks no deployment; only one that uses a newer field needs newer
-    # agents, and an older agent refuses it saying which field.
+    # agents (an older one refuses it: the field is unknown to it).
     pinned_spec = spec.model_dump(mode="json", exclude_defaults=True)
     main = ref(spec.model)
     assert main is not None

@@ -77,10 +77,11 @@ class Shed(RuntimeFailure):
 
 
 class Expired(RuntimeFailure):
-    """The request waited in the queue past its deadline and was not run.
+    """The request was still queued at its deadline and was not run.
 
-    The deadline is the pipeline's `batching.max_queue_ms`, or the caller's own timeout
-    (`Runtime.infer(timeout=...)`) when that comes first.
+    The deadline is the pipeline's `batching.max_queue_ms`, or the caller's own bound when
+    that comes first (`X-Max-Queue-Ms`, `max_queue_s=`). `Runtime.infer(timeout=...)`
+    raises it too when it stops waiting; a request still queued then is not run.
     """
 
     code = "expired"
