@@ -138,6 +138,18 @@ def test_an_asyncio_caller_may_bound_its_own_requests_wait(
     assert asyncio.run(rt.infer_async("digits", split.x_test[0], max_queue_s=0.02)).label
 
 
+@pytest.mark.parametrize("bound", [0.0, -1.0, float("nan")])
+def test_a_bound_that_is_no_number_of_seconds_is_refused(
+    bound: float, rt: Runtime, mlp_bytes: bytes, split: DigitsSplit, make_spec: SpecFactory
+) -> None:
+    rt.start_pipeline(make_spec(), rt.load_model(mlp_bytes))
+    with pytest.raises(ValueError, match="max_queue_s must be a number of seconds > 0"):
+        rt.submit("digits", split.x_test[0], lambda r: None, max_queue_s=bound)
+    with pytest.raises(ValueError, match="max_queue_s must be a number of seconds > 0"):
+        asyncio.run(rt.infer_async("digits", split.x_test[0], max_queue_s=bound))
+    assert rt.stats("digits")["nv_inference_request_success"] == 0  # nothing was admitted
+
+
 def test_an_infer_timeout_keeps_the_queued_request_from_running(
     mlp_bytes: bytes, split: DigitsSplit, make_spec: SpecFactory
 ) -> None:

@@ -333,7 +333,13 @@ class Runtime:
         `ctx` is stored on the request before it can complete (e.g. an asyncio future).
         `max_queue_s` tightens the pipeline's `max_queue_ms` for this request: if it is
         still queued after that long, it fails with `Expired` and is not run.
+
+        Raises:
+            ValueError: `max_queue_s` is not a number of seconds > 0.
+            UnknownPipeline, BadInput, Rejected, Shed, PipelineStopped: at admission.
         """
+        if max_queue_s is not None and not max_queue_s > 0:  # NaN too
+            raise ValueError(f"max_queue_s must be a number of seconds > 0, not {max_queue_s!r}")
         p = self._pipelines.get(name)
         if p is None:
             raise UnknownPipeline(f"no pipeline named {name!r}")
