@@ -178,13 +178,15 @@ class LoopBatcher:
         x: Input,
         exact_dtype: bool = False,
         first_goes_now: bool = False,
+        max_queue_s: float | None = None,
     ) -> InferenceResult:
         """Run one request; raises its `RuntimeFailure`.
 
         With `first_goes_now`, the first request of a loop turn is submitted at once (an
         idle executor runs it right here); later requests of the same turn are grouped.
+        `max_queue_s`: see `begin`.
         """
-        got = self.begin(name, x, exact_dtype, first_goes_now)
+        got = self.begin(name, x, exact_dtype, first_goes_now, max_queue_s=max_queue_s)
         if isinstance(got, Pending):
             await got.fut
             return got.outcome()

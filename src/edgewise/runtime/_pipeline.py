@@ -471,14 +471,13 @@ class RunningPipeline:
         with self.metrics.lock:
             self.metrics.rejected += n
 
-    def on_expired(self, n: int) -> None:
-        """Count requests that waited in the queue past their deadline.
+    def on_expired(self, n: int, now: float) -> None:
+        """Count requests found in the queue past their deadline at `now`.
 
         For the SLO they never got an answer: each goes into the rolling latency window
         as infinitely late, so a pipeline that expires 5 % or more of its requests
         breaches its p95 and degrades to its fallback, whatever `max_queue_ms` is.
         """
-        now = self.clock()
         with self.metrics.lock:
             self.metrics.expired += n
             self.metrics.rolling.add_many(np.full(n, now), np.full(n, np.inf))

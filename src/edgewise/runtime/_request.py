@@ -36,8 +36,8 @@ class Owner(Protocol):
     def on_rejected(self, n: int = 1) -> None:
         """Count requests rejected at admission."""
 
-    def on_expired(self, n: int) -> None:
-        """Count requests that waited in the queue past their deadline."""
+    def on_expired(self, n: int, now: float) -> None:
+        """Count requests found in the queue past their deadline at `now`."""
 
     def on_superseded(self, n: int) -> None:
         """Count queued requests dropped for newer ones."""
@@ -97,6 +97,13 @@ class Request:
         self.result: Any = None
         self.error: BaseException | None = None
         self._waiter: threading.Lock | None = None
+
+    def bound_wait(self, seconds: float) -> None:
+        """Not run if still queued `seconds` after it was enqueued.
+
+        A caller's own bound: the pipeline's `max_queue_ms`, if shorter, still holds.
+        """
+        self.deadline = min(self.deadline, self.enqueued + seconds)
 
     def _finish(self) -> None:
         if self._waiter is not None:

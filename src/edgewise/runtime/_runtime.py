@@ -20,7 +20,7 @@ import numpy.typing as npt
 
 from edgewise.protocol._pipeline import PipelineSpec
 from edgewise.runtime import _sinks, _sources  # noqa: F401  (registers the built-ins)
-from edgewise.runtime._aio import LoopBatchers, Pending
+from edgewise.runtime._aio import LoopBatchers
 from edgewise.runtime._backend import CPU, DEFAULT_PROVIDERS
 from edgewise.runtime._cascade import make_escalator
 from edgewise.runtime._degrade import Mode, Observation, read_cpu_percent, read_thermal_c, step
@@ -285,7 +285,7 @@ class Runtime:
         x, lane = p.prepare(x, exact_dtype)
         req = Request(x, lane, p, self.clock())
         if timeout is not None:  # nobody waits for it after that: do not run it then
-            req.deadline = min(req.deadline, req.enqueued + timeout)
+            req.bound_wait(timeout)
         result: InferenceResult = p.executor.run_sync(req, timeout)
         return result
 
@@ -305,12 +305,10 @@ class Runtime:
             UnknownPipeline, BadInput, Rejected, Shed, Expired, Superseded,
             PipelineStopped, InferenceFailed.
         """
-        if max_queue_s is not None:
-            got = self._batchers.current().begin(name, x, exact_dtype, max_queue_s=max_queue_s)
-            if isinstance(got, Pending):
-                await got.fut
-                return got.outcome()
-            return got
+        if max_queue_s is not None:  # submitted on its own: a group shares one deadline
+            return await self._batchers.current().infer(
+                name, x, exact_dtype, max_queue_s=max_queue_s
+            )
         group, i = self._batchers.current().join(name, x, exact_dtype)
         await group.fut
         return group.outcome(i)
@@ -346,7 +344,7 @@ class Runtime:
         x, lane = p.prepare(x, exact_dtype)
         req = Request(x, lane, p, self.clock(), callback, ctx)
         if max_queue_s is not None:
-            req.deadline = min(req.deadline, req.enqueued + max_queue_s)
+            req.bound_wait(max_queue_s)
         p.executor.submit(req, inline and p.executor.typical_batch_s < self._inline_max_s)
         return req
 

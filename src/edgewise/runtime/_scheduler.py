@@ -531,7 +531,7 @@ class Executor:
 def expire(reqs: list[Request], now: float) -> None:
     """Fail requests found past their deadline in the queue (not run)."""
     for r in reqs:
-        r.owner.on_expired(r.n)
+        r.owner.on_expired(r.n, now)
         waited = (now - r.enqueued) * 1000.0
         r.fail(
             Expired(
