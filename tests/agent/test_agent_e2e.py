@@ -36,6 +36,13 @@ def test_enroll_deploy_serve_and_swap_to_int8(
     assert timeline[-1] == "active" and "health_checking" in timeline
     status = agent.status()
     assert status["pipelines"]["digits"]["version"] == "1.1.0"
+    # The agent told the control plane which spec terms it knows (pre-flight reads
+    # them); its later reports carried only their digest.
+    from edgewise.agent._vocabulary import agent_vocabulary
+
+    terms, digest = agent_vocabulary()
+    info = cp.device(dev)["agent"]
+    assert info["spec_digest"] == digest and info["spec_vocabulary"] == list(terms)
     # A later start needs no token.
     agent.kill()
     agent.token = None

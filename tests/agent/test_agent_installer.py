@@ -19,7 +19,7 @@ from edgewise.agent import (
     ModelStore,
     RuntimeHost,
 )
-from edgewise.agent._installer import Installer
+from edgewise.agent._installer import Installer, InstallFailed
 from edgewise.agent._plan import Action
 from edgewise.agent._state import PipelineRecord
 from edgewise.bundle import generate_keypair, load_public_key
@@ -161,3 +161,42 @@ def test_bundle_that_is_not_the_named_model_is_refused(
     http.close()
     assert rec.tracker.state is InstallState.FAILED
     assert "expected digits-mlp@9.9.9" in rec.tracker.reason
+
+
+def test_a_spec_with_terms_this_agent_does_not_know_is_refused_before_download(
+    tmp_path: Path,
+    artifact_server: ArtifactServer,
+    example_bundles: dict[str, Path],
+    host: RuntimeHost,
+) -> None:
+    # A control plane newer than this agent deploys a field and a stage it was built
+    # without: say which, fetch nothing, keep serving what runs, try again later (the
+    # agent may have been upgraded by then).
+    from edgewise.agent._installer import RETRY_VOCABULARY_S
+
+    inst, http = _installer(
+        tmp_path, artifact_server, host, [load_public_key(example_bundles["_pub"])], []
+    )
+    rec = PipelineRecord()
+    first = _action(artifact_server, example_bundles["digits-mlp@1.0.0"], "digits-mlp", "1.0.0")
+    inst.install("digits", rec, first, first.fingerprint)
+    assert rec.tracker.state is InstallState.ACTIVE
+    sent = artifact_server.bytes_sent
+    newer = {"batching": {"max_batch": 8, "spill": "disk"}, "sinks": [{"type": "kafka"}]}
+    action = _action(artifact_server, example_bundles["digits-mlp@1.1.0"], "digits-mlp", "1.1.0")
+    action = Action("install", "digits", action.model, newer, "d", fingerprint=action.fingerprint)
+    inst.install("digits", rec, action, action.fingerprint)
+    http.close()
+    assert rec.tracker.state is InstallState.FAILED
+    assert rec.tracker.reason == (
+        "incompatible: this agent does not know batching.spill, sink:kafka "
+        "(the spec needs a newer agent)"
+    )
+    assert artifact_server.bytes_sent == sent  # nothing fetched for it
+    assert rec.refused == action.fingerprint and rec.retry_at is not None
+    assert rec.retry_at - inst.clock() == pytest.approx(RETRY_VOCABULARY_S, abs=5)
+    assert host.running() == {"digits": "digits-mlp@1.0.0"}
+    # The same spec as a change to the running pipeline: refused, the old one serves.
+    with pytest.raises(InstallFailed, match=r"does not know batching\.spill"):
+        inst.start_committed("digits", rec, {"name": "digits", **newer})
+    assert host.running() == {"digits": "digits-mlp@1.0.0"}

@@ -262,3 +262,51 @@ def test_devices_get_specs_as_set_so_agents_older_than_a_field_still_run_them(
     assert plain["model"]["version"] == "1.0.0" and len(plain["model"]["sha256"]) == 64
     assert PipelineSpec.model_validate(plain).batching == BatchingSpec()  # defaults on device
     assert camera["batching"] == queue  # what a deployment does set, it sends
+
+
+def test_preflight_names_the_devices_whose_agents_do_not_know_a_spec_term(
+    sqlite_plane: Plane, examples: dict[str, Any]
+) -> None:
+    # What each agent reported it understands decides; one that reported nothing is not
+    # held to anything (as with any capability it did not report).
+    from edgewise.protocol import spec_vocabulary, vocabulary_digest
+
+    p = sqlite_plane
+    _setup(p, examples)
+    new_terms = spec_vocabulary()
+    old_terms = [t for t in new_terms if not t.startswith("batching.overflow")]
+    old, new, silent = (p.enroll(labels={"site": "a"}) for _ in range(3))
+
+    def report(dev: Device, terms: list[str] | None, digest: str) -> None:
+        agent = {"version": "x", "spec_digest": digest, "spec_vocabulary": terms}
+        r = dev.post("/device/v1/report", {"revision": 0, "agent": agent})
+        assert r.status_code == 200, r.text
+
+    report(old, old_terms, vocabulary_digest(old_terms))
+    report(new, new_terms, vocabulary_digest(new_terms))
+    report(silent, None, "")
+    camera = {"model": "digits-mlp@1.0.0", "batching": {"overflow": "drop_oldest"}}
+    body = {"name": "q", "selector": "site=a", "pipelines": {"camera": camera}}
+
+    def incompatible() -> dict[str, list[str]]:
+        r = p.api("POST", "/api/v1/deployments/dry-run", json=body)
+        assert r.status_code == 200, r.text
+        assert sorted(r.json()["matching"]) == sorted([old.id, new.id, silent.id])
+        return dict(r.json()["incompatible"])
+
+    assert incompatible() == {
+        old.id: [
+            "pipeline 'camera': the agent does not know batching.overflow, "
+            "batching.overflow=drop_oldest (upgrade the agent)"
+        ]
+    }
+    # Later reports carry only the digest: what the agent said it knows still holds.
+    report(old, None, vocabulary_digest(old_terms))
+    assert list(incompatible()) == [old.id]
+    # A plain pipeline uses nothing the old agent lacks.
+    body["pipelines"] = {"camera": {"model": "digits-mlp@1.0.0", "batching": {"max_batch": 4}}}
+    assert incompatible() == {}
+    # After an upgrade, the new agent's terms replace the old ones.
+    body["pipelines"] = {"camera": camera}
+    report(old, new_terms, vocabulary_digest(new_terms))
+    assert incompatible() == {}

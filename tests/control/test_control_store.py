@@ -234,6 +234,41 @@ def test_a_report_built_before_the_stored_one_is_ignored(store: SqlStore) -> Non
     assert state() == (6, 20.0, [("p", "active")])
 
 
+def test_an_agents_spec_vocabulary_is_kept_while_its_digest_stays_the_same(
+    store: SqlStore,
+) -> None:
+    # An agent sends its vocabulary once per start, its digest in every report.
+    _device(store, "dev-1", "k1")
+    _device(store, "dev-2", "k2")
+
+    def agent(digest: str, terms: list[str] | None = None) -> dict:
+        return {"version": "x", "spec_digest": digest, "spec_vocabulary": terms}
+
+    def vocabulary(device_id: str) -> list[str] | None:
+        row = store.get_device(device_id)
+        assert row is not None
+        return row["report_agent"].get("spec_vocabulary")
+
+    store.save_reports(
+        [
+            ("dev-1", {**_report(1, "active"), "agent": agent("d1", ["name", "model"])}, 1.0),
+            ("dev-2", {**_report(1, "active"), "agent": agent("d2", ["name"])}, 1.0),
+        ]
+    )
+    store.save_reports(
+        [
+            ("dev-1", {**_report(2, "active"), "agent": agent("d1")}, 2.0),  # same build
+            ("dev-2", {**_report(2, "active"), "agent": agent("d3")}, 2.0),  # another one
+        ]
+    )
+    assert vocabulary("dev-1") == ["name", "model"]
+    assert vocabulary("dev-2") is None  # unknown until the new build sends its terms
+    store.save_report("dev-1", _report(3, "active"), 3.0)  # an agent that sends none
+    assert vocabulary("dev-1") is None
+    store.save_report("dev-1", {**_report(4, "active"), "agent": agent("d1")}, 4.0)
+    assert vocabulary("dev-1") is None  # nothing left to carry
+
+
 def test_newer_report_rule() -> None:
     from edgewise.control._store import newer_report
 

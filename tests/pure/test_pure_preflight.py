@@ -63,6 +63,22 @@ def test_missing_runtime_makes_a_device_incompatible() -> None:
     assert res.ok  # incompatible devices are not a hard conflict
 
 
+def test_an_agent_that_does_not_know_a_spec_term_is_incompatible_per_pipeline() -> None:
+    known = frozenset({"name", "model", "model.name", "batching", "batching.max_batch"})
+    old = DeviceView("old", {}, caps(), vocabulary=known)
+    new = DeviceView("new", {}, caps(), vocabulary=known | {"batching.overflow"})
+    silent = DeviceView("silent", {}, caps())  # reported nothing: not held against it
+    pipelines = {
+        "a": pipe("digits@1.0.0", terms=["batching", "batching.overflow", "model"]),
+        "b": pipe("digits@1.0.0", terms=["batching.max_batch", "model"]),
+    }
+    res = preflight("", pipelines, MODELS, [old, new, silent])
+    assert res.incompatible == {
+        "old": ["pipeline 'a': the agent does not know batching.overflow (upgrade the agent)"]
+    }
+    assert res.compatible == ["new", "silent"] and res.ok
+
+
 def test_old_runtime_version_is_reported() -> None:
     dev = DeviceView("d1", {}, caps(runtimes={"onnxruntime": "1.17.0"}))
     res = preflight("", {"p": pipe("newer@1.0.0")}, MODELS, [dev])

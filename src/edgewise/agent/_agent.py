@@ -52,6 +52,7 @@ from edgewise.agent._ratelimit import TokenBucket
 from edgewise.agent._report import build_report, status_document
 from edgewise.agent._state import AgentState, PipelineRecord, StateFile
 from edgewise.agent._store import ModelStore
+from edgewise.agent._vocabulary import agent_vocabulary
 from edgewise.agent._windows import TelemetryWindows
 from edgewise.protocol import (
     AgentInfo,
@@ -132,6 +133,7 @@ class Agent:
         self.online = False
         self.report_dirty = True
         self._next_report = 0.0
+        self._vocabulary_sent = False  # a report carrying it was accepted (this process)
         self._next_metrics = 0.0
         self._capabilities: dict[str, Any] | None = config.capabilities
         self.drain = TelemetryDrain(
@@ -418,11 +420,14 @@ class Agent:
 
     def build_report(self) -> Report:
         """The reported state, from the durable state."""
+        terms, digest = agent_vocabulary()
         info = AgentInfo(
             version=AGENT_VERSION,
             uptime_s=round(time.monotonic() - self.started_at, 1),
             buffer_depth=self.buffer.depth(),
             dropped=self.buffer.dropped(),
+            spec_digest=digest,
+            spec_vocabulary=None if self._vocabulary_sent else list(terms),
         )
         return build_report(self.state, info, self.clock())
 
@@ -431,10 +436,13 @@ class Agent:
         now = time.monotonic()
         if not self.report_dirty and now < self._next_report:
             return True
+        report = self.build_report()
         try:
-            self.client.report(self.build_report())
+            self.client.report(report)
         except (RetryableError, UplinkError):
             return False
+        if report.agent.spec_vocabulary is not None:
+            self._vocabulary_sent = True
         self.report_dirty = False
         self.online = True
         self._next_report = now + self.config.report_interval_s

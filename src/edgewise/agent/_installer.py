@@ -36,6 +36,7 @@ from edgewise.agent._install import InstallState
 from edgewise.agent._plan import Action
 from edgewise.agent._state import PipelineRecord
 from edgewise.agent._store import ModelStore, Slot
+from edgewise.agent._vocabulary import spec_refusal
 from edgewise.protocol import DesiredModelRef
 
 __all__ = ["InstallFailed", "Installer"]
@@ -43,6 +44,8 @@ __all__ = ["InstallFailed", "Installer"]
 # How long a transient refusal waits before the plan may try the same install again.
 RETRY_DISK_S = 300.0
 RETRY_FETCH_S = 30.0
+# A spec this agent is too old for: tried again after that long (an upgraded agent).
+RETRY_VOCABULARY_S = 300.0
 _ROLES = ("model", "fallback", "cascade")
 
 
@@ -163,11 +166,15 @@ class Installer:
         """Serve the committed models (at boot, or after a spec change).
 
         Raises:
-            InstallFailed: a committed slot fails its digest check (never served).
+            InstallFailed: a committed slot fails its digest check (never served), or
+                the spec uses terms this agent does not know (the old one keeps serving).
         """
         c = rec.committed
         if c is None:
             raise InstallFailed("nothing committed")
+        why = spec_refusal(spec)
+        if why:
+            raise InstallFailed(why, RETRY_VOCABULARY_S)
         models: dict[str, Any] = {}
         for role in _ROLES:
             ref = c["model"] if role == "model" else (c.get("companions") or {}).get(role)
@@ -219,6 +226,9 @@ class Installer:
 
     def _install(self, name: str, rec: PipelineRecord, action: Action, fingerprint: str) -> None:
         assert action.model is not None
+        why = spec_refusal(self._spec(name, action))
+        if why:  # before downloading anything for it
+            raise InstallFailed(why, RETRY_VOCABULARY_S)
         parts = [_Prepared("model", action.model)]
         for role, ref in (("fallback", action.fallback), ("cascade", action.cascade)):
             if ref is not None:

@@ -20,7 +20,7 @@ from edgewise.control._preflight import DeviceView, preflight
 from edgewise.control._rbac import in_scope, selector_in_scope
 from edgewise.control._selector import SelectorError, parse_selector
 from edgewise.control._store import ConflictError
-from edgewise.protocol import STRICT_STAGE_PARAMS, EgressPolicy, PipelineSpec
+from edgewise.protocol import STRICT_STAGE_PARAMS, EgressPolicy, PipelineSpec, spec_terms
 
 __all__ = [
     "DeploymentRequest",
@@ -108,6 +108,23 @@ def _validated(specs: dict[str, dict[str, Any]]) -> dict[str, PipelineSpec]:
     return out
 
 
+def _travelling(spec: PipelineSpec) -> dict[str, Any]:
+    """A spec as devices get it: what the operator set, not the defaults.
+
+    An agent from before a field existed parses a spec that leaves it out (specs are
+    strict), so upgrading the control plane first breaks no deployment; only one that
+    uses a newer field needs newer agents (pre-flight names the devices whose agents
+    reported they do not know it; an older one refuses it).
+    """
+    return spec.model_dump(mode="json", exclude_defaults=True)
+
+
+def _reported_vocabulary(agent: Any) -> frozenset[str] | None:
+    """The spec terms a device's agent reported knowing; None when it reported none."""
+    terms = agent.get("spec_vocabulary") if isinstance(agent, dict) else None
+    return frozenset(map(str, terms)) if isinstance(terms, list) else None
+
+
 def _preflight_view(spec: PipelineSpec) -> dict[str, Any]:
     """The shape `_preflight` reads: refs as `name@version` strings."""
     view: dict[str, Any] = {"model": spec.model.key}
@@ -119,6 +136,7 @@ def _preflight_view(spec: PipelineSpec) -> dict[str, Any]:
         {"name": step.type, "label_schema": step.params.get("label_schema")}
         for step in spec.postprocess
     ]
+    view["terms"] = spec_terms(_travelling(spec))
     return view
 
 
@@ -149,7 +167,12 @@ def _check(
     specs = _validated(_normalise(req))
     models = _models_for(plane, specs)
     devices = [
-        DeviceView(id=r["id"], labels=r["labels"], capabilities=r["capabilities"])
+        DeviceView(
+            id=r["id"],
+            labels=r["labels"],
+            capabilities=r["capabilities"],
+            vocabulary=_reported_vocabulary(r["report_agent"]),
+        )
         for r in plane.store.list_devices()
         if r["status"] == "active" and in_scope(who.scope, r["labels"])
     ]
@@ -190,11 +213,7 @@ def _pin(spec: PipelineSpec, models: dict[str, dict[str, Any]]) -> dict[str, Any
             "url": f"/device/v1/artifacts/{row['sha256']}",
         }
 
-    # What the operator set, not the defaults: an agent from before a field existed
-    # parses a spec that leaves it out (specs are strict), so upgrading the control
-    # plane first breaks no deployment; only one that uses a newer field needs newer
-    # agents (an older one refuses it: the field is unknown to it).
-    pinned_spec = spec.model_dump(mode="json", exclude_defaults=True)
+    pinned_spec = _travelling(spec)
     main = ref(spec.model)
     assert main is not None
     pinned_spec["model"] = {

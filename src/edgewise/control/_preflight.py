@@ -10,7 +10,9 @@ a conflict or is skipped.
   postprocess, or a fallback/cascade model whose label schema differs from the main one.
 - **incompatible** devices match the selector but cannot run the pipelines: runtime
   missing or too old, too little memory or disk, a required accelerator, arch or opset
-  missing. A capability the device did not report is not held against it.
+  missing, or an agent that does not know terms a pipeline's spec uses (a field or a
+  stage newer than the agent: see `edgewise.protocol._vocabulary`). A capability the
+  device did not report is not held against it.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from edgewise.control._selector import SelectorError, parse_selector
+from edgewise.protocol import unknown_terms
 
 __all__ = ["DeviceView", "PreflightResult", "preflight"]
 
@@ -52,11 +55,14 @@ class DeviceView:
         capabilities: What it reported: `arch`, `cores`, `memory_mb`, `disk_free_mb`,
             `runtimes` ({"onnxruntime": "1.20.1"}), `execution_providers`, `accelerators`,
             optionally `max_opset`.
+        vocabulary: The pipeline-spec terms its agent reported it knows; None when it
+            reported none (an agent older than the report).
     """
 
     id: str
     labels: Mapping[str, str]
     capabilities: Mapping[str, Any] = field(default_factory=dict)
+    vocabulary: frozenset[str] | None = None
 
 
 @dataclass(frozen=True)
@@ -268,9 +274,29 @@ def _accelerator_reasons(requires: Mapping[str, Any], caps: Mapping[str, Any]) -
     return [f"accelerator {a} missing" for a in wanted if a.lower() not in offered]
 
 
-def _device_reasons(device: DeviceView, manifests: Sequence[Mapping[str, Any]]) -> list[str]:
+def _vocabulary_reasons(
+    vocabulary: frozenset[str] | None, terms: Mapping[str, Sequence[str]]
+) -> list[str]:
+    if vocabulary is None:
+        return []
+    reasons = []
+    for name, used in terms.items():
+        unknown = unknown_terms(used, vocabulary)
+        if unknown:
+            reasons.append(
+                f"pipeline {name!r}: the agent does not know {', '.join(unknown)} "
+                "(upgrade the agent)"
+            )
+    return reasons
+
+
+def _device_reasons(
+    device: DeviceView,
+    manifests: Sequence[Mapping[str, Any]],
+    terms: Mapping[str, Sequence[str]],
+) -> list[str]:
     caps = _as_map(device.capabilities)
-    reasons: list[str] = []
+    reasons = _vocabulary_reasons(device.vocabulary, terms)
     memory_need = disk_need_bytes = 0.0
     for manifest in manifests:
         requires = _as_map(manifest.get("requires"))
@@ -308,7 +334,8 @@ def preflight(
     Args:
         selector: Target selector text.
         pipelines: Pipeline name -> spec ({"model": "name@version", "fallback": ...,
-            "cascade": {"model": ...}, "postprocess": [{"name", "label_schema"}], ...}).
+            "cascade": {"model": ...}, "postprocess": [{"name", "label_schema"}], ...,
+            "terms": the spec's terms as devices get it, see `spec_terms`}).
         models: "name@version" -> manifest dict (`requires`, `label_schema`, `labels`,
             `files`), for every model the registry holds that the pipelines may name.
         devices: The fleet (or the part the caller may see).
@@ -325,16 +352,18 @@ def preflight(
         conflicts.append("deployment has no pipelines")
         pipelines = {}
     manifests: dict[int, Mapping[str, Any]] = {}
+    terms: dict[str, list[str]] = {}
     for name in sorted(pipelines):
         found, used = _pipeline_conflicts(str(name), pipelines[name], models)
         conflicts += found
         manifests.update({id(m): m for m in used})
+        terms[str(name)] = [str(t) for t in _as_list(_as_map(pipelines[name]).get("terms"))]
 
     matching = sorted(d.id for d in devices if sel.matches(d.labels))
     by_id = {d.id: d for d in devices}
     incompatible: dict[str, list[str]] = {}
     for dev_id in matching:
-        reasons = _device_reasons(by_id[dev_id], list(manifests.values()))
+        reasons = _device_reasons(by_id[dev_id], list(manifests.values()), terms)
         if reasons:
             incompatible[dev_id] = reasons
     return PreflightResult(matching, incompatible, conflicts)

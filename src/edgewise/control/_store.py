@@ -43,7 +43,7 @@ from edgewise.control._migrate import migrate
 from edgewise.control._sqlite import locked_connection_factory
 from edgewise.control._storelogs import LogStore
 
-__all__ = ["ConflictError", "RawJSON", "SqlStore", "newer_report", "open_store"]
+__all__ = ["ConflictError", "RawJSON", "SqlStore", "carry_vocabulary", "newer_report", "open_store"]
 
 Row = dict[str, Any]
 
@@ -399,12 +399,14 @@ class SqlStore(LogStore):
         ids = sorted(arrived)
         with self.engine.begin() as c:
             stored: dict[str, float | None] = {}
+            agents: dict[str, Any] = {}
             for i in range(0, len(ids), 500):
-                q = select(d.c.id, d.c.report_sent_at).where(d.c.id.in_(ids[i : i + 500]))
-                stored.update(
-                    (r.id, r.report_sent_at)
-                    for r in c.execute(q.order_by(d.c.id).with_for_update())
+                q = select(d.c.id, d.c.report_sent_at, d.c.report_agent).where(
+                    d.c.id.in_(ids[i : i + 500])
                 )
+                for r in c.execute(q.order_by(d.c.id).with_for_update()):
+                    stored[r.id] = r.report_sent_at
+                    agents[r.id] = r.report_agent
             latest = {
                 device_id: arrived[device_id]
                 for device_id in ids
@@ -417,7 +419,7 @@ class SqlStore(LogStore):
                     "b_id": device_id,
                     "b_revision": report.get("revision"),
                     "b_errors": report.get("errors", []),
-                    "b_agent": report.get("agent", {}),
+                    "b_agent": carry_vocabulary(report.get("agent") or {}, agents.get(device_id)),
                     "b_at": now,
                     "b_sent": _first_not_none(report.get("sent_at"), stored.get(device_id)),
                 }
@@ -576,3 +578,18 @@ def newer_report(sent_at: float | None, stored: float | None) -> bool:
 
 def _first_not_none(a: float | None, b: float | None) -> float | None:
     return a if a is not None else b
+
+
+def carry_vocabulary(agent: Mapping[str, Any], before: Any) -> dict[str, Any]:
+    """A report's agent info, with the spec vocabulary the device reported earlier.
+
+    An agent sends its vocabulary once per start and its digest in every report: the
+    stored terms are kept while the digest stays the same, and dropped (unknown again)
+    when it changes or is missing (another agent build, or one that reports none).
+    """
+    out = dict(agent)
+    if out.get("spec_vocabulary") is not None or not out.get("spec_digest"):
+        return out
+    if isinstance(before, Mapping) and before.get("spec_digest") == out["spec_digest"]:
+        out["spec_vocabulary"] = before.get("spec_vocabulary")
+    return out

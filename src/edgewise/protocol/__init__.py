@@ -8,16 +8,25 @@ contract lives here, in one leaf package that both import (it imports only `bund
 Modules: `_pipeline` (pipeline spec, owned with the runtime), `_stages` (the built-in
 stages' parameters), `_auth` (device request signatures), `_desired` (desired-state
 documents and reports), `_telemetry` (telemetry batches), `_egress` (what telemetry may
-leave a device).
+leave a device), `_vocabulary` (which spec terms an agent understands).
 """
 
-from edgewise.protocol import _auth, _desired, _egress, _pipeline, _stages, _telemetry
+from edgewise.protocol import (
+    _auth,
+    _desired,
+    _egress,
+    _pipeline,
+    _stages,
+    _telemetry,
+    _vocabulary,
+)
 from edgewise.protocol._auth import *  # noqa: F403
 from edgewise.protocol._desired import *  # noqa: F403
 from edgewise.protocol._egress import *  # noqa: F403
 from edgewise.protocol._pipeline import *  # noqa: F403
 from edgewise.protocol._stages import *  # noqa: F403
 from edgewise.protocol._telemetry import *  # noqa: F403
+from edgewise.protocol._vocabulary import *  # noqa: F403
 
 __all__ = sorted(
     [
@@ -27,5 +36,6 @@ __all__ = sorted(
         *_pipeline.__all__,
         *_stages.__all__,
         *_telemetry.__all__,
+        *_vocabulary.__all__,
     ]
 )

@@ -159,6 +159,10 @@ class AgentInfo(BaseModel):
     uptime_s: float = 0.0
     buffer_depth: int = 0
     dropped: dict[str, int] = Field(default_factory=dict)
+    # Which pipeline-spec terms the agent understands (`edgewise.protocol._vocabulary`):
+    # the digest in every report, the terms until a report carrying them was accepted.
+    spec_digest: str = Field(default="", max_length=64)
+    spec_vocabulary: list[str] | None = Field(default=None, max_length=10_000)
 
 
 class Report(BaseModel):
