@@ -54,7 +54,9 @@ class Dev:
     def version(self) -> str:
         return str(self.desired()["pipelines"]["digits"]["model"]["version"])
 
-    def report(self, version: str, status: str, reason: str = "") -> None:
+    def report(
+        self, version: str, status: str, reason: str = "", agent: dict[str, Any] | None = None
+    ) -> None:
         body = json.dumps(
             {
                 "revision": self.desired()["revision"],
@@ -66,6 +68,7 @@ class Dev:
                         "reason": reason,
                     }
                 },
+                "agent": agent or {},
             }
         ).encode()
         h = {**self._headers("POST", "/device/v1/report", body), "content-type": "application/json"}

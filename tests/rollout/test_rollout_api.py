@@ -428,6 +428,39 @@ def test_bad_rollout_requests_are_refused_with_4xx(
     assert (r.status_code, r.json()["error"]["code"]) == (status, code), r.text
 
 
+def test_a_rollout_some_targeted_agents_cannot_run_is_refused_unless_forced(
+    world: World,
+) -> None:
+    # Their devices would refuse it and fail its gates: the rollout would roll back the
+    # whole fleet because a few agents are old.
+    from edgewise.protocol import spec_vocabulary, vocabulary_digest
+
+    devs = _fleet(world, 4)
+    new_terms = spec_vocabulary()
+    old_terms = [t for t in new_terms if not t.startswith("batching.overflow")]
+    for dev, terms in ((devs[0], old_terms), (devs[1], new_terms)):
+        agent = {"spec_digest": vocabulary_digest(terms), "spec_vocabulary": terms}
+        dev.report("1.0.0", "active", agent=agent)
+    plain = _revise(world, "1.1.0")
+    body = {"pipelines": {"digits": {"model": "digits-mlp@1.1.0",
+                                     "batching": {"overflow": "drop_oldest"}}}}  # fmt: skip
+    newer = int(world.ok("POST", "/api/v1/deployments/base/revisions", json=body)["revision"])
+    start = {"deployment": "base", "to_revision": newer}
+    r = world.api("POST", "/api/v1/rollouts", json=start)
+    assert (r.status_code, r.json()["error"]["code"]) == (409, "agents_too_old"), r.text
+    message = r.json()["error"]["message"]
+    assert message.startswith(
+        f"1 of 4 targeted devices run agents that cannot run revision {newer}"
+    )
+    assert f"{devs[0].id}: pipeline 'digits': the agent does not know batching.overflow" in message
+    assert world.ok("GET", "/api/v1/rollouts") == []
+    ro = _start(world, plain)  # nothing in it the old agent lacks
+    world.ok("POST", f"/api/v1/rollouts/{ro['id']}/abort")
+    r = world.api("POST", "/api/v1/rollouts", json={**start, "force": True})
+    assert r.status_code == 201, r.text
+    assert r.json()["devices"] == 4
+
+
 def test_one_active_rollout_per_deployment(world: World) -> None:
     _fleet(world, 2)
     rev = _revise(world, "1.1.0")

@@ -95,6 +95,14 @@ def start(
     spec_file: Annotated[
         Path | None, typer.Option("--spec", help="Rollout spec (JSON or YAML).")
     ] = None,
+    force: Annotated[
+        bool,
+        typer.Option(
+            "--force",
+            help="Start though some targeted agents do not know terms of the revision's "
+            "specs (they will refuse it).",
+        ),
+    ] = False,
     server: ServerOpt = None,
     token: TokenOpt = None,
     as_json: JsonOpt = False,
@@ -127,7 +135,9 @@ def start(
     if require_approval:
         phases = len(spec.get("waves") or [25, 100]) + 1
         spec["require_approval"] = [True] * phases
-    body = {"deployment": deployment, "to_revision": to, "spec": spec}
+    body: dict[str, Any] = {"deployment": deployment, "to_revision": to, "spec": spec}
+    if force:
+        body["force"] = True
     view = call_api("POST", "/api/v1/rollouts", server, token, json_body=body)
     if as_json:
         emit_json(view)

@@ -16,7 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from edgewise.control._desiredcalc import desired_content
 from edgewise.control._plane import ApiError, ControlPlane, Principal, digest, ensure_json
-from edgewise.control._preflight import DeviceView, preflight
+from edgewise.control._preflight import DeviceView, preflight, reported_vocabulary
 from edgewise.control._rbac import in_scope, selector_in_scope
 from edgewise.control._selector import SelectorError, parse_selector
 from edgewise.control._store import ConflictError
@@ -119,12 +119,6 @@ def _travelling(spec: PipelineSpec) -> dict[str, Any]:
     return spec.model_dump(mode="json", exclude_defaults=True)
 
 
-def _reported_vocabulary(agent: Any) -> frozenset[str] | None:
-    """The spec terms a device's agent reported knowing; None when it reported none."""
-    terms = agent.get("spec_vocabulary") if isinstance(agent, dict) else None
-    return frozenset(map(str, terms)) if isinstance(terms, list) else None
-
-
 def _preflight_view(spec: PipelineSpec) -> dict[str, Any]:
     """The shape `_preflight` reads: refs as `name@version` strings."""
     view: dict[str, Any] = {"model": spec.model.key}
@@ -171,7 +165,7 @@ def _check(
             id=r["id"],
             labels=r["labels"],
             capabilities=r["capabilities"],
-            vocabulary=_reported_vocabulary(r["report_agent"]),
+            vocabulary=reported_vocabulary(r["report_agent"]),
         )
         for r in plane.store.list_devices()
         if r["status"] == "active" and in_scope(who.scope, r["labels"])

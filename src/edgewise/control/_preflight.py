@@ -25,7 +25,13 @@ from typing import Any
 from edgewise.control._selector import SelectorError, parse_selector
 from edgewise.protocol import unknown_terms
 
-__all__ = ["DeviceView", "PreflightResult", "preflight"]
+__all__ = [
+    "DeviceView",
+    "PreflightResult",
+    "preflight",
+    "reported_vocabulary",
+    "vocabulary_reasons",
+]
 
 # Highest ai.onnx opset each onnxruntime release implements (onnxruntime's compatibility
 # table). Releases newer than the last row are not held to any limit: a device that
@@ -274,9 +280,16 @@ def _accelerator_reasons(requires: Mapping[str, Any], caps: Mapping[str, Any]) -
     return [f"accelerator {a} missing" for a in wanted if a.lower() not in offered]
 
 
-def _vocabulary_reasons(
+def reported_vocabulary(agent: Any) -> frozenset[str] | None:
+    """The spec terms in a device's stored `report_agent`; None when it reported none."""
+    terms = agent.get("spec_vocabulary") if isinstance(agent, Mapping) else None
+    return frozenset(map(str, terms)) if isinstance(terms, list) else None
+
+
+def vocabulary_reasons(
     vocabulary: frozenset[str] | None, terms: Mapping[str, Sequence[str]]
 ) -> list[str]:
+    """Per pipeline (name -> its spec's terms), the terms an agent does not know."""
     if vocabulary is None:
         return []
     reasons = []
@@ -296,7 +309,7 @@ def _device_reasons(
     terms: Mapping[str, Sequence[str]],
 ) -> list[str]:
     caps = _as_map(device.capabilities)
-    reasons = _vocabulary_reasons(device.vocabulary, terms)
+    reasons = vocabulary_reasons(device.vocabulary, terms)
     memory_need = disk_need_bytes = 0.0
     for manifest in manifests:
         requires = _as_map(manifest.get("requires"))

@@ -18,6 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from sqlalchemy.exc import IntegrityError
 
 from edgewise.control._plane import ApiError, ControlPlane, Principal, digest
+from edgewise.control._preflight import reported_vocabulary, vocabulary_reasons
 from edgewise.control._rbac import selector_in_scope
 from edgewise.control._recompute import recompute_devices, recompute_selector
 from edgewise.control._revisions import revision_pipelines, stable_revision
@@ -39,6 +40,7 @@ from edgewise.control.rollout import (
     resume,
     rollback,
 )
+from edgewise.protocol import spec_terms
 
 __all__ = [
     "COMMANDS",
@@ -69,6 +71,9 @@ class RolloutRequest(BaseModel):
     deployment: str = Field(min_length=1, max_length=200)
     to_revision: int = Field(ge=1)
     spec: dict[str, Any] = Field(default_factory=dict)
+    # Start though some targeted agents reported they do not know a term of the new
+    # revision's specs (those devices will refuse it, and count against its gates).
+    force: bool = False
 
 
 def _store(plane: ControlPlane) -> RolloutStore:
@@ -90,6 +95,36 @@ def _deployment(plane: ControlPlane, ref: str, who: Principal) -> dict[str, Any]
     return dep
 
 
+def _refuse_agents_too_old(
+    pipelines: dict[str, Any], devices: list[dict[str, Any]], revision: int
+) -> None:
+    """409 when targeted agents reported they do not know terms the revision's specs use.
+
+    Such a device would refuse the revision, and a rollout whose gates count it as
+    failed would roll back for every device because some run old agents.
+    """
+    terms = {
+        name: spec_terms(p.get("spec") or {})
+        for name, p in pipelines.items()
+        if isinstance(p, dict)
+    }
+    too_old = {
+        row["id"]: why
+        for row in devices
+        if (why := vocabulary_reasons(reported_vocabulary(row.get("report_agent")), terms))
+    }
+    if not too_old:
+        return
+    first = min(too_old)
+    raise ApiError(
+        409,
+        "agents_too_old",
+        f"{len(too_old)} of {len(devices)} targeted devices run agents that cannot run "
+        f"revision {revision}: {first}: {too_old[first][0]}; upgrade those agents, narrow "
+        "the deployment's selector, or start with force",
+    )
+
+
 def start_rollout(plane: ControlPlane, req: RolloutRequest, who: Principal) -> dict[str, Any]:
     """Snapshot the target, plan the phases, store the rollout (the driver runs it)."""
     dep = _deployment(plane, req.deployment, who)
@@ -100,13 +135,16 @@ def start_rollout(plane: ControlPlane, req: RolloutRequest, who: Principal) -> d
     stable = stable_revision(dep)
     if req.to_revision == stable:
         raise ApiError(409, "already_stable", f"revision {stable} is already the stable one")
-    revision_pipelines(plane, dep["id"], req.to_revision)  # 404 when it does not exist
+    pipelines = revision_pipelines(plane, dep["id"], req.to_revision)  # 404 when none
     selector = parse_selector(dep["selector"])
-    snapshot = [
-        (row["id"], dict(row["labels"]))
+    targeted = [
+        row
         for row in plane.store.list_devices()
         if row["status"] == "active" and selector.matches(row["labels"])
     ]
+    if not req.force:
+        _refuse_agents_too_old(pipelines, targeted, req.to_revision)
+    snapshot = [(row["id"], dict(row["labels"])) for row in targeted]
     rollout_id = f"ro-{secrets.token_hex(6)}"
     now = plane.clock()
     seed = int(hashlib.sha256(rollout_id.encode()).hexdigest()[:8], 16)
