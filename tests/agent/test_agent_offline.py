@@ -144,9 +144,13 @@ def test_small_budget_keeps_events_drops_metrics_and_reports_the_count(
     wait_for(lambda: agent.status()["buffer_depth"] == 0, 120, "buffer drained")
     got = _ingested(cp, dev)
     assert got["event"] == 1000
-    assert got.get("metric", 0) == 5000 - dropped["metric"]
+    # The agent's own heartbeat metric, written while the buffer was still full, may
+    # have pushed out one more app metric after `dropped` was read: every app metric
+    # missing is counted, by then or by the end.
+    final = agent.status()["dropped"]
+    assert 5000 - final["metric"] <= got.get("metric", 0) <= 5000 - dropped["metric"]
     wait_for(
-        lambda: cp.device(dev)["agent"].get("dropped", {}).get("metric") == dropped["metric"],
+        lambda: cp.device(dev)["agent"].get("dropped", {}).get("metric") == final["metric"],
         60,
         "drop count reported",
     )

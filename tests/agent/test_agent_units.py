@@ -242,3 +242,38 @@ def test_a_report_carries_when_it_was_built() -> None:
     report = build_report(AgentState(), AgentInfo(version="t"), 1_780_000_000.25)
     assert report.sent_at == 1_780_000_000.25
     assert json.loads(report.model_dump_json())["sent_at"] == 1_780_000_000.25
+
+
+def test_the_agents_vocabulary_needs_no_runtime_import_and_grows_with_registered_stages() -> None:
+    import subprocess
+    import sys
+
+    # An idle agent reports it without importing the runtime (numpy alone is 15 MB).
+    code = (
+        "import sys\n"
+        "from edgewise.agent._vocabulary import agent_vocabulary\n"
+        "terms, digest = agent_vocabulary()\n"
+        "assert 'batching.overflow=drop_oldest' in terms and len(digest) == 16\n"
+        "print(sorted(m for m in ('edgewise.runtime', 'numpy') if m in sys.modules))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
+
+    from edgewise.agent._vocabulary import agent_vocabulary, spec_refusal
+    from edgewise.runtime._stages import PREPROCESS
+
+    before, digest = agent_vocabulary()
+    spec = {"name": "p", "preprocess": [{"type": "crop", "params": {"box": [0, 0, 4, 4]}}]}
+    assert spec_refusal(spec) == (
+        "incompatible: this agent does not know preprocess:crop, preprocess:crop.box "
+        "(the spec needs a newer agent)"
+    )
+    PREPROCESS.register("crop")(lambda params: lambda x: x)  # a plugin's stage
+    try:
+        after, changed = agent_vocabulary()
+        assert set(after) - set(before) == {"preprocess:crop", "preprocess:crop.*"}
+        assert changed != digest  # so the agent sends its terms again
+        assert spec_refusal(spec) is None
+    finally:
+        PREPROCESS._factories.pop("crop")
+    assert agent_vocabulary() == (before, digest)

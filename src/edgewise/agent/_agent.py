@@ -133,7 +133,8 @@ class Agent:
         self.online = False
         self.report_dirty = True
         self._next_report = 0.0
-        self._vocabulary_sent = False  # a report carrying it was accepted (this process)
+        # The digest of the vocabulary a report accepted by the control plane carried.
+        self._vocabulary_sent = ""
         self._next_metrics = 0.0
         self._capabilities: dict[str, Any] | None = config.capabilities
         self.drain = TelemetryDrain(
@@ -427,7 +428,7 @@ class Agent:
             buffer_depth=self.buffer.depth(),
             dropped=self.buffer.dropped(),
             spec_digest=digest,
-            spec_vocabulary=None if self._vocabulary_sent else list(terms),
+            spec_vocabulary=None if digest == self._vocabulary_sent else list(terms),
         )
         return build_report(self.state, info, self.clock())
 
@@ -442,7 +443,7 @@ class Agent:
         except (RetryableError, UplinkError):
             return False
         if report.agent.spec_vocabulary is not None:
-            self._vocabulary_sent = True
+            self._vocabulary_sent = report.agent.spec_digest
         self.report_dirty = False
         self.online = True
         self._next_report = now + self.config.report_interval_s

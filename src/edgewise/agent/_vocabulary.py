@@ -7,6 +7,7 @@ know before downloading anything for it, saying which terms.
 
 from __future__ import annotations
 
+import sys
 from functools import cache
 from typing import Any
 
@@ -15,17 +16,27 @@ from edgewise.protocol import spec_terms, spec_vocabulary, unknown_terms, vocabu
 __all__ = ["agent_vocabulary", "spec_refusal"]
 
 
-@cache
 def agent_vocabulary() -> tuple[tuple[str, ...], str]:
     """This agent's vocabulary (sorted) and its digest.
 
-    Stages registered in the runtime by other packages count, with any parameters; so
-    they must be registered before the first report (at start, as plugins are).
+    Stages registered in the runtime by other packages count, with any parameters. The
+    runtime is not imported for this (numpy alone is 15 MB of an idle agent's RSS): a
+    package that registers a stage has imported it, and until then only the built-in
+    stages exist. So the vocabulary may grow once a plugin loads; its digest says so.
     """
-    from edgewise.runtime._stages import POSTPROCESS, PREPROCESS, SINKS, SOURCES
+    stages = sys.modules.get("edgewise.runtime._stages")
+    registered: tuple[tuple[str, tuple[str, ...]], ...] = ()
+    if stages is not None:
+        registries = (stages.SOURCES, stages.PREPROCESS, stages.POSTPROCESS, stages.SINKS)
+        registered = tuple((r.kind, tuple(r.names())) for r in registries)
+    return _vocabulary(registered)
 
-    registries = (SOURCES, PREPROCESS, POSTPROCESS, SINKS)
-    terms = spec_vocabulary({r.kind: r.names() for r in registries})
+
+@cache
+def _vocabulary(
+    registered: tuple[tuple[str, tuple[str, ...]], ...],
+) -> tuple[tuple[str, ...], str]:
+    terms = spec_vocabulary(dict(registered))
     return tuple(terms), vocabulary_digest(terms)
 
 
