@@ -174,7 +174,9 @@ def test_bad_json_gets_a_4xx_and_the_pipeline_keeps_serving(
     assert ok.status_code == 200
 
 
-def test_bad_raw_tensors_get_a_4xx(served: httpx.Client, split: DigitsSplit) -> None:
+def test_bad_raw_tensors_get_a_4xx(
+    served: httpx.Client, runtime: Runtime, split: DigitsSplit
+) -> None:
     x = split.x_test[:1]
     cases = [
         _raw(x.astype(np.float64)),  # wrong dtype
@@ -190,6 +192,8 @@ def test_bad_raw_tensors_get_a_4xx(served: httpx.Client, split: DigitsSplit) -> 
         assert resp.status_code == 400, resp.text
         assert resp.json()["error"]["code"] == "bad_input"
     assert served.post("/v1/pipelines/digits/infer", **_raw(x)).status_code == 200  # type: ignore[arg-type]
+    # Those the headers already gave away are counted as the pipeline's bad input too.
+    assert runtime.stats("digits")["nv_inference_request_bad_input"] == len(cases)
 
 
 def test_unknown_pipeline_route_and_method(served: httpx.Client) -> None:

@@ -334,7 +334,9 @@ def test_a_bad_x_max_queue_ms_is_a_400_and_the_pipeline_serves_on(
             assert client.post("/v1/pipelines/digits/infer", json=body).status_code == 200
     finally:
         http.stop()
-    assert runtime.stats("digits")["nv_inference_request_success"] == 1
+    stats = runtime.stats("digits")
+    assert stats["nv_inference_request_success"] == 1
+    assert stats["nv_inference_request_bad_input"] == 1  # counted like a body that does not fit
 
 
 @pytest.mark.parametrize(

@@ -196,8 +196,13 @@ class InferenceAPI:
         """
         ctype = headers.get(b"content-type", b"application/json")
         raw = ctype.startswith(b"application/octet-stream")
-        x = decode_raw(headers, body) if raw else decode_json(body)
-        wait = headers.get(b"x-max-queue-ms")
+        try:
+            x = decode_raw(headers, body) if raw else decode_json(body)
+            wait = headers.get(b"x-max-queue-ms")
+            bound = None if wait is None else max_queue_s(wait)
+        except BadInput:  # a request this pipeline could not read: its bad input too
+            self.runtime.count_bad_input(name)
+            raise
         # The first request of a loop turn runs at once (no wait when one client is
         # alone); the requests that other connections delivered in the same turn form
         # one batch.
@@ -208,7 +213,7 @@ class InferenceAPI:
             raw,
             True,
             alone is not None and alone(),
-            None if wait is None else max_queue_s(wait),
+            bound,
         )
         if isinstance(got, Pending):
             return Deferred(got.fut, lambda: _finish(got))

@@ -442,6 +442,16 @@ class Runtime:
             ex.submit_many(reqs, inline and ex.typical_batch_s < self._inline_max_s)
         return reqs, slots
 
+    def count_bad_input(self, name: str) -> None:
+        """Count an undecodable request (body or headers) in pipeline `name`'s bad input.
+
+        A request that does not fit the model is counted there by the pipeline itself.
+        """
+        p = self._pipelines.get(name)
+        if p is not None:
+            with p.metrics.lock:
+                p.metrics.bad_input += 1
+
     def stats(self, name: str) -> dict[str, Any]:
         """Counters and histograms of one pipeline, plus its current mode."""
         p = self._get(name)
