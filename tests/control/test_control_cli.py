@@ -246,3 +246,47 @@ def test_the_server_hands_its_mqtt_broker_to_telemetry(tmp_path: Path) -> None:
         assert app.state.telemetry_runtime.config.mqtt == "10.0.0.5:1884"
     finally:
         store.close()
+
+
+def test_deploy_warns_and_rollout_refuses_when_targeted_agents_are_too_old(
+    live_server: dict[str, Any],
+    examples: dict[str, Any],
+    capsys: pytest.CaptureFixture[str],
+    tmp_path: Path,
+) -> None:
+    import time
+
+    import httpx
+
+    from edgewise.protocol import spec_vocabulary, vocabulary_digest
+
+    from .conftest import Plane
+
+    with httpx.Client(base_url=live_server["base"], timeout=10) as http:
+        p = Plane(http, live_server["admin"], time.time, None)  # type: ignore[arg-type]
+        p.deploy_digits(examples, "base", "site=a")
+        old = p.enroll(labels={"site": "a"})
+        p.enroll(labels={"site": "a"})  # an agent that reported nothing
+        terms = [t for t in spec_vocabulary() if not t.startswith("batching.overflow")]
+        agent = {"spec_digest": vocabulary_digest(terms), "spec_vocabulary": terms}
+        assert old.post("/device/v1/report", {"revision": 0, "agent": agent}).status_code == 200
+    conn = ["--server", live_server["base"], "--token", live_server["admin"]]
+    camera = {"model": "digits-mlp@1.0.0", "batching": {"overflow": "drop_oldest"}}
+    spec = tmp_path / "camera.json"
+    spec.write_text(json.dumps({"name": "cams", "selector": "site=a", "pipelines": {"c": camera}}))
+    code, out, err = run(capsys, "deploy", "create", "--file", str(spec), *conn)
+    assert code == 0 and out.startswith("dep-"), err
+    assert err.splitlines() == [
+        "warning: 1 targeted device(s) cannot run it:",
+        f"  {old.id}: pipeline 'c': the agent does not know batching.overflow, "
+        "batching.overflow=drop_oldest (upgrade the agent)",
+    ]
+    spec.write_text(json.dumps({"pipelines": {"digits": camera}}))
+    code, out, err = run(capsys, "deploy", "update", "base", "--file", str(spec), *conn)
+    assert code == 0 and "revision 2 created" in out
+    assert err.startswith("warning: 1 targeted device(s) cannot run revision 2:")
+    code, out, err = run(capsys, "rollout", "start", "-d", "base", "--to", "2", *conn)
+    assert code == 1 and out == "" and len(err.splitlines()) == 1, err
+    assert "1 of 2 targeted devices run agents that cannot run revision 2" in err
+    code, out, err = run(capsys, "rollout", "start", "-d", "base", "--to", "2", "--force", *conn)
+    assert code == 0 and out.startswith("rollout ro-") and "2 devices" in out, err

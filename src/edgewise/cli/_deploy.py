@@ -108,6 +108,18 @@ def _spec(
     return spec
 
 
+def warn_incompatible(view: dict[str, Any], what: str) -> None:
+    """Name (some of) the targeted devices that cannot run what was just stored."""
+    bad = view.get("incompatible") or {}
+    if not bad:
+        return
+    typer.echo(f"warning: {len(bad)} targeted device(s) cannot run {what}:", err=True)
+    for dev, reasons in sorted(bad.items())[:10]:
+        typer.echo(f"  {dev}: {'; '.join(reasons)}", err=True)
+    if len(bad) > 10:
+        typer.echo(f"  ... and {len(bad) - 10} more (deploy dry-run lists all)", err=True)
+
+
 def _print(d: dict[str, Any]) -> None:
     typer.echo(f"{d['id']}  {d['name']}  priority={d['priority']}  selector={d['selector']!r}")
     for pname, p in d["pipelines"].items():
@@ -136,6 +148,7 @@ def create(
         emit_json(d)
         return
     _print(d)
+    warn_incompatible(d, "it")
 
 
 @app.command("dry-run")

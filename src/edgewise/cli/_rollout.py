@@ -348,6 +348,7 @@ def deploy_update(
     suffix = ")" if not view.get("created") else ""
     typer.echo(f"{deployment} revision {view['revision']} {what}{suffix}: {models}"
                + ("  [stable]" if view.get("stable") else ""))  # fmt: skip
+    _deploy.warn_incompatible(view, f"revision {view['revision']}")
 
 
 @_deploy.app.command("history")

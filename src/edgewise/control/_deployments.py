@@ -224,7 +224,10 @@ def _pin(spec: PipelineSpec, models: dict[str, dict[str, Any]]) -> dict[str, Any
     return {"model": main, "fallback": fallback, "cascade": cascade, "spec": pinned_spec}
 
 
-def _prepare(plane: ControlPlane, req: DeploymentRequest, who: Principal) -> dict[str, Any]:
+def _prepare(
+    plane: ControlPlane, req: DeploymentRequest, who: Principal
+) -> tuple[dict[str, Any], dict[str, list[str]]]:
+    """The deployment row to store, and the matching devices that cannot run it."""
     selector, specs, models, result = _check(plane, req, who)
     if result.conflicts:
         raise ApiError(409, "preflight_conflict", "; ".join(result.conflicts))
@@ -234,7 +237,7 @@ def _prepare(plane: ControlPlane, req: DeploymentRequest, who: Principal) -> dic
     body: dict[str, Any] = {"selector": selector, "priority": req.priority, "pipelines": pipelines}
     if egress is not None:  # absent from the hash when unset: older hashes stay valid
         body["egress"] = egress
-    return {
+    row = {
         "id": f"dep-{secrets.token_hex(6)}",
         "name": req.name,
         **body,
@@ -243,13 +246,19 @@ def _prepare(plane: ControlPlane, req: DeploymentRequest, who: Principal) -> dic
         "created_at": plane.clock(),
         "created_by": who.actor,
     }
+    return row, result.incompatible
 
 
 def create_deployment(
     plane: ControlPlane, req: DeploymentRequest, who: Principal
 ) -> tuple[dict[str, Any], bool]:
-    """Create (idempotently by name and content) and recompute affected devices."""
-    row = _prepare(plane, req, who)
+    """Create (idempotently by name and content) and recompute affected devices.
+
+    The view also holds `incompatible`: the matching devices that cannot run it, with
+    why (pre-flight's; they do not refuse the create), so nobody learns it from the
+    devices' failures.
+    """
+    row, incompatible = _prepare(plane, req, who)
     try:
         stored, created = plane.store.create_deployment(row)
     except ConflictError as exc:
@@ -270,7 +279,7 @@ def create_deployment(
             "ok",
         )
     plane.recompute_all()
-    return deployment_view(stored), created
+    return deployment_view(stored) | {"incompatible": incompatible}, created
 
 
 def deployment_view(row: dict[str, Any]) -> dict[str, Any]:
@@ -302,7 +311,7 @@ def _summary(content: dict[str, Any]) -> dict[str, str]:
 
 def diff_deployment(plane: ControlPlane, req: DeploymentRequest, who: Principal) -> dict[str, Any]:
     """Per device, how its pipelines would change if this deployment were created."""
-    row = _prepare(plane, req, who)
+    row, _ = _prepare(plane, req, who)
     current = plane.store.list_deployments()
     existing = next((d for d in current if d["name"] == req.name), None)
     proposed = [d for d in current if d["name"] != req.name]

@@ -202,7 +202,9 @@ def create_revision(
     """Add a revision (pinned and pre-flighted like a create); identical content is a no-op.
 
     Returns:
-        (revision view, created).
+        (revision view, created). The view's `incompatible` names the targeted devices
+        that cannot run this revision, with why (a rollout to it refuses to start
+        while some are agents too old for its specs).
     """
     from edgewise.control._deployments import DeploymentRequest, _prepare, egress_json
 
@@ -211,7 +213,7 @@ def create_revision(
         raise ApiError(404, "not_found", f"no deployment {ref}")
     if not selector_in_scope(who.scope, dep["selector"]):
         raise ApiError(403, "out_of_scope", "deployment reaches beyond the token's scope")
-    prepared = _prepare(
+    prepared, incompatible = _prepare(
         plane,
         DeploymentRequest(
             name=dep["name"],
@@ -231,7 +233,8 @@ def create_revision(
         )
         content = _pipelines_hash(pipelines, egress)
         if latest["content_hash"] == content:
-            return _view(latest, stable_revision(dep)) | {"deployment": dep["id"]}, False
+            view = _view(latest, stable_revision(dep))
+            return view | {"deployment": dep["id"], "incompatible": incompatible}, False
         number = latest["revision"] + 1
         try:
             with plane.store.engine.begin() as c:
@@ -279,7 +282,8 @@ def create_revision(
         "pipelines": pipelines,
         "egress": egress,
     }
-    return _view(row, stable_revision(fresh)) | {"deployment": dep["id"]}, True
+    view = _view(row, stable_revision(fresh))
+    return view | {"deployment": dep["id"], "incompatible": incompatible}, True
 
 
 def promote_in(c: Connection, deployment_id: str, revision: int, pipelines: Any) -> None:

@@ -121,7 +121,7 @@ def _refuse_agents_too_old(
         "agents_too_old",
         f"{len(too_old)} of {len(devices)} targeted devices run agents that cannot run "
         f"revision {revision}: {first}: {too_old[first][0]}; upgrade those agents, narrow "
-        "the deployment's selector, or start with force",
+        "the deployment's selector, or start it anyway with force (rollout start --force)",
     )
 
 
