@@ -37,12 +37,17 @@ def test_enroll_deploy_serve_and_swap_to_int8(
     status = agent.status()
     assert status["pipelines"]["digits"]["version"] == "1.1.0"
     # The agent told the control plane which spec terms it knows (pre-flight reads
-    # them); its later reports carried only their digest.
+    # them), stored once per agent build; the device keeps their digest.
+    import json
+    import sqlite3
+
     from edgewise.agent._vocabulary import agent_vocabulary
 
     terms, digest = agent_vocabulary()
-    info = cp.device(dev)["agent"]
-    assert info["spec_digest"] == digest and info["spec_vocabulary"] == list(terms)
+    assert cp.device(dev)["agent"]["spec_digest"] == digest
+    with sqlite3.connect(cp.data / "edgewise.db") as db:
+        row = db.execute("SELECT terms FROM agent_vocabularies WHERE digest = ?", (digest,))
+        assert json.loads(row.fetchone()[0]) == list(terms)
     # A later start needs no token.
     agent.kill()
     agent.token = None

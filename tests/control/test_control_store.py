@@ -234,39 +234,39 @@ def test_a_report_built_before_the_stored_one_is_ignored(store: SqlStore) -> Non
     assert state() == (6, 20.0, [("p", "active")])
 
 
-def test_an_agents_spec_vocabulary_is_kept_while_its_digest_stays_the_same(
+def test_spec_vocabularies_are_stored_once_per_agent_build_and_rows_keep_the_digest(
     store: SqlStore,
 ) -> None:
-    # An agent sends its vocabulary once per start, its digest in every report.
-    _device(store, "dev-1", "k1")
-    _device(store, "dev-2", "k2")
+    from edgewise.protocol import vocabulary_digest
 
-    def agent(digest: str, terms: list[str] | None = None) -> dict:
-        return {"version": "x", "spec_digest": digest, "spec_vocabulary": terms}
+    for i in range(1, 4):
+        _device(store, f"dev-{i}", f"k{i}")
+    old, new = ["model", "name"], ["batching", "model", "name"]
 
-    def vocabulary(device_id: str) -> list[str] | None:
-        row = store.get_device(device_id)
-        assert row is not None
-        return row["report_agent"].get("spec_vocabulary")
+    def report(revision: int, terms: list[str] | None, digest: str | None = None) -> dict:
+        digest = vocabulary_digest(terms or []) if digest is None else digest
+        agent = {"version": "x", "spec_digest": digest, "spec_vocabulary": terms}
+        return {**_report(revision, "active"), "agent": agent}
 
     store.save_reports(
         [
-            ("dev-1", {**_report(1, "active"), "agent": agent("d1", ["name", "model"])}, 1.0),
-            ("dev-2", {**_report(1, "active"), "agent": agent("d2", ["name"])}, 1.0),
+            ("dev-1", report(1, old), 1.0),
+            ("dev-2", report(1, old), 1.0),  # the same build: one row
+            ("dev-3", report(1, new), 1.0),
         ]
     )
-    store.save_reports(
-        [
-            ("dev-1", {**_report(2, "active"), "agent": agent("d1")}, 2.0),  # same build
-            ("dev-2", {**_report(2, "active"), "agent": agent("d3")}, 2.0),  # another one
-        ]
-    )
-    assert vocabulary("dev-1") == ["name", "model"]
-    assert vocabulary("dev-2") is None  # unknown until the new build sends its terms
-    store.save_report("dev-1", _report(3, "active"), 3.0)  # an agent that sends none
-    assert vocabulary("dev-1") is None
-    store.save_report("dev-1", {**_report(4, "active"), "agent": agent("d1")}, 4.0)
-    assert vocabulary("dev-1") is None  # nothing left to carry
+    store.save_report("dev-1", report(2, old), 2.0)  # sent again (a restart): kept once
+    row = store.get_device("dev-1")
+    assert row is not None
+    assert row["report_agent"] == {"version": "x", "spec_digest": vocabulary_digest(old)}
+    found = store.vocabularies([vocabulary_digest(old), vocabulary_digest(new), "", "nope"])
+    assert found == {vocabulary_digest(old): frozenset(old), vocabulary_digest(new): frozenset(new)}
+    assert store.count("agent_vocabularies") == 2
+    # Terms under a digest that is not theirs are not kept: a device cannot change what
+    # the other devices of a build are judged by.
+    store.save_report("dev-2", report(3, ["name"], digest=vocabulary_digest(new)), 3.0)
+    assert store.vocabularies([vocabulary_digest(new)])[vocabulary_digest(new)] == frozenset(new)
+    assert store.count("agent_vocabularies") == 2
 
 
 def test_newer_report_rule() -> None:

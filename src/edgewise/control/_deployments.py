@@ -16,7 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from edgewise.control._desiredcalc import desired_content
 from edgewise.control._plane import ApiError, ControlPlane, Principal, digest, ensure_json
-from edgewise.control._preflight import DeviceView, preflight, reported_vocabulary
+from edgewise.control._preflight import DeviceView, preflight, reported_digest
 from edgewise.control._rbac import in_scope, selector_in_scope
 from edgewise.control._selector import SelectorError, parse_selector
 from edgewise.control._store import ConflictError
@@ -160,15 +160,20 @@ def _check(
         )
     specs = _validated(_normalise(req))
     models = _models_for(plane, specs)
+    rows = [
+        r
+        for r in plane.store.list_devices()
+        if r["status"] == "active" and in_scope(who.scope, r["labels"])
+    ]
+    vocabularies = plane.store.vocabularies(reported_digest(r["report_agent"]) for r in rows)
     devices = [
         DeviceView(
             id=r["id"],
             labels=r["labels"],
             capabilities=r["capabilities"],
-            vocabulary=reported_vocabulary(r["report_agent"]),
+            vocabulary=vocabularies.get(reported_digest(r["report_agent"])),
         )
-        for r in plane.store.list_devices()
-        if r["status"] == "active" and in_scope(who.scope, r["labels"])
+        for r in rows
     ]
     result = preflight(
         selector,

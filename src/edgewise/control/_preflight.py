@@ -29,7 +29,7 @@ __all__ = [
     "DeviceView",
     "PreflightResult",
     "preflight",
-    "reported_vocabulary",
+    "reported_digest",
     "vocabulary_reasons",
 ]
 
@@ -61,8 +61,8 @@ class DeviceView:
         capabilities: What it reported: `arch`, `cores`, `memory_mb`, `disk_free_mb`,
             `runtimes` ({"onnxruntime": "1.20.1"}), `execution_providers`, `accelerators`,
             optionally `max_opset`.
-        vocabulary: The pipeline-spec terms its agent reported it knows; None when it
-            reported none (an agent older than the report).
+        vocabulary: The pipeline-spec terms its agent reported it knows; None when
+            unknown (an agent older than that report, or terms not received).
     """
 
     id: str
@@ -280,10 +280,10 @@ def _accelerator_reasons(requires: Mapping[str, Any], caps: Mapping[str, Any]) -
     return [f"accelerator {a} missing" for a in wanted if a.lower() not in offered]
 
 
-def reported_vocabulary(agent: Any) -> frozenset[str] | None:
-    """The spec terms in a device's stored `report_agent`; None when it reported none."""
-    terms = agent.get("spec_vocabulary") if isinstance(agent, Mapping) else None
-    return frozenset(map(str, terms)) if isinstance(terms, list) else None
+def reported_digest(agent: Any) -> str:
+    """The vocabulary digest in a device's stored `report_agent` ("" when none)."""
+    digest = agent.get("spec_digest") if isinstance(agent, Mapping) else None
+    return digest if isinstance(digest, str) else ""
 
 
 def vocabulary_reasons(

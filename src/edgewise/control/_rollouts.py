@@ -18,7 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from sqlalchemy.exc import IntegrityError
 
 from edgewise.control._plane import ApiError, ControlPlane, Principal, digest
-from edgewise.control._preflight import reported_vocabulary, vocabulary_reasons
+from edgewise.control._preflight import reported_digest, vocabulary_reasons
 from edgewise.control._rbac import selector_in_scope
 from edgewise.control._recompute import recompute_devices, recompute_selector
 from edgewise.control._revisions import revision_pipelines, stable_revision
@@ -96,7 +96,7 @@ def _deployment(plane: ControlPlane, ref: str, who: Principal) -> dict[str, Any]
 
 
 def _refuse_agents_too_old(
-    pipelines: dict[str, Any], devices: list[dict[str, Any]], revision: int
+    plane: ControlPlane, pipelines: dict[str, Any], devices: list[dict[str, Any]], revision: int
 ) -> None:
     """409 when targeted agents reported they do not know terms the revision's specs use.
 
@@ -108,10 +108,12 @@ def _refuse_agents_too_old(
         for name, p in pipelines.items()
         if isinstance(p, dict)
     }
+    digests = {row["id"]: reported_digest(row.get("report_agent")) for row in devices}
+    vocabularies = plane.store.vocabularies(digests.values())
     too_old = {
-        row["id"]: why
-        for row in devices
-        if (why := vocabulary_reasons(reported_vocabulary(row.get("report_agent")), terms))
+        dev: why
+        for dev, digest in digests.items()
+        if (why := vocabulary_reasons(vocabularies.get(digest), terms))
     }
     if not too_old:
         return
@@ -143,7 +145,7 @@ def start_rollout(plane: ControlPlane, req: RolloutRequest, who: Principal) -> d
         if row["status"] == "active" and selector.matches(row["labels"])
     ]
     if not req.force:
-        _refuse_agents_too_old(pipelines, targeted, req.to_revision)
+        _refuse_agents_too_old(plane, pipelines, targeted, req.to_revision)
     snapshot = [(row["id"], dict(row["labels"])) for row in targeted]
     rollout_id = f"ro-{secrets.token_hex(6)}"
     now = plane.clock()

@@ -21,6 +21,7 @@ from sqlalchemy import (
 )
 
 __all__ = [
+    "agent_vocabularies",
     "alert_rules",
     "alerts",
     "audit",
@@ -111,6 +112,16 @@ devices = Table(
     Column("report_sent_at", Float, nullable=True),
     Column("telemetry_acked", BigInteger, nullable=False),
     Index("ix_devices_changed_at", "changed_at"),
+)
+
+# The pipeline-spec terms agents reported they understand, once per distinct set (the
+# devices of one agent build share a row); a device's `report_agent` holds the digest.
+agent_vocabularies = Table(
+    "agent_vocabularies",
+    metadata,
+    Column("digest", String(64), primary_key=True),
+    Column("terms", JSON, nullable=False),
+    Column("first_seen", Float, nullable=False),
 )
 
 device_pipelines = Table(

@@ -21,10 +21,11 @@ from __future__ import annotations
 import json
 import threading
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 from sqlalchemy import (
+    Connection,
     Engine,
     bindparam,
     create_engine,
@@ -35,6 +36,8 @@ from sqlalchemy import (
     select,
     update,
 )
+from sqlalchemy.dialects.postgresql import insert as pg_insert
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.pool import StaticPool
 
@@ -42,8 +45,9 @@ from edgewise.control import _schema as t
 from edgewise.control._migrate import migrate
 from edgewise.control._sqlite import locked_connection_factory
 from edgewise.control._storelogs import LogStore
+from edgewise.protocol import vocabulary_digest
 
-__all__ = ["ConflictError", "RawJSON", "SqlStore", "carry_vocabulary", "newer_report", "open_store"]
+__all__ = ["ConflictError", "RawJSON", "SqlStore", "newer_report", "open_store"]
 
 Row = dict[str, Any]
 
@@ -399,14 +403,12 @@ class SqlStore(LogStore):
         ids = sorted(arrived)
         with self.engine.begin() as c:
             stored: dict[str, float | None] = {}
-            agents: dict[str, Any] = {}
             for i in range(0, len(ids), 500):
-                q = select(d.c.id, d.c.report_sent_at, d.c.report_agent).where(
-                    d.c.id.in_(ids[i : i + 500])
+                q = select(d.c.id, d.c.report_sent_at).where(d.c.id.in_(ids[i : i + 500]))
+                stored.update(
+                    (r.id, r.report_sent_at)
+                    for r in c.execute(q.order_by(d.c.id).with_for_update())
                 )
-                for r in c.execute(q.order_by(d.c.id).with_for_update()):
-                    stored[r.id] = r.report_sent_at
-                    agents[r.id] = r.report_agent
             latest = {
                 device_id: arrived[device_id]
                 for device_id in ids
@@ -414,12 +416,15 @@ class SqlStore(LogStore):
             }
             if not latest:
                 return
+            self._keep_vocabularies(
+                c, [r for r, _ in latest.values()], max(n for _, n in latest.values())
+            )
             heads = [
                 {
                     "b_id": device_id,
                     "b_revision": report.get("revision"),
                     "b_errors": report.get("errors", []),
-                    "b_agent": carry_vocabulary(report.get("agent") or {}, agents.get(device_id)),
+                    "b_agent": _without_terms(report.get("agent") or {}),
                     "b_at": now,
                     "b_sent": _first_not_none(report.get("sent_at"), stored.get(device_id)),
                 }
@@ -458,6 +463,45 @@ class SqlStore(LogStore):
                 c.execute(delete(dp).where(dp.c.device_id.in_(changed[i : i + 500])))
             if rows:
                 c.execute(insert(dp), rows)
+
+    def _keep_vocabularies(self, c: Connection, reports: list[Row], now: float) -> None:
+        """Store the spec vocabularies these reports carry, once per digest.
+
+        A list is kept only under the digest of its own terms: a device cannot put its
+        terms under a digest other devices report.
+        """
+        found: dict[str, list[str]] = {}
+        for report in reports:
+            agent = report.get("agent") or {}
+            terms = agent.get("spec_vocabulary")
+            if isinstance(terms, list) and agent.get("spec_digest") == vocabulary_digest(terms):
+                found[agent["spec_digest"]] = sorted(set(map(str, terms)))
+        if not found:
+            return
+        v = t.agent_vocabularies
+        known: set[str] = set(
+            c.execute(select(v.c.digest).where(v.c.digest.in_(list(found)))).scalars()
+        )
+        rows = [
+            {"digest": k, "terms": terms, "first_seen": now}
+            for k, terms in found.items()
+            if k not in known
+        ]
+        if rows:
+            ins = pg_insert if self.dialect == "postgresql" else sqlite_insert
+            # Another replica may store the same agent build's terms at the same moment.
+            c.execute(ins(v).on_conflict_do_nothing(), rows)
+
+    def vocabularies(self, digests: Iterable[str]) -> dict[str, frozenset[str]]:
+        """The stored spec vocabularies among `digests`, by digest."""
+        wanted = sorted({k for k in digests if k})
+        v = t.agent_vocabularies
+        out: dict[str, frozenset[str]] = {}
+        with self.engine.connect() as c:
+            for i in range(0, len(wanted), 500):
+                q = select(v.c.digest, v.c.terms).where(v.c.digest.in_(wanted[i : i + 500]))
+                out.update((r.digest, frozenset(r.terms)) for r in c.execute(q))
+        return out
 
     def device_pipelines(self, device_id: str) -> list[Row]:
         """Reported per-pipeline state of a device."""
@@ -580,16 +624,6 @@ def _first_not_none(a: float | None, b: float | None) -> float | None:
     return a if a is not None else b
 
 
-def carry_vocabulary(agent: Mapping[str, Any], before: Any) -> dict[str, Any]:
-    """A report's agent info, with the spec vocabulary the device reported earlier.
-
-    An agent sends its vocabulary once per start and its digest in every report: the
-    stored terms are kept while the digest stays the same, and dropped (unknown again)
-    when it changes or is missing (another agent build, or one that reports none).
-    """
-    out = dict(agent)
-    if out.get("spec_vocabulary") is not None or not out.get("spec_digest"):
-        return out
-    if isinstance(before, Mapping) and before.get("spec_digest") == out["spec_digest"]:
-        out["spec_vocabulary"] = before.get("spec_vocabulary")
-    return out
+def _without_terms(agent: Mapping[str, Any]) -> dict[str, Any]:
+    """A report's agent info as a device row keeps it: its vocabulary by digest only."""
+    return {k: v for k, v in agent.items() if k != "spec_vocabulary"}
