@@ -254,15 +254,18 @@ def test_the_agents_vocabulary_needs_no_runtime_import_and_grows_with_registered
         "from edgewise.agent._vocabulary import agent_vocabulary\n"
         "terms, digest = agent_vocabulary()\n"
         "assert 'batching.overflow=drop_oldest' in terms and len(digest) == 16\n"
-        "print(sorted(m for m in ('edgewise.runtime', 'numpy') if m in sys.modules))\n"
+        "print(sorted(m for m in ('edgewise.runtime', 'numpy') if m in sys.modules), digest)\n"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    assert out.stdout.strip() == "[]"
+    loaded, idle_digest = out.stdout.rsplit(" ", 1)
+    assert loaded == "[]"
 
     from edgewise.agent._vocabulary import agent_vocabulary, spec_refusal
     from edgewise.runtime._stages import PREPROCESS
 
     before, digest = agent_vocabulary()
+    # The runtime's own stages are all built-ins: loading it changes nothing.
+    assert digest == idle_digest.strip()
     spec = {"name": "p", "preprocess": [{"type": "crop", "params": {"box": [0, 0, 4, 4]}}]}
     assert spec_refusal(spec) == (
         "incompatible: this agent does not know preprocess:crop, preprocess:crop.box "

@@ -267,6 +267,14 @@ def test_spec_vocabularies_are_stored_once_per_agent_build_and_rows_keep_the_dig
     store.save_report("dev-2", report(3, ["name"], digest=vocabulary_digest(new)), 3.0)
     assert store.vocabularies([vocabulary_digest(new)])[vocabulary_digest(new)] == frozenset(new)
     assert store.count("agent_vocabularies") == 2
+    # A report older than the stored one (the device's clock went back) is not its
+    # state, but what it says the agent knows still holds.
+    store.save_report("dev-3", {**report(4, new), "sent_at": 50.0}, 4.0)
+    upgraded = [*new, "sinks"]
+    store.save_report("dev-3", {**report(5, upgraded), "sent_at": 10.0}, 5.0)
+    row = store.get_device("dev-3")
+    assert row is not None and row["report_revision"] == 4
+    assert vocabulary_digest(upgraded) in store.vocabularies([vocabulary_digest(upgraded)])
 
 
 def test_newer_report_rule() -> None:

@@ -414,11 +414,10 @@ class SqlStore(LogStore):
                 for device_id in ids
                 if newer_report(arrived[device_id][0].get("sent_at"), stored.get(device_id))
             }
+            # Whatever their order: a device whose clock went back still says what it knows.
+            self._keep_vocabularies(c, [r for _, r, _ in reports], max(n for _, _, n in reports))
             if not latest:
                 return
-            self._keep_vocabularies(
-                c, [r for r, _ in latest.values()], max(n for _, n in latest.values())
-            )
             heads = [
                 {
                     "b_id": device_id,
