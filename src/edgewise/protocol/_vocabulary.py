@@ -15,7 +15,7 @@ Terms are plain strings:
   `priority=critical`;
 - a stage, by kind and type: `preprocess:resize`, `sink:mqtt`; each parameter it
   takes: `preprocess:resize.height`; and the choices of those that take one of a few
-  values: `preprocess:resize.layout=nhwc`. A stage registered on the device by another
+  values: `preprocess:resize.layout=hwc`. A stage registered on the device by another
   package (not a built-in) takes any parameters: `preprocess:crop.*`.
 
 Example:
