@@ -268,9 +268,16 @@ def test_deploy_warns_and_rollout_refuses_when_targeted_agents_are_too_old(
         old = p.enroll(labels={"site": "a"})
         p.enroll(labels={"site": "a"})  # an agent that reported nothing
         terms = [t for t in spec_vocabulary() if not t.startswith("batching.overflow")]
-        agent = {"spec_digest": vocabulary_digest(terms), "spec_vocabulary": terms}
+        agent = {"version": "0.0.9", "spec_digest": vocabulary_digest(terms)}
+        agent["spec_vocabulary"] = terms
         assert old.post("/device/v1/report", {"revision": 0, "agent": agent}).status_code == 200
     conn = ["--server", live_server["base"], "--token", live_server["admin"]]
+    code, out, _ = run(capsys, "device", "show", old.id, *conn)
+    assert (
+        code == 0
+        and (f"agent 0.0.9: knows {len(terms)} spec terms (digest {agent['spec_digest']})")
+        in out.splitlines()
+    )
     camera = {"model": "digits-mlp@1.0.0", "batching": {"overflow": "drop_oldest"}}
     spec = tmp_path / "camera.json"
     spec.write_text(json.dumps({"name": "cams", "selector": "site=a", "pipelines": {"c": camera}}))

@@ -99,6 +99,14 @@ def show(
     typer.echo(f"{d['id']}  status={d['status']}  online={d['online']}")
     typer.echo(f"labels: {d['labels']}")
     typer.echo(f"desired revision {d['desired_revision']}, reported {d['reported_revision']}")
+    agent = d.get("agent") or {}
+    if agent.get("version"):
+        known = agent.get("spec_terms")
+        typer.echo(
+            f"agent {agent['version']}: "
+            + ("spec vocabulary not reported" if known is None else f"knows {known} spec terms")
+            + (f" (digest {agent['spec_digest']})" if agent.get("spec_digest") else "")
+        )
     for err in d["errors"]:
         typer.echo(f"error: {err}")
     for name, p in d["pipelines"].items():

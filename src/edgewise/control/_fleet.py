@@ -161,7 +161,12 @@ def device_view(plane: ControlPlane, row: dict[str, Any], detail: bool = False) 
         view["capabilities"] = row["capabilities"]
         view["public_key"] = row["public_key"]
         view["errors"] = row["report_errors"] or []
-        view["agent"] = row["report_agent"] or {}
+        view["agent"] = agent = dict(row["report_agent"] or {})
+        # How many spec terms its agent said it knows (pre-flight checks specs against
+        # them); None when it never said.
+        known = plane.store.vocabularies([agent.get("spec_digest") or ""])
+        terms = known.get(agent.get("spec_digest") or "")
+        agent["spec_terms"] = None if terms is None else len(terms)
         view["reported_at"] = row["reported_at"]
         # When the device built that report, by its own clock: against reported_at it
         # shows the device's clock skew plus the report's delay on the way.

@@ -496,6 +496,8 @@ class SqlStore(LogStore):
         wanted = sorted({k for k in digests if k})
         v = t.agent_vocabularies
         out: dict[str, frozenset[str]] = {}
+        if not wanted:
+            return out
         with self.engine.connect() as c:
             for i in range(0, len(wanted), 500):
                 q = select(v.c.digest, v.c.terms).where(v.c.digest.in_(wanted[i : i + 500]))
