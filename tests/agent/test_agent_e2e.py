@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 from typing import Any
 
 import pytest
+
+from edgewise.agent import DurableJson
 
 from ._harness import AgentProc, ControlPlaneProc, wait_for
 
@@ -38,7 +41,6 @@ def test_enroll_deploy_serve_and_swap_to_int8(
     assert status["pipelines"]["digits"]["version"] == "1.1.0"
     # The agent told the control plane which spec terms it knows (pre-flight reads
     # them), stored once per agent build; the device keeps their digest.
-    import json
     import sqlite3
 
     from edgewise.agent._vocabulary import agent_vocabulary
@@ -51,9 +53,24 @@ def test_enroll_deploy_serve_and_swap_to_int8(
     # A later start needs no token.
     agent.kill()
     agent.token = None
+    # It sends its capabilities with its first report: what it has now, not what it
+    # enrolled with (here, as written to its cache).
+    cache = DurableJson(agent.data / "capabilities.json")
+    caps = cache.load()
+    real_memory = caps["memory_mb"]
+    cache.commit({**caps, "memory_mb": 12345})
     agent.start()
     agent.wait_up()
     wait_for(lambda: agent.infer()["model"].startswith("digits-mlp@1.1.0"), 60, "serving")
+    wait_for(lambda: cp.device(dev)["capabilities"]["memory_mb"] == 12345, 30, "reported")
+    # Probed with other versions (an upgrade since): probed again, and reported.
+    agent.kill()
+    stale = {**caps, "memory_mb": 1, "probed_with": {**caps["probed_with"], "onnxruntime": "1.0"}}
+    cache.commit(stale)
+    agent.start()
+    agent.wait_up()
+    wait_for(lambda: cp.device(dev)["capabilities"]["memory_mb"] == real_memory, 30, "probed")
+    assert cache.load()["probed_with"] == caps["probed_with"]
 
 
 def test_pipeline_with_a_fallback_installs_both_models_and_serves_after_restart(

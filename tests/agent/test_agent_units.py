@@ -280,3 +280,31 @@ def test_the_agents_vocabulary_needs_no_runtime_import_and_grows_with_registered
     finally:
         PREPROCESS._factories.pop("crop")
     assert agent_vocabulary() == (before, digest)
+
+
+def test_capabilities_are_probed_again_after_an_upgrade_and_incompatible_installs_retried() -> None:
+    from edgewise.agent._capabilities import probe_key, stale
+    from edgewise.agent._installer import retry_incompatible
+    from edgewise.agent._state import PipelineRecord
+
+    key = probe_key()
+    assert key["onnxruntime"] and key["edgewise"]  # both installed here
+    assert not stale({"memory_mb": 1, "probed_with": key}, key)
+    assert stale({"memory_mb": 1, "probed_with": {**key, "onnxruntime": "1.0.0"}}, key)
+    assert stale({"memory_mb": 1}, key)  # written before probes were keyed
+    assert stale(None, key) and stale(["not", "a", "document"], key)
+
+    def refused(reason: str) -> PipelineRecord:
+        rec = PipelineRecord(refused="fp", retry_at=None)
+        rec.tracker.restart("install m@1", 0.0)
+        rec.tracker.move(InstallState.FAILED, reason, 1.0)
+        return rec
+
+    pipes = {
+        "cuda": refused("incompatible: needs accelerator cuda"),
+        "forged": refused("signature invalid: unknown key"),
+        "fine": PipelineRecord(),
+    }
+    assert retry_incompatible(pipes) == ["cuda"]
+    assert (pipes["cuda"].refused, pipes["cuda"].retry_at) == ("", None)
+    assert pipes["forged"].refused == "fp"  # the same bundle would fail the same way

@@ -277,6 +277,28 @@ def test_spec_vocabularies_are_stored_once_per_agent_build_and_rows_keep_the_dig
     assert vocabulary_digest(upgraded) in store.vocabularies([vocabulary_digest(upgraded)])
 
 
+def test_capabilities_a_report_carries_replace_the_enrollments_in_arrival_order(
+    store: SqlStore,
+) -> None:
+    # An upgraded agent or runtime: the device has other capabilities than it enrolled
+    # with. Sent once per agent start, so the last to arrive is the newest process's,
+    # even from a device whose clock went back.
+    _device(store, "dev-1", "k1")
+    _device(store, "dev-2", "k2")
+    store.save_report("dev-1", {**_report(1, "active"), "sent_at": 50.0}, 1.0)
+    newer = {"runtimes": {"onnxruntime": "1.21.0"}, "memory_mb": 4096}
+    store.save_reports(
+        [
+            ("dev-1", {**_report(2, "active"), "sent_at": 10.0, "capabilities": newer}, 2.0),
+            ("dev-2", {**_report(1, "active"), "capabilities": None}, 2.0),
+        ]
+    )
+    one, two = store.get_device("dev-1"), store.get_device("dev-2")
+    assert one is not None and two is not None
+    assert one["capabilities"] == newer and one["report_revision"] == 1  # state: older
+    assert two["capabilities"] == {}  # a report without them changes nothing
+
+
 def test_newer_report_rule() -> None:
     from edgewise.control._store import newer_report
 

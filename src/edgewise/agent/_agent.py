@@ -45,7 +45,7 @@ from edgewise.agent._identity import (
     save_identity,
 )
 from edgewise.agent._install import InstallState
-from edgewise.agent._installer import Installer, InstallFailed
+from edgewise.agent._installer import Installer, InstallFailed, retry_incompatible
 from edgewise.agent._plan import Action, ObservedPipeline, plan
 from edgewise.agent._process import quiet_onnxruntime, resources, trim, tune_malloc
 from edgewise.agent._ratelimit import TokenBucket
@@ -135,6 +135,7 @@ class Agent:
         self._next_report = 0.0
         # The digest of the vocabulary a report accepted by the control plane carried.
         self._vocabulary_sent = ""
+        self._capabilities_sent = False  # likewise, once per start
         self._next_metrics = 0.0
         self._capabilities: dict[str, Any] | None = config.capabilities
         self.drain = TelemetryDrain(
@@ -215,15 +216,23 @@ class Agent:
         """This device's capabilities: probed at enrollment, kept under DIR after that.
 
         Probing onnxruntime takes a second in a child process; a restart (often after a
-        crash, when serving again fast matters) reuses what enrollment found.
+        crash, when serving again fast matters) reuses what was found, unless edgewise or
+        a runtime was upgraded since (`probed_with`): then they are probed again, sent
+        with the next report, and installs refused as incompatible are tried again.
         """
         if self._capabilities is None:
-            from edgewise.agent._capabilities import collect_capabilities
+            from edgewise.agent._capabilities import collect_capabilities, probe_key, stale
 
             cached = DurableJson(self.dir / "capabilities.json")
             found = cached.load(default=None)
-            if not isinstance(found, dict):
-                found = collect_capabilities(self.dir)
+            key = probe_key()
+            if stale(found, key):
+                if isinstance(found, dict):
+                    retried = retry_incompatible(self.state.pipelines)
+                    if retried:
+                        self._persist()
+                        self.emit("event", "capabilities.changed", {"retried": retried})
+                found = {**collect_capabilities(self.dir), "probed_with": key}
                 cached.commit(found)
             self._capabilities = found
         return self._capabilities
@@ -430,7 +439,10 @@ class Agent:
             spec_digest=digest,
             spec_vocabulary=None if digest == self._vocabulary_sent else list(terms),
         )
-        return build_report(self.state, info, self.clock())
+        report = build_report(self.state, info, self.clock())
+        if not self._capabilities_sent:
+            report.capabilities = self.capabilities()
+        return report
 
     def send_report(self) -> bool:
         """Report if something changed or the interval passed; False when offline."""
@@ -444,6 +456,8 @@ class Agent:
             return False
         if report.agent.spec_vocabulary is not None:
             self._vocabulary_sent = report.agent.spec_digest
+        if report.capabilities is not None:
+            self._capabilities_sent = True
         self.report_dirty = False
         self.online = True
         self._next_report = now + self.config.report_interval_s

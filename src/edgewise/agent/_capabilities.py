@@ -16,7 +16,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-__all__ = ["collect_capabilities"]
+__all__ = ["collect_capabilities", "probe_key", "stale"]
 
 _ACCELERATOR_PROVIDERS = {
     "CUDAExecutionProvider": "cuda",
@@ -88,6 +88,30 @@ def _power() -> str:
     if battery is not None and not battery.power_plugged:
         return "battery"
     return "mains"
+
+
+def probe_key() -> dict[str, str | None]:
+    """What an upgrade changes of a capabilities document: the packages' versions.
+
+    Those of edgewise and of the inference runtimes, read from package metadata (so
+    without importing them).
+    """
+    out: dict[str, str | None] = {}
+    for dist in ("edgewise", "onnxruntime", "ai-edge-litert"):
+        try:
+            out[dist] = importlib.metadata.version(dist)
+        except importlib.metadata.PackageNotFoundError:
+            out[dist] = None
+    return out
+
+
+def stale(cached: Any, key: dict[str, str | None]) -> bool:
+    """Whether a cached capabilities document must be probed again (pure).
+
+    It must when it is not one, or was probed with other versions (an agent or runtime
+    upgrade): a device would otherwise report its enrollment's runtimes forever.
+    """
+    return not isinstance(cached, dict) or cached.get("probed_with") != key
 
 
 def collect_capabilities(data_dir: Path, sys_root: Path = Path("/")) -> dict[str, Any]:

@@ -39,7 +39,7 @@ from edgewise.agent._store import ModelStore, Slot
 from edgewise.agent._vocabulary import spec_refusal
 from edgewise.protocol import DesiredModelRef
 
-__all__ = ["InstallFailed", "Installer"]
+__all__ = ["InstallFailed", "Installer", "retry_incompatible"]
 
 # How long a transient refusal waits before the plan may try the same install again.
 RETRY_DISK_S = 300.0
@@ -118,6 +118,20 @@ def check_requires(manifest: Any, capabilities: dict[str, Any]) -> str | None:
     if missing:
         return f"incompatible: needs accelerator {', '.join(missing)}"
     return None
+
+
+def retry_incompatible(pipelines: dict[str, PipelineRecord]) -> list[str]:
+    """Let the installs refused as incompatible be tried again (the device changed).
+
+    Returns the pipelines concerned. Other refusals (a bad signature, a failed health
+    check) stay refused: the same bundle would fail the same way.
+    """
+    retried = []
+    for name, rec in pipelines.items():
+        if rec.refused and rec.tracker.reason.startswith("incompatible"):
+            rec.refused, rec.retry_at = "", None
+            retried.append(name)
+    return retried
 
 
 class Installer:

@@ -278,6 +278,8 @@ def report_item(
     for name, pipeline in report.pipelines.items():
         if len(name) > 200 or len(pipeline.model) > 200 or len(pipeline.version) > 64:
             raise ApiError(422, "invalid_request", "pipeline, model or version name too long")
+    if report.capabilities is not None:  # free-form, as at enrollment
+        ensure_json(report.capabilities, "capabilities")
     # A parsed report holds no NaN or infinity (its models refuse them): JSON as it is.
     data = report.model_dump(mode="json")
     data["sent_at"] = report_order(report.sent_at, signed_ts)

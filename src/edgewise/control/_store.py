@@ -388,7 +388,8 @@ class SqlStore(LogStore):
 
         Of two reports of one device the newer wins: by their `sent_at` where both have
         one (a report older than the stored one is dropped, see `newer_report`), else
-        the later in `reports`.
+        the later in `reports`. A report's spec vocabulary and capabilities are kept
+        whichever wins.
         """
         arrived: dict[str, tuple[Row, float]] = {}
         for device_id, report, now in reports:
@@ -414,8 +415,21 @@ class SqlStore(LogStore):
                 for device_id in ids
                 if newer_report(arrived[device_id][0].get("sent_at"), stored.get(device_id))
             }
-            # Whatever their order: a device whose clock went back still says what it knows.
+            # Whatever their order: a device whose clock went back still says what it knows
+            # and what it has (an agent sends both once per start: arrival order is theirs).
             self._keep_vocabularies(c, [r for _, r, _ in reports], max(n for _, _, n in reports))
+            caps = {
+                device_id: report["capabilities"]
+                for device_id, report, _ in reports
+                if isinstance(report.get("capabilities"), dict)
+            }
+            if caps:
+                c.execute(
+                    update(d)
+                    .where(d.c.id == bindparam("b_id"))
+                    .values(capabilities=bindparam("b_caps")),
+                    [{"b_id": k, "b_caps": v} for k, v in sorted(caps.items())],
+                )
             if not latest:
                 return
             heads = [

@@ -182,6 +182,9 @@ class Report(BaseModel):
     errors: list[str] = Field(default_factory=list, max_length=100)
     agent: AgentInfo = Field(default_factory=AgentInfo)
     sent_at: float | None = Field(default=None, ge=0, allow_inf_nan=False)
+    # The device's capabilities (the enrollment document's shape), sent once per agent
+    # start: an upgraded agent or runtime changes them after enrollment.
+    capabilities: dict[str, Any] | None = None
 
 
 def desired_signing_bytes(doc: DesiredState) -> bytes:
