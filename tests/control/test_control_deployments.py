@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 from hypothesis import HealthCheck, given, settings
@@ -310,3 +311,23 @@ def test_preflight_names_the_devices_whose_agents_do_not_know_a_spec_term(
     body["pipelines"] = {"camera": camera}
     report(old, new_terms, vocabulary_digest(new_terms))
     assert incompatible() == {}
+
+
+def test_a_report_with_a_bad_vocabulary_or_capabilities_is_a_422_and_stores_nothing(
+    sqlite_plane: Plane,
+) -> None:
+    p = sqlite_plane
+    dev = p.enroll(labels={"site": "a"}, caps={"memory_mb": 2048})
+    for bad in (
+        {"agent": {"spec_digest": "d", "spec_vocabulary": ["t"] * 10_001}},  # too many
+        {"agent": {"spec_digest": "d", "spec_vocabulary": [1, 2]}},  # not terms
+        {"agent": {"spec_digest": "d" * 65}},  # not a digest
+        {"capabilities": ["not", "a", "document"]},
+    ):
+        r = dev.post("/device/v1/report", {"revision": 0, **bad})
+        assert r.status_code == 422 and r.json()["error"]["message"], (bad, r.text)
+    body = json.dumps({"revision": 0, "capabilities": {"memory_mb": float("nan")}})
+    r = dev.post("/device/v1/report", body.encode())
+    assert r.status_code in (400, 422) and "error" in r.json(), r.text
+    view = p.api("GET", f"/api/v1/devices/{dev.id}").json()
+    assert view["capabilities"] == {"memory_mb": 2048} and view["reported_revision"] is None
