@@ -240,7 +240,8 @@ class Installer:
 
     def _install(self, name: str, rec: PipelineRecord, action: Action, fingerprint: str) -> None:
         assert action.model is not None
-        why = spec_refusal(self._spec(name, action))
+        spec = self._spec(name, action)
+        why = spec_refusal(spec)
         if why:  # before downloading anything for it
             raise InstallFailed(why, RETRY_VOCABULARY_S)
         parts = [_Prepared("model", action.model)]
@@ -251,7 +252,6 @@ class Installer:
         self._verify(rec, parts)
         self._write(rec, parts)
         self._health(rec, parts)
-        spec = self._spec(name, action)
         old_models = rec.committed
         companions = {p.role: p.model for p in parts if p.role != "model"}
         try:

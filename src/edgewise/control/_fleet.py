@@ -12,6 +12,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from edgewise.control._identity import hash_token, new_secret_token, public_key_from_b64
 from edgewise.control._plane import ApiError, ControlPlane, Principal, digest, ensure_json
+from edgewise.control._preflight import reported_digest
 from edgewise.control._rbac import in_scope
 from edgewise.control._selector import LabelError, SelectorError, parse_selector, validate_labels
 from edgewise.control._store import ConflictError
@@ -139,6 +140,15 @@ def enroll(plane: ControlPlane, req: EnrollRequest) -> dict[str, Any]:
     }
 
 
+def agent_vocabularies(
+    plane: ControlPlane, rows: list[dict[str, Any]]
+) -> dict[str, frozenset[str] | None]:
+    """Per device row, the spec terms its agent reported knowing (None: unknown)."""
+    digests = {r["id"]: reported_digest(r["report_agent"]) for r in rows}
+    known = plane.store.vocabularies(digests.values())
+    return {device_id: known.get(d) for device_id, d in digests.items()}
+
+
 def device_view(plane: ControlPlane, row: dict[str, Any], detail: bool = False) -> dict[str, Any]:
     """The operator-facing shape of a device."""
     now = plane.clock()
@@ -161,12 +171,11 @@ def device_view(plane: ControlPlane, row: dict[str, Any], detail: bool = False) 
         view["capabilities"] = row["capabilities"]
         view["public_key"] = row["public_key"]
         view["errors"] = row["report_errors"] or []
-        view["agent"] = agent = dict(row["report_agent"] or {})
         # How many spec terms its agent said it knows (pre-flight checks specs against
         # them); None when it never said.
-        known = plane.store.vocabularies([agent.get("spec_digest") or ""])
-        terms = known.get(agent.get("spec_digest") or "")
-        agent["spec_terms"] = None if terms is None else len(terms)
+        terms = agent_vocabularies(plane, [row])[row["id"]]
+        view["agent"] = dict(row["report_agent"] or {})
+        view["agent"]["spec_terms"] = None if terms is None else len(terms)
         view["reported_at"] = row["reported_at"]
         # When the device built that report, by its own clock: against reported_at it
         # shows the device's clock skew plus the report's delay on the way.

@@ -17,8 +17,9 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field
 from sqlalchemy.exc import IntegrityError
 
+from edgewise.control._fleet import agent_vocabularies
 from edgewise.control._plane import ApiError, ControlPlane, Principal, digest
-from edgewise.control._preflight import reported_digest, vocabulary_reasons
+from edgewise.control._preflight import vocabulary_reasons
 from edgewise.control._rbac import selector_in_scope
 from edgewise.control._recompute import recompute_devices, recompute_selector
 from edgewise.control._revisions import revision_pipelines, stable_revision
@@ -108,12 +109,10 @@ def _refuse_agents_too_old(
         for name, p in pipelines.items()
         if isinstance(p, dict)
     }
-    digests = {row["id"]: reported_digest(row.get("report_agent")) for row in devices}
-    vocabularies = plane.store.vocabularies(digests.values())
     too_old = {
         dev: why
-        for dev, digest in digests.items()
-        if (why := vocabulary_reasons(vocabularies.get(digest), terms))
+        for dev, vocabulary in agent_vocabularies(plane, devices).items()
+        if (why := vocabulary_reasons(vocabulary, terms))
     }
     if not too_old:
         return

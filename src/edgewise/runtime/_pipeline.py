@@ -511,9 +511,13 @@ class RunningPipeline:
                 lane = self.active
             return lane.model.validate(x, exact_dtype), lane
         except BadInput:
-            with self.metrics.lock:
-                self.metrics.bad_input += 1
+            self.count_bad_input()
             raise
+
+    def count_bad_input(self) -> None:
+        """Count a request that does not fit (or could not even be decoded)."""
+        with self.metrics.lock:
+            self.metrics.bad_input += 1
 
     def sample(self, batch: list[Request]) -> None:
         """Keep every n-th input (the spec's sample rate) for telemetry."""

@@ -449,8 +449,7 @@ class Runtime:
         """
         p = self._pipelines.get(name)
         if p is not None:
-            with p.metrics.lock:
-                p.metrics.bad_input += 1
+            p.count_bad_input()
 
     def stats(self, name: str) -> dict[str, Any]:
         """Counters and histograms of one pipeline, plus its current mode."""
