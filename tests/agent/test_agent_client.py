@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import threading
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import httpx
@@ -148,3 +151,49 @@ def test_local_server_answers_over_http_and_bounds_what_it_reads() -> None:
         assert len(stored) == 1
     finally:
         server.stop()
+
+
+@pytest.fixture
+def fixed_answer() -> Iterator[tuple[str, list[bytes]]]:
+    """A real loopback server answering every request 200 with the body put in the list."""
+    body: list[bytes] = [b""]
+
+    class Answer(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            self.send_response(200)
+            self.send_header("ETag", '"7"')
+            self.send_header("Content-Length", str(len(body[0])))
+            self.end_headers()
+            self.wfile.write(body[0])
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Answer)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}", body
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+@pytest.mark.parametrize(
+    ("answer", "said"),
+    [
+        (b"<html>", "not JSON"),
+        (b'{"document": {"revision": "x"}, "key_id": "k", "signature": "s"}', "document."),
+        (b'{"key_id": "k", "signature": "s"}', "document: Field required"),
+        (b"[1, 2]", "document: Input should be"),
+    ],
+)
+def test_an_answer_that_is_not_a_signed_document_is_malformed_not_raised(
+    fixed_answer: tuple[str, list[bytes]], answer: bytes, said: str
+) -> None:
+    url, body = fixed_answer
+    body[0] = answer
+    with httpx.Client(base_url=url) as http:
+        client = DeviceClient(http, DeviceKey("dev-1", Ed25519PrivateKey.generate()))
+        poll = client.desired()
+    assert poll.signed is None and poll.etag == '"7"'
+    assert said in poll.malformed, poll.malformed

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import base64
 import json
+import sqlite3
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -10,6 +12,7 @@ from pathlib import Path
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
+from edgewise.bundle import canonical_json
 from edgewise.protocol import SignedDesiredState, sign_desired
 
 from ._harness import AgentProc, ControlPlaneProc, TamperProxy, wait_for
@@ -73,6 +76,79 @@ def test_replayed_expired_and_foreign_desired_states_are_refused_and_reported(
         proxy.replace = None
         assert json.loads(json.dumps(agent.status()))["revision"] == current.document.revision
     finally:
+        agent.kill()
+
+
+def _events(cp: ControlPlaneProc, dev: str, kind: str) -> list[dict]:  # type: ignore[type-arg]
+    with sqlite3.connect(cp.data / "edgewise.db") as db:
+        rows = db.execute(
+            "SELECT data FROM telemetry WHERE device_id = ? AND kind = ? ORDER BY seq",
+            (dev, kind),
+        ).fetchall()
+    return [json.loads(data) for (data,) in rows]
+
+
+def test_a_newer_control_planes_document_is_followed_unless_it_marks_an_unknown_field_critical(
+    shared_cp: ControlPlaneProc,
+    proxy: TamperProxy,
+    agent_factory: Callable[..., AgentProc],
+) -> None:
+    from edgewise.control._identity import load_or_create_signing_key
+
+    cp = shared_cp
+    cp_key = load_or_create_signing_key(cp.data)
+    agent = agent_factory(cp, "dev", server=proxy.url)
+
+    def send(document: dict, tamper: Callable[[dict], None] | None = None) -> None:  # type: ignore[type-arg]
+        signature = base64.b64encode(cp_key.sign(canonical_json(document))).decode()
+        body = {"document": document, "key_id": current.key_id, "signature": signature}
+        if tamper is not None:
+            tamper(body["document"])
+        proxy.replace = (json.dumps(body).encode(), f'"{document["revision"]}"')
+
+    try:
+        agent.start()
+        agent.wait_up()
+        dev = agent.device_id()
+        cp.deploy("digits", "digits-mlp@1.0.0", tag=agent.tag)
+        wait_for(lambda: _active(cp, dev, "1.0.0"), 90, "1.0.0 active")
+        current = SignedDesiredState.model_validate_json(proxy.last_desired or b"")
+        # What a later control plane might add: a field at the top, in a pipeline and in
+        # a model reference. This agent reads past them and keeps following.
+        newer = current.signed_document()
+        newer["revision"] += 5
+        newer["quota"] = {"gb": 3}
+        newer["pipelines"]["digits"]["window"] = "night"
+        newer["pipelines"]["digits"]["model"]["encryption"] = "aes-gcm"
+        send(newer)
+        wait_for(lambda: agent.status()["revision"] == newer["revision"], 60, "newer accepted")
+        wait_for(lambda: _events(cp, dev, "desired.accepted"), 60, "accepted event")
+        assert _events(cp, dev, "desired.accepted")[-1] == {
+            "revision": newer["revision"],
+            "ignored": ["pipelines.model.encryption", "pipelines.window", "quota"],
+        }
+        assert agent.infer()["model"].startswith("digits-mlp@1.0.0")
+        # Kept as signed: after a restart it is read back and the same document is a no-op.
+        agent.kill()
+        agent.start()
+        agent.wait_up()
+        assert agent.status()["revision"] == newer["revision"]
+        assert agent.infer()["model"].startswith("digits-mlp@1.0.0")
+
+        critical = {**newer, "revision": newer["revision"] + 1, "critical": ["quota"]}
+        send(critical)
+        wanted = "desired state refused: needs a newer agent: this agent does not know quota"
+        wait_for(lambda: wanted in cp.device(dev)["errors"], 60, wanted)
+        assert agent.status()["revision"] == newer["revision"]
+        assert agent.infer()["model"].startswith("digits-mlp@1.0.0")
+
+        send({**newer, "revision": newer["revision"] + 2}, lambda doc: doc["quota"].update(gb=300))
+        wanted = "desired state refused: bad signature"
+        wait_for(lambda: wanted in cp.device(dev)["errors"], 60, wanted)
+        assert agent.status()["revision"] == newer["revision"]
+        assert agent.infer()["model"].startswith("digits-mlp@1.0.0")
+    finally:
+        proxy.replace = None
         agent.kill()
 
 

@@ -61,6 +61,7 @@ from edgewise.protocol import (
     DesiredStateError,
     Report,
     SignedDesiredState,
+    ignored_fields,
     verify_desired,
 )
 
@@ -334,18 +335,33 @@ class Agent:
             if doc.device_id != self.identity.device_id:
                 raise DesiredStateError("wrong device")
         except DesiredStateError as exc:
-            message = f"desired state refused: {exc.reason}"
-            self.state.add_error(message)
-            self._persist()
-            self.emit("event", "desired.refused", {"reason": exc.reason})
+            self.refuse(exc, etag)
             return False
+        received = signed.signed_document()
         if doc.revision != self.state.revision:
-            self.emit("event", "desired.accepted", {"revision": doc.revision})
+            fields = {"revision": doc.revision}
+            ignored = ignored_fields(received)
+            # A newer control plane's additions this agent reads past: worth a line.
+            self.emit(
+                "event", "desired.accepted", fields | ({"ignored": ignored} if ignored else {})
+            )
             self.state.errors.clear()  # refusals were about older documents
         self.state.revision = doc.revision
-        self.state.desired = signed.model_dump(mode="json")
+        # Kept as signed (fields this agent does not know included), so it verifies again.
+        self.state.desired = {
+            "document": received,
+            "key_id": signed.key_id,
+            "signature": signed.signature,
+        }
         self._persist()
         return True
+
+    def refuse(self, exc: DesiredStateError, etag: str | None) -> None:
+        """Record a document this agent will not act on; what it accepted before stays."""
+        self.state.etag = etag  # the same document is not fetched again until it changes
+        self.state.add_error(f"desired state refused: {exc}")
+        self._persist()
+        self.emit("event", "desired.refused", {"reason": exc.reason, "detail": exc.detail})
 
     # -- reconcile --------------------------------------------------------------------
 
@@ -608,6 +624,8 @@ class Agent:
                 self.state.last_sync = self.clock()
                 if poll.signed is not None:
                     self.accept(poll.signed, poll.etag)
+                elif poll.malformed:
+                    self.refuse(DesiredStateError("malformed", poll.malformed), poll.etag)
                 self.reconcile()
                 self.send_report()
                 if not trimmed:  # the first sync imported the uplink's code: trim once

@@ -25,6 +25,7 @@ from typing import Any
 
 import httpx
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from pydantic import ValidationError
 
 from edgewise.agent._backoff import RetryableError
 from edgewise.protocol import (
@@ -33,6 +34,7 @@ from edgewise.protocol import (
     TelemetryAck,
     TelemetryBatch,
     encode_batch,
+    first_problem,
     sign_request,
 )
 
@@ -71,10 +73,15 @@ class DeviceKey:
 
 @dataclass(frozen=True)
 class DesiredPoll:
-    """One long-poll answer: a new document, or `None` when unchanged (304)."""
+    """One long-poll answer: a new document, or `None`.
+
+    `None` when unchanged (304), or when the answer could not be read as a signed
+    document (`malformed` says why).
+    """
 
     signed: SignedDesiredState | None
     etag: str | None
+    malformed: str = ""
 
 
 def _retry_after(resp: httpx.Response) -> float | None:
@@ -146,7 +153,13 @@ class _Core:
         if resp.status_code == 304:
             return DesiredPoll(None, etag)
         check(resp)
-        return DesiredPoll(SignedDesiredState.model_validate(resp.json()), resp.headers.get("etag"))
+        etag_now = resp.headers.get("etag")
+        try:
+            return DesiredPoll(SignedDesiredState.model_validate(resp.json()), etag_now)
+        except ValidationError as exc:
+            return DesiredPoll(None, etag_now, first_problem(exc))
+        except ValueError as exc:  # not JSON
+            return DesiredPoll(None, etag_now, f"not JSON: {exc}")
 
 
 def _transport_errors(exc: Exception) -> RetryableError:

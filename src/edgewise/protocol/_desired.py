@@ -10,17 +10,42 @@ JSON of the document. The agent refuses documents from other signers, with a bad
 past their expiry (freeze protection: a captured old document cannot be replayed forever)
 or with a revision lower than the last it accepted (rollback protection). The same revision
 with the same content is accepted again as a no-op, so a re-fetch after a restart is safe.
+
+Agents and control planes are upgraded at different times, so the document can grow:
+
+- the signature covers the document *as received* (its canonical JSON), not the agent's
+  reading of it, so a field an agent was built before does not break the signature;
+- an agent ignores fields it does not know (`ignored_fields` names them), unless the
+  document lists them in `critical` (as JOSE's `crit` header and X.509's critical
+  extensions do): a document that needs a field to be understood says so, and an agent
+  that does not know it refuses the document ("needs a newer agent") and keeps serving
+  what it accepted before;
+- the control plane leaves `critical` out while it is empty, so agents built before it
+  existed read today's documents byte for byte as before.
 """
 
 from __future__ import annotations
 
 import base64
 import binascii
-from collections.abc import Mapping
+import copy
+import types
+import typing
+from collections.abc import Iterator, Mapping
+from functools import cache
 from typing import Any, Literal
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ModelWrapValidatorHandler,
+    PrivateAttr,
+    ValidationError,
+    field_serializer,
+    model_validator,
+)
 
 from edgewise.bundle import canonical_json, key_id, verify_signature
 
@@ -36,7 +61,11 @@ __all__ = [
     "Report",
     "SignedDesiredState",
     "TimelineEntry",
+    "desired_document",
+    "desired_fields",
     "desired_signing_bytes",
+    "first_problem",
+    "ignored_fields",
     "sign_desired",
     "signer_key_id",
     "verify_desired",
@@ -68,18 +97,23 @@ class DesiredStateError(Exception):
     """A desired-state document the agent must refuse.
 
     Attributes:
-        reason: "unknown signer", "bad signature", "expired" or "stale revision".
+        reason: "unknown signer", "bad signature", "malformed", "expired", "stale
+            revision" or "needs a newer agent" (a few fixed values, fit to count by).
+        detail: what exactly, where there is more to say ("" otherwise); `str()` of the
+            error is the reason and the detail.
     """
 
-    def __init__(self, reason: str) -> None:
-        super().__init__(reason)
+    def __init__(self, reason: str, detail: str = "") -> None:
+        super().__init__(f"{reason}: {detail}" if detail else reason)
         self.reason = reason
+        self.detail = detail
 
 
 class DesiredModelRef(BaseModel):
     """One model a pipeline should run, pinned to the digest of its `.ewb` file."""
 
-    model_config = ConfigDict(extra="forbid")
+    # Fields a newer control plane added are ignored (the module docstring: `critical`).
+    model_config = ConfigDict(extra="ignore")
 
     name: str
     version: str
@@ -91,7 +125,7 @@ class DesiredModelRef(BaseModel):
 class DesiredPipeline(BaseModel):
     """One pipeline a device should run, and which deployment asked for it."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="ignore")
 
     deployment: str
     model: DesiredModelRef
@@ -103,7 +137,7 @@ class DesiredPipeline(BaseModel):
 class DesiredState(BaseModel):
     """Everything a device should be running, as decided by the control plane."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="ignore", allow_inf_nan=False)
 
     device_id: str
     revision: int = Field(ge=0)
@@ -112,16 +146,47 @@ class DesiredState(BaseModel):
     pipelines: dict[str, DesiredPipeline] = Field(default_factory=dict)
     egress: dict[str, Any] = Field(default_factory=dict)
     settings: dict[str, Any] = Field(default_factory=dict)
+    # Fields an agent must understand to act on this document, by dotted path with a
+    # pipeline's name left out (`pipelines.model.encryption`); see `desired_fields`.
+    critical: list[str] = Field(default_factory=list, max_length=100)
 
 
 class SignedDesiredState(BaseModel):
-    """A desired-state document with the control plane's detached signature."""
+    """A desired-state document with the control plane's detached signature.
 
-    model_config = ConfigDict(extra="forbid")
+    Parsed from JSON, it keeps the document exactly as received (`signed_document`):
+    that is what the signature covers and what it serialises back to, fields this side
+    does not know included. `document` is this side's reading of it, for convenience;
+    `verify_desired` reads the document again from what it verified.
+    """
+
+    model_config = ConfigDict(extra="ignore")
 
     document: DesiredState
     key_id: str
     signature: str
+    _received: dict[str, Any] | None = PrivateAttr(default=None)
+
+    @model_validator(mode="wrap")
+    @classmethod
+    def _keep_received(
+        cls, data: Any, handler: ModelWrapValidatorHandler[SignedDesiredState]
+    ) -> SignedDesiredState:
+        signed = handler(data)
+        raw = data.get("document") if isinstance(data, Mapping) else None
+        if isinstance(raw, Mapping):
+            signed._received = copy.deepcopy(dict(raw))
+        return signed
+
+    @field_serializer("document")
+    def _serialise_as_signed(self, _doc: DesiredState) -> dict[str, Any]:
+        return self.signed_document()
+
+    def signed_document(self) -> dict[str, Any]:
+        """The document as signed: as received, or `document` in its wire form."""
+        if self._received is not None:
+            return copy.deepcopy(self._received)
+        return desired_document(self.document)
 
 
 class TimelineEntry(BaseModel):
@@ -187,9 +252,70 @@ class Report(BaseModel):
     capabilities: dict[str, Any] | None = None
 
 
+def desired_document(doc: DesiredState) -> dict[str, Any]:
+    """A document as it travels.
+
+    `critical` is left out while empty: agents built before it refuse fields they do not
+    know, and would refuse every document that carried it.
+    """
+    data = doc.model_dump(mode="json")
+    if not data["critical"]:
+        del data["critical"]
+    return data
+
+
 def desired_signing_bytes(doc: DesiredState) -> bytes:
     """The exact bytes the control plane signs for a document."""
-    return canonical_json(doc.model_dump(mode="json"))
+    return canonical_json(desired_document(doc))
+
+
+def _models(annotation: Any) -> Iterator[tuple[type[BaseModel], bool]]:
+    """The models a field holds, and whether it holds them by name (`dict[str, X]`)."""
+    origin = typing.get_origin(annotation)
+    if origin in (typing.Union, types.UnionType):
+        for arg in typing.get_args(annotation):
+            yield from _models(arg)
+    elif origin is dict:
+        yield from ((m, True) for m, _ in _models(typing.get_args(annotation)[1]))
+    elif isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        yield annotation, False
+
+
+def _paths(model: type[BaseModel], prefix: str) -> Iterator[str]:
+    for name, info in model.model_fields.items():
+        yield f"{prefix}{name}"
+        for inner, _ in _models(info.annotation):
+            yield from _paths(inner, f"{prefix}{name}.")
+
+
+@cache
+def desired_fields() -> frozenset[str]:
+    """Every field of the document this side knows, by the paths `critical` uses.
+
+    `revision`, `pipelines.spec`, `pipelines.model.sha256`: a pipeline's name left out.
+    """
+    return frozenset(_paths(DesiredState, ""))
+
+
+def _unknown(value: Mapping[str, Any], model: type[BaseModel], prefix: str) -> Iterator[str]:
+    for key, item in value.items():
+        info = model.model_fields.get(key)
+        if info is None:
+            yield f"{prefix}{key}"
+            continue
+        for inner, by_name in _models(info.annotation):
+            if isinstance(item, Mapping):
+                for each in item.values() if by_name else [item]:
+                    if isinstance(each, Mapping):
+                        yield from _unknown(each, inner, f"{prefix}{key}.")
+
+
+def ignored_fields(document: Mapping[str, Any]) -> list[str]:
+    """The fields of a document (as received) this side does not know and ignores, sorted.
+
+    Free-form maps (`spec`, `egress`, `settings`) are not looked into.
+    """
+    return sorted(set(_unknown(document, DesiredState, "")))
 
 
 def signer_key_id(public_key: Ed25519PublicKey) -> str:
@@ -231,19 +357,33 @@ def verify_desired(
         last_document: that document, if kept; an equal revision is accepted only when
             the content matches it (when not given, an equal revision is accepted).
 
+    Returns:
+        The document read from the bytes the signature covers (not `signed.document`,
+        which may have been changed since it was parsed).
+
     Raises:
-        DesiredStateError: "unknown signer", "bad signature", "expired", "stale revision".
+        DesiredStateError: "unknown signer", "bad signature", "needs a newer agent" (the
+            document marks a field critical that this side does not know), "expired",
+            "stale revision".
     """
     key = trusted.get(signed.key_id)
     if key is None:
         raise DesiredStateError("unknown signer")
+    received = signed.signed_document()
     try:
         signature = base64.b64decode(signed.signature, validate=True)
+        message = canonical_json(received)  # NaN or unsafe integers: not what was signed
     except (binascii.Error, ValueError):
         raise DesiredStateError("bad signature") from None
-    if not verify_signature(key, signature, desired_signing_bytes(signed.document)):
+    if not verify_signature(key, signature, message):
         raise DesiredStateError("bad signature")
-    doc = signed.document
+    # The same validation as when `signed` was parsed (or built): this cannot fail.
+    doc = DesiredState.model_validate(received)
+    unknown = [c for c in doc.critical if c not in desired_fields()]
+    if unknown:
+        raise DesiredStateError(
+            "needs a newer agent", f"this agent does not know {', '.join(unknown[:10])}"
+        )
     if doc.expires_at <= now:
         raise DesiredStateError("expired")
     if last_revision is not None:
@@ -256,6 +396,13 @@ def verify_desired(
         ):
             raise DesiredStateError("stale revision")
     return doc
+
+
+def first_problem(exc: ValidationError, whole: str = "document") -> str:
+    """The first thing pydantic found wrong, where: `revision: Input should be ...`."""
+    err = exc.errors()[0]
+    where = ".".join(str(p) for p in err["loc"]) or whole
+    return f"{where}: {err['msg']}"
 
 
 def _content(doc: DesiredState) -> dict[str, Any]:

@@ -215,6 +215,9 @@ class SimDevice:
             if poll.signed is not None:
                 self.etag = poll.etag
                 await self._accept(poll.signed)
+            elif poll.malformed:
+                self.etag = poll.etag
+                await self._refused(DesiredStateError("malformed", poll.malformed))
 
     async def _accept(self, signed: SignedDesiredState) -> None:
         try:
@@ -223,9 +226,7 @@ class SimDevice:
                 last_document=self.document,
             )  # fmt: skip
         except DesiredStateError as exc:
-            self.env.stats.refusals[f"desired:{exc.reason}"] += 1
-            self._note_error(f"desired state refused: {exc.reason}")
-            await self._report()
+            await self._refused(exc)
             return
         self.revision, self.document = doc.revision, doc
         started = self._reconcile(doc)
@@ -233,6 +234,11 @@ class SimDevice:
             # Without progress reports an install reports its outcome only (the install
             # task does); a document that starts nothing is acknowledged at once.
             await self._report()
+
+    async def _refused(self, exc: DesiredStateError) -> None:
+        self.env.stats.refusals[f"desired:{exc.reason}"] += 1
+        self._note_error(f"desired state refused: {exc}")
+        await self._report()
 
     def _note_error(self, text: str) -> None:
         if not self.errors or self.errors[-1] != text:
