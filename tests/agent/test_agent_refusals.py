@@ -122,11 +122,21 @@ def test_a_newer_control_planes_document_is_followed_unless_it_marks_an_unknown_
         newer["pipelines"]["digits"]["model"]["encryption"] = "aes-gcm"
         send(newer)
         wait_for(lambda: agent.status()["revision"] == newer["revision"], 60, "newer accepted")
-        wait_for(lambda: _events(cp, dev, "desired.accepted"), 60, "accepted event")
-        assert _events(cp, dev, "desired.accepted")[-1] == {
-            "revision": newer["revision"],
-            "ignored": ["pipelines.model.encryption", "pipelines.window", "quota"],
-        }
+        accepted = wait_for(
+            lambda: [
+                e
+                for e in _events(cp, dev, "desired.accepted")
+                if e["revision"] == newer["revision"]
+            ],
+            60,
+            "accepted event",
+        )
+        assert accepted == [
+            {
+                "revision": newer["revision"],
+                "ignored": ["pipelines.model.encryption", "pipelines.window", "quota"],
+            }
+        ]
         assert agent.infer()["model"].startswith("digits-mlp@1.0.0")
         # Kept as signed: after a restart it is read back and the same document is a no-op.
         agent.kill()
@@ -146,6 +156,22 @@ def test_a_newer_control_planes_document_is_followed_unless_it_marks_an_unknown_
         wanted = "desired state refused: bad signature"
         wait_for(lambda: wanted in cp.device(dev)["errors"], 60, wanted)
         assert agent.status()["revision"] == newer["revision"]
+        assert agent.infer()["model"].startswith("digits-mlp@1.0.0")
+
+        # Not a signed document at all: refused and reported, not an agent error.
+        proxy.replace = (b'{"document": {"revision": "x"}}', '"x"')
+        wanted = "desired state refused: malformed: document."
+        wait_for(lambda: any(e.startswith(wanted) for e in cp.device(dev)["errors"]), 60, wanted)
+        assert not [e for e in cp.device(dev)["errors"] if e.startswith("agent error")]
+        # Answered again and again (this proxy does not hold the long-poll): said once.
+        refused = wait_for(
+            lambda: (r := _events(cp, dev, "desired.refused"))[2:] and r, 60, "refused events"
+        )
+        assert [e["reason"] for e in refused] == [
+            "needs a newer agent",
+            "bad signature",
+            "malformed",
+        ]
         assert agent.infer()["model"].startswith("digits-mlp@1.0.0")
     finally:
         proxy.replace = None

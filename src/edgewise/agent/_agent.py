@@ -359,7 +359,10 @@ class Agent:
     def refuse(self, exc: DesiredStateError, etag: str | None) -> None:
         """Record a document this agent will not act on; what it accepted before stays."""
         self.state.etag = etag  # the same document is not fetched again until it changes
-        self.state.add_error(f"desired state refused: {exc}")
+        message = f"desired state refused: {exc}"
+        if self.state.errors and self.state.errors[-1] == message:
+            return  # the same document again (a re-fetch): said once
+        self.state.add_error(message)
         self._persist()
         self.emit("event", "desired.refused", {"reason": exc.reason, "detail": exc.detail})
 
