@@ -308,3 +308,29 @@ def test_capabilities_are_probed_again_after_an_upgrade_and_incompatible_install
     assert retry_incompatible(pipes) == ["cuda"]
     assert (pipes["cuda"].refused, pipes["cuda"].retry_at) == ("", None)
     assert pipes["forged"].refused == "fp"  # the same bundle would fail the same way
+
+
+def test_the_agents_refusals_for_what_a_device_lacks_read_as_cannot_run() -> None:
+    # Rollouts hold such devices back instead of counting them failed (`cannot_run`),
+    # so the agent's wording and the control plane's reading must agree.
+    from types import SimpleNamespace
+
+    from edgewise.agent._installer import check_requires
+    from edgewise.agent._vocabulary import spec_refusal
+    from edgewise.bundle._manifest import Requires
+    from edgewise.protocol import cannot_run
+
+    caps = {"runtimes": {"onnxruntime": "1.20"}, "memory_mb": 512, "accelerators": []}
+    lacking = [
+        Requires(runtime="tflite"),
+        Requires(runtime="onnxruntime", memory_mb=4096),
+        Requires(runtime="onnxruntime", accelerators=["cuda"]),
+    ]
+    reasons = [check_requires(SimpleNamespace(requires=r), caps) for r in lacking]
+    reasons.append(spec_refusal({"name": "p", "batching": {"spill": True}}))
+    assert all(r is not None and cannot_run(r) for r in reasons), reasons
+    assert check_requires(SimpleNamespace(requires=Requires(runtime="onnxruntime")), caps) is None
+    # A model that does not load may be the model's fault: a failure like any other.
+    assert not cannot_run("incompatible: model does not load: bad opset")
+    assert not cannot_run("incompatible: pipeline refused the model: wrong input shape")
+    assert not cannot_run("health check failed: sample 0")

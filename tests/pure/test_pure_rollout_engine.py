@@ -154,6 +154,49 @@ def test_success_report_dated_after_the_timeout_does_not_count() -> None:
     assert r.devices[dev].state is D.TIMED_OUT
 
 
+def test_a_device_that_cannot_run_the_revision_is_held_back_not_failed() -> None:
+    r = make(10, canary=5, device_timeout_s=60, gates=GateSpec(success_pct=100, error_pct=0))
+    r, _ = step(r, obs(), 0.0)
+    canary = list(r.phases[0])
+    cannot = DeviceReport(ReportStatus.INCOMPATIBLE, "digits: incompatible: needs accelerator x")
+    r, _ = step(r, obs(all_report(canary[:4]) | {canary[4]: cannot}), 1.0)
+    assert r.devices[canary[4]].state is D.HELD_BACK
+    assert r.devices[canary[4]].reason == "digits: incompatible: needs accelerator x"
+    assert r.phase_index == 1  # 4 of the 4 that can run it: the canary passed
+    # An install it starts after an upgrade is not news (its timeout ran long ago).
+    r, _ = step(r, obs({canary[4]: DeviceReport(ReportStatus.INSTALLING)}), 2.0)
+    assert r.devices[canary[4]].state is D.HELD_BACK
+    r, acts = step(r, obs(all_report(list(r.phases[1]))), 3.0)
+    assert r.state is R.COMPLETED
+    done = next(a for a in acts if isinstance(a, RecordEvent) and a.kind == "rollout.completed")
+    assert done.detail["held_back"] == 1 and done.detail["held_back_devices"] == [canary[4]]
+
+
+def test_a_held_back_device_is_not_timed_out_and_counts_once_it_installs() -> None:
+    r = make(10, canary=2, device_timeout_s=60, gates=GateSpec(success_pct=100, error_pct=0))
+    r, _ = step(r, obs(), 0.0)
+    held, busy = r.phases[0]
+    cannot = DeviceReport(ReportStatus.INCOMPATIBLE, "incompatible: this agent does not know x")
+    r, _ = step(r, obs({held: cannot, busy: DeviceReport(ReportStatus.INSTALLING)}), 1.0)
+    r, _ = step(r, obs({busy: DeviceReport(ReportStatus.HEALTHY, at=30.0)}), 61.0)
+    assert r.devices[held].state is D.HELD_BACK  # not timed out: not waited for
+    assert r.phase_index == 1
+    r, _ = step(r, obs({held: HEALTHY}), 62.0)  # its agent was upgraded
+    assert r.devices[held].state is D.SUCCEEDED
+
+
+def test_held_back_devices_are_sent_back_with_the_rest_on_a_breach() -> None:
+    r = make(10, canary=4, gates=GateSpec(success_pct=0, error_pct=20))
+    r, _ = step(r, obs(), 0.0)
+    canary = list(r.phases[0])
+    cannot = DeviceReport(ReportStatus.INCOMPATIBLE, "incompatible: this agent does not know x")
+    r, acts = step(r, obs({canary[0]: cannot, canary[1]: FAILED}), 1.0)
+    assert r.state is R.ROLLED_BACK
+    revert = next(a for a in acts if isinstance(a, RevertDevices))
+    assert set(revert.ids) == set(canary)
+    assert r.devices[canary[0]].state is D.ROLLED_BACK
+
+
 # ------------------------------------------------------------------------- breach policy
 
 

@@ -159,3 +159,24 @@ def test_mismatched_confidence_bins_are_insufficient() -> None:
 def test_invalid_gate_spec_is_refused(kwargs: dict[str, object]) -> None:
     with pytest.raises(ValueError):
         GateSpec(**kwargs)  # type: ignore[arg-type]
+
+
+def test_held_back_devices_leave_the_phase_size_of_the_install_gates() -> None:
+    # 2 of 10 cannot run the revision (old agents): 8 of the 8 that can are healthy.
+    spec = GateSpec(success_pct=90, error_pct=10, min_reporting=10)
+    devs = states(succeeded=8, held_back=2)
+    evaluation = evaluate_gates(spec, devs, list(devs))
+    assert evaluation.passed
+    success = evaluation.by_name("success")
+    assert success is not None and success.value == 100.0
+    assert success.detail == "8/8 installed and healthy (2 held back: cannot run it)"
+    reporting = evaluation.by_name("reporting")
+    assert reporting is not None and reporting.detail == "10/10 reported"
+    # Held back is not a free pass: the ones that can run it still count.
+    assert outcome(spec, states(succeeded=7, failed=1, held_back=2), "error") is GateOutcome.FAIL
+
+
+def test_a_phase_no_device_can_run_fails_the_success_gate() -> None:
+    spec = GateSpec(success_pct=0, error_pct=100)
+    assert outcome(spec, states(held_back=3), "success") is GateOutcome.FAIL
+    assert outcome(spec, states(held_back=3), "error") is GateOutcome.PASS

@@ -77,6 +77,7 @@ def test_string_values_are_stable() -> None:
         "failed",
         "timed_out",
         "rolled_back",
+        "held_back",
     ]
 
 

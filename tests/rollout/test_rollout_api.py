@@ -461,6 +461,46 @@ def test_a_rollout_some_targeted_agents_cannot_run_is_refused_unless_forced(
     assert r.json()["devices"] == 4
 
 
+def test_devices_that_cannot_run_a_forced_rollout_are_held_back_not_counted_as_failed(
+    world: World,
+) -> None:
+    devs = _fleet(world, 8)
+    ro = _start(world, _revise(world, "1.1.0"), gates={"error_pct": 10, "success_pct": 100})
+    world.tick()
+    canary = _phase_devices(world, ro["id"], 0, devs)
+    too_old = "incompatible: this agent does not know batching.spill (the spec needs a newer agent)"
+    canary[0].report("1.1.0", "failed", too_old)
+    canary[1].report("1.1.0", "active")
+    world.tick()
+    view = world.rollout(ro["id"], devices="held_back")
+    assert view["state"] == "running" and view["phase_index"] == 1, view["reason"]
+    assert [d["id"] for d in view["device_list"]] == [canary[0].id]
+    assert view["device_list"][0]["reason"] == f"digits: {too_old}"
+    # It was asked, and is left on what it serves: asked again once its agent is upgraded.
+    assert canary[0].desired()["pipelines"]["digits"]["model"]["version"] == "1.1.0"
+    wave = _phase_devices(world, ro["id"], 1, devs)
+    for d in wave:
+        d.report("1.1.0", "active")
+    world.tick()
+    view = world.rollout(ro["id"])
+    assert view["state"] == "completed"
+    assert (view["succeeded"], view["failed"], view["held_back"]) == (7, 0, 1)
+    listed = world.ok("GET", "/api/v1/rollouts")
+    assert listed[0]["held_back"] == 1
+    completed = world.audit("rollout.completed")
+    assert [a["result"] for a in completed] == ["ok revision=2 held_back=1"]
+
+
+def test_a_model_that_does_not_load_is_a_failure_not_a_device_held_back(world: World) -> None:
+    devs = _fleet(world, 8)
+    ro = _start(world, _revise(world, "1.1.0"), gates={"error_pct": 10})
+    world.tick()
+    canary = _phase_devices(world, ro["id"], 0, devs)
+    canary[0].report("1.1.0", "failed", "incompatible: model does not load: opset 99")
+    world.tick()
+    assert world.rollout(ro["id"])["state"] == "rolled_back"
+
+
 def test_one_active_rollout_per_deployment(world: World) -> None:
     _fleet(world, 2)
     rev = _revise(world, "1.1.0")

@@ -310,6 +310,7 @@ def list_cmd(
             f"{r['id']}  {r['deployment']}  {r['from_revision']}->{r['to_revision']}  "
             f"{r['state']}  {r['phase_name']}  {r['succeeded']}/{r['devices']} ok  "
             f"{r['failed']} failed"
+            + (f"  {r['held_back']} held back" if r.get("held_back") else "")
         )
 
 

@@ -33,6 +33,7 @@ from edgewise.control.rollout import (
     Rollout,
 )
 from edgewise.control.telemetry import WindowFigures, cohort_figures
+from edgewise.protocol import cannot_run
 
 __all__ = ["CohortReader", "Target", "device_report", "load_reports", "target_of"]
 
@@ -61,9 +62,10 @@ def target_of(pipelines: Mapping[str, Any]) -> Target:
 def device_report(rows: Sequence[Mapping[str, Any]], target: Target) -> DeviceReport | None:
     """One device's status for the target revision, from its reported pipeline rows (pure).
 
-    Failed or rolled back on any target pipeline wins; healthy needs every target
-    pipeline active on the target version; a row naming another version is not about
-    the target and is ignored.
+    Failed or rolled back on any target pipeline wins, then incompatible (the agent
+    refused it as something this device cannot run: `cannot_run`); healthy needs
+    every target pipeline active on the target version; a row naming another version is
+    not about the target and is ignored.
     """
     by_name = {str(r["pipeline"]): r for r in rows}
     statuses: list[tuple[ReportStatus, str, float]] = []
@@ -76,6 +78,8 @@ def device_report(rows: Sequence[Mapping[str, Any]], target: Target) -> DeviceRe
         reason = str(row.get("reason") or "")
         if status == "active":
             statuses.append((ReportStatus.HEALTHY, reason or f"{name} active", at))
+        elif status == "failed" and cannot_run(reason):
+            statuses.append((ReportStatus.INCOMPATIBLE, f"{name}: {reason}", at))
         elif status == "failed":
             statuses.append((ReportStatus.FAILED, reason or f"{name} failed", at))
         elif status == "rolled_back":
@@ -86,7 +90,7 @@ def device_report(rows: Sequence[Mapping[str, Any]], target: Target) -> DeviceRe
     if not real:
         return None
     at = max(s[2] for s in real)
-    for bad in (ReportStatus.FAILED, ReportStatus.ROLLED_BACK):
+    for bad in (ReportStatus.FAILED, ReportStatus.ROLLED_BACK, ReportStatus.INCOMPATIBLE):
         hit = next((s for s in real if s[0] is bad), None)
         if hit is not None:
             return DeviceReport(bad, hit[1], at)

@@ -285,7 +285,8 @@ def _log(rollout_id: str, device_id: str, kind: str, revision: int, now: float) 
 
 def _summary(detail: dict[str, Any]) -> str:
     # The audit result column is short: the phase and the reason are what a reader scans.
-    parts = [f"{k}={detail[k]}" for k in ("phase", "revision", "count", "reverted") if k in detail]
+    keys = ("phase", "revision", "count", "reverted", "held_back")
+    parts = [f"{k}={detail[k]}" for k in keys if k in detail]
     if "reason" in detail:
         parts.append(f"reason={detail['reason']}")
     return ("ok " + " ".join(parts)).strip()[:200]

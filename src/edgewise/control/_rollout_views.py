@@ -38,6 +38,7 @@ def rollout_summary(row: Mapping[str, Any], rollout: Rollout) -> dict[str, Any]:
         "counts": {k: v for k, v in counts.items() if v},
         "succeeded": counts[_D.SUCCEEDED.value],
         "failed": counts[_D.FAILED.value] + counts[_D.TIMED_OUT.value],
+        "held_back": counts[_D.HELD_BACK.value],
         "created_at": rollout.created_at,
         "created_by": row.get("created_by"),
         "updated_at": row.get("updated_at"),

@@ -50,6 +50,7 @@ from pydantic import (
 from edgewise.bundle import canonical_json, key_id, verify_signature
 
 __all__ = [
+    "CANNOT_RUN_PREFIXES",
     "PIPELINE_STATUSES",
     "AgentInfo",
     "DesiredModelRef",
@@ -61,6 +62,7 @@ __all__ = [
     "Report",
     "SignedDesiredState",
     "TimelineEntry",
+    "cannot_run",
     "desired_document",
     "desired_fields",
     "desired_signing_bytes",
@@ -187,6 +189,20 @@ class SignedDesiredState(BaseModel):
         if self._received is not None:
             return copy.deepcopy(self._received)
         return desired_document(self.document)
+
+
+# A pipeline report's reason that starts with one of these says the device cannot run
+# what it was asked to: requirements it lacks (a runtime, memory, an accelerator, from the
+# bundle's manifest, checked before download) or spec terms its agent does not know. A
+# fact about the device, not the model: rollouts hold such devices back instead of
+# counting them as failed. A model that does not load ("incompatible: model does not
+# load") is not one of them: that may be the model's fault.
+CANNOT_RUN_PREFIXES = ("incompatible: needs ", "incompatible: this agent does not know ")
+
+
+def cannot_run(reason: str) -> bool:
+    """Whether a pipeline report's reason says the device cannot run what it was sent."""
+    return reason.startswith(CANNOT_RUN_PREFIXES)
 
 
 class TimelineEntry(BaseModel):

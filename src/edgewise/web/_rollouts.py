@@ -41,7 +41,7 @@ ACTIONS: dict[str, frozenset[str]] = {
     for action, target in _TARGETS.items()
 }
 _TERMINAL = frozenset({"completed", "rolled_back", "aborted", "failed"})
-_DONE_DEVICE = frozenset({"succeeded", "failed", "timed_out", "rolled_back"})
+_DONE_DEVICE = frozenset({"succeeded", "failed", "timed_out", "rolled_back", "held_back"})
 
 
 @dataclass(frozen=True)

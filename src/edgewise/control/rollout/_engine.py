@@ -62,6 +62,7 @@ _REPORT_TO_STATE = {
     ReportStatus.FAILED: _D.FAILED,
     ReportStatus.REJECTED: _D.FAILED,
     ReportStatus.ROLLED_BACK: _D.FAILED,
+    ReportStatus.INCOMPATIBLE: _D.HELD_BACK,
 }
 
 
@@ -232,7 +233,11 @@ class _Work:
             self.set_state(_R.COMPLETED)
             self.reason = ""
             self.actions.append(SetStableRevision(self.r.deployment, self.r.to_revision))
-            self.event("rollout.completed", revision=self.r.to_revision)
+            held = sorted(d for d, s in self.devices.items() if s.state is _D.HELD_BACK)
+            extra: dict[str, Any] = (
+                {"held_back": len(held), "held_back_devices": held[:20]} if held else {}
+            )
+            self.event("rollout.completed", revision=self.r.to_revision, **extra)
         elif self.r.spec.approval_after(i):
             self.set_state(_R.AWAITING_APPROVAL)
             self.reason = f"phase {i + 1} needs approval"

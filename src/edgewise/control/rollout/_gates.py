@@ -9,6 +9,11 @@ Arithmetic (hawkBit's, on the phase size n, in integers so 80 % of 10 is exactly
   2 does); failed counts FAILED and TIMED_OUT devices.
 - reporting: at least min(min_reporting, n) devices reported an outcome, or nothing may
   pass (the gate is insufficient until then).
+- held back: a device that cannot run the revision (HELD_BACK: its agent is too old for
+  the specs, or it lacks a runtime or accelerator) has reported, but leaves n for the
+  success and error gates: a few old agents must not roll a revision back for everyone.
+  A phase in which no device can run it fails the success gate (nothing was shown to
+  work, and a revision nobody can run is not one to make stable).
 - quality, from cohort telemetry (the phase cohort on the new revision against a
   control cohort on the old one), each only when its threshold is set, insufficient
   while either cohort has fewer than `min_inferences` inferences:
@@ -39,7 +44,7 @@ __all__ = [
 _D = DeviceRolloutState
 _FAILED = frozenset({_D.FAILED, _D.TIMED_OUT})
 _IN_PROGRESS = frozenset({_D.PENDING, _D.NOTIFIED, _D.INSTALLING})
-_REPORTED = frozenset({_D.INSTALLING, _D.SUCCEEDED, _D.FAILED})
+_REPORTED = frozenset({_D.INSTALLING, _D.SUCCEEDED, _D.FAILED, _D.HELD_BACK})
 
 
 class GateOutcome(enum.StrEnum):
@@ -165,21 +170,25 @@ class GateEvaluation:
 def _install_gates(
     spec: GateSpec, states: Sequence[DeviceRolloutState]
 ) -> tuple[GateResult, GateResult, GateResult]:
-    n = len(states)
+    held = sum(s is _D.HELD_BACK for s in states)
+    n = len(states) - held  # those that can run it
     succeeded = sum(s is _D.SUCCEEDED for s in states)
     failed = sum(s in _FAILED for s in states)
     in_progress = sum(s in _IN_PROGRESS for s in states)
     reported = sum(s in _REPORTED for s in states)
+    aside = f" ({held} held back: cannot run it)" if held else ""
 
-    pct = 100.0 * succeeded / n if n else 100.0
-    if succeeded * 100 >= spec.success_pct * n:
+    pct = 100.0 * succeeded / n if n else (0.0 if held else 100.0)
+    if held and not n:
+        outcome = GateOutcome.FAIL
+    elif succeeded * 100 >= spec.success_pct * n:
         outcome = GateOutcome.PASS
     elif (succeeded + in_progress) * 100 < spec.success_pct * n:
         outcome = GateOutcome.FAIL
     else:
         outcome = GateOutcome.INSUFFICIENT
     success = GateResult(
-        "success", pct, spec.success_pct, outcome, f"{succeeded}/{n} installed and healthy"
+        "success", pct, spec.success_pct, outcome, f"{succeeded}/{n} installed and healthy{aside}"
     )
     err_pct = 100.0 * failed / n if n else 0.0
     error = GateResult(
@@ -187,15 +196,15 @@ def _install_gates(
         err_pct,
         spec.error_pct,
         GateOutcome.FAIL if failed * 100 > spec.error_pct * n else GateOutcome.PASS,
-        f"{failed}/{n} failed or timed out",
+        f"{failed}/{n} failed or timed out{aside}",
     )
-    need = min(spec.min_reporting, n)
+    need = min(spec.min_reporting, n + held)
     reporting = GateResult(
         "reporting",
         float(reported),
         float(need),
         GateOutcome.PASS if reported >= need else GateOutcome.INSUFFICIENT,
-        f"{reported}/{n} reported",
+        f"{reported}/{n + held} reported",
     )
     return success, error, reporting
 

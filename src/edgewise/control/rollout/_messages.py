@@ -37,6 +37,9 @@ class ReportStatus(enum.StrEnum):
     HEALTHY = "healthy"  # installed and passed its health gate
     FAILED = "failed"
     REJECTED = "rejected"  # refused it (e.g. signature, requirements)
+    # Cannot run it (an agent too old for its specs, a missing runtime or accelerator):
+    # a fact about the device, not about the revision.
+    INCOMPATIBLE = "incompatible"
     ROLLED_BACK = "rolled_back"  # installed, then rolled back on the device
 
 

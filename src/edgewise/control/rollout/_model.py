@@ -83,6 +83,10 @@ class DeviceRolloutState(enum.StrEnum):
     FAILED = "failed"  # failed, rejected, or rolled back on the device
     TIMED_OUT = "timed_out"  # no outcome within timeout_s; counts as failed, terminal
     ROLLED_BACK = "rolled_back"  # this rollout sent it back to from_revision
+    # The device cannot run to_revision (its agent is too old for the specs, or it lacks
+    # a runtime or accelerator) and keeps serving from_revision: not counted against
+    # the gates, and not waited for. It installs once upgraded, and may still fail then.
+    HELD_BACK = "held_back"
 
 
 _R, _P, _D = RolloutState, PhaseState, DeviceRolloutState
@@ -111,8 +115,12 @@ PHASE_TRANSITIONS: Mapping[PhaseState, frozenset[PhaseState]] = {
 
 DEVICE_TRANSITIONS: Mapping[DeviceRolloutState, frozenset[DeviceRolloutState]] = {
     _D.PENDING: frozenset({_D.NOTIFIED}),
-    _D.NOTIFIED: frozenset({_D.INSTALLING, _D.SUCCEEDED, _D.FAILED, _D.TIMED_OUT, _D.ROLLED_BACK}),
-    _D.INSTALLING: frozenset({_D.SUCCEEDED, _D.FAILED, _D.TIMED_OUT, _D.ROLLED_BACK}),
+    _D.NOTIFIED: frozenset(
+        {_D.INSTALLING, _D.SUCCEEDED, _D.FAILED, _D.TIMED_OUT, _D.ROLLED_BACK, _D.HELD_BACK}
+    ),
+    _D.INSTALLING: frozenset({_D.SUCCEEDED, _D.FAILED, _D.TIMED_OUT, _D.ROLLED_BACK, _D.HELD_BACK}),
+    # Not back to INSTALLING: its timeout ran from the notification, long past by then.
+    _D.HELD_BACK: frozenset({_D.SUCCEEDED, _D.FAILED, _D.ROLLED_BACK}),
     # A healthy device may still fail later (crash, on-device rollback) or be sent back.
     _D.SUCCEEDED: frozenset({_D.FAILED, _D.ROLLED_BACK}),
     _D.FAILED: frozenset({_D.ROLLED_BACK}),
