@@ -431,8 +431,7 @@ def test_bad_rollout_requests_are_refused_with_4xx(
 def test_a_rollout_some_targeted_agents_cannot_run_is_refused_unless_forced(
     world: World,
 ) -> None:
-    # Their devices would refuse it and fail its gates: the rollout would roll back the
-    # whole fleet because a few agents are old.
+    # Their devices would refuse it and stay behind (held back): the operator decides.
     from edgewise.protocol import spec_vocabulary, vocabulary_digest
 
     devs = _fleet(world, 4)

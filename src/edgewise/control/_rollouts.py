@@ -101,8 +101,8 @@ def _refuse_agents_too_old(
 ) -> None:
     """409 when targeted agents reported they do not know terms the revision's specs use.
 
-    Such a device would refuse the revision, and a rollout whose gates count it as
-    failed would roll back for every device because some run old agents.
+    Such a device would refuse the revision and stay behind, held back by the rollout
+    (not counted as failed); the operator decides first (force, upgrade, or narrow).
     """
     terms = {
         name: spec_terms(p.get("spec") or {})
