@@ -277,6 +277,40 @@ def test_spec_vocabularies_are_stored_once_per_agent_build_and_rows_keep_the_dig
     assert vocabulary_digest(upgraded) in store.vocabularies([vocabulary_digest(upgraded)])
 
 
+def test_vocabularies_no_device_reports_are_forgotten_once_not_sent_for_a_while(
+    store: SqlStore,
+) -> None:
+    from edgewise.protocol import vocabulary_digest
+
+    _device(store, "dev-1", "k1")
+    _device(store, "dev-2", "k2")
+
+    def report(revision: int, terms: list[str]) -> dict:
+        agent = {"spec_digest": vocabulary_digest(terms), "spec_vocabulary": terms}
+        return {**_report(revision, "active"), "agent": agent}
+
+    kept, made_up = ["model", "name"], [[f"made.up.{i}"] for i in range(5)]
+    store.save_report("dev-1", {**report(1, kept), "sent_at": 50.0}, 10.0)
+    # dev-2 makes up a vocabulary per report: only the one it reports last is its own.
+    for i, terms in enumerate(made_up):
+        store.save_report("dev-2", report(i + 1, terms), 10.0 + i)
+    assert store.count("agent_vocabularies") == 6
+    assert store.prune_vocabularies(before=5.0) == 0  # none old enough
+    assert store.prune_vocabularies(before=100.0) == 4
+    left = store.vocabularies([vocabulary_digest(t) for t in [kept, *made_up]])
+    assert set(left) == {vocabulary_digest(kept), vocabulary_digest(made_up[-1])}
+    # Sent again by another device (an agent restarted) keeps a vocabulary a while,
+    # though no stored report names it (that device's report is older than its own).
+    store.save_report("dev-2", report(9, made_up[0]), 200.0)
+    store.save_report("dev-2", report(10, kept), 201.0)
+    store.save_report("dev-1", {**report(2, made_up[0]), "sent_at": 1.0}, 300.0)
+    assert store.prune_vocabularies(before=250.0) == 1  # made_up[-1]; made_up[0] was sent at 300
+    assert store.prune_vocabularies(before=400.0) == 1  # made_up[0]: nobody names it
+    assert set(store.vocabularies([vocabulary_digest(t) for t in [kept, *made_up]])) == {
+        vocabulary_digest(kept)
+    }
+
+
 def test_capabilities_a_report_carries_replace_the_enrollments_in_arrival_order(
     store: SqlStore,
 ) -> None:

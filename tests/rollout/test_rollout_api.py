@@ -500,6 +500,21 @@ def test_a_model_that_does_not_load_is_a_failure_not_a_device_held_back(world: W
     assert world.rollout(ro["id"])["state"] == "rolled_back"
 
 
+def test_the_retention_job_forgets_vocabularies_no_device_reports(world: World) -> None:
+    from edgewise.protocol import vocabulary_digest
+
+    devs = _fleet(world, 2)
+    for terms in (["made.up.1"], ["made.up.2"], ["model", "name"]):
+        agent = {"spec_digest": vocabulary_digest(terms), "spec_vocabulary": terms}
+        devs[0].report("1.0.0", "active", agent=agent)
+    done = world.ok("POST", "/api/v1/telemetry/retention")
+    assert done["vocabularies_deleted"] == 0  # sent just now
+    world.clock.now += 2 * 86_400
+    assert world.ok("POST", "/api/v1/telemetry/retention")["vocabularies_deleted"] == 2
+    kept = world.plane.store.vocabularies([vocabulary_digest(["model", "name"])])
+    assert list(kept) == [vocabulary_digest(["model", "name"])]
+
+
 def test_one_active_rollout_per_deployment(world: World) -> None:
     _fleet(world, 2)
     rev = _revise(world, "1.1.0")

@@ -122,6 +122,9 @@ agent_vocabularies = Table(
     Column("digest", String(64), primary_key=True),
     Column("terms", JSON, nullable=False),
     Column("first_seen", Float, nullable=False),
+    # When a report last carried these terms (an agent sends them once per start); rows
+    # stored before migration 0008 have none: first_seen stands in.
+    Column("last_seen", Float, nullable=True),
 )
 
 device_pipelines = Table(

@@ -495,8 +495,10 @@ class SqlStore(LogStore):
         known: set[str] = set(
             c.execute(select(v.c.digest).where(v.c.digest.in_(list(found)))).scalars()
         )
+        if known:  # sent again (an agent restarted): still in use, whatever devices say
+            c.execute(update(v).where(v.c.digest.in_(sorted(known))).values(last_seen=now))
         rows = [
-            {"digest": k, "terms": terms, "first_seen": now}
+            {"digest": k, "terms": terms, "first_seen": now, "last_seen": now}
             for k, terms in found.items()
             if k not in known
         ]
@@ -504,6 +506,28 @@ class SqlStore(LogStore):
             ins = pg_insert if self.dialect == "postgresql" else sqlite_insert
             # Another replica may store the same agent build's terms at the same moment.
             c.execute(ins(v).on_conflict_do_nothing(), rows)
+
+    def prune_vocabularies(self, before: float) -> int:
+        """Forget unused spec vocabularies; returns how many.
+
+        Unused: no device's stored report names it, and no report carried it since
+        `before`. A device can send any number of made-up vocabularies (each under its
+        own digest); without this each would be kept for ever. One a device still
+        reports is kept however old.
+        """
+        v, d = t.agent_vocabularies, t.devices
+        with self.engine.begin() as c:
+            agents: list[Any] = list(c.execute(select(d.c.report_agent)).scalars())
+            named = {str(a.get("spec_digest") or "") for a in agents if isinstance(a, dict)}
+            last = func.coalesce(v.c.last_seen, v.c.first_seen)
+            old: list[str] = list(c.execute(select(v.c.digest).where(last < before)).scalars())
+            stale = sorted(k for k in old if k not in named)
+            deleted = 0
+            for i in range(0, len(stale), 500):
+                # `last` again: one sent meanwhile (another replica) stays.
+                chunk = v.c.digest.in_(stale[i : i + 500])
+                deleted += c.execute(delete(v).where(chunk, last < before)).rowcount or 0
+        return deleted
 
     def vocabularies(self, digests: Iterable[str]) -> dict[str, frozenset[str]]:
         """The stored spec vocabularies among `digests`, by digest."""

@@ -170,6 +170,7 @@ async def evaluate(request: Request, _who: Writer) -> list[dict[str, Any]]:
 @_route("POST", "/telemetry/retention", Permission.DEPLOY_WRITE)
 async def retention(request: Request, _who: Writer) -> dict[str, int]:
     """Run the retention and downsampling job now (the background loop runs it hourly)."""
-    svc = _service(request)
+    _service(request)  # 503 without telemetry
+    runtime = request.app.state.telemetry_runtime
     policy = getattr(request.app.state, "retention", None) or RetentionPolicy()
-    return await to_thread.run_sync(lambda: svc.run_retention(policy))
+    return await to_thread.run_sync(lambda: runtime.retention_round(policy))

@@ -36,6 +36,9 @@ __all__ = ["TelemetryConfig", "TelemetryRuntime", "install_telemetry", "stored_a
 
 log = logging.getLogger("edgewise.control.telemetry")
 
+# A spec vocabulary no device names any more is forgotten once not sent for this long.
+VOCABULARY_KEEP_S = 86_400.0
+
 
 def _env_float(env: Mapping[str, str], name: str, default: float) -> float:
     try:
@@ -131,13 +134,19 @@ class TelemetryRuntime:
         changes = self.service.evaluate_alerts(active_rollouts=self.active_rollouts())
         self.service.notify(changes)
 
+    def retention_round(self, policy: RetentionPolicy | None = None) -> dict[str, int]:
+        """Downsample and expire telemetry, and forget unused spec vocabularies."""
+        done = self.service.run_retention(policy or self.config.retention)
+        before = self.plane.clock() - VOCABULARY_KEEP_S
+        return done | {"vocabularies_deleted": self.plane.store.prune_vocabularies(before)}
+
     def _loop(self) -> None:
         next_retention = 0.0
         while not self._stop.wait(self.config.alert_interval_s):
             try:
                 self.evaluate_once()
                 if self.plane.clock() >= next_retention:
-                    self.service.run_retention(self.config.retention)
+                    self.retention_round()
                     next_retention = self.plane.clock() + self.config.retention_interval_s
             except Exception:  # a database hiccup must not end the loop
                 log.exception("telemetry background round failed")
