@@ -10,6 +10,8 @@ import subprocess
 from collections.abc import Callable
 from typing import Any
 
+import httpx
+
 from edgewise.sim import BehaviourBook, Faults, Fleet, ModelBehaviour, parse_labels, plan_fleet
 
 from .conftest import EDGEWISE, ControlPlaneProcess
@@ -116,6 +118,56 @@ def test_fleet_converges_through_network_faults_crashes_and_cut_downloads(
     assert reported == {d.device_id for d in fleet.devices if not d.profile.offline}
 
 
+def test_old_agents_are_named_before_a_rollout_and_held_back_when_it_is_forced(
+    shared_plane: ControlPlaneProcess,
+) -> None:
+    plane = shared_plane
+    plane.deploy("sim-old", "group=old", "digits-mlp@1.0.0")
+    fleet = _fleet(plane, 12, "old", faults=Faults(old_agents=0.25), seed=5)
+    old = {"pipelines": {"digits": {"model": "digits-mlp@1.1.0",
+                                    "batching": {"overflow": "drop_oldest"}}}}  # fmt: skip
+    revisions = "/api/v1/deployments/sim-old/revisions"
+    seen: dict[str, Any] = {}
+
+    def named(_f: Fleet) -> bool:  # the same revision each time: a no-op after the first
+        seen.update(plane.api("POST", revisions, json=old))
+        return len(seen["incompatible"]) == 3
+
+    def rollout_done(_f: Fleet) -> bool:
+        seen["view"] = plane.api("GET", f"/api/v1/rollouts/{seen['ro']}")
+        return seen["view"]["state"] not in ("pending", "running")
+
+    async def go() -> None:
+        async with fleet:
+            assert await fleet.run_until(lambda f: f.count_running("digits-mlp@1.0.0") == 12, 60)
+            assert await fleet.run_until(named, 30), seen
+            start = {"deployment": "sim-old", "to_revision": seen["revision"],
+                     "spec": {"canary": 2, "waves": [100], "soak_s": 0}}  # fmt: skip
+            r = httpx.post(
+                plane.url + "/api/v1/rollouts",
+                json=start,
+                headers={"authorization": f"Bearer {plane.admin}"},
+            )
+            assert (r.status_code, r.json()["error"]["code"]) == (409, "agents_too_old")
+            assert r.json()["error"]["message"].startswith("3 of 12 targeted devices")
+            seen["ro"] = plane.api("POST", "/api/v1/rollouts", json={**start, "force": True})["id"]
+            assert await fleet.run_until(rollout_done, 90)
+            await fleet.run_for(0.3)
+
+    asyncio.run(go())
+    view = seen["view"]
+    assert view["state"] == "completed", view["reason"]
+    assert (view["succeeded"], view["held_back"], view["failed"]) == (9, 3, 0)
+    old_ones = [d for d in fleet.devices if d.profile.old_agent]
+    assert len(old_ones) == 3 and fleet.summary()["old_agents"] == 3
+    assert {d.running().get("digits") for d in old_ones} == {"digits-mlp@1.0.0"}
+    assert fleet.count_running("digits-mlp@1.1.0") == 9
+    reason = plane.api("GET", f"/api/v1/devices/{old_ones[0].device_id}")["pipelines"]["digits"]
+    assert reason["status"] == "failed"
+    assert reason["reason"].startswith("incompatible: this agent does not know batching.overflow")
+    assert fleet.env.stats.downloads == 12 + 9  # the old agents never fetched 1.1.0
+
+
 def test_devices_with_clocks_off_beyond_the_window_are_refused(
     shared_plane: ControlPlaneProcess,
 ) -> None:
@@ -190,12 +242,12 @@ def test_sim_command_prints_a_json_summary(shared_plane: ControlPlaneProcess) ->
     out = subprocess.run(
         [*EDGEWISE, "sim", "--server", plane.url, "--token", plane.admin, "--devices", "4",
          "--seed", "3", "--labels", "group=cli", "--duration", "4", "--time-scale", "0.02",
-         "--json"],
+         "--old-agents", "0.5", "--json"],
         capture_output=True, text=True, timeout=120,
     )  # fmt: skip
     assert out.returncode == 0, out.stderr
     summary = json.loads(out.stdout)
-    assert summary["devices"] == 4
+    assert summary["devices"] == 4 and summary["old_agents"] == 2
     assert summary["running"] == {"digits-mlp@1.0.0": 4}
 
 
@@ -203,6 +255,7 @@ def test_sim_command_refuses_bad_input_in_one_line(shared_plane: ControlPlanePro
     for args, message in [
         (["--labels", "nope"], "label spec"),
         (["--flaky", "1.5"], "less than or equal"),
+        (["--old-agents", "-0.1"], "greater than or equal"),
         (["--server", "http://127.0.0.1:1"], "cannot start the fleet"),
     ]:
         out = subprocess.run(

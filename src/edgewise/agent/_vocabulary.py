@@ -11,7 +11,13 @@ import sys
 from functools import cache
 from typing import Any
 
-from edgewise.protocol import spec_terms, spec_vocabulary, unknown_terms, vocabulary_digest
+from edgewise.protocol import (
+    incompatible_reason,
+    spec_terms,
+    spec_vocabulary,
+    unknown_terms,
+    vocabulary_digest,
+)
 
 __all__ = ["agent_vocabulary", "spec_refusal"]
 
@@ -45,7 +51,4 @@ def spec_refusal(spec: dict[str, Any]) -> str | None:
     unknown = unknown_terms(spec_terms(spec), frozenset(agent_vocabulary()[0]))
     if not unknown:
         return None
-    return (
-        f"incompatible: this agent does not know {', '.join(unknown)} "
-        "(the spec needs a newer agent)"
-    )
+    return incompatible_reason(unknown)

@@ -51,6 +51,15 @@ def sim(
     clock_skew_s: Annotated[
         float, typer.Option("--clock-skew-s", min=0.0, help="Device clocks off by up to S.")
     ] = 0.0,
+    old_agents: Annotated[
+        float,
+        typer.Option(
+            "--old-agents",
+            min=0.0,
+            max=1.0,
+            help="Devices on an older agent (it does not know batching.overflow).",
+        ),
+    ] = 0.0,
     duration: Annotated[
         float, typer.Option("--duration", min=0.0, help="Seconds to run (0: until Ctrl-C).")
     ] = 0.0,
@@ -86,6 +95,7 @@ def sim(
             cut_download=cut_download,
             crash_during_install=crash_during_install,
             clock_skew_s=clock_skew_s,
+            old_agents=old_agents,
         )
         book = BehaviourBook(accuracy_floor=accuracy_floor)
         if regressed:

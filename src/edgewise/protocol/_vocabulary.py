@@ -41,7 +41,13 @@ from pydantic import BaseModel
 from edgewise.protocol._pipeline import PipelineSpec, StageSpec
 from edgewise.protocol._stages import BUILTIN_STAGE_PARAMS
 
-__all__ = ["spec_terms", "spec_vocabulary", "unknown_terms", "vocabulary_digest"]
+__all__ = [
+    "incompatible_reason",
+    "spec_terms",
+    "spec_vocabulary",
+    "unknown_terms",
+    "vocabulary_digest",
+]
 
 # Where a spec holds stages, and the kind of stage each place holds.
 _STAGE_FIELDS = {
@@ -171,3 +177,13 @@ def unknown_terms(terms: Iterable[str], vocabulary: Collection[str]) -> list[str
             continue
         out.append(term)
     return out
+
+
+def incompatible_reason(unknown: Iterable[str]) -> str:
+    """What an agent reports when it refuses a spec with terms it does not know.
+
+    Control planes read it with `cannot_run` (a device that cannot run the revision is
+    held back by a rollout, not counted as failed).
+    """
+    terms = ", ".join(unknown)
+    return f"incompatible: this agent does not know {terms} (the spec needs a newer agent)"

@@ -46,6 +46,9 @@ from edgewise.protocol import (
     SignedDesiredState,
     TelemetryBatch,
     TelemetryRecord,
+    incompatible_reason,
+    spec_terms,
+    unknown_terms,
     verify_desired,
 )
 from edgewise.sim._artifacts import ArtifactInfo
@@ -98,6 +101,8 @@ class SimDevice:
         self.document: DesiredState | None = None
         self.pipes: dict[str, Pipe] = {}
         self.ever_ran: set[str] = set()
+        self.build = env.old_build if profile.old_agent else env.build
+        self._terms_sent = False  # the vocabulary goes with reports until one is accepted
         self.errors: list[str] = []
         self.up = False
         self._seq = 0
@@ -152,6 +157,7 @@ class SimDevice:
             await self._sleep_sim(self.env.faults.offline_for_s or 0.0)
         while True:
             self.up = True
+            self._terms_sent = False  # a new agent process sends its terms again
             self._crash = asyncio.Event()
             tasks = [self._spawn(self._poll_loop()), self._spawn(self._telemetry_loop())]
             try:
@@ -261,6 +267,15 @@ class SimDevice:
                     pipe.target = None
                     pipe.move("active", now, "already running")
                 continue
+            unknown = unknown_terms(spec_terms(desired.spec), self.build.terms)
+            if unknown:  # refused before downloading, as a real agent does
+                if task is not None:
+                    task.cancel()
+                    self._installs.pop(name, None)
+                if pipe.target != desired.model or pipe.status != "failed":
+                    pipe.target, pipe.timeline = desired.model, []
+                    pipe.move("failed", now, incompatible_reason(unknown))
+                continue
             retry = pipe.target is not None and pipe.target.sha256 == desired.model.sha256
             if retry:
                 if task is not None and not task.done():
@@ -351,6 +366,8 @@ class SimDevice:
             uptime_s=round(time.monotonic() - self._started, 1),
             buffer_depth=len(self._pending),
             dropped={"event": 0, "metric": self._dropped, "sample": 0},
+            spec_digest=self.build.digest,
+            spec_vocabulary=None if self._terms_sent else self.build.sent,
         )
         return build_report(self.pipes, self.revision or 0, self.errors, agent)
 
@@ -361,7 +378,10 @@ class SimDevice:
             for attempt in range(6):
                 try:
                     self.env.stats.requests["report"] += 1
-                    await self.client.report(self.build_report())
+                    report = self.build_report()
+                    await self.client.report(report)
+                    if report.agent.spec_vocabulary is not None:
+                        self._terms_sent = True
                     return
                 except RetryableError as exc:
                     self.env.stats.errors["report"] += 1

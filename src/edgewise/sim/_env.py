@@ -3,15 +3,39 @@
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from edgewise.protocol import spec_vocabulary, vocabulary_digest
 from edgewise.sim._artifacts import ArtifactBook
 from edgewise.sim._behaviour import BehaviourBook
 from edgewise.sim._faults import Faults
 
-__all__ = ["FleetStats", "SimEnv"]
+__all__ = ["AgentBuild", "FleetStats", "SimEnv", "agent_build"]
+
+
+@dataclass(frozen=True)
+class AgentBuild:
+    """The spec vocabulary one simulated agent build knows and reports."""
+
+    terms: frozenset[str]
+    sent: list[str]  # as reported, sorted
+    digest: str
+
+
+def agent_build(lacks: Sequence[str] = ()) -> AgentBuild:
+    """This build's vocabulary, without the terms `lacks` names.
+
+    Each takes what is under it along: `batching.overflow` takes
+    `batching.overflow=drop_oldest`.
+    """
+    sent = [
+        t
+        for t in spec_vocabulary()
+        if not any(t == p or t.startswith((f"{p}.", f"{p}=")) for p in lacks)
+    ]
+    return AgentBuild(frozenset(sent), sent, vocabulary_digest(sent))
 
 
 @dataclass
@@ -54,6 +78,13 @@ class SimEnv:
     report_progress: bool = True
     capabilities: dict[str, Any] = field(default_factory=dict)
     shard: Callable[[int], Any] | None = None
+    # What current agents and old ones (`Faults.old_agents`) know of pipeline specs.
+    build: AgentBuild = field(default_factory=agent_build)
+    old_build: AgentBuild = field(default_factory=agent_build)
+
+    def __post_init__(self) -> None:
+        if self.faults.old_agents:
+            self.old_build = agent_build(self.faults.old_agent_lacks)
 
     def http_for(self, index: int) -> Any:
         """The HTTP client device `index` sends through."""

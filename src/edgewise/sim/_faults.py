@@ -37,6 +37,10 @@ class Faults:
         crash_during_install: probability that one install attempt crashes the agent.
         restart_s: downtime after a crash before the agent is back.
         clock_skew_s: each device's clock is off by a uniform draw in [-S, S].
+        old_agents: devices running an older agent (exactly round(fraction * n), picked
+            by the seed): it does not know the spec terms `old_agent_lacks` names (each
+            with what is under it), and refuses specs that use them, as a real one does.
+        old_agent_lacks: the terms those agents were built before.
     """
 
     offline_fraction: float = 0.0
@@ -48,10 +52,13 @@ class Faults:
     crash_during_install: float = 0.0
     restart_s: float = 10.0
     clock_skew_s: float = 0.0
+    old_agents: float = 0.0
+    old_agent_lacks: tuple[str, ...] = ("batching.overflow",)
 
     def __post_init__(self) -> None:
         for name in (
             "offline_fraction",
+            "old_agents",
             "flaky",
             "slow_download",
             "cut_download",

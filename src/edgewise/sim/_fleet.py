@@ -347,6 +347,7 @@ class Fleet:
             "devices": len(self.devices),
             "enrolled": sum(1 for d in self.devices if d.device_id is not None),
             "offline": sum(1 for d in self.devices if d.profile.offline),
+            "old_agents": sum(1 for d in self.devices if d.profile.old_agent),
             "up": sum(1 for d in self.devices if d.up),
             "running": dict(sorted(running.items())),
             "ever_ran": dict(sorted(ever.items())),

@@ -116,12 +116,14 @@ class DeviceProfile:
         labels: labels it asks for at enrollment.
         offline: it enrolls, then stays dark for `Faults.offline_for_s` (None: the run).
         clock_skew_s: its clock minus the real clock.
+        old_agent: it runs an older agent (`Faults.old_agents`).
     """
 
     index: int
     labels: Mapping[str, str]
     offline: bool
     clock_skew_s: float
+    old_agent: bool = False
 
 
 def plan_fleet(
@@ -129,19 +131,30 @@ def plan_fleet(
 ) -> list[DeviceProfile]:
     """The profiles of devices `start_index .. start_index + n - 1` (pure).
 
-    The offline devices are exactly round(offline_fraction * n), picked by the seed.
+    The offline devices are exactly round(offline_fraction * n), picked by the seed, and
+    so are the old agents (round(old_agents * n)).
     """
     total = start_index + n
     all_labels = assign_labels(labels, total, seed)
-    offline_count = round(faults.offline_fraction * n)
-    chosen = list(range(start_index, total))
-    random.Random(f"{seed}/offline/{start_index}").shuffle(chosen)
-    offline = set(chosen[:offline_count])
+
+    def picked(fraction: float, purpose: str) -> set[int]:
+        chosen = list(range(start_index, total))
+        random.Random(f"{seed}/{purpose}/{start_index}").shuffle(chosen)
+        return set(chosen[: round(fraction * n)])
+
+    offline = picked(faults.offline_fraction, "offline")
+    old = picked(faults.old_agents, "old-agent") if faults.old_agents else set()
     profiles = []
     for i in range(start_index, total):
         skew_rng = device_rng(seed, i, "skew")
         skew = skew_rng.uniform(-faults.clock_skew_s, faults.clock_skew_s)
         profiles.append(
-            DeviceProfile(index=i, labels=all_labels[i], offline=i in offline, clock_skew_s=skew)
+            DeviceProfile(
+                index=i,
+                labels=all_labels[i],
+                offline=i in offline,
+                clock_skew_s=skew,
+                old_agent=i in old,
+            )
         )
     return profiles
