@@ -194,10 +194,10 @@ class SignedDesiredState(BaseModel):
 # A pipeline report's reason that starts with one of these says the device cannot run
 # what it was asked to: requirements it lacks (a runtime, memory, an accelerator, named
 # by the bundle's signed manifest, checked before installing) or spec terms its agent
-# does not know (checked before downloading). A
-# fact about the device, not the model: rollouts hold such devices back instead of
-# counting them as failed. A model that does not load ("incompatible: model does not
-# load") is not one of them: that may be the model's fault.
+# does not know (checked before downloading). A fact about the device, not the model:
+# rollouts hold such devices back instead of counting them as failed. A model that does
+# not load ("incompatible: model does not load") is not one of them: that may be the
+# model's fault.
 CANNOT_RUN_PREFIXES = ("incompatible: needs ", "incompatible: this agent does not know ")
 
 
