@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import io
 import json
 import math
 from collections import Counter
@@ -484,6 +485,13 @@ def test_devices_that_cannot_run_a_forced_rollout_are_held_back_not_counted_as_f
     view = world.rollout(ro["id"])
     assert view["state"] == "completed"
     assert (view["succeeded"], view["failed"], view["held_back"]) == (7, 0, 1)
+    from rich.console import Console
+
+    from edgewise.cli._rollout import _render
+
+    console = Console(record=True, width=200, file=io.StringIO())
+    console.print(_render(view))  # `rollout status`, as an operator reads it
+    assert "1 held back: they cannot run this revision" in console.export_text()
     listed = world.ok("GET", "/api/v1/rollouts")
     assert listed[0]["held_back"] == 1
     completed = world.audit("rollout.completed")

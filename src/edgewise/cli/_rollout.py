@@ -182,6 +182,14 @@ def _render(view: dict[str, Any]) -> Any:
     parts: list[Any] = [head, phases, gates]
     totals = ", ".join(f"{k}={v}" for k, v in view["counts"].items())
     parts.append(Text(f"devices: {totals}"))
+    held = view["counts"].get("held_back", 0)
+    if held and not view.get("device_list"):
+        parts.append(
+            Text(
+                f"{held} held back: they cannot run this revision and keep serving the old "
+                "one (--devices held_back says why)"
+            )
+        )
     for d in view.get("device_list", [])[:200]:
         parts.append(Text(f"  {d['id']}  {d['state']}  phase {d['phase']}  {d['reason']}"))
     history = view.get("history", [])[-8:]
