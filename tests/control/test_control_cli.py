@@ -272,6 +272,9 @@ def test_deploy_warns_and_rollout_refuses_when_targeted_agents_are_too_old(
         agent["spec_vocabulary"] = terms
         assert old.post("/device/v1/report", {"revision": 0, "agent": agent}).status_code == 200
     conn = ["--server", live_server["base"], "--token", live_server["admin"]]
+    code, out, _ = run(capsys, "device", "list", "-l", "site=a", *conn)
+    listed = {line.split()[0]: line.split()[5] for line in out.splitlines()}
+    assert code == 0 and listed[old.id] == "0.0.9" and set(listed.values()) == {"0.0.9", "?"}
     code, out, _ = run(capsys, "device", "show", old.id, *conn)
     assert (
         code == 0

@@ -232,11 +232,15 @@ def test_console_device_listing_agrees_with_the_control_plane(
 
     plane = console.app.state.plane
     who = plane.authenticate(f"Bearer {console.viewer}")
-    keys = ("id", "labels", "status", "online", "desired_revision")  # last_seen moves
-    for online in (None, True, False):
+    keys = ("id", "labels", "status", "online", "desired_revision", "agent_version")
+    versions = set()
+    for online in (None, True, False):  # (not last_seen: it moves)
         theirs = [{k: d[k] for k in keys} for d in fleet.list_devices(plane, who, selector, online)]
         ours = [{k: d[k] for k in keys} for d in device_rows(plane, who, selector, online)]
         assert ours == theirs
+        versions |= {d["agent_version"] for d in ours}
+    if selector is None:  # the simulated devices report one
+        assert any(v and v.startswith("sim-") for v in versions), versions
 
 
 def test_deployment_page_shows_preflight_and_revisions(console: Console) -> None:

@@ -81,7 +81,8 @@ def list_(
     for r in rows:
         labels = ",".join(f"{k}={v}" for k, v in sorted(r["labels"].items()))
         state = "online" if r["online"] else r["status"] if r["status"] != "active" else "offline"
-        typer.echo(f"{r['id']}  {state:<14}  rev {r['desired_revision']}  {labels}")
+        agent = f"agent {r['agent_version']}" if r.get("agent_version") else "agent ?"
+        typer.echo(f"{r['id']}  {state:<14}  rev {r['desired_revision']}  {agent:<12}  {labels}")
 
 
 @app.command("show")

@@ -166,6 +166,9 @@ def device_view(plane: ControlPlane, row: dict[str, Any], detail: bool = False) 
         ),
         "desired_revision": row["desired_revision"],
         "reported_revision": row["report_revision"],
+        # Which agent build it runs, as last reported (None before a report): the devices
+        # pre-flight and rollouts hold back are found by it.
+        "agent_version": str((row["report_agent"] or {}).get("version") or "") or None,
     }
     if detail:
         view["capabilities"] = row["capabilities"]

@@ -127,6 +127,7 @@ def device_rows(
         dev.c.last_seen,
         dev.c.desired_revision,
         dev.c.report_revision,
+        dev.c.report_agent,
     ]
     now = plane.clock()
     window = plane.settings.online_window_s
@@ -140,6 +141,7 @@ def device_rows(
         seen = row["last_seen"]
         row["online"] = row["status"] == "active" and seen is not None and now - seen <= window
         row["reported_revision"] = row.pop("report_revision")
+        row["agent_version"] = str((row.pop("report_agent") or {}).get("version") or "") or None
         if online is None or row["online"] == online:
             out.append(row)
     return out
