@@ -200,3 +200,40 @@ def test_a_spec_with_terms_this_agent_does_not_know_is_refused_before_download(
     with pytest.raises(InstallFailed, match=r"does not know batching\.spill"):
         inst.start_committed("digits", rec, {"name": "digits", **newer})
     assert host.running() == {"digits": "digits-mlp@1.0.0"}
+
+
+def test_a_refused_spec_is_looked_at_again_quietly_and_installs_once_its_stage_exists(
+    tmp_path: Path,
+    artifact_server: ArtifactServer,
+    example_bundles: dict[str, Path],
+    host: RuntimeHost,
+) -> None:
+    # Refused for a stage this agent lacks, the install is looked at again every few
+    # minutes: an old agent must not send two events and a report each time to say the
+    # same thing, and once a plugin registers the stage it installs.
+    from edgewise.runtime._stages import PREPROCESS
+
+    events: list[Any] = []
+    inst, http = _installer(
+        tmp_path, artifact_server, host, [load_public_key(example_bundles["_pub"])], events
+    )
+    rec = PipelineRecord()
+    base = _action(artifact_server, example_bundles["digits-mlp@1.1.0"], "digits-mlp", "1.1.0")
+    spec = {"preprocess": [{"type": "crop", "params": {"box": [0, 0, 1, 64]}}]}
+    action = Action("install", "digits", base.model, spec, "d", fingerprint=base.fingerprint)
+    inst.install("digits", rec, action, action.fingerprint)
+    assert rec.tracker.reason.startswith("incompatible: this agent does not know preprocess:crop")
+    told, timeline, first_retry = list(events), list(rec.tracker.timeline), rec.retry_at
+    assert [kind for kind, _ in told] == ["install.started", "install.failed"]
+    inst.install("digits", rec, action, action.fingerprint)  # the plan's retry, later
+    assert events == told and rec.tracker.timeline == timeline
+    assert rec.retry_at is not None and first_retry is not None and rec.retry_at >= first_retry
+    PREPROCESS.register("crop")(lambda params: lambda x: x)  # a plugin's stage
+    try:
+        inst.install("digits", rec, action, action.fingerprint)
+        assert rec.tracker.state is InstallState.ACTIVE, rec.tracker.reason
+        assert host.running() == {"digits": "digits-mlp@1.1.0"}
+    finally:
+        host.stop("digits")
+        PREPROCESS._factories.pop("crop")
+        http.close()

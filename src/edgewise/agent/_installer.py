@@ -204,8 +204,19 @@ class Installer:
         self.persist()
 
     def install(self, name: str, rec: PipelineRecord, action: Action, fingerprint: str) -> None:
-        """Install the action's models for pipeline `name`; records the outcome in `rec`."""
+        """Install the action's models for pipeline `name`; records the outcome in `rec`.
+
+        A spec refused for terms this agent does not know is looked at again every
+        `RETRY_VOCABULARY_S` (a plugin may have registered a stage since); while the
+        answer is the same, that costs nothing: no event, no new timeline, no report.
+        """
         assert action.model is not None
+        if rec.refused == fingerprint and rec.tracker.state is InstallState.FAILED:
+            why = spec_refusal(self._spec(name, action))
+            if why and why == rec.tracker.reason:
+                # Not persisted: after a restart the first look is as quiet as this one.
+                rec.retry_at = self.clock() + RETRY_VOCABULARY_S
+                return
         target = {**_ref_json(action.model), "fingerprint": fingerprint}
         resuming = rec.target == target and rec.tracker.state is InstallState.DOWNLOADING
         if not resuming:
