@@ -21,6 +21,7 @@ from edgewise.protocol import Report, TelemetryBatch
 __all__ = [
     "EnrollRequest",
     "EnrollTokenRequest",
+    "agent_version",
     "create_enroll_token",
     "decommission",
     "device_view",
@@ -149,6 +150,15 @@ def agent_vocabularies(
     return {device_id: known.get(d) for device_id, d in digests.items()}
 
 
+def agent_version(report_agent: Any) -> str | None:
+    """The agent build a device last reported running (None before a report).
+
+    The devices pre-flight and rollouts hold back are found by it.
+    """
+    version = report_agent.get("version") if isinstance(report_agent, dict) else None
+    return str(version) if version else None
+
+
 def device_view(plane: ControlPlane, row: dict[str, Any], detail: bool = False) -> dict[str, Any]:
     """The operator-facing shape of a device."""
     now = plane.clock()
@@ -166,9 +176,7 @@ def device_view(plane: ControlPlane, row: dict[str, Any], detail: bool = False) 
         ),
         "desired_revision": row["desired_revision"],
         "reported_revision": row["report_revision"],
-        # Which agent build it runs, as last reported (None before a report): the devices
-        # pre-flight and rollouts hold back are found by it.
-        "agent_version": str((row["report_agent"] or {}).get("version") or "") or None,
+        "agent_version": agent_version(row["report_agent"]),
     }
     if detail:
         view["capabilities"] = row["capabilities"]

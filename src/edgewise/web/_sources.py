@@ -21,6 +21,7 @@ from sqlalchemy import select
 
 from edgewise.control import ApiError, ControlPlane, Principal
 from edgewise.control import _schema as t
+from edgewise.control._fleet import agent_version
 from edgewise.control._rbac import in_scope
 from edgewise.control._selector import SelectorError, parse_selector
 
@@ -141,7 +142,7 @@ def device_rows(
         seen = row["last_seen"]
         row["online"] = row["status"] == "active" and seen is not None and now - seen <= window
         row["reported_revision"] = row.pop("report_revision")
-        row["agent_version"] = str((row.pop("report_agent") or {}).get("version") or "") or None
+        row["agent_version"] = agent_version(row.pop("report_agent"))
         if online is None or row["online"] == online:
             out.append(row)
     return out
