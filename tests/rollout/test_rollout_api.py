@@ -491,7 +491,18 @@ def test_devices_that_cannot_run_a_forced_rollout_are_held_back_not_counted_as_f
 
     console = Console(record=True, width=200, file=io.StringIO())
     console.print(_render(view))  # `rollout status`, as an operator reads it
-    assert "1 held back: they cannot run this revision" in console.export_text()
+    shown = console.export_text()
+    assert "1 held back: they cannot run this revision" in shown
+    assert f"     1  digits: {too_old}" in shown
+    assert view["held_back_reasons"] == [{"reason": f"digits: {too_old}", "devices": 1}]
+    # The console's rollout page says the same.
+    base = str(world.client.base_url)
+    r = world.client.post(
+        "/login", data={"token": world.admin, "next": "/"}, headers={"origin": base}
+    )
+    assert r.status_code in (200, 303), r.text
+    page = world.client.get(f"/rollouts/{ro['id']}").text
+    assert 'data-testid="held-back"' in page and f"digits: {too_old}" in page
     listed = world.ok("GET", "/api/v1/rollouts")
     assert listed[0]["held_back"] == 1
     completed = world.audit("rollout.completed")

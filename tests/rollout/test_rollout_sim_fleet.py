@@ -158,6 +158,9 @@ def test_old_agents_are_named_before_a_rollout_and_held_back_when_it_is_forced(
     view = seen["view"]
     assert view["state"] == "completed", view["reason"]
     assert (view["succeeded"], view["held_back"], view["failed"]) == (9, 3, 0)
+    (why,) = view["held_back_reasons"]  # one agent build: one line for all three
+    assert why["devices"] == 3
+    assert why["reason"].startswith("digits: incompatible: this agent does not know batching")
     old_ones = [d for d in fleet.devices if d.profile.old_agent]
     assert len(old_ones) == 3 and fleet.summary()["old_agents"] == 3
     assert {d.running().get("digits") for d in old_ones} == {"digits-mlp@1.0.0"}

@@ -144,6 +144,15 @@ def test_rollout_card_reads_a_status_view() -> None:
     )
 
 
+def test_rollout_card_lists_why_devices_are_held_back() -> None:
+    why = "digits: incompatible: this agent does not know batching.overflow"
+    doc = {"id": "r4", "counts": {"held_back": 3}, "held_back_reasons": [
+        {"reason": why, "devices": 3}, "not a mapping"]}  # fmt: skip
+    card = rollout_card(doc)
+    assert card.held_back == [(3, why)]
+    assert card.done == 3  # an outcome: they are not waited for
+
+
 def test_viewer_gets_no_actions_and_operator_only_applicable_ones() -> None:
     pending = rollout_card(_engine_rollout().to_dict())  # type: ignore[attr-defined]
     rollout, _ = step(_engine_rollout(), Observations(), 101.0)  # type: ignore[arg-type]

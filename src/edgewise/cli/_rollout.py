@@ -183,13 +183,15 @@ def _render(view: dict[str, Any]) -> Any:
     totals = ", ".join(f"{k}={v}" for k, v in view["counts"].items())
     parts.append(Text(f"devices: {totals}"))
     held = view["counts"].get("held_back", 0)
-    if held and not view.get("device_list"):
+    if held:
         parts.append(
             Text(
                 f"{held} held back: they cannot run this revision and keep serving the old "
-                "one (--devices held_back says why)"
+                "one (--devices held_back lists them):"
             )
         )
+        for r in view.get("held_back_reasons", []):
+            parts.append(Text(f"  {r['devices']:>6}  {r['reason']}"))
     for d in view.get("device_list", [])[:200]:
         parts.append(Text(f"  {d['id']}  {d['state']}  phase {d['phase']}  {d['reason']}"))
     history = view.get("history", [])[-8:]

@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Mapping
 from typing import Any
 
@@ -81,6 +82,13 @@ def rollout_view(
             ],
         }
     )
+    # Why devices are held back, the commonest first: one agent build's devices share a
+    # reason, so a thousand of them read as one line.
+    held = Counter(s.reason for s in rollout.devices.values() if s.state is _D.HELD_BACK)
+    if held:
+        view["held_back_reasons"] = [
+            {"reason": reason, "devices": n} for reason, n in held.most_common(5)
+        ]
     if devices is not None:
         view["device_list"] = [
             {

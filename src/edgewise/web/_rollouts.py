@@ -83,6 +83,8 @@ class RolloutCard:
     created_at: float | None = None
     history: list[dict[str, Any]] = field(default_factory=list)
     current_phase: str = ""  # the API's own name for it, when phases are not listed
+    # Why devices are held back (they cannot run the revision): (devices, reason).
+    held_back: list[tuple[int, str]] = field(default_factory=list)
 
     @property
     def phase_name(self) -> str:
@@ -202,6 +204,11 @@ def rollout_card(doc: Mapping[str, Any]) -> RolloutCard:
         created_at=doc.get("created_at") if isinstance(doc.get("created_at"), float) else None,
         history=history[-20:],
         current_phase=str(doc.get("phase_name") or ""),
+        held_back=[
+            (int(h.get("devices") or 0), str(h.get("reason") or ""))
+            for h in doc.get("held_back_reasons") or []
+            if isinstance(h, Mapping)
+        ],
     )
 
 
