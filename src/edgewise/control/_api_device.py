@@ -24,7 +24,13 @@ from edgewise.control._live import CachedDevice
 from edgewise.control._plane import ApiError, ControlPlane
 from edgewise.control._registry import ArtifactCache, artifact_path
 from edgewise.control.telemetry._decode import TelemetryColumns, decode_upload
-from edgewise.protocol import Report, TelemetryBatch, decode_batch, parse_signed_headers
+from edgewise.protocol import (
+    Report,
+    TelemetryBatch,
+    decode_batch,
+    first_problem,
+    parse_signed_headers,
+)
 
 __all__ = ["router"]
 
@@ -62,9 +68,7 @@ def _parse(model: Any, raw: bytes) -> Any:
     try:
         return model.model_validate_json(raw)
     except ValidationError as exc:
-        first = exc.errors()[0]
-        where = ".".join(str(p) for p in first["loc"]) or "body"
-        raise ApiError(422, "invalid_request", f"{where}: {first['msg']}") from None
+        raise ApiError(422, "invalid_request", first_problem(exc, "body")) from None
 
 
 @router.post("/enroll", status_code=201)

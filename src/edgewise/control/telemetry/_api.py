@@ -20,6 +20,7 @@ from edgewise.control._plane import ApiError, ControlPlane, Principal
 from edgewise.control._rbac import Permission, in_scope
 from edgewise.control.telemetry._retention import RetentionPolicy
 from edgewise.control.telemetry._service import TelemetryService, Visible
+from edgewise.protocol import first_problem
 
 __all__ = ["router"]
 
@@ -139,9 +140,7 @@ async def put_rule(request: Request, name: str, who: Writer) -> dict[str, Any]:
     try:
         return await to_thread.run_sync(lambda: svc.put_rule(body, who.actor))
     except ValidationError as exc:
-        first = exc.errors()[0]
-        where = ".".join(str(p) for p in first["loc"]) or "body"
-        raise ApiError(422, "invalid_request", f"{where}: {first['msg']}") from None
+        raise ApiError(422, "invalid_request", first_problem(exc, "body")) from None
 
 
 @_route("DELETE", "/alert-rules/{name}", Permission.DEPLOY_WRITE)
