@@ -100,7 +100,7 @@ class World:
             ]
         )
 
-    def enroll(self, **labels: str) -> Dev:
+    def enroll(self, capabilities: dict[str, Any] | None = None, **labels: str) -> Dev:
         tok = self.ok("POST", "/api/v1/enroll-tokens", json={"labels": {}})["token"]
         key = Ed25519PrivateKey.generate()
         raw = key.public_key().public_bytes(
@@ -112,7 +112,7 @@ class World:
                 "token": tok,
                 "public_key": base64.b64encode(raw).decode(),
                 "labels": labels,
-                "capabilities": {},
+                "capabilities": capabilities or {},
             },
         )
         assert r.status_code == 201, r.text

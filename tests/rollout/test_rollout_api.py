@@ -461,6 +461,41 @@ def test_a_rollout_some_targeted_agents_cannot_run_is_refused_unless_forced(
     assert r.json()["devices"] == 4
 
 
+def test_a_rollout_some_targeted_devices_lack_the_means_for_is_refused_unless_forced(
+    world: World,
+) -> None:
+    # What the models' manifests require (here, the runtime) counts like the vocabulary.
+    devs = _fleet(world, 3)
+    no_ort = world.enroll(capabilities={"runtimes": {"tflite": "2.16"}}, site="a", hw="small")
+    rev = _revise(world, "1.1.0")
+    start = {"deployment": "base", "to_revision": rev}
+    r = world.api("POST", "/api/v1/rollouts", json=start)
+    assert (r.status_code, r.json()["error"]["code"]) == (409, "devices_cannot_run"), r.text
+    message = r.json()["error"]["message"]
+    assert message.startswith(
+        f"1 of 4 targeted devices cannot run revision {rev}: {no_ort.id}: runtime onnxruntime"
+    ), message
+    assert message.endswith("rollout start --force): they would be held back"), message
+    assert world.ok("GET", "/api/v1/rollouts") == []
+    # An old agent as well: still one count, and no longer only a matter of agents.
+    from edgewise.protocol import spec_vocabulary, vocabulary_digest
+
+    old = [t for t in spec_vocabulary() if not t.startswith("batching.overflow")]
+    devs[0].report("1.0.0", "active", agent={
+        "spec_digest": vocabulary_digest(old), "spec_vocabulary": old})  # fmt: skip
+    body = {"pipelines": {"digits": {"model": "digits-mlp@1.1.0",
+                                     "batching": {"overflow": "drop_oldest"}}}}  # fmt: skip
+    newer = int(world.ok("POST", "/api/v1/deployments/base/revisions", json=body)["revision"])
+    r = world.api("POST", "/api/v1/rollouts", json={**start, "to_revision": newer})
+    assert (r.status_code, r.json()["error"]["code"]) == (409, "devices_cannot_run"), r.text
+    assert r.json()["error"]["message"].startswith("2 of 4 targeted devices cannot run")
+    r = world.api("POST", "/api/v1/rollouts", json={**start, "force": True})
+    assert r.status_code == 201, r.text
+    assert r.json()["devices"] == 4
+    audit = world.audit("rollout.start")
+    assert len(audit) == 1 and audit[0]["result"].endswith("devices=4"), audit
+
+
 def test_devices_that_cannot_run_a_forced_rollout_are_held_back_not_counted_as_failed(
     world: World,
 ) -> None:

@@ -99,8 +99,9 @@ def start(
         bool,
         typer.Option(
             "--force",
-            help="Start though some targeted agents do not know terms of the revision's "
-            "specs (they will refuse it).",
+            help="Start though some targeted devices cannot run the revision (their agents "
+            "do not know terms of its specs, or they lack what its models require): they "
+            "refuse it and are held back.",
         ),
     ] = False,
     server: ServerOpt = None,

@@ -28,6 +28,7 @@ from edgewise.protocol import unknown_terms
 __all__ = [
     "DeviceView",
     "PreflightResult",
+    "device_reasons",
     "preflight",
     "reported_digest",
     "vocabulary_reasons",
@@ -303,11 +304,16 @@ def vocabulary_reasons(
     return reasons
 
 
-def _device_reasons(
+def device_reasons(
     device: DeviceView,
     manifests: Sequence[Mapping[str, Any]],
     terms: Mapping[str, Sequence[str]],
 ) -> list[str]:
+    """Why `device` cannot run these pipelines; empty when it can.
+
+    `manifests` are the manifests of every model the pipelines use, `terms` each
+    pipeline's spec terms by pipeline name. Vocabulary reasons come first.
+    """
     caps = _as_map(device.capabilities)
     reasons = vocabulary_reasons(device.vocabulary, terms)
     memory_need = disk_need_bytes = 0.0
@@ -376,7 +382,7 @@ def preflight(
     by_id = {d.id: d for d in devices}
     incompatible: dict[str, list[str]] = {}
     for dev_id in matching:
-        reasons = _device_reasons(by_id[dev_id], list(manifests.values()), terms)
+        reasons = device_reasons(by_id[dev_id], list(manifests.values()), terms)
         if reasons:
             incompatible[dev_id] = reasons
     return PreflightResult(matching, incompatible, conflicts)

@@ -19,7 +19,7 @@ from sqlalchemy.exc import IntegrityError
 
 from edgewise.control._fleet import agent_vocabularies
 from edgewise.control._plane import ApiError, ControlPlane, Principal, digest
-from edgewise.control._preflight import vocabulary_reasons
+from edgewise.control._preflight import DeviceView, device_reasons, vocabulary_reasons
 from edgewise.control._rbac import selector_in_scope
 from edgewise.control._recompute import recompute_devices, recompute_selector
 from edgewise.control._revisions import revision_pipelines, stable_revision
@@ -72,8 +72,9 @@ class RolloutRequest(BaseModel):
     deployment: str = Field(min_length=1, max_length=200)
     to_revision: int = Field(ge=1)
     spec: dict[str, Any] = Field(default_factory=dict)
-    # Start though some targeted agents reported they do not know a term of the new
-    # revision's specs (those devices will refuse it, and count against its gates).
+    # Start though some targeted devices reported they cannot run the new revision (their
+    # agents do not know a term of its specs, or they lack what its models require):
+    # those devices will refuse it and be held back.
     force: bool = False
 
 
@@ -96,33 +97,68 @@ def _deployment(plane: ControlPlane, ref: str, who: Principal) -> dict[str, Any]
     return dep
 
 
-def _refuse_agents_too_old(
+def _pinned_manifests(plane: ControlPlane, pipelines: dict[str, Any]) -> list[dict[str, Any]]:
+    """The registry's manifests of the models a revision's pinned pipelines use."""
+    found: dict[str, dict[str, Any]] = {}
+    for p in pipelines.values():
+        if not isinstance(p, dict):
+            continue
+        for role in ("model", "fallback", "cascade"):
+            ref = p.get(role)
+            if not isinstance(ref, dict) or f"{ref.get('name')}@{ref.get('version')}" in found:
+                continue
+            row = plane.store.get_model(str(ref.get("name")), str(ref.get("version")))
+            if row is not None and isinstance(row.get("manifest"), dict):
+                found[f"{ref['name']}@{ref['version']}"] = row["manifest"]
+    return list(found.values())
+
+
+def _refuse_devices_that_cannot_run(
     plane: ControlPlane, pipelines: dict[str, Any], devices: list[dict[str, Any]], revision: int
 ) -> None:
-    """409 when targeted agents reported they do not know terms the revision's specs use.
+    """409 when targeted devices reported they cannot run the revision.
 
-    Such a device would refuse the revision and stay behind, held back by the rollout
-    (not counted as failed); the operator decides first (force, upgrade, or narrow).
+    Their agents do not know terms its specs use (`agents_too_old`), or the devices lack
+    the runtime, memory, disk, accelerator or arch its models' manifests require
+    (`devices_cannot_run`), as pre-flight reads them. Such a device would refuse the
+    revision and stay behind, held back by the rollout (not counted as failed); the
+    operator decides first (force, upgrade, or narrow the selector).
     """
     terms = {
         name: spec_terms(p.get("spec") or {})
         for name, p in pipelines.items()
         if isinstance(p, dict)
     }
-    too_old = {
-        dev: why
-        for dev, vocabulary in agent_vocabularies(plane, devices).items()
-        if (why := vocabulary_reasons(vocabulary, terms))
-    }
-    if not too_old:
+    manifests = _pinned_manifests(plane, pipelines)
+    vocabularies = agent_vocabularies(plane, devices)
+    cannot: dict[str, list[str]] = {}
+    for row in devices:
+        view = DeviceView(
+            id=row["id"],
+            labels=row["labels"],
+            capabilities=row.get("capabilities") or {},
+            vocabulary=vocabularies.get(row["id"]),
+        )
+        if why := device_reasons(view, manifests, terms):
+            cannot[row["id"]] = why
+    if not cannot:
         return
-    first = min(too_old)
+    first = min(cannot)
+    force = "or start it anyway with force (rollout start --force)"
+    if all(why == vocabulary_reasons(vocabularies.get(d), terms) for d, why in cannot.items()):
+        raise ApiError(
+            409,
+            "agents_too_old",
+            f"{len(cannot)} of {len(devices)} targeted devices run agents that cannot run "
+            f"revision {revision}: {first}: {cannot[first][0]}; upgrade those agents, narrow "
+            f"the deployment's selector, {force}",
+        )
     raise ApiError(
         409,
-        "agents_too_old",
-        f"{len(too_old)} of {len(devices)} targeted devices run agents that cannot run "
-        f"revision {revision}: {first}: {too_old[first][0]}; upgrade those agents, narrow "
-        "the deployment's selector, or start it anyway with force (rollout start --force)",
+        "devices_cannot_run",
+        f"{len(cannot)} of {len(devices)} targeted devices cannot run revision {revision}: "
+        f"{first}: {'; '.join(cannot[first])}; narrow the deployment's selector, upgrade "
+        f"those devices, {force}: they would be held back",
     )
 
 
@@ -144,7 +180,7 @@ def start_rollout(plane: ControlPlane, req: RolloutRequest, who: Principal) -> d
         if row["status"] == "active" and selector.matches(row["labels"])
     ]
     if not req.force:
-        _refuse_agents_too_old(plane, pipelines, targeted, req.to_revision)
+        _refuse_devices_that_cannot_run(plane, pipelines, targeted, req.to_revision)
     snapshot = [(row["id"], dict(row["labels"])) for row in targeted]
     rollout_id = f"ro-{secrets.token_hex(6)}"
     now = plane.clock()
