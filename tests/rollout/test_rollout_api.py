@@ -610,3 +610,77 @@ def test_status_shows_phases_gates_counts_and_why(world: World) -> None:
     assert "canary passes" in why["why"]
     assert len(world.ok("GET", "/api/v1/rollouts")) == 1
     assert len(devs) == 4
+
+
+def test_a_rollout_stored_in_a_newer_form_is_named_and_left_to_replicas_that_can_read_it(
+    any_world: World,
+) -> None:
+    # A newer replica (rolling upgrade) stored a device state this build does not know.
+    from sqlalchemy import select, update
+
+    from edgewise.control._schema import rollouts
+
+    world = any_world
+    devs = _fleet(world, 4)
+    old = _start(world, _revise(world, "1.1.0"))
+    world.ok("POST", f"/api/v1/rollouts/{old['id']}/abort")
+    ro = _start(world, _revise(world, "2.0.0"))
+    world.tick()
+    r = rollouts
+    engine = world.plane.store.engine
+
+    def row() -> dict[str, Any]:
+        with engine.connect() as c:
+            return dict(c.execute(select(r).where(r.c.id == ro["id"])).one()._mapping)
+
+    def store(document: Any, version: int) -> None:
+        with engine.begin() as c:
+            c.execute(
+                update(r).where(r.c.id == ro["id"]).values(document=document, version=version)
+            )
+
+    stored = row()
+    readable = stored["document"]
+    newer = json.loads(json.dumps(readable))
+    newer["devices"][devs[0].id][0] = "quarantined"
+    store(newer, stored["version"] + 1)
+
+    got = world.api("GET", f"/api/v1/rollouts/{ro['id']}")
+    assert (got.status_code, got.json()["error"]["code"]) == (503, "rollout_unreadable")
+    message = got.json()["error"]["message"]
+    assert message.startswith(f"rollout {ro['id']} is stored in a form this control plane")
+    assert "'quarantined' is not a valid DeviceRolloutState" in message
+    assert message.endswith("upgrade this one, or ask one that is"), message
+    for method, path in (
+        ("GET", f"/api/v1/rollouts/{ro['id']}/devices/{devs[0].id}"),
+        ("POST", f"/api/v1/rollouts/{ro['id']}/pause"),
+    ):
+        got = world.api(method, path)
+        assert (got.status_code, got.json()["error"]["code"]) == (503, "rollout_unreadable")
+    # The list still answers, the unreadable one from its row's own columns.
+    listed = {x["id"]: x for x in world.ok("GET", "/api/v1/rollouts")}
+    assert listed[old["id"]]["state"] == "aborted" and "unreadable" not in listed[old["id"]]
+    line = listed[ro["id"]]
+    assert (line["state"], line["to_revision"], line["devices"]) == ("running", 3, None)
+    assert line["unreadable"] == message
+    # The driver gives the lease back (for a replica that can read it) and leaves it be.
+    assert row()["lease_owner"] == "test-driver"
+    world.tick()
+    after = row()
+    assert (after["lease_owner"], after["version"]) == (None, stored["version"] + 1)
+    world.tick()
+    assert row()["lease_owner"] is None
+    # The console's pages say so rather than fail.
+    base = str(world.client.base_url)
+    world.client.post("/login", data={"token": world.admin, "next": "/"}, headers={"origin": base})
+    assert world.client.get("/").status_code == 200
+    page = world.client.get("/rollouts")
+    assert page.status_code == 200 and 'data-testid="unreadable"' in page.text
+    assert "quarantined" in page.text
+    page = world.client.get(f"/rollouts/{ro['id']}")
+    assert page.status_code == 503 and "cannot read" in page.text
+    # Once the row holds a form it reads again, it is driven again.
+    store(readable, stored["version"] + 2)
+    world.tick()
+    assert row()["lease_owner"] == "test-driver"
+    assert world.rollout(ro["id"])["state"] == "running"

@@ -317,6 +317,12 @@ def list_cmd(
         emit_json(rows)
         return
     for r in rows:
+        if r.get("unreadable"):  # a newer control plane's rollout: what its row says
+            typer.echo(
+                f"{r['id']}  {r['deployment']}  {r['from_revision']}->{r['to_revision']}  "
+                f"{r['state']}  unreadable here: {r['unreadable']}"
+            )
+            continue
         typer.echo(
             f"{r['id']}  {r['deployment']}  {r['from_revision']}->{r['to_revision']}  "
             f"{r['state']}  {r['phase_name']}  {r['succeeded']}/{r['devices']} ok  "

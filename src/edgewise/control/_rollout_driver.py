@@ -37,7 +37,13 @@ from edgewise.control._plane import ApiError, ControlPlane
 from edgewise.control._recompute import recompute_devices, recompute_selector
 from edgewise.control._revisions import revision_pipelines
 from edgewise.control._rollout_observe import CohortReader, Target, load_reports, target_of
-from edgewise.control._rollout_store import RolloutStore, StepLost, remember_parsed
+from edgewise.control._rollout_store import (
+    RolloutStore,
+    StepLost,
+    UnreadableRollout,
+    read_rollout,
+    remember_parsed,
+)
 from edgewise.control.rollout import (
     Action,
     CohortTelemetry,
@@ -112,6 +118,9 @@ class RolloutDriver:
     # rollout is in by then (a rollback is terminal and never stepped again).
     _owed_devices: set[str] = field(default_factory=set)
     _owed_deployments: set[str] = field(default_factory=set)
+    # Rollouts whose stored document this build cannot read (a newer replica wrote it),
+    # by the row version found so: left to the replicas that can, until the row changes.
+    _unreadable: dict[str, int] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self.rollouts = RolloutStore(self.plane)
@@ -155,16 +164,34 @@ class RolloutDriver:
                 self.settle_finished(rollout_id, deployment)
             except Exception:
                 log.exception("rollout %s: finished, documents still owed", rollout_id)
-        held = self.rollouts.acquire_leases(self.owner, now, self.lease_s)
+        held = self.rollouts.acquire_leases(self.owner, now, self.lease_s, self._unreadable)
         for rollout_id in held:
             try:
                 self.step_one(rollout_id)
             except StepLost:
                 self._seen.pop(rollout_id, None)
+            except UnreadableRollout as exc:
+                self._let_go(rollout_id, str(exc))
             except Exception:  # one rollout's failure must not hold up the others
                 log.exception("rollout %s: step failed", rollout_id)
         for gone in set(self._seen) - set(held):
             del self._seen[gone]
+
+    def _let_go(self, rollout_id: str, why: str) -> None:
+        """Give back the lease of a rollout this replica cannot read, and leave it be.
+
+        A replica that can read it (an upgraded one) takes it at once rather than when
+        the lease lapses; this one stops taking it until its row changes, and says so
+        once per rollout (a newer replica keeps writing new versions).
+        """
+        self._seen.pop(rollout_id, None)
+        version = self.rollouts.version(rollout_id)
+        if version is None:
+            return
+        if rollout_id not in self._unreadable:
+            log.warning("%s; leaving it to the replicas that can", why)
+        self._unreadable[rollout_id] = version
+        self.rollouts.release(rollout_id, self.owner)
 
     def _targets(self, rollout: Rollout, seen: _Seen) -> tuple[Target, Target]:
         if seen.targets is None:
@@ -183,7 +210,8 @@ class RolloutDriver:
             row = self.rollouts.get(rollout_id)
             if row is None:
                 return None
-            seen.rollout, seen.version = Rollout.from_dict(row["document"]), int(row["version"])
+            seen.rollout, seen.version = read_rollout(row), int(row["version"])
+            self._unreadable.pop(rollout_id, None)
             seen.reports_since, seen.held = seen.stored_reports_since, False
         rollout, version = seen.rollout, seen.version
         now = self.plane.clock()

@@ -24,6 +24,7 @@ from typing import Any
 import orjson
 from sqlalchemy import ColumnElement, Connection, and_, delete, insert, or_, select, update
 
+from edgewise import __version__
 from edgewise.control import _schema as t
 from edgewise.control._plane import ControlPlane, digest
 from edgewise.control._revisions import promote_in, revision_pipelines
@@ -38,7 +39,15 @@ from edgewise.control.rollout import (
     WakeAt,
 )
 
-__all__ = ["ACTIVE_STATES", "RolloutStore", "StepLost", "remember_parsed", "rollout_document"]
+__all__ = [
+    "ACTIVE_STATES",
+    "RolloutStore",
+    "StepLost",
+    "UnreadableRollout",
+    "read_rollout",
+    "remember_parsed",
+    "rollout_document",
+]
 
 Row = dict[str, Any]
 ACTIVE_STATES = ("pending", "running", "paused", "awaiting_approval")
@@ -47,6 +56,30 @@ _CHUNK = 500
 
 class StepLost(Exception):
     """The rollout changed (or the lease moved) since it was read: nothing was written."""
+
+
+class UnreadableRollout(ValueError):
+    """A stored rollout document this control plane cannot read.
+
+    During a rolling upgrade of a replicated control plane, a newer replica may store a
+    state this one does not know (as `held_back` once was); a damaged row reads the same.
+    """
+
+
+def read_rollout(row: Row) -> Rollout:
+    """The rollout a stored row holds.
+
+    Raises:
+        UnreadableRollout: naming the rollout, this build and what did not parse.
+    """
+    try:
+        return Rollout.from_dict(row["document"])
+    except ValueError as exc:
+        raise UnreadableRollout(
+            f"rollout {row['id']} is stored in a form this control plane (edgewise "
+            f"{__version__}) cannot read ({exc}); a replica running a newer edgewise may "
+            "have written it: upgrade this one, or ask one that is"
+        ) from None
 
 
 def _chunks(ids: Sequence[str]) -> list[Sequence[str]]:
@@ -103,11 +136,20 @@ class RolloutStore:
             return [dict(x._mapping) for x in c.execute(q)]
 
     # ---------------------------------------------------------------- leases
-    def acquire_leases(self, owner: str, now: float, ttl: float) -> list[str]:
-        """Take (or renew) the leases of active rollouts nobody else holds."""
+    def acquire_leases(
+        self, owner: str, now: float, ttl: float, skip: dict[str, int] | None = None
+    ) -> list[str]:
+        """Take (or renew) the leases of active rollouts nobody else holds.
+
+        `skip` (rollout id -> row version) leaves those rollouts alone while they stay at
+        that version: the ones this replica found it cannot read.
+        """
         r = t.rollouts
         free = or_(r.c.lease_owner.is_(None), r.c.lease_owner == owner, r.c.lease_expires < now)
-        return [i for i, _ in self._take(and_(r.c.state.in_(ACTIVE_STATES), free), owner, now, ttl)]
+        which = and_(r.c.state.in_(ACTIVE_STATES), free)
+        for rollout_id, version in (skip or {}).items():
+            which = and_(which, or_(r.c.id != rollout_id, r.c.version != version))
+        return [i for i, _ in self._take(which, owner, now, ttl)]
 
     def acquire_unsettled(self, owner: str, now: float, ttl: float) -> list[tuple[str, str]]:
         """Take the leases of finished rollouts still leased: (id, deployment id) each.

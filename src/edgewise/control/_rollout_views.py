@@ -12,7 +12,7 @@ from typing import Any
 
 from edgewise.control.rollout import DeviceRolloutState, PhaseState, Rollout, RolloutState
 
-__all__ = ["device_why", "phase_name", "rollout_summary", "rollout_view"]
+__all__ = ["device_why", "phase_name", "rollout_summary", "rollout_view", "unreadable_summary"]
 
 _D = DeviceRolloutState
 
@@ -43,6 +43,34 @@ def rollout_summary(row: Mapping[str, Any], rollout: Rollout) -> dict[str, Any]:
         "created_at": rollout.created_at,
         "created_by": row.get("created_by"),
         "updated_at": row.get("updated_at"),
+    }
+
+
+def unreadable_summary(row: Mapping[str, Any], why: str) -> dict[str, Any]:
+    """A `rollout list` line for a rollout whose document this build cannot read.
+
+    Its row's own columns still say which rollout it is and its state; what only the
+    document holds (phases, device counts) is unknown (None), and `unreadable` says why.
+    """
+    return {
+        "id": row["id"],
+        "deployment": row["deployment_id"],
+        "from_revision": row["from_revision"],
+        "to_revision": row["to_revision"],
+        "state": row["state"],
+        "reason": why,
+        "phase_index": None,
+        "phase_name": None,
+        "phase_count": None,
+        "devices": None,
+        "counts": {},
+        "succeeded": None,
+        "failed": None,
+        "held_back": None,
+        "created_at": row.get("created_at"),
+        "created_by": row.get("created_by"),
+        "updated_at": row.get("updated_at"),
+        "unreadable": why,
     }
 
 

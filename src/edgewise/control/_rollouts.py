@@ -23,8 +23,19 @@ from edgewise.control._preflight import DeviceView, device_reasons, vocabulary_r
 from edgewise.control._rbac import selector_in_scope
 from edgewise.control._recompute import recompute_devices, recompute_selector
 from edgewise.control._revisions import revision_pipelines, stable_revision
-from edgewise.control._rollout_store import RolloutStore, StepLost, remember_parsed
-from edgewise.control._rollout_views import device_why, rollout_summary, rollout_view
+from edgewise.control._rollout_store import (
+    RolloutStore,
+    StepLost,
+    UnreadableRollout,
+    read_rollout,
+    remember_parsed,
+)
+from edgewise.control._rollout_views import (
+    device_why,
+    rollout_summary,
+    rollout_view,
+    unreadable_summary,
+)
 from edgewise.control._selector import parse_selector
 from edgewise.control.rollout import (
     Action,
@@ -248,7 +259,10 @@ def _parsed(plane: ControlPlane, store: RolloutStore, rollout_id: str, version: 
     row = store.get(rollout_id)
     if row is None:
         raise ApiError(404, "not_found", f"no rollout {rollout_id}")
-    rollout = Rollout.from_dict(row["document"])
+    try:
+        rollout = read_rollout(row)
+    except UnreadableRollout as exc:
+        raise ApiError(503, "rollout_unreadable", str(exc)) from None
     remember_parsed(cache, rollout_id, int(row["version"]), rollout)
     return rollout
 
@@ -288,7 +302,10 @@ def list_rollouts(
             dep is None or not selector_in_scope(who.scope, dep["selector"])
         ):
             continue
-        out.append(rollout_summary(row, Rollout.from_dict(row["document"])))
+        try:
+            out.append(rollout_summary(row, read_rollout(row)))
+        except UnreadableRollout as exc:  # listed from its row: one row must not hide all
+            out.append(unreadable_summary(row, str(exc)))
     return out
 
 

@@ -8,7 +8,7 @@ progress block re-fetches itself (`hx-get ... every Ns`) until the rollout ends.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, NamedTuple
 
 from fastapi import APIRouter, Request
 from fastapi.responses import HTMLResponse, RedirectResponse, Response
@@ -54,13 +54,21 @@ async def rollouts_page(request: Request) -> Response:
     return render("rollouts.html", ctx)
 
 
-async def _card(request: Request, session: Session, rollout_id: str) -> RolloutCard | str:
-    """The rollout's card, or an error message."""
+class _Problem(NamedTuple):
+    """Why there is no card: the message, and the status to answer with."""
+
+    message: str
+    status: int
+
+
+async def _card(request: Request, session: Session, rollout_id: str) -> RolloutCard | _Problem:
+    """The rollout's card, or why there is none."""
     answer = await src.api_call(request.app, session.token, "GET", f"/api/v1/rollouts/{rollout_id}")
     if answer.missing:
-        return "Rollouts are not available on this control plane yet."
+        return _Problem("Rollouts are not available on this control plane yet.", 404)
     if not answer.ok or not isinstance(answer.body, dict):
-        return answer.message
+        # 404 for an unknown rollout, 503 for one this replica cannot read
+        return _Problem(answer.message, answer.status if answer.status >= 400 else 502)
     return rollout_card(answer.body)
 
 
@@ -81,9 +89,9 @@ async def rollout_page(request: Request, rollout_id: str) -> Response:
     if session is None:
         return login_redirect(request)
     card = await _card(request, session, rollout_id)
-    if isinstance(card, str):
-        ctx = page_context(session, "/rollouts", "Rollout", message=card)
-        return render("error.html", ctx, status=404)
+    if isinstance(card, _Problem):
+        ctx = page_context(session, "/rollouts", "Rollout", message=card.message)
+        return render("error.html", ctx, status=card.status)
     ctx = {
         **page_context(session, "/rollouts", f"Rollout {rollout_id}"),
         **_progress_ctx(session, card),
@@ -98,9 +106,9 @@ async def rollout_progress(request: Request, rollout_id: str) -> Response:
     if session is None:
         return login_redirect(request)
     card = await _card(request, session, rollout_id)
-    if isinstance(card, str):
+    if isinstance(card, _Problem):
         # 286 tells htmx to stop polling: the rollout is gone or unreadable.
-        return HTMLResponse(f'<p class="empty">{_escape(card)}</p>', status_code=286)
+        return HTMLResponse(f'<p class="empty">{_escape(card.message)}</p>', status_code=286)
     return render("_rollout_progress.html", _progress_ctx(session, card))
 
 
@@ -130,6 +138,6 @@ async def rollout_command(request: Request, rollout_id: str, action: str) -> Res
     if not htmx:
         return RedirectResponse(f"/rollouts/{rollout_id}", status_code=303)
     card = await _card(request, session, rollout_id)
-    if isinstance(card, str):
-        return HTMLResponse(f'<p class="empty">{_escape(card)}</p>', status_code=200)
+    if isinstance(card, _Problem):
+        return HTMLResponse(f'<p class="empty">{_escape(card.message)}</p>', status_code=200)
     return render("_rollout_progress.html", _progress_ctx(session, card, error))

@@ -85,6 +85,8 @@ class RolloutCard:
     current_phase: str = ""  # the API's own name for it, when phases are not listed
     # Why devices are held back (they cannot run the revision): (devices, reason).
     held_back: list[tuple[int, str]] = field(default_factory=list)
+    # Why this control plane cannot read the rollout's stored state (a newer one wrote it).
+    unreadable: str = ""
 
     @property
     def phase_name(self) -> str:
@@ -209,6 +211,7 @@ def rollout_card(doc: Mapping[str, Any]) -> RolloutCard:
             for h in doc.get("held_back_reasons") or []
             if isinstance(h, Mapping)
         ],
+        unreadable=str(doc.get("unreadable") or ""),
     )
 
 

@@ -206,4 +206,5 @@ class Rollout:
                 ),
             )
         except (KeyError, TypeError, IndexError, ValueError) as exc:
-            raise ValueError(f"not a stored rollout: {exc!r}") from None
+            detail = f"no {exc.args[0]!r}" if isinstance(exc, KeyError) else str(exc)
+            raise ValueError(f"not a stored rollout: {detail}") from None
