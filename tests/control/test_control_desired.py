@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import base64
 from typing import Any
 
+import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from edgewise.bundle import public_key_from_b64
-from edgewise.protocol import SignedDesiredState, verify_desired
+from edgewise.protocol import DesiredStateError, SignedDesiredState, verify_desired
 
 from .conftest import Plane
 
@@ -71,6 +73,47 @@ def test_document_is_resigned_past_half_its_lifetime_without_a_new_revision(
     )
     assert doc.revision == 1
     assert dev.get("/device/v1/desired", **{"if-none-match": '"1"'}).status_code == 304
+
+
+def test_a_resign_keeps_the_fields_a_newer_replica_wrote(sqlite_plane: Plane) -> None:
+    # A newer control-plane replica stored this revision with a field this build lacks;
+    # re-signing it near expiry must change the times only, or the revision's content
+    # changes under the agents that accepted it.
+    from sqlalchemy import update
+
+    from edgewise.bundle import canonical_json
+    from edgewise.control._schema import devices
+    from edgewise.protocol import ignored_fields
+
+    p = sqlite_plane
+    plane = p.client.app.state.plane  # type: ignore[attr-defined]
+    dev = p.enroll()
+    document = dev.get("/device/v1/desired").json()["document"]
+    document["quota"] = {"max_rps": 5}
+    document["critical"] = ["quota"]
+    signature = base64.b64encode(plane.key.sign(canonical_json(document))).decode()
+    newer = {"document": document, "key_id": plane.key_id, "signature": signature}
+    with plane.store.engine.begin() as c:
+        c.execute(update(devices).where(devices.c.id == dev.id).values(desired_signed=newer))
+    plane.cache.drop(dev.id)
+    p.clock.now += p.settings.desired_ttl_s * 0.6
+    r = dev.get("/device/v1/desired", **{"if-none-match": '"1"'})
+    assert r.status_code == 200
+    signed = SignedDesiredState.model_validate(r.json())
+    after = signed.signed_document()
+    assert after["expires_at"] > document["expires_at"]
+    assert {k: v for k, v in after.items() if k not in ("issued_at", "expires_at")} == {
+        k: v for k, v in document.items() if k not in ("issued_at", "expires_at")
+    }
+    assert ignored_fields(after) == ["quota"]
+    # Signed over what it holds: an agent that knows `quota` would take it; this one
+    # (which does not) refuses it for that, not for a bad signature.
+    with pytest.raises(DesiredStateError) as refused:
+        verify_desired(signed, _trust(p), p.clock(), 1)
+    assert (refused.value.reason, refused.value.detail) == (
+        "needs a newer agent",
+        "this agent does not know quota",
+    )
 
 
 def test_trust_root_names_the_signing_key(sqlite_plane: Plane, examples: dict[str, Any]) -> None:

@@ -46,6 +46,7 @@ from edgewise.protocol import (
     DesiredState,
     RequestAuthError,
     parse_signed_headers,
+    refresh_desired,
     sign_desired,
     signer_key_id,
     verify_request,
@@ -443,13 +444,14 @@ class ControlPlane:
         now = self.clock()
         half_life = (device.expires_at - device.issued_at) / 2
         if now >= device.issued_at + half_life:
-            signed = json.loads(device.signed_json)
-            doc = DesiredState.model_validate(signed["document"])
-            doc = doc.model_copy(
-                update={"issued_at": now, "expires_at": now + self.settings.desired_ttl_s}
+            fresh = refresh_desired(
+                json.loads(device.signed_json),
+                now,
+                now + self.settings.desired_ttl_s,
+                self.key,
+                self.key_id,
             )
-            fresh = sign_desired(doc, self.key, self.key_id).model_dump(mode="json")
-            self.store.resign_desired(device_id, doc.revision, fresh)
+            self.store.resign_desired(device_id, int(fresh["document"]["revision"]), fresh)
             self.cache.drop(device_id)
             return self.load_device(device_id) or device, True
         return device, False

@@ -21,7 +21,10 @@ Agents and control planes are upgraded at different times, so the document can g
   that does not know it refuses the document ("needs a newer agent") and keeps serving
   what it accepted before;
 - the control plane leaves `critical` out while it is empty, so agents built before it
-  existed read today's documents byte for byte as before.
+  existed read today's documents byte for byte as before;
+- re-signing an unchanged revision near its expiry (`refresh_desired`) changes its times
+  and nothing else, so a replica older than the one that wrote the document does not
+  drop the fields it does not know.
 """
 
 from __future__ import annotations
@@ -68,6 +71,7 @@ __all__ = [
     "desired_signing_bytes",
     "first_problem",
     "ignored_fields",
+    "refresh_desired",
     "sign_desired",
     "signer_key_id",
     "verify_desired",
@@ -355,6 +359,37 @@ def sign_desired(
     return SignedDesiredState(
         document=doc, key_id=kid, signature=base64.b64encode(signature).decode()
     )
+
+
+def refresh_desired(
+    stored: Mapping[str, Any],
+    issued_at: float,
+    expires_at: float,
+    private_key: Ed25519PrivateKey,
+    key_id: str | None = None,
+) -> dict[str, Any]:
+    """A stored signed document signed again with new times, every other field kept.
+
+    The control plane re-signs a revision past half its lifetime. Taking the document as
+    stored, not this side's reading of it, keeps the fields a newer control-plane
+    replica wrote: dropping them would change the revision's content under the agents
+    that accepted it (an agent that knows them refuses equal revisions that differ).
+
+    Returns:
+        The signed document in its wire form (`document`, `key_id`, `signature`).
+
+    Raises:
+        pydantic.ValidationError: `stored` is not a signed desired-state document.
+    """
+    document = SignedDesiredState.model_validate(stored).signed_document()
+    document["issued_at"], document["expires_at"] = issued_at, expires_at
+    kid = key_id or signer_key_id(private_key.public_key())
+    signature = private_key.sign(canonical_json(document))
+    return {
+        "document": document,
+        "key_id": kid,
+        "signature": base64.b64encode(signature).decode(),
+    }
 
 
 def verify_desired(
