@@ -24,7 +24,7 @@ from typing import Any
 import orjson
 from sqlalchemy import ColumnElement, Connection, and_, delete, insert, or_, select, update
 
-from edgewise import __version__
+import edgewise
 from edgewise.control import _schema as t
 from edgewise.control._plane import ControlPlane, digest
 from edgewise.control._revisions import promote_in, revision_pipelines
@@ -77,7 +77,7 @@ def read_rollout(row: Row) -> Rollout:
     except ValueError as exc:
         raise UnreadableRollout(
             f"rollout {row['id']} is stored in a form this control plane (edgewise "
-            f"{__version__}) cannot read ({exc}); a replica running a newer edgewise may "
+            f"{edgewise.__version__}) cannot read ({exc}); a replica running a newer edgewise may "
             "have written it: upgrade this one, or ask one that is"
         ) from None
 
