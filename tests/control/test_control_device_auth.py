@@ -221,3 +221,56 @@ def test_device_hot_routes_answer_bad_input_like_the_rest_of_the_api(sqlite_plan
     metrics = sqlite_plane.client.get("/metrics").text
     assert 'route="/device/v1/artifacts/{sha256}",status="404"' in metrics
     assert 'route="/device/v1/report",status="422"' in metrics
+
+
+def test_numbers_no_store_or_float_holds_are_client_errors_on_the_device_routes(
+    sqlite_plane: Plane, examples: dict[str, Any]
+) -> None:
+    # Each of these answered 500: a float overflow, a BIGINT overflow, a NULL timestamp,
+    # int() of thousands of digits or of a non-ASCII digit, a recursion limit.
+    p = sqlite_plane
+    dev = p.enroll()
+    headers = dev.headers("GET", "/device/v1/desired")
+    for stamp in (
+        "1" + "0" * 400,
+        "\u0661\u0667\u0660\u0660\u0660\u0660\u0660\u0660\u0660\u0660".encode(),
+        "1_700_000_000",
+    ):
+        for extra in ({}, {"if-none-match": '"1"'}):  # the full route and the fast path
+            r = p.client.get(
+                "/device/v1/desired", headers={**headers, "X-Edgewise-Timestamp": stamp, **extra}
+            )
+            assert (r.status_code, _code(r)) == (401, "malformed"), (stamp, r.text)
+    body = b"{}"
+    r = p.client.post(
+        "/device/v1/report",
+        content=body,
+        headers={
+            **dev.headers("POST", "/device/v1/report", body),
+            "X-Edgewise-Timestamp": "9" * 400,
+        },
+    )
+    assert (r.status_code, _code(r)) == (401, "malformed")
+    for report in ({"revision": 2**63}, {"revision": 0, "agent": {"buffer_depth": -1}}):
+        r = dev.post("/device/v1/report", report)
+        assert (r.status_code, _code(r)) == (422, "invalid_request"), r.text
+    nan = b'{"records":[{"seq":1,"cls":"event","ts":NaN,"kind":"x","data":{}}]}'
+    deep = (
+        b'{"records":[{"seq":1,"cls":"event","ts":1,"kind":"x","data":{"a":'
+        + b"[" * 5000
+        + b"]" * 5000
+        + b"}}]}"
+    )
+    for raw in (nan, deep):
+        r = dev.post("/device/v1/telemetry", gzip.compress(raw), **{"content-encoding": "gzip"})
+        assert r.status_code == 422 and "error" in r.json(), r.text
+    # An entity tag no revision has is no match (the document is sent), not an error.
+    for tag in ('"' + "9" * 4301 + '"', b'"\xb2"'):
+        r = dev.get("/device/v1/desired", **{"if-none-match": tag})  # type: ignore[dict-item]
+        assert r.status_code == 200 and r.json()["document"]["revision"] == 1, tag
+    p.trust(examples["pub"])
+    sha = p.push(examples["bundles"]["digits-logreg@1.0.0"]).json()["sha256"]
+    for rng in ("bytes=0-" + "9" * 5000, "bytes=" + "9" * 5000 + "-"):
+        r = dev.get(f"/device/v1/artifacts/{sha}", range=rng)
+        assert (r.status_code, _code(r)) == (416, "bad_range"), rng
+    assert dev.get("/device/v1/desired").status_code == 200  # and the device still works

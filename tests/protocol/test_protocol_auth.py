@@ -68,6 +68,13 @@ def test_any_change_is_refused(change: dict[str, object], reason: str) -> None:
     [
         (HEADER_SIGNATURE, None, "unsigned"),
         (HEADER_TIMESTAMP, "soon", "malformed"),
+        (HEADER_TIMESTAMP, "1" + "0" * 400, "malformed"),  # no float holds it
+        (
+            HEADER_TIMESTAMP,
+            "\u0661\u0667\u0660\u0660\u0660\u0660\u0660\u0660\u0660\u0660",
+            "malformed",
+        ),  # int() reads other scripts' digits
+        (HEADER_TIMESTAMP, "1_700_000_000", "malformed"),
         (HEADER_NONCE, "xyz", "malformed"),
         (HEADER_SIGNATURE, "!!!", "malformed"),
         (HEADER_SIGNATURE, base64.b64encode(b"short").decode(), "malformed"),

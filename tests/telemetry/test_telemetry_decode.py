@@ -112,9 +112,14 @@ def test_what_the_model_refuses_is_refused(doc: Any) -> None:
         _same(_body(doc))
 
 
-def test_infinity_literals_and_bad_gzip_follow_the_model() -> None:
-    got = _same(_raw('{"records":[{"seq":1,"cls":"metric","ts":Infinity,"kind":"k"}]}'))
-    assert got.ts == [float("inf")]
+def test_non_finite_timestamps_deep_nesting_and_bad_gzip_follow_the_model() -> None:
+    for ts in ("Infinity", "NaN", "-Infinity", "1e400"):  # a time is a finite number
+        with pytest.raises(ValueError, match="invalid telemetry batch"):
+            _same(_raw('{"records":[{"seq":1,"cls":"metric","ts":' + ts + ',"kind":"k"}]}'))
+    nested = "[" * 5000 + "]" * 5000
+    deep = '{"records":[{"seq":1,"cls":"metric","ts":1,"kind":"k","data":{"a":' + nested + "}}]}"
+    with pytest.raises(ValueError, match="invalid telemetry batch"):  # not RecursionError
+        decode_upload(_raw(deep))
     with pytest.raises(ValueError, match="gzip"):
         decode_upload(b"not gzip")
     with pytest.raises(ValueError):

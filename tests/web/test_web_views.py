@@ -105,6 +105,9 @@ def test_compare_histograms_refuses_different_edges() -> None:
 def test_version_key_orders_numerically() -> None:
     versions = ["1.10.0", "1.2.0", "1.2.0-rc1", "0.9"]
     assert sorted(versions, key=version_key) == ["0.9", "1.2.0", "1.2.0-rc1", "1.10.0"]
+    # Digits int() refuses (another script's, thousands of them) sort as text, not raise.
+    odd = ["1.0.²", "1.0." + "9" * 5000, "1.0.3"]
+    assert sorted(odd, key=version_key)[0] == "1.0.3"
 
 
 def _engine_rollout() -> object:

@@ -37,7 +37,10 @@ __all__ = ["router"]
 router = APIRouter(prefix="/device/v1", tags=["device"], responses=DEVICE_ERRORS)
 
 _SHA_RE = re.compile(r"^[0-9a-f]{64}$")
-_RANGE_RE = re.compile(r"^bytes=(\d*)-(\d*)$")
+# ASCII digits, at most 18 (`\d` takes any script's digits; int() of thousands of them
+# fails): more than any artifact's size, so a longer number is not a range we serve.
+_RANGE_RE = re.compile(r"^bytes=([0-9]{0,18})-([0-9]{0,18})$")
+_ETAG_RE = re.compile(r"[0-9]{1,18}")
 _CHUNK = 256 * 1024
 # Artifacts are content-addressed, so one cache serves every control plane of a process.
 _ARTIFACTS = ArtifactCache()
@@ -84,7 +87,7 @@ def _etag_revision(header: str | None) -> int | None:
         return None
     value = header.strip()
     value = value.removeprefix("W/").strip('"')
-    return int(value) if value.isdigit() else None
+    return int(value) if _ETAG_RE.fullmatch(value) else None
 
 
 async def _current(plane: ControlPlane, device_id: str) -> tuple[CachedDevice, bool]:

@@ -17,6 +17,7 @@ from __future__ import annotations
 import base64
 import binascii
 import hashlib
+import re
 import secrets
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -48,6 +49,7 @@ MAX_SKEW_S = 300.0
 
 _EMPTY_SHA256 = hashlib.sha256(b"").hexdigest()
 _HEX = frozenset("0123456789abcdef")
+_TIMESTAMP_RE = re.compile(r"-?[0-9]{1,15}")
 
 
 class RequestAuthError(Exception):
@@ -138,10 +140,12 @@ def parse_signed_headers(headers: Mapping[str, str]) -> tuple[str, int, str, byt
         raise RequestAuthError("unsigned", "request is not signed by a device key")
     if len(device) > 128:
         raise RequestAuthError("malformed", "device id too long")
-    try:
-        timestamp = int(ts_text)
-    except ValueError:
-        raise RequestAuthError("malformed", "timestamp is not an integer") from None
+    # ASCII digits only, at most 15 of them (unix seconds until the year 31,000,000; the
+    # skew check then compares it with a float exactly): int() alone takes "١٢", "1_0"
+    # and numbers no float holds.
+    if not _TIMESTAMP_RE.fullmatch(ts_text):
+        raise RequestAuthError("malformed", "timestamp is not an integer of at most 15 digits")
+    timestamp = int(ts_text)
     if len(nonce) != 32 or not set(nonce) <= _HEX:
         raise RequestAuthError("malformed", "nonce must be 32 lowercase hex characters")
     try:

@@ -243,7 +243,7 @@ class AgentInfo(BaseModel):
 
     version: str = ""
     uptime_s: float = 0.0
-    buffer_depth: int = 0
+    buffer_depth: int = Field(default=0, ge=0, le=2**63 - 1)
     dropped: dict[str, int] = Field(default_factory=dict)
     # Which pipeline-spec terms the agent understands (`edgewise.protocol._vocabulary`):
     # the digest in every report, the terms until a report carrying them was accepted.
@@ -263,7 +263,7 @@ class Report(BaseModel):
 
     model_config = ConfigDict(extra="ignore")
 
-    revision: int = Field(ge=0)
+    revision: int = Field(ge=0, le=2**63 - 1)  # stored as SQL BIGINT
     pipelines: dict[str, PipelineReport] = Field(default_factory=dict)
     errors: list[str] = Field(default_factory=list, max_length=100)
     agent: AgentInfo = Field(default_factory=AgentInfo)

@@ -53,7 +53,7 @@ class TelemetryRecord(BaseModel):
 
     seq: int = Field(ge=1, le=MAX_SEQ, description="per device, from 1, strictly increasing")
     cls: TelemetryClass
-    ts: float
+    ts: float = Field(allow_inf_nan=False)  # stored as a number: NaN is not one
     kind: str = Field(min_length=1, max_length=200)
     data: dict[str, Any] = Field(default_factory=dict)
 

@@ -64,7 +64,9 @@ def version_key(version: str) -> tuple[int | str, ...]:
     """A sort key for semver-ish strings (numeric parts numerically)."""
     parts: list[int | str] = []
     for chunk in version.replace("-", ".").replace("+", ".").split("."):
-        parts.append(int(chunk) if chunk.isdigit() else chunk)
+        # ASCII digits of a sane length only: int() refuses "²" and thousands of digits
+        numeric = chunk.isascii() and chunk.isdigit() and len(chunk) <= 30
+        parts.append(int(chunk) if numeric else chunk)
     # Mixed int/str tuples do not compare: make every element comparable.
     return tuple((0, p) if isinstance(p, int) else (1, p) for p in parts)  # type: ignore[misc]
 

@@ -153,8 +153,8 @@ def _fast(raw: bytes) -> TelemetryColumns | None:
     """
     try:
         doc = _BATCH.decode(raw)
-    except msgspec.DecodeError:  # ValidationError included
-        return None
+    except (msgspec.DecodeError, RecursionError):  # ValidationError included
+        return None  # (nesting deeper than msgspec goes: pydantic refuses it by name)
     dropped: dict[str, int] = {c: 0 for c in TELEMETRY_CLASSES}
     if doc.dropped is not msgspec.UNSET:
         for k, v in doc.dropped.items():
