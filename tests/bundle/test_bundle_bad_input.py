@@ -229,6 +229,45 @@ def test_a_manifest_that_is_not_json_is_refused(
     assert _refused(bad, [alice.public]).reason == "bad_json"
 
 
+def _with_manifest_edit(bundle: Path, out: Path, edit: Callable[[dict[str, Any]], None]) -> Path:
+    """A copy whose manifest was edited, keeping its signatures.
+
+    No signer can vouch for these edits: the manifest has no canonical bytes to sign.
+    """
+    with zipfile.ZipFile(bundle) as zf:
+        data = json.loads(zf.read("manifest.json"))
+    edit(data)
+    return rewrite_zip(bundle, out, replace={"manifest.json": json.dumps(data).encode()})
+
+
+def _huge_size(m: dict[str, Any]) -> None:
+    m["files"]["model.onnx"]["size"] = 10**30  # beyond what a double holds exactly
+
+
+def _lone_surrogate(m: dict[str, Any]) -> None:
+    m["description"] = "\ud800"  # json.dumps writes it as the escape JSON allows
+
+
+@pytest.mark.parametrize(
+    ("edit", "why"),
+    [(_huge_size, "beyond the exactly representable range"), (_lone_surrogate, "lone surrogate")],
+    ids=["huge_int", "lone_surrogate"],
+)
+def test_a_manifest_without_a_canonical_form_is_refused_as_a_schema_error(
+    signed: Path,
+    alice: KeyPair,
+    tmp_path: Path,
+    edit: Callable[[dict[str, Any]], None],
+    why: str,
+) -> None:
+    bad = _with_manifest_edit(signed, tmp_path / "b.ewb", edit)
+    error = _refused(bad, [alice.public])
+    assert isinstance(error, SchemaError) and error.reason == "schema_invalid"
+    assert why in error.message
+    with pytest.raises(SchemaError):
+        read_manifest(bad)  # what `model inspect` reads
+
+
 def test_signing_with_a_key_file_readable_by_others_is_refused(
     src_dir: Path, alice: KeyPair, tmp_path: Path
 ) -> None:

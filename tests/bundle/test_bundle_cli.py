@@ -128,6 +128,30 @@ def test_cli_verify_refusals_name_their_reason(
     assert_one_line_refusal(code, err, reason)
 
 
+@pytest.mark.parametrize("edit", [{"description": "\ud800"}, {"size": 10**30}])
+def test_cli_verify_and_inspect_of_a_manifest_without_a_canonical_form(
+    edit: dict[str, object],
+    signed: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    with zipfile.ZipFile(signed) as zf:
+        manifest = json.loads(zf.read("manifest.json"))
+    if "size" in edit:
+        manifest["files"]["model.onnx"]["size"] = edit["size"]
+    else:
+        manifest.update(edit)
+    replace = {"manifest.json": json.dumps(manifest).encode()}
+    bad = rewrite_zip(signed, tmp_path / "bad.ewb", replace=replace)
+    code, _, err = run_main(["model", "inspect", bad], monkeypatch, capsys)
+    assert_one_line_refusal(code, err, "schema_invalid")
+    assert "no canonical JSON form" in err
+    pub = tmp_path / "keys" / "alice.pub"
+    code, _, err = run_main(["model", "verify", bad, "--trust", pub], monkeypatch, capsys)
+    assert_one_line_refusal(code, err, "schema_invalid")
+
+
 def test_cli_verify_threshold_and_untrusted_signer(
     signed: Path,
     tmp_path: Path,
@@ -209,6 +233,26 @@ def test_cli_missing_files_and_bad_threshold_are_user_errors(
         ["model", "verify", tmp_path / "none.ewb", "--trust", pub], monkeypatch, capsys
     )
     assert_one_line_refusal(code, err, "not_found")
+
+
+def test_cli_pack_and_generate_into_an_unwritable_place_are_one_line_errors(
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    src_dir: Path,
+) -> None:
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    for args, message in (
+        (["model", "pack", src_dir, "-o", tmp_path], f"{tmp_path}: it is a directory"),
+        (["model", "pack", src_dir, "-o", blocker / "x.ewb"], f"{blocker} is not a directory"),
+        (["keys", "generate", "k", "--dir", blocker / "sub"], f"{blocker} is not a directory"),
+        (["keys", "generate", "k", "--dir", blocker], f"{blocker} is not a directory"),
+    ):
+        code, out, err = run_main(args, monkeypatch, capsys)
+        assert code == 1 and out == "", (args, err)
+        assert len(err.splitlines()) == 1 and err.startswith("error: "), (args, err)
+        assert message in err, (args, err)
 
 
 def test_every_command_has_help() -> None:

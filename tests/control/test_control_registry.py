@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import zipfile
 from pathlib import Path
 from typing import Any
@@ -80,6 +81,43 @@ def test_not_a_bundle_and_empty_uploads_are_refused(sqlite_plane: Plane, tmp_pat
     empty = tmp_path / "empty.ewb"
     empty.write_bytes(b"")
     assert _push_code(sqlite_plane, empty)[0] == 400
+
+
+def test_a_refused_upload_does_not_reveal_server_paths(sqlite_plane: Plane, tmp_path: Path) -> None:
+    junk = tmp_path / "junk.ewb"
+    junk.write_bytes(b"not a zip at all")
+    r = sqlite_plane.push(junk)
+    error = r.json()["error"]
+    assert (r.status_code, error["code"]) == (400, "bundle_corrupt_archive")
+    assert "not a readable zip archive" in error["message"]
+    assert str(sqlite_plane.settings.data_dir) not in error["message"]
+    assert "upload-" not in error["message"]
+
+
+def _manifest_edited(src: Path, out: Path, field: str, value: Any) -> Path:
+    """A copy of a signed bundle with one manifest field set (signatures kept)."""
+    with zipfile.ZipFile(src) as zin, zipfile.ZipFile(out, "w") as zout:
+        for info in zin.infolist():
+            data = zin.read(info.filename)
+            if info.filename == "manifest.json":
+                manifest = json.loads(data)
+                if field == "size":
+                    manifest["files"][manifest["model"]]["size"] = value
+                else:
+                    manifest[field] = value
+                data = json.dumps(manifest).encode()  # "\ud800" stays an escape
+            zout.writestr(info, data)
+    return out
+
+
+@pytest.mark.parametrize(("field", "value"), [("size", 10**30), ("description", "\ud800")])
+def test_a_manifest_without_a_canonical_form_is_a_schema_error_not_a_500(
+    sqlite_plane: Plane, examples: dict[str, Any], tmp_path: Path, field: str, value: Any
+) -> None:
+    sqlite_plane.trust(examples["pub"])
+    src = examples["bundles"]["digits-logreg@1.0.0"]
+    bad = _manifest_edited(src, tmp_path / "bad.ewb", field, value)
+    assert _push_code(sqlite_plane, bad) == (400, "bundle_schema_invalid")
 
 
 def test_same_version_with_other_content_conflicts_and_same_content_is_a_no_op(

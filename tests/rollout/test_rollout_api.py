@@ -415,6 +415,10 @@ def test_approval_holds_the_next_phase_until_an_operator_approves(world: World) 
         ({"deployment": "base", "to_revision": 2, "spec": {"bogus": 1}}, 422, "invalid_spec"),
         ({"deployment": "base", "to_revision": 2, "spec": {"waves": [150]}}, 422,
          "invalid_spec"),
+        ({"deployment": "base", "to_revision": 2, "spec": {"strata_keys": [["hw"]]}}, 422,
+         "invalid_spec"),
+        ({"deployment": "base", "to_revision": 2, "spec": {"strata_keys": [{}]}}, 422,
+         "invalid_spec"),
         ({"deployment": "base", "to_revision": 0}, 422, "invalid_request"),
         ({"deployment": "base", "to_revision": 2, "extra": True}, 422, "invalid_request"),
         ({"deployment": "base", "to_revision": "two"}, 422, "invalid_request"),
@@ -427,6 +431,58 @@ def test_bad_rollout_requests_are_refused_with_4xx(
     _revise(world, "1.1.0")
     r = world.api("POST", "/api/v1/rollouts", json=body)
     assert (r.status_code, r.json()["error"]["code"]) == (status, code), r.text
+
+
+HUGE = 10**400  # a YAML or JSON spec may hold it; as a float it overflows
+
+
+@pytest.mark.parametrize(
+    "spec",
+    [
+        {"soak_s": HUGE},
+        {"device_timeout_s": HUGE},
+        {"gate_timeout_s": HUGE},
+        {"rate_per_min": HUGE},
+        {"rate_ramp": HUGE},
+        {"rate_ramp": 1e6},  # finite, but its 64th power is not
+        {"canary": HUGE},
+        {"canary": "9" * 400},
+        {"soak_s": math.nan},
+        {"device_timeout_s": math.inf},
+        {"gate_timeout_s": math.inf},
+        {"gates": {"min_reporting": HUGE}},
+        {"gates": {"min_inferences": HUGE}},
+        {"gates": {"min_reporting": math.nan}},
+        {"gates": {"max_latency_ratio": HUGE}},
+        {"gates": {"max_error_rate_delta": math.nan}},
+        {"gates": {"max_confidence_shift": math.inf}},
+        {"gates": {"max_input_drift": "high"}},
+    ],
+)
+def test_spec_numbers_out_of_bounds_or_not_finite_are_refused_at_start(
+    world: World, spec: dict[str, Any]
+) -> None:
+    _fleet(world, 2)
+    body = {"deployment": "base", "to_revision": _revise(world, "1.1.0"), "spec": spec}
+    raw = json.dumps(body)  # NaN and Infinity as Python's parser takes them
+    r = world.api(
+        "POST", "/api/v1/rollouts", content=raw, headers={"content-type": "application/json"}
+    )
+    assert (r.status_code, r.json()["error"]["code"]) == (422, "invalid_spec"), r.text
+    assert world.api("GET", "/api/v1/rollouts").json() == []
+
+
+def test_a_duration_over_a_year_is_refused_naming_the_bound(world: World) -> None:
+    _fleet(world, 2)
+    body = {"deployment": "base", "to_revision": _revise(world, "1.1.0"),
+            "spec": {"soak_s": 366 * 86400}}  # fmt: skip
+    r = world.api("POST", "/api/v1/rollouts", json=body)
+    assert r.status_code == 422
+    assert r.json()["error"]["message"] == (
+        "soak_s must be a finite number within 0-31536000 s (365 days)"
+    )
+    body["spec"] = {"soak_s": 365 * 86400}
+    assert world.api("POST", "/api/v1/rollouts", json=body).status_code == 201
 
 
 def test_a_rollout_some_targeted_agents_cannot_run_is_refused_unless_forced(

@@ -140,6 +140,8 @@ def test_alert_transition_table_refuses_illegal_moves() -> None:
         {"kind": "freshness", "name": "Bad Name"},
         {"kind": "nope", "name": "x"},
         {"kind": "freshness", "name": "x", "extra": 1},
+        {"kind": "burn_rate", "name": "x", "group_by": "garbage"},
+        {"kind": "burn_rate", "name": "x", "group_by": "label:"},
     ],
 )
 def test_invalid_rules_are_refused(bad: dict[str, object]) -> None:

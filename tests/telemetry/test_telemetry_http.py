@@ -260,6 +260,29 @@ def test_fleet_drift_alerts_apis_and_webhook(server: Server) -> None:
         hooks.close()
 
 
+def test_a_rule_body_nested_past_the_parser_is_a_400_like_on_every_other_route(
+    server: Server,
+) -> None:
+    deep = "[" * 100_000 + "]" * 100_000
+    headers = {"authorization": f"Bearer {server.admin}", "content-type": "application/json"}
+    r = server.http.put("/api/v1/alert-rules/x", content=deep, headers=headers)
+    assert r.status_code == 400 and r.json()["error"]["code"] == "bad_json", r.text
+    assert server.http.post("/api/v1/rollouts", content=deep, headers=headers).status_code == 400
+
+
+@pytest.mark.parametrize("group_by", ["garbage", "label:"])
+def test_a_rule_with_an_unknown_grouping_is_refused_and_evaluation_carries_on(
+    server: Server, group_by: str
+) -> None:
+    r = server.api(
+        "PUT", "/api/v1/alert-rules/bad", json={"kind": "burn_rate", "group_by": group_by}
+    )
+    assert r.status_code == 422 and r.json()["error"]["code"] == "invalid_request", r.text
+    assert "cannot group by" in r.json()["error"]["message"]
+    assert server.api("GET", "/api/v1/alert-rules").json() == []
+    assert server.api("POST", "/api/v1/alerts/evaluate").status_code == 200
+
+
 def test_metrics_has_fleet_gauges_and_passes_promtool(
     server: Server, require_binary: Callable[[str, str], str]
 ) -> None:

@@ -157,6 +157,28 @@ def test_invalid_rule_is_refused(store: Any) -> None:
         svc.put_rule({"kind": "freshness", "name": "x", "max_age_s": -1}, actor="t")
 
 
+def test_a_stored_rule_this_build_cannot_read_is_skipped_and_the_others_fire(
+    store: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    ingest = TelemetryIngest(store.engine)
+    svc = TelemetryService(store.engine, clock=lambda: NOW)
+    svc.put_rule({"kind": "burn_rate", "name": "slo", "burn_rate": 1.5}, actor="test")
+    # As an older build, which did not check group_by, stored it.
+    bad = {"kind": "burn_rate", "name": "bad", "group_by": "garbage"}
+    with store.engine.begin() as c:
+        c.execute(
+            tt.alert_rules.insert().values(name="bad", rule=bad, created_at=NOW, created_by="old")
+        )
+    _send_windows(ingest, "dev-1", 0.05, 1)
+    with caplog.at_level("WARNING", logger="edgewise.control.telemetry"):
+        changes = svc.evaluate_alerts()
+    assert [(c.rule, c.new) for c in changes] == [("slo", AlertState.FIRING)]
+    assert "alert rule 'bad' skipped: burn_rate.group_by: Value error, cannot group by" in (
+        caplog.text
+    )
+    assert [r.name for r in svc.rules()] == ["slo"]
+
+
 def test_retention_downsamples_old_windows_and_keeps_totals(store: Any) -> None:
     ingest = TelemetryIngest(store.engine)
     _send_windows(ingest, "dev-1", 0.1, 1, minutes=180)  # 3 h of minute windows

@@ -54,7 +54,9 @@ def canonical_json(obj: Any) -> bytes:
     try:
         return text.encode("utf-8")
     except UnicodeEncodeError as exc:
-        raise ValueError("string holds a lone surrogate") from exc
+        # Show what precedes it (the key, mostly), never the surrogate: not UTF-8 either.
+        before = text[max(0, exc.start - 40) : exc.start]
+        raise ValueError(f"string holds a lone surrogate (after {before!r})") from exc
 
 
 _CAREFUL = object()

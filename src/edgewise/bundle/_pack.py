@@ -18,7 +18,6 @@ from pathlib import Path
 from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
-from pydantic import ValidationError
 
 from edgewise.bundle._canonical import manifest_digest
 from edgewise.bundle._errors import BundleError, SchemaError
@@ -29,11 +28,11 @@ from edgewise.bundle._zip import (
     MANIFEST_NAME,
     SIGNATURE_DIR,
     check_file_list,
-    describe_validation_error,
     entries,
     open_zip,
     read_manifest_from,
     stream_entry,
+    validate_manifest,
 )
 
 __all__ = ["STORE_THRESHOLD", "pack", "pack_files", "sha256_file", "sign"]
@@ -81,13 +80,6 @@ def _write_entry(zf: zipfile.ZipFile, name: str, source: Path | bytes) -> dict[s
     return {"sha256": digest.hexdigest(), "size": written}
 
 
-def _validate(data: Mapping[str, Any]) -> Manifest:
-    try:
-        return Manifest.model_validate(data)
-    except ValidationError as exc:
-        raise SchemaError(f"manifest breaks the schema: {describe_validation_error(exc)}") from exc
-
-
 def _atomic_zip_path(out: Path) -> tuple[int, Path]:
     out.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
@@ -117,7 +109,7 @@ def pack_files(
         else dict(manifest)
     )
     data.pop("files", None)
-    _validate(data)  # fail before writing gigabytes for a typo in the manifest
+    validate_manifest(data)  # fail before writing gigabytes for a typo in the manifest
     for name in files:
         try:
             check_bundle_path(name)
@@ -128,7 +120,7 @@ def pack_files(
         with os.fdopen(fd, "wb") as raw, zipfile.ZipFile(raw, "w") as zf:
             table = {name: _write_entry(zf, name, files[name]) for name in sorted(files)}
             data["files"] = table
-            result = _validate(data)
+            result = validate_manifest(data)
             body = json.dumps(
                 result.model_dump(mode="json", exclude_unset=True), indent=2, sort_keys=True
             )
@@ -157,7 +149,7 @@ def pack(src_dir: Path, out: Path) -> Manifest:
         raise SchemaError(f"{src_dir} has no manifest.json", "missing_manifest")
     try:
         data = json.loads(manifest_path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, ValueError) as exc:
+    except (UnicodeDecodeError, ValueError, RecursionError) as exc:  # nesting too deep too
         raise SchemaError(f"manifest.json is not valid JSON: {exc}", "bad_json") from exc
     if not isinstance(data, dict):
         raise SchemaError("manifest.json must hold a JSON object")

@@ -16,9 +16,11 @@ import zlib
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 from pydantic import ValidationError
 
+from edgewise.bundle._canonical import canonical_json
 from edgewise.bundle._errors import ArchiveError, IntegrityError, SchemaError, UnsafeArchiveError
 from edgewise.bundle._manifest import Manifest, check_bundle_path
 
@@ -36,6 +38,7 @@ __all__ = [
     "read_manifest_from",
     "signature_key_id",
     "stream_entry",
+    "validate_manifest",
 ]
 
 MANIFEST_NAME = "manifest.json"
@@ -66,12 +69,15 @@ def open_zip(bundle: Path) -> Iterator[zipfile.ZipFile]:
     except IsADirectoryError as exc:
         raise ArchiveError(f"bundle {bundle} is a directory", "not_found") from exc
     except (*_ZIP_ERRORS, ValueError, OSError) as exc:
+        # Name neither the file nor an OSError's path: a server reads uploads from its own
+        # temporary files, and its refusals must not reveal where they live.
+        why = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
         if _starts_like_zip(bundle):
             raise ArchiveError(
-                f"{bundle} is a truncated zip archive (no end of central directory): {exc}",
+                f"bundle is a truncated zip archive (no end of central directory): {why}",
                 "truncated_archive",
             ) from exc
-        raise ArchiveError(f"{bundle} is not a readable zip archive: {exc}") from exc
+        raise ArchiveError(f"bundle is not a readable zip archive: {why}") from exc
     try:
         yield zf
     finally:
@@ -165,10 +171,27 @@ def parse_manifest(raw: bytes) -> Manifest:
         data = json.loads(raw.decode("utf-8"))
     except (UnicodeDecodeError, ValueError, RecursionError) as exc:  # nesting too deep too
         raise SchemaError(f"manifest.json is not valid JSON: {exc}", "bad_json") from exc
+    return validate_manifest(data)
+
+
+def validate_manifest(data: Any) -> Manifest:
+    """Validate manifest fields, and that they have the canonical form signatures cover.
+
+    JSON allows integers a double cannot hold and lone surrogates in strings; the schema
+    lets both through, but a manifest holding one has no canonical bytes to sign or check.
+
+    Raises:
+        SchemaError: ``schema_invalid``.
+    """
     try:
-        return Manifest.model_validate(data)
+        manifest = Manifest.model_validate(data)
     except ValidationError as exc:
         raise SchemaError(f"manifest breaks the schema: {describe_validation_error(exc)}") from exc
+    try:
+        canonical_json(manifest)
+    except ValueError as exc:
+        raise SchemaError(f"manifest has no canonical JSON form: {exc}") from exc
+    return manifest
 
 
 def read_manifest_from(zf: zipfile.ZipFile, found: Mapping[str, zipfile.ZipInfo]) -> Manifest:

@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from edgewise.cli._common import CliError, parse_broker
+from edgewise.cli._common import CliError, finite_option, parse_broker
 
 
 def _labels(text: str | None) -> dict[str, str]:
@@ -46,6 +46,7 @@ def agent(
         float,
         typer.Option(
             "--local-busy-poll-us",
+            callback=finite_option,
             min=0.0,
             help="After an answer, poll on this long while an app calls back-to-back "
             "(lower latency for a little CPU; 0: off).",
@@ -53,27 +54,52 @@ def agent(
     ] = 100.0,
     poll_wait: Annotated[
         float | None,
-        typer.Option("--poll-wait", help="Long-poll wait in seconds (default: server setting)."),
+        typer.Option(
+            "--poll-wait",
+            callback=finite_option,
+            help="Long-poll wait in seconds (default: server setting).",
+        ),
     ] = None,
     poll_interval: Annotated[
         float,
-        typer.Option("--poll-interval", help="Poll period when --poll-wait is 0 (no long-poll)."),
+        typer.Option(
+            "--poll-interval",
+            callback=finite_option,
+            help="Poll period when --poll-wait is 0 (no long-poll).",
+        ),
     ] = 60.0,
     mqtt: Annotated[
         str | None, typer.Option("--mqtt", help="MQTT broker HOST:PORT for wake-ups.")
     ] = None,
     telemetry_budget_mb: Annotated[
-        float, typer.Option("--telemetry-budget-mb", help="Byte budget of the telemetry buffer.")
+        float,
+        typer.Option(
+            "--telemetry-budget-mb",
+            callback=finite_option,
+            help="Byte budget of the telemetry buffer.",
+        ),
     ] = 32.0,
     telemetry_rate: Annotated[
-        float, typer.Option("--telemetry-rate", help="Backlog drain rate, records per second.")
+        float,
+        typer.Option(
+            "--telemetry-rate",
+            callback=finite_option,
+            help="Backlog drain rate, records per second.",
+        ),
     ] = 1000.0,
     disk_reserve_mb: Annotated[
-        float, typer.Option("--disk-reserve-mb", help="Free disk an install must leave untouched.")
+        float,
+        typer.Option(
+            "--disk-reserve-mb",
+            callback=finite_option,
+            help="Free disk an install must leave untouched.",
+        ),
     ] = 0.0,
     metrics_interval: Annotated[
         float | None,
-        typer.Option("--metrics-interval", help="Seconds between metric records."),
+        typer.Option(
+            "--metrics-interval", callback=finite_option, help="Seconds between metric records."
+        ),
     ] = None,
 ) -> None:
     """Run the device agent: enroll, reconcile, serve models, buffer telemetry."""

@@ -8,7 +8,7 @@ from typing import Annotated
 
 import typer
 
-from edgewise.cli._common import CliError, emit_json
+from edgewise.cli._common import CliError, emit_json, path_segment
 from edgewise.cli._fleet import JsonOpt, fmt
 from edgewise.cli._server import ServerOpt, TokenOpt, call_api
 
@@ -80,7 +80,8 @@ def set_rule(
             body[key] = json.loads(value)
         except (ValueError, RecursionError):
             body[key] = value
-    result = call_api("PUT", f"/api/v1/alert-rules/{name}", server, token, json_body=body)
+    path = f"/api/v1/alert-rules/{path_segment(name, 'rule name')}"
+    result = call_api("PUT", path, server, token, json_body=body)
     if as_json:
         emit_json(result)
         return
@@ -94,7 +95,7 @@ def delete_rule(
     token: TokenOpt = None,
 ) -> None:
     """Remove a rule."""
-    call_api("DELETE", f"/api/v1/alert-rules/{name}", server, token)
+    call_api("DELETE", f"/api/v1/alert-rules/{path_segment(name, 'rule name')}", server, token)
     typer.echo(f"rule {name} deleted")
 
 

@@ -9,7 +9,7 @@ from typing import Annotated
 
 import typer
 
-from edgewise.cli._common import CliError, emit_json
+from edgewise.cli._common import CliError, emit_json, write_output
 from edgewise.cli._server import ServerOpt, TokenOpt, call_api
 
 __all__ = ["app"]
@@ -69,5 +69,5 @@ def export(
     if out is None:
         typer.echo(text, nl=False)
     else:
-        out.write_text(text)
+        write_output(out, text)
         typer.echo(f"wrote {len(lines)} records to {out}")

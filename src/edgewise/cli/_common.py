@@ -7,10 +7,13 @@ Connection settings resolve in this order: command-line flag, environment
 
 from __future__ import annotations
 
+import datetime
 import json
+import math
 import os
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 import typer
 
@@ -18,9 +21,14 @@ __all__ = [
     "CliError",
     "config_path",
     "emit_json",
+    "finite_option",
+    "json_problem",
+    "output_error",
     "parse_broker",
+    "path_segment",
     "resolve_server",
     "resolve_token",
+    "write_output",
 ]
 
 DEFAULT_SERVER = "http://127.0.0.1:8080"
@@ -70,7 +78,107 @@ def resolve_token(flag: str | None) -> str:
         raise CliError(
             "no operator token: pass --token, set EDGEWISE_TOKEN, or write a config file"
         )
+    if not token.isascii() or not token.isprintable():  # it goes into an HTTP header
+        raise CliError("token must be ASCII (printable characters only)")
     return token
+
+
+def path_segment(value: str, what: str) -> str:
+    """`value` percent-encoded as one URL path segment, so it cannot change the route.
+
+    Raises:
+        CliError: `value` is empty, or holds a "/" (the server decodes %2F before routing,
+            so no id or name it can address holds one).
+    """
+    if not value:
+        raise CliError(f"{what} must not be empty")
+    if "/" in value:
+        raise CliError(f"{what} {value!r} must not contain '/'")
+    segment = quote(value, safe="")
+    # "." and ".." are dot segments: HTTP clients resolve them away (`a/..` is `/`).
+    return segment.replace(".", "%2E") if segment in (".", "..") else segment
+
+
+def finite_option(param: typer.CallbackParam, value: Any) -> Any:
+    """Typer callback for float options: refuse nan and infinities (not JSON numbers).
+
+    Raises:
+        CliError: the value is not a finite number.
+    """
+    if isinstance(value, float) and not math.isfinite(value):
+        flag = max(param.opts, key=len) if param.opts else param.name
+        raise CliError(f"{flag} must be a finite number")
+    return value
+
+
+def json_problem(data: Any) -> str | None:
+    """Why `data` cannot be sent as JSON, naming the field; None when it can.
+
+    YAML hands back what JSON has no value for: dates, `.nan` and `.inf`, self-referencing
+    aliases, binary. JSON text itself may hold `NaN` and `Infinity`.
+    """
+    try:
+        return _json_problem(data, "", frozenset())
+    except RecursionError:
+        return "nested too deeply"
+
+
+def _json_problem(data: Any, where: str, seen: frozenset[int]) -> str | None:
+    at = f"{where}: " if where else ""
+    if data is None or isinstance(data, (str, bool, int)):
+        return None
+    if isinstance(data, float):
+        return None if math.isfinite(data) else f"{where or 'a value'} is not a finite number"
+    if isinstance(data, (datetime.date, datetime.time)):
+        return f"{at}a {type(data).__name__} is not a JSON value; quote it"
+    if not isinstance(data, (dict, list)):
+        return f"{at}a {type(data).__name__} value is not JSON"
+    if id(data) in seen:
+        return f"{at}circular reference"
+    seen |= {id(data)}
+    if isinstance(data, list):
+        for i, item in enumerate(data):
+            if problem := _json_problem(item, f"{where}[{i}]", seen):
+                return problem
+        return None
+    for key, item in data.items():
+        name = f"{where}.{key}" if where else str(key)
+        if not isinstance(key, (str, int, float)) and key is not None:
+            return f"{name}: a {type(key).__name__} key is not JSON; quote it"
+        if problem := _json_problem(item, name, seen):
+            return problem
+    return None
+
+
+def write_output(path: Path, data: str | bytes, *, parents: bool = False) -> None:
+    """Write an output file (`--out`), turning OS errors into one-line messages.
+
+    With `parents`, missing directories above `path` are created first.
+
+    Raises:
+        CliError: `path` is a directory, its directory is missing (or a file), or it is
+            not writable.
+    """
+    try:
+        if parents:
+            path.parent.mkdir(parents=True, exist_ok=True)
+        if isinstance(data, bytes):
+            path.write_bytes(data)
+        else:
+            path.write_text(data, encoding="utf-8")
+    except OSError as exc:
+        raise output_error(path, exc) from None
+
+
+def output_error(path: Path, exc: OSError) -> CliError:
+    """The one-line error for an output file (or directory) that could not be written."""
+    if isinstance(exc, IsADirectoryError):
+        return CliError(f"cannot write {path}: it is a directory; name a file")
+    if isinstance(exc, FileNotFoundError):
+        return CliError(f"cannot write {path}: directory {path.parent} does not exist")
+    if isinstance(exc, (NotADirectoryError, FileExistsError)):
+        return CliError(f"cannot write {path}: {path.parent} is not a directory")
+    return CliError(f"cannot write {path}: {exc.strerror or exc}")
 
 
 def emit_json(data: Any) -> None:

@@ -8,7 +8,7 @@ from typing import Annotated, Any
 
 import typer
 
-from edgewise.cli._common import CliError, emit_json
+from edgewise.cli._common import CliError, emit_json, json_problem, path_segment
 from edgewise.cli._server import ServerOpt, TokenOpt, call_api
 from edgewise.protocol import stage_reference
 
@@ -59,6 +59,8 @@ def _load(path: Path) -> dict[str, Any]:
             raise CliError(f"{path} is neither JSON nor YAML: {exc}") from None
     if not isinstance(data, dict):
         raise CliError(f"{path} must hold an object")
+    if problem := json_problem(data):
+        raise CliError(f"{path}: {problem}")
     return data
 
 
@@ -224,7 +226,7 @@ def show(
     as_json: JsonOpt = False,
 ) -> None:
     """Show a deployment."""
-    d = call_api("GET", f"/api/v1/deployments/{ref}", server, token)
+    d = call_api("GET", f"/api/v1/deployments/{path_segment(ref, 'deployment')}", server, token)
     if as_json:
         emit_json(d)
         return
@@ -238,7 +240,7 @@ def delete(
     token: TokenOpt = None,
 ) -> None:
     """Delete a deployment; devices fall back to the next layer."""
-    call_api("DELETE", f"/api/v1/deployments/{ref}", server, token)
+    call_api("DELETE", f"/api/v1/deployments/{path_segment(ref, 'deployment')}", server, token)
     typer.echo(f"deleted {ref}")
 
 

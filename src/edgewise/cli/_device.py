@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from edgewise.cli._common import CliError, emit_json
+from edgewise.cli._common import CliError, emit_json, finite_option, path_segment
 from edgewise.cli._server import ServerOpt, TokenOpt, call_api
 
 __all__ = ["app", "parse_labels"]
@@ -34,7 +34,9 @@ def enroll_token(
     label: Annotated[
         list[str] | None, typer.Option("--label", help="k=v applied at enrollment.")
     ] = None,
-    ttl: Annotated[float, typer.Option("--ttl", help="Validity in seconds.")] = 86400.0,
+    ttl: Annotated[
+        float, typer.Option("--ttl", callback=finite_option, help="Validity in seconds.")
+    ] = 86400.0,
     max_uses: Annotated[int, typer.Option("--max-uses", help="How many devices may use it.")] = 1,
     server: ServerOpt = None,
     token: TokenOpt = None,
@@ -93,7 +95,7 @@ def show(
     as_json: JsonOpt = False,
 ) -> None:
     """Show a device, its pipelines and their timelines."""
-    d = call_api("GET", f"/api/v1/devices/{device_id}", server, token)
+    d = call_api("GET", f"/api/v1/devices/{path_segment(device_id, 'device id')}", server, token)
     if as_json:
         emit_json(d)
         return
@@ -134,7 +136,7 @@ def label(
     """Set or remove labels."""
     d = call_api(
         "POST",
-        f"/api/v1/devices/{device_id}/labels",
+        f"/api/v1/devices/{path_segment(device_id, 'device id')}/labels",
         server,
         token,
         json_body={"set": parse_labels(pairs or []), "remove": remove or []},
@@ -152,5 +154,6 @@ def decommission(
     token: TokenOpt = None,
 ) -> None:
     """Revoke a device's key."""
-    call_api("POST", f"/api/v1/devices/{device_id}/decommission", server, token)
+    path = f"/api/v1/devices/{path_segment(device_id, 'device id')}/decommission"
+    call_api("POST", path, server, token)
     typer.echo(f"decommissioned {device_id}")

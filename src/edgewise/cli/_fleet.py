@@ -6,7 +6,7 @@ from typing import Annotated, Any
 
 import typer
 
-from edgewise.cli._common import emit_json
+from edgewise.cli._common import emit_json, finite_option
 from edgewise.cli._server import ServerOpt, TokenOpt, call_api
 
 __all__ = ["app", "fmt"]
@@ -20,7 +20,10 @@ ByOpt = Annotated[
     typer.Option("--by", help="Group by: model, deployment, pipeline or label:<key>."),
 ]
 WindowOpt = Annotated[
-    float, typer.Option("--window", help="Seconds of telemetry to look back over.")
+    float,
+    typer.Option(
+        "--window", callback=finite_option, help="Seconds of telemetry to look back over."
+    ),
 ]
 
 

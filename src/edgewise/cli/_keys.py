@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from edgewise.cli._common import CliError, emit_json
+from edgewise.cli._common import CliError, emit_json, output_error
 
 __all__ = ["app", "bundle_error"]
 
@@ -32,10 +32,14 @@ def generate(
     """Write NAME.key (private, PKCS8 PEM, mode 0600) and NAME.pub (public, PEM)."""
     from edgewise.bundle import BundleError, generate_keypair, key_id, load_public_key
 
+    if directory.exists() and not directory.is_dir():
+        raise CliError(f"{directory} is not a directory")
     try:
         key_path, pub_path = generate_keypair(name, directory)
     except BundleError as exc:
         raise bundle_error(exc) from exc
+    except OSError as exc:
+        raise output_error(directory, exc) from None
     kid = key_id(load_public_key(pub_path))
     if json_out:
         emit_json({"key_id": kid, "private_key": str(key_path), "public_key": str(pub_path)})

@@ -11,7 +11,7 @@ from typing import Annotated, Any
 
 import typer
 
-from edgewise.cli._common import CliError, emit_json
+from edgewise.cli._common import CliError, emit_json, output_error, write_output
 from edgewise.cli._keys import bundle_error
 
 __all__ = ["app"]
@@ -44,6 +44,8 @@ def pack(
         manifest = pack_bundle(src_dir, out)
     except BundleError as exc:
         raise bundle_error(exc) from exc
+    except OSError as exc:  # the source is read through BundleError: this is the output
+        raise output_error(out, exc) from None
     digest = manifest_digest(manifest)
     if json_out:
         emit_json(
@@ -212,11 +214,13 @@ def schema(
         typer.echo(text, nl=False)
         return
     if check:
-        current = out.read_text(encoding="utf-8") if out.is_file() else ""
+        try:
+            current = out.read_text(encoding="utf-8") if out.is_file() else ""
+        except (OSError, UnicodeDecodeError):
+            current = ""  # unreadable is not current either
         if current != text:
             raise CliError(f"{out} is out of date: run edgewise model schema -o {out}")
         typer.echo(f"{out} is current")
         return
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(text, encoding="utf-8")
+    write_output(out, text, parents=True)
     typer.echo(f"wrote {out}")

@@ -10,7 +10,7 @@ from typing import Annotated
 
 import typer
 
-from edgewise.cli._common import CliError, emit_json
+from edgewise.cli._common import CliError, emit_json, path_segment
 from edgewise.cli._model import app
 from edgewise.cli._server import ServerOpt, TokenOpt, call_api
 
@@ -19,11 +19,12 @@ __all__ = ["app"]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Machine-readable output.")]
 
 
-def _ref(ref: str) -> tuple[str, str]:
+def _model_path(ref: str) -> str:
+    """`/api/v1/models/NAME/VERSION` for `name@version`."""
     name, sep, version = ref.partition("@")
     if not sep or not name or not version:
         raise CliError(f"{ref!r} is not name@version")
-    return name, version
+    return f"/api/v1/models/{path_segment(name, 'model name')}/{path_segment(version, 'version')}"
 
 
 @app.command("push")
@@ -71,8 +72,7 @@ def show(
     as_json: JsonOpt = False,
 ) -> None:
     """Show a registered version with its manifest."""
-    name, version = _ref(ref)
-    r = call_api("GET", f"/api/v1/models/{name}/{version}", server, token)
+    r = call_api("GET", _model_path(ref), server, token)
     if as_json:
         emit_json(r)
         return
@@ -88,6 +88,5 @@ def yank(
     token: TokenOpt = None,
 ) -> None:
     """Yank a version: no new deployment may pin it."""
-    name, version = _ref(ref)
-    call_api("POST", f"/api/v1/models/{name}/{version}/yank", server, token)
+    call_api("POST", _model_path(ref) + "/yank", server, token)
     typer.echo(f"yanked {ref}")

@@ -13,6 +13,7 @@ Example::
 
 from __future__ import annotations
 
+import math
 import time
 from pathlib import Path
 from typing import Annotated, Any
@@ -20,7 +21,7 @@ from typing import Annotated, Any
 import typer
 
 from edgewise.cli import _deploy
-from edgewise.cli._common import CliError, emit_json
+from edgewise.cli._common import CliError, emit_json, finite_option, path_segment
 from edgewise.cli._server import ServerOpt, TokenOpt, call_api
 
 __all__ = ["app"]
@@ -40,6 +41,8 @@ def _waves(text: str) -> list[float]:
         raise CliError(f"--waves {text!r} is not a list of percents like 25,50,100") from None
     if not waves:
         raise CliError("--waves needs at least one percent")
+    if not all(math.isfinite(w) for w in waves):
+        raise CliError(f"--waves {text!r}: each percent must be a finite number")
     return waves
 
 
@@ -59,38 +62,58 @@ def start(
     to: Annotated[int, typer.Option("--to", help="Target revision (see deploy history).")],
     canary: Annotated[str | None, typer.Option("--canary", help="Count or percent.")] = None,
     waves: Annotated[str | None, typer.Option("--waves", help="e.g. 25,50,100")] = None,
-    soak: Annotated[float | None, typer.Option("--soak", help="Soak seconds per phase.")] = None,
+    soak: Annotated[
+        float | None, typer.Option("--soak", callback=finite_option, help="Soak seconds per phase.")
+    ] = None,
     success: Annotated[
-        float | None, typer.Option("--success-threshold", help="Percent healthy to pass.")
+        float | None,
+        typer.Option(
+            "--success-threshold", callback=finite_option, help="Percent healthy to pass."
+        ),
     ] = None,
     error: Annotated[
-        float | None, typer.Option("--error-threshold", help="Percent failed that breaches.")
+        float | None,
+        typer.Option(
+            "--error-threshold", callback=finite_option, help="Percent failed that breaches."
+        ),
     ] = None,
     on_breach: Annotated[str | None, typer.Option("--on-breach", help="pause or rollback.")] = None,
     max_per_minute: Annotated[
-        float | None, typer.Option("--max-per-minute", help="Devices notified per minute.")
+        float | None,
+        typer.Option(
+            "--max-per-minute", callback=finite_option, help="Devices notified per minute."
+        ),
     ] = None,
-    ramp: Annotated[float | None, typer.Option("--ramp", help="Rate x this per minute.")] = None,
+    ramp: Annotated[
+        float | None, typer.Option("--ramp", callback=finite_option, help="Rate x this per minute.")
+    ] = None,
     require_approval: Annotated[
         bool, typer.Option("--require-approval", help="Approve before every next phase.")
     ] = False,
     device_timeout: Annotated[
-        float | None, typer.Option("--device-timeout", help="Seconds before TIMED_OUT.")
+        float | None,
+        typer.Option("--device-timeout", callback=finite_option, help="Seconds before TIMED_OUT."),
     ] = None,
     min_reporting: Annotated[
         int | None, typer.Option("--min-reporting", help="Devices reporting before gates.")
     ] = None,
     max_latency_ratio: Annotated[
-        float | None, typer.Option("--max-latency-ratio", help="p95 new/old <= L.")
+        float | None,
+        typer.Option("--max-latency-ratio", callback=finite_option, help="p95 new/old <= L."),
     ] = None,
     max_error_rate_delta: Annotated[
-        float | None, typer.Option("--max-error-rate-delta", help="Error-rate delta <= E.")
+        float | None,
+        typer.Option(
+            "--max-error-rate-delta", callback=finite_option, help="Error-rate delta <= E."
+        ),
     ] = None,
     max_confidence_shift: Annotated[
-        float | None, typer.Option("--max-confidence-shift", help="Confidence JS <= S.")
+        float | None,
+        typer.Option("--max-confidence-shift", callback=finite_option, help="Confidence JS <= S."),
     ] = None,
     max_input_drift: Annotated[
-        float | None, typer.Option("--max-input-drift", help="Input drift <= D.")
+        float | None,
+        typer.Option("--max-input-drift", callback=finite_option, help="Input drift <= D."),
     ] = None,
     spec_file: Annotated[
         Path | None, typer.Option("--spec", help="Rollout spec (JSON or YAML).")
@@ -213,21 +236,25 @@ def status(
         str | None, typer.Option("--devices", help="List devices: 'all' or a state.")
     ] = None,
     watch: Annotated[bool, typer.Option("--watch", help="Live view until it ends.")] = False,
-    interval: Annotated[float, typer.Option("--interval", help="Watch refresh (s).")] = 1.0,
+    interval: Annotated[
+        float, typer.Option("--interval", callback=finite_option, help="Watch refresh (s).")
+    ] = 1.0,
     server: ServerOpt = None,
     token: TokenOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Each phase, each gate against its threshold, devices by state, and why."""
     if device is not None:
-        why = call_api("GET", f"/api/v1/rollouts/{rollout_id}/devices/{device}", server, token)
+        rollout = path_segment(rollout_id, "rollout id")
+        path = f"/api/v1/rollouts/{rollout}/devices/{path_segment(device, '--device')}"
+        why = call_api("GET", path, server, token)
         if as_json:
             emit_json(why)
         else:
             typer.echo(f"{why['device']}: {why['state']} in {why['where']}: {why['why']}")
         return
     params = {"devices": devices} if devices else None
-    path = f"/api/v1/rollouts/{rollout_id}"
+    path = f"/api/v1/rollouts/{path_segment(rollout_id, 'rollout id')}"
     view = call_api("GET", path, server, token, params=params)
     if as_json and not watch:
         emit_json(view)
@@ -250,7 +277,8 @@ def status(
 
 
 def _act(name: str, rollout_id: str, server: str | None, token: str | None, as_json: bool) -> None:
-    view = call_api("POST", f"/api/v1/rollouts/{rollout_id}/{name}", server, token)
+    path = f"/api/v1/rollouts/{path_segment(rollout_id, 'rollout id')}/{name}"
+    view = call_api("POST", path, server, token)
     if as_json:
         emit_json(view)
     else:
@@ -332,6 +360,10 @@ def list_cmd(
 
 
 # ------------------------------------------------------- deploy update / history
+def _revisions_path(deployment: str) -> str:
+    return f"/api/v1/deployments/{path_segment(deployment, 'deployment')}/revisions"
+
+
 @_deploy.app.command("update")
 def deploy_update(
     deployment: Annotated[str, typer.Argument(help="Deployment name or id.")],
@@ -355,9 +387,7 @@ def deploy_update(
         body["egress"] = _deploy.egress_value(egress)
     elif "egress" in spec:
         body["egress"] = spec["egress"]
-    view = call_api(
-        "POST", f"/api/v1/deployments/{deployment}/revisions", server, token, json_body=body
-    )
+    view = call_api("POST", _revisions_path(deployment), server, token, json_body=body)
     if as_json:
         emit_json(view)
         return
@@ -377,7 +407,7 @@ def deploy_history(
     as_json: JsonOpt = False,
 ) -> None:
     """A deployment's revisions, oldest first; the stable one is marked."""
-    data = call_api("GET", f"/api/v1/deployments/{deployment}/revisions", server, token)
+    data = call_api("GET", _revisions_path(deployment), server, token)
     if as_json:
         emit_json(data)
         return

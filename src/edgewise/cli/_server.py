@@ -17,7 +17,15 @@ from typing import Annotated, Any
 
 import typer
 
-from edgewise.cli._common import CliError, emit_json, parse_broker, resolve_server, resolve_token
+from edgewise.cli._common import (
+    CliError,
+    emit_json,
+    finite_option,
+    json_problem,
+    parse_broker,
+    resolve_server,
+    resolve_token,
+)
 
 __all__ = ["app", "call_api"]
 
@@ -53,11 +61,17 @@ def call_api(
 ) -> Any:
     """Call the operator API; returns the decoded JSON body.
 
+    Ids and names in `path` must come through `path_segment`. Redirects are not
+    followed: the API answers from where it is asked, so a 3xx is an error too.
+
     Raises:
-        CliError: connection failures and error envelopes, as one line.
+        CliError: a body that is not JSON, connection failures, redirects and error
+            envelopes, as one line.
     """
     import httpx
 
+    if problem := json_problem(json_body):
+        raise CliError(f"cannot send the request: {problem}")
     base = resolve_server(server)
     headers = {"authorization": f"Bearer {resolve_token(token)}"}
     if content is not None:
@@ -71,17 +85,26 @@ def call_api(
             content=content,
             params={k: v for k, v in (params or {}).items() if v is not None},
             timeout=timeout,
+            follow_redirects=False,
         )
-    except httpx.HTTPError as exc:
+    except (httpx.HTTPError, httpx.InvalidURL) as exc:
         raise CliError(f"cannot reach {base}: {exc}") from None
     try:
-        data = r.json()
+        data, is_json = (r.json(), True) if r.content else (None, True)
     except ValueError:
-        data = None
+        data, is_json = None, False
     if r.status_code >= 400:
         err = data.get("error", {}) if isinstance(data, dict) else {}
         message = err.get("message") or r.text[:200] or r.reason_phrase
         raise CliError(f"{r.status_code} {err.get('code', 'error')}: {message}")
+    if r.status_code >= 300:
+        where = r.headers.get("location", "elsewhere")
+        raise CliError(
+            f"{r.status_code} {r.reason_phrase}: {base} redirects {method} {r.url.path} to "
+            f"{where}; API calls do not follow redirects (check --server)"
+        )
+    if not is_json:
+        raise CliError(f"{base} answered {r.status_code} with a body that is not JSON")
     return data
 
 
@@ -115,7 +138,13 @@ def serve(
     port: Annotated[int, typer.Option("--port", help="Bind port.")] = 8080,
     log_level: Annotated[str, typer.Option("--log-level")] = "warning",
     desired_ttl: Annotated[
-        float, typer.Option("--desired-ttl", help="Lifetime of signed desired state (s).", min=60)
+        float,
+        typer.Option(
+            "--desired-ttl",
+            callback=finite_option,
+            help="Lifetime of signed desired state (s).",
+            min=60,
+        ),
     ] = 7 * 86400.0,
     poll_wait: Annotated[
         int, typer.Option("--poll-wait", help="Long-poll wait agents are told to use (s).", min=1)
@@ -209,15 +238,8 @@ def trust_key(
     as_json: Annotated[bool, typer.Option("--json")] = False,
 ) -> None:
     """Trust a publisher key for model pushes (admin)."""
-    b64 = public_key
+    b64 = _publisher_key(public_key)
     path = Path(public_key)
-    if path.exists():
-        from edgewise.bundle import BundleError, load_public_key, public_key_to_b64
-
-        try:
-            b64 = public_key_to_b64(load_public_key(path))
-        except (BundleError, ValueError, OSError) as exc:
-            raise CliError(f"cannot read public key {path}: {exc}") from None
     result = call_api(
         "POST",
         "/api/v1/publisher-keys",
@@ -229,6 +251,37 @@ def trust_key(
         emit_json(result)
     else:
         typer.echo(f"trusted publisher key {result['key_id']}")
+
+
+def _publisher_key(value: str) -> str:
+    """Base64 of the raw key, from a key file or from the key itself.
+
+    A value that decodes as a raw Ed25519 key is one (base64 may hold "/"); otherwise a
+    value that holds "/" or ends in .pub or .pem names a file, missing when not found.
+
+    Raises:
+        CliError: the file is missing or unreadable, or holds no public key.
+    """
+    from edgewise.bundle import (
+        BundleError,
+        load_public_key,
+        public_key_from_b64,
+        public_key_to_b64,
+    )
+
+    path = Path(value)
+    if path.exists():
+        try:
+            return public_key_to_b64(load_public_key(path))
+        except (BundleError, ValueError, OSError) as exc:
+            raise CliError(f"cannot read public key {path}: {exc}") from None
+    try:
+        return public_key_to_b64(public_key_from_b64(value))
+    except BundleError:
+        pass
+    if "/" in value or os.sep in value or path.suffix in (".pub", ".pem"):
+        raise CliError(f"no such file: {value}")
+    return value  # neither a file nor a key: the server names what is wrong with it
 
 
 @app.command("keys")

@@ -13,7 +13,7 @@ from typing import Annotated, Any
 
 import typer
 
-from edgewise.cli._common import CliError, emit_json, resolve_server, resolve_token
+from edgewise.cli._common import CliError, emit_json, finite_option, resolve_server, resolve_token
 
 __all__ = ["sim"]
 
@@ -33,45 +33,81 @@ def sim(
         str, typer.Option("--labels", help='e.g. "hw=cpu-small:0.5,cpu-large:0.5;site=lab,s1"')
     ] = "",
     offline_fraction: Annotated[
-        float, typer.Option("--offline-fraction", min=0.0, max=1.0, help="Devices that go dark.")
+        float,
+        typer.Option(
+            "--offline-fraction",
+            callback=finite_option,
+            min=0.0,
+            max=1.0,
+            help="Devices that go dark.",
+        ),
     ] = 0.0,
     flaky: Annotated[
-        float, typer.Option("--flaky", min=0.0, max=0.99, help="P(request fails).")
+        float,
+        typer.Option(
+            "--flaky", callback=finite_option, min=0.0, max=0.99, help="P(request fails)."
+        ),
     ] = 0.0,
     slow_download: Annotated[
-        float, typer.Option("--slow-download", min=0.0, max=1.0, help="P(download is slow).")
+        float,
+        typer.Option(
+            "--slow-download", callback=finite_option, min=0.0, max=1.0, help="P(download is slow)."
+        ),
     ] = 0.0,
     cut_download: Annotated[
-        float, typer.Option("--cut-download", min=0.0, max=1.0, help="P(download is cut).")
+        float,
+        typer.Option(
+            "--cut-download", callback=finite_option, min=0.0, max=1.0, help="P(download is cut)."
+        ),
     ] = 0.0,
     crash_during_install: Annotated[
         float,
-        typer.Option("--crash-during-install", min=0.0, max=1.0, help="P(install crashes)."),
+        typer.Option(
+            "--crash-during-install",
+            callback=finite_option,
+            min=0.0,
+            max=1.0,
+            help="P(install crashes).",
+        ),
     ] = 0.0,
     clock_skew_s: Annotated[
-        float, typer.Option("--clock-skew-s", min=0.0, help="Device clocks off by up to S.")
+        float,
+        typer.Option(
+            "--clock-skew-s", callback=finite_option, min=0.0, help="Device clocks off by up to S."
+        ),
     ] = 0.0,
     old_agents: Annotated[
         float,
         typer.Option(
             "--old-agents",
+            callback=finite_option,
             min=0.0,
             max=1.0,
             help="Devices on an older agent (it does not know batching.overflow).",
         ),
     ] = 0.0,
     duration: Annotated[
-        float, typer.Option("--duration", min=0.0, help="Seconds to run (0: until Ctrl-C).")
+        float,
+        typer.Option(
+            "--duration", callback=finite_option, min=0.0, help="Seconds to run (0: until Ctrl-C)."
+        ),
     ] = 0.0,
     time_scale: Annotated[
         float,
-        typer.Option("--time-scale", min=0.0001, help="Real seconds per simulated second."),
+        typer.Option(
+            "--time-scale",
+            callback=finite_option,
+            min=0.0001,
+            help="Real seconds per simulated second.",
+        ),
     ] = 1.0,
     window_s: Annotated[
-        float | None, typer.Option("--window-s", help="Telemetry window (simulated s).")
+        float | None,
+        typer.Option("--window-s", callback=finite_option, help="Telemetry window (simulated s)."),
     ] = None,
     poll_wait_s: Annotated[
-        float | None, typer.Option("--poll-wait-s", help="Long-poll wait (s).")
+        float | None,
+        typer.Option("--poll-wait-s", callback=finite_option, help="Long-poll wait (s)."),
     ] = None,
     regressed: Annotated[
         list[str] | None,
@@ -79,7 +115,11 @@ def sim(
     ] = None,
     accuracy_floor: Annotated[
         float,
-        typer.Option("--accuracy-floor", help="Provenance accuracy below this is regressed."),
+        typer.Option(
+            "--accuracy-floor",
+            callback=finite_option,
+            help="Provenance accuracy below this is regressed.",
+        ),
     ] = 0.8,
     as_json: Annotated[bool, typer.Option("--json", help="Print the summary as JSON.")] = False,
 ) -> None:

@@ -6,7 +6,7 @@ from typing import Annotated
 
 import typer
 
-from edgewise.cli._common import emit_json
+from edgewise.cli._common import emit_json, path_segment
 from edgewise.cli._server import ServerOpt, TokenOpt, call_api
 
 __all__ = ["app"]
@@ -60,5 +60,5 @@ def revoke(
     token: TokenOpt = None,
 ) -> None:
     """Revoke a token."""
-    call_api("DELETE", f"/api/v1/tokens/{token_id}", server, token)
+    call_api("DELETE", f"/api/v1/tokens/{path_segment(token_id, 'token id')}", server, token)
     typer.echo(f"revoked {token_id}")

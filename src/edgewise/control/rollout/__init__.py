@@ -4,8 +4,9 @@ No I/O here: the control plane's driver loads a `Rollout`, gathers `Observations
 calls `step(rollout, observations, now)` and carries out the returned actions in the
 same transaction that stores the new rollout. Modules: `_model` (states and transition
 tables), `_phases` (canary and waves), `_gates` (gate arithmetic), `_spec` (what an
-operator asks), `_state` (the rollout record), `_messages` (observations and actions),
-`_engine` (`step`), `_commands` (pause, resume, approve, abort, rollback, fail).
+operator asks), `_numbers` (the bounds on its numbers), `_state` (the rollout record),
+`_messages` (observations and actions), `_engine` (`step`), `_commands` (pause, resume,
+approve, abort, rollback, fail).
 """
 
 from edgewise.control.rollout._commands import abort, approve, fail, pause, resume, rollback

@@ -30,6 +30,7 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 from edgewise.control.rollout._model import DeviceRolloutState
+from edgewise.control.rollout._numbers import MAX_COUNT, MAX_INFERENCES, MAX_RATIO, check_number
 from edgewise.drift import jensen_shannon, psi
 
 __all__ = [
@@ -82,10 +83,19 @@ class GateSpec:
     min_inferences: int = 100
 
     def __post_init__(self) -> None:
-        if not 0 <= self.success_pct <= 100 or not 0 <= self.error_pct <= 100:
-            raise ValueError("success_pct and error_pct must be within 0-100")
-        if self.min_reporting < 0 or self.min_inferences < 0:
-            raise ValueError("min_reporting and min_inferences must be >= 0")
+        check_number("gates.success_pct", self.success_pct, 0, 100, unit=" %")
+        check_number("gates.error_pct", self.error_pct, 0, 100, unit=" %")
+        check_number("gates.min_reporting", self.min_reporting, 0, MAX_COUNT, integer=True)
+        check_number("gates.min_inferences", self.min_inferences, 0, MAX_INFERENCES, integer=True)
+        for name, low, high in (
+            ("max_latency_ratio", 0, MAX_RATIO),
+            ("max_error_rate_delta", -1, 1),  # a difference of two fractions
+            ("max_confidence_shift", 0, MAX_RATIO),
+            ("max_input_drift", 0, MAX_RATIO),
+        ):
+            value = getattr(self, name)
+            if value is not None:
+                check_number(f"gates.{name}", value, low, high)
         if self.confidence_metric not in ("js", "psi"):
             raise ValueError("confidence_metric must be 'js' or 'psi'")
 

@@ -28,6 +28,8 @@ import math
 import random
 from collections.abc import Mapping, Sequence
 
+from edgewise.control.rollout._numbers import MAX_COUNT, check_number
+
 __all__ = ["canary_size", "plan_phases"]
 
 
@@ -40,13 +42,13 @@ def canary_size(canary: int | str, total: int) -> int:
         total: Snapshot size.
 
     Raises:
-        ValueError: on a negative count, a percent outside [0, 100], or other text.
+        ValueError: on a count outside [0, MAX_COUNT], a percent outside [0, 100], or
+            other text.
     """
     if isinstance(canary, bool):
         raise ValueError("canary must be a count or a percent like '5%'")
     if isinstance(canary, int):
-        if canary < 0:
-            raise ValueError("canary count must be >= 0")
+        check_number("canary count", canary, 0, MAX_COUNT, integer=True, unit=" devices")
         return min(canary, total)
     text = str(canary).strip()
     if text.endswith("%"):
@@ -57,8 +59,11 @@ def canary_size(canary: int | str, total: int) -> int:
         if not 0.0 <= pct <= 100.0:
             raise ValueError("canary percent must be within 0-100")
         return min(total, math.ceil(pct * total / 100.0 - 1e-9)) if pct > 0 else 0
-    if text.isdigit():
-        return min(int(text), total)
+    if text.isascii() and text.isdigit():
+        # Digits past the bound's length are over it: never parse 400 of them.
+        count = int(text) if len(text) <= len(str(MAX_COUNT)) else MAX_COUNT + 1
+        check_number("canary count", count, 0, MAX_COUNT, integer=True, unit=" devices")
+        return min(count, total)
     raise ValueError(f"canary {canary!r} is neither a count nor a percent like '5%'")
 
 

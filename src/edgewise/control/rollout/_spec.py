@@ -19,6 +19,12 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from edgewise.control.rollout._gates import GateSpec
+from edgewise.control.rollout._numbers import (
+    MAX_DURATION_S,
+    MAX_RAMP,
+    MAX_RATE_PER_MIN,
+    check_number,
+)
 from edgewise.control.rollout._phases import canary_size
 
 __all__ = ["RolloutSpec"]
@@ -57,18 +63,28 @@ class RolloutSpec:
 
     def __post_init__(self) -> None:
         canary_size(self.canary, 100)  # raises on a malformed canary
-        if any(not 0 <= w <= 100 for w in self.waves):
-            raise ValueError("wave percents must be within 0-100")
-        if self.soak_s < 0 or self.device_timeout_s <= 0:
-            raise ValueError("soak_s must be >= 0 and device_timeout_s > 0")
+        for wave in self.waves:
+            check_number("each wave percent", wave, 0, 100, unit=" %")
+        for key in self.strata_keys:
+            if not isinstance(key, str):
+                raise ValueError("strata_keys must be a list of label keys (strings)")
+        if any(not isinstance(a, bool) for a in self.require_approval):
+            raise ValueError("require_approval must be a list of true/false")
+        year = " s (365 days)"
+        check_number("soak_s", self.soak_s, 0, MAX_DURATION_S, unit=year)
+        check_number("device_timeout_s", self.device_timeout_s, 0, MAX_DURATION_S, unit=year)
+        if self.device_timeout_s <= 0:
+            raise ValueError("device_timeout_s must be > 0")
+        if self.gate_timeout_s is not None:
+            check_number("gate_timeout_s", self.gate_timeout_s, 0, MAX_DURATION_S, unit=year)
         if self.on_breach not in ("pause", "rollback"):
             raise ValueError("on_breach must be 'pause' or 'rollback'")
-        if self.rate_per_min is not None and self.rate_per_min < 1:
-            raise ValueError("rate_per_min must be >= 1 device per minute")
-        if self.rate_ramp < 1:
-            raise ValueError("rate_ramp must be >= 1")
-        if self.gate_timeout_s is not None and self.gate_timeout_s < 0:
-            raise ValueError("gate_timeout_s must be >= 0")
+        if self.rate_per_min is not None:
+            check_number(
+                "rate_per_min", self.rate_per_min, 1, MAX_RATE_PER_MIN, unit=" devices per minute"
+            )
+        # The engine raises the rate to the ramp's power per minute of a phase (up to 64).
+        check_number("rate_ramp", self.rate_ramp, 1, MAX_RAMP)
 
     def approval_after(self, phase_index: int) -> bool:
         """Whether the phase after `phase_index` needs an approval to start."""
@@ -113,11 +129,6 @@ class RolloutSpec:
                     if isinstance(value, str | bytes) or not isinstance(value, list | tuple):
                         raise ValueError(f"{name} must be a list")
                     kwargs[name] = tuple(value)
-            for name in ("soak_s", "rate_ramp", "device_timeout_s"):
-                if name in kwargs and (
-                    isinstance(kwargs[name], bool) or not isinstance(kwargs[name], int | float)
-                ):
-                    raise ValueError(f"{name} must be a number")
             return cls(**kwargs)
         except TypeError as exc:
             raise ValueError(f"invalid rollout spec: {exc}") from None

@@ -28,10 +28,17 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    TypeAdapter,
+    field_validator,
+    model_validator,
+)
 
 from edgewise.control.telemetry._figures import WindowFigures
-from edgewise.control.telemetry._views import group_key
+from edgewise.control.telemetry._views import check_grouping, group_key
 
 __all__ = [
     "ALERT_TRANSITIONS",
@@ -105,7 +112,12 @@ class BurnRateRule(_Rule):
     long_window_s: float = Field(default=3600.0, gt=0)
     burn_rate: float = Field(default=14.4, gt=0)
     min_requests: int = Field(default=100, ge=0, description="in the short window")
-    group_by: str = "model"
+    group_by: str = Field(default="model", description="model, deployment, pipeline, label:<key>")
+
+    @field_validator("group_by")
+    @classmethod
+    def _known_grouping(cls, by: str) -> str:
+        return check_grouping(by)  # the rule the evaluation groups by: refused now, not then
 
     @model_validator(mode="after")
     def _windows_ordered(self) -> BurnRateRule:

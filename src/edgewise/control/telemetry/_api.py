@@ -129,7 +129,7 @@ async def put_rule(request: Request, name: str, who: Writer) -> dict[str, Any]:
     """Create or replace an alert rule (burn_rate, drift or freshness)."""
     try:
         body = await request.json()
-    except ValueError:
+    except (ValueError, RecursionError):  # nested past the parser's limit is not JSON here
         raise ApiError(400, "bad_json", "body is not JSON") from None
     if not isinstance(body, dict):
         raise ApiError(422, "invalid_request", "rule must be a JSON object")

@@ -21,6 +21,7 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
+from pydantic import ValidationError
 from sqlalchemy import Connection, Engine, delete, func, insert, select, update
 
 from edgewise.control import _schema as cs
@@ -46,6 +47,7 @@ from edgewise.control.telemetry._retention import (
 )
 from edgewise.control.telemetry._views import fleet_view, group_key, merged_drift
 from edgewise.drift import DriftReference
+from edgewise.protocol import first_problem
 
 __all__ = ["TelemetryService", "post_webhook"]
 
@@ -230,11 +232,23 @@ class TelemetryService:
             return bool(c.execute(delete(ar).where(ar.c.name == name)).rowcount)
 
     def rules(self) -> list[Rule]:
-        """Every rule, by name."""
+        """Every rule this build can read, by name.
+
+        A stored rule that no longer validates (written by an older or newer edgewise, or
+        damaged) is left out with a warning: one bad rule must not silence the others.
+        """
         ar = tt.alert_rules
         with self.engine.connect() as c:
-            rows: list[Any] = list(c.execute(select(ar.c.rule).order_by(ar.c.name)).scalars())
-        return [parse_rule(r) for r in rows]
+            rows: list[Any] = list(c.execute(select(ar.c.name, ar.c.rule).order_by(ar.c.name)))
+        out = []
+        for name, data in rows:
+            try:
+                out.append(parse_rule(data))
+            except ValidationError as exc:
+                log.warning("alert rule %r skipped: %s", name, first_problem(exc, "rule"))
+            except (TypeError, ValueError) as exc:  # not an object at all
+                log.warning("alert rule %r skipped: %s", name, exc)
+        return out
 
     def device_labels(self) -> dict[str, dict[str, str]]:
         """Device id -> labels."""

@@ -31,7 +31,26 @@ from edgewise.control.telemetry._figures import (
 )
 from edgewise.drift import DEFAULT_CONFIDENCE_EDGES, DriftReference, WindowCounts, drift_report
 
-__all__ = ["FleetRow", "cohort_figures", "fleet_view", "group_key", "merged_drift", "rebin"]
+__all__ = [
+    "FleetRow",
+    "check_grouping",
+    "cohort_figures",
+    "fleet_view",
+    "group_key",
+    "merged_drift",
+    "rebin",
+]
+
+
+def check_grouping(by: str) -> str:
+    """`by`, if windows can be grouped by it (the rule alert rules are checked by too).
+
+    Raises:
+        ValueError: an unknown grouping.
+    """
+    if by in ("model", "deployment", "pipeline") or (by.startswith("label:") and len(by) > 6):
+        return by
+    raise ValueError(f"cannot group by {by!r}: use model, deployment, pipeline or label:<key>")
 
 
 def group_key(window: WindowFigures, by: str) -> str:
@@ -46,9 +65,8 @@ def group_key(window: WindowFigures, by: str) -> str:
         return window.deployment or "-"
     if by == "pipeline":
         return window.pipeline
-    if by.startswith("label:") and len(by) > 6:
-        return f"{by[6:]}={window.labels.get(by[6:], '-')}"
-    raise ValueError(f"cannot group by {by!r}: use model, deployment, pipeline or label:<key>")
+    key = check_grouping(by)[6:]  # only label:<key> is left
+    return f"{key}={window.labels.get(key, '-')}"
 
 
 def _window_counts(features: Mapping[str, Any], ref: DriftReference) -> WindowCounts | None:
