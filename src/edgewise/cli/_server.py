@@ -168,9 +168,8 @@ def serve(
     broker = parse_broker(mqtt)
     import dataclasses
 
-    import uvicorn
-
     from edgewise.control import create_app
+    from edgewise.control._serve import serve as serve_app
     from edgewise.control.telemetry._wiring import TelemetryConfig
 
     settings = _settings(
@@ -190,15 +189,7 @@ def serve(
         typer.echo("first start: admin token (shown once, store it now):")
         typer.echo(token)
     typer.echo(f"edgewise control plane on http://{host}:{port} (pid {os.getpid()})")
-    uvicorn.run(
-        app_,
-        host=host,
-        port=port,
-        log_level=log_level,
-        access_log=False,
-        timeout_keep_alive=75,
-        backlog=4096,
-    )
+    serve_app(app_, host, port, log_level)
 
 
 @app.command("init")

@@ -122,7 +122,7 @@ async def get_desired(request: Request, wait: float = 0.0) -> Response:
                 device.signed_json, media_type="application/json", headers={"ETag": etag}
             )
         remaining = deadline - plane.clock()
-        if remaining <= 0:
+        if remaining <= 0 or plane.notifier.closing:  # (a stopping server answers now)
             return Response(status_code=304, headers={"ETag": etag})
         await plane.notifier.wait(device_id, remaining, since=version)
 

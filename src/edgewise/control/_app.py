@@ -4,7 +4,7 @@ Usage::
 
     store = open_store(settings.database_url)
     app = create_app(settings, store)            # clock=... for virtual time in tests
-    uvicorn.run(app, host="127.0.0.1", port=8080)
+    serve(app, host="127.0.0.1", port=8080)      # edgewise.control._serve: stops promptly
 
 Every error, including validation errors, unknown routes and anything unexpected, leaves
 as `{"error": {"code", "message"}}`. Two loops run while the app is up: the replica

@@ -69,6 +69,7 @@ class Notifier:
         # wave of 5,000 devices is one write to the loop's self-pipe, not 5,000.
         self._queued: list[str] = []
         self._queue_lock = threading.Lock()
+        self._closing = False  # the server is stopping: long-polls answer at once
 
     def bind(self, loop: asyncio.AbstractEventLoop) -> None:
         """Attach to the server's event loop (waiters live there)."""
@@ -96,6 +97,8 @@ class Notifier:
             self._loop = loop
         if since is not None and self._versions.get(device_id, 0) != since:
             return True
+        if self._closing:  # the caller checks `closing` before it waits again
+            return False
         slot = self._slots.get(device_id)
         if slot is None:
             slot = self._slots[device_id] = _Slot()
@@ -112,6 +115,24 @@ class Notifier:
             slot.waiters.discard(fut)
             if not slot.waiters and self._slots.get(device_id) is slot:
                 del self._slots[device_id]
+
+    @property
+    def closing(self) -> bool:
+        """Whether the server is stopping: a long-poll answers instead of waiting."""
+        return self._closing
+
+    def release_all(self) -> None:
+        """Answer every waiting long-poll now, as unchanged, and any later one at once.
+
+        A stopping server calls this on its loop: it otherwise waits for each long-poll
+        to run out before it exits, and a client may ask to wait for up to a day. The
+        agents poll again and find the next replica, or this one restarted.
+        """
+        self._closing = True
+        slots, self._slots = self._slots, {}
+        for slot in slots.values():
+            for fut in slot.waiters:
+                _settle(fut, False)
 
     def notify(self, device_id: str) -> None:
         """Wake the device's waiters; safe to call from any thread."""
