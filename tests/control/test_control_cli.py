@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -300,3 +301,49 @@ def test_deploy_warns_and_rollout_refuses_when_targeted_agents_are_too_old(
     assert "1 of 2 targeted devices run agents that cannot run revision 2" in err
     code, out, err = run(capsys, "rollout", "start", "-d", "base", "--to", "2", "--force", *conn)
     assert code == 0 and out.startswith("rollout ro-") and "2 devices" in out, err
+
+
+def test_rollout_list_and_status_name_a_rollout_this_server_cannot_read(
+    live_server: dict[str, Any],
+    examples: dict[str, Any],
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    # A newer replica stored a state this build does not know (see the rollout API test).
+    import httpx
+    from sqlalchemy import select, update
+
+    from edgewise.control._schema import rollouts
+
+    base, admin = live_server["base"], live_server["admin"]
+    conn = ["--server", base, "--token", admin]
+    auth = {"authorization": f"Bearer {admin}"}
+    assert run(capsys, "server", "trust-key", str(examples["dir"] / "examples.pub"), *conn)[0] == 0
+    for ref in ("digits-mlp@1.0.0", "digits-mlp@1.1.0"):
+        assert run(capsys, "model", "push", str(examples["bundles"][ref]), *conn)[0] == 0
+    pipelines = {"digits": {"model": "digits-mlp@1.0.0"}}
+    body = {"name": "base", "selector": "site=a", "pipelines": pipelines}
+    assert httpx.post(f"{base}/api/v1/deployments", json=body, headers=auth).status_code == 201
+    revised = {"pipelines": {"digits": {"model": "digits-mlp@1.1.0"}}}
+    r = httpx.post(f"{base}/api/v1/deployments/base/revisions", json=revised, headers=auth)
+    assert r.status_code < 300, r.text
+    start = {"deployment": "base", "to_revision": 2}
+    r = httpx.post(f"{base}/api/v1/rollouts", json=start, headers=auth)
+    assert r.status_code == 201, r.text
+    rollout_id = r.json()["id"]
+    for _ in range(200):  # no device matches: the server's driver completes it at once
+        view = httpx.get(f"{base}/api/v1/rollouts/{rollout_id}", headers=auth).json()
+        if view["state"] == "completed":
+            break
+        time.sleep(0.05)
+    assert view["state"] == "completed", view
+    engine = live_server["app"].state.plane.store.engine
+    with engine.begin() as c:
+        document, version = c.execute(select(rollouts.c.document, rollouts.c.version)).one()
+        newer = {**document, "state": "quarantined"}
+        c.execute(update(rollouts).values(document=newer, version=version + 1))
+    code, out, err = run(capsys, "rollout", "list", *conn)
+    assert code == 0, err
+    assert out.startswith(f"{rollout_id}  ") and "  unreadable here: rollout " in out, out
+    code, out, err = run(capsys, "rollout", "status", rollout_id, *conn)
+    assert code == 1 and err.startswith("error: 503 rollout_unreadable: rollout "), err
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1
