@@ -100,6 +100,13 @@ def _call(app: Handler, method: str, path: str, body: bytes = b"") -> tuple[int,
         b'{"records": [{"cls": "event", "kind": "k", "ts": "yesterday"}]}',
         pytest.param(b'{"records": [{"cls": "event", "kind": "k", "ts": NaN}]}', id="nan"),
         pytest.param(b"[" * 100_000 + b"]" * 100_000, id="nesting-past-any-parser"),
+        pytest.param(  # orjson reads 1,000 levels; the buffer's json.dumps recursed (a 500)
+            b'{"records": [{"cls": "event", "kind": "k", "data": {"a": '
+            + b"[" * 1000
+            + b"]" * 1000
+            + b"}}]}",
+            id="data-nested-past-the-buffer",
+        ),
     ],
 )
 def test_local_telemetry_endpoint_refuses_bad_records_with_400(body: bytes) -> None:

@@ -107,6 +107,50 @@ def test_torn_state_file_falls_back_to_last_committed(tmp_path: Path, garbage: b
     assert state.load() == {"rev": 1}
 
 
+@pytest.mark.parametrize(
+    "damage",
+    [
+        {"pipelines": {"digits": 5}},
+        {"pipelines": {"digits": {"committed": 5}}},
+        {"pipelines": {"digits": {"committed": {"model": {"name": "m"}, "spec": {}}}}},
+        {"pipelines": {"digits": {"tracker": {"timeline": [5]}}}},
+        {"desired": 5},
+        {"desired": {"document": {}, "key_id": "k", "signature": ""}},
+        {"revision": "abc"},
+        {"etag": 5},
+        {"errors": "boom"},
+        [],
+    ],
+)
+def test_a_state_file_of_the_wrong_types_falls_back_like_a_torn_one(
+    tmp_path: Path, damage: object
+) -> None:
+    # JSON that reads but holds the wrong types stopped the agent from starting (e.g.
+    # AttributeError: 'int' object has no attribute 'get'), with a good `.prev` beside it.
+    import json
+
+    from edgewise.agent._state import AgentState, PipelineRecord, StateFile
+
+    def good(revision: int) -> AgentState:
+        committed = {"model": {"name": "digits-mlp", "slot": "a"}, "spec": {}}
+        return AgentState(revision=revision, pipelines={"digits": PipelineRecord(committed)})
+
+    path = tmp_path / "state.json"
+    states = StateFile(path)
+    states.save(good(1))
+    states.save(good(2))
+    envelope = json.loads(path.read_bytes())
+    envelope["doc"] = {**envelope["doc"], **damage} if isinstance(damage, dict) else damage
+    path.write_text(json.dumps(envelope))
+    loaded = states.load()
+    assert loaded == good(1) and states.recovered_from_prev
+    states.save(good(3))  # the damaged file does not become the fallback
+    path.write_text(json.dumps(envelope))
+    assert states.load() == good(1)
+    (tmp_path / "state.json.prev").write_text(json.dumps(envelope))
+    assert states.load() == AgentState()  # neither usable: start afresh (and reinstall)
+
+
 def test_install_tracker_follows_the_table_and_records_reasons() -> None:
     t = InstallTracker()
     t.restart("new model", 0.0)

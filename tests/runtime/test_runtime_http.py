@@ -186,12 +186,17 @@ def test_bad_raw_tensors_get_a_4xx(
         _raw(x, shape="1,x"),  # unreadable shape
         # 2**32 x 2**32 rows: numpy's product of the shape wraps around to 0 bytes
         {**_raw(x[:0], shape=f"{2**32},{2**32}")},
+        _raw(x, shape=",".join(["1"] * 70 + ["64"])),  # numpy holds 64 dimensions (a 500)
+        _raw(split.x_test[:10], shape="1_0,64"),  # int() reads "1_0" as 10
     ]
     for case in cases:
         resp = served.post("/v1/pipelines/digits/infer", **case)  # type: ignore[arg-type]
         assert resp.status_code == 400, resp.text
         assert resp.json()["error"]["code"] == "bad_input"
     assert served.post("/v1/pipelines/digits/infer", **_raw(x)).status_code == 200  # type: ignore[arg-type]
+    shouted = _raw(x)  # a media type is case-insensitive
+    shouted["headers"] = {**shouted["headers"], "content-type": "Application/Octet-Stream"}  # type: ignore[dict-item]
+    assert served.post("/v1/pipelines/digits/infer", **shouted).status_code == 200  # type: ignore[arg-type]
     # Those the headers already gave away are counted as the pipeline's bad input too.
     assert runtime.stats("digits")["nv_inference_request_bad_input"] == len(cases)
 

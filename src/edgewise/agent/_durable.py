@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -63,9 +64,15 @@ def remove_tree(path: Path) -> None:
 class DurableJson:
     """A JSON document committed atomically, with the previous commit kept as a fallback."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, check: Callable[[Any], Any] | None = None) -> None:
+        """Keep the document at `path` and its previous commit beside it (`.prev`).
+
+        `check` reads a document into what the caller keeps, raising ValueError or
+        TypeError for one it cannot use: such a file counts as torn, like unreadable JSON.
+        """
         self.path = path
         self.prev = path.with_name(path.name + ".prev")
+        self._check = check
         #: Set by `load` when the current file was unreadable and `.prev` was used.
         self.recovered_from_prev = False
 
@@ -81,20 +88,24 @@ class DurableJson:
         return env["doc"]
 
     def _read(self, path: Path) -> Any:
-        return self._decode(path.read_bytes())
+        doc = self._decode(path.read_bytes())
+        return doc if self._check is None else self._check(doc)
 
     def load(self, default: Any = None) -> Any:
-        """The last committed document; `.prev` if the current one is torn; else `default`."""
+        """The last committed document; `.prev` if the current one is torn; else `default`.
+
+        With a `check`, the document as it returns it.
+        """
         self.recovered_from_prev = False
         try:
             return self._read(self.path)
         except FileNotFoundError:
             pass
-        except (OSError, ValueError):
+        except (OSError, ValueError, TypeError):
             self.recovered_from_prev = True
         try:
             return self._read(self.prev)
-        except (OSError, ValueError):
+        except (OSError, ValueError, TypeError):
             return default
 
     def commit(self, doc: Any) -> None:
@@ -118,7 +129,7 @@ class DurableJson:
         try:
             self._read(self.path)
             os.replace(self.path, self.prev)
-        except (OSError, ValueError):
+        except (OSError, ValueError, TypeError):
             pass
         os.replace(tmp, self.path)
         fsync_dir(self.path.parent)

@@ -31,10 +31,28 @@ __all__ = ["LocalServer", "make_local_app"]
 
 MAX_BODY = 8 * 1024 * 1024
 MAX_RECORDS = 10_000
+MAX_DEPTH = 64  # levels of objects and lists in a record's data
 
 
 def _json(status: int, body: Any) -> Answer:
     return status, json.dumps(body, default=str).encode(), ()
+
+
+def _deeper_than(value: Any, limit: int) -> bool:
+    """Whether objects and lists nest more than `limit` levels in `value` (no recursion)."""
+    stack: list[tuple[Any, int]] = [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, dict):
+            inner: Any = item.values()
+        elif isinstance(item, list):
+            inner = item
+        else:
+            continue
+        if depth > limit:
+            return True
+        stack.extend((child, depth + 1) for child in inner)
+    return False
 
 
 def _parse_records(raw: bytes) -> list[tuple[str, str, dict[str, Any], float]]:
@@ -56,6 +74,8 @@ def _parse_records(raw: bytes) -> list[tuple[str, str, dict[str, Any], float]]:
             raise ValueError("kind must be a non-empty string")
         if not isinstance(data, dict):
             raise ValueError("data must be an object")
+        if _deeper_than(data, MAX_DEPTH):  # the buffer writes it with the standard library
+            raise ValueError(f"data must not nest deeper than {MAX_DEPTH} levels")
         ts = item.get("ts", now)
         if not isinstance(ts, int | float):
             raise ValueError("ts must be a number")

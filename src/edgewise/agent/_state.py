@@ -14,6 +14,7 @@ from typing import Any
 
 from edgewise.agent._durable import DurableJson
 from edgewise.agent._install import InstallTracker
+from edgewise.protocol import SignedDesiredState
 
 __all__ = ["AgentState", "PipelineRecord", "StateFile"]
 
@@ -52,13 +53,26 @@ class PipelineRecord:
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> PipelineRecord:
-        """Parse the durable form."""
+        """Parse the durable form.
+
+        Raises:
+            ValueError: a field of the wrong type (a damaged file, not a torn one).
+        """
+        committed = _typed(data.get("committed"), dict, "committed")
+        if committed is not None:
+            model = committed.get("model")
+            if not isinstance(model, dict) or not all(
+                isinstance(model.get(k), str) for k in ("name", "slot")
+            ):
+                raise ValueError("committed.model must name its model and slot")
+            _typed(committed.get("spec"), dict, "committed.spec")
+            _typed(committed.get("companions"), dict, "committed.companions")
         return cls(
-            committed=data.get("committed"),
-            target=data.get("target"),
-            tracker=InstallTracker.from_json(data.get("tracker") or {}),
+            committed=committed,
+            target=_typed(data.get("target"), dict, "target"),
+            tracker=InstallTracker.from_json(_typed(data.get("tracker"), dict, "tracker") or {}),
             refused=str(data.get("refused", "")),
-            retry_at=data.get("retry_at"),
+            retry_at=_typed(data.get("retry_at"), float, "retry_at"),
         )
 
 
@@ -91,25 +105,50 @@ class AgentState:
         }
 
     @classmethod
-    def from_json(cls, data: dict[str, Any]) -> AgentState:
-        """Parse the durable form."""
+    def from_json(cls, data: Any) -> AgentState:
+        """Parse the durable form.
+
+        Raises:
+            ValueError: not an object, or a field of the wrong type (a damaged file): the
+                accepted document must still read as a signed desired state.
+        """
+        if not isinstance(data, dict):
+            raise ValueError("state must be an object")
+        desired = _typed(data.get("desired"), dict, "desired")
+        if desired is not None:
+            SignedDesiredState.model_validate(desired)  # a ValidationError is a ValueError
+        pipelines = _typed(data.get("pipelines"), dict, "pipelines") or {}
+        for name, record in pipelines.items():
+            _typed(record, dict, f"pipelines.{name}")
+        errors = _typed(data.get("errors"), list, "errors") or []
+        try:  # (an install tracker's timeline reads its entries by key)
+            records = {k: PipelineRecord.from_json(v) for k, v in pipelines.items()}
+        except (KeyError, AttributeError, IndexError) as exc:
+            raise ValueError(f"state.json: a pipeline record does not read: {exc!r}") from None
         return cls(
-            revision=data.get("revision"),
-            desired=data.get("desired"),
-            etag=data.get("etag"),
-            pipelines={
-                k: PipelineRecord.from_json(v) for k, v in (data.get("pipelines") or {}).items()
-            },
-            errors=list(data.get("errors") or []),
-            last_sync=data.get("last_sync"),
+            revision=_typed(data.get("revision"), int, "revision"),
+            desired=desired,
+            etag=_typed(data.get("etag"), str, "etag"),
+            pipelines=records,
+            errors=[str(e) for e in errors],
+            last_sync=_typed(data.get("last_sync"), float, "last_sync"),
         )
+
+
+def _typed(value: Any, kind: type, where: str) -> Any:
+    """`value` when None or of `kind` (an int counts as a float, a bool as neither)."""
+    kinds: tuple[type, ...] = (int, float) if kind is float else (kind,)
+    if value is None or (isinstance(value, kinds) and not isinstance(value, bool)):
+        return value
+    raise ValueError(f"state.json: {where} is not a {kind.__name__}")
 
 
 class StateFile:
     """Load and commit `AgentState` crash-safely."""
 
     def __init__(self, path: Path) -> None:
-        self._file = DurableJson(path)
+        # A file whose fields have the wrong types counts as torn: `.prev`, else fresh.
+        self._file = DurableJson(path, check=AgentState.from_json)
 
     @property
     def recovered_from_prev(self) -> bool:
@@ -117,14 +156,9 @@ class StateFile:
         return self._file.recovered_from_prev
 
     def load(self) -> AgentState:
-        """The last committed state (a fresh one if none)."""
-        doc = self._file.load(default=None)
-        if not isinstance(doc, dict):
-            return AgentState()
-        try:
-            return AgentState.from_json(doc)
-        except (KeyError, TypeError, ValueError):
-            return AgentState()
+        """The last committed state (a fresh one if neither commit is usable)."""
+        state = self._file.load(default=None)
+        return state if isinstance(state, AgentState) else AgentState()
 
     def save(self, state: AgentState) -> None:
         """Commit durably."""

@@ -54,6 +54,7 @@ _PREFIX = "/v1/pipelines"
 _JSON_HEADERS = [(b"content-type", b"application/json")]
 _RETRY = ((b"retry-after", b"1"),)
 _DTYPES = {d.name for d in INPUT_DTYPES}  # every dtype a model input can have
+MAX_DIMS = 32  # a raw tensor's dimensions (numpy holds at most 64; models use a handful)
 
 
 _NUMPY = orjson.OPT_SERIALIZE_NUMPY
@@ -123,12 +124,15 @@ def decode_raw(
 def _tensor_header(dtype: str, shape_s: str) -> tuple[np.dtype[Any], tuple[int, ...]]:
     if dtype not in _DTYPES:
         raise BadInput(f"X-Tensor-Dtype must be one of {', '.join(sorted(_DTYPES))}")
-    try:
-        shape = tuple(int(d) for d in shape_s.split(","))
-    except ValueError:
-        raise BadInput("X-Tensor-Shape must be comma-separated integers, e.g. 1,64") from None
+    dims = [d.strip() for d in shape_s.split(",")]
+    # ASCII digits only: int() also reads "1_0" as 10 and other scripts' digits.
+    if not all(d.isascii() and d.isdigit() and len(d) <= 18 for d in dims):
+        raise BadInput("X-Tensor-Shape must be comma-separated integers, e.g. 1,64")
+    shape = tuple(int(d) for d in dims)
     if any(d <= 0 for d in shape):
         raise BadInput("X-Tensor-Shape dimensions must be positive")
+    if len(shape) > MAX_DIMS:
+        raise BadInput(f"X-Tensor-Shape has {len(shape)} dimensions; at most {MAX_DIMS}")
     return np.dtype(dtype), shape
 
 
@@ -195,7 +199,7 @@ class InferenceAPI:
             RuntimeFailure: bad input, an unknown pipeline, a refusal at admission.
         """
         ctype = headers.get(b"content-type", b"application/json")
-        raw = ctype.startswith(b"application/octet-stream")
+        raw = ctype.lower().startswith(b"application/octet-stream")  # (case-insensitive)
         try:
             x = decode_raw(headers, body) if raw else decode_json(body)
             wait = headers.get(b"x-max-queue-ms")
