@@ -195,3 +195,42 @@ def test_trust_key_still_takes_a_base64_key_holding_a_slash(
     conn = ["--server", live_server["base"], "--token", live_server["admin"]]
     code, out, err = run(capsys, "server", "trust-key", b64, "--name", "slashy", *conn)
     assert code == 0 and out.startswith("trusted publisher key"), err
+
+
+@pytest.mark.parametrize(
+    ("flag", "refused", "accepted"),
+    [
+        ("--devices", ["0", "1000000"], ["1", "100000"]),
+        ("--poll-wait-s", ["-5", "0", "0.5", "1e308"], ["1", "86400"]),
+        ("--window-s", ["-5", "0", "1e308"], ["1", "86400"]),
+        ("--clock-skew-s", ["-1", "1e308"], ["0", "86400"]),
+        ("--duration", ["-1", "1e308"], ["0", "31536000"]),
+        ("--time-scale", ["0", "1e308"], ["0.0001", "1000"]),
+        ("--accuracy-floor", ["-0.1", "1.5"], ["0", "1"]),
+        ("--regressed", ["nover", "digits-mlp@2", "@1.0.0", "Big@1.0.0"], ["m@1.0.0-rc.1"]),
+    ],
+)
+def test_a_sim_option_outside_its_range_is_refused_before_the_fleet_is_built(
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+    flag: str,
+    refused: list[str],
+    accepted: list[str],
+) -> None:
+    import edgewise.sim
+
+    built: list[dict[str, Any]] = []
+
+    def fleet(*args: Any, **kwargs: Any) -> None:
+        built.append(kwargs)
+        raise ValueError("the fleet was built")  # the command reports it and stops
+
+    monkeypatch.setattr(edgewise.sim, "Fleet", fleet)
+    for value in refused:
+        code, _, err = run(capsys, "sim", flag, value, *NOWHERE)
+        assert code != 0 and flag in err and "Traceback" not in err, (value, err)
+        assert not built, value
+    for value in accepted:
+        code, _, err = run(capsys, "sim", flag, value, *NOWHERE)
+        assert err == "error: the fleet was built\n", (value, err)
+    assert len(built) == len(accepted)

@@ -7,7 +7,17 @@ from typing import Annotated
 
 import typer
 
-from edgewise.cli._common import CliError, finite_option, parse_broker
+from edgewise.cli._common import CliError, finite_option, off_or_range, parse_broker
+
+# Bounds of the numeric options: past them a value is a typo, not a setting. Far past them
+# (1e300) the clock arithmetic and the 64-bit byte counts overflow.
+DAY_S = 86400.0
+MAX_BUSY_POLL_US = 100_000.0  # 0.1 s: the window exists to save tens of microseconds
+MIN_TELEMETRY_BUDGET_MB = 0.1  # a budget smaller than a few records drops every record
+MAX_TELEMETRY_BUDGET_MB = 1024.0 * 1024.0  # 1 TiB
+MAX_TELEMETRY_RATE = 1_000_000.0
+MIN_TELEMETRY_RATE = 0.01  # slower, and one batch's wait grows past hours
+MAX_DISK_RESERVE_MB = 1e12  # about an exabyte; the byte count still fits in 64 bits
 
 
 def _labels(text: str | None) -> dict[str, str]:
@@ -23,6 +33,21 @@ def _labels(text: str | None) -> dict[str, str]:
     return out
 
 
+def _data_dir(value: str | Path) -> Path:
+    """The `--data` directory, refused when empty or when it (or a parent) is a file."""
+    if not str(value):
+        raise CliError("--data must not be empty")
+    path = Path(value)
+    for where in (path, *path.parents):  # the nearest that exists must be a directory
+        if where.is_dir():
+            break
+        if where == path and where.exists():
+            raise CliError(f"--data {value} is a file, not a directory")
+        if where.exists():
+            raise CliError(f"--data {value}: {where} is a file, not a directory")
+    return path
+
+
 def agent(
     server: Annotated[
         str | None, typer.Option("--server", help="Control-plane URL (first start).")
@@ -31,7 +56,13 @@ def agent(
         str | None, typer.Option("--enroll-token", help="Enrollment token (first start only).")
     ] = None,
     data: Annotated[
-        Path, typer.Option("--data", help="Agent data directory (identity, models, telemetry).")
+        Path,
+        typer.Option(
+            "--data",
+            # Parsed here, not by click: click turns "" into Path("."), the current directory.
+            parser=_data_dir,
+            help="Agent data directory (identity, models, telemetry).",
+        ),
     ] = Path("edgewise-agent"),
     labels: Annotated[
         str | None, typer.Option("--labels", help="Device labels: k=v,k2=v2.")
@@ -39,7 +70,10 @@ def agent(
     local_port: Annotated[
         int | None,
         typer.Option(
-            "--local-port", help="Serve /healthz, /status and inference on 127.0.0.1:P (0: any)."
+            "--local-port",
+            min=0,
+            max=65535,
+            help="Serve /healthz, /status and inference on 127.0.0.1:P (0: any).",
         ),
     ] = None,
     local_busy_poll: Annotated[
@@ -48,6 +82,7 @@ def agent(
             "--local-busy-poll-us",
             callback=finite_option,
             min=0.0,
+            max=MAX_BUSY_POLL_US,
             help="After an answer, poll on this long while an app calls back-to-back "
             "(lower latency for a little CPU; 0: off).",
         ),
@@ -56,8 +91,9 @@ def agent(
         float | None,
         typer.Option(
             "--poll-wait",
-            callback=finite_option,
-            help="Long-poll wait in seconds (default: server setting).",
+            callback=off_or_range(1.0, DAY_S, "seconds"),
+            help="Long-poll wait in seconds, 1 to a day; 0: no long-poll, poll every "
+            "--poll-interval (default: server setting).",
         ),
     ] = None,
     poll_interval: Annotated[
@@ -65,7 +101,9 @@ def agent(
         typer.Option(
             "--poll-interval",
             callback=finite_option,
-            help="Poll period when --poll-wait is 0 (no long-poll).",
+            min=1.0,
+            max=DAY_S,
+            help="Poll period in seconds when --poll-wait is 0 (no long-poll).",
         ),
     ] = 60.0,
     mqtt: Annotated[
@@ -76,6 +114,8 @@ def agent(
         typer.Option(
             "--telemetry-budget-mb",
             callback=finite_option,
+            min=MIN_TELEMETRY_BUDGET_MB,
+            max=MAX_TELEMETRY_BUDGET_MB,
             help="Byte budget of the telemetry buffer.",
         ),
     ] = 32.0,
@@ -84,6 +124,8 @@ def agent(
         typer.Option(
             "--telemetry-rate",
             callback=finite_option,
+            min=MIN_TELEMETRY_RATE,
+            max=MAX_TELEMETRY_RATE,
             help="Backlog drain rate, records per second.",
         ),
     ] = 1000.0,
@@ -92,13 +134,19 @@ def agent(
         typer.Option(
             "--disk-reserve-mb",
             callback=finite_option,
+            min=0.0,
+            max=MAX_DISK_RESERVE_MB,
             help="Free disk an install must leave untouched.",
         ),
     ] = 0.0,
     metrics_interval: Annotated[
         float | None,
         typer.Option(
-            "--metrics-interval", callback=finite_option, help="Seconds between metric records."
+            "--metrics-interval",
+            callback=finite_option,
+            min=1.0,
+            max=DAY_S,
+            help="Seconds between metric records.",
         ),
     ] = None,
 ) -> None:

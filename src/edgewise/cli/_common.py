@@ -11,6 +11,7 @@ import datetime
 import json
 import math
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote
@@ -23,6 +24,7 @@ __all__ = [
     "emit_json",
     "finite_option",
     "json_problem",
+    "off_or_range",
     "output_error",
     "parse_broker",
     "path_segment",
@@ -109,6 +111,29 @@ def finite_option(param: typer.CallbackParam, value: Any) -> Any:
         flag = max(param.opts, key=len) if param.opts else param.name
         raise CliError(f"{flag} must be a finite number")
     return value
+
+
+def off_or_range(low: float, high: float, unit: str) -> Callable[[typer.CallbackParam, Any], Any]:
+    """A Typer callback for a float option that is 0 (off) or within `low` to `high`.
+
+    For a setting whose 0 turns a feature off while small values do harm (a long-poll
+    wait under a second is sent as 0 and polls in a tight loop); typer's `min=` cannot
+    leave such a gap. None (not given) passes.
+
+    Raises:
+        CliError: the value is not finite, or neither 0 nor from `low` to `high`.
+    """
+
+    def check(param: typer.CallbackParam, value: Any) -> Any:
+        finite_option(param, value)
+        if value is None or value == 0 or low <= value <= high:
+            return value
+        flag = max(param.opts, key=len) if param.opts else param.name
+        raise CliError(
+            f"{flag} {value:g} is out of range: use 0 (off) or {low:g} to {high:g} {unit}"
+        )
+
+    return check
 
 
 def json_problem(data: Any) -> str | None:

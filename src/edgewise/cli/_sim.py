@@ -17,10 +17,34 @@ from edgewise.cli._common import CliError, emit_json, finite_option, resolve_ser
 
 __all__ = ["sim"]
 
+# Bounds of the numeric options: past them a value is a typo, not a setting (clock
+# arithmetic overflows near 1e300; waits under a second poll in a tight loop).
+DAY_S = 86400.0
+MAX_DEVICES = 100_000  # ten times the scale the simulator is built and measured for
+MAX_DURATION_S = 365 * DAY_S
+MAX_TIME_SCALE = 1000.0
+
+
+def _refs(param: typer.CallbackParam, refs: list[str] | None) -> list[str] | None:
+    """Typer callback: each `--regressed` is NAME@VERSION with a semantic VERSION."""
+    import re
+
+    from edgewise.bundle._manifest import NAME_PATTERN, SEMVER_RE
+
+    for ref in refs or ():
+        name, sep, version = ref.rpartition("@")
+        if not sep or not re.match(NAME_PATTERN, name):
+            raise CliError(f"--regressed {ref!r} is not NAME@VERSION (e.g. digits-mlp@2.0.0)")
+        if not SEMVER_RE.match(version):
+            raise CliError(f"--regressed {ref!r}: {version!r} is not a version (e.g. 2.0.0)")
+    return refs
+
 
 def sim(
     server: Annotated[str | None, typer.Option("--server", help="Control-plane URL.")] = None,
-    devices: Annotated[int, typer.Option("--devices", "-n", min=1, help="Devices.")] = 100,
+    devices: Annotated[
+        int, typer.Option("--devices", "-n", min=1, max=MAX_DEVICES, help="Devices.")
+    ] = 100,
     seed: Annotated[int, typer.Option("--seed", help="Seed: same seed, same fleet.")] = 0,
     enroll_token: Annotated[
         str | None, typer.Option("--enroll-token", help="Enrollment token (>= N uses).")
@@ -73,7 +97,11 @@ def sim(
     clock_skew_s: Annotated[
         float,
         typer.Option(
-            "--clock-skew-s", callback=finite_option, min=0.0, help="Device clocks off by up to S."
+            "--clock-skew-s",
+            callback=finite_option,
+            min=0.0,
+            max=DAY_S,
+            help="Device clocks off by up to S.",
         ),
     ] = 0.0,
     old_agents: Annotated[
@@ -89,7 +117,11 @@ def sim(
     duration: Annotated[
         float,
         typer.Option(
-            "--duration", callback=finite_option, min=0.0, help="Seconds to run (0: until Ctrl-C)."
+            "--duration",
+            callback=finite_option,
+            min=0.0,
+            max=MAX_DURATION_S,
+            help="Seconds to run (0: until Ctrl-C).",
         ),
     ] = 0.0,
     time_scale: Annotated[
@@ -98,26 +130,42 @@ def sim(
             "--time-scale",
             callback=finite_option,
             min=0.0001,
+            max=MAX_TIME_SCALE,
             help="Real seconds per simulated second.",
         ),
     ] = 1.0,
     window_s: Annotated[
         float | None,
-        typer.Option("--window-s", callback=finite_option, help="Telemetry window (simulated s)."),
+        typer.Option(
+            "--window-s",
+            callback=finite_option,
+            min=1.0,
+            max=DAY_S,
+            help="Telemetry window (simulated s).",
+        ),
     ] = None,
     poll_wait_s: Annotated[
         float | None,
-        typer.Option("--poll-wait-s", callback=finite_option, help="Long-poll wait (s)."),
+        typer.Option(
+            "--poll-wait-s",
+            callback=finite_option,
+            # The wait goes out in whole seconds: under 1 it is 0, and devices poll flat out.
+            min=1.0,
+            max=DAY_S,
+            help="Long-poll wait (s).",
+        ),
     ] = None,
     regressed: Annotated[
         list[str] | None,
-        typer.Option("--regressed", help="A regressed NAME@VERSION (repeatable)."),
+        typer.Option("--regressed", callback=_refs, help="A regressed NAME@VERSION (repeatable)."),
     ] = None,
     accuracy_floor: Annotated[
         float,
         typer.Option(
             "--accuracy-floor",
             callback=finite_option,
+            min=0.0,
+            max=1.0,
             help="Provenance accuracy below this is regressed.",
         ),
     ] = 0.8,
