@@ -65,9 +65,13 @@ from edgewise.protocol import (
     verify_desired,
 )
 
-__all__ = ["AGENT_VERSION", "Agent", "AgentConfig"]
+__all__ = ["AGENT_VERSION", "Agent", "AgentConfig", "StopPolling"]
 
 AGENT_VERSION = "0.1.0"
+
+
+class StopPolling(BaseException):  # (like KeyboardInterrupt: not an Exception)
+    """Raised by `Agent.on_stop_signal` to cut a long-poll short (not an error)."""
 
 
 @dataclass
@@ -130,6 +134,7 @@ class Agent:
         self.state = AgentState()
         self.lock = threading.RLock()  # state is read by the local API thread
         self.wake = threading.Event()
+        self.polling = False  # a long-poll is in flight (see `on_stop_signal`)
         self.poll_backoff = Backoff(base_s=0.5, max_delay_s=30.0)
         self.online = False
         self.report_dirty = True
@@ -611,6 +616,23 @@ class Agent:
         self._start_background(stop)
         if ready is not None:
             ready(self)
+        try:
+            self._follow(stop)
+        except StopPolling:  # a stop signal cut the long-poll short
+            return
+
+    def on_stop_signal(self) -> None:
+        """For a signal handler in the thread running `run`: do not wait for the poll.
+
+        `run` otherwise sees a stop only once its long-poll answers (up to `poll_wait_s`).
+        While a poll is in flight this raises `StopPolling` out of it (a signal handler's
+        exception interrupts the blocking read), and `run` returns.
+        """
+        self.wake.set()
+        if self.polling:
+            raise StopPolling
+
+    def _follow(self, stop: threading.Event) -> None:
         attempt = 0
         trimmed = False
         while not stop.is_set():
@@ -620,7 +642,11 @@ class Agent:
                 woke = self.wake.is_set()
                 self.wake.clear()
                 wait = 0.0 if woke or self.state.etag is None else self.poll_wait_s
-                poll = self.client.desired(self.state.etag, wait)
+                self.polling = True
+                try:
+                    poll = self.client.desired(self.state.etag, wait)
+                finally:
+                    self.polling = False
                 self.online = True
                 idle = poll.signed is None and wait == 0 and self.poll_wait_s == 0
                 attempt = 0
@@ -642,7 +668,8 @@ class Agent:
                 delay = self.poll_backoff.delay(attempt, getattr(exc, "retry_after", None))
                 attempt += 1
                 self._reconcile_offline()
-                self.wake.wait(min(delay, self.poll_wait_s))
+                # Retry at least every poll wait; with long-polls off (0), after the delay.
+                self.wake.wait(min(delay, self.poll_wait_s) if self.poll_wait_s > 0 else delay)
             except DeviceAuthError as exc:
                 self.online = False
                 self.state.add_error(f"control plane refused this device: {exc.code}")

@@ -174,9 +174,12 @@ def agent(
         log_events=True,
     )
     stop = threading.Event()
+    running: list[Agent] = []
 
     def on_signal(signum: int, frame: object) -> None:
         stop.set()
+        if running:  # a long-poll in flight is cut short (this runs in run's thread)
+            running[0].on_stop_signal()
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
@@ -184,6 +187,7 @@ def agent(
         runner = Agent(config)
     except IdentityError as exc:
         raise CliError(str(exc)) from exc
+    running.append(runner)
 
     def ready(a: Agent) -> None:
         assert a.identity is not None
