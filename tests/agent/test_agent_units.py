@@ -378,3 +378,26 @@ def test_the_agents_refusals_for_what_a_device_lacks_read_as_cannot_run() -> Non
     assert not cannot_run("incompatible: model does not load: bad opset")
     assert not cannot_run("incompatible: pipeline refused the model: wrong input shape")
     assert not cannot_run("health check failed: sample 0")
+
+
+def test_a_damaged_identity_file_is_named_not_taken_for_no_identity(tmp_path: Path) -> None:
+    # "holds no identity: pass --enroll-token" sent an operator to enroll a second device.
+    from edgewise.agent._identity import (
+        IDENTITY_FILE,
+        Identity,
+        IdentityError,
+        load_identity,
+        save_identity,
+    )
+
+    assert load_identity(tmp_path) is None  # before the first enrollment
+    me = Identity(device_id="dev-1", server="http://127.0.0.1:1")
+    save_identity(tmp_path, me)
+    assert load_identity(tmp_path) == me
+    (tmp_path / IDENTITY_FILE).write_bytes(b"\x00garbage")
+    with pytest.raises(IdentityError, match=r"identity\.json is damaged .* restore it"):
+        load_identity(tmp_path)  # one commit so far: no previous one to fall back on
+    save_identity(tmp_path, me)
+    save_identity(tmp_path, me)
+    (tmp_path / IDENTITY_FILE).write_bytes(b"")
+    assert load_identity(tmp_path) == me  # a torn file: the previous commit

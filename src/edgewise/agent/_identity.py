@@ -136,14 +136,27 @@ def save_identity(data_dir: Path, identity: Identity) -> None:
 
 
 def load_identity(data_dir: Path) -> Identity | None:
-    """The stored identity, or None before the first enrollment."""
-    doc = DurableJson(data_dir / IDENTITY_FILE).load(default=None)
-    if not isinstance(doc, dict):
+    """The stored identity, or None before the first enrollment.
+
+    Raises:
+        IdentityError: an identity file is there but neither it nor its previous commit
+            reads: saying "no identity" would send the operator to enroll a second device.
+    """
+    stored = DurableJson(data_dir / IDENTITY_FILE)
+    doc = stored.load(default=None)
+    if doc is None and not (stored.path.exists() or stored.prev.exists()):
         return None
+    damaged = (
+        f"{stored.path} is damaged and its previous commit does not read either: restore "
+        "it from a backup (this device's id and trust root), or move it away and start "
+        "with --enroll-token to enroll as a new device"
+    )
+    if not isinstance(doc, dict):
+        raise IdentityError(damaged)
     try:
         return Identity(**doc)
     except TypeError as exc:
-        raise IdentityError(f"identity file is malformed: {exc}") from exc
+        raise IdentityError(f"{damaged} ({exc})") from exc
 
 
 def ensure_private_dir(data_dir: Path) -> None:
