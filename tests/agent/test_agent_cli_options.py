@@ -127,3 +127,16 @@ def test_empty_data_is_refused_not_taken_as_the_current_directory(
     code, err = _agent(capsys, tmp_path, "--data", "")
     assert (code, err) == (1, "error: --data must not be empty\n")
     assert not started
+
+
+def test_a_server_that_is_not_an_http_url_with_a_host_is_refused(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path, started: list[Any]
+) -> None:
+    for value in ("notaurl", "ftp://cp.example", "http://", "127.0.0.1:8080"):
+        code, err = _agent(capsys, tmp_path, "--server", value)
+        expected = f"error: --server {value!r} is not an http:// or https:// URL with a host\n"
+        assert (code, err) == (1, expected), value
+    assert not started
+    for value in ("http://127.0.0.1:8080", "https://cp.example:8443/edge"):
+        assert _agent(capsys, tmp_path, "--server", value)[0] == 0
+    assert [c.server for c in started] == ["http://127.0.0.1:8080", "https://cp.example:8443/edge"]

@@ -48,9 +48,33 @@ def _data_dir(value: str | Path) -> Path:
     return path
 
 
+def _server_url(value: str | None) -> str | None:
+    """The `--server` URL, refused unless it is http(s)://HOST.
+
+    An agent given "notaurl" said it was running and stayed offline, with nothing in its
+    status to say why.
+    """
+    if value is None:
+        return None
+    import httpx
+
+    try:
+        url = httpx.URL(value)
+    except httpx.InvalidURL:
+        url = None
+    if url is None or url.scheme not in ("http", "https") or not url.host:
+        raise CliError(f"--server {value!r} is not an http:// or https:// URL with a host")
+    return value
+
+
 def agent(
     server: Annotated[
-        str | None, typer.Option("--server", help="Control-plane URL (first start).")
+        str | None,
+        typer.Option(
+            "--server",
+            callback=_server_url,
+            help="Control-plane URL (first start).",
+        ),
     ] = None,
     enroll_token: Annotated[
         str | None, typer.Option("--enroll-token", help="Enrollment token (first start only).")
