@@ -7,11 +7,10 @@ from typing import Annotated
 
 import typer
 
-from edgewise.cli._common import CliError, finite_option, off_or_range, parse_broker
+from edgewise.cli._common import DAY_S, CliError, finite_option, off_or_range, parse_broker
 
 # Bounds of the numeric options: past them a value is a typo, not a setting. Far past them
 # (1e300) the clock arithmetic and the 64-bit byte counts overflow.
-DAY_S = 86400.0
 MAX_BUSY_POLL_US = 100_000.0  # 0.1 s: the window exists to save tens of microseconds
 MIN_TELEMETRY_BUDGET_MB = 0.1  # a budget smaller than a few records drops every record
 MAX_TELEMETRY_BUDGET_MB = 1024.0 * 1024.0  # 1 TiB

@@ -19,6 +19,7 @@ from urllib.parse import quote
 import typer
 
 __all__ = [
+    "DAY_S",
     "CliError",
     "config_path",
     "emit_json",
@@ -34,6 +35,7 @@ __all__ = [
 ]
 
 DEFAULT_SERVER = "http://127.0.0.1:8080"
+DAY_S = 86400.0  # the longest wait or interval an option takes
 
 
 class CliError(Exception):

@@ -13,13 +13,19 @@ from typing import Annotated, Any
 
 import typer
 
-from edgewise.cli._common import CliError, emit_json, finite_option, resolve_server, resolve_token
+from edgewise.cli._common import (
+    DAY_S,
+    CliError,
+    emit_json,
+    finite_option,
+    resolve_server,
+    resolve_token,
+)
 
 __all__ = ["sim"]
 
 # Bounds of the numeric options: past them a value is a typo, not a setting (clock
 # arithmetic overflows near 1e300; waits under a second poll in a tight loop).
-DAY_S = 86400.0
 MAX_DEVICES = 100_000  # ten times the scale the simulator is built and measured for
 MAX_DURATION_S = 365 * DAY_S
 MAX_TIME_SCALE = 1000.0

@@ -15,9 +15,9 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from edgewise.control._desiredcalc import desired_content
-from edgewise.control._fleet import agent_vocabularies
+from edgewise.control._fleet import device_views
 from edgewise.control._plane import ApiError, ControlPlane, Principal, digest, ensure_json
-from edgewise.control._preflight import DeviceView, preflight
+from edgewise.control._preflight import preflight
 from edgewise.control._rbac import in_scope, selector_in_scope
 from edgewise.control._selector import SelectorError, parse_selector
 from edgewise.control._store import ConflictError
@@ -166,16 +166,7 @@ def _check(
         for r in plane.store.list_devices()
         if r["status"] == "active" and in_scope(who.scope, r["labels"])
     ]
-    vocabularies = agent_vocabularies(plane, rows)
-    devices = [
-        DeviceView(
-            id=r["id"],
-            labels=r["labels"],
-            capabilities=r["capabilities"],
-            vocabulary=vocabularies[r["id"]],
-        )
-        for r in rows
-    ]
+    devices = device_views(plane, rows)
     result = preflight(
         selector,
         {name: _preflight_view(s) for name, s in specs.items()},

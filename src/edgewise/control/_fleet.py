@@ -12,7 +12,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from edgewise.control._identity import hash_token, new_secret_token, public_key_from_b64
 from edgewise.control._plane import ApiError, ControlPlane, Principal, digest, ensure_json
-from edgewise.control._preflight import reported_digest
+from edgewise.control._preflight import DeviceView, reported_digest
 from edgewise.control._rbac import in_scope
 from edgewise.control._selector import LabelError, SelectorError, parse_selector, validate_labels
 from edgewise.control._store import ConflictError
@@ -25,6 +25,7 @@ __all__ = [
     "create_enroll_token",
     "decommission",
     "device_view",
+    "device_views",
     "enroll",
     "ingest_telemetry",
     "list_devices",
@@ -148,6 +149,20 @@ def agent_vocabularies(
     digests = {r["id"]: reported_digest(r["report_agent"]) for r in rows}
     known = plane.store.vocabularies(digests.values())
     return {device_id: known.get(d) for device_id, d in digests.items()}
+
+
+def device_views(plane: ControlPlane, rows: list[dict[str, Any]]) -> list[DeviceView]:
+    """Device rows as pre-flight reads them: labels, capabilities, agent vocabulary."""
+    vocabularies = agent_vocabularies(plane, rows)
+    return [
+        DeviceView(
+            id=r["id"],
+            labels=r["labels"],
+            capabilities=r.get("capabilities") or {},
+            vocabulary=vocabularies.get(r["id"]),
+        )
+        for r in rows
+    ]
 
 
 def agent_version(report_agent: Any) -> str | None:

@@ -17,9 +17,9 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field
 from sqlalchemy.exc import IntegrityError
 
-from edgewise.control._fleet import agent_vocabularies
+from edgewise.control._fleet import device_views
 from edgewise.control._plane import ApiError, ControlPlane, Principal, digest
-from edgewise.control._preflight import DeviceView, device_reasons, vocabulary_reasons
+from edgewise.control._preflight import device_reasons, vocabulary_reasons
 from edgewise.control._rbac import selector_in_scope
 from edgewise.control._recompute import recompute_devices, recompute_selector
 from edgewise.control._revisions import revision_pipelines, stable_revision
@@ -141,22 +141,15 @@ def _refuse_devices_that_cannot_run(
         if isinstance(p, dict)
     }
     manifests = _pinned_manifests(plane, pipelines)
-    vocabularies = agent_vocabularies(plane, devices)
-    cannot: dict[str, list[str]] = {}
-    for row in devices:
-        view = DeviceView(
-            id=row["id"],
-            labels=row["labels"],
-            capabilities=row.get("capabilities") or {},
-            vocabulary=vocabularies.get(row["id"]),
-        )
-        if why := device_reasons(view, manifests, terms):
-            cannot[row["id"]] = why
+    views = {v.id: v for v in device_views(plane, devices)}
+    cannot = {
+        dev: why for dev, view in views.items() if (why := device_reasons(view, manifests, terms))
+    }
     if not cannot:
         return
     first = min(cannot)
     force = "or start it anyway with force (rollout start --force)"
-    if all(why == vocabulary_reasons(vocabularies.get(d), terms) for d, why in cannot.items()):
+    if all(why == vocabulary_reasons(views[d].vocabulary, terms) for d, why in cannot.items()):
         raise ApiError(
             409,
             "agents_too_old",
