@@ -634,6 +634,30 @@ def test_one_active_rollout_per_deployment(world: World) -> None:
     assert r.status_code == 409 and r.json()["error"]["code"] == "conflict"
 
 
+def test_a_promote_is_refused_while_a_rollout_would_undo_it(world: World) -> None:
+    # An operator promoting a revision (say, back to 1.0.0 at 3 a.m.) during a rollout
+    # got 201 "stable", then the rollout went on and, on completing, made its own
+    # revision stable and moved every device to it: the promote was silently undone.
+    devs = _fleet(world)
+    ro = _start(world, _revise(world, "1.1.0"))
+    world.tick()
+    path = "/api/v1/deployments/base/revisions"
+    back = {"pipelines": {"digits": {"model": "digits-mlp@1.0.0"}}, "note": "back"}
+    r = world.api("POST", path, json=back | {"promote": True})
+    assert r.status_code == 409, r.text
+    error = r.json()["error"]
+    assert error["code"] == "rollout_active"
+    assert ro["id"] in error["message"] and "rollout abort" in error["message"]
+    history = world.ok("GET", path)
+    assert (history["stable_revision"], len(history["revisions"])) == (1, 2)  # nothing added
+    world.ok("POST", f"/api/v1/rollouts/{ro['id']}/abort", json={"reason": "bad model"})
+    world.tick()
+    r = world.api("POST", path, json=back | {"promote": True})
+    assert r.status_code == 201 and r.json()["stable"] is True, r.text
+    assert world.ok("GET", path)["stable_revision"] == 3
+    assert {d.version() for d in devs} == {"1.0.0"}
+
+
 def test_viewers_read_and_operators_act(world: World) -> None:
     _fleet(world, 2)
     rev = _revise(world, "1.1.0")

@@ -224,6 +224,9 @@ def create_revision(
         who,
     )
     pipelines = prepared["pipelines"]
+    if req.promote:  # before anything is written: a refused promote adds no revision
+        with plane.store.engine.connect() as c:
+            _refuse_promote_during_rollout(c, dep)
     rv = t.deployment_revisions
     for _ in range(5):
         rows = _revision_rows(plane, dep)
@@ -264,6 +267,8 @@ def create_revision(
     )
     if req.promote:
         with plane.store.engine.begin() as c:
+            # A rollout started since the check above: the revision stays, unpromoted.
+            _refuse_promote_during_rollout(c, dep, added=number)
             promote_in(c, dep["id"], number, pipelines)
         plane.audit(
             who.actor,
@@ -284,6 +289,33 @@ def create_revision(
     }
     view = _view(row, stable_revision(fresh))
     return view | {"deployment": dep["id"], "incompatible": incompatible}, True
+
+
+def _refuse_promote_during_rollout(
+    c: Connection, dep: Mapping[str, Any], added: int | None = None
+) -> None:
+    """409 while a rollout of the deployment is active.
+
+    Such a rollout would undo the promote: it keeps moving its devices to its own
+    revision and, once complete, makes that revision the stable one.
+    """
+    r = t.rollouts
+    row = c.execute(
+        select(r.c.id, r.c.from_revision, r.c.to_revision, r.c.state).where(
+            r.c.active_key == dep["id"]
+        )
+    ).first()
+    if row is None:
+        return
+    kept = f"revision {added} was added but not promoted; " if added is not None else ""
+    raise ApiError(
+        409,
+        "rollout_active",
+        f"deployment {dep['name']} has rollout {row.id} {row.state} (revision "
+        f"{row.from_revision} -> {row.to_revision}), which would undo a promote when it "
+        f"completes; {kept}abort it first (rollout abort {row.id}), or move the devices "
+        "with a rollout after it",
+    )
 
 
 def promote_in(c: Connection, deployment_id: str, revision: int, pipelines: Any) -> None:
