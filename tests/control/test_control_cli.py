@@ -96,7 +96,15 @@ def test_operator_commands_round_trip(
     code, out, _ = run(capsys, "audit", "export", "--out", str(export))
     assert code == 0 and len(export.read_text().splitlines()) >= 5
     code, out, _ = run(capsys, "model", "yank", "digits-mlp@1.0.0")
-    assert code == 0
+    assert code == 0 and out.strip() == "yanked digits-mlp@1.0.0"
+    code, out, _ = run(capsys, "model", "list", "--json")
+    assert [m["yanked"] for m in json.loads(out) if m["ref"] == "digits-mlp@1.0.0"] == [True]
+    code, out, _ = run(capsys, "model", "unyank", "digits-mlp@1.0.0")
+    assert code == 0 and out.strip() == "unyanked digits-mlp@1.0.0"
+    code, out, _ = run(capsys, "model", "list", "--json")
+    assert [m["yanked"] for m in json.loads(out) if m["ref"] == "digits-mlp@1.0.0"] == [False]
+    code, _, err = run(capsys, "model", "unyank", "digits-mlp@9.9.9")
+    assert code == 1 and "no model digits-mlp@9.9.9" in err
     code, out, _ = run(capsys, "deploy", "delete", "base")
     assert code == 0
 

@@ -381,6 +381,11 @@ def test_model_versions_are_immutable(store: SqlStore) -> None:
         store.insert_model({**row, "sha256": "b" * 64})
     assert store.set_yanked("m", "1.0.0", True)
     assert store.get_model("m", "1.0.0")["yanked"] is True  # type: ignore[index]
+    assert store.yanked_among([("m", "1.0.0"), ("m", "9.9.9"), ("n", "1.0.0")]) == ["m@1.0.0"]
+    assert store.yanked_among([]) == []
+    assert store.set_yanked("m", "1.0.0", False)
+    assert store.yanked_among([("m", "1.0.0")]) == []
+    assert store.set_yanked("m", "1.0.0", True)
     assert store.model_by_sha("a" * 64) is not None
 
 

@@ -334,6 +334,8 @@ def test_approval_is_required_before_the_next_phase() -> None:
 def test_manual_pause_stops_notifying_and_resume_continues() -> None:
     r = make(40, canary="100%", waves=(), rate_per_min=10)
     r, _ = step(r, obs(), 0.0)
+    why, _ = pause(r, 1.0, "engine", "paused: m@2 was yanked")
+    assert why.state is R.PAUSED and why.reason == "paused: m@2 was yanked"
     r, acts = pause(r, 1.0, "carol")
     assert r.state is R.PAUSED and r.reason == "paused by carol"
     r, acts = step(r, obs(), 100.0)

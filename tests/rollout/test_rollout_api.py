@@ -658,6 +658,42 @@ def test_a_promote_is_refused_while_a_rollout_would_undo_it(world: World) -> Non
     assert {d.version() for d in devs} == {"1.0.0"}
 
 
+def test_a_yanked_model_is_rolled_out_no_further(world: World) -> None:
+    # Yanking a model at 3 a.m. meant only that no new deployment could pin it: a
+    # rollout to it could still be started, and one running kept moving devices to it.
+    devs = _fleet(world)
+    rev = _revise(world, "1.1.0")
+    yank = "/api/v1/models/digits-mlp/1.1.0/yank"
+    assert world.ok("POST", yank)["rollouts"] == []
+    r = world.api("POST", "/api/v1/rollouts", json={"deployment": "base", "to_revision": rev})
+    assert r.status_code == 409 and r.json()["error"]["code"] == "yanked", r.text
+    assert "model unyank digits-mlp@1.1.0" in r.json()["error"]["message"]
+    world.ok("POST", "/api/v1/models/digits-mlp/1.1.0/unyank")
+    ro = _start(world, rev)
+    world.tick()
+    canary = _phase_devices(world, ro["id"], 0, devs)
+    others = [d for d in devs if d not in canary]
+    assert world.ok("POST", yank)["rollouts"] == [ro["id"]]
+    world.tick()
+    view = world.rollout(ro["id"])
+    assert view["state"] == "paused" and "digits-mlp@1.1.0 was yanked" in view["reason"]
+    for d in canary:
+        d.report("1.1.0", "active")
+    world.tick(3)
+    assert world.rollout(ro["id"])["state"] == "paused"
+    assert {d.version() for d in canary} == {"1.1.0"}  # what runs it keeps it
+    assert {d.version() for d in others} == {"1.0.0"}  # nobody else gets it
+    r = world.api("POST", f"/api/v1/rollouts/{ro['id']}/resume")
+    assert r.status_code == 409 and r.json()["error"]["code"] == "yanked", r.text
+    assert world.rollout(ro["id"])["state"] == "paused"
+    world.ok("POST", "/api/v1/models/digits-mlp/1.1.0/unyank")
+    assert world.ok("POST", f"/api/v1/rollouts/{ro['id']}/resume")["state"] == "running"
+    world.tick()
+    assert {d.version() for d in others} == {"1.1.0"}
+    actions = [a["action"] for a in world.audit("model.")]
+    assert actions.count("model.yank") == 2 and actions.count("model.unyank") == 2
+
+
 def test_viewers_read_and_operators_act(world: World) -> None:
     _fleet(world, 2)
     rev = _revise(world, "1.1.0")

@@ -1,4 +1,4 @@
-"""`edgewise model push|list|show|yank`: the control plane's model registry.
+"""`edgewise model push|list|show|yank|unyank`: the control plane's model registry.
 
 Registered onto the `model` Typer app defined in `_model` (pack/sign/verify/inspect).
 """
@@ -87,6 +87,25 @@ def yank(
     server: ServerOpt = None,
     token: TokenOpt = None,
 ) -> None:
-    """Yank a version: no new deployment may pin it."""
-    call_api("POST", _model_path(ref) + "/yank", server, token)
+    """Yank a version: no deployment, revision or rollout may pin it from now on.
+
+    Devices running it keep it; a rollout moving devices to it pauses.
+    """
+    view = call_api("POST", _model_path(ref) + "/yank", server, token)
     typer.echo(f"yanked {ref}")
+    for rollout in view.get("rollouts") or []:
+        typer.echo(
+            f"rollout {rollout} moves devices to it: it pauses (model unyank {ref}, then "
+            f"rollout resume {rollout}, to carry on; or rollout abort {rollout})"
+        )
+
+
+@app.command("unyank")
+def unyank(
+    ref: Annotated[str, typer.Argument(help="name@version")],
+    server: ServerOpt = None,
+    token: TokenOpt = None,
+) -> None:
+    """Undo a yank: the version may be pinned and rolled out again."""
+    call_api("POST", _model_path(ref) + "/unyank", server, token)
+    typer.echo(f"unyanked {ref}")

@@ -17,6 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from edgewise.control import _deployments as deps
 from edgewise.control import _fleet as fleet
 from edgewise.control import _registry as registry
+from edgewise.control import _rollouts as rollouts
 from edgewise.control._errors import OPERATOR_ERRORS
 from edgewise.control._plane import ApiError, ControlPlane, Principal
 from edgewise.control._rbac import Permission
@@ -219,8 +220,20 @@ def show_model(request: Request, name: str, version: str) -> dict[str, Any]:
 
 @_route("POST", "/models/{name}/{version}/yank", Permission.MODELS_WRITE)
 def yank_model(request: Request, name: str, version: str, who: Who) -> dict[str, Any]:
-    """Yank a version (no new deployments may pin it)."""
-    return registry.set_yanked(_plane(request), name, version, True, who)
+    """Yank a version: no deployment, revision or rollout may pin it from now on.
+
+    Devices already running it keep it. `rollouts` names the active rollouts moving
+    devices to it: the running ones pause, and resume only once it is unyanked.
+    """
+    plane = _plane(request)
+    view = registry.set_yanked(plane, name, version, True, who)
+    return view | {"rollouts": rollouts.rollouts_pinning(plane, name, version)}
+
+
+@_route("POST", "/models/{name}/{version}/unyank", Permission.MODELS_WRITE)
+def unyank_model(request: Request, name: str, version: str, who: Who) -> dict[str, Any]:
+    """Undo a yank: the version may be pinned and rolled out again."""
+    return registry.set_yanked(_plane(request), name, version, False, who)
 
 
 # -------------------------------------------------------------- deployments

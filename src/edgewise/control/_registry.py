@@ -214,7 +214,7 @@ def model_view(row: dict[str, Any], detail: bool = False) -> dict[str, Any]:
 def set_yanked(
     plane: ControlPlane, name: str, version: str, yanked: bool, who: Principal
 ) -> dict[str, Any]:
-    """Yank a version: new deployments may not pin it; running ones keep working."""
+    """Yank (or unyank) a version: nothing new may pin or roll it out; devices keep it."""
     if not plane.store.set_yanked(name, version, yanked):
         raise ApiError(404, "not_found", f"no model {name}@{version}")
     action = "model.yank" if yanked else "model.unyank"

@@ -41,6 +41,7 @@ __all__ = [
     "deployment_content_hash",
     "list_revisions",
     "overrides_for",
+    "pinned_refs",
     "promote_in",
     "revision_egress",
     "revision_pipelines",
@@ -147,6 +148,22 @@ def revision_pipelines(plane: ControlPlane, deployment_id: str, revision: int) -
                 _EGRESS[key] = row.get("egress")
             return dict(row["pipelines"])
     raise ApiError(404, "not_found", f"deployment {dep['name']} has no revision {revision}")
+
+
+def pinned_refs(pipelines: Mapping[str, Any]) -> list[tuple[str, str]]:
+    """The `(name, version)` of every model a revision's pipelines pin, once each.
+
+    A pipeline pins its model, and its fallback and cascade models when it has them.
+    """
+    refs: dict[tuple[str, str], None] = {}
+    for p in pipelines.values():
+        if not isinstance(p, Mapping):
+            continue
+        for role in ("model", "fallback", "cascade"):
+            ref = p.get(role)
+            if isinstance(ref, Mapping) and "name" in ref and "version" in ref:
+                refs[(str(ref["name"]), str(ref["version"]))] = None
+    return list(refs)
 
 
 def revision_egress(

@@ -35,7 +35,7 @@ from anyio import CapacityLimiter, to_thread
 
 from edgewise.control._plane import ApiError, ControlPlane
 from edgewise.control._recompute import recompute_devices, recompute_selector
-from edgewise.control._revisions import revision_pipelines
+from edgewise.control._revisions import pinned_refs, revision_pipelines
 from edgewise.control._rollout_observe import CohortReader, Target, load_reports, target_of
 from edgewise.control._rollout_store import (
     RolloutStore,
@@ -51,8 +51,10 @@ from edgewise.control.rollout import (
     Observations,
     RevertDevices,
     Rollout,
+    RolloutState,
     SetStableRevision,
     fail,
+    pause,
     step,
 )
 
@@ -79,6 +81,7 @@ class _Seen:
     telemetry_phase: int | None = None
     repaired: bool = False
     targets: tuple[Target, Target] | None = None
+    pins: list[tuple[str, str]] = field(default_factory=list)  # to_revision's models
     # The value this replica last loaded or committed, and its row version: a tick whose
     # row still has that version reuses it instead of parsing the stored document again
     # (about 0.8 MB of JSON for a 10,000-device rollout, twice a second).
@@ -198,6 +201,7 @@ class RolloutDriver:
             to = revision_pipelines(self.plane, rollout.deployment, int(rollout.to_revision))
             frm = revision_pipelines(self.plane, rollout.deployment, int(rollout.from_revision))
             seen.targets = (target_of(to), target_of(frm))
+            seen.pins = pinned_refs(to)
         return seen.targets
 
     def step_one(self, rollout_id: str) -> Rollout | None:
@@ -225,6 +229,15 @@ class RolloutDriver:
             return self._commit(new, version, actions, now, seen, rollout)
         if self.plane.store.get_deployment(rollout.deployment) is None:
             new, actions = fail(rollout, now, "the deployment was deleted")
+            return self._commit(new, version, actions, now, seen, rollout)
+        if rollout.state is RolloutState.RUNNING and (
+            yanked := self.plane.store.yanked_among(seen.pins)
+        ):  # a yanked model spreads no further: the operator unyanks or aborts
+            why = (
+                f"paused: {', '.join(yanked)} was yanked (model unyank {yanked[0]}, then "
+                "rollout resume, to carry on; or rollout abort)"
+            )
+            new, actions = pause(rollout, now, "engine", why)
             return self._commit(new, version, actions, now, seen, rollout)
         reports, seen.reports_since = load_reports(
             self.plane.store.engine, rollout, target, seen.reports_since

@@ -22,7 +22,7 @@ from edgewise.control._plane import ApiError, ControlPlane, Principal, digest
 from edgewise.control._preflight import device_reasons, vocabulary_reasons
 from edgewise.control._rbac import selector_in_scope
 from edgewise.control._recompute import recompute_devices, recompute_selector
-from edgewise.control._revisions import revision_pipelines, stable_revision
+from edgewise.control._revisions import pinned_refs, revision_pipelines, stable_revision
 from edgewise.control._rollout_store import (
     RolloutStore,
     StepLost,
@@ -62,7 +62,9 @@ __all__ = [
     "list_rollouts",
     "rollout_command",
     "rollout_device",
+    "rollouts_pinning",
     "start_rollout",
+    "yanked_pins",
 ]
 
 Command = Callable[[Rollout, float, str], tuple[Rollout, list[Action]]]
@@ -110,18 +112,46 @@ def _deployment(plane: ControlPlane, ref: str, who: Principal) -> dict[str, Any]
 
 def _pinned_manifests(plane: ControlPlane, pipelines: dict[str, Any]) -> list[dict[str, Any]]:
     """The registry's manifests of the models a revision's pinned pipelines use."""
-    found: dict[str, dict[str, Any]] = {}
-    for p in pipelines.values():
-        if not isinstance(p, dict):
+    rows = (plane.store.get_model(name, version) for name, version in pinned_refs(pipelines))
+    return [r["manifest"] for r in rows if r is not None and isinstance(r.get("manifest"), dict)]
+
+
+def yanked_pins(plane: ControlPlane, deployment_id: str, revision: int) -> list[str]:
+    """The yanked models (`name@version`) a deployment's revision pins."""
+    pipelines = revision_pipelines(plane, deployment_id, revision)
+    return plane.store.yanked_among(pinned_refs(pipelines))
+
+
+def _refuse_yanked(plane: ControlPlane, deployment_id: str, revision: int, then: str) -> None:
+    """409 `yanked` when the revision pins a yanked model: no rollout spreads one."""
+    yanked = yanked_pins(plane, deployment_id, revision)
+    if yanked:
+        which = "it is" if len(yanked) == 1 else "they are"
+        raise ApiError(
+            409,
+            "yanked",
+            f"revision {revision} pins {', '.join(yanked)} and {which} yanked: a rollout "
+            f"moves no device to a yanked model; unyank it (model unyank {yanked[0]}) "
+            f"{then}",
+        )
+
+
+def rollouts_pinning(plane: ControlPlane, name: str, version: str) -> list[str]:
+    """Active rollouts moving devices to a revision that pins this model version.
+
+    Wakes the driver, which pauses the running ones (see `RolloutDriver.step_one`).
+    """
+    found = []
+    for row in _store(plane).list_rows(None, True):
+        try:
+            pipelines = revision_pipelines(plane, row["deployment_id"], int(row["to_revision"]))
+        except ApiError:  # its deployment or revision is gone: its driver fails it
             continue
-        for role in ("model", "fallback", "cascade"):
-            ref = p.get(role)
-            if not isinstance(ref, dict) or f"{ref.get('name')}@{ref.get('version')}" in found:
-                continue
-            row = plane.store.get_model(str(ref.get("name")), str(ref.get("version")))
-            if row is not None and isinstance(row.get("manifest"), dict):
-                found[f"{ref['name']}@{ref['version']}"] = row["manifest"]
-    return list(found.values())
+        if (name, version) in pinned_refs(pipelines):
+            found.append(str(row["id"]))
+    if found:
+        _wake(plane)
+    return found
 
 
 def _refuse_devices_that_cannot_run(
@@ -177,6 +207,7 @@ def start_rollout(plane: ControlPlane, req: RolloutRequest, who: Principal) -> d
     if req.to_revision == stable:
         raise ApiError(409, "already_stable", f"revision {stable} is already the stable one")
     pipelines = revision_pipelines(plane, dep["id"], req.to_revision)  # 404 when none
+    _refuse_yanked(plane, dep["id"], req.to_revision, "or revise the deployment without it")
     selector = parse_selector(dep["selector"])
     targeted = [
         row
@@ -319,6 +350,10 @@ def rollout_command(
     store = _store(plane)
     for _ in range(10):
         row, rollout = _load(plane, rollout_id, who)
+        if name in ("resume", "approve"):  # carrying on would move more devices
+            _refuse_yanked(
+                plane, rollout.deployment, int(rollout.to_revision), "to carry on, or abort"
+            )
         now = plane.clock()
         try:
             new, actions = command(rollout, now, who.actor)

@@ -592,6 +592,19 @@ class SqlStore(LogStore):
         with self.engine.connect() as c:
             return [_row(r) for r in c.execute(q)]
 
+    def yanked_among(self, refs: Iterable[tuple[str, str]]) -> list[str]:
+        """Which of these `(name, version)` model refs are yanked, as `name@version`."""
+        wanted = set(refs)
+        if not wanted:
+            return []
+        m = t.models
+        q = select(m.c.name, m.c.version).where(
+            m.c.yanked.is_(True), m.c.name.in_(sorted({n for n, _ in wanted}))
+        )
+        with self.engine.connect() as c:
+            found = {(r.name, r.version) for r in c.execute(q)}
+        return [f"{n}@{v}" for n, v in sorted(wanted & found)]
+
     def set_yanked(self, name: str, version: str, yanked: bool) -> bool:
         """Yank (or restore) a model version; False when unknown."""
         m = t.models

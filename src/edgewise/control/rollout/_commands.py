@@ -25,15 +25,15 @@ def _require(rollout: Rollout, state: RolloutState, command: str) -> None:
         raise IllegalTransition(f"{command}: rollout is {rollout.state.value}, not {state.value}")
 
 
-def pause(rollout: Rollout, now: float, actor: str) -> tuple[Rollout, list[Action]]:
-    """Stop notifying and advancing until `resume`.
+def pause(rollout: Rollout, now: float, actor: str, why: str = "") -> tuple[Rollout, list[Action]]:
+    """Stop notifying and advancing until `resume`; `why` becomes the reason shown.
 
     Raises:
         IllegalTransition: unless the rollout is running.
     """
     work = _Work(rollout, now)
     work.set_state(_R.PAUSED)
-    work.reason = f"paused by {actor}"
+    work.reason = why or f"paused by {actor}"
     work.event("rollout.paused", actor, reason=work.reason)
     return work.done()
 
