@@ -185,6 +185,29 @@ def test_a_held_back_device_is_not_timed_out_and_counts_once_it_installs() -> No
     assert r.devices[held].state is D.SUCCEEDED
 
 
+def test_a_device_decommissioned_during_the_rollout_is_held_back_notified_or_not() -> None:
+    gates = GateSpec(success_pct=100, error_pct=0)
+    r = make(10, canary=2, waves=(100.0,), device_timeout_s=60, gates=gates)
+    r, _ = step(r, obs(), 0.0)
+    (stays, left), later = r.phases[0], r.phases[1][0]
+    gone = DeviceReport(ReportStatus.DECOMMISSIONED, "decommissioned during the rollout", 90.0)
+    # Its report comes after its timeout would have passed: being gone still wins.
+    r, _ = step(r, obs({stays: HEALTHY, left: gone, later: gone}), 1.0)
+    assert r.devices[left].state is D.HELD_BACK and r.devices[later].state is D.HELD_BACK
+    assert r.devices[later].notified_at is None and r.phase_index == 1
+    r, acts = step(r, obs(), 2.0)
+    assert later not in notified(acts)  # a device that is gone is not moved
+    r, _ = step(r, obs(all_report([d for d in r.phases[1] if d != later])), 3.0)
+    assert r.state is R.COMPLETED
+    # A device that already finished keeps its outcome.
+    done = make(4, canary=2, gates=GateSpec(success_pct=0, error_pct=100))
+    done, _ = step(done, obs(), 0.0)
+    first = done.phases[0][0]
+    done, _ = step(done, obs({first: FAILED}), 1.0)
+    done, _ = step(done, obs({first: gone}), 2.0)
+    assert done.devices[first].state is D.FAILED
+
+
 def test_held_back_devices_are_sent_back_with_the_rest_on_a_breach() -> None:
     r = make(10, canary=4, gates=GateSpec(success_pct=0, error_pct=20))
     r, _ = step(r, obs(), 0.0)

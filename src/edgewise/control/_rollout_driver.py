@@ -36,7 +36,13 @@ from anyio import CapacityLimiter, to_thread
 from edgewise.control._plane import ApiError, ControlPlane
 from edgewise.control._recompute import recompute_devices, recompute_selector
 from edgewise.control._revisions import pinned_refs, revision_pipelines
-from edgewise.control._rollout_observe import CohortReader, Target, load_reports, target_of
+from edgewise.control._rollout_observe import (
+    CohortReader,
+    Target,
+    load_departed,
+    load_reports,
+    target_of,
+)
 from edgewise.control._rollout_store import (
     RolloutStore,
     StepLost,
@@ -73,6 +79,9 @@ class _Seen:
     # `progress_every_s`): held progress is lost on a reload (an operator's command moved
     # the row on), so the reload rewinds the cursor to re-read it.
     stored_reports_since: float = 0.0
+    # The same pair for the devices table (devices decommissioned during the rollout).
+    departed_since: float = 0.0
+    stored_departed_since: float = 0.0
     written_at: float = -1e18
     held: bool = False  # `rollout` is ahead of the stored value
     telemetry_at: float = -1e18
@@ -217,6 +226,7 @@ class RolloutDriver:
             seen.rollout, seen.version = read_rollout(row), int(row["version"])
             self._unreadable.pop(rollout_id, None)
             seen.reports_since, seen.held = seen.stored_reports_since, False
+            seen.departed_since = seen.stored_departed_since
         rollout, version = seen.rollout, seen.version
         now = self.plane.clock()
         if not seen.repaired:
@@ -242,6 +252,10 @@ class RolloutDriver:
         reports, seen.reports_since = load_reports(
             self.plane.store.engine, rollout, target, seen.reports_since
         )
+        departed, seen.departed_since = load_departed(
+            self.plane.store.engine, rollout, seen.departed_since
+        )
+        reports.update(departed)  # gone: what it last said no longer counts
         if now - seen.telemetry_at >= self.telemetry_every_s or (
             seen.telemetry_phase != rollout.phase_index
         ):
@@ -281,6 +295,7 @@ class RolloutDriver:
         )
         seen.written_at = now
         seen.stored_reports_since, seen.held = seen.reports_since, False
+        seen.stored_departed_since = seen.departed_since
         seen.rollout, seen.version = new, version + 1
         remember_parsed(self.plane.parsed_rollouts, new.id, version + 1, new)
         self.after_commit(new, actions)

@@ -3,6 +3,7 @@
 Reports come from the per-pipeline rows agents report (`device_pipelines`): a device is
 judged on the pipelines the target revision defines, and only on rows that name the
 target model version, so a report about the old model never counts for the new one.
+A device decommissioned during the rollout is observed as such (`load_departed`).
 
 Cohorts come from `window` telemetry records read as `WindowFigures` and summed by
 `edgewise.control.telemetry.cohort_figures` (the same figures the fleet views show):
@@ -35,7 +36,14 @@ from edgewise.control.rollout import (
 from edgewise.control.telemetry import WindowFigures, cohort_figures
 from edgewise.protocol import cannot_run
 
-__all__ = ["CohortReader", "Target", "device_report", "load_reports", "target_of"]
+__all__ = [
+    "CohortReader",
+    "Target",
+    "device_report",
+    "load_departed",
+    "load_reports",
+    "target_of",
+]
 
 Row = dict[str, Any]
 _IN_PROGRESS = frozenset({"pending", "downloading", "verifying", "installing", "health_checking"})
@@ -123,6 +131,33 @@ def load_reports(
         report = device_report(device_rows, target)
         if report is not None:
             out[device_id] = report
+    return out, newest
+
+
+def load_departed(
+    engine: Any, rollout: Rollout, since: float
+) -> tuple[dict[str, DeviceReport], float]:
+    """The rollout's devices decommissioned since `since` that it still waits for.
+
+    Returns:
+        (device -> a `DECOMMISSIONED` observation, the newest change seen) for the next
+        call's `since`.
+    """
+    d = t.devices
+    D = DeviceRolloutState
+    waiting = {D.PENDING, D.NOTIFIED, D.INSTALLING}
+    out: dict[str, DeviceReport] = {}
+    newest = since
+    q = select(d.c.id, d.c.status, d.c.changed_at).where(
+        d.c.changed_at >= since, d.c.status != "active"
+    )
+    with engine.connect() as c:
+        for r in c.execute(q):
+            newest = max(newest, float(r.changed_at))
+            status = rollout.devices.get(r.id)
+            if status is not None and status.state in waiting:
+                why = f"{r.status} during the rollout"
+                out[r.id] = DeviceReport(ReportStatus.DECOMMISSIONED, why, float(r.changed_at))
     return out, newest
 
 

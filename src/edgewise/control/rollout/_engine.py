@@ -63,6 +63,7 @@ _REPORT_TO_STATE = {
     ReportStatus.REJECTED: _D.FAILED,
     ReportStatus.ROLLED_BACK: _D.FAILED,
     ReportStatus.INCOMPATIBLE: _D.HELD_BACK,
+    ReportStatus.DECOMMISSIONED: _D.HELD_BACK,
 }
 
 
@@ -159,11 +160,14 @@ class _Work:
             new = _REPORT_TO_STATE.get(report.status) if status else None
             if status is None or new is None or new is status.state:
                 continue
-            if status.notified_at is None or not is_valid_transition(status.state, new):
-                continue  # not moved by this rollout, or a terminal / backward move
-            late = report.at is not None and report.at >= status.notified_at + timeout
-            if late and status.state in _IN_FLIGHT:
-                continue  # arrived after its timeout: TIMED_OUT wins
+            if not is_valid_transition(status.state, new):
+                continue  # a terminal or backward move
+            if report.status is not ReportStatus.DECOMMISSIONED:  # gone, notified or not
+                if status.notified_at is None:
+                    continue  # not moved by this rollout
+                late = report.at is not None and report.at >= status.notified_at + timeout
+                if late and status.state in _IN_FLIGHT:
+                    continue  # arrived after its timeout: TIMED_OUT wins
             reason = report.reason or f"device reported {report.status.value}"
             self.set_device(dev, new, reason)
 

@@ -41,6 +41,9 @@ class ReportStatus(enum.StrEnum):
     # a fact about the device, not about the revision.
     INCOMPATIBLE = "incompatible"
     ROLLED_BACK = "rolled_back"  # installed, then rolled back on the device
+    # Decommissioned during the rollout (the driver's observation, not a report): gone
+    # from the fleet, so neither waited for nor counted, whether notified yet or not.
+    DECOMMISSIONED = "decommissioned"
 
 
 @dataclass(frozen=True)
