@@ -190,7 +190,7 @@ def test_a_device_decommissioned_during_the_rollout_is_held_back_notified_or_not
     r = make(10, canary=2, waves=(100.0,), device_timeout_s=60, gates=gates)
     r, _ = step(r, obs(), 0.0)
     (stays, left), later = r.phases[0], r.phases[1][0]
-    gone = DeviceReport(ReportStatus.DECOMMISSIONED, "decommissioned during the rollout", 90.0)
+    gone = DeviceReport(ReportStatus.DEPARTED, "decommissioned during the rollout", 90.0)
     # Its report comes after its timeout would have passed: being gone still wins.
     r, _ = step(r, obs({stays: HEALTHY, left: gone, later: gone}), 1.0)
     assert r.devices[left].state is D.HELD_BACK and r.devices[later].state is D.HELD_BACK

@@ -694,35 +694,46 @@ def test_a_yanked_model_is_rolled_out_no_further(world: World) -> None:
     assert actions.count("model.yank") == 2 and actions.count("model.unyank") == 2
 
 
-def test_devices_decommissioned_during_a_rollout_are_neither_waited_for_nor_counted(
-    world: World,
+@pytest.mark.parametrize("notified", [True, False])
+def test_devices_that_leave_the_target_during_a_rollout_are_neither_waited_for_nor_counted(
+    world: World, notified: bool
 ) -> None:
-    # A canary device retired mid-rollout timed out, counted as a failure, and rolled
-    # back the rollout of a good model for the whole fleet.
+    # A canary device retired or relabelled elsewhere mid-rollout timed out, counted as
+    # a failure, and rolled back the rollout of a good model for the whole fleet.
     devs = _fleet(world)
     ro = _start(world, _revise(world, "1.1.0"), gates={"error_pct": 10}, device_timeout_s=60)
     world.tick()
     canary = _phase_devices(world, ro["id"], 0, devs)
     wave = [d for d in devs if d not in canary]
-    gone = [canary[1], wave[0]]  # one notified, one not yet
-    for d in gone:
-        world.ok("POST", f"/api/v1/devices/{d.id}/decommission")
-    canary[0].report("1.1.0", "active")
+    # Decommissioned, and relabelled out of the selector: canary devices (already moved)
+    # or wave devices (not yet moved).
+    retired, moved_away = (canary[1], wave[0]) if notified else (wave[0], wave[1])
+    world.ok("POST", f"/api/v1/devices/{retired.id}/decommission")
+    world.ok("POST", f"/api/v1/devices/{moved_away.id}/labels", json={"set": {"site": "c"}})
+    gone = {retired.id: "decommissioned", moved_away.id: "relabelled out"}
+    for d in canary:
+        if d.id not in gone:
+            d.report("1.1.0", "active")
     world.tick()
     view = world.rollout(ro["id"])
     assert (view["state"], view["phase_index"]) == ("running", 1), view
-    for d in wave[1:]:
-        d.report("1.1.0", "active")
+    for d in wave:
+        if d.id not in gone:
+            d.report("1.1.0", "active")
     world.clock.now += 120  # past every device timeout
     world.tick()
     view = world.rollout(ro["id"])
     assert view["state"] == "completed", view["reason"]
     assert (view["succeeded"], view["failed"], view["held_back"]) == (6, 0, 2)
     listed = {d["id"]: d for d in world.rollout(ro["id"], devices="all")["device_list"]}
-    for d in gone:
-        assert listed[d.id]["state"] == "held_back"
-        assert "decommissioned during the rollout" in listed[d.id]["reason"]
+    for device_id, why in gone.items():
+        assert listed[device_id]["state"] == "held_back"
+        assert (
+            why in listed[device_id]["reason"]
+            and "during the rollout" in listed[device_id]["reason"]
+        )
     assert world.ok("GET", "/api/v1/deployments/base/revisions")["stable_revision"] == 2
+    assert moved_away.desired()["pipelines"] == {}  # it follows its new labels
 
 
 def test_viewers_read_and_operators_act(world: World) -> None:

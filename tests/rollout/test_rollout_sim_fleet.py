@@ -141,8 +141,10 @@ def test_old_agents_are_named_before_a_rollout_and_held_back_when_it_is_forced(
         async with fleet:
             assert await fleet.run_until(lambda f: f.count_running("digits-mlp@1.0.0") == 12, 60)
             assert await fleet.run_until(named, 30), seen
+            # A canary of 4 holds at least one of the 9 devices that can run it (with 2,
+            # both were old agents in 1 start of 22, a canary nobody can pass).
             start = {"deployment": "sim-old", "to_revision": seen["revision"],
-                     "spec": {"canary": 2, "waves": [100], "soak_s": 0}}  # fmt: skip
+                     "spec": {"canary": 4, "waves": [100], "soak_s": 0}}  # fmt: skip
             r = httpx.post(
                 plane.url + "/api/v1/rollouts",
                 json=start,

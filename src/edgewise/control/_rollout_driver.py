@@ -50,6 +50,7 @@ from edgewise.control._rollout_store import (
     read_rollout,
     remember_parsed,
 )
+from edgewise.control._selector import parse_selector
 from edgewise.control.rollout import (
     Action,
     CohortTelemetry,
@@ -237,7 +238,8 @@ class RolloutDriver:
         except ApiError as exc:
             new, actions = fail(rollout, now, f"cannot carry on: {exc.message}")
             return self._commit(new, version, actions, now, seen, rollout)
-        if self.plane.store.get_deployment(rollout.deployment) is None:
+        deployment = self.plane.store.get_deployment(rollout.deployment)
+        if deployment is None:
             new, actions = fail(rollout, now, "the deployment was deleted")
             return self._commit(new, version, actions, now, seen, rollout)
         if rollout.state is RolloutState.RUNNING and (
@@ -253,7 +255,10 @@ class RolloutDriver:
             self.plane.store.engine, rollout, target, seen.reports_since
         )
         departed, seen.departed_since = load_departed(
-            self.plane.store.engine, rollout, seen.departed_since
+            self.plane.store.engine,
+            rollout,
+            seen.departed_since,
+            parse_selector(deployment["selector"]).matches,
         )
         reports.update(departed)  # gone: what it last said no longer counts
         if now - seen.telemetry_at >= self.telemetry_every_s or (

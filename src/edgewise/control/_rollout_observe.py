@@ -3,7 +3,8 @@
 Reports come from the per-pipeline rows agents report (`device_pipelines`): a device is
 judged on the pipelines the target revision defines, and only on rows that name the
 target model version, so a report about the old model never counts for the new one.
-A device decommissioned during the rollout is observed as such (`load_departed`).
+A device that leaves the target during the rollout (decommissioned, or relabelled out
+of the deployment's selector) is observed as such (`load_departed`).
 
 Cohorts come from `window` telemetry records read as `WindowFigures` and summed by
 `edgewise.control.telemetry.cohort_figures` (the same figures the fleet views show):
@@ -19,7 +20,7 @@ Cohorts come from `window` telemetry records read as `WindowFigures` and summed 
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -135,29 +136,36 @@ def load_reports(
 
 
 def load_departed(
-    engine: Any, rollout: Rollout, since: float
+    engine: Any, rollout: Rollout, since: float, targeted: Callable[[Mapping[str, str]], bool]
 ) -> tuple[dict[str, DeviceReport], float]:
-    """The rollout's devices decommissioned since `since` that it still waits for.
+    """The rollout's devices that left its target since `since` and that it still waits for.
+
+    A device leaves the target when it is decommissioned, or relabelled so that
+    `targeted` (the deployment's selector) no longer matches it.
 
     Returns:
-        (device -> a `DECOMMISSIONED` observation, the newest change seen) for the next
-        call's `since`.
+        (device -> a `DEPARTED` observation, the newest change seen) for the next call's
+        `since`.
     """
     d = t.devices
     D = DeviceRolloutState
     waiting = {D.PENDING, D.NOTIFIED, D.INSTALLING}
     out: dict[str, DeviceReport] = {}
     newest = since
-    q = select(d.c.id, d.c.status, d.c.changed_at).where(
-        d.c.changed_at >= since, d.c.status != "active"
-    )
+    q = select(d.c.id, d.c.status, d.c.labels, d.c.changed_at).where(d.c.changed_at >= since)
     with engine.connect() as c:
         for r in c.execute(q):
             newest = max(newest, float(r.changed_at))
             status = rollout.devices.get(r.id)
-            if status is not None and status.state in waiting:
+            if status is None or status.state not in waiting:
+                continue
+            if r.status != "active":
                 why = f"{r.status} during the rollout"
-                out[r.id] = DeviceReport(ReportStatus.DECOMMISSIONED, why, float(r.changed_at))
+            elif not targeted(r.labels or {}):
+                why = "relabelled out of the deployment's selector during the rollout"
+            else:
+                continue
+            out[r.id] = DeviceReport(ReportStatus.DEPARTED, why, float(r.changed_at))
     return out, newest
 
 

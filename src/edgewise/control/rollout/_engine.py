@@ -63,7 +63,7 @@ _REPORT_TO_STATE = {
     ReportStatus.REJECTED: _D.FAILED,
     ReportStatus.ROLLED_BACK: _D.FAILED,
     ReportStatus.INCOMPATIBLE: _D.HELD_BACK,
-    ReportStatus.DECOMMISSIONED: _D.HELD_BACK,
+    ReportStatus.DEPARTED: _D.HELD_BACK,
 }
 
 
@@ -162,7 +162,7 @@ class _Work:
                 continue
             if not is_valid_transition(status.state, new):
                 continue  # a terminal or backward move
-            if report.status is not ReportStatus.DECOMMISSIONED:  # gone, notified or not
+            if report.status is not ReportStatus.DEPARTED:  # gone, notified or not
                 if status.notified_at is None:
                     continue  # not moved by this rollout
                 late = report.at is not None and report.at >= status.notified_at + timeout

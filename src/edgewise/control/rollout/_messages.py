@@ -41,9 +41,10 @@ class ReportStatus(enum.StrEnum):
     # a fact about the device, not about the revision.
     INCOMPATIBLE = "incompatible"
     ROLLED_BACK = "rolled_back"  # installed, then rolled back on the device
-    # Decommissioned during the rollout (the driver's observation, not a report): gone
-    # from the fleet, so neither waited for nor counted, whether notified yet or not.
-    DECOMMISSIONED = "decommissioned"
+    # Left the rollout's target during it (the driver's observation, not a report):
+    # decommissioned, or relabelled out of the deployment's selector. Neither waited
+    # for nor counted, whether notified yet or not.
+    DEPARTED = "departed"
 
 
 @dataclass(frozen=True)

@@ -86,7 +86,8 @@ class DeviceRolloutState(enum.StrEnum):
     # The device cannot run to_revision (its agent is too old for the specs, or it lacks
     # a runtime or accelerator) and keeps serving from_revision: not counted against
     # the gates, and not waited for. It installs once upgraded, and may still fail then.
-    # A device decommissioned during the rollout is held back too, for good.
+    # So is a device that left the target during the rollout (decommissioned, or
+    # relabelled out of the selector).
     HELD_BACK = "held_back"
 
 
@@ -115,7 +116,7 @@ PHASE_TRANSITIONS: Mapping[PhaseState, frozenset[PhaseState]] = {
 }
 
 DEVICE_TRANSITIONS: Mapping[DeviceRolloutState, frozenset[DeviceRolloutState]] = {
-    # HELD_BACK from PENDING: decommissioned before its turn (not waited for).
+    # HELD_BACK from PENDING: it left the target before its turn (not waited for).
     _D.PENDING: frozenset({_D.NOTIFIED, _D.HELD_BACK}),
     _D.NOTIFIED: frozenset(
         {_D.INSTALLING, _D.SUCCEEDED, _D.FAILED, _D.TIMED_OUT, _D.ROLLED_BACK, _D.HELD_BACK}
