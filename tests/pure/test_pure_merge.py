@@ -149,3 +149,29 @@ def test_adding_a_weaker_deployment_changes_nothing(deps, labels) -> None:  # ty
     after = merge_desired([*deps, weak], labels)
     assert {k: v for k, v in after.items() if k in before} == before
     assert all(after[k][0] == "weak" for k in after if k not in before)
+
+
+def test_a_device_leaves_a_rollouts_target_when_it_no_longer_decides_its_pipelines() -> None:
+    from edgewise.control._rollout_observe import Target, departures, leaving_target
+
+    own = DeploymentView("d1", "base", "site in (a,b)", 0, 1, {"digits": {}, "ocr": {}})
+    rivals = [
+        own,
+        DeploymentView("d2", "pin-a", "site=a", 10, 2, {"ocr": {}}),  # stronger: priority
+        DeploymentView("d3", "tie-b", "site=b,hw=x", 0, 3, {"digits": {}}),  # stronger: newer
+        DeploymentView("d0", "old-b", "site=b", 0, 0, {"digits": {}}),  # weaker: older
+        DeploymentView("d4", "other", "site=a", 50, 4, {"cam": {}}),  # no target pipeline
+    ]
+    why = leaving_target(own, rivals, Target({"digits": ("m", "2"), "ocr": ("o", "2")}))
+    assert why("active", {"site": "b"}) is None
+    assert why("active", {"site": "c"}) == (
+        "relabelled out of the deployment's selector during the rollout"
+    )
+    assert why("decommissioned", {"site": "b"}) == "decommissioned during the rollout"
+    assert why("active", {"site": "a"}) == (
+        "pipeline ocr comes from deployment pin-a (priority 10), which outranks this one"
+    )
+    assert str(why("active", {"site": "b", "hw": "x"})).startswith("pipeline digits comes from")
+    changed = [("x", "active", {"site": "b"}, 1.0), ("y", "active", {"site": "a"}, 2.0)]
+    (gone,) = departures(changed, why).items()
+    assert gone[0] == "y" and gone[1].at == 2.0 and gone[1].status.value == "departed"

@@ -736,6 +736,34 @@ def test_devices_that_leave_the_target_during_a_rollout_are_neither_waited_for_n
     assert moved_away.desired()["pipelines"] == {}  # it follows its new labels
 
 
+def test_devices_a_stronger_deployment_serves_are_held_back_not_waited_for(world: World) -> None:
+    # Site a pins its own digits model in a stronger deployment: rolling out the base
+    # deployment cannot move those devices, which timed out and rolled the rollout back.
+    devs = _fleet(world)
+    world.ok("POST", "/api/v1/deployments", json={
+        "name": "pin-a", "selector": "site=a", "priority": 10,
+        "pipelines": {"digits": {"model": "digits-mlp@1.0.0"}}})  # fmt: skip
+    ro = _start(world, _revise(world, "1.1.0"), gates={"error_pct": 10}, device_timeout_s=60)
+    world.tick()
+    pinned = {d.id for d in devs if d.labels["site"] == "a"}
+    for d in devs:
+        if d.id not in pinned and d.version() == "1.1.0":
+            d.report("1.1.0", "active")
+    world.tick(2)
+    for d in devs:
+        if d.id not in pinned:
+            d.report("1.1.0", "active")
+    world.clock.now += 120  # past every device timeout
+    world.tick()
+    view = world.rollout(ro["id"])
+    assert view["state"] == "completed", view["reason"]
+    assert (view["succeeded"], view["failed"], view["held_back"]) == (4, 0, 4)
+    (why,) = view["held_back_reasons"]
+    assert why["devices"] == 4
+    assert why["reason"].startswith("pipeline digits comes from deployment pin-a (priority 10)")
+    assert {d.version() for d in devs if d.id in pinned} == {"1.0.0"}
+
+
 def test_viewers_read_and_operators_act(world: World) -> None:
     _fleet(world, 2)
     rev = _revise(world, "1.1.0")

@@ -33,13 +33,16 @@ from typing import Any
 
 from anyio import CapacityLimiter, to_thread
 
+from edgewise.control._desiredcalc import deployment_views
 from edgewise.control._plane import ApiError, ControlPlane
 from edgewise.control._recompute import recompute_devices, recompute_selector
 from edgewise.control._revisions import pinned_refs, revision_pipelines
 from edgewise.control._rollout_observe import (
     CohortReader,
     Target,
-    load_departed,
+    changed_devices,
+    departures,
+    leaving_target,
     load_reports,
     target_of,
 )
@@ -50,7 +53,6 @@ from edgewise.control._rollout_store import (
     read_rollout,
     remember_parsed,
 )
-from edgewise.control._selector import parse_selector
 from edgewise.control.rollout import (
     Action,
     CohortTelemetry,
@@ -254,13 +256,13 @@ class RolloutDriver:
         reports, seen.reports_since = load_reports(
             self.plane.store.engine, rollout, target, seen.reports_since
         )
-        departed, seen.departed_since = load_departed(
-            self.plane.store.engine,
-            rollout,
-            seen.departed_since,
-            parse_selector(deployment["selector"]).matches,
+        changed, seen.departed_since = changed_devices(
+            self.plane.store.engine, rollout, seen.departed_since
         )
-        reports.update(departed)  # gone: what it last said no longer counts
+        if changed:  # gone: what such a device last said no longer counts
+            views = deployment_views(self.plane.store.list_deployments())
+            own = next(v for v in views if v.id == rollout.deployment)
+            reports.update(departures(changed, leaving_target(own, views, target)))
         if now - seen.telemetry_at >= self.telemetry_every_s or (
             seen.telemetry_phase != rollout.phase_index
         ):

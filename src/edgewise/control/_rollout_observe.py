@@ -3,8 +3,9 @@
 Reports come from the per-pipeline rows agents report (`device_pipelines`): a device is
 judged on the pipelines the target revision defines, and only on rows that name the
 target model version, so a report about the old model never counts for the new one.
-A device that leaves the target during the rollout (decommissioned, or relabelled out
-of the deployment's selector) is observed as such (`load_departed`).
+A device that leaves the target (decommissioned, relabelled out of the deployment's
+selector, or given a target pipeline by a stronger deployment) is observed as such
+(`changed_devices`, `leaving_target`, `departures`).
 
 Cohorts come from `window` telemetry records read as `WindowFigures` and summed by
 `edgewise.control.telemetry.cohort_figures` (the same figures the fleet views show):
@@ -27,6 +28,8 @@ from typing import Any
 from sqlalchemy import select
 
 from edgewise.control import _schema as t
+from edgewise.control._merge import DeploymentView
+from edgewise.control._selector import parse_selector
 from edgewise.control.rollout import (
     CohortTelemetry,
     DeviceReport,
@@ -40,8 +43,10 @@ from edgewise.protocol import cannot_run
 __all__ = [
     "CohortReader",
     "Target",
+    "changed_devices",
+    "departures",
     "device_report",
-    "load_departed",
+    "leaving_target",
     "load_reports",
     "target_of",
 ]
@@ -135,38 +140,80 @@ def load_reports(
     return out, newest
 
 
-def load_departed(
-    engine: Any, rollout: Rollout, since: float, targeted: Callable[[Mapping[str, str]], bool]
-) -> tuple[dict[str, DeviceReport], float]:
-    """The rollout's devices that left its target since `since` and that it still waits for.
-
-    A device leaves the target when it is decommissioned, or relabelled so that
-    `targeted` (the deployment's selector) no longer matches it.
+def changed_devices(
+    engine: Any, rollout: Rollout, since: float
+) -> tuple[list[tuple[str, str, Mapping[str, str], float]], float]:
+    """The rollout's devices it still waits for whose rows changed since `since`.
 
     Returns:
-        (device -> a `DEPARTED` observation, the newest change seen) for the next call's
+        ([(id, status, labels, changed_at)], the newest change seen) for the next call's
         `since`.
     """
     d = t.devices
     D = DeviceRolloutState
     waiting = {D.PENDING, D.NOTIFIED, D.INSTALLING}
-    out: dict[str, DeviceReport] = {}
+    out = []
     newest = since
     q = select(d.c.id, d.c.status, d.c.labels, d.c.changed_at).where(d.c.changed_at >= since)
     with engine.connect() as c:
         for r in c.execute(q):
             newest = max(newest, float(r.changed_at))
             status = rollout.devices.get(r.id)
-            if status is None or status.state not in waiting:
-                continue
-            if r.status != "active":
-                why = f"{r.status} during the rollout"
-            elif not targeted(r.labels or {}):
-                why = "relabelled out of the deployment's selector during the rollout"
-            else:
-                continue
-            out[r.id] = DeviceReport(ReportStatus.DEPARTED, why, float(r.changed_at))
+            if status is not None and status.state in waiting:
+                out.append((str(r.id), str(r.status), r.labels or {}, float(r.changed_at)))
     return out, newest
+
+
+def leaving_target(
+    own: DeploymentView, deployments: Iterable[DeploymentView], target: Target
+) -> Callable[[str, Mapping[str, str]], str | None]:
+    """Why a device (by status and labels) is no longer the rollout's to move (pure).
+
+    A device leaves when it is decommissioned, relabelled out of the deployment's
+    selector, or when a stronger deployment (higher priority, or as strong and newer)
+    gives it one of the target's pipelines: the rollout cannot move what its deployment
+    does not decide. None while it is still the rollout's.
+    """
+    names = set(target.pipelines)
+    rivals = sorted(
+        (
+            d
+            for d in deployments
+            if d.id != own.id and d.rank() > own.rank() and names & set(d.pipelines)
+        ),
+        key=DeploymentView.rank,
+        reverse=True,
+    )
+    selector = parse_selector(own.selector)
+
+    def why(status: str, labels: Mapping[str, str]) -> str | None:
+        if status != "active":
+            return f"{status} during the rollout"
+        if not selector.matches(labels):
+            return "relabelled out of the deployment's selector during the rollout"
+        for rival in rivals:
+            if parse_selector(rival.selector).matches(labels):
+                name = min(names & set(rival.pipelines))
+                return (
+                    f"pipeline {name} comes from deployment {rival.name} (priority "
+                    f"{rival.priority}), which outranks this one"
+                )
+        return None
+
+    return why
+
+
+def departures(
+    changed: Iterable[tuple[str, str, Mapping[str, str], float]],
+    why_left: Callable[[str, Mapping[str, str]], str | None],
+) -> dict[str, DeviceReport]:
+    """A `DEPARTED` observation for each changed device that left the target (pure)."""
+    out = {}
+    for device_id, status, labels, at in changed:
+        why = why_left(status, labels)
+        if why is not None:
+            out[device_id] = DeviceReport(ReportStatus.DEPARTED, why, at)
+    return out
 
 
 def _sample(ids: Iterable[str], size: int, salt: str) -> list[str]:
