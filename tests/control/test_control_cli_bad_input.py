@@ -234,3 +234,14 @@ def test_a_sim_option_outside_its_range_is_refused_before_the_fleet_is_built(
         code, _, err = run(capsys, "sim", flag, value, *NOWHERE)
         assert err == "error: the fleet was built\n", (value, err)
     assert len(built) == len(accepted)
+
+
+@pytest.mark.parametrize("value", ["notaurl", "ftp://host/hook", "http://"])
+def test_a_rollout_webhook_that_is_not_an_http_url_is_refused_before_serving(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path, value: str
+) -> None:
+    err = refusal(capsys, "server", "--data", str(tmp_path / "cp"), "--rollout-webhook", value)
+    assert (
+        err == f"error: --rollout-webhook {value!r} is not an http:// or https:// URL with a host"
+    )
+    assert not (tmp_path / "cp").exists()  # refused before anything was created

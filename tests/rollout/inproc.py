@@ -132,10 +132,14 @@ class World:
         return [r for r in rows if r["action"].startswith(prefix)]
 
 
-def make_world(tmp: Path, examples: dict[str, Any], url: str | None = None) -> Iterator[World]:
+def make_world(
+    tmp: Path, examples: dict[str, Any], url: str | None = None, **settings: Any
+) -> Iterator[World]:
     store = open_store(url or f"sqlite:///{tmp / 'cp.db'}")
     clock = Clock()
-    app = create_app(Settings(data_dir=tmp / "data"), store, clock=clock, background=False)
+    app = create_app(
+        Settings(data_dir=tmp / "data", **settings), store, clock=clock, background=False
+    )
     admin = app.state.plane.bootstrap_admin()
     with TestClient(app, raise_server_exceptions=False) as client:
         w = World(client, app, admin, clock)

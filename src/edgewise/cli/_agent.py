@@ -7,7 +7,14 @@ from typing import Annotated
 
 import typer
 
-from edgewise.cli._common import DAY_S, CliError, finite_option, off_or_range, parse_broker
+from edgewise.cli._common import (
+    DAY_S,
+    CliError,
+    finite_option,
+    http_url,
+    off_or_range,
+    parse_broker,
+)
 
 # Bounds of the numeric options: past them a value is a typo, not a setting. Far past them
 # (1e300) the clock arithmetic and the 64-bit byte counts overflow.
@@ -53,17 +60,7 @@ def _server_url(value: str | None) -> str | None:
     An agent given "notaurl" said it was running and stayed offline, with nothing in its
     status to say why.
     """
-    if value is None:
-        return None
-    import httpx
-
-    try:
-        url = httpx.URL(value)
-    except httpx.InvalidURL:
-        url = None
-    if url is None or url.scheme not in ("http", "https") or not url.host:
-        raise CliError(f"--server {value!r} is not an http:// or https:// URL with a host")
-    return value
+    return None if value is None else http_url(value, "--server")
 
 
 def agent(

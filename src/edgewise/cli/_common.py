@@ -103,6 +103,26 @@ def path_segment(value: str, what: str) -> str:
     return segment.replace(".", "%2E") if segment in (".", "..") else segment
 
 
+def http_url(value: str, flag: str) -> str:
+    """`value`, refused unless it is an http:// or https:// URL with a host."""
+    import httpx
+
+    try:
+        url = httpx.URL(value)
+    except httpx.InvalidURL:
+        url = None
+    if url is None or url.scheme not in ("http", "https") or not url.host:
+        raise CliError(f"{flag} {value!r} is not an http:// or https:// URL with a host")
+    return value
+
+
+def http_url_option(param: typer.CallbackParam, value: str | None) -> str | None:
+    """Typer callback: an optional URL option must be http(s) with a host."""
+    if value is None or value == "":
+        return value
+    return http_url(value, (param.opts or [f"--{param.name}"])[0])
+
+
 def finite_option(param: typer.CallbackParam, value: Any) -> Any:
     """Typer callback for float options: refuse nan and infinities (not JSON numbers).
 

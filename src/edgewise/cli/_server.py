@@ -21,6 +21,7 @@ from edgewise.cli._common import (
     CliError,
     emit_json,
     finite_option,
+    http_url_option,
     json_problem,
     parse_broker,
     resolve_server,
@@ -161,6 +162,16 @@ def serve(
             "to agents started with --mqtt.",
         ),
     ] = None,
+    rollout_webhook: Annotated[
+        str | None,
+        typer.Option(
+            "--rollout-webhook",
+            envvar="EDGEWISE_ROLLOUT_WEBHOOK",
+            callback=http_url_option,
+            help="POST rollout events an operator must hear about (paused, awaiting "
+            "approval, completed, rolled back, aborted, failed) here as JSON, at least once.",
+        ),
+    ] = None,
 ) -> None:
     """Serve the control plane (migrates the database first)."""
     if ctx.invoked_subcommand is not None:
@@ -178,6 +189,7 @@ def serve(
         desired_ttl_s=desired_ttl,
         poll_wait_s=poll_wait,
         allow_unsigned_models=allow_unsigned,
+        rollout_webhook=rollout_webhook or "",
     )
     store = _open(settings)
     telemetry = TelemetryConfig.from_env()

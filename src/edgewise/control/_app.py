@@ -43,6 +43,7 @@ from edgewise.control._api_device import router as device_router
 from edgewise.control._api_rollouts import router as rollouts_router
 from edgewise.control._fastpath import DESIRED_PATH, try_fast_poll
 from edgewise.control._live import stale_entries
+from edgewise.control._outbox import Outbox
 from edgewise.control._plane import ApiError, ControlPlane
 from edgewise.control._rollout_driver import RolloutDriver
 from edgewise.control._settings import Settings
@@ -195,6 +196,18 @@ def resync(plane: ControlPlane) -> int:
     return len(stale)
 
 
+async def _deliver(outbox: Outbox, interval_s: float = 1.0) -> None:
+    """Post due rollout notifications to the webhook, for as long as the app runs."""
+    while True:
+        try:
+            await to_thread.run_sync(outbox.deliver_due)
+        except asyncio.CancelledError:
+            raise
+        except Exception:  # a database hiccup must not kill the loop
+            log.exception("notification delivery failed")
+        await asyncio.sleep(interval_s)
+
+
 async def _watch(plane: ControlPlane) -> None:
     """Notice changes other replicas made to devices; flush last-seen times."""
     interval = plane.settings.watch_interval_s
@@ -252,16 +265,19 @@ def create_app(
             environment when None.
     """
     plane = ControlPlane(settings, store, clock)
+    outbox = Outbox(store.engine, settings.rollout_webhook, clock=clock)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         plane.notifier.bind(asyncio.get_running_loop())
         task = asyncio.create_task(_watch(plane)) if background else None
         driver = asyncio.create_task(RolloutDriver(plane).run()) if background else None
+        url = settings.rollout_webhook
+        notify = asyncio.create_task(_deliver(outbox)) if background and url else None
         try:
             yield
         finally:
-            for running in (task, driver):
+            for running in (task, driver, notify):
                 if running is not None:
                     running.cancel()
                     with contextlib.suppress(asyncio.CancelledError):
@@ -285,6 +301,12 @@ def create_app(
     Gauge(
         "edgewise_nonces_remembered", "Nonces in the replay window", registry=registry
     ).set_function(lambda: len(plane.nonces))
+    if settings.rollout_webhook:
+        Gauge(
+            "edgewise_notifications_pending",
+            "Rollout notifications not yet taken by the webhook",
+            registry=registry,
+        ).set_function(outbox.pending)
 
     @app.exception_handler(ApiError)
     async def _api_error(_: Request, exc: ApiError) -> JSONResponse:

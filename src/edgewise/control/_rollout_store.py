@@ -26,6 +26,7 @@ from sqlalchemy import ColumnElement, Connection, and_, delete, insert, or_, sel
 
 import edgewise
 from edgewise.control import _schema as t
+from edgewise.control._outbox import NOTIFY_EVENTS, enqueue, rollout_message
 from edgewise.control._plane import ControlPlane, digest
 from edgewise.control._revisions import promote_in, revision_pipelines
 from edgewise.control._store import RawJSON
@@ -299,6 +300,17 @@ class RolloutStore:
                     _summary(detail),
                     conn=c,
                 )
+                if action.kind in NOTIFY_EVENTS and self.plane.settings.rollout_webhook:
+                    d = t.deployments
+                    name = c.execute(select(d.c.name).where(d.c.id == rollout.deployment))
+                    message = rollout_message(
+                        rollout,
+                        action.kind,
+                        actor if who == "engine" else who,
+                        str(name.scalar() or rollout.deployment),
+                        now,
+                    )
+                    enqueue(c, action.kind, message, now)
 
     def notifications(self, rollout_id: str) -> list[Row]:
         """The rollout's notification log."""

@@ -276,6 +276,23 @@ rollout_notifications = Table(
     Column("at", Float, nullable=False),
 )
 
+# Notifications for operators (rollout events), written in the transaction that made
+# them happen and posted to a webhook by whichever replica claims them first.
+outbox = Table(
+    "outbox",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("topic", String(64), nullable=False),
+    Column("payload", JSON, nullable=False),
+    Column("created_at", Float, nullable=False),
+    Column("due_at", Float, nullable=False),  # next attempt; a claim moves it on
+    Column("attempts", Integer, nullable=False),
+    Column("state", String(16), nullable=False),  # pending | delivered | dropped
+    Column("done_at", Float, nullable=True),
+    Column("last_error", String(500), nullable=True),
+    Index("ix_outbox_state_due", "state", "due_at"),
+)
+
 # Telemetry (issue 7; read and written by `edgewise.control.telemetry`). Window records
 # decoded for fleet views and downsampled by retention; per-device ingest facts; alerting.
 # SQLite autoincrements only an INTEGER PRIMARY KEY; PostgreSQL gets a 64-bit id.

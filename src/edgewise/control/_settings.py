@@ -33,6 +33,9 @@ class Settings:
         online_window_s: a device seen within this window counts as online.
         allow_unsigned_models: registry policy: accept bundles without signatures.
         egress: the default egress policy put in every desired state.
+        rollout_webhook: where rollout events an operator must hear about (paused,
+            awaiting approval, completed, rolled back, aborted, failed) are posted as
+            JSON; empty: nowhere (see `_outbox`).
     """
 
     data_dir: Path
@@ -49,6 +52,7 @@ class Settings:
     online_window_s: float = 90.0
     allow_unsigned_models: bool = False
     egress: dict[str, object] = field(default_factory=dict)
+    rollout_webhook: str = ""
 
     @property
     def database_url(self) -> str:

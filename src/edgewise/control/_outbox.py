@@ -1,0 +1,200 @@
+"""Operator notifications: rollout events posted to a webhook, at least once.
+
+At 3 a.m. a rollout that rolls itself back, pauses on a breach or waits for an approval
+must reach someone, and alert rules are held while a rollout touches their devices. So
+the rollout events an operator acts on (`NOTIFY_EVENTS`) are written to the `outbox`
+table in the transaction that stores the rollout's new state (a crash cannot lose one,
+nor invent one that did not happen), and posted as JSON to the server's rollout webhook
+(`edgewise server --rollout-webhook URL`, or `EDGEWISE_ROLLOUT_WEBHOOK`).
+
+Delivery is at least once, in creation order, by whichever replica claims a row first
+(a compare-and-set on its due time, so replicas never post one row twice at once). A
+failed post (no answer within 5 s, or a non-2xx status) is tried again after 5 s,
+10 s, 20 s... up to 10 minutes apart, for a day; then it is dropped and logged. Rows
+that ended are deleted after a week.
+
+Usage::
+
+    enqueue(conn, "rollout.rolled_back", rollout_message(...), now)  # in the transaction
+    Outbox(engine, url).deliver_due()                                 # a background loop
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Mapping
+from typing import Any
+
+from sqlalchemy import Connection, delete, func, insert, select, update
+
+from edgewise.control import _schema as t
+from edgewise.control.rollout import DeviceRolloutState, Rollout
+
+__all__ = [
+    "NOTIFY_EVENTS",
+    "Outbox",
+    "enqueue",
+    "post_json",
+    "retry_delay",
+    "rollout_message",
+]
+
+log = logging.getLogger("edgewise.control.outbox")
+
+#: Rollout events an operator is told about: every state a rollout stops or ends in.
+NOTIFY_EVENTS = frozenset(
+    {
+        "rollout.paused",
+        "rollout.awaiting_approval",
+        "rollout.completed",
+        "rollout.rolled_back",
+        "rollout.aborted",
+        "rollout.failed",
+    }
+)
+
+RETRY_FIRST_S = 5.0
+RETRY_MAX_S = 600.0
+GIVE_UP_S = 86400.0
+KEEP_S = 7 * 86400.0
+CLAIM_S = 60.0  # a claimed row is left alone this long (the post takes at most 5 s)
+_D = DeviceRolloutState
+
+
+def rollout_message(
+    rollout: Rollout, event: str, actor: str, deployment_name: str, now: float
+) -> dict[str, Any]:
+    """The webhook body for one rollout event (pure)."""
+    counts = rollout.device_counts()
+    return {
+        "rollout": {
+            "event": event,
+            "id": rollout.id,
+            "deployment": rollout.deployment,
+            "deployment_name": deployment_name,
+            "from_revision": rollout.from_revision,
+            "to_revision": rollout.to_revision,
+            "state": rollout.state.value,
+            "reason": rollout.reason,
+            "phase_index": rollout.phase_index,
+            "devices": len(rollout.devices),
+            "succeeded": counts[_D.SUCCEEDED.value],
+            "failed": counts[_D.FAILED.value] + counts[_D.TIMED_OUT.value],
+            "held_back": counts[_D.HELD_BACK.value],
+            "counts": {k: v for k, v in counts.items() if v},
+            "actor": actor,
+            "at": now,
+            "console": f"/rollouts/{rollout.id}",
+        }
+    }
+
+
+def enqueue(c: Connection, topic: str, payload: Mapping[str, Any], now: float) -> None:
+    """Add a notification, inside the caller's transaction."""
+    c.execute(
+        insert(t.outbox).values(
+            topic=topic,
+            payload=dict(payload),
+            created_at=now,
+            due_at=now,
+            attempts=0,
+            state="pending",
+        )
+    )
+
+
+def retry_delay(attempts: int) -> float:
+    """Seconds before the next try after `attempts` failed ones (pure)."""
+    return min(RETRY_MAX_S, RETRY_FIRST_S * 2.0 ** min(max(0, attempts - 1), 20))
+
+
+def post_json(url: str, payload: Mapping[str, Any]) -> str | None:
+    """POST `payload`; None when the receiver took it, else why not."""
+    import httpx
+
+    try:
+        r = httpx.post(url, json=dict(payload), timeout=5.0)
+    except httpx.HTTPError as exc:
+        return f"{type(exc).__name__}: {exc}"[:500]
+    return None if r.is_success else f"HTTP {r.status_code}"
+
+
+class Outbox:
+    """Posts due notifications to one webhook.
+
+    Args:
+        engine: the store's engine.
+        url: the webhook.
+        post: `post(url, payload) -> None | why it failed` (I/O, passed in).
+        clock: unix time.
+    """
+
+    def __init__(
+        self,
+        engine: Any,
+        url: str,
+        post: Callable[[str, Mapping[str, Any]], str | None] = post_json,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.engine, self.url, self.post, self.clock = engine, url, post, clock
+        self._swept_at = float("-inf")
+
+    def pending(self) -> int:
+        """Notifications not delivered (nor dropped) yet."""
+        o = t.outbox
+        with self.engine.connect() as c:
+            return int(
+                c.execute(
+                    select(func.count()).select_from(o).where(o.c.state == "pending")
+                ).scalar_one()
+            )
+
+    def deliver_due(self, limit: int = 50) -> int:
+        """Post what is due, oldest first; returns how many were delivered."""
+        o = t.outbox
+        now = self.clock()
+        with self.engine.connect() as c:
+            due = c.execute(
+                select(o.c.id, o.c.due_at, o.c.attempts, o.c.created_at, o.c.topic, o.c.payload)
+                .where(o.c.state == "pending", o.c.due_at <= now)
+                .order_by(o.c.id)
+                .limit(limit)
+            ).all()
+        delivered = 0
+        for row in due:
+            if not self._claim(row.id, row.due_at, now):
+                continue  # another replica has it
+            why = self.post(self.url, row.payload)
+            tries = row.attempts + 1
+            done = self.clock()
+            if why is None:
+                values: dict[str, Any] = {"state": "delivered", "attempts": tries, "done_at": done}
+                delivered += 1
+            elif done - row.created_at >= GIVE_UP_S:
+                values = {"state": "dropped", "attempts": tries, "done_at": done, "last_error": why}
+                log.error(
+                    "notification %s (%s) dropped after %d tries: %s", row.id, row.topic, tries, why
+                )
+            else:
+                values = {"attempts": tries, "due_at": done + retry_delay(tries), "last_error": why}
+                log.warning(
+                    "notification %s (%s) not delivered (try %d): %s", row.id, row.topic, tries, why
+                )
+            with self.engine.begin() as c:
+                c.execute(update(o).where(o.c.id == row.id).values(**values))
+        if now - self._swept_at >= 3600.0:
+            self._swept_at = now
+            with self.engine.begin() as c:
+                c.execute(delete(o).where(o.c.state != "pending", o.c.done_at < now - KEEP_S))
+        return delivered
+
+    def _claim(self, row_id: int, due_at: float, now: float) -> bool:
+        o = t.outbox
+        with self.engine.begin() as c:
+            res = c.execute(
+                update(o)
+                .where(o.c.id == row_id, o.c.state == "pending", o.c.due_at == due_at)
+                .values(due_at=now + CLAIM_S)
+            )
+        return bool(res.rowcount == 1)
