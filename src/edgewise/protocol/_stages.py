@@ -17,6 +17,7 @@ from __future__ import annotations
 import logging
 import math
 import re
+import reprlib
 from collections.abc import Mapping
 from typing import Annotated, Any, Literal
 
@@ -57,6 +58,15 @@ class _Params(BaseModel):
     # stages before they had models; keep taking them.
     model_config = ConfigDict(extra="forbid", frozen=True, coerce_numbers_to_str=True)
 
+    @field_validator("*", mode="before")
+    @classmethod
+    def _not_a_boolean(cls, value: Any) -> Any:
+        # No stage takes a flag, and pydantic would read true as 1 (`k: true`, a topk of
+        # one; `rate_hz: true`, one a second): a boolean is a mistake to point out.
+        if isinstance(value, bool):
+            raise ValueError("must not be true or false")
+        return value
+
 
 class NoParams(_Params):
     """A stage that takes no parameters (softmax, argmax, the http source, summary)."""
@@ -65,21 +75,39 @@ class NoParams(_Params):
 _FLOAT32_MAX = 3.4028234663852886e38
 
 
+_MAX_NESTING = 16  # as many axes as a `reshape` stage may give a request
+
+
+def _number(value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise ValueError("must be a number or a list of numbers")
+    if not abs(value) <= _FLOAT32_MAX:  # NaN fails too
+        raise ValueError("must be a finite number within float32's range")
+
+
 def _numbers(value: Any) -> Any:
     """A number, or a (nested) list of numbers: one per channel, broadcast by numpy.
 
     The stages compute in float32: a number beyond its range would become infinity.
+    Nested lists are rectangular, as numpy makes an array of them only then (`[[1],
+    [1, 2]]` would fail on the device, after the control plane took it), and are read
+    level by level, without recursion however deep they are.
     """
-    if isinstance(value, bool) or not isinstance(value, int | float | list):
-        raise ValueError("must be a number or a list of numbers")
-    if not isinstance(value, list) and not abs(value) <= _FLOAT32_MAX:  # NaN fails too
-        raise ValueError("must be a finite number within float32's range")
-    if isinstance(value, list):
-        if not value:
+    level = [value]
+    for _ in range(_MAX_NESTING + 1):
+        lists = [v for v in level if isinstance(v, list)]
+        if not lists:
+            for v in level:
+                _number(v)
+            return value
+        if len(lists) != len(level) or len({len(v) for v in lists}) != 1:
+            raise ValueError(
+                "must be a number or a list of numbers, nested lists all of one length"
+            )
+        if not lists[0]:
             raise ValueError("must not be an empty list")
-        for item in value:
-            _numbers(item)
-    return value
+        level = [item for v in lists for item in v]
+    raise ValueError(f"must be a number or a list of numbers at most {_MAX_NESTING} deep")
 
 
 def _no_zero(value: Any) -> Any:
@@ -173,7 +201,9 @@ _Host = Annotated[str, Field(min_length=1, max_length=253)]
 class SyntheticSourceParams(_Params):
     """Replay a data set (`npy` file, `dataset: digits`, or random rows) at `rate_hz`."""
 
-    rate_hz: float = Field(default=100.0, gt=0, le=1_000_000)
+    # At least one a million seconds (11.6 days): a longer wait is past what a thread
+    # can wait for at once (threading.TIMEOUT_MAX), which had ended the source's thread.
+    rate_hz: float = Field(default=100.0, ge=1e-6, le=1_000_000)
     count: int = Field(default=0, ge=0)  # 0: forever
     npy: str | None = Field(default=None, min_length=1)
     dataset: Literal["digits"] | None = None
@@ -202,6 +232,29 @@ class DirectorySourceParams(_Params):
     poll_s: float = Field(default=0.5, gt=0, le=3600)
 
 
+def _topic_problem(topic: str, filter_: bool) -> str | None:
+    """What makes `topic` no MQTT topic name (`filter_`: no subscription filter), or None.
+
+    A broker drops the connection of a client that uses one; paho refuses a bad filter
+    by raising inside its network thread, which ends it: a source that never hears.
+    """
+    if len(topic.encode("utf-8", "surrogatepass")) > 65_535:
+        return "must be at most 65535 bytes"
+    if "\x00" in topic:
+        return "must not hold a NUL character"
+    if not filter_:
+        if "+" in topic or "#" in topic:
+            return "must not hold the wildcards + or # (a topic to publish to)"
+        return None
+    levels = topic.split("/")
+    for i, level in enumerate(levels):
+        if "#" in level and (level != "#" or i != len(levels) - 1):
+            return "may hold # only as its whole last level ('a/#')"
+        if "+" in level and level != "+":
+            return "may hold + only as a whole level ('a/+/c')"
+    return None
+
+
 class MqttSourceParams(_Params):
     """One request per message on `topic`: JSON, or raw bytes of `dtype` and `shape`."""
 
@@ -211,6 +264,14 @@ class MqttSourceParams(_Params):
     qos: _Qos = 0
     dtype: str | None = Field(default=None, min_length=1, max_length=32)
     shape: tuple[Dim, ...] | None = Field(default=None, min_length=1, max_length=16)
+
+    @field_validator("topic")
+    @classmethod
+    def _filter(cls, value: str) -> str:
+        problem = _topic_problem(value, filter_=True)
+        if problem is not None:
+            raise ValueError(problem)
+        return value
 
     @field_validator("shape", mode="before")
     @classmethod
@@ -243,6 +304,14 @@ class MqttSinkParams(_Params):
     qos: _Qos = 0
     host: _Host = "127.0.0.1"
     port: _Port = 1883
+
+    @field_validator("topic")
+    @classmethod
+    def _name(cls, value: str | None) -> str | None:
+        problem = None if value is None else _topic_problem(value, filter_=False)
+        if problem is not None:
+            raise ValueError(problem)
+        return value
 
 
 class HttpSinkParams(_Params):
@@ -330,6 +399,8 @@ def _first_problem(exc: ValidationError) -> str:
         if bound in ctx:
             message = f"must be {op} {ctx[bound]}"
             break
+    if message.startswith("must be ") and _is_nan(err.get("input")):
+        message = "must be a number, not NaN"  # out of no bound: no number at all
     message = message.removeprefix("Value error, ")
     if err["type"] == "missing":
         message = "is required"
@@ -340,6 +411,23 @@ def _first_problem(exc: ValidationError) -> str:
     return f"{where}: {message}"
 
 
+def _is_nan(value: Any) -> bool:
+    """Whether `value` is NaN, or text that pydantic reads as NaN ("nan", "NaN")."""
+    if isinstance(value, str):
+        try:
+            value = float(value)
+        except ValueError:
+            return False
+    return isinstance(value, float) and math.isnan(value)
+
+
+# Nested values are cut a few levels down: a list thousands of levels deep is a value
+# to refuse, and repr() would give up on it with RecursionError.
+_REPR = reprlib.Repr()
+_REPR.maxlevel, _REPR.maxstring, _REPR.maxother = 4, 80, 80
+_REPR.maxlist = _REPR.maxtuple = _REPR.maxdict = _REPR.maxset = 16  # past the 40 shown
+
+
 def _brief(value: Any) -> str:
-    text = repr(value)
+    text = _REPR.repr(value)
     return text if len(text) <= 40 else text[:37] + "..."

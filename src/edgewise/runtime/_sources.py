@@ -12,15 +12,21 @@ moves on.
   polled (an `.npz` holds a model's inputs by name).
 - `mqtt`: messages on `topic` at Mosquitto `host:port`; JSON arrays or raw tensors.
 - `http`: the local inference API itself (nothing to start).
+
+Whatever arrives, a source's thread goes on: an input that cannot be read is counted and
+logged, and so is one that a stage fails on. Files are read only when they are regular
+files and never unpickled; a broker that is down is retried in the background.
 """
 
 from __future__ import annotations
 
 import logging
+import os
+import stat
 import threading
 import time
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import numpy as np
 import numpy.typing as npt
@@ -31,13 +37,17 @@ from edgewise.protocol._stages import (
     SyntheticSourceParams,
 )
 from edgewise.runtime._decode import decode_json
-from edgewise.runtime._errors import RuntimeFailure
+from edgewise.runtime._errors import BadInput, RuntimeFailure
 from edgewise.runtime._stages import SOURCES
 
-__all__ = ["DirectorySource", "MqttSource", "SyntheticSource", "decode_message"]
+__all__ = ["MAX_JSON_BYTES", "DirectorySource", "MqttSource", "SyntheticSource", "decode_message"]
 
 log = logging.getLogger(__name__)
 Array = npt.NDArray[Any]
+
+#: The largest JSON message the `mqtt` source decodes: the local inference API's default
+#: body limit. Parsed, JSON numbers take ten times their text's size in memory.
+MAX_JSON_BYTES = 8 * 1024 * 1024
 
 
 def _noop(_req: object) -> None:
@@ -52,6 +62,7 @@ class _Thread:
         self.pipeline = pipeline
         self.submitted = 0
         self.refused = 0
+        self.failed = 0
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, daemon=True)
 
@@ -66,12 +77,19 @@ class _Thread:
             self._thread.join(timeout=5)
 
     def offer(self, x: Array | dict[str, Array]) -> None:
-        """Submit one input; refusals are counted by the runtime and here."""
+        """Submit one input; refusals are counted by the runtime and here.
+
+        Any other error out of a stage (one an app registered) is counted in `failed`
+        and logged: one input must not end the source's thread.
+        """
         try:
             self.runtime.submit(self.pipeline, x, _noop)
             self.submitted += 1
         except RuntimeFailure:
             self.refused += 1
+        except Exception as exc:
+            self.failed += 1
+            log.warning("source of pipeline %s: an input failed: %r", self.pipeline, exc)
 
     def _loop(self) -> None:  # pragma: no cover - overridden
         raise NotImplementedError
@@ -91,9 +109,14 @@ class SyntheticSource(_Thread):
     def _data(params: SyntheticSourceParams) -> Array:
         if params.npy is not None:
             try:
-                data: Array = np.load(Path(params.npy), allow_pickle=False)
-            except OSError as exc:
+                with _open_regular(Path(params.npy)) as f:
+                    data = _load_array(f)
+            except (OSError, ValueError, MemoryError) as exc:
                 raise ValueError(f"cannot read npy {params.npy!r}: {exc}") from None
+            if data.ndim == 0 or not len(data):  # the loop replays data[i % len(data)]
+                raise ValueError(
+                    f"npy {params.npy!r} holds no rows to replay (shape {list(data.shape)})"
+                )
             return data
         if params.dataset == "digits":
             from sklearn.datasets import load_digits
@@ -116,34 +139,110 @@ class SyntheticSource(_Thread):
                 break
 
 
-def _read_image(path: Path) -> Array:
+def _open_regular(path: Path) -> IO[bytes]:
+    """`path` opened to read, when it is a regular file (or a link to one).
+
+    It is opened without waiting and looked at before it is read: a FIFO named like an
+    input would hold open() until a writer came, and the source's thread with it.
+
+    Raises:
+        OSError: it cannot be opened.
+        ValueError: it is no regular file (a directory, a FIFO, a device).
+    """
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise ValueError("not a regular file")
+        return os.fdopen(fd, "rb")
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+def _load_array(f: IO[bytes]) -> Array:
+    """The array of an `.npy` file, never unpickled.
+
+    Raises:
+        ValueError: not an `.npy` array (an `.npz` archive by that name, a pickle).
+    """
+    loaded = np.load(f, allow_pickle=False)
+    if not isinstance(loaded, np.ndarray):
+        loaded.close()
+        raise ValueError("an .npz archive, not an .npy array")
+    return loaded
+
+
+def _load_named(f: IO[bytes]) -> dict[str, Array]:
+    """The arrays of an `.npz` archive by name, never unpickled.
+
+    Raises:
+        ValueError: not an `.npz` archive (an `.npy` array by that name, a pickle).
+    """
+    loaded = np.load(f, allow_pickle=False)
+    if isinstance(loaded, np.ndarray):
+        raise ValueError("an .npy array, not an .npz archive")
+    with loaded as named:
+        return {k: np.asarray(named[k]) for k in named.files}
+
+
+def _read_image(f: IO[bytes]) -> Array:
+    """An image's pixels as float32.
+
+    Raises:
+        ValueError: not an image, or one of more pixels than Pillow's decompression
+            bomb limit (where Pillow only warns, up to twice that): as float32 such an
+            image takes gigabytes.
+    """
     try:
         from PIL import Image
     except ImportError:
         import cv2
 
-        img = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
+        img = cv2.imdecode(np.frombuffer(f.read(), np.uint8), cv2.IMREAD_UNCHANGED)
         if img is None:
-            raise ValueError(f"cannot read {path}") from None
+            raise ValueError("not an image OpenCV can read") from None
         return np.asarray(img, dtype=np.float32)
-    with Image.open(path) as im:
+    with Image.open(f) as im:
+        limit = Image.MAX_IMAGE_PIXELS
+        if limit is not None and im.width * im.height > limit:
+            raise ValueError(
+                f"an image of {im.width} x {im.height} pixels is over {limit} (Pillow's "
+                "decompression bomb limit)"
+            )
         return np.asarray(im, dtype=np.float32)
 
 
 def _read_file(path: Path) -> Array | dict[str, Array]:
     """An array file, an image, or an `.npz` of a model's inputs by name."""
     suffix = path.suffix.lower()
-    if suffix == ".npy":
-        return np.asarray(np.load(path, allow_pickle=False))
-    if suffix == ".npz":
-        with np.load(path, allow_pickle=False) as named:
-            return {k: np.asarray(named[k]) for k in named.files}
-    return _read_image(path)
+    with _open_regular(path) as f:
+        if suffix == ".npy":
+            return _load_array(f)
+        if suffix == ".npz":
+            return _load_named(f)
+        return _read_image(f)
+
+
+def _signature(path: Path) -> tuple[int, int, int] | None:
+    """Size, modification and change times of a regular file; None for anything else."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    if not stat.S_ISREG(st.st_mode):
+        return None
+    return st.st_size, st.st_mtime_ns, st.st_ctime_ns
 
 
 @SOURCES.register("directory", typed=True)
 class DirectorySource(_Thread):
-    """Feeds every new file of a directory, oldest name first, polling for more."""
+    """Feeds every new file of a directory, oldest name first, polling for more.
+
+    A file that cannot be read is counted in `unreadable` and read again only once it
+    changes: a writer may still be writing it. A name that leaves the directory is
+    forgotten (so `seen` holds no more names than the directory), and a file that comes
+    back under it is a new file.
+    """
 
     SUFFIXES = (".npy", ".npz", ".png", ".jpg", ".jpeg")
 
@@ -153,6 +252,17 @@ class DirectorySource(_Thread):
         self.poll_s = params.poll_s
         self.seen: set[str] = set()
         self.unreadable = 0
+        # Unreadable files by name: what they were (`_signature`) when they failed.
+        self._failed: dict[str, tuple[int, int, int] | None] = {}
+
+    def _pending(self, name: str, path: Path) -> bool:
+        """Whether the file is to be read: never seen, or unreadable and changed since."""
+        if name not in self.seen:
+            return True
+        if name not in self._failed:
+            return False
+        was = self._failed[name]
+        return was is not None and _signature(path) != was
 
     def scan(self) -> int:
         """Feed files not seen yet; returns how many were offered."""
@@ -161,17 +271,24 @@ class DirectorySource(_Thread):
             names = sorted(p for p in self.path.iterdir() if p.suffix.lower() in self.SUFFIXES)
         except OSError:
             return 0
+        present = {p.name for p in names}
+        self.seen &= present
+        for gone in self._failed.keys() - present:
+            del self._failed[gone]
         for p in names:
-            if p.name in self.seen:
+            if not self._pending(p.name, p):
                 continue
             self.seen.add(p.name)
+            before = _signature(p)
             try:
                 x = _read_file(p)
             except Exception as exc:  # any file at all may land here: skip it, keep going
                 # (OSError, ValueError; and others, such as Pillow's DecompressionBombError)
                 log.warning("directory source: skipping %s: %s", p, exc)
                 self.unreadable += 1
+                self._failed[p.name] = before
                 continue
+            self._failed.pop(p.name, None)
             self.offer(x)
             fed += 1
         return fed
@@ -183,12 +300,16 @@ class DirectorySource(_Thread):
 
 
 def decode_message(
-    payload: bytes, dtype: np.dtype[Any] | None = None, shape: tuple[int, ...] | None = None
+    payload: bytes,
+    dtype: np.dtype[Any] | None = None,
+    shape: tuple[int, ...] | None = None,
+    max_json_bytes: int = MAX_JSON_BYTES,
 ) -> Array | dict[str, Array]:
     """An MQTT payload: JSON (as the local inference API takes it), or raw bytes.
 
     JSON is an array, `{"inputs": [...]}`, or inputs by name (`{"inputs": {"ids":
-    [...], "mask": [...]}}`); raw bytes are of the source's dtype and shape.
+    [...], "mask": [...]}}`), of at most `max_json_bytes`; raw bytes are of the
+    source's dtype and shape.
 
     Raises:
         BadInput, ValueError: the payload is not such an input.
@@ -196,6 +317,8 @@ def decode_message(
     if dtype is not None:
         arr: Array = np.frombuffer(payload, dtype=dtype)
         return arr.reshape(shape) if shape else arr
+    if len(payload) > max_json_bytes:
+        raise BadInput(f"a JSON message of {len(payload)} bytes; at most {max_json_bytes}")
     return decode_json(payload)  # as the local inference API reads a JSON body
 
 
@@ -216,18 +339,27 @@ class MqttSource:
             self.dtype = None if params.dtype is None else np.dtype(params.dtype)
         except TypeError:
             raise ValueError(f"dtype: not a numpy dtype (got {params.dtype!r})") from None
+        if self.dtype is not None and self.dtype.kind not in "biuf":
+            # Text, dates, records, objects: no message would ever make an input.
+            raise ValueError(f"dtype: raw tensors are numbers, not {self.dtype}")
         self.shape = params.shape
         self.received = 0
         self.undecodable = 0
         self.refused = 0
+        self.failed = 0
         self.subscribed = threading.Event()
         self.client = mqtt.Client(CallbackAPIVersion.VERSION2)
         self.client.on_connect = self._on_connect
         self.client.on_subscribe = lambda *a: self.subscribed.set()
         self.client.on_message = self._on_message
+        self.client.on_connect_fail = self._on_connect_fail
 
     def _on_connect(self, client: Any, userdata: Any, flags: Any, rc: Any, props: Any) -> None:
         client.subscribe(self.topic, qos=self.qos)
+
+    def _on_connect_fail(self, client: Any, userdata: Any) -> None:
+        where = (self.topic, self.host, self.port)
+        log.warning("mqtt source %s: no broker at %s:%s (retrying)", *where)
 
     def _on_message(self, client: Any, userdata: Any, msg: Any) -> None:
         self.received += 1
@@ -242,10 +374,18 @@ class MqttSource:
             self.runtime.submit(self.pipeline, x, _noop)
         except RuntimeFailure:
             self.refused += 1
+        except Exception as exc:  # a stage an app registered: keep paho's thread alive
+            self.failed += 1
+            log.warning("mqtt source %s: an input failed: %r", self.topic, exc)
 
     def start(self) -> None:
-        """Connect and subscribe (the network loop runs in paho's thread)."""
-        self.client.connect(self.host, self.port)
+        """Connect and subscribe (the network loop runs in paho's thread).
+
+        A broker that is not up yet does not keep the pipeline from starting: paho
+        connects when it can, as it reconnects when the broker goes away later, and the
+        source subscribes then.
+        """
+        self.client.connect_async(self.host, self.port)
         self.client.loop_start()
 
     def stop(self) -> None:

@@ -144,13 +144,61 @@ def _floats(value: Any, name: str) -> Array:
     return arr
 
 
+def _as_float32(x: Array, stage: str) -> Array:
+    """`x` as float32, for a stage that computes in it.
+
+    Raises:
+        BadInput: `x` does not hold numbers (text, dates, records and complex numbers
+            from a file or a raw tensor), or holds one beyond float32's range, which the
+            cast would make infinity (as `cast_fitting` refuses it for the model).
+    """
+    dtype = x.dtype
+    if dtype == np.float32:
+        return x
+    if dtype.kind not in "biuf":
+        raise BadInput(f"{stage} takes numbers, not dtype {dtype}")
+    if dtype.kind == "f" and dtype.itemsize > 4:
+        try:
+            with np.errstate(over="raise"):
+                return x.astype(np.float32)
+        except FloatingPointError:
+            raise BadInput(f"{stage}: a value is out of float32's range") from None
+    return x.astype(np.float32)
+
+
+def _misfit(stage: str, shape: tuple[int, ...], values: dict[str, Array]) -> BadInput:
+    """The error for per-channel values that do not fit an input of `shape`.
+
+    They fit when numpy broadcasts them onto the input without changing its shape: a
+    value per channel (the last axis), or one for all.
+    """
+    for name, value in values.items():
+        try:
+            fits = np.broadcast_shapes(shape, value.shape) == shape
+        except ValueError:
+            fits = False
+        if not fits:
+            return BadInput(
+                f"{stage}: {name} of shape {list(value.shape)} does not fit an input of "
+                f"shape {list(shape)} (one value, or one per channel of the last axis)"
+            )
+    return BadInput(f"{stage}: its values do not fit an input of shape {list(shape)}")
+
+
 @PREPROCESS.register("scale", typed=True)
 def _scale(params: ScaleParams) -> PreFn:
     factor = _floats(params.factor, "factor")
     offset = _floats(params.offset, "offset")
 
     def run(x: Array) -> Array:
-        return (x.astype(np.float32, copy=False) * factor + offset).astype(np.float32, copy=False)
+        f = _as_float32(x, "scale")
+        try:
+            out: Array = (f * factor + offset).astype(np.float32, copy=False)
+        except ValueError:  # values per channel of another length than the input's
+            raise _misfit("scale", f.shape, {"factor": factor, "offset": offset}) from None
+        if out.shape != f.shape:  # or values that made more of the input
+            raise _misfit("scale", f.shape, {"factor": factor, "offset": offset})
+        return out
 
     return run
 
@@ -161,7 +209,14 @@ def _normalize(params: NormalizeParams) -> PreFn:
     std = _floats(params.std, "std")
 
     def run(x: Array) -> Array:
-        return ((x.astype(np.float32, copy=False) - mean) / std).astype(np.float32, copy=False)
+        f = _as_float32(x, "normalize")
+        try:
+            out: Array = ((f - mean) / std).astype(np.float32, copy=False)
+        except ValueError:  # values per channel of another length than the input's
+            raise _misfit("normalize", f.shape, {"mean": mean, "std": std}) from None
+        if out.shape != f.shape:  # or values that made more of the input
+            raise _misfit("normalize", f.shape, {"mean": mean, "std": std})
+        return out
 
     return run
 
@@ -222,7 +277,9 @@ def _resize(params: ResizeParams) -> PreFn:
         if x.ndim not in (2, 3):
             raise BadInput(f"resize expects an image, got shape {list(x.shape)}")
         img = x.transpose(1, 2, 0) if layout == "chw" and x.ndim == 3 else x
-        out = resize_bilinear(img, height, width)
+        if not img.shape[0] or not img.shape[1]:  # no pixel to interpolate from
+            raise BadInput(f"resize: the image is empty (shape {list(x.shape)})")
+        out = resize_bilinear(_as_float32(img, "resize"), height, width)
         return out.transpose(2, 0, 1) if layout == "chw" and out.ndim == 3 else out
 
     return run
