@@ -208,6 +208,24 @@ def test_a_device_decommissioned_during_the_rollout_is_held_back_notified_or_not
     assert done.devices[first].state is D.FAILED
 
 
+def test_past_its_timeout_an_offline_device_is_held_back_and_a_stuck_one_times_out() -> None:
+    gates = GateSpec(success_pct=50, error_pct=50)
+    r = make(3, canary=3, waves=(), device_timeout_s=60, gates=gates)
+    r, _ = step(r, obs(), 0.0)
+    ok, stuck, off = r.phases[0]
+    r, _ = step(r, obs({ok: HEALTHY}), 1.0)
+    r, acts = step(r, obs(last_seen={stuck: 30.0, off: -5.0}), 61.0)
+    assert r.devices[stuck].state is D.TIMED_OUT
+    assert r.devices[off].state is D.HELD_BACK
+    assert r.devices[off].reason == "offline: not seen since it was notified"
+    assert {"devices.offline", "devices.timed_out"} <= set(kinds(acts))
+    # Without sightings (None), every device past its timeout times out, as before.
+    q = make(10, canary=1, waves=(100.0,), device_timeout_s=60)
+    q, _ = step(q, obs(), 0.0)
+    q, _ = step(q, obs(), 61.0)
+    assert q.devices[q.phases[0][0]].state is D.TIMED_OUT
+
+
 def test_held_back_devices_are_sent_back_with_the_rest_on_a_breach() -> None:
     r = make(10, canary=4, gates=GateSpec(success_pct=0, error_pct=20))
     r, _ = step(r, obs(), 0.0)

@@ -353,7 +353,9 @@ def test_a_device_past_its_timeout_is_timed_out_and_a_late_success_does_not_save
                 gates={"error_pct": 50})  # fmt: skip
     world.tick()
     (canary,) = _phase_devices(world, ro["id"], 0, devs)
-    world.clock.now += 61
+    world.clock.now += 30
+    canary.desired()  # it fetched the new revision, then never said how it went: stuck
+    world.clock.now += 31
     world.tick()
     canary.report("1.1.0", "active")
     world.tick()
@@ -361,6 +363,30 @@ def test_a_device_past_its_timeout_is_timed_out_and_a_late_success_does_not_save
     assert why["state"] == "timed_out"
     assert "later reports are ignored" in why["why"]
     assert world.rollout(ro["id"])["state"] == "rolled_back"
+
+
+def test_a_device_offline_since_it_was_notified_is_held_back_and_counts_once_back(
+    world: World,
+) -> None:
+    # A camera switched off for the night timed out like a stuck install, counted as a
+    # failure and rolled the revision back for everyone.
+    devs = _fleet(world, 4)
+    ro = _start(world, _revise(world, "1.1.0"), canary=2, device_timeout_s=60,
+                gates={"error_pct": 10})  # fmt: skip
+    world.tick()
+    on, off = _phase_devices(world, ro["id"], 0, devs)
+    on.report("1.1.0", "active")
+    world.clock.now += 61
+    world.tick()
+    assert world.rollout(ro["id"], devices="all")["phase_index"] == 1
+    why = world.ok("GET", f"/api/v1/rollouts/{ro['id']}/devices/{off.id}")
+    assert why["state"] == "held_back"
+    assert why["why"].startswith("held back: offline: not seen since it was notified")
+    assert [a["action"] for a in world.audit("devices.")] == ["devices.offline"]
+    off.report("1.1.0", "active")  # back: it installs, and counts
+    world.clock.now += 2  # past the driver's hold on progress-only writes
+    world.tick()
+    assert world.ok("GET", f"/api/v1/rollouts/{ro['id']}/devices/{off.id}")["state"] == "succeeded"
 
 
 def test_pause_resume_and_abort_are_audited_under_the_operator(world: World) -> None:

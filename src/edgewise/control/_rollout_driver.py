@@ -56,6 +56,7 @@ from edgewise.control._rollout_store import (
 from edgewise.control.rollout import (
     Action,
     CohortTelemetry,
+    DeviceRolloutState,
     NotifyDevices,
     Observations,
     RevertDevices,
@@ -70,6 +71,7 @@ from edgewise.control.rollout import (
 __all__ = ["RolloutDriver"]
 
 log = logging.getLogger("edgewise.control.rollouts")
+_IN_FLIGHT = frozenset({DeviceRolloutState.NOTIFIED, DeviceRolloutState.INSTALLING})
 
 
 @dataclass
@@ -268,11 +270,24 @@ class RolloutDriver:
         ):
             seen.phase, seen.control = self.cohorts.cohorts(rollout, target, source)
             seen.telemetry_phase, seen.telemetry_at = rollout.phase_index, now
+        timeout = rollout.spec.device_timeout_s
+        due = [  # past their timeout without an outcome: offline, or stuck?
+            d
+            for d, s in rollout.devices.items()
+            if s.state in _IN_FLIGHT
+            and s.notified_at is not None
+            and now >= s.notified_at + timeout
+        ]
+        last_seen = None
+        if due:  # this replica's own sightings first (they are written every 2 s)
+            self.plane.store.touch_last_seen(self.plane.seen.take())
+            last_seen = self.plane.store.last_seen_of(due)
         observations = Observations(
             reports=reports,
             phase=seen.phase,
             control=seen.control,
             telemetry_phase=seen.telemetry_phase,
+            last_seen=last_seen,
         )
         new, actions = step(rollout, observations, now)
         self.steps += 1

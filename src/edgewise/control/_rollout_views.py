@@ -163,6 +163,11 @@ def device_why(rollout: Rollout, device_id: str) -> dict[str, Any] | None:
         why = f"failed: {status.reason}"
     elif state is _D.TIMED_OUT:
         why = f"timed out: {status.reason} (counts as failed; later reports are ignored)"
+    elif state is _D.HELD_BACK:
+        why = (
+            f"held back: {status.reason} (keeps revision {rollout.from_revision}; not "
+            "waited for nor counted; counts if it reports the new revision later)"
+        )
     else:
         why = f"sent back to revision {rollout.from_revision}: {status.reason}"
     return {

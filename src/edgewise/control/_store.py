@@ -304,6 +304,19 @@ class SqlStore(LogStore):
             )
             return bool(res.rowcount)
 
+    def last_seen_of(self, device_ids: Sequence[str]) -> dict[str, float]:
+        """When each of these devices last reached the control plane (absent: never)."""
+        d = t.devices
+        out: dict[str, float] = {}
+        with self.engine.connect() as c:
+            for start in range(0, len(device_ids), 500):
+                chunk = list(device_ids[start : start + 500])
+                q = select(d.c.id, d.c.last_seen).where(
+                    d.c.id.in_(chunk), d.c.last_seen.is_not(None)
+                )
+                out.update({r.id: float(r.last_seen) for r in c.execute(q)})
+        return out
+
     def set_status(self, device_id: str, status: str, now: float) -> bool:
         """Change a device's status (e.g. "decommissioned"); False when unknown."""
         with self.engine.begin() as c:

@@ -171,19 +171,36 @@ class _Work:
             reason = report.reason or f"device reported {report.status.value}"
             self.set_device(dev, new, reason)
 
-    def apply_timeouts(self) -> None:
+    def apply_timeouts(self, last_seen: Mapping[str, float] | None) -> None:
+        """In-flight devices past their timeout: offline ones held back, the rest timed out.
+
+        A device not seen since it was notified never had the chance to install: it is
+        switched off or out of reach, which says nothing about the revision (it installs,
+        and counts, once back). One that was seen and still has no outcome is stuck.
+        """
         timeout = self.r.spec.device_timeout_s
-        timed_out = [
-            dev
+        due = [
+            (dev, s.notified_at)
             for dev, s in self.devices.items()
             if s.state in _IN_FLIGHT
             and s.notified_at is not None
             and self.now >= s.notified_at + timeout
         ]
-        for dev in sorted(timed_out):
+        offline = sorted(
+            dev
+            for dev, notified_at in due
+            if last_seen is not None and last_seen.get(dev, -math.inf) < notified_at
+        )
+        gone = set(offline)
+        timed_out = sorted(dev for dev, _ in due if dev not in gone)
+        for dev in offline:
+            self.set_device(dev, _D.HELD_BACK, "offline: not seen since it was notified")
+        for dev in timed_out:
             self.set_device(dev, _D.TIMED_OUT, f"no outcome within {timeout:g} s")
+        if offline:
+            self.event("devices.offline", count=len(offline), devices=offline[:20])
         if timed_out:
-            self.event("devices.timed_out", count=len(timed_out), devices=sorted(timed_out)[:20])
+            self.event("devices.timed_out", count=len(timed_out), devices=timed_out[:20])
 
     # -------------------------------------------------------------- phases
 
@@ -367,7 +384,7 @@ def step(rollout: Rollout, observations: Observations, now: float) -> tuple[Roll
         return rollout, []
     work = _Work(rollout, now)
     work.apply_reports(observations.reports)
-    work.apply_timeouts()
+    work.apply_timeouts(observations.last_seen)
     if work.state is _R.PENDING:
         work.set_state(_R.RUNNING)
         work.event("rollout.started", devices=len(work.devices), to_revision=rollout.to_revision)

@@ -73,12 +73,17 @@ class Observations:
         control: Telemetry of devices still on the old revision, same window.
         telemetry_phase: The phase index the telemetry was gathered for; telemetry for
             another phase than the current one is ignored (None: trust it).
+        last_seen: For devices whose timeout has passed without an outcome: when each
+            last reached the control plane (absent: never). One not seen since it was
+            notified is offline, and held back rather than timed out; None: no facts,
+            every such device times out.
     """
 
     reports: Mapping[str, DeviceReport] = field(default_factory=dict)
     phase: CohortTelemetry | None = None
     control: CohortTelemetry | None = None
     telemetry_phase: int | None = None
+    last_seen: Mapping[str, float] | None = None
 
 
 @dataclass(frozen=True)
