@@ -13,6 +13,7 @@ from edgewise.events._bus import (
     Handler,
     InProcessBus,
     Subscription,
+    topic_level,
     topic_matches,
 )
 from edgewise.events._mqtt import MqttBus
@@ -24,5 +25,6 @@ __all__ = [
     "InProcessBus",
     "MqttBus",
     "Subscription",
+    "topic_level",
     "topic_matches",
 ]

@@ -17,13 +17,22 @@ Example:
 from __future__ import annotations
 
 import logging
+import re
 import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-__all__ = ["Event", "EventBus", "Handler", "InProcessBus", "Subscription", "topic_matches"]
+__all__ = [
+    "Event",
+    "EventBus",
+    "Handler",
+    "InProcessBus",
+    "Subscription",
+    "topic_level",
+    "topic_matches",
+]
 
 log = logging.getLogger(__name__)
 
@@ -40,9 +49,31 @@ class Event:
 Handler = Callable[[Event], None]
 
 
+# Characters Mosquitto refuses in a topic (MQTT 5 section 1.5.4, and its UTF-8 checks):
+# controls (NUL among them), surrogates (not UTF-8 at all) and the noncharacters. The
+# broker answers one by dropping the connection, and paho re-sends a queued QoS 1 publish
+# after every reconnect: one such topic, built from a hostile id or label, would cut the
+# bus off for good. So they are refused here, on both buses alike.
+_REFUSED = re.compile(
+    "[\x00-\x1f\x7f-\x9f\ud800-\udfff\ufdd0-\ufdef"
+    + "".join(f"{chr(p + 0xFFFE)}{chr(p + 0xFFFF)}" for p in range(0, 0x110000, 0x10000))
+    + "]"
+)
+_MAX_TOPIC_BYTES = 65_535  # MQTT's length prefix
+
+
+def _check_chars(kind: str, value: str) -> None:
+    bad = _REFUSED.search(value)
+    if bad is not None:
+        raise ValueError(f"invalid {kind} {value!r}: holds {bad.group()!r}, which brokers refuse")
+    if len(value.encode()) > _MAX_TOPIC_BYTES:
+        raise ValueError(f"invalid {kind}: longer than {_MAX_TOPIC_BYTES} bytes")
+
+
 def _check_topic(topic: str) -> None:
     if not topic or "+" in topic or "#" in topic:
         raise ValueError(f"invalid topic {topic!r}: non-empty, no wildcards")
+    _check_chars("topic", topic)
 
 
 def _check_pattern(pattern: str) -> None:
@@ -53,11 +84,36 @@ def _check_pattern(pattern: str) -> None:
         raise ValueError(f"invalid pattern {pattern!r}: '#' only as the whole last level")
     if any("+" in p and p != "+" for p in parts):
         raise ValueError(f"invalid pattern {pattern!r}: '+' only as a whole level")
+    _check_chars("pattern", pattern)
+
+
+def topic_level(value: str) -> str:
+    """`value`, checked to be safe as one level of a topic built from an id or label.
+
+    Example:
+        >>> f"edgewise/devices/{topic_level('dev-1')}/desired"
+        'edgewise/devices/dev-1/desired'
+
+    Raises:
+        ValueError: `value` is empty or holds `/`, `+`, `#` or a character brokers
+            refuse: as a subscription it would reach other devices' topics, as a
+            topic it would land in another level, or the broker would drop the
+            connection over it.
+    """
+    if not value or any(c in value for c in "/+#"):
+        raise ValueError(f"invalid topic level {value!r}: non-empty, no '/', '+' or '#'")
+    _check_chars("topic level", value)
+    return value
 
 
 def topic_matches(pattern: str, topic: str) -> bool:
-    """Whether `topic` matches the MQTT-style `pattern`."""
+    """Whether `topic` matches the MQTT-style `pattern`.
+
+    As in MQTT, a wildcard first level does not match a topic starting with `$`.
+    """
     pat, top = pattern.split("/"), topic.split("/")
+    if topic.startswith("$") and pat[0] in ("+", "#"):
+        return False
     for i, p in enumerate(pat):
         if p == "#":
             return True
@@ -95,7 +151,12 @@ class EventBus(Protocol):
 
 
 class InProcessBus:
-    """Synchronous delivery in the publisher's thread; a failing handler is logged."""
+    """Synchronous delivery in the publisher's thread; a failing handler is logged.
+
+    Being synchronous, a handler that blocks holds up its publisher (and the handlers
+    after it for that event), as any function call would; handlers may publish and
+    cancel subscriptions, their own included, from inside a delivery.
+    """
 
     def __init__(self) -> None:
         self._subs: dict[int, tuple[str, Handler]] = {}
@@ -108,8 +169,11 @@ class InProcessBus:
         _check_topic(topic)
         event = Event(topic, payload)
         with self._lock:
-            targets = [h for p, h in self._subs.values() if topic_matches(p, topic)]
-        for handler in targets:
+            targets = [(k, h) for k, (p, h) in self._subs.items() if topic_matches(p, topic)]
+        for key, handler in targets:
+            with self._lock:  # an earlier handler may have cancelled this one
+                if key not in self._subs:
+                    continue
             try:
                 handler(event)
             except Exception:  # one subscriber must not break the others

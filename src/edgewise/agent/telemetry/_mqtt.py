@@ -5,6 +5,11 @@ it publishes the gzip batch, signed, with QoS 1 to `edgewise/telemetry/<device i
 and waits for the control plane's ack on `edgewise/devices/<device id>/telemetry/ack`;
 no ack in time raises `RetryableError`, and the records stay in the buffer (the
 control plane's (device, seq) keys make the eventual re-send harmless).
+
+Acks are not signed, so anyone who can publish to the broker can send one: only an ack
+for the batch being awaited is taken (the rest, retained ones included, are dropped, so
+a forged ack sent ahead cannot be waiting for a later batch, and a flood of them holds
+no memory). An ack forged while a batch is awaited is still believed; see `send`.
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ from typing import Any
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from edgewise.agent._backoff import RetryableError
+from edgewise.events import topic_level
 from edgewise.protocol import TelemetryAck, TelemetryBatch, encode_batch, sign_request
 
 __all__ = ["MqttTelemetryUplink"]
@@ -41,18 +47,21 @@ class MqttTelemetryUplink:
         """Connect to the broker as `device_id` and listen for acks.
 
         Raises:
+            ValueError: `device_id` cannot be one topic level (a `+` or `#` in it would
+                subscribe to other devices' acks).
             ConnectionError: the broker did not accept the connection.
         """
         import paho.mqtt.client as mqtt
         from paho.mqtt.enums import CallbackAPIVersion
 
-        self.device_id = device_id
+        self.device_id = topic_level(device_id)
         self._key = private_key
         self.clock = clock
         self.ack_timeout_s = ack_timeout_s
         self.topic = _TOPIC.format(device_id=device_id)
         self._cond = threading.Condition()
-        self._acks: dict[int, TelemetryAck] = {}
+        self._awaited: int | None = None  # the last seq of the batch being sent
+        self._ack: TelemetryAck | None = None
         self._ready = threading.Event()
         client = mqtt.Client(
             CallbackAPIVersion.VERSION2, client_id=f"dev-{device_id}", protocol=mqtt.MQTTv5
@@ -64,6 +73,7 @@ class MqttTelemetryUplink:
         client.connect(host, port)
         client.loop_start()
         if not self._ready.wait(5.0):
+            client.disconnect()  # closes the socket, and the loop ends
             client.loop_stop()
             raise ConnectionError(f"MQTT broker {host}:{port} did not accept the device")
 
@@ -72,6 +82,8 @@ class MqttTelemetryUplink:
             client.subscribe(_ACK_TOPIC.format(device_id=self.device_id), qos=1)
 
     def _on_message(self, _c: Any, _u: Any, msg: Any) -> None:
+        if msg.retain:  # the control plane never retains an ack
+            return
         try:
             body = json.loads(msg.payload)
             ack = TelemetryAck.model_validate(body)
@@ -79,11 +91,17 @@ class MqttTelemetryUplink:
         except Exception:  # any payload at all (RecursionError too): an exception out of
             return  # this callback would end paho's network thread, and with it the uplink
         with self._cond:
-            self._acks[last] = ack
-            self._cond.notify_all()
+            if last == self._awaited:
+                self._ack = ack
+                self._cond.notify_all()
 
     def send(self, batch: TelemetryBatch) -> TelemetryAck:
         """Publish one batch and wait for its ack.
+
+        Only an ack naming this batch's last seq and arriving while it is awaited counts;
+        one that came too late is dropped and the batch is sent again. A forged ack in
+        that window would still be believed: closing it needs acks signed by the
+        control plane.
 
         Raises:
             RetryableError: the broker refused the publish or no ack came in time.
@@ -97,17 +115,23 @@ class MqttTelemetryUplink:
         props = Properties(PacketTypes.PUBLISH)  # type: ignore[no-untyped-call]
         props.UserProperty = list(headers.items())
         last = batch.records[-1].seq if batch.records else 0
-        info = self._client.publish(self.topic, body, qos=1, properties=props)
-        if info.rc != mqtt.MQTT_ERR_SUCCESS:
-            raise RetryableError(f"MQTT publish refused (rc={info.rc})")
-        deadline = time.monotonic() + self.ack_timeout_s
-        with self._cond:
-            while last not in self._acks:
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    raise RetryableError("no telemetry ack over MQTT in time")
-                self._cond.wait(remaining)
-            return self._acks.pop(last)
+        with self._cond:  # before the publish: the ack may come back before we wait
+            self._awaited, self._ack = last, None
+        try:
+            info = self._client.publish(self.topic, body, qos=1, properties=props)
+            if info.rc != mqtt.MQTT_ERR_SUCCESS:
+                raise RetryableError(f"MQTT publish refused (rc={info.rc})")
+            deadline = time.monotonic() + self.ack_timeout_s
+            with self._cond:
+                while self._ack is None:
+                    remaining = deadline - time.monotonic()
+                    if remaining <= 0:
+                        raise RetryableError("no telemetry ack over MQTT in time")
+                    self._cond.wait(remaining)
+                return self._ack
+        finally:
+            with self._cond:
+                self._awaited, self._ack = None, None
 
     def close(self) -> None:
         """Disconnect."""
