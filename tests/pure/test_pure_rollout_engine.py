@@ -226,6 +226,25 @@ def test_past_its_timeout_an_offline_device_is_held_back_and_a_stuck_one_times_o
     assert q.devices[q.phases[0][0]].state is D.TIMED_OUT
 
 
+def test_a_phase_whose_devices_are_all_offline_waits_for_them() -> None:
+    # A canary site closed for the night: nothing shown to work, nor to fail, yet.
+    r = make(10, canary=2, waves=(100.0,), device_timeout_s=60)
+    r, _ = step(r, obs(), 0.0)
+    first, second = r.phases[0]
+    r, _ = step(r, obs(last_seen={}), 61.0)
+    assert {r.devices[d].state for d in (first, second)} == {D.HELD_BACK}
+    assert (r.state, r.phase_index) == (R.RUNNING, 0)
+    assert r.gates[0].outcome.value == "insufficient" and "offline" in r.gates[0].detail
+    r, _ = step(r, obs({first: HEALTHY}), 3600.0)  # back in the morning
+    assert r.phase_index == 1
+    # Held back because it cannot run the revision: a phase of those still fails.
+    cannot = DeviceReport(ReportStatus.INCOMPATIBLE, "incompatible: this agent does not know x")
+    q = make(10, canary=2, waves=(100.0,), device_timeout_s=60)
+    q, _ = step(q, obs(), 0.0)
+    q, _ = step(q, obs(dict.fromkeys(q.phases[0], cannot)), 1.0)
+    assert q.state is R.ROLLED_BACK
+
+
 def test_held_back_devices_are_sent_back_with_the_rest_on_a_breach() -> None:
     r = make(10, canary=4, gates=GateSpec(success_pct=0, error_pct=20))
     r, _ = step(r, obs(), 0.0)

@@ -56,6 +56,9 @@ __all__ = ["create_rollout", "step"]
 
 _D, _P, _R = DeviceRolloutState, PhaseState, RolloutState
 _IN_FLIGHT = frozenset({_D.NOTIFIED, _D.INSTALLING})
+#: The reason of a device held back at its timeout for not having been seen since it
+#: was notified (the gates tell such devices from those that cannot run the revision).
+OFFLINE = "offline: not seen since it was notified"
 _REPORT_TO_STATE = {
     ReportStatus.INSTALLING: _D.INSTALLING,
     ReportStatus.HEALTHY: _D.SUCCEEDED,
@@ -194,7 +197,7 @@ class _Work:
         gone = set(offline)
         timed_out = sorted(dev for dev, _ in due if dev not in gone)
         for dev in offline:
-            self.set_device(dev, _D.HELD_BACK, "offline: not seen since it was notified")
+            self.set_device(dev, _D.HELD_BACK, OFFLINE)
         for dev in timed_out:
             self.set_device(dev, _D.TIMED_OUT, f"no outcome within {timeout:g} s")
         if offline:
@@ -237,12 +240,18 @@ class _Work:
 
     def evaluate(self, obs: Observations) -> GateEvaluation:
         fresh = obs.telemetry_phase is None or obs.telemetry_phase == self.phase_index
+        offline = sum(
+            1
+            for d in self.phase_devices()
+            if self.devices[d].state is _D.HELD_BACK and self.devices[d].reason == OFFLINE
+        )
         evaluation = evaluate_gates(
             self.r.spec.gates,
             {d: s.state for d, s in self.devices.items()},
             self.phase_devices(),
             obs.phase if fresh else None,
             obs.control if fresh else None,
+            offline,
         )
         self.gates = evaluation.results
         return evaluation

@@ -178,7 +178,7 @@ class GateEvaluation:
 
 
 def _install_gates(
-    spec: GateSpec, states: Sequence[DeviceRolloutState]
+    spec: GateSpec, states: Sequence[DeviceRolloutState], offline: int = 0
 ) -> tuple[GateResult, GateResult, GateResult]:
     held = sum(s is _D.HELD_BACK for s in states)
     n = len(states) - held  # those that can run it
@@ -189,7 +189,12 @@ def _install_gates(
     aside = f" ({held} held back: cannot run it)" if held else ""
 
     pct = 100.0 * succeeded / n if n else (0.0 if held else 100.0)
-    if held and not n:
+    if held and not n and offline >= held:
+        # Every device of the phase is offline: nothing shown to work, nor to fail,
+        # yet. It waits for them (or for gate_timeout_s, or an operator).
+        outcome = GateOutcome.INSUFFICIENT
+        aside = f" ({held} held back: offline)"
+    elif held and not n:
         outcome = GateOutcome.FAIL
     elif succeeded * 100 >= spec.success_pct * n:
         outcome = GateOutcome.PASS
@@ -286,6 +291,7 @@ def evaluate_gates(
     phase_devices: Sequence[str],
     phase_telemetry: CohortTelemetry | None = None,
     control_telemetry: CohortTelemetry | None = None,
+    offline: int = 0,
 ) -> GateEvaluation:
     """Evaluate every gate of a phase (pure).
 
@@ -295,11 +301,16 @@ def evaluate_gates(
         phase_devices: The phase's device ids (the denominator of the install gates).
         phase_telemetry: Cohort figures of the phase's devices on the new revision.
         control_telemetry: Cohort figures of devices still on the old revision.
+        offline: How many of the phase's held-back devices are held back for being
+            offline (they may yet come back and count).
 
     Returns:
         Every gate's result, install gates first.
     """
     states = [device_states.get(d, _D.PENDING) for d in phase_devices]
     return GateEvaluation(
-        (*_install_gates(spec, states), *_quality_gates(spec, phase_telemetry, control_telemetry))
+        (
+            *_install_gates(spec, states, offline),
+            *_quality_gates(spec, phase_telemetry, control_telemetry),
+        )
     )
