@@ -47,7 +47,11 @@ def is_window(cls: str, kind: str) -> bool:
 
 def _json_text(data: Any) -> str:
     # pydantic-core's serialiser for data that came through pydantic (NaN and friends).
-    return to_json(data, fallback=str).decode()
+    # The model's parser takes NaN and Infinity (and 1e400 as infinity), which are not
+    # JSON: PostgreSQL's json column refused them, a 500 for the whole upload (and on
+    # MQTT a chunk of other devices' batches left unacknowledged). They are stored as
+    # null, on SQLite alike.
+    return to_json(data, fallback=str, inf_nan_mode="null").decode()
 
 
 @dataclass(slots=True)

@@ -30,7 +30,7 @@ import threading
 import time
 from bisect import bisect_right
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from pydantic_core import to_json
@@ -39,7 +39,8 @@ from sqlalchemy.exc import IntegrityError
 
 from edgewise.control import _schema as cs
 from edgewise.control.telemetry._decode import TelemetryColumns
-from edgewise.protocol import TelemetryAck, TelemetryBatch
+from edgewise.control.telemetry._figures import finite, window_name
+from edgewise.protocol import MAX_SKEW_S, TelemetryAck, TelemetryBatch
 
 __all__ = ["IngestResult", "TelemetryIngest"]
 
@@ -61,18 +62,71 @@ _WINDOW_COLUMNS = (
 )
 
 
+# A window's data as `telemetry_windows` keeps it, which every fleet view, alert round
+# and scrape reads back: a digits window is about 4 kB, one of a model with thousands
+# of input features a few hundred. Past this, its largest parts are left out there (the
+# log keeps the record whole): one compressed upload of 40 kB had held a window of ten
+# million latency buckets, and every view of the fleet took seconds longer per copy.
+MAX_WINDOW_CHARS = 1024 * 1024
+
+
 def _dumps(data: Any) -> str:
     # pydantic-core's serialiser: about six times json.dumps, and ingest is mostly this.
-    return to_json(data, fallback=str).decode()
+    # NaN and infinities as null: PostgreSQL's json type refuses the bare literals.
+    return to_json(data, fallback=str, inf_nan_mode="null").decode()
 
 
 _SQLITE_STORED_IN = "SELECT seq FROM telemetry WHERE device_id = ? AND seq BETWEEN ? AND ?"
 
 
-def _num(value: Any, default: float = 0.0) -> float:
-    return (
-        float(value) if isinstance(value, int | float) and not isinstance(value, bool) else default
-    )
+def _num(value: Any, default: float) -> float:
+    out = finite(value)  # 10**400 had raised here and failed the whole transaction
+    return default if out is None else out
+
+
+def _window_times(data: Mapping[str, Any], ts: float, latest: float) -> tuple[float, float]:
+    """A window's (start, end) columns: finite, the end no later than `latest`.
+
+    The columns are what the views select by and retention expires by. A device clock
+    may run ahead by the signature's skew bound; a window said to end later than that
+    (past `latest`) ends then instead (an end of 1e18 had kept a window in every fleet
+    view and burn-rate alert, as the newest, for ever, and out of retention's reach).
+    """
+    end = min(_num(data.get("end"), ts), latest)
+    return min(_num(data.get("start"), end), end), end
+
+
+def _bounded(data: Mapping[str, Any], text: str) -> str:
+    """A window's data text for `telemetry_windows`: at most `MAX_WINDOW_CHARS`.
+
+    Largest parts are left out first, and any part with no JSON form (nested past the
+    serialiser's depth); `trimmed` names them (cut short, at most 20).
+    """
+    if len(text) <= MAX_WINDOW_CHARS:
+        return text
+    parts: dict[str, str | None] = {}
+    for k, v in data.items():
+        try:
+            parts[k] = _dumps(v)
+        except ValueError:  # pydantic_core.PydanticSerializationError: too deep
+            parts[k] = None
+    kept = {k: p for k, p in parts.items() if p is not None}
+    total = sum(len(k) + 4 + len(p) for k, p in kept.items())  # "k": p,
+    for k in sorted(kept, key=lambda k: len(kept[k]), reverse=True):
+        if total <= MAX_WINDOW_CHARS - 4096:  # room for `trimmed`
+            break
+        total -= len(k) + 4 + len(kept.pop(k))
+    left_out = [k[:100] for k in data if k not in kept][:20]
+    if left_out:
+        kept["trimmed"] = _dumps(left_out)
+    return "{" + ",".join(f"{_dumps(k)}:{p}" for k, p in kept.items()) + "}"
+
+
+def _storable(c: TelemetryColumns) -> TelemetryColumns:
+    """`c` with NUL characters out of its kinds (PostgreSQL text refuses them)."""
+    if "\x00" not in "".join(c.kind):
+        return c
+    return replace(c, kind=[k.replace("\x00", "\ufffd") for k in c.kind])
 
 
 _COPY_ESCAPES = str.maketrans({"\\": "\\\\", "\t": "\\t", "\n": "\\n", "\r": "\\r"})
@@ -176,10 +230,20 @@ def _columns(batch: Upload) -> TelemetryColumns:
 class TelemetryIngest:
     """Stores telemetry batches exactly once per (device, seq); thread-safe."""
 
-    def __init__(self, engine: Engine, clock: Callable[[], float] = time.time) -> None:
-        """Write through `engine` (the control plane's store engine)."""
+    def __init__(
+        self,
+        engine: Engine,
+        clock: Callable[[], float] = time.time,
+        max_skew_s: float = MAX_SKEW_S,
+    ) -> None:
+        """Write through `engine` (the control plane's store engine).
+
+        `max_skew_s`: how far ahead of `clock` a device's clock may run (the signature
+        bound): no stored window ends later than that past its arrival.
+        """
         self.engine = engine
         self.clock = clock
+        self.max_skew_s = max_skew_s
         self.postgres = engine.dialect.name == "postgresql"
         # SQLite has one writer; serialising here avoids SQLITE_BUSY on lock upgrades.
         self._sqlite_lock = threading.Lock()
@@ -195,7 +259,7 @@ class TelemetryIngest:
         now = self.clock() if now is None else now
         if not items:
             return IngestResult([], 0, 0)
-        cols = [(device_id, _columns(batch)) for device_id, batch in items]
+        cols = [(device_id, _storable(_columns(batch))) for device_id, batch in items]
         if self.postgres:
             return self._run(cols, now)
         with self._sqlite_lock:
@@ -242,7 +306,7 @@ class TelemetryIngest:
                 for d, c in fresh.items()
             }
             inserted = self._insert_log(conn, todo, now)
-            windows = self._insert_windows(conn, inserted)
+            windows = self._insert_windows(conn, inserted, now + self.max_skew_s)
             new_acked = self._advance_all(conn, acked, fresh)
             self._note_devices(conn, new_acked, acked, inserted, dropped, now)
         accepted = [0] * len(items)
@@ -377,7 +441,9 @@ class TelemetryIngest:
             d: c.picked(i for i, s in enumerate(c.seq) if (d, s) in stored) for d, c in todo.items()
         }
 
-    def _insert_windows(self, conn: Connection, inserted: Mapping[str, TelemetryColumns]) -> int:
+    def _insert_windows(
+        self, conn: Connection, inserted: Mapping[str, TelemetryColumns], latest: float
+    ) -> int:
         rows = []
         for device_id, c in inserted.items():
             if not c.windows:
@@ -390,14 +456,13 @@ class TelemetryIngest:
                     (
                         device_id,
                         s,
-                        str(d.get("pipeline", ""))[:200],
-                        str(d.get("model", ""))[:200],
-                        str(d.get("version", ""))[:64],
-                        str(d.get("deployment", ""))[:200],
-                        _num(d.get("start"), c.ts[i]),
-                        _num(d.get("end"), c.ts[i]),
+                        window_name(d.get("pipeline", ""), "pipeline"),
+                        window_name(d.get("model", ""), "model"),
+                        window_name(d.get("version", ""), "version"),
+                        window_name(d.get("deployment", ""), "deployment"),
+                        *_window_times(d, c.ts[i], latest),
                         False,
-                        c.data[i],
+                        _bounded(d, c.data[i]),
                     )
                 )
         if not rows:
@@ -476,7 +541,7 @@ class TelemetryIngest:
             c = inserted.get(device_id)
             ends = (
                 [
-                    _num(c.windows[s].get("end"), t)
+                    _window_times(c.windows[s], t, now + self.max_skew_s)[1]
                     for s, t in zip(c.seq, c.ts, strict=True)
                     if s in c.windows
                 ]

@@ -16,13 +16,15 @@ Usage::
 from __future__ import annotations
 
 import logging
+import math
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import replace
 from typing import Any
 
 from pydantic import ValidationError
-from sqlalchemy import Connection, Engine, delete, func, insert, select, update
+from sqlalchemy import Connection, Engine, delete, func, insert, or_, select, update
 
 from edgewise.control import _schema as cs
 from edgewise.control.telemetry import _tables as tt
@@ -45,7 +47,13 @@ from edgewise.control.telemetry._retention import (
     merge_window_data,
     plan_retention,
 )
-from edgewise.control.telemetry._views import fleet_view, group_key, merged_drift
+from edgewise.control.telemetry._views import (
+    MAX_DEVICE_STREAMS,
+    bounded_streams,
+    fleet_view,
+    group_key,
+    merged_drift,
+)
 from edgewise.drift import DriftReference
 from edgewise.protocol import first_problem
 
@@ -55,6 +63,10 @@ log = logging.getLogger("edgewise.control.telemetry")
 Rule = BurnRateRule | DriftRule | FreshnessRule
 Visible = Callable[[Mapping[str, str]], bool]
 _OPEN = (AlertState.FIRING.value, AlertState.SUPPRESSED.value)
+
+
+def _rounded(value: float | None) -> float | None:
+    return round(value, 6) if value is not None and math.isfinite(value) else None
 
 
 def post_webhook(url: str, payload: Mapping[str, Any]) -> bool:
@@ -93,11 +105,13 @@ class TelemetryService:
     ) -> list[WindowFigures]:
         """Windows that ended after `since` (and at or before `until`), with device labels.
 
-        `visible(labels)` keeps only the devices a scoped caller may see.
+        `visible(labels)` keeps only the devices a scoped caller may see. Of a device
+        naming more than `MAX_DEVICE_STREAMS` streams in the span, only that many are
+        read (`bounded_streams`).
         """
         tw, dev = tt.telemetry_windows, cs.devices
         q = (
-            select(tw.c.device_id, tw.c.data, dev.c.labels)
+            select(tw.c.device_id, tw.c.data, dev.c.labels, tw.c.end)
             .join(dev, dev.c.id == tw.c.device_id, isouter=True)
             .where(tw.c.end > since)
         )
@@ -105,11 +119,25 @@ class TelemetryService:
             q = q.where(tw.c.end <= until)
         with self.engine.connect() as c:
             rows: list[Any] = list(c.execute(q.order_by(tw.c.end)))
-        return [
-            WindowFigures.from_record(str(d), data or {}, labels or {})
-            for d, data, labels in rows
-            if visible is None or visible(labels or {})
-        ]
+        out = []
+        for d, data, labels, end in rows:
+            if visible is not None and not visible(labels or {}):
+                continue
+            w = WindowFigures.from_record(str(d), data if isinstance(data, dict) else {}, labels)
+            # The row's `end` is the window's end as ingest bounded it (never past the
+            # time it arrived): a device-stated end of 1e18 would read as fresh for ever.
+            if w.end > end:
+                w = replace(w, end=float(end))
+            out.append(w)
+        kept, left_out = bounded_streams(out)
+        for device, n in sorted(left_out.items()):
+            log.warning(
+                "device %s: %d telemetry streams past the %d read left out",
+                device,
+                n,
+                MAX_DEVICE_STREAMS,
+            )
+        return kept
 
     def references(self, keys: Sequence[str]) -> dict[str, DriftReference]:
         """Drift references of registered models by `name@version` (cached)."""
@@ -195,8 +223,8 @@ class TelemetryService:
             out.append(
                 {
                     "group": key,
-                    "drift_score": None if score is None else round(score, 6),
-                    "confidence_shift": None if shift is None else round(shift, 6),
+                    "drift_score": _rounded(score),
+                    "confidence_shift": _rounded(shift),
                     "devices_reporting": len({w.device_id for w in gw}),
                     "devices_drifted": drifted,
                     "windows": len(gw),
@@ -405,22 +433,36 @@ class TelemetryService:
         for group in plan.merges:
             with self.engine.begin() as c:
                 rows = c.execute(
-                    select(tw.c.id, tw.c.data, tw.c.deployment).where(tw.c.id.in_(group.ids))
+                    select(
+                        tw.c.id,
+                        tw.c.data,
+                        tw.c.model,
+                        tw.c.version,
+                        tw.c.deployment,
+                        tw.c.start,
+                        tw.c.end,
+                    )
+                    .where(tw.c.id.in_(group.ids))
+                    .order_by(tw.c.id)
                 ).all()
                 if len(rows) != len(group.ids):
                     continue  # another replica merged meanwhile
-                data = merge_window_data([r.data for r in rows])
+                data = merge_window_data([r.data if isinstance(r.data, dict) else {} for r in rows])
                 c.execute(delete(tw).where(tw.c.id.in_(group.ids)))
                 c.execute(
                     insert(tw).values(
                         device_id=group.device_id,
                         seq=None,
                         pipeline=group.pipeline,
-                        model=str(data.get("model", "")),
-                        version=str(data.get("version", "")),
-                        deployment=str(rows[0].deployment),
-                        start=float(data["start"]),
-                        end=float(data["end"]),
+                        # The columns as ingest stored them (cut to width, no NUL), not
+                        # the data's names: a 500-character model name had failed the
+                        # insert on PostgreSQL, and with it every retention run.
+                        model=rows[0].model,
+                        version=rows[0].version,
+                        deployment=rows[0].deployment,
+                        # Ingest bounded the columns' times; the data's may be anything.
+                        start=min(float(r.start) for r in rows),
+                        end=max(float(r.end) for r in rows),
                         downsampled=True,
                         data=data,
                     )
@@ -434,15 +476,26 @@ class TelemetryService:
                 deleted += c.execute(delete(tw).where(tw.c.id.in_(chunk))).rowcount or 0
             # The raw log below each device's ack is only the dedup history: the ack
             # already refuses those seqs, so old rows can go.
+            # By device time, or by arrival for records stamped in the future (a `ts` of
+            # 1e300 had kept a device's events and samples for ever).
             events = (
                 c.execute(
-                    delete(tel).where(tel.c.cls == "event", tel.c.ts < plan.events_before)
+                    delete(tel).where(
+                        tel.c.cls == "event",
+                        or_(tel.c.ts < plan.events_before, tel.c.received_at < plan.events_before),
+                    )
                 ).rowcount
                 or 0
             )
             samples = (
                 c.execute(
-                    delete(tel).where(tel.c.cls == "sample", tel.c.ts < plan.samples_before)
+                    delete(tel).where(
+                        tel.c.cls == "sample",
+                        or_(
+                            tel.c.ts < plan.samples_before,
+                            tel.c.received_at < plan.samples_before,
+                        ),
+                    )
                 ).rowcount
                 or 0
             )

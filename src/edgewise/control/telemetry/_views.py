@@ -20,9 +20,11 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 import numpy as np
+import numpy.typing as npt
 
 from edgewise.control.rollout import CohortTelemetry
 from edgewise.control.telemetry._figures import (
+    MAX_COUNT,
     WindowFigures,
     histogram_quantile,
     merge_counts,
@@ -32,7 +34,9 @@ from edgewise.control.telemetry._figures import (
 from edgewise.drift import DEFAULT_CONFIDENCE_EDGES, DriftReference, WindowCounts, drift_report
 
 __all__ = [
+    "MAX_DEVICE_STREAMS",
     "FleetRow",
+    "bounded_streams",
     "check_grouping",
     "cohort_figures",
     "fleet_view",
@@ -40,6 +44,42 @@ __all__ = [
     "merged_drift",
     "rebin",
 ]
+
+
+# Streams (pipeline, model version, deployment) of one device that views and alerts read
+# within one span. A device runs a handful of pipelines, two model versions each while
+# a rollout moves them; one that names thousands (each window a new pipeline or model)
+# had opened an alert and sent a webhook per name, 5,000 of them holding the alert
+# round for over a minute while every other device's alerts waited, and put a /metrics
+# series per name.
+MAX_DEVICE_STREAMS = 128
+
+
+def bounded_streams(
+    windows: Sequence[WindowFigures], limit: int = MAX_DEVICE_STREAMS
+) -> tuple[list[WindowFigures], dict[str, int]]:
+    """The windows of at most `limit` streams per device (pure).
+
+    A device over the limit keeps its streams with the most windows (ties by name).
+
+    Returns:
+        (the windows kept, in their order; device -> streams left out, for devices over).
+    """
+    per_device: dict[str, dict[tuple[str, str, str], int]] = {}
+    for w in windows:
+        streams = per_device.setdefault(w.device_id, {})
+        key = (w.pipeline, w.model_key, w.deployment)
+        streams[key] = streams.get(key, 0) + 1
+    over = {d: s for d, s in per_device.items() if len(s) > limit}
+    if not over:
+        return list(windows), {}
+    keep = {d: set(sorted(s, key=lambda k: (-s[k], k))[:limit]) for d, s in over.items()}
+    kept = [
+        w
+        for w in windows
+        if w.device_id not in keep or (w.pipeline, w.model_key, w.deployment) in keep[w.device_id]
+    ]
+    return kept, {d: len(s) - limit for d, s in over.items()}
 
 
 def check_grouping(by: str) -> str:
@@ -69,23 +109,82 @@ def group_key(window: WindowFigures, by: str) -> str:
     return f"{key}={window.labels.get(key, '-')}"
 
 
-def _window_counts(features: Mapping[str, Any], ref: DriftReference) -> WindowCounts | None:
-    try:
-        feats = tuple(np.asarray(f, dtype=np.int64) for f in features["features"])
-        counts = WindowCounts(
-            feats,
-            np.asarray(features["confidence"], dtype=np.int64),
-            np.asarray(features["classes"], dtype=np.int64),
-        )
-    except (KeyError, TypeError, ValueError):
+def _count_array(values: Any, shape: tuple[int, ...]) -> npt.NDArray[Any] | None:
+    """`values` as an array of `shape` whose every element is a count, or None.
+
+    Checked a whole array at a time (a window holds a count per feature and bin): numpy
+    picks the dtype, and only whole numbers in [0, MAX_COUNT] pass (true reads as 1, as
+    numpy reads [true, 2] anyway). Strings ("1" had been read as 1), None, nested or
+    ragged lists and ints past 64 bits (an OverflowError, a 500 on every view) give a
+    dtype or shape that does not.
+    """
+    if not isinstance(values, list):
         return None
-    ok = (
-        len(feats) == ref.n_features
-        and all(f.size == e.size - 1 for f, e in zip(feats, ref.feature_edges, strict=True))
-        and counts.confidence.size == ref.confidence_freqs.size
-        and counts.classes.size == ref.n_classes
+    try:
+        arr = np.asarray(values)
+    except (ValueError, OverflowError):  # ragged
+        return None
+    if arr.shape != shape:
+        return None
+    kind = arr.dtype.kind
+    if kind == "f":
+        if not (np.isfinite(arr).all() and (arr == np.floor(arr)).all()):
+            return None
+    elif kind not in "iub":
+        return None
+    if kind != "b" and (arr.min() < 0 or arr.max() > MAX_COUNT):
+        return None
+    return arr
+
+
+def _merged_counts(windows: Iterable[WindowFigures], ref: DriftReference) -> WindowCounts | None:
+    """The windows' counts on the reference bins, added up (None when none fit).
+
+    A window whose sketch is not counts on exactly the reference's bins is left out
+    whole. Sums are floats, saturated into int64 at the end: counts of up to
+    `MAX_COUNT` each, from as many windows as a device cares to send, could wrap an
+    int64 sum negative, which the distances refuse (a ValueError: every fleet view of
+    the model a 400 or 500).
+    """
+    bins = [e.size - 1 for e in ref.feature_edges]
+    square = len(set(bins)) == 1  # every feature on the same bins: one 2-D array
+    feats = np.zeros((len(bins), bins[0])) if square else [np.zeros(k) for k in bins]
+    confidence = np.zeros(ref.confidence_freqs.size)
+    classes = np.zeros(ref.n_classes)
+    seen = False
+    for w in windows:
+        sketch = w.features
+        if not sketch:
+            continue
+        conf = _count_array(sketch.get("confidence"), confidence.shape)
+        cls = _count_array(sketch.get("classes"), classes.shape)
+        rows = sketch.get("features")
+        if conf is None or cls is None or not isinstance(rows, list) or len(rows) != len(bins):
+            continue
+        if isinstance(feats, np.ndarray):
+            f = _count_array(rows, feats.shape)
+            if f is None:
+                continue
+            feats += f
+        else:
+            each = [_count_array(r, (k,)) for r, k in zip(rows, bins, strict=True)]
+            fit = [f for f in each if f is not None]
+            if len(fit) != len(bins):
+                continue
+            for total, f in zip(feats, fit, strict=True):
+                total += f
+        confidence += conf
+        classes += cls
+        seen = True
+    if not seen:
+        return None
+    return WindowCounts(
+        tuple(_saturated(f) for f in feats), _saturated(confidence), _saturated(classes)
     )
-    return counts if ok else None
+
+
+def _saturated(total: npt.NDArray[np.float64]) -> npt.NDArray[np.int64]:
+    return np.minimum(total, float(2**62)).astype(np.int64)
 
 
 def merged_drift(
@@ -107,11 +206,7 @@ def merged_drift(
         s: float | None = None
         c: float | None = None
         if ref is not None:
-            merged: WindowCounts | None = None
-            for w in ws:
-                wc = _window_counts(w.features, ref) if w.features else None
-                if wc is not None:
-                    merged = wc if merged is None else merged.merge(wc)
+            merged = _merged_counts(ws, ref)
             if merged is not None and merged.samples:
                 rep = drift_report(ref, merged)
                 if rep.sufficient:
@@ -120,7 +215,10 @@ def merged_drift(
             scored = [(w.drift_score, w.drift_samples) for w in ws if w.drift_score is not None]
             weight = sum(n for _, n in scored)
             if weight:
-                s = sum(v * n for v, n in scored if v is not None) / weight
+                # Each score times its share, not the sum of score x samples over the
+                # total: a finite mean of finite scores (1e308 x 2 had been infinite,
+                # which no JSON answer can hold).
+                s = sum(v * (n / weight) for v, n in scored if v is not None)
         if s is not None:
             score = s if score is None else max(score, s)
         if c is not None:
@@ -148,12 +246,12 @@ class FleetRow:
     models: tuple[str, ...]
 
     def to_dict(self) -> dict[str, Any]:
-        """JSON-ready form (figures rounded for reading)."""
+        """JSON-ready form (figures rounded for reading; a non-finite figure is None)."""
         out = asdict(self)
         out["models"] = list(self.models)
         for k, v in out.items():
             if isinstance(v, float):
-                out[k] = round(v, 6)
+                out[k] = round(v, 6) if math.isfinite(v) else None
         return out
 
 

@@ -106,7 +106,9 @@ class TelemetryRuntime:
         engine = plane.store.engine
         self.plane = plane
         self.config = config
-        self.ingest = TelemetryIngest(engine, clock=plane.clock)
+        self.ingest = TelemetryIngest(
+            engine, clock=plane.clock, max_skew_s=plane.settings.max_skew_s
+        )
         self.writer = GroupCommit(self.ingest)  # HTTP uploads share transactions
         self.service = TelemetryService(
             engine, clock=plane.clock, default_webhook=config.default_webhook
