@@ -34,7 +34,7 @@ def _signed_in(console: Console, token: str) -> Iterator[httpx.Client]:
 def test_anonymous_browser_is_sent_to_sign_in(anon: httpx.Client) -> None:
     r = anon.get("/devices?selector=site%3Dlab")
     assert r.status_code == 303
-    assert r.headers["location"] == "/login?next=/devices?selector=site%3Dlab"
+    assert r.headers["location"] == "/login?next=%2Fdevices%3Fselector%3Dsite%253Dlab"
     assert anon.get("/login").status_code == 200
 
 
@@ -101,7 +101,7 @@ def test_revoked_token_signs_the_browser_out(console: Console) -> None:
 
 def test_sign_out_forgets_the_cookie(console: Console) -> None:
     with _signed_in(console, console.viewer) as client:
-        r = client.post("/logout")
+        r = client.post("/logout", headers={"origin": console.url})
         assert r.status_code == 303
         assert (
             'edgewise_console=""' in r.headers["set-cookie"]

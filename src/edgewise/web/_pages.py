@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections import Counter
 from typing import Any
+from urllib.parse import urlencode
 
 from fastapi import APIRouter, Request
 from fastapi.responses import HTMLResponse, RedirectResponse, Response
@@ -25,12 +26,22 @@ from edgewise.web import _views as views
 from edgewise.web._auth import Session, session_of
 from edgewise.web._render import render
 
-__all__ = ["login_redirect", "page_context", "plane_of", "router"]
+__all__ = ["login_redirect", "nameless", "page_context", "plane_of", "router"]
 
 router = APIRouter(include_in_schema=False)
 
 # A page of 1,000 rows is still quick to render and to read; beyond that, filter.
 MAX_ROWS = 1000
+MAX_SELECTOR = 2000  # as the API's `selector` query parameter
+
+
+def nameless(*parts: str) -> bool:
+    """Whether a path segment can name nothing stored: it holds a NUL character.
+
+    PostgreSQL text cannot hold one (the store refuses the query, as a 422 in JSON);
+    SQLite finds nothing. Either way the console answers its own 404 page.
+    """
+    return any("\x00" in part for part in parts)
 
 
 def plane_of(request: Request) -> ControlPlane:
@@ -44,12 +55,17 @@ def login_redirect(request: Request) -> Response:
     target = request.url.path + (f"?{request.url.query}" if request.url.query else "")
     if request.headers.get("hx-request"):
         return Response(status_code=401, headers={"HX-Redirect": "/login"})
-    return RedirectResponse(f"/login?next={target}", status_code=303)
+    # Encoded: the page's own query (`?selector=...&online=false`) is one value of `next`.
+    return RedirectResponse(f"/login?{urlencode({'next': target})}", status_code=303)
 
 
 def page_context(session: Session, active: str, title: str, **extra: Any) -> dict[str, Any]:
     """What every page's base template reads."""
     return {"session": session, "active": active, "title": title, **extra}
+
+
+def _not_found(session: Session, what: str, active: str) -> HTMLResponse:
+    return _error(session, ApiError(404, "not_found", f"no {what}"), active)
 
 
 def _error(session: Session, exc: ApiError, active: str) -> HTMLResponse:
@@ -128,7 +144,10 @@ def devices_page(request: Request, selector: str = "", online: str = "") -> Resp
         return login_redirect(request)
     want = {"true": True, "false": False}.get(online)
     try:
-        found = src.device_rows(plane, session.principal, selector[:2000] or None, want)
+        if len(selector) > MAX_SELECTOR:
+            # Refused, not cut: a cut selector may parse, and select other devices.
+            raise ApiError(400, "bad_selector", f"selector longer than {MAX_SELECTOR} characters")
+        found = src.device_rows(plane, session.principal, selector or None, want)
     except ApiError as exc:
         found = []
         flash = f"{exc.message}"
@@ -143,7 +162,7 @@ def devices_page(request: Request, selector: str = "", online: str = "") -> Resp
         devices=rows,
         total=len(found),
         shown=len(rows),
-        selector=selector,
+        selector=selector[:MAX_SELECTOR],
         online=online if want is not None else "",
         flash=flash,
     )
@@ -157,6 +176,8 @@ def device_page(request: Request, device_id: str) -> Response:
     session = session_of(plane, request)
     if session is None:
         return login_redirect(request)
+    if nameless(device_id):
+        return _not_found(session, f"device {device_id}", "/devices")
     try:
         row = fleet.visible_device(plane, session.principal, device_id)
     except ApiError as exc:
@@ -169,7 +190,7 @@ def device_page(request: Request, device_id: str) -> Response:
             for e in (p.get("timeline") or [])
             if isinstance(e, dict)
         ),
-        key=lambda e: -float(e.get("at") or 0.0),
+        key=lambda e: -(views.number(e.get("at")) or 0.0),
     )[:200]
     desired = {
         name: f"{p['model']['name']}@{p['model']['version']}"
@@ -226,9 +247,9 @@ def model_page(request: Request, name: str, version: str) -> Response:
     session = session_of(plane, request)
     if session is None:
         return login_redirect(request)
-    row = plane.store.get_model(name, version)
+    row = None if nameless(name, version) else plane.store.get_model(name, version)
     if row is None:
-        return _error(session, ApiError(404, "not_found", f"no model {name}@{version}"), "/models")
+        return _not_found(session, f"model {name}@{version}", "/models")
     running = [
         p
         for p in _visible_pipelines(plane, session)
@@ -287,9 +308,9 @@ def deployment_page(request: Request, ref: str) -> Response:
     session = session_of(plane, request)
     if session is None:
         return login_redirect(request)
-    row = plane.store.get_deployment(ref)
+    row = None if nameless(ref) else plane.store.get_deployment(ref)
     if row is None:
-        return _error(session, ApiError(404, "not_found", f"no deployment {ref}"), "/deployments")
+        return _not_found(session, f"deployment {ref}", "/deployments")
     view = deps.deployment_view(row)
     preflight: dict[str, Any] | None = None
     why = ""
@@ -375,9 +396,9 @@ def drift_page(request: Request, name: str, version: str) -> Response:
     session = session_of(plane, request)
     if session is None:
         return login_redirect(request)
-    row = plane.store.get_model(name, version)
+    row = None if nameless(name, version) else plane.store.get_model(name, version)
     if row is None:
-        return _error(session, ApiError(404, "not_found", f"no model {name}@{version}"), "/drift")
+        return _not_found(session, f"model {name}@{version}", "/drift")
     labels = src.device_labels(plane)
     ids, sampled, records = src.model_telemetry(plane, session.principal, name, version, labels)
     reference = (row["manifest"] or {}).get("reference") or {}

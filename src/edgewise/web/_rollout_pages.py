@@ -9,15 +9,17 @@ progress block re-fetches itself (`hx-get ... every Ns`) until the rollout ends.
 from __future__ import annotations
 
 from typing import Any, NamedTuple
+from urllib.parse import quote
 
 from fastapi import APIRouter, Request
 from fastapi.responses import HTMLResponse, RedirectResponse, Response
+from markupsafe import escape
 from starlette.concurrency import run_in_threadpool
 
 from edgewise.web import _sources as src
 from edgewise.web._auth import Session, same_origin, session_of
-from edgewise.web._pages import login_redirect, page_context, plane_of
-from edgewise.web._render import render
+from edgewise.web._pages import login_redirect, nameless, page_context, plane_of
+from edgewise.web._render import SECURITY_HEADERS, render
 from edgewise.web._rollouts import ACTIONS, RolloutCard, allowed_actions, rollout_card
 
 __all__ = ["POLL_S", "router"]
@@ -61,9 +63,17 @@ class _Problem(NamedTuple):
     status: int
 
 
+def _api_path(rollout_id: str, action: str = "") -> str:
+    """The API route of a rollout: the id from the browser's URL is one segment, always."""
+    path = f"/api/v1/rollouts/{src.api_segment(rollout_id)}"
+    return f"{path}/{action}" if action else path
+
+
 async def _card(request: Request, session: Session, rollout_id: str) -> RolloutCard | _Problem:
     """The rollout's card, or why there is none."""
-    answer = await src.api_call(request.app, session.token, "GET", f"/api/v1/rollouts/{rollout_id}")
+    if nameless(rollout_id):
+        return _Problem(f"no rollout {rollout_id}", 404)
+    answer = await src.api_call(request.app, session.token, "GET", _api_path(rollout_id))
     if answer.missing:
         return _Problem("Rollouts are not available on this control plane yet.", 404)
     if not answer.ok or not isinstance(answer.body, dict):
@@ -108,12 +118,14 @@ async def rollout_progress(request: Request, rollout_id: str) -> Response:
     card = await _card(request, session, rollout_id)
     if isinstance(card, _Problem):
         # 286 tells htmx to stop polling: the rollout is gone or unreadable.
-        return HTMLResponse(f'<p class="empty">{_escape(card.message)}</p>', status_code=286)
+        return _notice(card.message, 286)
     return render("_rollout_progress.html", _progress_ctx(session, card))
 
 
-def _escape(text: str) -> str:
-    return text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
+def _notice(message: str, status: int) -> HTMLResponse:
+    """A one-line fragment (what htmx swaps in when there is no progress to show)."""
+    body = f'<p class="empty">{escape(message)}</p>'
+    return HTMLResponse(body, status_code=status, headers=SECURITY_HEADERS)
 
 
 @router.post("/rollouts/{rollout_id}/{action}", response_class=HTMLResponse)
@@ -132,12 +144,12 @@ async def rollout_command(request: Request, rollout_id: str, action: str) -> Res
         )
         return render("error.html", ctx, status=403)
     answer = await src.api_call(
-        request.app, session.token, "POST", f"/api/v1/rollouts/{rollout_id}/{action}", {}
+        request.app, session.token, "POST", _api_path(rollout_id, action), {}
     )
     error = "" if answer.ok else f"{action} refused: {answer.message}"
     if not htmx:
-        return RedirectResponse(f"/rollouts/{rollout_id}", status_code=303)
+        return RedirectResponse(f"/rollouts/{quote(rollout_id, safe='')}", status_code=303)
     card = await _card(request, session, rollout_id)
     if isinstance(card, _Problem):
-        return HTMLResponse(f'<p class="empty">{_escape(card.message)}</p>', status_code=200)
+        return _notice(card.message, 200)
     return render("_rollout_progress.html", _progress_ctx(session, card, error))

@@ -16,6 +16,7 @@ __all__ = ["COOKIE_MAX_AGE_S", "router"]
 router = APIRouter(include_in_schema=False)
 
 COOKIE_MAX_AGE_S = 12 * 3600  # a working day; the token itself may live longer
+_FOREIGN_FORM = "the form did not come from this console"
 
 
 def _safe_next(target: str) -> str:
@@ -74,7 +75,14 @@ async def login(request: Request) -> Response:
 
 @router.post("/logout")
 def logout(request: Request) -> Response:
-    """Forget the cookie."""
+    """Forget the cookie (only when the form is this console's: no forced sign-out).
+
+    SameSite keeps the cookie from a cross-site request, but not the browser from
+    obeying the `Set-Cookie` that clears it in the answer to a top-level form post.
+    """
+    if not same_origin(request):
+        ctx = {"session": None, "title": "Refused", "message": _FOREIGN_FORM}
+        return render("error.html", ctx, status=403)
     response = RedirectResponse("/login", status_code=303)
     response.delete_cookie(COOKIE, path="/", httponly=True, samesite="strict")
     return response

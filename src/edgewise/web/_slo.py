@@ -5,6 +5,10 @@ the console's success rate and p95 are the numbers `edgewise fleet health` and t
 rollout gates see. Histograms are drawn against the bundle's `reference`: the top-1
 confidence, the class prior, and the input features that moved most (by PSI), because a
 64-feature model would otherwise bury the one feature that drifted.
+
+Windows come from devices, so every number is checked before it is summed (here and
+in `_views` as in `WindowFigures`): a window whose counts are not counts is left out of
+that figure, and one device's garbage never fails the page that shows the fleet's.
 """
 
 from __future__ import annotations
@@ -17,7 +21,16 @@ import numpy.typing as npt
 
 from edgewise.control.telemetry import WindowFigures, histogram_quantile, merge_latency
 from edgewise.drift import psi
-from edgewise.web._views import Histogram, Series, compare_histograms
+from edgewise.web._views import (
+    LARGEST,
+    Histogram,
+    Series,
+    compare_histograms,
+    counts_of,
+    edges_of,
+    number,
+    slot_of,
+)
 
 __all__ = ["TOP_FEATURES", "reference_histograms", "slo_series"]
 
@@ -26,9 +39,9 @@ TOP_FEATURES = 4
 
 def _when(record: Mapping[str, Any]) -> float:
     data = record.get("data") or {}
-    end = data.get("end") if isinstance(data, Mapping) else None
-    if isinstance(end, int | float) and end > 0:
-        return float(end)
+    end = number(data.get("end")) if isinstance(data, Mapping) else None
+    if end is not None and end > 0:
+        return end
     return float(record.get("ts") or 0.0)
 
 
@@ -45,9 +58,8 @@ def slo_series(records: Sequence[Mapping[str, Any]], buckets: int = 60) -> list[
     width = (hi - lo) / buckets if hi > lo else 1.0
     grouped: dict[int, list[WindowFigures]] = {}
     for record, at in rows:
-        slot = min(int((at - lo) / width), buckets - 1)
         fig = WindowFigures.from_record(str(record.get("device_id", "")), record.get("data") or {})
-        grouped.setdefault(slot, []).append(fig)
+        grouped.setdefault(slot_of(at, lo, width, buckets), []).append(fig)
     slots = sorted(grouped)
     xs = [lo + (s + 0.5) * width for s in slots]
     columns: dict[str, list[float | None]] = {
@@ -75,7 +87,8 @@ def slo_series(records: Sequence[Mapping[str, Any]], buckets: int = 60) -> list[
 
 
 def _sum_lists(target: list[float] | None, values: Any) -> list[float] | None:
-    if not isinstance(values, list) or not all(isinstance(v, int | float) for v in values):
+    values = counts_of(values)
+    if values is None:
         return target
     if target is None:
         return [float(v) for v in values]
@@ -90,15 +103,18 @@ def _add_features(
     """Add one window's per-feature bin counts (features x bins) to the running total.
 
     numpy, because a 64-feature window is a few thousand numbers and a page reads
-    hundreds of windows. Ragged or differently shaped windows are skipped.
+    hundreds of windows. Ragged or differently shaped windows are skipped, and so are
+    windows with a count that is not one (negative, not finite, beyond 2**53).
     """
     if not isinstance(counts, list) or not counts:
         return total
     try:
         arr = np.asarray(counts, dtype=np.float64)
-    except (ValueError, TypeError):
+    except (ValueError, TypeError, OverflowError):
         return total
     if arr.ndim != 2 or (total is not None and total.shape != arr.shape):
+        return total
+    if not (np.all(np.isfinite(arr)) and np.all((arr >= 0) & (arr <= LARGEST))):
         return total
     return arr if total is None else total + arr
 
@@ -126,8 +142,8 @@ def reference_histograms(
         if isinstance(window_conf, Mapping):
             edges = window_conf.get("edges")
             if conf_edges is None and isinstance(edges, list):
-                conf_edges = [float(e) for e in edges]
-            if edges == conf_edges:
+                conf_edges = edges_of(edges)
+            if conf_edges is not None and edges == conf_edges:
                 conf = _sum_lists(conf, window_conf.get("counts"))
         counts = data.get("features")
         if isinstance(counts, Mapping):

@@ -14,6 +14,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
+from urllib.parse import quote
 
 import httpx
 from fastapi import FastAPI
@@ -28,6 +29,7 @@ from edgewise.control._selector import SelectorError, parse_selector
 __all__ = [
     "ApiAnswer",
     "api_call",
+    "api_segment",
     "device_labels",
     "device_rows",
     "model_telemetry",
@@ -72,6 +74,15 @@ class ApiAnswer:
         if isinstance(self.body, Mapping) and isinstance(self.body.get("error"), Mapping):
             return str(self.body["error"].get("message", ""))
         return f"HTTP {self.status}"
+
+
+def api_segment(value: str) -> str:
+    """`value` as one path segment of an API call: `/`, `?`, `#` and NUL cannot leave it.
+
+    Dots are encoded too: `..` as a rollout id must not step up to another route
+    (httpx resolves dot segments before sending).
+    """
+    return quote(value, safe="").replace(".", "%2E")
 
 
 async def api_call(app: FastAPI, token: str, method: str, path: str, body: Any = None) -> ApiAnswer:

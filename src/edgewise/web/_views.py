@@ -5,10 +5,16 @@ so the arithmetic (fleet counts, versions in the field, chart series, histograms
 the reference) is tested without a server. Telemetry payloads are read tolerantly: the
 console draws every numeric field it finds, because the window format is owned by the
 agent and may grow fields the console has never heard of.
+
+Tolerantly also means defensively: a window is written by a device, and a compromised
+or broken one sends what it likes (strings for counts, negative or astronomical counts,
+one bin edge a dict, timestamps a thousand years apart). Such parts are left out of the
+figures; none of them may fail the page for the rest of the fleet.
 """
 
 from __future__ import annotations
 
+import math
 from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -20,9 +26,13 @@ __all__ = [
     "Series",
     "bucketed_series",
     "compare_histograms",
+    "counts_of",
+    "edges_of",
     "flatten_numbers",
     "fleet_summary",
     "model_placements",
+    "number",
+    "slot_of",
     "version_key",
     "window_histograms",
 ]
@@ -58,6 +68,53 @@ class Histogram:
     freqs: list[float]
     reference: list[float] | None = None  # the bundle's frequencies on the same bins
     extra: dict[str, float] = field(default_factory=dict)
+
+
+# Beyond 2**53 a number is not even an exact integer in the browser that draws it; a
+# counter, latency or timestamp that large is a device's garbage, not a figure.
+LARGEST = float(2**53)
+
+
+def number(value: Any) -> float | None:
+    """A JSON number fit to draw (finite, within +-2**53, not a bool), else None."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return None
+    if isinstance(value, int) and not -LARGEST <= value <= LARGEST:
+        return None  # (float() of a 400-digit int raises)
+    out = float(value)
+    return out if math.isfinite(out) and -LARGEST <= out <= LARGEST else None
+
+
+def edges_of(values: Any) -> list[float] | None:
+    """Bin edges: a list of numbers fit to draw, else None (one dict among them will do)."""
+    if not isinstance(values, list):
+        return None
+    out: list[float] = []
+    for value in values:
+        figure = number(value)
+        if figure is None:
+            return None
+        out.append(figure)
+    return out
+
+
+def counts_of(values: Any) -> list[float] | None:
+    """Histogram counts: a list of numbers fit to draw and none negative, else None."""
+    out = edges_of(values)
+    return out if out is not None and all(v >= 0 for v in out) else None
+
+
+def slot_of(at: float, lo: float, width: float, buckets: int) -> int:
+    """The time bucket of `at` (buckets `width` wide from `lo`); 0 when that is no number.
+
+    Timestamps are the devices' own: two of them 1e308 apart, or 5e-324 apart, make the
+    width infinite or zero, and a page must still draw the others.
+    """
+    try:
+        share = (at - lo) / width
+    except ZeroDivisionError:
+        return 0
+    return min(max(int(share), 0), buckets - 1) if math.isfinite(share) else 0
 
 
 def version_key(version: str) -> tuple[int | str, ...]:
@@ -119,14 +176,19 @@ def model_placements(
 
 
 def flatten_numbers(data: Mapping[str, Any], prefix: str = "", depth: int = 3) -> dict[str, float]:
-    """Numeric leaves of a nested mapping as dotted names (bools and lists skipped)."""
+    """Numeric leaves of a nested mapping as dotted names.
+
+    Bools, lists and numbers not fit to draw (see `number`) are skipped.
+    """
     out: dict[str, float] = {}
     for key, value in data.items():
         name = f"{prefix}{key}"
         if isinstance(value, bool):
             continue
         if isinstance(value, int | float):
-            out[name] = float(value)
+            figure = number(value)
+            if figure is not None:
+                out[name] = figure
         elif isinstance(value, Mapping) and depth > 1:
             out.update(flatten_numbers(value, f"{name}.", depth - 1))
     return out
@@ -151,8 +213,7 @@ def bucketed_series(
     names = sorted(k for k, _ in seen.most_common(limit))
     sums: dict[int, dict[str, list[float]]] = {}
     for ts, fields in zip(stamps, flat, strict=True):
-        slot = min(int((ts - lo) / width), buckets - 1)
-        bucket = sums.setdefault(slot, {})
+        bucket = sums.setdefault(slot_of(ts, lo, width, buckets), {})
         for name in names:
             if name in fields:
                 bucket.setdefault(name, []).append(fields[name])
@@ -174,19 +235,22 @@ def bucketed_series(
 
 
 def _hist_from(value: Any) -> tuple[list[float], list[float]] | None:
-    """Read `{bin_edges|edges, frequencies|counts}` (or a bare count list) as a histogram."""
+    """Read `{bin_edges|edges, frequencies|counts}` (or a bare count list) as a histogram.
+
+    None unless the counts are a non-empty list of non-negative numbers; edges that are
+    not all numbers (or not one more than the counts) are replaced by even ones.
+    """
     if isinstance(value, Mapping):
-        edges = value.get("bin_edges", value.get("edges"))
-        counts = value.get("frequencies", value.get("counts"))
-        if isinstance(counts, list) and all(isinstance(c, int | float) for c in counts):
-            if isinstance(edges, list) and len(edges) == len(counts) + 1:
-                return [float(e) for e in edges], [float(c) for c in counts]
-            n = len(counts)
-            return [i / n for i in range(n + 1)], [float(c) for c in counts]
-    if isinstance(value, list) and value and all(isinstance(c, int | float) for c in value):
-        n = len(value)
-        return [i / n for i in range(n + 1)], [float(c) for c in value]
-    return None
+        edges = edges_of(value.get("bin_edges", value.get("edges")))
+        counts = counts_of(value.get("frequencies", value.get("counts")))
+    else:
+        edges, counts = None, counts_of(value)
+    if not counts:
+        return None
+    if edges is not None and len(edges) == len(counts) + 1:
+        return edges, counts
+    n = len(counts)
+    return [i / n for i in range(n + 1)], counts
 
 
 _EDGE_KEYS = frozenset({"edges", "bin_edges"})
