@@ -8,6 +8,7 @@ frozen (SIGSTOP) and restarted by the test; the shared one is never touched.
 
 from __future__ import annotations
 
+import gzip
 import json
 import os
 import signal
@@ -26,6 +27,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from edgewise.agent._backoff import RetryableError
 from edgewise.agent._wake import MqttWake
 from edgewise.agent.telemetry import MqttTelemetryUplink
+from edgewise.bundle import key_id
 from edgewise.events import Event, EventBus, InProcessBus, MqttBus, topic_level, topic_matches
 from edgewise.protocol import TelemetryBatch, TelemetryRecord
 
@@ -503,6 +505,97 @@ def test_an_ack_forged_ahead_of_its_batch_is_not_believed(broker: PrivateBroker)
             uplink.send(_batch(range(1, 10)))
     finally:
         uplink.close()
+
+
+def _forge_while_awaited(
+    broker: PrivateBroker, devices: list[str], payload: Callable[[str, int], bytes]
+) -> Any:
+    """A rogue broker client: answers every batch these devices publish with a forged ack."""
+    rogue = _publisher(broker.host, broker.port)
+    subscribed = threading.Semaphore(0)
+
+    def answer(client: Any, _u: Any, msg: Any) -> None:
+        device = msg.topic.rsplit("/", 1)[-1]
+        last = max(r["seq"] for r in json.loads(gzip.decompress(msg.payload))["records"])
+        client.publish(f"edgewise/devices/{device}/telemetry/ack", payload(device, last), qos=1)
+
+    rogue.on_message = answer
+    rogue.on_subscribe = lambda *_: subscribed.release()
+    for device in devices:
+        rogue.subscribe(f"edgewise/telemetry/{device}", qos=1)
+    for _ in devices:
+        assert subscribed.acquire(timeout=10)
+    return rogue
+
+
+@pytest.mark.parametrize("signer", ["none", "stranger"])
+def test_an_ack_forged_while_its_batch_is_awaited_is_believed_only_without_keys(
+    broker: PrivateBroker, signer: str
+) -> None:
+    # A client of the broker answering the batch at once, before the control plane
+    # does, had the drain delete records the control plane never stored.
+    from edgewise.protocol import TelemetryAck, sign_ack
+
+    stranger, control_plane = Ed25519PrivateKey.generate(), Ed25519PrivateKey.generate()
+
+    def forged(device: str, last: int) -> bytes:
+        ack = TelemetryAck(accepted=last, duplicates=0, acked_seq=last)
+        if signer == "none":
+            return _forged_ack(last)
+        return json.dumps(sign_ack(ack, device, last, stranger)).encode()
+
+    device = f"dev-{uuid.uuid4().hex[:8]}"
+    rogue = _forge_while_awaited(broker, [device, f"{device}-k"], forged)
+    trusting = MqttTelemetryUplink(
+        device, Ed25519PrivateKey.generate(), broker.host, broker.port, ack_timeout_s=2.0
+    )
+    checking = MqttTelemetryUplink(
+        f"{device}-k", Ed25519PrivateKey.generate(), broker.host, broker.port,
+        ack_timeout_s=1.0, trusted={key_id(control_plane): control_plane.public_key()},
+    )  # fmt: skip
+    try:
+        if signer == "none":  # an uplink without keys still believes the forger
+            assert trusting.send(_batch(range(1, 4))).acked_seq == 3
+        with pytest.raises(RetryableError):
+            checking.send(_batch(range(1, 4)))
+    finally:
+        for c in (trusting, checking):
+            c.close()
+        rogue.disconnect()
+        rogue.loop_stop()
+
+
+def test_an_ack_the_control_plane_signed_is_believed(broker: PrivateBroker) -> None:
+    from edgewise.protocol import TelemetryAck, sign_ack
+
+    control_plane = Ed25519PrivateKey.generate()
+    device = f"dev-{uuid.uuid4().hex[:8]}"
+
+    def genuine(device: str, last: int) -> bytes:
+        ack = TelemetryAck(accepted=last, duplicates=0, acked_seq=last)
+        return json.dumps(sign_ack(ack, device, last, control_plane)).encode()
+
+    def for_another_device(_device: str, last: int) -> bytes:
+        ack = TelemetryAck(accepted=last, duplicates=0, acked_seq=last)
+        return json.dumps(sign_ack(ack, "dev-other", last, control_plane)).encode()
+
+    trusted = {key_id(control_plane): control_plane.public_key()}
+    for answer, believed in ((genuine, True), (for_another_device, False)):
+        rogue = _forge_while_awaited(broker, [device], answer)
+        up = MqttTelemetryUplink(
+            device, Ed25519PrivateKey.generate(), broker.host, broker.port,
+            ack_timeout_s=1.0, trusted=trusted,
+        )  # fmt: skip
+        try:
+            if believed:
+                assert up.send(_batch(range(1, 3))).acked_seq == 2
+            else:  # a genuine ack replayed from another device's topic
+                with pytest.raises(RetryableError):
+                    up.send(_batch(range(1, 3)))
+        finally:
+            up.close()
+            rogue.disconnect()
+            rogue.loop_stop()
 
 
 # -- the in-process bus --------------------------------------------------------------------

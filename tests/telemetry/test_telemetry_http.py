@@ -366,18 +366,24 @@ def test_mqtt_ingest_verifies_devices_with_the_control_plane(
     import uuid
 
     from edgewise.agent.telemetry import MqttTelemetryUplink
+    from edgewise.bundle import key_id
     from edgewise.control.telemetry._wiring import TelemetryConfig, TelemetryRuntime
 
     runtime = TelemetryRuntime(server.app.state.plane, TelemetryConfig(mqtt=""))
     from edgewise.control.telemetry import MqttIngest
 
     group = f"$share/t{uuid.uuid4().hex[:8]}/edgewise/telemetry/#"
-    consumer = MqttIngest(runtime.ingest, runtime.verify_mqtt, *mqtt_broker, subscription=group)
+    plane_key = server.app.state.plane.key
+    consumer = MqttIngest(
+        runtime.ingest, runtime.verify_mqtt, *mqtt_broker, subscription=group, ack_key=plane_key
+    )
     consumer.start()
     device, key = server.enroll({})
     stranger = Ed25519PrivateKey.generate()
     try:
-        up = MqttTelemetryUplink(device, key, *mqtt_broker, ack_timeout_s=5)
+        # The uplink believes only acks the control plane signed (it signs them all).
+        trusted = {key_id(plane_key): plane_key.public_key()}
+        up = MqttTelemetryUplink(device, key, *mqtt_broker, ack_timeout_s=5, trusted=trusted)
         try:
             # Anything on the device's ack topic first: its uplink keeps listening.
             import paho.mqtt.publish as publish

@@ -15,13 +15,19 @@ Example:
 
 from __future__ import annotations
 
+import base64
+import binascii
 import gzip
 import itertools
 import json
 import zlib
+from collections.abc import Mapping
 from typing import Any, Literal
 
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from edgewise.bundle import canonical_json, key_id, verify_signature
 
 __all__ = [
     "MAX_SEQ",
@@ -33,6 +39,8 @@ __all__ = [
     "decode_batch",
     "encode_batch",
     "inflate_batch",
+    "sign_ack",
+    "verify_ack",
 ]
 
 TelemetryClass = Literal["event", "metric", "sample"]
@@ -95,6 +103,52 @@ class TelemetryAck(BaseModel):
     accepted: int = Field(ge=0)
     duplicates: int = Field(ge=0)
     acked_seq: int = Field(ge=0, description="highest seq stored contiguously from 1")
+
+
+_ACK_SIGNED = ("accepted", "duplicates", "acked_seq", "last_seq")
+
+
+def _ack_bytes(device_id: str, body: Mapping[str, Any]) -> bytes:
+    # What an ack's signature covers: its figures, the batch it answers and the device
+    # it is for (so one device's ack cannot be replayed to another).
+    return canonical_json({"device": device_id, **{k: body.get(k) for k in _ACK_SIGNED}})
+
+
+def sign_ack(
+    ack: TelemetryAck, device_id: str, last_seq: int, private_key: Ed25519PrivateKey
+) -> dict[str, Any]:
+    """An ack in its wire form over MQTT, signed with the control plane's key.
+
+    Over MQTT anyone who may publish to the broker could send an ack; an agent that
+    checks this signature believes only the control plane's. Agents that do not check
+    it read the same fields as before (`last_seq` and the `TelemetryAck` ones).
+    """
+    body: dict[str, Any] = {**ack.model_dump(), "last_seq": int(last_seq)}
+    body["key_id"] = key_id(private_key)
+    body["signature"] = base64.b64encode(private_key.sign(_ack_bytes(device_id, body))).decode()
+    return body
+
+
+def verify_ack(
+    body: Mapping[str, Any], device_id: str, trusted: Mapping[str, Ed25519PublicKey]
+) -> TelemetryAck:
+    """The ack in `body`, once its signature is checked against the control-plane keys.
+
+    Raises:
+        ValueError: unsigned, signed by a key not in `trusted`, or a bad signature.
+        pydantic.ValidationError: not an ack.
+    """
+    ack = TelemetryAck.model_validate(body)
+    key = trusted.get(str(body.get("key_id")))
+    if key is None:
+        raise ValueError("ack not signed by a trusted control-plane key")
+    try:
+        signature = base64.b64decode(str(body.get("signature")), validate=True)
+    except (binascii.Error, ValueError):
+        raise ValueError("ack signature is not base64") from None
+    if not verify_signature(key, signature, _ack_bytes(device_id, body)):
+        raise ValueError("bad ack signature")
+    return ack
 
 
 def encode_batch(batch: TelemetryBatch, level: int = 6) -> bytes:

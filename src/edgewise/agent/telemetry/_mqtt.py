@@ -6,10 +6,11 @@ and waits for the control plane's ack on `edgewise/devices/<device id>/telemetry
 no ack in time raises `RetryableError`, and the records stay in the buffer (the
 control plane's (device, seq) keys make the eventual re-send harmless).
 
-Acks are not signed, so anyone who can publish to the broker can send one: only an ack
-for the batch being awaited is taken (the rest, retained ones included, are dropped, so
-a forged ack sent ahead cannot be waiting for a later batch, and a flood of them holds
-no memory). An ack forged while a batch is awaited is still believed; see `send`.
+Anyone who can publish to the broker can send an ack. The control plane signs its own
+(`edgewise.protocol.sign_ack`), and an uplink given the trust root's control-plane keys
+(`trusted=`) believes no other. Either way only an ack for the batch being awaited is
+taken (the rest, retained ones included, are dropped, so an ack sent ahead cannot be
+waiting for a later batch, and a flood of them holds no memory).
 """
 
 from __future__ import annotations
@@ -17,14 +18,20 @@ from __future__ import annotations
 import json
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
 from edgewise.agent._backoff import RetryableError
 from edgewise.events import topic_level
-from edgewise.protocol import TelemetryAck, TelemetryBatch, encode_batch, sign_request
+from edgewise.protocol import (
+    TelemetryAck,
+    TelemetryBatch,
+    encode_batch,
+    sign_request,
+    verify_ack,
+)
 
 __all__ = ["MqttTelemetryUplink"]
 
@@ -43,8 +50,13 @@ class MqttTelemetryUplink:
         port: int = 1883,
         clock: Callable[[], float] = time.time,
         ack_timeout_s: float = 10.0,
+        trusted: Mapping[str, Ed25519PublicKey] | None = None,
     ) -> None:
         """Connect to the broker as `device_id` and listen for acks.
+
+        With `trusted` (the control-plane keys of the device's trust root, as for
+        desired state) only acks the control plane signed count: one forged by another
+        broker client would otherwise have the batch deleted from the buffer unstored.
 
         Raises:
             ValueError: `device_id` cannot be one topic level (a `+` or `#` in it would
@@ -56,6 +68,7 @@ class MqttTelemetryUplink:
 
         self.device_id = topic_level(device_id)
         self._key = private_key
+        self._trusted = trusted
         self.clock = clock
         self.ack_timeout_s = ack_timeout_s
         self.topic = _TOPIC.format(device_id=device_id)
@@ -86,7 +99,10 @@ class MqttTelemetryUplink:
             return
         try:
             body = json.loads(msg.payload)
-            ack = TelemetryAck.model_validate(body)
+            if self._trusted is None:
+                ack = TelemetryAck.model_validate(body)
+            else:  # unsigned, or not by the control plane: not believed
+                ack = verify_ack(body, self.device_id, self._trusted)
             last = int(body.get("last_seq", 0))
         except Exception:  # any payload at all (RecursionError too): an exception out of
             return  # this callback would end paho's network thread, and with it the uplink
@@ -98,10 +114,9 @@ class MqttTelemetryUplink:
     def send(self, batch: TelemetryBatch) -> TelemetryAck:
         """Publish one batch and wait for its ack.
 
-        Only an ack naming this batch's last seq and arriving while it is awaited counts;
-        one that came too late is dropped and the batch is sent again. A forged ack in
-        that window would still be believed: closing it needs acks signed by the
-        control plane.
+        Only an ack naming this batch's last seq and arriving while it is awaited counts
+        (signed by the control plane, when the uplink has its keys); one that came too
+        late is dropped and the batch is sent again.
 
         Raises:
             RetryableError: the broker refused the publish or no ack came in time.

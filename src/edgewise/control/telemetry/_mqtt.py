@@ -7,7 +7,9 @@ Wire format (the device side is `edgewise.agent.telemetry.MqttTelemetryUplink`):
   `X-Edgewise-*` signature headers as user properties, signed as method `MQTT` over
   the topic (the signature covers the compressed bytes as published);
 - the control plane answers on `edgewise/devices/<device id>/telemetry/ack` (QoS 1)
-  with the `TelemetryAck` JSON plus `last_seq`, the highest seq of the batch it acks.
+  with the `TelemetryAck` JSON plus `last_seq`, the highest seq of the batch it acks,
+  signed with its key (`key_id`, `signature`: `edgewise.protocol.sign_ack`), so an
+  agent believes no ack another broker client forged.
 
 The same connection pushes desired-state changes: when this control plane commits a new
 desired revision for a device it publishes `{"revision": n}` to
@@ -33,8 +35,11 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
 from edgewise.control.telemetry._decode import TelemetryColumns, decode_upload
 from edgewise.control.telemetry._ingest import TelemetryIngest
+from edgewise.protocol import sign_ack
 
 __all__ = [
     "ACK_TOPIC",
@@ -91,9 +96,15 @@ class MqttIngest:
         max_batch: int = 200,
         max_delay_s: float = 0.05,
         subscription: str = SHARED_SUBSCRIPTION,
+        ack_key: Ed25519PrivateKey | None = None,
     ) -> None:
-        """Consume `subscription` on the broker at host:port into `ingest`."""
+        """Consume `subscription` on the broker at host:port into `ingest`.
+
+        With `ack_key` (the control plane's signing key) every ack is signed, so an
+        agent can tell it from one forged by anyone who may publish to the broker.
+        """
         self.ingest = ingest
+        self.ack_key = ack_key
         self.verify = verify
         self.host, self.port = host, port
         self.client_id = client_id
@@ -260,8 +271,11 @@ class MqttIngest:
             self.stats.stored += result.inserted
             for (device_id, batch), ack in zip(items, result.acks, strict=True):
                 self.stats.duplicates += ack.duplicates
-                body = ack.model_dump()
-                body["last_seq"] = batch.seq[-1] if batch.seq else 0
+                last = batch.seq[-1] if batch.seq else 0
+                if self.ack_key is not None:
+                    body = sign_ack(ack, device_id, last, self.ack_key)
+                else:
+                    body = {**ack.model_dump(), "last_seq": last}
                 self._client.publish(ACK_TOPIC.format(device_id=device_id), json.dumps(body), qos=1)
         for m in done:
             if m.qos > 0:

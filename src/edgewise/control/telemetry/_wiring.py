@@ -159,7 +159,13 @@ class TelemetryRuntime:
             from edgewise.control.telemetry._mqtt import MqttIngest
 
             host, _, port = self.config.mqtt.rpartition(":")
-            self.mqtt = MqttIngest(self.ingest, self.verify_mqtt, host or "127.0.0.1", int(port))
+            self.mqtt = MqttIngest(
+                self.ingest,
+                self.verify_mqtt,
+                host or "127.0.0.1",
+                int(port),
+                ack_key=self.plane.key,
+            )
             try:
                 self.mqtt.start()
             except (ConnectionError, OSError):
