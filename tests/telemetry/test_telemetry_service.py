@@ -25,11 +25,18 @@ class Hooks:
 
     def __init__(self) -> None:
         self.calls: list[dict[str, Any]] = []
+        self.down = 0  # answer this many calls 503 (not taken, not recorded)
         hooks = self
 
         class Handler(BaseHTTPRequestHandler):
             def do_POST(self) -> None:
                 body = self.rfile.read(int(self.headers["Content-Length"]))
+                if hooks.down:
+                    hooks.down -= 1
+                    self.send_response(503)
+                    self.send_header("Content-Length", "0")
+                    self.end_headers()
+                    return
                 hooks.calls.append(json.loads(body))
                 self.send_response(204)
                 self.end_headers()
@@ -128,6 +135,31 @@ def test_burn_rate_alert_fires_calls_webhook_and_resolves(store: Any, hooks: Hoo
     resolved = later.evaluate_alerts()
     assert [(c.old, c.new) for c in resolved] == [(AlertState.FIRING, AlertState.RESOLVED)]
     assert svc.alerts(state="resolved")[0]["id"] == stored[0]["id"]
+
+
+def test_an_alert_the_webhook_misses_is_posted_again_until_it_is_taken(
+    store: Any, hooks: Hooks
+) -> None:
+    # Before: one POST per change; a receiver restarting when the alert fired never
+    # heard of it.
+    clock = [NOW]
+    ingest = TelemetryIngest(store.engine)
+    svc = TelemetryService(store.engine, clock=lambda: clock[0])
+    rule = {"kind": "burn_rate", "name": "slo", "target": 0.99, "burn_rate": 1.5}
+    svc.put_rule(rule | {"webhook": hooks.url}, actor="test")
+    next1 = _send_windows(ingest, "dev-1", 0.01, 1)
+    _send_windows(ingest, "dev-2", 0.01, 1)
+    _send_windows(ingest, "dev-1", 0.03, next1)
+    hooks.down = 2
+    assert svc.notify(svc.evaluate_alerts()) == 0  # the receiver is down
+    assert svc.outbox.pending() == 1 and hooks.calls == []
+    clock[0] += 5.0
+    assert svc.outbox.deliver_due() == 0  # still down (the second try)
+    clock[0] += 3600.0
+    assert svc.outbox.deliver_due() == 1  # back: delivered, once
+    assert svc.outbox.deliver_due() == 0 and svc.outbox.pending() == 0
+    (call,) = hooks.calls
+    assert (call["alert"]["rule"], call["alert"]["new"]) == ("slo", "firing")
 
 
 def test_silent_device_fires_freshness_and_rollout_suppresses(store: Any) -> None:

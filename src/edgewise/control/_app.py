@@ -272,8 +272,9 @@ def create_app(
         plane.notifier.bind(asyncio.get_running_loop())
         task = asyncio.create_task(_watch(plane)) if background else None
         driver = asyncio.create_task(RolloutDriver(plane).run()) if background else None
-        url = settings.rollout_webhook
-        notify = asyncio.create_task(_deliver(outbox)) if background and url else None
+        # Rollout events and alert changes queued for webhooks (also when this replica
+        # has no rollout webhook of its own: alert rules name theirs).
+        notify = asyncio.create_task(_deliver(outbox)) if background else None
         try:
             yield
         finally:
@@ -301,12 +302,11 @@ def create_app(
     Gauge(
         "edgewise_nonces_remembered", "Nonces in the replay window", registry=registry
     ).set_function(lambda: len(plane.nonces))
-    if settings.rollout_webhook:
-        Gauge(
-            "edgewise_notifications_pending",
-            "Rollout notifications not yet taken by the webhook",
-            registry=registry,
-        ).set_function(outbox.pending)
+    Gauge(
+        "edgewise_notifications_pending",
+        "Rollout and alert notifications not yet taken by their webhook",
+        registry=registry,
+    ).set_function(outbox.pending)
 
     @app.exception_handler(ApiError)
     async def _api_error(_: Request, exc: ApiError) -> JSONResponse:

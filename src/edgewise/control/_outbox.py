@@ -5,7 +5,9 @@ must reach someone, and alert rules are held while a rollout touches their devic
 the rollout events an operator acts on (`NOTIFY_EVENTS`) are written to the `outbox`
 table in the transaction that stores the rollout's new state (a crash cannot lose one,
 nor invent one that did not happen), and posted as JSON to the server's rollout webhook
-(`edgewise server --rollout-webhook URL`, or `EDGEWISE_ROLLOUT_WEBHOOK`).
+(`edgewise server --rollout-webhook URL`, or `EDGEWISE_ROLLOUT_WEBHOOK`). Alert changes
+go the same way, each to its rule's webhook (`TelemetryService.notify`), so a receiver
+that is restarting when an alert fires still gets it.
 
 Delivery is at least once, in creation order, by whichever replica claims a row first
 (a compare-and-set on its due time, so replicas never post one row twice at once). A
@@ -90,11 +92,14 @@ def rollout_message(
     }
 
 
-def enqueue(c: Connection, topic: str, payload: Mapping[str, Any], now: float) -> None:
-    """Add a notification, inside the caller's transaction."""
+def enqueue(
+    c: Connection, topic: str, payload: Mapping[str, Any], now: float, url: str | None = None
+) -> None:
+    """Add a notification, inside the caller's transaction (`url`: None, the default)."""
     c.execute(
         insert(t.outbox).values(
             topic=topic,
+            url=url,
             payload=dict(payload),
             created_at=now,
             due_at=now,
@@ -121,11 +126,11 @@ def post_json(url: str, payload: Mapping[str, Any]) -> str | None:
 
 
 class Outbox:
-    """Posts due notifications to one webhook.
+    """Posts due notifications, each to its own webhook or the default one.
 
     Args:
         engine: the store's engine.
-        url: the webhook.
+        url: the default webhook (rows enqueued without one); empty: none.
         post: `post(url, payload) -> None | why it failed` (I/O, passed in).
         clock: unix time.
     """
@@ -156,7 +161,15 @@ class Outbox:
         now = self.clock()
         with self.engine.connect() as c:
             due = c.execute(
-                select(o.c.id, o.c.due_at, o.c.attempts, o.c.created_at, o.c.topic, o.c.payload)
+                select(
+                    o.c.id,
+                    o.c.due_at,
+                    o.c.attempts,
+                    o.c.created_at,
+                    o.c.topic,
+                    o.c.url,
+                    o.c.payload,
+                )
                 .where(o.c.state == "pending", o.c.due_at <= now)
                 .order_by(o.c.id)
                 .limit(limit)
@@ -165,7 +178,8 @@ class Outbox:
         for row in due:
             if not self._claim(row.id, row.due_at, now):
                 continue  # another replica has it
-            why = self.post(self.url, row.payload)
+            url = row.url or self.url
+            why = self.post(url, row.payload) if url else "no webhook to post it to"
             tries = row.attempts + 1
             done = self.clock()
             if why is None:

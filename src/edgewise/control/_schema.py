@@ -276,13 +276,14 @@ rollout_notifications = Table(
     Column("at", Float, nullable=False),
 )
 
-# Notifications for operators (rollout events), written in the transaction that made
-# them happen and posted to a webhook by whichever replica claims them first.
+# Notifications for operators (rollout events, alert changes), written in the
+# transaction that made them happen and posted by whichever replica claims them first.
 outbox = Table(
     "outbox",
     metadata,
     Column("id", Integer, primary_key=True, autoincrement=True),
     Column("topic", String(64), nullable=False),
+    Column("url", String(2000), nullable=True),  # None: the server's rollout webhook
     Column("payload", JSON, nullable=False),
     Column("created_at", Float, nullable=False),
     Column("due_at", Float, nullable=False),  # next attempt; a claim moves it on

@@ -89,11 +89,18 @@ class TelemetryService:
         webhook: Callable[[str, Mapping[str, Any]], bool] = post_webhook,
         default_webhook: str | None = None,
     ) -> None:
-        """Work on `engine`; `webhook(url, payload)` delivers alert notifications."""
+        """Work on `engine`; `webhook(url, payload)` delivers alert notifications.
+
+        Notifications go through the outbox: one the receiver does not take at once is
+        tried again by the control plane's delivery loop (see `edgewise.control._outbox`).
+        """
+        from edgewise.control._outbox import Outbox
+
         self.engine = engine
         self.clock = clock
         self.webhook = webhook
         self.default_webhook = default_webhook
+        self.outbox = Outbox(engine, "", post=self._post, clock=clock)
         self.postgres = engine.dialect.name == "postgresql"
         self._refs: dict[str, DriftReference | None] = {}
         self._lock = threading.Lock()
@@ -372,31 +379,40 @@ class TelemetryService:
         return changes
 
     def notify(self, changes: Sequence[AlertChange]) -> int:
-        """Call webhooks for changes operators hear about (firing, and resolution of a firing).
+        """Queue and post webhooks for the changes operators hear about.
+
+        Those are firing, and the resolution of a firing. Each is queued (and its alert
+        marked `notified`) in one transaction; one the receiver does not take now stays
+        queued and is tried again later, until it is.
 
         Returns:
-            How many notifications were delivered.
+            How many notifications were delivered now.
         """
+        from edgewise.control._outbox import enqueue
+
         urls = {r.name: r.webhook for r in self.rules()}
-        delivered = 0
-        for ch in changes:
-            if ch.new is AlertState.SUPPRESSED:
-                continue
-            if ch.new is AlertState.RESOLVED and ch.old is not AlertState.FIRING:
-                continue
-            url = urls.get(ch.rule) or self.default_webhook
-            if url and self.webhook(url, {"alert": ch.to_dict()}):
-                delivered += 1
-                al = tt.alerts
-                with self.engine.begin() as c:
-                    c.execute(
-                        update(al)
-                        .where(
-                            al.c.rule == ch.rule, al.c.scope == ch.scope, al.c.updated_at == ch.at
-                        )
-                        .values(notified=True)
-                    )
-        return delivered
+        al = tt.alerts
+        queued = 0
+        with self.engine.begin() as c:
+            for ch in changes:
+                if ch.new is AlertState.SUPPRESSED:
+                    continue
+                if ch.new is AlertState.RESOLVED and ch.old is not AlertState.FIRING:
+                    continue
+                url = urls.get(ch.rule) or self.default_webhook
+                if not url:
+                    continue
+                enqueue(c, f"alert.{ch.new.value}", {"alert": ch.to_dict()}, self.clock(), url)
+                c.execute(
+                    update(al)
+                    .where(al.c.rule == ch.rule, al.c.scope == ch.scope, al.c.updated_at == ch.at)
+                    .values(notified=True)
+                )
+                queued += 1
+        return self.outbox.deliver_due() if queued else 0
+
+    def _post(self, url: str, payload: Mapping[str, Any]) -> str | None:
+        return None if self.webhook(url, payload) else "the webhook did not take it"
 
     # -- retention --------------------------------------------------------------------
 

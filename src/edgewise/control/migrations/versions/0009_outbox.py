@@ -1,7 +1,8 @@
 """Operator notifications waiting for their webhook (`outbox`).
 
-Rollout events an operator must hear about (paused, rolled back, completed...) are
-written here in the transaction that made them happen, and posted by the replicas.
+Rollout events an operator must hear about (paused, rolled back, completed...) and
+alert changes are written here in the transaction that made them happen, and posted by
+the replicas, again and again until the receiver takes them.
 
 Revision ID: 0009
 Revises: 0008
@@ -24,6 +25,7 @@ def upgrade() -> None:
         "outbox",
         sa.Column("id", sa.Integer(), primary_key=True, autoincrement=True),
         sa.Column("topic", sa.String(length=64), nullable=False),
+        sa.Column("url", sa.String(length=2000), nullable=True),
         sa.Column("payload", sa.JSON(), nullable=False),
         sa.Column("created_at", sa.Float(), nullable=False),
         sa.Column("due_at", sa.Float(), nullable=False),
