@@ -84,7 +84,7 @@ class _Seen:
     # `progress_every_s`): held progress is lost on a reload (an operator's command moved
     # the row on), so the reload rewinds the cursor to re-read it.
     stored_reports_since: float = 0.0
-    # The same pair for the devices table (devices decommissioned during the rollout).
+    # The same pair for the devices table (devices that left the rollout's target).
     departed_since: float = 0.0
     stored_departed_since: float = 0.0
     written_at: float = -1e18

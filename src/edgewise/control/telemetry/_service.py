@@ -71,12 +71,9 @@ def _rounded(value: float | None) -> float | None:
 
 def post_webhook(url: str, payload: Mapping[str, Any]) -> bool:
     """POST a JSON payload; True on a 2xx answer (never raises)."""
-    import httpx
+    from edgewise.control._outbox import post_json
 
-    try:
-        return httpx.post(url, json=dict(payload), timeout=5.0).is_success
-    except httpx.HTTPError:
-        return False
+    return post_json(url, payload) is None
 
 
 class TelemetryService:
@@ -86,21 +83,20 @@ class TelemetryService:
         self,
         engine: Engine,
         clock: Callable[[], float] = time.time,
-        webhook: Callable[[str, Mapping[str, Any]], bool] = post_webhook,
+        webhook: Callable[[str, Mapping[str, Any]], str | None] | None = None,
         default_webhook: str | None = None,
     ) -> None:
-        """Work on `engine`; `webhook(url, payload)` delivers alert notifications.
+        """Work on `engine`; `webhook(url, payload) -> None | why not` posts alert notifications.
 
         Notifications go through the outbox: one the receiver does not take at once is
         tried again by the control plane's delivery loop (see `edgewise.control._outbox`).
         """
-        from edgewise.control._outbox import Outbox
+        from edgewise.control._outbox import Outbox, post_json
 
         self.engine = engine
         self.clock = clock
-        self.webhook = webhook
         self.default_webhook = default_webhook
-        self.outbox = Outbox(engine, "", post=self._post, clock=clock)
+        self.outbox = Outbox(engine, "", post=webhook or post_json, clock=clock)
         self.postgres = engine.dialect.name == "postgresql"
         self._refs: dict[str, DriftReference | None] = {}
         self._lock = threading.Lock()
@@ -410,9 +406,6 @@ class TelemetryService:
                 )
                 queued += 1
         return self.outbox.deliver_due() if queued else 0
-
-    def _post(self, url: str, payload: Mapping[str, Any]) -> str | None:
-        return None if self.webhook(url, payload) else "the webhook did not take it"
 
     # -- retention --------------------------------------------------------------------
 
