@@ -257,13 +257,22 @@ def set_labels(
     remove: list[str],
 ) -> dict[str, Any]:
     """Change labels; a scoped caller must leave the device inside its scope."""
-    row = visible_device(plane, who, device_id)
+    visible_device(plane, who, device_id)
     _check_labels(set_)
-    labels = {k: v for k, v in row["labels"].items() if k not in set(remove)} | set_
-    if not in_scope(who.scope, labels):
-        raise ApiError(403, "out_of_scope", "new labels would move the device out of scope")
+
+    def change(current: dict[str, str]) -> dict[str, str]:
+        # On the labels as they are when written: another replica may be changing
+        # others of this device's labels at the same moment.
+        if not in_scope(who.scope, current):
+            raise ApiError(404, "not_found", f"no device {device_id}")
+        labels = {k: v for k, v in current.items() if k not in set(remove)} | set_
+        if not in_scope(who.scope, labels):
+            raise ApiError(403, "out_of_scope", "new labels would move the device out of scope")
+        return labels
+
     now = plane.clock()
-    plane.store.set_labels(device_id, labels, now)
+    if plane.store.change_labels(device_id, change, now) is None:
+        raise ApiError(404, "not_found", f"no device {device_id}")
     # Labels reach a device only through its desired document: the recompute wakes its
     # long-poll when that changes, once. The cached labels go now; the mark tells this
     # replica's watcher that the write was its own.

@@ -397,7 +397,7 @@ class ControlPlane:
             )
             signed = sign_desired(doc, self.key, self.key_id).model_dump(mode="json")
             if self.store.cas_desired(
-                device_id, row["desired_hash"], revision, new_hash, signed, now
+                device_id, row["desired_hash"], revision, new_hash, signed, now, row["labels"]
             ):
                 self.changes.mark([device_id], now)
                 # Hand the committed document to the cache before waking: the woken

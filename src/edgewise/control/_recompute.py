@@ -95,13 +95,17 @@ def recompute_devices(plane: ControlPlane, device_ids: Sequence[str]) -> int:
                 # on the hash it was computed from; which rows took is read back in
                 # the same transaction (executemany has no per-row count).
                 c.execute(_CAS, [{**w, "stamp": stamp} for w in writes])
+                # A document computed from labels changed since (by another replica)
+                # counts as lost: the one-device path rewrites it from the labels now
+                # (the hash alone may have come back to what was read).
                 took = {
                     row.id
                     for row in c.execute(
-                        select(d.c.id).where(
+                        select(d.c.id, d.c.labels).where(
                             d.c.id.in_([w["device"] for w in writes]), d.c.changed_at == stamp
                         )
                     )
+                    if dict(row.labels or {}) == dict(by_id[row.id].labels or {})
                 }
             for w in writes:
                 (changed if w["device"] in took else lost).append(w["device"])

@@ -285,6 +285,13 @@ def create_revision(
     if req.promote:
         with plane.store.engine.begin() as c:
             # A rollout started since the check above: the revision stays, unpromoted.
+            # The deployment's row is locked first: a starting rollout locks it too
+            # (`RolloutStore.insert`), so either this sees that rollout or it sees
+            # the promote and refuses to start.
+            d = t.deployments
+            c.execute(
+                update(d).where(d.c.id == dep["id"]).values(stable_revision=d.c.stable_revision)
+            )
             _refuse_promote_during_rollout(c, dep, added=number)
             promote_in(c, dep["id"], number, pipelines)
         plane.audit(

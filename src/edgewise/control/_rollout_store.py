@@ -27,7 +27,7 @@ from sqlalchemy import ColumnElement, Connection, and_, delete, insert, or_, sel
 import edgewise
 from edgewise.control import _schema as t
 from edgewise.control._outbox import NOTIFY_EVENTS, enqueue, rollout_message
-from edgewise.control._plane import ControlPlane, digest
+from edgewise.control._plane import ApiError, ControlPlane, digest
 from edgewise.control._revisions import promote_in, revision_pipelines
 from edgewise.control._store import RawJSON
 from edgewise.control.rollout import (
@@ -97,9 +97,33 @@ class RolloutStore:
 
     # ------------------------------------------------------------------ rows
     def insert(self, row: Row, audit: tuple[str, str, str, str, str]) -> None:
-        """Store a new rollout and its audit record in one transaction."""
+        """Store a new rollout and its audit record in one transaction.
+
+        Raises:
+            IntegrityError: the deployment has an active rollout already.
+            ApiError: 409 when the deployment's stable revision is no longer the
+                rollout's `from_revision` (a promote committed while it was starting).
+        """
+        d = t.deployments
         with self.store.write_transaction() as c:
+            # The rollout row first (a completing rollout of the deployment holds its
+            # row, then the deployment's), then the deployment's row, locked to the
+            # commit: a promote (`create_revision`) locks it before looking for an
+            # active rollout, so one of the two sees the other.
             c.execute(insert(t.rollouts).values(**row))
+            lock = update(d).where(d.c.id == row["deployment_id"])
+            c.execute(lock.values(stable_revision=d.c.stable_revision))
+            found = c.execute(
+                select(d.c.stable_revision).where(d.c.id == row["deployment_id"])
+            ).first()
+            stable = int(found.stable_revision or 1) if found else None
+            if stable != int(row["from_revision"]):
+                raise ApiError(  # rolls the insert back
+                    409,
+                    "conflict",
+                    f"the deployment's stable revision changed (now {stable}) while rollout "
+                    "start read it; start it again",
+                )
             self.plane.audit(*audit, conn=c)
 
     def get(self, rollout_id: str) -> Row | None:

@@ -21,7 +21,7 @@ from __future__ import annotations
 import json
 import threading
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 from sqlalchemy import (
@@ -108,6 +108,10 @@ def open_store(url: str, *, run_migrations: bool = True) -> SqlStore:
 
 def _row(mapping: Any) -> Row:
     return dict(mapping._mapping) if hasattr(mapping, "_mapping") else dict(mapping)
+
+
+class _Stale(Exception):
+    """A compare-and-set found what it was computed from changed: roll it back."""
 
 
 class SqlStore(LogStore):
@@ -294,6 +298,30 @@ class SqlStore(LogStore):
         with self.engine.connect() as c:
             return list(c.execute(q).scalars())
 
+    def change_labels(
+        self,
+        device_id: str,
+        change: Callable[[dict[str, str]], Mapping[str, str]],
+        now: float,
+    ) -> dict[str, str] | None:
+        """Replace a device's labels with `change(current labels)`; None when unknown.
+
+        Read and written under the row's lock: two replicas changing different labels of
+        one device at once both take effect (a read here and a write later lost one).
+        `change` may raise to refuse; nothing is written then.
+        """
+        d = t.devices
+        with self.write_transaction() as c:
+            # The write comes first: it locks the row (PostgreSQL) or the database
+            # (SQLite) before the labels are read.
+            res = c.execute(update(d).where(d.c.id == device_id).values(changed_at=now))
+            if res.rowcount != 1:
+                return None
+            current = c.execute(select(d.c.labels).where(d.c.id == device_id)).scalar()
+            labels = dict(change(dict(current or {})))
+            c.execute(update(d).where(d.c.id == device_id).values(labels=labels))
+            return labels
+
     def set_labels(self, device_id: str, labels: Mapping[str, str], now: float) -> bool:
         """Replace a device's labels; False when unknown."""
         with self.engine.begin() as c:
@@ -335,20 +363,39 @@ class SqlStore(LogStore):
         new_hash: str,
         signed: Row,
         now: float,
+        expect_labels: Mapping[str, str] | None = None,
     ) -> bool:
-        """Store a new desired document if nobody changed it since it was read."""
-        with self.engine.begin() as c:
-            res = c.execute(
-                update(t.devices)
-                .where(t.devices.c.id == device_id, t.devices.c.desired_hash == expect_hash)
-                .values(
-                    desired_revision=revision,
-                    desired_hash=new_hash,
-                    desired_signed=signed,
-                    changed_at=now,
+        """Store a new desired document if nobody changed it since it was read.
+
+        With `expect_labels`, also only if the labels it was computed from are still the
+        device's: the hash alone comes back to what was read when a label change and its
+        undo race (the undo's recompute finds nothing to write, and the document computed
+        from the changed labels would land after it).
+        """
+        d = t.devices
+        try:
+            with self.engine.begin() as c:
+                # The guarded write comes first: it locks the row (PostgreSQL) or the
+                # database (SQLite) before the labels are read, so none change between.
+                res = c.execute(
+                    update(d)
+                    .where(d.c.id == device_id, d.c.desired_hash == expect_hash)
+                    .values(
+                        desired_revision=revision,
+                        desired_hash=new_hash,
+                        desired_signed=signed,
+                        changed_at=now,
+                    )
                 )
-            )
-            return bool(res.rowcount)
+                if res.rowcount != 1:
+                    return False
+                if expect_labels is not None:
+                    labels = c.execute(select(d.c.labels).where(d.c.id == device_id)).scalar()
+                    if dict(labels or {}) != dict(expect_labels):
+                        raise _Stale  # rolls the write back
+            return True
+        except _Stale:
+            return False
 
     def resign_desired(self, device_id: str, revision: int, signed: Row) -> None:
         """Replace the stored signature of an unchanged revision (expiry refresh)."""
