@@ -75,17 +75,22 @@ def _rows(w: World) -> list[dict[str, Any]]:
         return [dict(r._mapping) for r in c.execute(select(t.outbox).order_by(t.outbox.c.id))]
 
 
+def _rolled_back(w: World) -> dict[str, Any]:
+    """A rollout whose canary failed: rolled back (a rollout.rolled_back event queued)."""
+    devs = _fleet(w)
+    ro = _start(w, _revise(w, "2.0.0"), gates={"error_pct": 10})
+    w.tick()
+    _phase_devices(w, ro["id"], 0, devs)[0].report("2.0.0", "failed", "health check failed")
+    w.tick()
+    assert w.rollout(ro["id"])["state"] == "rolled_back"
+    return ro
+
+
 def test_a_rollback_reaches_the_webhook_once_after_the_receiver_recovers(
     hooked: World, receiver: _Receiver
 ) -> None:
     w = hooked
-    devs = _fleet(w)
-    ro = _start(w, _revise(w, "2.0.0"), gates={"error_pct": 10})
-    w.tick()
-    canary = _phase_devices(w, ro["id"], 0, devs)
-    canary[0].report("2.0.0", "failed", "health check failed")
-    w.tick()
-    assert w.rollout(ro["id"])["state"] == "rolled_back"
+    ro = _rolled_back(w)
     receiver.statuses = [500]  # the receiver is down for the first try
     first, second = _outbox(w, receiver.url), _outbox(w, receiver.url)  # two replicas
     assert first.deliver_due() == 0 and receiver.bodies == []
@@ -134,12 +139,7 @@ def test_every_state_an_operator_acts_on_is_sent_in_order(
 
 
 def test_without_a_webhook_nothing_is_queued(world: World) -> None:
-    devs = _fleet(world)
-    ro = _start(world, _revise(world, "2.0.0"), gates={"error_pct": 10})
-    world.tick()
-    _phase_devices(world, ro["id"], 0, devs)[0].report("2.0.0", "failed", "boom")
-    world.tick()
-    assert world.rollout(ro["id"])["state"] == "rolled_back"
+    _rolled_back(world)
     assert _rows(world) == []
 
 
@@ -147,11 +147,7 @@ def test_a_notification_no_receiver_takes_for_a_day_is_dropped(
     hooked: World, receiver: _Receiver
 ) -> None:
     w = hooked
-    devs = _fleet(w)
-    ro = _start(w, _revise(w, "2.0.0"), gates={"error_pct": 10})
-    w.tick()
-    _phase_devices(w, ro["id"], 0, devs)[0].report("2.0.0", "failed", "boom")
-    w.tick()
+    _rolled_back(w)
     box = _outbox(w, receiver.url)
     receiver.statuses = [503] * 1000
     tries = 0
