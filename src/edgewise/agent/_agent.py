@@ -11,6 +11,11 @@ network, or one that restarts while offline, keeps serving. The loop then long-p
 desired state, verifies it (signer, signature, expiry, revision), plans, executes and
 reports; every failure of the uplink goes through one backoff policy and the loop
 reconnects by itself.
+
+A data directory that is full, read-only or failing does not stop it either: boot
+writes nothing it does not have to, state that cannot be written stays in memory (and
+in the reports, with the reason) until it can, and only an install's commit point
+insists on reaching the disk (see `Installer`).
 """
 
 from __future__ import annotations
@@ -45,7 +50,12 @@ from edgewise.agent._identity import (
     save_identity,
 )
 from edgewise.agent._install import InstallState
-from edgewise.agent._installer import Installer, InstallFailed, retry_incompatible
+from edgewise.agent._installer import (
+    Installer,
+    InstallFailed,
+    retry_incompatible,
+    storage_reason,
+)
 from edgewise.agent._plan import Action, ObservedPipeline, plan
 from edgewise.agent._process import quiet_onnxruntime, resources, trim, tune_malloc
 from edgewise.agent._ratelimit import TokenBucket
@@ -68,6 +78,7 @@ from edgewise.protocol import (
 __all__ = ["AGENT_VERSION", "Agent", "AgentConfig", "StopPolling"]
 
 AGENT_VERSION = "0.1.0"
+_UNWRITTEN = "state.json not written: "
 
 
 class StopPolling(BaseException):  # (like KeyboardInterrupt: not an Exception)
@@ -170,6 +181,7 @@ class Agent:
         self._gate_egress: dict[str, Any] | None = None
         self._threads: list[threading.Thread] = []
         self._closers: list[Callable[[], None]] = []
+        self._identity_unsaved = False  # enrolled, but identity.json not written yet
 
     # -- small helpers ----------------------------------------------------------------
 
@@ -177,9 +189,28 @@ class Agent:
         return self.identity.publisher_keys() if self.identity else {}
 
     def _persist(self) -> None:
+        """Commit the state (the installer's commit point: raises if it cannot)."""
         with self.lock:
             self.state_file.save(self.state)
         self.report_dirty = True
+
+    def _save_state(self) -> bool:
+        """Commit the state if the disk lets us; else keep it in memory and say why.
+
+        For every write but an install's commit point: the state lives on in memory,
+        the reports carry it, and the next commit that can be written catches up.
+        """
+        try:
+            self._persist()
+        except OSError as exc:
+            self.report_dirty = True
+            self.state.add_error(f"{_UNWRITTEN}{storage_reason(exc)}")
+            return False
+        if any(e.startswith(_UNWRITTEN) for e in self.state.errors):  # written again
+            self.state.errors = [e for e in self.state.errors if not e.startswith(_UNWRITTEN)]
+            with contextlib.suppress(OSError):
+                self._persist()
+        return True
 
     def emit(self, cls: str, kind: str, data: dict[str, Any]) -> None:
         """Add one record to the durable telemetry buffer.
@@ -236,10 +267,11 @@ class Agent:
                 if isinstance(found, dict):
                     retried = retry_incompatible(self.state.pipelines)
                     if retried:
-                        self._persist()
+                        self._save_state()
                         self.emit("event", "capabilities.changed", {"retried": retried})
                 found = {**collect_capabilities(self.dir), "probed_with": key}
-                cached.commit(found)
+                with contextlib.suppress(OSError):  # probed again at the next start
+                    cached.commit(found)
             self._capabilities = found
         return self._capabilities
 
@@ -281,16 +313,47 @@ class Agent:
             return
         server = str(self.http.base_url).rstrip("/")
         self.identity = Identity.from_enrollment(answer, server, self.config.labels)
-        save_identity(self.dir, self.identity)
         self.emit("event", "agent.enrolled", {"device_id": self.identity.device_id})
+        self._identity_unsaved = True
+        self._save_identity()
+
+    def _save_identity(self) -> None:
+        """Write the identity of an enrollment; retried from the loop until it is.
+
+        The enrollment token is spent: exiting on a full disk would leave a device the
+        control plane knows and that cannot enroll again. It runs on the identity in
+        memory meanwhile and says so in its reports.
+        """
+        assert self.identity is not None
+        try:
+            save_identity(self.dir, self.identity)
+        except OSError as exc:
+            self.state.add_error(f"identity.json not written: {storage_reason(exc)}")
+            self.report_dirty = True
+            return
+        self._identity_unsaved = False
+        self.state.errors = [e for e in self.state.errors if not e.startswith("identity.json")]
 
     # -- boot: serve what was committed, with no network --------------------------------
 
     def boot(self) -> None:
-        """Recover the store and the state, and serve every committed pipeline."""
-        for discarded in self.store.recover():
-            self.emit("event", "slot.discarded", {"slot": discarded, "reason": "torn install"})
+        """Recover the store and the state, and serve every committed pipeline.
+
+        Nothing here needs to write: on a read-only or full disk the committed models
+        still serve (they are verified by reading them).
+        """
+        try:
+            discarded = self.store.recover()
+        except OSError as exc:  # what is torn stays unused: only verified slots serve
+            discarded = []
+            self.emit("event", "store.unrecovered", {"reason": storage_reason(exc)})
+        for slot in discarded:
+            self.emit("event", "slot.discarded", {"slot": slot, "reason": "torn install"})
         self.state = self.state_file.load()
+        if self.buffer.reset_reason:  # the buffer started afresh (or in memory): say why
+            self.emit("event", "telemetry.reset", {"reason": self.buffer.reset_reason})
+            if self.buffer.volatile:
+                self.state.add_error(self.buffer.reset_reason)
         if self.state_file.recovered_from_prev:
             self.emit("event", "state.recovered", {"reason": "torn state file, used previous"})
         desired = self._accepted()
@@ -304,7 +367,7 @@ class Agent:
                 self.emit("event", "pipeline.unusable", {"pipeline": name, "error": str(exc)})
                 rec.committed = None
                 rec.tracker.restart(f"committed model unusable: {exc}", self.clock())
-                self._persist()
+                self._save_state()
         self.emit("event", "agent.started", {"version": AGENT_VERSION})
         trim()
 
@@ -358,7 +421,7 @@ class Agent:
             "key_id": signed.key_id,
             "signature": signed.signature,
         }
-        self._persist()
+        self._save_state()  # if not written, the next start fetches it again
         return True
 
     def refuse(self, exc: DesiredStateError, etag: str | None) -> None:
@@ -368,7 +431,7 @@ class Agent:
         if self.state.errors and self.state.errors[-1] == message:
             return  # the same document again (a re-fetch): said once
         self.state.add_error(message)
-        self._persist()
+        self._save_state()
         self.emit("event", "desired.refused", {"reason": exc.reason, "detail": exc.detail})
 
     # -- reconcile --------------------------------------------------------------------
@@ -414,19 +477,20 @@ class Agent:
         if action.kind == "stop":
             self.installer.stop(name, rec)
             del self.state.pipelines[name]
-            self._persist()
+            self._save_state()
             return
         if action.kind in ("start", "reconfigure"):
             assert rec.committed is not None
             try:
                 self.installer.start_committed(name, rec, self._runtime_spec(name, action))
-                rec.committed["desired_spec"] = action.spec
-                self._persist()
             except Exception as exc:  # recorded and reported; the loop goes on
                 rec.refused, rec.retry_at = action.fingerprint, self.clock() + 60.0
                 self.state.add_error(f"pipeline {name}: {exc}")
-                self._persist()
+            else:
+                rec.committed["desired_spec"] = action.spec
+            self._save_state()
             return
+        self._prune_partial()
         self.installer.install(name, rec, action, action.fingerprint)
         if rec.tracker.state is InstallState.ACTIVE:
             self._prune_cache()
@@ -443,6 +507,16 @@ class Agent:
                 "sha256": action.model.sha256,
             },
         }
+
+    def _prune_partial(self) -> None:
+        desired = self._accepted()
+        wanted = {
+            ref.sha256
+            for want in (desired.pipelines.values() if desired else ())
+            for ref in (want.model, want.fallback, want.cascade)
+            if ref is not None
+        }
+        self.cache.prune_partial(wanted)
 
     def _prune_cache(self) -> None:
         keep: set[str] = set()
@@ -579,7 +653,10 @@ class Agent:
             self._closers.append(server.stop)
             # Atomically: a reader that sees the file must never see it empty (the demo
             # read it between its creation and its write once, and failed).
-            atomic_write_bytes(self.dir / "local.json", b'{"port": %d}\n' % self.local_port)
+            try:
+                atomic_write_bytes(self.dir / "local.json", b'{"port": %d}\n' % self.local_port)
+            except OSError as exc:  # the API serves anyway; only its port goes unannounced
+                self.state.add_error(f"local.json not written: {storage_reason(exc)}")
         if self.config.mqtt is not None:
             from edgewise.agent._wake import MqttWake
 
@@ -636,6 +713,8 @@ class Agent:
         attempt = 0
         trimmed = False
         while not stop.is_set():
+            if self._identity_unsaved:
+                self._save_identity()
             self.send_report()
             self._heartbeat()
             try:

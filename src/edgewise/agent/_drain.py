@@ -70,9 +70,10 @@ class TelemetryDrain:
             sleep(self.backoff.delay(self._attempt))
             self._attempt += 1
             return True
+        # Only an ack that reached the disk ends the backoff (see `run`).
+        self.buffer.ack([r.seq for r in batch.records])
         self._attempt = 0
         self.last_error = ""
-        self.buffer.ack([r.seq for r in batch.records])
         self.uploaded += len(batch.records)
         return True
 
@@ -83,6 +84,14 @@ class TelemetryDrain:
             return stop.wait(seconds)
 
         while not stop.is_set():
-            if not self.step(sleep):
+            try:
+                busy = self.step(sleep)
+            except Exception as exc:  # the buffer's disk (full, damaged): never fatal
+                # The batch stays; sent again it is stored once ((device, seq) dedup).
+                self.last_error = f"buffer: {type(exc).__name__}: {exc}"
+                sleep(self.backoff.delay(self._attempt))
+                self._attempt += 1
+                continue
+            if not busy:
                 self.wake.wait(self.idle_s)
                 self.wake.clear()

@@ -7,6 +7,12 @@ The fetcher never reads more than the declared size, checks the sha256 before th
 takes its final name, and refuses an install that would not fit on disk before the first
 byte is fetched.
 
+The device's own storage failing is not the network failing: a full disk mid-download
+raises `InsufficientDisk` and gives the partial file's space back, a read-only or broken
+disk raises `StorageError`; neither is retried like a cut connection (`OSError` is, for
+the uplink's sake, in `Backoff.recoverable`). A `.part` that is not a plain file of ours
+(a symlink, a directory) is removed, never appended through.
+
 Example:
     >>> import tempfile, pathlib
     >>> cache = ArtifactCache(pathlib.Path(tempfile.mkdtemp()))
@@ -16,10 +22,12 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import re
 import shutil
+import stat
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
@@ -30,7 +38,7 @@ import httpx
 
 from edgewise.agent._backoff import RetryableError
 from edgewise.agent._crash import crashpoint
-from edgewise.agent._durable import fsync_dir
+from edgewise.agent._durable import fsync_dir, out_of_space, remove_tree, replace_file
 
 __all__ = [
     "ArtifactCache",
@@ -39,6 +47,7 @@ __all__ = [
     "FetchResult",
     "HttpArtifactSource",
     "InsufficientDisk",
+    "StorageError",
 ]
 
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
@@ -58,6 +67,18 @@ class FetchError(Exception):
 
 class InsufficientDisk(FetchError):
     """The bundle and its extracted copy would not fit in the free space."""
+
+
+class StorageError(FetchError):
+    """The device's storage refused a read or write (read-only, I/O error)."""
+
+
+def storage_failure(exc: OSError, doing: str) -> FetchError:
+    """The `FetchError` for a local file error: `InsufficientDisk` when out of space."""
+    why = exc.strerror or str(exc)
+    if out_of_space(exc):
+        return InsufficientDisk(f"insufficient disk: {why} while {doing}")
+    return StorageError(f"storage error: {why} while {doing}")
 
 
 @dataclass(frozen=True)
@@ -105,6 +126,13 @@ def _disk_free(path: Path) -> int:
     return shutil.disk_usage(path).free
 
 
+def _plain_file(path: Path) -> bool:
+    try:
+        return stat.S_ISREG(path.lstat().st_mode)
+    except FileNotFoundError:
+        return False
+
+
 def sha256_of(path: Path) -> str:
     """The sha256 hex digest of a file."""
     h = hashlib.sha256()
@@ -138,33 +166,57 @@ class ArtifactCache:
         return self.root / f"{sha256}.part"
 
     def has(self, sha256: str) -> bool:
-        """Whether a verified copy is cached (its digest is re-checked)."""
+        """Whether a verified copy is cached (its digest is re-checked).
+
+        Raises:
+            StorageError: the copy cannot be read.
+        """
         path = self.path(sha256)
-        if not path.exists():
-            return False
-        if sha256_of(path) != sha256:
-            path.unlink(missing_ok=True)
-            return False
+        try:
+            if not os.path.lexists(path):
+                return False
+            if not _plain_file(path):
+                remove_tree(path, sync=False)  # a link or a directory is not a cached copy
+                return False
+            if sha256_of(path) != sha256:
+                path.unlink(missing_ok=True)
+                return False
+        except OSError as exc:
+            raise storage_failure(exc, "reading the artifact cache") from exc
         return True
 
     def partial_size(self, sha256: str) -> int:
-        """Bytes already downloaded of an unfinished artifact."""
+        """Bytes already downloaded of an unfinished artifact (0 unless a plain file)."""
         try:
-            return self._part(sha256).stat().st_size
-        except FileNotFoundError:
+            st = self._part(sha256).lstat()
+        except OSError:
             return 0
+        return st.st_size if stat.S_ISREG(st.st_mode) else 0
 
-    def preflight(self, size: int, already: int = 0) -> None:
+    def discard_partial(self, sha256: str) -> None:
+        """Give back the space of an unfinished download (it cannot complete for now)."""
+        with contextlib.suppress(OSError):
+            remove_tree(self._part(sha256), sync=False)
+
+    def preflight(self, size: int, already: int = 0, reclaim: int = 0) -> None:
         """Refuse a download that, with its extraction, would not fit.
+
+        Args:
+            size: the artifact's size.
+            already: bytes of it already downloaded.
+            reclaim: bytes the install frees before extracting (the inactive slot it
+                replaces); the download itself must fit without them.
 
         Raises:
             InsufficientDisk: with the numbers in the reason.
         """
-        need = (size - already) + int(size * INSTALL_FACTOR) + self.reserve_bytes
+        download = size - already
+        need = download + int(size * INSTALL_FACTOR) + self.reserve_bytes
         free = self.free_bytes(self.root)
-        if free < need:
+        if free < download + self.reserve_bytes or free + reclaim < need:
+            also = f" (and {reclaim / 1e6:.1f} MB to reuse)" if reclaim else ""
             raise InsufficientDisk(
-                f"insufficient disk: need {need / 1e6:.1f} MB, {free / 1e6:.1f} MB free"
+                f"insufficient disk: need {need / 1e6:.1f} MB, {free / 1e6:.1f} MB free{also}"
             )
 
     def prune_one(self, sha256: str) -> None:
@@ -177,6 +229,18 @@ class ArtifactCache:
             if path.stem not in keep:
                 path.unlink(missing_ok=True)
 
+    def prune_partial(self, wanted: set[str]) -> None:
+        """Delete partial downloads whose digest is not in `wanted`.
+
+        A download cut short and then no longer wanted (the desired state moved on) would
+        otherwise hold its space for good, and on a small disk keep the next install from
+        fitting.
+        """
+        for path in self.root.glob("*.part"):
+            if path.stem not in wanted:
+                with contextlib.suppress(OSError):
+                    remove_tree(path, sync=False)
+
     def fetch(
         self,
         source: ArtifactSource,
@@ -184,8 +248,11 @@ class ArtifactCache:
         sha256: str,
         size: int,
         progress: Callable[[int, int], None] | None = None,
+        reclaim: int = 0,
     ) -> FetchResult:
         """Fetch one artifact into the cache (or find it there).
+
+        `reclaim` is as for `preflight`.
 
         Raises:
             InsufficientDisk: before any byte is fetched.
@@ -197,31 +264,46 @@ class ArtifactCache:
             return FetchResult(final, 0, size)
         part = self._part(sha256)
         offset = self.partial_size(sha256)
-        if offset > size:
-            part.unlink()
-            offset = 0
-        self.preflight(size, offset)
+        try:
+            if offset > size or (offset == 0 and (part.exists() or part.is_symlink())):
+                remove_tree(part, sync=False)  # too long, or not a plain file of ours
+                offset = 0
+            self.preflight(size, offset, reclaim)
+        except InsufficientDisk:
+            self.discard_partial(sha256)
+            raise
+        except OSError as exc:
+            raise storage_failure(exc, "preparing the download") from exc
         start = offset
         fetched = 0
         if offset < size:
-            fetched, start = self._transfer(source, url, part, offset, size, progress)
+            fetched, start = self._transfer(source, url, sha256, offset, size, progress)
         crashpoint("after_download")
-        if sha256_of(part) != sha256:
-            part.unlink(missing_ok=True)
-            raise FetchError("digest mismatch: downloaded bytes do not match the sha256")
-        os.replace(part, final)
-        fsync_dir(self.root)
+        try:
+            if sha256_of(part) != sha256:
+                part.unlink(missing_ok=True)
+                raise FetchError("digest mismatch: downloaded bytes do not match the sha256")
+            replace_file(part, final)
+            fsync_dir(self.root)
+        except OSError as exc:
+            raise self._failed(exc, sha256, "storing the download") from exc
         return FetchResult(final, fetched, start)
+
+    def _failed(self, exc: OSError, sha256: str, doing: str) -> FetchError:
+        if out_of_space(exc):
+            self.discard_partial(sha256)
+        return storage_failure(exc, doing)
 
     def _transfer(
         self,
         source: ArtifactSource,
         url: str,
-        part: Path,
+        sha256: str,
         offset: int,
         size: int,
         progress: Callable[[int, int], None] | None,
     ) -> tuple[int, int]:
+        part = self._part(sha256)
         fetched = 0
         with source.open(url, offset) as resp:
             if resp.status_code == 416 or (resp.status_code == 200 and offset > 0):
@@ -243,30 +325,40 @@ class ArtifactCache:
                 raise FetchError(f"artifact download refused: HTTP {resp.status_code}")
             start = offset
             remaining = size - offset
-            fd = os.open(part, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+            try:
+                # O_NOFOLLOW: a symlink planted at the name is refused, not appended through.
+                fd = os.open(part, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_NOFOLLOW, 0o644)
+            except OSError as exc:
+                raise self._failed(exc, sha256, "downloading") from exc
             unsynced = 0
             try:
                 for chunk in resp.iter_raw():
                     # Never read more than declared: stop at the declared size.
                     chunk = chunk[:remaining]
-                    for i in range(0, len(chunk), _PIECE):
-                        view = memoryview(chunk)[i : i + _PIECE]
-                        n = len(view)
-                        while view:
-                            view = view[os.write(fd, view) :]
-                        fetched += n
-                        remaining -= n
-                        unsynced += n
-                        if remaining > 0:
-                            crashpoint("during_download")
-                    if unsynced >= _SYNC_EVERY:
-                        os.fsync(fd)
-                        unsynced = 0
+                    try:  # the device's disk, not the link (the link's errors are httpx's)
+                        for i in range(0, len(chunk), _PIECE):
+                            view = memoryview(chunk)[i : i + _PIECE]
+                            n = len(view)
+                            while view:
+                                view = view[os.write(fd, view) :]
+                            fetched += n
+                            remaining -= n
+                            unsynced += n
+                            if remaining > 0:
+                                crashpoint("during_download")
+                        if unsynced >= _SYNC_EVERY:
+                            os.fsync(fd)
+                            unsynced = 0
+                    except OSError as exc:
+                        raise self._failed(exc, sha256, "downloading") from exc
                     if progress:
                         progress(size - remaining, size)
                     if remaining <= 0:
                         break
-                os.fsync(fd)
+                try:
+                    os.fsync(fd)
+                except OSError as exc:
+                    raise self._failed(exc, sha256, "downloading") from exc
             except (httpx.TransportError, httpx.StreamError) as exc:
                 raise RetryableError(
                     f"artifact download cut at {size - remaining}/{size} bytes: {exc}"

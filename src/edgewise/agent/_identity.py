@@ -160,6 +160,11 @@ def load_identity(data_dir: Path) -> Identity | None:
 
 
 def ensure_private_dir(data_dir: Path) -> None:
-    """Create DIR readable by the agent's user only."""
+    """Create DIR readable by the agent's user only.
+
+    The mode is only written when it differs: a data partition that went read-only
+    (flash wearing out) must still let the agent start and serve its committed model.
+    """
     data_dir.mkdir(parents=True, exist_ok=True)
-    os.chmod(data_dir, 0o700)
+    if data_dir.stat().st_mode & 0o777 != 0o700:
+        os.chmod(data_dir, 0o700)

@@ -15,11 +15,18 @@ Order of an install, with its crash points::
 Until the state commit, a restart serves the old committed model; after it, the new
 one. A failure before the switch leaves the old model serving and records `failed`
 with the reason; a switch that breaks the pipeline is undone (`rolled_back`).
+
+A disk that is full, read-only or failing is a reason like any other ("insufficient
+disk: ...", "storage error: ..."), tried again after `RETRY_DISK_S`: the slot being
+written is emptied so its space comes back, a slot that cannot fit is not started, and
+a commit that cannot be written is undone (what a restart would serve is what serves).
+Failures are kept in memory and reported even when state.json cannot record them.
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -30,9 +37,16 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from edgewise.agent._backoff import Backoff, GiveUp, RetryableError
 from edgewise.agent._crash import crashpoint
-from edgewise.agent._fetch import ArtifactCache, ArtifactSource, FetchError, InsufficientDisk
+from edgewise.agent._durable import out_of_space
+from edgewise.agent._fetch import (
+    ArtifactCache,
+    ArtifactSource,
+    FetchError,
+    InsufficientDisk,
+    StorageError,
+)
 from edgewise.agent._host import Host
-from edgewise.agent._install import InstallState
+from edgewise.agent._install import IllegalTransition, InstallState
 from edgewise.agent._plan import Action
 from edgewise.agent._state import PipelineRecord
 from edgewise.agent._store import ModelStore, Slot
@@ -58,6 +72,22 @@ class InstallFailed(Exception):
         self.retry_after_s = retry_after_s
 
 
+def storage_reason(exc: OSError) -> str:
+    """A human reason for a local file error: full, read-only, or failing storage."""
+    why = exc.strerror or str(exc)
+    if out_of_space(exc):
+        return f"insufficient disk: {why}"
+    return f"storage error: {why}"
+
+
+_BLOCK = 4096
+
+
+def _blocks(n: int) -> int:
+    """`n` bytes as the filesystem allocates them (whole blocks)."""
+    return -(-n // _BLOCK) * _BLOCK
+
+
 @dataclass
 class _Prepared:
     role: str
@@ -66,6 +96,7 @@ class _Prepared:
     slot: Slot | None = None
     model: Any = None
     files: dict[str, str] | None = None  # signed digests of the bundle's files
+    slot_bytes: int = 0  # disk the extracted slot takes (files and manifest, in blocks)
 
 
 def _ref_json(ref: DesiredModelRef, slot: Slot | None = None) -> dict[str, Any]:
@@ -200,8 +231,9 @@ class Installer:
             models[role] = self.host.load(self.store.slot_dir(ref["name"], slot))
         model = models.pop("model")
         self.host.serve(spec, model, models)
-        c["spec"] = spec
-        self.persist()
+        if c.get("spec") != spec:  # at boot it is the same: nothing to write
+            c["spec"] = spec
+            self.persist()
 
     def install(self, name: str, rec: PipelineRecord, action: Action, fingerprint: str) -> None:
         """Install the action's models for pipeline `name`; records the outcome in `rec`.
@@ -219,35 +251,40 @@ class Installer:
                 return
         target = {**_ref_json(action.model), "fingerprint": fingerprint}
         resuming = rec.target == target and rec.tracker.state is InstallState.DOWNLOADING
-        if not resuming:
-            rec.target = target
-            rec.tracker.restart(f"install {action.model.name}@{action.model.version}", self.clock())
-            self.persist()
-            self.emit("event", "install.started", {"pipeline": name, **target})
         try:
+            if not resuming:
+                rec.target = target
+                rec.tracker.restart(
+                    f"install {action.model.name}@{action.model.version}", self.clock()
+                )
+                self.emit("event", "install.started", {"pipeline": name, **target})
+                self.persist()
             self._install(name, rec, action, fingerprint)
         except InstallFailed as exc:
             self._fail(name, rec, fingerprint, exc)
         except (RetryableError, GiveUp):
             # The uplink is down mid-download: keep `downloading`; the next round resumes.
             raise
-        except OSError as exc:  # e.g. the disk filled up while writing the slot
-            self._fail(name, rec, fingerprint, InstallFailed(f"install failed: {exc}", 60.0))
+        except OSError as exc:  # the disk is full, read-only or failing (state.json too)
+            self._fail(name, rec, fingerprint, InstallFailed(storage_reason(exc), RETRY_DISK_S))
 
     def _fail(self, name: str, rec: PipelineRecord, fingerprint: str, exc: InstallFailed) -> None:
+        """Record the refusal; kept in memory (and reported) if state.json cannot take it.
+
+        The refusal's `retry_at` holds the next attempt off even then: a disk that cannot
+        be written is not written again at every poll.
+        """
         rolled = exc.reason.startswith("rolled back")
         to = InstallState.ROLLED_BACK if rolled else InstallState.FAILED
-        self._move_safe(rec, to, exc.reason)
+        try:
+            rec.tracker.move(to, exc.reason, self.clock())
+        except IllegalTransition:
+            rec.tracker.move(InstallState.FAILED, exc.reason, self.clock())
         rec.refused = fingerprint
         rec.retry_at = None if exc.retry_after_s is None else self.clock() + exc.retry_after_s
-        self.persist()
+        with contextlib.suppress(OSError):  # written with the next state that can be
+            self.persist()
         self.emit("event", "install.failed", {"pipeline": name, "reason": exc.reason})
-
-    def _move_safe(self, rec: PipelineRecord, to: InstallState, reason: str) -> None:
-        try:
-            self._move(rec, to, reason)
-        except ValueError:
-            self._move(rec, InstallState.FAILED, reason)
 
     def _install(self, name: str, rec: PipelineRecord, action: Action, fingerprint: str) -> None:
         assert action.model is not None
@@ -269,9 +306,7 @@ class Installer:
             self.host.serve(spec, parts[0].model, companions)
         except Exception as exc:  # the runtime refused the spec: undo
             if old_models is not None:
-                # If the old pipeline cannot come back either, the report says why.
-                with contextlib.suppress(Exception):
-                    self.start_committed(name, rec, old_models["spec"])
+                self._restore(name, rec, old_models)
                 raise InstallFailed(f"rolled back: pipeline refused the new model: {exc}") from exc
             raise InstallFailed(f"incompatible: pipeline refused the model: {exc}") from exc
         crashpoint("after_switch")
@@ -289,16 +324,36 @@ class Installer:
         rec.tracker.move(
             InstallState.ACTIVE, f"serving {main.ref.name}@{main.ref.version}", self.clock()
         )
-        self.persist()  # the commit point
+        try:
+            self.persist()  # the commit point
+        except OSError as exc:
+            # Not recorded, so a restart would serve the old models: serve them now too.
+            rec.committed = old_models
+            self._restore(name, rec, old_models)
+            raise InstallFailed(
+                f"rolled back: the install could not be recorded: {storage_reason(exc)}",
+                RETRY_DISK_S,
+            ) from exc
         for p in parts:
             assert p.slot is not None
-            self.store.commit(p.ref.name, p.slot)
+            # state.json decided; the store's pointer follows it (at boot if not now).
+            with contextlib.suppress(OSError):
+                self.store.commit(p.ref.name, p.slot)
         crashpoint("after_commit")
         self.emit(
             "event",
             "install.succeeded",
             {"pipeline": name, "model": main.ref.name, "version": main.ref.version},
         )
+
+    def _restore(self, name: str, rec: PipelineRecord, old: dict[str, Any] | None) -> None:
+        """Serve the committed models again after a switch that cannot stand."""
+        if old is None:
+            self.host.stop(name)
+            return
+        # If the old pipeline cannot come back either, the report says why.
+        with contextlib.suppress(Exception):
+            self.start_committed(name, rec, old["spec"])
 
     def _spec(self, name: str, action: Action) -> dict[str, Any]:
         assert action.model is not None
@@ -312,17 +367,27 @@ class Installer:
         return spec
 
     def _download(self, rec: PipelineRecord, parts: list[_Prepared]) -> None:
-        missing = [p for p in parts if not self.cache.has(p.ref.sha256)]
+        try:
+            missing = [p for p in parts if not self.cache.has(p.ref.sha256)]
+        except FetchError as exc:  # the cache cannot be read: the device's storage
+            raise InstallFailed(exc.reason, RETRY_DISK_S) from exc
         if not missing:
             for p in parts:
                 p.path = self.cache.path(p.ref.sha256)
             return
         total = sum(p.ref.size for p in missing) or 1
         try:
+            reclaim = {p.ref.sha256: self.store.reclaimable_bytes(p.ref.name) for p in missing}
             for p in missing:
-                self.cache.preflight(p.ref.size, self.cache.partial_size(p.ref.sha256))
+                self.cache.preflight(
+                    p.ref.size, self.cache.partial_size(p.ref.sha256), reclaim[p.ref.sha256]
+                )
         except InsufficientDisk as exc:
+            for p in missing:  # nothing fits for now: give the partial files' space back
+                self.cache.discard_partial(p.ref.sha256)
             raise InstallFailed(exc.reason, RETRY_DISK_S) from exc
+        except OSError as exc:
+            raise InstallFailed(storage_reason(exc), RETRY_DISK_S) from exc
         done_before = 0
         last = [-1.0]
 
@@ -330,7 +395,13 @@ class Installer:
             frac = (done_before + done) / total
             if frac - last[0] >= 0.1 or done == size:
                 last[0] = frac
-                self._move(rec, InstallState.DOWNLOADING, f"{frac:.0%}", round(frac, 3))
+                rec.tracker.move(
+                    InstallState.DOWNLOADING, f"{frac:.0%}", self.clock(), round(frac, 3)
+                )
+                # A tick not written is no loss (the next state is); a full disk shows in
+                # the download's own write, as the download's failure.
+                with contextlib.suppress(OSError):
+                    self.persist()
 
         if rec.tracker.state is not InstallState.DOWNLOADING:
             self._move(rec, InstallState.DOWNLOADING, "0%", 0.0)
@@ -339,10 +410,10 @@ class Installer:
             try:
                 result = self.backoff.call(
                     lambda ref=ref: self.cache.fetch(  # type: ignore[misc]
-                        self.source, ref.url, ref.sha256, ref.size, progress
+                        self.source, ref.url, ref.sha256, ref.size, progress, reclaim[ref.sha256]
                     )
                 )
-            except InsufficientDisk as exc:
+            except (InsufficientDisk, StorageError) as exc:
                 raise InstallFailed(exc.reason, RETRY_DISK_S) from exc
             except FetchError as exc:
                 raise InstallFailed(f"download failed: {exc.reason}", RETRY_FETCH_S) from exc
@@ -375,6 +446,9 @@ class Installer:
             if why:
                 raise InstallFailed(why)
             p.files = {name: entry.sha256 for name, entry in m.files.items()}
+            # extract writes the manifest beside the files, in this form.
+            body = json.dumps(m.model_dump(mode="json", exclude_unset=True), indent=2)
+            p.slot_bytes = sum(_blocks(e.size) for e in m.files.values()) + _blocks(len(body) + 1)
 
     def _write(self, rec: PipelineRecord, parts: list[_Prepared]) -> None:
         from edgewise.bundle import BundleError, extract
@@ -387,20 +461,46 @@ class Installer:
                 continue
             if rec.tracker.state is not InstallState.INSTALLING:
                 self._move(rec, InstallState.INSTALLING, f"writing {p.ref.name} into inactive slot")
+            self._room_for_slot(p)
             slot = self.store.begin_write(p.ref.name, p.ref.version, p.ref.sha256)
             slot_dir = self.store.slot_dir(p.ref.name, slot)
-            slot_dir.rmdir()  # extract wants to create it: it renames a verified temp dir
             try:
+                slot_dir.rmdir()  # extract wants to create it: it renames a verified temp dir
                 extract(p.path, slot_dir, self.publishers())
+                crashpoint("mid_write")
+                self.store.finish_write(p.ref.name, slot, known=p.files)
             except BundleError as exc:
-                self.store.discard(p.ref.name, slot)
+                self._discard(p.ref.name, slot)
                 raise InstallFailed(f"bundle invalid: {exc.message}") from exc
-            crashpoint("mid_write")
-            self.store.finish_write(p.ref.name, slot, known=p.files)
+            except OSError as exc:
+                # A half-written slot would hold its space until the next start: empty it.
+                self._discard(p.ref.name, slot)
+                raise InstallFailed(storage_reason(exc), RETRY_DISK_S) from exc
             p.slot = slot
         if rec.tracker.state is not InstallState.INSTALLING:
             self._move(rec, InstallState.INSTALLING, "slot already holds this bundle")
         crashpoint("after_write")
+
+    def _room_for_slot(self, p: _Prepared) -> None:
+        """Refuse, before writing a byte, a slot that the free space cannot hold.
+
+        Without this a bundle in the cache is extracted again at every retry until the
+        disk says no, wearing the flash for nothing.
+        """
+        need = p.slot_bytes + self.cache.reserve_bytes
+        # The slot about to be emptied gives its space to the new one.
+        free = self.cache.free_bytes(self.store.root) + self.store.reclaimable_bytes(p.ref.name)
+        if free < need:
+            raise InstallFailed(
+                f"insufficient disk: need {need / 1e6:.1f} MB to write the slot, "
+                f"{free / 1e6:.1f} MB free",
+                RETRY_DISK_S,
+            )
+
+    def _discard(self, name: str, slot: Slot) -> None:
+        # Best effort: `recover` at the next start empties a slot still marked writing.
+        with contextlib.suppress(OSError):
+            self.store.discard(name, slot)
 
     def _health(self, rec: PipelineRecord, parts: list[_Prepared]) -> None:
         self._move(rec, InstallState.HEALTH_CHECKING, "loading, warming up, running samples")

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import sqlite3
 import time
 from collections.abc import Callable
 from typing import Any
@@ -26,6 +27,7 @@ from edgewise._httpd import (
     HttpServer,
     error_answer,
 )
+from edgewise.agent._buffer import BufferFull
 
 __all__ = ["LocalServer", "make_local_app"]
 
@@ -83,6 +85,21 @@ def _parse_records(raw: bytes) -> list[tuple[str, str, dict[str, Any], float]]:
     return out
 
 
+def _store(add: Callable[[list[Any]], int], records: list[Any]) -> int | Answer:
+    # The device's disk failing is the app's business (it may keep the records and try
+    # later), not an internal error.
+    try:
+        return add(records)
+    except BufferFull as exc:
+        return error_answer(507, "insufficient_storage", str(exc.strerror))
+    except sqlite3.OperationalError as exc:  # read-only, failing
+        return error_answer(503, "storage_unavailable", f"telemetry buffer: {exc}")
+
+
+def _stored(result: int | Answer) -> Answer:
+    return result if isinstance(result, tuple) else _json(200, {"stored": result})
+
+
 def make_local_app(
     status: Callable[[], dict[str, Any]],
     add_telemetry: Callable[[list[tuple[str, str, dict[str, Any], float]]], int],
@@ -113,7 +130,7 @@ def make_local_app(
                 records = _parse_records(body)
             except ValueError as exc:  # orjson.JSONDecodeError is a ValueError
                 return error_answer(400, "bad_request", str(exc))
-            return later(lambda: add_telemetry(records), lambda n: _json(200, {"stored": n}))
+            return later(lambda: _store(add_telemetry, records), _stored)
         inner = inference()
         if inner is None:
             return error_answer(404, "not_found", f"no route {path}")

@@ -24,6 +24,7 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 from dataclasses import asdict, dataclass, field
@@ -105,7 +106,11 @@ class ModelStore:
         return SlotInfo(**raw) if isinstance(raw, dict) else SlotInfo(slot)
 
     def _save(self, name: str, doc: dict[str, Any]) -> None:
-        self._pointer(name).commit(doc)
+        pointer = self._pointer(name)
+        own = pointer.path.parent
+        if own.is_symlink() or (own.exists() and not own.is_dir()):
+            remove_tree(own)  # damage: the store never writes through a link
+        pointer.commit(doc)
 
     def names(self) -> list[str]:
         """Model names that have a pointer file."""
@@ -131,6 +136,25 @@ class ModelStore:
         active = doc.get("active")
         return self._info(doc, active) if active in _SLOTS else None
 
+    def next_slot(self, name: str) -> Slot:
+        """The slot the next `begin_write` of `name` claims (never the active one)."""
+        active = self._load(name).get("active")
+        return _other(active) if active in _SLOTS else "a"
+
+    def reclaimable_bytes(self, name: str) -> int:
+        """Disk held by the slot the next install of `name` empties before writing.
+
+        On a device whose flash holds two slots and little more, that space is what the
+        next version goes into: a free-space check that ignored it would refuse every
+        update. Symlinks are not followed (their targets are not ours to count or free).
+        """
+        total = 0
+        for dirpath, _dirs, names in os.walk(self.slot_dir(name, self.next_slot(name))):
+            for entry in names:
+                with contextlib.suppress(OSError):
+                    total += os.lstat(os.path.join(dirpath, entry)).st_blocks * 512
+        return total
+
     def find_ready(self, name: str, sha256: str) -> Slot | None:
         """A ready slot already holding this bundle (e.g. the previous version)."""
         for slot, info in self.slots(name).items():
@@ -139,20 +163,34 @@ class ModelStore:
         return None
 
     def recover(self) -> list[str]:
-        """Discard every slot left `writing` by a crash; returns what was discarded."""
+        """Discard every slot left `writing` by a crash; returns what was discarded.
+
+        Also whatever damage sits where a slot belongs (a file, a symlink: the link is
+        dropped, its target untouched) and the temp files and directories of writes cut
+        short, so their space comes back.
+        """
         discarded: list[str] = []
         for name in self.names():
-            # Temp directories of an extraction cut short (bundle.extract renames at end).
+            if (self.root / name).is_symlink():  # points out of the store: drop the link
+                remove_tree(self.root / name)
+                discarded.append(name)
+                continue
+            # Temp directories of an extraction cut short (bundle.extract renames at end),
+            # and `.slots.json.tmp`: nothing of the store's starts with a dot otherwise.
             for tmp in (self.root / name).glob(".*"):
-                if tmp.is_dir():
-                    remove_tree(tmp)
+                remove_tree(tmp)
+                if tmp.name != ".slots.json.tmp":
                     discarded.append(f"{name}/{tmp.name}")
             doc = self._load(name)
             changed = False
             for slot in _SLOTS:
                 info = self._info(doc, slot)
-                if info.state == "writing" or (
-                    info.state == "empty" and self.slot_dir(name, slot).exists()
+                where = self.slot_dir(name, slot)
+                present = where.exists() or where.is_symlink()
+                if (
+                    info.state == "writing"
+                    or (info.state == "empty" and present)
+                    or (present and (where.is_symlink() or not where.is_dir()))
                 ):
                     remove_tree(self.slot_dir(name, slot))
                     doc.setdefault("slots", {})[slot] = asdict(SlotInfo(slot))
@@ -189,7 +227,7 @@ class ModelStore:
         """
         doc = self._load(name)
         active = doc.get("active")
-        slot: Slot = _other(active) if active in _SLOTS else "a"
+        slot: Slot = _other(active) if active in _SLOTS else "a"  # as `next_slot`
         doc.setdefault("slots", {})[slot] = asdict(
             SlotInfo(slot, "writing", version=version, sha256=sha256)
         )
@@ -228,10 +266,15 @@ class ModelStore:
         self._save(name, doc)
 
     def discard(self, name: str, slot: Slot) -> None:
-        """Empty an inactive slot (a failed install)."""
+        """Empty an inactive slot (a failed install).
+
+        The files go first: on a full disk their space is what lets the pointer file be
+        written. A crash between the two leaves a slot marked `writing` (discarded at the
+        next start) or `ready` without its files (fails `verify_slot`, never served).
+        """
         doc = self._load(name)
         if doc.get("active") == slot:
             raise StoreError(f"{name}/{slot} is the active slot")
+        remove_tree(self.slot_dir(name, slot))
         doc.setdefault("slots", {})[slot] = asdict(SlotInfo(slot))
         self._save(name, doc)
-        remove_tree(self.slot_dir(name, slot))
