@@ -13,7 +13,7 @@ import pytest
 from sqlalchemy import select
 
 from edgewise.control import _schema as t
-from edgewise.control._outbox import Outbox, retry_delay
+from edgewise.control._outbox import Outbox, enqueue, post_json, retry_delay
 
 from .inproc import World
 from .test_rollout_api import _fleet, _phase_devices, _revise, _start
@@ -159,3 +159,74 @@ def test_a_notification_no_receiver_takes_for_a_day_is_dropped(
     (row,) = _rows(w)
     assert row["state"] == "dropped" and row["last_error"] == "HTTP 503"
     assert receiver.bodies == [] and box.pending() == 0
+
+
+class _Drip:
+    """A webhook that answers one header byte at a time, for longer than any deadline."""
+
+    def __init__(self) -> None:
+        self.stop = threading.Event()
+        drip = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:
+                self.rfile.read(int(self.headers["content-length"]))
+                self.wfile.write(b"HTTP/1.1 200 OK\r\n")
+                for _ in range(300):  # 30 s of "X-Slow: ..." a byte every 0.1 s
+                    if drip.stop.wait(0.1):
+                        return
+                    self.wfile.write(b"X")
+                    self.wfile.flush()
+
+            def log_message(self, *_: Any) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/hook"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self) -> None:
+        self.stop.set()
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def test_a_receiver_that_drips_its_answer_is_cut_off_at_the_deadline() -> None:
+    drip = _Drip()
+    try:
+        # Before: httpx's timeout was per read, so a byte every 0.1 s kept the post
+        # going for the whole 30 s (past the claim, so another replica posted it too).
+        why = post_json(drip.url, {"x": 1}, deadline_s=1.0)
+    finally:
+        drip.close()
+    assert why == "no complete answer within 1 s"
+
+
+def test_a_receiver_that_is_down_holds_neither_the_others_nor_its_own_order(
+    world: World, receiver: _Receiver
+) -> None:
+    engine = world.plane.store.engine
+    down = "http://127.0.0.1:9/down"  # discard port: refused
+    with engine.begin() as c:
+        enqueue(c, "alert.firing", {"n": 1}, world.clock(), down)
+        enqueue(c, "alert.firing", {"n": 2}, world.clock(), down)
+        enqueue(c, "alert.firing", {"n": 3}, world.clock(), receiver.url)
+    assert _outbox(world, "").deliver_due() == 1
+    assert receiver.bodies == [{"n": 3}]
+    tries = {r["payload"]["n"]: r["attempts"] for r in _rows(world)}
+    assert tries == {1: 1, 2: 0, 3: 1}  # n=2 waits behind n=1, untried
+
+
+def test_an_inline_round_stops_claiming_once_its_budget_is_spent(world: World) -> None:
+    posted: list[int] = []
+
+    def slow_post(url: str, payload: Any) -> None:
+        posted.append(payload["n"])
+        world.clock.now += 4.0  # each post takes 4 s of the round's time
+
+    with world.plane.store.engine.begin() as c:
+        for n in range(5):
+            enqueue(c, "alert.firing", {"n": n}, world.clock(), f"http://127.0.0.1:9/{n}")
+    box = Outbox(world.plane.store.engine, "", post=slow_post, clock=world.clock)
+    assert box.deliver_due(budget_s=10.0) == 3 and posted == [0, 1, 2]
+    assert box.deliver_due() == 2 and posted == [0, 1, 2, 3, 4]  # the loop takes the rest

@@ -11,9 +11,11 @@ that is restarting when an alert fires still gets it.
 
 Delivery is at least once, in creation order, by whichever replica claims a row first
 (a compare-and-set on its due time, so replicas never post one row twice at once). A
-failed post (no answer within 5 s, or a non-2xx status) is tried again after 5 s,
-10 s, 20 s... up to 10 minutes apart, for a day; then it is dropped and logged. Rows
-that ended are deleted after a week.
+failed post (no whole answer within 5 s, however slowly the receiver drips it, or a
+non-2xx status) is tried again after 5 s, 10 s, 20 s... up to 10 minutes apart, for a
+day; then it is dropped and logged. After a failure a round posts nothing more to that
+receiver, so one receiver that is down neither holds the others nor gets its later
+events first. Rows that ended are deleted after a week.
 
 Usage::
 
@@ -60,7 +62,8 @@ RETRY_FIRST_S = 5.0
 RETRY_MAX_S = 600.0
 GIVE_UP_S = 86400.0
 KEEP_S = 7 * 86400.0
-CLAIM_S = 60.0  # a claimed row is left alone this long (the post takes at most 5 s)
+POST_S = 5.0  # the whole post: connect, send, and the receiver's complete answer
+CLAIM_S = 60.0  # a claimed row is left alone this long (a post takes at most POST_S)
 _D = DeviceRolloutState
 
 
@@ -114,12 +117,29 @@ def retry_delay(attempts: int) -> float:
     return min(RETRY_MAX_S, RETRY_FIRST_S * 2.0 ** min(max(0, attempts - 1), 20))
 
 
-def post_json(url: str, payload: Mapping[str, Any]) -> str | None:
-    """POST `payload`; None when the receiver took it, else why not."""
+def post_json(url: str, payload: Mapping[str, Any], deadline_s: float = POST_S) -> str | None:
+    """POST `payload`; None when the receiver took it, else why not.
+
+    `deadline_s` bounds the whole exchange, not each read: a receiver that answers a
+    byte every few seconds is cut off like one that does not answer. Call it from a
+    thread without a running event loop (the delivery loop and alert rounds run in
+    worker threads).
+    """
+    import asyncio
+
     import httpx
 
+    async def post() -> httpx.Response:
+        async with httpx.AsyncClient(timeout=deadline_s) as client:
+            return await client.post(url, json=dict(payload))
+
+    async def bounded() -> httpx.Response:
+        return await asyncio.wait_for(post(), deadline_s)
+
     try:
-        r = httpx.post(url, json=dict(payload), timeout=5.0)
+        r = asyncio.run(bounded())
+    except TimeoutError:
+        return f"no complete answer within {deadline_s:g} s"
     except httpx.HTTPError as exc:
         return f"{type(exc).__name__}: {exc}"[:500]
     return None if r.is_success else f"HTTP {r.status_code}"
@@ -155,8 +175,13 @@ class Outbox:
                 ).scalar_one()
             )
 
-    def deliver_due(self, limit: int = 50) -> int:
-        """Post what is due, oldest first; returns how many were delivered."""
+    def deliver_due(self, limit: int = 50, budget_s: float | None = None) -> int:
+        """Post what is due, oldest first; returns how many were delivered.
+
+        After a failed post the round skips that receiver's later rows (they keep their
+        turn). `budget_s`: claim no new row once the round has taken this long (the
+        rest waits for the delivery loop).
+        """
         o = t.outbox
         now = self.clock()
         with self.engine.connect() as c:
@@ -175,26 +200,24 @@ class Outbox:
                 .limit(limit)
             ).all()
         delivered = 0
+        failing: set[str] = set()
         for row in due:
+            url = row.url or self.url
+            if url in failing:
+                continue  # keeps its turn behind the row that failed
+            if budget_s is not None and self.clock() - now >= budget_s:
+                break
             if not self._claim(row.id, row.due_at, now):
                 continue  # another replica has it
-            url = row.url or self.url
             why = self.post(url, row.payload) if url else "no webhook to post it to"
             tries = row.attempts + 1
             done = self.clock()
             if why is None:
                 values: dict[str, Any] = {"state": "delivered", "attempts": tries, "done_at": done}
                 delivered += 1
-            elif done - row.created_at >= GIVE_UP_S:
-                values = {"state": "dropped", "attempts": tries, "done_at": done, "last_error": why}
-                log.error(
-                    "notification %s (%s) dropped after %d tries: %s", row.id, row.topic, tries, why
-                )
             else:
-                values = {"attempts": tries, "due_at": done + retry_delay(tries), "last_error": why}
-                log.warning(
-                    "notification %s (%s) not delivered (try %d): %s", row.id, row.topic, tries, why
-                )
+                failing.add(url)
+                values = self._failed(row, tries, done, why)
             with self.engine.begin() as c:
                 c.execute(update(o).where(o.c.id == row.id).values(**values))
         if now - self._swept_at >= 3600.0:
@@ -202,6 +225,18 @@ class Outbox:
             with self.engine.begin() as c:
                 c.execute(delete(o).where(o.c.state != "pending", o.c.done_at < now - KEEP_S))
         return delivered
+
+    @staticmethod
+    def _failed(row: Any, tries: int, done: float, why: str) -> dict[str, Any]:
+        if done - row.created_at >= GIVE_UP_S:
+            log.error(
+                "notification %s (%s) dropped after %d tries: %s", row.id, row.topic, tries, why
+            )
+            return {"state": "dropped", "attempts": tries, "done_at": done, "last_error": why}
+        log.warning(
+            "notification %s (%s) not delivered (try %d): %s", row.id, row.topic, tries, why
+        )
+        return {"attempts": tries, "due_at": done + retry_delay(tries), "last_error": why}
 
     def _claim(self, row_id: int, due_at: float, now: float) -> bool:
         o = t.outbox

@@ -63,6 +63,7 @@ log = logging.getLogger("edgewise.control.telemetry")
 Rule = BurnRateRule | DriftRule | FreshnessRule
 Visible = Callable[[Mapping[str, str]], bool]
 _OPEN = (AlertState.FIRING.value, AlertState.SUPPRESSED.value)
+NOTIFY_BUDGET_S = 10.0  # posting inline after an alert round, at most this long
 
 
 def _rounded(value: float | None) -> float | None:
@@ -405,7 +406,9 @@ class TelemetryService:
                     .values(notified=True)
                 )
                 queued += 1
-        return self.outbox.deliver_due() if queued else 0
+        # A receiver that hangs must not hold the alert round: what is left after
+        # NOTIFY_BUDGET_S goes out from the control plane's delivery loop.
+        return self.outbox.deliver_due(budget_s=NOTIFY_BUDGET_S) if queued else 0
 
     # -- retention --------------------------------------------------------------------
 
