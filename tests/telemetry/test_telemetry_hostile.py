@@ -598,3 +598,59 @@ def test_a_hostile_batch_over_mqtt_is_stored_and_the_broker_keeps_delivering(
         raw.loop_stop()
     _wait(lambda: _stored(store, honest) == [1] and _stored(store, hostile) == [1, 2, 3])
     assert consumer.stats.failed_batches == 0
+
+
+@pytest.mark.parametrize("store", ["sqlite"], indirect=True)
+def test_a_qos0_flood_is_shed_not_queued_without_bound(
+    store: Any, mqtt_broker: tuple[str, int]
+) -> None:
+    # Any broker client may publish at QoS 0, which has no inflight window: every
+    # message waited in memory while the consumer was busy, however many came.
+    import threading
+    import uuid
+
+    import paho.mqtt.client as mqtt
+    from paho.mqtt.enums import CallbackAPIVersion
+    from paho.mqtt.packettypes import PacketTypes
+    from paho.mqtt.properties import Properties
+
+    fleet = Fleet(store)
+    gate = threading.Event()
+
+    def slow_verify(headers: Any, topic: str, body: bytes) -> str:
+        gate.wait(30)  # the consumer is busy while the flood arrives
+        return fleet.verify(headers, topic, body)
+
+    consumer = MqttIngest(
+        TelemetryIngest(store.engine),
+        slow_verify,
+        *mqtt_broker,
+        client_id=f"cp-{uuid.uuid4().hex[:6]}",
+        subscription=f"$share/t{uuid.uuid4().hex[:8]}/edgewise/telemetry/#",
+        max_batch=1,
+        max_queued=50,
+    )
+    consumer.start()
+    raw = mqtt.Client(CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv5)
+    raw.connect(*mqtt_broker)
+    raw.loop_start()
+    try:
+        for i in range(500):
+            raw.publish(f"edgewise/telemetry/flood-{i}", b"x" * 100, qos=0)
+        _wait(lambda: consumer.stats.shed + consumer._queue.qsize() + 1 >= 500)
+        assert consumer._queue.qsize() <= 50 and consumer.stats.shed >= 449
+        gate.set()
+        honest = fleet.add()
+        topic = f"edgewise/telemetry/{honest}"
+        body = _raw([_rec(1, json.dumps(_data()))])
+        props = Properties(PacketTypes.PUBLISH)  # type: ignore[no-untyped-call]
+        props.UserProperty = list(
+            sign_request(fleet.keys[honest], honest, "MQTT", topic, body, time.time()).items()
+        )
+        raw.publish(topic, body, qos=1, properties=props).wait_for_publish(5)
+        _wait(lambda: _stored(store, honest) == [1])  # and it keeps serving devices
+    finally:
+        gate.set()
+        raw.disconnect()
+        raw.loop_stop()
+        consumer.stop()

@@ -408,3 +408,18 @@ def test_mqtt_ingest_verifies_devices_with_the_control_plane(
     assert (ack.accepted, ack.acked_seq) == (3, 3)
     assert [r.seq for r in _stored(server, device)] == [1, 2, 3]
     assert consumer.stats.rejected >= 1
+    # What the consumer did is on /metrics while it is the app's consumer.
+    wired = server.app.state.telemetry_runtime
+    assert "edgewise_mqtt_telemetry" not in server.http.get("/metrics").text  # none runs
+    wired.mqtt = consumer
+    try:
+        text = server.http.get("/metrics").text
+    finally:
+        wired.mqtt = None
+    counts = {
+        line.split('"')[1]: float(line.split()[-1])
+        for line in text.splitlines()
+        if line.startswith("edgewise_mqtt_telemetry_messages_total{")
+    }
+    assert counts["stored"] == 3 and counts["rejected"] == consumer.stats.rejected
+    assert counts["shed"] == 0

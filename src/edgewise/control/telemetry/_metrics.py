@@ -11,6 +11,10 @@ in the field, open alerts and the last `window_s` of telemetry windows (cached f
   a gauge, so the label is not `quantile`, which promtool keeps for summaries)
 - `edgewise_fleet_drift_score{model}`, `edgewise_fleet_telemetry_age_seconds{model}`
 - `edgewise_alerts_open{state}`
+
+`MqttCollector` adds `edgewise_mqtt_telemetry_messages_total{outcome}`: what this
+replica's MQTT consumer did with each message (stored, duplicate, rejected, invalid,
+shed), while one runs.
 """
 
 from __future__ import annotations
@@ -20,7 +24,7 @@ import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 from sqlalchemy import func, select
 
@@ -28,7 +32,36 @@ from edgewise.control import _schema as cs
 from edgewise.control.telemetry import _tables as tt
 from edgewise.control.telemetry._service import TelemetryService
 
-__all__ = ["FleetCollector"]
+__all__ = ["FleetCollector", "MqttCollector"]
+
+_MQTT_OUTCOMES = ("received", "stored", "duplicates", "rejected", "invalid", "shed")
+
+
+class MqttCollector(Collector):
+    """The MQTT telemetry consumer's counters; `stats()` is None while none runs."""
+
+    def __init__(self, stats: Callable[[], Any]) -> None:
+        """Read the consumer's `MqttIngestStats` through `stats` at scrape time."""
+        self.stats = stats
+
+    def describe(self) -> list[Any]:
+        """Nothing up front: the consumer may not run."""
+        return []
+
+    def collect(self) -> Iterator[CounterMetricFamily]:
+        """One counter family, by outcome (nothing while no consumer runs)."""
+        stats = self.stats()
+        if stats is None:
+            return
+        family = CounterMetricFamily(
+            "edgewise_mqtt_telemetry_messages",
+            "MQTT telemetry messages this replica received, by what became of them",
+            labels=["outcome"],
+        )
+        for outcome in _MQTT_OUTCOMES:
+            family.add_metric([outcome], float(getattr(stats, outcome)))
+        family.add_metric(["failed_batches"], float(stats.failed_batches))
+        yield family
 
 
 class FleetCollector(Collector):

@@ -23,6 +23,12 @@ plane that dies mid-batch leaves them to be redelivered, and the (device, seq) k
 make the redelivery a no-op where it was stored after all. A worker thread verifies and
 decodes what arrived meanwhile, and a second one writes each such chunk with one
 `ingest_many` call (batched writes), so decoding overlaps the database work.
+
+What waits to be verified is bounded. QoS 1 messages are bounded by the broker: the
+consumer announces a Receive Maximum (`max_inflight`), so the broker sends no more
+unacknowledged ones than that. QoS 0 messages have no such window (agents never send
+telemetry at QoS 0, but any broker client can), so past `max_queued` waiting messages
+they are shed and counted (`stats.shed`) instead of growing the queue without bound.
 """
 
 from __future__ import annotations
@@ -72,6 +78,7 @@ class MqttIngestStats:
     rejected: int = 0
     invalid: int = 0
     failed_batches: int = 0
+    shed: int = 0  # QoS 0 messages dropped unread: the queue was full
 
 
 @dataclass(frozen=True)
@@ -97,6 +104,8 @@ class MqttIngest:
         max_delay_s: float = 0.05,
         subscription: str = SHARED_SUBSCRIPTION,
         ack_key: Ed25519PrivateKey | None = None,
+        max_inflight: int = 1000,
+        max_queued: int = 2000,
     ) -> None:
         """Consume `subscription` on the broker at host:port into `ingest`.
 
@@ -111,6 +120,7 @@ class MqttIngest:
         self.max_batch = max_batch
         self.max_delay_s = max_delay_s
         self.subscription = subscription
+        self.max_inflight, self.max_queued = max_inflight, max_queued
         self.stats = MqttIngestStats()
         self._queue: queue.Queue[_Msg | None] = queue.Queue()
         self._connected = threading.Event()
@@ -130,6 +140,8 @@ class MqttIngest:
         """
         import paho.mqtt.client as mqtt
         from paho.mqtt.enums import CallbackAPIVersion
+        from paho.mqtt.packettypes import PacketTypes
+        from paho.mqtt.properties import Properties
 
         client = mqtt.Client(
             CallbackAPIVersion.VERSION2,
@@ -142,7 +154,9 @@ class MqttIngest:
         client.on_message = self._on_message
         client.on_disconnect = lambda *a: self._connected.clear()
         self._client = client
-        client.connect(self.host, self.port)
+        props = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
+        props.ReceiveMaximum = self.max_inflight
+        client.connect(self.host, self.port, properties=props)
         client.loop_start()
         if not (self._connected.wait(timeout_s) and self._subscribed.wait(timeout_s)):
             client.loop_stop()
@@ -188,6 +202,9 @@ class MqttIngest:
     def _on_message(self, _client: Any, _userdata: Any, msg: Any) -> None:
         props = getattr(msg, "properties", None)
         pairs = getattr(props, "UserProperty", None) or []
+        if msg.qos == 0 and self._queue.qsize() >= self.max_queued:
+            self.stats.shed += 1
+            return
         headers = {str(k): str(v) for k, v in pairs}
         self._queue.put(_Msg(msg.mid, msg.qos, msg.topic, bytes(msg.payload), headers))
 

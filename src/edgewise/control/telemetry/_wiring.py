@@ -28,7 +28,7 @@ from edgewise.control.telemetry._admission import IngestBudget
 from edgewise.control.telemetry._alerts import ActiveRollout
 from edgewise.control.telemetry._group import GroupCommit
 from edgewise.control.telemetry._ingest import TelemetryIngest
-from edgewise.control.telemetry._metrics import FleetCollector
+from edgewise.control.telemetry._metrics import FleetCollector, MqttCollector
 from edgewise.control.telemetry._retention import RetentionPolicy
 from edgewise.control.telemetry._service import TelemetryService
 
@@ -211,6 +211,7 @@ def install_telemetry(
             runtime.service, online_window_s=plane.settings.online_window_s, clock=plane.clock
         )
     )
+    registry.register(MqttCollector(lambda: runtime.mqtt.stats if runtime.mqtt else None))
     if background:
         outer = app.router.lifespan_context
 
