@@ -654,3 +654,21 @@ def test_a_qos0_flood_is_shed_not_queued_without_bound(
         raw.disconnect()
         raw.loop_stop()
         consumer.stop()
+
+
+def test_a_window_stamped_in_the_far_future_counts_in_no_rollout_cohort(store: Any) -> None:
+    # The rollout's cohort reader read the raw log by the device's own stamp: a window
+    # stamped 1e300 counted in the control cohort of every phase of every later rollout.
+    from edgewise.control._rollout_observe import CohortReader
+
+    hostile, honest = _hostile_device(store), "honest"
+    add_device(store, honest, "ko", {"site": "o"})
+    ingest = TelemetryIngest(store.engine, clock=lambda: NOW)
+    far = json.dumps(_data(end=1e300, start=1e300 - 60, counts={"ok": 0, "failed": 10**6}))
+    ingest.ingest(hostile, decode_upload(_raw([_rec(1, far, ts=1e300)])))
+    ingest.ingest(honest, decode_upload(_raw([_rec(1, json.dumps(_data()))])))
+    reader = CohortReader(store.engine)
+    models = {"p": ("m", "1")}
+    got = reader.windows([hostile, honest], NOW - 600, models)
+    assert [w.device_id for w in got] == [honest]
+    assert reader.windows([hostile, honest], NOW + 86400, models) == []  # a day on: nothing

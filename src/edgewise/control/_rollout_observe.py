@@ -38,7 +38,7 @@ from edgewise.control.rollout import (
     Rollout,
 )
 from edgewise.control.telemetry import WindowFigures, cohort_figures
-from edgewise.protocol import cannot_run
+from edgewise.protocol import MAX_SKEW_S, cannot_run
 
 __all__ = [
     "CohortReader",
@@ -247,14 +247,22 @@ class CohortReader:
     def windows(
         self, device_ids: Sequence[str], since: float, models: Mapping[str, tuple[str, str]]
     ) -> list[WindowFigures]:
-        """`window` records of these devices since `since` on the given pipeline models."""
+        """`window` records of these devices since `since` on the given pipeline models.
+
+        A record stamped later than its arrival plus the signature's clock-skew bound
+        is no one's figure: its stamp is made up (one at 1e300 would count in every
+        phase of every later rollout).
+        """
         tel = t.telemetry
         out = []
         with self.engine.connect() as c:
             for i in range(0, len(device_ids), _CHUNK):
                 chunk = list(device_ids[i : i + _CHUNK])
                 q = select(tel.c.device_id, tel.c.data).where(
-                    tel.c.device_id.in_(chunk), tel.c.kind == "window", tel.c.ts >= since
+                    tel.c.device_id.in_(chunk),
+                    tel.c.kind == "window",
+                    tel.c.ts >= since,
+                    tel.c.ts <= tel.c.received_at + MAX_SKEW_S,
                 )
                 for device_id, data in c.execute(q):
                     if not isinstance(data, dict):
