@@ -959,11 +959,44 @@ def test_the_drain_keeps_running_when_its_buffer_cannot_be_written(
     thread = threading.Thread(target=drain.run, args=(stop,), daemon=True)
     thread.start()
     try:
-        wait_for(lambda: len(sent) >= 3, 30, "uploads retried after failing acks")
-        assert thread.is_alive()
-        assert drain.last_error.startswith("buffer:")
+        wait_for(lambda: drain.last_error.startswith("buffer:"), 30, "an ack the disk refused")
+        assert thread.is_alive() and buf.depth() == 0
     finally:
         stop.set()
         drain.wake.set()
         thread.join(10)
-        buf.close()
+    # What the control plane stored is not uploaded again and again (it had been, every
+    # backoff, for as long as the disk stayed read-only).
+    assert drain.step(lambda _s: False) is False and sent == [10]
+    buf.close()
+    # After a restart the records go once more (the control plane keeps them once).
+    again = TelemetryBuffer(root / "telemetry.db")
+    assert [r.data["i"] for r in again.peek().records] == list(range(10))
+    again.close()
+
+
+# -- a first start on a disk that cannot take the device key ------------------------------
+
+
+@pytest.mark.parametrize("disk", ["full", "read-only"])
+def test_a_first_start_the_disk_cannot_take_says_so_and_exits(
+    disk: str, mounts: Mounts, tmp_path: Path
+) -> None:
+    # Before: a raw OSError traceback out of writing device.key (or making the directory).
+    root = mounts.tmpfs(tmp_path / "disk", "1m")
+    if disk == "full":
+        fill(root)
+        expect = "No space left on device (free space on that disk"
+    else:
+        mounts.read_only(root, "1m")
+        expect = "Read-only file system (the disk is read-only"
+    data = root / "agent"
+    done = subprocess.run(
+        [EDGEWISE, "agent", "--data", str(data), "--server", "http://127.0.0.1:9"]
+        + ["--enroll-token", "t"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode != 0 and "Traceback" not in done.stderr, done.stderr
+    assert expect in done.stderr and str(data) in done.stderr, done.stderr

@@ -125,6 +125,9 @@ class TelemetryBuffer:
         self.volatile = False
         # Drops the disk could not count yet (it was full); written with the next append.
         self._unsaved_drops: dict[str, int] = {}
+        # Acked records the disk would not let go of (it went read-only): skipped by
+        # `peek` so they are not uploaded again and again, deleted by a later ack.
+        self._acked_unsaved: set[int] = set()
         self._db = self._open()
 
     # -- opening, and starting afresh ------------------------------------------------
@@ -342,15 +345,18 @@ class TelemetryBuffer:
         records: list[TelemetryRecord] = []
         used = 0
         with self._lock:
+            gone = frozenset(self._acked_unsaved)
             rows = self._guarded(
                 lambda: self._db.execute(
                     "SELECT seq, cls, ts, kind, data, size FROM records ORDER BY seq LIMIT ?",
-                    (max_records,),
+                    (max_records + len(gone),),
                 ).fetchall()
             )
             dropped = self._dropped_locked()
         for seq, cls, ts, kind, data, size in rows:
-            if records and used + int(size) > max_bytes:
+            if seq in gone:
+                continue
+            if len(records) == max_records or (records and used + int(size) > max_bytes):
                 break
             used += int(size)
             records.append(
@@ -361,11 +367,24 @@ class TelemetryBuffer:
         return TelemetryBatch(records=records, dropped=dropped)
 
     def ack(self, seqs: Sequence[int]) -> None:
-        """Forget records the control plane has stored."""
+        """Forget records the control plane has stored.
+
+        Raises:
+            sqlite3.Error: the disk would not record it (read-only, full). The records
+                are forgotten in memory all the same: this process does not upload
+                them again; after a restart they go once more, and the control plane
+                stores them once ((device, seq)).
+        """
         if not seqs:
             return
         with self._lock:
-            self._guarded(lambda: self._ack(seqs))
+            todo = sorted(self._acked_unsaved.union(seqs))
+            try:
+                self._guarded(lambda: self._ack(todo))
+            except sqlite3.Error:
+                self._acked_unsaved.update(seqs)
+                raise
+            self._acked_unsaved.clear()
 
     def _ack(self, seqs: Sequence[int]) -> None:
         self._db.execute("BEGIN IMMEDIATE")
@@ -390,9 +409,10 @@ class TelemetryBuffer:
     def depth(self) -> int:
         """How many records wait for upload."""
         with self._lock:
-            return self._guarded(
+            stored = self._guarded(
                 lambda: int(self._db.execute("SELECT COUNT(*) FROM records").fetchone()[0])
             )
+            return max(0, stored - len(self._acked_unsaved))
 
     def stored_bytes(self) -> int:
         """The budgeted size of what is stored."""

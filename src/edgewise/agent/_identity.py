@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import errno
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -62,20 +63,24 @@ def load_or_create_key(data_dir: Path) -> Ed25519PrivateKey:
         IdentityError: the key file is readable by others or not a key.
     """
     path = data_dir / KEY_FILE
-    if not path.exists():
-        key = Ed25519PrivateKey.generate()
-        pem = key.private_bytes(
-            serialization.Encoding.PEM,
-            serialization.PrivateFormat.PKCS8,
-            serialization.NoEncryption(),
-        )
-        atomic_write_bytes(path, pem, mode=0o600)
-        return key
-    mode = path.stat().st_mode & 0o777
-    if mode & 0o077:
-        raise IdentityError(f"{path} is readable by others (mode {mode:o}); chmod 600 it")
     try:
-        loaded = serialization.load_pem_private_key(path.read_bytes(), password=None)
+        if not path.exists():
+            key = Ed25519PrivateKey.generate()
+            pem = key.private_bytes(
+                serialization.Encoding.PEM,
+                serialization.PrivateFormat.PKCS8,
+                serialization.NoEncryption(),
+            )
+            atomic_write_bytes(path, pem, mode=0o600)
+            return key
+        mode = path.stat().st_mode & 0o777
+        if mode & 0o077:
+            raise IdentityError(f"{path} is readable by others (mode {mode:o}); chmod 600 it")
+        text = path.read_bytes()
+    except OSError as exc:
+        raise IdentityError(f"cannot {_verb(path)} the device key {path}: {_why(exc)}") from exc
+    try:
+        loaded = serialization.load_pem_private_key(text, password=None)
     except (ValueError, TypeError) as exc:
         raise IdentityError(f"{path} is not a private key: {exc}") from exc
     if not isinstance(loaded, Ed25519PrivateKey):
@@ -165,6 +170,26 @@ def ensure_private_dir(data_dir: Path) -> None:
     The mode is only written when it differs: a data partition that went read-only
     (flash wearing out) must still let the agent start and serve its committed model.
     """
-    data_dir.mkdir(parents=True, exist_ok=True)
-    if data_dir.stat().st_mode & 0o777 != 0o700:
-        os.chmod(data_dir, 0o700)
+    try:
+        data_dir.mkdir(parents=True, exist_ok=True)
+        if data_dir.stat().st_mode & 0o777 != 0o700:
+            os.chmod(data_dir, 0o700)
+    except OSError as exc:
+        if data_dir.is_dir() and exc.errno == errno.EROFS:
+            return  # its mode cannot change on this disk: serve on
+        raise IdentityError(f"cannot create the data directory {data_dir}: {_why(exc)}") from exc
+
+
+def _verb(path: Path) -> str:
+    return "read" if path.exists() else "write"
+
+
+def _why(exc: OSError) -> str:
+    """An OSError as an operator reads it, with what to do about the usual ones."""
+    what = exc.strerror or str(exc)
+    hint = {
+        errno.ENOSPC: "free space on that disk, or point --data at another",
+        errno.EROFS: "the disk is read-only; point --data at a writable one",
+        errno.EACCES: "run the agent as a user that owns it, or point --data elsewhere",
+    }.get(exc.errno or 0)
+    return f"{what} ({hint})" if hint else what
