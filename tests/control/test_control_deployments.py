@@ -3,12 +3,17 @@
 from __future__ import annotations
 
 import json
+import time
+from pathlib import Path
 from typing import Any
 
+from fastapi.testclient import TestClient
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from .conftest import Device, Plane
+from edgewise.control import create_app, open_store
+
+from .conftest import Device, Plane, make_plane
 
 KEYS = ["site", "hw"]
 VALUES = ["a", "b", "c"]
@@ -331,3 +336,52 @@ def test_a_report_with_a_bad_vocabulary_or_capabilities_is_a_422_and_stores_noth
     assert r.status_code in (400, 422) and "error" in r.json(), r.text
     view = p.api("GET", f"/api/v1/devices/{dev.id}").json()
     assert view["capabilities"] == {"memory_mb": 2048} and view["reported_revision"] is None
+
+
+def test_devices_a_killed_control_plane_left_behind_are_brought_up_at_the_next_start(
+    tmp_path: Path, examples: dict[str, Any]
+) -> None:
+    # A deployment change commits before the devices are recomputed: a control plane
+    # killed in between left them on the old document until something else moved them.
+    store = open_store(f"sqlite:///{tmp_path / 'cp.db'}")
+    try:
+        app, clock, settings = make_plane(store, tmp_path / "data")
+        admin = app.state.plane.bootstrap_admin()
+        with TestClient(app, raise_server_exceptions=False) as client:
+            p = Plane(client, admin, clock, settings)
+            p.deploy_digits(examples, "base", "site=a")
+            dev = p.enroll(labels={"site": "a"})
+            before = _desired(dev).json()["document"]
+            assert list(before["pipelines"]) == ["digits"]
+            base = p.api("GET", "/api/v1/deployments/base").json()
+            # `deploy delete` as far as its commit; the process dies there.
+            app.state.plane.store.delete_deployment(base["id"])
+            assert _desired(dev).json()["document"]["revision"] == before["revision"]
+        restarted = create_app(settings, store, clock=clock)  # its background loops run
+        with TestClient(restarted, raise_server_exceptions=False) as client:
+            dev.client = client
+
+            def caught_up() -> bool:
+                doc = _desired(dev).json()["document"]
+                return bool(doc["revision"] > before["revision"] and doc["pipelines"] == {})
+
+            deadline = time.monotonic() + 30
+            while not caught_up():
+                assert time.monotonic() < deadline, "the restart did not bring the device up"
+                time.sleep(0.05)
+    finally:
+        store.close()
+
+
+def test_a_reconcile_pass_writes_nothing_for_devices_that_are_up_to_date(
+    sqlite_plane: Plane, examples: dict[str, Any]
+) -> None:
+    from edgewise.control._recompute import reconcile_all
+
+    p = sqlite_plane
+    p.deploy_digits(examples, "base", "site=a")
+    devs = [p.enroll(labels={"site": site}) for site in ("a", "a", "b")]
+    revisions = [_desired(d).json()["document"]["revision"] for d in devs]
+    plane = p.client.app.state.plane  # type: ignore[attr-defined]
+    assert reconcile_all(plane) == 0
+    assert [_desired(d).json()["document"]["revision"] for d in devs] == revisions

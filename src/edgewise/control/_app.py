@@ -18,6 +18,7 @@ import asyncio
 import contextlib
 import inspect
 import logging
+import math
 import time
 from collections.abc import AsyncIterator, Callable
 from typing import Any
@@ -45,6 +46,7 @@ from edgewise.control._fastpath import DESIRED_PATH, try_fast_poll
 from edgewise.control._live import stale_entries
 from edgewise.control._outbox import Outbox
 from edgewise.control._plane import ApiError, ControlPlane
+from edgewise.control._recompute import RECONCILE_S, reconcile_all
 from edgewise.control._rollout_driver import RolloutDriver
 from edgewise.control._settings import Settings
 from edgewise.control._store import SqlStore
@@ -209,13 +211,18 @@ async def _deliver(outbox: Outbox, interval_s: float = 1.0) -> None:
 
 
 async def _watch(plane: ControlPlane) -> None:
-    """Notice changes other replicas made to devices; flush last-seen times."""
+    """Notice changes other replicas made to devices; reconcile desired state; flush."""
     interval = plane.settings.watch_interval_s
     since = plane.clock()
     last_flush = last_resync = time.monotonic()
+    last_reconcile = -math.inf  # the first pass brings every device up at start
     while True:
         await asyncio.sleep(interval)
         try:
+            if time.monotonic() - last_reconcile >= RECONCILE_S:
+                last_reconcile = time.monotonic()
+                if behind := await to_thread.run_sync(reconcile_all, plane):
+                    log.warning("desired-state reconcile: %d devices were behind", behind)
             now = plane.clock()
             # Look back a little: commits land after their changed_at stamp.
             window = since - 5.0

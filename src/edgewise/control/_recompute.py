@@ -5,6 +5,13 @@ a wave of 7,500 devices does the same with one read per 500 devices and one writ
 transaction per 500, the same compare-and-set on `desired_hash` (a device whose document
 changed meanwhile falls back to the one-device path) and the same wake-up: a revision
 bump drops the cached document and wakes the device's long-poll.
+
+`reconcile_all` is the safety net under every trigger: each replica recomputes every
+active device in bulk when it starts and every `RECONCILE_S` after. A deployment change
+is committed before the devices are recomputed, so a control plane killed in between
+(a deploy of the control plane itself, the OOM killer) left those devices on the old
+document until something else touched them; so did a deployment change racing another
+replica's recompute. Unchanged devices cost a hash each and no write.
 """
 
 from __future__ import annotations
@@ -22,9 +29,10 @@ from edgewise.control._revisions import apply_assignments, overrides_for
 from edgewise.control._selector import parse_selector
 from edgewise.protocol import DesiredState, sign_desired
 
-__all__ = ["recompute_devices", "recompute_selector"]
+__all__ = ["RECONCILE_S", "recompute_devices", "recompute_selector", "reconcile_all"]
 
 _CHUNK = 500
+RECONCILE_S = 300.0
 
 _d = t.devices
 _CAS = (
@@ -139,3 +147,11 @@ def recompute_selector(plane: ControlPlane, deployment_id: str) -> int:
     with plane.store.engine.connect() as c:
         rows = c.execute(select(d.c.id, d.c.labels).where(d.c.status == "active")).all()
     return recompute_devices(plane, [r.id for r in rows if selector.matches(r.labels)])
+
+
+def reconcile_all(plane: ControlPlane) -> int:
+    """Recompute every active device; returns how many were behind (now brought up)."""
+    d = t.devices
+    with plane.store.engine.connect() as c:
+        ids = [row.id for row in c.execute(select(d.c.id).where(d.c.status == "active"))]
+    return recompute_devices(plane, ids)
