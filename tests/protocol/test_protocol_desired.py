@@ -186,7 +186,7 @@ def test_a_document_marking_a_field_this_agent_does_not_know_critical_is_refused
 def test_desired_fields_names_nested_fields_without_the_pipeline_name() -> None:
     fields = desired_fields()
     assert {"pipelines.model.sha256", "pipelines.fallback.url", "pipelines.spec"} <= fields
-    assert FIRST_FIELDS | {"critical"} == {f for f in fields if "." not in f}
+    assert FIRST_FIELDS | {"critical", "trust_roots"} == {f for f in fields if "." not in f}
     assert "pipelines.cam" not in fields
 
 

@@ -29,6 +29,7 @@ from edgewise.cli import (
     _server,
     _sim,
     _token,
+    _trust,
 )
 from edgewise.cli._common import CliError
 
@@ -47,6 +48,7 @@ app.add_typer(_server.app, name="server")
 app.command("agent")(_agent.agent)
 app.command("demo")(_demo.demo)
 app.add_typer(_keys.app, name="keys")
+app.add_typer(_trust.app, name="trust")
 app.add_typer(_model.app, name="model")
 app.add_typer(_examples.app, name="examples")
 app.add_typer(_token.app, name="token")

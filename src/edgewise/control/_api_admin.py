@@ -137,6 +137,38 @@ def list_keys(request: Request) -> list[dict[str, Any]]:
     return _plane(request).store.list_publisher_keys()
 
 
+class TrustRootRequest(BaseModel):
+    """`POST /api/v1/trust-root`: a signed trust root (`edgewise trust sign`)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    document: dict[str, Any]
+    signatures: list[dict[str, Any]] = Field(max_length=64)
+
+
+@_route("POST", "/trust-root", Permission.KEYS, status_code=201)
+async def install_trust_root(request: Request, body: TrustRootRequest, who: Who) -> JSONResponse:
+    """Make a signed trust root the fleet's: its publishers are the keys devices trust.
+
+    201 with the trust root when it is a new version (devices get it with their next
+    desired document); 200 when it is the version already held.
+    """
+    from edgewise.control._recompute import reconcile_all
+
+    plane = _plane(request)
+    signed = body.model_dump(mode="json")
+    view, created = await to_thread.run_sync(lambda: plane.install_trust_root(signed, who.actor))
+    if created:
+        await to_thread.run_sync(lambda: reconcile_all(plane))
+    return JSONResponse(view, status_code=201 if created else 200)
+
+
+@_route("GET", "/trust-root", Permission.READ)
+def trust_root(request: Request) -> dict[str, Any]:
+    """The fleet's trust root (version 0: none yet) and devices by the version they hold."""
+    return _plane(request).trust_root_view()
+
+
 # ------------------------------------------------------------------ devices
 @_route("POST", "/enroll-tokens", Permission.DEVICES_WRITE, status_code=201)
 def create_enroll_token(

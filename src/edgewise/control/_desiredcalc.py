@@ -37,6 +37,7 @@ def desired_content(
     labels: Mapping[str, str],
     egress: Mapping[str, Any],
     settings: Mapping[str, Any] | None = None,
+    trust_roots: Sequence[Mapping[str, Any]] = (),
 ) -> dict[str, Any]:
     """The content of a device's desired document.
 
@@ -47,6 +48,8 @@ def desired_content(
         egress: the server's default egress policy: it applies unless a matching
             deployment sets its own (the strongest such deployment wins).
         settings: extra agent settings.
+        trust_roots: the signed trust root chain (`edgewise.protocol._trust`); left out
+            of the content while there is none, so documents read as before.
     """
     views = deployment_views(deployments)
     merged = merge_desired(views, labels)
@@ -56,7 +59,14 @@ def desired_content(
         for name, (dep_id, pipeline) in merged.items()
     }
     policy = dict(egress if chosen is None else chosen)
-    return {"pipelines": pipelines, "egress": policy, "settings": dict(settings or {})}
+    content: dict[str, Any] = {
+        "pipelines": pipelines,
+        "egress": policy,
+        "settings": dict(settings or {}),
+    }
+    if trust_roots:
+        content["trust_roots"] = [dict(r) for r in trust_roots]
+    return content
 
 
 def content_hash(content: Mapping[str, Any]) -> str:

@@ -43,13 +43,17 @@ from edgewise.control._settings import Settings
 from edgewise.control._sodium import sodium_verify
 from edgewise.control._store import ConflictError, SqlStore
 from edgewise.protocol import (
+    MAX_CHAIN,
     DesiredState,
     RequestAuthError,
+    TrustRootError,
+    advance_trust_root,
     parse_signed_headers,
     refresh_desired,
     sign_desired,
     signer_key_id,
     verify_request,
+    verify_trust_root,
 )
 
 __all__ = ["ApiError", "ControlPlane", "Principal", "digest", "ensure_json"]
@@ -267,7 +271,19 @@ class ControlPlane:
 
     # -------------------------------------------------------- publisher keys
     def trust_publisher_key(self, public_key: str, name: str, actor: str) -> dict[str, Any]:
-        """Trust a publisher key for registry pushes and device trust roots."""
+        """Trust a publisher key for registry pushes and device trust roots.
+
+        Raises:
+            ApiError: 409 `trust_root_managed` once the fleet has a signed trust root:
+                its publishers are the trusted ones, changed only by a new version.
+        """
+        if self.store.trust_roots():
+            raise ApiError(
+                409,
+                "trust_root_managed",
+                "publisher keys are set by the fleet's signed trust root: sign a new "
+                "version naming this key (edgewise trust sign) and push it (edgewise trust push)",
+            )
         try:
             key = public_key_from_b64(public_key)
         except ValueError as exc:
@@ -279,6 +295,60 @@ class ControlPlane:
             raise ApiError(409, "conflict", str(exc)) from None
         self.audit(actor, "publisher_key.trust", f"key:{kid}", digest(public_key), "ok")
         return {"key_id": kid, "public_key": public_key_b64(key), "name": name, "created": created}
+
+    def install_trust_root(self, signed: Any, actor: str) -> tuple[dict[str, Any], bool]:
+        """Check a signed trust root against the stored chain and make it the fleet's.
+
+        Its publishers become the trusted ones (pushes signed by a key it leaves out are
+        refused); devices get it with their next desired document. Returns (the trust
+        root's view, whether it was new: the same version again is a no-op).
+
+        Raises:
+            ApiError: 400 `bad_trust_root` (malformed, short of signatures, an older
+                version); 409 `conflict` (another replica stored this version first).
+        """
+        current, problem = advance_trust_root(self.store.trust_roots(), None)
+        if problem:  # the stored chain was checked link by link as it was stored
+            raise ApiError(409, "trust_root_broken", f"the stored trust root chain: {problem}")
+        try:
+            root = verify_trust_root(signed, current)
+        except TrustRootError as exc:
+            self.audit(actor, "trust_root.install", "trust_root", digest(str(exc)), "refused")
+            raise ApiError(400, "bad_trust_root", str(exc)) from None
+        if root is current:
+            return self.trust_root_view(), False
+        try:
+            self.store.add_trust_root(
+                root.version, dict(root.signed), root.publishers, self.clock(), MAX_CHAIN
+            )
+        except ConflictError as exc:
+            raise ApiError(409, "conflict", str(exc)) from None
+        self.audit(
+            actor,
+            "trust_root.install",
+            f"trust_root:v{root.version}",
+            digest(dict(root.signed)),
+            "ok",
+        )
+        return self.trust_root_view(), True
+
+    def trust_root_view(self) -> dict[str, Any]:
+        """The fleet's trust root now, and which version devices last said they hold."""
+        current, _ = advance_trust_root(self.store.trust_roots(), None)
+        held: dict[str, int] = {}
+        for agent in self.store.reported_agents():
+            version = agent.get("trust_version", 0) if isinstance(agent, dict) else 0
+            key = str(version if type(version) is int and version >= 0 else 0)
+            held[key] = held.get(key, 0) + 1
+        if current is None:
+            return {"version": 0, "publishers": self.store.publisher_keys(), "devices": held}
+        return {
+            "version": current.version,
+            "threshold": current.threshold,
+            "root_keys": dict(current.root_keys),
+            "publishers": dict(current.publishers),
+            "devices": held,
+        }
 
     def trust_root(self) -> dict[str, Any]:
         """What an enrolling device should trust."""
@@ -382,7 +452,9 @@ class ControlPlane:
                 return 0
             deps = deployments if deployments is not None else self.store.list_deployments()
             deps = self._with_rollouts(device_id, deps)
-            content = desired_content(deps, row["labels"], self.settings.egress)
+            content = desired_content(
+                deps, row["labels"], self.settings.egress, trust_roots=self.store.trust_roots()
+            )
             new_hash = content_hash(content)
             if new_hash == row["desired_hash"]:
                 return int(row["desired_revision"])

@@ -53,6 +53,7 @@ def recompute_devices(plane: ControlPlane, device_ids: Sequence[str]) -> int:
     if not ids:
         return 0
     deployments = plane.store.list_deployments()
+    trust_roots = plane.store.trust_roots()
     d = t.devices
     bumped = 0
     for i in range(0, len(ids), _CHUNK):
@@ -75,7 +76,9 @@ def recompute_devices(plane: ControlPlane, device_ids: Sequence[str]) -> int:
         writes: list[dict[str, Any]] = []
         for row in rows:
             deps = apply_assignments(plane, deployments, assigned.get(row.id))
-            content = desired_content(deps, row.labels, plane.settings.egress)
+            content = desired_content(
+                deps, row.labels, plane.settings.egress, trust_roots=trust_roots
+            )
             new_hash = content_hash(content)
             if new_hash == row.desired_hash:
                 continue

@@ -50,6 +50,7 @@ from edgewise.protocol import vocabulary_digest
 __all__ = ["ConflictError", "RawJSON", "SqlStore", "newer_report", "open_store"]
 
 Row = dict[str, Any]
+TRUST_ROOT_KEY = "trust_root:"  # meta keys: the prefix and the version, zero-padded
 
 
 class ConflictError(Exception):
@@ -142,6 +143,57 @@ class SqlStore(LogStore):
             return True
         except IntegrityError:
             return False
+
+    # ------------------------------------------------------------ trust root
+    def trust_roots(self) -> list[Row]:
+        """Every stored signed trust root, oldest version first (`edgewise.protocol._trust`)."""
+        m = t.meta
+        with self.engine.connect() as c:
+            values: Iterable[str] = c.execute(
+                select(m.c.value).where(m.c.key.startswith(TRUST_ROOT_KEY)).order_by(m.c.key)
+            ).scalars()
+            return [json.loads(v) for v in values]
+
+    def add_trust_root(
+        self, version: int, signed: Row, publishers: Mapping[str, str], now: float, keep: int
+    ) -> None:
+        """Store a verified trust root and make its publishers the trusted ones, at once.
+
+        Publisher keys it leaves out are no longer trusted (pushes they sign are
+        refused); versions past the newest `keep` are dropped.
+
+        Raises:
+            ConflictError: this version is stored already (another replica took it).
+        """
+        m, pk = t.meta, t.publisher_keys
+        try:
+            with self.engine.begin() as c:
+                c.execute(
+                    insert(m).values(
+                        key=f"{TRUST_ROOT_KEY}{version:012d}", value=json.dumps(signed)
+                    )
+                )
+                c.execute(delete(pk).where(pk.c.key_id.not_in(list(publishers))))
+                have: set[str] = set(c.execute(select(pk.c.key_id)).scalars())
+                for kid, b64 in publishers.items():
+                    if kid not in have:
+                        c.execute(
+                            insert(pk).values(
+                                key_id=kid,
+                                public_key=b64,
+                                name=f"trust root v{version}",
+                                created_at=now,
+                            )
+                        )
+                keys: list[str] = list(
+                    c.execute(
+                        select(m.c.key).where(m.c.key.startswith(TRUST_ROOT_KEY)).order_by(m.c.key)
+                    ).scalars()
+                )
+                if len(keys) > keep:
+                    c.execute(delete(m).where(m.c.key.in_(keys[: len(keys) - keep])))
+        except IntegrityError:
+            raise ConflictError(f"trust root version {version} is stored already") from None
 
     # ---------------------------------------------------------------- tokens
     def insert_token(self, row: Row) -> None:
@@ -566,6 +618,12 @@ class SqlStore(LogStore):
             ins = pg_insert if self.dialect == "postgresql" else sqlite_insert
             # Another replica may store the same agent build's terms at the same moment.
             c.execute(ins(v).on_conflict_do_nothing(), rows)
+
+    def reported_agents(self) -> list[Any]:
+        """What each active device last reported about its agent (`report_agent`)."""
+        d = t.devices
+        with self.engine.connect() as c:
+            return list(c.execute(select(d.c.report_agent).where(d.c.status == "active")).scalars())
 
     def prune_vocabularies(self, before: float) -> int:
         """Forget unused spec vocabularies; returns how many.

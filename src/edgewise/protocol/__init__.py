@@ -8,7 +8,8 @@ contract lives here, in one leaf package that both import (it imports only `bund
 Modules: `_pipeline` (pipeline spec, owned with the runtime), `_stages` (the built-in
 stages' parameters), `_auth` (device request signatures), `_desired` (desired-state
 documents and reports), `_telemetry` (telemetry batches), `_egress` (what telemetry may
-leave a device), `_vocabulary` (which spec terms an agent understands).
+leave a device), `_vocabulary` (which spec terms an agent understands), `_trust` (the
+signed trust root: publisher keys changed without re-enrolling).
 """
 
 from edgewise.protocol import (
@@ -18,6 +19,7 @@ from edgewise.protocol import (
     _pipeline,
     _stages,
     _telemetry,
+    _trust,
     _vocabulary,
 )
 from edgewise.protocol._auth import *  # noqa: F403
@@ -26,6 +28,7 @@ from edgewise.protocol._egress import *  # noqa: F403
 from edgewise.protocol._pipeline import *  # noqa: F403
 from edgewise.protocol._stages import *  # noqa: F403
 from edgewise.protocol._telemetry import *  # noqa: F403
+from edgewise.protocol._trust import *  # noqa: F403
 from edgewise.protocol._vocabulary import *  # noqa: F403
 
 __all__ = sorted(
@@ -36,6 +39,7 @@ __all__ = sorted(
         *_pipeline.__all__,
         *_stages.__all__,
         *_telemetry.__all__,
+        *_trust.__all__,
         *_vocabulary.__all__,
     ]
 )

@@ -51,6 +51,7 @@ from pydantic import (
 )
 
 from edgewise.bundle import canonical_json, key_id, verify_signature
+from edgewise.protocol._trust import MAX_CHAIN
 
 __all__ = [
     "CANNOT_RUN_PREFIXES",
@@ -155,6 +156,9 @@ class DesiredState(BaseModel):
     # Fields an agent must understand to act on this document, by dotted path with a
     # pipeline's name left out (`pipelines.model.encryption`); see `desired_fields`.
     critical: list[str] = Field(default_factory=list, max_length=100)
+    # The signed trust root chain (`edgewise.protocol._trust`), when the fleet has one:
+    # each version is checked on the device against the root keys of the one before.
+    trust_roots: list[dict[str, Any]] = Field(default_factory=list, max_length=MAX_CHAIN)
 
 
 class SignedDesiredState(BaseModel):
@@ -249,6 +253,8 @@ class AgentInfo(BaseModel):
     # the digest in every report, the terms until a report carrying them was accepted.
     spec_digest: str = Field(default="", max_length=64)
     spec_vocabulary: list[str] | None = Field(default=None, max_length=10_000)
+    # The version of the signed trust root the agent holds (0: none; `_trust`).
+    trust_version: int = Field(default=0, ge=0, le=2**53)
 
 
 class Report(BaseModel):
@@ -276,12 +282,13 @@ class Report(BaseModel):
 def desired_document(doc: DesiredState) -> dict[str, Any]:
     """A document as it travels.
 
-    `critical` is left out while empty: agents built before it refuse fields they do not
-    know, and would refuse every document that carried it.
+    `critical` and `trust_roots` are left out while empty: agents built before them
+    refuse fields they do not know, and would refuse every document that carried them.
     """
     data = doc.model_dump(mode="json")
-    if not data["critical"]:
-        del data["critical"]
+    for name in ("critical", "trust_roots"):
+        if not data[name]:
+            del data[name]
     return data
 
 

@@ -1,0 +1,243 @@
+"""The signed trust root: which publisher keys devices accept, changed without re-enrolling.
+
+A device learns whom to trust when it enrolls. Keys change after that: a CI pipeline gets
+a new signing key, a laptop holding one is stolen. A trust root document names the
+publisher keys (whose bundle signatures devices accept) and the root keys (who may sign
+the next trust root), with a version:
+
+    {"document": {"type": "edgewise-trust-root", "version": 2, "issued_at": ...,
+                  "root": {"threshold": 1, "keys": {KEY_ID: BASE64}},
+                  "publishers": {KEY_ID: BASE64, ...}},
+     "signatures": [{"key_id": KEY_ID, "signature": BASE64}, ...]}
+
+Signatures are Ed25519 over the document's canonical JSON, like a bundle manifest's. The
+root keys are meant to be kept offline (`edgewise trust sign` needs the private key; the
+control plane never holds it): the control plane only passes documents on, inside each
+device's signed desired state, so a control plane that is broken into cannot make
+devices trust a publisher of its choosing. As in TUF's root role, a new version must be
+signed by a threshold of the root keys of the version the device trusts now *and* by a
+threshold of its own root keys (so the root keys themselves can be rotated), and a
+version never goes back. A device with no trust root yet takes its first one on the
+control plane's word, as it took its publishers at enrollment.
+
+The control plane keeps every version and sends the whole chain, so a device that was
+off while the root keys were rotated twice still walks from the version it trusts to
+the newest, each step checked by the keys of the one before (`advance_trust_root`).
+
+Usage::
+
+    signed = sign_trust_root(trust_root_document(2, root_pubs, 1, publisher_pubs, now), keys)
+    root = verify_trust_root(signed, current)   # current: the TrustRoot trusted now, or None
+    root, problem = advance_trust_root(chain, current)   # on a device
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+
+from edgewise.bundle import canonical_json, key_id, verify_signature
+
+__all__ = [
+    "MAX_CHAIN",
+    "TRUST_ROOT_TYPE",
+    "TrustRoot",
+    "TrustRootError",
+    "advance_trust_root",
+    "sign_trust_root",
+    "trust_root_document",
+    "verify_trust_root",
+]
+
+TRUST_ROOT_TYPE = "edgewise-trust-root"
+MAX_KEYS = 64  # per set: a document is small, whatever a sender writes into it
+MAX_CHAIN = 32  # versions a desired document carries (a device further behind re-enrolls)
+
+
+class TrustRootError(ValueError):
+    """A trust root document that must not be trusted (the message says why)."""
+
+
+@dataclass(frozen=True)
+class TrustRoot:
+    """A verified trust root: its version, root keys and threshold, publisher keys."""
+
+    version: int
+    threshold: int
+    root_keys: Mapping[str, str]  # key id -> base64 raw public key
+    publishers: Mapping[str, str]
+    signed: Mapping[str, Any]  # the document with its signatures, as received
+
+    def root_public_keys(self) -> dict[str, Ed25519PublicKey]:
+        """The root keys, parsed (they were checked when the document was verified)."""
+        return {kid: _public(b64) for kid, b64 in self.root_keys.items()}
+
+
+def _b64(key: Ed25519PublicKey) -> str:
+    raw = key.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+    return base64.b64encode(raw).decode()
+
+
+def _public(text: str) -> Ed25519PublicKey:
+    return Ed25519PublicKey.from_public_bytes(base64.b64decode(text, validate=True))
+
+
+def trust_root_document(
+    version: int,
+    root_keys: Sequence[Ed25519PublicKey],
+    threshold: int,
+    publishers: Sequence[Ed25519PublicKey],
+    issued_at: float,
+) -> dict[str, Any]:
+    """An unsigned trust root document (pure)."""
+    return {
+        "type": TRUST_ROOT_TYPE,
+        "version": version,
+        "issued_at": issued_at,
+        "root": {"threshold": threshold, "keys": {key_id(k): _b64(k) for k in root_keys}},
+        "publishers": {key_id(k): _b64(k) for k in publishers},
+    }
+
+
+def sign_trust_root(
+    document: Mapping[str, Any], keys: Sequence[Ed25519PrivateKey]
+) -> dict[str, Any]:
+    """The document with one signature per key (the old root's and the new root's)."""
+    message = canonical_json(dict(document))
+    signatures = {}
+    for key in keys:
+        signatures[key_id(key)] = base64.b64encode(key.sign(message)).decode()
+    return {
+        "document": dict(document),
+        "signatures": [{"key_id": k, "signature": s} for k, s in sorted(signatures.items())],
+    }
+
+
+def _key_set(value: Any, where: str) -> dict[str, str]:
+    if not isinstance(value, Mapping) or len(value) > MAX_KEYS:
+        raise TrustRootError(f"{where} must be an object of at most {MAX_KEYS} keys")
+    out = {}
+    for kid, b64 in value.items():
+        try:
+            key = _public(b64) if isinstance(b64, str) else None
+        except (binascii.Error, ValueError):
+            key = None
+        if key is None:
+            raise TrustRootError(f"{where}: {str(kid)[:40]!r} is not a base64 Ed25519 key")
+        if kid != key_id(key):
+            raise TrustRootError(f"{where}: key id {str(kid)[:40]!r} is not its key's id")
+        out[kid] = b64
+    return out
+
+
+def _parse(signed: Any) -> tuple[TrustRoot, list[tuple[str, bytes]], bytes]:
+    if not isinstance(signed, Mapping):
+        raise TrustRootError("a trust root is an object with a document and signatures")
+    doc, sigs = signed.get("document"), signed.get("signatures")
+    if not isinstance(doc, Mapping) or doc.get("type") != TRUST_ROOT_TYPE:
+        raise TrustRootError(f"document.type must be {TRUST_ROOT_TYPE!r}")
+    version = doc.get("version")
+    if type(version) is not int or not 1 <= version < 2**53:
+        raise TrustRootError("document.version must be a whole number from 1")
+    root = doc.get("root")
+    if not isinstance(root, Mapping):
+        raise TrustRootError("document.root must be an object")
+    keys = _key_set(root.get("keys"), "document.root.keys")
+    threshold = root.get("threshold")
+    if type(threshold) is not int or not 1 <= threshold <= len(keys):
+        raise TrustRootError(f"document.root.threshold must be from 1 to the {len(keys)} root keys")
+    publishers = _key_set(doc.get("publishers"), "document.publishers")
+    if not publishers:
+        raise TrustRootError("document.publishers is empty: no bundle could be installed")
+    if not isinstance(sigs, list) or not sigs or len(sigs) > MAX_KEYS:
+        raise TrustRootError(f"signatures must be a list of 1 to {MAX_KEYS}")
+    pairs = []
+    for s in sigs:
+        try:
+            pairs.append((str(s["key_id"]), base64.b64decode(s["signature"], validate=True)))
+        except (KeyError, TypeError, binascii.Error, ValueError):
+            raise TrustRootError("each signature needs a key_id and a base64 signature") from None
+    try:
+        message = canonical_json(dict(doc))
+    except (TypeError, ValueError) as exc:
+        raise TrustRootError(f"document is not canonical JSON: {exc}") from None
+    parsed = TrustRoot(
+        version, threshold, keys, publishers, {"document": dict(doc), "signatures": sigs}
+    )
+    return parsed, pairs, message
+
+
+def _signers(pairs: Sequence[tuple[str, bytes]], keys: Mapping[str, str], message: bytes) -> int:
+    """How many distinct keys of `keys` validly signed `message`."""
+    good = set()
+    for kid, signature in pairs:
+        b64 = keys.get(kid)
+        if b64 is not None and verify_signature(_public(b64), signature, message):
+            good.add(kid)
+    return len(good)
+
+
+def verify_trust_root(signed: Any, current: TrustRoot | None) -> TrustRoot:
+    """Check a trust root against the one trusted now (None: none yet; pure).
+
+    Returns:
+        The verified trust root (`current` itself when `signed` is the same version
+        with the same content: a document delivered again is a no-op).
+
+    Raises:
+        TrustRootError: malformed, too few valid signatures of its own root keys or of
+            the current ones, or a version that goes back (or repeats with other content).
+    """
+    root, pairs, message = _parse(signed)
+    if _signers(pairs, root.root_keys, message) < root.threshold:
+        raise TrustRootError(
+            f"version {root.version} is not signed by {root.threshold} of its own root keys"
+        )
+    if current is None:
+        return root
+    if root.version == current.version:
+        if canonical_json(dict(current.signed["document"])) == message:
+            return current
+        raise TrustRootError(f"version {root.version} again, with other content")
+    if root.version < current.version:
+        raise TrustRootError(f"version {root.version} is older than {current.version}")
+    if _signers(pairs, current.root_keys, message) < current.threshold:
+        raise TrustRootError(
+            f"version {root.version} is not signed by {current.threshold} of the root keys "
+            f"of version {current.version} (trusted now)"
+        )
+    return root
+
+
+def _version_of(signed: Any) -> int:
+    doc = signed.get("document") if isinstance(signed, Mapping) else None
+    version = doc.get("version") if isinstance(doc, Mapping) else None
+    return version if type(version) is int else 0
+
+
+def advance_trust_root(
+    chain: Sequence[Any], current: TrustRoot | None
+) -> tuple[TrustRoot | None, str]:
+    """Walk `chain` (every version, any order) from `current` to the newest it can (pure).
+
+    Returns:
+        (the trust root to hold now, "" or why the walk stopped short): a step that does
+        not verify ends the walk at the last good version, never skips past it.
+    """
+    if not isinstance(chain, Sequence) or len(chain) > MAX_CHAIN:
+        return current, f"a trust root chain is a list of at most {MAX_CHAIN}"
+    held = current
+    for signed in sorted(chain, key=_version_of):
+        if held is not None and _version_of(signed) < held.version:
+            continue  # behind us
+        try:
+            held = verify_trust_root(signed, held)
+        except TrustRootError as exc:
+            return held, str(exc)
+    return held, ""
