@@ -672,3 +672,28 @@ def test_a_window_stamped_in_the_far_future_counts_in_no_rollout_cohort(store: A
     got = reader.windows([hostile, honest], NOW - 600, models)
     assert [w.device_id for w in got] == [honest]
     assert reader.windows([hostile, honest], NOW + 86400, models) == []  # a day on: nothing
+
+
+def test_one_device_reporting_huge_counts_cannot_hide_a_failing_phase() -> None:
+    # Valid counts up to 2**53 pass every check; summed, one device's 2**50 answered
+    # requests had made a phase failing at 25 % look error-free to the error gate.
+    failing = [
+        WindowFigures.from_record(f"d{i}", _data(counts={"ok": 150, "failed": 50}))
+        for i in range(6)
+    ]
+    control = [
+        WindowFigures.from_record(f"c{i}", _data(counts={"ok": 200, "failed": 0})) for i in range(6)
+    ]
+    hider = WindowFigures.from_record("hider", _data(counts={"ok": 2**50, "failed": 0}))
+    spec = GateSpec(max_error_rate_delta=0.05, min_inferences=10)
+    phase = cohort_figures([*failing, hider])
+    gates = evaluate_gates(spec, {}, [], phase, cohort_figures(control))
+    gate = gates.by_name("error_rate_delta")
+    assert gate is not None and gate.outcome.value == "fail"
+    assert phase.inferences == 6 * 200 + 10 * 200  # the hider counts as ten median devices
+    # Honest devices of different sizes keep their weights within ten medians.
+    sizes = [100, 300, 900, 2000]
+    mixed = [
+        WindowFigures.from_record(f"m{n}", _data(counts={"ok": n, "failed": 0})) for n in sizes
+    ]
+    assert cohort_figures(mixed).inferences == 3300

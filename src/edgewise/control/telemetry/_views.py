@@ -16,7 +16,7 @@ from __future__ import annotations
 import itertools
 import math
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 import numpy as np
@@ -35,6 +35,7 @@ from edgewise.drift import DEFAULT_CONFIDENCE_EDGES, DriftReference, WindowCount
 
 __all__ = [
     "MAX_DEVICE_STREAMS",
+    "VOLUME_CAP",
     "FleetRow",
     "bounded_streams",
     "check_grouping",
@@ -43,6 +44,7 @@ __all__ = [
     "group_key",
     "merged_drift",
     "rebin",
+    "volume_capped",
 ]
 
 
@@ -340,6 +342,51 @@ def _whole(values: Sequence[float]) -> tuple[int, ...]:
     return tuple(floors)
 
 
+#: In a rollout cohort, no device counts for more than this many times the median device.
+VOLUME_CAP = 10.0
+
+
+def volume_capped(windows: Sequence[WindowFigures], cap: float = VOLUME_CAP) -> list[WindowFigures]:
+    """The windows with each device's weight held to `cap` times the median device's (pure).
+
+    Gates add counts up, so one device that reports 2**50 answered requests (a counter
+    bug, or a compromised device hiding a bad model) would outweigh every other device
+    of its cohort. A device past `cap` times the median device's requests has its
+    counts, latency and confidence histograms and drift samples scaled down to that,
+    keeping its own rates. Cohorts of fewer than three devices are left as they are.
+    """
+    volume: dict[str, int] = {}
+    for w in windows:
+        volume[w.device_id] = volume.get(w.device_id, 0) + requests_and_errors(w.counts)[0]
+    sizes = sorted(v for v in volume.values() if v > 0)
+    if len(sizes) < 3:
+        return list(windows)
+    limit = cap * sizes[len(sizes) // 2]
+    factor = {d: limit / v for d, v in volume.items() if v > limit}
+    if not factor:
+        return list(windows)
+
+    def scaled(values: Iterable[int], f: float) -> tuple[int, ...]:
+        return tuple(round(v * f) for v in values)
+
+    out = []
+    for w in windows:
+        f = factor.get(w.device_id)
+        if f is None:
+            out.append(w)
+            continue
+        out.append(
+            replace(
+                w,
+                counts=dict(zip(w.counts, scaled(w.counts.values(), f), strict=True)),
+                latency=scaled(w.latency, f),
+                confidence=scaled(w.confidence, f),
+                drift_samples=round(w.drift_samples * f),
+            )
+        )
+    return out
+
+
 def cohort_figures(
     windows: Sequence[WindowFigures], references: Mapping[str, DriftReference] | None = None
 ) -> CohortTelemetry:
@@ -347,8 +394,10 @@ def cohort_figures(
 
     Confidence histograms are rebinned onto the fleet-wide edges
     (`DEFAULT_CONFIDENCE_EDGES`) before they are added up, so the phase and control
-    cohorts compare bin for bin whatever edges each agent used.
+    cohorts compare bin for bin whatever edges each agent used. No device outweighs ten
+    median devices (`volume_capped`).
     """
+    windows = volume_capped(windows)
     counts = merge_counts(windows)
     requests, errors = requests_and_errors(counts)
     bounds, lat = merge_latency(windows)
