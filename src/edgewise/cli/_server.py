@@ -2,7 +2,8 @@
 
 `edgewise server [--db URL] [--data DIR] [--host H] [--port P]` serves; `server init`
 prepares a data directory and prints the one-time admin token on its last line;
-`server migrate` brings the schema to head; `server trust-key PUB` trusts a publisher key.
+`server migrate` brings the schema to head (`--check`: only says which revision it is at
+and whether an upgrade is due); `server trust-key PUB` trusts a publisher key.
 
 `call_api` is the small HTTP helper the operator commands (token, device, deploy, audit,
 model push/list/show/yank) share: it turns error envelopes into one-line `CliError`s.
@@ -12,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -47,6 +49,7 @@ DbOpt = Annotated[
 ]
 ServerOpt = Annotated[str | None, typer.Option("--server", help="Control-plane URL.")]
 TokenOpt = Annotated[str | None, typer.Option("--token", help="Operator token.")]
+PG_CONNECT_TIMEOUT_S = 10  # how long a start waits for PostgreSQL to answer
 
 
 def call_api(
@@ -120,14 +123,86 @@ def _settings(data: Path, db: str, **extra: Any) -> Any:
     return Settings(data_dir=data, db_url=db, **extra)
 
 
-def _open(settings: Any) -> Any:
+def _open(settings: Any, *, run_migrations: bool = True) -> Any:
+    """The store at the settings' database, migrated to head unless told not to.
+
+    Raises:
+        CliError: the database cannot be reached, opened or written, or must not be
+            migrated (a newer edgewise's, or not an edgewise database), as one line
+            that names the database (password hidden) and what to do.
+    """
     from edgewise.control import open_store
+    from edgewise.control._migrate import SchemaError
+
+    url = settings.database_url
+    try:
+        return open_store(with_connect_timeout(url), run_migrations=run_migrations)
+    except SchemaError as exc:
+        raise CliError(f"refusing to start on {shown_url(url)}: {exc}") from None
+    except Exception as exc:  # driver errors span lines; the user needs the first
+        raise CliError(database_problem(exc, url)) from None
+
+
+def with_connect_timeout(url: str, seconds: int = PG_CONNECT_TIMEOUT_S) -> str:
+    """A PostgreSQL URL with libpq's `connect_timeout` set unless it sets its own.
+
+    Without it a server that accepts connections but never answers (a hung or
+    overloaded host, a half-open tunnel) keeps `edgewise server` waiting for ever at start.
+    """
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.exc import ArgumentError
 
     try:
-        return open_store(settings.database_url)
-    except Exception as exc:  # driver errors span lines; the user needs the first
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-        raise CliError(f"cannot open database: {type(exc).__name__}: {first}") from None
+        parsed = make_url(url)
+    except ArgumentError:
+        return url  # database_problem names it
+    if parsed.get_backend_name() != "postgresql" or "connect_timeout" in parsed.query:
+        return url
+    timed = parsed.update_query_dict({"connect_timeout": str(seconds)})
+    return timed.render_as_string(hide_password=False)
+
+
+def shown_url(url: str) -> str:
+    """A database URL as messages show it: password hidden."""
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.exc import ArgumentError
+
+    try:
+        return make_url(url).render_as_string(hide_password=True)
+    except ArgumentError:
+        return repr(url)
+
+
+def database_problem(exc: BaseException, url: str) -> str:
+    """One line saying why the database at `url` could not be opened, and what to do."""
+    first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    first = re.sub(r"^\([\w.]+\) ", "", first)  # SQLAlchemy's "(driver.Error) " prefix
+    where = shown_url(url)
+    if not url.startswith(("sqlite", "postgresql")) or type(exc).__name__ in {
+        "ArgumentError",
+        "NoSuchModuleError",
+        "ModuleNotFoundError",
+    }:
+        return (
+            f"bad database URL {where}: {first}; use sqlite:///PATH or "
+            "postgresql+psycopg://USER@HOST:PORT/DATABASE (--db or EDGEWISE_DB)"
+        )
+    if url.startswith("sqlite"):
+        if "database is locked" in first:
+            return (
+                f"SQLite database {where} is locked by another process (another edgewise "
+                "server, or a tool holding a write transaction): stop it and start again"
+            )
+        if "not a database" in first:
+            return f"{where} is not a SQLite database ({first}); check --db"
+        if "readonly" in first or "unable to open" in first:
+            return (
+                f"cannot write SQLite database {where}: {first}; the control plane needs "
+                "to write the file and its directory (check permissions, read-only "
+                "mounts and free space)"
+            )
+        return f"cannot open SQLite database {where}: {first}"
+    return f"cannot use PostgreSQL database {where}: {first}"
 
 
 @app.callback()
@@ -225,11 +300,44 @@ def init(data: DataOpt = Path("edgewise-data"), db: DbOpt = "") -> None:
 
 
 @app.command("migrate")
-def migrate_cmd(data: DataOpt = Path("edgewise-data"), db: DbOpt = "") -> None:
-    """Bring the database schema up to date."""
+def migrate_cmd(
+    data: DataOpt = Path("edgewise-data"),
+    db: DbOpt = "",
+    check: Annotated[
+        bool,
+        typer.Option(
+            "--check",
+            help="Only say which schema revision the database is at and whether this "
+            "edgewise would upgrade it; change nothing (exit 1 when it would, or refuses).",
+        ),
+    ] = False,
+) -> None:
+    """Bring the database schema up to date (the server also does this at start)."""
+    from edgewise.control._migrate import head_revision, schema_status
+
     settings = _settings(data, db)
+    url, head = settings.database_url, head_revision()
+    store = _open(settings, run_migrations=False)
+    try:
+        try:
+            found, problem = schema_status(store.engine)
+        except Exception as exc:
+            raise CliError(database_problem(exc, url)) from None
+    finally:
+        store.close()
+    if problem is not None:
+        raise CliError(f"refusing to migrate {shown_url(url)}: {problem}")
+    if found == head:
+        typer.echo(f"schema is at revision {head}, the newest this edgewise knows")
+        return
+    if check:
+        typer.echo(
+            f"schema is at revision {found or 'none (empty database)'}; this edgewise "
+            f"upgrades it to {head} at start (or run `edgewise server migrate`)"
+        )
+        raise typer.Exit(1)
     _open(settings).close()
-    typer.echo("schema is at head")
+    typer.echo(f"schema upgraded from revision {found or 'none (empty database)'} to {head}")
 
 
 @app.command("trust-key")
