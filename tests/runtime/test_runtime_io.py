@@ -117,7 +117,8 @@ def test_mqtt_source_to_mqtt_sink_through_mosquitto(
     want = [str(k) for k in runtime.infer("digits", split.x_test[:5]).labels]
     assert sorted(g["labels"][0] for g in got) == sorted(want)
     assert source.undecodable == 3 and source.refused == 1
-    assert runtime.stats("digits")["nv_inference_request_bad_input"] == 1
+    # The pipeline's bad input counts both: what could not be decoded, and what did not fit.
+    assert runtime.stats("digits")["nv_inference_request_bad_input"] == 4
 
 
 class _Collector(BaseHTTPRequestHandler):

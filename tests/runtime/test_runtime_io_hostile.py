@@ -413,6 +413,7 @@ def test_directory_source_skips_hostile_files_and_never_unpickles(
     source = runtime.source("digits")
     until(lambda: len(source.seen) == 15)
     assert (source.unreadable, source.refused, source.failed) == (14, 0, 0)
+    assert _bad_input(runtime) == 14  # the pipeline's own count: they had not been in it
     assert not marker.exists()
 
 
@@ -613,6 +614,7 @@ def test_mqtt_source_does_not_decode_json_over_the_size_limit(
         pub.publish(topic, json.dumps(split.x_test[:1].tolist()), qos=1)
         until(lambda: source.received == 2 and _served(runtime) == 1)
     assert (source.undecodable, source.refused) == (1, 0)
+    assert _bad_input(runtime) == 1  # the pipeline's own count: it had not been in it
 
 
 def test_mqtt_source_and_sink_start_before_their_broker(

@@ -67,7 +67,7 @@ class _Group:
     member at once.
     """
 
-    __slots__ = ("fut", "left", "lock", "reqs", "slots", "step", "tid", "xs")
+    __slots__ = ("error", "fut", "left", "lock", "reqs", "slots", "step", "tid", "xs")
 
     def __init__(self, fut: asyncio.Future[None], tid: int) -> None:
         self.fut = fut
@@ -76,7 +76,10 @@ class _Group:
         self.reqs: list[Request] = []
         self.slots: list[tuple[int, int, int] | BaseException] = []
         self.step = 0  # when set: member i is row i % step of request i // step
-        self.left = 0
+        # Requests not completed yet; no completion may wake the members before the
+        # drain knows them all (it takes this placeholder down to their number).
+        self.left = 1 << 30
+        self.error: RuntimeFailure | None = None  # the drain's, when it failed
         # Refused requests are failed in the loop thread while admitted ones may already
         # complete on the worker: the count is shared by two threads.
         self.lock = threading.Lock()
@@ -91,13 +94,40 @@ class _Group:
             self.left -= 1
             if self.left:
                 return
-        fut = self.fut
+            fut = self.fut  # (see `wait_again`)
         if threading.get_ident() == self.tid:
             if not fut.done():
                 fut.set_result(None)
         else:
             with contextlib.suppress(RuntimeError):
                 fut.get_loop().call_soon_threadsafe(_resolve, fut, None)
+
+    async def wait_again(self) -> None:
+        """Wait for the group once its shared future was cancelled under this member.
+
+        A task that is cancelled (its caller went away, a `wait_for` ran out) cancels
+        the future it awaits: here the group's, which every member awaits. The members
+        whose own tasks were not cancelled wait on, on a new future, and are answered.
+
+        Raises:
+            CancelledError: this member's own task was cancelled.
+            RuntimeFailure: the group could not be submitted.
+        """
+        task = asyncio.current_task()
+        while True:
+            if task is None or task.cancelling():
+                raise asyncio.CancelledError
+            with self.lock:  # `done` reads the future under it as the last completes
+                if not self.left:
+                    if self.error is not None:
+                        raise self.error
+                    return
+                fut = self.fut
+                if fut.cancelled():
+                    fut = self.fut = fut.get_loop().create_future()
+            with contextlib.suppress(asyncio.CancelledError):  # another member's again
+                await fut
+                return
 
     def outcome(self, i: int) -> InferenceResult:
         """Member `i`'s result; raises its error."""
@@ -256,14 +286,14 @@ class LoopBatcher:
         group = self.pending.pop(name, None)
         if group is None:
             return
-        group.left = 1 << 30  # no completion may wake the members before all are known
         try:
             reqs, slots = self.runtime.submit_group(name, group.xs, group.done)
         except Exception as exc:  # UnknownPipeline, or a bug: never leave members waiting
-            if not group.fut.done():
-                group.fut.set_exception(
-                    exc if isinstance(exc, RuntimeFailure) else RuntimeFailure(str(exc))
-                )
+            err = exc if isinstance(exc, RuntimeFailure) else RuntimeFailure(str(exc))
+            with group.lock:
+                group.left, group.error, fut = 0, err, group.fut
+            if not fut.done():
+                fut.set_exception(err)
             return
         group.reqs = reqs
         if isinstance(slots, int):
@@ -273,8 +303,9 @@ class LoopBatcher:
         with group.lock:  # completions so far counted down from the placeholder
             group.left -= (1 << 30) - len(reqs)
             finished = group.left == 0
-        if finished and not group.fut.done():
-            group.fut.set_result(None)
+            fut = group.fut
+        if finished and not fut.done():
+            fut.set_result(None)
 
 
 class LoopBatchers:

@@ -43,6 +43,13 @@ DEFAULT_PROVIDERS: tuple[str, ...] = (
     CPU,
 )
 
+#: Providers that run none of a model's standard operators: Azure's (in onnxruntime's
+#: default wheel, listed first by `get_available_providers`) only calls a cloud endpoint
+#: for its own operators. A session that lists it first runs the model on the provider
+#: after it, which is the one the model actually got (CPU, on a device without an
+#: accelerator).
+_RUNS_NO_MODEL = frozenset({"AzureExecutionProvider"})
+
 _ORT_DTYPES: dict[str, np.dtype[np.generic]] = {
     "tensor(float)": np.dtype(np.float32),
     "tensor(double)": np.dtype(np.float64),
@@ -279,7 +286,7 @@ def open_onnx(
         session = ort.InferenceSession(source, opts, providers=providers)
     except Exception as exc:  # onnxruntime raises several unrelated types here
         raise ModelLoadError(f"onnxruntime cannot load the model: {exc}") from exc
-    actual = session.get_providers()[0]
+    actual = next(p for p in [*session.get_providers(), CPU] if p not in _RUNS_NO_MODEL)
     if require_accelerator and actual == CPU:
         raise AcceleratorUnavailable(
             f"an accelerator is required but the session runs on {actual} "

@@ -13,18 +13,22 @@ from __future__ import annotations
 
 import enum
 import math
+import numbers
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 
 from edgewise.protocol._pipeline import DegradationSpec
 
 __all__ = [
+    "PLAUSIBLE_C",
     "TRANSITIONS",
     "DegradeState",
     "Mode",
     "Observation",
     "read_cpu_percent",
     "read_thermal_c",
+    "reading",
     "step",
 ]
 
@@ -114,13 +118,41 @@ def step(
     return state.to(Mode.PRIMARY), f"pressure cleared for {calm} windows"
 
 
+#: Readings outside this range (degrees C) are a sensor's error codes, not temperatures
+#: (-274000, the kernel's "invalid"; 2147483647 from a broken driver). Such a zone would
+#: otherwise hold a pipeline on its fallback for good.
+PLAUSIBLE_C = (-100.0, 200.0)
+
+
+def reading(reader: Callable[[], float | None]) -> float | None:
+    """What a thermal or CPU reader gives as a finite number, or None.
+
+    A reader that raises (psutil failing, say) or gives anything but a finite number is
+    no reading: the other readings and the SLO still count.
+    """
+    try:
+        value = reader()
+    except Exception:
+        return None
+    if not isinstance(value, numbers.Real) or isinstance(value, bool):  # (text, None)
+        return None
+    as_float = float(value)
+    return as_float if math.isfinite(as_float) else None
+
+
 def read_thermal_c(root: Path = Path("/sys/class/thermal")) -> float | None:
-    """Hottest thermal zone in degrees C, or None where the device exposes none."""
+    """Hottest thermal zone in degrees C, or None where the device exposes none.
+
+    A zone that cannot be read, or reads no plausible temperature, is left out.
+    """
+    low, high = PLAUSIBLE_C
     hottest = None
     for zone in root.glob("thermal_zone*/temp"):
         try:
             value = int(zone.read_text().strip()) / 1000.0
-        except (OSError, ValueError):
+        except (OSError, ValueError):  # (UnicodeDecodeError, too many digits: ValueError)
+            continue
+        if not low <= value <= high:
             continue
         hottest = value if hottest is None else max(hottest, value)
     return hottest

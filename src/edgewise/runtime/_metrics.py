@@ -150,6 +150,9 @@ class PipelineMetrics:
     expired: int = 0  # waited in the queue past the deadline: not run
     superseded: int = 0  # dropped from a full queue for a newer request
     escalated: int = 0
+    # Rows that were to escalate but whose upper tier could not answer (down, slow, a
+    # wrong answer, a model that failed): the local answer stood.
+    cascade_failures: int = 0
     fallback: int = 0
     # Rows whose top-1 score was NaN or infinite (a model overflowing, say): counted here,
     # kept out of the confidence histogram, whose sum one NaN would spoil for good.
@@ -306,6 +309,7 @@ class PipelineMetrics:
                 "nv_inference_request_superseded": self.superseded,
                 "nv_inference_request_bad_input": self.bad_input,
                 "nv_inference_escalated": self.escalated,
+                "edgewise_cascade_failures": self.cascade_failures,
                 "nv_inference_fallback": self.fallback,
                 "edgewise_nonfinite_scores": self.nonfinite_scores,
                 "escalation_rate": self.escalated / served,
@@ -337,6 +341,7 @@ def prometheus_text(snapshots: dict[str, dict[str, Any]]) -> str:
         "nv_inference_request_superseded",
         "nv_inference_request_bad_input",
         "nv_inference_escalated",
+        "edgewise_cascade_failures",
         "nv_inference_fallback",
         "nv_inference_exec_rows",
         "edgewise_nonfinite_scores",

@@ -520,6 +520,19 @@ class HealthResult:
     max_latency_ms: float
 
 
+def _matches(got: npt.NDArray[Any], want: npt.NDArray[Any], atol: float) -> bool:
+    """Whether a health sample's output is what the manifest expects (both flat).
+
+    Integers and booleans must be equal; floats within `atol`; anything else (a
+    classifier's labels, which onnxruntime gives as Python strings) equal as text.
+    """
+    if want.dtype.kind in "iub":
+        return bool(np.array_equal(got, want))
+    if want.dtype.kind == "f" and got.dtype.kind in "biuf":
+        return bool(np.allclose(got, want, atol=atol))
+    return [str(v) for v in got.tolist()] == [str(v) for v in want.tolist()]
+
+
 #: Runs of a health sample, at most, before its latency counts as over the bound.
 HEALTH_LATENCY_TRIES = 3
 
@@ -546,7 +559,11 @@ def health_check(
             reason = f"health check failed: sample {i + 1} does not fit the model: {exc}"
             return HealthResult(False, reason, passed, len(samples), worst)
         t0 = clock()
-        out = model.session.run(x)
+        try:
+            out = model.session.run(x)
+        except Exception as exc:  # the backend's own errors: the gate fails, not the caller
+            reason = f"health check failed: the model fails on sample {i + 1}: {exc}"
+            return HealthResult(False, reason, passed, len(samples), worst)
         took = (clock() - t0) * 1000.0
         # One slow run is as often the device's scheduler as the model (a busy CPU, a
         # first call that allocates): a sample over the bound is its best of a few runs,
@@ -573,14 +590,9 @@ def health_check(
                     f"{name!r}; the model gave {np.asarray(got).size}"
                 )
                 return HealthResult(False, reason, passed, len(samples), worst)
-            if want.dtype.kind in "iub":
-                good = good and bool(np.array_equal(np.asarray(got).reshape(-1), want.reshape(-1)))
-            else:
-                good = good and bool(
-                    np.allclose(
-                        np.asarray(got).reshape(-1), want.reshape(-1), atol=info.health_atol
-                    )
-                )
+            good = good and _matches(
+                np.asarray(got).reshape(-1), want.reshape(-1), info.health_atol
+            )
         passed += good
     total = len(samples)
     if passed < total:

@@ -7,8 +7,10 @@ completion per request.
 
 from __future__ import annotations
 
+import bisect
 import math
 import threading
+import time
 from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -22,7 +24,7 @@ from edgewise.runtime._degrade import DegradeState, Mode
 from edgewise.runtime._errors import BadInput, InferenceFailed
 from edgewise.runtime._metrics import PipelineMetrics
 from edgewise.runtime._model import Input, LoadedModel
-from edgewise.runtime._request import Request, complete_all
+from edgewise.runtime._request import Request, callers, complete_all
 from edgewise.runtime._scheduler import Executor
 from edgewise.runtime._stages import Post, PostFn, PreFn
 
@@ -194,6 +196,30 @@ class InferenceResult:
         return body
 
 
+class _Split:
+    """The result of a request whose callers were run one by one (`ModelLane._isolate`).
+
+    It answers `part` as an `InferenceResult` does, for the rows of one caller: that
+    caller's own result, or its error raised.
+    """
+
+    __slots__ = ("_parts", "_starts")
+
+    def __init__(self, starts: list[int], parts: list[Request]) -> None:
+        self._starts = starts
+        self._parts = parts
+
+    def part(self, start: int, end: int) -> InferenceResult:
+        """The result of the caller whose rows are `start:end`; raises its error."""
+        i = bisect.bisect_right(self._starts, start) - 1
+        req = self._parts[i]
+        if req.error is not None:
+            raise req.error
+        whole: InferenceResult = req.result
+        a = start - self._starts[i]
+        return whole.part(a, a + end - start)
+
+
 Escalator = Callable[[Array], tuple[Array, list[str | None]] | None]
 
 
@@ -211,6 +237,7 @@ class ModelLane:
         if not model.rows_aligned:  # its outputs cannot be split among requests
             self.max_batch = 1
         self.max_queue_delay_s = pipeline.spec.batching.max_queue_delay_ms / 1000.0
+        self.idle_s = 0.0  # (see `Lane`)
         self._run = model.session.run
         # A free inner dimension (an image's height, a sequence's length): requests of
         # different shapes can share a batch, and are run as one model call per shape.
@@ -246,6 +273,24 @@ class ModelLane:
             self.execute(group)
         return True
 
+    def _isolate(self, batch: list[Request]) -> None:
+        """Run each caller of a batch the model failed on alone (the error path).
+
+        Onnxruntime fails a whole call for one bad row (an index out of range, a value a
+        custom op refuses): run alone, only the callers whose own rows fail it fail. A
+        request carrying several callers (an asyncio group) is completed with a
+        `_Split`: each caller's own result or error.
+        """
+        for r in batch:
+            if r.n == 1:
+                self.execute([r])
+                continue
+            spans = callers(r)
+            parts = [Request(r.x[a:b], self, r.owner, r.enqueued) for a, b in spans]
+            for part in parts:
+                self.execute([part])
+            r.complete(_Split([a for a, _ in spans], parts))
+
     def execute(self, batch: list[Request]) -> None:
         """Run a batch end to end and complete its requests."""
         if self.ragged and len(batch) > 1 and self._by_shape(batch):
@@ -257,11 +302,12 @@ class ModelLane:
         try:
             out = self._run(x)
         except Exception as exc:
-            err = InferenceFailed(f"{self._key}: {exc}")
+            if len(batch) > 1 or batch[0].n > 1:
+                self._isolate(batch)
+                return
             with p.metrics.lock:
-                p.metrics.failure += len(batch)
-            for r in batch:
-                r.fail(err)
+                p.metrics.failure += 1
+            batch[0].fail(InferenceFailed(f"{self._key}: {exc}"))
             return
         t1 = tp = clock()
         if p.executor.yield_to_critical(p.rank):
@@ -302,8 +348,13 @@ class ModelLane:
         if p.escalate is not None and confidence is not None:
             low = np.flatnonzero(confidence < p.cascade_threshold)
             if low.size:
+                w0 = time.perf_counter()
                 upper = p.escalate(x[low])
-                if upper is not None:
+                if p.remote_cascade:  # waited on a server: none of the executor's work
+                    self.idle_s += time.perf_counter() - w0
+                if upper is None:  # the upper tier could not answer: ours stand
+                    p.metrics.cascade_failures += int(low.size)
+                else:
                     c_conf, c_names = upper
                     n_esc = int(low.size)
                     for j, i in enumerate(low.tolist()):
@@ -400,6 +451,11 @@ class RunningPipeline:
     source: Any = None
     escalate: Escalator | None = None
     cascade_threshold: float = 0.0
+    cascade_model: LoadedModel | None = None  # a local cascade's (its rows must fit it)
+    remote_cascade: bool = False  # its cascade's upper tier is a server
+    # An event loop runs this pipeline's requests itself (no thread hand-off) while the
+    # executor's typical batch takes less (see `Runtime.submit`).
+    inline_max_s: float = 0.0
     queued: int = 0
     inflight: int = 0
     accepting: bool = True
@@ -486,6 +542,11 @@ class RunningPipeline:
         """Count queued requests dropped for newer ones (`overflow: drop_oldest`)."""
         with self.metrics.lock:
             self.metrics.superseded += n
+
+    def on_failed(self, n: int) -> None:
+        """Count requests failed by an error out of their lane (a stage that raised)."""
+        with self.metrics.lock:
+            self.metrics.failure += n
 
     def prepare(
         self, x: Input, exact_dtype: bool = False, lane: ModelLane | None = None

@@ -7,6 +7,7 @@ one model, the unit of batching.
 
 from __future__ import annotations
 
+import logging
 import threading
 from collections.abc import Callable
 from typing import Any, Protocol
@@ -14,7 +15,9 @@ from typing import Any, Protocol
 import numpy as np
 import numpy.typing as npt
 
-__all__ = ["Lane", "Owner", "Request", "complete_all"]
+__all__ = ["Lane", "Owner", "Request", "Stacked", "callers", "complete_all"]
+
+log = logging.getLogger(__name__)
 
 
 class Owner(Protocol):
@@ -42,12 +45,18 @@ class Owner(Protocol):
     def on_superseded(self, n: int) -> None:
         """Count queued requests dropped for newer ones."""
 
+    def on_failed(self, n: int) -> None:
+        """Count requests failed by an error out of their lane (a stage that raised)."""
+
 
 class Lane(Protocol):
     """A pipeline bound to one model: the unit of batching."""
 
     max_batch: int
     max_queue_delay_s: float
+    # Seconds `execute` spent waiting on a server (an upstream cascade tier) rather than
+    # computing: the executor leaves them out of its typical batch time, and resets it.
+    idle_s: float
 
     def execute(self, batch: list[Request]) -> None:
         """Run a batch and complete every request in it (result or error)."""
@@ -108,8 +117,12 @@ class Request:
     def _finish(self) -> None:
         if self._waiter is not None:
             self._waiter.release()
-        if self.callback is not None:
-            self.callback(self)
+        callback = self.callback
+        if callback is not None:
+            try:  # one that raises must not take the worker or a batch neighbour with it
+                callback(self)
+            except Exception:
+                log.exception("the completion callback of a request raised")
 
     def complete(self, result: Any) -> None:
         """Deliver the result to whoever waits."""
@@ -122,6 +135,28 @@ class Request:
         self._finish()
 
 
+class Stacked(Request):
+    """A request carrying the rows of several callers, some of them more than one row.
+
+    `ends[i]` is where caller `i`'s rows end. (Callers of one row each need no such
+    list: see `callers`.)
+    """
+
+    __slots__ = ("ends",)
+
+    ends: list[int]
+
+
+def callers(r: Request) -> list[tuple[int, int]]:
+    """The rows (start, end) of each caller whose request `r` carries."""
+    if r.n == 1:
+        return [(0, r.rows)]
+    if r.n == r.rows:  # one row each (no caller sends an empty batch)
+        return [(i, i + 1) for i in range(r.rows)]
+    ends = r.ends if isinstance(r, Stacked) else [r.rows]
+    return list(zip([0, *ends[:-1]], ends, strict=True))
+
+
 def complete_all(batch: list[Request], results: list[Any]) -> None:
     """`complete` each request with its result: the batch path, one call per batch."""
     for r, result in zip(batch, results, strict=True):
@@ -131,4 +166,9 @@ def complete_all(batch: list[Request], results: list[Any]) -> None:
             waiter.release()
         callback = r.callback
         if callback is not None:
-            callback(r)
+            # Let through, its exception would leave the requests after it in the batch
+            # without their results. (A try costs nothing until something raises.)
+            try:
+                callback(r)
+            except Exception:
+                log.exception("the completion callback of a request raised")

@@ -6,6 +6,7 @@ tests drive degradation with injected pressure and no sleeping.
 
 from __future__ import annotations
 
+import asyncio
 import math
 import os
 import sys
@@ -23,8 +24,20 @@ from edgewise.runtime import _sinks, _sources  # noqa: F401  (registers the buil
 from edgewise.runtime._aio import LoopBatchers
 from edgewise.runtime._backend import CPU, DEFAULT_PROVIDERS
 from edgewise.runtime._cascade import make_escalator
-from edgewise.runtime._degrade import Mode, Observation, read_cpu_percent, read_thermal_c, step
-from edgewise.runtime._errors import AcceleratorUnavailable, BadInput, UnknownPipeline
+from edgewise.runtime._degrade import (
+    Mode,
+    Observation,
+    read_cpu_percent,
+    read_thermal_c,
+    reading,
+    step,
+)
+from edgewise.runtime._errors import (
+    AcceleratorUnavailable,
+    BadInput,
+    RuntimeFailure,
+    UnknownPipeline,
+)
 from edgewise.runtime._loader import ModelSource, load_model
 from edgewise.runtime._model import (
     HealthResult,
@@ -37,6 +50,7 @@ from edgewise.runtime._model import (
     input_mismatch,
 )
 from edgewise.runtime._pipeline import InferenceResult, ModelLane, RunningPipeline, check_fits
+from edgewise.runtime._request import Stacked
 from edgewise.runtime._scheduler import Executor, Request
 from edgewise.runtime._stages import POSTPROCESS, PREPROCESS, SINKS, SOURCES
 
@@ -169,24 +183,31 @@ class Runtime:
 
         Raises:
             ValueError: an unknown stage name or bad stage parameters, a name in use,
-                stages that cannot feed a model, or a cascade model that does not take
-                the model's inputs.
+                stages that cannot feed a model, or a fallback or local cascade model
+                that does not take the model's inputs.
         """
         if spec.requires_accelerator and model.provider == CPU:
             raise AcceleratorUnavailable(f"pipeline {spec.name!r} requires an accelerator")
         for m in (model, fallback):
             if m is not None:
                 check_fits(spec, m)
-        if cascade_model is not None and not _takes_inputs_of(cascade_model, model):
+                _check_cascade(spec.name, cascade_model, m)
+        if fallback is not None and not _takes_inputs_of(fallback, model):
+            # Degraded, the pipeline would turn away every request its clients send.
             raise ValueError(
-                f"pipeline {spec.name!r}: the cascade model {cascade_model.key} takes other "
-                f"inputs than {model.key} (it is given the rows the model was given)"
+                f"pipeline {spec.name!r}: the fallback model {fallback.key} takes other "
+                f"inputs than {model.key} (under pressure it is given the same requests)"
             )
         pre = [PREPROCESS.build(s.type, s.params) for s in spec.preprocess]
         post = [POSTPROCESS.build(s.type, s.params) for s in spec.postprocess]
         if spec.name in self._pipelines:
             raise ValueError(f"pipeline {spec.name!r} is already running")
         p = RunningPipeline(spec, self._executor(model.provider), self.clock, pre, post)
+        p.cascade_model = cascade_model
+        # A batch that may wait on an upstream server is never run in an event loop's
+        # thread, however fast the model: every client of that loop would wait with it.
+        p.remote_cascade = spec.cascade is not None and spec.cascade.endpoint is not None
+        p.inline_max_s = 0.0 if p.remote_cascade else self._inline_max_s
         p.primary = ModelLane(p, model, "primary")
         if fallback is not None:
             p.fallback = ModelLane(p, fallback, "fallback")
@@ -224,11 +245,18 @@ class Runtime:
 
         The new model must already be loaded and warmed (load_model does both). Queued
         requests finish on the lane they were admitted to, so none fails or is lost.
+
+        Raises:
+            UnknownPipeline: no pipeline by that name.
+            ValueError: a tier other than primary or fallback, or a model the pipeline
+                cannot feed, or whose rows its local cascade model cannot take (every
+                escalation would fail): the old model keeps serving.
         """
         if tier not in ("primary", "fallback"):
             raise ValueError(f"tier must be 'primary' or 'fallback', not {tier!r}")
         p = self._get(name)
         check_fits(p.spec, new_model)
+        _check_cascade(name, p.cascade_model, new_model)
         with p._swap_lock:
             if tier == "fallback":
                 old = p.fallback.model.key if p.fallback else "none"
@@ -246,6 +274,8 @@ class Runtime:
         if p.source is not None:
             p.source.stop()
         p.executor.drain(p, drain_timeout)
+        # What did not drain in time is not run on closed sinks later: failed now.
+        p.executor.cancel(p, f"pipeline {name!r} stopped before the request was served")
         with self._lock:
             self._pipelines.pop(name, None)
         _close_parts(p)
@@ -276,6 +306,7 @@ class Runtime:
         up then with `Expired`, and the request is not run if it is still queued by then.
 
         Raises:
+            ValueError: `timeout` is not a number of seconds >= 0.
             UnknownPipeline, BadInput, Rejected, Shed, Expired, Superseded,
             PipelineStopped, InferenceFailed.
         """
@@ -285,6 +316,8 @@ class Runtime:
         x, lane = p.prepare(x, exact_dtype)
         req = Request(x, lane, p, self.clock())
         if timeout is not None:  # nobody waits for it after that: do not run it then
+            if not timeout >= 0:  # -1 is "forever" to the lock waited on, NaN an error
+                raise ValueError(f"timeout must be a number of seconds >= 0, not {timeout!r}")
             req.bound_wait(timeout)
         result: InferenceResult = p.executor.run_sync(req, timeout)
         return result
@@ -310,7 +343,10 @@ class Runtime:
                 name, x, exact_dtype, max_queue_s=max_queue_s
             )
         group, i = self._batchers.current().join(name, x, exact_dtype)
-        await group.fut
+        try:
+            await group.fut
+        except asyncio.CancelledError:  # maybe another member's: see `wait_again`
+            await group.wait_again()
         return group.outcome(i)
 
     def submit(
@@ -345,7 +381,7 @@ class Runtime:
         req = Request(x, lane, p, self.clock(), callback, ctx)
         if max_queue_s is not None:
             req.bound_wait(max_queue_s)
-        p.executor.submit(req, inline and p.executor.typical_batch_s < self._inline_max_s)
+        p.executor.submit(req, inline and p.executor.typical_batch_s < p.inline_max_s)
         return req
 
     def submit_group(
@@ -394,7 +430,7 @@ class Runtime:
                     for i in range(0, len(xs), step)
                 ]
                 ex = p.executor
-                ex.submit_many(stacks, inline and ex.typical_batch_s < self._inline_max_s)
+                ex.submit_many(stacks, inline and ex.typical_batch_s < p.inline_max_s)
                 return stacks, step
         slots: list[tuple[int, int, int] | BaseException] = []
         reqs: list[Request] = []
@@ -414,6 +450,11 @@ class Runtime:
                     x, _ = p.prepare(x, exact, lane)
                 except BadInput as exc:  # counted by prepare
                     slots.append(exc)
+                    continue
+                except Exception as exc:  # a stage an app registered: this caller's alone
+                    with p.metrics.lock:
+                        p.metrics.failure += 1
+                    slots.append(RuntimeFailure(f"a preprocess stage failed: {exc!r}"))
                     continue
             k = len(x)
             if not k:
@@ -439,7 +480,7 @@ class Runtime:
             reqs.append(_stacked(parts, lane, p, now, callback))
         if reqs:
             ex = p.executor
-            ex.submit_many(reqs, inline and ex.typical_batch_s < self._inline_max_s)
+            ex.submit_many(reqs, inline and ex.typical_batch_s < p.inline_max_s)
         return reqs, slots
 
     def count_bad_input(self, name: str) -> None:
@@ -502,7 +543,8 @@ class Runtime:
 
     def tick(self) -> list[RuntimeEvent]:
         """Evaluate one monitor window for every pipeline; returns the switch events."""
-        thermal, cpu = self._thermal(), self._cpu()
+        # A reader that fails is no reading; the others (and the SLO) still count.
+        thermal, cpu = reading(self._thermal), reading(self._cpu)
         now = self.clock()
         out = []
         for p in list(self._pipelines.values()):
@@ -576,6 +618,19 @@ def _takes_inputs_of(model: LoadedModel, other: LoadedModel) -> bool:
     return input_mismatch(given, own) is None
 
 
+def _check_cascade(name: str, cascade_model: LoadedModel | None, model: LoadedModel) -> None:
+    """Whether the local cascade model can take the rows `model` is given.
+
+    Raises:
+        ValueError: it cannot: every escalation from `model`'s lane would fail.
+    """
+    if cascade_model is not None and not _takes_inputs_of(cascade_model, model):
+        raise ValueError(
+            f"pipeline {name!r}: the cascade model {cascade_model.key} takes other "
+            f"inputs than {model.key} (it is given the rows the model was given)"
+        )
+
+
 def _single_rows(
     xs: Sequence[tuple[Input, bool]], dtype: np.dtype[Any], fixed: tuple[int, ...], ndim: int
 ) -> Array | None:
@@ -617,8 +672,14 @@ def _stacked(
     callback: Callable[[Request], None],
 ) -> Request:
     """One request carrying the rows of `len(parts)` callers."""
-    x = parts[0] if len(parts) == 1 else np.concatenate(parts)
-    return Request(x, lane, p, now, callback, n=len(parts))
+    if len(parts) == 1:
+        return Request(parts[0], lane, p, now, callback)
+    x = np.concatenate(parts)
+    if len(x) == len(parts):  # one row each: `callers` knows where each caller's row is
+        return Request(x, lane, p, now, callback, n=len(parts))
+    req = Stacked(x, lane, p, now, callback, n=len(parts))
+    req.ends = np.cumsum([len(a) for a in parts]).tolist()
+    return req
 
 
 def _close_parts(p: RunningPipeline) -> None:

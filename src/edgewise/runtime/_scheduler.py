@@ -106,7 +106,8 @@ class Executor:
         self._shed_until = float("-inf")
         self.est_batch_s = 0.0
         self._recent: deque[float] = deque(maxlen=33)
-        # Median of recent batch times: what the model costs, robust to load spikes.
+        # Median of recent batch times (less their waits on a server: `Lane.idle_s`):
+        # what the model costs, robust to load spikes.
         # Callers deciding whether to run a batch in an event loop's thread read this,
         # not the EWMA, so that one descheduled batch on a busy machine does not flip a
         # fast model onto the worker thread (and into GIL hand-offs).
@@ -362,6 +363,27 @@ class Executor:
             while (owner.queued or owner.inflight) and time.monotonic() < deadline:
                 self._cond.wait(0.01)
 
+    def cancel(self, owner: Owner, why: str) -> None:
+        """Fail `owner`'s queued requests with `PipelineStopped(why)`; they are not run.
+
+        For a pipeline that stopped without its queue draining in time: left queued, its
+        requests would run later on its closed sinks, their callers waiting until then.
+        """
+        with self._cond:
+            dropped = [r for q in self._queues for r in q if r.owner is owner]
+            if not dropped:
+                return
+            for q in self._queues:
+                keep = [r for r in q if r.owner is not owner]
+                if len(keep) != len(q):
+                    q.clear()
+                    q.extend(keep)
+            self._depth -= len(dropped)
+            owner.queued -= sum(r.n for r in dropped)
+            self._cond.notify_all()  # drainers
+        for r in dropped:
+            r.fail(PipelineStopped(why))
+
     def close(self) -> None:
         """Fail whatever is queued and stop the worker."""
         with self._cond:
@@ -386,11 +408,18 @@ class Executor:
         try:
             batch[0].lane.execute(batch)
         except BaseException as exc:  # a lane must complete its requests; make sure
-            for r in batch:
-                if r.result is None and r.error is None:
-                    r.fail(exc if isinstance(exc, RuntimeFailure) else RuntimeFailure(str(exc)))
+            left = [r for r in batch if r.result is None and r.error is None]
+            if left:  # (a stage that raised, say): failed, and counted as failures
+                left[0].owner.on_failed(sum(r.n for r in left))
+                err = exc if isinstance(exc, RuntimeFailure) else RuntimeFailure(str(exc))
+                for r in left:
+                    r.fail(err)
         took = time.perf_counter() - t0
         self.est_batch_s = took if not self.est_batch_s else 0.8 * self.est_batch_s + 0.2 * took
+        lane = batch[0].lane
+        if lane.idle_s:  # time spent waiting on a server is no cost of running a batch
+            took = max(0.0, took - lane.idle_s)
+            lane.idle_s = 0.0
         recent = self._recent
         recent.append(took)
         if len(recent) < 8 or not self._batches % 16:  # keep the median off the hot path

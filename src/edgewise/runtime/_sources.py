@@ -40,7 +40,14 @@ from edgewise.runtime._decode import decode_json
 from edgewise.runtime._errors import BadInput, RuntimeFailure
 from edgewise.runtime._stages import SOURCES
 
-__all__ = ["MAX_JSON_BYTES", "DirectorySource", "MqttSource", "SyntheticSource", "decode_message"]
+__all__ = [
+    "MAX_JSON_BYTES",
+    "MAX_NPZ_BYTES",
+    "DirectorySource",
+    "MqttSource",
+    "SyntheticSource",
+    "decode_message",
+]
 
 log = logging.getLogger(__name__)
 Array = npt.NDArray[Any]
@@ -48,6 +55,11 @@ Array = npt.NDArray[Any]
 #: The largest JSON message the `mqtt` source decodes: the local inference API's default
 #: body limit. Parsed, JSON numbers take ten times their text's size in memory.
 MAX_JSON_BYTES = 8 * 1024 * 1024
+
+#: The most an `.npz` file's arrays may take unpacked (the `directory` source): a few
+#: kilobytes of zip can inflate to gigabytes. As much as Pillow lets an image take as
+#: float32 (its decompression bomb limit, 89 million pixels, at 4 bytes each).
+MAX_NPZ_BYTES = 4 * 89_478_485
 
 
 def _noop(_req: object) -> None:
@@ -172,16 +184,26 @@ def _load_array(f: IO[bytes]) -> Array:
     return loaded
 
 
-def _load_named(f: IO[bytes]) -> dict[str, Array]:
+def _load_named(f: IO[bytes], max_bytes: int = MAX_NPZ_BYTES) -> dict[str, Array]:
     """The arrays of an `.npz` archive by name, never unpickled.
 
+    The archive's members may unpack to `max_bytes` in all. Their sizes are read from
+    the zip's directory before anything is inflated, and they hold: `zipfile` reads no
+    member past its stated size (and a member cut short fails its CRC).
+
     Raises:
-        ValueError: not an `.npz` archive (an `.npy` array by that name, a pickle).
+        ValueError: not an `.npz` archive (an `.npy` array by that name, a pickle), or
+            one that unpacks to more than `max_bytes`.
     """
     loaded = np.load(f, allow_pickle=False)
     if isinstance(loaded, np.ndarray):
         raise ValueError("an .npy array, not an .npz archive")
     with loaded as named:
+        unpacked = sum(i.file_size for i in named.zip.infolist())
+        if unpacked > max_bytes:
+            raise ValueError(
+                f"an .npz archive that unpacks to {unpacked} bytes; at most {max_bytes}"
+            )
         return {k: np.asarray(named[k]) for k in named.files}
 
 
@@ -212,14 +234,14 @@ def _read_image(f: IO[bytes]) -> Array:
         return np.asarray(im, dtype=np.float32)
 
 
-def _read_file(path: Path) -> Array | dict[str, Array]:
+def _read_file(path: Path, max_npz_bytes: int = MAX_NPZ_BYTES) -> Array | dict[str, Array]:
     """An array file, an image, or an `.npz` of a model's inputs by name."""
     suffix = path.suffix.lower()
     with _open_regular(path) as f:
         if suffix == ".npy":
             return _load_array(f)
         if suffix == ".npz":
-            return _load_named(f)
+            return _load_named(f, max_npz_bytes)
         return _read_image(f)
 
 
@@ -238,8 +260,9 @@ def _signature(path: Path) -> tuple[int, int, int] | None:
 class DirectorySource(_Thread):
     """Feeds every new file of a directory, oldest name first, polling for more.
 
-    A file that cannot be read is counted in `unreadable` and read again only once it
-    changes: a writer may still be writing it. A name that leaves the directory is
+    A file that cannot be read is counted in `unreadable` (and in the pipeline's bad
+    input) and read again only once it changes: a writer may still be writing it. An
+    `.npz` may unpack to `max_npz_bytes` at most. A name that leaves the directory is
     forgotten (so `seen` holds no more names than the directory), and a file that comes
     back under it is a new file.
     """
@@ -252,6 +275,7 @@ class DirectorySource(_Thread):
         self.poll_s = params.poll_s
         self.seen: set[str] = set()
         self.unreadable = 0
+        self.max_npz_bytes = MAX_NPZ_BYTES
         # Unreadable files by name: what they were (`_signature`) when they failed.
         self._failed: dict[str, tuple[int, int, int] | None] = {}
 
@@ -281,11 +305,12 @@ class DirectorySource(_Thread):
             self.seen.add(p.name)
             before = _signature(p)
             try:
-                x = _read_file(p)
+                x = _read_file(p, self.max_npz_bytes)
             except Exception as exc:  # any file at all may land here: skip it, keep going
                 # (OSError, ValueError; and others, such as Pillow's DecompressionBombError)
                 log.warning("directory source: skipping %s: %s", p, exc)
                 self.unreadable += 1
+                self.runtime.count_bad_input(self.pipeline)
                 self._failed[p.name] = before
                 continue
             self._failed.pop(p.name, None)
@@ -368,6 +393,7 @@ class MqttSource:
         except Exception as exc:  # whatever a publisher sends, the source keeps listening
             # (an exception out of this callback would end paho's network thread)
             self.undecodable += 1
+            self.runtime.count_bad_input(self.pipeline)
             log.debug("mqtt source %s: undecodable message: %s", self.topic, exc)
             return
         try:

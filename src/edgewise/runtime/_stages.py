@@ -311,7 +311,7 @@ def _topk(params: TopkParams) -> PostFn:
     k = params.k
 
     def run(post: Post) -> None:
-        if post.scores is None:
+        if post.scores is None or post.scores.ndim != 2:  # no scores per row, as `finish`
             return
         idx = np.argsort(-post.scores, axis=1)[:, :k]
         names = post.labels
