@@ -114,6 +114,8 @@ def test_a_document_changed_after_signing_is_refused() -> None:
             lambda s: s["document"]["publishers"].update({f"k{i}": "x" for i in range(65)}),
             "at most",
         ),
+        (lambda s: s["document"].update(control_plane={}), "control_plane is empty"),
+        (lambda s: s["document"].update(control_plane={"ab": "x"}), "control_plane"),
         (lambda s: s.update(signatures=[]), "signatures"),
         (lambda s: s.update(signatures=[{"key_id": "a"}]), "signature"),
         (lambda s: s.update(signatures=[{"key_id": "a", "signature": "%%"}]), "signature"),
@@ -154,3 +156,14 @@ def test_a_forged_link_stops_the_walk_at_the_last_good_version() -> None:
     assert key_id(ATTACKER) not in held.publishers
     same, problem = advance_trust_root("not a list" * 10, v1)  # type: ignore[arg-type]
     assert same is v1 and problem
+
+
+def test_a_trust_root_may_name_the_control_plane_keys() -> None:
+    cp_old, cp_new = Ed25519PrivateKey.generate(), Ed25519PrivateKey.generate()
+    doc = trust_root_document(
+        1, [ROOT_A.public_key()], 1, [PUB_1.public_key()], 0.0,
+        control_plane=[cp_old.public_key(), cp_new.public_key()],
+    )  # fmt: skip
+    root = verify_trust_root(sign_trust_root(doc, [ROOT_A]), None)
+    assert set(root.control_plane) == {key_id(cp_old), key_id(cp_new)}
+    assert verify_trust_root(V1, None).control_plane == {}  # not named: devices keep theirs

@@ -53,6 +53,7 @@ from edgewise.agent._install import InstallState
 from edgewise.agent._installer import (
     Installer,
     InstallFailed,
+    SlotUnusable,
     retry_incompatible,
     storage_reason,
 )
@@ -62,6 +63,7 @@ from edgewise.agent._ratelimit import TokenBucket
 from edgewise.agent._report import build_report, status_document
 from edgewise.agent._state import AgentState, PipelineRecord, StateFile
 from edgewise.agent._store import ModelStore
+from edgewise.agent._trust import TrustKeeper, retry_unsigned
 from edgewise.agent._vocabulary import agent_vocabulary
 from edgewise.agent._windows import TelemetryWindows
 from edgewise.protocol import (
@@ -127,6 +129,8 @@ class Agent:
         self.started_at = time.monotonic()
         self.key = load_or_create_key(self.dir)
         self.identity: Identity | None = load_identity(self.dir)
+        self.trust = TrustKeeper(self.dir)  # the fleet's signed trust root, once it has one
+        self._trust_fetch_after = 0.0  # monotonic: when an unknown signer may fetch it again
         server = config.server or (self.identity.server if self.identity else None)
         if not server:
             raise IdentityError("no control-plane URL: pass --server")
@@ -172,6 +176,7 @@ class Agent:
             self._persist,
             self.emit,
             clock,
+            self._serving_elsewhere,
         )
         self.local_port: int | None = None
         self.mqtt: Any = None
@@ -187,6 +192,19 @@ class Agent:
 
     def _publishers(self) -> dict[str, Any]:
         return self.identity.publisher_keys() if self.identity else {}
+
+    def _serving_elsewhere(self, pipeline: str) -> set[tuple[str, str]]:
+        """(model name, slot) of every committed model of the other pipelines."""
+        out: set[tuple[str, str]] = set()
+        with self.lock:
+            for name, rec in self.state.pipelines.items():
+                c = rec.committed
+                if name == pipeline or c is None:
+                    continue
+                for ref in [c["model"], *(c.get("companions") or {}).values()]:
+                    if isinstance(ref, dict):
+                        out.add((str(ref.get("name")), str(ref.get("slot"))))
+        return out
 
     def _persist(self) -> None:
         """Commit the state (the installer's commit point: raises if it cannot)."""
@@ -365,6 +383,12 @@ class Agent:
                 self.installer.start_committed(name, rec, rec.committed["spec"])
             except Exception as exc:  # an unusable slot: the loop reinstalls it
                 self.emit("event", "pipeline.unusable", {"pipeline": name, "error": str(exc)})
+                if self.installer.fall_back(name, rec, str(exc)):
+                    # The last known good serves meanwhile, offline too; the reason is in
+                    # the record, the report and the status.
+                    self.state.add_error(f"pipeline {name}: {rec.tracker.reason}")
+                    self._save_state()
+                    continue
                 rec.committed = None
                 rec.tracker.restart(f"committed model unusable: {exc}", self.clock())
                 self._save_state()
@@ -375,7 +399,8 @@ class Agent:
         # state.json is the commit point; the store's pointer follows it (a crash may
         # fall between the two writes).
         assert rec.committed is not None
-        refs = [rec.committed["model"], *(rec.committed.get("companions") or {}).values()]
+        # The primary last: a companion of the same model name must not end up "active".
+        refs = [*(rec.committed.get("companions") or {}).values(), rec.committed["model"]]
         for ref in refs:
             if self.store.active_slot(ref["name"]) != ref["slot"]:
                 with contextlib.suppress(Exception):
@@ -403,6 +428,8 @@ class Agent:
             if doc.device_id != self.identity.device_id:
                 raise DesiredStateError("wrong device")
         except DesiredStateError as exc:
+            if exc.reason == "unknown signer" and self._recover_signer(signed.key_id):
+                return self.accept(signed, etag)  # once: the signer is trusted now
             self.refuse(exc, etag)
             return False
         received = signed.signed_document()
@@ -415,6 +442,7 @@ class Agent:
             )
             self.state.errors.clear()  # refusals were about older documents
         self.state.revision = doc.revision
+        self._advance_trust(doc.trust_roots)
         # Kept as signed (fields this agent does not know included), so it verifies again.
         self.state.desired = {
             "document": received,
@@ -423,6 +451,54 @@ class Agent:
         }
         self._save_state()  # if not written, the next start fetches it again
         return True
+
+    def _recover_signer(self, key_id: str) -> bool:
+        """After a document from an unknown signer: is it trusted by the fleet's trust root?
+
+        The control plane's key may have been replaced (lost, stolen) since this device
+        last accepted a document; a trust root naming the new key verifies by itself
+        against the root keys held here, so it is fetched directly (at most once a
+        minute). True when `key_id` is now a trusted control-plane key.
+        """
+        assert self.identity is not None
+        now = time.monotonic()
+        if now < self._trust_fetch_after:
+            return False
+        self._trust_fetch_after = now + 60.0
+        try:
+            chain = self.client.trust_roots()
+        except Exception as exc:  # offline, or a control plane older than trust roots
+            self.emit("event", "trust.unavailable", {"error": str(exc)[:300]})
+            return False
+        self._advance_trust(chain)
+        return key_id in self.identity.control_plane
+
+    def _advance_trust(self, chain: list[dict[str, Any]]) -> None:
+        """Take a newer trust root the document carries: its publishers are the trusted ones.
+
+        A link that does not verify leaves the device on the last good version and says
+        so (status errors, an event); the rest of the document is acted on as usual.
+        """
+        assert self.identity is not None
+        change = self.trust.advance(chain, self.identity)
+        if change is None:
+            return
+        if change.version != change.previous:
+            fields = {"version": change.version, "previous": change.previous}
+            self.emit(
+                "event",
+                "trust.updated",
+                fields | {"added": list(change.added), "removed": list(change.removed)},
+            )
+        if change.added:
+            retry_unsigned(self.state.pipelines)
+        if change.problem:
+            message = f"trust root: {change.problem}"
+            if message not in self.state.errors:
+                self.state.add_error(message)
+                self.emit(
+                    "event", "trust.refused", {"version": change.version, "detail": change.problem}
+                )
 
     def refuse(self, exc: DesiredStateError, etag: str | None) -> None:
         """Record a document this agent will not act on; what it accepted before stays."""
@@ -483,6 +559,14 @@ class Agent:
             assert rec.committed is not None
             try:
                 self.installer.start_committed(name, rec, self._runtime_spec(name, action))
+            except SlotUnusable as exc:
+                # Damaged since it was verified. Not serving: the last known good serves.
+                # Serving (a reconfigure): what runs was loaded before; it keeps running.
+                if action.kind == "start" and self.installer.fall_back(name, rec, str(exc)):
+                    self.state.add_error(f"pipeline {name}: {rec.tracker.reason}")
+                else:
+                    rec.refused, rec.retry_at = action.fingerprint, self.clock() + 60.0
+                    self.state.add_error(f"pipeline {name}: {exc}")
             except Exception as exc:  # recorded and reported; the loop goes on
                 rec.refused, rec.retry_at = action.fingerprint, self.clock() + 60.0
                 self.state.add_error(f"pipeline {name}: {exc}")
@@ -536,6 +620,7 @@ class Agent:
             dropped=self.buffer.dropped(),
             spec_digest=digest,
             spec_vocabulary=None if digest == self._vocabulary_sent else list(terms),
+            trust_version=self.trust.version,
         )
         report = build_report(self.state, info, self.clock())
         if not self._capabilities_sent:

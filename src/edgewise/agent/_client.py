@@ -229,6 +229,12 @@ class DeviceClient:
         )
         check(self._send(req))
 
+    def trust_roots(self) -> list[Any]:
+        """`GET /device/v1/trust-root`: the fleet's signed trust root chain (unchecked)."""
+        req = self.http.build_request("GET", "/device/v1/trust-root")
+        chain = check(self._send(req)).json().get("chain")
+        return chain if isinstance(chain, list) else []
+
     def telemetry(self, batch: TelemetryBatch) -> TelemetryAck:
         """`POST /device/v1/telemetry` with a gzip body."""
         req = self.http.build_request(

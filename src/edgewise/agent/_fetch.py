@@ -51,6 +51,9 @@ __all__ = [
 ]
 
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
+_CONTENT_RANGE = re.compile(r"^bytes ([0-9]+)-([0-9]+)/([0-9]+|\*)$")
+_UNSATISFIED_RANGE = re.compile(r"^bytes \*/([0-9]+)$")
+_DIGITS = re.compile(r"^[0-9]+$")
 _SYNC_EVERY = 4 * 1024 * 1024
 _PIECE = 4096  # write granularity: a crash test can stop mid-file even on small bundles
 # Room an install needs beyond the download: the bundle is extracted into a slot.
@@ -306,6 +309,11 @@ class ArtifactCache:
         part = self._part(sha256)
         fetched = 0
         with source.open(url, offset) as resp:
+            wrong = _wrong_size(resp, size)
+            if wrong:
+                # Not a cut: retrying the same request gets the same wrong artifact.
+                part.unlink(missing_ok=True)
+                raise FetchError(wrong)
             if resp.status_code == 416 or (resp.status_code == 200 and offset > 0):
                 # The server cannot resume from here: start over from zero.
                 part.unlink(missing_ok=True)
@@ -313,9 +321,11 @@ class ArtifactCache:
                     raise RetryableError("range not satisfiable; restarting from zero")
                 offset = 0
             elif resp.status_code == 206:
-                match = re.match(r"bytes (\d+)-", resp.headers.get("content-range", ""))
+                match = _CONTENT_RANGE.match(resp.headers.get("content-range", ""))
                 if not match or int(match.group(1)) != offset:
-                    raise RetryableError("server answered a different range")
+                    # Asking again for the same range gets the same answer: start over.
+                    part.unlink(missing_ok=True)
+                    raise RetryableError("server answered a different range; restarting from zero")
             elif resp.status_code in (429, 502, 503, 504):
                 raise RetryableError(
                     f"artifact server busy ({resp.status_code})",
@@ -368,6 +378,34 @@ class ArtifactCache:
             if remaining > 0:
                 raise RetryableError(f"artifact download cut at {size - remaining}/{size} bytes")
         return fetched, start
+
+
+def _wrong_size(resp: httpx.Response, size: int) -> str | None:
+    """Why a response shows the server's artifact is shorter than `size`, or None (pure).
+
+    A server holding a shorter file (truncated, replaced, another artifact) would
+    otherwise be retried as a cut download for ever: each short body resumes, each resume
+    meets 416, and the next try starts from zero again. A longer one is read up to `size`
+    and judged by its digest.
+    """
+    status = resp.status_code
+    header = resp.headers.get("content-range", "").strip()
+    total: int | None = None
+    if status == 206:
+        match = _CONTENT_RANGE.match(header)
+        if match and match.group(3) != "*":
+            total = int(match.group(3))
+    elif status == 416:
+        match = _UNSATISFIED_RANGE.match(header)
+        total = int(match.group(1)) if match else None
+    elif status == 200:
+        length = resp.headers.get("content-length", "")
+        # Only an identity body's length is the artifact's size.
+        if _DIGITS.match(length) and resp.headers.get("content-encoding", "identity") == "identity":
+            total = int(length)
+    if total is None or total >= size:
+        return None
+    return f"artifact too short: the server has {total} bytes, the desired state says {size}"
 
 
 def _retry_after(value: str | None) -> float | None:

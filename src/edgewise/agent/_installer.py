@@ -49,15 +49,17 @@ from edgewise.agent._host import Host
 from edgewise.agent._install import IllegalTransition, InstallState
 from edgewise.agent._plan import Action
 from edgewise.agent._state import PipelineRecord
-from edgewise.agent._store import ModelStore, Slot
+from edgewise.agent._store import ModelStore, Slot, StoreError
 from edgewise.agent._vocabulary import spec_refusal
 from edgewise.protocol import DesiredModelRef
 
-__all__ = ["InstallFailed", "Installer", "retry_incompatible"]
+__all__ = ["InstallFailed", "Installer", "SlotUnusable", "retry_incompatible"]
 
 # How long a transient refusal waits before the plan may try the same install again.
 RETRY_DISK_S = 300.0
 RETRY_FETCH_S = 30.0
+# Both slots of a model serve (two pipelines, two versions): until one is let go.
+RETRY_SLOT_S = 60.0
 # A spec this agent is too old for: tried again after that long (an upgraded agent).
 RETRY_VOCABULARY_S = 300.0
 _ROLES = ("model", "fallback", "cascade")
@@ -78,6 +80,10 @@ def storage_reason(exc: OSError) -> str:
     if out_of_space(exc):
         return f"insufficient disk: {why}"
     return f"storage error: {why}"
+
+
+class SlotUnusable(InstallFailed):
+    """A committed slot no longer holds the verified bundle it was committed with."""
 
 
 _BLOCK = 4096
@@ -106,33 +112,42 @@ def _ref_json(ref: DesiredModelRef, slot: Slot | None = None) -> dict[str, Any]:
     return out
 
 
-def _trusted_manifest(path: Path, trust: dict[str, Ed25519PublicKey]) -> Any:
-    """The bundle's manifest once its signatures are checked against the trust root.
+def _refs(committed: Any) -> list[dict[str, Any]]:
+    """The model refs of a committed record (primary first); [] if it is malformed."""
+    if not isinstance(committed, dict):
+        return []
+    companions = committed.get("companions") or {}
+    if not isinstance(companions, dict):
+        return []
+    refs = [committed.get("model"), *companions.values()]
+    keys = ("name", "version", "sha256", "slot")
+    for ref in refs:
+        if not isinstance(ref, dict) or not all(isinstance(ref.get(k), str) for k in keys):
+            return []
+        if ref["slot"] not in ("a", "b"):
+            return []
+    return refs
 
-    The file contents are checked by `extract` while it writes the slot (one pass over
-    the bytes instead of two); nothing is written before the signatures hold.
 
-    Raises:
-        BundleError: unreadable archive, bad schema, or SignatureError.
+def _describe(committed: dict[str, Any]) -> str:
+    """``name@version (slot s)`` of a committed record's primary model."""
+    model = committed["model"]
+    return f"{model['name']}@{model['version']} (slot {model['slot']})"
+
+
+def _previous(old: dict[str, Any] | None, new: dict[str, Any]) -> dict[str, Any] | None:
+    """What a new commit keeps as its last known good: the models it replaces.
+
+    Only when they sit in other slots than the new ones (a reinstall of the same models
+    finds them in their own slots); then the older record's own fallback is kept.
     """
-    import zipfile
-
-    from edgewise.bundle import ArchiveError, evaluate_signatures, manifest_digest, read_manifest
-
-    manifest = read_manifest(path)
-    signatures: dict[str, bytes] = {}
-    try:
-        with zipfile.ZipFile(path) as zf:
-            for info in zf.infolist():
-                name = info.filename
-                if name.startswith("signatures/") and name.endswith(".sig"):
-                    if info.file_size > 1024:
-                        raise ArchiveError(f"{name} is too large", "unsafe_archive")
-                    signatures[name[len("signatures/") : -len(".sig")]] = zf.read(info)
-    except (OSError, zipfile.BadZipFile) as exc:
-        raise ArchiveError(f"bundle is not a readable zip: {exc}") from exc
-    evaluate_signatures(manifest_digest(manifest), signatures, trust)
-    return manifest
+    if old is None:
+        return None
+    in_new = {(r["name"], r["slot"]) for r in _refs(new)}
+    if any((r["name"], r["slot"]) in in_new for r in _refs(old)):
+        older = old.get("previous")
+        return older if isinstance(older, dict) else None
+    return {k: v for k, v in old.items() if k != "previous"}
 
 
 def check_requires(manifest: Any, capabilities: dict[str, Any]) -> str | None:
@@ -180,6 +195,7 @@ class Installer:
         persist: Callable[[], None],
         emit: Callable[[str, str, dict[str, Any]], None],
         clock: Callable[[], float] = time.time,
+        serving: Callable[[str], set[tuple[str, str]]] = lambda pipeline: set(),
     ) -> None:
         self.store = store
         self.cache = cache
@@ -191,6 +207,9 @@ class Installer:
         self.persist = persist
         self.emit = emit
         self.clock = clock
+        # (model name, slot) pairs the other pipelines serve from: an install never
+        # writes them (two pipelines may run two versions of one model).
+        self.serving = serving
 
     # -- the state machine with persistence -----------------------------------------
 
@@ -211,8 +230,9 @@ class Installer:
         """Serve the committed models (at boot, or after a spec change).
 
         Raises:
-            InstallFailed: a committed slot fails its digest check (never served), or
-                the spec uses terms this agent does not know (the old one keeps serving).
+            SlotUnusable: a committed slot fails its digest check (never served).
+            InstallFailed: the spec uses terms this agent does not know (the old one
+                keeps serving).
         """
         c = rec.committed
         if c is None:
@@ -226,14 +246,70 @@ class Installer:
             if ref is None:
                 continue
             slot = ref["slot"]
+            held = self.store.slots(ref["name"])[slot].sha256
+            if held != ref.get("sha256", held):
+                # Its files check out, but they are another bundle's (the slot was written
+                # again since): serving them would run another model under this one's name.
+                raise SlotUnusable(
+                    f"committed slot {ref['name']}/{slot} holds another bundle than "
+                    f"{ref['name']}@{ref.get('version')}"
+                )
             if not self.store.verify_slot(ref["name"], slot):
-                raise InstallFailed(f"committed slot {ref['name']}/{slot} failed verification")
+                raise SlotUnusable(f"committed slot {ref['name']}/{slot} failed verification")
             models[role] = self.host.load(self.store.slot_dir(ref["name"], slot))
         model = models.pop("model")
         self.host.serve(spec, model, models)
         if c.get("spec") != spec:  # at boot it is the same: nothing to write
             c["spec"] = spec
             self.persist()
+
+    def fall_back(self, name: str, rec: PipelineRecord, why: str) -> bool:
+        """Serve the previously committed models when the committed ones cannot serve.
+
+        A slot damaged after it was verified (a bit flip in the model file, a file lost
+        to the flash) would otherwise leave the pipeline serving nothing until the bundle
+        is fetched again, which an offline device cannot do. The previous models still
+        in their slots, with the digests they were written with, are the last known good.
+        The store's pointers follow them, so the next install writes the damaged slot and
+        never the one serving. Nothing is written to state.json here: the caller saves.
+
+        Returns:
+            Whether the previous models now serve (an event and the record say why).
+        """
+        failed = rec.committed
+        previous = (failed or {}).get("previous")
+        refs = _refs(previous)
+        if failed is None or not isinstance(previous, dict) or not refs:
+            return False
+        if not isinstance(previous.get("spec"), dict):
+            return False
+        try:
+            for ref in refs:
+                info = self.store.slots(ref["name"])[ref["slot"]]
+                if info.sha256 != ref["sha256"] or not self.store.verify_slot(
+                    ref["name"], ref["slot"]
+                ):
+                    return False
+        except (StoreError, OSError, ValueError):  # a name no store holds, a damaged pointer
+            return False
+        rec.committed = previous
+        try:
+            self.start_committed(name, rec, previous["spec"])
+        except Exception:  # the previous models cannot serve either
+            rec.committed = failed
+            return False
+        for ref in reversed(refs):  # the primary last, as an install commits
+            with contextlib.suppress(OSError):  # a read-only disk: the next start aligns
+                self.store.commit(ref["name"], ref["slot"])
+        bad, good = _describe(failed), _describe(previous)
+        reason = f"{bad} unusable ({why}); serving the previous {good}"
+        rec.tracker.restart(reason, self.clock())
+        self.emit(
+            "event",
+            "pipeline.fell_back",
+            {"pipeline": name, "from": bad, "to": good, "reason": why},
+        )
+        return True
 
     def install(self, name: str, rec: PipelineRecord, action: Action, fingerprint: str) -> None:
         """Install the action's models for pipeline `name`; records the outcome in `rec`.
@@ -298,7 +374,7 @@ class Installer:
                 parts.append(_Prepared(role, ref))
         self._download(rec, parts)
         self._verify(rec, parts)
-        self._write(rec, parts)
+        self._write(name, rec, parts)
         self._health(rec, parts)
         old_models = rec.committed
         companions = {p.role: p.model for p in parts if p.role != "model"}
@@ -320,6 +396,9 @@ class Installer:
             "fingerprint": fingerprint,
             "companions": {p.role: _ref_json(p.ref, p.slot) for p in parts[1:]},
         }
+        previous = _previous(old_models, rec.committed)
+        if previous is not None:
+            rec.committed["previous"] = previous
         rec.refused, rec.retry_at = "", None
         rec.tracker.move(
             InstallState.ACTIVE, f"serving {main.ref.name}@{main.ref.version}", self.clock()
@@ -334,7 +413,9 @@ class Installer:
                 f"rolled back: the install could not be recorded: {storage_reason(exc)}",
                 RETRY_DISK_S,
             ) from exc
-        for p in parts:
+        # The primary last: with a companion of the same model name, the store's pointer
+        # ends on the primary's slot, and the next install writes the companion's.
+        for p in [*parts[1:], parts[0]]:
             assert p.slot is not None
             # state.json decided; the store's pointer follows it (at boot if not now).
             with contextlib.suppress(OSError):
@@ -424,13 +505,15 @@ class Installer:
 
     def _verify(self, rec: PipelineRecord, parts: list[_Prepared]) -> None:
         # Imported here: an agent that installs nothing keeps the bundle code unloaded.
-        from edgewise.bundle import BundleError, SignatureError
+        from edgewise.bundle import BundleError, SignatureError, trusted_manifest
 
         self._move(rec, InstallState.VERIFYING, "checking digest and signatures")
         for p in parts:
             assert p.path is not None
             try:
-                m = _trusted_manifest(p.path, self.publishers())
+                # The files' bytes are checked by `extract` while it writes the slot (one
+                # pass over them, not two); nothing is written before the signatures hold.
+                m = trusted_manifest(p.path, self.publishers())
             except SignatureError as exc:
                 self.cache.prune_one(p.ref.sha256)
                 raise InstallFailed(f"signature invalid: {exc.message}") from exc
@@ -450,19 +533,38 @@ class Installer:
             body = json.dumps(m.model_dump(mode="json", exclude_unset=True), indent=2)
             p.slot_bytes = sum(_blocks(e.size) for e in m.files.values()) + _blocks(len(body) + 1)
 
-    def _write(self, rec: PipelineRecord, parts: list[_Prepared]) -> None:
+    def _write(self, name: str, rec: PipelineRecord, parts: list[_Prepared]) -> None:
         from edgewise.bundle import BundleError, extract
 
+        # A fallback or cascade may be another version of the primary's model, and another
+        # pipeline may run another version of it: no part writes a slot another pipeline
+        # serves from, the slot this pipeline's primary serves from, or a slot another
+        # part of this install has (or will have) taken.
+        keep = set(self.serving(name))
+        if rec.committed is not None:
+            primary = rec.committed["model"]
+            keep.add((str(primary["name"]), str(primary["slot"])))
         for p in parts:
-            assert p.path is not None
             found = self.store.find_ready(p.ref.name, p.ref.sha256)
             if found is not None and self.store.verify_slot(p.ref.name, found):
                 p.slot = found
+                keep.add((p.ref.name, found))
+        for p in parts:
+            assert p.path is not None
+            if p.slot is not None:
                 continue
             if rec.tracker.state is not InstallState.INSTALLING:
                 self._move(rec, InstallState.INSTALLING, f"writing {p.ref.name} into inactive slot")
             self._room_for_slot(p)
-            slot = self.store.begin_write(p.ref.name, p.ref.version, p.ref.sha256)
+            avoid = {s for n, s in keep if n == p.ref.name}
+            try:
+                slot = self.store.begin_write(p.ref.name, p.ref.version, p.ref.sha256, avoid)
+            except StoreError as exc:
+                raise InstallFailed(
+                    f"{exc}; the install waits until a pipeline stops using one",
+                    RETRY_SLOT_S,
+                ) from exc
+            keep.add((p.ref.name, slot))
             slot_dir = self.store.slot_dir(p.ref.name, slot)
             try:
                 slot_dir.rmdir()  # extract wants to create it: it renames a verified temp dir

@@ -27,6 +27,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
+from collections.abc import Collection
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -52,6 +53,38 @@ class SlotInfo:
     version: str = ""
     sha256: str = ""  # of the .ewb the slot was extracted from
     files: dict[str, str] = field(default_factory=dict)  # relative path -> sha256
+
+
+_STATES = ("empty", "writing", "ready")
+
+
+def _pointer_doc(doc: Any) -> Any:
+    """A `slots.json` document as the store reads it; raises for one it cannot use.
+
+    Flash that rots inside a string leaves valid JSON with a key or a state no slot has;
+    such a file counts as torn (`DurableJson` then reads the previous commit) instead of
+    failing every start with a TypeError.
+
+    Raises:
+        ValueError, TypeError: the document does not have the shape the store writes.
+    """
+    if not isinstance(doc, dict) or doc.get("active") not in (None, *_SLOTS):
+        raise ValueError("slots.json: the active pointer names no slot")
+    slots = doc.get("slots", {})
+    if not isinstance(slots, dict):
+        raise ValueError("slots.json: slots is not an object")
+    for key, raw in slots.items():
+        if key not in _SLOTS or not isinstance(raw, dict):
+            raise ValueError(f"slots.json: {key!r} is not a slot")
+        info = SlotInfo(**raw)  # TypeError for a missing or unknown field
+        texts = (info.slot, info.state, info.version, info.sha256)
+        if not all(isinstance(t, str) for t in texts) or not isinstance(info.files, dict):
+            raise TypeError(f"slots.json: slot {key} has a field of the wrong type")
+        if info.slot != key or info.state not in _STATES:
+            raise ValueError(f"slots.json: slot {key} has no valid state")
+        if not all(isinstance(k, str) and isinstance(v, str) for k, v in info.files.items()):
+            raise TypeError(f"slots.json: slot {key} has a malformed file list")
+    return doc
 
 
 def _other(slot: Slot) -> Slot:
@@ -93,7 +126,7 @@ class ModelStore:
     def _pointer(self, name: str) -> DurableJson:
         if not name or "/" in name or name.startswith("."):
             raise StoreError(f"bad model name {name!r}")
-        return DurableJson(self.root / name / "slots.json")
+        return DurableJson(self.root / name / "slots.json", _pointer_doc)
 
     def _load(self, name: str) -> dict[str, Any]:
         doc = self._pointer(name).load(default=None)
@@ -219,15 +252,30 @@ class ModelStore:
             return False
         return actual == info.files
 
-    def begin_write(self, name: str, version: str, sha256: str) -> Slot:
+    def begin_write(
+        self, name: str, version: str, sha256: str, avoid: Collection[str] = ()
+    ) -> Slot:
         """Claim the inactive slot for an install: mark it `writing`, then empty it.
 
         The mark is durable before the first byte is written, so a crash mid-write is
         always recognised at the next start.
+
+        Args:
+            name: the model.
+            version: what is being written.
+            sha256: of the bundle being written.
+            avoid: slots the caller still needs (one an install just wrote for another
+                model of the same name, one another pipeline serves).
+
+        Raises:
+            StoreError: the only slot an install may write is in `avoid`.
         """
         doc = self._load(name)
         active = doc.get("active")
-        slot: Slot = _other(active) if active in _SLOTS else "a"  # as `next_slot`
+        free = [s for s in ((_other(active),) if active in _SLOTS else _SLOTS) if s not in avoid]
+        if not free:
+            raise StoreError(f"no free slot for {name}: both slots hold models in use")
+        slot: Slot = free[0]
         doc.setdefault("slots", {})[slot] = asdict(
             SlotInfo(slot, "writing", version=version, sha256=sha256)
         )

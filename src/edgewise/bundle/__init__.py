@@ -65,6 +65,7 @@ from edgewise.bundle._verify import (
     evaluate_signatures,
     extract,
     read_manifest,
+    trusted_manifest,
     verify,
 )
 
@@ -108,6 +109,7 @@ __all__ = [
     "sha256_file",
     "sign",
     "trust_set",
+    "trusted_manifest",
     "verify",
     "verify_signature",
 ]

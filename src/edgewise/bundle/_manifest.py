@@ -47,6 +47,8 @@ SEMVER_RE = re.compile(
 NAME_PATTERN = r"^[a-z0-9][a-z0-9._-]{0,63}$"
 SHA256_PATTERN = r"^[0-9a-f]{64}$"
 RESERVED_PATHS = ("manifest.json", "signatures/")
+MAX_NAME_BYTES = 255
+MAX_PATH_BYTES = 1024
 
 Sha256 = Annotated[str, StringConstraints(pattern=SHA256_PATTERN)]
 
@@ -91,7 +93,7 @@ def check_bundle_path(path: str) -> str:
 
     Raises:
         ValueError: for absolute paths, ``..``, ``.``, empty parts, backslashes, drive
-            letters, control characters, or the reserved names.
+            letters, control characters, names too long to unpack, or the reserved names.
     """
     if not path or path.startswith("/") or "\\" in path or re.match(r"^[A-Za-z]:", path):
         raise ValueError(f"path {path!r} must be relative and use '/'")
@@ -99,6 +101,16 @@ def check_bundle_path(path: str) -> str:
         raise ValueError(f"path {path!r} holds a control character")
     if any(part in ("", ".", "..") for part in path.split("/")):
         raise ValueError(f"path {path!r} must not hold empty, '.' or '..' parts")
+    # What every filesystem a device may unpack onto can name (NAME_MAX, well under
+    # PATH_MAX with the slot directory in front): longer passes the signature checks and
+    # then fails halfway through unpacking, with an error about the disk.
+    if len(path.encode("utf-8", "surrogatepass")) > MAX_PATH_BYTES or any(
+        len(part.encode("utf-8", "surrogatepass")) > MAX_NAME_BYTES for part in path.split("/")
+    ):
+        raise ValueError(
+            f"path {path[:60]!r}... is too long (at most {MAX_NAME_BYTES} bytes a name, "
+            f"{MAX_PATH_BYTES} in all)"
+        )
     if path == RESERVED_PATHS[0] or path.startswith(RESERVED_PATHS[1]):
         raise ValueError(f"path {path!r} is reserved")
     return path
@@ -255,6 +267,16 @@ class Manifest(_Strict):
     def _file_paths(cls, files: dict[str, FileEntry]) -> dict[str, FileEntry]:
         for path in files:
             check_bundle_path(path)
+        # "a" and "a/b" both pass the zip and the signature checks, but no directory can
+        # hold them: unpacking would fail halfway with an error about the disk.
+        folders = {
+            "/".join(parts[:i])
+            for parts in (p.split("/") for p in files)
+            for i in range(1, len(parts))
+        }
+        clash = sorted(folders & set(files))
+        if clash:
+            raise ValueError(f"path {clash[0]!r} is both a file and a directory")
         return files
 
     @model_validator(mode="after")

@@ -41,6 +41,7 @@ __all__ = [
     "evaluate_signatures",
     "extract",
     "read_manifest",
+    "trusted_manifest",
     "verify",
 ]
 
@@ -158,6 +159,28 @@ def _check_trust(
             "too_large",
         )
     return manifest, digest, signers
+
+
+def trusted_manifest(
+    bundle: Path,
+    trust: Trust,
+    threshold: int = 1,
+    *,
+    max_total_bytes: int = DEFAULT_MAX_TOTAL_BYTES,
+) -> Manifest:
+    """The manifest of a bundle once its layout, schema, signatures and file list hold.
+
+    Everything `verify` checks except the files' bytes, which `extract` checks as it
+    writes them: an installer learns what it is about to install (name, version,
+    requirements) without reading the model twice, and nothing is written for a bundle
+    no trusted key signed.
+
+    Raises:
+        BundleError: a subclass with a `.reason` saying why the bundle is refused.
+    """
+    with open_zip(Path(bundle)) as zf:
+        manifest, _, _ = _check_trust(zf, entries(zf), trust, threshold, max_total_bytes)
+    return manifest
 
 
 def verify(

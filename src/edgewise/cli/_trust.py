@@ -49,6 +49,7 @@ def _summary(root: Any) -> dict[str, Any]:
         "threshold": root.threshold,
         "root_keys": sorted(root.root_keys),
         "publishers": sorted(root.publishers),
+        "control_plane": sorted(root.control_plane) or None,
     }
 
 
@@ -74,6 +75,15 @@ def sign(
     threshold: Annotated[
         int, typer.Option("--threshold", min=1, help="Root signatures the next version needs.")
     ] = 1,
+    control_plane: Annotated[
+        list[Path] | None,
+        typer.Option(
+            "--control-plane",
+            help="A control-plane public key devices should accept desired documents from "
+            "(repeat; default: not named, devices keep theirs). `trust show --json` gives "
+            "the one the control plane signs with.",
+        ),
+    ] = None,
     previous: Annotated[
         Path | None,
         typer.Option("--previous", help="The version devices hold now: checked to chain on."),
@@ -91,7 +101,12 @@ def sign(
     signers = _keys(sign_with, private=True)
     roots = _keys(root, private=False) if root else [k.public_key() for k in signers]
     doc = trust_root_document(
-        version, roots, threshold, _keys(publisher, private=False), time.time()
+        version,
+        roots,
+        threshold,
+        _keys(publisher, private=False),
+        time.time(),
+        control_plane=_keys(control_plane, private=False) if control_plane else (),
     )
     signed = sign_trust_root(doc, signers)
     try:
@@ -134,6 +149,8 @@ def verify(
     typer.echo(f"ok: trust root v{root.version}")
     typer.echo(f"  root keys ({root.threshold} needed): {', '.join(sorted(root.root_keys))}")
     typer.echo(f"  publishers: {', '.join(sorted(root.publishers))}")
+    if root.control_plane:
+        typer.echo(f"  control plane: {', '.join(sorted(root.control_plane))}")
 
 
 @app.command("push")
@@ -161,5 +178,8 @@ def show(server: ServerOpt = None, token: TokenOpt = None, as_json: JsonOpt = Fa
     version = result["version"]
     typer.echo(f"trust root v{version}" if version else "no signed trust root yet")
     typer.echo(f"publishers: {', '.join(sorted(result['publishers'])) or '-'}")
+    if result.get("control_plane"):
+        typer.echo(f"control plane keys: {', '.join(sorted(result['control_plane']))}")
+    typer.echo(f"signing with: {result['signing_key']['key_id']}")
     held = ", ".join(f"v{v}: {n}" for v, n in sorted(result["devices"].items()))
     typer.echo(f"devices by version held: {held or '-'}")

@@ -140,6 +140,19 @@ async def post_report(request: Request) -> JSONResponse:
     return JSONResponse({"ok": True})
 
 
+@router.get("/trust-root")
+async def get_trust_root(request: Request) -> JSONResponse:
+    """The fleet's signed trust root chain, `{"chain": [...]}` (empty without one).
+
+    Desired documents carry it too; a device fetches it here when it refuses their
+    signer: each version verifies by itself against the root keys the device holds, so
+    a device whose control-plane key was replaced recovers from it (`protocol._trust`).
+    """
+    plane, _ = await _authenticate(request, b"")
+    chain = await to_thread.run_sync(plane.store.trust_roots)
+    return JSONResponse({"chain": chain})
+
+
 @router.post("/telemetry")
 async def post_telemetry(request: Request) -> JSONResponse:
     """A telemetry batch (gzip JSON); each (device, seq) is stored exactly once."""

@@ -315,6 +315,15 @@ class ControlPlane:
         except TrustRootError as exc:
             self.audit(actor, "trust_root.install", "trust_root", digest(str(exc)), "refused")
             raise ApiError(400, "bad_trust_root", str(exc)) from None
+        if root.control_plane and self.key_id not in root.control_plane:
+            raise ApiError(
+                400,
+                "bad_trust_root",
+                f"version {root.version} would lock every device out: this control plane "
+                f"signs with {self.key_id}, which it leaves out of control_plane (to rotate "
+                "the key, list the old and the new, switch once devices hold that version, "
+                "then list the new alone)",
+            )
         if root is current:
             return self.trust_root_view(), False
         try:
@@ -341,14 +350,20 @@ class ControlPlane:
             key = str(version if type(version) is int and version >= 0 else 0)
             held[key] = held.get(key, 0) + 1
         if current is None:
-            return {"version": 0, "publishers": self.store.publisher_keys(), "devices": held}
+            view = {"version": 0, "publishers": self.store.publisher_keys()}
+            return view | {"signing_key": self._signing_key(), "devices": held}
         return {
             "version": current.version,
             "threshold": current.threshold,
             "root_keys": dict(current.root_keys),
             "publishers": dict(current.publishers),
+            "control_plane": dict(current.control_plane) or None,
+            "signing_key": self._signing_key(),
             "devices": held,
         }
+
+    def _signing_key(self) -> dict[str, str]:
+        return {"key_id": self.key_id, "public_key": public_key_b64(self.public_key)}
 
     def trust_root(self) -> dict[str, Any]:
         """What an enrolling device should trust."""

@@ -20,6 +20,14 @@ threshold of its own root keys (so the root keys themselves can be rotated), and
 version never goes back. A device with no trust root yet takes its first one on the
 control plane's word, as it took its publishers at enrollment.
 
+A trust root may also name the control-plane keys (`control_plane`: whose signatures on
+desired documents devices accept). Left out, devices keep the ones they enrolled with;
+named, that set replaces them: a control plane's signing key is rotated by listing the
+old and the new key, waiting for the fleet to hold that version, switching the key, and
+listing the new key alone. Since a trust root verifies by itself, a device that refuses
+every document ("unknown signer": the key was lost and replaced) fetches the chain
+directly and recovers, without being touched.
+
 The control plane keeps every version and sends the whole chain, so a device that was
 off while the root keys were rotated twice still walks from the version it trusts to
 the newest, each step checked by the keys of the one before (`advance_trust_root`).
@@ -36,7 +44,7 @@ from __future__ import annotations
 import base64
 import binascii
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from cryptography.hazmat.primitives import serialization
@@ -73,6 +81,7 @@ class TrustRoot:
     root_keys: Mapping[str, str]  # key id -> base64 raw public key
     publishers: Mapping[str, str]
     signed: Mapping[str, Any]  # the document with its signatures, as received
+    control_plane: Mapping[str, str] = field(default_factory=dict)  # empty: not named
 
     def root_public_keys(self) -> dict[str, Ed25519PublicKey]:
         """The root keys, parsed (they were checked when the document was verified)."""
@@ -94,15 +103,19 @@ def trust_root_document(
     threshold: int,
     publishers: Sequence[Ed25519PublicKey],
     issued_at: float,
+    control_plane: Sequence[Ed25519PublicKey] = (),
 ) -> dict[str, Any]:
-    """An unsigned trust root document (pure)."""
-    return {
+    """An unsigned trust root document (pure); `control_plane` left out when empty."""
+    doc: dict[str, Any] = {
         "type": TRUST_ROOT_TYPE,
         "version": version,
         "issued_at": issued_at,
         "root": {"threshold": threshold, "keys": {key_id(k): _b64(k) for k in root_keys}},
         "publishers": {key_id(k): _b64(k) for k in publishers},
     }
+    if control_plane:
+        doc["control_plane"] = {key_id(k): _b64(k) for k in control_plane}
+    return doc
 
 
 def sign_trust_root(
@@ -155,6 +168,13 @@ def _parse(signed: Any) -> tuple[TrustRoot, list[tuple[str, bytes]], bytes]:
     publishers = _key_set(doc.get("publishers"), "document.publishers")
     if not publishers:
         raise TrustRootError("document.publishers is empty: no bundle could be installed")
+    control_plane = {}
+    if "control_plane" in doc:
+        control_plane = _key_set(doc["control_plane"], "document.control_plane")
+        if not control_plane:
+            raise TrustRootError(
+                "document.control_plane is empty: devices would accept no desired document"
+            )
     if not isinstance(sigs, list) or not sigs or len(sigs) > MAX_KEYS:
         raise TrustRootError(f"signatures must be a list of 1 to {MAX_KEYS}")
     pairs = []
@@ -167,9 +187,8 @@ def _parse(signed: Any) -> tuple[TrustRoot, list[tuple[str, bytes]], bytes]:
         message = canonical_json(dict(doc))
     except (TypeError, ValueError) as exc:
         raise TrustRootError(f"document is not canonical JSON: {exc}") from None
-    parsed = TrustRoot(
-        version, threshold, keys, publishers, {"document": dict(doc), "signatures": sigs}
-    )
+    signed_as_received = {"document": dict(doc), "signatures": sigs}
+    parsed = TrustRoot(version, threshold, keys, publishers, signed_as_received, control_plane)
     return parsed, pairs, message
 
 
