@@ -978,6 +978,9 @@ def test_the_drain_keeps_running_when_its_buffer_cannot_be_written(
 # -- a first start on a disk that cannot take the device key ------------------------------
 
 
+TOKEN = ("--enroll-token", "t")
+
+
 @pytest.mark.parametrize("disk", ["full", "read-only"])
 def test_a_first_start_the_disk_cannot_take_says_so_and_exits(
     disk: str, mounts: Mounts, tmp_path: Path
@@ -992,8 +995,7 @@ def test_a_first_start_the_disk_cannot_take_says_so_and_exits(
         expect = "Read-only file system (the disk is read-only"
     data = root / "agent"
     done = subprocess.run(
-        [EDGEWISE, "agent", "--data", str(data), "--server", "http://127.0.0.1:9"]
-        + ["--enroll-token", "t"],
+        [EDGEWISE, "agent", "--data", str(data), "--server", "http://127.0.0.1:9", *TOKEN],
         capture_output=True,
         text=True,
         timeout=60,

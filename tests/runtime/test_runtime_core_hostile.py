@@ -754,3 +754,21 @@ def test_an_npz_that_unpacks_past_the_limit_is_skipped_unread(
     until(lambda: len(source.seen) == 2 and _stats(runtime, "digits")[SUCCESS] == 1)
     assert (source.unreadable, source.failed) == (1, 0)
     assert _stats(runtime, "digits")["nv_inference_request_bad_input"] == 1
+
+
+def test_an_update_of_primary_and_fallback_is_refused_whole_or_taken_whole(
+    runtime: Runtime, mlp_bytes: bytes, logreg_bytes: bytes, make_spec: SpecFactory
+) -> None:
+    # The agent swapped the fallback first: a primary refused after it left the pipeline
+    # on its old primary with the update's fallback.
+    light, heavy = runtime.load_model(logreg_bytes), runtime.load_model(mlp_bytes)
+    other = runtime.load_model(logreg_bytes)
+    four = runtime.load_model(onnx_model(TensorProto.FLOAT))  # the cascade cannot follow
+    spec = make_spec(cascade={"threshold": 0.6, "model": {"name": "digits-big"}})
+    runtime.start_pipeline(spec, light, fallback=light, cascade_model=heavy)
+    p = runtime._get("digits")
+    with pytest.raises(ValueError, match="cascade model"):
+        runtime.swap_models("digits", four, fallback=other)
+    assert p.primary.model is light and p.fallback is not None and p.fallback.model is light
+    runtime.swap_models("digits", other, fallback=other)
+    assert p.primary.model is other and p.fallback.model is other

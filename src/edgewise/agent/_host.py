@@ -113,9 +113,9 @@ class RuntimeHost:
         rt = self.runtime
         old = self._specs.get(name)
         if old is not None and _shape(old) == _shape(spec):
-            if old.get("fallback") != spec.get("fallback") and "fallback" in companions:
-                rt.swap_model(name, companions["fallback"], tier="fallback")
-            rt.swap_model(name, model)
+            changed = old.get("fallback") != spec.get("fallback") and "fallback" in companions
+            # Both checked before either changes: a refused primary left a new fallback.
+            rt.swap_models(name, model, companions["fallback"] if changed else None)
             self._specs[name] = spec
             return
         parsed = PipelineSpec.model_validate(spec)

@@ -267,6 +267,23 @@ class Runtime:
         self._event(name, "model_swapped", f"{old} -> {new_model.key}", {"tier": tier})
         return old
 
+    def swap_models(
+        self, name: str, primary: LoadedModel, fallback: LoadedModel | None = None
+    ) -> None:
+        """Replace the primary model, and the fallback with it, checking both first.
+
+        An update that changes both must not leave half of it in place: when either is
+        refused (see `swap_model`), neither changes and the old models keep serving.
+        """
+        p = self._get(name)
+        for model in (primary, fallback):
+            if model is not None:
+                check_fits(p.spec, model)
+                _check_cascade(name, p.cascade_model, model)
+        if fallback is not None:
+            self.swap_model(name, fallback, tier="fallback")
+        self.swap_model(name, primary)
+
     def stop_pipeline(self, name: str, drain_timeout: float = 10.0) -> None:
         """Stop accepting work, finish what is queued, stop the source, close sinks."""
         p = self._get(name)
