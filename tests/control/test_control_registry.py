@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import zipfile
 from pathlib import Path
@@ -193,13 +194,47 @@ def test_artifact_cache_keeps_small_files_within_its_budget(tmp_path: Path) -> N
     from edgewise.control._registry import ArtifactCache
 
     cache = ArtifactCache(max_file=10, budget=20)
-    files = {}
+    files, sha = {}, {}
     for name, size in (("a", 8), ("b", 8), ("c", 8), ("big", 11)):
         files[name] = tmp_path / name
         files[name].write_bytes(name.encode()[:1] * size)
-    assert cache.load(files["big"], "big") is None and cache.get("big") is None  # too large
-    assert cache.load(files["a"], "a") == b"a" * 8
-    assert cache.load(files["b"], "b") == b"b" * 8
-    assert cache.get("a") == b"a" * 8  # a is now the most recently used
-    cache.load(files["c"], "c")  # over the budget: the least recently used (b) goes
-    assert (cache.get("a"), cache.get("b"), cache.get("c")) == (b"a" * 8, None, b"c" * 8)
+        sha[name] = hashlib.sha256(files[name].read_bytes()).hexdigest()
+    assert cache.load(files["big"], sha["big"]) is None and cache.get(sha["big"]) is None
+    assert cache.load(files["a"], sha["a"]) == b"a" * 8
+    assert cache.load(files["b"], sha["b"]) == b"b" * 8
+    assert cache.get(sha["a"]) == b"a" * 8  # a is now the most recently used
+    cache.load(files["c"], sha["c"])  # over the budget: the least recently used (b) goes
+    got = (cache.get(sha["a"]), cache.get(sha["b"]), cache.get(sha["c"]))
+    assert got == (b"a" * 8, None, b"c" * 8)
+
+
+@pytest.mark.parametrize("served", ["from memory", "streamed"])
+def test_a_stored_artifact_damaged_on_disk_is_refused_and_a_push_repairs_it(
+    served: str, sqlite_plane: Plane, examples: dict[str, Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The damaged copy had been sent to every device, each failing its digest check and
+    # downloading again every 30 s, with nothing on the control plane saying why.
+    from edgewise.control import _api_device, _app
+    from edgewise.control._registry import ArtifactCache
+
+    cache = ArtifactCache(max_file=8 << 20 if served == "from memory" else 0)
+    monkeypatch.setattr(_api_device, "_ARTIFACTS", cache)  # this test's own
+    monkeypatch.setattr(_app, "ARTIFACTS", cache)
+    p = sqlite_plane
+    p.trust(examples["pub"])
+    path = examples["bundles"]["digits-logreg@1.0.0"]
+    sha = p.push(path).json()["sha256"]
+    stored = p.settings.artifacts_dir / sha[:2] / sha
+    raw = bytearray(stored.read_bytes())
+    raw[len(raw) // 2] ^= 0x01  # one bit, same size
+    stored.write_bytes(bytes(raw))
+    dev = p.enroll()
+    url = f"/device/v1/artifacts/{sha}"
+    for _ in range(2):
+        r = dev.get(url)
+        assert r.status_code == 503 and r.json()["error"]["code"] == "artifact_damaged"
+    assert "edgewise_artifacts_damaged 1.0" in p.client.get("/metrics").text
+    assert p.push(path).status_code == 200  # the same bundle again: the copy is replaced
+    r = dev.get(url)
+    assert r.status_code == 200 and r.content == path.read_bytes()
+    assert "edgewise_artifacts_damaged 0.0" in p.client.get("/metrics").text

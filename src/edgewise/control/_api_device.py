@@ -8,6 +8,7 @@ window, and last-seen is written in batches.
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 from collections.abc import AsyncIterator
@@ -22,7 +23,7 @@ from edgewise.control._errors import DEVICE_ERRORS
 from edgewise.control._fleet import EnrollRequest, enroll, ingest_telemetry, report_item
 from edgewise.control._live import CachedDevice
 from edgewise.control._plane import ApiError, ControlPlane
-from edgewise.control._registry import ArtifactCache, artifact_path
+from edgewise.control._registry import ArtifactCache, ArtifactDamaged, artifact_path
 from edgewise.control.telemetry._decode import TelemetryColumns, decode_upload
 from edgewise.protocol import (
     Report,
@@ -32,7 +33,9 @@ from edgewise.protocol import (
     parse_signed_headers,
 )
 
-__all__ = ["router"]
+__all__ = ["ARTIFACTS", "router"]
+
+log = logging.getLogger("edgewise.control.device")
 
 router = APIRouter(prefix="/device/v1", tags=["device"], responses=DEVICE_ERRORS)
 
@@ -43,7 +46,7 @@ _RANGE_RE = re.compile(r"^bytes=([0-9]{0,18})-([0-9]{0,18})$")
 _ETAG_RE = re.compile(r"[0-9]{1,18}")
 _CHUNK = 256 * 1024
 # Artifacts are content-addressed, so one cache serves every control plane of a process.
-_ARTIFACTS = ArtifactCache()
+_ARTIFACTS = ARTIFACTS = ArtifactCache()
 
 
 def _plane(request: Request) -> ControlPlane:
@@ -246,8 +249,21 @@ async def get_artifact(request: Request, sha256: str) -> Response:
         headers["Content-Range"] = f"bytes {first}-{last}/{size}"
     status = 200 if span is None else 206
     data = _ARTIFACTS.get(sha256)
-    if data is None and size <= _ARTIFACTS.max_file:
-        data = await to_thread.run_sync(_ARTIFACTS.load, path, sha256)
+    try:
+        if data is None and size <= _ARTIFACTS.max_file:
+            data = await to_thread.run_sync(_ARTIFACTS.load, path, sha256)
+        if data is None:
+            await to_thread.run_sync(_ARTIFACTS.check, path, sha256)
+    except ArtifactDamaged:
+        log.error("artifact %s is damaged on this control plane's disk: push it again", sha256)
+        raise ApiError(
+            503,
+            "artifact_damaged",
+            f"the control plane's copy of artifact {sha256} is damaged (its bytes do not "
+            "match the digest): an operator must push the bundle again",
+        ) from None
+    except FileNotFoundError:
+        raise ApiError(404, "not_found", "no such artifact") from None
     if data is not None:  # small: from memory, in one piece
         return Response(
             data[first : last + 1], status_code=status,

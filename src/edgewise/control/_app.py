@@ -40,6 +40,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from edgewise.control import _direct
 from edgewise.control._api_admin import router as admin_router
+from edgewise.control._api_device import ARTIFACTS
 from edgewise.control._api_device import router as device_router
 from edgewise.control._api_rollouts import router as rollouts_router
 from edgewise.control._fastpath import DESIRED_PATH, try_fast_poll
@@ -314,6 +315,11 @@ def create_app(
         "Rollout and alert notifications not yet taken by their webhook",
         registry=registry,
     ).set_function(outbox.pending)
+    Gauge(
+        "edgewise_artifacts_damaged",
+        "Stored artifacts found not to match their digest (push them again)",
+        registry=registry,
+    ).set_function(lambda: len(ARTIFACTS.damaged))
 
     @app.exception_handler(ApiError)
     async def _api_error(_: Request, exc: ApiError) -> JSONResponse:

@@ -4,6 +4,12 @@ A push streams the upload to a temporary file under the data directory while has
 verifies it completely against the trusted publisher keys (`edgewise.bundle.verify`), then
 links it into `artifacts/<sha256>`. A version is immutable: the same bytes pushed again
 are a no-op, other bytes under a registered version are a 409.
+
+A stored artifact is checked against its digest before it is first served (and again
+whenever the file changes): a copy damaged on the control plane's disk is answered 503
+`artifact_damaged`, saying to push the bundle again, instead of being sent to every
+device to fail their digest check every 30 s with nobody told; pushing the same bundle
+again replaces a damaged copy.
 """
 
 from __future__ import annotations
@@ -22,12 +28,27 @@ from edgewise.control._store import ConflictError
 
 __all__ = [
     "ArtifactCache",
+    "ArtifactDamaged",
     "artifact_path",
+    "file_sha256",
     "model_view",
     "receive_upload",
     "register_bundle",
     "set_yanked",
 ]
+
+
+class ArtifactDamaged(Exception):
+    """A stored artifact whose bytes no longer match its digest."""
+
+
+def file_sha256(path: Path) -> str:
+    """The sha256 of a file, read in 1 MiB pieces."""
+    h = hashlib.sha256()
+    with path.open("rb") as fh:
+        while chunk := fh.read(1 << 20):
+            h.update(chunk)
+    return h.hexdigest()
 
 
 def artifact_path(plane: ControlPlane, sha256: str) -> Path:
@@ -51,6 +72,10 @@ class ArtifactCache:
         self._items: OrderedDict[str, bytes] = OrderedDict()
         self._size = 0
         self._lock = threading.Lock()
+        # Files found intact, by (digest, size, mtime): checked again once changed.
+        self._intact: set[tuple[str, int, int]] = set()
+        #: Digests whose stored copy was found damaged (until found intact again).
+        self.damaged: set[str] = set()
 
     def get(self, sha256: str) -> bytes | None:
         """The cached bytes of this artifact, or None."""
@@ -60,12 +85,45 @@ class ArtifactCache:
                 self._items.move_to_end(sha256)
             return data
 
+    def check(self, path: Path, sha256: str) -> None:
+        """Make sure the file at `path` holds the artifact (hashed once per version of it).
+
+        Raises:
+            ArtifactDamaged: its bytes do not match `sha256`.
+            FileNotFoundError: it is gone.
+        """
+        st = path.stat()
+        key = (sha256, st.st_size, st.st_mtime_ns)
+        if key in self._intact:
+            return
+        if file_sha256(path) != sha256:
+            self._found(sha256, intact=False)
+            raise ArtifactDamaged(sha256)
+        with self._lock:
+            self._intact.add(key)
+        self._found(sha256, intact=True)
+
+    def _found(self, sha256: str, intact: bool) -> None:
+        with self._lock:
+            if intact:
+                self.damaged.discard(sha256)
+            else:
+                self.damaged.add(sha256)
+
     def load(self, path: Path, sha256: str) -> bytes | None:
-        """Read the artifact at `path` into the cache (None when it is too large)."""
+        """Read the artifact at `path` into the cache (None when it is too large).
+
+        Raises:
+            ArtifactDamaged: its bytes do not match `sha256` (nothing is cached).
+        """
         with path.open("rb") as fh:
             data = fh.read(self.max_file + 1)
         if len(data) > self.max_file:
             return None
+        if hashlib.sha256(data).hexdigest() != sha256:
+            self._found(sha256, intact=False)
+            raise ArtifactDamaged(sha256)
+        self._found(sha256, intact=True)
         with self._lock:
             if sha256 not in self._items:
                 self._items[sha256] = data
@@ -141,8 +199,8 @@ def register_bundle(
             raise ApiError(400, "bundle_schema", "model name or version too long")
         target = artifact_path(plane, sha256)
         target.parent.mkdir(parents=True, exist_ok=True)
-        if not target.exists():
-            os.replace(path, target)
+        if not target.exists() or file_sha256(target) != sha256:
+            os.replace(path, target)  # new, or replacing a copy damaged on disk
         row = {
             "name": name,
             "version": version,
