@@ -198,18 +198,19 @@ def _byte_range(header: str | None, size: int) -> tuple[int, int] | None:
     """(first, last) inclusive, None for the whole file; raises 416 when unsatisfiable."""
     if not header:
         return None
+    whole = {"Content-Range": f"bytes */{size}"}  # RFC 9110: what there is to ask for
     m = _RANGE_RE.match(header.strip())
     if m is None or (not m.group(1) and not m.group(2)):
-        raise ApiError(416, "bad_range", f"unsupported range {header!r}")
+        raise ApiError(416, "bad_range", f"unsupported range {header!r}", whole)
     if not m.group(1):  # suffix: the last N bytes
         n = int(m.group(2))
         if n == 0 or size == 0:
-            raise ApiError(416, "bad_range", "unsatisfiable range")
+            raise ApiError(416, "bad_range", "unsatisfiable range", whole)
         return max(0, size - n), size - 1
     first = int(m.group(1))
     last = int(m.group(2)) if m.group(2) else size - 1
     if first >= size or last < first:
-        raise ApiError(416, "bad_range", f"range {header!r} is outside 0-{size - 1}")
+        raise ApiError(416, "bad_range", f"range {header!r} is outside 0-{size - 1}", whole)
     return first, min(last, size - 1)
 
 
