@@ -63,6 +63,15 @@ def test_counter_reset_counts_from_zero() -> None:
     assert stats_delta(prev, cur)["counts"]["failed"] == 2
 
 
+def test_cascade_failures_travel_in_the_window_counts() -> None:
+    # Counted by the runtime (an upstream that answered no answer), they had stayed on
+    # the device: nothing in the fleet's telemetry showed a cascade tier failing.
+    prev = {"edgewise_cascade_failures": 5, "nv_inference_escalated": 9}
+    cur = {"edgewise_cascade_failures": 8, "nv_inference_escalated": 12}
+    counts = stats_delta(prev, cur)["counts"]
+    assert (counts["cascade_failures"], counts["escalated"]) == (3, 3)
+
+
 def test_resource_readers_are_injectable_and_broken_readers_cost_one_field() -> None:
     def broken() -> float:
         raise OSError("no sensor")

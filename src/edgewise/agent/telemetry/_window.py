@@ -51,6 +51,8 @@ COUNT_KEYS: dict[str, str] = {
     "fallback": "nv_inference_fallback",
     # rows answered with a NaN or infinite top-1 score: errors for a rollout
     "nonfinite": "edgewise_nonfinite_scores",
+    # escalations the upstream or local cascade model could not answer (the local stood)
+    "cascade_failures": "edgewise_cascade_failures",
 }
 _STAGE_KEYS: dict[str, str] = {
     "total": "nv_inference_request_duration_ms",
