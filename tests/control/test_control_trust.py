@@ -156,3 +156,23 @@ def test_the_trust_cli_signs_offline_checks_the_chain_and_pushes(
     assert code == 0 and "trust root v2" in out, err
     code, _, err = run(capsys, "trust", "push", str(v1), *server)
     assert code == 1 and "older" in err and "Traceback" not in err
+
+
+def test_the_console_shows_the_trust_root_and_models_no_trusted_key_signed(
+    plane: Plane, examples: dict[str, Any]
+) -> None:
+    p = plane
+    p.trust(examples["pub"])
+    assert p.push(examples["bundles"]["digits-mlp@1.0.0"]).status_code == 201
+    dev = p.enroll(labels={"site": "a"})
+    origin = str(p.client.base_url)
+    r = p.client.post("/login", data={"token": p.admin, "next": "/"}, headers={"origin": origin})
+    assert r.status_code in (200, 303), r.text
+    page = p.client.get("/models").text
+    assert "No signed trust root" in page and "signer not trusted" not in page
+    assert p.api("POST", "/api/v1/trust-root", json=_root(1, [NEW_PUBLISHER])).status_code == 201
+    dev.get("/device/v1/desired")  # (the device has not reported a trust version yet)
+    page = p.client.get("/models").text
+    assert "Version 1: devices install what these publisher keys signed" in page
+    assert key_id(NEW_PUBLISHER) in page and "signer not trusted" in page  # 1.0.0's key
+    assert "v0: 1" in page  # the one device has reported no trust root yet

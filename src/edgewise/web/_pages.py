@@ -237,7 +237,17 @@ def models_page(request: Request) -> Response:
         for r in plane.store.list_models()
     ]
     models.sort(key=lambda m: (m["name"], views.version_key(m["version"])))
-    return render("models.html", page_context(session, "/models", "Models", models=models))
+    trust = plane.trust_root_view()
+    if session.principal.scope:  # the fleet-wide counts are not a scoped token's to see
+        trust["devices"] = {}
+    trusted = set(trust["publishers"])
+    for m in models:  # a model no trusted key signed installs nowhere any more
+        m["untrusted"] = bool(m["signers"]) and not trusted.intersection(m["signers"])
+    held = sorted(trust["devices"].items(), key=lambda kv: -int(kv[0]))
+    return render(
+        "models.html",
+        page_context(session, "/models", "Models", models=models, trust=trust, held=held),
+    )
 
 
 @router.get("/models/{name}/{version}", response_class=HTMLResponse)
