@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 import threading
+import time
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -22,6 +23,7 @@ class ArtifactServer:
     ranges: list[str | None] = field(default_factory=list)
     status_queue: list[tuple[int, dict[str, str]]] = field(default_factory=list)
     url: str = ""
+    drip_s: float = 0.0  # > 0: bodies go out 1 KiB at a time, this long apart
 
 
 @pytest.fixture
@@ -78,6 +80,13 @@ def artifact_server() -> Iterator[ArtifactServer]:
                 state.bytes_sent += cut
                 self.close_connection = True
                 self.connection.shutdown(2)
+                return
+            if state.drip_s > 0:
+                for i in range(0, len(body), 1024):
+                    time.sleep(state.drip_s)
+                    self.wfile.write(body[i : i + 1024])
+                    self.wfile.flush()
+                    state.bytes_sent += len(body[i : i + 1024])
                 return
             self.wfile.write(body)
             state.bytes_sent += len(body)

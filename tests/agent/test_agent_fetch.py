@@ -125,3 +125,33 @@ def test_cached_artifact_is_not_fetched_again(
         again = cache.fetch(HttpArtifactSource(client), "/a", sha, len(data))
     assert again.bytes_fetched == 0
     assert artifact_server.bytes_sent == len(data)
+
+
+def test_a_dripping_download_is_fetched_in_slices_that_resume(
+    tmp_path: Path, artifact_server: ArtifactServer
+) -> None:
+    # A link that delivers a trickle had held the agent inside one download for as long
+    # as it lasted: no polls, no reports, no new desired state.
+    import time
+
+    from edgewise.agent._fetch import DownloadPaused
+
+    blob = os.urandom(20 * 1024)
+    sha = hashlib.sha256(blob).hexdigest()
+    artifact_server.blobs["/a"] = blob
+    artifact_server.drip_s = 0.05  # 20 KiB over about a second
+    cache = ArtifactCache(tmp_path / "cache")
+    slices = 0
+    with httpx.Client(base_url=artifact_server.url) as http:
+        source = HttpArtifactSource(http)
+        while True:
+            try:
+                result = cache.fetch(source, "/a", sha, len(blob), deadline=time.monotonic() + 0.2)
+                break
+            except DownloadPaused as paused:
+                slices += 1
+                assert paused.done == cache.partial_size(sha) > 0
+                assert slices < 200
+    assert slices >= 2 and result.path.read_bytes() == blob
+    resumed = [r for r in artifact_server.ranges if r]
+    assert len(resumed) == slices  # each slice after the first asked for the rest only

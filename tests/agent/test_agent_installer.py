@@ -237,3 +237,29 @@ def test_a_refused_spec_is_looked_at_again_quietly_and_installs_once_its_stage_e
         host.stop("digits")
         PREPROCESS._factories.pop("crop")
         http.close()
+
+
+def test_a_slow_download_is_installed_over_several_rounds_not_one_long_one(
+    tmp_path: Path,
+    artifact_server: ArtifactServer,
+    example_bundles: dict[str, Path],
+    host: RuntimeHost,
+) -> None:
+    trust = [load_public_key(example_bundles["_pub"])]
+    events: list[Any] = []
+    inst, http = _installer(tmp_path, artifact_server, host, trust, events)
+    inst.download_slice_s = 0.2
+    artifact_server.drip_s = 0.02  # the bundle (about 11 KiB) a KiB at a time
+    rec = PipelineRecord()
+    action = _action(artifact_server, example_bundles["digits-mlp@1.0.0"], "digits-mlp", "1.0.0")
+    rounds = 0
+    while rec.tracker.state is not InstallState.ACTIVE:
+        inst.install("digits", rec, action, action.fingerprint)
+        rounds += 1
+        if rec.tracker.state is not InstallState.ACTIVE:
+            # Between rounds the install waits in `downloading`, part of the way there.
+            assert rec.tracker.state is InstallState.DOWNLOADING and rec.refused == ""
+        assert rounds < 500
+    http.close()
+    assert rounds >= 2 and host.running() == {"digits": "digits-mlp@1.0.0"}
+    assert [k for k, _ in events] == ["install.started", "install.succeeded"]

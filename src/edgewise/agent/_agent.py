@@ -578,6 +578,8 @@ class Agent:
         self.installer.install(name, rec, action, action.fingerprint)
         if rec.tracker.state is InstallState.ACTIVE:
             self._prune_cache()
+        elif rec.tracker.state is InstallState.DOWNLOADING:
+            self.wake.set()  # a download paused for the round: resume after a quick poll
         trim()
 
     def _runtime_spec(self, name: str, action: Action) -> dict[str, Any]:

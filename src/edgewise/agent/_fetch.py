@@ -13,6 +13,10 @@ disk raises `StorageError`; neither is retried like a cut connection (`OSError` 
 the uplink's sake, in `Backoff.recoverable`). A `.part` that is not a plain file of ours
 (a symlink, a directory) is removed, never appended through.
 
+A download may be given a `deadline` (monotonic): past it, the bytes so far are synced
+and `DownloadPaused` is raised, so a bundle arriving over a slow or dripping link is
+fetched in slices between which the agent polls and reports; the next call resumes.
+
 Example:
     >>> import tempfile, pathlib
     >>> cache = ArtifactCache(pathlib.Path(tempfile.mkdtemp()))
@@ -28,6 +32,7 @@ import os
 import re
 import shutil
 import stat
+import time
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
@@ -43,6 +48,7 @@ from edgewise.agent._durable import fsync_dir, out_of_space, remove_tree, replac
 __all__ = [
     "ArtifactCache",
     "ArtifactSource",
+    "DownloadPaused",
     "FetchError",
     "FetchResult",
     "HttpArtifactSource",
@@ -74,6 +80,17 @@ class InsufficientDisk(FetchError):
 
 class StorageError(FetchError):
     """The device's storage refused a read or write (read-only, I/O error)."""
+
+
+class DownloadPaused(Exception):
+    """A download that reached its deadline; what arrived is kept, the next call resumes.
+
+    Not a `RetryableError`: nothing failed, so no backoff retries it in place.
+    """
+
+    def __init__(self, done: int, size: int) -> None:
+        super().__init__(f"paused at {done}/{size} bytes; resumes at the next round")
+        self.done, self.size = done, size
 
 
 def storage_failure(exc: OSError, doing: str) -> FetchError:
@@ -252,15 +269,17 @@ class ArtifactCache:
         size: int,
         progress: Callable[[int, int], None] | None = None,
         reclaim: int = 0,
+        deadline: float | None = None,
     ) -> FetchResult:
         """Fetch one artifact into the cache (or find it there).
 
-        `reclaim` is as for `preflight`.
+        `reclaim` is as for `preflight`; `deadline` (monotonic) ends this call's share.
 
         Raises:
             InsufficientDisk: before any byte is fetched.
             FetchError: the server refuses it or the bytes do not match the digest.
             RetryableError: the transfer was cut; call again to resume.
+            DownloadPaused: `deadline` passed first; call again to resume.
         """
         final = self.path(sha256)
         if self.has(sha256):
@@ -280,7 +299,7 @@ class ArtifactCache:
         start = offset
         fetched = 0
         if offset < size:
-            fetched, start = self._transfer(source, url, sha256, offset, size, progress)
+            fetched, start = self._transfer(source, url, sha256, offset, size, progress, deadline)
         crashpoint("after_download")
         try:
             if sha256_of(part) != sha256:
@@ -305,6 +324,7 @@ class ArtifactCache:
         offset: int,
         size: int,
         progress: Callable[[int, int], None] | None,
+        deadline: float | None = None,
     ) -> tuple[int, int]:
         part = self._part(sha256)
         fetched = 0
@@ -365,6 +385,12 @@ class ArtifactCache:
                         progress(size - remaining, size)
                     if remaining <= 0:
                         break
+                    if deadline is not None and time.monotonic() >= deadline:
+                        try:
+                            os.fsync(fd)  # what arrived is kept for the resume
+                        except OSError as exc:
+                            raise self._failed(exc, sha256, "downloading") from exc
+                        raise DownloadPaused(size - remaining, size)
                 try:
                     os.fsync(fd)
                 except OSError as exc:

@@ -41,6 +41,7 @@ from edgewise.agent._durable import out_of_space
 from edgewise.agent._fetch import (
     ArtifactCache,
     ArtifactSource,
+    DownloadPaused,
     FetchError,
     InsufficientDisk,
     StorageError,
@@ -58,6 +59,8 @@ __all__ = ["InstallFailed", "Installer", "SlotUnusable", "retry_incompatible"]
 # How long a transient refusal waits before the plan may try the same install again.
 RETRY_DISK_S = 300.0
 RETRY_FETCH_S = 30.0
+# A download's share of one round: past it the agent polls and reports, then resumes.
+DOWNLOAD_SLICE_S = 120.0
 # Both slots of a model serve (two pipelines, two versions): until one is let go.
 RETRY_SLOT_S = 60.0
 # A spec this agent is too old for: tried again after that long (an upgraded agent).
@@ -210,6 +213,7 @@ class Installer:
         # (model name, slot) pairs the other pipelines serve from: an install never
         # writes them (two pipelines may run two versions of one model).
         self.serving = serving
+        self.download_slice_s = DOWNLOAD_SLICE_S
 
     # -- the state machine with persistence -----------------------------------------
 
@@ -341,6 +345,10 @@ class Installer:
         except (RetryableError, GiveUp):
             # The uplink is down mid-download: keep `downloading`; the next round resumes.
             raise
+        except DownloadPaused:
+            # A slow link: the agent polls and reports, and the next round resumes.
+            with contextlib.suppress(OSError):
+                self.persist()
         except OSError as exc:  # the disk is full, read-only or failing (state.json too)
             self._fail(name, rec, fingerprint, InstallFailed(storage_reason(exc), RETRY_DISK_S))
 
@@ -486,12 +494,19 @@ class Installer:
 
         if rec.tracker.state is not InstallState.DOWNLOADING:
             self._move(rec, InstallState.DOWNLOADING, "0%", 0.0)
+        deadline = time.monotonic() + self.download_slice_s
         for p in missing:
             ref = p.ref
             try:
                 result = self.backoff.call(
                     lambda ref=ref: self.cache.fetch(  # type: ignore[misc]
-                        self.source, ref.url, ref.sha256, ref.size, progress, reclaim[ref.sha256]
+                        self.source,
+                        ref.url,
+                        ref.sha256,
+                        ref.size,
+                        progress,
+                        reclaim[ref.sha256],
+                        deadline,
                     )
                 )
             except (InsufficientDisk, StorageError) as exc:
