@@ -772,3 +772,15 @@ def test_an_update_of_primary_and_fallback_is_refused_whole_or_taken_whole(
     assert p.primary.model is light and p.fallback is not None and p.fallback.model is light
     runtime.swap_models("digits", other, fallback=other)
     assert p.primary.model is other and p.fallback.model is other
+
+
+def test_a_pipeline_started_on_a_closed_runtime_is_refused(
+    mlp_bytes: bytes, make_spec: SpecFactory
+) -> None:
+    # Its executors were closed: the pipeline started and every request it admitted
+    # waited in a queue nothing would ever run.
+    rt = Runtime()
+    model = rt.load_model(mlp_bytes)
+    rt.close()
+    with pytest.raises(RuntimeError, match="closed"):
+        rt.start_pipeline(make_spec(), model)

@@ -185,7 +185,11 @@ class Runtime:
             ValueError: an unknown stage name or bad stage parameters, a name in use,
                 stages that cannot feed a model, or a fallback or local cascade model
                 that does not take the model's inputs.
+            RuntimeError: the runtime was closed (its executors would never run the
+                pipeline's requests).
         """
+        if self._stop.is_set():
+            raise RuntimeError(f"pipeline {spec.name!r}: the runtime is closed")
         if spec.requires_accelerator and model.provider == CPU:
             raise AcceleratorUnavailable(f"pipeline {spec.name!r} requires an accelerator")
         for m in (model, fallback):
