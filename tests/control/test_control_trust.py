@@ -176,3 +176,14 @@ def test_the_console_shows_the_trust_root_and_models_no_trusted_key_signed(
     assert "Version 1: devices install what these publisher keys signed" in page
     assert key_id(NEW_PUBLISHER) in page and "signer not trusted" in page  # 1.0.0's key
     assert "v0: 1" in page  # the one device has reported no trust root yet
+
+
+def test_a_trust_root_nested_deep_is_a_400_not_a_500(plane: Plane) -> None:
+    # The route re-serialised the body through pydantic, whose depth limit raised: 500.
+    nested: Any = {}
+    for _ in range(300):
+        nested = {"x": nested}
+    body = {"document": {"type": "edgewise-trust-root", "deep": nested}, "signatures": []}
+    r = plane.api("POST", "/api/v1/trust-root", json=body)
+    assert r.status_code in (400, 422), r.text
+    assert r.json()["error"]["code"] in ("bad_trust_root", "invalid_request", "bad_json")

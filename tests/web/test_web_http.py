@@ -12,7 +12,7 @@ import pytest
 from edgewise.web._mount import STATIC_DIR
 from edgewise.web._render import TEMPLATES
 
-from .conftest import Console
+from .conftest import SIM_DEPLOYMENT, Console
 
 
 @pytest.fixture
@@ -149,6 +149,11 @@ def test_scoped_token_sees_only_its_devices(console: Console) -> None:
         outside = [d for d in console.devices if d not in page]
         assert len(outside) == 8
         assert client.get(f"/devices/{outside[0]}").status_code == 404
+        # Another site's deployment is not shown either (the API answers 404 too); the
+        # fleet-wide layer, which shapes the lab's devices, is.
+        listed = client.get("/deployments").text
+        assert SIM_DEPLOYMENT not in listed and "/deployments/digits" in listed
+        assert client.get(f"/deployments/{SIM_DEPLOYMENT}").status_code == 404
 
 
 def test_rollout_command_needs_a_same_origin_form(console: Console) -> None:

@@ -459,8 +459,14 @@ class Agent:
         last accepted a document; a trust root naming the new key verifies by itself
         against the root keys held here, so it is fetched directly (at most once a
         minute). True when `key_id` is now a trusted control-plane key.
+
+        Only a device that holds a trust root recovers so: the answer is not signed by
+        anyone this device trusts, so without root keys to check it against, whoever
+        answers (anyone on the network path) would name the signer, and its publishers.
         """
         assert self.identity is not None
+        if self.trust.current is None:
+            return False
         now = time.monotonic()
         if now < self._trust_fetch_after:
             return False

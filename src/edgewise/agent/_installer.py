@@ -54,7 +54,7 @@ from edgewise.agent._store import ModelStore, Slot, StoreError
 from edgewise.agent._vocabulary import spec_refusal
 from edgewise.protocol import DesiredModelRef
 
-__all__ = ["InstallFailed", "Installer", "SlotUnusable", "retry_incompatible"]
+__all__ = ["InstallFailed", "Installer", "SlotUnusable", "retry_incompatible", "retry_refused"]
 
 # How long a transient refusal waits before the plan may try the same install again.
 RETRY_DISK_S = 300.0
@@ -169,18 +169,23 @@ def check_requires(manifest: Any, capabilities: dict[str, Any]) -> str | None:
     return None
 
 
-def retry_incompatible(pipelines: dict[str, PipelineRecord]) -> list[str]:
-    """Let the installs refused as incompatible be tried again (the device changed).
+def retry_refused(pipelines: dict[str, PipelineRecord], reason: str) -> list[str]:
+    """Let the installs refused for a reason starting with `reason` be tried again.
 
-    Returns the pipelines concerned. Other refusals (a bad signature, a failed health
-    check) stay refused: the same bundle would fail the same way.
+    Returns the pipelines concerned. Other refusals stay refused: the same bundle would
+    fail the same way.
     """
     retried = []
     for name, rec in pipelines.items():
-        if rec.refused and rec.tracker.reason.startswith("incompatible"):
+        if rec.refused and rec.tracker.reason.startswith(reason):
             rec.refused, rec.retry_at = "", None
             retried.append(name)
     return retried
+
+
+def retry_incompatible(pipelines: dict[str, PipelineRecord]) -> list[str]:
+    """Let the installs refused as incompatible be tried again (the device changed)."""
+    return retry_refused(pipelines, "incompatible")
 
 
 class Installer:

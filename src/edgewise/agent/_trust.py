@@ -8,9 +8,14 @@ on, and bundles signed by a key it added install.
 The publishers are written to identity.json too, so an agent built before trust roots
 (started on this data directory) trusts the same keys.
 
-A trust.json that does not verify (torn, edited) is set aside as if absent: the next
-chain is then taken from its first version on the control plane's word, as at
-enrollment, which is no more trust than the device had before.
+A trust.json that does not verify (torn, edited) is set aside for its previous commit
+(a version this device checked before); with neither, as if absent: the next chain is
+then taken from its first version on the control plane's word, as at enrollment, which
+is no more trust than the device had before.
+
+identity.json is written before trust.json, and made to agree with the version held
+whenever a chain arrives: a stop between the two writes never leaves a revoked
+publisher trusted.
 """
 
 from __future__ import annotations
@@ -23,8 +28,9 @@ from typing import Any
 
 from edgewise.agent._durable import DurableJson
 from edgewise.agent._identity import Identity, save_identity
+from edgewise.agent._installer import retry_refused
 from edgewise.agent._state import PipelineRecord
-from edgewise.protocol import TrustRoot, TrustRootError, advance_trust_root, verify_trust_root
+from edgewise.protocol import TrustRoot, advance_trust_root, verify_trust_root
 
 __all__ = ["TRUST_FILE", "TrustChange", "TrustKeeper", "retry_unsigned"]
 
@@ -49,14 +55,16 @@ class TrustKeeper:
     def __init__(self, data_dir: Path) -> None:
         """Read DIR/trust.json (none, or one that does not verify: no trust root)."""
         self.dir = data_dir
-        self._file = DurableJson(data_dir / TRUST_FILE)
-        self.current: TrustRoot | None = None
-        stored = self._file.load(default=None)
-        if stored is not None:
-            try:
-                self.current = verify_trust_root(stored, None)
-            except TrustRootError as exc:
-                log.warning("%s does not verify (%s): holding no trust root", TRUST_FILE, exc)
+        # A file that does not verify counts as torn (TrustRootError is a ValueError):
+        # the previous commit, a version this device checked before, is read instead of
+        # none, which would take the next chain's first version on the control plane's
+        # word; the chain then walks the device forward again.
+        self._file = DurableJson(data_dir / TRUST_FILE, check=lambda d: verify_trust_root(d, None))
+        self.current: TrustRoot | None = self._file.load(default=None)
+        self._unwritten = False  # `current` is not on disk yet (a write failed)
+        if self._file.recovered_from_prev:
+            held = f"version {self.current.version}" if self.current else "no trust root"
+            log.warning("%s is damaged or does not verify: holding %s", TRUST_FILE, held)
 
     @property
     def version(self) -> int:
@@ -69,28 +77,80 @@ class TrustKeeper:
         Returns:
             None when nothing changed and nothing is wrong; else what happened. The
             publishers change in memory even when the disk will not take them (the
-            change is written with the next document that carries the chain).
+            change is written again with the next document that carries the chain).
         """
         if not chain:
             return None
         before, previous = self.current, self.version
         held, problem = advance_trust_root(chain, before)
-        if held is None or held is before:
-            return TrustChange(self.version, self.version, problem=problem) if problem else None
+        if held is None:
+            return TrustChange(0, 0, problem=problem) if problem else None
         old = set(identity.publishers)
+        if held is before and not self._unwritten and not self._disagrees(held, identity):
+            return TrustChange(self.version, self.version, problem=problem) if problem else None
+        # Also when the version is the one held: identity.json can be behind trust.json
+        # (an agent stopped between the two writes by an older build, or a disk that took
+        # one and refused the other), and the keys in force are the trust root's.
         identity.publishers = dict(held.publishers)
-        if held.control_plane:  # named: the keys whose desired documents are accepted
-            identity.control_plane = dict(held.control_plane)
+        named = _named_control_plane(chain, before, held)
+        if named:  # the keys whose desired documents are accepted, as last named
+            identity.control_plane = named
         self.current = held
         try:
-            self._file.commit(dict(held.signed))
+            # identity.json first: a stop between the writes leaves the new keys in force
+            # and the old version held, so the same chain is walked (and written) again;
+            # the other way round left a revoked publisher trusted for good.
             save_identity(self.dir, identity)
+            if held is not before or self._unwritten:
+                self._file.commit(dict(held.signed))
+            self._unwritten = False
         except OSError as exc:
-            problem = problem or f"{TRUST_FILE} not written: {exc.strerror or exc}"
+            self._unwritten = True
+            problem = problem or f"trust root not written: {exc.strerror or exc}"
         new = set(held.publishers)
         return TrustChange(
             held.version, previous, tuple(sorted(new - old)), tuple(sorted(old - new)), problem
         )
+
+    @staticmethod
+    def _disagrees(held: TrustRoot, identity: Identity) -> bool:
+        """Whether identity.json's keys are not the ones trust root `held` puts in force."""
+        if identity.publishers != dict(held.publishers):
+            return True
+        return bool(held.control_plane) and identity.control_plane != dict(held.control_plane)
+
+
+def _version(signed: Any) -> int:
+    doc = signed.get("document") if isinstance(signed, dict) else None
+    version = doc.get("version") if isinstance(doc, dict) else None
+    return version if type(version) is int else 0
+
+
+def _named_control_plane(
+    chain: Sequence[Any], before: TrustRoot | None, held: TrustRoot
+) -> dict[str, str]:
+    """The control-plane keys the newest version from `before` to `held` names ({}: none).
+
+    A version that leaves them out keeps the set in force, so a device that walks several
+    versions at once must take the last set named on the way, not only `held`'s: a
+    device that was off while a version listed the new control-plane key alone (the
+    old one revoked, say stolen) would otherwise keep trusting the old key for good once
+    a later version left the set out.
+    """
+    if held.control_plane or held is before:
+        return dict(held.control_plane)
+    named: dict[str, str] = {}
+    at = before
+    for signed in sorted(chain, key=_version):
+        if at is held or _version(signed) > held.version:
+            break
+        step, problem = advance_trust_root([signed], at)
+        if problem or step is None or step is at:
+            continue
+        at = step
+        if step.control_plane:
+            named = dict(step.control_plane)
+    return named
 
 
 def retry_unsigned(pipelines: dict[str, PipelineRecord]) -> list[str]:
@@ -100,9 +160,4 @@ def retry_unsigned(pipelines: dict[str, PipelineRecord]) -> list[str]:
     (the same bundle fails the same way); once a trust root adds keys, it may now pass.
     Returns the pipelines concerned.
     """
-    retried = []
-    for name, rec in pipelines.items():
-        if rec.refused and rec.tracker.reason.startswith("signature"):
-            rec.refused, rec.retry_at = "", None
-            retried.append(name)
-    return retried
+    return retry_refused(pipelines, "signature")

@@ -32,6 +32,8 @@ def _read(path: Path) -> Any:
         raise CliError(f"cannot read {path}: {exc.strerror or exc}") from None
     except ValueError as exc:
         raise CliError(f"{path} is not JSON: {exc}") from None
+    except RecursionError:
+        raise CliError(f"{path} is not a trust root: nested too deeply") from None
 
 
 def _keys(paths: list[Path], private: bool) -> list[Any]:
@@ -41,6 +43,18 @@ def _keys(paths: list[Path], private: bool) -> list[Any]:
         return [load_private_key(p) if private else load_public_key(p) for p in paths]
     except BundleError as exc:
         raise CliError(" ".join(str(exc).split())) from None
+
+
+def _previous(path: Path | None) -> Any:
+    """The trust root --previous names, checked by itself (None without one)."""
+    from edgewise.protocol import TrustRootError, verify_trust_root
+
+    if path is None:
+        return None
+    try:
+        return verify_trust_root(_read(path), None)
+    except TrustRootError as exc:
+        raise CliError(f"--previous {path} is not a trust root to chain on: {exc}") from None
 
 
 def _summary(root: Any) -> dict[str, Any]:
@@ -55,7 +69,9 @@ def _summary(root: Any) -> dict[str, Any]:
 
 @app.command("sign")
 def sign(
-    version: Annotated[int, typer.Option("--version", min=1, help="This version (from 1).")],
+    version: Annotated[
+        int, typer.Option("--version", min=1, max=2**53 - 1, help="This version (from 1).")
+    ],
     publisher: Annotated[
         list[Path], typer.Option("--publisher", help="A publisher public key (.pub); repeat.")
     ],
@@ -110,7 +126,7 @@ def sign(
     )
     signed = sign_trust_root(doc, signers)
     try:
-        held = verify_trust_root(_read(previous), None) if previous else None
+        held = _previous(previous)
         checked = verify_trust_root(signed, held)
     except TrustRootError as exc:
         raise CliError(f"not written: {exc}") from None
@@ -139,7 +155,7 @@ def verify(
     from edgewise.protocol import TrustRootError, verify_trust_root
 
     try:
-        held = verify_trust_root(_read(previous), None) if previous else None
+        held = _previous(previous)
         root = verify_trust_root(_read(path), held)
     except TrustRootError as exc:
         raise CliError(f"refused: {exc}") from None

@@ -64,6 +64,12 @@ def _route(method: str, path: str, permission: Permission, **kwargs: Any) -> Cal
 Who = Annotated[Principal, Depends(_principal)]
 
 
+def _fleet_wide(who: Principal, what: str) -> None:
+    """Refuse a scoped token something that acts on, or shows, every site at once."""
+    if who.scope is not None:
+        raise ApiError(403, "out_of_scope", f"{what} spans the whole fleet: use an unscoped token")
+
+
 class TokenRequest(BaseModel):
     """`POST /api/v1/tokens`."""
 
@@ -107,20 +113,21 @@ def whoami(who: Who) -> dict[str, Any]:
 @_route("POST", "/tokens", Permission.TOKENS, status_code=201)
 def create_token(request: Request, body: TokenRequest, who: Who) -> dict[str, Any]:
     """Create an operator token; the secret is shown once."""
-    row, secret = _plane(request).create_token(body.name, body.role, body.scope, who.actor)
+    plane = _plane(request)
+    row, secret = plane.create_token(body.name, body.role, body.scope, who.actor, who.scope)
     return {**row, "token": secret}
 
 
 @_route("GET", "/tokens", Permission.TOKENS)
-def list_tokens(request: Request) -> list[dict[str, Any]]:
-    """Operator tokens (never their secrets)."""
-    return _plane(request).list_tokens()
+def list_tokens(request: Request, who: Who) -> list[dict[str, Any]]:
+    """Operator tokens (never their secrets); a scoped admin sees those inside its scope."""
+    return _plane(request).list_tokens(who.scope)
 
 
 @_route("DELETE", "/tokens/{token_id}", Permission.TOKENS)
 def revoke_token(request: Request, token_id: str, who: Who) -> dict[str, Any]:
-    """Revoke a token."""
-    _plane(request).revoke_token(token_id, who.actor)
+    """Revoke a token (a scoped admin: one scoped inside its own scope)."""
+    _plane(request).revoke_token(token_id, who.actor, who.scope)
     return {"id": token_id, "revoked": True}
 
 
@@ -156,7 +163,9 @@ async def install_trust_root(request: Request, body: TrustRootRequest, who: Who)
     from edgewise.control._recompute import reconcile_all
 
     plane = _plane(request)
-    signed = body.model_dump(mode="json")
+    # As received (a dump re-serialises, and pydantic's depth limit made a deep document
+    # a 500): `verify_trust_root` refuses what is not a trust root, with the reason.
+    signed = {"document": body.document, "signatures": body.signatures}
     view, created = await to_thread.run_sync(lambda: plane.install_trust_root(signed, who.actor))
     if created:
         await to_thread.run_sync(lambda: reconcile_all(plane))
@@ -229,6 +238,12 @@ async def push_model(request: Request, who: Who) -> JSONResponse:
     """Push a `.ewb` (raw body): verified, stored by digest, immutable per version."""
     plane = _plane(request)
     path, sha256, size = await registry.receive_upload(plane, request.stream())
+    try:
+        # An upload may take minutes: a token revoked meanwhile must not still publish.
+        who = await to_thread.run_sync(_need(Permission.MODELS_WRITE), request)
+    except ApiError:
+        path.unlink(missing_ok=True)
+        raise
     view, created = await to_thread.run_sync(
         registry.register_bundle, plane, path, sha256, size, who
     )
@@ -258,6 +273,7 @@ def yank_model(request: Request, name: str, version: str, who: Who) -> dict[str,
     devices to it: the running ones pause, and resume only once it is unyanked.
     """
     plane = _plane(request)
+    _fleet_wide(who, "yanking a model")
     view = registry.set_yanked(plane, name, version, True, who)
     return view | {"rollouts": rollouts.rollouts_pinning(plane, name, version)}
 
@@ -265,6 +281,7 @@ def yank_model(request: Request, name: str, version: str, who: Who) -> dict[str,
 @_route("POST", "/models/{name}/{version}/unyank", Permission.MODELS_WRITE)
 def unyank_model(request: Request, name: str, version: str, who: Who) -> dict[str, Any]:
     """Undo a yank: the version may be pinned and rolled out again."""
+    _fleet_wide(who, "unyanking a model")
     return registry.set_yanked(_plane(request), name, version, False, who)
 
 
@@ -295,18 +312,16 @@ def diff(request: Request, body: deps.DeploymentRequest, who: Who) -> dict[str, 
 
 
 @_route("GET", "/deployments", Permission.READ)
-def list_deployments(request: Request) -> list[dict[str, Any]]:
-    """All deployments, oldest first."""
-    return [deps.deployment_view(r) for r in _plane(request).store.list_deployments()]
+def list_deployments(request: Request, who: Who) -> list[dict[str, Any]]:
+    """Deployments that can reach the caller's devices, oldest first."""
+    rows = _plane(request).store.list_deployments()
+    return [deps.deployment_view(r) for r in rows if deps.visible_to(who, r)]
 
 
 @_route("GET", "/deployments/{ref}", Permission.READ)
-def show_deployment(request: Request, ref: str) -> dict[str, Any]:
+def show_deployment(request: Request, ref: str, who: Who) -> dict[str, Any]:
     """One deployment by id or name."""
-    row = _plane(request).store.get_deployment(ref)
-    if row is None:
-        raise ApiError(404, "not_found", f"no deployment {ref}")
-    return deps.deployment_view(row)
+    return deps.deployment_view(deps.visible_deployment(_plane(request), who, ref))
 
 
 @_route("DELETE", "/deployments/{ref}", Permission.DEPLOY_WRITE)
@@ -323,7 +338,8 @@ def list_audit(
     after: Annotated[int, Query(ge=0, le=2**63 - 1)] = 0,  # a database integer
     limit: Annotated[int, Query(ge=1, le=10000)] = 1000,
 ) -> list[dict[str, Any]]:
-    """Audit records in chain order."""
+    """Audit records in chain order (the whole fleet's: an unscoped token reads them)."""
+    _fleet_wide(_principal(request), "reading the audit chain")
     return _plane(request).audit_records(after, limit)
 
 

@@ -14,6 +14,7 @@ from anyio import to_thread
 from fastapi import APIRouter, Depends, Query, Request
 from fastapi.responses import JSONResponse
 
+from edgewise.control import _deployments as deployments
 from edgewise.control import _revisions as revisions
 from edgewise.control import _rollouts as rollouts
 from edgewise.control._api_admin import ROUTE_PERMISSIONS, Who, _need
@@ -60,9 +61,11 @@ async def create_revision(
 
 
 @_route("GET", "/deployments/{ref}/revisions", Permission.READ)
-def list_revisions(request: Request, ref: str) -> dict[str, Any]:
+def list_revisions(request: Request, ref: str, who: Who) -> dict[str, Any]:
     """A deployment's revisions, oldest first, and which one is stable."""
-    return revisions.list_revisions(_plane(request), ref)
+    plane = _plane(request)
+    deployments.visible_deployment(plane, who, ref)  # 404 beyond the caller's scope
+    return revisions.list_revisions(plane, ref)
 
 
 # --------------------------------------------------------------- rollouts

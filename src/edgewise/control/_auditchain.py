@@ -70,6 +70,7 @@ def verify_chain(
     *,
     start_hash: str = GENESIS,
     head: str | None = None,
+    appended_since_head: bool = False,
 ) -> int | None:
     """Find the first broken record of a chain, in stored order.
 
@@ -83,12 +84,16 @@ def verify_chain(
             preceding record's hash when verifying a suffix).
         head: The expected hash of the last record, if known; a mismatch with an
             otherwise valid chain reports `len(records)` (records missing at the end).
+        appended_since_head: `head` was read before `records`, while writers may have
+            appended: `head` must then be the hash of *some* record (the records after
+            it are newer appends, checked by their links), not necessarily the last.
 
     Returns:
         The index of the first broken record, or None when the chain holds.
     """
     prev_hash = start_hash
     prev_id: int | None = None
+    head_seen = head == start_hash
     for index, record in enumerate(records):
         if not isinstance(record, Mapping):
             return index
@@ -104,6 +109,7 @@ def verify_chain(
         if record.get("hash") != expected:
             return index
         prev_hash, prev_id = expected, rec_id
-    if head is not None and prev_hash != head:
+        head_seen = head_seen or expected == head
+    if head is not None and prev_hash != head and not (appended_since_head and head_seen):
         return len(records)
     return None

@@ -18,7 +18,7 @@ from edgewise.control._desiredcalc import desired_content
 from edgewise.control._fleet import device_views
 from edgewise.control._plane import ApiError, ControlPlane, Principal, digest, ensure_json
 from edgewise.control._preflight import preflight
-from edgewise.control._rbac import in_scope, selector_in_scope
+from edgewise.control._rbac import in_scope, selector_in_scope, selector_overlaps_scope
 from edgewise.control._selector import SelectorError, parse_selector
 from edgewise.control._store import ConflictError
 from edgewise.protocol import STRICT_STAGE_PARAMS, EgressPolicy, PipelineSpec, spec_terms
@@ -31,6 +31,8 @@ __all__ = [
     "diff_deployment",
     "dry_run",
     "egress_json",
+    "visible_deployment",
+    "visible_to",
 ]
 
 
@@ -287,11 +289,26 @@ def deployment_view(row: dict[str, Any]) -> dict[str, Any]:
     } | {"seq": row["seq"], "egress": row.get("egress")}
 
 
+def visible_to(who: Principal, row: dict[str, Any]) -> bool:
+    """Whether a scoped caller may see a deployment: it can reach a device in scope.
+
+    The fleet-wide base layer is visible (it shapes the caller's devices); another
+    site's deployment is not (its name, models and selector are that site's business).
+    """
+    return selector_overlaps_scope(who.scope, str(row["selector"]))
+
+
+def visible_deployment(plane: ControlPlane, who: Principal, ref: str) -> dict[str, Any]:
+    """A deployment row the caller may see (404 otherwise, so scope does not leak names)."""
+    row = plane.store.get_deployment(ref)
+    if row is None or not visible_to(who, row):
+        raise ApiError(404, "not_found", f"no deployment {ref}")
+    return row
+
+
 def delete_deployment(plane: ControlPlane, ref: str, who: Principal) -> None:
     """Delete a deployment; matching devices fall back to the next layer."""
-    row = plane.store.get_deployment(ref)
-    if row is None:
-        raise ApiError(404, "not_found", f"no deployment {ref}")
+    row = visible_deployment(plane, who, ref)  # another site's: 404, as when reading it
     if not selector_in_scope(who.scope, row["selector"]):
         raise ApiError(403, "out_of_scope", "deployment reaches beyond the token's scope")
     plane.store.delete_deployment(row["id"])

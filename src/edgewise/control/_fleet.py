@@ -13,7 +13,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from edgewise.control._identity import hash_token, new_secret_token, public_key_from_b64
 from edgewise.control._plane import ApiError, ControlPlane, Principal, digest, ensure_json
 from edgewise.control._preflight import DeviceView, reported_digest
-from edgewise.control._rbac import in_scope
+from edgewise.control._rbac import in_scope, labels_pin_scope
 from edgewise.control._selector import LabelError, SelectorError, parse_selector, validate_labels
 from edgewise.control._store import ConflictError
 from edgewise.protocol import Report, TelemetryBatch
@@ -66,10 +66,20 @@ def _check_labels(labels: dict[str, str]) -> None:
 def create_enroll_token(
     plane: ControlPlane, req: EnrollTokenRequest, who: Principal
 ) -> dict[str, Any]:
-    """Mint an enrollment token; a scoped operator may only mint labels inside its scope."""
+    """Mint an enrollment token; a scoped operator's labels must pin devices inside its scope.
+
+    A device may ask for more labels than its token's (the token's win where both set
+    one), so the token's labels alone must keep every device enrolled with it inside
+    the scope: for `site!=b`, `site=a` does; no `site` label would let it claim `site=b`.
+    """
     _check_labels(req.labels)
-    if not in_scope(who.scope, req.labels):
-        raise ApiError(403, "out_of_scope", "enrollment labels fall outside the token's scope")
+    if not labels_pin_scope(who.scope, req.labels):
+        raise ApiError(
+            403,
+            "out_of_scope",
+            "enrollment labels must keep every device enrolled with them inside the "
+            f"token's scope {str(who.scope)!r} (set the labels its selector names)",
+        )
     token_id, secret = new_secret_token("ewe")
     now = plane.clock()
     row = {

@@ -25,7 +25,9 @@ Usage::
 
 from __future__ import annotations
 
+import functools
 import logging
+import threading
 import time
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -121,9 +123,8 @@ def post_json(url: str, payload: Mapping[str, Any], deadline_s: float = POST_S) 
     """POST `payload`; None when the receiver took it, else why not.
 
     `deadline_s` bounds the whole exchange, not each read: a receiver that answers a
-    byte every few seconds is cut off like one that does not answer. Call it from a
-    thread without a running event loop (the delivery loop and alert rounds run in
-    worker threads).
+    byte every few seconds is cut off like one that does not answer. It blocks; called
+    where an event loop runs (it should not be), the post runs on a thread of its own.
     """
     import asyncio
 
@@ -131,18 +132,42 @@ def post_json(url: str, payload: Mapping[str, Any], deadline_s: float = POST_S) 
 
     async def post() -> httpx.Response:
         async with httpx.AsyncClient(timeout=deadline_s) as client:
-            return await client.post(url, json=dict(payload))
+            return await asyncio.wait_for(client.post(url, json=dict(payload)), deadline_s)
 
-    async def bounded() -> httpx.Response:
-        return await asyncio.wait_for(post(), deadline_s)
+    def run() -> httpx.Response:
+        return asyncio.run(post())
 
     try:
-        r = asyncio.run(bounded())
+        asyncio.get_running_loop()
+    except RuntimeError:
+        runner = run  # the usual case: a worker thread
+    else:
+        runner = functools.partial(_on_own_thread, run)
+    try:
+        r = runner()
     except TimeoutError:
         return f"no complete answer within {deadline_s:g} s"
     except httpx.HTTPError as exc:
         return f"{type(exc).__name__}: {exc}"[:500]
     return None if r.is_success else f"HTTP {r.status_code}"
+
+
+def _on_own_thread(fn: Callable[[], Any]) -> Any:
+    """`fn()` on a new thread, waited for; its exception is raised here."""
+    out: dict[str, Any] = {}
+
+    def target() -> None:
+        try:
+            out["value"] = fn()
+        except BaseException as exc:  # handed back to the caller
+            out["error"] = exc
+
+    thread = threading.Thread(target=target, name="outbox-post", daemon=True)
+    thread.start()
+    thread.join()
+    if "error" in out:
+        raise out["error"]
+    return out["value"]
 
 
 class Outbox:

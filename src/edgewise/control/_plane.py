@@ -37,7 +37,7 @@ from edgewise.control._live import (
     Notifier,
     SeenTracker,
 )
-from edgewise.control._rbac import Permission, Role, allowed
+from edgewise.control._rbac import FLEET_WIDE, Permission, Role, allowed, scope_within
 from edgewise.control._selector import Selector, SelectorError, parse_selector
 from edgewise.control._settings import Settings
 from edgewise.control._sodium import sodium_verify
@@ -85,8 +85,12 @@ class Principal:
 
     @property
     def actor(self) -> str:
-        """How the audit log names this caller."""
-        return f"token:{self.name}({self.token_id})"
+        """How the audit log names this caller.
+
+        The name is cut short so the id always fits: audit records keep 200 characters
+        of actor, and a 200-character name must not push out who it really was.
+        """
+        return f"token:{self.name[:120]}({self.token_id})"
 
 
 def digest(data: Any) -> str:
@@ -157,12 +161,36 @@ class ControlPlane:
         return secret
 
     def create_token(
-        self, name: str, role: str, scope: str | None, actor: str
+        self,
+        name: str,
+        role: str,
+        scope: str | None,
+        actor: str,
+        within: Selector | None = None,
     ) -> tuple[dict[str, Any], str]:
-        """Create an operator token; returns (row without hash, secret text)."""
+        """Create an operator token; returns (row without hash, secret text).
+
+        Args:
+            name: A name for people (the audit log shows it).
+            role: One of `Role`.
+            scope: A label selector limiting what the token sees, or None for all.
+            actor: Who asks (the audit record's actor).
+            within: The creator's scope: a scoped admin mints only tokens scoped inside
+                its own (never an unscoped one), so no token widens its own reach.
+
+        Raises:
+            ApiError: 400 bad role or scope; 403 `out_of_scope` beyond `within`.
+        """
         if role not in {r.value for r in Role}:
             raise ApiError(400, "bad_role", f"role must be one of {', '.join(Role)}")
         scope_text = self._parse_selector(scope, "scope") if scope else None
+        if not scope_within(parse_selector(scope_text) if scope_text else None, within):
+            self.audit(actor, "token.create", "token:?", digest([name, role, scope]), "refused")
+            raise ApiError(
+                403,
+                "out_of_scope",
+                f"a token scoped to {str(within)!r} may only create tokens scoped inside it",
+            )
         token_id, secret = new_secret_token("ewo")
         row = {
             "id": token_id,
@@ -200,18 +228,51 @@ class ControlPlane:
 
     @staticmethod
     def authorize(principal: Principal, permission: Permission) -> None:
-        """Raise 403 unless the principal's role holds the permission."""
+        """Raise 403 unless the principal's role holds the permission.
+
+        A scoped token never holds a fleet-wide permission (`FLEET_WIDE`): publisher
+        keys and the trust root decide what every device trusts, whatever its site.
+        """
         if not allowed(principal.role, permission):
             raise ApiError(
                 403, "forbidden", f"role {principal.role!r} may not do {permission.value!r}"
             )
+        if principal.scope is not None and permission in FLEET_WIDE:
+            raise ApiError(
+                403,
+                "out_of_scope",
+                f"{permission.value!r} changes the whole fleet: it needs an unscoped token",
+            )
 
-    def list_tokens(self) -> list[dict[str, Any]]:
-        """Operator tokens without their hashes."""
-        return [_public_token(r) for r in self.store.list_tokens()]
+    def list_tokens(self, within: Selector | None = None) -> list[dict[str, Any]]:
+        """Operator tokens without their hashes (those scoped inside `within`)."""
+        rows = self.store.list_tokens()
+        return [_public_token(r) for r in rows if scope_within(_scope_of(r), within)]
 
-    def revoke_token(self, token_id: str, actor: str) -> None:
-        """Revoke an operator token."""
+    def revoke_token(self, token_id: str, actor: str, within: Selector | None = None) -> None:
+        """Revoke an operator token (one scoped inside `within`).
+
+        Raises:
+            ApiError: 404 unknown or outside `within` (scope does not leak ids); 409
+                `last_admin` for the last unrevoked unscoped admin token, whose loss
+                would leave nobody able to mint tokens or manage keys.
+        """
+        row = next((r for r in self.store.list_tokens() if r["id"] == token_id), None)
+        if row is None or not scope_within(_scope_of(row), within):
+            raise ApiError(404, "not_found", f"no token {token_id}")
+        if _is_root_admin(row) and row["revoked_at"] is None:
+            others = [
+                r
+                for r in self.store.list_tokens()
+                if _is_root_admin(r) and r["revoked_at"] is None and r["id"] != token_id
+            ]
+            if not others:
+                self.audit(actor, "token.revoke", f"token:{token_id}", digest(token_id), "refused")
+                raise ApiError(
+                    409,
+                    "last_admin",
+                    "this is the last unscoped admin token: create another before revoking it",
+                )
         if not self.store.revoke_token(token_id, self.clock()):
             raise ApiError(404, "not_found", f"no token {token_id}")
         self.audit(actor, "token.revoke", f"token:{token_id}", digest(token_id), "ok")
@@ -257,10 +318,24 @@ class ControlPlane:
     def verify_audit(self) -> dict[str, Any]:
         """Check the whole chain; names the first broken record."""
         # The head row catches records deleted from the end, which leave a valid prefix.
+        # It is read first and the records after it, in another snapshot: records other
+        # writers append meanwhile follow the head, which must still be in the chain.
         head = self.store.audit_head()
         records = self.audit_records()
-        broken = _auditchain.verify_chain(records, head=head)
+        if head is None and records:
+            # The first append (which creates the head row) may have landed between the
+            # reads; otherwise the row was deleted, maybe with records at the end (which
+            # would leave a valid prefix).
+            head = self.store.audit_head()
+            records = self.audit_records() if head is not None else records
+        missing_head = head is None and bool(records)
+        if missing_head:
+            head = "(head row missing)"
+        broken = _auditchain.verify_chain(records, head=head, appended_since_head=True)
         result: dict[str, Any] = {"records": len(records), "ok": broken is None}
+        if broken is None and records:
+            # Kept elsewhere, it lets `audit verify --file` catch a truncated export.
+            result["head"] = records[-1]["hash"]
         if broken is not None:
             result["first_broken_index"] = broken
             if broken < len(records):
@@ -268,6 +343,8 @@ class ControlPlane:
             result["message"] = (
                 f"chain broken at record {records[broken]['id']} (position {broken})"
                 if broken < len(records)
+                else "the chain's head row is missing: records may be missing at the end"
+                if missing_head
                 else "records missing at the end of the chain"
             )
         return result
@@ -308,9 +385,11 @@ class ControlPlane:
 
         Raises:
             ApiError: 400 `bad_trust_root` (malformed, short of signatures, an older
-                version); 409 `conflict` (another replica stored this version first).
+                version, or control-plane keys in force that leave this one's out);
+                409 `conflict` (another replica stored this version, or another, first).
         """
-        current, problem = advance_trust_root(self.store.trust_roots(), None)
+        stored = self.store.trust_roots()
+        current, problem = advance_trust_root(stored, None)
         if problem:  # the stored chain was checked link by link as it was stored
             raise ApiError(409, "trust_root_broken", f"the stored trust root chain: {problem}")
         try:
@@ -318,20 +397,32 @@ class ControlPlane:
         except TrustRootError as exc:
             self.audit(actor, "trust_root.install", "trust_root", digest(str(exc)), "refused")
             raise ApiError(400, "bad_trust_root", str(exc)) from None
-        if root.control_plane and self.key_id not in root.control_plane:
+        # Left out, the set in force stays: the one the newest stored version named.
+        named, where = dict(root.control_plane), f"version {root.version}"
+        for row in reversed(stored if not named else []):
+            doc = row.get("document")
+            if isinstance(doc, dict) and isinstance(doc.get("control_plane"), dict):
+                named, where = doc["control_plane"], f"version {doc.get('version')}"
+                break
+        if named and self.key_id not in named:
             raise ApiError(
                 400,
                 "bad_trust_root",
                 f"version {root.version} would lock every device out: this control plane "
-                f"signs with {self.key_id}, which it leaves out of control_plane (to rotate "
-                "the key, list the old and the new, switch once devices hold that version, "
-                "then list the new alone)",
+                f"signs with {self.key_id}, which the control_plane of {where} leaves out "
+                "(name it: to rotate the key, list the old and the new, switch once devices "
+                "hold that version, then list the new alone)",
             )
         if root is current:
             return self.trust_root_view(), False
         try:
             self.store.add_trust_root(
-                root.version, dict(root.signed), root.publishers, self.clock(), MAX_CHAIN
+                root.version,
+                dict(root.signed),
+                root.publishers,
+                self.clock(),
+                MAX_CHAIN,
+                after=current.version if current is not None else 0,
             )
         except ConflictError as exc:
             raise ApiError(409, "conflict", str(exc)) from None
@@ -549,3 +640,11 @@ class ControlPlane:
 
 def _public_token(row: Mapping[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in row.items() if k != "token_hash"}
+
+
+def _scope_of(row: Mapping[str, Any]) -> Selector | None:
+    return parse_selector(row["scope"]) if row["scope"] else None
+
+
+def _is_root_admin(row: Mapping[str, Any]) -> bool:
+    return bool(row["role"] == Role.ADMIN and not row["scope"])

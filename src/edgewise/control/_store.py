@@ -51,6 +51,7 @@ __all__ = ["ConflictError", "RawJSON", "SqlStore", "newer_report", "open_store"]
 
 Row = dict[str, Any]
 TRUST_ROOT_KEY = "trust_root:"  # meta keys: the prefix and the version, zero-padded
+TRUST_HEAD_KEY = "trust_head"  # meta key: the newest stored version (`add_trust_root`)
 
 
 class ConflictError(Exception):
@@ -146,28 +147,106 @@ class SqlStore(LogStore):
 
     # ------------------------------------------------------------ trust root
     def trust_roots(self) -> list[Row]:
-        """Every stored signed trust root, oldest version first (`edgewise.protocol._trust`)."""
+        """The stored signed trust roots, oldest version first (`edgewise.protocol._trust`).
+
+        At most the newest `MAX_CHAIN` (what a desired document may carry), and only rows
+        that read as JSON objects: a row damaged or edited in the database is left out
+        (and logged) rather than failing every desired document, view and install with
+        it; devices check each version that is sent for themselves.
+        """
+        import logging  # here, not at the top: this module's other owners keep its head
+
+        from edgewise.protocol import MAX_CHAIN
+
         m = t.meta
         with self.engine.connect() as c:
-            values: Iterable[str] = c.execute(
-                select(m.c.value).where(m.c.key.startswith(TRUST_ROOT_KEY)).order_by(m.c.key)
-            ).scalars()
-            return [json.loads(v) for v in values]
+            rows = c.execute(
+                select(m.c.key, m.c.value)
+                .where(m.c.key.startswith(TRUST_ROOT_KEY))
+                .order_by(m.c.key.desc())
+            ).all()
+
+        def finite(name: str) -> Any:  # NaN and Infinity: no JSON answer could carry them
+            raise ValueError(name)
+
+        def shallow(doc: Any) -> bool:  # every document it goes into must still encode
+            level, depth = [doc], 0
+            while level and depth <= 64:
+                level = [
+                    v
+                    for x in level
+                    for v in (x.values() if isinstance(x, dict) else x)
+                    if isinstance(v, dict | list)
+                ]
+                depth += 1
+            return not level
+
+        out: list[Row] = []
+        for key, value in rows:
+            try:
+                doc = json.loads(str(value), parse_constant=finite)
+            except (TypeError, ValueError, RecursionError):
+                doc = None
+            if not isinstance(doc, dict) or not shallow(doc):
+                logging.getLogger("edgewise.control").warning(
+                    "meta row %s is not a trust root document: left out of the chain", key
+                )
+                continue
+            out.append(doc)
+            if len(out) == MAX_CHAIN:
+                break
+        return out[::-1]
 
     def add_trust_root(
-        self, version: int, signed: Row, publishers: Mapping[str, str], now: float, keep: int
+        self,
+        version: int,
+        signed: Row,
+        publishers: Mapping[str, str],
+        now: float,
+        keep: int,
+        after: int = 0,
     ) -> None:
         """Store a verified trust root and make its publishers the trusted ones, at once.
 
         Publisher keys it leaves out are no longer trusted (pushes they sign are
-        refused); versions past the newest `keep` are dropped.
+        refused); versions past the newest `keep` are dropped. `after` is the version it
+        was verified against (0: none): it must still be the newest stored, so two
+        replicas installing different versions at once cannot both succeed and leave a
+        chain whose later link was never checked against the earlier one.
 
         Raises:
-            ConflictError: this version is stored already (another replica took it).
+            ConflictError: this version is stored already, or another version was
+                stored since `after` was read (another replica took it).
         """
         m, pk = t.meta, t.publisher_keys
+        moved = (
+            f"trust root version {after} is no longer the newest stored (another replica "
+            "stored one since, or the newest row is damaged: see the log)"
+        )
         try:
             with self.engine.begin() as c:
+                # Compare-and-set on one row: a concurrent writer waits on its lock and
+                # then finds the value changed (PostgreSQL), or writes after (SQLite).
+                head = c.execute(select(m.c.value).where(m.c.key == TRUST_HEAD_KEY)).scalar()
+                if head is None:
+                    newest = c.execute(
+                        select(m.c.key)
+                        .where(m.c.key.startswith(TRUST_ROOT_KEY))
+                        .order_by(m.c.key.desc())
+                        .limit(1)
+                    ).scalar()
+                    digits = newest[len(TRUST_ROOT_KEY) :] if newest else "0"
+                    if not digits.isdecimal() or int(digits) != after:
+                        raise ConflictError(moved)
+                    c.execute(insert(m).values(key=TRUST_HEAD_KEY, value=str(version)))
+                else:
+                    swapped = c.execute(
+                        update(m)
+                        .where(m.c.key == TRUST_HEAD_KEY, m.c.value == str(after))
+                        .values(value=str(version))
+                    )
+                    if swapped.rowcount != 1:
+                        raise ConflictError(moved)
                 c.execute(
                     insert(m).values(
                         key=f"{TRUST_ROOT_KEY}{version:012d}", value=json.dumps(signed)

@@ -44,7 +44,7 @@ from __future__ import annotations
 import base64
 import binascii
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from cryptography.hazmat.primitives import serialization
@@ -66,6 +66,8 @@ __all__ = [
 TRUST_ROOT_TYPE = "edgewise-trust-root"
 MAX_KEYS = 64  # per set: a document is small, whatever a sender writes into it
 MAX_CHAIN = 32  # versions a desired document carries (a device further behind re-enrolls)
+MAX_KEY_ID = 64  # characters of a key id kept with a signature no key checked (ours: 16)
+SIGNATURE_BYTES = 64  # Ed25519
 
 
 class TrustRootError(ValueError):
@@ -80,7 +82,7 @@ class TrustRoot:
     threshold: int
     root_keys: Mapping[str, str]  # key id -> base64 raw public key
     publishers: Mapping[str, str]
-    signed: Mapping[str, Any]  # the document with its signatures, as received
+    signed: Mapping[str, Any]  # the document as received, with the signatures that verified
     control_plane: Mapping[str, str] = field(default_factory=dict)  # empty: not named
 
     def root_public_keys(self) -> dict[str, Ed25519PublicKey]:
@@ -185,6 +187,8 @@ def _parse(signed: Any) -> tuple[TrustRoot, list[tuple[str, bytes]], bytes]:
             raise TrustRootError("each signature needs a key_id and a base64 signature") from None
     try:
         message = canonical_json(dict(doc))
+    except RecursionError:  # nested past what the encoder walks: a 400, never a 500
+        raise TrustRootError("document is not canonical JSON: nested too deeply") from None
     except (TypeError, ValueError) as exc:
         raise TrustRootError(f"document is not canonical JSON: {exc}") from None
     signed_as_received = {"document": dict(doc), "signatures": sigs}
@@ -192,14 +196,42 @@ def _parse(signed: Any) -> tuple[TrustRoot, list[tuple[str, bytes]], bytes]:
     return parsed, pairs, message
 
 
-def _signers(pairs: Sequence[tuple[str, bytes]], keys: Mapping[str, str], message: bytes) -> int:
-    """How many distinct keys of `keys` validly signed `message`."""
-    good = set()
+def _good(
+    pairs: Sequence[tuple[str, bytes]], keys: Mapping[str, str], message: bytes
+) -> dict[str, bytes]:
+    """The distinct keys of `keys` that validly signed `message`, with their signatures."""
+    good: dict[str, bytes] = {}
     for kid, signature in pairs:
         b64 = keys.get(kid)
-        if b64 is not None and verify_signature(_public(b64), signature, message):
-            good.add(kid)
-    return len(good)
+        if kid in good or b64 is None:
+            continue
+        if verify_signature(_public(b64), signature, message):
+            good[kid] = signature
+    return good
+
+
+def _keeping(
+    root: TrustRoot, pairs: Sequence[tuple[str, bytes]], good: Mapping[str, bytes]
+) -> TrustRoot:
+    """`root` with its signatures as plain {key_id, signature} pairs, one per key.
+
+    Signatures are outside what the root keys sign: anyone passing a document on (an
+    operator token, a control plane broken into) could pad them with entries of any size
+    or shape, and every device would then be sent them in every desired document. Kept:
+    the ones that verified, and one of Ed25519's size per other key id (a device that
+    holds an older version than whoever checked this one needs its root keys'
+    signatures: a control plane restored without its chain checks against none).
+    """
+    kept = dict(good)
+    for kid, sig in pairs:
+        if kid not in kept and len(kid) <= MAX_KEY_ID and len(sig) == SIGNATURE_BYTES:
+            kept[kid] = sig
+    signatures = [
+        {"key_id": kid, "signature": base64.b64encode(sig).decode()}
+        for kid, sig in sorted(kept.items())
+    ]
+    signed = {"document": dict(root.signed["document"]), "signatures": signatures}
+    return replace(root, signed=signed)
 
 
 def verify_trust_root(signed: Any, current: TrustRoot | None) -> TrustRoot:
@@ -214,24 +246,27 @@ def verify_trust_root(signed: Any, current: TrustRoot | None) -> TrustRoot:
             the current ones, or a version that goes back (or repeats with other content).
     """
     root, pairs, message = _parse(signed)
-    if _signers(pairs, root.root_keys, message) < root.threshold:
+    if current is not None and root.version == current.version:
+        # Checked already when it was taken: every desired document carries it again.
+        if canonical_json(dict(current.signed["document"])) == message:
+            return current
+        raise TrustRootError(f"version {root.version} again, with other content")
+    own = _good(pairs, root.root_keys, message)
+    if len(own) < root.threshold:
         raise TrustRootError(
             f"version {root.version} is not signed by {root.threshold} of its own root keys"
         )
     if current is None:
-        return root
-    if root.version == current.version:
-        if canonical_json(dict(current.signed["document"])) == message:
-            return current
-        raise TrustRootError(f"version {root.version} again, with other content")
+        return _keeping(root, pairs, own)
     if root.version < current.version:
         raise TrustRootError(f"version {root.version} is older than {current.version}")
-    if _signers(pairs, current.root_keys, message) < current.threshold:
+    held = _good(pairs, current.root_keys, message)
+    if len(held) < current.threshold:
         raise TrustRootError(
             f"version {root.version} is not signed by {current.threshold} of the root keys "
             f"of version {current.version} (trusted now)"
         )
-    return root
+    return _keeping(root, pairs, own | held)
 
 
 def _version_of(signed: Any) -> int:

@@ -287,6 +287,8 @@ def deployments_page(request: Request) -> Response:
         return login_redirect(request)
     rows = []
     for r in plane.store.list_deployments():
+        if not deps.visible_to(session.principal, r):
+            continue  # another site's, for a scoped token (as the API answers)
         view = deps.deployment_view(r)
         view["refs"] = {
             name: f"{p['model']['name']}@{p['model']['version']}"
@@ -319,7 +321,7 @@ def deployment_page(request: Request, ref: str) -> Response:
     if session is None:
         return login_redirect(request)
     row = None if nameless(ref) else plane.store.get_deployment(ref)
-    if row is None:
+    if row is None or not deps.visible_to(session.principal, row):
         return _not_found(session, f"deployment {ref}", "/deployments")
     view = deps.deployment_view(row)
     preflight: dict[str, Any] | None = None

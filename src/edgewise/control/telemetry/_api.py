@@ -16,7 +16,7 @@ from pydantic import ValidationError
 
 from edgewise.control._api_admin import ROUTE_PERMISSIONS
 from edgewise.control._errors import OPERATOR_ERRORS
-from edgewise.control._plane import ApiError, ControlPlane, Principal
+from edgewise.control._plane import ApiError, ControlPlane, Principal, digest
 from edgewise.control._rbac import Permission, in_scope
 from edgewise.control.telemetry._retention import RetentionPolicy
 from edgewise.control.telemetry._service import TelemetryService, Visible
@@ -59,6 +59,19 @@ def _visible(who: Principal) -> Visible | None:
     if scope is None:
         return None
     return lambda labels: in_scope(scope, dict(labels))
+
+
+def _fleet_wide(who: Principal, what: str) -> None:
+    """Refuse a scoped token a change that reaches every site (rules are fleet-wide)."""
+    if who.scope is not None:
+        raise ApiError(
+            403, "out_of_scope", f"{what} reaches every site: use a token without a scope"
+        )
+
+
+def _audit(request: Request, who: Principal, action: str, target: str, data: Any) -> None:
+    plane: ControlPlane = request.app.state.plane
+    plane.audit(who.actor, action, target, digest(data), "ok")
 
 
 Reader = Annotated[Principal, _need(Permission.READ)]
@@ -136,24 +149,29 @@ async def put_rule(request: Request, name: str, who: Writer) -> dict[str, Any]:
     body.setdefault("name", name)
     if body["name"] != name:
         raise ApiError(422, "invalid_request", "rule name differs from the path")
+    _fleet_wide(who, "an alert rule")
     svc = _service(request)
     try:
-        return await to_thread.run_sync(lambda: svc.put_rule(body, who.actor))
+        stored = await to_thread.run_sync(lambda: svc.put_rule(body, who.actor))
     except ValidationError as exc:
         raise ApiError(422, "invalid_request", first_problem(exc, "body")) from None
+    await to_thread.run_sync(_audit, request, who, "alert_rule.put", f"alert_rule:{name}", body)
+    return stored
 
 
 @_route("DELETE", "/alert-rules/{name}", Permission.DEPLOY_WRITE)
-async def delete_rule(request: Request, name: str, _who: Writer) -> dict[str, Any]:
+async def delete_rule(request: Request, name: str, who: Writer) -> dict[str, Any]:
     """Remove an alert rule."""
+    _fleet_wide(who, "an alert rule")
     svc = _service(request)
     if not await to_thread.run_sync(lambda: svc.delete_rule(name)):
         raise ApiError(404, "not_found", f"no alert rule {name!r}")
+    await to_thread.run_sync(_audit, request, who, "alert_rule.delete", f"alert_rule:{name}", name)
     return {"name": name, "deleted": True}
 
 
 @_route("POST", "/alerts/evaluate", Permission.DEPLOY_WRITE)
-async def evaluate(request: Request, _who: Writer) -> list[dict[str, Any]]:
+async def evaluate(request: Request, who: Writer) -> list[dict[str, Any]]:
     """Evaluate the rules now (the background loop does it every interval) and notify."""
     svc = _service(request)
     rollouts = getattr(request.app.state, "active_rollouts", None)
@@ -161,15 +179,20 @@ async def evaluate(request: Request, _who: Writer) -> list[dict[str, Any]]:
     def run() -> list[dict[str, Any]]:
         changes = svc.evaluate_alerts(active_rollouts=rollouts() if rollouts else ())
         svc.notify(changes)
-        return [c.to_dict() for c in changes]
+        done = [c.to_dict() for c in changes]
+        _audit(request, who, "alerts.evaluate", "alerts", done)
+        return done
 
     return await to_thread.run_sync(run)
 
 
 @_route("POST", "/telemetry/retention", Permission.DEPLOY_WRITE)
-async def retention(request: Request, _who: Writer) -> dict[str, int]:
+async def retention(request: Request, who: Writer) -> dict[str, int]:
     """Run the retention and downsampling job now (the background loop runs it hourly)."""
+    _fleet_wide(who, "retention")
     _service(request)  # 503 without telemetry
     runtime = request.app.state.telemetry_runtime
     policy = getattr(request.app.state, "retention", None) or RetentionPolicy()
-    return await to_thread.run_sync(lambda: runtime.retention_round(policy))
+    done: dict[str, int] = await to_thread.run_sync(lambda: runtime.retention_round(policy))
+    await to_thread.run_sync(_audit, request, who, "telemetry.retention", "telemetry", done)
+    return done
