@@ -194,3 +194,37 @@ def test_a_lost_control_plane_key_is_replaced_without_touching_a_device(
     )  # fmt: skip
     r = httpx.post(cp.url + "/api/v1/trust-root", headers=cp.auth, json=locked, timeout=30)
     assert r.status_code == 400 and "lock every device out" in r.json()["error"]["message"]
+
+
+@pytest.mark.slow
+def test_a_device_off_through_a_root_rotation_walks_the_chain_when_back(
+    control_plane: ControlPlaneProc,
+    agent_factory: Callable[..., AgentProc],
+    example_bundles: dict[str, Path],
+) -> None:
+    # Documents carry the newest version only; a device whose root keys did not sign it
+    # fetches the chain and walks it, each link checked by the one before.
+    cp = control_plane
+    agent = agent_factory(cp)
+    agent.start()
+    agent.wait_up()
+    dev = agent.device_id()
+    examples_key = load_private_key(example_bundles["_pub"].with_suffix(".key"))
+    cp.api("POST", "/trust-root", json=_root(1, [examples_key]))
+    wait_for(lambda: cp.device(dev)["agent"].get("trust_version") == 1, 60, "v1 on the device")
+    agent.kill()
+    root2, ci = Ed25519PrivateKey.generate(), Ed25519PrivateKey.generate()
+    pubs = [examples_key.public_key(), ci.public_key()]
+    v2 = sign_trust_root(
+        trust_root_document(2, [root2.public_key()], 1, pubs[:1], 0.0), [ROOT, root2]
+    )
+    v3 = sign_trust_root(trust_root_document(3, [root2.public_key()], 1, pubs, 0.0), [root2])
+    cp.api("POST", "/trust-root", json=v2)
+    cp.api("POST", "/trust-root", json=v3)
+    agent.token = None
+    agent.start()
+    agent.wait_up()
+    wait_for(lambda: cp.device(dev)["agent"].get("trust_version") == 3, 90, "v3 on the device")
+    identity = json.loads((agent.data / "identity.json").read_text())["doc"]
+    assert set(identity["publishers"]) == {key_id(examples_key), key_id(ci)}
+    assert not [e for e in agent.status()["errors"] if e.startswith("trust root")]

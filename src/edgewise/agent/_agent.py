@@ -73,6 +73,7 @@ from edgewise.protocol import (
     DesiredStateError,
     Report,
     SignedDesiredState,
+    advance_trust_root,
     ignored_fields,
     verify_desired,
 )
@@ -442,7 +443,7 @@ class Agent:
             )
             self.state.errors.clear()  # refusals were about older documents
         self.state.revision = doc.revision
-        self._advance_trust(doc.trust_roots)
+        self._follow_trust(doc.trust_roots)
         # Kept as signed (fields this agent does not know included), so it verifies again.
         self.state.desired = {
             "document": received,
@@ -467,17 +468,38 @@ class Agent:
         assert self.identity is not None
         if self.trust.current is None:
             return False
-        now = time.monotonic()
-        if now < self._trust_fetch_after:
-            return False
-        self._trust_fetch_after = now + 60.0
-        try:
-            chain = self.client.trust_roots()
-        except Exception as exc:  # offline, or a control plane older than trust roots
-            self.emit("event", "trust.unavailable", {"error": str(exc)[:300]})
+        chain = self._fetch_chain()
+        if not chain:
             return False
         self._advance_trust(chain)
         return key_id in self.identity.control_plane
+
+    def _fetch_chain(self) -> list[Any]:
+        """The fleet's trust root chain, unchecked (at most once a minute; [] otherwise)."""
+        now = time.monotonic()
+        if now < self._trust_fetch_after:
+            return []
+        self._trust_fetch_after = now + 60.0
+        try:
+            return self.client.trust_roots()
+        except Exception as exc:  # offline, or a control plane older than trust roots
+            self.emit("event", "trust.unavailable", {"error": str(exc)[:300]})
+            return []
+
+    def _follow_trust(self, carried: list[dict[str, Any]]) -> None:
+        """Take the trust root a document carries, fetching the chain when behind it.
+
+        A document carries the newest version only. A device whose held version's root
+        keys did not sign it (it was off while the root keys rotated) walks the whole
+        chain instead, each link checked by the one before, so the unsigned answer adds
+        nothing the root holders did not sign.
+        """
+        held = self.trust.current
+        if held is not None and carried:
+            _, problem = advance_trust_root(carried, held)
+            if problem and (chain := self._fetch_chain()):
+                carried = [*chain, *carried]
+        self._advance_trust(carried)
 
     def _advance_trust(self, chain: list[dict[str, Any]]) -> None:
         """Take a newer trust root the document carries: its publishers are the trusted ones.

@@ -1,7 +1,8 @@
 """The device's signed trust root (`edgewise.protocol._trust`), kept in DIR/trust.json.
 
-Desired documents carry the fleet's trust root chain; the agent walks it from the
-version it holds, each step checked against the root keys of the one before, and then
+Desired documents carry the fleet's newest trust root (the agent fetches the chain when
+it is behind); the agent walks from the version it holds, each step checked against the
+root keys of the one before, and then
 trusts exactly the publishers of the newest good version (and its control-plane keys,
 when it names them): bundles signed by a key the fleet revoked are refused from then
 on, and bundles signed by a key it added install.

@@ -48,8 +48,9 @@ def desired_content(
         egress: the server's default egress policy: it applies unless a matching
             deployment sets its own (the strongest such deployment wins).
         settings: extra agent settings.
-        trust_roots: the signed trust root chain (`edgewise.protocol._trust`); left out
-            of the content while there is none, so documents read as before.
+        trust_roots: the signed trust root chain, oldest first (`protocol._trust`): the
+            document carries its newest version, and is left without one while there is
+            none, so documents read as before.
     """
     views = deployment_views(deployments)
     merged = merge_desired(views, labels)
@@ -65,7 +66,9 @@ def desired_content(
         "settings": dict(settings or {}),
     }
     if trust_roots:
-        content["trust_roots"] = [dict(r) for r in trust_roots]
+        # The newest version only: a device behind it fetches the chain (a document of
+        # every version of 64 keys each would be ~700 KB, for every device, every poll).
+        content["trust_roots"] = [dict(trust_roots[-1])]
     return content
 
 

@@ -28,9 +28,10 @@ listing the new key alone. Since a trust root verifies by itself, a device that 
 every document ("unknown signer": the key was lost and replaced) fetches the chain
 directly and recovers, without being touched.
 
-The control plane keeps every version and sends the whole chain, so a device that was
-off while the root keys were rotated twice still walks from the version it trusts to
-the newest, each step checked by the keys of the one before (`advance_trust_root`).
+The control plane keeps every version (the last `MAX_CHAIN`). Desired documents carry
+the newest; a device that was off while the root keys were rotated twice fetches the
+chain and walks from the version it trusts to the newest, each step checked by the keys
+of the one before (`advance_trust_root`).
 
 Usage::
 
