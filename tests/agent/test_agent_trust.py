@@ -86,6 +86,16 @@ def _signed_only_by(bundle: Path, key: Ed25519PrivateKey, version: str, out: Pat
     return out
 
 
+def _running(
+    cp: ControlPlaneProc, agent_factory: Callable[..., AgentProc], bundles: dict[str, Path]
+) -> tuple[AgentProc, str, Ed25519PrivateKey]:
+    """A started agent, its device id, and the key that signed the example bundles."""
+    agent = agent_factory(cp)
+    agent.start()
+    agent.wait_up()
+    return agent, agent.device_id(), load_private_key(bundles["_pub"].with_suffix(".key"))
+
+
 def _pipeline(cp: ControlPlaneProc, dev: str) -> dict[str, Any]:
     return dict(cp.device(dev).get("pipelines", {}).get("digits") or {})
 
@@ -98,11 +108,7 @@ def test_a_publisher_added_after_enrollment_installs_and_a_revoked_one_does_not(
     tmp_path: Path,
 ) -> None:
     cp = control_plane
-    agent = agent_factory(cp)
-    agent.start()
-    agent.wait_up()
-    dev = agent.device_id()
-    examples_key = load_private_key(example_bundles["_pub"].with_suffix(".key"))
+    agent, dev, examples_key = _running(cp, agent_factory, example_bundles)
     ci = Ed25519PrivateKey.generate()
     newer = _signed_only_by(
         example_bundles["digits-mlp@1.1.0"], ci, "1.2.0", tmp_path / "digits-mlp-1.2.0.ewb"
@@ -148,11 +154,7 @@ def test_a_lost_control_plane_key_is_replaced_without_touching_a_device(
     # without it, a key rotated after a theft) was refused by every device for good
     # ("unknown signer"): each had to be re-enrolled by hand.
     cp = control_plane
-    agent = agent_factory(cp)
-    agent.start()
-    agent.wait_up()
-    dev = agent.device_id()
-    examples_key = load_private_key(example_bundles["_pub"].with_suffix(".key"))
+    agent, dev, examples_key = _running(cp, agent_factory, example_bundles)
     cp.deploy("digits", "digits-mlp@1.0.0", tag=agent.tag)
     wait_for(lambda: _pipeline(cp, dev).get("status") == "active", 90, "1.0.0 active")
     cp.api("POST", "/trust-root", json=_root(1, [examples_key]))
@@ -205,11 +207,7 @@ def test_a_device_off_through_a_root_rotation_walks_the_chain_when_back(
     # Documents carry the newest version only; a device whose root keys did not sign it
     # fetches the chain and walks it, each link checked by the one before.
     cp = control_plane
-    agent = agent_factory(cp)
-    agent.start()
-    agent.wait_up()
-    dev = agent.device_id()
-    examples_key = load_private_key(example_bundles["_pub"].with_suffix(".key"))
+    agent, dev, examples_key = _running(cp, agent_factory, example_bundles)
     cp.api("POST", "/trust-root", json=_root(1, [examples_key]))
     wait_for(lambda: cp.device(dev)["agent"].get("trust_version") == 1, 60, "v1 on the device")
     agent.kill()

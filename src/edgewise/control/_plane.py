@@ -563,11 +563,18 @@ class ControlPlane:
         self.notifier.notify(device_id)
 
     # ------------------------------------------------------------ desired
-    def recompute(self, device_id: str, deployments: list[dict[str, Any]] | None = None) -> int:
+    def recompute(
+        self,
+        device_id: str,
+        deployments: list[dict[str, Any]] | None = None,
+        trust_roots: list[dict[str, Any]] | None = None,
+    ) -> int:
         """Bring a device's desired document up to date; returns its revision.
 
         The revision advances only when the content changes, by compare-and-set, so
         replicas recomputing the same device at once agree on one revision.
+        `deployments` and `trust_roots` (the newest, as `store.trust_roots(limit=1)`
+        reads it) are read here when not given.
         """
         for _ in range(20):
             since = self.cache.generation()
@@ -576,8 +583,10 @@ class ControlPlane:
                 return 0
             deps = deployments if deployments is not None else self.store.list_deployments()
             deps = self._with_rollouts(device_id, deps)
+            if trust_roots is None:
+                trust_roots = self.store.trust_roots(limit=1)
             content = desired_content(
-                deps, row["labels"], self.settings.egress, trust_roots=self.store.trust_roots()
+                deps, row["labels"], self.settings.egress, trust_roots=trust_roots
             )
             new_hash = content_hash(content)
             if new_hash == row["desired_hash"]:
@@ -604,7 +613,7 @@ class ControlPlane:
                 self.notifier.notify(device_id)
                 self.desired_committed([device_id], [revision])
                 return revision
-            deployments = None  # lost a race: re-read everything
+            deployments = trust_roots = None  # lost a race: re-read everything
         raise ApiError(503, "busy", "desired state keeps changing; retry")
 
     def _with_rollouts(
@@ -620,8 +629,9 @@ class ControlPlane:
         """Recompute every active device (after a deployment change)."""
         with self._recompute_lock:
             deps = self.store.list_deployments()
+            trust = self.store.trust_roots(limit=1)
             for device_id in self.store.device_ids():
-                self.recompute(device_id, deps)
+                self.recompute(device_id, deps, trust)
 
     def current_desired(self, device_id: str) -> tuple[CachedDevice, bool]:
         """The device's current signed document, re-signed when past half its lifetime.

@@ -53,7 +53,7 @@ def recompute_devices(plane: ControlPlane, device_ids: Sequence[str]) -> int:
     if not ids:
         return 0
     deployments = plane.store.list_deployments()
-    trust_roots = plane.store.trust_roots()
+    trust_roots = plane.store.trust_roots(limit=1)  # a document carries the newest
     d = t.devices
     bumped = 0
     for i in range(0, len(ids), _CHUNK):

@@ -146,10 +146,11 @@ class SqlStore(LogStore):
             return False
 
     # ------------------------------------------------------------ trust root
-    def trust_roots(self) -> list[Row]:
+    def trust_roots(self, limit: int | None = None) -> list[Row]:
         """The stored signed trust roots, oldest version first (`edgewise.protocol._trust`).
 
-        At most the newest `MAX_CHAIN` (what a desired document may carry), and only rows
+        At most the newest `limit` (at most `MAX_CHAIN`; a desired document carries the
+        newest only, so a recompute asks for 1 and parses no other row), and only rows
         that read as JSON objects: a row damaged or edited in the database is left out
         (and logged) rather than failing every desired document, view and install with
         it; devices check each version that is sent for themselves.
@@ -193,7 +194,7 @@ class SqlStore(LogStore):
                 )
                 continue
             out.append(doc)
-            if len(out) == MAX_CHAIN:
+            if len(out) == min(limit or MAX_CHAIN, MAX_CHAIN):
                 break
         return out[::-1]
 
