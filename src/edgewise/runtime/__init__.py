@@ -30,7 +30,8 @@ Example:
 Errors (`RuntimeFailure` subclasses) carry an HTTP `status` and a `code`: `BadInput` 400,
 `UnknownPipeline` 404, `PayloadTooLarge` 413, `Rejected` 429 (queue full), `Shed`,
 `Expired` (waited past `max_queue_ms`), `Superseded` (dropped for a newer request) and
-`PipelineStopped` 503; `ModelLoadError`/`AcceleratorUnavailable` from `load_model`.
+`PipelineStopped` 503; `ModelRejectedInput` 422 (the model refused the input's values),
+`InferenceFailed` 500; `ModelLoadError`/`AcceleratorUnavailable` from `load_model`.
 
 Degradation runs on a monitor thread every `monitor_interval_s` seconds (pass None and
 call `rt.tick()` yourself, e.g. in tests); the thermal and CPU readers and the clock are
@@ -53,6 +54,7 @@ from edgewise.runtime._errors import (
     Expired,
     InferenceFailed,
     ModelLoadError,
+    ModelRejectedInput,
     PayloadTooLarge,
     PipelineStopped,
     Rejected,
@@ -89,6 +91,7 @@ __all__ = [
     "Mode",
     "ModelInfo",
     "ModelLoadError",
+    "ModelRejectedInput",
     "ModelSession",
     "Observation",
     "PayloadTooLarge",

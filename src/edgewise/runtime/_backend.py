@@ -16,6 +16,8 @@ silently falls back to CPU when an accelerator provider fails to initialise.
 from __future__ import annotations
 
 import os
+import re
+import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -33,6 +35,7 @@ __all__ = [
     "choose_providers",
     "open_onnx",
     "packed_info",
+    "rejected_input",
 ]
 
 CPU = "CPUExecutionProvider"
@@ -293,3 +296,33 @@ def open_onnx(
             f"(requested {', '.join(providers)})"
         )
     return OnnxSession(session, actual)
+
+
+#: The longest reason `rejected_input` passes on: enough for an operator's complaint
+#: (the op, the index and the range it wanted), not a wall of C++ source paths.
+MAX_REASON = 300
+
+_ORT_PREFIX = re.compile(r"^\[ONNXRuntimeError\] : \d+ : [A-Z_]+ : ")
+_ORT_NODE = re.compile(r"while running (\S+) node\. Name:'[^']*' Status Message: (.*)", re.S)
+
+
+def rejected_input(exc: BaseException) -> str | None:
+    """The reason when `exc` is onnxruntime refusing an input's values, else None.
+
+    onnxruntime raises `InvalidArgument` when a kernel refuses what it was given (a
+    Gather index past its table) or when an input does not fit the graph: the input's
+    fault. `Fail`, `RuntimeException` and the rest can be a bug of the model or of
+    onnxruntime (a Reshape the model got wrong raises `Fail`): not the caller's, so
+    not answered here. The reason is onnxruntime's message trimmed to its first line
+    and `MAX_REASON` characters: `Gather node: indices element out of data bounds, ...`.
+    """
+    # (Not imported here: an error onnxruntime raised means it is loaded already.)
+    state = sys.modules.get("onnxruntime.capi.onnxruntime_pybind11_state")
+    if state is None or not isinstance(exc, state.InvalidArgument):
+        return None
+    text = _ORT_PREFIX.sub("", str(exc).strip())
+    node = _ORT_NODE.search(text)
+    if node is not None:
+        text = f"{node.group(1)} node: {node.group(2).strip()}"
+    line = text.splitlines()[0] if text else "invalid argument"
+    return line if len(line) <= MAX_REASON else line[: MAX_REASON - 3] + "..."

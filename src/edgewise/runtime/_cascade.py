@@ -2,7 +2,9 @@
 
 An escalator takes the rows to escalate and returns their confidences and labels, or
 None when the upper tier could not answer (the local answer then stands, and the rows are
-not counted as escalated but as cascade failures).
+not counted as escalated but as cascade failures). A local one answers in the executor's
+thread (it is the device's own work); an upstream server's (`UpstreamEscalator.begin`)
+answers later, from a thread of its own, so that no executor waits on a network.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ import logging
 import math
 import threading
 import time
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -24,6 +27,7 @@ from edgewise.runtime._stages import Post
 
 __all__ = [
     "MAX_ANSWER_BYTES",
+    "MAX_PENDING",
     "UpstreamEscalator",
     "local_escalator",
     "make_escalator",
@@ -39,6 +43,11 @@ log = logging.getLogger(__name__)
 #: confidence (its outputs too, when the upstream sends them), so a few megabytes is
 #: plenty; past that the upstream is not answering the question.
 MAX_ANSWER_BYTES = 16 * 1024 * 1024
+
+#: Escalations of one pipeline that wait for its upstream at once. Past that the upstream
+#: is not keeping up: more batches' rows keep their local answers (cascade failures)
+#: rather than queue up behind it, each holding its callers.
+MAX_PENDING = 4
 
 
 def local_escalator(model: LoadedModel) -> Any:
@@ -92,13 +101,17 @@ def read_answer(body: bytes, rows: int) -> tuple[Array, list[str | None]]:
 class UpstreamEscalator:
     """Escalate over HTTP to an upstream server speaking the local inference API.
 
-    Rows are POSTed as JSON to `{endpoint}/v1/pipelines/{pipeline}/infer`. The call
-    blocks the executor for at most `timeout_s` in all, whatever the upstream does
-    (connects slowly, drips its answer byte by byte, sends gigabytes): it runs in a
-    thread of its own, which the executor stops waiting for then. On any failure the
-    local answer stands and `failures` counts it. While a call that ran out of time is
-    still going, the next batch does not call again (and does not wait): one call to a
-    stuck upstream at a time, not one per batch.
+    Rows are POSTed as JSON to `{endpoint}/v1/pipelines/{pipeline}/infer`. The executor
+    never waits for the answer: `begin` hands the rows to a waiter thread of this
+    escalator and returns at once, and the waiter calls `done` with the upstream's answer
+    when it comes within `timeout_s`, with None otherwise (the local answer then stands,
+    and `failures` counts it), whatever the upstream does (connects slowly, drips its
+    answer byte by byte, sends gigabytes).
+
+    At most `max_pending` escalations wait at once: past that, `begin` refuses at once
+    (the local answer stands, counted as a failure) rather than queue batches without
+    bound behind a slow upstream. While a call that ran out of time is still going, no
+    new call is made either: one call to a stuck upstream at a time, not one per batch.
     """
 
     def __init__(
@@ -107,6 +120,7 @@ class UpstreamEscalator:
         pipeline: str,
         timeout_s: float,
         max_answer_bytes: int = MAX_ANSWER_BYTES,
+        max_pending: int = MAX_PENDING,
     ) -> None:
         import httpx
 
@@ -114,37 +128,115 @@ class UpstreamEscalator:
         self.url = f"{endpoint.rstrip('/')}/v1/pipelines/{pipeline}/infer"
         self.timeout_s = timeout_s
         self.max_answer_bytes = max_answer_bytes
+        self.max_pending = max_pending
         self.failures = 0
-        self._pool = concurrent.futures.ThreadPoolExecutor(
-            1, thread_name_prefix=f"edgewise-cascade-{pipeline}"
+        # Waiters wait (bounded) for calls; calls talk to the upstream (unbounded: a
+        # stuck one goes on after its waiter gave up). Threads start as they are needed.
+        self._waiters = concurrent.futures.ThreadPoolExecutor(
+            max_pending, thread_name_prefix=f"edgewise-cascade-wait-{pipeline}"
         )
-        self._call: concurrent.futures.Future[Answer] | None = None
+        self._calls = concurrent.futures.ThreadPoolExecutor(
+            max_pending, thread_name_prefix=f"edgewise-cascade-{pipeline}"
+        )
+        # Done when the escalator closes: waiters stop waiting, their rows keep the
+        # local answer.
+        self._closing: concurrent.futures.Future[None] = concurrent.futures.Future()
         self._lock = threading.Lock()
+        self._pending = 0  # escalations handed to a waiter and not answered yet
+        self._stuck = 0  # calls still running after their waiter stopped waiting
+        self._closed = False
+
+    def begin(self, x: Array, done: Callable[[Answer], None]) -> bool:
+        """Ask the upstream about rows `x`; `done(answer)` runs in a waiter thread.
+
+        Returns False, and `done` is never called, when the escalator refuses the rows
+        at once: closed, `max_pending` escalations already wait, or a call is stuck
+        (counted in `failures`; the local answer stands).
+        """
+        with self._lock:
+            if self._closed:
+                why = "closed"
+            elif self._stuck:
+                why = "its previous call is still running, past its timeout"
+            elif self._pending >= self.max_pending:
+                why = f"{self._pending} escalations already wait for it"
+            else:
+                why = ""
+                self._pending += 1
+        if why:
+            self._failed(why)
+            return False
+        deadline = time.monotonic() + self.timeout_s
+        try:
+            self._waiters.submit(self._wait, x, deadline, done)
+        except RuntimeError:  # closed meanwhile
+            with self._lock:
+                self._pending -= 1
+            self._failed("closed")
+            return False
+        return True
 
     def __call__(self, x: Array) -> Answer:
-        with self._lock:
-            call = self._call
-            if call is not None and not call.done():
-                return self._failed("its previous call is still running, past its timeout")
-            deadline = time.monotonic() + self.timeout_s
-            try:
-                call = self._call = self._pool.submit(self._ask, x, deadline)
-            except RuntimeError:  # closed
-                return self._failed("closed")
+        """The upstream's answer for rows `x`, or None; blocks until `begin`'s is known."""
+        got: list[Answer] = []
+        ready = threading.Event()
+
+        def done(answer: Answer) -> None:
+            got.append(answer)
+            ready.set()
+
+        if not self.begin(x, done):
+            return None
+        ready.wait()
+        return got[0]
+
+    def _wait(self, x: Array, deadline: float, done: Callable[[Answer], None]) -> None:
+        """Wait (in a waiter thread) for the call about `x` until `deadline`; `done`."""
+        answer: Answer = None
         try:
-            return call.result(timeout=max(0.0, deadline - time.monotonic()))
-        except concurrent.futures.TimeoutError:
+            answer = self._answer(x, deadline)
+        finally:
+            with self._lock:
+                self._pending -= 1
+            try:
+                done(answer)
+            except Exception:  # the escalator must outlive any one batch
+                log.exception("completing an escalated batch raised")
+
+    def _answer(self, x: Array, deadline: float) -> Answer:
+        try:
+            call = self._calls.submit(self._ask, x, deadline)
+        except RuntimeError:  # closed
+            return self._failed("closed")
+        left = max(0.0, deadline - time.monotonic())
+        waited: list[concurrent.futures.Future[Any]] = [call, self._closing]
+        concurrent.futures.wait(waited, left, concurrent.futures.FIRST_COMPLETED)
+        if not call.done():
+            with self._lock:
+                self._stuck += 1
+            call.add_done_callback(self._unstuck)
+            if self._closing.done():
+                return self._failed("closed while waiting")
             return self._failed(f"no answer within {self.timeout_s:g} s")
+        try:
+            return call.result()
         except Exception as exc:  # unreachable, an HTTP error, any answer but rows
             return self._failed(str(exc) or type(exc).__name__)
 
+    def _unstuck(self, _call: concurrent.futures.Future[Answer]) -> None:
+        with self._lock:
+            self._stuck -= 1
+
     def _failed(self, why: str) -> Answer:
-        self.failures += 1
+        with self._lock:
+            self.failures += 1
         log.warning("cascade upstream %s failed: %s", self.url, why)
         return None
 
     def _ask(self, x: Array, deadline: float) -> Answer:
-        """The upstream's answer for rows `x` (in the call's thread), or raises."""
+        """The upstream's answer for rows `x` (in a call thread), or raises."""
+        if time.monotonic() > deadline:  # (every call thread was busy: nobody waits)
+            raise TimeoutError("no call thread was free in time")
         fields = x.dtype.names  # a model with several inputs: sent by name
         inputs = x.tolist() if fields is None else {n: x[n].tolist() for n in fields}
         body = orjson.dumps({"inputs": inputs})
@@ -163,12 +255,23 @@ class UpstreamEscalator:
         return read_answer(b"".join(chunks), len(x))
 
     def close(self) -> None:
-        """Close the HTTP client once a call still running is done; stop the thread."""
-        try:
-            self._pool.submit(self._client.close)
-        except RuntimeError:  # closed already
-            return
-        self._pool.shutdown(wait=False)
+        """Answer waiting escalations with the local answer now, and stop.
+
+        The HTTP client is closed once calls still running are done (in the background:
+        a stuck upstream does not hold a pipeline's stop).
+        """
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+        self._closing.set_result(None)
+        self._waiters.shutdown(wait=True)  # each finishes its batch at once now
+
+        def close_client() -> None:
+            self._calls.shutdown(wait=True)
+            self._client.close()
+
+        threading.Thread(target=close_client, daemon=True).start()
 
 
 def upstream_escalator(endpoint: str, pipeline: str, timeout_s: float) -> UpstreamEscalator:

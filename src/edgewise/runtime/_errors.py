@@ -13,6 +13,8 @@ RuntimeFailure
 ├── ModelLoadError          a model file or manifest the backend cannot use
 │   └── AcceleratorUnavailable  the spec requires an accelerator, the session got CPU
 └── InferenceFailed     500  the backend raised on a well-formed input
+    └── ModelRejectedInput  422  the model refused the input's values (an index out
+                                 of range, say): the caller's to fix, not ours
 ```
 """
 
@@ -24,6 +26,7 @@ __all__ = [
     "Expired",
     "InferenceFailed",
     "ModelLoadError",
+    "ModelRejectedInput",
     "PayloadTooLarge",
     "PipelineStopped",
     "Rejected",
@@ -118,3 +121,14 @@ class InferenceFailed(RuntimeFailure):
     """The backend failed on an input that passed validation."""
 
     code = "inference_failed"
+
+
+class ModelRejectedInput(InferenceFailed):
+    """The model refused the values of a well-formed input (the backend said so).
+
+    An ONNX Gather given an index past its table, say: the shape and dtype fit, the
+    values do not. The caller sent it; the pipeline is fine and keeps serving.
+    """
+
+    code = "model_rejected_input"
+    status = 422

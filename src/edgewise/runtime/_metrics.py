@@ -180,6 +180,9 @@ class PipelineMetrics:
         self._waits: list[float] = []
         self._confs: list[float | None] = []
         self._pending_lock = threading.Lock()  # record (executor) vs flush (any reader)
+        # Counts of batches completed off the executor (`record_late`): success, rows,
+        # escalated, fallback, cascade failures.
+        self._late = [0, 0, 0, 0, 0]
         self.pre_ms: deque[float] = deque()
 
     def record(
@@ -209,6 +212,40 @@ class PipelineMetrics:
         model, post, casc = stage_ms
         with self._pending_lock:
             self._nums.extend((t_end, rows, n_esc, model, post, casc, rest_ms, n))
+            self._tiers.append(tier)
+            self._waits.extend(queue_ms)
+            self._confs.extend(confidences)
+            full = len(self._tiers) >= 512
+        if full:
+            self.flush()
+
+    def record_late(
+        self,
+        t_end: float,
+        tier: str,
+        rows: int,
+        n_esc: int,
+        n_failed: int,
+        stage_ms: tuple[float, float, float],
+        queue_ms: list[float],
+        rest_ms: float,
+        confidences: list[float | None],
+    ) -> None:
+        """`record` for a batch completed off the executor (its upstream answered late).
+
+        The executor may run the pipeline's next batch meanwhile, so the counts go to
+        counters of their own, under a lock, and are added in when read: `record`, on the
+        hot path, takes no lock. `n_failed` rows could not escalate (cascade failures).
+        """
+        n = len(queue_ms)
+        with self._pending_lock:
+            late = self._late
+            late[0] += n
+            late[1] += rows
+            late[2] += n_esc
+            late[3] += n if tier == "fallback" else 0
+            late[4] += n_failed
+            self._nums.extend((t_end, rows, n_esc, *stage_ms, rest_ms, n))
             self._tiers.append(tier)
             self._waits.extend(queue_ms)
             self._confs.extend(confidences)
@@ -297,22 +334,29 @@ class PipelineMetrics:
     def snapshot(self) -> dict[str, Any]:
         """Everything as plain data, with Triton-style names."""
         self.flush()
+        with self._pending_lock:
+            success, rows, escalated, fallback, cascade_failures = self._late
+        success += self.success
+        rows += self.rows
+        escalated += self.escalated
+        fallback += self.fallback
+        cascade_failures += self.cascade_failures
         with self.lock:
-            served = self.rows or 1
+            served = rows or 1
             return {
-                "nv_inference_request_success": self.success,
-                "nv_inference_exec_rows": self.rows,
+                "nv_inference_request_success": success,
+                "nv_inference_exec_rows": rows,
                 "nv_inference_request_failure": self.failure,
                 "nv_inference_request_rejected": self.rejected,
                 "nv_inference_request_shed": self.shed,
                 "nv_inference_request_expired": self.expired,
                 "nv_inference_request_superseded": self.superseded,
                 "nv_inference_request_bad_input": self.bad_input,
-                "nv_inference_escalated": self.escalated,
-                "edgewise_cascade_failures": self.cascade_failures,
-                "nv_inference_fallback": self.fallback,
+                "nv_inference_escalated": escalated,
+                "edgewise_cascade_failures": cascade_failures,
+                "nv_inference_fallback": fallback,
                 "edgewise_nonfinite_scores": self.nonfinite_scores,
-                "escalation_rate": self.escalated / served,
+                "escalation_rate": escalated / served,
                 "nv_inference_queue_duration_ms": self.queue_ms.snapshot(),
                 "nv_inference_compute_infer_duration_ms": self.compute_ms.snapshot(),
                 "nv_inference_request_duration_ms": self.total_ms.snapshot(),

@@ -2,7 +2,9 @@
 
 `ModelLane.execute` is the hot path: one backend call per batch, vectorised
 postprocess, cascade escalation of low-confidence rows, then one metrics update and one
-completion per request.
+completion per request. A batch that escalates to an upstream server is completed
+later, by the escalator's thread, when the server answers or its time is up
+(`_Escalation`): the executor goes on with its next batch meanwhile.
 """
 
 from __future__ import annotations
@@ -10,27 +12,32 @@ from __future__ import annotations
 import bisect
 import math
 import threading
-import time
 from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import numpy.typing as npt
 
 from edgewise.protocol._pipeline import PipelineSpec
+from edgewise.runtime._backend import rejected_input
 from edgewise.runtime._degrade import DegradeState, Mode
-from edgewise.runtime._errors import BadInput, InferenceFailed
+from edgewise.runtime._errors import BadInput, InferenceFailed, ModelRejectedInput
 from edgewise.runtime._metrics import PipelineMetrics
 from edgewise.runtime._model import Input, LoadedModel
 from edgewise.runtime._request import Request, callers, complete_all
 from edgewise.runtime._scheduler import Executor
 from edgewise.runtime._stages import Post, PostFn, PreFn
 
+if TYPE_CHECKING:
+    from edgewise.runtime._cascade import UpstreamEscalator
+
 __all__ = ["InferenceResult", "ModelLane", "RunningPipeline", "check_fits"]
 
 Array = npt.NDArray[Any]
+Answer = tuple[Array, list[str | None]] | None  # an upper tier's (None: no answer)
+Escalator = Callable[[Array], Answer]
 
 
 class _Served:
@@ -199,20 +206,35 @@ class InferenceResult:
 class _Split:
     """The result of a request whose callers were run one by one (`ModelLane._isolate`).
 
-    It answers `part` as an `InferenceResult` does, for the rows of one caller: that
-    caller's own result, or its error raised.
+    It runs as one request per caller (`parts`), and completes the request it splits
+    once the last of them completes (an escalation to a server may complete one later,
+    in another thread). It answers `part` as an `InferenceResult` does, for the rows of
+    one caller: that caller's own result, or its error raised.
     """
 
-    __slots__ = ("_parts", "_starts")
+    __slots__ = ("_left", "_lock", "_request", "_starts", "parts")
 
-    def __init__(self, starts: list[int], parts: list[Request]) -> None:
-        self._starts = starts
-        self._parts = parts
+    def __init__(self, lane: ModelLane, request: Request) -> None:
+        spans = callers(request)
+        self._request = request
+        self._starts = [a for a, _ in spans]
+        self._left = len(spans)
+        self._lock = threading.Lock()
+        x, owner, enqueued = request.x, request.owner, request.enqueued
+        self.parts = [Request(x[a:b], lane, owner, enqueued, self._done) for a, b in spans]
+
+    def _done(self, part: Request) -> None:
+        part.callback = None  # (no cycle through the bound method once it has run)
+        with self._lock:
+            self._left -= 1
+            if self._left:
+                return
+        self._request.complete(self)
 
     def part(self, start: int, end: int) -> InferenceResult:
         """The result of the caller whose rows are `start:end`; raises its error."""
         i = bisect.bisect_right(self._starts, start) - 1
-        req = self._parts[i]
+        req = self.parts[i]
         if req.error is not None:
             raise req.error
         whole: InferenceResult = req.result
@@ -220,7 +242,83 @@ class _Split:
         return whole.part(a, a + end - start)
 
 
-Escalator = Callable[[Array], tuple[Array, list[str | None]] | None]
+def _take(upper: tuple[Array, list[str | None]], low: Array, served: _Served) -> int:
+    """Put the upper tier's answer for rows `low` into a batch's results; how many."""
+    c_conf, c_names = upper
+    names, conf, escalated = served.labels, served.confidences, served.escalated
+    for j, i in enumerate(low.tolist()):
+        escalated[i] = True
+        conf[i] = float(c_conf[j])
+        names[i] = c_names[j]
+    return int(low.size)
+
+
+class _Escalation:
+    """A batch whose low-confidence rows went to an upstream server: done on its answer.
+
+    The executor hands the rows off (`begin`) and goes on with its next batch; the
+    escalator's waiter thread then completes the batch (`finish`) with the upstream's
+    answer, or with the local one when the upstream did not answer in time. Nothing on
+    the executor waits for a server.
+    """
+
+    __slots__ = ("batch", "low", "pipeline", "queue_ms", "results", "served", "stamps")
+
+    def __init__(
+        self,
+        pipeline: RunningPipeline,
+        batch: list[Request],
+        results: list[InferenceResult],
+        queue_ms: list[float],
+        served: _Served,
+        low: Array,
+        stamps: tuple[float, float, float],
+    ) -> None:
+        self.pipeline = pipeline
+        self.batch = batch
+        self.results = results
+        self.queue_ms = queue_ms
+        self.served = served
+        self.low = low
+        self.stamps = stamps  # the batch's start, its postprocess's start, and end
+
+    def begin(self, upstream: UpstreamEscalator, rows: Array) -> bool:
+        """Hand `rows` to `upstream`; False (nothing handed off) when it refuses them."""
+        for r in self.batch:
+            # A caller that ran the batch in its own thread (`Executor.run_sync`) waits
+            # on this for the result, which now comes from another thread.
+            if r._waiter is None:
+                r._waiter = waiter = threading.Lock()
+                waiter.acquire()
+        return upstream.begin(rows, self.finish)
+
+    def finish(self, upper: Answer) -> None:
+        """Complete the batch with the upstream's answer (None: the local one stands)."""
+        p, batch, served, low = self.pipeline, self.batch, self.served, self.low
+        failed = n_esc = 0
+        if upper is None:
+            failed = int(low.size)
+        else:
+            n_esc = _take(upper, low, served)
+        t0, tp, t2 = self.stamps
+        t3 = p.clock()
+        p.metrics.record_late(
+            t3,
+            served.tier,
+            len(served.labels),
+            n_esc,
+            failed,
+            (served.compute_ms, (t2 - tp) * 1000.0, (t3 - t2) * 1000.0),
+            self.queue_ms,
+            (t3 - t0) * 1000.0,
+            served.confidences,
+        )
+        complete_all(batch, self.results)
+        # (Its sample count may race the executor's: which row is kept matters little.)
+        p.sample(batch)
+        if p.sinks:
+            for res in self.results:
+                p.emit(res)
 
 
 class ModelLane:
@@ -237,7 +335,6 @@ class ModelLane:
         if not model.rows_aligned:  # its outputs cannot be split among requests
             self.max_batch = 1
         self.max_queue_delay_s = pipeline.spec.batching.max_queue_delay_ms / 1000.0
-        self.idle_s = 0.0  # (see `Lane`)
         self._run = model.session.run
         # A free inner dimension (an image's height, a sequence's length): requests of
         # different shapes can share a batch, and are run as one model call per shape.
@@ -285,11 +382,9 @@ class ModelLane:
             if r.n == 1:
                 self.execute([r])
                 continue
-            spans = callers(r)
-            parts = [Request(r.x[a:b], self, r.owner, r.enqueued) for a, b in spans]
-            for part in parts:
+            split = _Split(self, r)
+            for part in split.parts:
                 self.execute([part])
-            r.complete(_Split([a for a, _ in spans], parts))
 
     def execute(self, batch: list[Request]) -> None:
         """Run a batch end to end and complete its requests."""
@@ -307,7 +402,7 @@ class ModelLane:
                 return
             with p.metrics.lock:
                 p.metrics.failure += 1
-            batch[0].fail(InferenceFailed(f"{self._key}: {exc}"))
+            batch[0].fail(_failure(self._key, exc))
             return
         t1 = tp = clock()
         if p.executor.yield_to_critical(p.rank):
@@ -343,25 +438,6 @@ class ModelLane:
             for i in np.flatnonzero(~post.accepted).tolist():
                 names[i] = post.rejected_label
         escalated = [False] * n
-        n_esc = 0
-        t2 = clock()
-        if p.escalate is not None and confidence is not None:
-            low = np.flatnonzero(confidence < p.cascade_threshold)
-            if low.size:
-                w0 = time.perf_counter()
-                upper = p.escalate(x[low])
-                if p.remote_cascade:  # waited on a server: none of the executor's work
-                    self.idle_s += time.perf_counter() - w0
-                if upper is None:  # the upper tier could not answer: ours stand
-                    p.metrics.cascade_failures += int(low.size)
-                else:
-                    c_conf, c_names = upper
-                    n_esc = int(low.size)
-                    for j, i in enumerate(low.tolist()):
-                        escalated[i] = True
-                        conf[i] = float(c_conf[j])
-                        names[i] = c_names[j]
-        t3 = clock()
         compute_ms = (t1 - t0) * 1000.0
         served = _Served(
             p.name, self._key, self.tier, names, conf, escalated, out, topk, compute_ms
@@ -385,6 +461,24 @@ class ModelLane:
                     queue_ms.extend([waited] * r.n)
                 results.append(InferenceResult(served, start, end, waited))
                 start = end
+        n_esc = 0
+        t2 = clock()
+        if p.escalate is not None and confidence is not None:
+            low = np.flatnonzero(confidence < p.cascade_threshold)
+            if low.size:
+                upper: Answer
+                if p.upstream is not None:  # a server: its answer completes the batch
+                    late = _Escalation(p, batch, results, queue_ms, served, low, (t0, tp, t2))
+                    if late.begin(p.upstream, x[low]):
+                        return
+                    upper = None  # refused at once (busy, stuck, closed): ours stand
+                else:
+                    upper = p.escalate(x[low])
+                if upper is None:  # the upper tier could not answer: ours stand
+                    p.metrics.cascade_failures += int(low.size)
+                else:
+                    n_esc = _take(upper, low, served)
+        t3 = clock()
         p.metrics.record(
             t3,
             self.tier,
@@ -410,6 +504,18 @@ class ModelLane:
         if p.sinks:
             for res in results:
                 p.emit(res)
+
+
+def _failure(key: str, exc: Exception) -> InferenceFailed:
+    """The error a request gets when model `key` raised `exc` on its rows alone.
+
+    The model refusing the input's values is the caller's bad input (a 422), anything
+    else the runtime's failure (a 500).
+    """
+    reason = rejected_input(exc)
+    if reason is not None:
+        return ModelRejectedInput(f"{key} rejected the input: {reason}")
+    return InferenceFailed(f"{key}: {exc}")
 
 
 def _features(x: Array) -> Array:
@@ -452,7 +558,8 @@ class RunningPipeline:
     escalate: Escalator | None = None
     cascade_threshold: float = 0.0
     cascade_model: LoadedModel | None = None  # a local cascade's (its rows must fit it)
-    remote_cascade: bool = False  # its cascade's upper tier is a server
+    # A cascade to a server: the executor hands escalations to it (see `_Escalation`).
+    upstream: UpstreamEscalator | None = None
     # An event loop runs this pipeline's requests itself (no thread hand-off) while the
     # executor's typical batch takes less (see `Runtime.submit`).
     inline_max_s: float = 0.0

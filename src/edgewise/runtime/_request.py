@@ -54,12 +54,13 @@ class Lane(Protocol):
 
     max_batch: int
     max_queue_delay_s: float
-    # Seconds `execute` spent waiting on a server (an upstream cascade tier) rather than
-    # computing: the executor leaves them out of its typical batch time, and resets it.
-    idle_s: float
 
     def execute(self, batch: list[Request]) -> None:
-        """Run a batch and complete every request in it (result or error)."""
+        """Run a batch and complete every request in it (result or error).
+
+        It may leave requests to be completed later by another thread (a batch waiting
+        on an upstream server); a caller waiting for one then waits on its `_waiter`.
+        """
 
 
 class Request:

@@ -23,7 +23,7 @@ from edgewise.protocol._pipeline import PipelineSpec
 from edgewise.runtime import _sinks, _sources  # noqa: F401  (registers the built-ins)
 from edgewise.runtime._aio import LoopBatchers
 from edgewise.runtime._backend import CPU, DEFAULT_PROVIDERS
-from edgewise.runtime._cascade import make_escalator
+from edgewise.runtime._cascade import UpstreamEscalator, make_escalator
 from edgewise.runtime._degrade import (
     Mode,
     Observation,
@@ -190,8 +190,7 @@ class Runtime:
         """
         if self._stop.is_set():
             raise RuntimeError(f"pipeline {spec.name!r}: the runtime is closed")
-        if spec.requires_accelerator and model.provider == CPU:
-            raise AcceleratorUnavailable(f"pipeline {spec.name!r} requires an accelerator")
+        _check_accelerator(spec, model)
         for m in (model, fallback):
             if m is not None:
                 check_fits(spec, m)
@@ -208,10 +207,9 @@ class Runtime:
             raise ValueError(f"pipeline {spec.name!r} is already running")
         p = RunningPipeline(spec, self._executor(model.provider), self.clock, pre, post)
         p.cascade_model = cascade_model
-        # A batch that may wait on an upstream server is never run in an event loop's
-        # thread, however fast the model: every client of that loop would wait with it.
-        p.remote_cascade = spec.cascade is not None and spec.cascade.endpoint is not None
-        p.inline_max_s = 0.0 if p.remote_cascade else self._inline_max_s
+        # (A batch escalating to an upstream server does not wait for it: it may run in
+        # an event loop's thread like any other.)
+        p.inline_max_s = self._inline_max_s
         p.primary = ModelLane(p, model, "primary")
         if fallback is not None:
             p.fallback = ModelLane(p, fallback, "fallback")
@@ -219,6 +217,8 @@ class Runtime:
             if spec.cascade is not None:
                 p.cascade_threshold = spec.cascade.threshold
                 p.escalate = make_escalator(spec, cascade_model)
+                if isinstance(p.escalate, UpstreamEscalator):
+                    p.upstream = p.escalate
             for s in spec.sinks:  # I/O (broker connections) outside the runtime lock
                 p.sinks.append(SINKS.build(s.type, s.params, spec.name))
             with self._lock:
@@ -252,6 +252,9 @@ class Runtime:
 
         Raises:
             UnknownPipeline: no pipeline by that name.
+            AcceleratorUnavailable: a primary model on the CPU for a pipeline that
+                requires an accelerator (as `start_pipeline` refuses it): the old model
+                keeps serving.
             ValueError: a tier other than primary or fallback, or a model the pipeline
                 cannot feed, or whose rows its local cascade model cannot take (every
                 escalation would fail): the old model keeps serving.
@@ -259,6 +262,8 @@ class Runtime:
         if tier not in ("primary", "fallback"):
             raise ValueError(f"tier must be 'primary' or 'fallback', not {tier!r}")
         p = self._get(name)
+        if tier == "primary":
+            _check_accelerator(p.spec, new_model)
         check_fits(p.spec, new_model)
         _check_cascade(name, p.cascade_model, new_model)
         with p._swap_lock:
@@ -280,6 +285,7 @@ class Runtime:
         refused (see `swap_model`), neither changes and the old models keep serving.
         """
         p = self._get(name)
+        _check_accelerator(p.spec, primary)
         for model in (primary, fallback):
             if model is not None:
                 check_fits(p.spec, model)
@@ -639,6 +645,21 @@ def _takes_inputs_of(model: LoadedModel, other: LoadedModel) -> bool:
     return input_mismatch(given, own) is None
 
 
+def _check_accelerator(spec: PipelineSpec, model: LoadedModel) -> None:
+    """Whether `model` may serve `spec` as its primary model.
+
+    The fallback tier is not held to it: it is what the pipeline degrades to.
+
+    Raises:
+        AcceleratorUnavailable: the spec requires an accelerator and the model's
+            session runs on the CPU (onnxruntime fell back to it silently, say).
+    """
+    if spec.requires_accelerator and model.provider == CPU:
+        raise AcceleratorUnavailable(
+            f"pipeline {spec.name!r} requires an accelerator; {model.key} runs on {CPU}"
+        )
+
+
 def _check_cascade(name: str, cascade_model: LoadedModel | None, model: LoadedModel) -> None:
     """Whether the local cascade model can take the rows `model` is given.
 
@@ -704,8 +725,12 @@ def _stacked(
 
 
 def _close_parts(p: RunningPipeline) -> None:
-    """Close a pipeline's sinks and cascade client (whatever has a close())."""
-    for part in [*p.sinks, p.escalate]:
+    """Close a pipeline's cascade client and sinks (whatever has a close()).
+
+    The cascade client first: closing it completes the batches still waiting on an
+    upstream server (with their local answers), whose results go to the sinks.
+    """
+    for part in [p.escalate, *p.sinks]:
         close = getattr(part, "close", None)
         if close is not None:
             close()

@@ -106,8 +106,8 @@ class Executor:
         self._shed_until = float("-inf")
         self.est_batch_s = 0.0
         self._recent: deque[float] = deque(maxlen=33)
-        # Median of recent batch times (less their waits on a server: `Lane.idle_s`):
-        # what the model costs, robust to load spikes.
+        # Median of recent batch times: what the model costs, robust to load spikes. (A
+        # batch escalating to a server does not wait for it: see `ModelLane.execute`.)
         # Callers deciding whether to run a batch in an event loop's thread read this,
         # not the EWMA, so that one descheduled batch on a busy machine does not flip a
         # fast model onto the worker thread (and into GIL hand-offs).
@@ -332,13 +332,16 @@ class Executor:
                     cond.notify_all()
 
     def run_sync(self, req: Request, timeout: float | None = None) -> Any:
-        """Submit and wait for the result (raises the request's error)."""
-        if not self.submit(req, wait=True):
-            waiter = req._waiter
-            assert waiter is not None
-            if not waiter.acquire(timeout=-1 if timeout is None else timeout):
-                # Its deadline (see `Runtime.infer`) keeps it from running if still queued.
-                raise Expired(f"no result within {timeout:g} s")
+        """Submit and wait for the result (raises the request's error).
+
+        A request that was queued has a waiter, and so has one that ran here but whose
+        batch went on to an upstream server (completed later, in another thread).
+        """
+        self.submit(req, wait=True)
+        waiter = req._waiter
+        if waiter is not None and not waiter.acquire(timeout=-1 if timeout is None else timeout):
+            # Its deadline (see `Runtime.infer`) keeps it from running if still queued.
+            raise Expired(f"no result within {timeout:g} s")
         if req.error is not None:
             raise req.error
         return req.result
@@ -416,10 +419,6 @@ class Executor:
                     r.fail(err)
         took = time.perf_counter() - t0
         self.est_batch_s = took if not self.est_batch_s else 0.8 * self.est_batch_s + 0.2 * took
-        lane = batch[0].lane
-        if lane.idle_s:  # time spent waiting on a server is no cost of running a batch
-            took = max(0.0, took - lane.idle_s)
-            lane.idle_s = 0.0
         recent = self._recent
         recent.append(took)
         if len(recent) < 8 or not self._batches % 16:  # keep the median off the hot path
