@@ -63,7 +63,7 @@ from edgewise.agent._ratelimit import TokenBucket
 from edgewise.agent._report import build_report, status_document
 from edgewise.agent._state import AgentState, PipelineRecord, StateFile
 from edgewise.agent._store import ModelStore
-from edgewise.agent._trust import TrustKeeper, retry_unsigned
+from edgewise.agent._trust import TrustKeeper, TrustWalk, retry_unsigned
 from edgewise.agent._vocabulary import agent_vocabulary
 from edgewise.agent._windows import TelemetryWindows
 from edgewise.protocol import (
@@ -73,7 +73,6 @@ from edgewise.protocol import (
     DesiredStateError,
     Report,
     SignedDesiredState,
-    advance_trust_root,
     ignored_fields,
     verify_desired,
 )
@@ -492,23 +491,26 @@ class Agent:
         A document carries the newest version only. A device whose held version's root
         keys did not sign it (it was off while the root keys rotated) walks the whole
         chain instead, each link checked by the one before, so the unsigned answer adds
-        nothing the root holders did not sign.
+        nothing the root holders did not sign. The carried version is walked once: the
+        walk that found the device behind is the one taken when no chain comes.
         """
-        held = self.trust.current
-        if held is not None and carried:
-            _, problem = advance_trust_root(carried, held)
-            if problem and (chain := self._fetch_chain()):
-                carried = [*chain, *carried]
-        self._advance_trust(carried)
+        walk = self.trust.walk(carried)
+        if walk.problem and self.trust.current is not None and (chain := self._fetch_chain()):
+            walk = self.trust.walk([*chain, *carried])
+        self._take_trust(walk)
 
     def _advance_trust(self, chain: list[dict[str, Any]]) -> None:
-        """Take a newer trust root the document carries: its publishers are the trusted ones.
+        """Take a newer trust root the chain holds: its publishers are the trusted ones."""
+        self._take_trust(self.trust.walk(chain))
+
+    def _take_trust(self, walk: TrustWalk) -> None:
+        """Take where a walk of the chain got: that version's publishers are the trusted ones.
 
         A link that does not verify leaves the device on the last good version and says
         so (status errors, an event); the rest of the document is acted on as usual.
         """
         assert self.identity is not None
-        change = self.trust.advance(chain, self.identity)
+        change = self.trust.take(walk, self.identity)
         if change is None:
             return
         if change.version != change.previous:

@@ -31,9 +31,9 @@ from edgewise.agent._durable import DurableJson
 from edgewise.agent._identity import Identity, save_identity
 from edgewise.agent._installer import retry_refused
 from edgewise.agent._state import PipelineRecord
-from edgewise.protocol import TrustRoot, advance_trust_root, verify_trust_root
+from edgewise.protocol import TrustRoot, TrustRootError, advance_trust_root
 
-__all__ = ["TRUST_FILE", "TrustChange", "TrustKeeper", "retry_unsigned"]
+__all__ = ["TRUST_FILE", "TrustChange", "TrustKeeper", "TrustWalk", "retry_unsigned"]
 
 TRUST_FILE = "trust.json"
 log = logging.getLogger("edgewise.agent.trust")
@@ -50,6 +50,16 @@ class TrustChange:
     problem: str = ""  # why the walk stopped short, or why the result was not written
 
 
+@dataclass(frozen=True)
+class TrustWalk:
+    """One walk of a chain from the version held (`TrustKeeper.walk`), not yet taken."""
+
+    chain: tuple[Any, ...]
+    before: TrustRoot | None  # the version held when it was walked
+    held: TrustRoot | None  # where the walk got
+    problem: str = ""  # why it stopped short
+
+
 class TrustKeeper:
     """Holds the trust root this device accepted, and advances it."""
 
@@ -60,7 +70,7 @@ class TrustKeeper:
         # the previous commit, a version this device checked before, is read instead of
         # none, which would take the next chain's first version on the control plane's
         # word; the chain then walks the device forward again.
-        self._file = DurableJson(data_dir / TRUST_FILE, check=lambda d: verify_trust_root(d, None))
+        self._file = DurableJson(data_dir / TRUST_FILE, check=_held_before)
         self.current: TrustRoot | None = self._file.load(default=None)
         self._unwritten = False  # `current` is not on disk yet (a write failed)
         if self._file.recovered_from_prev:
@@ -72,18 +82,33 @@ class TrustKeeper:
         """The version held (0: none)."""
         return self.current.version if self.current is not None else 0
 
+    def walk(self, chain: Sequence[Any]) -> TrustWalk:
+        """Walk `chain` from the version held, changing nothing (`take` acts on it)."""
+        held, problem = advance_trust_root(chain, self.current)
+        return TrustWalk(tuple(chain), self.current, held, problem)
+
     def advance(self, chain: Sequence[Any], identity: Identity) -> TrustChange | None:
-        """Walk `chain` and trust the newest good version's publishers.
+        """Walk `chain` and trust the newest good version's publishers (`take(walk(...))`)."""
+        return self.take(self.walk(chain), identity)
+
+    def take(self, walk: TrustWalk, identity: Identity) -> TrustChange | None:
+        """Trust the publishers of the newest good version `walk` reached.
+
+        A walk made from a version no longer held (another was taken since) is walked
+        again from the one held now.
 
         Returns:
             None when nothing changed and nothing is wrong; else what happened. The
             publishers change in memory even when the disk will not take them (the
             change is written again with the next document that carries the chain).
         """
+        chain = walk.chain
         if not chain:
             return None
+        if walk.before is not self.current:
+            walk = self.walk(chain)
         before, previous = self.current, self.version
-        held, problem = advance_trust_root(chain, before)
+        held, problem = walk.held, walk.problem
         if held is None:
             return TrustChange(0, 0, problem=problem) if problem else None
         old = set(identity.publishers)
@@ -119,6 +144,18 @@ class TrustKeeper:
         if identity.publishers != dict(held.publishers):
             return True
         return bool(held.control_plane) and identity.control_plane != dict(held.control_plane)
+
+
+def _held_before(signed: Any) -> TrustRoot:
+    """A trust.json this device wrote: checked by itself, as the first link of a chain.
+
+    Not `verify_trust_root(signed, None)`: that also refuses a first version too high to
+    leave room for later ones, which a version reached step by step may be.
+    """
+    held, problem = advance_trust_root([signed], None)
+    if held is None:
+        raise TrustRootError(problem)
+    return held
 
 
 def _version(signed: Any) -> int:

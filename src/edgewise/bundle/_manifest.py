@@ -3,11 +3,23 @@
 `manifest.json` at the root of every bundle is one `Manifest`. Unknown fields are refused
 (`extra="forbid"`) so that a typo cannot silently drop a safety setting; the schema evolves
 through `manifest_version`. Tensors in health samples are nested JSON lists.
+
+Numbers are strict: `"size": "10"`, `true` or `10.0` where a whole number is required is
+refused, not converted. A converted value would also make two different manifests one
+canonical form (the signatures cover the parsed manifest), so a string could stand in
+for a signed number unnoticed.
+
+File names are unique as a case-insensitive, normalising filesystem sees them (vfat on
+an SD card, exFAT, APFS): `model.onnx` and `Model.onnx`, or a name with an accented
+letter composed and the same name with it decomposed, unpack as two files on ext4 and
+as one there.
 """
 
 from __future__ import annotations
 
 import re
+import unicodedata
+from collections.abc import Iterable
 from enum import StrEnum
 from typing import Annotated, Any, Literal
 
@@ -17,6 +29,7 @@ from pydantic import (
     ConfigDict,
     Field,
     JsonValue,
+    Strict,
     StringConstraints,
     field_validator,
     model_validator,
@@ -51,6 +64,10 @@ MAX_NAME_BYTES = 255
 MAX_PATH_BYTES = 1024
 
 Sha256 = Annotated[str, StringConstraints(pattern=SHA256_PATTERN)]
+# bool is an int subclass, and lax mode takes "10" and 10.0 for 10: a whole number here is
+# a JSON integer and nothing else. A number is a JSON integer or fraction, never a string.
+Int = Annotated[int, Strict()]
+Number = Annotated[float, Strict()]
 
 
 class ModelFormat(StrEnum):
@@ -116,11 +133,49 @@ def check_bundle_path(path: str) -> str:
     return path
 
 
+def _folded(path: str) -> str:
+    """A path as a case-insensitive, normalising filesystem compares it (vfat, APFS)."""
+    return unicodedata.normalize("NFC", unicodedata.normalize("NFC", path).casefold())
+
+
+_FOLDED_MANIFEST = _folded(RESERVED_PATHS[0])
+_FOLDED_SIGNATURES = _folded(RESERVED_PATHS[1])
+
+
+def _check_folded(files: Iterable[str], folders: Iterable[str]) -> None:
+    """Refuse two paths one file or folder on a case-insensitive, normalising filesystem.
+
+    Raises:
+        ValueError: naming both paths (or the path and the reserved name it meets).
+    """
+    seen = {_FOLDED_MANIFEST: RESERVED_PATHS[0]}
+    for path in sorted(files):
+        key = _folded(path)
+        if (key + "/").startswith(_FOLDED_SIGNATURES):
+            raise ValueError(
+                f"path {path!r} and the reserved {RESERVED_PATHS[1]!r} differ only by case or "
+                "Unicode normalisation: one name on a case-insensitive filesystem (vfat, APFS)"
+            )
+        other = seen.setdefault(key, path)
+        if other != path:
+            raise ValueError(
+                f"paths {other!r} and {path!r} differ only by case or Unicode normalisation: "
+                "one file on a case-insensitive filesystem (vfat, APFS)"
+            )
+    for folder in sorted(folders):
+        met = seen.get(_folded(folder))
+        if met is not None:
+            raise ValueError(
+                f"path {met!r} and folder {folder!r} differ only by case or Unicode "
+                "normalisation: one name on a case-insensitive filesystem (vfat, APFS)"
+            )
+
+
 class FileEntry(_Strict):
     """One file of the bundle, as pack measured it."""
 
     sha256: Sha256 = Field(description="Lowercase hex sha256 of the file's bytes.")
-    size: int = Field(ge=0, description="Size in bytes; unpacking stops beyond it.")
+    size: Int = Field(ge=0, description="Size in bytes; unpacking stops beyond it.")
 
 
 class TensorSpec(_Strict):
@@ -128,7 +183,7 @@ class TensorSpec(_Strict):
 
     name: str = Field(min_length=1, description="Tensor name in the model graph.")
     dtype: DType = Field(description="Element type.")
-    shape: list[int | Annotated[str, StringConstraints(pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")]] = (
+    shape: list[Int | Annotated[str, StringConstraints(pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")]] = (
         Field(description='Dimensions: sizes, or a symbolic name such as "N" for the batch.')
     )
 
@@ -144,15 +199,15 @@ class LabelSchema(_Strict):
     """Which label space the outputs use; models sharing it are interchangeable."""
 
     id: str = Field(min_length=1, description='Label space id, e.g. "digits".')
-    version: int = Field(ge=1, description="Bumped when the label list changes meaning.")
+    version: Int = Field(ge=1, description="Bumped when the label list changes meaning.")
 
 
 class Requires(_Strict):
     """What a device needs to run the model."""
 
     runtime: str = Field(min_length=1, description='Inference runtime, e.g. "onnxruntime".')
-    min_opset: int | None = Field(default=None, ge=1, description="Minimum ONNX opset.")
-    memory_mb: int | None = Field(default=None, ge=0, description="Working memory needed.")
+    min_opset: Int | None = Field(default=None, ge=1, description="Minimum ONNX opset.")
+    memory_mb: Int | None = Field(default=None, ge=0, description="Working memory needed.")
     accelerators: list[str] = Field(
         default_factory=list,
         description='Accelerators the model needs (e.g. "cuda"); empty means CPU is enough.',
@@ -170,8 +225,8 @@ class Health(_Strict):
     """The install gate: the model must reproduce these outputs in time."""
 
     samples: list[HealthSample] = Field(default_factory=list)
-    tolerance: float = Field(default=1e-4, ge=0, description="Max absolute difference.")
-    max_latency_ms: float | None = Field(
+    tolerance: Number = Field(default=1e-4, ge=0, description="Max absolute difference.")
+    max_latency_ms: Number | None = Field(
         default=None, gt=0, description="Max latency of one health sample run."
     )
 
@@ -180,8 +235,8 @@ class Histogram(_Strict):
     """Bin edges and the relative frequency of each bin (frequencies sum to about 1)."""
 
     name: str | None = Field(default=None, description="Feature name, when it has one.")
-    bin_edges: list[float] = Field(min_length=2, description="Increasing edges, n+1 values.")
-    frequencies: list[float] = Field(description="n relative frequencies, each >= 0.")
+    bin_edges: list[Number] = Field(min_length=2, description="Increasing edges, n+1 values.")
+    frequencies: list[Number] = Field(description="n relative frequencies, each >= 0.")
 
     @model_validator(mode="after")
     def _consistent(self) -> Histogram:
@@ -201,7 +256,7 @@ class Reference(_Strict):
     features: list[Histogram] = Field(
         default_factory=list, description="One histogram per input feature, in feature order."
     )
-    class_prior: list[float] = Field(
+    class_prior: list[Number] = Field(
         default_factory=list, description="Training frequency of each label, in label order."
     )
     confidence: Histogram | None = Field(
@@ -216,7 +271,7 @@ class Provenance(_Strict):
     training_code: str | None = Field(
         default=None, description="Reference to the training code (module, commit, URL)."
     )
-    metrics: dict[str, float] = Field(
+    metrics: dict[str, Number] = Field(
         default_factory=dict, description='Evaluation results, e.g. {"accuracy": 0.97}.'
     )
     created_at: AwareDatetime | None = Field(default=None, description="When it was built.")
@@ -250,6 +305,13 @@ class Manifest(_Strict):
     reference: Reference | None = None
     provenance: Provenance = Field(default_factory=Provenance)
 
+    @field_validator("manifest_version", mode="before")
+    @classmethod
+    def _integer_version(cls, value: Any) -> Any:
+        if type(value) is not int:  # `true` equals 1 to a Literal
+            raise ValueError("must be the integer 1")
+        return value
+
     @field_validator("version")
     @classmethod
     def _semver(cls, version: str) -> str:
@@ -277,6 +339,7 @@ class Manifest(_Strict):
         clash = sorted(folders & set(files))
         if clash:
             raise ValueError(f"path {clash[0]!r} is both a file and a directory")
+        _check_folded(files, folders)
         return files
 
     @model_validator(mode="after")

@@ -33,6 +33,21 @@ the newest; a device that was off while the root keys were rotated twice fetches
 chain and walks from the version it trusts to the newest, each step checked by the keys
 of the one before (`advance_trust_root`).
 
+Versions are JSON numbers, exact up to 2**53 - 1 (`MAX_VERSION`): a version there would
+leave no room for a next one, and the chain would be frozen for good. Unlike TUF's root
+role, a version may skip ahead (a device off while its fleet took several versions signed
+by the same root keys takes the newest at once, and a chain trimmed to its newest
+`MAX_CHAIN` versions stays walkable), but by at most `MAX_VERSION_STEP` from the version
+trusted now, and a first version (signed or checked with no previous one) is at most
+`MAX_FIRST_VERSION`: the space then outlasts 2**32 rotations made at the largest step,
+and a typo (`--version 9007199254740991`) is refused instead of freezing the chain. A
+chain walked from no version (`advance_trust_root(chain, None)`) may start anywhere, as
+one trimmed to its newest versions does.
+
+A trust root is small (at most `MAX_KEYS` keys a set): its document is refused beyond
+`MAX_DOCUMENT_BYTES` of canonical JSON, so whoever reads one (a device fetching the
+chain) knows how much to read at most (`MAX_SIGNED_BYTES`, `MAX_CHAIN_BYTES`).
+
 Usage::
 
     signed = sign_trust_root(trust_root_document(2, root_pubs, 1, publisher_pubs, now), keys)
@@ -55,6 +70,12 @@ from edgewise.bundle import canonical_json, key_id, verify_signature
 
 __all__ = [
     "MAX_CHAIN",
+    "MAX_CHAIN_BYTES",
+    "MAX_DOCUMENT_BYTES",
+    "MAX_FIRST_VERSION",
+    "MAX_SIGNED_BYTES",
+    "MAX_VERSION",
+    "MAX_VERSION_STEP",
     "TRUST_ROOT_TYPE",
     "TrustRoot",
     "TrustRootError",
@@ -69,6 +90,17 @@ MAX_KEYS = 64  # per set: a document is small, whatever a sender writes into it
 MAX_CHAIN = 32  # versions a desired document carries (a device further behind re-enrolls)
 MAX_KEY_ID = 64  # characters of a key id kept with a signature no key checked (ours: 16)
 SIGNATURE_BYTES = 64  # Ed25519
+MAX_VERSION = 2**53 - 1  # the largest integer a JSON number holds exactly
+MAX_VERSION_STEP = 2**20  # how far a version may skip ahead of the one trusted now
+MAX_FIRST_VERSION = 2**32  # a first version leaves room for 2**32 steps of the largest size
+# Three sets of MAX_KEYS keys take about 14 KB of canonical JSON: twice that is room for
+# a description and whatever a newer version adds, and a bound a reader can rely on.
+MAX_DOCUMENT_BYTES = 32 * 1024
+# A signed trust root as passed on (`TrustRoot.signed`: at most MAX_KEYS signatures of
+# SIGNATURE_BYTES, each with a key id of at most MAX_KEY_ID characters, about 12 KB),
+# serialised with or without spaces.
+MAX_SIGNED_BYTES = 64 * 1024
+MAX_CHAIN_BYTES = MAX_CHAIN * MAX_SIGNED_BYTES  # a whole chain, as the control plane serves it
 
 
 class TrustRootError(ValueError):
@@ -159,8 +191,8 @@ def _parse(signed: Any) -> tuple[TrustRoot, list[tuple[str, bytes]], bytes]:
     if not isinstance(doc, Mapping) or doc.get("type") != TRUST_ROOT_TYPE:
         raise TrustRootError(f"document.type must be {TRUST_ROOT_TYPE!r}")
     version = doc.get("version")
-    if type(version) is not int or not 1 <= version < 2**53:
-        raise TrustRootError("document.version must be a whole number from 1")
+    if type(version) is not int or not 1 <= version <= MAX_VERSION:
+        raise TrustRootError(f"document.version must be a whole number from 1 to {MAX_VERSION}")
     root = doc.get("root")
     if not isinstance(root, Mapping):
         raise TrustRootError("document.root must be an object")
@@ -192,6 +224,10 @@ def _parse(signed: Any) -> tuple[TrustRoot, list[tuple[str, bytes]], bytes]:
         raise TrustRootError("document is not canonical JSON: nested too deeply") from None
     except (TypeError, ValueError) as exc:
         raise TrustRootError(f"document is not canonical JSON: {exc}") from None
+    if len(message) > MAX_DOCUMENT_BYTES:
+        raise TrustRootError(
+            f"document is {len(message)} bytes of canonical JSON, over {MAX_DOCUMENT_BYTES}"
+        )
     signed_as_received = {"document": dict(doc), "signatures": sigs}
     parsed = TrustRoot(version, threshold, keys, publishers, signed_as_received, control_plane)
     return parsed, pairs, message
@@ -244,8 +280,15 @@ def verify_trust_root(signed: Any, current: TrustRoot | None) -> TrustRoot:
 
     Raises:
         TrustRootError: malformed, too few valid signatures of its own root keys or of
-            the current ones, or a version that goes back (or repeats with other content).
+            the current ones, a version that goes back (or repeats with other content),
+            or one that would use up the version space: a first version above
+            `MAX_FIRST_VERSION`, or a step past `MAX_VERSION_STEP`.
     """
+    return _verify(signed, current, first_capped=True)
+
+
+def _verify(signed: Any, current: TrustRoot | None, *, first_capped: bool) -> TrustRoot:
+    """`verify_trust_root`; a first version unbounded unless `first_capped`."""
     root, pairs, message = _parse(signed)
     if current is not None and root.version == current.version:
         # Checked already when it was taken: every desired document carries it again.
@@ -258,9 +301,21 @@ def verify_trust_root(signed: Any, current: TrustRoot | None) -> TrustRoot:
             f"version {root.version} is not signed by {root.threshold} of its own root keys"
         )
     if current is None:
+        if first_capped and root.version > MAX_FIRST_VERSION:
+            raise TrustRootError(
+                f"version {root.version} is over {MAX_FIRST_VERSION}, the most a first "
+                "version may be: first versions that high would use up the version space "
+                f"(no later version can follow one at {MAX_VERSION})"
+            )
         return _keeping(root, pairs, own)
     if root.version < current.version:
         raise TrustRootError(f"version {root.version} is older than {current.version}")
+    if root.version - current.version > MAX_VERSION_STEP:
+        raise TrustRootError(
+            f"version {root.version} skips {root.version - current.version} versions ahead of "
+            f"{current.version}, over {MAX_VERSION_STEP}: steps that large would use up the "
+            f"version space (no later version can follow one at {MAX_VERSION})"
+        )
     held = _good(pairs, current.root_keys, message)
     if len(held) < current.threshold:
         raise TrustRootError(
@@ -281,6 +336,10 @@ def advance_trust_root(
 ) -> tuple[TrustRoot | None, str]:
     """Walk `chain` (every version, any order) from `current` to the newest it can (pure).
 
+    With no `current`, the walk starts at the chain's oldest version, whatever it is (a
+    chain the control plane trimmed to its newest `MAX_CHAIN` starts where it was cut);
+    every step after it is bounded as `verify_trust_root` bounds it.
+
     Returns:
         (the trust root to hold now, "" or why the walk stopped short): a step that does
         not verify ends the walk at the last good version, never skips past it.
@@ -292,7 +351,7 @@ def advance_trust_root(
         if held is not None and _version_of(signed) < held.version:
             continue  # behind us
         try:
-            held = verify_trust_root(signed, held)
+            held = _verify(signed, held, first_capped=False)
         except TrustRootError as exc:
             return held, str(exc)
     return held, ""
