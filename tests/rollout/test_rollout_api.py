@@ -806,7 +806,9 @@ def test_viewers_read_and_operators_act(world: World) -> None:
                      json=revise).status_code == 403  # fmt: skip
     outsider = world.token("operator", scope="site=zzz")
     assert world.api("GET", f"/api/v1/rollouts/{ro['id']}", token=outsider).status_code == 404
-    assert world.api("POST", "/api/v1/rollouts", token=outsider, json=body).status_code == 403
+    # A deployment out of its sight answers as an unknown name does: no existence leaks.
+    refused = world.api("POST", "/api/v1/rollouts", token=outsider, json=body)
+    assert (refused.status_code, refused.json()["error"]["code"]) == (404, "not_found")
 
 
 def test_status_shows_phases_gates_counts_and_why(world: World) -> None:

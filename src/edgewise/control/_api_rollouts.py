@@ -2,7 +2,9 @@
 
 Operators and admins act (deploy.write), viewers read; every route is scope-checked
 through the deployment's selector, and registers its permission in
-`ROUTE_PERMISSIONS` like every other operator route.
+`ROUTE_PERMISSIONS` like every other operator route. A deployment (or rollout) the
+caller's scope cannot see answers 404 `not_found` whatever the route, as an unknown one
+does; 403 `out_of_scope` is kept for one it sees but may not change.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from edgewise.control import _revisions as revisions
 from edgewise.control import _rollouts as rollouts
 from edgewise.control._api_admin import ROUTE_PERMISSIONS, Who, _need
 from edgewise.control._errors import OPERATOR_ERRORS
-from edgewise.control._plane import ControlPlane
+from edgewise.control._plane import ControlPlane, Principal
 from edgewise.control._rbac import Permission
 
 __all__ = ["router"]
@@ -42,6 +44,16 @@ def _route(method: str, path: str, permission: Permission, **kwargs: Any) -> Cal
     )
 
 
+def _visible(plane: ControlPlane, who: Principal, ref: str) -> None:
+    """Answer 404 for a deployment beyond the caller's sight, as for an unknown one.
+
+    Acting on a deployment needs its selector inside the caller's scope (403
+    `out_of_scope` otherwise), but only once the caller may see it: another site's
+    deployment answers exactly as a name nobody created, so scope does not leak names.
+    """
+    deployments.visible_deployment(plane, who, ref)
+
+
 # -------------------------------------------------------------- revisions
 @_route(
     "POST",
@@ -54,9 +66,9 @@ async def create_revision(
     request: Request, ref: str, body: revisions.RevisionRequest, who: Who
 ) -> JSONResponse:
     """Add a revision to a deployment (stable unchanged unless `promote`)."""
-    view, created = await to_thread.run_sync(
-        revisions.create_revision, _plane(request), ref, body, who
-    )
+    plane = _plane(request)
+    await to_thread.run_sync(_visible, plane, who, ref)
+    view, created = await to_thread.run_sync(revisions.create_revision, plane, ref, body, who)
     return JSONResponse({**view, "created": created}, status_code=201 if created else 200)
 
 
@@ -64,7 +76,7 @@ async def create_revision(
 def list_revisions(request: Request, ref: str, who: Who) -> dict[str, Any]:
     """A deployment's revisions, oldest first, and which one is stable."""
     plane = _plane(request)
-    deployments.visible_deployment(plane, who, ref)  # 404 beyond the caller's scope
+    _visible(plane, who, ref)
     return revisions.list_revisions(plane, ref)
 
 
@@ -72,7 +84,9 @@ def list_revisions(request: Request, ref: str, who: Who) -> dict[str, Any]:
 @_route("POST", "/rollouts", Permission.DEPLOY_WRITE, status_code=201)
 def start_rollout(request: Request, body: rollouts.RolloutRequest, who: Who) -> dict[str, Any]:
     """Start a rollout of a deployment to a revision."""
-    return rollouts.start_rollout(_plane(request), body, who)
+    plane = _plane(request)
+    _visible(plane, who, body.deployment)
+    return rollouts.start_rollout(plane, body, who)
 
 
 @_route("GET", "/rollouts", Permission.READ)
@@ -83,7 +97,10 @@ def list_rollouts(
     active: bool | None = None,
 ) -> list[dict[str, Any]]:
     """Rollouts, newest first."""
-    return rollouts.list_rollouts(_plane(request), who, deployment, active)
+    plane = _plane(request)
+    if deployment is not None:
+        _visible(plane, who, deployment)
+    return rollouts.list_rollouts(plane, who, deployment, active)
 
 
 @_route("GET", "/rollouts/{rollout_id}", Permission.READ)

@@ -19,6 +19,7 @@ import contextlib
 import inspect
 import logging
 import math
+import sqlite3
 import time
 from collections.abc import AsyncIterator, Callable
 from typing import Any
@@ -35,6 +36,7 @@ from prometheus_client import (
     generate_latest,
 )
 from sqlalchemy.exc import DataError, DBAPIError, StatementError
+from sqlalchemy.exc import TimeoutError as PoolTimeout
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -63,6 +65,29 @@ def _envelope(
 ) -> JSONResponse:
     return JSONResponse(
         {"error": {"code": code, "message": message}}, status_code=status, headers=headers
+    )
+
+
+def _store_busy(error: BaseException | None) -> bool:
+    """Whether a driver error says the database stayed locked past `BUSY_TIMEOUT_S`.
+
+    SQLite answers SQLITE_BUSY (5) or SQLITE_LOCKED (6), as primary codes of the extended
+    one Python gives (`database is locked`); such a request is retried, not a fault.
+    """
+    if not isinstance(error, sqlite3.OperationalError):
+        return False
+    code = getattr(error, "sqlite_errorcode", None)
+    if isinstance(code, int):
+        return code & 0xFF in (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED)
+    return "locked" in str(error) or "busy" in str(error)
+
+
+def _busy() -> JSONResponse:
+    return _envelope(
+        503,
+        "store_busy",
+        "the database stayed busy (held by another writer, or no free connection); retry",
+        {"Retry-After": "1"},
     )
 
 
@@ -350,6 +375,9 @@ def create_app(
             return _envelope(
                 422, "invalid_value", "a value cannot be stored (too long or not JSON)"
             )
+        if _store_busy(exc.orig):
+            log.warning("database busy: %s", exc.orig)
+            return _busy()
         if isinstance(exc, DBAPIError):
             log.warning("database error: %s", exc)
             return _envelope(
@@ -357,6 +385,12 @@ def create_app(
             )
         log.exception("statement error", exc_info=exc)
         return _envelope(500, "internal", "internal error")
+
+    @app.exception_handler(PoolTimeout)
+    async def _no_connection(_: Request, exc: PoolTimeout) -> JSONResponse:
+        # Every pooled connection stayed in use for the pool's timeout.
+        log.warning("database busy: %s", exc)
+        return _busy()
 
     @app.exception_handler(Exception)
     async def _unexpected(_: Request, exc: Exception) -> JSONResponse:

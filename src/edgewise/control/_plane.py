@@ -41,7 +41,7 @@ from edgewise.control._rbac import FLEET_WIDE, Permission, Role, allowed, scope_
 from edgewise.control._selector import Selector, SelectorError, parse_selector
 from edgewise.control._settings import Settings
 from edgewise.control._sodium import sodium_verify
-from edgewise.control._store import ConflictError, SqlStore
+from edgewise.control._store import ConflictError, LastAdminError, SqlStore
 from edgewise.protocol import (
     MAX_CHAIN,
     DesiredState,
@@ -261,20 +261,18 @@ class ControlPlane:
         row = next((r for r in self.store.list_tokens() if r["id"] == token_id), None)
         if row is None or not scope_within(_scope_of(row), within):
             raise ApiError(404, "not_found", f"no token {token_id}")
-        if _is_root_admin(row) and row["revoked_at"] is None:
-            others = [
-                r
-                for r in self.store.list_tokens()
-                if _is_root_admin(r) and r["revoked_at"] is None and r["id"] != token_id
-            ]
-            if not others:
-                self.audit(actor, "token.revoke", f"token:{token_id}", digest(token_id), "refused")
-                raise ApiError(
-                    409,
-                    "last_admin",
-                    "this is the last unscoped admin token: create another before revoking it",
-                )
-        if not self.store.revoke_token(token_id, self.clock()):
+        # The last-admin check is the store's: made in the revoking transaction, so
+        # concurrent revokes (threads, replicas) cannot each see the other's token left.
+        try:
+            known = self.store.revoke_token(token_id, self.clock(), keep_root_admin=True)
+        except LastAdminError:
+            self.audit(actor, "token.revoke", f"token:{token_id}", digest(token_id), "refused")
+            raise ApiError(
+                409,
+                "last_admin",
+                "this is the last unscoped admin token: create another before revoking it",
+            ) from None
+        if not known:
             raise ApiError(404, "not_found", f"no token {token_id}")
         self.audit(actor, "token.revoke", f"token:{token_id}", digest(token_id), "ok")
 
@@ -669,7 +667,3 @@ def _public_token(row: Mapping[str, Any]) -> dict[str, Any]:
 
 def _scope_of(row: Mapping[str, Any]) -> Selector | None:
     return parse_selector(row["scope"]) if row["scope"] else None
-
-
-def _is_root_admin(row: Mapping[str, Any]) -> bool:
-    return bool(row["role"] == Role.ADMIN and not row["scope"])

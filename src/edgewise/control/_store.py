@@ -38,6 +38,7 @@ from sqlalchemy import (
 )
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
+from sqlalchemy.engine import make_url
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.pool import StaticPool
 
@@ -47,7 +48,16 @@ from edgewise.control._sqlite import locked_connection_factory
 from edgewise.control._storelogs import LogStore
 from edgewise.protocol import vocabulary_digest
 
-__all__ = ["ConflictError", "RawJSON", "SqlStore", "newer_report", "open_store"]
+__all__ = [
+    "BUSY_TIMEOUT_S",
+    "PG_CONNECT_TIMEOUT_S",
+    "ConflictError",
+    "LastAdminError",
+    "RawJSON",
+    "SqlStore",
+    "newer_report",
+    "open_store",
+]
 
 Row = dict[str, Any]
 TRUST_ROOT_KEY = "trust_root:"  # meta keys: the prefix and the version, zero-padded
@@ -56,6 +66,10 @@ TRUST_HEAD_KEY = "trust_head"  # meta key: the newest stored version (`add_trust
 
 class ConflictError(Exception):
     """A create that collides with an existing object holding other content."""
+
+
+class LastAdminError(Exception):
+    """A revoke refused: it would leave no unrevoked unscoped admin token."""
 
 
 class RawJSON(str):
@@ -73,15 +87,34 @@ def _json(value: Any) -> str:
     return json.dumps(value, allow_nan=False, separators=(",", ":"))
 
 
+# How long a request waits for the database before it is answered 503 `store_busy`
+# (`_app`). SQLite: another process's write transaction (the CLI, a second server, a
+# backup) holds the write lock; 30 s had every request behind it wait 30 s, past most
+# clients' own timeouts, and then fail anyway. 5 s covers any honest write (they take
+# milliseconds, a big rollout commit well under a second) with room for a slow disk,
+# and answers a stuck lock while the client still listens: agents retry on 503 with
+# Retry-After. A writer of this process waits at most this long in the queue of
+# `_sqlite` and then this long again in SQLite's busy handler.
+BUSY_TIMEOUT_S = 5.0
+# libpq's connect timeout, unless the URL sets one: a PostgreSQL host that accepts the
+# TCP connection but never answers (hung, overloaded, a half-open tunnel) otherwise
+# holds the start, and later each new pool connection, for ever.
+PG_CONNECT_TIMEOUT_S = 10
+
+
 def _engine(url: str) -> Engine:
     if url.startswith("sqlite"):
         memory = url in {"sqlite://", "sqlite:///:memory:"}
         # Writers of this process queue on one lock rather than in SQLite's sleeping
         # busy handler (see `_sqlite`).
-        factory = locked_connection_factory(timeout_s=30.0)
+        factory = locked_connection_factory(timeout_s=BUSY_TIMEOUT_S)
         engine = create_engine(
             url,
-            connect_args={"check_same_thread": False, "timeout": 30, "factory": factory},
+            connect_args={
+                "check_same_thread": False,
+                "timeout": BUSY_TIMEOUT_S,
+                "factory": factory,
+            },
             poolclass=StaticPool if memory else None,
             json_serializer=_json,
         )
@@ -91,12 +124,21 @@ def _engine(url: str) -> Engine:
             cur = dbapi_conn.cursor()
             cur.execute("PRAGMA journal_mode=WAL")
             cur.execute("PRAGMA synchronous=NORMAL")
-            cur.execute("PRAGMA busy_timeout=30000")
+            cur.execute(f"PRAGMA busy_timeout={int(BUSY_TIMEOUT_S * 1000)}")
             cur.close()
 
         return engine
+    parsed = make_url(url)
+    timeout: dict[str, Any] = {}
+    if parsed.get_backend_name() == "postgresql" and "connect_timeout" not in parsed.query:
+        timeout = {"connect_timeout": PG_CONNECT_TIMEOUT_S}
     return create_engine(
-        url, pool_size=10, max_overflow=20, pool_pre_ping=True, json_serializer=_json
+        url,
+        pool_size=10,
+        max_overflow=20,
+        pool_pre_ping=True,
+        json_serializer=_json,
+        connect_args=timeout,
     )
 
 
@@ -293,20 +335,51 @@ class SqlStore(LogStore):
             rows = c.execute(select(t.tokens).order_by(t.tokens.c.created_at, t.tokens.c.id))
             return [_row(r) for r in rows]
 
-    def revoke_token(self, token_id: str, now: float) -> bool:
-        """Revoke a token; False when unknown."""
+    def revoke_token(self, token_id: str, now: float, *, keep_root_admin: bool = False) -> bool:
+        """Revoke a token (True also when it already was); False when unknown.
+
+        With `keep_root_admin`, an unscoped admin token is revoked only while another
+        unrevoked one remains, decided in the revoking transaction: two revokes of the
+        last two, from two threads or two replicas, cannot both pass a check made before
+        either wrote. On SQLite the one conditional `UPDATE` holds the write lock from
+        its first read. On PostgreSQL that alone is not enough (under READ COMMITTED each
+        `UPDATE` of a different row sees the other's row unrevoked and both commit), so
+        the unrevoked unscoped admin rows are first locked (`FOR UPDATE`, in id order):
+        the second revoke waits for the first, then re-reads them.
+
+        Raises:
+            LastAdminError: `keep_root_admin` and this is the last unrevoked one.
+        """
+        tok = t.tokens
+        root = (tok.c.role == "admin") & (tok.c.scope.is_(None) | (tok.c.scope == ""))
         with self.engine.begin() as c:
-            res = c.execute(
-                update(t.tokens)
-                .where(t.tokens.c.id == token_id, t.tokens.c.revoked_at.is_(None))
-                .values(revoked_at=now)
-            )
-            if res.rowcount:
+            where = [tok.c.id == token_id, tok.c.revoked_at.is_(None)]
+            if keep_root_admin:
+                if self.dialect == "postgresql":
+                    c.execute(
+                        select(tok.c.id)
+                        .where(root, tok.c.revoked_at.is_(None))
+                        .order_by(tok.c.id)
+                        .with_for_update()
+                    ).all()
+                other = tok.alias("other")
+                another_root = (
+                    select(other.c.id)
+                    .where(
+                        other.c.role == "admin",
+                        other.c.scope.is_(None) | (other.c.scope == ""),
+                        other.c.revoked_at.is_(None),
+                        other.c.id != token_id,
+                    )
+                    .exists()
+                )
+                where.append(~root | another_root)
+            if c.execute(update(tok).where(*where).values(revoked_at=now)).rowcount:
                 return True
-            return (
-                c.execute(select(t.tokens.c.id).where(t.tokens.c.id == token_id)).first()
-                is not None
-            )
+            r = c.execute(select(tok.c.revoked_at).where(tok.c.id == token_id)).first()
+        if r is not None and r.revoked_at is None:
+            raise LastAdminError(f"token {token_id} is the last unrevoked unscoped admin token")
+        return r is not None
 
     # -------------------------------------------------------- publisher keys
     def add_publisher_key(self, key_id: str, public_key: str, name: str, now: float) -> bool:

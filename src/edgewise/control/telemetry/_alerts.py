@@ -24,7 +24,7 @@ RESOLVED | SUPPRESSED; SUPPRESSED -> FIRING | RESOLVED; RESOLVED -> FIRING | SUP
 from __future__ import annotations
 
 import enum
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Annotated, Any, Literal
 
@@ -53,6 +53,7 @@ __all__ = [
     "IllegalAlertTransition",
     "evaluate_rules",
     "parse_rule",
+    "scoped_alert",
     "transition",
 ]
 
@@ -344,3 +345,18 @@ def evaluate_rules(
                     )
                 )
     return changes
+
+
+def scoped_alert(alert: Mapping[str, Any], visible: Collection[str]) -> dict[str, Any] | None:
+    """An alert (a stored record or `AlertChange.to_dict()`) as a scoped caller sees it.
+
+    Its `devices` keep only the ids in `visible` (the devices inside the caller's
+    scope), so another site's device ids never reach the answer, nor how many there
+    are. None when no device of it is visible: an alert on another site's devices only,
+    or one naming no devices (a resolution for lack of telemetry, whose `scope` may be
+    another site's device id), is left out rather than shown with an empty list.
+    """
+    devices = [d for d in alert.get("devices") or () if d in visible]
+    if not devices:
+        return None
+    return {**alert, "devices": devices}

@@ -2,7 +2,8 @@
 
 The routes join the operator API's RBAC matrix (`ROUTE_PERMISSIONS` of `_api_admin`)
 and read the `TelemetryService` the application keeps in `app.state.telemetry`.
-A token with a label scope sees the windows of the devices inside its scope only.
+A token with a label scope sees the windows of the devices inside its scope only, and
+the alerts on them, each naming only its devices inside the scope (`scoped_alert`).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from edgewise.control._api_admin import ROUTE_PERMISSIONS
 from edgewise.control._errors import OPERATOR_ERRORS
 from edgewise.control._plane import ApiError, ControlPlane, Principal, digest
 from edgewise.control._rbac import Permission, in_scope
+from edgewise.control.telemetry._alerts import scoped_alert
 from edgewise.control.telemetry._retention import RetentionPolicy
 from edgewise.control.telemetry._service import TelemetryService, Visible
 from edgewise.protocol import first_problem
@@ -59,6 +61,15 @@ def _visible(who: Principal) -> Visible | None:
     if scope is None:
         return None
     return lambda labels: in_scope(scope, dict(labels))
+
+
+def _in_scope(
+    who: Principal, alerts: list[dict[str, Any]], svc: TelemetryService
+) -> list[dict[str, Any]]:
+    """The alerts a scoped caller may see, each naming only its devices in scope."""
+    labels = svc.device_labels()
+    visible = {d for d, lbl in labels.items() if in_scope(who.scope, lbl)}
+    return [a for r in alerts if (a := scoped_alert(r, visible)) is not None]
 
 
 def _fleet_wide(who: Principal, what: str) -> None:
@@ -126,7 +137,12 @@ async def list_alerts(
     if state is not None and state not in _ALERT_STATES:
         raise ApiError(400, "bad_state", f"state must be one of {', '.join(_ALERT_STATES)}")
     svc = _service(request)
-    return await to_thread.run_sync(lambda: svc.alerts(state, limit, _visible(who)))
+
+    def run() -> list[dict[str, Any]]:
+        rows = svc.alerts(state, limit)
+        return rows if who.scope is None else _in_scope(who, rows, svc)
+
+    return await to_thread.run_sync(run)
 
 
 @_route("GET", "/alert-rules", Permission.READ)
@@ -181,7 +197,7 @@ async def evaluate(request: Request, who: Writer) -> list[dict[str, Any]]:
         svc.notify(changes)
         done = [c.to_dict() for c in changes]
         _audit(request, who, "alerts.evaluate", "alerts", done)
-        return done
+        return done if who.scope is None else _in_scope(who, done, svc)
 
     return await to_thread.run_sync(run)
 
