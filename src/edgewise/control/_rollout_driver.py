@@ -246,14 +246,16 @@ class RolloutDriver:
         if deployment is None:
             new, actions = fail(rollout, now, "the deployment was deleted")
             return self._commit(new, version, actions, now, seen, rollout)
-        if rollout.state is RolloutState.RUNNING and (
+        if rollout.state in (RolloutState.RUNNING, RolloutState.PENDING) and (
             yanked := self.plane.store.yanked_among(seen.pins)
         ):  # a yanked model spreads no further: the operator unyanks or aborts
             why = (
                 f"paused: {', '.join(yanked)} was yanked (model unyank {yanked[0]}, then "
                 "rollout resume, to carry on; or rollout abort)"
             )
-            new, actions = pause(rollout, now, "engine", why)
+            # Pending: yanked between its start and its first step, which would have
+            # moved its canary to the yanked model before the next step paused it.
+            new, actions = pause(rollout, now, "engine", why, unstarted=True)
             return self._commit(new, version, actions, now, seen, rollout)
         reports, seen.reports_since = load_reports(
             self.plane.store.engine, rollout, target, seen.reports_since

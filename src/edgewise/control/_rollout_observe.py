@@ -31,6 +31,7 @@ from edgewise.control import _schema as t
 from edgewise.control._merge import DeploymentView
 from edgewise.control._selector import parse_selector
 from edgewise.control.rollout import (
+    OFFLINE,
     CohortTelemetry,
     DeviceReport,
     DeviceRolloutState,
@@ -52,6 +53,12 @@ __all__ = [
 ]
 
 Row = dict[str, Any]
+#: How far before its cursor a rollout reads report and device rows again. A row is
+#: stamped when its request arrived and lands when its transaction commits: another
+#: replica's batch of reports (or a relabel on another thread) stamped before the newest
+#: row read so far may commit after it was read, and a cursor at that newest stamp never
+#: saw it (the device was left waiting until its timeout). Rows read twice change nothing.
+LOOK_BACK_S = 5.0
 _IN_PROGRESS = frozenset({"pending", "downloading", "verifying", "installing", "health_checking"})
 _CHUNK = 500
 
@@ -118,6 +125,8 @@ def load_reports(
 ) -> tuple[dict[str, DeviceReport], float]:
     """Reports of the rollout's notified devices changed since `since`.
 
+    Rows stamped up to `LOOK_BACK_S` before `since` are read again (see there).
+
     Returns:
         (device -> report, the newest row time seen) for the next call's `since`.
     """
@@ -125,8 +134,12 @@ def load_reports(
     wanted = {d for d, s in rollout.devices.items() if s.notified_at is not None}
     rows: dict[str, list[Row]] = {}
     newest = since
+    # The columns a report is made of (not the timelines): the look-back reads rows again.
+    cols = (dp.c.device_id, dp.c.pipeline, dp.c.model, dp.c.version, dp.c.status)
     with engine.connect() as c:
-        q = select(dp).where(dp.c.updated_at >= since)
+        q = select(*cols, dp.c.reason, dp.c.updated_at).where(
+            dp.c.updated_at >= since - LOOK_BACK_S
+        )
         for r in c.execute(q):
             row = dict(r._mapping)
             newest = max(newest, float(row["updated_at"]))
@@ -145,6 +158,11 @@ def changed_devices(
 ) -> tuple[list[tuple[str, str, Mapping[str, str], float]], float]:
     """The rollout's devices it still waits for whose rows changed since `since`.
 
+    Those it waits for: not notified yet, in flight, or held back as offline (the
+    reporting quorum counts on them until they are gone).
+
+    Rows changed up to `LOOK_BACK_S` before `since` are read again (see there).
+
     Returns:
         ([(id, status, labels, changed_at)], the newest change seen) for the next call's
         `since`.
@@ -154,12 +172,15 @@ def changed_devices(
     waiting = {D.PENDING, D.NOTIFIED, D.INSTALLING}
     out = []
     newest = since
-    q = select(d.c.id, d.c.status, d.c.labels, d.c.changed_at).where(d.c.changed_at >= since)
+    q = select(d.c.id, d.c.status, d.c.labels, d.c.changed_at).where(
+        d.c.changed_at >= since - LOOK_BACK_S
+    )
     with engine.connect() as c:
         for r in c.execute(q):
             newest = max(newest, float(r.changed_at))
             status = rollout.devices.get(r.id)
-            if status is not None and status.state in waiting:
+            # An offline device is still awaited by the reporting quorum until it is gone.
+            if status is not None and (status.state in waiting or status.reason == OFFLINE):
                 out.append((str(r.id), str(r.status), r.labels or {}, float(r.changed_at)))
     return out, newest
 

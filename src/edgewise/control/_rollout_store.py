@@ -399,8 +399,10 @@ def rollout_document(rollout: Rollout) -> RawJSON | dict[str, Any]:
     try:
         json.dumps(rest, allow_nan=False)
         # A sum is finite only if every term is (a NaN or an infinity carries through;
-        # an overflow merely sends a finite document the careful way).
-        times = sum(x for s in doc["devices"].values() for x in (s[2] or 0.0, s[3]))
+        # an overflow merely sends a finite document the careful way). A device not
+        # notified yet has no times at all: None, which must not send the whole document
+        # the careful way (every rollout until its last wave was notified went so).
+        times = sum(x for s in doc["devices"].values() for x in (s[2] or 0.0, s[3] or 0.0))
         if not math.isfinite(times):
             return doc
         return RawJSON(orjson.dumps(doc).decode())

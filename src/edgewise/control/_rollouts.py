@@ -10,6 +10,7 @@ the operator's name; the driver then carries on.
 from __future__ import annotations
 
 import hashlib
+import logging
 import secrets
 from collections.abc import Callable
 from typing import Any
@@ -66,6 +67,8 @@ __all__ = [
     "start_rollout",
     "yanked_pins",
 ]
+
+log = logging.getLogger("edgewise.control.rollouts")
 
 Command = Callable[[Rollout, float, str], tuple[Rollout, list[Action]]]
 COMMANDS: dict[str, Command] = {
@@ -363,7 +366,16 @@ def rollout_command(
             store.commit(new, row["version"], actions, now=now, actor=who.actor)
         except StepLost:
             continue  # the driver stepped meanwhile: decide again on the fresh value
-        apply_moves(plane, new, actions)
+        try:
+            apply_moves(plane, new, actions)
+        except Exception:
+            # Committed: the command happened, and an error answer would have the
+            # operator retry it into a 409. Only abort and rollback move devices, and
+            # they end the rollout: the driver holding its lease writes the documents a
+            # finished rollout still owes (`RolloutDriver.settle_finished`).
+            log.exception(
+                "rollout %s: %s committed; desired documents left to the driver", rollout_id, name
+            )
         _wake(plane)
         return rollout_view({**row, "updated_at": now}, new)
     raise ApiError(503, "busy", "rollout keeps changing; retry")

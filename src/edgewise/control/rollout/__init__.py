@@ -10,7 +10,7 @@ approve, abort, rollback, fail).
 """
 
 from edgewise.control.rollout._commands import abort, approve, fail, pause, resume, rollback
-from edgewise.control.rollout._engine import create_rollout, step
+from edgewise.control.rollout._engine import OFFLINE, create_rollout, step
 from edgewise.control.rollout._gates import (
     CohortTelemetry,
     GateEvaluation,
@@ -48,6 +48,7 @@ from edgewise.control.rollout._state import DeviceStatus, HistoryEntry, Rollout
 
 __all__ = [
     "DEVICE_TRANSITIONS",
+    "OFFLINE",
     "PHASE_TRANSITIONS",
     "ROLLOUT_TRANSITIONS",
     "TERMINAL_ROLLOUT_STATES",

@@ -25,13 +25,22 @@ def _require(rollout: Rollout, state: RolloutState, command: str) -> None:
         raise IllegalTransition(f"{command}: rollout is {rollout.state.value}, not {state.value}")
 
 
-def pause(rollout: Rollout, now: float, actor: str, why: str = "") -> tuple[Rollout, list[Action]]:
+def pause(
+    rollout: Rollout, now: float, actor: str, why: str = "", *, unstarted: bool = False
+) -> tuple[Rollout, list[Action]]:
     """Stop notifying and advancing until `resume`; `why` becomes the reason shown.
 
+    With `unstarted`, a pending rollout is started and paused at once, no device moved:
+    the driver's way to hold one that must not start (its revision pins a model yanked
+    since it was created). Operators pause running rollouts only.
+
     Raises:
-        IllegalTransition: unless the rollout is running.
+        IllegalTransition: unless the rollout is running (or pending, with `unstarted`).
     """
     work = _Work(rollout, now)
+    if unstarted and work.state is _R.PENDING:
+        work.set_state(_R.RUNNING)
+        work.event("rollout.started", devices=len(work.devices), to_revision=rollout.to_revision)
     work.set_state(_R.PAUSED)
     work.reason = why or f"paused by {actor}"
     work.event("rollout.paused", actor, reason=work.reason)

@@ -161,13 +161,25 @@ class _Work:
         for dev, report in reports.items():
             status = self.devices.get(dev)
             new = _REPORT_TO_STATE.get(report.status) if status else None
-            if status is None or new is None or new is status.state:
+            if status is None or new is None:
+                continue
+            if report.status is ReportStatus.DEPARTED and status.reason == OFFLINE:
+                # Offline, then gone for good: no longer awaited by the reporting quorum.
+                reason = report.reason or "departed"
+                self.devices[dev] = dataclasses.replace(status, updated_at=self.now, reason=reason)
+                continue
+            if new is status.state:
                 continue
             if not is_valid_transition(status.state, new):
                 continue  # a terminal or backward move
             if report.status is not ReportStatus.DEPARTED:  # gone, notified or not
                 if status.notified_at is None:
                     continue  # not moved by this rollout
+                if report.at is not None and report.at < status.notified_at:
+                    # Said before this rollout moved it: about an earlier move to the same
+                    # models (a rollout of this revision aborted while the device was
+                    # off), not about this one. Its next report counts.
+                    continue
                 late = report.at is not None and report.at >= status.notified_at + timeout
                 if late and status.state in _IN_FLIGHT:
                     continue  # arrived after its timeout: TIMED_OUT wins

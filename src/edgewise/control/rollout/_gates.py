@@ -8,12 +8,14 @@ Arithmetic (hawkBit's, on the phase size n, in integers so 80 % of 10 is exactly
 - error: failed * 100 > Y * n fails (strictly greater: 1 of 5 at 20 % does not fire,
   2 does); failed counts FAILED and TIMED_OUT devices.
 - reporting: at least min(min_reporting, n) devices reported an outcome, or nothing may
-  pass (the gate is insufficient until then).
+  pass (the gate is insufficient until then). A device held back as offline has reported
+  nothing: it counts in n (it may come back) but not among those that reported.
 - held back: a device that cannot run the revision (HELD_BACK: its agent is too old for
   the specs, or it lacks a runtime or accelerator) has reported, but leaves n for the
   success and error gates: a few old agents must not roll a revision back for everyone.
   A phase in which no device can run it fails the success gate (nothing was shown to
-  work, and a revision nobody can run is not one to make stable).
+  work, and a revision nobody can run is not one to make stable), unless some of it is
+  offline: then it waits for them.
 - quality, from cohort telemetry (the phase cohort on the new revision against a
   control cohort on the old one), each only when its threshold is set, insufficient
   while either cohort has fewer than `min_inferences` inferences:
@@ -185,15 +187,19 @@ def _install_gates(
     succeeded = sum(s is _D.SUCCEEDED for s in states)
     failed = sum(s in _FAILED for s in states)
     in_progress = sum(s in _IN_PROGRESS for s in states)
-    reported = sum(s in _REPORTED for s in states)
+    # An offline device is held back for having said nothing: it is no report, and
+    # counting it let a quorum of 3 pass on one device whose 4 phase mates went dark.
+    reported = max(0, sum(s in _REPORTED for s in states) - offline)
     aside = f" ({held} held back: cannot run it)" if held else ""
 
     pct = 100.0 * succeeded / n if n else (0.0 if held else 100.0)
-    if held and not n and offline >= held:
-        # Every device of the phase is offline: nothing shown to work, nor to fail,
-        # yet. It waits for them (or for gate_timeout_s, or an operator).
+    if held and not n and offline:
+        # No device of the phase could run it so far, and some are offline: nothing
+        # shown to work, nor to fail, yet (those may run it once back; one old agent
+        # beside them is no verdict on the revision). It waits for them (or for
+        # gate_timeout_s, or an operator).
         outcome = GateOutcome.INSUFFICIENT
-        aside = f" ({held} held back: offline)"
+        aside = f" ({held} held back: offline)" if offline >= held else f" ({held} held back)"
     elif held and not n:
         outcome = GateOutcome.FAIL
     elif succeeded * 100 >= spec.success_pct * n:
@@ -219,7 +225,7 @@ def _install_gates(
         float(reported),
         float(need),
         GateOutcome.PASS if reported >= need else GateOutcome.INSUFFICIENT,
-        f"{reported}/{n + held} reported",
+        f"{reported}/{n + held} reported" + (f" ({offline} offline)" if offline else ""),
     )
     return success, error, reporting
 
