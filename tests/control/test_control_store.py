@@ -7,7 +7,7 @@ from collections.abc import Callable
 import pytest
 from sqlalchemy import inspect
 
-from edgewise.control import ConflictError, SqlStore
+from edgewise.control import ConflictError, SqlStore, open_store
 from edgewise.control._auditchain import GENESIS
 from edgewise.control._schema import metadata
 
@@ -429,6 +429,40 @@ def test_audit_appends_chain_from_the_head(store: SqlStore) -> None:
     store.append_audit(build, GENESIS)
     rows = store.list_audit()
     assert [(r["seq"], r["prev_hash"]) for r in rows] == [(1, GENESIS), (2, "h1")]
+
+
+def test_two_stores_on_one_database_append_audit_records_as_one_chain(
+    store_url: str, in_threads: Callable[..., list[BaseException]]
+) -> None:
+    """The CLI and a server (or two replicas) append at once: none is lost or refused."""
+
+    def build(seq: int, prev: str) -> dict[str, object]:
+        return {
+            "seq": seq,
+            "at": 1.0,
+            "actor": "a",
+            "action": "x",
+            "object": "o",
+            "request_digest": "",
+            "result": "ok",
+            "prev_hash": prev,
+            "hash": f"h{seq}",
+        }
+
+    one, two = open_store(store_url), open_store(store_url, run_migrations=False)
+    try:
+        errors = in_threads(
+            lambda _: one.append_audit(build, GENESIS),
+            lambda _: two.append_audit(build, GENESIS),
+            rounds=25,
+        )
+        rows = one.list_audit()
+    finally:
+        one.close()
+        two.close()
+    assert errors == []
+    assert [r["seq"] for r in rows] == list(range(1, 51))
+    assert [r["prev_hash"] for r in rows] == [GENESIS] + [f"h{i}" for i in range(1, 50)]
 
 
 def test_telemetry_is_stored_once_and_acks_contiguously(store: SqlStore) -> None:

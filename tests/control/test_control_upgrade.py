@@ -545,7 +545,7 @@ def test_a_locked_sqlite_file_is_one_clear_line_once_the_busy_timeout_ends(
     migrate(engine, "0003")
     engine.dispose()
     holder = sqlite3.connect(db, isolation_level=None)
-    holder.execute("BEGIN IMMEDIATE")  # another process writing, for longer than 30 s
+    holder.execute("BEGIN IMMEDIATE")  # another process writing, for longer than its busy timeout
     try:
         out = _run("server", "migrate", "--data", str(tmp_path / "d"), "--db", f"sqlite:///{db}")
     finally:

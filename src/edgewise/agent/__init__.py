@@ -22,6 +22,7 @@ from edgewise.agent._client import (
     DeviceAuthError,
     DeviceClient,
     DeviceKey,
+    ResponseTooLarge,
     UplinkError,
 )
 from edgewise.agent._crash import CRASH_POINTS, crashpoint
@@ -74,6 +75,7 @@ __all__ = [
     "InsufficientDisk",
     "ModelStore",
     "ObservedPipeline",
+    "ResponseTooLarge",
     "RetryableError",
     "RuntimeHost",
     "SlotInfo",

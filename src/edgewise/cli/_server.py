@@ -49,7 +49,6 @@ DbOpt = Annotated[
 ]
 ServerOpt = Annotated[str | None, typer.Option("--server", help="Control-plane URL.")]
 TokenOpt = Annotated[str | None, typer.Option("--token", help="Operator token.")]
-PG_CONNECT_TIMEOUT_S = 10  # how long a start waits for PostgreSQL to answer
 
 
 def call_api(
@@ -136,30 +135,12 @@ def _open(settings: Any, *, run_migrations: bool = True) -> Any:
 
     url = settings.database_url
     try:
-        return open_store(with_connect_timeout(url), run_migrations=run_migrations)
+        # (Each PostgreSQL connection has a 10 s connect bound: `PG_CONNECT_TIMEOUT_S`.)
+        return open_store(url, run_migrations=run_migrations)
     except SchemaError as exc:
         raise CliError(f"refusing to start on {shown_url(url)}: {exc}") from None
     except Exception as exc:  # driver errors span lines; the user needs the first
         raise CliError(database_problem(exc, url)) from None
-
-
-def with_connect_timeout(url: str, seconds: int = PG_CONNECT_TIMEOUT_S) -> str:
-    """A PostgreSQL URL with libpq's `connect_timeout` set unless it sets its own.
-
-    Without it a server that accepts connections but never answers (a hung or
-    overloaded host, a half-open tunnel) keeps `edgewise server` waiting for ever at start.
-    """
-    from sqlalchemy.engine import make_url
-    from sqlalchemy.exc import ArgumentError
-
-    try:
-        parsed = make_url(url)
-    except ArgumentError:
-        return url  # database_problem names it
-    if parsed.get_backend_name() != "postgresql" or "connect_timeout" in parsed.query:
-        return url
-    timed = parsed.update_query_dict({"connect_timeout": str(seconds)})
-    return timed.render_as_string(hide_password=False)
 
 
 def shown_url(url: str) -> str:

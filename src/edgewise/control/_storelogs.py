@@ -76,6 +76,14 @@ class LogStore:
         q = select(t.audit_head).where(t.audit_head.c.id == 1)
         if self.dialect == "postgresql":
             q = q.with_for_update()
+        else:
+            # SQLite's transaction begins at its first write: a head read before it is
+            # no lock, and another process (the CLI beside a server) appending meanwhile
+            # took the same seq (UNIQUE constraint failed). A write that changes nothing
+            # takes the database's write lock first, so the head read next is the newest.
+            c.execute(
+                update(t.audit_head).where(t.audit_head.c.id == 1).values(seq=t.audit_head.c.seq)
+            )
         r = c.execute(q).first()
         if r is not None:
             return _row(r)
