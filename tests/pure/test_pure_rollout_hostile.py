@@ -119,3 +119,16 @@ def test_the_driver_can_hold_a_rollout_that_must_not_start_without_moving_a_devi
     r, _ = resume(r, 3.0, "token:operator")
     r, acts = step(r, obs(), 4.0)
     assert len(notified(acts)) == 2 and r.phase_index == 0
+
+
+def test_the_driver_reads_rows_again_every_half_look_back_not_every_tick() -> None:
+    # Twice a second, re-reading 5 s of reports each tick had doubled the control
+    # plane's CPU in a 10,000-device wave; a late row is still read within half of it.
+    from edgewise.control._rollout_observe import LOOK_BACK_S, look_back_due
+
+    last = 100.0
+    assert not look_back_due(last + 0.5, last)
+    assert not look_back_due(last + LOOK_BACK_S / 2 - 0.01, last)
+    assert look_back_due(last + LOOK_BACK_S / 2, last)
+    assert look_back_due(last - 1.0, last)  # a clock stepped back
+    assert look_back_due(0.0, -1e18)  # a driver's first tick

@@ -38,12 +38,14 @@ from edgewise.control._plane import ApiError, ControlPlane
 from edgewise.control._recompute import recompute_devices, recompute_selector
 from edgewise.control._revisions import pinned_refs, revision_pipelines
 from edgewise.control._rollout_observe import (
+    LOOK_BACK_S,
     CohortReader,
     Target,
     changed_devices,
     departures,
     leaving_target,
     load_reports,
+    look_back_due,
     target_of,
 )
 from edgewise.control._rollout_store import (
@@ -88,6 +90,7 @@ class _Seen:
     departed_since: float = 0.0
     stored_departed_since: float = 0.0
     written_at: float = -1e18
+    looked_back_at: float = -1e18  # when rows were last read again (`look_back_due`)
     held: bool = False  # `rollout` is ahead of the stored value
     telemetry_at: float = -1e18
     phase: CohortTelemetry | None = None
@@ -257,11 +260,14 @@ class RolloutDriver:
             # moved its canary to the yanked model before the next step paused it.
             new, actions = pause(rollout, now, "engine", why, unstarted=True)
             return self._commit(new, version, actions, now, seen, rollout)
+        look_back = 0.0
+        if look_back_due(now, seen.looked_back_at):
+            look_back, seen.looked_back_at = LOOK_BACK_S, now
         reports, seen.reports_since = load_reports(
-            self.plane.store.engine, rollout, target, seen.reports_since
+            self.plane.store.engine, rollout, target, seen.reports_since, look_back
         )
         changed, seen.departed_since = changed_devices(
-            self.plane.store.engine, rollout, seen.departed_since
+            self.plane.store.engine, rollout, seen.departed_since, look_back
         )
         if changed:  # gone: what such a device last said no longer counts
             views = deployment_views(self.plane.store.list_deployments())
