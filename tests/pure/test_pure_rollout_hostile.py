@@ -122,8 +122,8 @@ def test_the_driver_can_hold_a_rollout_that_must_not_start_without_moving_a_devi
 
 
 def test_the_driver_reads_rows_again_every_half_look_back_not_every_tick() -> None:
-    # Twice a second, re-reading 5 s of reports each tick had doubled the control
-    # plane's CPU in a 10,000-device wave; a late row is still read within half of it.
+    # Re-reading 5 s of reports on every tick (two a second) read each report about ten
+    # times; every half look-back, a late row is still read.
     from edgewise.control._rollout_observe import LOOK_BACK_S, look_back_due
 
     last = 100.0
