@@ -411,22 +411,23 @@ def test_deployment_create_is_idempotent_by_name_and_content(store: SqlStore) ->
     assert [d["id"] for d in store.list_deployments()] == ["d4"]
 
 
-def test_audit_appends_chain_from_the_head(store: SqlStore) -> None:
-    def build(seq: int, prev: str) -> dict[str, object]:
-        return {
-            "seq": seq,
-            "at": 1.0,
-            "actor": "a",
-            "action": "x",
-            "object": "o",
-            "request_digest": "",
-            "result": "ok",
-            "prev_hash": prev,
-            "hash": f"h{seq}",
-        }
+def _audit_record(seq: int, prev: str) -> dict[str, object]:
+    return {
+        "seq": seq,
+        "at": 1.0,
+        "actor": "a",
+        "action": "x",
+        "object": "o",
+        "request_digest": "",
+        "result": "ok",
+        "prev_hash": prev,
+        "hash": f"h{seq}",
+    }
 
-    store.append_audit(build, GENESIS)
-    store.append_audit(build, GENESIS)
+
+def test_audit_appends_chain_from_the_head(store: SqlStore) -> None:
+    store.append_audit(_audit_record, GENESIS)
+    store.append_audit(_audit_record, GENESIS)
     rows = store.list_audit()
     assert [(r["seq"], r["prev_hash"]) for r in rows] == [(1, GENESIS), (2, "h1")]
 
@@ -436,24 +437,11 @@ def test_two_stores_on_one_database_append_audit_records_as_one_chain(
 ) -> None:
     """The CLI and a server (or two replicas) append at once: none is lost or refused."""
 
-    def build(seq: int, prev: str) -> dict[str, object]:
-        return {
-            "seq": seq,
-            "at": 1.0,
-            "actor": "a",
-            "action": "x",
-            "object": "o",
-            "request_digest": "",
-            "result": "ok",
-            "prev_hash": prev,
-            "hash": f"h{seq}",
-        }
-
     one, two = open_store(store_url), open_store(store_url, run_migrations=False)
     try:
         errors = in_threads(
-            lambda _: one.append_audit(build, GENESIS),
-            lambda _: two.append_audit(build, GENESIS),
+            lambda _: one.append_audit(_audit_record, GENESIS),
+            lambda _: two.append_audit(_audit_record, GENESIS),
             rounds=25,
         )
         rows = one.list_audit()
